@@ -1,0 +1,63 @@
+"""Test-suite setup shared by every tier.
+
+Without a GPU the Triton kernels run under the interpreter: ``TRITON_INTERPRET=1`` must be set
+before any kernel module is imported, so it is set here, at collection time. CPU tensors still go
+to the PyTorch reference unless a test asks for the interpreted kernels with the ``triton_cpu``
+fixture (or ``fastfactor.kernels._config.cpu_backend("triton")``).
+"""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("FASTFACTOR_CPU_BACKEND", "reference")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import pytest  # noqa: E402
+
+#: dtypes each tier checks; bf16 through the interpreter only for kernels that upcast their dots
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+#: tolerances against a float64 reference, per dtype, scaled by sqrt(reduction length) by `assert_close_ref`
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def assert_close_ref(actual: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype, reduction: int = 1, name=""):
+    """Compare against a float64 reference: |a - r| <= tol * sqrt(reduction) * (1 + max|r|) elementwise
+    (relative to the tensor's scale), with tol from the per-dtype table."""
+    assert actual.shape == ref64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}"
+    a = actual.detach().to(torch.float64).cpu()
+    r = ref64.detach().to(torch.float64).cpu()
+    scale = 1.0 + (r.abs().max().item() if r.numel() else 0.0)
+    tol = TOL[dtype] * max(1.0, reduction ** 0.5) * scale
+    err = (a - r).abs().max().item() if r.numel() else 0.0
+    assert err <= tol, f"{name}: max abs error {err:.3e} > tol {tol:.3e} (dtype {dtype}, scale {scale:.3g})"
+
+
+@pytest.fixture
+def triton_cpu():
+    """Run ops on CPU tensors through the Triton interpreter for the duration of a test."""
+    from fastfactor.kernels import _config
+
+    if not _config.is_interpreter():
+        pytest.skip("TRITON_INTERPRET is not set (GPU machine): the interpreter tier does not run")
+    with _config.cpu_backend("triton"):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
