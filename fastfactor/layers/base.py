@@ -9,6 +9,9 @@ output shapes, ``y = x·Wᵀ + b`` with ``W`` represented by factors. Every subc
 * ``to_linear()``: an ``nn.Linear`` with that weight and the same bias;
 * ``factor_config()``: the constructor keyword arguments (JSON-serializable), so that a saved
   model can rebuild the module directly from its manifest, never through a dense detour;
+* ``forward_unfused(x)``: the same map computed by plain PyTorch in the input dtype, the way a
+  user would write it without our kernels (two matmuls; two ``bmm`` with the permutes; a dense
+  matmul of the expanded 2:4 weight). It is the "unfused" baseline of the benchmarks;
 * ``num_weight_params``: the weight parameters the factors really store (bias excluded), and
   ``ratio``: ``num_weight_params / (in_features * out_features)``.
 """
@@ -31,6 +34,9 @@ class FactorizedLinear(nn.Module):
         raise NotImplementedError
 
     def factor_config(self) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward_unfused(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     @property

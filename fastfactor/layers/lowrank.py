@@ -80,6 +80,10 @@ class LowRankLinear(FactorizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return lowrank_linear(x, self.u, self.v, self.bias)
 
+    def forward_unfused(self, x: torch.Tensor) -> torch.Tensor:
+        """Two plain matmuls, the intermediate through memory (benchmark baseline)."""
+        return torch.nn.functional.linear(torch.nn.functional.linear(x, self.v), self.u, self.bias)
+
     def dense_weight(self) -> torch.Tensor:
         return self.u @ self.v
 
