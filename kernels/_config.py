@@ -99,6 +99,8 @@ def upcast_dots() -> bool:
 
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` for ``tl.dot`` on fp32 operands, following PyTorch's own TF32 switch."""
+    if dtype == torch.float64:
+        return "ieee"
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"

@@ -161,6 +161,7 @@ if HAS_TRITON:
         STORE_T: tl.constexpr,
         UPCAST: tl.constexpr,      # upcast dot operands to fp32 (interpreter)
         PRECISION: tl.constexpr,   # tl.dot input_precision for fp32 operands
+        FP64: tl.constexpr,        # float64 operands and accumulator (interpreter tier: gradcheck)
         R_PAD: tl.constexpr,       # next power of two >= R (>= 16)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -175,7 +176,10 @@ if HAS_TRITON:
         mask_r = offs_r < R
 
         # ---- stage 1: t = a·w1ᵀ for this row block, fp32 in registers ----
-        t_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        if FP64:
+            t_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float64)
+        else:
+            t_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
             mask_k = kk < K
@@ -187,7 +191,7 @@ if HAS_TRITON:
                 w1_ptr + offs_r[None, :] * stride_w1r + kk[:, None] * stride_w1k,
                 mask=mask_r[None, :] & mask_k[:, None], other=0.0,
             )
-            if UPCAST:
+            if UPCAST and not FP64:
                 a = a.to(tl.float32)
                 w1 = w1.to(tl.float32)
             t_acc = tl.dot(a, w1, t_acc, input_precision=PRECISION)
@@ -199,7 +203,7 @@ if HAS_TRITON:
                     t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
                     t, mask=mask_m[:, None] & mask_r[None, :],
                 )
-        if UPCAST:
+        if UPCAST and not FP64:
             t = t.to(tl.float32)
 
         # ---- stage 2: z[:, n-tile] = t·w2[n-tile, :]ᵀ (+ bias) ----
@@ -213,11 +217,11 @@ if HAS_TRITON:
                 w2_ptr + offs_n[None, :] * stride_w2n + offs_r[:, None] * stride_w2r,
                 mask=mask_n[None, :] & mask_r[:, None], other=0.0,
             )
-            if UPCAST:
+            if UPCAST and not FP64:
                 w2 = w2.to(tl.float32)
             z = tl.dot(t, w2, input_precision=PRECISION)
             if HAS_BIAS:
-                b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(z.dtype)
                 z = z + b[None, :]
             tl.store(
                 z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn,
@@ -232,7 +236,7 @@ if HAS_TRITON:
         b_ptr,       # (K, N) right operand (any strides; a transpose is a stride swap)
         c_ptr,       # (M, N) output
         bias_ptr,    # (N,) bias added to every row; read only when HAS_BIAS
-        rowsum_ptr,  # (M,) fp32 row sums of a, written when ROWSUM (db = Σ_m g fused into dU)
+        rowsum_ptr,  # (M,) row sums of a (fp32; fp64 when FP64), written when ROWSUM (db = Σ_m g fused into dU)
         # --- dimensions ---
         M, N, K,
         # --- strides (in elements) ---
@@ -244,6 +248,7 @@ if HAS_TRITON:
         ROWSUM: tl.constexpr,
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
+        FP64: tl.constexpr,        # float64 operands and accumulator (interpreter tier: gradcheck)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -264,8 +269,12 @@ if HAS_TRITON:
         mask_m = offs_m < M
         mask_n = offs_n < N
 
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        rsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if FP64:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+            rsum = tl.zeros((BLOCK_M,), dtype=tl.float64)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            rsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
             mask_k = kk < K
@@ -278,14 +287,14 @@ if HAS_TRITON:
                 mask=mask_k[:, None] & mask_n[None, :], other=0.0,
             )
             if ROWSUM:
-                rsum += tl.sum(a.to(tl.float32), axis=1)
-            if UPCAST:
+                rsum += tl.sum(a.to(rsum.dtype), axis=1)
+            if UPCAST and not FP64:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(acc.dtype)
             acc = acc + bias[None, :]
         tl.store(
             c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
@@ -294,7 +303,7 @@ if HAS_TRITON:
         )
         if ROWSUM:
             if pid_n == 0:
-                tl.store(rowsum_ptr + offs_m, rsum, mask=mask_m)
+                tl.store(rowsum_ptr + offs_m, rsum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
 
     _chain_tuned = triton.autotune(
         configs=configs(CHAIN_SPACE),
@@ -332,8 +341,8 @@ if HAS_TRITON:
         fn=_chain_kernel,
         signature=_chain_signature,
         constexprs=[
-            dict(HAS_BIAS=True, STORE_T=True, UPCAST=False, PRECISION="tf32", R_PAD=32),
-            dict(HAS_BIAS=False, STORE_T=False, UPCAST=False, PRECISION="tf32", R_PAD=256),
+            dict(HAS_BIAS=True, STORE_T=True, UPCAST=False, PRECISION="tf32", FP64=False, R_PAD=32),
+            dict(HAS_BIAS=False, STORE_T=False, UPCAST=False, PRECISION="tf32", FP64=False, R_PAD=256),
         ],
         space=chain_space,
     ))
@@ -342,8 +351,8 @@ if HAS_TRITON:
         fn=_gemm_kernel,
         signature=_gemm_signature,
         constexprs=[
-            dict(HAS_BIAS=True, ROWSUM=False, UPCAST=False, PRECISION="tf32"),
-            dict(HAS_BIAS=False, ROWSUM=True, UPCAST=False, PRECISION="tf32"),
+            dict(HAS_BIAS=True, ROWSUM=False, UPCAST=False, PRECISION="tf32", FP64=False),
+            dict(HAS_BIAS=False, ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False),
         ],
         space=GEMM_SPACE,
     ))
@@ -393,12 +402,13 @@ def gemm(
 ):
     """``a (M, K) · b (K, N) (+ bias)`` with the Triton GEMM; any strides.
 
-    Returns ``c`` or, with ``rowsum=True``, ``(c, a.sum(1) in fp32)``.
+    Returns ``c`` or, with ``rowsum=True``, ``(c, a.sum(1) in fp32, fp64 for fp64 inputs)``.
     """
     M, K = a.shape
     N = b.shape[1]
     c = torch.empty((M, N), device=a.device, dtype=out_dtype or a.dtype)
-    rs = torch.empty((M,), device=a.device, dtype=torch.float32) if rowsum else c
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    rs = torch.empty((M,), device=a.device, dtype=acc) if rowsum else c
     if M > 0 and N > 0:
         if K == 0:
             c.zero_()
@@ -413,7 +423,7 @@ def gemm(
                 M, N, K,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
                 HAS_BIAS=bias is not None, ROWSUM=rowsum,
-                UPCAST=upcast_dots(), PRECISION=dot_precision(a.dtype),
+                UPCAST=upcast_dots(), PRECISION=dot_precision(a.dtype), FP64=a.dtype == torch.float64,
             )
     return (c, rs) if rowsum else c
 
@@ -463,7 +473,8 @@ def chain(
         a.stride(0), a.stride(1), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
         z.stride(0), z.stride(1), t_arg.stride(0), t_arg.stride(1),
         HAS_BIAS=bias is not None, STORE_T=store_t,
-        UPCAST=upcast_dots(), PRECISION=dot_precision(a.dtype), R_PAD=r_pad,
+        UPCAST=upcast_dots(), PRECISION=dot_precision(a.dtype), FP64=a.dtype == torch.float64,
+        R_PAD=r_pad,
     )
     return z, t
 
