@@ -1,16 +1,29 @@
 """NVTX ranges and marks in a ``fastfactor`` domain, at near-zero cost when nobody is listening.
 
-Backends, chosen once at import:
+Backends, chosen once at import (and switchable with :func:`use_backend`):
 
-1. the ``nvtx`` package when it is installed (domains, colours, categories);
-2. ``torch.cuda.nvtx`` when CUDA is available (no domain: the range name is prefixed
-   ``fastfactor:``);
-3. nothing: ranges and marks are no-ops. ``torch.cuda.nvtx`` raises on CPU-only builds, so it is
-   never touched there.
+1. ``"nvtx"``: the ``nvtx`` package when it is installed (a real ``fastfactor`` NVTX domain,
+   colours). Nsight filters then read ``fastfactor@<range>``;
+2. ``"torch"``: ``torch.cuda.nvtx`` when CUDA is available. It has no domains, so the range name
+   is prefixed ``fastfactor:`` and lives in the default domain;
+3. ``"none"``: ranges and marks are no-ops (one attribute test per call). ``torch.cuda.nvtx``
+   raises on CPU-only builds, so it is never touched there.
 
-Use :func:`range` as a context manager or a decorator, :func:`mark` for instant events, and
-``range(name, capture=True)`` to wrap a region in ``torch.cuda.profiler.start()/stop()`` so that
-``nsys profile --capture-range=cudaProfilerApi`` records only that region.
+``FASTFACTOR_NVTX=0`` in the environment selects ``"none"`` whatever is installed.
+
+API
+---
+* :class:`range` – context manager *and* decorator: ``with profiling.range("step"):`` or
+  ``@profiling.range("factorize")``. ``capture=True`` also wraps the region in
+  ``torch.cuda.profiler.start()/stop()`` (CUDA only) so that
+  ``nsys profile --capture-range=cudaProfilerApi`` records exactly that region;
+* :func:`annotate` – decorator whose range name defaults to the function's qualified name;
+* :func:`mark` – an instant event;
+* :func:`capture` – the profiler start/stop alone, without a range;
+* :func:`annotate_modules` – forward (and optionally backward) ranges around chosen submodules
+  of a model, e.g. every ``FactorizedLinear``, so ``ncu --nvtx-include`` can select their kernels;
+* :func:`qualified` – the name under which a range shows up in Nsight for the active backend
+  (``fastfactor@step`` or ``fastfactor:step``), for building filters.
 """
 
 from __future__ import annotations
@@ -19,11 +32,12 @@ import builtins
 import contextlib
 import functools
 import os
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 DOMAIN = "fastfactor"
+BACKENDS = ("nvtx", "torch", "none")
 
 _nvtx = None
 try:
@@ -40,8 +54,9 @@ def _torch_nvtx_ok() -> bool:
         return False
 
 
-def backend() -> str:
-    """``'nvtx'``, ``'torch'`` or ``'none'``: where ranges go."""
+def _detect() -> str:
+    if os.environ.get("FASTFACTOR_NVTX", "1") == "0":
+        return "none"
     if _nvtx is not None:
         return "nvtx"
     if _torch_nvtx_ok():
@@ -49,10 +64,62 @@ def backend() -> str:
     return "none"
 
 
-_BACKEND = backend()
+_BACKEND = _detect()
+
+
+def backend() -> str:
+    """``'nvtx'``, ``'torch'`` or ``'none'``: where ranges go now."""
+    return _BACKEND
+
+
+def enabled() -> bool:
+    """Whether ranges are recorded anywhere (False means every call is a no-op)."""
+    return _BACKEND != "none"
+
+
+def available_backends() -> list[str]:
+    """The backends that can work in this process (``'none'`` always can)."""
+    out = []
+    if _nvtx is not None:
+        out.append("nvtx")
+    if _torch_nvtx_ok():
+        out.append("torch")
+    out.append("none")
+    return out
+
+
+def set_backend(name: str) -> str:
+    """Switch the backend (``'nvtx'``, ``'torch'``, ``'none'``); returns the previous one."""
+    global _BACKEND
+    if name not in BACKENDS:
+        raise ValueError(f"name: expected one of {BACKENDS}, got {name!r}")
+    if name not in available_backends():
+        why = "the nvtx package is not importable" if name == "nvtx" else "CUDA is not available"
+        raise ValueError(f"name: backend {name!r} cannot be used here ({why})")
+    prev, _BACKEND = _BACKEND, name
+    return prev
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Temporarily switch the backend (tests, or ``'none'`` to silence a region)."""
+    prev = set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(prev)
+
+
+def qualified(name: str) -> str:
+    """How the range ``name`` appears to Nsight with the active backend: ``fastfactor@name``
+    (nvtx package: domain ``fastfactor``) or ``fastfactor:name`` (torch: default domain)."""
+    if _BACKEND == "torch":
+        return f"{DOMAIN}:{name}"
+    return f"{DOMAIN}@{name}"
 
 
 def push(name: str, color: Optional[str] = None) -> None:
+    """Open a range on this thread (pair with :func:`pop`)."""
     if _BACKEND == "nvtx":
         _nvtx.push_range(message=name, domain=DOMAIN, color=color)
     elif _BACKEND == "torch":
@@ -60,6 +127,7 @@ def push(name: str, color: Optional[str] = None) -> None:
 
 
 def pop() -> None:
+    """Close the innermost range opened by :func:`push` on this thread."""
     if _BACKEND == "nvtx":
         _nvtx.pop_range(domain=DOMAIN)
     elif _BACKEND == "torch":
@@ -77,27 +145,50 @@ def mark(name: str, color: Optional[str] = None) -> None:
 class range(contextlib.ContextDecorator):  # noqa: A001 - mirrors nvtx.annotate / torch.cuda.nvtx.range
     """``with profiling.range("stage 3"):`` or ``@profiling.range("factorize")``.
 
-    capture: also call ``torch.cuda.profiler.start()/stop()`` around the region (CUDA only), to
-             bound an ``nsys --capture-range=cudaProfilerApi`` recording to it.
+    name:    the range name (shown in Nsight as ``fastfactor@name`` or ``fastfactor:name``).
+    color:   a colour name for the nvtx package backend (ignored by the others).
+    capture: also call ``torch.cuda.profiler.start()/stop()`` around the region (CUDA only, a
+             no-op elsewhere), to bound an ``nsys --capture-range=cudaProfilerApi`` recording
+             or an ``ncu --profile-from-start off`` session to it. The stop synchronizes first,
+             so the kernels launched in the region finish inside the capture.
     """
 
     def __init__(self, name: str, color: Optional[str] = None, capture: bool = False):
+        if not isinstance(name, str):
+            raise TypeError(f"name: expected a str, got {type(name).__name__}")
         self.name = name
         self.color = color
-        self.capture = capture and _torch_nvtx_ok()
+        self.capture = bool(capture)
 
     def __enter__(self):
-        if self.capture:
+        if self.capture and _torch_nvtx_ok():
+            torch.cuda.synchronize()
             torch.cuda.profiler.start()
         push(self.name, self.color)
         return self
 
     def __exit__(self, *exc):
         pop()
-        if self.capture:
+        if self.capture and _torch_nvtx_ok():
             torch.cuda.synchronize()
             torch.cuda.profiler.stop()
         return False
+
+
+@contextlib.contextmanager
+def capture(enabled: bool = True) -> Iterator[None]:
+    """``torch.cuda.profiler.start()/stop()`` around a region, without an NVTX range (no-op
+    without CUDA or with ``enabled=False``)."""
+    active = enabled and _torch_nvtx_ok()
+    if active:
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+    try:
+        yield
+    finally:
+        if active:
+            torch.cuda.synchronize()
+            torch.cuda.profiler.stop()
 
 
 def annotate(name: Optional[str] = None, color: Optional[str] = None) -> Callable:
@@ -116,5 +207,69 @@ def annotate(name: Optional[str] = None, color: Optional[str] = None) -> Callabl
     return deco
 
 
-__all__ = ["DOMAIN", "backend", "push", "pop", "mark", "range", "annotate"]
+class _Handles:
+    """Removable group of module hooks returned by :func:`annotate_modules`."""
+
+    def __init__(self, handles: list, names: list[str]):
+        self._handles = handles
+        self.names = names
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+
+def annotate_modules(
+    model: torch.nn.Module,
+    predicate: Optional[Callable[[str, torch.nn.Module], bool]] = None,
+    *,
+    prefix: str = "",
+    backward: bool = False,
+) -> _Handles:
+    """Put an NVTX range around the forward of every submodule selected by ``predicate(name,
+    module)`` (default: every ``fastfactor.layers.base.FactorizedLinear``).
+
+    The range is named ``{prefix}{method}.fwd:{module path}`` (``method`` is the module's class
+    attribute, e.g. ``lowrank``), so an ncu filter on ``fastfactor@lowrank.fwd*`` or the module
+    path selects its kernels. ``backward=True`` also adds ``.bwd`` ranges through full backward
+    hooks (these wrap the module's inputs in an autograd node, so leave them off for timing).
+    Returns a handle; ``handle.remove()`` (or using it as a context manager) removes the hooks.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if predicate is None:
+        from .layers.base import FactorizedLinear
+
+        def predicate(_name, mod):  # noqa: E306
+            return isinstance(mod, FactorizedLinear)
+
+    handles, names = [], []
+    for mod_name, mod in model.named_modules():
+        if not predicate(mod_name, mod):
+            continue
+        method = getattr(mod, "method", type(mod).__name__)
+        label = f"{prefix}{method}.fwd:{mod_name or type(mod).__name__}"
+        blabel = f"{prefix}{method}.bwd:{mod_name or type(mod).__name__}"
+        handles.append(mod.register_forward_pre_hook(lambda m, a, _l=label: push(_l)))
+        # always_call: the range is closed even when the forward raises
+        handles.append(mod.register_forward_hook(lambda m, a, o: pop(), always_call=True))
+        if backward:
+            handles.append(mod.register_full_backward_pre_hook(lambda m, g, _l=blabel: push(_l)))
+            handles.append(mod.register_full_backward_hook(lambda m, gi, go: pop()))
+        names.append(label)
+    return _Handles(handles, names)
+
+
+__all__ = [
+    "DOMAIN", "BACKENDS", "backend", "enabled", "available_backends", "set_backend", "use_backend",
+    "qualified", "push", "pop", "mark", "range", "capture", "annotate", "annotate_modules",
+]
 del builtins
