@@ -1,0 +1,1104 @@
+"""2:4 semi-structured sparsity: format, pruning, sparse linear and the fused dense-sparse product.
+
+The 2:4 pattern
+---------------
+A weight ``W (R, K)`` (``R`` rows = output features, ``K`` = input features) is 2:4 sparse when in
+every group of 4 consecutive input elements of a row ``W[r, 4g:4g+4]`` at most 2 are non-zero.
+``K`` must be a multiple of 4: there is no implicit padding anywhere (a weight whose input
+dimension is not a multiple of 4 is refused with a ``ValueError``; pad it with zero columns and
+pad ``x`` the same way if you need such a layer).
+
+Packed form (:class:`Sparse24Weight`)
+-------------------------------------
+* ``values (R, K/2)``, the weight's dtype: for group ``g`` of row ``r``, ``values[r, 2g]`` and
+  ``values[r, 2g+1]`` are the entries at in-group positions ``i0 < i1``.
+* ``meta (R, ceil(K/8))`` ``uint8``: one 4-bit code per group, ``code = i0 | (i1 << 2)``; byte ``j``
+  holds group ``2j`` in bits 0–3 and group ``2j+1`` in bits 4–7 (when ``K/4`` is odd the last
+  byte's high nibble is unused and zero). That is 2 bits of index per kept value.
+
+So a packed fp16/bf16 weight moves ``R·K/2·2 + R·K/8 = 1.125·R·K`` bytes against ``2·R·K`` dense:
+56.25 % of the dense bytes.
+
+Relation to PyTorch's semi-structured layout: the per-group code is the same nibble that
+PyTorch's CUTLASS path computes (``idx0 | idx1 << 2``, lowest index first) and the kept values are
+in the same order, so ``values`` *is* CUTLASS's compressed matrix for fp16/bf16. The metadata
+differs only in container and order: CUTLASS packs 4 codes into an ``int16`` (our byte pair read
+little-endian) and then permutes those ``int16`` words into its interleaved column-major tile
+order. :func:`to_cutlass_layout` does that conversion; :func:`to_torch_semi_structured` builds the
+``torch.sparse`` tensor subclass (CUTLASS or cuSPARSELt backend) for ``F.linear``. fp32 has no
+2:4 tensor-core path in PyTorch (its CUTLASS fp32 format is 1:2), so those two refuse fp32.
+
+Kernels
+-------
+Every kernel that reads a packed weight expands it on chip: one ``(BLOCK_R, BLOCK_K/2)`` tile of
+values (contiguous, coalesced) and the matching ``(BLOCK_R, BLOCK_K/4)`` codes are loaded, the
+values are split into the first/second kept entry of each group, and
+``W[r, 4g + p] = v0 if p == i0 else v1 if p == i1 else 0`` is formed with two selects before the
+tile goes to ``tl.dot``. Device memory only ever sees the compressed bytes.
+
+* ``_prune24_kernel``: 2:4 magnitude (or score) pruning, writes the pruned weight and the mask.
+* ``_sp_mm_kernel``: ``y = x·Wᵀ + b``. It computes the transposed tile ``yᵀ = W·xᵀ`` so that the
+  expanded weight tile is the left ``tl.dot`` operand as is (no transpose of the expanded tile)
+  and the weight rows, not the few token rows, fill the MMA's M dimension at decode sizes.
+* ``_sp_dx_kernel``: ``dx = g·W`` (the weight tile is the right operand as is).
+* ``_sp_dvalues_kernel``: the gradient of the kept values: the dense tile ``dW = gᵀ·x`` is
+  accumulated in fp32, then its entries at the kept positions are selected with the same codes
+  and stored compressed. It spends the dense ``2·M·R·K`` FLOPs (a tensor-core GEMM) and writes
+  only ``R·K/2`` values.
+* ``_ds_chain_kernel``: dense-sparse ``y = (x·Sᵀ)·Dᵀ + b`` with ``S (R, K)`` 2:4 and ``D (N, R)``,
+  fused like the low-rank chain (``fastfactor.kernels.lowrank``): the ``(BLOCK_M, R)``
+  intermediate ``t = x·Sᵀ`` stays in fp32 registers (computed as ``tᵀ = S·xᵀ``, again so the
+  expanded tile needs no transpose), is rounded to the input dtype and multiplied by ``D`` tile by
+  tile. ``R_PAD = next_pow2(R) <= 256``; larger ranks take the two-kernel path (``_sp_mm_kernel``
+  for ``t`` then the low-rank family's GEMM for ``t·Dᵀ``).
+
+Backward of the dense-sparse product (``g = dL/dy``)::
+
+    dt  = g·D                     (M, R)   low-rank GEMM, rounded to the input dtype
+    dx  = dt·S                    (M, K)   _sp_dx_kernel
+    dD  = gᵀ·t                    (N, R)   low-rank GEMM (db = Σ_m g fused as its row sums)
+    dSv = kept entries of dtᵀ·x   (R, K/2) _sp_dvalues_kernel
+
+All dots accumulate in fp32; fp32 operands use TF32 only when PyTorch's own
+``torch.backends.cuda.matmul.allow_tf32`` is on. Under the Triton interpreter the dot operands
+are upcast to fp32 (``UPCAST``), since the interpreter's fp16/bf16 ``tl.dot`` is wrong.
+
+Performance notes are design intent, not measurements: no GPU has run these kernels yet.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from ._config import (
+    HAS_TRITON,
+    KernelSpec,
+    configs,
+    dot_precision,
+    register_kernel,
+    upcast_dots,
+)
+from .lowrank import FUSED_MAX_R, _num_sms, _pad_rank, gemm
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+
+# ============================================================================================
+# Format
+# ============================================================================================
+
+def meta_cols(in_features: int) -> int:
+    """Columns of the ``uint8`` metadata of a 2:4 weight with ``in_features`` inputs."""
+    return (int(in_features) + 7) // 8
+
+
+def _check_in_features(name: str, k: int, shape) -> None:
+    if k % 4 != 0:
+        raise ValueError(
+            f"{name}: expected the input dimension (dim 1) to be a multiple of 4 (2:4 groups of "
+            f"4 consecutive inputs; no implicit padding), got shape {tuple(shape)}"
+        )
+
+
+class Sparse24Weight:
+    """A 2:4 sparse matrix ``(rows, in)`` in packed form (see the module docstring).
+
+    Attributes:
+        values: ``(rows, in/2)`` kept entries, the weight's dtype.
+        meta:   ``(rows, ceil(in/8))`` ``uint8`` 4-bit codes ``i0 | i1 << 2`` per group of 4.
+        shape:  ``(rows, in)`` of the dense matrix.
+
+    Build one with :func:`pack_24` (or :meth:`from_dense`); :meth:`to_dense` inverts it exactly.
+    The ops take it as an argument and hand its tensors to the registered custom ops.
+    """
+
+    __slots__ = ("values", "meta", "shape")
+
+    def __init__(self, values: torch.Tensor, meta: torch.Tensor, shape: Sequence[int]):
+        if not isinstance(values, torch.Tensor):
+            raise TypeError(f"values: expected a torch.Tensor, got {type(values).__name__}")
+        if not isinstance(meta, torch.Tensor):
+            raise TypeError(f"meta: expected a torch.Tensor, got {type(meta).__name__}")
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 2:
+            raise ValueError(f"shape: expected (rows, in), got {shape}")
+        rows, k = shape
+        _check_in_features("shape", k, shape)
+        if values.ndim != 2 or tuple(values.shape) != (rows, k // 2):
+            raise ValueError(
+                f"values: expected shape {(rows, k // 2)} (rows, in/2) for a 2:4 weight of shape "
+                f"{shape}, got {tuple(values.shape)}"
+            )
+        if meta.dtype != torch.uint8:
+            raise TypeError(f"meta: expected dtype uint8, got {str(meta.dtype).replace('torch.', '')}")
+        if meta.ndim != 2 or tuple(meta.shape) != (rows, meta_cols(k)):
+            raise ValueError(
+                f"meta: expected shape {(rows, meta_cols(k))} (rows, ceil(in/8)) for a 2:4 weight "
+                f"of shape {shape}, got {tuple(meta.shape)}"
+            )
+        if meta.device != values.device:
+            raise ValueError(f"meta: expected device {values.device} (the device of values), got {meta.device}")
+        self.values = values
+        self.meta = meta
+        self.shape = shape
+
+    # ---- properties ----
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def __repr__(self) -> str:
+        return f"Sparse24Weight(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+
+    # ---- conversions ----
+    @classmethod
+    def from_dense(cls, w_masked: torch.Tensor, mask: Optional[torch.Tensor] = None) -> "Sparse24Weight":
+        return pack_24(w_masked, mask)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense ``(rows, in)`` matrix, zeros at the pruned positions (exact)."""
+        return unpack_24(self.values, self.meta, self.shape[1])
+
+    def mask(self) -> torch.Tensor:
+        """The ``(rows, in)`` boolean mask of the kept positions (2 per group)."""
+        i0, i1 = _codes(self.meta, self.shape[1])
+        slot = torch.arange(4, device=self.meta.device)
+        m = (slot == i0[..., None]) | (slot == i1[..., None])
+        return m.reshape(self.shape)
+
+    def to(self, *args, **kwargs) -> "Sparse24Weight":
+        """Move/cast the values (``meta`` follows the device, stays ``uint8``)."""
+        v = self.values.to(*args, **kwargs)
+        return Sparse24Weight(v, self.meta.to(v.device), self.shape)
+
+    def validate(self) -> "Sparse24Weight":
+        """Check that every code names two distinct positions ``i0 < i1`` (raises ValueError)."""
+        i0, i1 = _codes(self.meta, self.shape[1])
+        bad = int((i0 >= i1).sum())
+        if bad:
+            raise ValueError(f"meta: expected codes i0 | i1 << 2 with i0 < i1, found {bad} invalid groups")
+        return self
+
+    def num_bytes(self) -> int:
+        return self.values.numel() * self.values.element_size() + self.meta.numel()
+
+
+def _codes(meta: torch.Tensor, k: int):
+    """``(i0, i1)`` int64 ``(rows, K/4)`` from the packed codes."""
+    m = meta.to(torch.int64)
+    nib = torch.stack((m & 15, m >> 4), dim=-1).reshape(meta.shape[0], -1)[:, : k // 4]
+    return nib & 3, nib >> 2
+
+
+def unpack_24(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
+    """Dense ``(rows, k)`` from packed ``values (rows, k/2)`` and ``meta`` (pure PyTorch)."""
+    rows = values.shape[0]
+    i0, i1 = _codes(meta, k)
+    idx = torch.stack((i0, i1), dim=-1)                                  # (rows, K/4, 2)
+    dense = values.new_zeros((rows, k // 4, 4))
+    dense.scatter_(-1, idx, values.reshape(rows, k // 4, 2))
+    return dense.reshape(rows, k)
+
+
+def compress_like(dense: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The entries of ``dense (rows, K)`` at the kept positions named by ``meta``: ``(rows, K/2)``.
+
+    Used for gradients: the gradient of the kept values is ``compress_like(dW, meta)``.
+    """
+    rows, k = dense.shape
+    i0, i1 = _codes(meta, k)
+    idx = torch.stack((i0, i1), dim=-1)
+    return dense.reshape(rows, k // 4, 4).gather(-1, idx).reshape(rows, k // 2)
+
+
+def pack_24(w_masked: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Sparse24Weight:
+    """Pack a 2:4 sparse matrix ``(rows, in)``: ``to_dense()`` of the result equals it exactly.
+
+    Without ``mask`` the kept positions are the non-zeros of ``w_masked`` (a group with more than
+    2 non-zeros is an error; a group with fewer is completed with its lowest-index zeros). With a
+    boolean ``mask`` (at most 2 True per group) the kept positions are the mask's, completed the
+    same way, and entries of ``w_masked`` outside the mask are dropped (that is how a module with
+    a learned mask freezes its latent dense weight). ``-0.0`` counts as zero.
+    """
+    if not isinstance(w_masked, torch.Tensor):
+        raise TypeError(f"w_masked: expected a torch.Tensor, got {type(w_masked).__name__}")
+    if w_masked.ndim != 2:
+        raise ValueError(f"w_masked: expected a 2-D tensor (rows, in), got shape {tuple(w_masked.shape)}")
+    if not w_masked.is_floating_point():
+        raise TypeError(f"w_masked: expected a floating dtype, got {str(w_masked.dtype).replace('torch.', '')}")
+    rows, k = w_masked.shape
+    _check_in_features("w_masked", k, w_masked.shape)
+    g = w_masked.detach().reshape(rows, k // 4, 4)
+    if mask is None:
+        keep = g != 0
+        what = "w_masked"
+    else:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask: expected a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if tuple(mask.shape) != (rows, k):
+            raise ValueError(f"mask: expected shape {(rows, k)} (the shape of w_masked), got {tuple(mask.shape)}")
+        keep = mask.to(g.device).reshape(rows, k // 4, 4)
+        what = "mask"
+    over = int((keep.sum(-1) > 2).sum())
+    if over:
+        raise ValueError(
+            f"{what}: expected at most 2 non-zeros in every group of 4 consecutive inputs (2:4), "
+            f"found {over} groups with more; prune first (prune_24)"
+        )
+    slot = torch.arange(4, device=g.device)
+    key = (~keep).to(torch.int64) * 4 + slot                             # kept first, then by index
+    idx = key.argsort(dim=-1)[..., :2].sort(dim=-1).values % 4           # (rows, K/4, 2), i0 < i1
+    values = g.gather(-1, idx).reshape(rows, k // 2).contiguous()
+    code = idx[..., 0] | (idx[..., 1] << 2)                              # (rows, K/4)
+    if code.shape[1] % 2:
+        code = torch.cat((code, code.new_zeros((rows, 1))), dim=1)
+    meta = (code[:, 0::2] | (code[:, 1::2] << 4)).to(torch.uint8).contiguous()
+    return Sparse24Weight(values, meta, (rows, k))
+
+
+# ============================================================================================
+# References
+# ============================================================================================
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def mask_24_ref(scores: torch.Tensor) -> torch.Tensor:
+    """Boolean 2:4 mask keeping, per group of 4, the 2 largest ``scores`` (ties: lower index).
+
+    Element ``j`` of a group is kept when fewer than 2 elements ``k`` of the group beat it, where
+    ``k`` beats ``j`` if ``s_k > s_j`` or (``s_k == s_j`` and ``k < j``). The Triton kernel
+    implements the same rule, so the two agree bit for bit.
+    """
+    rows, k = scores.shape
+    s = scores.reshape(rows, k // 4, 4)
+    sj = s[..., :, None]
+    sk = s[..., None, :]
+    pos = torch.arange(4, device=s.device)
+    earlier = pos[None, :] < pos[:, None]                                # [j, k]: k < j
+    beats = (sk > sj) | ((sk == sj) & earlier)
+    return (beats.sum(-1) < 2).reshape(rows, k)
+
+
+def sparse24_linear_ref(
+    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``y = x·Wᵀ + b`` with ``W = unpack(values, meta)``; fp32 accumulation (fp64 stays fp64).
+
+    x: (..., K), values: (N, K/2), meta: (N, ceil(K/8)) uint8, bias: (N,) -> (..., N) in x's dtype.
+    """
+    acc = _acc(x.dtype)
+    w = unpack_24(values.to(acc), meta, 2 * values.shape[1])
+    y = torch.matmul(x.to(acc), w.t())
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype)
+
+
+def dense_sparse_linear_ref(
+    x: torch.Tensor,
+    d: torch.Tensor,
+    s_values: torch.Tensor,
+    s_meta: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``y = (x·Sᵀ)·Dᵀ + b`` with ``S (R, K)`` 2:4 and ``D (N, R)``; the intermediate is rounded
+    to the input dtype as the kernels do. -> (..., N) in x's dtype."""
+    acc = _acc(x.dtype)
+    s = unpack_24(s_values.to(acc), s_meta, 2 * s_values.shape[1])
+    t = torch.matmul(x.to(acc), s.t())
+    if x.dtype != acc:
+        t = t.to(x.dtype).to(acc)
+    y = torch.matmul(t, d.to(acc).t())
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype)
+
+
+# ============================================================================================
+# Kernels
+# ============================================================================================
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# Autotune spaces; the first entry is the interpreter's (small). BLOCK_K is a multiple of 8
+# (whole metadata bytes) and every dot dimension is >= 16.
+PRUNE_SPACE = [
+    dict(BLOCK_R=16, BLOCK_G=8, num_warps=4, num_stages=1),
+    dict(BLOCK_R=32, BLOCK_G=64, num_warps=4, num_stages=1),
+    dict(BLOCK_R=64, BLOCK_G=32, num_warps=4, num_stages=1),
+]
+
+# y = x·Wᵀ: BLOCK_N weight rows x BLOCK_M token rows per program
+MM_SPACE = [
+    dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2),
+    dict(BLOCK_N=128, BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4),
+    dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=256, num_warps=4, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=4),
+    dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=4),
+    dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_N=256, BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
+]
+
+# dx = g·W: BLOCK_M x BLOCK_K output tile, reduction over BLOCK_N weight rows
+DX_SPACE = [
+    dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=16, num_warps=4, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_K=128, BLOCK_N=64, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_K=128, BLOCK_N=64, num_warps=4, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_K=128, BLOCK_N=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_K=256, BLOCK_N=32, num_warps=8, num_stages=3),
+]
+
+# dvalues = kept(gᵀ·x): BLOCK_N x BLOCK_K dense tile, reduction over BLOCK_M token rows
+DV_SPACE = [
+    dict(BLOCK_N=16, BLOCK_K=32, BLOCK_M=16, num_warps=4, num_stages=2),
+    dict(BLOCK_N=64, BLOCK_K=128, BLOCK_M=64, num_warps=4, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_K=128, BLOCK_M=32, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_K=64, BLOCK_M=64, num_warps=4, num_stages=4),
+]
+
+# fused dense-sparse: BLOCK_M token rows; the intermediate is R_PAD x BLOCK_M fp32
+DS_SPACE = [
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
+]
+
+
+def ds_space(R_PAD: int, **_) -> list[dict]:
+    """Configs of the fused dense-sparse kernel within its register budget: the fp32
+    intermediate ``R_PAD x BLOCK_M`` and the expanded ``R_PAD x BLOCK_K`` tile."""
+    return [
+        c for c in DS_SPACE
+        if c["BLOCK_M"] * R_PAD <= 16384 and c["BLOCK_K"] * R_PAD <= 16384
+    ]
+
+
+def _prune_ds(configs_, named_args, **kwargs):
+    r_pad = kwargs.get("R_PAD", named_args.get("R_PAD"))
+    kept = [
+        c for c in configs_
+        if c.kwargs["BLOCK_M"] * r_pad <= 16384 and c.kwargs["BLOCK_K"] * r_pad <= 16384
+    ]
+    return kept or configs_[:1]
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _load_codes(
+        meta_ptr,    # (R, ceil(K/8)) uint8 codes of the 2:4 matrix
+        offs_r,      # (BLOCK_R,) row indices of the tile
+        mask_r,      # (BLOCK_R,) row validity
+        k0,          # first input column of the tile (a multiple of 8)
+        K,
+        stride_mr, stride_mc,
+        BLOCK_K: tl.constexpr,
+    ):
+        """``(i0, i1)``, each ``(BLOCK_R, BLOCK_K/4)`` int32, for columns ``k0 .. k0+BLOCK_K``."""
+        offs_g = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+        mask_g = offs_g < K // 4
+        byte = tl.load(
+            meta_ptr + offs_r[:, None] * stride_mr + (offs_g // 2)[None, :] * stride_mc,
+            mask=mask_r[:, None] & mask_g[None, :], other=0,
+        ).to(tl.int32)
+        code = (byte >> ((offs_g % 2) * 4)[None, :]) & 15
+        return code & 3, code >> 2
+
+    @triton.jit
+    def _expand24(
+        vals_ptr,    # (R, K/2) kept values of the 2:4 matrix
+        meta_ptr,    # (R, ceil(K/8)) uint8 codes
+        offs_r, mask_r, k0, K,
+        stride_vr, stride_vc,
+        stride_mr, stride_mc,
+        BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """The dense tile ``W[offs_r, k0 : k0 + BLOCK_K]`` (``(BLOCK_R, BLOCK_K)``, the values'
+        dtype) built on chip from the compressed values and codes."""
+        offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        v = tl.load(
+            vals_ptr + offs_r[:, None] * stride_vr + offs_v[None, :] * stride_vc,
+            mask=mask_r[:, None] & (offs_v[None, :] < K // 2), other=0.0,
+        )
+        i0, i1 = _load_codes(meta_ptr, offs_r, mask_r, k0, K, stride_mr, stride_mc, BLOCK_K)
+        v0, v1 = tl.split(tl.reshape(v, (BLOCK_R, BLOCK_K // 4, 2)))
+        slot = tl.arange(0, 4)[None, None, :]
+        zero = tl.zeros((BLOCK_R, BLOCK_K // 4, 4), dtype=v.dtype)
+        w = tl.where(slot == i0[:, :, None], v0[:, :, None], zero)
+        w = tl.where(slot == i1[:, :, None], v1[:, :, None], w)
+        return tl.reshape(w, (BLOCK_R, BLOCK_K))
+
+    @triton.jit
+    def _prune24_kernel(
+        # --- pointers ---
+        w_ptr,      # (R, K) weight to prune
+        s_ptr,      # (R, K) importance scores; read only when HAS_SCORES (else |w| is used)
+        out_ptr,    # (R, K) pruned weight (w at kept positions, 0 elsewhere)
+        mask_ptr,   # (R, K) uint8 mask, 1 at kept positions
+        # --- dimensions ---
+        R, G,       # rows, groups of 4 per row (K = 4·G)
+        # --- strides (in elements) ---
+        stride_wr, stride_wk,
+        stride_sr, stride_sk,
+        stride_or, stride_ok,
+        stride_mr, stride_mk,
+        # --- meta-parameters ---
+        HAS_SCORES: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+    ):
+        pid_r = tl.program_id(0)
+        pid_g = tl.program_id(1)
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs_g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+        m2 = (offs_r < R)[:, None] & (offs_g < G)[None, :]
+        col = offs_g[None, :] * 4
+        # the four members of each group, each (BLOCK_R, BLOCK_G)
+        wp = w_ptr + offs_r[:, None] * stride_wr
+        w0 = tl.load(wp + (col + 0) * stride_wk, mask=m2, other=0.0)
+        w1 = tl.load(wp + (col + 1) * stride_wk, mask=m2, other=0.0)
+        w2 = tl.load(wp + (col + 2) * stride_wk, mask=m2, other=0.0)
+        w3 = tl.load(wp + (col + 3) * stride_wk, mask=m2, other=0.0)
+        if HAS_SCORES:
+            sp = s_ptr + offs_r[:, None] * stride_sr
+            s0 = tl.load(sp + (col + 0) * stride_sk, mask=m2, other=0.0).to(tl.float32)
+            s1 = tl.load(sp + (col + 1) * stride_sk, mask=m2, other=0.0).to(tl.float32)
+            s2 = tl.load(sp + (col + 2) * stride_sk, mask=m2, other=0.0).to(tl.float32)
+            s3 = tl.load(sp + (col + 3) * stride_sk, mask=m2, other=0.0).to(tl.float32)
+        else:
+            s0 = tl.abs(w0.to(tl.float32))
+            s1 = tl.abs(w1.to(tl.float32))
+            s2 = tl.abs(w2.to(tl.float32))
+            s3 = tl.abs(w3.to(tl.float32))
+        # k beats j when s_k > s_j, or s_k == s_j and k < j; keep j when fewer than 2 beat it
+        b01 = (s0 >= s1).to(tl.int32)  # 0 beats 1
+        b02 = (s0 >= s2).to(tl.int32)
+        b03 = (s0 >= s3).to(tl.int32)
+        b12 = (s1 >= s2).to(tl.int32)
+        b13 = (s1 >= s3).to(tl.int32)
+        b23 = (s2 >= s3).to(tl.int32)
+        keep0 = ((1 - b01) + (1 - b02) + (1 - b03)) < 2
+        keep1 = (b01 + (1 - b12) + (1 - b13)) < 2
+        keep2 = (b02 + b12 + (1 - b23)) < 2
+        keep3 = (b03 + b13 + b23) < 2
+        op = out_ptr + offs_r[:, None] * stride_or
+        mp = mask_ptr + offs_r[:, None] * stride_mr
+        tl.store(op + (col + 0) * stride_ok, tl.where(keep0, w0, 0.0).to(w0.dtype), mask=m2)
+        tl.store(op + (col + 1) * stride_ok, tl.where(keep1, w1, 0.0).to(w0.dtype), mask=m2)
+        tl.store(op + (col + 2) * stride_ok, tl.where(keep2, w2, 0.0).to(w0.dtype), mask=m2)
+        tl.store(op + (col + 3) * stride_ok, tl.where(keep3, w3, 0.0).to(w0.dtype), mask=m2)
+        tl.store(mp + (col + 0) * stride_mk, keep0.to(tl.uint8), mask=m2)
+        tl.store(mp + (col + 1) * stride_mk, keep1.to(tl.uint8), mask=m2)
+        tl.store(mp + (col + 2) * stride_mk, keep2.to(tl.uint8), mask=m2)
+        tl.store(mp + (col + 3) * stride_mk, keep3.to(tl.uint8), mask=m2)
+
+    @triton.jit
+    def _sp_mm_kernel(
+        # --- pointers ---
+        x_ptr,      # (M, K) input rows
+        vals_ptr,   # (N, K/2) kept values of the 2:4 weight W (N, K)
+        meta_ptr,   # (N, ceil(K/8)) uint8 codes of W
+        bias_ptr,   # (N,) bias; read only when HAS_BIAS
+        y_ptr,      # (M, N) output y = x·Wᵀ + b
+        # --- dimensions ---
+        M, N, K,
+        M_BUCKET,   # power-of-two bucket of M: autotune key only
+        # --- strides (in elements) ---
+        stride_xm, stride_xk,
+        stride_vn, stride_vc,
+        stride_mn, stride_mc,
+        stride_ym, stride_yn,
+        # --- meta-parameters ---
+        HAS_BIAS: tl.constexpr,
+        UPCAST: tl.constexpr,      # upcast dot operands to fp32 (interpreter)
+        PRECISION: tl.constexpr,   # tl.dot input_precision for fp32 operands
+        BLOCK_N: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_n = offs_n < N
+        mask_m = offs_m < M
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)     # yᵀ tile
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            w = _expand24(vals_ptr, meta_ptr, offs_n, mask_n, k0, K,
+                          stride_vn, stride_vc, stride_mn, stride_mc, BLOCK_N, BLOCK_K)
+            xt = tl.load(  # (BLOCK_K, BLOCK_M) = x[m-tile, k-tile]ᵀ
+                x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
+                mask=mask_m[None, :] & (kk < K)[:, None], other=0.0,
+            )
+            if UPCAST:
+                w = w.to(tl.float32)
+                xt = xt.to(tl.float32)
+            acc = tl.dot(w, xt, acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc = acc + b[:, None]
+        tl.store(
+            y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn,
+            acc.to(y_ptr.dtype.element_ty),
+            mask=mask_m[None, :] & mask_n[:, None],
+        )
+
+    @triton.jit
+    def _sp_dx_kernel(
+        # --- pointers ---
+        g_ptr,      # (M, N) upstream gradient dL/dy
+        vals_ptr,   # (N, K/2) kept values of the 2:4 weight W (N, K)
+        meta_ptr,   # (N, ceil(K/8)) uint8 codes of W
+        dx_ptr,     # (M, K) output dx = g·W
+        # --- dimensions ---
+        M, N, K,
+        # --- strides (in elements) ---
+        stride_gm, stride_gn,
+        stride_vn, stride_vc,
+        stride_mn, stride_mc,
+        stride_dm, stride_dk,
+        # --- meta-parameters ---
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        k0 = pid_k * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_n0 = tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + offs_n0
+            mask_n = offs_n < N
+            g = tl.load(
+                g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                mask=mask_m[:, None] & mask_n[None, :], other=0.0,
+            )
+            w = _expand24(vals_ptr, meta_ptr, offs_n, mask_n, k0, K,
+                          stride_vn, stride_vc, stride_mn, stride_mc, BLOCK_N, BLOCK_K)
+            if UPCAST:
+                g = g.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(g, w, acc, input_precision=PRECISION)
+        tl.store(
+            dx_ptr + offs_m[:, None] * stride_dm + offs_k[None, :] * stride_dk,
+            acc.to(dx_ptr.dtype.element_ty),
+            mask=mask_m[:, None] & (offs_k < K)[None, :],
+        )
+
+    @triton.jit
+    def _sp_dvalues_kernel(
+        # --- pointers ---
+        g_ptr,      # (M, N) upstream gradient of the rows of W·xᵀ (dy, or dt for dense-sparse)
+        x_ptr,      # (M, K) input rows
+        meta_ptr,   # (N, ceil(K/8)) uint8 codes of W (which entries are kept)
+        dv_ptr,     # (N, K/2) output: gradient of the kept values, (gᵀ·x) at kept positions
+        # --- dimensions ---
+        M, N, K,
+        # --- strides (in elements) ---
+        stride_gm, stride_gn,
+        stride_xm, stride_xk,
+        stride_mn, stride_mc,
+        stride_dn, stride_dc,
+        # --- meta-parameters ---
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        k0 = pid_k * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_m0 = tl.arange(0, BLOCK_M)
+        mask_n = offs_n < N
+        mask_k = offs_k < K
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)       # dense dW tile
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + offs_m0
+            mask_m = offs_m < M
+            gt = tl.load(  # (BLOCK_N, BLOCK_M) = g[m-tile, n-tile]ᵀ
+                g_ptr + offs_m[None, :] * stride_gm + offs_n[:, None] * stride_gn,
+                mask=mask_m[None, :] & mask_n[:, None], other=0.0,
+            )
+            x = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+            )
+            if UPCAST:
+                gt = gt.to(tl.float32)
+                x = x.to(tl.float32)
+            acc = tl.dot(gt, x, acc, input_precision=PRECISION)
+        # keep the entries at the kept positions, in packed order
+        i0, i1 = _load_codes(meta_ptr, offs_n, mask_n, k0, K, stride_mn, stride_mc, BLOCK_K)
+        d3 = tl.reshape(acc, (BLOCK_N, BLOCK_K // 4, 4))
+        slot = tl.arange(0, 4)[None, None, :]
+        dv0 = tl.sum(tl.where(slot == i0[:, :, None], d3, 0.0), axis=2)
+        dv1 = tl.sum(tl.where(slot == i1[:, :, None], d3, 0.0), axis=2)
+        dv = tl.reshape(tl.join(dv0, dv1), (BLOCK_N, BLOCK_K // 2))
+        offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        tl.store(
+            dv_ptr + offs_n[:, None] * stride_dn + offs_v[None, :] * stride_dc,
+            dv.to(dv_ptr.dtype.element_ty),
+            mask=mask_n[:, None] & (offs_v < K // 2)[None, :],
+        )
+
+    @triton.jit
+    def _ds_chain_kernel(
+        # --- pointers ---
+        x_ptr,      # (M, K) input rows
+        svals_ptr,  # (R, K/2) kept values of the 2:4 factor S (R, K)
+        smeta_ptr,  # (R, ceil(K/8)) uint8 codes of S
+        d_ptr,      # (N, R) dense factor D
+        bias_ptr,   # (N,) bias; read only when HAS_BIAS
+        y_ptr,      # (M, N) output y = (x·Sᵀ)·Dᵀ + b
+        t_ptr,      # (M, R) intermediate x·Sᵀ; written only when STORE_T (programs with pid_n == 0)
+        # --- dimensions ---
+        M, K, N, R,
+        M_BUCKET,   # power-of-two bucket of M: autotune key only
+        # --- strides (in elements) ---
+        stride_xm, stride_xk,
+        stride_sr, stride_sc,
+        stride_mr, stride_mc,
+        stride_dn, stride_dr,
+        stride_ym, stride_yn,
+        stride_tm, stride_tr,
+        # --- meta-parameters ---
+        HAS_BIAS: tl.constexpr,
+        STORE_T: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        R_PAD: tl.constexpr,       # next power of two >= R (>= 16)
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_r = tl.arange(0, R_PAD)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_r = offs_r < R
+
+        # ---- stage 1: tᵀ = S·xᵀ for this row block, fp32 in registers ----
+        tt = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            s = _expand24(svals_ptr, smeta_ptr, offs_r, mask_r, k0, K,
+                          stride_sr, stride_sc, stride_mr, stride_mc, R_PAD, BLOCK_K)
+            xt = tl.load(
+                x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
+                mask=mask_m[None, :] & (kk < K)[:, None], other=0.0,
+            )
+            if UPCAST:
+                s = s.to(tl.float32)
+                xt = xt.to(tl.float32)
+            tt = tl.dot(s, xt, tt, input_precision=PRECISION)
+
+        t = tt.to(y_ptr.dtype.element_ty)
+        if STORE_T:
+            if pid_n == 0:
+                tl.store(
+                    t_ptr + offs_m[None, :] * stride_tm + offs_r[:, None] * stride_tr,
+                    t, mask=mask_m[None, :] & mask_r[:, None],
+                )
+        if UPCAST:
+            t = t.to(tl.float32)
+
+        # ---- stage 2: yᵀ[n-tile, :] = D[n-tile, :]·tᵀ (+ bias) ----
+        tiles_per_prog = tl.cdiv(tl.cdiv(N, BLOCK_N), tl.num_programs(1))
+        n_begin = pid_n * tiles_per_prog * BLOCK_N
+        for i in range(0, tiles_per_prog):
+            offs_n = n_begin + i * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            d = tl.load(
+                d_ptr + offs_n[:, None] * stride_dn + offs_r[None, :] * stride_dr,
+                mask=mask_n[:, None] & mask_r[None, :], other=0.0,
+            )
+            if UPCAST:
+                d = d.to(tl.float32)
+            yt = tl.dot(d, t, input_precision=PRECISION)
+            if HAS_BIAS:
+                b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                yt = yt + b[:, None]
+            tl.store(
+                y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn,
+                yt.to(y_ptr.dtype.element_ty),
+                mask=mask_m[None, :] & mask_n[:, None],
+            )
+
+    _prune24_tuned = triton.autotune(configs=configs(PRUNE_SPACE), key=["R", "G"])(_prune24_kernel)
+    _sp_mm_tuned = triton.autotune(configs=configs(MM_SPACE), key=["M_BUCKET", "N", "K"])(_sp_mm_kernel)
+    _sp_dx_tuned = triton.autotune(configs=configs(DX_SPACE), key=["M", "N", "K"])(_sp_dx_kernel)
+    _sp_dv_tuned = triton.autotune(configs=configs(DV_SPACE), key=["M", "N", "K"])(_sp_dvalues_kernel)
+    _ds_chain_tuned = triton.autotune(
+        configs=configs(DS_SPACE),
+        key=["M_BUCKET", "K", "N", "R_PAD", "STORE_T"],
+        prune_configs_by={"early_config_prune": _prune_ds},
+    )(_ds_chain_kernel)
+
+    # ---- compile-tier registration ----
+    def _i32(*names):
+        return {n: "i32" for n in names}
+
+    def _prune_sig(dt: str) -> dict:
+        p = f"*{dt}"
+        return {"w_ptr": p, "s_ptr": p, "out_ptr": p, "mask_ptr": "*u8",
+                **_i32("R", "G", "stride_wr", "stride_wk", "stride_sr", "stride_sk",
+                       "stride_or", "stride_ok", "stride_mr", "stride_mk")}
+
+    def _mm_sig(dt: str) -> dict:
+        p = f"*{dt}"
+        return {"x_ptr": p, "vals_ptr": p, "meta_ptr": "*u8", "bias_ptr": p, "y_ptr": p,
+                **_i32("M", "N", "K", "M_BUCKET", "stride_xm", "stride_xk", "stride_vn", "stride_vc",
+                       "stride_mn", "stride_mc", "stride_ym", "stride_yn")}
+
+    def _dx_sig(dt: str) -> dict:
+        p = f"*{dt}"
+        return {"g_ptr": p, "vals_ptr": p, "meta_ptr": "*u8", "dx_ptr": p,
+                **_i32("M", "N", "K", "stride_gm", "stride_gn", "stride_vn", "stride_vc",
+                       "stride_mn", "stride_mc", "stride_dm", "stride_dk")}
+
+    def _dv_sig(dt: str) -> dict:
+        p = f"*{dt}"
+        return {"g_ptr": p, "x_ptr": p, "meta_ptr": "*u8", "dv_ptr": p,
+                **_i32("M", "N", "K", "stride_gm", "stride_gn", "stride_xm", "stride_xk",
+                       "stride_mn", "stride_mc", "stride_dn", "stride_dc")}
+
+    def _ds_sig(dt: str) -> dict:
+        p = f"*{dt}"
+        return {"x_ptr": p, "svals_ptr": p, "smeta_ptr": "*u8", "d_ptr": p, "bias_ptr": p,
+                "y_ptr": p, "t_ptr": p,
+                **_i32("M", "K", "N", "R", "M_BUCKET", "stride_xm", "stride_xk", "stride_sr",
+                       "stride_sc", "stride_mr", "stride_mc", "stride_dn", "stride_dr",
+                       "stride_ym", "stride_yn", "stride_tm", "stride_tr")}
+
+    _DOT = dict(UPCAST=False, PRECISION="tf32")
+    register_kernel(KernelSpec(
+        name="sparse24.prune", fn=_prune24_kernel, signature=_prune_sig,
+        constexprs=[dict(HAS_SCORES=False), dict(HAS_SCORES=True)], space=PRUNE_SPACE,
+    ))
+    register_kernel(KernelSpec(
+        name="sparse24.mm", fn=_sp_mm_kernel, signature=_mm_sig,
+        constexprs=[dict(HAS_BIAS=True, **_DOT), dict(HAS_BIAS=False, **_DOT)], space=MM_SPACE,
+    ))
+    register_kernel(KernelSpec(
+        name="sparse24.dx", fn=_sp_dx_kernel, signature=_dx_sig,
+        constexprs=[dict(_DOT)], space=DX_SPACE,
+    ))
+    register_kernel(KernelSpec(
+        name="sparse24.dvalues", fn=_sp_dvalues_kernel, signature=_dv_sig,
+        constexprs=[dict(_DOT)], space=DV_SPACE,
+    ))
+    register_kernel(KernelSpec(
+        name="sparse24.ds_chain", fn=_ds_chain_kernel, signature=_ds_sig,
+        constexprs=[
+            dict(HAS_BIAS=True, STORE_T=True, R_PAD=64, **_DOT),
+            dict(HAS_BIAS=False, STORE_T=False, R_PAD=256, **_DOT),
+        ],
+        space=ds_space,
+    ))
+
+
+# ============================================================================================
+# Launchers
+# ============================================================================================
+
+def prune_24_triton(w: torch.Tensor, scores: Optional[torch.Tensor] = None):
+    """``(pruned (R, K), mask (R, K) bool)`` with the Triton kernel; any strides."""
+    R, K = w.shape
+    out = torch.empty((R, K), device=w.device, dtype=w.dtype)
+    mask = torch.empty((R, K), device=w.device, dtype=torch.uint8)
+    G = K // 4
+    if R > 0 and G > 0:
+        s = scores if scores is not None else w
+        grid = lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(G, meta["BLOCK_G"]))
+        _prune24_tuned[grid](
+            w, s, out, mask, R, G,
+            w.stride(0), w.stride(1), s.stride(0), s.stride(1),
+            out.stride(0), out.stride(1), mask.stride(0), mask.stride(1),
+            HAS_SCORES=scores is not None,
+        )
+    return out, mask.bool()
+
+
+def sparse24_mm(
+    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``x (M, K) · Wᵀ (+ bias)`` with ``W`` packed ``values (N, K/2)``, ``meta``; -> ``(M, N)``."""
+    M, K = x.shape
+    N = values.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0 or N == 0:
+        return y
+    if K == 0:
+        y.zero_()
+        if bias is not None:
+            y += bias
+        return y
+    grid = lambda meta_: (triton.cdiv(N, meta_["BLOCK_N"]), triton.cdiv(M, meta_["BLOCK_M"]))
+    _sp_mm_tuned[grid](
+        x, values, meta, bias if bias is not None else y, y,
+        M, N, K, min(_next_pow2(M), 1 << 16),
+        x.stride(0), x.stride(1), values.stride(0), values.stride(1),
+        meta.stride(0), meta.stride(1), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype),
+    )
+    return y
+
+
+def sparse24_dx(g: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """``g (M, N) · W`` with ``W (N, K)`` packed; -> ``(M, K)``."""
+    M, N = g.shape
+    K = 2 * values.shape[1]
+    dx = torch.empty((M, K), device=g.device, dtype=g.dtype)
+    if M == 0 or K == 0:
+        return dx
+    if N == 0:
+        return dx.zero_()
+    grid = lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]), triton.cdiv(K, meta_["BLOCK_K"]))
+    _sp_dx_tuned[grid](
+        g, values, meta, dx, M, N, K,
+        g.stride(0), g.stride(1), values.stride(0), values.stride(1),
+        meta.stride(0), meta.stride(1), dx.stride(0), dx.stride(1),
+        UPCAST=upcast_dots(), PRECISION=dot_precision(g.dtype),
+    )
+    return dx
+
+
+def sparse24_dvalues(
+    g: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, out_dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
+    """Kept entries of ``gᵀ·x`` (``g (M, N)``, ``x (M, K)``) at ``meta``'s positions: ``(N, K/2)``."""
+    M, N = g.shape
+    K = x.shape[1]
+    dv = torch.empty((N, K // 2), device=g.device, dtype=out_dtype or g.dtype)
+    if N == 0 or K == 0:
+        return dv
+    if M == 0:
+        return dv.zero_()
+    grid = lambda meta_: (triton.cdiv(N, meta_["BLOCK_N"]), triton.cdiv(K, meta_["BLOCK_K"]))
+    _sp_dv_tuned[grid](
+        g, x, meta, dv, M, N, K,
+        g.stride(0), g.stride(1), x.stride(0), x.stride(1),
+        meta.stride(0), meta.stride(1), dv.stride(0), dv.stride(1),
+        UPCAST=upcast_dots(), PRECISION=dot_precision(g.dtype),
+    )
+    return dv
+
+
+def choose_ds_path(M: int, K: int, N: int, R: int) -> str:
+    """``'fused'`` or ``'two_kernel'`` for a dense-sparse forward of this shape.
+
+    The fused kernel needs ``next_pow2(R) <= 256`` (the intermediate lives in registers). Within
+    that, it wins where traffic and launches dominate (few rows); at many rows the two
+    compute-bound products prefer their own larger tiles. The ``M <= 2048`` threshold mirrors the
+    low-rank family and is provisional until measured; ``FASTFACTOR_DS_PATH=fused|two_kernel``
+    forces a path (fused falls back to two_kernel above the rank limit).
+    """
+    forced = os.environ.get("FASTFACTOR_DS_PATH")
+    fits = _pad_rank(R) <= FUSED_MAX_R
+    if forced:
+        if forced not in ("fused", "two_kernel"):
+            raise ValueError(f"FASTFACTOR_DS_PATH: expected 'fused' or 'two_kernel', got {forced!r}")
+        return forced if fits else "two_kernel"
+    if not fits:
+        return "two_kernel"
+    return "fused" if M <= 2048 else "two_kernel"
+
+
+def ds_chain(
+    x: torch.Tensor,
+    d: torch.Tensor,
+    s_values: torch.Tensor,
+    s_meta: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    store_t: bool = False,
+):
+    """Fused ``(y, t or None)``: ``y = (x·Sᵀ)·Dᵀ + b``; ``x (M, K)``, ``d (N, R)``, packed ``S (R, K)``."""
+    M, K = x.shape
+    N, R = d.shape
+    r_pad = _pad_rank(R)
+    if r_pad > FUSED_MAX_R:
+        raise ValueError(f"ds_chain: rank must be <= {FUSED_MAX_R} for the fused kernel, got {R}")
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    t = torch.empty((M, R), device=x.device, dtype=x.dtype) if store_t else None
+    if M == 0 or N == 0:
+        if t is not None and M > 0:
+            t = sparse24_mm(x, s_values, s_meta)
+        return y, t
+    if K == 0 or R == 0:
+        y.zero_()
+        if bias is not None:
+            y += bias
+        if t is not None:
+            t.zero_()
+        return y, t
+    sms = _num_sms(x.device)
+
+    def grid(meta):
+        m_blocks = triton.cdiv(M, meta["BLOCK_M"])
+        n_tiles = triton.cdiv(N, meta["BLOCK_N"])
+        split = max(1, min(n_tiles, (2 * sms) // m_blocks))
+        return (m_blocks, triton.cdiv(n_tiles, triton.cdiv(n_tiles, split)))
+
+    t_arg = t if t is not None else y
+    _ds_chain_tuned[grid](
+        x, s_values, s_meta, d, bias if bias is not None else y, y, t_arg,
+        M, K, N, R, min(_next_pow2(M), 1 << 16),
+        x.stride(0), x.stride(1), s_values.stride(0), s_values.stride(1),
+        s_meta.stride(0), s_meta.stride(1), d.stride(0), d.stride(1),
+        y.stride(0), y.stride(1), t_arg.stride(0), t_arg.stride(1),
+        HAS_BIAS=bias is not None, STORE_T=store_t,
+        UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype), R_PAD=r_pad,
+    )
+    return y, t
+
+
+def dense_sparse_fwd(
+    x: torch.Tensor,
+    d: torch.Tensor,
+    s_values: torch.Tensor,
+    s_meta: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    save_t: bool,
+    path: Optional[str] = None,
+):
+    """Forward launcher: ``(y, t or None)`` for ``x (M, K)``, ``d (N, R)``, packed ``S (R, K)``."""
+    M, K = x.shape
+    N, R = d.shape
+    path = path or choose_ds_path(M, K, N, R)
+    if path == "fused":
+        return ds_chain(x, d, s_values, s_meta, bias, store_t=save_t)
+    t = sparse24_mm(x, s_values, s_meta)
+    y = gemm(t, d.t(), bias=bias)
+    return y, (t if save_t else None)
+
+
+def dense_sparse_bwd(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    d: torch.Tensor,
+    s_values: torch.Tensor,
+    s_meta: torch.Tensor,
+    t: Optional[torch.Tensor],
+    has_bias: bool,
+    need_x: bool = True,
+    need_d: bool = True,
+    need_s: bool = True,
+):
+    """Backward launcher: ``(dx, dd, ds_values, db)`` (``None`` where not needed)."""
+    M, K = x.shape
+    N, R = d.shape
+    dx = dd = ds = db = None
+    if M == 0:
+        z = lambda *s, like: torch.zeros(s, device=like.device, dtype=like.dtype)
+        return (
+            z(0, K, like=x) if need_x else None,
+            z(N, R, like=d) if need_d else None,
+            z(R, K // 2, like=s_values) if need_s else None,
+            z(N, like=d) if has_bias else None,
+        )
+    if need_x or need_s:
+        dt = gemm(g, d)                                               # dt = g·D (M, R)
+        if need_x:
+            dx = sparse24_dx(dt, s_values, s_meta)                    # dx = dt·S
+        if need_s:
+            ds = sparse24_dvalues(dt, x, s_meta, out_dtype=s_values.dtype)  # kept(dtᵀ·x)
+    if need_d or has_bias:
+        if t is None:
+            t = sparse24_mm(x, s_values, s_meta)
+        dd_, db32 = gemm(g.t(), t, rowsum=True)                      # dD = gᵀ·t, db = Σ_m g
+        dd = dd_ if need_d else None
+        db = db32.to(g.dtype) if has_bias else None
+    return dx, dd, ds, db
+
+
+# ============================================================================================
+# PyTorch's semi-structured layout
+# ============================================================================================
+
+def to_cutlass_layout(w: Sparse24Weight):
+    """``(packed (R, K/2), meta (R, K/16) int16)`` in PyTorch's CUTLASS layout (the layout of
+    ``torch.sparse.SparseSemiStructuredTensorCUTLASS`` for fp16/bf16); runs on any device.
+
+    Needs ``R % 32 == 0`` and ``K % 64 == 0`` (CUTLASS's fp16/bf16 constraints).
+    """
+    from torch.sparse._semi_structured_conversions import (
+        _calculate_meta_reordering_scatter_offsets,
+    )
+
+    if w.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"w: expected float16 or bfloat16 values for PyTorch's 2:4 layout (its fp32 format "
+            f"is 1:2), got {str(w.dtype).replace('torch.', '')}"
+        )
+    R, K = w.shape
+    if R % 32 or K % 64:
+        raise ValueError(
+            f"w: expected rows a multiple of 32 and in a multiple of 64 for PyTorch's CUTLASS "
+            f"layout, got shape {w.shape}"
+        )
+    m = w.meta.to(torch.int32)
+    word = m[:, 0::2] | (m[:, 1::2] << 8)                             # 4 codes per 16-bit word
+    word = torch.where(word >= 1 << 15, word - (1 << 16), word).to(torch.int16)
+    ncols = word.shape[1]
+    offsets = _calculate_meta_reordering_scatter_offsets(R, ncols, torch.int16, w.device)
+    meta = word.new_empty((R * ncols,))
+    meta.scatter_(0, offsets, word.reshape(-1))
+    return w.values.contiguous(), meta.view(R, ncols)
+
+
+def to_torch_semi_structured(w: Sparse24Weight):
+    """The ``torch.sparse`` semi-structured tensor for ``w`` (CUDA, fp16/bf16), for use as
+    ``F.linear(x, that, bias)``.
+
+    PyTorch picks its backend as ``to_sparse_semi_structured`` does: with cuSPARSELt available
+    (and CUTLASS not forced) the dense matrix goes through ``to_sparse_semi_structured`` (its
+    compressed format is opaque); otherwise the CUTLASS tensor is built directly from our packed
+    form by :func:`to_cutlass_layout`, with no dense detour. Either way the result equals
+    ``to_sparse_semi_structured(w.to_dense())``.
+    """
+    from torch.sparse import SparseSemiStructuredTensor, SparseSemiStructuredTensorCUTLASS
+    from torch.sparse import to_sparse_semi_structured as _to_ss
+
+    if not isinstance(w, Sparse24Weight):
+        raise TypeError(f"w: expected a Sparse24Weight, got {type(w).__name__}")
+    if w.device.type != "cuda":
+        raise ValueError(f"w: PyTorch's semi-structured sparse tensors need a CUDA device, got {w.device}")
+    cusparselt = getattr(torch.backends, "cusparselt", None)
+    has_cslt = cusparselt is not None and cusparselt.is_available()
+    if has_cslt and not SparseSemiStructuredTensor._FORCE_CUTLASS:
+        return _to_ss(w.to_dense())
+    packed, meta = to_cutlass_layout(w)
+    return SparseSemiStructuredTensorCUTLASS(
+        torch.Size(w.shape), packed=packed, meta=meta, packed_t=None, meta_t=None,
+        compressed_swizzled_bitmask=None, requires_grad=False,
+    )
