@@ -1,0 +1,204 @@
+"""Saving and loading compressed models.
+
+A saved directory holds
+
+* ``config.json``: the Hugging Face config (when the model has one);
+* ``model.safetensors``: every tensor of the state dict, factors included, in their own dtype
+  (tied tensors — e.g. GPT-2's ``lm_head.weight`` and ``wte.weight`` — stored once);
+* ``fastfactor.json``: the manifest — format version, model class, the compression config, and
+  for every replaced module its qualified name, layer class, method, ``factor_config`` (the
+  constructor arguments: shapes, rank / blocks), real ratio and weight parameters; the tied-key
+  map; and the sha256 of each weight file.
+
+:func:`load_compressed` rebuilds the model skeleton from the config, swaps in each factorized
+module built directly from its ``factor_config`` (no dense weight is ever factorized again),
+checks each file's sha256 and loads the tensors with ``assign=True``, so the round trip is
+bit-exact (same values, same dtypes). Every file is written to a temporary name and moved into
+place with ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..layers.base import FactorizedLinear
+from .targets import set_module
+
+MANIFEST = "fastfactor.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def compressed_modules(model: nn.Module):
+    """``[(name, module)]`` of the factorized modules, outermost only."""
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, FactorizedLinear) and not any(name.startswith(n + ".") for n, _ in out):
+            out.append((name, mod))
+    return out
+
+
+def build_manifest(model: nn.Module, compression: Optional[dict] = None) -> dict:
+    mods = []
+    for name, mod in compressed_modules(model):
+        mods.append({
+            "name": name,
+            "class": type(mod).__name__,
+            "module": type(mod).__module__,
+            "method": mod.method,
+            "in_features": mod.in_features,
+            "out_features": mod.out_features,
+            "factor_config": mod.factor_config(),
+            "ratio": mod.ratio,
+            "num_weight_params": mod.num_weight_params,
+        })
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_class": type(model).__name__,
+        "model_module": type(model).__module__,
+        "compression": compression,
+        "modules": mods,
+    }
+
+
+def save_compressed(model: nn.Module, path, compression: Optional[dict] = None, report: Optional[dict] = None) -> str:
+    """Write ``model`` (with its factorized modules) to the directory ``path``; returns the path.
+
+    compression: the ``CompressionConfig`` as a dict, recorded in the manifest (optional);
+    report: a compression report, written as ``report.json`` beside it (optional).
+    """
+    from safetensors.torch import save
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    sd = model.state_dict()
+    tensors, tied, seen = {}, {}, {}
+    for k, t in sd.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            tied[k] = seen[key]
+            continue
+        seen[key] = k
+        tensors[k] = t.detach().cpu().contiguous()
+    manifest = build_manifest(model, compression)
+    manifest["tied"] = tied
+    blob = save(tensors, metadata={"format": "pt", "producer": "fastfactor"})
+    atomic_write_bytes(os.path.join(path, WEIGHTS), blob)
+    manifest["files"] = {WEIGHTS: hashlib.sha256(blob).hexdigest()}
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "to_json_string"):
+        atomic_write_text(os.path.join(path, "config.json"), cfg.to_json_string())
+    if report is not None:
+        atomic_write_text(os.path.join(path, "report.json"), json.dumps(report, indent=2, default=str))
+    atomic_write_text(os.path.join(path, MANIFEST), json.dumps(manifest, indent=2))
+    return path
+
+
+def read_manifest(path) -> dict:
+    mpath = os.path.join(os.fspath(path), MANIFEST)
+    if not os.path.isfile(mpath):
+        raise ValueError(f"path: expected a directory written by save_compressed (with {MANIFEST}), got {os.fspath(path)!r}")
+    with open(mpath, encoding="utf-8") as f:
+        m = json.load(f)
+    if m.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{mpath}: expected format_version {FORMAT_VERSION}, got {m.get('format_version')!r}")
+    return m
+
+
+def _skeleton(path, manifest):
+    import transformers
+
+    cls = getattr(transformers, manifest["model_class"], None)
+    if cls is None:
+        raise ValueError(
+            f"model: {manifest['model_class']} is not a transformers class; pass the model skeleton "
+            "to load_compressed(path, model=...)"
+        )
+    config = transformers.AutoConfig.from_pretrained(path)
+    return cls(config)
+
+
+def load_compressed(path, model: Optional[nn.Module] = None, device=None) -> nn.Module:
+    """Rebuild a model saved by :func:`save_compressed`.
+
+    model: a skeleton to fill (defaults to the transformers class named in the manifest, built
+    from ``config.json``); its dense targets are replaced by the factorized modules of the
+    manifest, built from their ``factor_config``.
+    """
+    from safetensors.torch import load_file
+
+    from .methods import layer_classes
+
+    path = os.fspath(path)
+    manifest = read_manifest(path)
+    for fname, digest in manifest.get("files", {}).items():
+        fpath = os.path.join(path, fname)
+        if not os.path.isfile(fpath):
+            raise ValueError(f"{fpath}: weight file listed in the manifest is missing")
+        actual = sha256_file(fpath)
+        if actual != digest:
+            raise ValueError(f"{fpath}: sha256 mismatch (manifest {digest}, file {actual}); the file is corrupt or was changed")
+    if model is None:
+        model = _skeleton(path, manifest)
+    classes = layer_classes()
+    for entry in manifest["modules"]:
+        cls = classes.get(entry["class"])
+        if cls is None:
+            raise ValueError(
+                f"module {entry['name']!r}: layer class {entry['class']} ({entry['method']}) is not available in this build"
+            )
+        new = cls(**entry["factor_config"])  # small: the factors' own size, overwritten below
+        set_module(model, entry["name"], new)
+    sd = load_file(os.path.join(path, WEIGHTS))
+    for k, src in manifest.get("tied", {}).items():
+        sd[k] = sd[src]
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    if unexpected or missing:
+        raise ValueError(f"{path}: state dict mismatch: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    if manifest.get("tied") and hasattr(model, "tie_weights"):
+        try:
+            model.tie_weights()  # share one Parameter again (the values already are the same)
+        except Exception:  # noqa: BLE001 - storage is shared either way
+            pass
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model

@@ -1,0 +1,332 @@
+"""Fine-tuning and distillation loops, and evaluation.
+
+Objectives
+----------
+* **task**: cross-entropy on class logits (classification) or MSE on a scalar score
+  (regression), the labels from :class:`~fastfactor.train.data.TaskData`;
+* **distill** from a frozen copy of the uncompressed model (the teacher) on unlabelled text:
+  ``mse`` between the last hidden states over real (non-padding) tokens, or ``kl`` =
+  ``KL(softmax(teacher/T) ‖ softmax(student/T))·T²`` on logits (over real tokens for per-token
+  logits). ``auto`` picks ``kl`` when the model returns logits, ``mse`` otherwise.
+
+Evaluation
+----------
+A labelled task reports its metrics (GLUE's: accuracy, F1, Matthews correlation, Pearson /
+Spearman). Distillation reports fidelity to the teacher on the eval split: for hidden states,
+mean cosine similarity of mean-pooled embeddings (sentence-transformers' pooling) and the
+Spearman correlation of their pairwise similarities; for logits, the top-1 agreement and the KL.
+
+The loop: AdamW, linear warm-up then linear decay, gradient-norm clipping, bf16 autocast on
+CUDA, NVTX ranges (``fastfactor.profiling``) around forward, backward and the optimizer step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import profiling
+from . import metrics as M
+from .data import Batch, TaskData, iterate, select
+
+_MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(model: nn.Module, batch: Batch, device) -> Dict[str, torch.Tensor]:
+    """The batch's model inputs on ``device`` (``token_type_ids`` only if the model takes them)."""
+    out = {}
+    for k in _MODEL_KEYS:
+        if k in batch:
+            if k == "token_type_ids" and not _accepts_token_types(model):
+                continue
+            out[k] = batch[k].to(device)
+    return out
+
+
+def _accepts_token_types(model: nn.Module) -> bool:
+    import inspect
+
+    try:
+        return "token_type_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
+def output_kind(out) -> str:
+    """``logits`` when the model returns logits, else ``hidden``."""
+    return "logits" if getattr(out, "logits", None) is not None else "hidden"
+
+
+def output_tensor(out) -> torch.Tensor:
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    if getattr(out, "last_hidden_state", None) is not None:
+        return out.last_hidden_state
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise TypeError(f"model output: expected logits or last_hidden_state, got {type(out).__name__}")
+
+
+def mean_pool(hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Average of the token vectors over real tokens (sentence-transformers' mean pooling)."""
+    if mask is None:
+        return hidden.mean(1)
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+def _masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of per-token values ``x (B, T)`` over real tokens."""
+    if mask is None:
+        return x.mean()
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp_min(1)
+
+
+def _autocast(device):
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@dataclass
+class Objective:
+    """What a fine-tuning step minimizes; ``teacher`` is set for distillation."""
+
+    kind: str  #: task | distill
+    task_type: str = "unlabelled"
+    distill_loss: str = "auto"
+    temperature: float = 2.0
+    teacher: Optional[nn.Module] = None
+    device: str = "cpu"
+
+    @classmethod
+    def build(cls, model: nn.Module, data: TaskData, objective: str = "auto", distill_loss: str = "auto",
+              device="cpu", teacher: Optional[nn.Module] = None) -> "Objective":
+        """``objective='auto'``: the task when the data are labelled, else distillation. The
+        teacher (distillation) is a frozen deep copy of ``model`` taken now, unless given."""
+        if objective == "auto":
+            objective = "task" if data.labelled else "distill"
+        if objective == "task" and not data.labelled:
+            raise ValueError("objective: 'task' needs labelled data; the data given have no labels (use distill)")
+        obj = cls(objective, data.task_type, distill_loss, device=str(device))
+        if objective == "distill":
+            if teacher is None:
+                teacher = copy.deepcopy(model)
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            obj.teacher = teacher
+        return obj
+
+    # ---------------------------------------------------------------------------------------
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        inputs = model_inputs(model, batch, self.device)
+        out = model(**inputs)
+        if self.kind == "task":
+            return task_loss(out, batch["labels"].to(self.device), self.task_type)
+        with torch.no_grad():
+            t_out = self.teacher(**inputs)
+        return distill_loss(out, t_out, inputs.get("attention_mask"), self.distill_loss, self.temperature)
+
+    def calibration_loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        """A loss whose gradients measure parameter importance (Fisher information).
+
+        Task: the task loss (empirical Fisher). Distillation: at the start the student equals
+        the teacher and the distillation loss has zero gradient, so we use the Fisher of a unit
+        Gaussian (hidden states) or categorical (logits) output model, sampled: targets drawn from
+        the model's own predictive distribution (``h + ε`` or a label sampled from the softmax).
+        """
+        inputs = model_inputs(model, batch, self.device)
+        out = model(**inputs)
+        if self.kind == "task":
+            return task_loss(out, batch["labels"].to(self.device), self.task_type)
+        y = output_tensor(out).float()
+        mask = inputs.get("attention_mask")
+        if output_kind(out) == "logits":
+            probs = y.detach().softmax(-1).reshape(-1, y.shape[-1])
+            sample = torch.multinomial(probs.cpu(), 1, generator=generator).reshape(y.shape[:-1]).to(y.device)
+            nll = F.cross_entropy(y.reshape(-1, y.shape[-1]), sample.reshape(-1), reduction="none").reshape(y.shape[:-1])
+            return _masked_mean(nll, mask if nll.ndim == 2 else None)
+        eps = torch.randn(y.shape, generator=generator).to(y.device)
+        per_token = (0.5 * (y - (y.detach() + eps)) ** 2).sum(-1)
+        return _masked_mean(per_token, mask)
+
+
+def task_loss(out, labels: torch.Tensor, task_type: str) -> torch.Tensor:
+    logits = output_tensor(out).float()
+    if task_type == "regression":
+        return F.mse_loss(logits.reshape(logits.shape[0], -1)[:, 0], labels.float())
+    return F.cross_entropy(logits, labels.long())
+
+
+def distill_loss(out, t_out, mask, kind: str = "auto", temperature: float = 2.0) -> torch.Tensor:
+    if kind == "auto":
+        kind = "kl" if output_kind(out) == "logits" else "mse"
+    if kind == "kl":
+        if output_kind(out) != "logits" or output_kind(t_out) != "logits":
+            raise ValueError("distill_loss: 'kl' needs a model that returns logits; use 'mse'")
+        s, t = out.logits.float() / temperature, t_out.logits.float() / temperature
+        kl = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1) * temperature**2
+        return _masked_mean(kl, mask if kl.ndim == 2 else None)
+    hs = getattr(out, "last_hidden_state", None)
+    ht = getattr(t_out, "last_hidden_state", None)
+    if hs is None or ht is None:  # models with logits only: distil the logits by MSE
+        hs, ht = output_tensor(out), output_tensor(t_out)
+    per_token = ((hs.float() - ht.float()) ** 2).mean(-1)
+    return _masked_mean(per_token, mask if per_token.ndim == 2 else None)
+
+
+def finetune(
+    model: nn.Module,
+    objective: Objective,
+    data: TaskData,
+    steps: int,
+    lr: float = 1e-4,
+    weight_decay: float = 0.01,
+    warmup_ratio: float = 0.1,
+    max_grad_norm: float = 1.0,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = False,
+    desc: str = "fine-tune",
+) -> Dict[str, float]:
+    """``steps`` optimizer steps of AdamW on ``objective``; returns the first/last/mean loss."""
+    if steps <= 0:
+        return {"steps": 0}
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+    warm = int(math.ceil(warmup_ratio * steps))
+
+    def lr_lambda(step):
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (steps - step) / max(1, steps - warm))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    batches = iterate(data.train, batch_size, shuffle=True, seed=seed, epochs_forever=True)
+    was_training = model.training
+    model.train()
+    losses = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=desc, leave=False)
+    try:
+        for _ in range(steps):
+            batch = next(batches)
+            with profiling.range("forward"), _autocast(objective.device):
+                loss = objective.loss(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: the loss became {float(loss)} at step {len(losses)}")
+            with profiling.range("backward"):
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            with profiling.range("optimizer step"):
+                if max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                opt.step()
+                sched.step()
+            losses.append(float(loss.detach()))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4g}")
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    return {"steps": steps, "loss_first": losses[0], "loss_last": losses[-1], "loss_mean": sum(losses) / len(losses)}
+
+
+@torch.no_grad()
+def collect_outputs(model: nn.Module, batch: Batch, device, batch_size: int = 64, pool: bool = True):
+    """Model outputs over a split: pooled embeddings ``(n, d)`` / sequence logits, or per-token
+    logits with their mask. Returns ``(tensor, mask or None, kind)``."""
+    was = model.training
+    model.eval()
+    outs, masks, kind = [], [], None
+    try:
+        for b in iterate(batch, batch_size):
+            inputs = model_inputs(model, b, device)
+            with _autocast(device):
+                o = model(**inputs)
+            kind = output_kind(o)
+            y = output_tensor(o).float().cpu()
+            mask = inputs.get("attention_mask")
+            mask = mask.cpu() if mask is not None else None
+            if kind == "hidden" and y.ndim == 3 and pool:
+                outs.append(mean_pool(y, mask))
+            elif y.ndim == 3:
+                # per-token logits: keep real tokens only, flattened
+                keep = mask.bool() if mask is not None else torch.ones(y.shape[:2], dtype=torch.bool)
+                outs.append(y[keep])
+            else:
+                outs.append(y)
+    finally:
+        model.train(was)
+    return torch.cat(outs), kind
+
+
+def fidelity(student_out: torch.Tensor, teacher_out: torch.Tensor, kind: str) -> Dict[str, float]:
+    if kind == "hidden":
+        return {
+            "cosine": M.mean_cosine(student_out, teacher_out),
+            "pairwise_spearman": M.pairwise_similarity_spearman(student_out, teacher_out),
+        }
+    agree = float((student_out.argmax(-1) == teacher_out.argmax(-1)).double().mean())
+    kl = float(
+        (teacher_out.softmax(-1) * (teacher_out.log_softmax(-1) - student_out.log_softmax(-1))).sum(-1).mean()
+    )
+    return {"agreement": agree, "kl": kl}
+
+
+class Evaluator:
+    """Evaluates a model on ``data.eval``: the task's metrics, or fidelity to a reference model
+    (whose outputs are computed once, at construction)."""
+
+    def __init__(self, data: TaskData, device="cpu", reference: Optional[nn.Module] = None,
+                 use_task: Optional[bool] = None, batch_size: int = 64):
+        self.data, self.device, self.batch_size = data, device, batch_size
+        self.use_task = data.labelled if use_task is None else use_task
+        self.ref_out = None
+        if not self.use_task:
+            if reference is None:
+                raise ValueError("reference: fidelity evaluation needs the uncompressed model")
+            self.ref_out, self.kind = collect_outputs(reference, data.eval, device, batch_size)
+
+    @property
+    def primary(self) -> str:
+        if self.use_task:
+            if self.data.metric_names:
+                return self.data.metric_names[0]
+            return "pearson" if self.data.task_type == "regression" else (
+                "f1" if self.data.num_labels == 2 else "accuracy")
+        return "cosine" if self.kind == "hidden" else "agreement"
+
+    def __call__(self, model: nn.Module) -> Dict[str, float]:
+        with profiling.range("evaluate"):
+            out, kind = collect_outputs(model, self.data.eval, self.device, self.batch_size)
+            if self.use_task:
+                names = tuple(self.data.metric_names) or None
+                return M.task_metrics(self.data.task_type, out, self.data.eval["labels"], names)
+            return fidelity(out, self.ref_out, kind)
+
+
+__all__ = [
+    "Objective", "finetune", "Evaluator", "fidelity", "collect_outputs", "mean_pool", "task_loss",
+    "distill_loss", "model_inputs", "select",
+]
