@@ -1,0 +1,787 @@
+"""Block-diagonal Monarch and block-wise low-rank linear layers: ``y = P₂·L·P₁·R·x (+ b)``.
+
+Notation
+--------
+``K = in_features``, ``N = out_features``, ``b = nblocks``, ``r = rank`` of every sub-block,
+``kb = ceil(K / b)`` (input block size), ``nb = ceil(N / b)`` (output block size). Sizes that
+``b`` does not divide are padded *logically* to ``Kp = b·kb`` and ``Np = b·nb``: the kernels mask
+the missing input columns and output rows; nothing is copied.
+
+Factors (the shapes every part of the library uses)
+---------------------------------------------------
+* ``w1 : (b, b·r, kb)`` — ``R``, block-diagonal with ``b`` blocks of shape ``(b·r, kb)``. Block ``j``
+  reads the contiguous input chunk ``x[j·kb : (j+1)·kb]`` and produces ``b·r`` values, whose row
+  ``p = l·r + t`` is the ``t``-th of the ``r`` values destined for output block ``l``::
+
+      h[j, l, t] = Σ_c w1[j, l·r + t, c] · x[j·kb + c]
+
+* ``P₁`` — the transpose of the ``b × b`` block grid: ``h[j, l, t] → h'[l, j, t]``, so output
+  block ``l`` gathers ``r`` values from every input block ``j``; in ``h'[l]`` (length ``b·r``) the
+  value ``(j, t)`` sits at ``q = j·r + t``.
+* ``w2 : (b, nb, b·r)`` — ``L``, block-diagonal with ``b`` blocks of shape ``(nb, b·r)``::
+
+      u[l, s] = Σ_q w2[l, s, q] · h'[l, q]
+
+* ``P₂`` — the output permutation, the only difference between the two families:
+
+  - **Monarch** (``strided=True``): ``y[s·b + l] = u[l, s]`` (the transpose of the grid again, as in
+    Dao et al., ICML 2022: block ``l`` writes the strided rows ``l, l+b, l+2b, …``);
+  - **block-wise low-rank** (``strided=False``, Gupta et al. 2024): ``y[l·nb + s] = u[l, s]``
+    (``P₂`` is the identity, block ``l`` writes the contiguous rows ``l·nb … (l+1)·nb − 1``).
+
+  Rows ``≥ N`` (padding) are dropped.
+
+The dense weight these factors represent is therefore::
+
+    W[o(l, s), j·kb + c] = Σ_t w2[l, s, j·r + t] · w1[j, l·r + t, c]
+
+with ``o(l, s) = s·b + l`` (Monarch) or ``l·nb + s`` (block-wise low-rank): every one of the
+``b × b`` sub-blocks ``W[o(l, ·), j·kb + ·]`` (``nb × kb``; strided rows for Monarch, contiguous
+for block-wise low-rank) is the rank-``r`` product of ``w2[l, :, j·r:(j+1)·r]`` and
+``w1[j, l·r:(l+1)·r, :]``, and no two sub-blocks share a parameter. Classic square Monarch
+(``n = b²``) is ``r = 1``; the "MonarchLinear(nblocks=b)" of the Monarch authors' code, whose
+blocks are dense ``(n/b × n/b)`` squares, is ``r = min(kb, nb) / b``. Parameters:
+``b·r·(Kp + Np)``; FLOPs per row: ``2·b·r·(Kp + Np)`` (dense: ``2·K·N``).
+
+Backward (with ``g = dL/dy`` gathered as ``g'[l, s] = g[o(l, s)]``)::
+
+    dh'[l, q]          = Σ_s g'[l, s] · w2[l, s, q]          (then P₁⁻¹: dh[j, l, t] = dh'[l, j·r+t])
+    dx[j·kb + c]       = Σ_{l,t} dh[j, l, t] · w1[j, l·r+t, c]
+    dw2[l, s, q]       = Σ_m g'_m[l, s] · h'_m[l, q]
+    dw1[j, l·r + t, c] = Σ_m dh_m[j, l, t] · x_m[j·kb + c]
+    db                 = Σ_m g_m
+
+Design
+------
+Two kernels serve every product.
+
+``_chain_kernel`` (the fused forward, and ``dx`` in the backward): one program per
+``(row block of BLOCK_M rows, output block p, tile of BLOCK_N rows inside that block)``. It loops
+over the input blocks ``q`` and over chunks of ``BLOCK_R`` of the rank: the stage-1 piece
+``h[:, q, p, t-chunk]`` (``BLOCK_M × BLOCK_R``) is accumulated in fp32 registers over the input
+block (``tl.dot``, tensor cores), rounded to the input dtype and immediately multiplied into the
+output tile by ``w2[p, s-tile, q·r + t-chunk]ᵀ``. The permutation ``P₁`` costs nothing: because of
+it, output block ``p`` needs exactly the slices ``h[:, ·, p, ·]``, which no other output block
+needs, so the programs of different output blocks never duplicate stage-1 work, and the
+intermediate never leaves registers. ``P₂`` is the addressing of the store. The one redundancy is
+across the output tiles of one block: a block taller than ``BLOCK_N`` recomputes its stage-1
+slices once per tile (``ceil(nb / BLOCK_N)`` times); the autotune space therefore offers wide
+``BLOCK_N`` (up to 256, the whole block for ``3072 → 768`` at ``b = 4``). ``dx`` is the same chain
+read backwards (``g`` gathered through ``P₂``, ``w2`` as the first factor, ``w1`` as the second),
+so the kernel takes every index map as strides.
+
+``_bgemm_kernel``: a batched GEMM ``C[g] = A[g]·B[g]`` whose operands are addressed by strides plus
+a "feature" index (``g·FG + i·FI + k·FK``) that masks the logical padding. It runs the two-stage
+path (``h`` through memory: stage 1 batched over input blocks, stage 2 over output blocks) and
+the weight gradients ``dw1`` (batched over ``j``, reduction over all rows) and ``dw2`` (batched
+over ``l``; ``db`` fused as the row sums of ``g'`` taken by the programs of the first column
+tile). Every output tile is owned by one program that loops over the whole reduction, so there
+are no atomics and the backward is bitwise reproducible.
+
+Which path
+    The fused chain wins where the op is memory- or latency-bound (few rows, small ranks: the
+    ``b·r`` intermediate per row is then tiny next to the ``K + N`` it moves) and where the output
+    blocks fit in one or two tiles. For large ``nb`` and many rows the recomputation of stage 1
+    across output tiles costs more than a round trip of ``h`` through memory, and the two-stage
+    path wins. :func:`choose_path` encodes this with provisional thresholds (no GPU was
+    available when this was written; see BENCHMARKS.md), ``FASTFACTOR_MONARCH_PATH=fused|two_stage``
+    forces a path.
+
+Save or recompute ``h``
+    In training the forward also writes ``h`` (``M·b²·r`` elements; ``M·Kp`` for the classic
+    dense-block Monarch, i.e. the size of ``x`` which autograd keeps anyway) in the layout
+    ``hbuf[m, l, j, t]`` that ``dw2`` reads directly; recomputing it would cost a full stage-1
+    product (``2·M·b·r·Kp`` FLOPs). At inference nothing but ``y`` is written. The backward's
+    ``dh`` goes through memory in the layout ``dh[m, j, l, t]`` (it is a by-product of the ``dx``
+    chain and the input of ``dw1``).
+
+Precision
+    Dot operands are in the input dtype with fp32 accumulation; fp32 inputs use TF32 only when
+    ``torch.backends.cuda.matmul.allow_tf32`` is on. The intermediate (``h`` forward, ``dh``
+    backward) is rounded to the input dtype before the second product, like the reference and
+    the bmm path of a bf16 model. Under the interpreter the operands are upcast to fp32.
+    Ranks below 16 are padded to 16 inside ``tl.dot`` (its minimum); at ``r = 1`` the dots do 16×
+    the useful work, which is harmless while the layer is memory-bound (it is, at such ranks).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from ._config import (
+    HAS_TRITON,
+    KernelSpec,
+    configs,
+    dot_precision,
+    register_kernel,
+    upcast_dots,
+)
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+#: "no split" value of the bgemm's column split (larger than any dimension)
+_NO_SPLIT = 1 << 30
+#: "no limit" value of a feature mask
+_NO_LIMIT = (1 << 31) - 1
+
+
+# ============================================================================================
+# Shapes
+# ============================================================================================
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def factor_shapes(in_features: int, out_features: int, nblocks: int, rank: int):
+    """``((b, b·r, kb), (b, nb, b·r))``: the shapes of ``w1`` and ``w2``."""
+    kb, nb = cdiv(in_features, nblocks), cdiv(out_features, nblocks)
+    return (nblocks, nblocks * rank, kb), (nblocks, nb, nblocks * rank)
+
+
+def factor_dims(w1: torch.Tensor, w2: torch.Tensor):
+    """``(b, r, kb, nb)`` read off the factors."""
+    b, br, kb = w1.shape
+    return b, br // b, kb, w2.shape[1]
+
+
+def out_index_map(nblocks: int, nb: int, strided: bool):
+    """``(OL, OS)`` with ``o(l, s) = l·OL + s·OS``: ``(1, b)`` for Monarch, ``(nb, 1)`` otherwise."""
+    return (1, nblocks) if strided else (nb, 1)
+
+
+# ============================================================================================
+# Reference and the bmm formulation
+# ============================================================================================
+
+def monarch_bmm(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out_features: int,
+    strided: bool = True,
+    acc_dtype: Optional[torch.dtype] = None,
+    return_h: bool = False,
+):
+    """The two-``bmm`` formulation with explicit permutes (what Monarch's reference code does).
+
+    x: (..., K), w1: (b, b·r, kb), w2: (b, nb, b·r), bias: (N,) or None -> (..., N).
+
+    With ``acc_dtype=None`` everything runs in ``x``'s dtype (the unfused benchmark baseline);
+    with ``acc_dtype`` the products run in that dtype and the intermediate is rounded to ``x``'s
+    dtype in between (the reference). ``return_h`` also returns ``h'`` as ``(M, b·b·r)`` in the
+    ``hbuf[m, l, j, t]`` layout the kernels save.
+    """
+    b, r, kb, nb = factor_dims(w1, w2)
+    K = x.shape[-1]
+    lead = x.shape[:-1]
+    acc = acc_dtype or x.dtype
+    x2 = x.reshape(-1, K).to(acc)
+    M = x2.shape[0]
+    if b * kb != K:
+        x2 = torch.nn.functional.pad(x2, (0, b * kb - K))
+    # R: (b_j, M, kb) @ (b_j, kb, b·r) -> (b_j, M, b·r), column p = l·r + t
+    h = torch.bmm(x2.reshape(M, b, kb).transpose(0, 1), w1.to(acc).transpose(1, 2))
+    if acc != x.dtype:
+        h = h.to(x.dtype).to(acc)
+    # P₁: (j, M, l, t) -> (l, M, j, t)
+    h = h.reshape(b, M, b, r).permute(2, 1, 0, 3).reshape(b, M, b * r)
+    # L: (b_l, M, b·r) @ (b_l, b·r, nb) -> (b_l, M, nb)
+    u = torch.bmm(h, w2.to(acc).transpose(1, 2))
+    # P₂
+    if strided:
+        y = u.permute(1, 2, 0).reshape(M, nb * b)   # y[s·b + l] = u[l, s]
+    else:
+        y = u.permute(1, 0, 2).reshape(M, b * nb)   # y[l·nb + s] = u[l, s]
+    y = y[:, :out_features]
+    if bias is not None:
+        y = y + bias.to(acc)
+    y = y.to(x.dtype).reshape(*lead, out_features)
+    if return_h:
+        return y, h.transpose(0, 1).reshape(M, b * b * r).to(x.dtype)
+    return y
+
+
+def monarch_linear_ref(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    out_features: Optional[int] = None,
+    strided: bool = True,
+) -> torch.Tensor:
+    """Pure-PyTorch Monarch (``strided=True``) or block-wise low-rank (``strided=False``) linear,
+    fp32 accumulation (fp64 stays fp64), the intermediate rounded to ``x``'s dtype.
+
+    x: (..., K), w1: (b, b·r, kb), w2: (b, nb, b·r), bias: (N,) or None -> (..., N); ``N``
+    defaults to ``bias.shape[0]``, else ``b·nb``. Differentiable with ordinary autograd.
+    """
+    b, _, _, nb = factor_dims(w1, w2)
+    if out_features is None:
+        out_features = bias.shape[0] if bias is not None else b * nb
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return monarch_bmm(x, w1, w2, bias, out_features, strided, acc_dtype=acc)
+
+
+def dense_weight_ref(
+    w1: torch.Tensor, w2: torch.Tensor, in_features: int, out_features: int, strided: bool = True
+) -> torch.Tensor:
+    """The ``(N, K)`` matrix ``W[o(l, s), j·kb + c] = Σ_t w2[l, s, j·r+t]·w1[j, l·r+t, c]``."""
+    b, r, kb, nb = factor_dims(w1, w2)
+    w4 = torch.einsum(
+        "lsjt,jltc->lsjc", w2.reshape(b, nb, b, r), w1.reshape(b, b, r, kb)
+    )  # (l, s, j, c)
+    if strided:
+        w4 = w4.permute(1, 0, 2, 3)  # row index s·b + l
+    return w4.reshape(b * nb, b * kb)[:out_features, :in_features]
+
+
+def monarch_bwd_ref(g, x, w1, w2, h, strided, need_x=True, need_w1=True, need_w2=True, has_bias=True):
+    """Backward of :func:`monarch_linear_ref` by the formulas of the module docstring.
+
+    g: (M, N), x: (M, K), h: (M, b·b·r) saved ``hbuf`` or None -> (dx, dw1, dw2, db) (None where
+    not needed). fp32 accumulation; ``dh`` rounded to the input dtype like the kernels.
+    """
+    b, r, kb, nb = factor_dims(w1, w2)
+    M, N = g.shape
+    K = x.shape[1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    gy = g.to(acc)
+    if b * nb != N:
+        gy = torch.nn.functional.pad(gy, (0, b * nb - N))
+    gl = gy.reshape(M, nb, b).transpose(1, 2) if strided else gy.reshape(M, b, nb)  # (M, l, s)
+    xa = x.to(acc)
+    if b * kb != K:
+        xa = torch.nn.functional.pad(xa, (0, b * kb - K))
+    xa = xa.reshape(M, b, kb)
+    w1a, w2a = w1.to(acc), w2.to(acc)
+    dx = dw1 = dw2 = db = None
+    if need_w2:
+        if h is None:
+            hj = torch.einsum("mjc,jpc->mjp", xa, w1a).to(x.dtype).to(acc)
+            hl = hj.reshape(M, b, b, r).transpose(1, 2).reshape(M, b, b * r)
+        else:
+            hl = h.to(acc).reshape(M, b, b * r)
+        dw2 = torch.einsum("mls,mlq->lsq", gl, hl).to(w2.dtype)
+    if need_x or need_w1:
+        dhl = torch.einsum("mls,lsq->mlq", gl, w2a)
+        if x.dtype != acc:
+            dhl = dhl.to(x.dtype).to(acc)
+        dhj = dhl.reshape(M, b, b, r).transpose(1, 2).reshape(M, b, b * r)  # (M, j, l·r + t)
+        if need_x:
+            dx = torch.einsum("mjp,jpc->mjc", dhj, w1a).reshape(M, b * kb)[:, :K].to(x.dtype)
+        if need_w1:
+            dw1 = torch.einsum("mjp,mjc->jpc", dhj, xa).to(w1.dtype)
+    if has_bias:
+        db = g.to(acc).sum(0).to(g.dtype)
+    return dx, dw1, dw2, db
+
+
+# ============================================================================================
+# Kernels
+# ============================================================================================
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# Autotune spaces. The first entry is the one the interpreter runs (small, fast).
+CHAIN_SPACE = [
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_R=16, num_warps=4, num_stages=2),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_R=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, BLOCK_R=16, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_R=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_R=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, BLOCK_R=16, num_warps=4, num_stages=4),
+    dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, BLOCK_R=16, num_warps=4, num_stages=3),
+]
+
+BGEMM_SPACE = [
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
+]
+
+
+def _prune_chain(configs_, named_args, **kwargs):
+    """Drop configs whose rank chunk or output tile is far larger than the problem's."""
+    get = lambda k: kwargs.get(k, named_args.get(k))
+    r_pad = max(16, _next_pow2(get("R")))
+    sb_pad = max(16, _next_pow2(get("SB")))
+    kept = [
+        c for c in configs_
+        if c.kwargs["BLOCK_R"] <= r_pad and c.kwargs["BLOCK_N"] <= max(64, sb_pad)
+    ]
+    return kept or configs_[:1]
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _chain_kernel(
+        # --- pointers ---
+        a_ptr,     # (M, F_IN) input rows: x (forward) or g = dL/dy (backward dx)
+        w1_ptr,    # first factor; element (q, p, t, c) at q*s1q + p*s1p + t*s1t + c*s1c
+                   #   forward: w1[q, p*R + t, c]; backward: w2[q, c, p*R + t]
+        w2_ptr,    # second factor; element (p, s, q, t) at p*s2p + s*s2s + q*s2q + t*s2t
+                   #   forward: w2[p, s, q*R + t]; backward: w1[p, q*R + t, s]
+        bias_ptr,  # (F_OUT,) bias added to the output; read only when HAS_BIAS
+        z_ptr,     # (M, F_OUT) output: y (forward) or dx (backward)
+        h_ptr,     # intermediate, element (m, q, p, t) at m*shm + q*shq + p*shp + t*sht;
+                   #   written only when STORE_H, by the programs of the first output tile
+        # --- dimensions ---
+        M,         # rows
+        NB,        # number of blocks b (input and output)
+        R,         # rank of every sub-block
+        CB,        # input block size (kb forward, nb backward)
+        SB,        # output block size (nb forward, kb backward)
+        F_IN,      # input features (K forward, N backward): input columns >= F_IN are padding
+        F_OUT,     # output features: output columns >= F_OUT are padding
+        M_BUCKET,  # power-of-two bucket of M: autotune key only
+        # --- index maps: input feature of (q, c) = q*IQ + c*IC; output feature of (p, s) = p*OP + s*OS
+        IQ, IC, OP, OS,
+        # --- strides (in elements) ---
+        stride_am, stride_af,
+        s1q, s1p, s1t, s1c,
+        s2p, s2s, s2q, s2t,
+        stride_zm, stride_zf,
+        shm, shq, shp, sht,
+        # --- meta-parameters ---
+        HAS_BIAS: tl.constexpr,
+        STORE_H: tl.constexpr,
+        UPCAST: tl.constexpr,     # upcast dot operands to fp32 (interpreter)
+        PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands
+        BLOCK_M: tl.constexpr,    # rows per program
+        BLOCK_N: tl.constexpr,    # output rows of block p per program
+        BLOCK_K: tl.constexpr,    # reduction chunk over the input block
+        BLOCK_R: tl.constexpr,    # rank chunk (the intermediate tile is BLOCK_M x BLOCK_R)
+    ):
+        pid_m = tl.program_id(0)
+        p = tl.program_id(1)       # output block
+        pid_n = tl.program_id(2)   # tile inside the output block
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_s = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_m = offs_m < M
+        mask_s = offs_s < SB
+        f_out = p * OP + offs_s * OS
+        mask_o = mask_s & (f_out < F_OUT)
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for q in range(0, NB):
+            for t0 in range(0, R, BLOCK_R):
+                tt = t0 + offs_r
+                mask_t = tt < R
+                # ---- stage 1: h[:, q, p, t-chunk] = a[:, block q] · w1[q, p, t-chunk, :]ᵀ ----
+                h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for c0 in range(0, CB, BLOCK_K):
+                    cc = c0 + offs_k
+                    mask_c = cc < CB
+                    f_in = q * IQ + cc * IC
+                    a = tl.load(
+                        a_ptr + offs_m[:, None] * stride_am + f_in[None, :] * stride_af,
+                        mask=mask_m[:, None] & (mask_c & (f_in < F_IN))[None, :], other=0.0,
+                    )
+                    w1 = tl.load(  # (BLOCK_K, BLOCK_R)
+                        w1_ptr + q * s1q + p * s1p + tt[None, :] * s1t + cc[:, None] * s1c,
+                        mask=mask_t[None, :] & mask_c[:, None], other=0.0,
+                    )
+                    if UPCAST:
+                        a = a.to(tl.float32)
+                        w1 = w1.to(tl.float32)
+                    h = tl.dot(a, w1, h, input_precision=PRECISION)
+                h_lo = h.to(z_ptr.dtype.element_ty)
+                if STORE_H:
+                    if pid_n == 0:
+                        tl.store(
+                            h_ptr + offs_m[:, None] * shm + q * shq + p * shp + tt[None, :] * sht,
+                            h_lo, mask=mask_m[:, None] & mask_t[None, :],
+                        )
+                # ---- stage 2 (P₁ is the choice of slices): acc += h · w2[p, s-tile, q, t-chunk]ᵀ ----
+                w2 = tl.load(  # (BLOCK_R, BLOCK_N)
+                    w2_ptr + p * s2p + offs_s[None, :] * s2s + q * s2q + tt[:, None] * s2t,
+                    mask=mask_s[None, :] & mask_t[:, None], other=0.0,
+                )
+                if UPCAST:
+                    h_lo = h_lo.to(tl.float32)
+                    w2 = w2.to(tl.float32)
+                acc = tl.dot(h_lo, w2, acc, input_precision=PRECISION)
+
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + f_out, mask=mask_o, other=0.0).to(tl.float32)
+            acc = acc + bias[None, :]
+        # P₂ is the addressing of this store
+        tl.store(
+            z_ptr + offs_m[:, None] * stride_zm + f_out[None, :] * stride_zf,
+            acc.to(z_ptr.dtype.element_ty),
+            mask=mask_m[:, None] & mask_o[None, :],
+        )
+
+    @triton.jit
+    def _bgemm_kernel(
+        # --- pointers ---
+        a_ptr,       # A[g, i, k] at g*sag + i*sai + k*sak; feature g*FAG + i*FAI + k*FAK < FA_LIM
+        b_ptr,       # B[g, k, j] at g*sbg + k*sbk + j*sbj; feature g*FBG + k*FBK + j*FBJ < FB_LIM
+        c_ptr,       # C[g, i, j] at g*scg + i*sci + (j // CSPLIT)*scj_hi + (j % CSPLIT)*scj;
+                     #   feature g*FCG + j*FCJ < FC_LIM (rows outside it are not written)
+        bias_ptr,    # indexed by C's feature, added to C; read only when HAS_BIAS
+        rowsum_ptr,  # fp32 Σ_k A[g, i, k] at A's feature g*FAG + i*FAI; written when ROWSUM
+        # --- dimensions ---
+        G, I, J, KR,  # batch, rows, columns, reduction length
+        # --- strides (in elements) and feature maps ---
+        sag, sai, sak, FAG, FAI, FAK, FA_LIM,
+        sbg, sbk, sbj, FBG, FBK, FBJ, FB_LIM,
+        scg, sci, scj, scj_hi, CSPLIT, FCG, FCJ, FC_LIM,
+        # --- meta-parameters ---
+        HAS_BIAS: tl.constexpr,
+        ROWSUM: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        g = tl.program_id(1)
+        num_pid_n = tl.cdiv(J, BLOCK_N)
+        pid_m = pid // num_pid_n
+        pid_n = pid % num_pid_n
+        offs_i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_i = offs_i < I
+        mask_j = offs_j < J
+        fa_i = g * FAG + offs_i * FAI
+        fb_j = g * FBG + offs_j * FBJ
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        rsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, KR, BLOCK_K):
+            kk = k0 + offs_k
+            mask_k = kk < KR
+            a = tl.load(
+                a_ptr + g * sag + offs_i[:, None] * sai + kk[None, :] * sak,
+                mask=mask_i[:, None] & mask_k[None, :]
+                & ((fa_i[:, None] + kk[None, :] * FAK) < FA_LIM),
+                other=0.0,
+            )
+            b = tl.load(
+                b_ptr + g * sbg + kk[:, None] * sbk + offs_j[None, :] * sbj,
+                mask=mask_k[:, None] & mask_j[None, :]
+                & ((fb_j[None, :] + kk[:, None] * FBK) < FB_LIM),
+                other=0.0,
+            )
+            if ROWSUM:
+                rsum += tl.sum(a.to(tl.float32), axis=1)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+        f_c = g * FCG + offs_j * FCJ
+        mask_cj = mask_j & (f_c < FC_LIM)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + f_c, mask=mask_cj, other=0.0).to(tl.float32)
+            acc = acc + bias[None, :]
+        col = (offs_j // CSPLIT) * scj_hi + (offs_j % CSPLIT) * scj
+        tl.store(
+            c_ptr + g * scg + offs_i[:, None] * sci + col[None, :],
+            acc.to(c_ptr.dtype.element_ty),
+            mask=mask_i[:, None] & mask_cj[None, :],
+        )
+        if ROWSUM:
+            if pid_n == 0:
+                tl.store(rowsum_ptr + fa_i, rsum, mask=mask_i & (fa_i < FA_LIM))
+
+    _chain_tuned = triton.autotune(
+        configs=configs(CHAIN_SPACE),
+        key=["M_BUCKET", "NB", "R", "CB", "SB", "STORE_H"],
+        prune_configs_by={"early_config_prune": _prune_chain},
+    )(_chain_kernel)
+
+    _bgemm_tuned = triton.autotune(
+        configs=configs(BGEMM_SPACE),
+        key=["G", "I", "J", "KR"],
+    )(_bgemm_kernel)
+
+    # ---- compile-tier registration ----
+    _CHAIN_INTS = (
+        "M NB R CB SB F_IN F_OUT M_BUCKET IQ IC OP OS stride_am stride_af s1q s1p s1t s1c "
+        "s2p s2s s2q s2t stride_zm stride_zf shm shq shp sht"
+    ).split()
+    _BGEMM_INTS = (
+        "G I J KR sag sai sak FAG FAI FAK FA_LIM sbg sbk sbj FBG FBK FBJ FB_LIM "
+        "scg sci scj scj_hi CSPLIT FCG FCJ FC_LIM"
+    ).split()
+
+    def _chain_signature(dt: str) -> dict:
+        ptr = f"*{dt}"
+        sig = {n: ptr for n in ("a_ptr", "w1_ptr", "w2_ptr", "bias_ptr", "z_ptr", "h_ptr")}
+        sig.update({n: "i32" for n in _CHAIN_INTS})
+        return sig
+
+    def _bgemm_signature(dt: str) -> dict:
+        ptr = f"*{dt}"
+        sig = {"a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "bias_ptr": ptr, "rowsum_ptr": "*fp32"}
+        sig.update({n: "i32" for n in _BGEMM_INTS})
+        return sig
+
+    register_kernel(KernelSpec(
+        name="monarch.chain",
+        fn=_chain_kernel,
+        signature=_chain_signature,
+        constexprs=[
+            dict(HAS_BIAS=True, STORE_H=True, UPCAST=False, PRECISION="tf32"),
+            dict(HAS_BIAS=False, STORE_H=False, UPCAST=False, PRECISION="tf32"),
+        ],
+        space=CHAIN_SPACE,
+    ))
+    register_kernel(KernelSpec(
+        name="monarch.bgemm",
+        fn=_bgemm_kernel,
+        signature=_bgemm_signature,
+        constexprs=[
+            dict(HAS_BIAS=True, ROWSUM=False, UPCAST=False, PRECISION="tf32"),
+            dict(HAS_BIAS=False, ROWSUM=True, UPCAST=False, PRECISION="tf32"),
+        ],
+        space=BGEMM_SPACE,
+    ))
+
+
+# ============================================================================================
+# Launchers
+# ============================================================================================
+
+def choose_path(M: int, K: int, N: int, nblocks: int, rank: int) -> str:
+    """``'fused'`` (chain kernel, ``h`` on chip) or ``'two_stage'`` (``h`` through memory).
+
+    The fused chain recomputes stage 1 once per 256-row tile of an output block; it is chosen
+    when that redundancy costs at most half the minimal FLOPs, or when there are few rows (the op
+    is then bound by memory and latency, where one launch and no round trip of ``h`` win).
+    Provisional thresholds (unmeasured: no GPU was available); ``FASTFACTOR_MONARCH_PATH=fused|
+    two_stage`` forces a path.
+    """
+    forced = os.environ.get("FASTFACTOR_MONARCH_PATH")
+    if forced:
+        if forced not in ("fused", "two_stage"):
+            raise ValueError(
+                f"FASTFACTOR_MONARCH_PATH: expected 'fused' or 'two_stage', got {forced!r}"
+            )
+        return forced
+    kb, nb = cdiv(K, nblocks), cdiv(N, nblocks)
+    tiles = cdiv(nb, 256)
+    extra = (tiles - 1) * kb          # redundant stage-1 work, per unit of b·b·r
+    if M <= 2048 or extra <= 0.5 * (kb + nb):
+        return "fused"
+    return "two_stage"
+
+
+def _bgemm(G, I, J, KR, a, b, c, bias=None, rowsum=None):
+    """Launch the batched GEMM. ``a = (tensor, (sg, si, sk), (FG, FI, FK, LIM))``,
+    ``b = (tensor, (sg, sk, sj), (FG, FK, FJ, LIM))``, ``c = (tensor, (sg, si, sj, sj_hi, split),
+    (FG, FJ, LIM))``; feature tuples may be None (no mask)."""
+    at, (sag, sai, sak), fa = a
+    bt, (sbg, sbk, sbj), fb = b
+    ct, (scg, sci, scj, scj_hi, split), fc = c
+    fa = fa or (0, 0, 0, _NO_LIMIT)
+    fb = fb or (0, 0, 0, _NO_LIMIT)
+    fc = fc or (0, 0, _NO_LIMIT)
+    if I == 0 or J == 0 or G == 0:
+        return
+    grid = lambda meta: (triton.cdiv(I, meta["BLOCK_M"]) * triton.cdiv(J, meta["BLOCK_N"]), G)
+    _bgemm_tuned[grid](
+        at, bt, ct, bias if bias is not None else ct, rowsum if rowsum is not None else ct,
+        G, I, J, KR,
+        sag, sai, sak, *fa,
+        sbg, sbk, sbj, *fb,
+        scg, sci, scj, scj_hi, split, *fc,
+        HAS_BIAS=bias is not None, ROWSUM=rowsum is not None,
+        UPCAST=upcast_dots(), PRECISION=dot_precision(at.dtype),
+    )
+
+
+def _chain(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, imap, omap):
+    """Launch the chain kernel. ``first = (tensor, (s_q, s_p, s_t, s_c))``, ``second =
+    (tensor, (s_p, s_s, s_q, s_t))``, ``h = (tensor, (s_m, s_q, s_p, s_t))`` or None,
+    ``imap = (IQ, IC)``, ``omap = (OP, OS)``."""
+    w1t, s1 = first
+    w2t, s2 = second
+    ht, sh = h if h is not None else (z, (0, 0, 0, 0))
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]), NB, triton.cdiv(SB, meta["BLOCK_N"]))
+
+    _chain_tuned[grid](
+        a, w1t, w2t, bias if bias is not None else z, z, ht,
+        M, NB, R, CB, SB, F_IN, F_OUT, min(_next_pow2(max(M, 1)), 1 << 16),
+        *imap, *omap,
+        a.stride(0), a.stride(1), *s1, *s2, z.stride(0), z.stride(1), *sh,
+        HAS_BIAS=bias is not None, STORE_H=h is not None,
+        UPCAST=upcast_dots(), PRECISION=dot_precision(a.dtype),
+    )
+
+
+def monarch_fwd(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out_features: int,
+    strided: bool,
+    save_h: bool,
+    path: Optional[str] = None,
+):
+    """Forward launcher: ``(y (M, N), hbuf (M, b·b·r) or None)`` for ``x (M, K)``."""
+    M, K = x.shape
+    N = out_features
+    b, r, kb, nb = factor_dims(w1, w2)
+    OL, OS = out_index_map(b, nb, strided)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    hbuf = torch.empty((M, b * b * r), device=x.device, dtype=x.dtype) if save_h else None
+    if M == 0 or N == 0:
+        return y, hbuf
+    path = path or choose_path(M, K, N, b, r)
+    br = b * r
+    if path == "fused":
+        _chain(
+            x,
+            (w1, (w1.stride(0), r * w1.stride(1), w1.stride(1), w1.stride(2))),
+            (w2, (w2.stride(0), w2.stride(1), r * w2.stride(2), w2.stride(2))),
+            bias, y,
+            (hbuf, (hbuf.stride(0), r, br, 1)) if save_h else None,   # hbuf[m, l=p, j=q, t]
+            M=M, NB=b, R=r, CB=kb, SB=nb, F_IN=K, F_OUT=N, imap=(kb, 1), omap=(OL, OS),
+        )
+        return y, hbuf
+    h = hbuf if save_h else torch.empty((M, b * br), device=x.device, dtype=x.dtype)
+    sx_m, sx_f = x.stride()
+    # stage 1, batched over input blocks j: h[m, l, j, t] = Σ_c x[m, j·kb + c]·w1[j, l·r + t, c]
+    _bgemm(
+        b, M, br, kb,
+        (x, (kb * sx_f, sx_m, sx_f), (kb, 0, 1, K)),
+        (w1, (w1.stride(0), w1.stride(2), w1.stride(1)), None),
+        (h, (r, h.stride(0), 1, br, r), None),
+    )
+    # stage 2, batched over output blocks l: y[m, o(l, s)] = Σ_q h[m, l, q]·w2[l, s, q] (+ b)
+    sy_m, sy_f = y.stride()
+    _bgemm(
+        b, M, nb, br,
+        (h, (br, h.stride(0), 1), None),
+        (w2, (w2.stride(0), w2.stride(2), w2.stride(1)), None),
+        (y, (OL * sy_f, sy_m, OS * sy_f, 0, _NO_SPLIT), (OL, OS, N)),
+        bias=bias,
+    )
+    return y, hbuf
+
+
+def monarch_bwd(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    hbuf: Optional[torch.Tensor],
+    strided: bool,
+    has_bias: bool,
+    need_x: bool = True,
+    need_w1: bool = True,
+    need_w2: bool = True,
+    path: Optional[str] = None,
+):
+    """Backward launcher: ``(dx, dw1, dw2, db)`` (None where not needed).
+
+    g: (M, N), x: (M, K), hbuf: (M, b·b·r) saved by the forward or None (recomputed then).
+    """
+    M, N = g.shape
+    K = x.shape[1]
+    b, r, kb, nb = factor_dims(w1, w2)
+    br = b * r
+    OL, OS = out_index_map(b, nb, strided)
+    dx = dw1 = dw2 = db = None
+    if M == 0:
+        return (
+            x.new_zeros((0, K)) if need_x else None,
+            torch.zeros_like(w1) if need_w1 else None,
+            torch.zeros_like(w2) if need_w2 else None,
+            g.new_zeros((N,)) if has_bias else None,
+        )
+    sg_m, sg_f = g.stride()
+    sx_m, sx_f = x.stride()
+    g_op = lambda sg, si, sk, feat: (g, (sg, si, sk), feat)
+    dh = None
+    if need_x or need_w1:
+        dh = torch.empty((M, b * br), device=g.device, dtype=g.dtype)   # dh[m, j, l, t]
+        path = path or choose_path(M, N, K, b, r)
+        if need_x:
+            dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
+            if path == "fused":
+                _chain(
+                    g,
+                    (w2, (w2.stride(0), r * w2.stride(2), w2.stride(2), w2.stride(1))),
+                    (w1, (w1.stride(0), w1.stride(2), r * w1.stride(1), w1.stride(1))),
+                    None, dx,
+                    (dh, (dh.stride(0), r, br, 1)),
+                    M=M, NB=b, R=r, CB=nb, SB=kb, F_IN=N, F_OUT=K, imap=(OL, OS), omap=(kb, 1),
+                )
+            else:
+                dx = None
+        if dx is None or not need_x:
+            # dh'[m, l, q] = Σ_s g[m, o(l, s)]·w2[l, s, q], stored as dh[m, j, l, t] (q = j·r + t)
+            _bgemm(
+                b, M, br, nb,
+                g_op(OL * sg_f, sg_m, OS * sg_f, (OL, 0, OS, N)),
+                (w2, (w2.stride(0), w2.stride(1), w2.stride(2)), None),
+                (dh, (r, dh.stride(0), 1, br, r), None),
+            )
+        if need_x and dx is None:
+            dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
+            # dx[m, j·kb + c] = Σ_p dh[m, j, p]·w1[j, p, c]
+            _bgemm(
+                b, M, kb, br,
+                (dh, (br, dh.stride(0), 1), None),
+                (w1, (w1.stride(0), w1.stride(1), w1.stride(2)), None),
+                (dx, (kb * dx.stride(1), dx.stride(0), dx.stride(1), 0, _NO_SPLIT), (kb, 1, K)),
+            )
+    if need_w1:
+        dw1 = torch.empty_like(w1, memory_format=torch.contiguous_format)
+        # dw1[j, p, c] = Σ_m dh[m, j, p]·x[m, j·kb + c]
+        _bgemm(
+            b, br, kb, M,
+            (dh, (br, 1, dh.stride(0)), None),
+            (x, (kb * sx_f, sx_m, sx_f), (kb, 0, 1, K)),
+            (dw1, (dw1.stride(0), dw1.stride(1), dw1.stride(2), 0, _NO_SPLIT), None),
+        )
+    if need_w2 or has_bias:
+        if need_w2 and hbuf is None:
+            _, hbuf = monarch_fwd(x, w1, w2, None, N, strided, save_h=True, path="two_stage")
+        db32 = torch.empty((N,), device=g.device, dtype=torch.float32) if has_bias else None
+        if need_w2:
+            dw2 = torch.empty_like(w2, memory_format=torch.contiguous_format)
+            hb = hbuf
+        else:  # only db: run the rowsum over a 1-column product
+            dw2 = torch.empty((b, nb, 1), device=g.device, dtype=g.dtype)
+            hb = g.new_zeros((M, b))
+        hcols = dw2.shape[2]
+        # dw2[l, s, q] = Σ_m g[m, o(l, s)]·h[m, l, q]; db = Σ_m g (row sums of gᵀ)
+        _bgemm(
+            b, nb, hcols, M,
+            g_op(OL * sg_f, OS * sg_f, sg_m, (OL, OS, 0, N)),
+            (hb, (hcols, hb.stride(0), 1), None),
+            (dw2, (dw2.stride(0), dw2.stride(1), dw2.stride(2), 0, _NO_SPLIT), None),
+            rowsum=db32,
+        )
+        if not need_w2:
+            dw2 = None
+        db = db32.to(g.dtype) if has_bias else None
+    return dx, dw1, dw2, db
