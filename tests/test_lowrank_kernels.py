@@ -1,0 +1,135 @@
+"""Tier 1 (cpu): the low-rank Triton kernels themselves, run by the Triton interpreter on CPU tensors,
+through the public op (both the fused chain and the two-GEMM path), against float64."""
+
+import math
+
+import pytest
+import torch
+from conftest import DTYPES, assert_close_ref
+
+import fastfactor
+from fastfactor.kernels import lowrank as K
+
+pytestmark = pytest.mark.usefixtures("triton_cpu")
+
+PATHS = ["fused", "two_gemm"]
+# (leading dims, in, out, rank); M = prod(lead). M=1 and N=45 exercise the split of N over programs.
+SHAPES = [
+    ((1,), 19, 45, 1),
+    ((3, 7), 37, 23, 5),
+    ((33,), 50, 17, 17),
+]
+
+
+def _id(s):
+    lead, k, n, r = s
+    return f"L{'x'.join(map(str, lead))}-K{k}-N{n}-R{r}"
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    monkeypatch.setenv("FASTFACTOR_LOWRANK_PATH", request.param)
+    return request.param
+
+
+def _ref64(x, u, v, b):
+    y = (x.double() @ v.double().t()) @ u.double().t()
+    return y + b.double() if b is not None else y
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_kernels_forward_and_grads(path, shape, dtype, bias):
+    lead, k, n, r = shape
+    x = torch.randn(*lead, 2 * k, dtype=dtype)[..., 1::2]  # non-contiguous input
+    u = (torch.randn(n, r) / math.sqrt(r)).to(dtype)
+    v = (torch.randn(r, k) / math.sqrt(k)).to(dtype)
+    b = torch.randn(n, dtype=dtype) if bias else None
+    leaves = [t.detach().clone().requires_grad_() for t in (x, u, v) + ((b,) if bias else ())]
+    y = fastfactor.lowrank_linear(*leaves[:3], leaves[3] if bias else None)
+    assert y.dtype == dtype and y.shape == (*lead, n)
+    assert_close_ref(y, _ref64(x, u, v, b), dtype, reduction=k, name="y")
+
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref = [t.detach().double().requires_grad_() for t in (x, u, v) + ((b,) if bias else ())]
+    (_ref64(*ref[:3], ref[3] if bias else None) * g.double()).sum().backward()
+    m = math.prod(lead)
+    for name, got, want, red in zip(("dx", "du", "dv", "db"), leaves, ref, (n, m, m, m)):
+        assert_close_ref(got.grad, want.grad, dtype, reduction=max(red, r), name=name)
+
+
+def test_kernels_match_reference_path_exactly_in_fp32_structure(path):
+    """The kernels and the PyTorch reference agree to fp32 rounding on a transposed weight layout."""
+    x = torch.randn(9, 21)
+    u = torch.randn(4, 13).t()  # (13, 4) transposed view
+    v = torch.randn(21, 4).t()  # (4, 21) transposed view
+    y = fastfactor.lowrank_linear(x, u, v)
+    torch.testing.assert_close(y, K.lowrank_linear_ref(x, u, v), rtol=1e-5, atol=1e-5)
+
+
+def test_large_rank_uses_two_gemm_and_is_correct():
+    assert K.choose_path(8, 300, 280, 270) == "two_gemm"
+    x = torch.randn(8, 300)
+    u = torch.randn(280, 270) / 16
+    v = torch.randn(270, 300) / 17
+    assert_close_ref(fastfactor.lowrank_linear(x, u, v), _ref64(x, u, v, None), torch.float32, reduction=300)
+
+
+def test_gradcheck_float64_kernels(path):
+    x = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 11, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fastfactor.lowrank_linear, (x, u, v, b))
+
+
+def test_backward_is_bitwise_deterministic(path):
+    x = torch.randn(40, 30, requires_grad=True)
+    u = torch.randn(26, 6, requires_grad=True)
+    v = torch.randn(6, 30, requires_grad=True)
+    b = torch.randn(26, requires_grad=True)
+    g = torch.randn(40, 26)
+    grads = []
+    for _ in range(2):
+        for t in (x, u, v, b):
+            t.grad = None
+        fastfactor.lowrank_linear(x, u, v, b).backward(g)
+        grads.append([t.grad.clone() for t in (x, u, v, b)])
+    for a, c in zip(*grads):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_zero_size_batch_kernels(path, bias):
+    x = torch.randn(0, 13, requires_grad=True)
+    u = torch.randn(11, 3, requires_grad=True)
+    v = torch.randn(3, 13, requires_grad=True)
+    b = torch.randn(11, requires_grad=True) if bias else None
+    y = fastfactor.lowrank_linear(x, u, v, b)
+    assert y.shape == (0, 11)
+    y.sum().backward()
+    assert torch.equal(u.grad, torch.zeros_like(u)) and torch.equal(v.grad, torch.zeros_like(v))
+    if bias:
+        assert torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_module_forward_runs_kernels(path):
+    lin = torch.nn.Linear(29, 19)
+    m = fastfactor.LowRankLinear.from_linear(lin, ratio=0.5)
+    x = torch.randn(2, 3, 29)
+    torch.testing.assert_close(m(x), m.forward_unfused(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_rowsum_fuses_bias_gradient():
+    a = torch.randn(19, 23)
+    b = torch.randn(23, 7)
+    c, rs = K.gemm(a, b, rowsum=True)
+    torch.testing.assert_close(c, a @ b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rs, a.sum(1), rtol=1e-5, atol=1e-5)
+
+
+def test_chain_rejects_rank_beyond_registers():
+    with pytest.raises(ValueError, match="chain: rank must be <= 256"):
+        K.chain(torch.randn(2, 300), torch.randn(257, 300), torch.randn(5, 257))
