@@ -1042,6 +1042,67 @@ def dense_sparse_bwd(
 
 
 # ============================================================================================
+# Pruning (public entry points; dispatch CUDA -> Triton, CPU -> reference or interpreter)
+# ============================================================================================
+
+def _check_prune_args(w, scores) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"W: expected a torch.Tensor, got {type(w).__name__}")
+    if w.ndim != 2:
+        raise ValueError(f"W: expected a 2-D tensor (rows, in), got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise TypeError(f"W: expected a floating dtype, got {str(w.dtype).replace('torch.', '')}")
+    _check_in_features("W", w.shape[1], w.shape)
+    if scores is not None:
+        if not isinstance(scores, torch.Tensor):
+            raise TypeError(f"scores: expected a torch.Tensor, got {type(scores).__name__}")
+        if tuple(scores.shape) != tuple(w.shape):
+            raise ValueError(
+                f"scores: expected shape {tuple(w.shape)} (the shape of W), got {tuple(scores.shape)}"
+            )
+        if scores.device != w.device:
+            raise ValueError(f"scores: expected device {w.device} (the device of W), got {scores.device}")
+        if not scores.is_floating_point():
+            raise TypeError(f"scores: expected a floating dtype, got {str(scores.dtype).replace('torch.', '')}")
+    if not torch.compiler.is_compiling():
+        t, name = (scores, "scores") if scores is not None else (w, "W")
+        n_bad = int((~torch.isfinite(t)).sum())
+        if n_bad:
+            raise ValueError(f"{name}: expected finite values, found {n_bad} NaN/Inf entries")
+
+
+def _prune_dispatch(w: torch.Tensor, scores: Optional[torch.Tensor]):
+    from ._config import use_triton
+
+    w = w.detach()
+    scores = scores.detach() if scores is not None else None
+    if HAS_TRITON and use_triton(w) and w.dtype != torch.float64:
+        return prune_24_triton(w, scores)
+    mask = mask_24_ref(scores if scores is not None else w.abs())
+    return torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device)), mask
+
+
+def mask_24(w: torch.Tensor, scores: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Boolean 2:4 mask ``(rows, in)``: in every group of 4 consecutive inputs of a row, the 2
+    entries with the largest ``|W|`` (or the largest ``scores``); ties go to the lower index."""
+    _check_prune_args(w, scores)
+    return _prune_dispatch(w, scores)[1]
+
+
+def prune_24(w: torch.Tensor, scores: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``W (rows, in)`` with all but the 2 most important entries of every group of 4 consecutive
+    inputs set to zero; importance is ``|W|`` or ``scores`` (same shape, e.g. ``|W|·‖x_j‖``).
+
+    ``in % 4 == 0`` (else ``ValueError``); NaN/Inf refused. CUDA tensors run the Triton kernel,
+    CPU tensors the reference (the interpreter under ``TRITON_INTERPRET=1`` with the triton
+    backend); both apply the same tie rule, so they agree exactly. Not differentiable (see
+    ``fastfactor.ops.sparse24.ste_24``). Compose with :func:`pack_24`: ``pack_24(prune_24(W))``.
+    """
+    _check_prune_args(w, scores)
+    return _prune_dispatch(w, scores)[0]
+
+
+# ============================================================================================
 # PyTorch's semi-structured layout
 # ============================================================================================
 

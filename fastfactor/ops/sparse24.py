@@ -1,0 +1,461 @@
+"""2:4 sparse ops, registered with ``torch.library``.
+
+Public functions
+----------------
+* :func:`sparse24_linear` ``(x, w: Sparse24Weight, bias=None)``: ``y = x·Wᵀ + b`` with ``W`` 2:4.
+* :func:`dense_sparse_linear` ``(x, d, s: Sparse24Weight, bias=None)``: ``y = (x·Sᵀ)·Dᵀ + b``.
+* :func:`prune_24` / :func:`mask_24` (re-exported from ``fastfactor.kernels.sparse24``): 2:4
+  pruning by magnitude or by a given score.
+* :func:`ste_24`: the straight-through 2:4 projection used for learning the mask (STF).
+
+Custom ops take tensors only, so the public functions unpack the :class:`Sparse24Weight` and pass
+``values`` and ``meta``; ``meta`` (``uint8``) never receives a gradient: the mask is fixed in
+these ops. The gradient of ``W`` w.r.t. the packed form is the gradient of the kept values only.
+
+Registered ops (one opaque node per direction for ``torch.compile``):
+
+* ``fastfactor::sparse24_fwd(x, values, meta, bias) -> y``
+* ``fastfactor::sparse24_bwd(g, x, values, meta, has_bias, need_x, need_values) -> (dx, dvalues, db)``
+* ``fastfactor::dense_sparse_fwd(x, d, s_values, s_meta, bias, save_t) -> (y, t)``
+* ``fastfactor::dense_sparse_bwd(g, x, d, s_values, s_meta, t, has_bias, need_x, need_d, need_s)
+  -> (dx, dd, ds_values, db)``
+* ``fastfactor::mask24(scores) -> mask``
+
+Gradients not asked for come back as empty ``(0,)`` tensors. Dispatch inside: CUDA → Triton;
+CPU → the PyTorch reference (or the Triton interpreter, see ``fastfactor.kernels._config``).
+
+PyTorch's semi-structured path
+------------------------------
+For large token counts PyTorch's own 2:4 kernels (CUTLASS / cuSPARSELt on sparse tensor cores)
+can beat a Triton kernel that expands the weight to a dense tile. :func:`choose_sparse24_path`
+decides; its rule is **provisional, not yet measured**: use PyTorch's path on CUDA for fp16/bf16
+when ``M >= SPARSE24_TORCH_MIN_M`` (2048), the shapes meet its constraints (rows % 32, in % 64),
+no gradient is needed (that path has no backward for our packed format) and we are not inside
+``torch.compile``. ``FASTFACTOR_SPARSE24_PATH=triton|torch|auto`` overrides it, and so does
+assigning ``fastfactor.ops.sparse24.SPARSE24_TORCH_MIN_M``. The converted tensor is cached on the
+``values`` tensor and rebuilt when ``values`` or ``meta`` change (tracked by version counters).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .. import _validate as V
+from ..kernels import sparse24 as K
+from ..kernels._config import use_triton
+from ..kernels.sparse24 import Sparse24Weight, mask_24, pack_24, prune_24
+
+#: Provisional (unmeasured) token count from which PyTorch's semi-structured path is preferred.
+SPARSE24_TORCH_MIN_M = 2048
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty((0,))
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# pruning inside a differentiable graph
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastfactor::mask24", mutates_args=())
+def _mask24(scores: torch.Tensor) -> torch.Tensor:
+    return K._prune_dispatch(scores, scores)[1]
+
+
+@_mask24.register_fake
+def _(scores):
+    return scores.new_empty(scores.shape, dtype=torch.bool)
+
+
+def ste_24(w: torch.Tensor, scores: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Straight-through 2:4 projection: the forward value is ``prune_24(W, scores)``, the backward
+    is the identity (the gradient reaches every entry of ``W``, kept or pruned), as DSFormer's
+    straight-through factorizer trains its sparse factor. The mask is recomputed from the current
+    ``W`` (or ``scores``) at every call; it is an opaque custom op, so this traces under
+    ``torch.compile(fullgraph=True)``."""
+    K._check_prune_args(w, scores)
+    s = scores.detach() if scores is not None else w.detach().abs()
+    m = _mask24(s)
+    pruned = torch.where(m, w, torch.zeros((), dtype=w.dtype, device=w.device))
+    return w + (pruned - w).detach()
+
+
+# --------------------------------------------------------------------------------------------
+# sparse24_linear
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastfactor::sparse24_fwd", mutates_args=())
+def _sparse24_fwd(
+    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    if use_triton(x):
+        return K.sparse24_mm(x, values, meta, bias)
+    with torch.no_grad():
+        return K.sparse24_linear_ref(x, values, meta, bias)
+
+
+@_sparse24_fwd.register_fake
+def _(x, values, meta, bias):
+    return x.new_empty((x.shape[0], values.shape[0]))
+
+
+@torch.library.custom_op("fastfactor::sparse24_bwd", mutates_args=())
+def _sparse24_bwd(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    has_bias: bool,
+    need_x: bool,
+    need_values: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx = dv = db = None
+    k = 2 * values.shape[1]
+    if use_triton(g):
+        if need_x:
+            dx = K.sparse24_dx(g, values, meta)
+        if need_values:
+            dv = K.sparse24_dvalues(g, x, meta, out_dtype=values.dtype)
+        if has_bias:
+            db = g.sum(0, dtype=torch.float32).to(g.dtype)
+    else:
+        acc = _acc(g.dtype)
+        g32 = g.to(acc)
+        if need_x:
+            w = K.unpack_24(values.to(acc), meta, k)
+            dx = (g32 @ w).to(x.dtype)
+        if need_values:
+            dv = K.compress_like(g32.t() @ x.to(acc), meta).to(values.dtype)
+        if has_bias:
+            db = g32.sum(0).to(g.dtype)
+    e = _empty(g)
+    return (
+        dx if dx is not None else e.clone(),
+        dv if dv is not None else e.clone(),
+        db if db is not None else e.clone(),
+    )
+
+
+@_sparse24_bwd.register_fake
+def _(g, x, values, meta, has_bias, need_x, need_values):
+    e = lambda: g.new_empty((0,))
+    return (
+        x.new_empty(x.shape) if need_x else e(),
+        values.new_empty(values.shape) if need_values else e(),
+        g.new_empty((values.shape[0],)) if has_bias else e(),
+    )
+
+
+def _sp_setup(ctx, inputs, output):
+    x, values, meta, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, values, meta)
+
+
+def _sp_backward(ctx, g):
+    x, values, meta = ctx.saved_tensors
+    need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = ctx.has_bias and ctx.needs_input_grad[3]
+    dx, dv, db = _sparse24_bwd(g, x, values, meta, need_b, need_x, need_v)
+    return (dx if need_x else None, dv if need_v else None, None, db if need_b else None)
+
+
+torch.library.register_autograd("fastfactor::sparse24_fwd", _sp_backward, setup_context=_sp_setup)
+
+
+def _check_packed(name: str, values, meta, rows: Optional[int] = None):
+    V.check_tensor(f"{name}.values", values, ndim=2)
+    if not isinstance(meta, torch.Tensor):
+        raise TypeError(f"{name}.meta: expected a torch.Tensor, got {type(meta).__name__}")
+    if meta.dtype != torch.uint8:
+        raise TypeError(f"{name}.meta: expected dtype uint8, got {str(meta.dtype).replace('torch.', '')}")
+    k = 2 * values.shape[1]
+    if meta.ndim != 2 or tuple(meta.shape) != (values.shape[0], K.meta_cols(k)):
+        raise ValueError(
+            f"{name}.meta: expected shape {(values.shape[0], K.meta_cols(k))} for values of shape "
+            f"{tuple(values.shape)}, got {tuple(meta.shape)}"
+        )
+    if meta.device != values.device:
+        raise ValueError(f"{name}.meta: expected device {values.device}, got {meta.device}")
+    return k
+
+
+def _check_x(x, k, what):
+    V.check_tensor("x", x, min_ndim=1)
+    if x.shape[-1] != k:
+        if x.shape[-1] % 4 != 0:
+            raise ValueError(
+                f"x: expected last dimension {k} ({what}), got shape {tuple(x.shape)} "
+                f"(2:4 weights need in_features % 4 == 0; pad x and the weight with zero columns)"
+            )
+        raise ValueError(f"x: expected last dimension {k} ({what}), got shape {tuple(x.shape)}")
+    if x.is_cuda and x.dtype not in V.FLOAT_DTYPES:
+        raise TypeError(
+            f"x: expected float32, float16 or bfloat16 on CUDA, got {str(x.dtype).replace('torch.', '')}"
+        )
+
+
+def check_sparse24_args(x, values, meta, bias) -> None:
+    k = _check_packed("w", values, meta)
+    _check_x(x, k, "in_features = 2·w.values.shape[1]")
+    V.check_same("x", x, **{"w.values": values, "bias": bias})
+    if meta.device != x.device:
+        raise ValueError(f"w.meta: expected device {x.device} (the device of x), got {meta.device}")
+    if bias is not None:
+        V.check_tensor("bias", bias, ndim=1)
+        V.check_dim("bias", bias, 0, values.shape[0], "out_features = w.shape[0]")
+
+
+def choose_sparse24_path(M: int, K_in: int, N: int, dtype: torch.dtype, device: torch.device) -> str:
+    """``'triton'`` or ``'torch'`` (PyTorch's semi-structured ``F.linear``) for a forward of ``x
+    (M, K_in)`` against a 2:4 ``W (N, K_in)``. Provisional rule, see the module docstring."""
+    forced = os.environ.get("FASTFACTOR_SPARSE24_PATH", "auto")
+    if forced not in ("auto", "triton", "torch"):
+        raise ValueError(f"FASTFACTOR_SPARSE24_PATH: expected 'auto', 'triton' or 'torch', got {forced!r}")
+    eligible = (
+        torch.device(device).type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and N % 32 == 0 and K_in % 64 == 0 and N >= 32 and K_in >= 64
+    )
+    if not eligible or forced == "triton":
+        return "triton"
+    if forced == "torch":
+        return "torch"
+    return "torch" if M >= SPARSE24_TORCH_MIN_M else "triton"
+
+
+def _torch_semi_structured_cached(values: torch.Tensor, meta: torch.Tensor, shape):
+    key = (values._version, meta._version, values.data_ptr(), meta.data_ptr())
+    cached = getattr(values, "_fastfactor_ss", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    ss = K.to_torch_semi_structured(Sparse24Weight(values.detach(), meta, shape))
+    try:
+        values._fastfactor_ss = (key, ss)
+    except (AttributeError, RuntimeError):  # pragma: no cover - tensors that refuse attributes
+        pass
+    return ss
+
+
+def sparse24_linear_packed(
+    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """:func:`sparse24_linear` on the packed tensors (what the modules call; compile-friendly)."""
+    check_sparse24_args(x, values, meta, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    n = values.shape[0]
+    if x.is_cuda and not torch.compiler.is_compiling():
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, values, bias)
+        )
+        if not needs_grad and choose_sparse24_path(
+            x2.shape[0], x2.shape[1], n, x.dtype, x.device
+        ) == "torch":
+            ss = _torch_semi_structured_cached(values, meta, (n, x2.shape[1]))
+            y = torch.nn.functional.linear(x2, ss, bias)
+            return y.reshape(*lead, n)
+    y = _sparse24_fwd(x2, values, meta, bias)
+    return y.reshape(*lead, n)
+
+
+def sparse24_linear(
+    x: torch.Tensor, w: Sparse24Weight, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """2:4 sparse linear layer ``y = x·Wᵀ + b``.
+
+    Args:
+        x: ``(..., in)`` input, any leading dims and strides.
+        w: :class:`Sparse24Weight` of shape ``(out, in)``, ``in % 4 == 0``.
+        bias: ``(out,)`` or None.
+
+    Returns:
+        ``(..., out)`` in ``x``'s dtype (fp32 accumulation inside).
+
+    Gradients: ``x``, ``w.values`` (kept entries only: the mask is fixed) and ``bias``. CUDA
+    tensors run the Triton kernel that expands the compressed weight on chip (or PyTorch's
+    semi-structured path where :func:`choose_sparse24_path` says so); CPU tensors run the
+    PyTorch reference.
+    """
+    if not isinstance(w, Sparse24Weight):
+        raise TypeError(f"w: expected a Sparse24Weight (see pack_24), got {type(w).__name__}")
+    return sparse24_linear_packed(x, w.values, w.meta, bias)
+
+
+# --------------------------------------------------------------------------------------------
+# dense_sparse_linear
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastfactor::dense_sparse_fwd", mutates_args=())
+def _dense_sparse_fwd(
+    x: torch.Tensor,
+    d: torch.Tensor,
+    s_values: torch.Tensor,
+    s_meta: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    save_t: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(x):
+        y, t = K.dense_sparse_fwd(x, d, s_values, s_meta, bias, save_t)
+        return y, (t if t is not None else _empty(x))
+    with torch.no_grad():
+        y = K.dense_sparse_linear_ref(x, d, s_values, s_meta, bias)
+        t = K.sparse24_linear_ref(x, s_values, s_meta) if save_t else _empty(x)
+    return y, t
+
+
+@_dense_sparse_fwd.register_fake
+def _(x, d, s_values, s_meta, bias, save_t):
+    y = x.new_empty((x.shape[0], d.shape[0]))
+    t = x.new_empty((x.shape[0], s_values.shape[0])) if save_t else x.new_empty((0,))
+    return y, t
+
+
+@torch.library.custom_op("fastfactor::dense_sparse_bwd", mutates_args=())
+def _dense_sparse_bwd(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    d: torch.Tensor,
+    s_values: torch.Tensor,
+    s_meta: torch.Tensor,
+    t: torch.Tensor,
+    has_bias: bool,
+    need_x: bool,
+    need_d: bool,
+    need_s: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    saved_t = t if t.ndim == 2 else None
+    if use_triton(g):
+        dx, dd, ds, db = K.dense_sparse_bwd(
+            g, x, d, s_values, s_meta, saved_t, has_bias, need_x, need_d, need_s
+        )
+    else:
+        acc = _acc(x.dtype)
+        k = 2 * s_values.shape[1]
+        g32, x32, d32 = g.to(acc), x.to(acc), d.to(acc)
+        s32 = K.unpack_24(s_values.to(acc), s_meta, k)
+        t32 = saved_t.to(acc) if saved_t is not None else (x32 @ s32.t()).to(x.dtype).to(acc)
+        dt = g32 @ d32
+        if x.dtype != acc:
+            dt = dt.to(x.dtype).to(acc)
+        dx = (dt @ s32).to(x.dtype) if need_x else None
+        dd = (g32.t() @ t32).to(d.dtype) if need_d else None
+        ds = K.compress_like(dt.t() @ x32, s_meta).to(s_values.dtype) if need_s else None
+        db = g32.sum(0).to(g.dtype) if has_bias else None
+    e = _empty(g)
+    return (
+        dx if dx is not None else e.clone(),
+        dd if dd is not None else e.clone(),
+        ds if ds is not None else e.clone(),
+        db if db is not None else e.clone(),
+    )
+
+
+@_dense_sparse_bwd.register_fake
+def _(g, x, d, s_values, s_meta, t, has_bias, need_x, need_d, need_s):
+    e = lambda: g.new_empty((0,))
+    return (
+        x.new_empty(x.shape) if need_x else e(),
+        d.new_empty(d.shape) if need_d else e(),
+        s_values.new_empty(s_values.shape) if need_s else e(),
+        g.new_empty((d.shape[0],)) if has_bias else e(),
+    )
+
+
+def _ds_setup(ctx, inputs, output):
+    x, d, s_values, s_meta, bias, save_t = inputs
+    _, t = output
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, d, s_values, s_meta, t)
+
+
+def _ds_backward(ctx, g, _gt):
+    x, d, s_values, s_meta, t = ctx.saved_tensors
+    need_x, need_d, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    need_b = ctx.has_bias and ctx.needs_input_grad[4]
+    dx, dd, ds, db = _dense_sparse_bwd(g, x, d, s_values, s_meta, t, need_b, need_x, need_d, need_s)
+    return (
+        dx if need_x else None,
+        dd if need_d else None,
+        ds if need_s else None,
+        None,
+        db if need_b else None,
+        None,
+    )
+
+
+torch.library.register_autograd("fastfactor::dense_sparse_fwd", _ds_backward, setup_context=_ds_setup)
+
+
+def check_dense_sparse_args(x, d, s_values, s_meta, bias) -> None:
+    k = _check_packed("s", s_values, s_meta)
+    V.check_tensor("d", d, ndim=2)
+    _check_x(x, k, "in_features = 2·s.values.shape[1]")
+    V.check_same("x", x, d=d, **{"s.values": s_values, "bias": bias})
+    if s_meta.device != x.device:
+        raise ValueError(f"s.meta: expected device {x.device} (the device of x), got {s_meta.device}")
+    V.check_dim("d", d, 1, s_values.shape[0], "rank = s.shape[0]")
+    if bias is not None:
+        V.check_tensor("bias", bias, ndim=1)
+        V.check_dim("bias", bias, 0, d.shape[0], "out_features = d.shape[0]")
+
+
+def dense_sparse_linear_packed(
+    x: torch.Tensor,
+    d: torch.Tensor,
+    s_values: torch.Tensor,
+    s_meta: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """:func:`dense_sparse_linear` on the packed tensors of ``S`` (what the modules call)."""
+    check_dense_sparse_args(x, d, s_values, s_meta, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    save_t = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, d, s_values, bias)
+    )
+    y, _ = _dense_sparse_fwd(x2, d, s_values, s_meta, bias, save_t)
+    return y.reshape(*lead, d.shape[0])
+
+
+def dense_sparse_linear(
+    x: torch.Tensor, d: torch.Tensor, s: Sparse24Weight, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Dense-sparse (DSFormer) linear layer ``y = (x·Sᵀ)·Dᵀ + b``.
+
+    Args:
+        x: ``(..., in)`` input, any leading dims and strides.
+        d: ``(out, r)`` dense factor.
+        s: :class:`Sparse24Weight` of shape ``(r, in)``, ``in % 4 == 0``.
+        bias: ``(out,)`` or None.
+
+    Returns:
+        ``(..., out)`` in ``x``'s dtype. The ``(rows, r)`` intermediate stays on chip for
+        ``r <= 256`` (fused kernel); it is rounded to the input dtype as a two-matmul path does.
+
+    Gradients: ``x``, ``d``, ``s.values`` (kept entries only) and ``bias``.
+    """
+    if not isinstance(s, Sparse24Weight):
+        raise TypeError(f"s: expected a Sparse24Weight (see pack_24), got {type(s).__name__}")
+    return dense_sparse_linear_packed(x, d, s.values, s.meta, bias)
+
+
+__all__ = [
+    "Sparse24Weight",
+    "pack_24",
+    "prune_24",
+    "mask_24",
+    "ste_24",
+    "sparse24_linear",
+    "sparse24_linear_packed",
+    "dense_sparse_linear",
+    "dense_sparse_linear_packed",
+    "choose_sparse24_path",
+]
