@@ -1,0 +1,493 @@
+"""Fine-tuning a compressed model on several processes: ``torchrun`` + DDP (or FSDP2).
+
+The recipe
+----------
+1. ``info = init_from_env()`` in every process started by ``torchrun`` (or ``accelerate launch``):
+   reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``, picks ``nccl`` on
+   CUDA and ``gloo`` on CPU, pins the process to its GPU. Without those variables it returns a
+   single-process ``DistInfo`` and initializes nothing, so the same script runs alone too.
+2. Compress **before** wrapping: factors are ordinary ``nn.Parameter``s of the factorized modules,
+   so DDP/FSDP see them like any weight. Either every rank factorizes identically (the SVD of the
+   same weight on the same kind of device gives the same bits — ``tests/test_distributed.py``
+   checks it across two processes) or, safer across heterogeneous machines and for randomized
+   factorizations, call :func:`broadcast_module` after compression so every rank holds rank 0's
+   factors (and buffers).
+3. ``model = wrap_ddp(model)`` (or :func:`wrap_fsdp` for FSDP2's ``fully_shard``, torch >= 2.6).
+4. Each rank reads its own slice of every global batch (:func:`iterate_sharded`, or
+   :func:`shard_indices` for a ``DistributedSampler``-style epoch split). With a loss that is the
+   mean over the local batch and equal local batch sizes, DDP's gradient averaging equals the
+   gradient of the mean over the global batch, so ``k`` optimizer steps on ``W`` processes with
+   local batch ``B`` match ``k`` steps of one process with batch ``W·B`` up to rounding of the
+   all-reduce sum (tested).
+5. Only the main process prints and writes: :func:`print0`, :func:`save0`, :func:`write_text0`
+   (atomic: a temporary name renamed into place), :func:`main_process_first` around downloads.
+
+Everything here works (and is tested) on CPU with the ``gloo`` backend; the same code runs on GPUs
+with ``nccl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+from typing import Dict, Iterable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+try:
+    import torch.distributed as dist
+except ImportError:  # pragma: no cover - torch builds without distributed support
+    dist = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: ``rank`` of ``world_size`` processes, ``local_rank`` on its node,
+    the ``backend`` (``None`` when not distributed) and the ``device`` it computes on."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: Optional[str] = None
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or self.backend is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# --------------------------------------------------------------------------------------------
+# process group
+# --------------------------------------------------------------------------------------------
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}: expected an integer environment variable, got {value!r}") from None
+
+
+def is_distributed() -> bool:
+    """Whether a default process group is initialized in this process."""
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else _env_int("RANK", 0)
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else _env_int("WORLD_SIZE", 1)
+
+
+def get_local_rank() -> int:
+    return _env_int("LOCAL_RANK", 0)
+
+
+def is_main_process() -> bool:
+    """True on global rank 0 (and in a plain single-process run)."""
+    return get_rank() == 0
+
+
+def init_from_env(
+    backend: Optional[str] = None,
+    device: Optional[str] = None,
+    timeout_s: float = 1800.0,
+) -> DistInfo:
+    """Initialize the default process group from ``torchrun``'s environment variables.
+
+    Args:
+        backend: ``'nccl'``, ``'gloo'`` (or another backend name); default ``nccl`` when the
+            device is CUDA, else ``gloo``.
+        device: ``'cuda'`` or ``'cpu'``; default CUDA when available. On CUDA the process is pinned
+            to ``cuda:LOCAL_RANK``.
+        timeout_s: collective timeout.
+
+    Returns the :class:`DistInfo`. Without ``WORLD_SIZE`` (or with ``WORLD_SIZE=1`` and no
+    ``MASTER_ADDR``) nothing is initialized and a single-process info comes back. Calling it again
+    after the group exists returns the existing state.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device: expected 'cuda' or 'cpu', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was asked for but torch.cuda.is_available() is False")
+    local_rank = get_local_rank()
+    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
+    if is_distributed():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), dev)
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    if world == 1 and "MASTER_ADDR" not in os.environ:
+        if device == "cuda":
+            torch.cuda.set_device(dev)
+        return DistInfo(0, 1, local_rank, None, dev)
+    if dist is None or not dist.is_available():
+        raise RuntimeError("init_from_env: this torch build has no torch.distributed support")
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK: expected an integer in [0, {world}) (WORLD_SIZE={world}), got {rank}")
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise ValueError(
+                f"{var}: expected it in the environment (set by torchrun / accelerate launch) when "
+                f"WORLD_SIZE={world}; launch with `torchrun --nproc_per_node N script.py`"
+            )
+    if backend is None:
+        backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(dev)
+    kwargs = dict(backend=backend, rank=rank, world_size=world,
+                  timeout=datetime.timedelta(seconds=timeout_s))
+    if device == "cuda" and backend == "nccl":
+        kwargs["device_id"] = dev  # eager NCCL init bound to this GPU (torch >= 2.3)
+    dist.init_process_group(**kwargs)
+    return DistInfo(rank, world, local_rank, backend, dev)
+
+
+def cleanup() -> None:
+    """Destroy the default process group (no-op when there is none)."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------
+# main-process-only output
+# --------------------------------------------------------------------------------------------
+
+def print0(*args, **kwargs) -> None:
+    """``print`` on the main process only (flushes, so that logs of several ranks interleave well)."""
+    if is_main_process():
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Let rank 0 run the block first (e.g. a download or a cache build), then the others."""
+    main = is_main_process()
+    if not main:
+        barrier()
+    try:
+        yield
+    finally:
+        if main:
+            barrier()
+
+
+def _atomic_write(path: str, write) -> None:
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save0(obj, path: str, barrier_after: bool = True) -> bool:
+    """``torch.save(obj, path)`` on the main process only, through a temporary file renamed into
+    place; the other ranks wait at a barrier (unless ``barrier_after=False``) so the file exists
+    for everybody afterwards. Returns whether this process wrote."""
+    wrote = False
+    if is_main_process():
+        _atomic_write(path, lambda p: torch.save(obj, p))
+        wrote = True
+    if barrier_after:
+        barrier()
+    return wrote
+
+
+def write_text0(path: str, text: str, barrier_after: bool = True) -> bool:
+    """Write ``text`` to ``path`` on the main process only (atomic rename); see :func:`save0`."""
+    if not isinstance(text, str):
+        raise TypeError(f"text: expected a str, got {type(text).__name__}")
+    wrote = False
+    if is_main_process():
+        def w(p):
+            with open(p, "w", encoding="utf-8") as f:
+                f.write(text)
+        _atomic_write(path, w)
+        wrote = True
+    if barrier_after:
+        barrier()
+    return wrote
+
+
+# --------------------------------------------------------------------------------------------
+# parameters across ranks
+# --------------------------------------------------------------------------------------------
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (FSDP2 modifies modules in place: returned as is)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@torch.no_grad()
+def broadcast_module(module: nn.Module, src: int = 0, buffers: bool = True) -> nn.Module:
+    """Overwrite every parameter (and buffer) of ``module`` with rank ``src``'s values, in place.
+
+    Call it after compression and before wrapping, when ranks may have factorized differently
+    (randomized methods, different hardware). Shapes must already agree on every rank (the same
+    compression plan); a mismatch raises instead of hanging.
+    """
+    if not is_distributed():
+        return module
+    tensors = [p for _, p in module.named_parameters()]
+    if buffers:
+        tensors += [b for _, b in module.named_buffers()]
+    _check_same_layout(module, tensors)
+    for t in tensors:
+        dist.broadcast(t.data, src=src)
+    return module
+
+
+def _check_same_layout(module: nn.Module, tensors: Sequence[torch.Tensor]) -> None:
+    """All ranks hold the same number of tensors with the same shapes (else a clear error)."""
+    sig = [(tuple(t.shape), str(t.dtype)) for t in tensors]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sig)
+    for r, other in enumerate(gathered):
+        if other != sig:
+            names = [n for n, _ in module.named_parameters()]
+            diff = next((i for i, (a, b) in enumerate(zip(sig, other)) if a != b), min(len(sig), len(other)))
+            where = names[diff] if diff < len(names) else f"tensor #{diff}"
+            raise ValueError(
+                f"module: parameters differ between rank {dist.get_rank()} and rank {r} at {where} "
+                f"({sig[diff] if diff < len(sig) else 'missing'} vs "
+                f"{other[diff] if diff < len(other) else 'missing'}); compress with the same plan on every rank"
+            )
+
+
+@torch.no_grad()
+def max_param_difference(module: nn.Module) -> Dict[str, float]:
+    """For every parameter, the largest ``|p_rank - p_rank0|`` over all ranks (``{}`` single-process).
+
+    0.0 everywhere means the ranks hold bitwise identical parameters. Every rank gets the result.
+    FSDP2 (DTensor) parameters are gathered to full tensors first.
+    """
+    if not is_distributed():
+        return {}
+    out = {}
+    for name, p in unwrap(module).named_parameters():
+        t = p.detach()
+        if hasattr(t, "full_tensor"):  # DTensor (FSDP2): compare the full parameter
+            t = t.full_tensor()
+        t = t.to(torch.float64).reshape(-1)
+        ref = t.clone()
+        dist.broadcast(ref, src=0)
+        diff = (t - ref).abs().nan_to_num(nan=float("inf"))
+        d = diff.max() if diff.numel() else torch.zeros((), dtype=torch.float64, device=t.device)
+        dist.all_reduce(d, op=dist.ReduceOp.MAX)
+        out[name] = float(d)
+    return out
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """The mean of ``value`` over ranks (a new tensor; the input itself single-process)."""
+    if not is_distributed():
+        return value
+    t = value.detach().clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t / dist.get_world_size()
+
+
+# --------------------------------------------------------------------------------------------
+# wrapping
+# --------------------------------------------------------------------------------------------
+
+def wrap_ddp(model: nn.Module, device: Optional[torch.device] = None, broadcast: bool = True, **ddp_kwargs):
+    """``DistributedDataParallel(model)`` (the model itself when not distributed).
+
+    ``device``: the process's device (default: the model's). ``broadcast=True`` keeps DDP's own
+    broadcast of rank 0's parameters and buffers at construction (``broadcast_buffers`` etc. go
+    through ``ddp_kwargs``). Compress before wrapping: parameters created later are not synced.
+    """
+    if not is_distributed():
+        return model
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        ddp_kwargs.setdefault("device_ids", [device.index if device.index is not None else get_local_rank()])
+    if not broadcast:
+        ddp_kwargs.setdefault("init_sync", False)
+    return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+
+
+def has_fsdp2() -> bool:
+    """Whether ``torch.distributed.fsdp.fully_shard`` (FSDP2, public since torch 2.6) is importable."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def wrap_fsdp(
+    model: nn.Module,
+    shard_classes: Optional[Iterable[type]] = None,
+    device_type: Optional[str] = None,
+    **fsdp_kwargs,
+) -> nn.Module:
+    """Shard ``model`` with FSDP2's ``fully_shard`` (in place; the model comes back).
+
+    ``shard_classes``: module classes sharded as their own units (default: every
+    ``FactorizedLinear`` and every ``nn.Linear``, a reasonable unit for these models; pass e.g. a
+    transformer block class for larger units); the root is sharded last. ``fsdp_kwargs`` go to
+    ``fully_shard`` (``mp_policy``, ``reshard_after_forward``...). The mesh is one-dimensional over
+    all ranks on ``device_type`` (default: CUDA when available, else CPU with gloo).
+    """
+    if not has_fsdp2():
+        raise RuntimeError("wrap_fsdp: torch.distributed.fsdp.fully_shard needs torch >= 2.6")
+    if not is_distributed():
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from .layers.base import FactorizedLinear
+
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    mesh = fsdp_kwargs.pop("mesh", None) or init_device_mesh(device_type, (dist.get_world_size(),))
+    classes = tuple(shard_classes) if shard_classes is not None else (FactorizedLinear, nn.Linear)
+    for m in list(model.modules()):
+        if m is not model and isinstance(m, classes):
+            fully_shard(m, mesh=mesh, **fsdp_kwargs)
+    fully_shard(model, mesh=mesh, **fsdp_kwargs)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# data split
+# --------------------------------------------------------------------------------------------
+
+def shard_indices(
+    n: int,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    epoch: int = 0,
+    drop_last: bool = False,
+) -> torch.Tensor:
+    """This rank's sample indices for one epoch, the way ``DistributedSampler`` splits them.
+
+    The epoch's order (a permutation seeded with ``seed + epoch`` when ``shuffle``) is padded by
+    repeating its head to a multiple of ``world_size`` (or truncated with ``drop_last``), and rank
+    ``r`` takes positions ``r, r + W, r + 2W, ...``. Every rank gets the same count; together they
+    cover every index (padding aside).
+    """
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n: expected a non-negative int (dataset size), got {n!r}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size: expected an int >= 1, got {world_size!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected an int in [0, {world_size}), got {rank!r}")
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    else:
+        order = torch.arange(n)
+    if drop_last:
+        order = order[: (n // world_size) * world_size]
+    elif n % world_size:
+        pad = world_size - n % world_size
+        if n == 0:
+            raise ValueError(f"n: cannot split an empty dataset over {world_size} ranks without drop_last")
+        reps = -(-pad // n)
+        order = torch.cat([order, order.repeat(reps)[:pad]])
+    return order[rank::world_size]
+
+
+def local_slice(global_batch_size: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> slice:
+    """The rows of a global batch of ``global_batch_size`` that this rank takes (contiguous,
+    ``torch.tensor_split`` sizes: they differ by at most one)."""
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    base, extra = divmod(global_batch_size, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
+def iterate_sharded(
+    batch: Dict[str, torch.Tensor],
+    global_batch_size: int,
+    shuffle: bool = True,
+    seed: int = 0,
+    epochs_forever: bool = False,
+    drop_last: bool = True,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+) -> Iterator[Dict[str, torch.Tensor]]:
+    """This rank's part of every global mini-batch of a split (a dict of equal-length tensors).
+
+    All ranks draw the same permutation per epoch (seeded with ``seed``, as
+    ``fastfactor.train.data.iterate`` does), cut it into global batches of ``global_batch_size``
+    and take their :func:`local_slice`, so the union over ranks of step ``i`` is exactly the
+    single-process batch ``i`` of ``iterate(batch, global_batch_size, shuffle, seed)``.
+    ``drop_last`` skips a last global batch smaller than ``global_batch_size`` (whose uneven
+    split would weight samples unequally under DDP's gradient average). Batches go through
+    ``fastfactor.train.data.select`` when that module is importable (trims padding), else plain
+    indexing.
+    """
+    world_size = get_world_size() if world_size is None else world_size
+    rank = get_rank() if rank is None else rank
+    if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1:
+        raise ValueError(f"global_batch_size: expected an int >= 1, got {global_batch_size!r}")
+    if global_batch_size % world_size:
+        raise ValueError(
+            f"global_batch_size: expected a multiple of the world size {world_size} (equal local "
+            f"batches), got {global_batch_size}"
+        )
+    key = "input_ids" if "input_ids" in batch else next(iter(batch))
+    n = int(batch[key].shape[0])
+    if n == 0:
+        raise ValueError("batch: the split is empty")
+    try:
+        from .train.data import select
+    except ImportError:  # pragma: no cover
+        select = lambda b, idx: {k: v[idx] for k, v in b.items()}  # noqa: E731
+    g = torch.Generator().manual_seed(seed)
+    part = local_slice(global_batch_size, rank, world_size)
+    while True:
+        order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+        for i in range(0, n, global_batch_size):
+            idx = order[i : i + global_batch_size]
+            if drop_last and idx.numel() < global_batch_size:
+                break
+            if idx.numel() < global_batch_size:
+                part_i = local_slice(idx.numel(), rank, world_size)
+            else:
+                part_i = part
+            yield select(batch, idx[part_i])
+        if not epochs_forever:
+            return
+
+
+__all__ = [
+    "DistInfo", "init_from_env", "cleanup", "barrier", "is_distributed", "get_rank", "get_world_size",
+    "get_local_rank", "is_main_process", "print0", "main_process_first", "save0", "write_text0",
+    "broadcast_module", "max_param_difference", "all_reduce_mean", "unwrap", "wrap_ddp", "wrap_fsdp",
+    "has_fsdp2", "shard_indices", "local_slice", "iterate_sharded",
+]
