@@ -1,0 +1,104 @@
+"""Tier 3 (gpu): the Monarch / block-wise low-rank kernels on CUDA at realistic shapes.
+
+Skipped where no CUDA device is present (conftest). Correctness only: speed is never asserted.
+"""
+
+import pytest
+import torch
+
+from conftest import assert_close_ref
+from fastfactor.kernels import monarch as Mk
+from fastfactor.ops.monarch import _monarch_fwd, block_lowrank_linear, monarch_linear
+
+pytestmark = pytest.mark.gpu
+
+OPS = {"monarch": (monarch_linear, True), "blr": (block_lowrank_linear, False)}
+# (M, K, N, nblocks, rank): the benchmark layers, odd sizes, and the dense-block Monarch rank
+SHAPES = [
+    (16, 768, 3072, 4, 8),
+    (4096, 3072, 768, 4, 48),
+    (1000, 4096, 4096, 2, 16),
+    (333, 1000, 777, 8, 3),
+    (64, 4096, 4096, 4, 256),
+]
+SHAPE_IDS = [f"M{m}-K{k}-N{n}-b{b}-r{r}" for m, k, n, b, r in SHAPES]
+DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def make(M, K, N, b, r, dtype):
+    s1, s2 = Mk.factor_shapes(K, N, b, r)
+    dev = "cuda"
+    x = torch.randn(M, K, device=dev)
+    w1 = torch.randn(*s1, device=dev) / Mk.cdiv(K, b) ** 0.5
+    w2 = torch.randn(*s2, device=dev) / (b * r) ** 0.5
+    bb = torch.randn(N, device=dev)
+    return [t.to(dtype).requires_grad_() for t in (x, w1, w2, bb)]
+
+
+def ref64(x, w1, w2, bb, N, strided, g):
+    leaves = [t.detach().double().requires_grad_() for t in (x, w1, w2, bb)]
+    y = Mk.monarch_linear_ref(leaves[0], leaves[1], leaves[2], leaves[3], N, strided)
+    return y.detach(), torch.autograd.grad(y, leaves, g.double())
+
+
+@pytest.mark.parametrize("path", ["fused", "two_stage"])
+@pytest.mark.parametrize("dtype", DT.values(), ids=DT.keys())
+@pytest.mark.parametrize("op", OPS, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_cuda_vs_float64(shape, op, dtype, path, monkeypatch):
+    monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", path)
+    M, K, N, b, r = shape
+    fn, strided = OPS[op]
+    x, w1, w2, bb = make(M, K, N, b, r, dtype)
+    y = fn(x, w1, w2, bb)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w1, w2, bb), g)
+    y64, grads64 = ref64(x, w1, w2, bb, N, strided, g)
+    red = max(K, b * r)
+    # fp32 inputs may run their dots in TF32 (PyTorch's switch): compare them at bf16-like tolerance
+    tol_dtype = torch.bfloat16 if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else dtype
+    assert_close_ref(y, y64, tol_dtype, reduction=red, name="y")
+    for name, a, e in zip(("dx", "dw1", "dw2", "db"), grads, grads64):
+        assert_close_ref(a, e, tol_dtype, reduction=max(M, red, N), name=name)
+
+
+@pytest.mark.parametrize("op", OPS, ids=str)
+def test_cuda_deterministic_backward(op):
+    fn, _ = OPS[op]
+    x, w1, w2, bb = make(4096, 768, 3072, 4, 8, torch.bfloat16)
+    g = torch.randn(4096, 3072, device="cuda", dtype=torch.bfloat16)
+    runs = [torch.autograd.grad(fn(x, w1, w2, bb), (x, w1, w2, bb), g) for _ in range(2)]
+    for a, b_ in zip(*runs):
+        assert torch.equal(a, b_)
+
+
+def test_cuda_opcheck_and_compile():
+    x, w1, w2, bb = make(33, 130, 70, 4, 3, torch.bfloat16)
+    torch.library.opcheck(_monarch_fwd, (x, w1, w2, bb, 70, True, True))
+    torch.library.opcheck(_monarch_fwd, (x, w1, w2, None, 70, False, False))
+    f = torch.compile(lambda *a: monarch_linear(*a).float().square().sum(), fullgraph=True)
+    loss = f(x, w1, w2, bb)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_cuda_graph_capture():
+    x, w1, w2, bb = (t.detach() for t in make(64, 768, 3072, 4, 8, torch.bfloat16))
+    y_eager = monarch_linear(x, w1, w2, bb)      # also warms up the autotuner
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = monarch_linear(x, w1, w2, bb)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, y_eager)
+
+
+def test_cuda_module_bf16():
+    from fastfactor.layers.monarch import MonarchLinear
+
+    lin = torch.nn.Linear(768, 3072, device="cuda", dtype=torch.bfloat16)
+    m = MonarchLinear.from_linear(lin, nblocks=4, ratio=0.5)
+    x = torch.randn(8, 128, 768, device="cuda", dtype=torch.bfloat16)
+    y = m(x)
+    assert_close_ref(y.reshape(-1, 3072), m.forward_unfused(x).reshape(-1, 3072).double(),
+                     torch.bfloat16, reduction=768)
