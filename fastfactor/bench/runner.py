@@ -34,7 +34,7 @@ from .families import (
     param_label,
     torch_semi_structured,
 )
-from .report import dtype_name
+from .report import ROW_FIELDS, dtype_name
 from .shapes import Shape
 from .timing import Roofline, Timing, device_name, rotation_count, time_calls
 
@@ -134,7 +134,8 @@ class Runner:
              formula, nbytes, **extra) -> dict:
         ms = timing.ms
         floor_ms, bound = self.roof.floor_ms(flops, nbytes, dtype_name(dtype))
-        row = dict(
+        row = dict.fromkeys(ROW_FIELDS)
+        row.update(
             method=method, param=param, ratio=ratio, params_kept=kept, shape=shape.name,
             shape_label=shape.label, in_features=shape.in_features, out_features=shape.out_features,
             tokens=tokens, dtype=dtype_name(dtype), direction=direction, median_ms=ms,

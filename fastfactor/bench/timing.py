@@ -93,13 +93,15 @@ def time_calls(
     rep_ms: float = 100,
     graph_below_ms: float = 0.1,
     use_graph: bool = True,
+    min_runs: int = 3,
 ) -> Timing:
-    """Median time of one call, cycling through ``calls`` (see the module docstring)."""
+    """Median time of one call, cycling through ``calls`` (see the module docstring);
+    ``min_runs``: the fewest timed runs on the CPU."""
     if not calls:
         raise ValueError("calls: expected at least one callable, got none")
     fn = _rotating(calls)
     if device.type != "cuda":
-        return Timing(_cpu_median(fn, warmup=max(1, len(calls)), rep_ms=rep_ms), "cpu_timer")
+        return Timing(_cpu_median(fn, warmup=max(1, len(calls)), rep_ms=rep_ms, min_runs=min_runs), "cpu_timer")
     import triton.testing as tt
 
     for c in calls:  # compile / autotune every variant outside the timed region
