@@ -257,7 +257,10 @@ def pack_24(w_masked: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Spar
     slot = torch.arange(4, device=g.device)
     key = (~keep).to(torch.int64) * 4 + slot                             # kept first, then by index
     idx = key.argsort(dim=-1)[..., :2].sort(dim=-1).values % 4           # (rows, K/4, 2), i0 < i1
-    values = g.gather(-1, idx).reshape(rows, k // 2).contiguous()
+    vals = g.gather(-1, idx)
+    # completion slots (groups with fewer than 2 kept) hold zeros, whatever w_masked has there
+    vals = torch.where(keep.gather(-1, idx), vals, torch.zeros((), dtype=g.dtype, device=g.device))
+    values = vals.reshape(rows, k // 2).contiguous()
     code = idx[..., 0] | (idx[..., 1] << 2)                              # (rows, K/4)
     if code.shape[1] % 2:
         code = torch.cat((code, code.new_zeros((rows, 1))), dim=1)
