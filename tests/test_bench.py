@@ -117,8 +117,8 @@ def test_issue_presets_hold_the_published_grids():
     assert [(s.in_features, s.out_features) for s in s3.shapes] == [(768, 3072), (3072, 768), (4096, 4096)]
     assert s3.params["monarch"] == (2, 4, 8)
     s4 = shapes.SWEEPS["issue4-sparse24"]
-    assert s4.tokens == (16, 64, 4096, 16384) and s4.params["densesparse"] == (0.25, 0.5)
-    assert set(s4.methods) == {"sparse24", "densesparse"}
+    assert s4.tokens == (16, 64, 4096, 16384) and s4.params["dense_sparse"] == (0.25, 0.5)
+    assert set(s4.methods) == {"sparse24", "dense_sparse"}
 
 
 @pytest.mark.parametrize(

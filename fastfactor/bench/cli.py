@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from . import report
-from .families import DIRECTIONS, FAMILIES
+from .families import DIRECTIONS, FAMILIES, canonical
 from .shapes import CPU_SMALL, SHAPE_PRESETS, SWEEPS, parse_shapes
 
 
@@ -57,9 +57,9 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--dtypes", help="fp32,fp16,bf16 (default bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--directions", help=f"comma-separated of {','.join(DIRECTIONS)} (default fwd,fwd+bwd)")
     g.add_argument("--ratios", type=lambda s: _floats("ratios", s),
-                   help="fractions of weights kept, for lowrank and densesparse")
-    g.add_argument("--nblocks", type=lambda s: _ints("nblocks", s), help="block counts for monarch/blocklowrank")
-    g.add_argument("--block-rank", type=int, default=1, help="rank of each block (monarch/blocklowrank)")
+                   help="fractions of weights kept, for lowrank and dense_sparse")
+    g.add_argument("--nblocks", type=lambda s: _ints("nblocks", s), help="block counts for monarch/block_lowrank")
+    g.add_argument("--block-rank", type=int, default=1, help="rank of each block (monarch/block_lowrank)")
     g.add_argument("--no-bias", action="store_true", help="layers without bias")
     g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     g.add_argument("--full", action="store_true", help="on the CPU, keep the requested sizes (no small mode)")
@@ -116,8 +116,8 @@ def resolve(args) -> dict:
             raise ValueError("device: expected a CUDA device to be available for --device cuda, got none")
     small = device.type == "cpu" and not args.full
     sweep = SWEEPS[args.preset] if args.preset else None
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else (
-        sweep.methods if sweep else ("lowrank", "monarch", "blocklowrank", "sparse24", "densesparse"))
+    methods = tuple(canonical(m.strip()) for m in args.methods.split(",") if m.strip()) if args.methods else (
+        sweep.methods if sweep else tuple(FAMILIES))
     for m in methods:
         if m not in FAMILIES:
             raise ValueError(f"methods: expected names from {sorted(FAMILIES)}, got {m!r}")

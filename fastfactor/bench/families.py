@@ -18,10 +18,14 @@ parameter and buffer of the module: factors, bias, 2:4 metadata)::
     family        fwd FLOPs                    why
     dense         2·M·K·N
     lowrank       2·M·r·(K + N)                x·Vᵀ then t·Uᵀ   (= 2·M·P)
-    monarch       2·M·P                        two block-diagonal products; every stored weight
-    blocklowrank  2·M·P                        multiplies exactly once per token
+    monarch       2·M·P = 2·M·b·r·(Kp + Np)    two block-diagonal products; every stored weight
+    block_lowrank 2·M·P                        multiplies exactly once per token (Kp, Np: K, N
+                                               padded to a multiple of b; the padding is stored)
     sparse24      M·K·N                        only the kept half of the weights multiply (2·M·K·N/2)
-    densesparse   2·M·P  (fallback)            stored weights each used once per token
+    dense_sparse  M·r·K + 2·M·N·r              S (r×K, 2:4: K/2 kept per row), then D (N×r)
+
+(``P`` of the 2:4 modules also counts their metadata, which does no arithmetic, hence their own
+formulas.)
 
     bwd FLOPs  = 2 × fwd  (input gradient + weight gradients, each the size of the forward)
     fwd+bwd    = 3 × fwd
@@ -94,11 +98,19 @@ def _build_blocks(cls, in_f, out_f, nblocks, dtype, device, bias, opts):
 
 
 def _build_sparse24(cls, in_f, out_f, _param, dtype, device, bias, opts):
-    return cls.from_linear(_random_linear(in_f, out_f, dtype, device, bias))
+    try:  # the constructor prunes a random weight to 2:4 and packs it
+        return cls(in_f, out_f, bias=bias, dtype=dtype, device=device)
+    except TypeError:
+        return cls.from_linear(_random_linear(in_f, out_f, dtype, device, bias))
 
 
 def _build_densesparse(cls, in_f, out_f, ratio, dtype, device, bias, opts):
-    return cls.from_linear(_random_linear(in_f, out_f, dtype, device, bias), ratio=ratio)
+    try:
+        from ..factorize.sparse24 import dense_sparse_rank_for_ratio
+    except ImportError:
+        return cls.from_linear(_random_linear(in_f, out_f, dtype, device, bias), ratio=ratio)
+    rank = dense_sparse_rank_for_ratio(in_f, out_f, ratio)
+    return cls(in_f, out_f, rank, bias=bias, dtype=dtype, device=device)
 
 
 def _flops_lowrank(m, tokens):
@@ -113,8 +125,12 @@ def _flops_sparse24(m, tokens):
     return tokens * m.in_features * m.out_features, "M·K·N (half of the dense 2·M·K·N)"
 
 
-def _flops_fallback(m, tokens):
-    return 2 * tokens * int(m.num_weight_params), "2·M·P (fallback: P = num_weight_params)"
+def _flops_densesparse(m, tokens):
+    r = getattr(m, "rank", None)
+    if r is None:
+        return 2 * tokens * int(m.num_weight_params), "2·M·P (fallback: P = num_weight_params)"
+    # S (r, K) keeps K/2 per row; D (N, r) dense
+    return tokens * r * m.in_features + 2 * tokens * m.out_features * r, "M·r·K + 2·M·N·r"
 
 
 FAMILIES: dict[str, Family] = {
@@ -124,14 +140,24 @@ FAMILIES: dict[str, Family] = {
                _build_lowrank, _flops_lowrank, "two matmuls (x·Vᵀ)·Uᵀ"),
         Family("monarch", "fastfactor.layers.monarch", "MonarchLinear", "nblocks", (2, 4, 8),
                _build_blocks, _flops_stored, "two bmm with the permutes"),
-        Family("blocklowrank", "fastfactor.layers.monarch", "BlockLowRankLinear", "nblocks", (2, 4, 8),
+        Family("block_lowrank", "fastfactor.layers.monarch", "BlockLowRankLinear", "nblocks", (2, 4, 8),
                _build_blocks, _flops_stored, "two bmm on contiguous blocks"),
         Family("sparse24", "fastfactor.layers.sparse24", "Sparse24Linear", "", (None,),
                _build_sparse24, _flops_sparse24, "dense matmul of the expanded 2:4 weight", torch24=True),
-        Family("densesparse", "fastfactor.layers.sparse24", "DenseSparseLinear", "ratio", (0.25, 0.5),
-               _build_densesparse, _flops_fallback, "dense and 2:4 products in plain PyTorch"),
+        Family("dense_sparse", "fastfactor.layers.sparse24", "DenseSparseLinear", "ratio", (0.25, 0.5),
+               _build_densesparse, _flops_densesparse, "D·(S·x): dense matmul of the expanded 2:4 S, then D"),
     ]
 }
+
+
+#: other spellings accepted on the command line
+ALIASES = {"blocklowrank": "block_lowrank", "densesparse": "dense_sparse", "dense-sparse": "dense_sparse",
+           "block-lowrank": "block_lowrank", "low_rank": "lowrank", "2:4": "sparse24"}
+
+
+def canonical(name: str) -> str:
+    """The family name for ``name`` or one of its :data:`ALIASES` (unknown names pass through)."""
+    return ALIASES.get(name, name)
 
 
 def load_family(name: str) -> tuple[Optional[type], str]:
@@ -179,21 +205,23 @@ def dense_fwd_flops(tokens: int, in_f: int, out_f: int) -> int:
     return 2 * tokens * in_f * out_f
 
 
-def torch_semi_structured(weight: torch.Tensor) -> tuple[Optional[torch.Tensor], str]:
-    """PyTorch's own 2:4 weight for ``F.linear``, or ``(None, reason)`` where it cannot be used."""
-    if not weight.is_cuda:
+def torch_semi_structured(module: nn.Module) -> tuple[Optional[torch.Tensor], str]:
+    """PyTorch's own 2:4 weight for ``F.linear(x, that, bias)`` built from a 2:4 module, or
+    ``(None, reason)`` where it cannot be used (CPU, dtype, shape, architecture)."""
+    w = module.dense_weight().detach()
+    if not w.is_cuda:
         return None, "PyTorch semi-structured sparsity needs a CUDA device"
     try:
-        from ..kernels.sparse24 import to_torch_semi_structured
-    except ImportError:
-        try:
-            from torch.sparse import to_sparse_semi_structured as to_torch_semi_structured
-        except ImportError as e:  # pragma: no cover - very old torch
-            return None, f"no semi-structured support ({e})"
-    try:
-        return to_torch_semi_structured(weight.detach()), ""
+        if hasattr(module, "sparse_weight"):
+            from ..kernels.sparse24 import to_torch_semi_structured
+
+            with torch.no_grad():
+                return to_torch_semi_structured(module.sparse_weight()), ""
+        from torch.sparse import to_sparse_semi_structured
+
+        return to_sparse_semi_structured(w), ""
     except Exception as e:  # noqa: BLE001 - unsupported dtype/shape/arch: record why
-        return None, f"to_sparse_semi_structured failed: {type(e).__name__}: {e}"
+        return None, f"semi-structured conversion failed: {type(e).__name__}: {e}"
 
 
 __all__ = [

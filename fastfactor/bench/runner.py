@@ -219,7 +219,7 @@ class Runner:
             ratio = float(proto.ratio)
             semi = None
             if fam.torch24 and "fwd" in c.directions:
-                semi, semi_why = torch_semi_structured(proto.dense_weight())
+                semi, semi_why = torch_semi_structured(proto)
                 if semi is None:
                     self._note(f"{method} {shape.name} {dtype_name(dtype)}: torch 2:4 baseline n/a ({semi_why})")
             for tokens in c.tokens:

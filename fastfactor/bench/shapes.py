@@ -87,7 +87,7 @@ class Sweep:
 
     methods:    family names (see ``fastfactor.bench.families``)
     params:     per family, the compression settings to sweep (ratios for ``lowrank`` and
-                ``densesparse``, block counts for ``monarch``/``blocklowrank``; ``sparse24`` has one)
+                ``dense_sparse``, block counts for ``monarch``/``block_lowrank``; ``sparse24`` has one)
     shapes, tokens, dtypes, directions: the grid
     """
 
@@ -130,7 +130,7 @@ SWEEPS: dict[str, Sweep] = {
     "issue4-sparse24": Sweep(
         "issue4-sparse24",
         "2:4 sparse linear vs dense and torch semi-structured; dense-sparse vs its unfused path",
-        ("sparse24", "densesparse"), {"sparse24": (None,), "densesparse": (0.25, 0.5)},
+        ("sparse24", "dense_sparse"), {"sparse24": (None,), "dense_sparse": (0.25, 0.5)},
         _s((4096, 4096), (768, 3072)), (16, 64, 4096, 16384),
         columns=("shape", "tokens", "direction", "method", "param", "median_ms", "tflops",
                  "floor_ms", "speedup_vs_dense", "speedup_vs_unfused", "speedup_vs_torch24"),
@@ -141,9 +141,9 @@ SWEEPS: dict[str, Sweep] = {
 for _name in ("bert-base", "bert-large", "llama-7b", "llama-70b"):
     SWEEPS[_name] = Sweep(
         _name, f"every family on the {_name} projections",
-        ("lowrank", "monarch", "blocklowrank", "sparse24", "densesparse"),
-        {"lowrank": _RATIOS, "monarch": _NBLOCKS, "blocklowrank": _NBLOCKS, "sparse24": (None,),
-         "densesparse": (0.25, 0.5)},
+        ("lowrank", "monarch", "block_lowrank", "sparse24", "dense_sparse"),
+        {"lowrank": _RATIOS, "monarch": _NBLOCKS, "block_lowrank": _NBLOCKS, "sparse24": (None,),
+         "dense_sparse": (0.25, 0.5)},
         tuple(SHAPE_PRESETS[_name]), (16, 4096),
     )
 
