@@ -146,6 +146,9 @@ class KernelSpec:
     space:      the autotune space, as given to :func:`configs` (the full space, not the
                 interpreter's reduced one)
     dtypes:     input dtypes to compile for
+    unit_args:  integer arguments that are 1 in the common call (innermost strides of contiguous
+                operands); the "aligned" specialization of compile-check compiles them as the
+                constant 1, as Triton's runtime specialization does
     """
 
     name: str
@@ -154,6 +157,7 @@ class KernelSpec:
     constexprs: list[dict]
     space: list[dict]
     dtypes: tuple[str, ...] = ("bf16",)
+    unit_args: tuple[str, ...] = ()
 
 
 KERNELS: dict[str, KernelSpec] = {}

@@ -107,6 +107,8 @@ def _pad_rank(r: int) -> int:
 CHAIN_SPACE = [
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2),
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
     dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3),
@@ -124,15 +126,29 @@ GEMM_SPACE = [
 ]
 
 
+def _chain_fits(block_m: int, block_n: int, block_k: int, num_stages: int, r_pad: int) -> bool:
+    """Whether a chain config fits: the fp32 intermediate ``BLOCK_M x R_PAD`` within 64 KiB of
+    registers, and the pipelined operand tiles (``stages x (BLOCK_M + R_PAD) x BLOCK_K`` of stage 1
+    plus ``R_PAD x BLOCK_N`` of stage 2, 2 bytes each) within the 160 KiB of shared memory that
+    both A100 and H100 give a block (compile-check measures the real figure)."""
+    smem = 2 * (num_stages * (block_m + r_pad) * block_k + r_pad * block_n + block_m * r_pad)
+    return block_m * r_pad <= 16384 and smem <= 160 * 1024
+
+
 def chain_space(R_PAD: int, **_) -> list[dict]:
-    """Configs of the chain kernel that fit its register budget for this padded rank: the fp32
-    intermediate is ``BLOCK_M x R_PAD`` and must stay within 64 KiB of registers."""
-    return [c for c in CHAIN_SPACE if c["BLOCK_M"] * R_PAD <= 16384]
+    """The configs of ``CHAIN_SPACE`` that fit for this padded rank (see ``_chain_fits``)."""
+    return [
+        c for c in CHAIN_SPACE
+        if _chain_fits(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c.get("num_stages", 2), R_PAD)
+    ]
 
 
 def _prune_chain(configs_, named_args, **kwargs):
     r_pad = kwargs.get("R_PAD", named_args.get("R_PAD"))
-    kept = [c for c in configs_ if c.kwargs["BLOCK_M"] * r_pad <= 16384]
+    kept = [
+        c for c in configs_
+        if _chain_fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, r_pad)
+    ]
     return kept or configs_[:1]
 
 
@@ -345,6 +361,7 @@ if HAS_TRITON:
             dict(HAS_BIAS=False, STORE_T=False, UPCAST=False, PRECISION="tf32", FP64=False, R_PAD=256),
         ],
         space=chain_space,
+        unit_args=("stride_ak", "stride_w1k", "stride_w2r", "stride_zn", "stride_tr"),
     ))
     register_kernel(KernelSpec(
         name="lowrank.gemm",
@@ -355,6 +372,7 @@ if HAS_TRITON:
             dict(HAS_BIAS=False, ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False),
         ],
         space=GEMM_SPACE,
+        unit_args=("stride_ak", "stride_bk", "stride_cn"),
     ))
 
 
