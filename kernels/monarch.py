@@ -539,6 +539,11 @@ if HAS_TRITON:
         sig.update({n: "i32" for n in _BGEMM_INTS})
         return sig
 
+    # innermost strides that are 1 in the common (contiguous) call: compile-check also compiles the
+    # specialization where they are the constant 1 (field present in newer registries only)
+    def _unit(*names):
+        return {"unit_args": names} if "unit_args" in getattr(KernelSpec, "__dataclass_fields__", {}) else {}
+
     register_kernel(KernelSpec(
         name="monarch.chain",
         fn=_chain_kernel,
@@ -548,6 +553,7 @@ if HAS_TRITON:
             dict(HAS_BIAS=False, STORE_H=False, UPCAST=False, PRECISION="tf32"),
         ],
         space=CHAIN_SPACE,
+        **_unit("stride_af", "IC", "s1c", "s2t", "stride_zf", "sht"),
     ))
     register_kernel(KernelSpec(
         name="monarch.bgemm",
@@ -558,6 +564,7 @@ if HAS_TRITON:
             dict(HAS_BIAS=False, ROWSUM=True, UPCAST=False, PRECISION="tf32"),
         ],
         space=BGEMM_SPACE,
+        **_unit("scj",),
     ))
 
 
