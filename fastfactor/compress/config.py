@@ -26,6 +26,8 @@ calib_batches batches used for Fisher / activation statistics
 objective     ``auto`` | ``task`` | ``distill``: fine-tune on labels, or distil the uncompressed model
 distill_loss  ``auto`` | ``mse`` (hidden states) | ``kl`` (logits)
 lr, weight_decay, warmup_ratio, max_grad_norm, batch_size, seed: fine-tuning settings
+train_embeddings  also fine-tune ``nn.Embedding`` tables (default: frozen; they are not
+              compressed and their dense gradients dominate the step time of small models)
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class CompressionConfig:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     batch_size: int = 16
+    train_embeddings: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -135,6 +138,8 @@ class CompressionConfig:
         self.max_grad_norm = _pos_float("max_grad_norm", self.max_grad_norm)
         V.check_positive_int("batch_size", self.batch_size)
         _nonneg_int("seed", self.seed)
+        if not isinstance(self.train_embeddings, bool):
+            raise TypeError(f"train_embeddings: expected a bool, got {self.train_embeddings!r}")
 
     @property
     def resolved_init(self) -> str:

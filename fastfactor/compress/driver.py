@@ -235,6 +235,7 @@ def compress(
     train_kw = dict(
         lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
         max_grad_norm=cfg.max_grad_norm, batch_size=cfg.batch_size,
+        train_embeddings=cfg.train_embeddings,
     )
 
     def calib_batches():

@@ -199,11 +199,19 @@ def finetune(
     seed: int = 0,
     progress: bool = False,
     desc: str = "fine-tune",
+    train_embeddings: bool = True,
 ) -> Dict[str, float]:
-    """``steps`` optimizer steps of AdamW on ``objective``; returns the first/last/mean loss."""
+    """``steps`` optimizer steps of AdamW on ``objective``; returns the first/last/mean loss.
+    ``train_embeddings=False`` keeps every ``nn.Embedding`` frozen."""
     if steps <= 0:
         return {"steps": 0}
-    params = [p for p in model.parameters() if p.requires_grad]
+    frozen = set()
+    if not train_embeddings:
+        frozen = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
+    restore = [(p, p.requires_grad) for p in model.parameters() if id(p) in frozen]
+    for p, _ in restore:
+        p.requires_grad_(False)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -249,6 +257,8 @@ def finetune(
         if bar is not None:
             bar.close()
         model.train(was_training)
+        for p, flag in restore:
+            p.requires_grad_(flag)
     return {"steps": steps, "loss_first": losses[0], "loss_last": losses[-1], "loss_mean": sum(losses) / len(losses)}
 
 
