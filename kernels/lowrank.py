@@ -40,8 +40,12 @@ Save or recompute ``t``
 Precision
     Dot operands are in the input dtype with fp32 accumulation; fp32 inputs use TF32 only when
     ``torch.backends.cuda.matmul.allow_tf32`` is on (PyTorch's own switch), else IEEE fp32. The
-    intermediate is rounded to the input dtype before the second product (as the two-GEMM path
-    and the PyTorch reference of a bf16 model do). Under the Triton interpreter the operands are
+    intermediate is rounded to the input dtype before the second product for bf16 and fp32 (as a
+    bf16 model's own two matmuls do). For fp16 it is kept in fp32 instead
+    (:func:`intermediate_dtype`): ``x·Vᵀ`` can exceed fp16's range (65504) where ``y`` does not,
+    so the second product runs on fp32 operands as TF32 — the same 10-bit mantissa as fp16, fp32's
+    range — at half the fp16 tensor-core rate for that product, and a saved ``t`` takes 4 bytes
+    per element. Under the Triton interpreter the operands are
     upcast to fp32 first (the interpreter's bf16 ``tl.dot`` is wrong).
 """
 
@@ -73,6 +77,11 @@ FUSED_MAX_R = 256
 # Reference
 # ============================================================================================
 
+def intermediate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the rank-r intermediate ``t = x·Vᵀ``: fp32 for fp16 inputs (range), else the input's."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def lowrank_linear_ref(
     x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -83,7 +92,7 @@ def lowrank_linear_ref(
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     t = torch.matmul(x.to(acc), v.to(acc).t())
-    if x.dtype != acc:
+    if intermediate_dtype(x.dtype) != acc:
         t = t.to(x.dtype).to(acc)  # same rounding of the intermediate as the kernels
     y = torch.matmul(t, u.to(acc).t())
     if bias is not None:
@@ -162,7 +171,7 @@ if HAS_TRITON:
         w2_ptr,   # (N, R) second factor, read as its transpose: U in forward, Vᵀ in backward
         bias_ptr,  # (N,) bias added to the output; read only when HAS_BIAS
         z_ptr,    # (M, N) output: y in forward, dx in backward
-        t_ptr,    # (M, R) intermediate a·w1ᵀ; written only when STORE_T (programs with pid_n == 0)
+        t_ptr,    # (M, R) intermediate a·w1ᵀ (fp32 when T_FP32); written only when STORE_T (pid_n == 0)
         # --- dimensions ---
         M, K, N, R,
         M_BUCKET,  # power-of-two bucket of M: autotune key only
@@ -175,6 +184,7 @@ if HAS_TRITON:
         # --- meta-parameters ---
         HAS_BIAS: tl.constexpr,
         STORE_T: tl.constexpr,
+        T_FP32: tl.constexpr,      # keep the intermediate in fp32 (fp16 inputs: range safety)
         UPCAST: tl.constexpr,      # upcast dot operands to fp32 (interpreter)
         PRECISION: tl.constexpr,   # tl.dot input_precision for fp32 operands
         FP64: tl.constexpr,        # float64 operands and accumulator (interpreter tier: gradcheck)
@@ -212,7 +222,10 @@ if HAS_TRITON:
                 w1 = w1.to(tl.float32)
             t_acc = tl.dot(a, w1, t_acc, input_precision=PRECISION)
 
-        t = t_acc.to(z_ptr.dtype.element_ty)
+        if T_FP32:
+            t = t_acc
+        else:
+            t = t_acc.to(z_ptr.dtype.element_ty)
         if STORE_T:
             if pid_n == 0:
                 tl.store(
@@ -233,7 +246,7 @@ if HAS_TRITON:
                 w2_ptr + offs_n[None, :] * stride_w2n + offs_r[:, None] * stride_w2r,
                 mask=mask_n[None, :] & mask_r[:, None], other=0.0,
             )
-            if UPCAST and not FP64:
+            if (UPCAST or T_FP32) and not FP64:
                 w2 = w2.to(tl.float32)
             z = tl.dot(t, w2, input_precision=PRECISION)
             if HAS_BIAS:
@@ -265,6 +278,7 @@ if HAS_TRITON:
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
         FP64: tl.constexpr,        # float64 operands and accumulator (interpreter tier: gradcheck)
+        MIXED: tl.constexpr,       # a and b differ in dtype: both converted to fp32 (TF32 dot)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -304,7 +318,7 @@ if HAS_TRITON:
             )
             if ROWSUM:
                 rsum += tl.sum(a.to(rsum.dtype), axis=1)
-            if UPCAST and not FP64:
+            if (UPCAST or MIXED) and not FP64:  # MIXED: an fp32 intermediate against fp16 weights
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -357,8 +371,8 @@ if HAS_TRITON:
         fn=_chain_kernel,
         signature=_chain_signature,
         constexprs=[
-            dict(HAS_BIAS=True, STORE_T=True, UPCAST=False, PRECISION="tf32", FP64=False, R_PAD=32),
-            dict(HAS_BIAS=False, STORE_T=False, UPCAST=False, PRECISION="tf32", FP64=False, R_PAD=256),
+            dict(HAS_BIAS=True, STORE_T=True, T_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False, R_PAD=32),
+            dict(HAS_BIAS=False, STORE_T=False, T_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False, R_PAD=256),
         ],
         space=chain_space,
         unit_args=("stride_ak", "stride_w1k", "stride_w2r", "stride_zn", "stride_tr"),
@@ -368,8 +382,8 @@ if HAS_TRITON:
         fn=_gemm_kernel,
         signature=_gemm_signature,
         constexprs=[
-            dict(HAS_BIAS=True, ROWSUM=False, UPCAST=False, PRECISION="tf32", FP64=False),
-            dict(HAS_BIAS=False, ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False),
+            dict(HAS_BIAS=True, ROWSUM=False, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False),
+            dict(HAS_BIAS=False, ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False),
         ],
         space=GEMM_SPACE,
         unit_args=("stride_ak", "stride_bk", "stride_cn"),
@@ -442,6 +456,7 @@ def gemm(
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
                 HAS_BIAS=bias is not None, ROWSUM=rowsum,
                 UPCAST=upcast_dots(), PRECISION=dot_precision(a.dtype), FP64=a.dtype == torch.float64,
+                MIXED=a.dtype != b.dtype,
             )
     return (c, rs) if rowsum else c
 
@@ -464,7 +479,8 @@ def chain(
     if r_pad > FUSED_MAX_R:
         raise ValueError(f"chain: rank must be <= {FUSED_MAX_R} for the fused kernel, got {R}")
     z = torch.empty((M, N), device=a.device, dtype=a.dtype)
-    t = torch.empty((M, R), device=a.device, dtype=a.dtype) if store_t else None
+    t_dtype = intermediate_dtype(a.dtype)
+    t = torch.empty((M, R), device=a.device, dtype=t_dtype) if store_t else None
     if M == 0 or N == 0:
         return z, t
     if K == 0 or R == 0:
@@ -490,7 +506,7 @@ def chain(
         M, K, N, R, min(_next_pow2(M), 1 << 16),
         a.stride(0), a.stride(1), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
         z.stride(0), z.stride(1), t_arg.stride(0), t_arg.stride(1),
-        HAS_BIAS=bias is not None, STORE_T=store_t,
+        HAS_BIAS=bias is not None, STORE_T=store_t, T_FP32=t_dtype != a.dtype,
         UPCAST=upcast_dots(), PRECISION=dot_precision(a.dtype), FP64=a.dtype == torch.float64,
         R_PAD=r_pad,
     )
@@ -511,8 +527,8 @@ def lowrank_fwd(
     path = path or choose_path(M, K, N, R)
     if path == "fused":
         return chain(x, v, u, bias, store_t=save_t)
-    t = gemm(x, v.t())
-    y = gemm(t, u.t(), bias=bias)
+    t = gemm(x, v.t(), out_dtype=intermediate_dtype(x.dtype))
+    y = gemm(t, u.t(), bias=bias, out_dtype=x.dtype)
     return y, (t if save_t else None)
 
 
@@ -550,16 +566,16 @@ def lowrank_bwd(
         if path == "fused":
             dx, dt = chain(g, u.t(), v.t(), None, store_t=need_v)   # dt = g·U, dx = dt·V
         else:
-            dt = gemm(g, u)
-            dx = gemm(dt, v)
+            dt = gemm(g, u, out_dtype=intermediate_dtype(g.dtype))
+            dx = gemm(dt, v, out_dtype=x.dtype)
     elif need_v:
-        dt = gemm(g, u)
+        dt = gemm(g, u, out_dtype=intermediate_dtype(g.dtype))
     if need_u or has_bias:
         if t is None:
-            t = gemm(x, v.t())
-        du_, db32 = gemm(g.t(), t, rowsum=True)                  # dU = gᵀ·t, db = Σ_m g
+            t = gemm(x, v.t(), out_dtype=intermediate_dtype(x.dtype))
+        du_, db32 = gemm(g.t(), t, rowsum=True, out_dtype=u.dtype)  # dU = gᵀ·t, db = Σ_m g
         du = du_ if need_u else None
         db = db32.to(g.dtype) if has_bias else None
     if need_v:
-        dv = gemm(dt.t(), x)                                      # dV = dtᵀ·x
+        dv = gemm(dt.t(), x, out_dtype=v.dtype)                   # dV = dtᵀ·x
     return dx, du, dv, db

@@ -4,7 +4,8 @@ Two custom ops carry the work, so that ``torch.compile(fullgraph=True)`` sees on
 direction (no graph break) and CUDA graphs can capture them:
 
 * ``fastfactor::lowrank_fwd(x, u, v, bias, save_t) -> (y, t)``: ``t`` is ``x·Vᵀ`` when ``save_t``
-  (training), else an empty ``(0,)`` tensor;
+  (training; fp32 for fp16 inputs, see ``kernels.lowrank.intermediate_dtype``), else an empty
+  ``(0,)`` tensor;
 * ``fastfactor::lowrank_bwd(g, x, u, v, t, has_bias, need_x, need_u, need_v) -> (dx, du, dv, db)``:
   gradients not asked for come back as empty ``(0,)`` tensors.
 
@@ -42,14 +43,21 @@ def _lowrank_fwd(
         return y, (t if t is not None else _empty(x))
     with torch.no_grad():
         y = K.lowrank_linear_ref(x, u, v, bias)
-        t = (x @ v.t()) if save_t else _empty(x)
+        if save_t:
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            t = (x.to(acc) @ v.to(acc).t()).to(K.intermediate_dtype(x.dtype))
+        else:
+            t = _empty(x)
     return y, t
 
 
 @_lowrank_fwd.register_fake
 def _(x, u, v, bias, save_t):
     y = x.new_empty((x.shape[0], u.shape[0]))
-    t = x.new_empty((x.shape[0], v.shape[0])) if save_t else x.new_empty((0,))
+    t = (
+        x.new_empty((x.shape[0], v.shape[0]), dtype=K.intermediate_dtype(x.dtype))
+        if save_t else x.new_empty((0,))
+    )
     return y, t
 
 
@@ -75,10 +83,9 @@ def _lowrank_bwd(
     else:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         g32, x32, u32, v32 = g.to(acc), x.to(acc), u.to(acc), v.to(acc)
-        t32 = saved_t.to(acc) if saved_t is not None else (x32 @ v32.t()).to(x.dtype).to(acc)
-        dt = g32 @ u32
-        if x.dtype != acc:
-            dt = dt.to(x.dtype).to(acc)
+        inter = K.intermediate_dtype(x.dtype)  # rounding of the intermediates, as in the kernels
+        t32 = saved_t.to(acc) if saved_t is not None else (x32 @ v32.t()).to(inter).to(acc)
+        dt = (g32 @ u32).to(inter).to(acc)
         dx = (dt @ v32).to(x.dtype) if need_x else None
         du = (g32.t() @ t32).to(u.dtype) if need_u else None
         dv = (dt.t() @ x32).to(v.dtype) if need_v else None
