@@ -1,0 +1,116 @@
+"""Tier 3 (gpu): the 2:4 kernels on CUDA — bf16 and large shapes against float64 references,
+opcheck, torch.compile(fullgraph=True), CUDA-graph capture, the prune kernel, and PyTorch's
+semi-structured path. Skipped where no GPU is present."""
+
+import pytest
+import torch
+
+from conftest import DTYPES, assert_close_ref
+from fastfactor.kernels import sparse24 as K
+from fastfactor.kernels.sparse24 import Sparse24Weight, pack_24, prune_24
+from fastfactor.ops import sparse24 as ops
+from fastfactor.ops.sparse24 import dense_sparse_linear, sparse24_linear
+
+pytestmark = pytest.mark.gpu
+DT_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+DEV = "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _triton_path(monkeypatch):
+    monkeypatch.setenv("FASTFACTOR_SPARSE24_PATH", "triton")
+
+
+def sparse_weight(rows, k, dtype, requires_grad=True):
+    w = pack_24(prune_24(torch.randn(rows, k, device=DEV) / k ** 0.5))
+    return Sparse24Weight(w.values.to(dtype).requires_grad_(requires_grad), w.meta, w.shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("shape", [(16, 4096, 4096), (333, 768, 3072), (4096, 3072, 768), (7, 260, 100)],
+                         ids=lambda s: f"M{s[0]}-K{s[1]}-N{s[2]}")
+def test_sparse24_linear_cuda(shape, dtype):
+    M, Kd, N = shape
+    x = torch.randn(M, Kd, device=DEV, dtype=dtype, requires_grad=True)
+    w = sparse_weight(N, Kd, dtype)
+    b = (torch.randn(N, device=DEV) * 0.1).to(dtype).requires_grad_(True)
+    y = sparse24_linear(x, w, b)
+    g = torch.randn_like(y)
+    y.backward(g)
+    x64, v64, b64 = (t.detach().double().requires_grad_(True) for t in (x, w.values, b))
+    y64 = K.sparse24_linear_ref(x64, v64, w.meta, b64)
+    y64.backward(g.double())
+    assert_close_ref(y, y64, dtype, reduction=Kd, name="y")
+    assert_close_ref(x.grad, x64.grad, dtype, reduction=N, name="dx")
+    assert_close_ref(w.values.grad, v64.grad, dtype, reduction=M, name="dvalues")
+    assert_close_ref(b.grad, b64.grad, dtype, reduction=M, name="dbias")
+
+
+@pytest.mark.parametrize("path", ["fused", "two_kernel"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("shape", [(16, 4096, 4096, 256), (4096, 768, 3072, 168), (37, 4096, 4096, 655)],
+                         ids=lambda s: f"M{s[0]}-K{s[1]}-N{s[2]}-R{s[3]}")
+def test_dense_sparse_linear_cuda(shape, dtype, path, monkeypatch):
+    monkeypatch.setenv("FASTFACTOR_DS_PATH", path)
+    M, Kd, N, R = shape
+    x = torch.randn(M, Kd, device=DEV, dtype=dtype, requires_grad=True)
+    s = sparse_weight(R, Kd, dtype)
+    d = (torch.randn(N, R, device=DEV) / R ** 0.5).to(dtype).requires_grad_(True)
+    b = (torch.randn(N, device=DEV) * 0.1).to(dtype).requires_grad_(True)
+    y = dense_sparse_linear(x, d, s, b)
+    g = torch.randn_like(y)
+    y.backward(g)
+    x64, d64, v64, b64 = (t.detach().double().requires_grad_(True) for t in (x, d, s.values, b))
+    y64 = K.dense_sparse_linear_ref(x64, d64, v64, s.meta, b64)
+    y64.backward(g.double())
+    assert_close_ref(y, y64, dtype, reduction=Kd + R, name="y")
+    assert_close_ref(x.grad, x64.grad, dtype, reduction=N + R, name="dx")
+    assert_close_ref(d.grad, d64.grad, dtype, reduction=M, name="dD")
+    assert_close_ref(s.values.grad, v64.grad, dtype, reduction=M, name="dS")
+    assert_close_ref(b.grad, b64.grad, dtype, reduction=M, name="dbias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+def test_prune_kernel_cuda_matches_reference(dtype):
+    w = torch.randn(1000, 4096, device=DEV, dtype=dtype)
+    p, m = K.prune_24_triton(w)
+    ref = K.mask_24_ref(w.abs().float())
+    assert torch.equal(m, ref) and torch.equal(p, torch.where(ref, w, torch.zeros((), dtype=dtype, device=DEV)))
+
+
+def test_opcheck_cuda():
+    x = torch.randn(33, 128, device=DEV, dtype=torch.bfloat16)
+    w = sparse_weight(64, 128, torch.bfloat16)
+    d = torch.randn(96, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastfactor.sparse24_fwd.default, (x, w.values, w.meta, None))
+    torch.library.opcheck(torch.ops.fastfactor.dense_sparse_fwd.default, (x, d, w.values, w.meta, None, True))
+
+
+def test_compile_and_cuda_graph():
+    torch._dynamo.reset()
+    x = torch.randn(64, 768, device=DEV, dtype=torch.bfloat16)
+    w = sparse_weight(3072, 768, torch.bfloat16, requires_grad=False)
+    fn = torch.compile(lambda x_: sparse24_linear(x_, w), fullgraph=True)
+    ref = sparse24_linear(x, w)
+    assert torch.equal(fn(x), ref)
+    sparse24_linear(x, w)          # warm the autotuner outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sparse24_linear(x, w)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref)
+
+
+def test_torch_semi_structured_conversion_and_dispatch(monkeypatch):
+    w = pack_24(prune_24(torch.randn(256, 512, device=DEV, dtype=torch.float16)))
+    ss = K.to_torch_semi_structured(w)
+    assert torch.equal(ss.to_dense(), w.to_dense())
+    x = torch.randn(4096, 512, device=DEV, dtype=torch.float16)
+    monkeypatch.setenv("FASTFACTOR_SPARSE24_PATH", "torch")
+    with torch.no_grad():
+        y_torch = sparse24_linear(x, w)
+    monkeypatch.setenv("FASTFACTOR_SPARSE24_PATH", "triton")
+    with torch.no_grad():
+        y_triton = sparse24_linear(x, w)
+    assert_close_ref(y_torch, y_triton.double(), torch.float16, reduction=512, name="torch vs triton")
