@@ -1,6 +1,7 @@
 """fastfactor: Triton kernels and a compression driver for transformers with factorized linears.
 
-Ops: :func:`lowrank_linear`. Modules: :class:`LowRankLinear`.
+Ops: :func:`lowrank_linear`, :func:`monarch_linear`, :func:`block_lowrank_linear`.
+Modules: :class:`LowRankLinear`, :class:`MonarchLinear`, :class:`BlockLowRankLinear`.
 """
 
 import importlib as _importlib
@@ -21,9 +22,13 @@ except ImportError:  # pragma: no cover
     _spec.loader.exec_module(kernels)
 
 from . import factorize, layers, ops, profiling  # noqa: E402
-from .layers import FactorizedLinear, LowRankLinear  # noqa: E402
-from .ops import lowrank_linear  # noqa: E402
+from .layers import BlockLowRankLinear, FactorizedLinear, LowRankLinear, MonarchLinear  # noqa: E402
+from .ops import block_lowrank_linear, lowrank_linear, monarch_linear  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["lowrank_linear", "LowRankLinear", "FactorizedLinear", "factorize", "layers", "ops", "profiling"]
+__all__ = [
+    "lowrank_linear", "monarch_linear", "block_lowrank_linear",
+    "LowRankLinear", "MonarchLinear", "BlockLowRankLinear", "FactorizedLinear",
+    "factorize", "layers", "ops", "profiling",
+]

@@ -2,5 +2,6 @@
 
 from .base import FactorizedLinear
 from .lowrank import LowRankLinear
+from .monarch import BlockLowRankLinear, MonarchLinear
 
-__all__ = ["FactorizedLinear", "LowRankLinear"]
+__all__ = ["FactorizedLinear", "LowRankLinear", "MonarchLinear", "BlockLowRankLinear"]
