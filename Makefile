@@ -38,3 +38,11 @@ test-gpu: install
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+
+## benchmark tables of BENCHMARKS.md (on a CUDA GPU; on a CPU they run the small mode, CPU figures)
+BENCH_OUT ?= profiling/results
+bench: install
+	$(VENV)/bin/fastfactor bench --preset issue2-lowrank --out $(BENCH_OUT)
+	$(VENV)/bin/fastfactor bench --preset issue3-monarch --out $(BENCH_OUT)
+	$(VENV)/bin/fastfactor bench --preset issue4-sparse24 --out $(BENCH_OUT)
+	$(VENV)/bin/fastfactor bench --e2e --e2e-models bert-base,minilm --methods lowrank,monarch,sparse24,dense_sparse --out $(BENCH_OUT) --name e2e
