@@ -249,8 +249,24 @@ def test_stf_beats_fixed_mask_dense_sparse():
 
 
 def test_stf_beats_fixed_mask_sparse24():
-    """A 2:4 target: a random fixed mask cannot represent it (loss stays ~0.45 of the signal),
-    the learned mask finds it (~0.01)."""
-    fixed = _regression("sparse24", 0, False, steps=150, ft=50, lr=1e-2)
-    stf = _regression("sparse24", 0, True, steps=150, ft=50, lr=1e-2)
-    assert stf < 0.25 * fixed, (stf, fixed)
+    """A 2:4 target: a random fixed mask cannot represent it (relative loss ~0.53 after 130
+    steps), the learned mask closes in on it (~0.15; ~0.01 with more steps)."""
+    fixed = _regression("sparse24", 0, False, steps=100, ft=30, lr=1e-2)
+    stf = _regression("sparse24", 0, True, steps=100, ft=30, lr=1e-2)
+    assert stf < 0.5 * fixed, (stf, fixed)
+
+
+@pytest.mark.parametrize("mask_training", [False, True], ids=["fixed", "mask_training"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_module_compiles_fullgraph(kind, mask_training):
+    torch._dynamo.reset()
+    _, m = make(kind)
+    m.train_mask(mask_training)
+    x = torch.randn(3, 36, requires_grad=True)
+    out = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+    out.sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    ref = m(x)
+    ref.sum().backward()
+    assert torch.allclose(out, ref, atol=1e-6) and torch.allclose(gx, x.grad, atol=1e-6)
