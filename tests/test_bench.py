@@ -308,12 +308,25 @@ def test_swap_linears_touches_only_the_encoder_layers():
     assert not encoder_linear_filter("pooler.dense", nn.Linear(2, 2))
 
 
+def test_e2e_bert_base_small_mode_keeps_the_bert_base_layer_shapes():
+    pytest.importorskip("transformers")
+    from fastfactor.bench.e2e import build_model
+
+    model = build_model("bert-base", small=True)
+    assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 768
+    names = swap_linears(model, lambda lin: LowRankLinear(lin.in_features, lin.out_features, 4))
+    assert len(names) == 2 * 6  # q, k, v, attention output, MLP up, MLP down
+    shapes_ = sorted({(m.in_features, m.out_features) for m in model.modules() if isinstance(m, LowRankLinear)})
+    assert shapes_ == [(768, 768), (768, 3072), (3072, 768)]
+
+
 def test_e2e_small_mode_on_cpu_through_the_cli(tmp_path):
+    """One model through the whole e2e path (MiniLM when bundled: pretrained and quick to load)."""
     pytest.importorskip("transformers")
     from fastfactor.bench.e2e import minilm_path
 
-    models = ["bert-base"] + (["minilm"] if minilm_path() else [])
-    rc, out = _bench(tmp_path, "--e2e", "--e2e-models", ",".join(models), "--methods", "lowrank",
+    model, layers = ("minilm", 6) if minilm_path() else ("bert-base", 2)
+    rc, out = _bench(tmp_path, "--e2e", "--e2e-models", model, "--methods", "lowrank",
                      "--ratios", "0.25", "--batch", "1", "--seq-len", "8")
     assert rc == 0
     doc = json.loads((out / "r.json").read_text())
@@ -321,14 +334,13 @@ def test_e2e_small_mode_on_cpu_through_the_cli(tmp_path):
     assert not [m for m in doc["meta"]["messages"] if "failed" in m], doc["meta"]["messages"]
     rows = doc["e2e"]
     assert all(set(r) == set(report.E2E_FIELDS) for r in rows)
-    assert [(r["model"], r["method"]) for r in rows] == [(m, k) for m in models for k in ("dense", "lowrank")]
+    assert [(r["model"], r["method"]) for r in rows] == [(model, "dense"), (model, "lowrank")]
     for r in rows:
         assert r["infer_ms"] > 0 and r["train_ms"] > 0 and r["cpu_figures"] is True
         assert r["train_tokens_per_s"] == pytest.approx(8 / (r["train_ms"] * 1e-3))
-    dense, low = rows[0], rows[1]
-    assert low["swapped_layers"] == 2 * 6  # 2 layers in the small mode × (q, k, v, o, up, down)
+    dense, low = rows
+    assert low["swapped_layers"] == layers * 6
     assert 0.2 < low["ratio"] <= 0.25 and low["model_params"] < dense["model_params"]
     assert low["infer_speedup_vs_dense"] == pytest.approx(dense["infer_ms"] / low["infer_ms"])
-    if "minilm" in models:
-        assert rows[3]["swapped_layers"] == 6 * 6
+    assert low["train_speedup_vs_dense"] == pytest.approx(dense["train_ms"] / low["train_ms"])
     assert (out / "r-e2e.csv").exists()
