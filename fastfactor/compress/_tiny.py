@@ -12,13 +12,13 @@ FAMILIES = ("bert", "bert_cls", "gpt2", "llama")
 VOCAB = 97
 
 
-def tiny_model(family: str, seed: int = 0, num_labels: int = 3):
+def tiny_model(family: str, seed: int = 0, num_labels: int = 3, intermediate: int = 37):
     import transformers as T
 
     torch.manual_seed(seed)
     if family in ("bert", "bert_cls"):
         cfg = T.BertConfig(vocab_size=VOCAB, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=37, max_position_embeddings=64, num_labels=num_labels)
+                           intermediate_size=intermediate, max_position_embeddings=64, num_labels=num_labels)
         m = T.BertModel(cfg) if family == "bert" else T.BertForSequenceClassification(cfg)
     elif family == "gpt2":
         cfg = T.GPT2Config(vocab_size=VOCAB, n_embd=24, n_layer=2, n_head=2, n_positions=64,
@@ -26,7 +26,7 @@ def tiny_model(family: str, seed: int = 0, num_labels: int = 3):
         m = T.GPT2LMHeadModel(cfg)
     elif family == "llama":
         cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
-                            num_key_value_heads=1, intermediate_size=37, max_position_embeddings=64,
+                            num_key_value_heads=1, intermediate_size=intermediate, max_position_embeddings=64,
                             bos_token_id=1, eos_token_id=2, pad_token_id=0)
         m = T.LlamaForCausalLM(cfg)
     else:
