@@ -195,7 +195,7 @@ class Sparse24Weight:
 def _codes(meta: torch.Tensor, k: int):
     """``(i0, i1)`` int64 ``(rows, K/4)`` from the packed codes."""
     m = meta.to(torch.int64)
-    nib = torch.stack((m & 15, m >> 4), dim=-1).reshape(meta.shape[0], -1)[:, : k // 4]
+    nib = torch.stack((m & 15, m >> 4), dim=-1).reshape(meta.shape[0], 2 * meta.shape[1])[:, : k // 4]
     return nib & 3, nib >> 2
 
 
@@ -1035,7 +1035,10 @@ def dense_sparse_bwd(
             dx = sparse24_dx(dt, s_values, s_meta)                    # dx = dt·S
         if need_s:
             ds = sparse24_dvalues(dt, x, s_meta, out_dtype=s_values.dtype)  # kept(dtᵀ·x)
-    if need_d or has_bias:
+    if (need_d or has_bias) and R == 0:   # the GEMM skips empty products, and its fused db with them
+        dd = d.new_zeros((N, 0)) if need_d else None
+        db = g.sum(0, dtype=torch.float32).to(g.dtype) if has_bias else None
+    elif need_d or has_bias:
         if t is None:
             t = sparse24_mm(x, s_values, s_meta)
         dd_, db32 = gemm(g.t(), t, rowsum=True)                      # dD = gᵀ·t, db = Σ_m g

@@ -346,3 +346,26 @@ def test_ste_24_compiles_fullgraph():
     x = torch.randn(3, 16)
     out = torch.compile(fn, backend="aot_eager", fullgraph=True)(x)
     assert torch.allclose(out, fn(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, r, k", [(0, 0, 8), (3, 0, 8), (3, 2, 0), (0, 2, 8)], ids=lambda v: str(v))
+def test_zero_size_weights(backend, n, r, k):
+    """Empty weights (no output rows, rank 0, or in_features 0) give correctly shaped results
+    and gradients (zeros) on both backends."""
+    x = torch.randn(3, k, requires_grad=True)
+    w = sparse_weight(n, k, torch.float32)
+    b = torch.randn(n, requires_grad=True)
+    y = sparse24_linear(x, w, b)
+    assert y.shape == (3, n)
+    assert torch.allclose(y, x.detach() @ w.to_dense().detach().t() + b.detach())
+    y.sum().backward()
+    assert x.grad.shape == x.shape and w.values.grad.shape == w.values.shape
+    x.grad = None
+    s = sparse_weight(r, k, torch.float32)
+    d = torch.randn(n, r, requires_grad=True)
+    y = dense_sparse_linear(x, d, s, b)
+    assert y.shape == (3, n)
+    assert torch.allclose(y, (x.detach() @ s.to_dense().detach().t()) @ d.detach().t() + b.detach(), atol=1e-6)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and d.grad.shape == d.shape and s.values.grad.shape == s.values.shape
+    assert torch.equal(b.grad, torch.full((n,), 6.0))

@@ -38,6 +38,7 @@ assigning ``fastfactor.ops.sparse24.SPARSE24_TORCH_MIN_M``. The converted tensor
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -250,7 +251,7 @@ def sparse24_linear_packed(
     """:func:`sparse24_linear` on the packed tensors (what the modules call; compile-friendly)."""
     check_sparse24_args(x, values, meta, bias)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(lead), x.shape[-1])   # explicit: -1 is ambiguous when in = 0
     n = values.shape[0]
     if x.is_cuda and not torch.compiler.is_compiling():
         needs_grad = torch.is_grad_enabled() and any(
@@ -417,7 +418,7 @@ def dense_sparse_linear_packed(
     """:func:`dense_sparse_linear` on the packed tensors of ``S`` (what the modules call)."""
     check_dense_sparse_args(x, d, s_values, s_meta, bias)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(lead), x.shape[-1])   # explicit: -1 is ambiguous when in = 0
     save_t = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, d, s_values, bias)
     )
