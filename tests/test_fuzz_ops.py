@@ -71,6 +71,7 @@ class Case:
     ref64: Callable
     reduction: int
     out_features: int
+    extra: dict = dataclasses.field(default_factory=dict)  #: non-differentiable inputs (2:4 meta)
 
     def leaves(self):
         """Fresh differentiable copies of ``x`` (keeping its strides) and the params."""
@@ -138,6 +139,7 @@ def make_case(op, *, lead, k, n, r, nblocks, dtype, bias, layout, seed, wt=False
             return _affine(x, u @ v, bb)
 
         red = max(k, r, 1)
+        meta = None
     elif op in ("monarch", "block_lowrank"):
         from fastfactor.kernels import monarch as Mk
         from fastfactor.ops.monarch import block_lowrank_linear, monarch_linear
@@ -192,7 +194,8 @@ def make_case(op, *, lead, k, n, r, nblocks, dtype, bias, layout, seed, wt=False
     if b is not None:
         params.append(b)
         names.append("bias")
-    return Case(op, fn, x, params, names, ref, red, n)
+    extra = {"meta": meta} if op in ("sparse24", "dense_sparse") else {}
+    return Case(op, fn, x, params, names, ref, red, n, extra)
 
 
 def _affine(x, w, bb):
