@@ -312,8 +312,6 @@ ZERO_BUGS = [
     # (op, backend, kw overrides, why)
     ("lowrank", "ref", dict(k=0, n=3, r=2), "lowrank_linear: x.reshape(-1, 0) is ambiguous for in_features=0"),
     ("lowrank", "triton", dict(k=0, n=3, r=2), "lowrank_linear: x.reshape(-1, 0) is ambiguous for in_features=0"),
-    ("sparse24", "ref", dict(k=8, n=0, r=0), "sparse24 reference: reshape of 0 rows in unpack_24"),
-    ("dense_sparse", "ref", dict(k=8, n=3, r=0), "dense_sparse reference: reshape of 0 rows in unpack_24"),
     ("lowrank", "triton", dict(k=5, n=3, r=0),
      "kernels.lowrank.gemm skips rank-0 products, so db (fused into dU = gᵀ·t as row sums) is never written"),
 ]
