@@ -363,6 +363,7 @@ if HAS_TRITON:
         STORE_H: tl.constexpr,
         UPCAST: tl.constexpr,     # upcast dot operands to fp32 (interpreter)
         PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands
+        FP64: tl.constexpr,       # float64 operands and accumulators (interpreter tier: gradcheck)
         BLOCK_M: tl.constexpr,    # rows per program
         BLOCK_N: tl.constexpr,    # output rows of block p per program
         BLOCK_K: tl.constexpr,    # reduction chunk over the input block
@@ -380,13 +381,19 @@ if HAS_TRITON:
         f_out = p * OP + offs_s * OS
         mask_o = mask_s & (f_out < F_OUT)
 
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if FP64:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for q in range(0, NB):
             for t0 in range(0, R, BLOCK_R):
                 tt = t0 + offs_r
                 mask_t = tt < R
                 # ---- stage 1: h[:, q, p, t-chunk] = a[:, block q] · w1[q, p, t-chunk, :]ᵀ ----
-                h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                if FP64:
+                    h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float64)
+                else:
+                    h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                 for c0 in range(0, CB, BLOCK_K):
                     cc = c0 + offs_k
                     mask_c = cc < CB
@@ -399,7 +406,7 @@ if HAS_TRITON:
                         w1_ptr + q * s1q + p * s1p + tt[None, :] * s1t + cc[:, None] * s1c,
                         mask=mask_t[None, :] & mask_c[:, None], other=0.0,
                     )
-                    if UPCAST:
+                    if UPCAST and not FP64:
                         a = a.to(tl.float32)
                         w1 = w1.to(tl.float32)
                     h = tl.dot(a, w1, h, input_precision=PRECISION)
@@ -415,13 +422,13 @@ if HAS_TRITON:
                     w2_ptr + p * s2p + offs_s[None, :] * s2s + q * s2q + tt[:, None] * s2t,
                     mask=mask_s[None, :] & mask_t[:, None], other=0.0,
                 )
-                if UPCAST:
+                if UPCAST and not FP64:
                     h_lo = h_lo.to(tl.float32)
                     w2 = w2.to(tl.float32)
                 acc = tl.dot(h_lo, w2, acc, input_precision=PRECISION)
 
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + f_out, mask=mask_o, other=0.0).to(tl.float32)
+            bias = tl.load(bias_ptr + f_out, mask=mask_o, other=0.0).to(acc.dtype)
             acc = acc + bias[None, :]
         # P₂ is the addressing of this store
         tl.store(
@@ -450,6 +457,7 @@ if HAS_TRITON:
         ROWSUM: tl.constexpr,
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
+        FP64: tl.constexpr,       # float64 operands and accumulators (interpreter tier: gradcheck)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -467,8 +475,12 @@ if HAS_TRITON:
         fa_i = g * FAG + offs_i * FAI
         fb_j = g * FBG + offs_j * FBJ
 
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        rsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if FP64:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+            rsum = tl.zeros((BLOCK_M,), dtype=tl.float64)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            rsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, KR, BLOCK_K):
             kk = k0 + offs_k
             mask_k = kk < KR
@@ -485,8 +497,8 @@ if HAS_TRITON:
                 other=0.0,
             )
             if ROWSUM:
-                rsum += tl.sum(a.to(tl.float32), axis=1)
-            if UPCAST:
+                rsum += tl.sum(a.to(rsum.dtype), axis=1)
+            if UPCAST and not FP64:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -494,7 +506,7 @@ if HAS_TRITON:
         f_c = g * FCG + offs_j * FCJ
         mask_cj = mask_j & (f_c < FC_LIM)
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + f_c, mask=mask_cj, other=0.0).to(tl.float32)
+            bias = tl.load(bias_ptr + f_c, mask=mask_cj, other=0.0).to(acc.dtype)
             acc = acc + bias[None, :]
         col = (offs_j // CSPLIT) * scj_hi + (offs_j % CSPLIT) * scj
         tl.store(
@@ -504,7 +516,7 @@ if HAS_TRITON:
         )
         if ROWSUM:
             if pid_n == 0:
-                tl.store(rowsum_ptr + fa_i, rsum, mask=mask_i & (fa_i < FA_LIM))
+                tl.store(rowsum_ptr + fa_i, rsum.to(rowsum_ptr.dtype.element_ty), mask=mask_i & (fa_i < FA_LIM))
 
     _chain_tuned = triton.autotune(
         configs=configs(CHAIN_SPACE),
@@ -549,8 +561,8 @@ if HAS_TRITON:
         fn=_chain_kernel,
         signature=_chain_signature,
         constexprs=[
-            dict(HAS_BIAS=True, STORE_H=True, UPCAST=False, PRECISION="tf32"),
-            dict(HAS_BIAS=False, STORE_H=False, UPCAST=False, PRECISION="tf32"),
+            dict(HAS_BIAS=True, STORE_H=True, UPCAST=False, PRECISION="tf32", FP64=False),
+            dict(HAS_BIAS=False, STORE_H=False, UPCAST=False, PRECISION="tf32", FP64=False),
         ],
         space=CHAIN_SPACE,
         **_unit("stride_af", "IC", "s1c", "s2t", "stride_zf", "sht"),
@@ -560,8 +572,8 @@ if HAS_TRITON:
         fn=_bgemm_kernel,
         signature=_bgemm_signature,
         constexprs=[
-            dict(HAS_BIAS=True, ROWSUM=False, UPCAST=False, PRECISION="tf32"),
-            dict(HAS_BIAS=False, ROWSUM=True, UPCAST=False, PRECISION="tf32"),
+            dict(HAS_BIAS=True, ROWSUM=False, UPCAST=False, PRECISION="tf32", FP64=False),
+            dict(HAS_BIAS=False, ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False),
         ],
         space=BGEMM_SPACE,
         **_unit("scj",),
@@ -616,7 +628,7 @@ def _bgemm(G, I, J, KR, a, b, c, bias=None, rowsum=None):
         sbg, sbk, sbj, *fb,
         scg, sci, scj, scj_hi, split, *fc,
         HAS_BIAS=bias is not None, ROWSUM=rowsum is not None,
-        UPCAST=upcast_dots(), PRECISION=dot_precision(at.dtype),
+        UPCAST=upcast_dots(), PRECISION=dot_precision(at.dtype), FP64=at.dtype == torch.float64,
     )
 
 
@@ -637,7 +649,7 @@ def _chain(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, imap,
         *imap, *omap,
         a.stride(0), a.stride(1), *s1, *s2, z.stride(0), z.stride(1), *sh,
         HAS_BIAS=bias is not None, STORE_H=h is not None,
-        UPCAST=upcast_dots(), PRECISION=dot_precision(a.dtype),
+        UPCAST=upcast_dots(), PRECISION=dot_precision(a.dtype), FP64=a.dtype == torch.float64,
     )
 
 
@@ -772,7 +784,7 @@ def monarch_bwd(
     if need_w2 or has_bias:
         if need_w2 and hbuf is None:
             _, hbuf = monarch_fwd(x, w1, w2, None, N, strided, save_h=True, path="two_stage")
-        db32 = torch.empty((N,), device=g.device, dtype=torch.float32) if has_bias else None
+        db32 = torch.empty((N,), device=g.device, dtype=torch.float64 if g.dtype == torch.float64 else torch.float32) if has_bias else None
         if need_w2:
             dw2 = torch.empty_like(w2, memory_format=torch.contiguous_format)
             hb = hbuf

@@ -144,8 +144,7 @@ def test_kernels_backward_deterministic(triton_cpu, path, op):
 
 def test_kernels_finite_differences(triton_cpu, path):
     """The interpreted kernels' gradients against central finite differences of their own forward
-    (fp32: the kernels upcast to fp32 under the interpreter, so float64 gradcheck is not possible).
-    The loss <g, y> is linear in each single input, so the difference is exact up to rounding."""
+    in fp32 (float64 gradcheck of the kernels is below). The loss <g, y> is linear in each single input, so the difference is exact up to rounding."""
     M, K, N, b, r = 4, 9, 7, 2, 2
     x, w1, w2, bb = make(M, K, N, b, r, torch.float32)
     g = torch.randn(M, N)
@@ -161,6 +160,15 @@ def test_kernels_finite_differences(triton_cpu, path):
             fd = (loss(*plus) - loss(*minus)) / (2 * eps)
         an = (gr * d).sum()
         assert abs(fd.item() - an.item()) <= 2e-3 * (1 + abs(an.item())), (i, fd.item(), an.item())
+
+
+@pytest.mark.parametrize("fn", [monarch_linear, block_lowrank_linear], ids=["monarch", "blocklowrank"])
+def test_kernels_gradcheck_float64(triton_cpu, path, fn):
+    """float64 gradcheck on the interpreted kernels themselves (their FP64 variant: float64
+    operands and accumulators), odd sizes not divisible by nblocks, rank 2."""
+    M, K, N, b, r = 4, 13, 10, 3, 2
+    x, w1, w2, bb = (t.detach().double().requires_grad_() for t in make(M, K, N, b, r, torch.float32))
+    assert torch.autograd.gradcheck(lambda *a: fn(*a, out_features=N), (x, w1, w2, bb))
 
 
 def test_kernels_inference_saves_nothing(triton_cpu):
