@@ -1,7 +1,9 @@
 """fastfactor: Triton kernels and a compression driver for transformers with factorized linears.
 
-Ops: :func:`lowrank_linear`, :func:`monarch_linear`, :func:`block_lowrank_linear`.
-Modules: :class:`LowRankLinear`, :class:`MonarchLinear`, :class:`BlockLowRankLinear`.
+Ops: :func:`lowrank_linear`, :func:`monarch_linear`, :func:`block_lowrank_linear`,
+:func:`sparse24_linear`, :func:`dense_sparse_linear`.
+Modules: :class:`LowRankLinear`, :class:`MonarchLinear`, :class:`BlockLowRankLinear`,
+:class:`Sparse24Linear`, :class:`DenseSparseLinear`.
 """
 
 import importlib as _importlib
@@ -22,13 +24,27 @@ except ImportError:  # pragma: no cover
     _spec.loader.exec_module(kernels)
 
 from . import factorize, layers, ops, profiling  # noqa: E402
-from .layers import BlockLowRankLinear, FactorizedLinear, LowRankLinear, MonarchLinear  # noqa: E402
-from .ops import block_lowrank_linear, lowrank_linear, monarch_linear  # noqa: E402
+from .kernels.sparse24 import Sparse24Weight  # noqa: E402
+from .layers import (  # noqa: E402
+    BlockLowRankLinear,
+    DenseSparseLinear,
+    FactorizedLinear,
+    LowRankLinear,
+    MonarchLinear,
+    Sparse24Linear,
+)
+from .ops import (  # noqa: E402
+    block_lowrank_linear,
+    dense_sparse_linear,
+    lowrank_linear,
+    monarch_linear,
+    sparse24_linear,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "lowrank_linear", "monarch_linear", "block_lowrank_linear",
-    "LowRankLinear", "MonarchLinear", "BlockLowRankLinear", "FactorizedLinear",
-    "factorize", "layers", "ops", "profiling",
+    "lowrank_linear", "monarch_linear", "block_lowrank_linear", "sparse24_linear", "dense_sparse_linear",
+    "LowRankLinear", "MonarchLinear", "BlockLowRankLinear", "Sparse24Linear", "DenseSparseLinear",
+    "FactorizedLinear", "Sparse24Weight", "factorize", "layers", "ops", "profiling",
 ]

@@ -3,5 +3,9 @@
 from .base import FactorizedLinear
 from .lowrank import LowRankLinear
 from .monarch import BlockLowRankLinear, MonarchLinear
+from .sparse24 import DenseSparseLinear, Sparse24Linear
 
-__all__ = ["FactorizedLinear", "LowRankLinear", "MonarchLinear", "BlockLowRankLinear"]
+__all__ = [
+    "FactorizedLinear", "LowRankLinear", "MonarchLinear", "BlockLowRankLinear",
+    "Sparse24Linear", "DenseSparseLinear",
+]

@@ -2,5 +2,9 @@
 
 from .lowrank import lowrank_linear
 from .monarch import block_lowrank_linear, monarch_linear
+from .sparse24 import dense_sparse_linear, sparse24_linear, ste_24
 
-__all__ = ["lowrank_linear", "monarch_linear", "block_lowrank_linear"]
+__all__ = [
+    "lowrank_linear", "monarch_linear", "block_lowrank_linear",
+    "sparse24_linear", "dense_sparse_linear", "ste_24",
+]
