@@ -46,3 +46,7 @@ bench: install
 	$(VENV)/bin/fastfactor bench --preset issue3-monarch --out $(BENCH_OUT)
 	$(VENV)/bin/fastfactor bench --preset issue4-sparse24 --out $(BENCH_OUT)
 	$(VENV)/bin/fastfactor bench --e2e --e2e-models bert-base,minilm --methods lowrank,monarch,sparse24,dense_sparse --out $(BENCH_OUT) --name e2e
+
+## the main job: compress the bundled all-MiniLM-L6-v2 with every method (< 10 min on 2 CPU cores)
+demo: install
+	HF_HUB_OFFLINE=1 $(PY) -m fastfactor.compress.demo

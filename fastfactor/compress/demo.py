@@ -175,13 +175,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write demo.json and demo.md here")
     args = ap.parse_args(argv)
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     if args.quick:
-        args.train, args.eval, args.stage_steps, args.final_steps = 48, 24, 1, 2
-        args.layers = args.layers or 2
-        args.max_length = 32
+        args.train, args.eval, args.stage_steps, args.final_steps = 24, 12, 1, 1
+        args.layers = args.layers or 1
+        args.max_length = 24
     torch.manual_seed(args.seed)
     t_all = time.perf_counter()
     print(f"loading all-MiniLM-L6-v2 from {minilm_path()}")

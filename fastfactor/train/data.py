@@ -173,12 +173,6 @@ def load_task_data(
         name = key
     else:
         train_ds = _load_file(train_file, "train_file")
-        if eval_file is not None:
-            eval_ds = _load_file(eval_file, "eval_file")
-        else:
-            parts = train_ds.train_test_split(test_size=0.1, seed=seed)
-            train_ds, eval_ds = parts["train"], parts["test"]
-        name = os.path.basename(train_file)
         if text_fields is None:
             cols = set(train_ds.column_names)
             text_fields = next((g for g in _TEXT_FIELD_GUESSES if set(g) <= cols), None)
@@ -187,6 +181,12 @@ def load_task_data(
                     f"text_fields: could not guess the text column(s) of {train_file!r} (columns "
                     f"{train_ds.column_names}); pass them explicitly"
                 )
+        if eval_file is not None:
+            eval_ds = _load_file(eval_file, "eval_file")
+        else:
+            parts = train_ds.train_test_split(test_size=0.1, seed=seed)
+            train_ds, eval_ds = parts["train"], parts["test"]
+        name = os.path.basename(train_file)
     text_fields = tuple(text_fields)
     for split, d in (("train", train_ds), ("eval", eval_ds)):
         missing = [f for f in text_fields if f not in d.column_names]
