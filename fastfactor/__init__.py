@@ -23,7 +23,8 @@ except ImportError:  # pragma: no cover
     _sys.modules["fastfactor.kernels"] = kernels
     _spec.loader.exec_module(kernels)
 
-from . import factorize, layers, ops, profiling  # noqa: E402
+from . import determinism, distributed, factorize, layers, ops, profiling  # noqa: E402
+from .determinism import is_deterministic, set_deterministic  # noqa: E402
 from .kernels.sparse24 import Sparse24Weight  # noqa: E402
 from .layers import (  # noqa: E402
     BlockLowRankLinear,
@@ -47,4 +48,5 @@ __all__ = [
     "lowrank_linear", "monarch_linear", "block_lowrank_linear", "sparse24_linear", "dense_sparse_linear",
     "LowRankLinear", "MonarchLinear", "BlockLowRankLinear", "Sparse24Linear", "DenseSparseLinear",
     "FactorizedLinear", "Sparse24Weight", "factorize", "layers", "ops", "profiling",
+    "set_deterministic", "is_deterministic", "determinism", "distributed",
 ]

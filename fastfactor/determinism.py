@@ -40,7 +40,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-_STATE = {"flag": False}
+from .kernels._config import DETERMINISTIC as _STATE  # the flag the kernel launchers read
 
 
 def set_deterministic(enabled: bool = True, *, torch_algorithms: bool = True, warn_only: bool = False) -> None:

@@ -130,6 +130,65 @@ def configs(space: list[dict], interp_index: int = 0) -> list:
 
 
 # --------------------------------------------------------------------------------------------
+# Deterministic mode and the autotuned launcher
+# --------------------------------------------------------------------------------------------
+
+#: fastfactor's own switch (set by ``fastfactor.set_deterministic``); kernels/ cannot import the
+#: library layer, so the flag lives here.
+DETERMINISTIC = {"flag": False}
+
+
+def is_deterministic() -> bool:
+    """Launchers must not vary run to run: on when ``fastfactor.set_deterministic(True)`` or
+    ``torch.use_deterministic_algorithms(True)`` is in effect."""
+    return DETERMINISTIC["flag"] or bool(torch.are_deterministic_algorithms_enabled())
+
+
+class Tunable:
+    """An autotuned kernel that launches one fixed config in deterministic mode.
+
+    ``Tunable(fn, space, key=[...], prune=fn)`` is used like ``triton.autotune(...)(fn)``:
+    ``tunable[grid](*args, **kwargs)``. Autotuning picks the fastest config per key on the first
+    call, and two processes may pick differently when timings are close; configs differ in block
+    sizes and so in the order of the reduction, hence in rounding. In deterministic mode the
+    launch skips the autotuner and runs the first config of the space that survives ``prune``
+    (the second entry of the space on a GPU: the first is the interpreter's tiny config), so
+    every process computes the same bits.
+    """
+
+    def __init__(self, fn, space: list[dict], key: list[str], prune=None):
+        self.fn = fn
+        self.space = space
+        self.prune = prune
+        self.tuned = None
+        if HAS_TRITON:
+            kw = {"prune_configs_by": {"early_config_prune": prune}} if prune else {}
+            self.tuned = triton.autotune(configs=configs(space), key=key, **kw)(fn)
+
+    def fixed_config(self, kwargs: dict):
+        cands = configs(self.space if not is_interpreter() else self.space[:1])
+        if not is_interpreter() and len(cands) > 1:
+            cands = cands[1:] + cands[:1]
+        if self.prune is not None:
+            cands = self.prune(cands, kwargs, **kwargs) or cands
+        return cands[0]
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if not is_deterministic():
+                return self.tuned[grid](*args, **kwargs)
+            named = dict(zip(self.fn.arg_names, args))
+            named.update(kwargs)
+            cfg = self.fixed_config(named)
+            meta = {**named, **cfg.kwargs}
+            g = grid(meta) if callable(grid) else grid
+            return self.fn[g](*args, **kwargs, **cfg.kwargs,
+                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+        return launch
+
+
+# --------------------------------------------------------------------------------------------
 # Registry for the compile tier
 # --------------------------------------------------------------------------------------------
 

@@ -133,3 +133,44 @@ def test_gemm_rowsum_fuses_bias_gradient():
 def test_chain_rejects_rank_beyond_registers():
     with pytest.raises(ValueError, match="chain: rank must be <= 256"):
         K.chain(torch.randn(2, 300), torch.randn(257, 300), torch.randn(5, 257))
+
+
+def test_deterministic_mode_bypasses_the_autotuner(path, monkeypatch):
+    """In deterministic mode the launchers run one fixed config, never the autotuner (whose choice
+    may differ between processes); the result equals the autotuned launch here."""
+    x = torch.randn(21, 30, requires_grad=True)
+    u = torch.randn(26, 6, requires_grad=True)
+    v = torch.randn(6, 30, requires_grad=True)
+    y0 = fastfactor.lowrank_linear(x, u, v)
+    g0 = torch.autograd.grad(y0.sum(), (x, u, v))
+
+    class Boom:
+        def __getitem__(self, grid):
+            raise AssertionError("autotuner used in deterministic mode")
+
+    monkeypatch.setattr(K._chain_tuned, "tuned", Boom())
+    monkeypatch.setattr(K._gemm_tuned, "tuned", Boom())
+    with fastfactor.determinism.deterministic(torch_algorithms=False):
+        y1 = fastfactor.lowrank_linear(x, u, v)
+        g1 = torch.autograd.grad(y1.sum(), (x, u, v))
+    assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+    with pytest.raises(AssertionError, match="autotuner used"):
+        fastfactor.lowrank_linear(x, u, v)  # and outside the mode the autotuner is back
+
+
+def test_rank_zero_and_in_features_zero(path):
+    # rank 0: y = bias, dbias = Σ_m g (no program of the dU product runs: the row sums are taken anyway)
+    x = torch.randn(5, 7, requires_grad=True)
+    u = torch.randn(4, 0, requires_grad=True)
+    v = torch.randn(0, 7, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    y = fastfactor.lowrank_linear(x, u, v, b)
+    torch.testing.assert_close(y, b.expand(5, 4))
+    g = torch.randn(5, 4)
+    y.backward(g)
+    torch.testing.assert_close(b.grad, g.sum(0))
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    # in_features 0
+    x0 = torch.randn(3, 2, 0)
+    y0 = fastfactor.lowrank_linear(x0, torch.randn(4, 1), torch.randn(1, 0), b.detach())
+    torch.testing.assert_close(y0, b.detach().expand(3, 2, 4))

@@ -17,6 +17,7 @@ Triton interpreter, see ``fastfactor.kernels._config``).
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -176,7 +177,7 @@ def lowrank_linear(
     """
     check_lowrank_args(x, u, v, bias)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(lead), x.shape[-1])  # not -1: in_features may be 0
     save_t = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, u, v, bias)
     )
