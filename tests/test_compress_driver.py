@@ -152,3 +152,16 @@ def test_callable_package():
     assert out is model and rep.target_ratio <= 0.4
     C.revert(model)
     assert not _factorized(model)
+
+
+def test_nvtx_ranges_cover_stages_factorization_and_steps(monkeypatch):
+    from fastfactor import profiling
+
+    seen = []
+    monkeypatch.setattr(profiling, "push", lambda name, color=None: seen.append(name))
+    monkeypatch.setattr(profiling, "pop", lambda: None)
+    C.compress(tiny_model("llama"), dict(method="lowrank", schedule="staged", stage_steps=1, final_steps=1,
+                                         init="activation", batch_size=8), tiny_data())
+    for name in ("stage 0", "stage 1", "calibrate", "factorize model.layers.0.self_attn.q_proj", "forward",
+                 "backward", "optimizer step", "final fine-tune", "evaluate"):
+        assert name in seen, name

@@ -107,3 +107,16 @@ def test_distill_losses_and_evaluator():
         distill_loss(O(h), O(h2), m, "kl")
     with pytest.raises(ValueError, match="task_type"):
         TaskData(data.train, data.eval, "ranking")
+
+
+def test_glue_without_hub_gives_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("hub unreachable")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(RuntimeError, match="task: could not load GLUE 'sst2'.*--train-file"):
+        load_task_data(_Tok(), task="SST-2")
