@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .. import profiling
-from ..layers.base import FactorizedLinear
+from .calibration import collect_activation_stats, collect_fisher
 from .config import CompressionConfig
 from .methods import build_layer, get_method
 from .targets import Target, dense_view, get_module, select_targets, set_module
@@ -278,8 +278,7 @@ def compress(
                     new.train(old.training)
                     set_module(model, t.name, new)
                     kept[t.name] = new.num_weight_params
-                    if "gram" in stats.get(t.name, {}):
-                        rec.init_info[t.name] = "activation"
+                    rec.init_info[t.name] = init
                     del old, view
             stats.clear()
             rec.params = count_params(model)
@@ -336,9 +335,6 @@ def _inputs(model, batch, device):
     from ..train.loop import model_inputs
 
     return model_inputs(model, batch, device)
-
-
-from .calibration import collect_activation_stats, collect_fisher  # noqa: E402
 
 
 def revert(model: nn.Module) -> nn.Module:
