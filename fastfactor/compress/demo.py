@@ -158,7 +158,8 @@ DEMO_METHODS = ("lowrank", "monarch", "block_lowrank", "sparse24", "dense_sparse
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastfactor.compress.demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--methods", nargs="+", default=list(DEMO_METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(DEMO_METHODS),
+                    help="methods, optionally METHOD:INIT (e.g. lowrank:activation)")
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--train", type=int, default=512, help="training sentences")
     ap.add_argument("--eval", type=int, default=128, help="held-out sentences")
@@ -194,17 +195,19 @@ def main(argv=None) -> int:
     rows = []
     from tqdm.auto import tqdm
 
-    for method in tqdm(args.methods, desc="methods"):
-        off = run_one(model, data, teacher, method, args.ratio, "offline", seed=args.seed)
+    for entry in tqdm(args.methods, desc="methods"):
+        method, _, init = entry.partition(":")  # "lowrank:activation" picks an init
+        init = init or "auto"
+        off = run_one(model, data, teacher, method, args.ratio, "offline", init=init, seed=args.seed)
         if "error" in off:
-            print(f"{method}: {off['error']}")
-            rows.append({"method": method, "error": off["error"]})
+            print(f"{entry}: {off['error']}")
+            rows.append({"method": entry, "error": off["error"]})
             continue
-        st = run_one(model, data, teacher, method, args.ratio, "staged", stage_steps=args.stage_steps,
+        st = run_one(model, data, teacher, method, args.ratio, "staged", init=init, stage_steps=args.stage_steps,
                      final_steps=args.final_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-        print(f"\n{method}: staged, per stage\n" + _stage_table(st["report"]))
+        print(f"\n{entry}: staged, per stage\n" + _stage_table(st["report"]))
         rows.append({
-            "method": method, "params": st["params"], "params_before": st["params_before"], "kept": st["kept"],
+            "method": entry if init != "auto" else method, "params": st["params"], "params_before": st["params_before"], "kept": st["kept"],
             "cosine_offline": off["cosine"], "spearman_offline": off["spearman"],
             "cosine_tuned": st["cosine"], "spearman_tuned": st["spearman"],
             "seconds_offline": off["seconds"], "seconds_tuned": st["seconds"],

@@ -75,6 +75,42 @@ def markdown(rows) -> str:
     )
 
 
+def pivot_markdown(rows) -> str:
+    """One line per (method, init, ratio): kept fraction and ``cosine / ρ`` per schedule, plus the
+    lowest fidelity seen on the way (staged: after each stage's fine-tuning and right after the
+    last swap; all_at_once: right after the swap)."""
+    from .driver import format_table
+
+    cells = {}
+    for r in rows:
+        if "error" in r:
+            continue
+        cells.setdefault((r["method"], r["init"], r["ratio"]), {})[r["schedule"]] = r
+    order = {m: i for i, m in enumerate(METHODS)}
+    inits = {"svd": 0, "fisher": 1, "activation": 2}
+    out = []
+    for (m, init, ratio), by in sorted(cells.items(), key=lambda kv: (order.get(kv[0][0], 99), inits.get(kv[0][1], 0), kv[0][2])):
+        any_row = next(iter(by.values()))
+        line = [m, init, "2:4" if m == "sparse24" else f"{ratio:.1f}", f"{any_row['kept']:.3f}"]
+        for s in SCHEDULES:
+            r = by.get(s)
+            line.append("-" if r is None else f"{_f(r['cosine'], 3)} / {_f(r['spearman'], 3)}")
+        worst = []
+        for s in ("all_at_once", "staged"):
+            r = by.get(s)
+            if r is None:
+                worst.append("-")
+                continue
+            vals = [v for v in r.get("stage_cosine", [])[:-1] if v is not None] + [r.get("cosine_swapped")]
+            vals = [v for v in vals if v is not None]
+            worst.append(_f(min(vals), 3) if vals else "-")
+        out.append(line + worst)
+    return format_table(
+        ["method", "init", "ratio", "kept", "offline cos / ρ", "all_at_once cos / ρ", "staged cos / ρ",
+         "worst cos (all_at_once)", "worst cos (staged)"], out,
+    )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastfactor.compress.evidence", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
@@ -139,7 +175,7 @@ def main(argv=None) -> int:
         print(f"{m:13s} {row['init']:10s} ratio {ratio:.1f} {sched:11s}: cosine {_f(row['cosine'])} "
               f"ρ {_f(row['spearman'])} ({time.perf_counter() - t0:.0f}s)", flush=True)
         atomic_write_text(jpath, json.dumps({"meta": meta, "rows": list(done.values())}, indent=2))
-    md = markdown(list(done.values()))
+    md = pivot_markdown(list(done.values())) + "\n\n" + markdown(list(done.values()))
     atomic_write_text(os.path.join(args.out, "evidence.md"), md + "\n")
     print(md)
     return 0
