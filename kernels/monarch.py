@@ -59,8 +59,9 @@ Two kernels serve every product.
 ``(row block of BLOCK_M rows, output block p, tile of BLOCK_N rows inside that block)``. It loops
 over the input blocks ``q`` and over chunks of ``BLOCK_R`` of the rank: the stage-1 piece
 ``h[:, q, p, t-chunk]`` (``BLOCK_M × BLOCK_R``) is accumulated in fp32 registers over the input
-block (``tl.dot``, tensor cores), rounded to the input dtype and immediately multiplied into the
-output tile by ``w2[p, s-tile, q·r + t-chunk]ᵀ``. The permutation ``P₁`` costs nothing: because of
+block (``tl.dot``, tensor cores), rounded to the input dtype (kept fp32 for fp16, see Precision)
+and immediately multiplied into the output tile by ``w2[p, s-tile, q·r + t-chunk]ᵀ``. The
+permutation ``P₁`` costs nothing: because of
 it, output block ``p`` needs exactly the slices ``h[:, ·, p, ·]``, which no other output block
 needs, so the programs of different output blocks never duplicate stage-1 work, and the
 intermediate never leaves registers. ``P₂`` is the addressing of the store. The one redundancy is
@@ -98,8 +99,16 @@ Save or recompute ``h``
 Precision
     Dot operands are in the input dtype with fp32 accumulation; fp32 inputs use TF32 only when
     ``torch.backends.cuda.matmul.allow_tf32`` is on. The intermediate (``h`` forward, ``dh``
-    backward) is rounded to the input dtype before the second product, like the reference and
-    the bmm path of a bf16 model. Under the interpreter the operands are upcast to fp32.
+    backward) is rounded to the input dtype before the second product for bf16 and fp32, like
+    the bmm path of a bf16 model. For fp16 it stays in fp32 (:func:`intermediate_dtype`, shared
+    with the low-rank family): ``h = R·x`` can exceed fp16's range (65504) where ``y`` does not
+    (and ``dh = Lᵀ·g`` where ``dx`` does not), so the second product runs on fp32 operands as
+    TF32 (fp16's 10-bit mantissa, fp32's range) at half the fp16 tensor-core rate for that
+    product; the fused chain keeps ``h`` in fp32 registers (``H_FP32``), the two-stage path, the
+    saved ``hbuf`` and the backward's ``dh`` buffer are fp32 (4 bytes per element), and the
+    batched GEMM converts both operands to fp32 when their dtypes differ (``MIXED``: ``h·w2``,
+    ``dh·w1``, ``dhᵀ·x``, ``gᵀ·h``). The PyTorch reference rounds at the same places, so CPU and
+    kernels agree. Under the interpreter the operands are upcast to fp32.
     Ranks below 16 are padded to 16 inside ``tl.dot`` (its minimum); at ``r = 1`` the dots do 16×
     the useful work, which is harmless while the layer is memory-bound (it is, at such ranks).
 """
@@ -119,6 +128,7 @@ from ._config import (
     register_kernel,
     upcast_dots,
 )
+from .lowrank import intermediate_dtype
 
 if HAS_TRITON:
     import triton
@@ -173,23 +183,25 @@ def monarch_bmm(
 
     x: (..., K), w1: (b, b·r, kb), w2: (b, nb, b·r), bias: (N,) or None -> (..., N).
 
-    With ``acc_dtype=None`` everything runs in ``x``'s dtype (the unfused benchmark baseline);
-    with ``acc_dtype`` the products run in that dtype and the intermediate is rounded to ``x``'s
-    dtype in between (the reference). ``return_h`` also returns ``h'`` as ``(M, b·b·r)`` in the
-    ``hbuf[m, l, j, t]`` layout the kernels save.
+    With ``acc_dtype=None`` everything runs in ``x``'s dtype (the unfused benchmark baseline).
+    With ``acc_dtype`` (the reference) the products run in that dtype and the intermediate is
+    rounded in between to ``intermediate_dtype(x.dtype)`` as the kernels do: ``x``'s dtype, fp32
+    for fp16. ``return_h`` also returns ``h'`` as ``(M, b·b·r)`` in the ``hbuf[m, l, j, t]``
+    layout the kernels save, in that same dtype.
     """
     b, r, kb, nb = factor_dims(w1, w2)
     K = x.shape[-1]
     lead = x.shape[:-1]
     acc = acc_dtype or x.dtype
+    inter = intermediate_dtype(x.dtype) if acc_dtype is not None else x.dtype
     x2 = x.reshape(-1, K).to(acc)
     M = x2.shape[0]
     if b * kb != K:
         x2 = torch.nn.functional.pad(x2, (0, b * kb - K))
     # R: (b_j, M, kb) @ (b_j, kb, b·r) -> (b_j, M, b·r), column p = l·r + t
     h = torch.bmm(x2.reshape(M, b, kb).transpose(0, 1), w1.to(acc).transpose(1, 2))
-    if acc != x.dtype:
-        h = h.to(x.dtype).to(acc)
+    if acc != inter:
+        h = h.to(inter).to(acc)
     # P₁: (j, M, l, t) -> (l, M, j, t)
     h = h.reshape(b, M, b, r).permute(2, 1, 0, 3).reshape(b, M, b * r)
     # L: (b_l, M, b·r) @ (b_l, b·r, nb) -> (b_l, M, nb)
@@ -204,7 +216,7 @@ def monarch_bmm(
         y = y + bias.to(acc)
     y = y.to(x.dtype).reshape(*lead, out_features)
     if return_h:
-        return y, h.transpose(0, 1).reshape(M, b * b * r).to(x.dtype)
+        return y, h.transpose(0, 1).reshape(M, b * b * r).to(inter)
     return y
 
 
@@ -217,7 +229,8 @@ def monarch_linear_ref(
     strided: bool = True,
 ) -> torch.Tensor:
     """Pure-PyTorch Monarch (``strided=True``) or block-wise low-rank (``strided=False``) linear,
-    fp32 accumulation (fp64 stays fp64), the intermediate rounded to ``x``'s dtype.
+    fp32 accumulation (fp64 stays fp64), the intermediate rounded to ``intermediate_dtype(x.dtype)``
+    (``x``'s dtype; fp32 for fp16).
 
     x: (..., K), w1: (b, b·r, kb), w2: (b, nb, b·r), bias: (N,) or None -> (..., N); ``N``
     defaults to ``bias.shape[0]``, else ``b·nb``. Differentiable with ordinary autograd.
@@ -246,12 +259,14 @@ def monarch_bwd_ref(g, x, w1, w2, h, strided, need_x=True, need_w1=True, need_w2
     """Backward of :func:`monarch_linear_ref` by the formulas of the module docstring.
 
     g: (M, N), x: (M, K), h: (M, b·b·r) saved ``hbuf`` or None -> (dx, dw1, dw2, db) (None where
-    not needed). fp32 accumulation; ``dh`` rounded to the input dtype like the kernels.
+    not needed). fp32 accumulation; ``h`` (when recomputed) and ``dh`` rounded to
+    ``intermediate_dtype(x.dtype)`` like the kernels (no rounding for fp16: they stay fp32).
     """
     b, r, kb, nb = factor_dims(w1, w2)
     M, N = g.shape
     K = x.shape[1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    inter = intermediate_dtype(x.dtype)
     gy = g.to(acc)
     if b * nb != N:
         gy = torch.nn.functional.pad(gy, (0, b * nb - N))
@@ -264,15 +279,15 @@ def monarch_bwd_ref(g, x, w1, w2, h, strided, need_x=True, need_w1=True, need_w2
     dx = dw1 = dw2 = db = None
     if need_w2:
         if h is None:
-            hj = torch.einsum("mjc,jpc->mjp", xa, w1a).to(x.dtype).to(acc)
+            hj = torch.einsum("mjc,jpc->mjp", xa, w1a).to(inter).to(acc)
             hl = hj.reshape(M, b, b, r).transpose(1, 2).reshape(M, b, b * r)
         else:
             hl = h.to(acc).reshape(M, b, b * r)
         dw2 = torch.einsum("mls,mlq->lsq", gl, hl).to(w2.dtype)
     if need_x or need_w1:
         dhl = torch.einsum("mls,lsq->mlq", gl, w2a)
-        if x.dtype != acc:
-            dhl = dhl.to(x.dtype).to(acc)
+        if inter != acc:
+            dhl = dhl.to(inter).to(acc)
         dhj = dhl.reshape(M, b, b, r).transpose(1, 2).reshape(M, b, b * r)  # (M, j, l·r + t)
         if need_x:
             dx = torch.einsum("mjp,jpc->mjc", dhj, w1a).reshape(M, b * kb)[:, :K].to(x.dtype)
@@ -315,14 +330,31 @@ BGEMM_SPACE = [
 ]
 
 
+#: largest BLOCK_R x BLOCK_N (the w2 tile of the chain's second product) with an fp32 intermediate:
+#: that tile is then converted to fp32 too, and BLOCK_R = 64 x BLOCK_N = 128 spills on sm_90
+#: (compile-check: 40 bytes of stack)
+_H_FP32_MAX_TILE = 4096
+
+
+def chain_space(H_FP32: bool = False, **_) -> list[dict]:
+    """The chain's autotune space for a compile variant: without the tiles that spill when the
+    intermediate stays in fp32 (``H_FP32``, fp16 inputs)."""
+    if not H_FP32:
+        return CHAIN_SPACE
+    return [c for c in CHAIN_SPACE if c["BLOCK_R"] * c["BLOCK_N"] <= _H_FP32_MAX_TILE]
+
+
 def _prune_chain(configs_, named_args, **kwargs):
-    """Drop configs whose rank chunk or output tile is far larger than the problem's."""
+    """Drop configs whose rank chunk or output tile is far larger than the problem's, and, with
+    an fp32 intermediate, those :func:`chain_space` leaves out."""
     get = lambda k: kwargs.get(k, named_args.get(k))
     r_pad = max(16, _next_pow2(get("R")))
     sb_pad = max(16, _next_pow2(get("SB")))
+    max_tile = _H_FP32_MAX_TILE if get("H_FP32") else 1 << 30
     kept = [
         c for c in configs_
         if c.kwargs["BLOCK_R"] <= r_pad and c.kwargs["BLOCK_N"] <= max(64, sb_pad)
+        and c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_N"] <= max_tile
     ]
     return kept or configs_[:1]
 
@@ -339,8 +371,9 @@ if HAS_TRITON:
                    #   forward: w2[p, s, q*R + t]; backward: w1[p, q*R + t, s]
         bias_ptr,  # (F_OUT,) bias added to the output; read only when HAS_BIAS
         z_ptr,     # (M, F_OUT) output: y (forward) or dx (backward)
-        h_ptr,     # intermediate, element (m, q, p, t) at m*shm + q*shq + p*shp + t*sht;
-                   #   written only when STORE_H, by the programs of the first output tile
+        h_ptr,     # intermediate (fp32 when H_FP32), element (m, q, p, t) at
+                   #   m*shm + q*shq + p*shp + t*sht; written only when STORE_H, by the programs
+                   #   of the first output tile
         # --- dimensions ---
         M,         # rows
         NB,        # number of blocks b (input and output)
@@ -361,6 +394,7 @@ if HAS_TRITON:
         # --- meta-parameters ---
         HAS_BIAS: tl.constexpr,
         STORE_H: tl.constexpr,
+        H_FP32: tl.constexpr,     # keep the intermediate in fp32 (fp16 inputs: range safety)
         UPCAST: tl.constexpr,     # upcast dot operands to fp32 (interpreter)
         PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands
         FP64: tl.constexpr,       # float64 operands and accumulators (interpreter tier: gradcheck)
@@ -410,19 +444,22 @@ if HAS_TRITON:
                         a = a.to(tl.float32)
                         w1 = w1.to(tl.float32)
                     h = tl.dot(a, w1, h, input_precision=PRECISION)
-                h_lo = h.to(z_ptr.dtype.element_ty)
+                if H_FP32:
+                    h_lo = h                              # fp32: h may exceed fp16's range
+                else:
+                    h_lo = h.to(z_ptr.dtype.element_ty)   # rounded like a two-matmul path
                 if STORE_H:
                     if pid_n == 0:
                         tl.store(
                             h_ptr + offs_m[:, None] * shm + q * shq + p * shp + tt[None, :] * sht,
-                            h_lo, mask=mask_m[:, None] & mask_t[None, :],
+                            h_lo.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_t[None, :],
                         )
                 # ---- stage 2 (P₁ is the choice of slices): acc += h · w2[p, s-tile, q, t-chunk]ᵀ ----
                 w2 = tl.load(  # (BLOCK_R, BLOCK_N)
                     w2_ptr + p * s2p + offs_s[None, :] * s2s + q * s2q + tt[:, None] * s2t,
                     mask=mask_s[None, :] & mask_t[:, None], other=0.0,
                 )
-                if UPCAST and not FP64:
+                if (UPCAST or H_FP32) and not FP64:  # H_FP32: TF32 dot on the fp32 intermediate
                     h_lo = h_lo.to(tl.float32)
                     w2 = w2.to(tl.float32)
                 acc = tl.dot(h_lo, w2, acc, input_precision=PRECISION)
@@ -441,7 +478,9 @@ if HAS_TRITON:
     def _bgemm_kernel(
         # --- pointers ---
         a_ptr,       # A[g, i, k] at g*sag + i*sai + k*sak; feature g*FAG + i*FAI + k*FAK < FA_LIM
+                     #   (fp32 when it is an fp32 intermediate of fp16 inputs, see MIXED)
         b_ptr,       # B[g, k, j] at g*sbg + k*sbk + j*sbj; feature g*FBG + k*FBK + j*FBJ < FB_LIM
+                     #   (likewise; at most one of A and B differs from the input dtype)
         c_ptr,       # C[g, i, j] at g*scg + i*sci + (j // CSPLIT)*scj_hi + (j % CSPLIT)*scj;
                      #   feature g*FCG + j*FCJ < FC_LIM (rows outside it are not written)
         bias_ptr,    # indexed by C's feature, added to C; read only when HAS_BIAS
@@ -458,6 +497,7 @@ if HAS_TRITON:
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
         FP64: tl.constexpr,       # float64 operands and accumulators (interpreter tier: gradcheck)
+        MIXED: tl.constexpr,      # A and B differ in dtype (fp32 intermediate x fp16): both to fp32
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -498,7 +538,7 @@ if HAS_TRITON:
             )
             if ROWSUM:
                 rsum += tl.sum(a.to(rsum.dtype), axis=1)
-            if UPCAST and not FP64:
+            if (UPCAST or MIXED) and not FP64:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -520,13 +560,13 @@ if HAS_TRITON:
 
     _chain_tuned = triton.autotune(
         configs=configs(CHAIN_SPACE),
-        key=["M_BUCKET", "NB", "R", "CB", "SB", "STORE_H"],
+        key=["M_BUCKET", "NB", "R", "CB", "SB", "STORE_H", "H_FP32"],
         prune_configs_by={"early_config_prune": _prune_chain},
     )(_chain_kernel)
 
     _bgemm_tuned = triton.autotune(
         configs=configs(BGEMM_SPACE),
-        key=["G", "I", "J", "KR"],
+        key=["G", "I", "J", "KR", "MIXED"],
     )(_bgemm_kernel)
 
     # ---- compile-tier registration ----
@@ -539,15 +579,17 @@ if HAS_TRITON:
         "scg sci scj scj_hi CSPLIT FCG FCJ FC_LIM"
     ).split()
 
-    def _chain_signature(dt: str) -> dict:
+    def _chain_signature(dt: str, h_dt: Optional[str] = None) -> dict:
         ptr = f"*{dt}"
-        sig = {n: ptr for n in ("a_ptr", "w1_ptr", "w2_ptr", "bias_ptr", "z_ptr", "h_ptr")}
+        sig = {n: ptr for n in ("a_ptr", "w1_ptr", "w2_ptr", "bias_ptr", "z_ptr")}
+        sig["h_ptr"] = f"*{h_dt or dt}"
         sig.update({n: "i32" for n in _CHAIN_INTS})
         return sig
 
-    def _bgemm_signature(dt: str) -> dict:
+    def _bgemm_signature(dt: str, a_dt: Optional[str] = None, c_dt: Optional[str] = None) -> dict:
         ptr = f"*{dt}"
-        sig = {"a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "bias_ptr": ptr, "rowsum_ptr": "*fp32"}
+        sig = {"a_ptr": f"*{a_dt or dt}", "b_ptr": ptr, "c_ptr": f"*{c_dt or dt}", "bias_ptr": ptr,
+               "rowsum_ptr": "*fp32"}
         sig.update({n: "i32" for n in _BGEMM_INTS})
         return sig
 
@@ -561,8 +603,8 @@ if HAS_TRITON:
         fn=_chain_kernel,
         signature=_chain_signature,
         constexprs=[
-            dict(HAS_BIAS=True, STORE_H=True, UPCAST=False, PRECISION="tf32", FP64=False),
-            dict(HAS_BIAS=False, STORE_H=False, UPCAST=False, PRECISION="tf32", FP64=False),
+            dict(HAS_BIAS=True, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False),
+            dict(HAS_BIAS=False, STORE_H=False, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False),
         ],
         space=CHAIN_SPACE,
         **_unit("stride_af", "IC", "s1c", "s2t", "stride_zf", "sht"),
@@ -572,10 +614,36 @@ if HAS_TRITON:
         fn=_bgemm_kernel,
         signature=_bgemm_signature,
         constexprs=[
-            dict(HAS_BIAS=True, ROWSUM=False, UPCAST=False, PRECISION="tf32", FP64=False),
-            dict(HAS_BIAS=False, ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False),
+            dict(HAS_BIAS=True, ROWSUM=False, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False),
+            dict(HAS_BIAS=False, ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False),
         ],
         space=BGEMM_SPACE,
+        **_unit("scj",),
+    ))
+    # fp16 inputs keep the intermediate in fp32: the fused chain with H_FP32 storing an fp32 h,
+    # and the batched GEMM with MIXED operands, fp32 A against fp16 B (stage 2 h·w2, dx = dh·w1,
+    # dw1 = dhᵀ·x). dw2 = gᵀ·h (fp16 A, fp32 B) runs the same code with the roles swapped and is
+    # not compiled separately; stage 1 (fp16 operands, fp32 C) differs only in its store's cast.
+    register_kernel(KernelSpec(
+        name="monarch.chain_fp16",
+        fn=_chain_kernel,
+        signature=lambda dt: _chain_signature(dt, h_dt="fp32"),
+        constexprs=[
+            dict(HAS_BIAS=True, STORE_H=True, H_FP32=True, UPCAST=False, PRECISION="tf32", FP64=False),
+        ],
+        space=chain_space,
+        dtypes=("fp16",),
+        **_unit("stride_af", "IC", "s1c", "s2t", "stride_zf", "sht"),
+    ))
+    register_kernel(KernelSpec(
+        name="monarch.bgemm_fp16",
+        fn=_bgemm_kernel,
+        signature=lambda dt: _bgemm_signature(dt, a_dt="fp32"),
+        constexprs=[
+            dict(HAS_BIAS=True, ROWSUM=False, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=True),
+        ],
+        space=BGEMM_SPACE,
+        dtypes=("fp16",),
         **_unit("scj",),
     ))
 
@@ -611,7 +679,9 @@ def choose_path(M: int, K: int, N: int, nblocks: int, rank: int) -> str:
 def _bgemm(G, I, J, KR, a, b, c, bias=None, rowsum=None):
     """Launch the batched GEMM. ``a = (tensor, (sg, si, sk), (FG, FI, FK, LIM))``,
     ``b = (tensor, (sg, sk, sj), (FG, FK, FJ, LIM))``, ``c = (tensor, (sg, si, sj, sj_hi, split),
-    (FG, FJ, LIM))``; feature tuples may be None (no mask)."""
+    (FG, FJ, LIM))``; feature tuples may be None (no mask). ``a`` and ``b`` may differ in dtype
+    (an fp32 intermediate against fp16 data): both are then converted to fp32 and the dot runs
+    at the precision of the lower-precision operand (TF32 for fp16)."""
     at, (sag, sai, sak), fa = a
     bt, (sbg, sbk, sbj), fb = b
     ct, (scg, sci, scj, scj_hi, split), fc = c
@@ -621,6 +691,8 @@ def _bgemm(G, I, J, KR, a, b, c, bias=None, rowsum=None):
     if I == 0 or J == 0 or G == 0:
         return
     grid = lambda meta: (triton.cdiv(I, meta["BLOCK_M"]) * triton.cdiv(J, meta["BLOCK_N"]), G)
+    mixed = at.dtype != bt.dtype
+    low = bt.dtype if mixed and at.dtype == torch.float32 else at.dtype  # the op's input dtype
     _bgemm_tuned[grid](
         at, bt, ct, bias if bias is not None else ct, rowsum if rowsum is not None else ct,
         G, I, J, KR,
@@ -628,17 +700,20 @@ def _bgemm(G, I, J, KR, a, b, c, bias=None, rowsum=None):
         sbg, sbk, sbj, *fb,
         scg, sci, scj, scj_hi, split, *fc,
         HAS_BIAS=bias is not None, ROWSUM=rowsum is not None,
-        UPCAST=upcast_dots(), PRECISION=dot_precision(at.dtype), FP64=at.dtype == torch.float64,
+        UPCAST=upcast_dots(), PRECISION=dot_precision(low), FP64=at.dtype == torch.float64,
+        MIXED=mixed,
     )
 
 
 def _chain(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, imap, omap):
     """Launch the chain kernel. ``first = (tensor, (s_q, s_p, s_t, s_c))``, ``second =
     (tensor, (s_p, s_s, s_q, s_t))``, ``h = (tensor, (s_m, s_q, s_p, s_t))`` or None,
-    ``imap = (IQ, IC)``, ``omap = (OP, OS)``."""
+    ``imap = (IQ, IC)``, ``omap = (OP, OS)``. The intermediate stays fp32 on chip when ``h``'s
+    buffer is fp32 or, without one, when ``intermediate_dtype`` of ``a`` says so."""
     w1t, s1 = first
     w2t, s2 = second
     ht, sh = h if h is not None else (z, (0, 0, 0, 0))
+    h_fp32 = intermediate_dtype(a.dtype) != a.dtype
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), NB, triton.cdiv(SB, meta["BLOCK_N"]))
@@ -648,7 +723,7 @@ def _chain(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, imap,
         M, NB, R, CB, SB, F_IN, F_OUT, min(_next_pow2(max(M, 1)), 1 << 16),
         *imap, *omap,
         a.stride(0), a.stride(1), *s1, *s2, z.stride(0), z.stride(1), *sh,
-        HAS_BIAS=bias is not None, STORE_H=h is not None,
+        HAS_BIAS=bias is not None, STORE_H=h is not None, H_FP32=h_fp32,
         UPCAST=upcast_dots(), PRECISION=dot_precision(a.dtype), FP64=a.dtype == torch.float64,
     )
 
@@ -663,13 +738,15 @@ def monarch_fwd(
     save_h: bool,
     path: Optional[str] = None,
 ):
-    """Forward launcher: ``(y (M, N), hbuf (M, b·b·r) or None)`` for ``x (M, K)``."""
+    """Forward launcher: ``(y (M, N), hbuf (M, b·b·r) or None)`` for ``x (M, K)``; ``hbuf`` has
+    dtype ``intermediate_dtype(x.dtype)`` (fp32 for fp16 inputs)."""
     M, K = x.shape
     N = out_features
     b, r, kb, nb = factor_dims(w1, w2)
     OL, OS = out_index_map(b, nb, strided)
+    inter = intermediate_dtype(x.dtype)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    hbuf = torch.empty((M, b * b * r), device=x.device, dtype=x.dtype) if save_h else None
+    hbuf = torch.empty((M, b * b * r), device=x.device, dtype=inter) if save_h else None
     if M == 0 or N == 0:
         return y, hbuf
     path = path or choose_path(M, K, N, b, r)
@@ -684,7 +761,7 @@ def monarch_fwd(
             M=M, NB=b, R=r, CB=kb, SB=nb, F_IN=K, F_OUT=N, imap=(kb, 1), omap=(OL, OS),
         )
         return y, hbuf
-    h = hbuf if save_h else torch.empty((M, b * br), device=x.device, dtype=x.dtype)
+    h = hbuf if save_h else torch.empty((M, b * br), device=x.device, dtype=inter)
     sx_m, sx_f = x.stride()
     # stage 1, batched over input blocks j: h[m, l, j, t] = Σ_c x[m, j·kb + c]·w1[j, l·r + t, c]
     _bgemm(
@@ -721,6 +798,7 @@ def monarch_bwd(
     """Backward launcher: ``(dx, dw1, dw2, db)`` (None where not needed).
 
     g: (M, N), x: (M, K), hbuf: (M, b·b·r) saved by the forward or None (recomputed then).
+    ``dh`` goes through an ``intermediate_dtype`` buffer (fp32 for fp16 inputs).
     """
     M, N = g.shape
     K = x.shape[1]
@@ -740,7 +818,7 @@ def monarch_bwd(
     g_op = lambda sg, si, sk, feat: (g, (sg, si, sk), feat)
     dh = None
     if need_x or need_w1:
-        dh = torch.empty((M, b * br), device=g.device, dtype=g.dtype)   # dh[m, j, l, t]
+        dh = torch.empty((M, b * br), device=g.device, dtype=intermediate_dtype(g.dtype))  # dh[m, j, l, t]
         path = path or choose_path(M, N, K, b, r)
         if need_x:
             dx = torch.empty((M, K), device=x.device, dtype=x.dtype)

@@ -48,20 +48,31 @@ tile goes to ``tl.dot``. Device memory only ever sees the compressed bytes.
 * ``_ds_chain_kernel``: dense-sparse ``y = (x·Sᵀ)·Dᵀ + b`` with ``S (R, K)`` 2:4 and ``D (N, R)``,
   fused like the low-rank chain (``fastfactor.kernels.lowrank``): the ``(BLOCK_M, R)``
   intermediate ``t = x·Sᵀ`` stays in fp32 registers (computed as ``tᵀ = S·xᵀ``, again so the
-  expanded tile needs no transpose), is rounded to the input dtype and multiplied by ``D`` tile by
-  tile. ``R_PAD = next_pow2(R) <= 256``; larger ranks take the two-kernel path (``_sp_mm_kernel``
+  expanded tile needs no transpose), is rounded to ``intermediate_dtype`` (see Precision) and
+  multiplied by ``D`` tile by tile. ``R_PAD = next_pow2(R) <= 256``; larger ranks take the two-kernel path (``_sp_mm_kernel``
   for ``t`` then the low-rank family's GEMM for ``t·Dᵀ``).
 
 Backward of the dense-sparse product (``g = dL/dy``)::
 
-    dt  = g·D                     (M, R)   low-rank GEMM, rounded to the input dtype
+    dt  = g·D                     (M, R)   low-rank GEMM, rounded to intermediate_dtype
     dx  = dt·S                    (M, K)   _sp_dx_kernel
     dD  = gᵀ·t                    (N, R)   low-rank GEMM (db = Σ_m g fused as its row sums)
     dSv = kept entries of dtᵀ·x   (R, K/2) _sp_dvalues_kernel
 
-All dots accumulate in fp32; fp32 operands use TF32 only when PyTorch's own
-``torch.backends.cuda.matmul.allow_tf32`` is on. Under the Triton interpreter the dot operands
-are upcast to fp32 (``UPCAST``), since the interpreter's fp16/bf16 ``tl.dot`` is wrong.
+Precision
+    All dots accumulate in fp32; fp32 operands use TF32 only when PyTorch's own
+    ``torch.backends.cuda.matmul.allow_tf32`` is on. The rank-``R`` intermediates of the
+    dense-sparse product (``t`` forward, ``dt`` backward) are rounded to the input dtype for bf16
+    and fp32, and kept in fp32 for fp16 (:func:`intermediate_dtype`, shared with the low-rank
+    family): ``x·Sᵀ`` can exceed fp16's range (65504) where ``y`` does not, and ``g·D`` where
+    ``dx`` does not. The products that consume them then run on fp32 operands as TF32 (fp16's
+    10-bit mantissa, fp32's range) at half the fp16 tensor-core rate: ``_ds_chain_kernel``
+    (``T_FP32``), and ``_sp_dx_kernel`` / ``_sp_dvalues_kernel`` with an fp32 ``dt`` against the
+    fp16 ``S`` / ``x`` (``MIXED``); the saved ``t`` and ``dt`` take 4 bytes per element. The
+    two-kernel path's ``t·Dᵀ``, ``gᵀ·t`` go through the low-rank family's GEMM, which handles the
+    mixed dtypes the same way. The references round at the same places, so CPU and kernels agree.
+    Under the Triton interpreter the dot operands are upcast to fp32 (``UPCAST``), since the
+    interpreter's fp16/bf16 ``tl.dot`` is wrong.
 
 Performance notes are design intent, not measurements: no GPU has run these kernels yet.
 """
@@ -81,7 +92,7 @@ from ._config import (
     register_kernel,
     upcast_dots,
 )
-from .lowrank import FUSED_MAX_R, _num_sms, _pad_rank, gemm
+from .lowrank import FUSED_MAX_R, _num_sms, _pad_rank, gemm, intermediate_dtype
 
 if HAS_TRITON:
     import triton
@@ -294,18 +305,23 @@ def mask_24_ref(scores: torch.Tensor) -> torch.Tensor:
 
 
 def sparse24_linear_ref(
-    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor] = None
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """``y = x·Wᵀ + b`` with ``W = unpack(values, meta)``; fp32 accumulation (fp64 stays fp64).
 
-    x: (..., K), values: (N, K/2), meta: (N, ceil(K/8)) uint8, bias: (N,) -> (..., N) in x's dtype.
+    x: (..., K), values: (N, K/2), meta: (N, ceil(K/8)) uint8, bias: (N,) -> (..., N) in
+    ``out_dtype`` (default x's dtype; the dense-sparse op asks for ``intermediate_dtype``).
     """
     acc = _acc(x.dtype)
     w = unpack_24(values.to(acc), meta, 2 * values.shape[1])
     y = torch.matmul(x.to(acc), w.t())
     if bias is not None:
         y = y + bias.to(acc)
-    return y.to(x.dtype)
+    return y.to(out_dtype or x.dtype)
 
 
 def dense_sparse_linear_ref(
@@ -316,12 +332,14 @@ def dense_sparse_linear_ref(
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``y = (x·Sᵀ)·Dᵀ + b`` with ``S (R, K)`` 2:4 and ``D (N, R)``; the intermediate is rounded
-    to the input dtype as the kernels do. -> (..., N) in x's dtype."""
+    to ``intermediate_dtype(x.dtype)`` as the kernels do (the input dtype; fp32 for fp16).
+    -> (..., N) in x's dtype."""
     acc = _acc(x.dtype)
+    inter = intermediate_dtype(x.dtype)
     s = unpack_24(s_values.to(acc), s_meta, 2 * s_values.shape[1])
     t = torch.matmul(x.to(acc), s.t())
-    if x.dtype != acc:
-        t = t.to(x.dtype).to(acc)
+    if inter != acc:
+        t = t.to(inter).to(acc)
     y = torch.matmul(t, d.to(acc).t())
     if bias is not None:
         y = y + bias.to(acc)
@@ -568,7 +586,7 @@ if HAS_TRITON:
     @triton.jit
     def _sp_dx_kernel(
         # --- pointers ---
-        g_ptr,      # (M, N) upstream gradient dL/dy
+        g_ptr,      # (M, N) upstream gradient dL/dy (or dt of dense-sparse; fp32 when MIXED)
         vals_ptr,   # (N, K/2) kept values of the 2:4 weight W (N, K)
         meta_ptr,   # (N, ceil(K/8)) uint8 codes of W
         dx_ptr,     # (M, K) output dx = g·W
@@ -582,6 +600,7 @@ if HAS_TRITON:
         # --- meta-parameters ---
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
+        MIXED: tl.constexpr,       # g and W differ in dtype (fp32 dt x fp16 S): both to fp32
         BLOCK_M: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -603,7 +622,7 @@ if HAS_TRITON:
             )
             w = _expand24(vals_ptr, meta_ptr, offs_n, mask_n, k0, K,
                           stride_vn, stride_vc, stride_mn, stride_mc, BLOCK_N, BLOCK_K)
-            if UPCAST:
+            if UPCAST or MIXED:
                 g = g.to(tl.float32)
                 w = w.to(tl.float32)
             acc = tl.dot(g, w, acc, input_precision=PRECISION)
@@ -616,7 +635,8 @@ if HAS_TRITON:
     @triton.jit
     def _sp_dvalues_kernel(
         # --- pointers ---
-        g_ptr,      # (M, N) upstream gradient of the rows of W·xᵀ (dy, or dt for dense-sparse)
+        g_ptr,      # (M, N) upstream gradient of the rows of W·xᵀ (dy, or dt for dense-sparse;
+                    #   fp32 when MIXED)
         x_ptr,      # (M, K) input rows
         meta_ptr,   # (N, ceil(K/8)) uint8 codes of W (which entries are kept)
         dv_ptr,     # (N, K/2) output: gradient of the kept values, (gᵀ·x) at kept positions
@@ -630,6 +650,7 @@ if HAS_TRITON:
         # --- meta-parameters ---
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
+        MIXED: tl.constexpr,       # g and x differ in dtype (fp32 dt x fp16 x): both to fp32
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -654,7 +675,7 @@ if HAS_TRITON:
                 x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                 mask=mask_m[:, None] & mask_k[None, :], other=0.0,
             )
-            if UPCAST:
+            if UPCAST or MIXED:
                 gt = gt.to(tl.float32)
                 x = x.to(tl.float32)
             acc = tl.dot(gt, x, acc, input_precision=PRECISION)
@@ -681,7 +702,8 @@ if HAS_TRITON:
         d_ptr,      # (N, R) dense factor D
         bias_ptr,   # (N,) bias; read only when HAS_BIAS
         y_ptr,      # (M, N) output y = (x·Sᵀ)·Dᵀ + b
-        t_ptr,      # (M, R) intermediate x·Sᵀ; written only when STORE_T (programs with pid_n == 0)
+        t_ptr,      # (M, R) intermediate x·Sᵀ (fp32 when T_FP32); written only when STORE_T
+                    #   (programs with pid_n == 0)
         # --- dimensions ---
         M, K, N, R,
         M_BUCKET,   # power-of-two bucket of M: autotune key only
@@ -695,6 +717,7 @@ if HAS_TRITON:
         # --- meta-parameters ---
         HAS_BIAS: tl.constexpr,
         STORE_T: tl.constexpr,
+        T_FP32: tl.constexpr,      # keep the intermediate in fp32 (fp16 inputs: range safety)
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
         R_PAD: tl.constexpr,       # next power of two >= R (>= 16)
@@ -725,12 +748,15 @@ if HAS_TRITON:
                 xt = xt.to(tl.float32)
             tt = tl.dot(s, xt, tt, input_precision=PRECISION)
 
-        t = tt.to(y_ptr.dtype.element_ty)
+        if T_FP32:
+            t = tt                              # fp32: x·Sᵀ may exceed fp16's range
+        else:
+            t = tt.to(y_ptr.dtype.element_ty)   # rounded like a two-matmul path
         if STORE_T:
             if pid_n == 0:
                 tl.store(
                     t_ptr + offs_m[None, :] * stride_tm + offs_r[:, None] * stride_tr,
-                    t, mask=mask_m[None, :] & mask_r[:, None],
+                    t.to(t_ptr.dtype.element_ty), mask=mask_m[None, :] & mask_r[:, None],
                 )
         if UPCAST:
             t = t.to(tl.float32)
@@ -745,7 +771,7 @@ if HAS_TRITON:
                 d_ptr + offs_n[:, None] * stride_dn + offs_r[None, :] * stride_dr,
                 mask=mask_n[:, None] & mask_r[None, :], other=0.0,
             )
-            if UPCAST:
+            if UPCAST or T_FP32:  # T_FP32: TF32 dot on the fp32 intermediate
                 d = d.to(tl.float32)
             yt = tl.dot(d, t, input_precision=PRECISION)
             if HAS_BIAS:
@@ -759,11 +785,11 @@ if HAS_TRITON:
 
     _prune24_tuned = triton.autotune(configs=configs(PRUNE_SPACE), key=["R", "G"])(_prune24_kernel)
     _sp_mm_tuned = triton.autotune(configs=configs(MM_SPACE), key=["M_BUCKET", "N", "K"])(_sp_mm_kernel)
-    _sp_dx_tuned = triton.autotune(configs=configs(DX_SPACE), key=["M", "N", "K"])(_sp_dx_kernel)
-    _sp_dv_tuned = triton.autotune(configs=configs(DV_SPACE), key=["M", "N", "K"])(_sp_dvalues_kernel)
+    _sp_dx_tuned = triton.autotune(configs=configs(DX_SPACE), key=["M", "N", "K", "MIXED"])(_sp_dx_kernel)
+    _sp_dv_tuned = triton.autotune(configs=configs(DV_SPACE), key=["M", "N", "K", "MIXED"])(_sp_dvalues_kernel)
     _ds_chain_tuned = triton.autotune(
         configs=configs(DS_SPACE),
-        key=["M_BUCKET", "K", "N", "R_PAD", "STORE_T"],
+        key=["M_BUCKET", "K", "N", "R_PAD", "STORE_T", "T_FP32"],
         prune_configs_by={"early_config_prune": _prune_ds},
     )(_ds_chain_kernel)
 
@@ -783,22 +809,22 @@ if HAS_TRITON:
                 **_i32("M", "N", "K", "M_BUCKET", "stride_xm", "stride_xk", "stride_vn", "stride_vc",
                        "stride_mn", "stride_mc", "stride_ym", "stride_yn")}
 
-    def _dx_sig(dt: str) -> dict:
+    def _dx_sig(dt: str, g_dt: Optional[str] = None) -> dict:
         p = f"*{dt}"
-        return {"g_ptr": p, "vals_ptr": p, "meta_ptr": "*u8", "dx_ptr": p,
+        return {"g_ptr": f"*{g_dt or dt}", "vals_ptr": p, "meta_ptr": "*u8", "dx_ptr": p,
                 **_i32("M", "N", "K", "stride_gm", "stride_gn", "stride_vn", "stride_vc",
                        "stride_mn", "stride_mc", "stride_dm", "stride_dk")}
 
-    def _dv_sig(dt: str) -> dict:
+    def _dv_sig(dt: str, g_dt: Optional[str] = None) -> dict:
         p = f"*{dt}"
-        return {"g_ptr": p, "x_ptr": p, "meta_ptr": "*u8", "dv_ptr": p,
+        return {"g_ptr": f"*{g_dt or dt}", "x_ptr": p, "meta_ptr": "*u8", "dv_ptr": p,
                 **_i32("M", "N", "K", "stride_gm", "stride_gn", "stride_xm", "stride_xk",
                        "stride_mn", "stride_mc", "stride_dn", "stride_dc")}
 
-    def _ds_sig(dt: str) -> dict:
+    def _ds_sig(dt: str, t_dt: Optional[str] = None) -> dict:
         p = f"*{dt}"
         return {"x_ptr": p, "svals_ptr": p, "smeta_ptr": "*u8", "d_ptr": p, "bias_ptr": p,
-                "y_ptr": p, "t_ptr": p,
+                "y_ptr": p, "t_ptr": f"*{t_dt or dt}",
                 **_i32("M", "K", "N", "R", "M_BUCKET", "stride_xm", "stride_xk", "stride_sr",
                        "stride_sc", "stride_mr", "stride_mc", "stride_dn", "stride_dr",
                        "stride_ym", "stride_yn", "stride_tm", "stride_tr")}
@@ -814,19 +840,37 @@ if HAS_TRITON:
     ))
     register_kernel(KernelSpec(
         name="sparse24.dx", fn=_sp_dx_kernel, signature=_dx_sig,
-        constexprs=[dict(_DOT)], space=DX_SPACE,
+        constexprs=[dict(MIXED=False, **_DOT)], space=DX_SPACE,
     ))
     register_kernel(KernelSpec(
         name="sparse24.dvalues", fn=_sp_dvalues_kernel, signature=_dv_sig,
-        constexprs=[dict(_DOT)], space=DV_SPACE,
+        constexprs=[dict(MIXED=False, **_DOT)], space=DV_SPACE,
     ))
     register_kernel(KernelSpec(
         name="sparse24.ds_chain", fn=_ds_chain_kernel, signature=_ds_sig,
         constexprs=[
-            dict(HAS_BIAS=True, STORE_T=True, R_PAD=64, **_DOT),
-            dict(HAS_BIAS=False, STORE_T=False, R_PAD=256, **_DOT),
+            dict(HAS_BIAS=True, STORE_T=True, T_FP32=False, R_PAD=64, **_DOT),
+            dict(HAS_BIAS=False, STORE_T=False, T_FP32=False, R_PAD=256, **_DOT),
         ],
         space=ds_space,
+    ))
+    # fp16 dense-sparse keeps its intermediate in fp32: the fused forward storing an fp32 t, and
+    # the backward's dx = dt·S and kept(dtᵀ·x) reading an fp32 dt against fp16 S / x. (t = x·Sᵀ
+    # into an fp32 buffer on the two-kernel path differs from sparse24.mm only in its store's cast.)
+    register_kernel(KernelSpec(
+        name="sparse24.ds_chain_fp16", fn=_ds_chain_kernel,
+        signature=lambda dt: _ds_sig(dt, t_dt="fp32"),
+        constexprs=[dict(HAS_BIAS=True, STORE_T=True, T_FP32=True, R_PAD=64, **_DOT)],
+        space=ds_space, dtypes=("fp16",),
+    ))
+    register_kernel(KernelSpec(
+        name="sparse24.dx_fp16", fn=_sp_dx_kernel, signature=lambda dt: _dx_sig(dt, g_dt="fp32"),
+        constexprs=[dict(MIXED=True, **_DOT)], space=DX_SPACE, dtypes=("fp16",),
+    ))
+    register_kernel(KernelSpec(
+        name="sparse24.dvalues_fp16", fn=_sp_dvalues_kernel,
+        signature=lambda dt: _dv_sig(dt, g_dt="fp32"),
+        constexprs=[dict(MIXED=True, **_DOT)], space=DV_SPACE, dtypes=("fp16",),
     ))
 
 
@@ -853,12 +897,17 @@ def prune_24_triton(w: torch.Tensor, scores: Optional[torch.Tensor] = None):
 
 
 def sparse24_mm(
-    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor] = None
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """``x (M, K) · Wᵀ (+ bias)`` with ``W`` packed ``values (N, K/2)``, ``meta``; -> ``(M, N)``."""
+    """``x (M, K) · Wᵀ (+ bias)`` with ``W`` packed ``values (N, K/2)``, ``meta``; -> ``(M, N)``
+    in ``out_dtype`` (default ``x``'s)."""
     M, K = x.shape
     N = values.shape[0]
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    y = torch.empty((M, N), device=x.device, dtype=out_dtype or x.dtype)
     if M == 0 or N == 0:
         return y
     if K == 0:
@@ -877,11 +926,22 @@ def sparse24_mm(
     return y
 
 
-def sparse24_dx(g: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """``g (M, N) · W`` with ``W (N, K)`` packed; -> ``(M, K)``."""
+def _precision(a: torch.Tensor, b: torch.Tensor) -> str:
+    """``tl.dot`` precision for operands ``a``, ``b``: an fp32 intermediate of fp16 data against
+    fp16 runs as TF32 (the precision the fp16 op asks for), else PyTorch's rule for ``a``."""
+    if a.dtype != b.dtype and a.dtype == torch.float32:
+        return dot_precision(b.dtype)
+    return dot_precision(a.dtype)
+
+
+def sparse24_dx(
+    g: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, out_dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
+    """``g (M, N) · W`` with ``W (N, K)`` packed; -> ``(M, K)`` in ``out_dtype`` (default ``g``'s).
+    ``g`` may be fp32 against fp16 values (the dense-sparse ``dt``)."""
     M, N = g.shape
     K = 2 * values.shape[1]
-    dx = torch.empty((M, K), device=g.device, dtype=g.dtype)
+    dx = torch.empty((M, K), device=g.device, dtype=out_dtype or g.dtype)
     if M == 0 or K == 0:
         return dx
     if N == 0:
@@ -891,7 +951,7 @@ def sparse24_dx(g: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> to
         g, values, meta, dx, M, N, K,
         g.stride(0), g.stride(1), values.stride(0), values.stride(1),
         meta.stride(0), meta.stride(1), dx.stride(0), dx.stride(1),
-        UPCAST=upcast_dots(), PRECISION=dot_precision(g.dtype),
+        UPCAST=upcast_dots(), PRECISION=_precision(g, values), MIXED=g.dtype != values.dtype,
     )
     return dx
 
@@ -899,7 +959,9 @@ def sparse24_dx(g: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> to
 def sparse24_dvalues(
     g: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, out_dtype: Optional[torch.dtype] = None
 ) -> torch.Tensor:
-    """Kept entries of ``gᵀ·x`` (``g (M, N)``, ``x (M, K)``) at ``meta``'s positions: ``(N, K/2)``."""
+    """Kept entries of ``gᵀ·x`` (``g (M, N)``, ``x (M, K)``) at ``meta``'s positions: ``(N, K/2)``
+    in ``out_dtype`` (default ``g``'s). ``g`` may be fp32 against an fp16 ``x`` (the dense-sparse
+    ``dt``)."""
     M, N = g.shape
     K = x.shape[1]
     dv = torch.empty((N, K // 2), device=g.device, dtype=out_dtype or g.dtype)
@@ -912,7 +974,7 @@ def sparse24_dvalues(
         g, x, meta, dv, M, N, K,
         g.stride(0), g.stride(1), x.stride(0), x.stride(1),
         meta.stride(0), meta.stride(1), dv.stride(0), dv.stride(1),
-        UPCAST=upcast_dots(), PRECISION=dot_precision(g.dtype),
+        UPCAST=upcast_dots(), PRECISION=_precision(g, x), MIXED=g.dtype != x.dtype,
     )
     return dv
 
@@ -945,17 +1007,19 @@ def ds_chain(
     bias: Optional[torch.Tensor] = None,
     store_t: bool = False,
 ):
-    """Fused ``(y, t or None)``: ``y = (x·Sᵀ)·Dᵀ + b``; ``x (M, K)``, ``d (N, R)``, packed ``S (R, K)``."""
+    """Fused ``(y, t or None)``: ``y = (x·Sᵀ)·Dᵀ + b``; ``x (M, K)``, ``d (N, R)``, packed ``S (R, K)``;
+    ``t`` in ``intermediate_dtype(x.dtype)`` (fp32 for fp16 inputs)."""
     M, K = x.shape
     N, R = d.shape
     r_pad = _pad_rank(R)
     if r_pad > FUSED_MAX_R:
         raise ValueError(f"ds_chain: rank must be <= {FUSED_MAX_R} for the fused kernel, got {R}")
+    t_dtype = intermediate_dtype(x.dtype)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    t = torch.empty((M, R), device=x.device, dtype=x.dtype) if store_t else None
+    t = torch.empty((M, R), device=x.device, dtype=t_dtype) if store_t else None
     if M == 0 or N == 0:
         if t is not None and M > 0:
-            t = sparse24_mm(x, s_values, s_meta)
+            t = sparse24_mm(x, s_values, s_meta, out_dtype=t_dtype)
         return y, t
     if K == 0 or R == 0:
         y.zero_()
@@ -979,7 +1043,7 @@ def ds_chain(
         x.stride(0), x.stride(1), s_values.stride(0), s_values.stride(1),
         s_meta.stride(0), s_meta.stride(1), d.stride(0), d.stride(1),
         y.stride(0), y.stride(1), t_arg.stride(0), t_arg.stride(1),
-        HAS_BIAS=bias is not None, STORE_T=store_t,
+        HAS_BIAS=bias is not None, STORE_T=store_t, T_FP32=t_dtype != x.dtype,
         UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype), R_PAD=r_pad,
     )
     return y, t
@@ -994,14 +1058,15 @@ def dense_sparse_fwd(
     save_t: bool,
     path: Optional[str] = None,
 ):
-    """Forward launcher: ``(y, t or None)`` for ``x (M, K)``, ``d (N, R)``, packed ``S (R, K)``."""
+    """Forward launcher: ``(y, t or None)`` for ``x (M, K)``, ``d (N, R)``, packed ``S (R, K)``;
+    ``t`` in ``intermediate_dtype(x.dtype)`` (fp32 for fp16 inputs)."""
     M, K = x.shape
     N, R = d.shape
     path = path or choose_ds_path(M, K, N, R)
     if path == "fused":
         return ds_chain(x, d, s_values, s_meta, bias, store_t=save_t)
-    t = sparse24_mm(x, s_values, s_meta)
-    y = gemm(t, d.t(), bias=bias)
+    t = sparse24_mm(x, s_values, s_meta, out_dtype=intermediate_dtype(x.dtype))
+    y = gemm(t, d.t(), bias=bias, out_dtype=x.dtype)
     return y, (t if save_t else None)
 
 
@@ -1017,9 +1082,11 @@ def dense_sparse_bwd(
     need_d: bool = True,
     need_s: bool = True,
 ):
-    """Backward launcher: ``(dx, dd, ds_values, db)`` (``None`` where not needed)."""
+    """Backward launcher: ``(dx, dd, ds_values, db)`` (``None`` where not needed). ``t`` (saved by
+    the forward or None) and ``dt = g·D`` are in ``intermediate_dtype(x.dtype)``."""
     M, K = x.shape
     N, R = d.shape
+    inter = intermediate_dtype(x.dtype)
     dx = dd = ds = db = None
     if M == 0:
         z = lambda *s, like: torch.zeros(s, device=like.device, dtype=like.dtype)
@@ -1030,9 +1097,9 @@ def dense_sparse_bwd(
             z(N, like=d) if has_bias else None,
         )
     if need_x or need_s:
-        dt = gemm(g, d)                                               # dt = g·D (M, R)
+        dt = gemm(g, d, out_dtype=inter)                              # dt = g·D (M, R)
         if need_x:
-            dx = sparse24_dx(dt, s_values, s_meta)                    # dx = dt·S
+            dx = sparse24_dx(dt, s_values, s_meta, out_dtype=x.dtype) # dx = dt·S
         if need_s:
             ds = sparse24_dvalues(dt, x, s_meta, out_dtype=s_values.dtype)  # kept(dtᵀ·x)
     if (need_d or has_bias) and R == 0:   # the GEMM skips empty products, and its fused db with them
@@ -1040,8 +1107,8 @@ def dense_sparse_bwd(
         db = g.sum(0, dtype=torch.float32).to(g.dtype) if has_bias else None
     elif need_d or has_bias:
         if t is None:
-            t = sparse24_mm(x, s_values, s_meta)
-        dd_, db32 = gemm(g.t(), t, rowsum=True)                      # dD = gᵀ·t, db = Σ_m g
+            t = sparse24_mm(x, s_values, s_meta, out_dtype=inter)
+        dd_, db32 = gemm(g.t(), t, rowsum=True, out_dtype=d.dtype)   # dD = gᵀ·t, db = Σ_m g
         dd = dd_ if need_d else None
         db = db32.to(g.dtype) if has_bias else None
     return dx, dd, ds, db

@@ -10,10 +10,11 @@ The inputs below are built so that (checked in float64 by :func:`test_inputs_rea
 the intermediate exceeds 65504 while the output (or ``dx``) stays below 1000. Every output and
 gradient whose float64 value fits in fp16 must come out finite and close to float64.
 
-Status: the low-rank family keeps its intermediate in fp32 for fp16 inputs once
-``kernels.lowrank.intermediate_dtype`` exists (the lead's fix); before that, the low-rank cases are
-strict xfails. The Monarch and dense-sparse families round their intermediate to fp16 today:
-strict xfails, to be lifted when they get the same fix.
+Every family keeps its intermediate in fp32 for fp16 inputs (``intermediate_dtype`` of
+``kernels.lowrank``, which ``kernels.monarch`` and ``kernels.sparse24`` share): the low-rank
+``t``, the Monarch / block-wise low-rank ``h`` and ``dh``, the dense-sparse ``t`` and ``dt``, on the
+PyTorch reference and on every kernel path. :func:`test_saved_intermediate_dtype` pins the dtype
+of the saved intermediate (real and fake tensors) for every op and dtype.
 """
 
 from __future__ import annotations
@@ -23,11 +24,9 @@ import torch
 from conftest import assert_close_ref
 from test_fuzz_ops import PATH_ENV, backend, has_op, make_case
 
-from fastfactor.kernels import lowrank as LK
 
 FP16_MAX = 65504.0
 S = 2.0**10  # power of two: moving it between the factors is exact
-LOWRANK_FIXED = hasattr(LK, "intermediate_dtype") and LK.intermediate_dtype(torch.float16) == torch.float32
 
 #: op -> (index of the first factor A in params, index of the second factor B)
 FACTORS = {"lowrank": (1, 0), "monarch": (0, 1), "block_lowrank": (0, 1), "dense_sparse": (1, 0)}
@@ -71,14 +70,10 @@ def _g(case, y, direction):
 def _variants():
     out = []
     for op in FACTORS:
-        fixed = LOWRANK_FIXED if op == "lowrank" else False
-        why = ("kernels.lowrank rounds t = x·Vᵀ to fp16 (fix: docs/ROBUSTNESS.md, fp16 section)" if op == "lowrank"
-               else f"{op}: the intermediate is rounded to the input dtype (same fix as low-rank needed)")
-        marks = [] if fixed else [pytest.mark.xfail(strict=True, reason=why)]
         for be, paths in (("ref", [None]), ("triton", PATH_ENV[op][1])):
             for path in paths:
                 for direction in ("forward", "backward"):
-                    out.append(pytest.param(op, be, path, direction, marks=marks,
+                    out.append(pytest.param(op, be, path, direction,
                                             id=f"{op}-{be}" + (f"-{path}" if path else "") + f"-{direction}"))
     return out
 
@@ -132,3 +127,64 @@ def test_fp16_intermediate_does_not_overflow(op, be, path, direction):
         assert_close_ref(got, want, torch.float16, reduction=max(case.reduction, 15), name=name)
         checked += 1
     assert checked >= 2  # y or dx plus at least one more
+
+
+# --------------------------------------------------------------------------------------------
+# the saved intermediate's dtype: fp32 for fp16 inputs, the input dtype otherwise
+# --------------------------------------------------------------------------------------------
+
+def _fwd_with_intermediate(op, x, ps, meta):
+    """Call the registered forward op that also returns the saved intermediate."""
+    if op == "lowrank":
+        return torch.ops.fastfactor.lowrank_fwd(x, ps[0], ps[1], ps[2], True)
+    if op in ("monarch", "block_lowrank"):
+        return torch.ops.fastfactor.monarch_fwd(x, ps[0], ps[1], ps[2], ps[2].shape[0], op == "monarch", True)
+    return torch.ops.fastfactor.dense_sparse_fwd(x, ps[0], ps[1], meta, ps[2], True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("op,be,path", [
+    pytest.param(op, be, path, id=f"{op}-{be}" + (f"-{path}" if path else ""))
+    for op in FACTORS for be, paths in (("ref", [None]), ("triton", PATH_ENV[op][1])) for path in paths
+])
+def test_saved_intermediate_dtype(op, be, path, dtype):
+    """The intermediate saved for the backward is fp32 for fp16 inputs (else the input dtype), on
+    every backend and path, and the fake (meta) implementation says the same; ``y`` keeps the
+    input dtype."""
+    if not has_op(op):
+        pytest.skip(f"{op} op not present")
+    case = make_case(op, lead=(5,), k=12, n=9, r=3, nblocks=2, dtype=dtype, bias=True,
+                     layout="contig", seed=1)
+    want = torch.float32 if dtype == torch.float16 else dtype
+    x2 = case.x.reshape(-1, case.x.shape[-1])
+    meta = case.extra.get("meta")
+    with backend(be, op, path):
+        y, t = _fwd_with_intermediate(op, x2, case.params, meta)
+    assert y.dtype == dtype and t.dtype == want, (y.dtype, t.dtype)
+    assert t.shape[0] == x2.shape[0] and torch.isfinite(t).all()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fx = mode.from_tensor(x2)
+        fps = [mode.from_tensor(p) for p in case.params]
+        fmeta = mode.from_tensor(meta) if meta is not None else None
+        fy, ft = _fwd_with_intermediate(op, fx, fps, fmeta)
+    assert fy.dtype == dtype and ft.dtype == want and tuple(ft.shape) == tuple(t.shape)
+
+
+def test_fp32_intermediate_chain_tiles_are_pruned():
+    """With an fp32 ``h`` the Monarch chain converts its w2 tile to fp32 too; the tiles that spill
+    then (compile-check, sm_90) leave both the compile variant's space and the autotuner's."""
+    from fastfactor.kernels import _config
+    from fastfactor.kernels import monarch as MK
+
+    full, fp32 = MK.chain_space(), MK.chain_space(H_FP32=True)
+    assert full == MK.CHAIN_SPACE and 0 < len(fp32) < len(full)
+    dropped = [c for c in full if c not in fp32]
+    assert all(c["BLOCK_R"] * c["BLOCK_N"] > 4096 for c in dropped)
+    cfgs = [_config.triton.Config({k: v for k, v in c.items() if k.startswith("BLOCK")}) for c in full]
+    args = dict(R=64, SB=256)
+    kept16 = MK._prune_chain(cfgs, args, H_FP32=True)
+    kept = MK._prune_chain(cfgs, args, H_FP32=False)
+    assert len(kept16) == len(fp32) and len(kept) == len(full)

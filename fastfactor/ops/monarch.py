@@ -20,7 +20,8 @@ direction and CUDA graphs can capture them:
 
 * ``fastfactor::monarch_fwd(x, w1, w2, bias, out_features, strided, save_h) -> (y, h)``: ``h`` is
   the stage-1 intermediate ``(M, b·b·r)`` (layout ``[m, l, j, t]``) when ``save_h`` (training),
-  else an empty ``(0,)`` tensor;
+  else an empty ``(0,)`` tensor; its dtype is ``kernels.monarch.intermediate_dtype(x.dtype)``:
+  fp32 for fp16 inputs (``h`` can exceed fp16's range where ``y`` does not), else ``x``'s;
 * ``fastfactor::monarch_bwd(g, x, w1, w2, h, strided, has_bias, need_x, need_w1, need_w2)
   -> (dx, dw1, dw2, db)``: gradients not asked for come back as empty ``(0,)`` tensors.
 
@@ -70,7 +71,10 @@ def _monarch_fwd(
 def _(x, w1, w2, bias, out_features, strided, save_h):
     b, br = w1.shape[0], w1.shape[1]
     y = x.new_empty((x.shape[0], out_features))
-    h = x.new_empty((x.shape[0], b * br)) if save_h else x.new_empty((0,))
+    h = (
+        x.new_empty((x.shape[0], b * br), dtype=K.intermediate_dtype(x.dtype))
+        if save_h else x.new_empty((0,))
+    )
     return y, h
 
 

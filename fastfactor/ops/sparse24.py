@@ -16,7 +16,9 @@ Registered ops (one opaque node per direction for ``torch.compile``):
 
 * ``fastfactor::sparse24_fwd(x, values, meta, bias) -> y``
 * ``fastfactor::sparse24_bwd(g, x, values, meta, has_bias, need_x, need_values) -> (dx, dvalues, db)``
-* ``fastfactor::dense_sparse_fwd(x, d, s_values, s_meta, bias, save_t) -> (y, t)``
+* ``fastfactor::dense_sparse_fwd(x, d, s_values, s_meta, bias, save_t) -> (y, t)``: ``t = x·Sᵀ``
+  in ``kernels.sparse24.intermediate_dtype(x.dtype)`` (fp32 for fp16 inputs: it can exceed fp16's
+  range where ``y`` does not), or an empty ``(0,)`` tensor without ``save_t``
 * ``fastfactor::dense_sparse_bwd(g, x, d, s_values, s_meta, t, has_bias, need_x, need_d, need_s)
   -> (dx, dd, ds_values, db)``
 * ``fastfactor::mask24(scores) -> mask``
@@ -308,14 +310,20 @@ def _dense_sparse_fwd(
         return y, (t if t is not None else _empty(x))
     with torch.no_grad():
         y = K.dense_sparse_linear_ref(x, d, s_values, s_meta, bias)
-        t = K.sparse24_linear_ref(x, s_values, s_meta) if save_t else _empty(x)
+        t = (
+            K.sparse24_linear_ref(x, s_values, s_meta, out_dtype=K.intermediate_dtype(x.dtype))
+            if save_t else _empty(x)
+        )
     return y, t
 
 
 @_dense_sparse_fwd.register_fake
 def _(x, d, s_values, s_meta, bias, save_t):
     y = x.new_empty((x.shape[0], d.shape[0]))
-    t = x.new_empty((x.shape[0], s_values.shape[0])) if save_t else x.new_empty((0,))
+    t = (
+        x.new_empty((x.shape[0], s_values.shape[0]), dtype=K.intermediate_dtype(x.dtype))
+        if save_t else x.new_empty((0,))
+    )
     return y, t
 
 
@@ -342,10 +350,9 @@ def _dense_sparse_bwd(
         k = 2 * s_values.shape[1]
         g32, x32, d32 = g.to(acc), x.to(acc), d.to(acc)
         s32 = K.unpack_24(s_values.to(acc), s_meta, k)
-        t32 = saved_t.to(acc) if saved_t is not None else (x32 @ s32.t()).to(x.dtype).to(acc)
-        dt = g32 @ d32
-        if x.dtype != acc:
-            dt = dt.to(x.dtype).to(acc)
+        inter = K.intermediate_dtype(x.dtype)  # rounding of the intermediates, as in the kernels
+        t32 = saved_t.to(acc) if saved_t is not None else (x32 @ s32.t()).to(inter).to(acc)
+        dt = (g32 @ d32).to(inter).to(acc)
         dx = (dt @ s32).to(x.dtype) if need_x else None
         dd = (g32.t() @ t32).to(d.dtype) if need_d else None
         ds = K.compress_like(dt.t() @ x32, s_meta).to(s_values.dtype) if need_s else None
@@ -439,7 +446,9 @@ def dense_sparse_linear(
 
     Returns:
         ``(..., out)`` in ``x``'s dtype. The ``(rows, r)`` intermediate stays on chip for
-        ``r <= 256`` (fused kernel); it is rounded to the input dtype as a two-matmul path does.
+        ``r <= 256`` (fused kernel); it is rounded to the input dtype as a two-matmul path does,
+        except for fp16 inputs, where it stays fp32 (``x·Sᵀ`` may exceed fp16's range while
+        ``y`` fits; the second product then runs as TF32).
 
     Gradients: ``x``, ``d``, ``s.values`` (kept entries only) and ``bias``.
     """
