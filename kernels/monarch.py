@@ -123,7 +123,7 @@ import torch
 from ._config import (
     HAS_TRITON,
     KernelSpec,
-    configs,
+    Tunable,
     dot_precision,
     register_kernel,
     upcast_dots,
@@ -558,16 +558,13 @@ if HAS_TRITON:
             if pid_n == 0:
                 tl.store(rowsum_ptr + fa_i, rsum.to(rowsum_ptr.dtype.element_ty), mask=mask_i & (fa_i < FA_LIM))
 
-    _chain_tuned = triton.autotune(
-        configs=configs(CHAIN_SPACE),
+    # autotuned launchers; in deterministic mode they run one fixed config (kernels._config.Tunable)
+    _chain_tuned = Tunable(
+        _chain_kernel, CHAIN_SPACE,
         key=["M_BUCKET", "NB", "R", "CB", "SB", "STORE_H", "H_FP32"],
-        prune_configs_by={"early_config_prune": _prune_chain},
-    )(_chain_kernel)
-
-    _bgemm_tuned = triton.autotune(
-        configs=configs(BGEMM_SPACE),
-        key=["G", "I", "J", "KR", "MIXED"],
-    )(_bgemm_kernel)
+        prune=_prune_chain,
+    )
+    _bgemm_tuned = Tunable(_bgemm_kernel, BGEMM_SPACE, key=["G", "I", "J", "KR", "MIXED"])
 
     # ---- compile-tier registration ----
     _CHAIN_INTS = (

@@ -87,7 +87,7 @@ import torch
 from ._config import (
     HAS_TRITON,
     KernelSpec,
-    configs,
+    Tunable,
     dot_precision,
     register_kernel,
     upcast_dots,
@@ -783,15 +783,16 @@ if HAS_TRITON:
                 mask=mask_m[None, :] & mask_n[:, None],
             )
 
-    _prune24_tuned = triton.autotune(configs=configs(PRUNE_SPACE), key=["R", "G"])(_prune24_kernel)
-    _sp_mm_tuned = triton.autotune(configs=configs(MM_SPACE), key=["M_BUCKET", "N", "K"])(_sp_mm_kernel)
-    _sp_dx_tuned = triton.autotune(configs=configs(DX_SPACE), key=["M", "N", "K", "MIXED"])(_sp_dx_kernel)
-    _sp_dv_tuned = triton.autotune(configs=configs(DV_SPACE), key=["M", "N", "K", "MIXED"])(_sp_dvalues_kernel)
-    _ds_chain_tuned = triton.autotune(
-        configs=configs(DS_SPACE),
+    # autotuned launchers; in deterministic mode they run one fixed config (kernels._config.Tunable)
+    _prune24_tuned = Tunable(_prune24_kernel, PRUNE_SPACE, key=["R", "G"])
+    _sp_mm_tuned = Tunable(_sp_mm_kernel, MM_SPACE, key=["M_BUCKET", "N", "K"])
+    _sp_dx_tuned = Tunable(_sp_dx_kernel, DX_SPACE, key=["M", "N", "K", "MIXED"])
+    _sp_dv_tuned = Tunable(_sp_dvalues_kernel, DV_SPACE, key=["M", "N", "K", "MIXED"])
+    _ds_chain_tuned = Tunable(
+        _ds_chain_kernel, DS_SPACE,
         key=["M_BUCKET", "K", "N", "R_PAD", "STORE_T", "T_FP32"],
-        prune_configs_by={"early_config_prune": _prune_ds},
-    )(_ds_chain_kernel)
+        prune=_prune_ds,
+    )
 
     # ---- compile-tier registration ----
     def _i32(*names):

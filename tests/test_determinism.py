@@ -5,7 +5,11 @@
 * ``set_deterministic`` / ``is_deterministic`` / ``deterministic()`` and PyTorch's own switch;
 * forward + backward of every op twice on the same inputs give bitwise identical outputs and
   gradients, on the reference path and on the interpreted Triton kernels (both kernel paths),
-  in fp32/fp16/bf16, within one process and in a second process.
+  in fp32/fp16/bf16, within one process and in a second process;
+* deterministic mode launches one fixed config instead of the autotuner for the Monarch and the
+  2:4 / dense-sparse families (every launcher is a ``kernels._config.Tunable``; the low-rank
+  family's own test is in ``test_lowrank_kernels.py``), and on a GPU that config is a real tile
+  that the family's prune function keeps.
 """
 
 from __future__ import annotations
@@ -162,3 +166,145 @@ def test_backward_is_bitwise_reproducible_across_processes():
     assert proc.returncode == 0, proc.stderr[-3000:]
     there = json.loads(proc.stdout.strip().splitlines()[-1])
     assert there == here
+
+
+# --------------------------------------------------------------------------------------------
+# deterministic mode launches one fixed config: Monarch and 2:4 / dense-sparse families
+# --------------------------------------------------------------------------------------------
+
+class _Boom:
+    """Stands in for a family's ``triton.autotune`` object: any launch through it fails."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("autotuner used in deterministic mode")
+
+
+def _grads(fn, leaves):
+    y = fn()
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+    return [y.detach()] + list(torch.autograd.grad(y, leaves, g))
+
+
+class _Count:
+    """Wraps a family's ``triton.autotune`` object and counts the launches through it."""
+
+    def __init__(self, inner):
+        self.inner, self.n = inner, 0
+
+    def __getitem__(self, grid):
+        self.n += 1
+        return self.inner[grid]
+
+
+def _assert_bypass(run, tunables, monkeypatch, used):
+    """Every launcher is a ``Tunable``; ``run()`` launches each of ``used`` through its autotuner
+    outside deterministic mode, gives the same bits with every autotuner replaced by
+    :class:`_Boom` inside the mode, and fails through them outside it again."""
+    from fastfactor.kernels._config import Tunable
+
+    assert all(isinstance(t, Tunable) for t in tunables.values()), {k: type(t).__name__ for k, t in tunables.items()}
+    counters = {}
+    for name, t in tunables.items():
+        counters[name] = _Count(t.tuned)
+        monkeypatch.setattr(t, "tuned", counters[name])
+    first = run()
+    assert all(counters[name].n > 0 for name in used), {k: c.n for k, c in counters.items()}
+    for t in tunables.values():
+        monkeypatch.setattr(t, "tuned", _Boom())
+    with D.deterministic(torch_algorithms=False):
+        second = run()
+    assert len(first) == len(second) >= 2 and all(torch.isfinite(a).all() for a in first)
+    for i, (a, b) in enumerate(zip(first, second)):
+        assert torch.equal(a, b), f"output/grad #{i} differs from the autotuned launch"
+    with pytest.raises(AssertionError, match="autotuner used"):
+        run()  # outside the mode the autotuner is back
+
+
+@pytest.mark.parametrize("strided", [True, False], ids=["monarch", "block_lowrank"])
+@pytest.mark.parametrize("path", ["fused", "two_stage"])
+def test_monarch_deterministic_mode_bypasses_the_autotuner(path, strided, monkeypatch, triton_cpu):
+    """Forward and every gradient of the Monarch family, both kernel paths, with a recomputed
+    ``h`` (only ``w2`` asks for it) as well as a saved one."""
+    from fastfactor.kernels import monarch as MK
+    from fastfactor.ops.monarch import block_lowrank_linear, monarch_linear
+
+    monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", path)
+    f = monarch_linear if strided else block_lowrank_linear
+    s1, s2 = MK.factor_shapes(19, 13, 2, 3)
+    x = torch.randn(7, 39)[:, ::2].requires_grad_()        # non-contiguous, in = 19
+    w1 = (torch.randn(s1) / 3).requires_grad_()
+    w2 = (torch.randn(s2) / 3).requires_grad_()
+    b = torch.randn(13).requires_grad_()
+
+    def run():
+        full = _grads(lambda: f(x, w1, w2, b, out_features=13), [x, w1, w2, b])
+        # the backward recomputes h through the two-stage forward when only w2 needs a gradient
+        with torch.no_grad():
+            y, _ = torch.ops.fastfactor.monarch_fwd(x.detach(), w1, w2, None, 13, strided, False)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+        _, _, dw2, _ = torch.ops.fastfactor.monarch_bwd(
+            g, x.detach(), w1.detach(), w2.detach(), torch.empty(0), strided, False, False, False, True
+        )
+        return full + [dw2]
+
+    tunables = {"chain": MK._chain_tuned, "bgemm": MK._bgemm_tuned}
+    _assert_bypass(run, tunables, monkeypatch, used=["chain", "bgemm"] if path == "fused" else ["bgemm"])
+
+
+@pytest.mark.parametrize("path", ["fused", "two_kernel"])
+def test_sparse24_deterministic_mode_bypasses_the_autotuner(path, monkeypatch, triton_cpu):
+    """2:4 pruning, ``sparse24_linear`` and ``dense_sparse_linear`` (both paths; its two-kernel
+    path and backward also use the low-rank family's GEMM) forward and every gradient."""
+    from fastfactor.kernels import lowrank as LK
+    from fastfactor.kernels import sparse24 as SK
+    from fastfactor.ops.sparse24 import dense_sparse_linear, pack_24, prune_24, sparse24_linear
+
+    monkeypatch.setenv("FASTFACTOR_DS_PATH", path)
+    w_dense = torch.randn(13, 20)
+    s_dense = torch.randn(5, 20)
+    x = torch.randn(7, 41)[:, 1::2].requires_grad_()       # non-contiguous, in = 20
+    d = (torch.randn(11, 5) / 2).requires_grad_()
+    b = torch.randn(13).requires_grad_()
+    b2 = torch.randn(11).requires_grad_()
+
+    def run():
+        pw = prune_24(w_dense)
+        w = pack_24(pw)
+        s = pack_24(prune_24(s_dense))
+        wv = w.values.clone().requires_grad_()
+        sv = s.values.clone().requires_grad_()
+        out = [pw]
+        out += _grads(lambda: sparse24_linear(x, SK.Sparse24Weight(wv, w.meta, w.shape), b), [x, wv, b])
+        out += _grads(lambda: dense_sparse_linear(x, d, SK.Sparse24Weight(sv, s.meta, s.shape), b2),
+                      [x, d, sv, b2])
+        return out
+
+    tunables = {"prune": SK._prune24_tuned, "mm": SK._sp_mm_tuned, "dx": SK._sp_dx_tuned,
+                "dvalues": SK._sp_dv_tuned, "ds_chain": SK._ds_chain_tuned, "lowrank.gemm": LK._gemm_tuned}
+    used = [n for n in tunables if path == "fused" or n != "ds_chain"]
+    _assert_bypass(run, tunables, monkeypatch, used)
+
+
+def test_fixed_configs_on_a_gpu_are_real_tiles_that_pass_the_prune(monkeypatch):
+    """Outside the interpreter the fixed config is the first GPU entry of each space (not the
+    interpreter's tiny one) that the family's prune function keeps, called as the autotuner
+    calls it (``prune(configs, named_args, **kwargs)``)."""
+    from fastfactor.kernels import _config
+    from fastfactor.kernels import monarch as MK
+    from fastfactor.kernels import sparse24 as SK
+
+    monkeypatch.setattr(_config, "is_interpreter", lambda: False)
+    chain = MK._chain_tuned.fixed_config(dict(R=1, SB=5, M=7)).kwargs
+    assert chain != {k: v for k, v in MK.CHAIN_SPACE[0].items() if k.startswith("BLOCK")}
+    assert chain["BLOCK_R"] <= 16 and chain["BLOCK_N"] <= 64   # what _prune_chain keeps for r=1, nb=5
+    wide = MK._chain_tuned.fixed_config(dict(R=64, SB=256)).kwargs
+    assert wide == {k: v for k, v in MK.CHAIN_SPACE[1].items() if k.startswith("BLOCK")}
+    assert MK._bgemm_tuned.fixed_config({}).kwargs == {
+        k: v for k, v in MK.BGEMM_SPACE[1].items() if k.startswith("BLOCK")
+    }
+    ds = SK._ds_chain_tuned.fixed_config(dict(R_PAD=256)).kwargs
+    assert ds["BLOCK_M"] * 256 <= 16384 and ds["BLOCK_K"] * 256 <= 16384 and ds["BLOCK_M"] >= 16
+    assert ds != {k: v for k, v in SK.DS_SPACE[0].items() if k.startswith("BLOCK")}
+    for tun, space in ((SK._sp_mm_tuned, SK.MM_SPACE), (SK._sp_dx_tuned, SK.DX_SPACE),
+                       (SK._sp_dv_tuned, SK.DV_SPACE), (SK._prune24_tuned, SK.PRUNE_SPACE)):
+        assert tun.fixed_config({}).kwargs == {k: v for k, v in space[1].items() if k.startswith("BLOCK")}
