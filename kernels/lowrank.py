@@ -452,8 +452,9 @@ def gemm(
                 M, N, K,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
                 HAS_BIAS=bias is not None, ROWSUM=rowsum,
-                UPCAST=upcast_dots(), PRECISION=dot_precision(a.dtype), FP64=a.dtype == torch.float64,
-                MIXED=a.dtype != b.dtype,
+                UPCAST=upcast_dots(), FP64=a.dtype == torch.float64, MIXED=a.dtype != b.dtype,
+                # an fp32 intermediate against fp16 data: TF32 keeps fp16's mantissa, nothing is lost
+                PRECISION="tf32" if a.dtype != b.dtype else dot_precision(a.dtype),
             )
     return (c, rs) if rowsum else c
 
