@@ -33,6 +33,8 @@ from .calibration import collect_activation_stats, collect_fisher
 from .config import CompressionConfig
 from .methods import build_layer, get_method
 from .targets import Target, dense_view, get_module, select_targets, set_module
+from . import checkpoint as _ckpt
+from .. import _validate, distributed as _dist
 
 
 @dataclass
@@ -167,6 +169,8 @@ def compress(
     log: Optional[Callable[[str], None]] = None,
     evaluate_stages: bool = True,
     teacher: Optional[nn.Module] = None,
+    checkpoint_dir=None,
+    resume=None,
 ):
     """Compress ``model`` in place; returns ``(model, CompressionReport)``.
 
@@ -181,6 +185,17 @@ def compress(
         progress: tqdm bars; log: a callable receiving one line per stage (e.g. ``print``).
         teacher: the reference model for distillation/fidelity (default: a frozen deep copy of
             ``model`` taken before compression).
+        checkpoint_dir: write a checkpoint there after every finished stage (and after the final
+            fine-tune); see :mod:`fastfactor.compress.checkpoint`. Refuses a directory that already
+            holds checkpoints unless ``resume`` is given.
+        resume: continue an interrupted run from its last finished stage: a run's output directory,
+            its ``checkpoints/`` directory or one stage directory. Give the uncompressed model and
+            the same config and data; the result is bitwise that of an uninterrupted run.
+
+    Under ``torchrun`` (a default process group is initialized) every rank factorizes identically
+    and then takes rank 0's factors (``broadcast_module``), fine-tuning averages gradients over
+    ranks with each rank reading its share of the global batch (``batch_size``), and only rank 0
+    logs, shows progress and writes checkpoints.
     """
     from ..train.loop import Evaluator, Objective, finetune
 
@@ -206,7 +221,8 @@ def compress(
     device = torch.device(device)
     model.to(device)
     torch.manual_seed(cfg.seed)
-    say = log or (lambda s: None)
+    say = (log or (lambda s: None)) if _dist.is_main_process() else (lambda s: None)
+    progress = progress and _dist.is_main_process()
 
     targets = select_targets(model, cfg.targets, cfg.exclude, cfg.ratio, cfg.module_ratios)
     report = CompressionReport(
@@ -244,7 +260,14 @@ def compress(
         it = iterate(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed + 7)
         return [b for _, b in zip(range(cfg.calib_batches), it)]
 
+    session = _ckpt.begin(model, cfg.to_dict(), data, report, kept, stages, gen, checkpoint_dir=checkpoint_dir,
+                          resume=resume, device=device, report_cls=CompressionReport, stage_cls=StageRecord)
+    if session.resumed_from is not None:
+        say(f"resumed from {session.resumed_from}: {session.start} of {len(stages)} stage(s) done")
+
     for si, group in enumerate(stages):
+        if si < session.start:
+            continue
         t0 = time.perf_counter()
         name = (group[0].block or group[0].name) if cfg.schedule == "staged" else "all"
         rec = StageRecord(stage=si, name=name, modules=[t.name for t in group], params=0, target_ratio=0.0)
@@ -271,16 +294,19 @@ def compress(
                 with profiling.range(f"factorize {t.name}"):
                     old = get_module(model, t.name)
                     view = dense_view(old, t.name)
+                    _validate.check_finite(f"{t.name}.weight", view.weight)
                     try:
                         new = build_layer(cfg.method, view, t.ratio, init, cfg, stats.get(t.name))
                     except (ValueError, TypeError) as e:
                         raise type(e)(f"module {t.name!r}: {e}") from e
                     new.train(old.training)
+                    _dist.broadcast_module(new)  # rank 0's factors everywhere (a no-op single-process)
                     set_module(model, t.name, new)
                     kept[t.name] = new.num_weight_params
                     rec.init_info[t.name] = init
                     del old, view
             stats.clear()
+            _ckpt.test_fault_hook(si)  # test-only; does nothing unless its env variable is set
             rec.params = count_params(model)
             rec.target_ratio = sum(kept.values()) / max(1, dense_total)
             if evaluator is not None and (evaluate_stages or si == len(stages) - 1):
@@ -301,6 +327,7 @@ def compress(
             + (f", {pm} {_fmt(rec.metrics_offline.get(pm))} → {_fmt(rec.metrics.get(pm))}" if pm else "")
             + f", {rec.seconds:.1f}s"
         )
+        session.save(si, model, report, kept)
 
     if cfg.schedule != "staged" and report.stages:
         report.metrics_offline = dict(report.stages[0].metrics_offline)
@@ -308,7 +335,7 @@ def compress(
         # the staged schedule never sees the fully swapped, untuned model; report the last swap
         report.metrics_offline = dict(report.stages[-1].metrics_offline)
 
-    if fine_tune and cfg.final_steps > 0:
+    if fine_tune and cfg.final_steps > 0 and not session.final_done:
         t0 = time.perf_counter()
         with profiling.range("final fine-tune"):
             tr = finetune(model, objective, data, cfg.final_steps, seed=cfg.seed + 1000,
@@ -321,6 +348,7 @@ def compress(
         rec.seconds = time.perf_counter() - t0
         report.stages.append(rec)
         say(f"final fine-tune: {cfg.final_steps} steps, {rec.metrics}")
+        session.save(len(stages), model, report, kept, final=True)
     if evaluator is not None:
         last = report.stages[-1]
         report.metrics_after = dict(last.metrics) if last.metrics else evaluator(model)

@@ -1,0 +1,185 @@
+"""Safe files: checked JSON reads, format-version checks, checksum verification, atomic directories.
+
+The single-file primitives (``atomic_write_bytes``, ``atomic_write_text``, ``sha256_file``) live in
+:mod:`fastfactor.compress.io` and are reused here. This module adds what a *set* of files needs:
+
+* :func:`read_json` — a JSON object from a file, or a ``ValueError`` naming the file and saying
+  whether it is missing, empty/truncated, not JSON, or not an object;
+* :func:`check_format_version` — refuses files from a newer format (``upgrade fastfactor``), files
+  without a version, and unknown older versions, naming the file;
+* :func:`verify_files` — every file listed with its sha256 exists and matches (truncation and
+  corruption both show as a mismatch; the size is reported too);
+* :func:`atomic_directory` — build a directory under a temporary sibling name and rename it into
+  place when complete, so a crash (even ``SIGKILL``) never leaves a half-written directory under
+  the final name; an existing final directory is never overwritten unless ``replace=True``.
+
+Every error is a ``ValueError`` whose message starts with the path of the offending file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict, Iterator, Optional
+
+from .compress.io import atomic_write_bytes, atomic_write_text, sha256_file
+
+#: temporary names start with this prefix; readers skip (and writers may delete) such entries
+TMP_PREFIX = ".tmp-"
+
+
+def read_json(path, what: str = "file") -> dict:
+    """The JSON object stored in ``path``; ``what`` says what the file is (for the message)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: {what} is missing")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if not raw.strip():
+        raise ValueError(f"{path}: {what} is empty (truncated write?)")
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: {what} is not valid JSON ({e}); the file is truncated or corrupt") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: {what}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def atomic_write_json(path, obj) -> None:
+    """``obj`` as indented JSON, written to a temporary name and renamed into place."""
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+
+
+def check_format_version(path, found, current: int, what: str = "file") -> int:
+    """``found`` (the ``format_version`` read from ``path``) must be an int in ``[1, current]``."""
+    path = os.fspath(path)
+    if found is None:
+        raise ValueError(f"{path}: {what} has no format_version; it was not written by fastfactor")
+    if isinstance(found, bool) or not isinstance(found, int):
+        raise ValueError(f"{path}: {what}: expected an integer format_version, got {found!r}")
+    if found > current:
+        raise ValueError(
+            f"{path}: {what} has format_version {found}, newer than the {current} this fastfactor "
+            "reads; upgrade fastfactor to load it"
+        )
+    if found < 1:
+        raise ValueError(f"{path}: {what}: expected format_version in [1, {current}], got {found}")
+    return found
+
+
+def verify_files(root, files: Dict[str, str]) -> None:
+    """Each ``{relative name: sha256}`` under ``root`` exists and has that digest."""
+    root = os.fspath(root)
+    if not isinstance(files, dict):
+        raise ValueError(f"{root}: expected a {{file: sha256}} map of checksums, got {type(files).__name__}")
+    for name, digest in files.items():
+        if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+            raise ValueError(f"{root}: the checksum list names {name!r}, which is outside the directory")
+        fpath = os.path.join(root, name)
+        if not os.path.isfile(fpath):
+            raise ValueError(f"{fpath}: listed with a checksum but missing")
+        actual = sha256_file(fpath)
+        if actual != digest:
+            size = os.path.getsize(fpath)
+            raise ValueError(
+                f"{fpath}: sha256 mismatch (expected {digest}, file has {actual}, {size} bytes); "
+                "the file is truncated, corrupt or was changed"
+            )
+
+
+def fsync_dir(path) -> None:
+    """Flush a directory entry (a rename) to disk where the OS allows it."""
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(path, replace: bool = False) -> Iterator[str]:
+    """Yield a temporary directory beside ``path``; on success rename it to ``path``.
+
+    On an exception the temporary directory is removed and ``path`` is untouched. A ``SIGKILL``
+    leaves only a ``.tmp-*`` sibling, which readers ignore. ``path`` must not exist unless
+    ``replace=True`` (then the old directory is moved aside first and deleted after the rename).
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(path) and not replace:
+        raise ValueError(f"{path}: already exists; refusing to overwrite it")
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f"{TMP_PREFIX}{os.path.basename(path)}-")
+    try:
+        yield tmp
+        old: Optional[str] = None
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(dir=parent, prefix=f"{TMP_PREFIX}old-{os.path.basename(path)}-")
+            os.rmdir(old)
+            os.rename(path, old)
+        os.rename(tmp, path)
+        fsync_dir(parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_temporaries(directory, older_than_s: float = 0.0) -> int:
+    """Delete ``.tmp-*`` entries left in ``directory`` by killed writers; returns how many."""
+    import time
+
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return 0
+    n, now = 0, time.time()
+    for name in os.listdir(directory):
+        if not name.startswith(TMP_PREFIX):
+            continue
+        p = os.path.join(directory, name)
+        try:
+            if now - os.path.getmtime(p) < older_than_s:
+                continue
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            else:
+                os.remove(p)
+            n += 1
+        except OSError:  # pragma: no cover - another process removed it
+            pass
+    return n
+
+
+def save_pretrained_atomic(obj, directory) -> None:
+    """``obj.save_pretrained`` (a tokenizer, a config) into ``directory`` with every file written
+    under a temporary directory first and then moved into place one by one (``os.replace``)."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=directory, prefix=TMP_PREFIX)
+    try:
+        obj.save_pretrained(tmp)
+        for root, _, names in os.walk(tmp):
+            rel = os.path.relpath(root, tmp)
+            dest_root = directory if rel == "." else os.path.join(directory, rel)
+            os.makedirs(dest_root, exist_ok=True)
+            for n in names:
+                os.replace(os.path.join(root, n), os.path.join(dest_root, n))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+__all__ = [
+    "TMP_PREFIX", "read_json", "atomic_write_json", "atomic_write_bytes", "atomic_write_text", "sha256_file",
+    "check_format_version", "verify_files", "fsync_dir", "atomic_directory", "remove_stale_temporaries",
+    "save_pretrained_atomic",
+]
