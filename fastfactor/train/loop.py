@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed as D
 from .. import profiling
 from . import metrics as M
 from .data import Batch, TaskData, iterate, select
@@ -202,7 +203,13 @@ def finetune(
     train_embeddings: bool = True,
 ) -> Dict[str, float]:
     """``steps`` optimizer steps of AdamW on ``objective``; returns the first/last/mean loss.
-    ``train_embeddings=False`` keeps every ``nn.Embedding`` frozen."""
+    ``train_embeddings=False`` keeps every ``nn.Embedding`` frozen.
+
+    Under ``torch.distributed`` (e.g. ``torchrun``) ``batch_size`` is the *global* batch: each rank
+    reads its share (``fastfactor.distributed.iterate_sharded``; a last partial global batch of an
+    epoch is skipped), gradients are averaged over ranks after ``backward``
+    (``all_reduce_gradients``), the finite-loss check is all-reduced, the losses returned are
+    means over ranks, and only rank 0 shows a progress bar."""
     if steps <= 0:
         return {"steps": 0}
     frozen = set()
@@ -225,12 +232,16 @@ def finetune(
         return max(0.0, (steps - step) / max(1, steps - warm))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    batches = iterate(data.train, batch_size, shuffle=True, seed=seed, epochs_forever=True)
+    sharded = D.is_distributed()  # under torchrun: this rank's share of each global batch of batch_size
+    if sharded:
+        batches = D.iterate_sharded(data.train, batch_size, shuffle=True, seed=seed, epochs_forever=True)
+    else:
+        batches = iterate(data.train, batch_size, shuffle=True, seed=seed, epochs_forever=True)
     was_training = model.training
     model.train()
     losses = []
     bar = None
-    if progress:
+    if progress and D.is_main_process():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=desc, leave=False)
@@ -239,17 +250,19 @@ def finetune(
             batch = next(batches)
             with profiling.range("forward"), _autocast(objective.device):
                 loss = objective.loss(model, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: the loss became {float(loss)} at step {len(losses)}")
+            if not D.all_finite(loss):  # all-reduced: every rank stops at the same step
+                where = f" on some rank (this rank: {float(loss)})" if sharded else f" {float(loss)}"
+                raise FloatingPointError(f"{desc}: the loss became{where} at step {len(losses)}")
             with profiling.range("backward"):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                D.all_reduce_gradients(params)  # mean over ranks (no-op single-process)
             with profiling.range("optimizer step"):
                 if max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                 opt.step()
                 sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(float(D.all_reduce_mean(loss.detach()) if sharded else loss.detach()))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4g}")
