@@ -129,6 +129,30 @@ def configs(space: list[dict], interp_index: int = 0) -> list:
     return out
 
 
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 stands in on CPU, for the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def row_block_grid(M: int, N: int, device: torch.device):
+    """Grid of the fused chain kernels: one program per ``BLOCK_M`` rows, and the ``N`` output
+    tiles split over a second grid dimension only when the row blocks alone cannot fill the GPU
+    (two programs per SM). Each split recomputes its row block's rank-r intermediate, which is
+    cheap exactly when there are few rows. The kernel derives its share of the tiles from
+    ``tl.num_programs(1)``."""
+    sms = num_sms(device)
+
+    def grid(meta):
+        m_blocks = triton.cdiv(M, meta["BLOCK_M"])
+        n_tiles = triton.cdiv(N, meta["BLOCK_N"])
+        split = max(1, min(n_tiles, (2 * sms) // m_blocks))
+        return (m_blocks, triton.cdiv(n_tiles, triton.cdiv(n_tiles, split)))
+
+    return grid
+
+
 # --------------------------------------------------------------------------------------------
 # Deterministic mode and the autotuned launcher
 # --------------------------------------------------------------------------------------------

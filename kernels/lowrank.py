@@ -63,6 +63,7 @@ from ._config import (
     configs,
     dot_precision,
     register_kernel,
+    row_block_grid,
     upcast_dots,
 )
 
@@ -389,12 +390,6 @@ if HAS_TRITON:
 # Launchers
 # ============================================================================================
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def choose_path(M: int, K: int, N: int, R: int) -> str:
     """``'fused'`` (chain kernel, intermediate on chip) or ``'two_gemm'`` (intermediate through
     device memory) for a forward of this shape.
@@ -488,18 +483,8 @@ def chain(
         if t is not None:
             t.zero_()
         return z, t
-    sms = _num_sms(a.device)
-
-    def grid(meta):
-        m_blocks = triton.cdiv(M, meta["BLOCK_M"])
-        n_tiles = triton.cdiv(N, meta["BLOCK_N"])
-        # split the N tiles over more programs only when the row blocks alone cannot fill the
-        # GPU; each split recomputes its row block's intermediate (cheap at small M)
-        split = max(1, min(n_tiles, (2 * sms) // m_blocks))
-        return (m_blocks, triton.cdiv(n_tiles, triton.cdiv(n_tiles, split)))
-
     t_arg = t if t is not None else z
-    _chain_tuned[grid](
+    _chain_tuned[row_block_grid(M, N, a.device)](
         a, w1, w2, bias if bias is not None else z, z, t_arg,
         M, K, N, R, min(_next_pow2(M), 1 << 16),
         a.stride(0), a.stride(1), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),

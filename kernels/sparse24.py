@@ -90,9 +90,10 @@ from ._config import (
     Tunable,
     dot_precision,
     register_kernel,
+    row_block_grid,
     upcast_dots,
 )
-from .lowrank import FUSED_MAX_R, _num_sms, _pad_rank, gemm, intermediate_dtype
+from .lowrank import FUSED_MAX_R, _pad_rank, gemm, intermediate_dtype
 
 if HAS_TRITON:
     import triton
@@ -1029,16 +1030,8 @@ def ds_chain(
         if t is not None:
             t.zero_()
         return y, t
-    sms = _num_sms(x.device)
-
-    def grid(meta):
-        m_blocks = triton.cdiv(M, meta["BLOCK_M"])
-        n_tiles = triton.cdiv(N, meta["BLOCK_N"])
-        split = max(1, min(n_tiles, (2 * sms) // m_blocks))
-        return (m_blocks, triton.cdiv(n_tiles, triton.cdiv(n_tiles, split)))
-
     t_arg = t if t is not None else y
-    _ds_chain_tuned[grid](
+    _ds_chain_tuned[row_block_grid(M, N, x.device)](
         x, s_values, s_meta, d, bias if bias is not None else y, y, t_arg,
         M, K, N, R, min(_next_pow2(M), 1 << 16),
         x.stride(0), x.stride(1), s_values.stride(0), s_values.stride(1),
