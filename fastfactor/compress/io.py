@@ -136,10 +136,12 @@ def read_manifest(path) -> dict:
     mpath = os.path.join(os.fspath(path), MANIFEST)
     if not os.path.isfile(mpath):
         raise ValueError(f"path: expected a directory written by save_compressed (with {MANIFEST}), got {os.fspath(path)!r}")
-    with open(mpath, encoding="utf-8") as f:
-        m = json.load(f)
-    if m.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{mpath}: expected format_version {FORMAT_VERSION}, got {m.get('format_version')!r}")
+    from .. import _io  # missing / empty / truncated / non-JSON → ValueError naming the file
+
+    m = _io.read_json(mpath, "manifest")
+    _io.check_format_version(mpath, m.get("format_version"), FORMAT_VERSION, "manifest")
+    if not isinstance(m.get("modules", []), list) or not isinstance(m.get("files", {}), dict):
+        raise ValueError(f"{mpath}: expected 'modules' to be a list and 'files' a {{name: sha256}} map")
     return m
 
 
@@ -183,14 +185,24 @@ def load_compressed(path, model: Optional[nn.Module] = None, device=None) -> nn.
         cls = classes.get(entry["class"])
         if cls is None:
             raise ValueError(
-                f"module {entry['name']!r}: layer class {entry['class']} ({entry['method']}) is not available in this build"
+                f"{os.path.join(path, MANIFEST)}: module {entry['name']!r}: layer class {entry['class']} "
+                f"({entry['method']}) is not available in this build"
             )
-        new = cls(**entry["factor_config"])  # small: the factors' own size, overwritten below
+        try:
+            new = cls(**entry["factor_config"])  # small: the factors' own size, overwritten below
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{os.path.join(path, MANIFEST)}: module {entry['name']!r}: bad factor_config ({e})") from e
         set_module(model, entry["name"], new)
-    sd = load_file(os.path.join(path, WEIGHTS))
+    try:
+        sd = load_file(os.path.join(path, WEIGHTS))
+    except Exception as e:  # noqa: BLE001 - safetensors' own error types
+        raise ValueError(f"{os.path.join(path, WEIGHTS)}: cannot read the tensors ({e}); truncated or corrupt") from e
     for k, src in manifest.get("tied", {}).items():
         sd[k] = sd[src]
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as e:  # size mismatch: the manifest and the tensors disagree
+        raise ValueError(f"{os.path.join(path, WEIGHTS)}: tensors do not fit the model: {e}") from e
     if unexpected or missing:
         raise ValueError(f"{path}: state dict mismatch: missing {missing[:8]}, unexpected {unexpected[:8]}")
     if manifest.get("tied") and hasattr(model, "tie_weights"):
