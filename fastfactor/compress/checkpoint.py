@@ -457,6 +457,52 @@ def _st_dtype(dtype: torch.dtype) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# the command line's output directory
+# --------------------------------------------------------------------------------------------
+
+def output_in_use(out) -> List[str]:
+    """What in ``out`` belongs to an earlier run: every entry but temporaries and an empty (or
+    temporaries-only) ``checkpoints/``."""
+    out = os.fspath(out)
+    if not os.path.isdir(out):
+        return []
+    used = []
+    for name in sorted(os.listdir(out)):
+        if name.startswith(_io.TMP_PREFIX):
+            continue
+        if name == CHECKPOINTS and not list_checkpoints(os.path.join(out, name)):
+            continue
+        used.append(name)
+    return used
+
+
+def prepare_output(out, resume=None, overwrite: bool = False):
+    """``(checkpoint_dir, resume_from)`` for ``fastfactor compress --out OUT [--resume [DIR]]
+    [--overwrite]``. A fresh run refuses an ``OUT`` that holds anything of an earlier run (so
+    nothing is overwritten by accident); ``--resume`` (``""``: from ``OUT`` itself) continues it;
+    ``--overwrite`` deletes ``OUT/checkpoints`` and lets the new run replace the files."""
+    out = os.path.abspath(os.fspath(out))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out: expected a directory, got the file {out}")
+    ckdir = os.path.join(out, CHECKPOINTS)
+    if resume is not None:
+        if overwrite:
+            raise ValueError("--overwrite: cannot be combined with --resume (resume keeps the run's checkpoints)")
+        return ckdir, (resume or out)
+    used = output_in_use(out)
+    if used and not overwrite:
+        raise ValueError(
+            f"--out: {out} already holds files of another run ({', '.join(used[:6])}"
+            f"{', ...' if len(used) > 6 else ''}); pass --resume to continue that run, --overwrite to "
+            "replace it, or choose another directory"
+        )
+    if overwrite and D.is_main_process() and os.path.isdir(ckdir):
+        shutil.rmtree(ckdir)
+    D.barrier()
+    return ckdir, None
+
+
+# --------------------------------------------------------------------------------------------
 # the driver's entry point
 # --------------------------------------------------------------------------------------------
 
@@ -520,6 +566,6 @@ def begin(model: nn.Module, config: dict, data, report, kept: Dict[str, int], st
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION", "CHECKPOINTS", "TEST_FAULT_ENV", "InjectedFault", "StageCheckpointer",
-    "Session", "begin", "read_checkpoint", "resolve_resume", "list_checkpoints", "load_model_state",
+    "Session", "begin", "prepare_output", "output_in_use", "read_checkpoint", "resolve_resume", "list_checkpoints", "load_model_state",
     "model_fingerprint", "data_fingerprint", "rng_state", "set_rng_state", "test_fault_hook",
 ]
