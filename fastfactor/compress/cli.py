@@ -49,6 +49,10 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
+                   help="continue an interrupted run from its last finished stage (DIR: its output directory, "
+                        "default --out); give the same model, data and settings")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (default: refuse)")
     p.set_defaults(func=run)
     return p
 
@@ -110,7 +114,7 @@ def plot_stages(report, path: str) -> bool:
     ax.set_title(f"{cfg['method']} ratio {cfg['ratio']} ({cfg['schedule']})")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
+    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))  # same extension for savefig
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
@@ -130,7 +134,20 @@ def run(args) -> int:
             raise SystemExit("fastfactor compress: give --task or --train-file (data are needed to fine-tune/calibrate)")
     if args.eval_file and not args.train_file:
         raise SystemExit("fastfactor compress: --eval-file needs --train-file")
+    from .. import distributed as D
+    from .._io import save_pretrained_atomic
+    from .checkpoint import prepare_output
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    owns_group = not D.is_distributed()
+    info = D.init_from_env(device="cuda" if str(device).startswith("cuda") else "cpu")  # torchrun / accelerate
+    if info.distributed:
+        device = info.device
+    print = D.print0  # noqa: A001 - only rank 0 prints
+    try:
+        checkpoint_dir, resume = prepare_output(args.out, args.resume, args.overwrite)
+    except ValueError as e:
+        raise SystemExit(f"fastfactor compress: {e}") from None
     print(f"loading {args.model}")
     model, tok = load_hf_model(args.model)
     data = None
@@ -141,13 +158,19 @@ def run(args) -> int:
             max_train=args.max_train, max_eval=args.max_eval, unlabelled=args.distill, seed=cfg.seed,
         )
         print(f"data: {data.name}, {len(data)} train / {int(data.eval['input_ids'].shape[0])} eval, {data.task_type}")
-    model, report = compress(model, cfg, data, device=device, progress=not args.no_progress, log=print)
+    model, report = compress(model, cfg, data, device=device, progress=not args.no_progress, log=print,
+                             checkpoint_dir=checkpoint_dir, resume=resume)
     print("\nper stage\n" + report.stage_table())
     print("\nfinal report\n" + report.summary_table())
-    os.makedirs(args.out, exist_ok=True)
-    save_compressed(model.cpu(), args.out, compression=cfg.to_dict())
-    tok.save_pretrained(args.out)
-    atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(report.to_dict(), indent=2, default=str))
-    plotted = plot_stages(report, os.path.join(args.out, "metric.png"))
+    plotted = False
+    if D.is_main_process():  # every file: a temporary name renamed into place
+        os.makedirs(args.out, exist_ok=True)
+        save_compressed(model.cpu(), args.out, compression=cfg.to_dict())
+        save_pretrained_atomic(tok, args.out)
+        atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(report.to_dict(), indent=2, default=str))
+        plotted = plot_stages(report, os.path.join(args.out, "metric.png"))
+    D.barrier()
+    if owns_group:
+        D.cleanup()
     print(f"\nwrote {args.out}: compressed model, report.json" + (", metric.png" if plotted else ""))
     return 0
