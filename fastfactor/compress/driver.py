@@ -333,7 +333,7 @@ def compress(
         report.metrics_offline = dict(report.stages[0].metrics_offline)
     elif cfg.schedule == "staged" and report.stages:
         # the staged schedule never sees the fully swapped, untuned model; report the last swap
-        report.metrics_offline = dict(report.stages[-1].metrics_offline)
+        report.metrics_offline = dict(report.stages[len(stages) - 1].metrics_offline)  # not the final fine-tune (resumed)
 
     if fine_tune and cfg.final_steps > 0 and not session.final_done:
         t0 = time.perf_counter()
