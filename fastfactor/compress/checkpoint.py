@@ -534,6 +534,8 @@ def begin(model: nn.Module, config: dict, data, report, kept: Dict[str, int], st
     writer = None
     if checkpoint_dir is not None:
         checkpoint_dir = os.path.abspath(os.fspath(checkpoint_dir))
+        if D.is_main_process():
+            os.makedirs(checkpoint_dir, exist_ok=True)
         existing = list_checkpoints(checkpoint_dir)
         if existing and resume is None:
             raise ValueError(

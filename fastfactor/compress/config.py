@@ -16,7 +16,8 @@ targets       name patterns of the modules to replace (``fnmatch`` globs on the 
 exclude       patterns removed from the targets
 init          ``auto`` (the method's default) or: lowrank ``svd`` | ``fisher`` | ``activation``;
               monarch / block_lowrank ``projection``; sparse24 ``magnitude`` | ``fisher`` |
-              ``activation``; dense_sparse ``svd_als``
+              ``activation``; dense_sparse ``svd_als`` | ``svd`` (prune the
+              SVD factor without the alternating least-squares refinement: much faster on CPU)
 nblocks       block count for monarch / block_lowrank
 schedule      ``all_at_once`` | ``staged`` | ``offline``
 stage_unit    for ``staged``: ``layer`` (one module per stage) or ``block`` (one transformer block)
@@ -52,7 +53,7 @@ INITS = {
     "monarch": ("projection",),
     "block_lowrank": ("projection",),
     "sparse24": ("magnitude", "fisher", "activation"),
-    "dense_sparse": ("svd_als",),
+    "dense_sparse": ("svd_als", "svd"),
 }
 
 
