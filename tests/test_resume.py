@@ -1,0 +1,269 @@
+"""Resumable staged compression: kill a run in the middle of a stage, resume, get the same result.
+
+* ``test_sigkill_mid_stage_then_resume_cli``: a real ``fastfactor compress`` process on a tiny saved
+  BERT classifier with local csv/json data (12 stages, one linear layer each, Fisher init, so the
+  calibration generator, the dropout RNG and the data streams all matter) is ``SIGKILL``-ed while
+  it sleeps in the middle of stage 5 (the test-only hook ``FASTFACTOR_TEST_FAULT_IN_STAGE``, a no-op
+  unless set); ``--resume`` continues it; the final weights are bitwise those of an uninterrupted
+  run with the same seed and the report is equal except wall times.
+* the Python API (``compress(..., checkpoint_dir=, resume=)``) over schedules, methods and
+  objectives with an injected exception in the middle of a stage, plus the refusals: a checkpoint
+  of another config, model or data, and a checkpoint directory of another run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import fastfactor.compress as C
+from fastfactor.compress import checkpoint as CK
+from fastfactor.compress._tiny import tiny_data, tiny_model
+
+WORDS = [f"w{i}" for i in range(92)]
+
+
+def _strip_times(report: dict) -> dict:
+    """A report without its wall times (the only fields allowed to differ)."""
+    r = dict(report)
+    r.pop("seconds", None)
+    r["stages"] = [{k: v for k, v in s.items() if k != "seconds"} for s in r["stages"]]
+    return r
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+# ============================================================================================
+# the real SIGKILL through the command line
+# ============================================================================================
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    from transformers import BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny_resume")
+    vocab = d / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(d)
+    tiny_model("bert_cls", num_labels=2).save_pretrained(d)
+    rng = random.Random(1)
+    rows = [(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))), rng.randint(0, 1)) for _ in range(36)]
+    (d / "train.csv").write_text("sentence,label\n" + "\n".join(f"{s},{y}" for s, y in rows[:26]) + "\n")
+    (d / "eval.json").write_text("\n".join(json.dumps({"sentence": s, "label": y}) for s, y in rows[26:]) + "\n")
+    return d
+
+
+def _cli(saved_model, out, *extra):
+    return [
+        sys.executable, "-m", "fastfactor.cli", "compress", "--model", str(saved_model),
+        "--method", "lowrank", "--init", "fisher", "--ratio", "0.5", "--schedule", "staged",
+        "--stage-unit", "layer", "--stage-steps", "2", "--steps", "3", "--calib-batches", "2",
+        "--batch-size", "8", "--max-length", "16", "--seed", "5", "--no-progress",
+        "--train-file", str(saved_model / "train.csv"), "--eval-file", str(saved_model / "eval.json"),
+        "--out", str(out), *extra,
+    ]
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env.pop(CK.TEST_FAULT_ENV, None)
+    env.update(FASTFACTOR_CPU_BACKEND="reference", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_NO_ADVISORY_WARNINGS="1", **extra)
+    return env
+
+
+def _load_weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+KILL_STAGE = 5
+
+
+def test_sigkill_mid_stage_then_resume_cli(saved_model, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    # the uninterrupted run and the run to be killed start together (two CPU cores on CI)
+    ref = subprocess.Popen(_cli(saved_model, full), env=_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    victim = subprocess.Popen(_cli(saved_model, killed), env=_env(**{CK.TEST_FAULT_ENV: f"{KILL_STAGE}:sleep:120"}),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        marker = killed / "checkpoints" / CK.stage_dirname(KILL_STAGE - 1)
+        deadline = time.monotonic() + 90
+        while not marker.is_dir():  # stage KILL_STAGE - 1 is checkpointed: the victim is in stage KILL_STAGE
+            assert victim.poll() is None, f"the run ended before it was killed:\n{victim.stdout.read()[-3000:]}"
+            assert time.monotonic() < deadline, "stage checkpoint never appeared"
+            time.sleep(0.05)
+        line = ""
+        while "sleeping in stage" not in line:  # it swapped stage KILL_STAGE's module and sleeps there
+            line = victim.stdout.readline()
+            assert line, "the run's output ended before the fault hook"
+        os.kill(victim.pid, signal.SIGKILL)
+        assert victim.wait(30) == -signal.SIGKILL
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+        victim.stdout.close()
+    out_ref, _ = ref.communicate(timeout=120)
+    assert ref.returncode == 0, out_ref[-3000:]
+
+    # what the kill left: the checkpoint of stage KILL_STAGE - 1 only, no output files
+    assert CK.list_checkpoints(killed / "checkpoints") == [str(marker)]
+    assert not (killed / "fastfactor.json").exists() and not (killed / "report.json").exists()
+
+    # a fresh run into the killed run's directory refuses (nothing is overwritten)
+    again = subprocess.run(_cli(saved_model, killed), env=_env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and "already holds files of another run" in again.stderr
+    assert CK.list_checkpoints(killed / "checkpoints") == [str(marker)]
+
+    resumed = subprocess.run(_cli(saved_model, killed, "--resume"), env=_env(), capture_output=True, text=True,
+                             timeout=120)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"{KILL_STAGE} of 12 stage(s) done" in resumed.stdout
+    assert f"stage {KILL_STAGE - 1} (" not in resumed.stdout and f"stage {KILL_STAGE} (" in resumed.stdout
+
+    _assert_same_state(_load_weights(full), _load_weights(killed))
+    rep_full = json.loads((full / "report.json").read_text())
+    rep_res = json.loads((killed / "report.json").read_text())
+    assert len(rep_full["stages"]) == 13  # 12 stages + the final fine-tune
+    assert _strip_times(rep_full) == _strip_times(rep_res)
+    man_full = json.loads((full / "fastfactor.json").read_text())
+    man_res = json.loads((killed / "fastfactor.json").read_text())
+    # (the files' sha256 may differ: safetensors writes its metadata map in a per-process hash order)
+    assert man_full["modules"] == man_res["modules"] and man_full["files"].keys() == man_res["files"].keys()
+
+
+# ============================================================================================
+# the Python API
+# ============================================================================================
+
+CASES = {
+    # name: (family, config, data kwargs, fault stage)
+    "lowrank-fisher-staged-layer-task": (
+        "bert_cls", dict(method="lowrank", init="fisher", schedule="staged", stage_unit="layer", stage_steps=2,
+                         final_steps=2, calib_batches=2), dict(labels=2), 4),
+    "lowrank-activation-staged-block-distill": (
+        "gpt2", dict(method="lowrank", init="activation", schedule="staged", stage_unit="block", stage_steps=2,
+                     final_steps=2, calib_batches=2), dict(), 1),
+    "monarch-all_at_once": (
+        "llama", dict(method="monarch", schedule="all_at_once", final_steps=3), dict(), 0),
+}
+
+
+def _run(family, cfg, data_kw, **kw):
+    model = tiny_model(family, num_labels=2, intermediate=36)
+    model.train()  # dropout on: the torch RNG state matters
+    cfg = dict(cfg, ratio=0.5, batch_size=8, seed=11)
+    return C.compress(model, cfg, tiny_data(**data_kw), **kw)
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_resume_api_bitwise(case, tmp_path, monkeypatch):
+    if case.startswith("monarch") and not C.available_methods()["monarch"]:
+        pytest.skip("monarch layers not in this build")
+    family, cfg, data_kw, fault = CASES[case]
+    m_ref, r_ref = _run(family, cfg, data_kw)
+    ck = tmp_path / "ck"
+    monkeypatch.setenv(CK.TEST_FAULT_ENV, f"{fault}:raise")
+    with pytest.raises(CK.InjectedFault):
+        _run(family, cfg, data_kw, checkpoint_dir=ck)
+    monkeypatch.delenv(CK.TEST_FAULT_ENV)
+    before = CK.list_checkpoints(ck)
+    assert before == ([str(ck / CK.stage_dirname(fault - 1))] if fault else [])
+    if fault == 0:  # killed before the first stage finished: nothing to resume from
+        with pytest.raises(ValueError, match="holds no finished stage checkpoint"):
+            _run(family, cfg, data_kw, checkpoint_dir=ck, resume=ck)
+        return
+    m_res, r_res = _run(family, cfg, data_kw, checkpoint_dir=ck, resume=ck)
+    _assert_same_state(m_ref.state_dict(), m_res.state_dict())
+    assert _strip_times(r_ref.to_dict()) == _strip_times(r_res.to_dict())
+    assert m_res.training is False  # the driver returns the model in eval mode, as before
+
+    # resuming a finished run (final checkpoint) redoes nothing and gives the same again
+    final = CK.list_checkpoints(ck)
+    assert final == [str(ck / CK.stage_dirname(len(r_ref.stages) - 1))]
+    state = CK.read_checkpoint(final[-1])
+    assert state["final"] and state["optimizer"] is None and state["data_position"]["next_stage"] == len(r_ref.stages)
+    m_again, r_again = _run(family, cfg, data_kw, resume=ck)
+    _assert_same_state(m_ref.state_dict(), m_again.state_dict())
+    assert _strip_times(r_ref.to_dict()) == _strip_times(r_again.to_dict())
+
+
+def test_resume_killed_in_the_final_fine_tune(tmp_path, monkeypatch):
+    """all_at_once has one stage (the swap) then the final fine-tune: a fault there resumes after the swap."""
+    import fastfactor.train.loop as L
+
+    cfg = dict(method="lowrank", schedule="all_at_once", final_steps=3)
+    m_ref, r_ref = _run("bert", cfg, {})
+    ck = tmp_path / "ck"
+
+    def boom(*a, **k):
+        raise CK.InjectedFault("killed in the final fine-tune")
+
+    real = L.finetune
+    monkeypatch.setattr(L, "finetune", boom)
+    with pytest.raises(CK.InjectedFault):
+        _run("bert", cfg, {}, checkpoint_dir=ck)
+    monkeypatch.setattr(L, "finetune", real)
+    assert CK.list_checkpoints(ck) == [str(ck / CK.stage_dirname(0))]
+    m_res, r_res = _run("bert", cfg, {}, checkpoint_dir=ck, resume=ck)
+    _assert_same_state(m_ref.state_dict(), m_res.state_dict())
+    assert _strip_times(r_ref.to_dict()) == _strip_times(r_res.to_dict())
+
+
+def test_resume_refuses_other_model_and_data(tmp_path, monkeypatch):
+    cfg = dict(method="lowrank", schedule="staged", stage_unit="block", stage_steps=1, final_steps=1)
+    ck = tmp_path / "ck"
+    monkeypatch.setenv(CK.TEST_FAULT_ENV, "1:raise")
+    with pytest.raises(CK.InjectedFault):
+        _run("bert", cfg, {}, checkpoint_dir=ck)
+    monkeypatch.delenv(CK.TEST_FAULT_ENV)
+    kw = dict(ratio=0.5, batch_size=8, seed=11, **cfg)
+    with pytest.raises(ValueError, match=r"state\.json: written for another model"):
+        C.compress(tiny_model("bert", seed=1, intermediate=36).train(), kw, tiny_data(), resume=ck)
+    with pytest.raises(ValueError, match=r"state\.json: written for another data"):
+        C.compress(tiny_model("bert", intermediate=36).train(), kw, tiny_data(seed=2), resume=ck)
+    with pytest.raises(ValueError, match=r"state\.json: written with another compression config \(ratio"):
+        C.compress(tiny_model("bert", intermediate=36).train(), dict(kw, ratio=0.4), tiny_data(), resume=ck)
+    # a fresh run into a directory with checkpoints of another run refuses, and leaves them alone
+    with pytest.raises(ValueError, match="checkpoint_dir: .* already holds checkpoints of another run"):
+        _run("bert", cfg, {}, checkpoint_dir=ck)
+    assert CK.list_checkpoints(ck) == [str(ck / CK.stage_dirname(0))]
+    with pytest.raises(ValueError, match="resume: expected a directory with stage checkpoints"):
+        _run("bert", cfg, {}, resume=tmp_path / "nowhere")
+
+
+def test_fault_hook_is_inert_unless_set(monkeypatch):
+    monkeypatch.delenv(CK.TEST_FAULT_ENV, raising=False)
+    CK.test_fault_hook(0)  # nothing happens
+    monkeypatch.setenv(CK.TEST_FAULT_ENV, "3:raise")
+    CK.test_fault_hook(2)  # another stage: nothing happens
+    with pytest.raises(CK.InjectedFault, match="stage 3"):
+        CK.test_fault_hook(3)
+    monkeypatch.setenv(CK.TEST_FAULT_ENV, "oops")
+    with pytest.raises(ValueError, match="FASTFACTOR_TEST_FAULT_IN_STAGE: expected"):
+        CK.test_fault_hook(0)
+
+
+def test_rng_state_round_trip():
+    import numpy as np
+
+    g = torch.Generator().manual_seed(3)
+    st = json.loads(json.dumps(CK.rng_state(g)))  # JSON-safe
+    a = (random.random(), float(np.random.rand()), torch.rand(3), torch.rand(2, generator=g))
+    CK.set_rng_state(st, g)
+    b = (random.random(), float(np.random.rand()), torch.rand(3), torch.rand(2, generator=g))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
