@@ -24,6 +24,8 @@ except ImportError:  # pragma: no cover
     _spec.loader.exec_module(kernels)
 
 from . import determinism, distributed, factorize, layers, ops, profiling  # noqa: E402
+from . import compress, train  # noqa: E402  (the compress package is callable: fastfactor.compress(model, cfg, data))
+from .compress import CompressionConfig, CompressionReport, load_compressed, save_compressed  # noqa: E402
 from .determinism import is_deterministic, set_deterministic  # noqa: E402
 from .kernels.sparse24 import Sparse24Weight  # noqa: E402
 from .layers import (  # noqa: E402
@@ -49,4 +51,5 @@ __all__ = [
     "LowRankLinear", "MonarchLinear", "BlockLowRankLinear", "Sparse24Linear", "DenseSparseLinear",
     "FactorizedLinear", "Sparse24Weight", "factorize", "layers", "ops", "profiling",
     "set_deterministic", "is_deterministic", "determinism", "distributed",
+    "compress", "train", "CompressionConfig", "CompressionReport", "save_compressed", "load_compressed",
 ]
