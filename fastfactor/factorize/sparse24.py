@@ -88,11 +88,30 @@ def _ridge(g: torch.Tensor) -> float:
     return 1e-10 * float(g.diagonal().abs().mean()) + 1e-300
 
 
+def _spd_solve(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve the symmetric positive definite systems ``a·x = rhs`` (batched) by Cholesky.
+
+    Every system here is SPD by construction (a Gram matrix plus a ridge, the identity on pruned
+    rows), so Cholesky is the right factorization and half the work of LU. It also avoids MKL's
+    batched LU, which printed "Parameter 6 was incorrect on entry to DLASWP" and then hung with
+    more than one thread (1536 x 384 layer, rank 200). A system Cholesky rejects (not numerically
+    positive definite) falls back to least squares.
+    """
+    chol, info = torch.linalg.cholesky_ex(a)
+    x = torch.cholesky_solve(rhs, chol)
+    bad = info != 0
+    if bool(bad.any()):
+        if a.ndim == 2:
+            return torch.linalg.lstsq(a, rhs).solution
+        x[bad] = torch.linalg.lstsq(a[bad], rhs[bad]).solution
+    return x
+
+
 def _solve_d(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``argmin_D ‖W − D·S‖_F`` (ridge-regularized normal equations, float64)."""
     g = s @ s.t()
     g.diagonal().add_(_ridge(g))
-    return torch.linalg.solve(g, s @ w.t()).t()
+    return _spd_solve(g, s @ w.t()).t()
 
 
 def _solve_s(w: torch.Tensor, d: torch.Tensor, mask: torch.Tensor, max_elems: int = 1 << 24) -> torch.Tensor:
@@ -112,7 +131,7 @@ def _solve_s(w: torch.Tensor, d: torch.Tensor, mask: torch.Tensor, max_elems: in
         a = g[None] * (m[:, :, None] * m[:, None, :])                 # masked Gram matrices
         a = a + eye[None] * ((1.0 - m) + lam * m)[:, :, None]
         rhs = (b[:, c0 : c0 + chunk].t() * m)[:, :, None]
-        sol = torch.linalg.solve(a, rhs)[..., 0]                       # (c, r)
+        sol = _spd_solve(a, rhs)[..., 0]                               # (c, r)
         out[:, c0 : c0 + chunk] = (sol * m).t()
     return out
 
