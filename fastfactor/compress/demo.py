@@ -153,8 +153,10 @@ def run_one(model, data, teacher, method, ratio, schedule, init="auto", stage_st
     }
 
 
-#: dense-sparse with its plain SVD init: its SVD+ALS refinement takes ~30 s per 1536×384 layer on
-#: one CPU core (measured), ~10 minutes for MiniLM's 36 layers — over the demo's budget
+#: dense-sparse with its plain SVD init: with SVD+ALS (Cholesky solves) its demo step alone took
+#: 276 s on a 2-core machine (2026-11-21; most of it system time spent on the float64 batches of
+#: masked Gram matrices), which would leave the 10-minute budget too thin on a slower machine.
+#: The README's evidence table uses SVD+ALS.
 DEMO_METHODS = ("lowrank", "monarch", "block_lowrank", "sparse24", "dense_sparse:svd")
 
 
