@@ -7,6 +7,7 @@ Modules: :class:`LowRankLinear`, :class:`MonarchLinear`, :class:`BlockLowRankLin
 """
 
 import importlib as _importlib
+import importlib.util  # noqa: F401  (spec_from_file_location below)
 import sys as _sys
 
 # kernels/ is installed as fastfactor.kernels; in a source checkout that is not installed, map it.
@@ -15,9 +16,9 @@ try:
 except ImportError:  # pragma: no cover
     import os as _os
 
+    _kdir = _os.path.join(_os.path.dirname(_os.path.dirname(__file__)), "kernels")
     _spec = _importlib.util.spec_from_file_location(
-        "fastfactor.kernels",
-        _os.path.join(_os.path.dirname(_os.path.dirname(__file__)), "kernels", "__init__.py"),
+        "fastfactor.kernels", _os.path.join(_kdir, "__init__.py"), submodule_search_locations=[_kdir]
     )
     kernels = _importlib.util.module_from_spec(_spec)
     _sys.modules["fastfactor.kernels"] = kernels
