@@ -25,10 +25,8 @@ import torch
 from .. import _validate as V
 from ..kernels import lowrank as K
 from ..kernels._config import use_triton
-
-
-def _empty(like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty((0,))
+from ._common import empty as _empty
+from ._common import fake_grads, grads_or_empty, needs_grad
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,24 +89,12 @@ def _lowrank_bwd(
         du = (g32.t() @ t32).to(u.dtype) if need_u else None
         dv = (dt.t() @ x32).to(v.dtype) if need_v else None
         db = g32.sum(0).to(g.dtype) if has_bias else None
-    e = _empty(g)
-    return (
-        dx if dx is not None else e.clone(),
-        du if du is not None else e.clone(),
-        dv if dv is not None else e.clone(),
-        db if db is not None else e.clone(),
-    )
+    return grads_or_empty(g, dx, du, dv, db)
 
 
 @_lowrank_bwd.register_fake
 def _(g, x, u, v, t, has_bias, need_x, need_u, need_v):
-    e = lambda: g.new_empty((0,))
-    return (
-        x.new_empty(x.shape) if need_x else e(),
-        u.new_empty(u.shape) if need_u else e(),
-        v.new_empty(v.shape) if need_v else e(),
-        g.new_empty((u.shape[0],)) if has_bias else e(),
-    )
+    return fake_grads(g, (need_x, x), (need_u, u), (need_v, v), (has_bias, (u.shape[0],)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -178,10 +164,7 @@ def lowrank_linear(
     check_lowrank_args(x, u, v, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])  # not -1: in_features may be 0
-    save_t = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, u, v, bias)
-    )
-    y, _ = _lowrank_fwd(x2, u, v, bias, save_t)
+    y, _ = _lowrank_fwd(x2, u, v, bias, needs_grad(x, u, v, bias))
     return y.reshape(*lead, u.shape[0])
 
 

@@ -38,10 +38,8 @@ import torch
 from .. import _validate as V
 from ..kernels import monarch as K
 from ..kernels._config import use_triton
-
-
-def _empty(like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty((0,))
+from ._common import empty as _empty
+from ._common import fake_grads, grads_or_empty, needs_grad
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,24 +103,12 @@ def _monarch_bwd(
             g, x, w1, w2, saved_h, strided, need_x, need_w1, need_w2, has_bias
         )
         dx = dx.contiguous() if dx is not None else None
-    e = _empty(g)
-    return (
-        dx if dx is not None else e.clone(),
-        dw1 if dw1 is not None else e.clone(),
-        dw2 if dw2 is not None else e.clone(),
-        db if db is not None else e.clone(),
-    )
+    return grads_or_empty(g, dx, dw1, dw2, db)
 
 
 @_monarch_bwd.register_fake
 def _(g, x, w1, w2, h, strided, has_bias, need_x, need_w1, need_w2):
-    e = lambda: g.new_empty((0,))
-    return (
-        x.new_empty(x.shape) if need_x else e(),
-        w1.new_empty(w1.shape) if need_w1 else e(),
-        w2.new_empty(w2.shape) if need_w2 else e(),
-        g.new_empty((g.shape[1],)) if has_bias else e(),
-    )
+    return fake_grads(g, (need_x, x), (need_w1, w1), (need_w2, w2), (has_bias, (g.shape[1],)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -209,10 +195,7 @@ def _block_linear(x, w1, w2, bias, out_features, strided, op):
     n = check_monarch_args(x, w1, w2, bias, out_features, op)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    save_h = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, w1, w2, bias)
-    )
-    y, _ = _monarch_fwd(x2, w1, w2, bias, n, strided, save_h)
+    y, _ = _monarch_fwd(x2, w1, w2, bias, n, strided, needs_grad(x, w1, w2, bias))
     return y.reshape(*lead, n)
 
 

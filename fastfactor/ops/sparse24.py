@@ -50,13 +50,11 @@ from .. import _validate as V
 from ..kernels import sparse24 as K
 from ..kernels._config import use_triton
 from ..kernels.sparse24 import Sparse24Weight, mask_24, pack_24, prune_24
+from ._common import empty as _empty
+from ._common import fake_grads, grads_or_empty, needs_grad
 
 #: Provisional (unmeasured) token count from which PyTorch's semi-structured path is preferred.
 SPARSE24_TORCH_MIN_M = 2048
-
-
-def _empty(like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty((0,))
 
 
 def _acc(dtype):
@@ -138,22 +136,12 @@ def _sparse24_bwd(
             dv = K.compress_like(g32.t() @ x.to(acc), meta).to(values.dtype)
         if has_bias:
             db = g32.sum(0).to(g.dtype)
-    e = _empty(g)
-    return (
-        dx if dx is not None else e.clone(),
-        dv if dv is not None else e.clone(),
-        db if db is not None else e.clone(),
-    )
+    return grads_or_empty(g, dx, dv, db)
 
 
 @_sparse24_bwd.register_fake
 def _(g, x, values, meta, has_bias, need_x, need_values):
-    e = lambda: g.new_empty((0,))
-    return (
-        x.new_empty(x.shape) if need_x else e(),
-        values.new_empty(values.shape) if need_values else e(),
-        g.new_empty((values.shape[0],)) if has_bias else e(),
-    )
+    return fake_grads(g, (need_x, x), (need_values, values), (has_bias, (values.shape[0],)))
 
 
 def _sp_setup(ctx, inputs, output):
@@ -256,10 +244,7 @@ def sparse24_linear_packed(
     x2 = x.reshape(math.prod(lead), x.shape[-1])   # explicit: -1 is ambiguous when in = 0
     n = values.shape[0]
     if x.is_cuda and not torch.compiler.is_compiling():
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, values, bias)
-        )
-        if not needs_grad and choose_sparse24_path(
+        if not needs_grad(x, values, bias) and choose_sparse24_path(
             x2.shape[0], x2.shape[1], n, x.dtype, x.device
         ) == "torch":
             ss = _torch_semi_structured_cached(values, meta, (n, x2.shape[1]))
@@ -357,24 +342,12 @@ def _dense_sparse_bwd(
         dd = (g32.t() @ t32).to(d.dtype) if need_d else None
         ds = K.compress_like(dt.t() @ x32, s_meta).to(s_values.dtype) if need_s else None
         db = g32.sum(0).to(g.dtype) if has_bias else None
-    e = _empty(g)
-    return (
-        dx if dx is not None else e.clone(),
-        dd if dd is not None else e.clone(),
-        ds if ds is not None else e.clone(),
-        db if db is not None else e.clone(),
-    )
+    return grads_or_empty(g, dx, dd, ds, db)
 
 
 @_dense_sparse_bwd.register_fake
 def _(g, x, d, s_values, s_meta, t, has_bias, need_x, need_d, need_s):
-    e = lambda: g.new_empty((0,))
-    return (
-        x.new_empty(x.shape) if need_x else e(),
-        d.new_empty(d.shape) if need_d else e(),
-        s_values.new_empty(s_values.shape) if need_s else e(),
-        g.new_empty((d.shape[0],)) if has_bias else e(),
-    )
+    return fake_grads(g, (need_x, x), (need_d, d), (need_s, s_values), (has_bias, (d.shape[0],)))
 
 
 def _ds_setup(ctx, inputs, output):
@@ -426,10 +399,7 @@ def dense_sparse_linear_packed(
     check_dense_sparse_args(x, d, s_values, s_meta, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])   # explicit: -1 is ambiguous when in = 0
-    save_t = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, d, s_values, bias)
-    )
-    y, _ = _dense_sparse_fwd(x2, d, s_values, s_meta, bias, save_t)
+    y, _ = _dense_sparse_fwd(x2, d, s_values, s_meta, bias, needs_grad(x, d, s_values, bias))
     return y.reshape(*lead, d.shape[0])
 
 
