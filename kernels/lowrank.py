@@ -102,6 +102,33 @@ def lowrank_linear_ref(
     return y.to(x.dtype)
 
 
+def lowrank_bwd_ref(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    t: Optional[torch.Tensor],
+    has_bias: bool,
+    need_x: bool = True,
+    need_u: bool = True,
+    need_v: bool = True,
+):
+    """Pure-PyTorch backward of :func:`lowrank_linear_ref`: ``(dx, du, dv, db)``, ``None`` where not
+    asked for. ``g (M, N)``, ``x (M, K)``, ``u (N, R)``, ``v (R, K)``, ``t (M, R)`` the saved
+    ``x·Vᵀ`` or None (recomputed). fp32 accumulation (fp64 stays fp64); the intermediates ``t``
+    and ``dt = g·U`` are rounded to :func:`intermediate_dtype` as the kernels round them."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    g32, x32, u32, v32 = g.to(acc), x.to(acc), u.to(acc), v.to(acc)
+    inter = intermediate_dtype(x.dtype)
+    t32 = t.to(acc) if t is not None else (x32 @ v32.t()).to(inter).to(acc)
+    dt = (g32 @ u32).to(inter).to(acc)
+    dx = (dt @ v32).to(x.dtype) if need_x else None
+    du = (g32.t() @ t32).to(u.dtype) if need_u else None
+    dv = (dt.t() @ x32).to(v.dtype) if need_v else None
+    db = g32.sum(0).to(g.dtype) if has_bias else None
+    return dx, du, dv, db
+
+
 # ============================================================================================
 # Kernels
 # ============================================================================================

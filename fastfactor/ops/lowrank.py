@@ -80,15 +80,7 @@ def _lowrank_bwd(
     if use_triton(g):
         dx, du, dv, db = K.lowrank_bwd(g, x, u, v, saved_t, has_bias, need_x, need_u, need_v)
     else:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        g32, x32, u32, v32 = g.to(acc), x.to(acc), u.to(acc), v.to(acc)
-        inter = K.intermediate_dtype(x.dtype)  # rounding of the intermediates, as in the kernels
-        t32 = saved_t.to(acc) if saved_t is not None else (x32 @ v32.t()).to(inter).to(acc)
-        dt = (g32 @ u32).to(inter).to(acc)
-        dx = (dt @ v32).to(x.dtype) if need_x else None
-        du = (g32.t() @ t32).to(u.dtype) if need_u else None
-        dv = (dt.t() @ x32).to(v.dtype) if need_v else None
-        db = g32.sum(0).to(g.dtype) if has_bias else None
+        dx, du, dv, db = K.lowrank_bwd_ref(g, x, u, v, saved_t, has_bias, need_x, need_u, need_v)
     return grads_or_empty(g, dx, du, dv, db)
 
 
