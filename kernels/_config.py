@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from typing import Callable, Iterator
 
@@ -132,8 +133,14 @@ def configs(space: list[dict], interp_index: int = 0) -> list:
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (4 stands in on CPU, for the interpreter)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    # asked once per device: the grid functions run on every launch
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def row_block_grid(M: int, N: int, device: torch.device):
