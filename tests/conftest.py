@@ -39,6 +39,12 @@ def assert_close_ref(actual: torch.Tensor, ref64: torch.Tensor, dtype: torch.dty
     assert err <= tol, f"{name}: max abs error {err:.3e} > tol {tol:.3e} (dtype {dtype}, scale {scale:.3g})"
 
 
+def lowrank_ref64(x, u, v, b=None):
+    """``(x·Vᵀ)·Uᵀ + b`` in float64: the oracle of the low-rank tests."""
+    y = (x.double() @ v.double().t()) @ u.double().t()
+    return y + b.double() if b is not None else y
+
+
 @pytest.fixture
 def triton_cpu():
     """Run ops on CPU tensors through the Triton interpreter for the duration of a test."""

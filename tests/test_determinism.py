@@ -24,7 +24,7 @@ import sys
 
 import pytest
 import torch
-from test_fuzz_ops import OPS, PATH_ENV, backend, has_op, make_case
+from test_fuzz_ops import OPS, backend, has_op, make_case, op_variants
 
 from fastfactor import determinism as D
 
@@ -109,17 +109,8 @@ def _run_once(op, dtype, seed=11):
     return [y.detach()] + [t.grad for t in [x] + ps]
 
 
-def _variants():
-    out = []
-    for op in OPS:
-        for be, paths in (("ref", [None]), ("triton", PATH_ENV[op][1])):
-            for path in paths:
-                out.append(pytest.param(op, be, path, id=f"{op}-{be}" + (f"-{path}" if path else "")))
-    return out
-
-
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
-@pytest.mark.parametrize("op,be,path", _variants())
+@pytest.mark.parametrize("op,be,path", op_variants())
 def test_backward_is_bitwise_reproducible(op, be, path, dtype):
     if not has_op(op):
         pytest.skip(f"{op} op not present")

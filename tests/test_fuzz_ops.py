@@ -45,6 +45,17 @@ PATH_ENV = {
 EXAMPLES_RUN = {}
 
 
+
+def op_variants():
+    """``pytest.param(op, backend, path)`` for every op x CPU backend x kernel path (readable ids)."""
+    out = []
+    for op in OPS:
+        for be, paths in (("ref", [None]), ("triton", PATH_ENV[op][1])):
+            for path in paths:
+                out.append(pytest.param(op, be, path, id=f"{op}-{be}" + (f"-{path}" if path else "")))
+    return out
+
+
 def has_op(op: str) -> bool:
     try:
         if op == "lowrank":

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close_ref
+from conftest import assert_close_ref, lowrank_ref64
 
 import fastfactor
 from fastfactor.ops.lowrank import _lowrank_bwd, _lowrank_fwd
@@ -20,11 +20,6 @@ def path(request, monkeypatch):
     return request.param
 
 
-def _ref64(x, u, v, b):
-    y = (x.double() @ v.double().t()) @ u.double().t()
-    return y + b.double() if b is not None else y
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("m,k,n,r", [(4096, 4096, 4096, 256), (17, 768, 3072, 96), (1000, 3071, 767, 511), (63, 1024, 1024, 1024)])
 @pytest.mark.parametrize("bias", [True, False])
@@ -35,11 +30,11 @@ def test_gpu_forward_backward(path, dtype, m, k, n, r, bias):
     b = torch.randn(n, device=DEV, dtype=dtype) if bias else None
     leaves = [t.detach().clone().requires_grad_() for t in (x, u, v) + ((b,) if bias else ())]
     y = fastfactor.lowrank_linear(*leaves[:3], leaves[3] if bias else None)
-    assert_close_ref(y, _ref64(x, u, v, b), dtype, reduction=k, name="y")
+    assert_close_ref(y, lowrank_ref64(x, u, v, b), dtype, reduction=k, name="y")
     g = torch.randn_like(y)
     y.backward(g)
     ref = [t.detach().double().requires_grad_() for t in (x, u, v) + ((b,) if bias else ())]
-    (_ref64(*ref[:3], ref[3] if bias else None) * g.double()).sum().backward()
+    (lowrank_ref64(*ref[:3], ref[3] if bias else None) * g.double()).sum().backward()
     for name, got, want, red in zip(("dx", "du", "dv", "db"), leaves, ref, (n, m, m, m)):
         assert_close_ref(got.grad, want.grad, dtype, reduction=max(red, r), name=name)
 

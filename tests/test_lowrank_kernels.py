@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES, assert_close_ref
+from conftest import DTYPES, assert_close_ref, lowrank_ref64
 
 import fastfactor
 from fastfactor.kernels import lowrank as K
@@ -32,11 +32,6 @@ def path(request, monkeypatch):
     return request.param
 
 
-def _ref64(x, u, v, b):
-    y = (x.double() @ v.double().t()) @ u.double().t()
-    return y + b.double() if b is not None else y
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -49,12 +44,12 @@ def test_kernels_forward_and_grads(path, shape, dtype, bias):
     leaves = [t.detach().clone().requires_grad_() for t in (x, u, v) + ((b,) if bias else ())]
     y = fastfactor.lowrank_linear(*leaves[:3], leaves[3] if bias else None)
     assert y.dtype == dtype and y.shape == (*lead, n)
-    assert_close_ref(y, _ref64(x, u, v, b), dtype, reduction=k, name="y")
+    assert_close_ref(y, lowrank_ref64(x, u, v, b), dtype, reduction=k, name="y")
 
     g = torch.randn_like(y)
     y.backward(g)
     ref = [t.detach().double().requires_grad_() for t in (x, u, v) + ((b,) if bias else ())]
-    (_ref64(*ref[:3], ref[3] if bias else None) * g.double()).sum().backward()
+    (lowrank_ref64(*ref[:3], ref[3] if bias else None) * g.double()).sum().backward()
     m = math.prod(lead)
     for name, got, want, red in zip(("dx", "du", "dv", "db"), leaves, ref, (n, m, m, m)):
         assert_close_ref(got.grad, want.grad, dtype, reduction=max(red, r), name=name)
@@ -74,7 +69,7 @@ def test_large_rank_uses_two_gemm_and_is_correct():
     x = torch.randn(8, 300)
     u = torch.randn(280, 270) / 16
     v = torch.randn(270, 300) / 17
-    assert_close_ref(fastfactor.lowrank_linear(x, u, v), _ref64(x, u, v, None), torch.float32, reduction=300)
+    assert_close_ref(fastfactor.lowrank_linear(x, u, v), lowrank_ref64(x, u, v, None), torch.float32, reduction=300)
 
 
 def test_gradcheck_float64_kernels(path):

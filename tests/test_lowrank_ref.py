@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES, assert_close_ref
+from conftest import DTYPES, assert_close_ref, lowrank_ref64
 
 import fastfactor
 from fastfactor.factorize import rank_for_ratio, svd_factors, weighted_svd_factors
@@ -39,12 +39,6 @@ def _inputs(lead, k, n, r, dtype, bias, noncontig=False):
     return x, u, v, b
 
 
-def _ref64(x, u, v, b):
-    t = x.double() @ v.double().t()
-    y = t @ u.double().t()
-    return y + b.double() if b is not None else y
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -55,12 +49,12 @@ def test_forward_and_grads_vs_float64(shape, dtype, bias, noncontig):
     leaves = [t.detach().clone().requires_grad_() for t in (x, u, v) + ((b,) if bias else ())]
     y = fastfactor.lowrank_linear(*leaves[:3], leaves[3] if bias else None)
     assert y.dtype == dtype and y.shape == (*lead, n)
-    assert_close_ref(y, _ref64(x, u, v, b), dtype, reduction=k, name="y")
+    assert_close_ref(y, lowrank_ref64(x, u, v, b), dtype, reduction=k, name="y")
 
     g = torch.randn_like(y)
     y.backward(g)
     ref_leaves = [t.detach().double().requires_grad_() for t in (x, u, v) + ((b,) if bias else ())]
-    (_ref64(*ref_leaves[:3], ref_leaves[3] if bias else None) * g.double()).sum().backward()
+    (lowrank_ref64(*ref_leaves[:3], ref_leaves[3] if bias else None) * g.double()).sum().backward()
     for name, got, want, red in zip(
         ("dx", "du", "dv", "db"), leaves, ref_leaves, (n, math.prod(lead), math.prod(lead), math.prod(lead))
     ):
@@ -79,7 +73,7 @@ def test_gradcheck_float64():
 
 def test_rank_1024():
     x, u, v, b = _inputs((5,), 1100, 1030, 1024, torch.float32, True)
-    assert_close_ref(fastfactor.lowrank_linear(x, u, v, b), _ref64(x, u, v, b), torch.float32, reduction=1100)
+    assert_close_ref(fastfactor.lowrank_linear(x, u, v, b), lowrank_ref64(x, u, v, b), torch.float32, reduction=1100)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])

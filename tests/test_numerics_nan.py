@@ -18,23 +18,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_close_ref
-from test_fuzz_ops import OPS, PATH_ENV, backend, has_op, make_case
+from test_fuzz_ops import backend, has_op, make_case, op_variants
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BAD_ROWS = {1: float("nan"), 4: float("inf"), 6: float("-inf")}
 
 
-def _variants():
-    out = []
-    for op in OPS:
-        for be, paths in (("ref", [None]), ("triton", PATH_ENV[op][1])):
-            for path in paths:
-                out.append(pytest.param(op, be, path, id=f"{op}-{be}" + (f"-{path}" if path else "")))
-    return out
-
-
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
-@pytest.mark.parametrize("op,be,path", _variants())
+@pytest.mark.parametrize("op,be,path", op_variants())
 def test_nonfinite_activations_propagate_like_f_linear(op, be, path, dtype):
     if not has_op(op):
         pytest.skip(f"{op} op not present")
@@ -72,7 +63,7 @@ def test_nonfinite_activations_propagate_like_f_linear(op, be, path, dtype):
             assert torch.isfinite(got).all(), f"{name}: non-finite although g and the weights are finite"
 
 
-@pytest.mark.parametrize("op,be,path", _variants())
+@pytest.mark.parametrize("op,be,path", op_variants())
 def test_nan_gradient_rows_stay_in_their_rows(op, be, path):
     """A NaN in the upstream gradient ``g`` of one row: ``dx`` is NaN in that row only (like
     ``F.linear``'s backward), the weight gradients are NaN (they sum over rows)."""
