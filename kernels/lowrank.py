@@ -85,12 +85,18 @@ def intermediate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def lowrank_linear_ref(
-    x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None
-) -> torch.Tensor:
+    x: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    return_t: bool = False,
+):
     """Pure-PyTorch ``y = (x·Vᵀ)·Uᵀ + b`` with fp32 accumulation (fp64 stays fp64).
 
-    x: (..., K), v: (R, K), u: (N, R), bias: (N,) or None -> (..., N) in x's dtype.
-    Differentiable with ordinary autograd (used by the CPU path and as the test oracle).
+    x: (..., K), v: (R, K), u: (N, R), bias: (N,) or None -> (..., N) in x's dtype, or with
+    ``return_t`` ``(y, t)``: the intermediate ``x·Vᵀ`` in :func:`intermediate_dtype` (what the
+    forward saves for the backward). Differentiable with ordinary autograd (used by the CPU path
+    and as the test oracle).
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     t = torch.matmul(x.to(acc), v.to(acc).t())
@@ -99,6 +105,8 @@ def lowrank_linear_ref(
     y = torch.matmul(t, u.to(acc).t())
     if bias is not None:
         y = y + bias.to(acc)
+    if return_t:
+        return y.to(x.dtype), t.to(intermediate_dtype(x.dtype))
     return y.to(x.dtype)
 
 

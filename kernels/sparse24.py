@@ -331,10 +331,11 @@ def dense_sparse_linear_ref(
     s_values: torch.Tensor,
     s_meta: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    return_t: bool = False,
+):
     """``y = (x·Sᵀ)·Dᵀ + b`` with ``S (R, K)`` 2:4 and ``D (N, R)``; the intermediate is rounded
     to ``intermediate_dtype(x.dtype)`` as the kernels do (the input dtype; fp32 for fp16).
-    -> (..., N) in x's dtype."""
+    -> (..., N) in x's dtype, or with ``return_t`` ``(y, t)``, ``t = x·Sᵀ`` in that dtype."""
     acc = _acc(x.dtype)
     inter = intermediate_dtype(x.dtype)
     s = unpack_24(s_values.to(acc), s_meta, 2 * s_values.shape[1])
@@ -344,6 +345,8 @@ def dense_sparse_linear_ref(
     y = torch.matmul(t, d.to(acc).t())
     if bias is not None:
         y = y + bias.to(acc)
+    if return_t:
+        return y.to(x.dtype), t.to(inter)
     return y.to(x.dtype)
 
 

@@ -41,13 +41,8 @@ def _lowrank_fwd(
         y, t = K.lowrank_fwd(x, u, v, bias, save_t)
         return y, (t if t is not None else _empty(x))
     with torch.no_grad():
-        y = K.lowrank_linear_ref(x, u, v, bias)
-        if save_t:
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-            t = (x.to(acc) @ v.to(acc).t()).to(K.intermediate_dtype(x.dtype))
-        else:
-            t = _empty(x)
-    return y, t
+        y, t = K.lowrank_linear_ref(x, u, v, bias, return_t=True)  # t computed once, kept if asked
+    return y, (t if save_t else _empty(x))
 
 
 @_lowrank_fwd.register_fake

@@ -294,12 +294,8 @@ def _dense_sparse_fwd(
         y, t = K.dense_sparse_fwd(x, d, s_values, s_meta, bias, save_t)
         return y, (t if t is not None else _empty(x))
     with torch.no_grad():
-        y = K.dense_sparse_linear_ref(x, d, s_values, s_meta, bias)
-        t = (
-            K.sparse24_linear_ref(x, s_values, s_meta, out_dtype=K.intermediate_dtype(x.dtype))
-            if save_t else _empty(x)
-        )
-    return y, t
+        y, t = K.dense_sparse_linear_ref(x, d, s_values, s_meta, bias, return_t=True)  # t once
+    return y, (t if save_t else _empty(x))
 
 
 @_dense_sparse_fwd.register_fake
