@@ -9,6 +9,7 @@ The single-file primitives (``atomic_write_bytes``, ``atomic_write_text``, ``sha
   without a version, and unknown older versions, naming the file;
 * :func:`verify_files` — every file listed with its sha256 exists and matches (truncation and
   corruption both show as a mismatch; the size is reported too);
+* :func:`atomic_torch_save` — ``torch.save`` through a temporary name;
 * :func:`atomic_directory` — build a directory under a temporary sibling name and rename it into
   place when complete, so a crash (even ``SIGKILL``) never leaves a half-written directory under
   the final name; an existing final directory is never overwritten unless ``replace=True``.
@@ -52,6 +53,18 @@ def read_json(path, what: str = "file") -> dict:
 def atomic_write_json(path, obj) -> None:
     """``obj`` as indented JSON, written to a temporary name and renamed into place."""
     atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+
+
+def atomic_torch_save(obj, path) -> None:
+    """``torch.save(obj)`` to a temporary name, renamed into place (read back with
+    ``torch.load(..., weights_only=True)``: tensors, numbers, strings and containers only)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def check_format_version(path, found, current: int, what: str = "file") -> int:

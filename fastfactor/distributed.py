@@ -32,7 +32,7 @@ import contextlib
 import dataclasses
 import datetime
 import os
-from typing import Dict, Iterable, Iterator, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -407,11 +407,11 @@ def wrap_fsdp(
 ) -> nn.Module:
     """Shard ``model`` with FSDP2's ``fully_shard`` (in place; the model comes back).
 
-    ``shard_classes``: module classes sharded as their own units (default: every
-    ``FactorizedLinear`` and every ``nn.Linear``, a reasonable unit for these models; pass e.g. a
-    transformer block class for larger units); the root is sharded last. ``fsdp_kwargs`` go to
-    ``fully_shard`` (``mp_policy``, ``reshard_after_forward``...). The mesh is one-dimensional over
-    all ranks on ``device_type`` (default: CUDA when available, else CPU with gloo).
+    ``shard_classes``: module classes sharded as their own units (default: :func:`shard_units`,
+    i.e. a Hugging Face model's ``_no_split_modules`` blocks, else every ``FactorizedLinear`` and
+    ``nn.Linear``); the root is sharded last. ``fsdp_kwargs`` go to ``fully_shard``
+    (``mp_policy``, ``reshard_after_forward``...). The mesh is one-dimensional over all ranks on
+    ``device_type`` (default: CUDA when available, else CPU with gloo).
     """
     if not has_fsdp2():
         raise RuntimeError("wrap_fsdp: torch.distributed.fsdp.fully_shard needs torch >= 2.6")
@@ -420,17 +420,116 @@ def wrap_fsdp(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from .layers.base import FactorizedLinear
-
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mesh = fsdp_kwargs.pop("mesh", None) or init_device_mesh(device_type, (dist.get_world_size(),))
-    classes = tuple(shard_classes) if shard_classes is not None else (FactorizedLinear, nn.Linear)
-    for m in list(model.modules()):
-        if m is not model and isinstance(m, classes):
-            fully_shard(m, mesh=mesh, **fsdp_kwargs)
+    units = shard_units(model, shard_classes)
+    for m in units:
+        fully_shard(m, mesh=mesh, **fsdp_kwargs)
     fully_shard(model, mesh=mesh, **fsdp_kwargs)
     return model
+
+
+def shard_units(model: nn.Module, shard_classes: Optional[Iterable[type]] = None) -> List[nn.Module]:
+    """The sub-modules FSDP2 shards as their own units, in post-order (the root excluded).
+
+    Default: the classes a Hugging Face model lists in ``_no_split_modules`` (its transformer
+    blocks, the unit ``accelerate`` and ``device_map`` keep whole) when it has any, else every
+    ``FactorizedLinear`` and ``nn.Linear``. A unit nested in another unit is kept (FSDP2 shards
+    inner units first)."""
+    from .layers.base import FactorizedLinear
+
+    if shard_classes is not None:
+        match = lambda m: isinstance(m, tuple(shard_classes))  # noqa: E731
+    else:
+        names = set(getattr(model, "_no_split_modules", None) or ())
+        if names and any(type(m).__name__ in names for m in model.modules()):
+            match = lambda m: type(m).__name__ in names  # noqa: E731
+        else:
+            match = lambda m: isinstance(m, (FactorizedLinear, nn.Linear))  # noqa: E731
+    found = [m for m in model.modules() if m is not model and match(m)]
+    return found[::-1]
+
+
+def fsdp_copy(model: nn.Module, device=None, shard_classes: Optional[Iterable[type]] = None, **fsdp_kwargs) -> nn.Module:
+    """A copy of ``model`` sharded with FSDP2 ``fully_shard`` for training; ``model`` is untouched.
+
+    Collective: every rank calls it with the same (identical) model. The copy is built on the
+    ``meta`` device (no second full set of weights is ever allocated), sharded (units from
+    :func:`shard_units`, then the root), materialized on ``device`` and filled with this rank's
+    shard of ``model``'s tensors (``set_model_state_dict`` from the full state dict); buffers, which
+    FSDP does not shard, are copied. Tied parameters stay tied. Train the copy, then
+    :func:`fsdp_copy_back` writes the trained values into ``model``.
+
+    The driver fine-tunes such a copy because it keeps replacing modules of ``model`` between stages,
+    which a model sharded in place (its classes and parameters changed by ``fully_shard``) no longer
+    allows.
+    """
+    import copy
+
+    if not has_fsdp2():
+        raise RuntimeError("fsdp_copy: torch.distributed.fsdp.fully_shard needs torch >= 2.6")
+    if not is_distributed():
+        raise RuntimeError("fsdp_copy: needs an initialized process group (run under torchrun)")
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    memo.update({id(b): torch.empty_like(b, device="meta") for b in model.buffers()})
+    shadow = copy.deepcopy(model, memo)
+    mesh = fsdp_kwargs.pop("mesh", None) or init_device_mesh(device.type, (dist.get_world_size(),))
+    for m in shard_units(shadow, shard_classes):
+        fully_shard(m, mesh=mesh, **fsdp_kwargs)
+    fully_shard(shadow, mesh=mesh, **fsdp_kwargs)
+    shadow.to_empty(device=device)
+    with torch.no_grad():
+        buffers = dict(model.named_buffers(remove_duplicate=False))
+        for name, _ in list(shadow.named_buffers(remove_duplicate=False)):
+            owner, _, leaf = name.rpartition(".")
+            shadow.get_submodule(owner)._buffers[leaf] = buffers[name].detach().to(device).clone()
+    set_model_state_dict(shadow, model.state_dict(), options=StateDictOptions(full_state_dict=True))
+    return shadow
+
+
+def fsdp_copy_back(sharded: nn.Module, model: nn.Module) -> nn.Module:
+    """Write the full (all-gathered) parameters and buffers of an :func:`fsdp_copy` into ``model``
+    in place. Collective: every rank calls it, and every rank's ``model`` gets the same values."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    with torch.no_grad():
+        own = model.state_dict()
+        missing = sorted(set(own) - set(full))
+        if missing:
+            raise RuntimeError(f"fsdp_copy_back: the sharded copy lacks {missing[:6]}; it is not a copy of this model")
+        for k, t in own.items():
+            t.copy_(full[k])
+    return model
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer``'s state keyed by parameter name (not position), every tensor whole: the same
+    for a plain model, a DDP model's ``module`` and an FSDP2-sharded one (gathered; collective
+    then). What a checkpoint stores, and what :func:`load_full_optimizer_state` takes back."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(unwrap(model), optimizer, options=StateDictOptions(full_state_dict=True))
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a :func:`full_optimizer_state` into ``optimizer`` (each rank takes its shard under FSDP2).
+    Parameters without state (those that never had a gradient, e.g. an unused pooler) stay without,
+    as in the optimizer that was saved."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(unwrap(model), optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,6 +594,7 @@ def iterate_sharded(
     drop_last: bool = True,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
+    start: int = 0,
 ) -> Iterator[Dict[str, torch.Tensor]]:
     """This rank's part of every global mini-batch of a split (a dict of equal-length tensors).
 
@@ -505,9 +605,12 @@ def iterate_sharded(
     ``drop_last`` skips a last global batch smaller than ``global_batch_size`` (whose uneven
     split would weight samples unequally under DDP's gradient average). Batches go through
     ``fastfactor.train.data.select`` when that module is importable (trims padding), else plain
-    indexing.
+    indexing. ``start`` skips that many (global) batches first without building them: the data
+    position of a resumed run.
     """
     world_size = get_world_size() if world_size is None else world_size
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"start: expected an int >= 0 (batches to skip), got {start!r}")
     rank = get_rank() if rank is None else rank
     if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1:
         raise ValueError(f"global_batch_size: expected an int >= 1, got {global_batch_size!r}")
@@ -532,6 +635,9 @@ def iterate_sharded(
             idx = order[i : i + global_batch_size]
             if drop_last and idx.numel() < global_batch_size:
                 break
+            if start:
+                start -= 1
+                continue
             if idx.numel() < global_batch_size:
                 part_i = local_slice(idx.numel(), rank, world_size)
             else:
@@ -545,5 +651,5 @@ __all__ = [
     "DistInfo", "init_from_env", "cleanup", "barrier", "is_distributed", "get_rank", "get_world_size",
     "get_local_rank", "is_main_process", "print0", "main_process_first", "save0", "write_text0",
     "broadcast_module", "max_param_difference", "all_reduce_mean", "all_reduce_gradients", "all_finite", "unwrap", "wrap_ddp", "wrap_fsdp",
-    "has_fsdp2", "shard_indices", "local_slice", "iterate_sharded",
+    "has_fsdp2", "shard_units", "fsdp_copy", "fsdp_copy_back", "full_optimizer_state", "load_full_optimizer_state", "shard_indices", "local_slice", "iterate_sharded",
 ]

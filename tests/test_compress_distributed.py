@@ -81,9 +81,8 @@ def _worker(outdir: str, single: bool) -> None:
     if not single:  # a NaN loss on rank 1 only: both ranks must stop at the same step
         data = _data()
         obj = Objective.build(model, data, "task", device="cpu")
-        if info.rank == 1:
-            with torch.no_grad():
-                model.classifier.bias.fill_(float("nan"))
+        if info.rank == 1:  # a hook, not a NaN weight: DDP starts by broadcasting rank 0's weights
+            model.classifier.register_forward_hook(lambda mod, args, out: out * float("nan"))
         try:
             finetune(model, obj, data, 3, batch_size=GLOBAL_BATCH, seed=1)
             res["nan_raised"] = None

@@ -24,7 +24,17 @@ batch stream is a fresh permutation seeded with ``seed + stage`` (calibration ba
 that the rest of the run needs is *empty* and the data position is "stage k+1, step 0":
 ``state.json`` records exactly that (``optimizer``/``scheduler``: ``null`` with the reason,
 ``data_position``: the next stage, its step and seeds) instead of storing moments that no later
-step reads. A run killed *inside* a stage repeats that stage from its start.
+step reads.
+
+Inside a fine-tune (``checkpoint_every=N``, ``--checkpoint-every N``) the driver also writes
+``stage-NNNN-step-SSSSSSSS/`` every ``N`` steps of stage ``NNNN``'s fine-tune (``NNNN`` = the
+number of stages for the final fine-tune): the same four files with the model as it stands
+mid-fine-tune, plus ``train_state.pt`` — the AdamW moments keyed by parameter name (gathered whole
+under FSDP), the learning-rate scheduler's state, the step and the losses so far — and in
+``state.json`` the unfinished stage's record (``in_progress``) and the data position (stage, step,
+seed of its batch stream). Resuming from it continues that fine-tune at the next step. Without
+``checkpoint_every`` a run killed inside a stage repeats that stage from its start. Checkpoints are
+ordered by (stage, step), a finished stage after all of its steps; only the newest is kept.
 
 Safety: the stage directory is built under a ``.tmp-`` name and renamed into place only when
 complete (:func:`fastfactor._io.atomic_directory`), so a crash — even ``SIGKILL`` — never leaves
@@ -64,12 +74,15 @@ CHECKPOINT_FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"  #: sub-directory of a run's output directory
 STATE = "state.json"
 INDEX = "checkpoint.json"
+TRAIN_STATE = "train_state.pt"  #: optimizer / scheduler / step / losses of an unfinished fine-tune
 KIND = "fastfactor-stage-checkpoint"
-_STAGE_RE = re.compile(r"^stage-(\d{4,})$")
+_STAGE_RE = re.compile(r"^stage-(\d{4,})(?:-step-(\d{8,}))?$")
 
 #: Test-only fault injection. Unset (the default) it does nothing. ``"K:sleep:S"`` sleeps S
 #: seconds in the middle of stage K (after its modules are swapped, before its fine-tuning), so a
 #: test can ``SIGKILL`` the process there; ``"K:raise"`` raises :class:`InjectedFault` there.
+#: ``"K@N:sleep:S"`` / ``"K@N:raise"`` do it after step N of stage K's fine-tune (K = the number of
+#: stages: the final fine-tune), after any checkpoint of that step is written.
 TEST_FAULT_ENV = "FASTFACTOR_TEST_FAULT_IN_STAGE"
 
 
@@ -77,25 +90,29 @@ class InjectedFault(RuntimeError):
     """Raised by the test-only hook (:data:`TEST_FAULT_ENV`)."""
 
 
-def test_fault_hook(stage: int) -> None:
-    """Called by the driver in the middle of every stage; a no-op unless :data:`TEST_FAULT_ENV` is set."""
+def test_fault_hook(stage: int, step: Optional[int] = None) -> None:
+    """Called by the driver in the middle of every stage (``step=None``) and after every fine-tuning
+    step; a no-op unless :data:`TEST_FAULT_ENV` is set."""
     spec = os.environ.get(TEST_FAULT_ENV)
     if not spec:
         return
     parts = spec.split(":")
+    usage = f"{TEST_FAULT_ENV}: expected 'STAGE[@STEP]:sleep:SECONDS' or 'STAGE[@STEP]:raise', got {spec!r}"
     try:
-        at = int(parts[0])
+        at_stage, _, at_step = parts[0].partition("@")
+        at = (int(at_stage), int(at_step) if at_step else None)
     except ValueError:
-        raise ValueError(f"{TEST_FAULT_ENV}: expected 'STAGE:sleep:SECONDS' or 'STAGE:raise', got {spec!r}") from None
-    if at != stage:
+        raise ValueError(usage) from None
+    if at != (stage, step):
         return
+    where = f"stage {stage}" + (f" after fine-tuning step {step}" if step is not None else "")
     if len(parts) == 3 and parts[1] == "sleep":
-        print(f"[{TEST_FAULT_ENV}] sleeping in stage {stage}", flush=True)
+        print(f"[{TEST_FAULT_ENV}] sleeping in {where}", flush=True)
         time.sleep(float(parts[2]))
     elif len(parts) == 2 and parts[1] == "raise":
-        raise InjectedFault(f"{TEST_FAULT_ENV}: injected fault in stage {stage}")
+        raise InjectedFault(f"{TEST_FAULT_ENV}: injected fault in {where}")
     else:
-        raise ValueError(f"{TEST_FAULT_ENV}: expected 'STAGE:sleep:SECONDS' or 'STAGE:raise', got {spec!r}")
+        raise ValueError(usage)
 
 
 test_fault_hook.__test__ = False  # not a pytest test despite its name
@@ -193,12 +210,14 @@ def _py_state_from_json(s):
 # locating checkpoints
 # --------------------------------------------------------------------------------------------
 
-def stage_dirname(stage: int) -> str:
-    return f"stage-{stage:04d}"
+def stage_dirname(stage: int, step: Optional[int] = None) -> str:
+    """``stage-NNNN`` (a finished stage) or ``stage-NNNN-step-SSSSSSSS`` (step S of its fine-tune)."""
+    return f"stage-{stage:04d}" if step is None else f"stage-{stage:04d}-step-{step:08d}"
 
 
 def list_checkpoints(directory) -> List[str]:
-    """Finished stage directories under ``directory`` (a checkpoints directory), oldest first."""
+    """Checkpoint directories under ``directory`` (a checkpoints directory), oldest first: by
+    stage, and within a stage by fine-tuning step, the finished stage last."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         return []
@@ -206,7 +225,8 @@ def list_checkpoints(directory) -> List[str]:
     for name in os.listdir(directory):
         m = _STAGE_RE.match(name)
         if m and os.path.isdir(os.path.join(directory, name)):
-            found.append((int(m.group(1)), os.path.join(directory, name)))
+            step = int(m.group(2)) if m.group(2) is not None else float("inf")
+            found.append(((int(m.group(1)), step), os.path.join(directory, name)))
     return [p for _, p in sorted(found)]
 
 
@@ -244,8 +264,13 @@ class StageCheckpointer:
         self.keep_last = max(1, int(keep_last))
 
     def save(self, stage: int, model: nn.Module, report, kept: Dict[str, int],
-             generator: Optional[torch.Generator] = None, final: bool = False) -> Optional[str]:
-        """Collective under torch.distributed (every rank calls it); returns the path on rank 0."""
+             generator: Optional[torch.Generator] = None, final: bool = False,
+             in_progress: Optional[dict] = None, train_state: Optional[dict] = None) -> Optional[str]:
+        """Collective under torch.distributed (every rank calls it); returns the path on rank 0.
+
+        A finished stage by default; with ``in_progress`` (``{"step", "record", "seconds"}``: the
+        unfinished stage's record so far) and ``train_state`` (the fine-tuning loop's snapshot)
+        step ``in_progress["step"]`` of stage ``stage``'s fine-tune."""
         from .io import MANIFEST, WEIGHTS, save_compressed
 
         rngs = [rng_state(generator)]
@@ -256,7 +281,22 @@ class StageCheckpointer:
         path, error = None, None
         if D.is_main_process():
             try:
-                path = os.path.join(self.directory, stage_dirname(stage))
+                step = None if in_progress is None else int(in_progress["step"])
+                path = os.path.join(self.directory, stage_dirname(stage, step))
+                if step is None:
+                    position = {
+                        "next_stage": stage + 1, "step": 0,
+                        "finetune_seed": (self.config["seed"] + 1000) if stage + 1 >= self.num_stages
+                        else self.config["seed"] + stage + 1,
+                        "calibration_seed": self.config["seed"] + 7,
+                    }
+                else:
+                    position = {
+                        "next_stage": stage, "step": step,
+                        "finetune_seed": (self.config["seed"] + 1000) if stage >= self.num_stages
+                        else self.config["seed"] + stage,
+                        "calibration_seed": self.config["seed"] + 7,
+                    }
                 state = {
                     "format_version": CHECKPOINT_FORMAT_VERSION,
                     "kind": KIND,
@@ -269,28 +309,31 @@ class StageCheckpointer:
                     "report": _report_to_json(report),
                     "kept": dict(kept),
                     "rng": rngs,
-                    "data_position": {
-                        "next_stage": stage + 1, "step": 0,
-                        "finetune_seed": (self.config["seed"] + 1000) if stage + 1 >= self.num_stages
-                        else self.config["seed"] + stage + 1,
-                        "calibration_seed": self.config["seed"] + 7,
-                    },
-                    "optimizer": None,
-                    "scheduler": None,
+                    "data_position": position,
+                    "optimizer": None if step is None else TRAIN_STATE,
+                    "scheduler": None if step is None else TRAIN_STATE,
                     "optimizer_note": "each stage starts a fresh AdamW and learning-rate schedule; "
-                                      "nothing carries over a stage boundary",
+                                      "nothing carries over a stage boundary" if step is None else
+                                      f"AdamW and scheduler state after step {step} in {TRAIN_STATE}",
                     "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 }
+                if step is not None:
+                    state["in_progress"] = {"stage": stage, "step": step, "record": in_progress["record"],
+                                            "seconds": float(in_progress.get("seconds", 0.0))}
                 with _io.atomic_directory(path, replace=True) as tmp:
                     save_compressed(model, tmp, compression=self.config)
                     _io.atomic_write_json(os.path.join(tmp, STATE), state)
-                    files = {n: _io.sha256_file(os.path.join(tmp, n)) for n in (WEIGHTS, MANIFEST, STATE)}
+                    names = (WEIGHTS, MANIFEST, STATE)
+                    if step is not None:
+                        _io.atomic_torch_save(train_state, os.path.join(tmp, TRAIN_STATE))
+                        names += (TRAIN_STATE,)
+                    files = {n: _io.sha256_file(os.path.join(tmp, n)) for n in names}
                     for extra in sorted(os.listdir(tmp)):
                         if extra not in files and not extra.startswith(_io.TMP_PREFIX) and extra != INDEX:
                             files[extra] = _io.sha256_file(os.path.join(tmp, extra))
                     _io.atomic_write_json(os.path.join(tmp, INDEX), {
                         "format_version": CHECKPOINT_FORMAT_VERSION, "kind": KIND, "stage": stage,
-                        "final": final, "files": files,
+                        "step": step, "final": final, "files": files,
                     })
                 for old in list_checkpoints(self.directory)[: -self.keep_last]:
                     if os.path.abspath(old) != path:
@@ -345,6 +388,26 @@ def read_checkpoint(path) -> dict:
             raise ValueError(f"{state_path}: the checkpoint state has no {key!r} entry")
     if state["stage"] != index.get("stage"):
         raise ValueError(f"{state_path}: stage {state['stage']} but {INDEX} says {index.get('stage')}")
+    partial = state.get("in_progress")
+    if partial is not None:
+        if not isinstance(partial, dict) or not {"stage", "step", "record"} <= set(partial):
+            raise ValueError(f"{state_path}: 'in_progress' must hold the stage, step and record, got {partial!r}")
+        if partial["step"] != index.get("step") or partial["stage"] != state["stage"]:
+            raise ValueError(f"{state_path}: in_progress is step {partial['step']} of stage {partial['stage']}, "
+                             f"{INDEX} says step {index.get('step')} of stage {index.get('stage')}")
+        if TRAIN_STATE not in files:
+            raise ValueError(f"{index_path}: a mid-fine-tune checkpoint needs the checksum of {TRAIN_STATE}, got {sorted(files)}")
+        tpath = os.path.join(path, TRAIN_STATE)
+        try:
+            state["train_state"] = torch.load(tpath, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises several types for a bad file
+            raise ValueError(f"{tpath}: cannot read the fine-tuning state ({type(e).__name__}: {e})") from e
+        ts = state["train_state"]
+        if not isinstance(ts, dict) or not {"step", "losses", "optimizer", "scheduler"} <= set(ts):
+            raise ValueError(f"{tpath}: expected the step, losses, optimizer and scheduler state, got "
+                             f"{sorted(ts) if isinstance(ts, dict) else type(ts).__name__}")
+        if ts["step"] != partial["step"]:
+            raise ValueError(f"{tpath}: holds step {ts['step']}, {STATE} says step {partial['step']}")
     state["_path"] = path
     return state
 
@@ -511,14 +574,43 @@ class Session:
     checkpoint directory)."""
 
     def __init__(self, writer: Optional[StageCheckpointer], start: int = 0, final_done: bool = False,
-                 generator: Optional[torch.Generator] = None, resumed_from: Optional[str] = None):
+                 generator: Optional[torch.Generator] = None, resumed_from: Optional[str] = None,
+                 partial: Optional[dict] = None):
         self.writer, self.start, self.final_done = writer, start, final_done
         self.generator, self.resumed_from = generator, resumed_from
+        #: resuming inside stage ``start``'s fine-tune: ``{"step", "record", "seconds", "train_state"}``
+        self.partial = partial
 
     def save(self, stage: int, model, report, kept, final: bool = False) -> Optional[str]:
         if self.writer is None:
             return None
         return self.writer.save(stage, model, report, kept, self.generator, final=final)
+
+    def save_step(self, stage: int, step: int, model, report, kept, record: dict, seconds: float,
+                  train_state: dict) -> Optional[str]:
+        """A checkpoint after ``step`` steps of stage ``stage``'s fine-tune (collective)."""
+        if self.writer is None:
+            return None
+        return self.writer.save(stage, model, report, kept, self.generator,
+                                in_progress={"step": step, "record": record, "seconds": seconds},
+                                train_state=train_state)
+
+
+def _check_train_state(tpath: str, ts: dict, model: nn.Module) -> None:
+    """The optimizer state names parameters of ``model`` (as the checkpoint made it), with moments of their shapes."""
+    opt = ts.get("optimizer")
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        raise ValueError(f"{tpath}: the optimizer entry is not an optimizer state (state and param_groups)")
+    params = dict(model.named_parameters())
+    for name, st in opt["state"].items():
+        if name not in params:
+            raise ValueError(f"{tpath}: optimizer state for {name!r}, which is not a parameter of the model")
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.ndim and tuple(v.shape) != tuple(params[name].shape):
+                raise ValueError(f"{tpath}: optimizer {k!r} of {name!r} has shape {list(v.shape)}, "
+                                 f"the parameter {list(params[name].shape)}")
+    if not isinstance(ts.get("scheduler"), dict):
+        raise ValueError(f"{tpath}: the scheduler entry is not a scheduler state")
 
 
 def begin(model: nn.Module, config: dict, data, report, kept: Dict[str, int], stages: List[list],
@@ -548,9 +640,12 @@ def begin(model: nn.Module, config: dict, data, report, kept: Dict[str, int], st
     path = resolve_resume(resume)
     state = read_checkpoint(path)
     check_compatible(state, config, fingerprint, len(stages), D.get_world_size())
-    done = state["stage"] + 1  # stages finished (the final fine-tune has index len(stages))
+    partial = state.get("in_progress")
+    # stages finished (the final fine-tune has index len(stages)); an unfinished one has its modules swapped
+    done = state["stage"] + (0 if partial is not None else 1)
     final_done = bool(state.get("final"))
-    finished = [t.name for g in stages[: min(done, len(stages))] for t in g]
+    swapped = done + (1 if partial is not None else 0)
+    finished = [t.name for g in stages[: min(swapped, len(stages))] for t in g]
     load_model_state(path, model, finished, device)
     spath = os.path.join(path, STATE)
     try:
@@ -561,13 +656,17 @@ def begin(model: nn.Module, config: dict, data, report, kept: Dict[str, int], st
         setattr(report, f, getattr(restored, f))
     kept.clear()
     kept.update({str(k): int(v) for k, v in state["kept"].items()})
+    if partial is not None:
+        _check_train_state(os.path.join(path, TRAIN_STATE), state["train_state"], model)
     set_rng_state(state["rng"][D.get_rank()], generator)
-    return Session(writer, start=min(done, len(stages)), final_done=final_done, generator=generator,
-                   resumed_from=path)
+    if partial is not None:
+        partial = dict(partial, train_state=state["train_state"])
+    return Session(writer, start=done, final_done=final_done, generator=generator,
+                   resumed_from=path, partial=partial)
 
 
 __all__ = [
-    "CHECKPOINT_FORMAT_VERSION", "CHECKPOINTS", "TEST_FAULT_ENV", "InjectedFault", "StageCheckpointer",
+    "CHECKPOINT_FORMAT_VERSION", "CHECKPOINTS", "TRAIN_STATE", "TEST_FAULT_ENV", "InjectedFault", "StageCheckpointer",
     "Session", "begin", "prepare_output", "output_in_use", "read_checkpoint", "resolve_resume", "list_checkpoints", "load_model_state",
     "model_fingerprint", "data_fingerprint", "rng_state", "set_rng_state", "test_fault_hook",
 ]

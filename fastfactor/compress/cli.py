@@ -50,9 +50,15 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
-                   help="continue an interrupted run from its last finished stage (DIR: its output directory, "
+                   help="continue an interrupted run from its last checkpoint (DIR: its output directory, "
                         "default --out); give the same model, data and settings")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (default: refuse)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="also checkpoint every N steps inside each fine-tune (optimizer, scheduler and data "
+                        "position included), so --resume continues mid-fine-tune (default 0: stage ends only)")
+    p.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto",
+                   help="fine-tuning engine under torchrun: ddp (auto) or fsdp (FSDP2 fully_shard; sharded "
+                        "parameters, gradients and optimizer state)")
     p.set_defaults(func=run)
     return p
 
@@ -159,7 +165,8 @@ def run(args) -> int:
         )
         print(f"data: {data.name}, {len(data)} train / {int(data.eval['input_ids'].shape[0])} eval, {data.task_type}")
     model, report = compress(model, cfg, data, device=device, progress=not args.no_progress, log=print,
-                             checkpoint_dir=checkpoint_dir, resume=resume)
+                             checkpoint_dir=checkpoint_dir, resume=resume,
+                             checkpoint_every=args.checkpoint_every, parallel=args.parallel)
     print("\nper stage\n" + report.stage_table())
     print("\nfinal report\n" + report.summary_table())
     plotted = False

@@ -171,6 +171,8 @@ def compress(
     teacher: Optional[nn.Module] = None,
     checkpoint_dir=None,
     resume=None,
+    checkpoint_every: int = 0,
+    parallel: str = "auto",
 ):
     """Compress ``model`` in place; returns ``(model, CompressionReport)``.
 
@@ -188,14 +190,22 @@ def compress(
         checkpoint_dir: write a checkpoint there after every finished stage (and after the final
             fine-tune); see :mod:`fastfactor.compress.checkpoint`. Refuses a directory that already
             holds checkpoints unless ``resume`` is given.
-        resume: continue an interrupted run from its last finished stage: a run's output directory,
-            its ``checkpoints/`` directory or one stage directory. Give the uncompressed model and
-            the same config and data; the result is bitwise that of an uninterrupted run.
+        resume: continue an interrupted run from its last checkpoint: a run's output directory,
+            its ``checkpoints/`` directory or one checkpoint directory. Give the uncompressed model
+            and the same config and data; the result is bitwise that of an uninterrupted run.
+        checkpoint_every: also checkpoint every this many steps *inside* each fine-tune (the
+            optimizer and scheduler state, the step and the data position included), so a run
+            killed there resumes at that step instead of the stage's start (0: stage ends only).
+            Needs ``checkpoint_dir``.
+        parallel: the engine of the fine-tunes under ``torchrun``: ``"ddp"`` (``"auto"``,
+            PyTorch ``DistributedDataParallel``) or ``"fsdp"`` (FSDP2 ``fully_shard`` over the
+            model's transformer blocks: parameters, gradients and AdamW moments sharded; for models
+            whose training state does not fit one device). See :func:`fastfactor.train.finetune`.
 
     Under ``torchrun`` (a default process group is initialized) every rank factorizes identically
-    and then takes rank 0's factors (``broadcast_module``), fine-tuning averages gradients over
-    ranks with each rank reading its share of the global batch (``batch_size``), and only rank 0
-    logs, shows progress and writes checkpoints.
+    and then takes rank 0's factors (``broadcast_module``), fine-tuning runs under DDP or FSDP2
+    with each rank reading its share of the global batch (``batch_size``), and only rank 0 logs,
+    shows progress and writes checkpoints.
     """
     from ..train.loop import Evaluator, Objective, finetune
 
@@ -215,6 +225,14 @@ def compress(
     if data is None and (needs or cfg.schedule != "offline"):
         why = f"init {init!r} needs calibration data" if needs else f"schedule {cfg.schedule!r} fine-tunes"
         raise ValueError(f"data: expected a TaskData ({why}), got None")
+    from ..train.loop import PARALLEL
+
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel: expected one of {PARALLEL}, got {parallel!r}")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every: expected an int >= 0 (fine-tuning steps), got {checkpoint_every!r}")
+    if checkpoint_every and checkpoint_dir is None:
+        raise ValueError("checkpoint_every: needs checkpoint_dir (where the checkpoints go), got checkpoint_dir=None")
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
@@ -251,7 +269,7 @@ def compress(
     train_kw = dict(
         lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
         max_grad_norm=cfg.max_grad_norm, batch_size=cfg.batch_size,
-        train_embeddings=cfg.train_embeddings,
+        train_embeddings=cfg.train_embeddings, parallel=parallel,
     )
 
     def calib_batches():
@@ -263,7 +281,22 @@ def compress(
     session = _ckpt.begin(model, cfg.to_dict(), data, report, kept, stages, gen, checkpoint_dir=checkpoint_dir,
                           resume=resume, device=device, report_cls=CompressionReport, stage_cls=StageRecord)
     if session.resumed_from is not None:
-        say(f"resumed from {session.resumed_from}: {session.start} of {len(stages)} stage(s) done")
+        where = f", at step {session.partial['step']} of stage {session.start}'s fine-tune" if session.partial else ""
+        say(f"resumed from {session.resumed_from}: {session.start} of {len(stages)} stage(s) done{where}")
+
+    def resumed_at(si):
+        """The unfinished-stage state to continue stage ``si`` from, if the run resumes inside it."""
+        return session.partial if session.partial is not None and si == session.start else None
+
+    def stepper(si, rec, t0, total):
+        """The fine-tune's per-step callback: a mid-fine-tune checkpoint every ``checkpoint_every``
+        steps (collective), then the test-only fault hook."""
+        def on_step(done, snapshot):
+            if checkpoint_every and done % checkpoint_every == 0 and done < total:
+                with profiling.range("checkpoint"):
+                    session.save_step(si, done, model, report, kept, asdict(rec), time.perf_counter() - t0, snapshot())
+            _ckpt.test_fault_hook(si, done)
+        return on_step
 
     for si, group in enumerate(stages):
         if si < session.start:
@@ -271,9 +304,13 @@ def compress(
         t0 = time.perf_counter()
         name = (group[0].block or group[0].name) if cfg.schedule == "staged" else "all"
         rec = StageRecord(stage=si, name=name, modules=[t.name for t in group], params=0, target_ratio=0.0)
+        resumed = resumed_at(si)
+        if resumed is not None:  # its modules are swapped and partly fine-tuned already
+            rec = StageRecord(**resumed["record"])
+            t0 -= resumed["seconds"]
         with profiling.range(f"stage {si}"):
             stats: Dict[str, dict] = {t.name: {} for t in group}
-            if needs:
+            if needs and resumed is None:
                 mods = {t.name: get_module(model, t.name) for t in group}
                 with profiling.range("calibrate"):
                     batches = calib_batches()
@@ -285,8 +322,8 @@ def compress(
                         loss_fn = lambda m, b: objective.calibration_loss(m, b, gen)
                         for n, f in collect_fisher(model, mods, batches, loss_fn).items():
                             stats[n]["fisher"] = f
-            it = group
-            if progress and len(group) > 1:
+            it = group if resumed is None else []
+            if progress and len(group) > 1 and resumed is None:
                 from tqdm.auto import tqdm
 
                 it = tqdm(group, desc=f"stage {si}: factorize", leave=False)
@@ -306,15 +343,18 @@ def compress(
                     rec.init_info[t.name] = init
                     del old, view
             stats.clear()
-            _ckpt.test_fault_hook(si)  # test-only; does nothing unless its env variable is set
-            rec.params = count_params(model)
-            rec.target_ratio = sum(kept.values()) / max(1, dense_total)
-            if evaluator is not None and (evaluate_stages or si == len(stages) - 1):
-                rec.metrics_offline = evaluator(model)
+            if resumed is None:
+                _ckpt.test_fault_hook(si)  # test-only; does nothing unless its env variable is set
+                rec.params = count_params(model)
+                rec.target_ratio = sum(kept.values()) / max(1, dense_total)
+                if evaluator is not None and (evaluate_stages or si == len(stages) - 1):
+                    rec.metrics_offline = evaluator(model)
             if fine_tune and cfg.schedule == "staged" and cfg.stage_steps > 0:
                 with profiling.range(f"fine-tune stage {si}"):
                     rec.train = finetune(model, objective, data, cfg.stage_steps, seed=cfg.seed + si,
-                                         progress=progress, desc=f"stage {si} fine-tune", **train_kw)
+                                         progress=progress, desc=f"stage {si} fine-tune",
+                                         resume=resumed and resumed["train_state"],
+                                         on_step=stepper(si, rec, t0, cfg.stage_steps), **train_kw)
                 if evaluator is not None and evaluate_stages:
                     rec.metrics = evaluator(model)
             else:
@@ -337,12 +377,18 @@ def compress(
 
     if fine_tune and cfg.final_steps > 0 and not session.final_done:
         t0 = time.perf_counter()
+        resumed = resumed_at(len(stages))
+        if resumed is not None:
+            rec = StageRecord(**resumed["record"])
+            t0 -= resumed["seconds"]
+        else:
+            rec = StageRecord(stage=len(report.stages), name="final fine-tune", modules=[],
+                              params=count_params(model), target_ratio=sum(kept.values()) / max(1, dense_total))
         with profiling.range("final fine-tune"):
-            tr = finetune(model, objective, data, cfg.final_steps, seed=cfg.seed + 1000,
-                          progress=progress, desc="final fine-tune", **train_kw)
-        rec = StageRecord(stage=len(report.stages), name="final fine-tune", modules=[],
-                          params=count_params(model), target_ratio=sum(kept.values()) / max(1, dense_total),
-                          train=tr)
+            rec.train = finetune(model, objective, data, cfg.final_steps, seed=cfg.seed + 1000,
+                                 progress=progress, desc="final fine-tune",
+                                 resume=resumed and resumed["train_state"],
+                                 on_step=stepper(len(stages), rec, t0, cfg.final_steps), **train_kw)
         if evaluator is not None:
             rec.metrics = evaluator(model)
         rec.seconds = time.perf_counter() - t0

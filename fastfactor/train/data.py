@@ -226,15 +226,23 @@ def select(batch: Batch, idx) -> Batch:
     return out
 
 
-def iterate(batch: Batch, batch_size: int, shuffle: bool = False, seed: int = 0, epochs_forever: bool = False) -> Iterator[Batch]:
-    """Mini-batches of a split; with ``epochs_forever`` cycles with a fresh permutation per epoch."""
+def iterate(batch: Batch, batch_size: int, shuffle: bool = False, seed: int = 0, epochs_forever: bool = False,
+            start: int = 0) -> Iterator[Batch]:
+    """Mini-batches of a split; with ``epochs_forever`` cycles with a fresh permutation per epoch.
+    ``start`` skips that many batches first (the data position of a resumed run) without
+    building them: batch ``i`` of ``iterate(..., start=s)`` is batch ``s + i`` of ``iterate(...)``."""
     n = int(batch["input_ids"].shape[0])
     if n == 0:
         raise ValueError("data: the split is empty")
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"start: expected an int >= 0 (batches to skip), got {start!r}")
     g = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
         for i in range(0, n, batch_size):
+            if start:
+                start -= 1
+                continue
             yield select(batch, order[i : i + batch_size])
         if not epochs_forever:
             return

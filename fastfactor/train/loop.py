@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ def model_inputs(model: nn.Module, batch: Batch, device) -> Dict[str, torch.Tens
     out = {}
     for k in _MODEL_KEYS:
         if k in batch:
-            if k == "token_type_ids" and not _accepts_token_types(model):
+            if k == "token_type_ids" and not _accepts_token_types(D.unwrap(model)):
                 continue
             out[k] = batch[k].to(device)
     return out
@@ -187,6 +187,9 @@ def distill_loss(out, t_out, mask, kind: str = "auto", temperature: float = 2.0)
     return _masked_mean(per_token, mask if per_token.ndim == 2 else None)
 
 
+PARALLEL = ("auto", "ddp", "fsdp")
+
+
 def finetune(
     model: nn.Module,
     objective: Objective,
@@ -201,62 +204,113 @@ def finetune(
     progress: bool = False,
     desc: str = "fine-tune",
     train_embeddings: bool = True,
+    parallel: str = "auto",
+    resume: Optional[dict] = None,
+    on_step: Optional[Callable[[int, Callable[[], dict]], None]] = None,
 ) -> Dict[str, float]:
     """``steps`` optimizer steps of AdamW on ``objective``; returns the first/last/mean loss.
     ``train_embeddings=False`` keeps every ``nn.Embedding`` frozen.
 
     Under ``torch.distributed`` (e.g. ``torchrun``) ``batch_size`` is the *global* batch: each rank
     reads its share (``fastfactor.distributed.iterate_sharded``; a last partial global batch of an
-    epoch is skipped), gradients are averaged over ranks after ``backward``
-    (``all_reduce_gradients``), the finite-loss check is all-reduced, the losses returned are
-    means over ranks, and only rank 0 shows a progress bar."""
+    epoch is skipped), the finite-loss check is all-reduced, the losses returned are means over
+    ranks, and only rank 0 shows a progress bar. ``parallel`` picks the engine:
+
+    * ``"ddp"`` (``"auto"``): ``DistributedDataParallel`` around ``model`` for these steps
+      (gradients averaged over ranks by its bucketed all-reduce; ``find_unused_parameters`` on,
+      since e.g. a pooler gets no gradient when distilling hidden states);
+    * ``"fsdp"``: FSDP2 ``fully_shard`` on a sharded copy of ``model``
+      (:func:`fastfactor.distributed.fsdp_copy`: parameters, gradients and AdamW moments split over
+      ranks, units = the model's transformer blocks), trained, then written back into ``model``
+      (if the fine-tune fails, ``model`` keeps its values from before it).
+
+    Outside ``torch.distributed`` both mean a plain single-process loop.
+
+    Checkpointing: ``on_step(done, snapshot)`` is called on every rank after each step, ``done``
+    steps being finished; ``snapshot()`` (collective: all ranks call it or none) writes the trained
+    values into ``model`` (under FSDP) and returns the loop's state: ``{"step", "steps", "losses",
+    "optimizer"`` (:func:`fastfactor.distributed.full_optimizer_state`, keyed by parameter name),
+    ``"scheduler"}``. ``resume=`` that dict continues the loop from it, with the model as it was at
+    that point: optimizer moments, learning-rate schedule and the position in the (seeded) batch
+    stream are restored, so with the RNG states restored too the result is bitwise that of an
+    uninterrupted loop.
+    """
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel: expected one of {PARALLEL}, got {parallel!r}")
     if steps <= 0:
         return {"steps": 0}
+    start = 0
+    if resume is not None:
+        for key in ("step", "losses", "optimizer", "scheduler"):
+            if key not in resume:
+                raise ValueError(f"resume: expected a fine-tuning state with {key!r} (from snapshot()), got keys {sorted(resume)}")
+        start = resume["step"]
+        if resume.get("steps", steps) != steps or not 0 <= start <= steps or len(resume["losses"]) != start:
+            raise ValueError(
+                f"resume: a state at step {start} of {resume.get('steps')} with {len(resume['losses'])} losses "
+                f"does not continue a fine-tune of {steps} steps"
+            )
     frozen = set()
     if not train_embeddings:
         frozen = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    params = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
     restore = [(p, p.requires_grad) for p in model.parameters() if id(p) in frozen]
     for p, _ in restore:
         p.requires_grad_(False)
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
-    )
-    warm = int(math.ceil(warmup_ratio * steps))
-
-    def lr_lambda(step):
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, (steps - step) / max(1, steps - warm))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     sharded = D.is_distributed()  # under torchrun: this rank's share of each global batch of batch_size
-    if sharded:
-        batches = D.iterate_sharded(data.train, batch_size, shuffle=True, seed=seed, epochs_forever=True)
-    else:
-        batches = iterate(data.train, batch_size, shuffle=True, seed=seed, epochs_forever=True)
+    engine = ("fsdp" if parallel == "fsdp" else "ddp") if sharded else "none"
     was_training = model.training
     model.train()
-    losses = []
+    inner = wrapper = model
     bar = None
-    if progress and D.is_main_process():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc=desc, leave=False)
     try:
-        for _ in range(steps):
+        if engine == "fsdp":
+            inner = wrapper = D.fsdp_copy(model, device=objective.device)
+        elif engine == "ddp":
+            wrapper = D.wrap_ddp(model, device=objective.device, find_unused_parameters=True)
+        params = [p for p in inner.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+        )
+        warm = int(math.ceil(warmup_ratio * steps))
+
+        def lr_lambda(step):
+            if step < warm:
+                return (step + 1) / warm
+            return max(0.0, (steps - step) / max(1, steps - warm))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        losses = []
+        if resume is not None:
+            D.load_full_optimizer_state(inner, opt, resume["optimizer"])
+            sched.load_state_dict(resume["scheduler"])
+            losses = [float(v) for v in resume["losses"]]
+        if sharded:
+            batches = D.iterate_sharded(data.train, batch_size, shuffle=True, seed=seed, epochs_forever=True, start=start)
+        else:
+            batches = iterate(data.train, batch_size, shuffle=True, seed=seed, epochs_forever=True, start=start)
+
+        def snapshot() -> dict:
+            if engine == "fsdp":
+                D.fsdp_copy_back(inner, model)
+            return {"step": len(losses), "steps": steps, "losses": list(losses),
+                    "optimizer": D.full_optimizer_state(inner, opt), "scheduler": sched.state_dict()}
+
+        if progress and D.is_main_process():
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, initial=start, desc=desc, leave=False)
+        for _ in range(start, steps):
             batch = next(batches)
             with profiling.range("forward"), _autocast(objective.device):
-                loss = objective.loss(model, batch)
+                loss = objective.loss(wrapper, batch)
             if not D.all_finite(loss):  # all-reduced: every rank stops at the same step
                 where = f" on some rank (this rank: {float(loss)})" if sharded else f" {float(loss)}"
                 raise FloatingPointError(f"{desc}: the loss became{where} at step {len(losses)}")
             with profiling.range("backward"):
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                D.all_reduce_gradients(params)  # mean over ranks (no-op single-process)
+                loss.backward()  # DDP / FSDP average the gradients over ranks here
             with profiling.range("optimizer step"):
                 if max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -266,12 +320,17 @@ def finetune(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4g}")
+            if on_step is not None:
+                on_step(len(losses), snapshot)
+        if engine == "fsdp":
+            D.fsdp_copy_back(inner, model)
     finally:
         if bar is not None:
             bar.close()
         model.train(was_training)
         for p, flag in restore:
             p.requires_grad_(flag)
+        del wrapper, inner
     return {"steps": steps, "loss_first": losses[0], "loss_last": losses[-1], "loss_mean": sum(losses) / len(losses)}
 
 
