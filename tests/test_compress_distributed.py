@@ -88,6 +88,28 @@ def _worker(outdir: str, single: bool) -> None:
             res["nan_raised"] = None
         except FloatingPointError as e:
             res["nan_raised"] = str(e)
+    if not single:  # FSDP2: the same compression, interrupted after step 1 of stage 1's fine-tune, resumed
+        from fastfactor.compress import checkpoint as CK
+
+        shadow = D.fsdp_copy(_model())  # what the fine-tunes train: parameters sharded over the ranks
+        res["fsdp_local_fraction"] = (sum(p.to_local().numel() for p in shadow.parameters())
+                                      / sum(p.numel() for p in shadow.parameters()))
+        res["fsdp_all_dtensor"] = all(type(p).__name__ == "DTensor" for p in shadow.parameters())
+        del shadow
+        ckf = os.path.join(outdir, "ck_fsdp")
+        kw = dict(checkpoint_dir=ckf, checkpoint_every=1, parallel="fsdp")
+        os.environ[CK.TEST_FAULT_ENV] = "1@1:raise"
+        try:
+            C.compress(_model(), CFG, _data(), **kw)
+            res["fsdp_fault"] = None
+        except CK.InjectedFault as e:
+            res["fsdp_fault"] = str(e)
+        del os.environ[CK.TEST_FAULT_ENV]
+        D.barrier()
+        res["fsdp_checkpoints"] = [os.path.basename(p) for p in CK.list_checkpoints(ckf)]
+        model, report = C.compress(_model(), CFG, _data(), resume=ckf, **kw)
+        res["fsdp_report"] = report.to_dict()
+        torch.save(_params(model), os.path.join(outdir, f"params_fsdp_{tag}.pt"))
     with open(os.path.join(outdir, f"result_{tag}.json"), "w") as f:
         json.dump(res, f)
     D.cleanup()
@@ -137,6 +159,8 @@ def launched(tmp_path_factory):
         with open(os.path.join(outdir, f"result_{tag}.json")) as f:
             res[tag] = json.load(f)
         res[tag]["params"] = torch.load(os.path.join(outdir, f"params_{tag}.pt"))
+        if tag != "single":
+            res[tag]["params_fsdp"] = torch.load(os.path.join(outdir, f"params_fsdp_{tag}.pt"))
     return outdir, res
 
 
@@ -178,3 +202,22 @@ def test_nan_loss_on_one_rank_stops_both(launched):
     m0, m1 = res["rank0"]["nan_raised"], res["rank1"]["nan_raised"]
     assert m0 is not None and m1 is not None
     assert "at step 0" in m0 and "at step 0" in m1 and "on some rank" in m0
+
+
+def test_fsdp_interrupted_and_resumed_equals_one_process(launched):
+    """``parallel="fsdp"``: the fine-tunes train an FSDP2-sharded copy (each rank holds half of every
+    parameter, and so of its gradient and AdamW moments); a run stopped after step 1 of stage 1's
+    fine-tune resumes from the gathered optimizer state, and ends bitwise equal on both ranks and
+    equal to the single process (no FSDP, uninterrupted) within float64 rounding."""
+    _, res = launched
+    r0, r1 = res["rank0"], res["rank1"]
+    assert r0["fsdp_all_dtensor"] and r1["fsdp_all_dtensor"]
+    assert 0.45 < r0["fsdp_local_fraction"] < 0.55 and 0.45 < r1["fsdp_local_fraction"] < 0.55
+    assert "stage 1 after fine-tuning step 1" in r0["fsdp_fault"] and r1["fsdp_fault"] == r0["fsdp_fault"]
+    assert r0["fsdp_checkpoints"] == ["stage-0001-step-00000001"]
+    f0, f1, one = r0["params_fsdp"], r1["params_fsdp"], res["single"]["params"]
+    assert f0.keys() == one.keys()
+    for k in f0:
+        assert torch.equal(f0[k], f1[k]), f"{k}: ranks differ"
+    assert max(float((f0[k] - one[k]).abs().max()) for k in f0) < 1e-8
+    assert r0["fsdp_report"]["metrics_after"] == res["single"]["report"]["metrics_after"]

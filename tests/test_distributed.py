@@ -301,6 +301,41 @@ def test_iterate_sharded_union_is_the_global_batch():
         assert torch.equal(torch.cat([p[i]["labels"] for p in parts]), g)
 
 
+def test_iterate_start_skips_batches_without_changing_the_stream():
+    """``start=s`` (a resumed run's data position) yields exactly the batches from the s-th on."""
+    import fastfactor.distributed as D
+    from fastfactor.train.data import iterate
+
+    data = {"input_ids": torch.arange(23)[:, None].repeat(1, 2), "labels": torch.arange(23)}
+    full = [b["labels"] for _, b in zip(range(11), iterate(data, 5, shuffle=True, seed=3, epochs_forever=True))]
+    for s in (0, 1, 4, 5, 7):  # 5 batches per epoch: crossing epoch boundaries
+        rest = [b["labels"] for _, b in zip(range(11 - s), iterate(data, 5, shuffle=True, seed=3, epochs_forever=True, start=s))]
+        assert all(torch.equal(a, b) for a, b in zip(full[s:], rest)) and len(rest) == 11 - s
+    sharded = lambda st: [b["labels"] for _, b in zip(range(6), D.iterate_sharded(  # noqa: E731
+        data, 6, seed=3, rank=1, world_size=2, epochs_forever=True, start=st))]
+    assert all(torch.equal(a, b) for a, b in zip(sharded(0)[4:], sharded(4)))
+    with pytest.raises(ValueError, match=r"start: expected an int >= 0 .*got -1"):
+        next(iterate(data, 5, start=-1))
+    with pytest.raises(ValueError, match=r"start: expected an int >= 0"):
+        next(D.iterate_sharded(data, 6, rank=0, world_size=2, start=1.5))
+
+
+def test_shard_units_follow_hugging_face_blocks():
+    """FSDP2 units: a Hugging Face model's ``_no_split_modules`` blocks; else the linear layers."""
+    import fastfactor.distributed as D
+    from fastfactor.compress._tiny import tiny_model
+
+    bert = tiny_model("bert", intermediate=36)
+    units = D.shard_units(bert)
+    assert units and all(type(u).__name__ in bert._no_split_modules for u in units)
+    assert {type(u).__name__ for u in units} >= {"BertLayer"}
+    seq = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4)))
+    assert D.shard_units(seq) == [seq[2][0], seq[0]]  # children before parents
+    assert D.shard_units(seq, shard_classes=[nn.Sequential]) == [seq[2]]
+    with pytest.raises(RuntimeError, match="fsdp_copy: needs an initialized process group"):
+        D.fsdp_copy(seq)
+
+
 def test_bad_arguments_name_themselves(monkeypatch):
     import fastfactor.distributed as D
 

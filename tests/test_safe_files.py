@@ -160,6 +160,81 @@ def test_uncorrupted_copy_resumes(stage0, tmp_path):
     assert len(report.stages) == 3
 
 
+# --- a mid-fine-tune checkpoint: its train_state.pt ---------------------------------------
+
+@pytest.fixture(scope="module")
+def step_ckpt(tmp_path_factory):
+    """The checkpoint directory of a run stopped after step 2 of stage 1's 3-step fine-tune
+    (``checkpoint_every=1``: it holds ``stage-0001-step-00000002``)."""
+    ck = tmp_path_factory.mktemp("ck_step") / "checkpoints"
+    os.environ[CK.TEST_FAULT_ENV] = "1@2:raise"
+    try:
+        with pytest.raises(CK.InjectedFault):
+            C.compress(_model(), dict(CFG, stage_steps=3), tiny_data(), checkpoint_dir=ck, checkpoint_every=1)
+    finally:
+        del os.environ[CK.TEST_FAULT_ENV]
+    assert CK.list_checkpoints(ck) == [str(ck / CK.stage_dirname(1, 2))]
+    return ck
+
+
+def _save_train_state(path, edit):
+    ts = torch.load(path, weights_only=True)
+    edit(ts)
+    torch.save(ts, path)
+
+
+def _first_moment(ts):
+    return next(iter(ts["optimizer"]["state"].values()))
+
+
+STEP_FAULTS = {
+    "train-state-truncated": (lambda s: _truncate(os.path.join(s, CK.TRAIN_STATE)),
+                              r"train_state\.pt: sha256 mismatch"),
+    "train-state-missing": (lambda s: os.remove(os.path.join(s, CK.TRAIN_STATE)),
+                            r"train_state\.pt: listed with a checksum but missing"),
+    "train-state-not-torch": (lambda s: (open(os.path.join(s, CK.TRAIN_STATE), "w").write("{}"), _reseal(s)),
+                              r"train_state\.pt: cannot read the fine-tuning state"),
+    "train-state-other-step": (lambda s: (_save_train_state(os.path.join(s, CK.TRAIN_STATE),
+                                                            lambda ts: ts.update(step=1)), _reseal(s)),
+                               r"train_state\.pt: holds step 1, state\.json says step 2"),
+    "train-state-wrong-moment-shape": (lambda s: (_save_train_state(
+        os.path.join(s, CK.TRAIN_STATE), lambda ts: _first_moment(ts).update(exp_avg=torch.zeros(3, 2))), _reseal(s)),
+        r"train_state\.pt: optimizer 'exp_avg' of '.*' has shape \[3, 2\], the parameter"),
+    "train-state-unknown-parameter": (lambda s: (_save_train_state(
+        os.path.join(s, CK.TRAIN_STATE), lambda ts: ts["optimizer"]["state"].update(
+            {"encoder.layer.9.ghost.u": _first_moment(ts)})), _reseal(s)),
+        r"train_state\.pt: optimizer state for 'encoder\.layer\.9\.ghost\.u', which is not a parameter"),
+    "index-without-train-state": (lambda s: _edit_json(os.path.join(s, "checkpoint.json"),
+                                                       lambda d: d["files"].pop(CK.TRAIN_STATE)),
+                                  r"checkpoint\.json: a mid-fine-tune checkpoint needs the checksum of train_state\.pt"),
+}
+
+
+@pytest.mark.parametrize("fault", list(STEP_FAULTS), ids=list(STEP_FAULTS))
+def test_corrupted_fine_tune_state_is_refused(step_ckpt, tmp_path, fault):
+    inject, pattern = STEP_FAULTS[fault]
+    ck = tmp_path / "checkpoints"
+    shutil.copytree(step_ckpt, ck)
+    stage = ck / CK.stage_dirname(1, 2)
+    inject(str(stage))
+    corrupted = _snapshot(stage)
+    with pytest.raises(ValueError, match=pattern) as ei:
+        C.compress(_model(), dict(CFG, stage_steps=3), tiny_data(), checkpoint_dir=ck, resume=ck, checkpoint_every=1)
+    assert str(stage) in str(ei.value)
+    assert _snapshot(stage) == corrupted
+    assert CK.list_checkpoints(ck) == [str(stage)]
+
+
+def test_uncorrupted_fine_tune_state_resumes(step_ckpt, tmp_path):
+    ck = tmp_path / "checkpoints"
+    shutil.copytree(step_ckpt, ck)
+    ref_model, ref = C.compress(_model(), dict(CFG, stage_steps=3), tiny_data())
+    model, report = C.compress(_model(), dict(CFG, stage_steps=3), tiny_data(), checkpoint_dir=ck, resume=ck)
+    assert len(report.stages) == 3 and report.stages[1].train == ref.stages[1].train
+    for k, v in ref_model.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+
+
 # --- saved models (load_compressed) ---------------------------------------------------------
 
 @pytest.fixture(scope="module")

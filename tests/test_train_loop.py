@@ -120,3 +120,48 @@ def test_glue_without_hub_gives_a_clear_error(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(RuntimeError, match="task: could not load GLUE 'sst2'.*--train-file"):
         load_task_data(_Tok(), task="SST-2")
+
+
+def test_finetune_snapshot_and_resume_continue_bitwise():
+    """``on_step``'s snapshot after step k, given back as ``resume=`` to a loop started from the
+    model as it was then (and the RNG state), reproduces the remaining steps bitwise."""
+    data = tiny_data(labels=2)
+    base = tiny_model("bert_cls", num_labels=2, intermediate=36).train()
+    obj = Objective.build(base, data, "task")
+    ref = copy.deepcopy(base)
+    torch.manual_seed(0)
+    out_ref = finetune(ref, obj, data, 5, lr=1e-3, batch_size=8, seed=2)
+
+    saved = {}
+
+    def on_step(done, snapshot):
+        if done == 2:
+            saved.update(snapshot(), model=copy.deepcopy(part.state_dict()), rng=torch.get_rng_state())
+            raise KeyboardInterrupt  # the run dies right after its checkpoint
+
+    part = copy.deepcopy(base)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(part, obj, data, 5, lr=1e-3, batch_size=8, seed=2, on_step=on_step)
+    assert saved["step"] == 2 and len(saved["losses"]) == 2 and saved["scheduler"]["last_epoch"] == 2
+    again = copy.deepcopy(base)
+    again.load_state_dict(saved["model"])
+    torch.set_rng_state(saved["rng"])
+    state = {k: saved[k] for k in ("step", "steps", "losses", "optimizer", "scheduler")}
+    out = finetune(again, obj, data, 5, lr=1e-3, batch_size=8, seed=2, resume=state)
+    assert out == out_ref
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+
+
+def test_finetune_bad_resume_and_parallel_are_named():
+    data = tiny_data(labels=2)
+    model = tiny_model("bert_cls", num_labels=2, intermediate=36)
+    obj = Objective.build(model, data, "task")
+    with pytest.raises(ValueError, match=r"parallel: expected one of \('auto', 'ddp', 'fsdp'\), got 'zero'"):
+        finetune(model, obj, data, 2, parallel="zero")
+    with pytest.raises(ValueError, match=r"resume: expected a fine-tuning state with 'optimizer'"):
+        finetune(model, obj, data, 2, resume={"step": 1, "losses": [1.0]})
+    bad = {"step": 3, "steps": 4, "losses": [1.0] * 3, "optimizer": {}, "scheduler": {}}
+    with pytest.raises(ValueError, match=r"resume: a state at step 3 of 4 .* does not continue a fine-tune of 2 steps"):
+        finetune(model, obj, data, 2, resume=bad)
