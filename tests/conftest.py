@@ -67,3 +67,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+TINY_WORDS = [f"w{i}" for i in range(92)]
+
+
+@pytest.fixture(scope="session")
+def saved_model(tmp_path_factory):
+    """A tiny BERT classifier saved as a local Hugging Face folder (config, weights, WordPiece
+    tokenizer), with ``train.csv`` (26 rows) and ``eval.json`` (10 rows) of labelled sentences:
+    what ``fastfactor compress --model DIR --train-file ... --eval-file ...`` reads."""
+    import json
+    import random
+
+    from transformers import BertTokenizerFast
+
+    from fastfactor.compress._tiny import tiny_model
+
+    d = tmp_path_factory.mktemp("tiny_bert_dir")
+    vocab = d / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + TINY_WORDS) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(d)
+    tiny_model("bert_cls", num_labels=2).save_pretrained(d)
+    rng = random.Random(1)
+    rows = [(" ".join(rng.choice(TINY_WORDS) for _ in range(rng.randint(3, 9))), rng.randint(0, 1)) for _ in range(36)]
+    (d / "train.csv").write_text("sentence,label\n" + "\n".join(f"{s},{y}" for s, y in rows[:26]) + "\n")
+    (d / "eval.json").write_text("\n".join(json.dumps({"sentence": s, "label": y}) for s, y in rows[26:]) + "\n")
+    return d

@@ -1,35 +1,12 @@
 """``fastfactor compress`` end to end on a tiny saved BERT classifier with local csv/json data."""
 
 import json
-import random
 
 import pytest
 import torch
 
 from fastfactor.cli import main
 from fastfactor.compress import load_compressed
-from fastfactor.compress._tiny import tiny_model
-
-WORDS = [f"w{i}" for i in range(92)]
-
-
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    from transformers import BertTokenizerFast
-
-    d = tmp_path_factory.mktemp("tiny")
-    vocab = d / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(vocab))
-    model = tiny_model("bert_cls", num_labels=2)
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    rng = random.Random(0)
-    rows = [(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))), rng.randint(0, 1)) for _ in range(40)]
-    (d / "train.csv").write_text("sentence,label\n" + "\n".join(f"{s},{y}" for s, y in rows[:30]) + "\n")
-    (d / "eval.json").write_text("\n".join(json.dumps({"sentence": s, "label": y}) for s, y in rows[30:]) + "\n")
-    return d
-
 
 @pytest.mark.parametrize("method,schedule,extra", [
     ("lowrank", "staged", ["--init", "fisher"]),

@@ -221,3 +221,52 @@ def test_fsdp_interrupted_and_resumed_equals_one_process(launched):
         assert torch.equal(f0[k], f1[k]), f"{k}: ranks differ"
     assert max(float((f0[k] - one[k]).abs().max()) for k in f0) < 1e-8
     assert r0["fsdp_report"]["metrics_after"] == res["single"]["report"]["metrics_after"]
+
+
+# ============================================================================================
+# the documented launch lines: torchrun and accelerate launch, through the command line
+# ============================================================================================
+
+def _compress_args(saved_model, out):
+    return ["-m", "fastfactor.cli", "compress", "--model", str(saved_model), "--method", "lowrank",
+            "--ratio", "0.5", "--schedule", "staged", "--stage-unit", "block", "--stage-steps", "2", "--steps", "2",
+            "--batch-size", "8", "--max-length", "16", "--seed", "3", "--no-progress",
+            "--train-file", str(saved_model / "train.csv"), "--eval-file", str(saved_model / "eval.json"),
+            "--out", str(out)]
+
+
+def test_torchrun_and_accelerate_launch_lines(saved_model, tmp_path):
+    """``torchrun --nproc_per_node 2 -m fastfactor.cli compress ...`` and ``accelerate launch
+    --multi_gpu --num_processes 2 -m fastfactor.cli compress ...`` (which starts torchrun's
+    launcher; on a machine without GPUs the processes use gloo) both run 2 ranks, one log and one
+    output, and give bitwise the same compressed model. (``accelerate launch --cpu`` starts ONE
+    process whatever ``--num_processes`` says, so it is not a distributed launch line.)"""
+    pytest.importorskip("accelerate")
+    from safetensors.torch import load_file
+
+    from fastfactor.compress import checkpoint as CK
+
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(FASTFACTOR_CPU_BACKEND="reference", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_NO_ADVISORY_WARNINGS="1", HF_HOME=str(tmp_path / "hf_home"))
+    accel = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    lines = {
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+        "accelerate": [accel, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                       "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())],
+    }
+    weights = {}
+    for name, launch in lines.items():
+        out = tmp_path / name
+        run = subprocess.run(launch + _compress_args(saved_model, out), env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, f"{name}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+        assert run.stdout.count("final report") == 1, f"{name}: expected one log (rank 0's)"
+        state = CK.read_checkpoint(CK.list_checkpoints(out / "checkpoints")[-1])
+        assert state["world_size"] == 2 and len(state["rng"]) == 2, f"{name}: not 2 ranks"
+        weights[name] = load_file(str(out / "model.safetensors"))
+    a, b = weights["torchrun"], weights["accelerate"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

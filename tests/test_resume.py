@@ -32,9 +32,6 @@ import fastfactor.compress as C
 from fastfactor.compress import checkpoint as CK
 from fastfactor.compress._tiny import tiny_data, tiny_model
 
-WORDS = [f"w{i}" for i in range(92)]
-
-
 def _strip_times(report: dict) -> dict:
     """A report without its wall times (the only fields allowed to differ)."""
     r = dict(report)
@@ -52,22 +49,6 @@ def _assert_same_state(a: dict, b: dict) -> None:
 # ============================================================================================
 # the real SIGKILL through the command line
 # ============================================================================================
-
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    from transformers import BertTokenizerFast
-
-    d = tmp_path_factory.mktemp("tiny_resume")
-    vocab = d / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(d)
-    tiny_model("bert_cls", num_labels=2).save_pretrained(d)
-    rng = random.Random(1)
-    rows = [(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))), rng.randint(0, 1)) for _ in range(36)]
-    (d / "train.csv").write_text("sentence,label\n" + "\n".join(f"{s},{y}" for s, y in rows[:26]) + "\n")
-    (d / "eval.json").write_text("\n".join(json.dumps({"sentence": s, "label": y}) for s, y in rows[26:]) + "\n")
-    return d
-
 
 def _cli(saved_model, out, *extra):
     return [
