@@ -310,51 +310,6 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
-@torch.no_grad()
-def all_reduce_gradients(params: Iterable[torch.Tensor], bucket_elems: int = 1 << 24) -> None:
-    """Replace every ``p.grad`` by its mean over ranks (what DDP does after ``backward``), in place.
-
-    A parameter without a gradient counts as a zero gradient on that rank (and gets one when
-    another rank has one, so every rank steps the same parameters). Gradients are flattened into
-    buckets of at most ``bucket_elems`` elements per dtype, one ``all_reduce`` per bucket. A no-op
-    without a process group. The fastfactor train loop uses this instead of wrapping in DDP: the
-    driver swaps modules between stages (DDP would have to be rebuilt each stage) and models often
-    hold parameters a loss never reaches (poolers), which DDP only tolerates with
-    ``find_unused_parameters``.
-    """
-    if not is_distributed():
-        return
-    params = [p for p in params if p.requires_grad]
-    world = dist.get_world_size()
-    dev = params[0].device if params else torch.device("cpu")  # NCCL reduces device tensors only
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=dev)
-    if params:
-        dist.all_reduce(has, op=dist.ReduceOp.MAX)
-    for p, h in zip(params, has.tolist()):
-        if h and p.grad is None:
-            p.grad = torch.zeros_like(p)
-    by_dtype: Dict[torch.dtype, list] = {}
-    for p in params:
-        if p.grad is not None:
-            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-    for grads in by_dtype.values():
-        bucket, size = [], 0
-        for g in grads + [None]:
-            if g is not None and (not bucket or size + g.numel() <= bucket_elems):
-                bucket.append(g)
-                size += g.numel()
-                continue
-            if bucket:
-                flat = torch.cat([x.reshape(-1) for x in bucket])
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-                flat /= world
-                offset = 0
-                for x in bucket:
-                    x.copy_(flat[offset : offset + x.numel()].view_as(x))
-                    offset += x.numel()
-            bucket, size = ([g], g.numel()) if g is not None else ([], 0)
-
-
 def all_finite(value: torch.Tensor) -> bool:
     """Whether ``value`` is finite on *every* rank (one small all-reduce), so that all ranks stop
     together when one of them sees a NaN/Inf loss instead of some waiting forever."""
@@ -650,6 +605,6 @@ def iterate_sharded(
 __all__ = [
     "DistInfo", "init_from_env", "cleanup", "barrier", "is_distributed", "get_rank", "get_world_size",
     "get_local_rank", "is_main_process", "print0", "main_process_first", "save0", "write_text0",
-    "broadcast_module", "max_param_difference", "all_reduce_mean", "all_reduce_gradients", "all_finite", "unwrap", "wrap_ddp", "wrap_fsdp",
+    "broadcast_module", "max_param_difference", "all_reduce_mean", "all_finite", "unwrap", "wrap_ddp", "wrap_fsdp",
     "has_fsdp2", "shard_units", "fsdp_copy", "fsdp_copy_back", "full_optimizer_state", "load_full_optimizer_state", "shard_indices", "local_slice", "iterate_sharded",
 ]
