@@ -131,11 +131,13 @@ def test_rank_for_ratio_classic_monarch():
         (lambda: monarch_project(torch.randn(8, 8), 9), ValueError, r"nblocks: expected an int in \[1, 8\], got 9"),
         (lambda: monarch_project(torch.randn(8), 2), ValueError, r"W: expected a 2-D tensor"),
         (lambda: block_lowrank(torch.full((4, 4), float("nan")), 2, 1), ValueError, r"W: expected finite values"),
+        (lambda: monarch_project(torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), 1, 1, name="enc.q.weight"),
+         ValueError, r"enc\.q\.weight: expected finite values, found 1 NaN/Inf"),
         (lambda: block_lowrank(torch.randn(8, 8), 2, 1.5), TypeError, r"rank: expected an int, got float"),
         (lambda: monarch_rank_for_ratio(8, 8, 2, 0.0), ValueError, r"ratio: expected a float in \(0, 1\]"),
         (lambda: monarch_rank_for_ratio(8, 8, 2, "half"), TypeError, r"ratio: expected a float in \(0, 1\], got str"),
     ],
-    ids=["rank-too-big", "nblocks-zero", "nblocks-too-big", "W-1d", "W-nan", "rank-float", "ratio-zero", "ratio-str"],
+    ids=["rank-too-big", "nblocks-zero", "nblocks-too-big", "W-1d", "W-nan", "named-inf", "rank-float", "ratio-zero", "ratio-str"],
 )
 def test_bad_inputs(call, exc, msg):
     with pytest.raises(exc, match=msg):

@@ -90,21 +90,23 @@ def _project(W: torch.Tensor, nblocks: int, rank: int, strided: bool):
     return w1.to(W.dtype).contiguous(), w2.to(W.dtype).contiguous()
 
 
-def monarch_project(W: torch.Tensor, nblocks: int, rank: int = 1):
+def monarch_project(W: torch.Tensor, nblocks: int, rank: int = 1, name: str = "W"):
     """Optimal Monarch factors ``(w1, w2)`` of a dense ``W (out, in)`` in the Frobenius norm.
 
     ``w1 (b, b·r, kb)``, ``w2 (b, nb, b·r)``: the rank-``rank`` truncated SVD of every strided
     sub-block ``W[s·b + l, j·kb + c]`` (rows ``l, l+b, …``; columns ``j·kb … (j+1)·kb − 1``).
+    ``name`` (e.g. the module's ``encoder.layer.3.attention.self.query.weight``) names ``W`` in
+    errors, such as a NaN/Inf entry.
     """
-    _check(W, nblocks, rank, "W")
+    _check(W, nblocks, rank, name)
     return _project(W, nblocks, rank, strided=True)
 
 
-def block_lowrank(W: torch.Tensor, nblocks: int, rank: int):
+def block_lowrank(W: torch.Tensor, nblocks: int, rank: int, name: str = "W"):
     """Optimal block-wise low-rank factors ``(w1, w2)`` of a dense ``W (out, in)``: the
     rank-``rank`` truncated SVD of every contiguous block ``W[l·nb + s, j·kb + c]``. Same shapes
-    as :func:`monarch_project`."""
-    _check(W, nblocks, rank, "W")
+    as :func:`monarch_project`; ``name`` as there."""
+    _check(W, nblocks, rank, name)
     return _project(W, nblocks, rank, strided=False)
 
 
