@@ -232,14 +232,15 @@ def _compress_args(saved_model, out):
             "--ratio", "0.5", "--schedule", "staged", "--stage-unit", "block", "--stage-steps", "2", "--steps", "2",
             "--batch-size", "8", "--max-length", "16", "--seed", "3", "--no-progress",
             "--train-file", str(saved_model / "train.csv"), "--eval-file", str(saved_model / "eval.json"),
-            "--out", str(out)]
+            "--out", str(out), "--checkpoint-every", "1"]
 
 
 def test_torchrun_and_accelerate_launch_lines(saved_model, tmp_path):
     """``torchrun --nproc_per_node 2 -m fastfactor.cli compress ...`` and ``accelerate launch
     --multi_gpu --num_processes 2 -m fastfactor.cli compress ...`` (which starts torchrun's
     launcher; on a machine without GPUs the processes use gloo) both run 2 ranks, one log and one
-    output, and give bitwise the same compressed model. (``accelerate launch --cpu`` starts ONE
+    output, and give bitwise the same compressed model (with a DDP mid-fine-tune checkpoint after
+    every step: the optimizer state is gathered on every rank). (``accelerate launch --cpu`` starts ONE
     process whatever ``--num_processes`` says, so it is not a distributed launch line.)"""
     pytest.importorskip("accelerate")
     from safetensors.torch import load_file
