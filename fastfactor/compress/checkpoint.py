@@ -616,10 +616,11 @@ def _check_train_state(tpath: str, ts: dict, model: nn.Module) -> None:
 def begin(model: nn.Module, config: dict, data, report, kept: Dict[str, int], stages: List[list],
           generator: torch.Generator, checkpoint_dir=None, resume=None, device=None,
           report_cls=None, stage_cls=None) -> Session:
-    """Set up checkpointing for a run and, with ``resume``, restore the last finished stage into
-    ``model``, ``report`` and ``kept`` (in place). Call it after the run's setup and before the
-    first stage; it restores the RNG states last, so the next stage draws exactly what the
-    interrupted run would have drawn."""
+    """Set up checkpointing for a run and, with ``resume``, restore the newest checkpoint into
+    ``model``, ``report`` and ``kept`` (in place): a finished stage, or a step inside a fine-tune
+    (then the session's ``partial`` holds that stage's record and the fine-tuning state to continue
+    from). Call it after the run's setup and before the first stage; it restores the RNG states
+    last, so the run draws exactly what the interrupted run would have drawn."""
     if checkpoint_dir is None and resume is None:
         return Session(None, generator=generator)
     fingerprint = {"model": model_fingerprint(model), "data": data_fingerprint(data)}
