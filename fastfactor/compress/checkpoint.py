@@ -283,20 +283,14 @@ class StageCheckpointer:
             try:
                 step = None if in_progress is None else int(in_progress["step"])
                 path = os.path.join(self.directory, stage_dirname(stage, step))
-                if step is None:
-                    position = {
-                        "next_stage": stage + 1, "step": 0,
-                        "finetune_seed": (self.config["seed"] + 1000) if stage + 1 >= self.num_stages
-                        else self.config["seed"] + stage + 1,
-                        "calibration_seed": self.config["seed"] + 7,
-                    }
-                else:
-                    position = {
-                        "next_stage": stage, "step": step,
-                        "finetune_seed": (self.config["seed"] + 1000) if stage >= self.num_stages
-                        else self.config["seed"] + stage,
-                        "calibration_seed": self.config["seed"] + 7,
-                    }
+                # where the data stream continues: the next stage at step 0, or this stage at `step`
+                at = stage + 1 if step is None else stage
+                seed = self.config["seed"]
+                position = {
+                    "next_stage": at, "step": step or 0,
+                    "finetune_seed": seed + 1000 if at >= self.num_stages else seed + at,  # the driver's seeds
+                    "calibration_seed": seed + 7,
+                }
                 state = {
                     "format_version": CHECKPOINT_FORMAT_VERSION,
                     "kind": KIND,
