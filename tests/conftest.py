@@ -6,6 +6,7 @@ to the PyTorch reference unless a test asks for the interpreted kernels with the
 fixture (or ``fastfactor.kernels._config.cpu_backend("triton")``).
 """
 
+import math
 import os
 
 import torch
@@ -43,6 +44,28 @@ def lowrank_ref64(x, u, v, b=None):
     """``(x·Vᵀ)·Uᵀ + b`` in float64: the oracle of the low-rank tests."""
     y = (x.double() @ v.double().t()) @ u.double().t()
     return y + b.double() if b is not None else y
+
+
+def check_lowrank_vs_float64(x, u, v, b, dtype):
+    """``fastfactor.lowrank_linear`` on ``(x, u, v, b)``: the output and every gradient (dx, du, dv,
+    db) against :func:`lowrank_ref64`, in ``dtype``, with each tolerance scaled by its reduction."""
+    import fastfactor
+
+    lead, k, n, r = x.shape[:-1], x.shape[-1], u.shape[0], u.shape[1]
+    inputs = (x, u, v) + ((b,) if b is not None else ())
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    y = fastfactor.lowrank_linear(*leaves[:3], leaves[3] if b is not None else None)
+    assert y.dtype == dtype and y.shape == (*lead, n)
+    assert_close_ref(y, lowrank_ref64(x, u, v, b), dtype, reduction=k, name="y")
+
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref = [t.detach().double().requires_grad_() for t in inputs]
+    (lowrank_ref64(*ref[:3], ref[3] if b is not None else None) * g.double()).sum().backward()
+    m = math.prod(lead)
+    for name, got, want, red in zip(("dx", "du", "dv", "db"), leaves, ref, (n, m, m, m)):
+        assert got.grad.dtype == dtype
+        assert_close_ref(got.grad, want.grad, dtype, reduction=max(red, r), name=name)
 
 
 @pytest.fixture
@@ -94,3 +117,40 @@ def saved_model(tmp_path_factory):
     (d / "train.csv").write_text("sentence,label\n" + "\n".join(f"{s},{y}" for s, y in rows[:26]) + "\n")
     (d / "eval.json").write_text("\n".join(json.dumps({"sentence": s, "label": y}) for s, y in rows[26:]) + "\n")
     return d
+
+
+class NvtxRecorder:
+    """Stands in for the ``nvtx`` package and records every call as ``(kind, message, domain)``."""
+
+    def __init__(self):
+        self.calls = []
+
+    def push_range(self, message=None, domain=None, color=None, **_):
+        self.calls.append(("push", message, domain))
+
+    def pop_range(self, domain=None):
+        self.calls.append(("pop", domain))
+
+    def mark(self, message=None, domain=None, color=None, **_):
+        self.calls.append(("mark", message, domain))
+
+    @property
+    def pushed(self):
+        """Range names in order, marks as ``mark:MESSAGE``."""
+        return [c[1] if c[0] == "push" else f"mark:{c[1]}" for c in self.calls if c[0] in ("push", "mark")]
+
+    @property
+    def depth(self) -> int:
+        """Ranges open now (pushes minus pops)."""
+        return sum(1 if c[0] == "push" else -1 for c in self.calls if c[0] in ("push", "pop"))
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    """``fastfactor.profiling`` sending its NVTX calls to an :class:`NvtxRecorder`."""
+    from fastfactor import profiling
+
+    rec = NvtxRecorder()
+    monkeypatch.setattr(profiling, "_nvtx", rec)
+    monkeypatch.setattr(profiling, "_BACKEND", "nvtx")
+    return rec

@@ -21,6 +21,20 @@ def _source_packages():
     return pkgs
 
 
+def _bare_venv(tmp_path):
+    """``(venv, its python)``: a fresh venv without fastfactor, whose dependencies (torch, triton,
+    numpy) come from the test environment through a ``.pth`` file."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    vpy = venv / "bin" / "python"
+    site = subprocess.run(
+        [str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()
+    pathlib.Path(site, "_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return venv, vpy
+
+
 @pytest.mark.slow
 def test_wheel_install_in_fresh_venv(tmp_path):
     dist = tmp_path / "dist"
@@ -36,16 +50,7 @@ def test_wheel_install_in_fresh_venv(tmp_path):
     assert not missing, f"packages missing from the wheel (add them to pyproject.toml): {missing}"
     assert any(n.endswith("entry_points.txt") for n in names)
 
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    vpy = venv / "bin" / "python"
-    site = subprocess.run(
-        [str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()
-    # dependencies (torch, triton, numpy) come from the test environment; fastfactor only from the wheel
-    deps = sysconfig.get_paths()["purelib"]
-    pathlib.Path(site, "_deps.pth").write_text(deps + "\n")
+    venv, vpy = _bare_venv(tmp_path)  # fastfactor only from the wheel
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(vpy), "install", "--no-deps", "-q", str(wheel)],
         check=True,
@@ -70,14 +75,7 @@ def test_wheel_install_in_fresh_venv(tmp_path):
 def test_source_tree_runs_without_install(tmp_path):
     """On a machine where nothing can be installed (a lent GPU box without network), the checkout
     itself runs with PYTHONPATH=<repo>: kernels/ is mapped to fastfactor.kernels on import."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    vpy = venv / "bin" / "python"
-    site = subprocess.run(
-        [str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()
-    pathlib.Path(site, "_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    _, vpy = _bare_venv(tmp_path)
     code = (
         "import fastfactor, fastfactor.kernels.lowrank as K, torch\n"
         f"assert fastfactor.__file__.startswith({str(ROOT)!r}), fastfactor.__file__\n"

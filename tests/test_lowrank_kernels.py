@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES, assert_close_ref, lowrank_ref64
+from conftest import DTYPES, assert_close_ref, check_lowrank_vs_float64, lowrank_ref64
 
 import fastfactor
 from fastfactor.kernels import lowrank as K
@@ -41,18 +41,7 @@ def test_kernels_forward_and_grads(path, shape, dtype, bias):
     u = (torch.randn(n, r) / math.sqrt(r)).to(dtype)
     v = (torch.randn(r, k) / math.sqrt(k)).to(dtype)
     b = torch.randn(n, dtype=dtype) if bias else None
-    leaves = [t.detach().clone().requires_grad_() for t in (x, u, v) + ((b,) if bias else ())]
-    y = fastfactor.lowrank_linear(*leaves[:3], leaves[3] if bias else None)
-    assert y.dtype == dtype and y.shape == (*lead, n)
-    assert_close_ref(y, lowrank_ref64(x, u, v, b), dtype, reduction=k, name="y")
-
-    g = torch.randn_like(y)
-    y.backward(g)
-    ref = [t.detach().double().requires_grad_() for t in (x, u, v) + ((b,) if bias else ())]
-    (lowrank_ref64(*ref[:3], ref[3] if bias else None) * g.double()).sum().backward()
-    m = math.prod(lead)
-    for name, got, want, red in zip(("dx", "du", "dv", "db"), leaves, ref, (n, m, m, m)):
-        assert_close_ref(got.grad, want.grad, dtype, reduction=max(red, r), name=name)
+    check_lowrank_vs_float64(x, u, v, b, dtype)
 
 
 def test_kernels_match_reference_path_exactly_in_fp32_structure(path):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES, assert_close_ref, lowrank_ref64
+from conftest import DTYPES, assert_close_ref, check_lowrank_vs_float64, lowrank_ref64
 
 import fastfactor
 from fastfactor.factorize import rank_for_ratio, svd_factors, weighted_svd_factors
@@ -46,20 +46,7 @@ def _inputs(lead, k, n, r, dtype, bias, noncontig=False):
 def test_forward_and_grads_vs_float64(shape, dtype, bias, noncontig):
     lead, k, n, r = shape
     x, u, v, b = _inputs(lead, k, n, r, dtype, bias, noncontig)
-    leaves = [t.detach().clone().requires_grad_() for t in (x, u, v) + ((b,) if bias else ())]
-    y = fastfactor.lowrank_linear(*leaves[:3], leaves[3] if bias else None)
-    assert y.dtype == dtype and y.shape == (*lead, n)
-    assert_close_ref(y, lowrank_ref64(x, u, v, b), dtype, reduction=k, name="y")
-
-    g = torch.randn_like(y)
-    y.backward(g)
-    ref_leaves = [t.detach().double().requires_grad_() for t in (x, u, v) + ((b,) if bias else ())]
-    (lowrank_ref64(*ref_leaves[:3], ref_leaves[3] if bias else None) * g.double()).sum().backward()
-    for name, got, want, red in zip(
-        ("dx", "du", "dv", "db"), leaves, ref_leaves, (n, math.prod(lead), math.prod(lead), math.prod(lead))
-    ):
-        assert got.grad.dtype == dtype
-        assert_close_ref(got.grad, want.grad, dtype, reduction=max(red, r), name=name)
+    check_lowrank_vs_float64(x, u, v, b, dtype)
 
 
 def test_gradcheck_float64():

@@ -8,30 +8,6 @@ from fastfactor import profiling
 from fastfactor.layers.lowrank import LowRankLinear
 
 
-class _Recorder:
-    """Stands in for the ``nvtx`` package and records every call."""
-
-    def __init__(self):
-        self.calls = []
-
-    def push_range(self, message=None, domain=None, color=None, **_):
-        self.calls.append(("push", message, domain))
-
-    def pop_range(self, domain=None):
-        self.calls.append(("pop", domain))
-
-    def mark(self, message=None, domain=None, color=None, **_):
-        self.calls.append(("mark", message, domain))
-
-
-@pytest.fixture
-def recorder(monkeypatch):
-    rec = _Recorder()
-    monkeypatch.setattr(profiling, "_nvtx", rec)
-    monkeypatch.setattr(profiling, "_BACKEND", "nvtx")
-    return rec
-
-
 def test_backend_is_one_of_the_known():
     assert profiling.backend() in profiling.BACKENDS
     assert "none" in profiling.available_backends()

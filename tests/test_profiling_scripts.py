@@ -73,30 +73,6 @@ def test_train_scripts_profile_the_train_step(script, tmp_path):
         assert f"--nvtx-include {profiling.qualified('train_step')}/" in out
 
 
-class _Recorder:
-    def __init__(self):
-        self.pushed = []
-        self.depth = 0
-
-    def push_range(self, message=None, domain=None, color=None, **_):
-        self.pushed.append(message)
-        self.depth += 1
-
-    def pop_range(self, domain=None):
-        self.depth -= 1
-
-    def mark(self, message=None, **_):
-        self.pushed.append(f"mark:{message}")
-
-
-@pytest.fixture
-def recorder(monkeypatch):
-    rec = _Recorder()
-    monkeypatch.setattr(profiling, "_nvtx", rec)
-    monkeypatch.setattr(profiling, "_BACKEND", "nvtx")
-    return rec
-
-
 @pytest.mark.parametrize("method", ["lowrank", "monarch", "sparse24", "dense_sparse"])
 def test_driver_kernel_case_emits_one_range_per_step(method, recorder, capsys):
     from fastfactor.bench.families import load_family
