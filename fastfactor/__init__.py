@@ -8,21 +8,23 @@ Modules: :class:`LowRankLinear`, :class:`MonarchLinear`, :class:`BlockLowRankLin
 
 import importlib as _importlib
 import importlib.util  # noqa: F401  (spec_from_file_location below)
+import os as _os
 import sys as _sys
 
-# kernels/ is installed as fastfactor.kernels; in a source checkout that is not installed, map it.
-try:
-    from . import kernels  # noqa: F401
-except ImportError:  # pragma: no cover
-    import os as _os
-
-    _kdir = _os.path.join(_os.path.dirname(_os.path.dirname(__file__)), "kernels")
+# kernels/ is installed as fastfactor.kernels. In a source checkout (``PYTHONPATH=$PWD``, an editable
+# install, or a second git worktree beside an editable install of another) the kernels/ folder beside
+# this package is the one that belongs to it, so it is mapped first; an installed wheel has no such folder.
+_kdir = _os.path.join(_os.path.dirname(_os.path.dirname(__file__)), "kernels")
+_installed = _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels"))  # a wheel's copy
+if not _installed and _os.path.isfile(_os.path.join(_kdir, "__init__.py")) and "fastfactor.kernels" not in _sys.modules:
     _spec = _importlib.util.spec_from_file_location(
         "fastfactor.kernels", _os.path.join(_kdir, "__init__.py"), submodule_search_locations=[_kdir]
     )
     kernels = _importlib.util.module_from_spec(_spec)
     _sys.modules["fastfactor.kernels"] = kernels
     _spec.loader.exec_module(kernels)
+else:
+    from . import kernels  # noqa: F401
 
 from . import determinism, distributed, factorize, layers, ops, profiling  # noqa: E402
 from . import compress, train  # noqa: E402  (the compress package is callable: fastfactor.compress(model, cfg, data))
