@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES = [
     "fastfactor.compile_check",
     "fastfactor.compress.cli",
     "fastfactor.bench.cli",
+    "fastfactor.sol.cli",
 ]
 
 

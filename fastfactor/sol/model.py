@@ -1,0 +1,123 @@
+"""Lower-bound time model of ``fastfactor sol``: **predicted, not measured**.
+
+One launch of ours (counted by :mod:`fastfactor.sol.count`), with ``P`` programs on a device of
+``S`` SMs, ``c`` programs resident per SM (1 unless a compiled build says more), ``w = ceil(P / (S·c))``
+waves and the busy fraction ``f = min(1, P / (w·S))``::
+
+    t = max( DRAM bytes / HBM bandwidth,
+             32·sectors / (L2 bandwidth · f),          every load and store passes L2 -> SM
+             issued dot FLOPs / (matrix rate · f) )    matrix rate x 0.6 for HMMA tiles
+        + launch floor
+
+DRAM bytes (the stated L2 model): a tensor read by the launch costs its unique bytes once; its
+re-reads come from L2 when it fits in half the L2, else from DRAM (every requested byte). Stores
+cost their bytes. HGMMA (wgmma) is assumed for dots whose M tile is at least 64 with a multiple of 4
+warps (Triton's rule), HMMA otherwise.
+
+A plain PyTorch op (dense ``F.linear``, the unfused path), recorded by
+:func:`fastfactor.sol.record.record_torch_ops`, is modelled as ideal: a GEMM (``mm``, ``addmm``,
+``bmm``, ``baddbmm``) costs ``max(bytes / HBM, FLOPs / matrix rate)`` with every operand moved
+once (cuBLAS at the roofline); any other op moving data costs its input and output bytes over
+HBM. Views cost nothing. Each op or launch adds the launch floor. PyTorch's semi-structured 2:4
+path (cuSPARSELt) is modelled as the 2:4 GEMM at twice the dense matrix rate with the compressed
+weight (values + 2-bit metadata) moved once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .device import Device
+
+PREDICTED = "predicted, not measured"
+
+_GEMMS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_addmm_activation"}
+
+
+def _numel(shape) -> int:
+    return math.prod(shape) if shape else 1
+
+
+def _esize(dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def rate_for(dtype: str, device: Device, hgmma: bool = True) -> float:
+    r = device.tf32_rate if dtype in ("fp32", "tf32") else device.bf16_rate
+    return r if hgmma else r * device.hmma_fraction
+
+
+def fill(programs: int, device: Device, ctas_per_sm: int = 1) -> tuple[int, float]:
+    """``(waves, busy fraction)`` of a launch of ``programs`` programs."""
+    slots = device.sms * max(1, ctas_per_sm)
+    waves = max(1, math.ceil(programs / slots))
+    return waves, min(1.0, programs / (waves * device.sms))
+
+
+def launch_time(count, device: Device, num_warps: int = 4, dtype: str = "bf16",
+                ctas_per_sm: int = 1, hgmma: Optional[bool] = None) -> dict:
+    """Predicted seconds of one counted launch, with each term (see the module docstring)."""
+    waves, f = fill(count.programs, device, ctas_per_sm)
+    half_l2 = device.l2_bytes / 2
+    dram = 0.0
+    sectors = 0.0
+    for tc in count.tensors.values():
+        sectors += tc.load_sectors + tc.store_sectors
+        if tc.load_bytes:
+            uniq = tc.unique_bytes if tc.unique_bytes is not None else min(tc.load_bytes, tc.size_bytes)
+            uniq = min(uniq, tc.load_bytes)
+            dram += uniq if tc.size_bytes <= half_l2 else tc.load_bytes
+        dram += tc.store_bytes
+    if hgmma is None:
+        hgmma = count.dot_m >= 64 and num_warps % 4 == 0
+    terms = {
+        "dram": dram / device.hbm_bw,
+        "l2": 32.0 * sectors / (device.l2_bw * f),
+        "mma": count.dot_flops / (rate_for(dtype, device, hgmma) * f) if count.dot_flops else 0.0,
+    }
+    bound = max(terms, key=terms.get)
+    return dict(seconds=terms[bound] + device.launch_s, bound=bound, terms=terms, waves=waves,
+                fill=f, dram_bytes=dram, l2_bytes=32.0 * sectors, hgmma=bool(hgmma))
+
+
+def torch_op_time(op, device: Device) -> Optional[dict]:
+    """Predicted seconds of one aten op (None for views and allocations)."""
+    if op.is_view:
+        return None
+    ins = [(s, d) for s, d, _ in op.inputs]
+    outs = [(s, d) for s, d, _ in op.outputs]
+    nbytes = sum(_numel(s) * _esize(d) for s, d in ins + outs)
+    if op.name in ("zeros", "new_zeros", "zeros_like", "fill", "zero"):
+        nbytes = sum(_numel(s) * _esize(d) for s, d in outs)
+    flops = 0.0
+    if op.name in _GEMMS and outs:
+        mats = [s for s, _ in ins if len(s) >= 2]
+        if len(mats) >= 2:
+            a, b = mats[-2], mats[-1]
+            batch = _numel(a[:-2]) if len(a) > 2 else 1
+            flops = 2.0 * batch * a[-2] * a[-1] * b[-1]
+    if nbytes == 0 and flops == 0:
+        return None
+    dt = "fp32" if any(d == torch.float32 for _, d in ins) else "bf16"
+    t_mem = nbytes / device.hbm_bw
+    t_mma = flops / rate_for(dt, device) if flops else 0.0
+    return dict(seconds=max(t_mem, t_mma) + device.launch_s, bytes=nbytes, flops=flops,
+                bound="mma" if t_mma > t_mem else "dram")
+
+
+def torch_path_time(ops, device: Device) -> dict:
+    times = [t for t in (torch_op_time(o, device) for o in ops) if t is not None]
+    return dict(seconds=sum(t["seconds"] for t in times), launches=len(times),
+                bytes=sum(t["bytes"] for t in times), flops=sum(t["flops"] for t in times))
+
+
+def semi_structured_time(M: int, K: int, N: int, elem: int, bias: bool, device: Device) -> dict:
+    """PyTorch's 2:4 ``F.linear`` (cuSPARSELt), forward, modelled as ideal (module docstring)."""
+    wbytes = N * K // 2 * elem + N * K // 8  # kept values + 2-bit indices
+    nbytes = elem * M * (K + N) + wbytes + (N * elem if bias else 0)
+    flops = 2.0 * M * N * K / 2  # half the products, at twice the dense rate below
+    t = max(nbytes / device.hbm_bw, flops / device.bf16_rate)
+    return dict(seconds=t + device.launch_s, bytes=nbytes, flops=flops)
