@@ -104,7 +104,9 @@ class CompressionReport:
             ["kept (replaced layers)", "1.000", f"{self.target_ratio:.3f}"],
         ]
         if pm:
-            rows.append([f"{pm} (offline)", _fmt(self.metrics_before.get(pm)), _fmt(self.metrics_offline.get(pm))])
+            # metrics_offline: right after the last swap, before the fine-tune that follows it
+            rows.append([f"{pm} (after the last swap, before fine-tuning)", _fmt(self.metrics_before.get(pm)),
+                         _fmt(self.metrics_offline.get(pm))])
             rows.append([f"{pm} (final)", _fmt(self.metrics_before.get(pm)), _fmt(self.metrics_after.get(pm))])
         rows.append(["time (s)", "", f"{self.seconds:.1f}"])
         return format_table(["", "before", "after"], rows)
