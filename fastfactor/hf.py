@@ -271,7 +271,7 @@ def register() -> None:
     """Register ``quant_method "fastfactor"`` with transformers (idempotent)."""
     if _registered:
         return
-    from transformers.quantizers import HfQuantizer
+    from transformers.quantizers.base import HfQuantizer
     from transformers.quantizers.auto import (
         AUTO_QUANTIZATION_CONFIG_MAPPING,
         AUTO_QUANTIZER_MAPPING,
@@ -404,12 +404,22 @@ class _PostImportHook(importlib.abc.MetaPathFinder):
                     _orig(module)
                     try:
                         register()
-                    except Exception:  # noqa: BLE001 - never break transformers' own import
-                        pass
+                    except Exception as e:  # noqa: BLE001 - never break transformers' own import
+                        _warn_unregistered(e)
 
                 loader.exec_module = exec_module
                 return spec
         return None
+
+
+def _warn_unregistered(e: BaseException) -> None:
+    import warnings
+
+    warnings.warn(
+        f"fastfactor: could not register quant_method 'fastfactor' with transformers ({type(e).__name__}: {e}); "
+        "compressed checkpoints will not load through from_pretrained (fastfactor.load_compressed still works)",
+        RuntimeWarning, stacklevel=2,
+    )
 
 
 def install_import_hook() -> None:
@@ -417,8 +427,8 @@ def install_import_hook() -> None:
     if _HOOK_TARGET in sys.modules:
         try:
             register()
-        except Exception:  # noqa: BLE001
-            pass
+        except Exception as e:  # noqa: BLE001 - importing fastfactor must not fail on this
+            _warn_unregistered(e)
         return
     if not any(isinstance(f, _PostImportHook) for f in sys.meta_path):
         sys.meta_path.insert(0, _PostImportHook())
