@@ -200,7 +200,7 @@ def _layout(method: str, in_f: int, out_f: int, ratio: float, cfg, bias: bool):
 
         if in_f % 4:
             raise ValueError(f"in_features: expected a multiple of 4 for 2:4 sparsity, got {in_f}")
-        fc = dict(in_features=in_f, out_features=out_f, bias=bias)
+        fc = dict(in_features=in_f, out_features=out_f, bias=bias, mask_training=False)
         params = sparse24_num_params(in_f, out_f)
     elif method == "dense_sparse":
         from .factorize.sparse24 import dense_sparse_num_params, resolve_dense_sparse_rank
@@ -208,7 +208,7 @@ def _layout(method: str, in_f: int, out_f: int, ratio: float, cfg, bias: bool):
         if in_f % 4:
             raise ValueError(f"in_features: expected a multiple of 4 for a 2:4 factor, got {in_f}")
         r = resolve_dense_sparse_rank(in_f, out_f, None, ratio)
-        fc = dict(in_features=in_f, out_features=out_f, rank=r, bias=bias)
+        fc = dict(in_features=in_f, out_features=out_f, rank=r, bias=bias, mask_training=False)
         params = dense_sparse_num_params(in_f, out_f, r)
     else:  # a registered method: build it on meta tensors
         from .compress.targets import DenseView

