@@ -24,7 +24,7 @@ Spearman). Distillation reports fidelity to the teacher on the eval split: for h
 mean cosine similarity of mean-pooled embeddings (sentence-transformers' pooling) and the
 Spearman correlation of their pairwise similarities; for logits, the top-1 agreement and the KL.
 
-The loop: AdamW, linear warm-up then linear decay, gradient-norm clipping, bf16 autocast on
+The loop: AdamW, linear warm-up then linear (or cosine, or constant) decay, gradient-norm clipping, bf16 autocast on
 CUDA, NVTX ranges (``fastfactor.profiling``) around forward, backward and the optimizer step.
 """
 
@@ -379,10 +379,10 @@ def finetune(
         elif engine == "ddp":
             wrapper = D.wrap_ddp(model, device=objective.device, find_unused_parameters=True)
         params = [p for p in inner.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
+        with_wd = [p for p in params if p.ndim >= 2]
+        no_wd = [p for p in params if p.ndim < 2]
         opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+            [{"params": with_wd, "weight_decay": weight_decay}, {"params": no_wd, "weight_decay": 0.0}], lr=lr
         )
         def lr_lambda(step):
             return lr_factor(step, steps, warmup_ratio, decay)
