@@ -354,3 +354,24 @@ def test_resume_bitwise_with_task_distill(fault, every, tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _strip(r_ref.to_dict()) == _strip(r_res.to_dict())
     assert r_ref.dense_reference["steps"] == 2 * 3 + 3
+
+
+def test_cli_end_to_end_task_distill_dense_reference(saved_model, tmp_path, capsys):
+    import json
+
+    from fastfactor.cli import main
+
+    out = tmp_path / "out"
+    rc = main([
+        "compress", "--model", str(saved_model), "--method", "lowrank", "--ratio", "0.5", "--schedule", "staged",
+        "--train-file", str(saved_model / "train.csv"), "--eval-file", str(saved_model / "eval.json"),
+        "--steps", "2", "--stage-steps", "1", "--batch-size", "8", "--max-length", "16", "--seed", "3",
+        "--objective", "task+distill", "--hidden-weight", "0.2", "--final-lr", "5e-4", "--dense-reference",
+        "--out", str(out), "--no-progress",
+    ])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "points lost to compression" in text and "dense reference: 4 steps" in text
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["config"]["objective"] == "task+distill" and rep["config"]["final_lr"] == 5e-4
+    assert rep["dense_reference"]["steps"] == 4 and rep["points_lost"] is not None

@@ -212,7 +212,7 @@ class Objective:
     def calibration_loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         """A loss whose gradients measure parameter importance (Fisher information).
 
-        Task: the task loss (empirical Fisher). Distillation: at the start the student equals
+        Task and task+distill: the task loss (empirical Fisher). Distillation: at the start the student equals
         the teacher and the distillation loss has zero gradient, so we use the Fisher of a unit
         Gaussian (hidden states) or categorical (logits) output model, sampled: targets drawn from
         the model's own predictive distribution (``h + ε`` or a label sampled from the softmax).
