@@ -159,7 +159,12 @@ def load_classifier(num_labels: int = 3, seed: int = 0):
 
 
 def _key(r):
-    return f"{r['seed']}|{r['schedule']}|{r['ratio']}|{r['objective']}"
+    return f"{r['seed']}|{r['schedule']}|{r['ratio']}|{r['objective']}|{r.get('variant', '')}"
+
+
+def _label(r):
+    """The schedule column: the schedule, plus the settings that differ from the defaults."""
+    return r["schedule"] + (f" ({r['variant']})" if r.get("variant") else "")
 
 
 def _mean(xs):
@@ -168,31 +173,36 @@ def _mean(xs):
 
 
 def markdown(rows, base_acc=None) -> str:
-    """One line per (schedule, ratio, objective): accuracy per seed and its mean, the dense
+    """One line per (schedule, ratio, objective): accuracy right after the last swap (mean over
+    seeds; staged: after the earlier stages' fine-tunes), accuracy per seed and its mean, the dense
     reference's mean, and the mean points lost (dense reference − compressed, ×100)."""
     from .driver import format_table
 
-    refs = {(r["seed"], r["schedule"]): r["accuracy"] for r in rows if r["objective"] == "dense reference"}
+    refs = {(r["seed"], _label(r)): r["accuracy"] for r in rows if r["objective"] == "dense reference"}
     cells = {}
     for r in rows:
         if r["objective"] == "dense reference":
             continue
-        cells.setdefault((r["schedule"], r["ratio"], r["objective"]), []).append(r)
+        cells.setdefault((_label(r), r["ratio"], r["objective"]), []).append(r)
     seeds = sorted({r["seed"] for r in rows})
+    labels = sorted({lab for lab, _, _ in cells}, key=lambda lab: (lab.split()[0] != "staged", lab))
     out = []
-    for sched in SCHEDULES:
+    for sched in labels:
         for ratio in RATIOS:
             for obj in OBJECTIVES:
                 rs = {r["seed"]: r for r in cells.get((sched, ratio, obj), [])}
                 if not rs:
                     continue
                 accs = [rs[s]["accuracy"] if s in rs else None for s in seeds]
-                lost = [100 * (refs[(s, sched)] - rs[s]["accuracy"]) for s in seeds if s in rs and (s, sched) in refs]
-                ref = _mean([refs.get((s, sched)) for s in seeds if s in rs])
-                out.append([sched, f"{ratio:.1f}", obj, " / ".join("-" if a is None else f"{100 * a:.1f}" for a in accs),
+                ref_of = lambda s: refs.get((s, _label(dict(rs[s], variant=rs[s].get("ref_variant", "")))))
+                lost = [100 * (ref_of(s) - rs[s]["accuracy"]) for s in seeds if s in rs and ref_of(s) is not None]
+                ref = _mean([ref_of(s) for s in seeds if s in rs])
+                swapped = _mean([r.get("accuracy_swapped") for r in rs.values()])
+                out.append([sched, f"{ratio:.1f}", obj, "-" if swapped is None else f"{100 * swapped:.1f}",
+                            " / ".join("-" if a is None else f"{100 * a:.1f}" for a in accs),
                             f"{100 * _mean(accs):.1f}", "-" if ref is None else f"{100 * ref:.1f}",
                             "-" if not lost else f"{_mean(lost):+.1f}"])
-    head = ["schedule", "ratio", "objective", "acc. % per seed (" + ", ".join(map(str, seeds)) + ")", "mean",
+    head = ["schedule", "ratio", "objective", "after last swap", "acc. % per seed (" + ", ".join(map(str, seeds)) + ")", "mean",
             "dense ref. (same steps)", "points lost"]
     txt = format_table(head, out)
     if base_acc is not None:
@@ -217,6 +227,8 @@ def main(argv=None) -> int:
     ap.add_argument("--final-steps", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--stage-lr", type=float, default=None, help="learning rate of the stage fine-tunes (default --lr)")
+    ap.add_argument("--final-lr", type=float, default=None, help="learning rate of the final fine-tune (default --lr)")
     ap.add_argument("--init", default="activation")
     ap.add_argument("--calib-batches", type=int, default=2)
     ap.add_argument("--task-weight", type=float, default=1.0)
@@ -268,6 +280,10 @@ def main(argv=None) -> int:
     def save():
         atomic_write_text(jpath, json.dumps({"meta": meta, "rows": list(done.values())}, indent=2))
 
+    lr_variant = ", ".join(f"{k}={getattr(args, k)}" for k in ("stage_lr", "final_lr") if getattr(args, k) is not None)
+    defaults = {"task_weight": 1.0, "distill_weight": 1.0, "hidden_weight": 0.0, "temperature": 2.0}
+    variant = ", ".join([lr_variant] * bool(lr_variant) + [
+        f"{k}={getattr(args, k)}" for k, v in defaults.items() if getattr(args, k) != v])
     n_blocks = len(model.bert.encoder.layer)
     total = args.stage_steps * n_blocks + args.final_steps
     for seed in args.seeds:
@@ -275,8 +291,9 @@ def main(argv=None) -> int:
             steps = dict(stage_steps=args.stage_steps, final_steps=args.final_steps) if sched == "staged" \
                 else dict(stage_steps=0, final_steps=total)
             common = dict(method="lowrank", init=args.init, schedule=sched, stage_unit="block", calib_batches=args.calib_batches,
-                          batch_size=args.batch_size, lr=args.lr, seed=seed, **steps)
-            key = {"seed": seed, "schedule": sched, "ratio": None, "objective": "dense reference"}
+                          batch_size=args.batch_size, lr=args.lr, stage_lr=args.stage_lr, final_lr=args.final_lr,
+                          seed=seed, **steps)
+            key = {"seed": seed, "schedule": sched, "ratio": None, "objective": "dense reference", "variant": lr_variant}
             if _key(key) not in done:
                 t0 = time.perf_counter()
                 cfg = CompressionConfig(ratio=0.5, objective="task", **common)
@@ -290,7 +307,8 @@ def main(argv=None) -> int:
                 save()
             for ratio in args.ratios:
                 for obj in args.objectives:
-                    key = {"seed": seed, "schedule": sched, "ratio": ratio, "objective": obj}
+                    key = {"seed": seed, "schedule": sched, "ratio": ratio, "objective": obj, "variant": variant,
+                           "ref_variant": lr_variant}
                     if _key(key) in done:
                         continue
                     cfg = CompressionConfig(ratio=ratio, objective=obj, task_weight=args.task_weight,
