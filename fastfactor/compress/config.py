@@ -5,7 +5,8 @@ Every field is checked in ``__post_init__`` with an error naming the field.
 
 Fields
 ------
-method        one of ``lowrank``, ``monarch``, ``block_lowrank``, ``sparse24``, ``dense_sparse``
+method        a family of :mod:`fastfactor.families`: ``lowrank``, ``monarch``, ``block_lowrank``,
+              ``sparse24``, ``dense_sparse``, or one registered by user code
 ratio         fraction of each target's dense weight parameters the factors keep (0 < ratio <= 1);
               ignored by ``sparse24``, whose pattern fixes it
 module_ratios per-module overrides ``{pattern: ratio}``; the first pattern (in order) that
@@ -14,7 +15,7 @@ targets       name patterns of the modules to replace (``fnmatch`` globs on the 
               regular expressions prefixed ``re:``); ``None`` means every linear layer inside the
               transformer blocks (embeddings, pooler, classifier heads and ``lm_head`` excluded)
 exclude       patterns removed from the targets
-init          ``auto`` (the method's default) or: lowrank ``svd`` | ``fisher`` | ``activation``;
+init          ``auto`` (the method's default, its first init) or one of its inits: lowrank ``svd`` | ``fisher`` | ``activation``;
               monarch / block_lowrank ``projection``; sparse24 ``magnitude`` | ``fisher`` |
               ``activation``; dense_sparse ``svd_als`` | ``svd`` (prune the
               SVD factor without the alternating least-squares refinement: much faster on CPU)
@@ -40,21 +41,16 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from .. import _validate as V
+from ..families import INITS, METHODS  # live views of fastfactor.families.FAMILIES
 
-METHODS = ("lowrank", "monarch", "block_lowrank", "sparse24", "dense_sparse")
 SCHEDULES = ("all_at_once", "staged", "offline")
 STAGE_UNITS = ("layer", "block")
 OBJECTIVES = ("auto", "task", "distill")
 DISTILL_LOSSES = ("auto", "mse", "kl")
 
-#: init names each method accepts; the first is its default (``init="auto"``)
-INITS = {
-    "lowrank": ("svd", "fisher", "activation"),
-    "monarch": ("projection",),
-    "block_lowrank": ("projection",),
-    "sparse24": ("magnitude", "fisher", "activation"),
-    "dense_sparse": ("svd_als", "svd"),
-}
+#: ``METHODS``: the family names; ``INITS``: the init names each method accepts, the first its
+#: default (``init="auto"``). Both follow fastfactor.families, so a family or an init registered
+#: by user code is accepted here.
 
 
 def _choice(name, value, choices):
