@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from .. import _validate as V
-from ..families import INITS, METHODS  # live views of fastfactor.families.FAMILIES
+from ..families import INITS, METHODS, get_family  # live views of fastfactor.families.FAMILIES
 
 SCHEDULES = ("all_at_once", "staged", "offline")
 STAGE_UNITS = ("layer", "block")
@@ -141,7 +141,7 @@ class CompressionConfig:
         _nonneg_int("stage_steps", self.stage_steps)
         _nonneg_int("final_steps", self.final_steps)
         _nonneg_int("calib_batches", self.calib_batches)
-        if self.calib_batches == 0 and self.resolved_init in ("fisher", "activation"):
+        if self.calib_batches == 0 and get_family(self.method).needs[self.resolved_init]:
             raise ValueError(
                 f"calib_batches: expected >= 1 with init={self.resolved_init!r} (its statistics are "
                 "gathered over calib_batches batches of the data), got 0"
