@@ -310,7 +310,7 @@ def test_cli_flags_build_the_config():
     assert plain == CompressionConfig()
     with pytest.raises(ValueError, match="--distill drops the labels"):
         cli.build_config(ap.parse_args(["compress", "--model", "m", "--out", "o", "--distill", "--objective", "task"]))
-    with pytest.raises(ValueError, match="distill_weight: expected a finite number >= 0, got -1.0"):
+    with pytest.raises(ValueError, match="--distill-weight: expected a finite number >= 0, got -1.0"):
         cli.build_config(ap.parse_args(["compress", "--model", "m", "--out", "o", "--distill-weight", "-1"]))
 
 
