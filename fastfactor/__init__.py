@@ -27,6 +27,7 @@ else:
     from . import kernels  # noqa: F401
 
 from . import determinism, distributed, factorize, layers, ops, profiling  # noqa: E402
+from . import families  # noqa: E402  (one declaration per factorization family)
 from . import compress, train  # noqa: E402  (the compress package is callable: fastfactor.compress(model, cfg, data))
 from .compress import CompressionConfig, CompressionReport, load_compressed, save_compressed  # noqa: E402
 from . import api, hf  # noqa: E402
@@ -59,7 +60,7 @@ hf.install_import_hook()
 __all__ = [
     "lowrank_linear", "monarch_linear", "block_lowrank_linear", "sparse24_linear", "dense_sparse_linear",
     "LowRankLinear", "MonarchLinear", "BlockLowRankLinear", "Sparse24Linear", "DenseSparseLinear",
-    "FactorizedLinear", "Sparse24Weight", "factorize", "layers", "ops", "profiling",
+    "FactorizedLinear", "Sparse24Weight", "factorize", "families", "layers", "ops", "profiling",
     "set_deterministic", "is_deterministic", "determinism", "distributed",
     "compress", "train", "CompressionConfig", "CompressionReport", "save_compressed", "load_compressed",
     "factorize_", "factorize_plan", "FactorizationPlan", "merge_and_unload", "api", "hf",

@@ -37,7 +37,7 @@ import torch
 
 from .. import _validate as V
 from ..kernels import monarch as K
-from ..kernels._config import use_triton
+from ..kernels._config import acc_dtype, use_triton
 from ._common import empty as _empty
 from ._common import autocast_operands, fake_grads, grads_or_empty, needs_grad, no_autocast
 
@@ -61,7 +61,7 @@ def _monarch_fwd(
             y, h = K.monarch_fwd(x, w1, w2, bias, out_features, strided, save_h)
         return y, (h if h is not None else _empty(x))
     with torch.no_grad(), no_autocast(x):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(x.dtype)
         y, h = K.monarch_bmm(x, w1, w2, bias, out_features, strided, acc_dtype=acc, return_h=True)
     return y.contiguous(), (h if save_h else _empty(x))
 

@@ -48,17 +48,13 @@ import torch
 
 from .. import _validate as V
 from ..kernels import sparse24 as K
-from ..kernels._config import use_triton
+from ..kernels._config import acc_dtype, use_triton
 from ..kernels.sparse24 import Sparse24Weight, mask_24, pack_24, prune_24
 from ._common import empty as _empty
 from ._common import autocast_operands, fake_grads, grads_or_empty, needs_grad, no_autocast
 
 #: Provisional (unmeasured) token count from which PyTorch's semi-structured path is preferred.
 SPARSE24_TORCH_MIN_M = 2048
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,7 +125,7 @@ def _sparse24_bwd(
             if has_bias:
                 db = g.sum(0, dtype=torch.float32).to(g.dtype)
         else:
-            acc = _acc(g.dtype)
+            acc = acc_dtype(g.dtype)
             g32 = g.to(acc)
             if need_x:
                 w = K.unpack_24(values.to(acc), meta, k)
@@ -334,7 +330,7 @@ def _dense_sparse_bwd(
                 g, x, d, s_values, s_meta, saved_t, has_bias, need_x, need_d, need_s
             )
         else:
-            acc = _acc(x.dtype)
+            acc = acc_dtype(x.dtype)
             k = 2 * s_values.shape[1]
             g32, x32, d32 = g.to(acc), x.to(acc), d.to(acc)
             s32 = K.unpack_24(s_values.to(acc), s_meta, k)
