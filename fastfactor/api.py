@@ -178,10 +178,13 @@ class FactorizationPlan:
 
 def _layout(method: str, in_f: int, out_f: int, ratio: float, cfg, bias: bool):
     """``(layer class name, factor_config, weight parameters)`` of ``method`` for one ``(out, in)``
-    layer, from the formulas each family documents (no weight involved)."""
-    from .compress.methods import get_method
+    layer, from the family's declared ``rank_for_ratio`` and its documented parameter count (no
+    weight involved); a family registered by user code is fitted on meta tensors instead."""
+    from .compress.methods import build_layer, get_method
 
     spec = get_method(method)
+    cls = spec.layer_class()
+    nb = cfg.nblocks
     if method == "lowrank":
         from .factorize.svd import resolve_rank
 
@@ -191,10 +194,10 @@ def _layout(method: str, in_f: int, out_f: int, ratio: float, cfg, bias: bool):
     elif method in ("monarch", "block_lowrank"):
         from .factorize.monarch import monarch_rank_for_ratio
 
-        r = monarch_rank_for_ratio(in_f, out_f, cfg.nblocks, ratio)
-        fc = dict(in_features=in_f, out_features=out_f, nblocks=cfg.nblocks, rank=r, bias=bias)
+        fc = dict(in_features=in_f, out_features=out_f, nblocks=nb,
+                  rank=monarch_rank_for_ratio(in_f, out_f, nb, ratio), bias=bias)
         with torch.device("meta"):  # shapes only
-            params = spec.layer_class()(**fc).num_weight_params
+            params = cls(**fc).num_weight_params
     elif method == "sparse24":
         from .factorize.sparse24 import sparse24_num_params
 
@@ -210,14 +213,14 @@ def _layout(method: str, in_f: int, out_f: int, ratio: float, cfg, bias: bool):
         r = resolve_dense_sparse_rank(in_f, out_f, None, ratio)
         fc = dict(in_features=in_f, out_features=out_f, rank=r, bias=bias, mask_training=False)
         params = dense_sparse_num_params(in_f, out_f, r)
-    else:  # a registered method: build it on meta tensors
+    else:  # a family registered by user code: fit it on meta tensors
         from .compress.targets import DenseView
 
         with torch.device("meta"):
             view = DenseView(torch.empty(out_f, in_f), torch.empty(out_f) if bias else None)
-            mod = spec.build(view, ratio, cfg.resolved_init, cfg, None)
+            mod = build_layer(method, view, ratio, cfg.resolved_init, cfg, None)
         fc, params = mod.factor_config(), mod.num_weight_params
-    return spec.cls_name, fc, int(params)
+    return cls.__name__, fc, int(params)
 
 
 def factorize_plan(model: nn.Module, config=None, filter_fn: Optional[FilterFn] = None) -> FactorizationPlan:

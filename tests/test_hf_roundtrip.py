@@ -205,6 +205,7 @@ def test_cli_refuses_compressed_model_folder(tmp_path, capsys):
     m = _compressed("bert", "lowrank")
     m.save_pretrained(tmp_path / "own")
     fastfactor.save_compressed(m, tmp_path / "native")
+    capsys.readouterr()
     for src in ("own", "native"):
         rc = main(["compress", "--model", str(tmp_path / src), "--out", str(tmp_path / f"out-{src}"),
                    "--schedule", "offline"])
