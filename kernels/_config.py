@@ -184,19 +184,28 @@ class Tunable:
     sizes and so in the order of the reduction, hence in rounding. In deterministic mode the
     launch skips the autotuner and runs the first config of the space that survives ``prune``
     (the second entry of the space on a GPU: the first is the interpreter's tiny config), so
-    every process computes the same bits.
+    every process computes the same bits. ``pick(named_args) -> dict`` (optional) chooses that
+    fixed config per shape instead (one entry of the space, e.g. small row tiles for a handful of
+    rows); it must depend only on the arguments, so the choice is still the same in every process.
     """
 
-    def __init__(self, fn, space: list[dict], key: list[str], prune=None):
+    def __init__(self, fn, space: list[dict], key: list[str], prune=None, pick=None):
         self.fn = fn
         self.space = space
         self.prune = prune
+        self.pick = pick
         self.tuned = None
         if HAS_TRITON:
             kw = {"prune_configs_by": {"early_config_prune": prune}} if prune else {}
             self.tuned = triton.autotune(configs=configs(space), key=key, **kw)(fn)
 
     def fixed_config(self, kwargs: dict):
+        if self.pick is not None and not is_interpreter():
+            picked = configs([self.pick(kwargs)])
+            if self.prune is not None:
+                picked = self.prune(picked, kwargs, **kwargs) or []
+            if picked:
+                return picked[0]
         cands = configs(self.space if not is_interpreter() else self.space[:1])
         if not is_interpreter() and len(cands) > 1:
             cands = cands[1:] + cands[:1]
