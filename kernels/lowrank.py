@@ -62,9 +62,11 @@ from ._config import (
     HAS_TRITON,
     KernelSpec,
     Tunable,
-    configs,
+    acc_dtype,
     dot_precision,
     is_interpreter,
+    m_bucket,
+    next_pow2,
     num_sms,
     register_kernel,
     row_block_grid,
@@ -102,7 +104,7 @@ def lowrank_linear_ref(
     forward saves for the backward). Differentiable with ordinary autograd (used by the CPU path
     and as the test oracle).
     """
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     t = torch.matmul(x.to(acc), v.to(acc).t())
     if intermediate_dtype(x.dtype) != acc:
         t = t.to(x.dtype).to(acc)  # same rounding of the intermediate as the kernels
@@ -129,7 +131,7 @@ def lowrank_bwd_ref(
     asked for. ``g (M, N)``, ``x (M, K)``, ``u (N, R)``, ``v (R, K)``, ``t (M, R)`` the saved
     ``x·Vᵀ`` or None (recomputed). fp32 accumulation (fp64 stays fp64); the intermediates ``t``
     and ``dt = g·U`` are rounded to :func:`intermediate_dtype` as the kernels round them."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     g32, x32, u32, v32 = g.to(acc), x.to(acc), u.to(acc), v.to(acc)
     inter = intermediate_dtype(x.dtype)
     t32 = t.to(acc) if t is not None else (x32 @ v32.t()).to(inter).to(acc)
@@ -145,15 +147,11 @@ def lowrank_bwd_ref(
 # Kernels
 # ============================================================================================
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def _pad_rank(r: int) -> int:
     """Power-of-two padding (>= 16). Kept for the 2:4 dense-sparse chain (``kernels/sparse24.py``),
     whose intermediate is a single register tile; the low-rank chain pads to a multiple of 16
     instead (:func:`rank_pieces`)."""
-    return max(16, _next_pow2(r))
+    return max(16, next_pow2(r))
 
 
 def rank_pieces(r: int) -> tuple[int, int, int]:
@@ -170,7 +168,7 @@ def rank_pieces(r: int) -> tuple[int, int, int]:
     rem = p
     while rem > 0:
         if len(pieces) == 2:
-            pieces.append(_next_pow2(rem))
+            pieces.append(next_pow2(rem))
             break
         piece = 1 << (rem.bit_length() - 1)  # largest power of two <= rem (rem is a multiple of 16)
         pieces.append(piece)
@@ -184,11 +182,14 @@ def padded_rank(r: int) -> int:
     return sum(rank_pieces(r))
 
 
-# Autotune spaces. The first entry is the one the interpreter runs (small, fast); on a GPU the
-# deterministic mode picks per shape (:func:`chain_config`, :func:`gemm_config`).
+# Autotune spaces, each with a named *_INTERP member, the one config the interpreter runs; on a GPU
+# deterministic runs launch the config picked per shape (:func:`chain_config`, :func:`gemm_config`;
+# *_FIXED is the default of the large shapes).
+CHAIN_INTERP = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2)
+CHAIN_FIXED = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 CHAIN_SPACE = [
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2),
-    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    CHAIN_INTERP,
+    CHAIN_FIXED,
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
@@ -197,9 +198,11 @@ CHAIN_SPACE = [
     dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4),
 ]
 
+GEMM_INTERP = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)
+GEMM_FIXED = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 GEMM_SPACE = [
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    GEMM_INTERP,
+    GEMM_FIXED,
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
@@ -212,8 +215,12 @@ GEMM_SPACE = [
 ]
 
 #: the split-K reduce and the row-sum kernels: elementwise / streaming, one config each
-REDUCE_SPACE = [dict(BLOCK_M=16, BLOCK_N=16, num_warps=4), dict(BLOCK_M=16, BLOCK_N=64, num_warps=4)]
-ROWSUM_SPACE = [dict(BLOCK_M=16, BLOCK_K=16, num_warps=4), dict(BLOCK_M=128, BLOCK_K=64, num_warps=4)]
+REDUCE_INTERP = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4)
+REDUCE_FIXED = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4)
+REDUCE_SPACE = [REDUCE_INTERP, REDUCE_FIXED]
+ROWSUM_INTERP = dict(BLOCK_M=16, BLOCK_K=16, num_warps=4)
+ROWSUM_FIXED = dict(BLOCK_M=128, BLOCK_K=64, num_warps=4)
+ROWSUM_SPACE = [ROWSUM_INTERP, ROWSUM_FIXED]
 
 
 def _chain_fits(block_m: int, block_n: int, block_k: int, num_stages: int, r_pad: int) -> bool:
@@ -593,36 +600,19 @@ if HAS_TRITON:
 
     _chain_tuned = Tunable(
         _chain_kernel, CHAIN_SPACE, key=["M_BUCKET", "K", "N", "R0", "R1", "R2", "STORE_T"],
-        prune=_prune_chain, pick=_pick_chain,
+        prune=_prune_chain, interpreter=CHAIN_INTERP, deterministic=CHAIN_FIXED, pick=_pick_chain,
     )
-    _gemm_tuned = Tunable(_gemm_kernel, GEMM_SPACE, key=["M", "N", "K", "SPLIT"], pick=_pick_gemm)
-    _reduce_tuned = Tunable(_splitk_reduce_kernel, REDUCE_SPACE, key=["M", "N"])
-    _rowsum_tuned = Tunable(_rowsum_kernel, ROWSUM_SPACE, key=["M", "K"])
+    _gemm_tuned = Tunable(_gemm_kernel, GEMM_SPACE, key=["M", "N", "K", "SPLIT"],
+                          interpreter=GEMM_INTERP, deterministic=GEMM_FIXED, pick=_pick_gemm)
+    _reduce_tuned = Tunable(_splitk_reduce_kernel, REDUCE_SPACE, key=["M", "N"],
+                            interpreter=REDUCE_INTERP, deterministic=REDUCE_FIXED)
+    _rowsum_tuned = Tunable(_rowsum_kernel, ROWSUM_SPACE, key=["M", "K"],
+                            interpreter=ROWSUM_INTERP, deterministic=ROWSUM_FIXED)
 
-    # ---- compile-tier registration ----
-    def _chain_signature(dt: str) -> dict:
-        ptr = f"*{dt}"
-        return {
-            "a_ptr": ptr, "w1_ptr": ptr, "w2_ptr": ptr, "bias_ptr": ptr, "z_ptr": ptr, "t_ptr": ptr,
-            "M": "i32", "K": "i32", "N": "i32", "R": "i32", "M_BUCKET": "i32",
-            "stride_am": "i32", "stride_ak": "i32", "stride_w1r": "i32", "stride_w1k": "i32",
-            "stride_w2n": "i32", "stride_w2r": "i32", "stride_zm": "i32", "stride_zn": "i32",
-            "stride_tm": "i32", "stride_tr": "i32",
-        }
-
-    def _gemm_signature(dt: str) -> dict:
-        ptr = f"*{dt}"
-        return {
-            "a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "bias_ptr": ptr, "ws_ptr": "*fp32",
-            "M": "i32", "N": "i32", "K": "i32",
-            "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
-            "stride_cm": "i32", "stride_cn": "i32",
-        }
-
+    # ---- compile-tier registration (signatures derived from the kernels' arguments) ----
     register_kernel(KernelSpec(
         name="lowrank.chain",
         fn=_chain_kernel,
-        signature=_chain_signature,
         constexprs=[
             dict(HAS_BIAS=True, STORE_T=True, T_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
                  R0=32, R1=16, R2=0),
@@ -637,7 +627,7 @@ if HAS_TRITON:
     register_kernel(KernelSpec(
         name="lowrank.gemm",
         fn=_gemm_kernel,
-        signature=_gemm_signature,
+        pointers={"ws_ptr": "fp32"},
         constexprs=[
             dict(HAS_BIAS=True, SPLIT=False, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False),
             dict(HAS_BIAS=False, SPLIT=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False),
@@ -648,8 +638,7 @@ if HAS_TRITON:
     register_kernel(KernelSpec(
         name="lowrank.splitk_reduce",
         fn=_splitk_reduce_kernel,
-        signature=lambda dt: {"ws_ptr": "*fp32", "bias_ptr": f"*{dt}", "c_ptr": f"*{dt}",
-                              "S": "i32", "M": "i32", "N": "i32", "stride_cm": "i32", "stride_cn": "i32"},
+        pointers={"ws_ptr": "fp32"},
         constexprs=[dict(HAS_BIAS=True), dict(HAS_BIAS=False)],
         space=REDUCE_SPACE,
         unit_args=("stride_cn",),
@@ -657,8 +646,7 @@ if HAS_TRITON:
     register_kernel(KernelSpec(
         name="lowrank.rowsum",
         fn=_rowsum_kernel,
-        signature=lambda dt: {"a_ptr": f"*{dt}", "ws_ptr": "*fp32", "M": "i32", "K": "i32",
-                              "stride_am": "i32", "stride_ak": "i32"},
+        pointers={"ws_ptr": "fp32"},
         constexprs=[dict(FP64=False)],
         space=ROWSUM_SPACE,
         unit_args=("stride_am",),
@@ -739,7 +727,7 @@ def _gemm_launches(name, M, N, K, ea, eb, ec, bias, dev, cublas=False, cfg=None)
         return [Launch(name, tiles, dram + out, l2 + out, issued, useful, eff)]
     ws = s * M * N * 4
     spill = 0 if ws <= dev.l2_bytes else ws
-    red = REDUCE_SPACE[1]
+    red = REDUCE_FIXED
     return [
         Launch(name + ".splitk", tiles * s, dram + spill, l2 + ws, issued, useful, eff),
         Launch(name + ".reduce", _cd(M, red["BLOCK_M"]) * _cd(N, red["BLOCK_N"]), spill + out, ws + out,
@@ -827,20 +815,16 @@ def choose_path(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = N
 # Launchers
 # ============================================================================================
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def row_sums(a: torch.Tensor, splits: Optional[int] = None) -> torch.Tensor:
     """``a (M, K) -> Σ_k a[:, k]`` in fp32 (fp64 for fp64), any strides: the bias gradient
     ``db = Σ_m g`` as ``row_sums(g.t())``. Deterministic: ``S`` programs per row block each sum a
     fixed range of ``K`` (``S`` chosen so the launch fills the GPU), then a fixed-order reduce."""
     M, K = a.shape
-    acc = _acc_dtype(a.dtype)
+    acc = acc_dtype(a.dtype)
     if M == 0 or K == 0:
         return torch.zeros((M,), device=a.device, dtype=acc)
     sms = num_sms(a.device)
-    cfg = ROWSUM_SPACE[0] if is_interpreter() else ROWSUM_SPACE[1]
+    cfg = ROWSUM_INTERP if is_interpreter() else ROWSUM_FIXED
     s = splits or split_count(M, 1, K, cfg["BLOCK_M"], 1, cfg["BLOCK_K"], sms)
     ws = torch.empty((s, M), device=a.device, dtype=acc)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), s)
@@ -887,9 +871,9 @@ def gemm(
             if bias is not None:
                 c += bias
         else:
-            acc = _acc_dtype(a.dtype)
+            acc = acc_dtype(a.dtype)
             if splits is None:
-                cfg = GEMM_SPACE[0] if is_interpreter() else gemm_config(M, N, K, num_sms(a.device))
+                cfg = GEMM_INTERP if is_interpreter() else gemm_config(M, N, K, num_sms(a.device))
                 splits = split_count(M, N, K, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"],
                                      num_sms(a.device))
             s = max(1, int(splits))
@@ -944,7 +928,7 @@ def chain(
     t_arg = t if t is not None else z
     _chain_tuned[row_block_grid(M, N, a.device)](
         a, w1, w2, bias if bias is not None else z, z, t_arg,
-        M, K, N, R, min(_next_pow2(M), 1 << 16),
+        M, K, N, R, m_bucket(M),
         a.stride(0), a.stride(1), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
         z.stride(0), z.stride(1), t_arg.stride(0), t_arg.stride(1),
         HAS_BIAS=bias is not None, STORE_T=store_t, T_FP32=t_dtype != a.dtype,
@@ -1037,7 +1021,7 @@ def lowrank_bwd(
             t = mm(x, v.t(), intermediate_dtype(x.dtype))
         du = mm(g.t(), t, u.dtype)                                   # dU = gᵀ·t
     if has_bias:
-        db = (g.sum(0, dtype=_acc_dtype(g.dtype)) if use_mm else row_sums(g.t())).to(g.dtype)  # db = Σ_m g
+        db = (g.sum(0, dtype=acc_dtype(g.dtype)) if use_mm else row_sums(g.t())).to(g.dtype)  # db = Σ_m g
     if need_v:
         dv = mm(dt.t(), x, v.dtype)                                  # dV = dtᵀ·x
     return dx, du, dv, db
