@@ -14,22 +14,50 @@ Backward (with ``g = dL/dy``)::
 
 Design
 ------
-Two kernels serve every product:
+Three paths, chosen per shape by :func:`choose_path` from a stated cost model (below); every byte
+figure is per call, ``e`` bytes per element, ``P`` programs, ``S`` split-K factor, 132 SMs.
 
-* ``_chain_kernel`` computes ``z = (a·Aᵀ)·Bᵀ`` for one block of ``BLOCK_M`` rows: the first product
-  ``(BLOCK_M, R_PAD)`` is accumulated in fp32 registers over ``K``, rounded to the input dtype and
-  multiplied straight into the output tiles, so the rank-r intermediate never goes to device
-  memory. The forward is ``a = x, A = V, B = U``; the backward's ``dx`` is the same chain with
-  ``a = g, A = Uᵀ, B = Vᵀ``. Because the intermediate must sit in registers, the chain handles
-  ``R_PAD = next_pow2(R) <= 256``. To give small ``M`` enough programs, the ``N`` tiles can be
-  split across ``N_SPLIT`` programs, each recomputing its block's intermediate (cheap when ``M``
-  is small and the op is memory-bound; the launcher only splits when there are few row blocks).
-* ``_gemm_kernel`` is a plain tiled ``C = A·B (+ bias)`` over arbitrary strides (so every transpose
-  is free). It runs the two-GEMM path (``t = x·Vᵀ`` to memory, then ``y = t·Uᵀ + b``) that
-  ``choose_path`` picks for large ranks, and the weight gradients ``dU`` and ``dV``, each output
-  tile owned by one program that loops over all ``M`` rows: no atomics, so the backward is bitwise
-  reproducible. ``db`` is fused into the ``dU`` product as the row sums of ``gᵀ`` taken by the
-  programs of the first output column block.
+* ``'two_gemm'`` — our Triton GEMM ``_gemm_kernel`` twice (``t = x·Vᵀ`` to memory, then
+  ``y = t·Uᵀ + b``), any strides (a transpose is a stride swap). Compulsory traffic
+  ``(M·K + R·K + 2·M·R + N·R + M·N)·e``. Each operand tile is re-read by the programs of the other
+  dimension (``x`` ``ceil(R/BLOCK_N)`` times, ``V`` ``ceil(M/BLOCK_M)`` times: from L2 when they fit).
+  When the output tiles alone give fewer than 132 programs — the **skinny / decode** case, a
+  handful of rows — the ``K`` reduction is **split** over ``S`` programs per tile
+  (:func:`split_count`): each writes an fp32 partial to a workspace ``(S, M, N)`` and
+  ``_splitk_reduce_kernel`` sums them in the fixed order ``s = 0, 1, …`` (no atomics: bitwise
+  reproducible), adds the bias and rounds once. So at M = 16, d = 4096, ratio 0.25 ``V`` and ``U``
+  are each read from memory exactly once, by 192 and 256 programs (counted under the interpreter:
+  ``profiling/lowrank_counts.py``); the workspace (``S·M·R·4`` bytes, ~0.2 MB) stays in L2. The
+  reduce is a separate launch: fusing it into the second GEMM would make each of its ``N/BLOCK_N``
+  programs re-read all ``S`` partials (``S·M·R·4`` bytes each, 64x ``U``'s tile at these shapes),
+  which does not pay. Small-``M`` configs (``BLOCK_M = 16``) are picked per shape
+  (:func:`gemm_config`).
+* ``'fused'`` — ``_chain_kernel`` computes ``z = (a·Aᵀ)·Bᵀ`` for one block of ``BLOCK_M`` rows: the
+  first product is accumulated in fp32 registers over ``K``, rounded and multiplied straight into
+  the output tiles, so ``t`` never goes to memory (saves ``2·M·R·e``). The rank is padded to a
+  multiple of 16 (:func:`rank_pieces`: up to three power-of-two register tiles, 96 = 64 + 32),
+  at most 256. Every program streams all of ``V`` (``P·R·K·e`` from L2) and, per row block, all
+  of ``U``; with few row blocks the ``N`` tiles are split over more programs, each recomputing its
+  intermediate. The forward is ``a = x, A = V, B = U``; the backward's ``dx`` is the same chain
+  with ``a = g, A = Uᵀ, B = Vᵀ``. At ratio 0.25 the model never prefers it (the re-reads of ``V``
+  cost more than the round trip of ``t`` they save); ``FASTFACTOR_LOWRANK_PATH=fused`` forces it.
+* ``'torch'`` — two cuBLAS products (``torch.mm``, ``torch.addmm``; deterministic for a given
+  GPU and library), the same compulsory traffic as ``two_gemm``. Chosen where the products are
+  compute-bound (large ``M``), since cuBLAS reaches a higher tensor-core rate than our
+  non-persistent, pointer-based tiles. fp16 keeps an fp32 intermediate (range), which cuBLAS
+  cannot multiply with fp16 factors: fp16 stays on ``two_gemm``.
+
+Backward: ``dt`` and ``dx`` as the forward's path; the weight gradients ``dU = gᵀ·t`` and
+``dV = dtᵀ·x`` reduce over all ``M`` rows, which at d = 768 gives 6-48 output tiles: on our GEMM
+that reduction is split (same split-K, fixed-order reduce) until the launch fills the GPU.
+``db = Σ_m g`` is its own split reduction (``_rowsum_kernel``, ``M·N·e`` bytes, then the same
+reduce), no longer a row sum inside every program of ``dU``'s main loop.
+
+Cost model (:func:`plan`, :class:`CostDevice`; a prediction, not a measurement): per launch
+``max(DRAM bytes / HBM, L2 bytes / L2 bandwidth, issued FLOPs / (rate·eff)) / min(1, P / SMs)``
+with wave quantization, summed over launches (no launch overhead: a lower bound). ``eff`` is 1 for
+cuBLAS, 0.8 for our wgmma tiles (``BLOCK_M >= 64``), 0.4 for mma.sync ones. cuBLAS is given the
+same tiling and traffic as ours (we know its rate, not its tiles). Ties go to our kernels.
 
 Save or recompute ``t``
     In training (any input requires grad) the forward also stores ``t`` (``M·R`` elements, i.e.
@@ -284,7 +312,7 @@ def _gemm_config_cached(M: int, N: int, K: int, sms: int) -> tuple:
 
 
 #: a split of the reduction keeps at least this many BLOCK_K steps per program
-MIN_K_STEPS = 2
+MIN_K_STEPS = 1
 
 
 def split_count(M: int, N: int, K: int, block_m: int, block_n: int, block_k: int, sms: int) -> int:
@@ -780,14 +808,16 @@ def choose_path(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = N
 
     Cost model (:func:`plan`, :class:`CostDevice`): per launch
     ``max(DRAM bytes / HBM, L2 bytes / L2 bandwidth, issued FLOPs / (rate·triton_eff) with wave
-    quantization) / min(1, programs / SMs)``, summed over launches; cuBLAS is modelled ideal
-    (compulsory bytes, full rate). Our kernels win where the op is memory-bound and they fill the
+    quantization) / min(1, programs / SMs)``, summed over launches; cuBLAS is given the same
+    tiling and traffic as ours at the full tensor-core rate. Our kernels win where the op is memory-bound and they fill the
     GPU (a tie at equal bytes goes to our kernels, whose traffic is counted rather than assumed);
-    cuBLAS wins where it is compute-bound, since ``triton_eff = 0.8``. On the H200 figures this puts
-    the switch to ``'torch'`` near ``M·R·(K+N) / bytes`` = the machine balance: at ratio 0.25,
-    d = 4096, the split two-GEMM path up to M ≈ 256, cuBLAS from M ≈ 512 (see the table in
-    BENCHMARKS.md). fp16 never takes ``'torch'``: its intermediate is fp32 (range) and cuBLAS has
-    no fp32 x fp16 product; those products stay on our TF32 GEMM.
+    cuBLAS wins where it is compute-bound, since ``triton_eff = 0.8``. Resulting switch points
+    (bf16, ratio 0.25, H200 figures; ``M`` from which ``'torch'`` is chosen): d = 2048: 2048,
+    d = 4096: 1024, d = 8192: 512 (128 at a near-tie); d <= 1024 stays memory-bound on our split
+    GEMMs up to M = 16384. Predicted at M = 16: d = 4096 2.2 µs (dense ``F.linear`` 7.1 µs, 3.3x),
+    d = 8192 7.4 µs (28.1 µs, 3.8x); at M = 16384 the cuBLAS path, 3.8-3.9x dense (forward). To be
+    recalibrated with ``make gpu-check``. fp16 never takes ``'torch'``: its intermediate is fp32
+    (range) and cuBLAS has no fp32 x fp16 product; those products stay on our TF32 GEMM.
 
     ``FASTFACTOR_LOWRANK_PATH=fused|two_gemm|torch`` forces a path (``fused`` falls back to
     ``two_gemm`` where the rank does not fit the registers).
