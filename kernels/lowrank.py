@@ -721,7 +721,7 @@ class Launch:
 
     def seconds(self, dev: CostDevice = COST_DEVICE, tf32: bool = False) -> float:
         rate = dev.flops / (2 if tf32 else 1)
-        fill = min(1.0, self.programs / dev.sms)
+        fill = min(1.0, max(1, self.programs) / dev.sms)
         waves = -(-self.programs // dev.sms)
         quant = waves * dev.sms / max(1, self.programs) if self.programs > dev.sms else 1.0
         mem = max(self.dram_bytes / dev.hbm, self.l2_bytes / dev.l2_bw) / fill
@@ -832,6 +832,8 @@ def choose_path(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = N
         if forced == "fused" and not fits:
             return "two_gemm"
         return forced
+    if min(M, K, N, R) <= 0:
+        return "two_gemm"  # nothing to choose: the launchers handle empty products without a kernel
     cands = ["two_gemm"] + (["fused"] if fits else [])
     if dtype != torch.float16:
         cands.append("torch")
