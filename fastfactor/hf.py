@@ -338,6 +338,9 @@ def register() -> None:
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
+            # transformers refuses .half() / .float() on "quantized" models; factorized layers are
+            # ordinary floating-point modules, so the model stays castable like a dense one
+            model.is_quantized = False
             return model
 
         def get_state_dict_and_metadata(self, model):

@@ -87,6 +87,10 @@ def test_save_compressed_reloads_through_automodel_and_load_compressed(tmp_path)
     m2 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     assert _factorized(m2) == _factorized(m)
     assert torch.equal(_out(m2, ids, mask), y0)
+    # a dtype on load, and casts afterwards, work as for a dense model
+    m_bf16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in m_bf16.parameters()} == {torch.bfloat16}
+    assert m_bf16.float() is m_bf16 and m_bf16.half() is m_bf16
     m3 = fastfactor.load_compressed(tmp_path)  # the tripwires do not disturb the native path
     _same_state(m, m3)
     assert torch.equal(_out(m3, ids, mask), y0)
