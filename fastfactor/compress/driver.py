@@ -66,6 +66,8 @@ class CompressionReport:
     stages: List[StageRecord] = field(default_factory=list)
     seconds: float = 0.0
     device: str = "cpu"
+    #: ``dense_reference=True``: the uncompressed model fine-tuned the same way (:mod:`.reference`)
+    dense_reference: Dict = field(default_factory=dict)
 
     @property
     def compression(self) -> float:
@@ -81,6 +83,10 @@ class CompressionReport:
         d = asdict(self)
         d["compression"] = self.compression
         d["target_ratio"] = self.target_ratio
+        if self.dense_reference:
+            from .reference import points_lost
+
+            d["points_lost"] = points_lost(self)
         return d
 
     def stage_table(self) -> str:
@@ -108,6 +114,10 @@ class CompressionReport:
             rows.append([f"{pm} (after the last swap, before fine-tuning)", _fmt(self.metrics_before.get(pm)),
                          _fmt(self.metrics_offline.get(pm))])
             rows.append([f"{pm} (final)", _fmt(self.metrics_before.get(pm)), _fmt(self.metrics_after.get(pm))])
+            if self.dense_reference:
+                from .reference import summary_rows
+
+                rows += summary_rows(self, _fmt)
         rows.append(["time (s)", "", f"{self.seconds:.1f}"])
         return format_table(["", "before", "after"], rows)
 
@@ -252,13 +262,15 @@ def compress(
 
     objective = evaluator = None
     if data is not None:
-        objective = Objective.build(model, data, cfg.objective, cfg.distill_loss, device, teacher=teacher)
+        objective = Objective.build(model, data, cfg.objective, cfg.distill_loss, device, teacher=teacher,
+                                    task_weight=cfg.task_weight, distill_weight=cfg.distill_weight,
+                                    hidden_weight=cfg.hidden_weight, temperature=cfg.temperature)
         reference = objective.teacher if objective.teacher is not None else teacher
         if reference is None and not data.labelled:
             import copy
 
             reference = copy.deepcopy(model).eval()
-        evaluator = Evaluator(data, device, reference=reference, use_task=objective.kind == "task")
+        evaluator = Evaluator(data, device, reference=reference, use_task=data.labelled)
         report.primary_metric = evaluator.primary
         report.metrics_before = evaluator(model)
         say(f"before: {report.metrics_before}")
@@ -269,10 +281,14 @@ def compress(
     stages = plan_stages(targets, cfg)
     fine_tune = cfg.schedule != "offline"
     train_kw = dict(
-        lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
-        max_grad_norm=cfg.max_grad_norm, batch_size=cfg.batch_size,
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, batch_size=cfg.batch_size,
         train_embeddings=cfg.train_embeddings, parallel=parallel,
     )
+    if cfg.dense_reference:  # the uncompressed model fine-tuned like the compressed one will be
+        from .reference import dense_reference
+
+        report.dense_reference = dense_reference(model, cfg, data, evaluator, len(stages), device=device,
+                                                 progress=progress, log=say, **train_kw)
 
     def calib_batches():
         from ..train.data import iterate
@@ -353,7 +369,7 @@ def compress(
                     rec.metrics_offline = evaluator(model)
             if fine_tune and cfg.schedule == "staged" and cfg.stage_steps > 0:
                 with profiling.range(f"fine-tune stage {si}"):
-                    rec.train = finetune(model, objective, data, cfg.stage_steps, seed=cfg.seed + si,
+                    rec.train = finetune(model, objective, data, **cfg.phase("stage", si),
                                          progress=progress, desc=f"stage {si} fine-tune",
                                          resume=resumed and resumed["train_state"],
                                          on_step=stepper(si, rec, t0, cfg.stage_steps), **train_kw)
@@ -387,7 +403,7 @@ def compress(
             rec = StageRecord(stage=len(report.stages), name="final fine-tune", modules=[],
                               params=count_params(model), target_ratio=sum(kept.values()) / max(1, dense_total))
         with profiling.range("final fine-tune"):
-            rec.train = finetune(model, objective, data, cfg.final_steps, seed=cfg.seed + 1000,
+            rec.train = finetune(model, objective, data, **cfg.phase("final"),
                                  progress=progress, desc="final fine-tune",
                                  resume=resumed and resumed["train_state"],
                                  on_step=stepper(len(stages), rec, t0, cfg.final_steps), **train_kw)
@@ -404,6 +420,9 @@ def compress(
     report.target_weight_params_after = sum(kept.values())
     report.seconds = time.perf_counter() - t_start
     model.eval()
+    from .. import hf  # config.quantization_config: the model's own save_pretrained reloads compressed
+
+    hf.mark_compressed(model, cfg.to_dict())
     return model, report
 
 
@@ -414,13 +433,11 @@ def _inputs(model, batch, device):
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Replace every factorized module by the dense ``nn.Linear`` it represents (for tests and
-    comparisons; GPT-2's ``Conv1D`` targets come back as ``nn.Linear``)."""
-    from .io import compressed_modules
+    """Deprecated name of :func:`fastfactor.merge_and_unload` (the same operation): every factorized
+    module becomes the dense module it replaced, of its original class (GPT-2's ``Conv1D`` included)."""
+    from ..api import merge_and_unload
 
-    for name, mod in compressed_modules(model):
-        set_module(model, name, mod.to_linear())
-    return model
+    return merge_and_unload(model)
 
 
 __all__ = ["compress", "CompressionReport", "StageRecord", "plan_stages", "count_params", "revert"]
