@@ -51,7 +51,10 @@ def test_readme_has_the_snippets_this_test_runs():
     assert any("fastfactor compress --model" in b for b in _blocks("bash"))
 
 
-@pytest.mark.parametrize("index", range(len(_blocks("python"))))
+@pytest.mark.parametrize("index", [
+    pytest.param(i, marks=[pytest.mark.slow] if "minilm_path" in b else [])  # a real model: tens of seconds
+    for i, b in enumerate(_blocks("python"))
+])
 def test_python_snippet_runs_as_written(index, tmp_path, monkeypatch):
     code = _blocks("python")[index]
     if "minilm_path" in code:
