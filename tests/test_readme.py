@@ -48,25 +48,46 @@ def _minilm():
 def test_readme_has_the_snippets_this_test_runs():
     py = _blocks("python")
     assert len(py) >= 2 and any("lowrank_linear(x, u, v, bias)" in b for b in py)
+    assert sum(len(b) for _, b in _sections()) == len(py)  # every block belongs to a section that runs
     assert any("fastfactor compress --model" in b for b in _blocks("bash"))
 
 
-@pytest.mark.parametrize("index", [
-    pytest.param(i, marks=[pytest.mark.slow] if "minilm_path" in b else [])  # a real model: tens of seconds
-    for i, b in enumerate(_blocks("python"))
+def _sections() -> list[tuple[str, list[str]]]:
+    """``(heading, python blocks)`` per ``## `` section that has any: the blocks of a section are one
+    session (a later block may use what an earlier one defined), as a reader runs them."""
+    out = []
+    for part in re.split(r"^## ", _readme(), flags=re.M)[1:]:
+        blocks = re.findall(r"```python\n(.*?)```", part, flags=re.S)
+        if blocks:
+            out.append((part.splitlines()[0].strip(), blocks))
+    return out
+
+
+#: a ``print(...)  # comment`` whose comment looks like output (a value or repr) is checked against
+#: what was printed; descriptive comments are left alone
+_OUTPUT_LIKE = re.compile(r"^[A-Za-z_][\w.]*(\(.*\)|\[.*\])?$")
+
+
+@pytest.mark.parametrize("heading,blocks", [
+    pytest.param(h, b, id=h[:40],
+                 marks=[pytest.mark.slow] if any("minilm" in x for x in b) else [])  # a real model: slow
+    for h, b in _sections()
 ])
-def test_python_snippet_runs_as_written(index, tmp_path, monkeypatch):
-    code = _blocks("python")[index]
-    if "minilm_path" in code:
+def test_python_snippets_run_as_written(heading, blocks, tmp_path, monkeypatch):
+    if any("minilm" in b for b in blocks):
         _minilm()
     _write_data(tmp_path)
     monkeypatch.chdir(tmp_path)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
-    printed = out.getvalue()
-    for expr, expected in re.findall(r"^[ \t]*print\((.*)\)[ \t]*#[ \t]*(.+)$", code, flags=re.M):
-        assert expected.strip() in printed, f"print({expr}) should show {expected.strip()!r}; printed:\n{printed}"
+    namespace = {"__name__": "__readme__"}
+    for i, code in enumerate(blocks):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, f"README.md '{heading}' python block {i}", "exec"), namespace)
+        printed = out.getvalue()
+        for expr, expected in re.findall(r"^[ \t]*print\((.*)\)[ \t]*#[ \t]*(.+)$", code, flags=re.M):
+            expected = expected.strip()
+            if _OUTPUT_LIKE.match(expected):
+                assert expected in printed, f"print({expr}) should show {expected!r}; printed:\n{printed}"
 
 
 @pytest.mark.slow
