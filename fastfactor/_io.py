@@ -214,7 +214,8 @@ def remove_stale_temporaries(directory, older_than_s: float = 0.0) -> int:
 
 def save_pretrained_atomic(obj, directory) -> None:
     """``obj.save_pretrained`` (a tokenizer, a config) into ``directory`` with every file written
-    under a temporary directory first and then moved into place one by one (``os.replace``)."""
+    under a temporary directory first, fsync-ed, and then moved into place one by one
+    (``os.replace``, then an fsync of the directory)."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=directory, prefix=TMP_PREFIX)
@@ -225,7 +226,11 @@ def save_pretrained_atomic(obj, directory) -> None:
             dest_root = directory if rel == "." else os.path.join(directory, rel)
             os.makedirs(dest_root, exist_ok=True)
             for n in names:
-                os.replace(os.path.join(root, n), os.path.join(dest_root, n))
+                src = os.path.join(root, n)
+                with open(src, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(src, os.path.join(dest_root, n))
+            fsync_dir(dest_root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
