@@ -60,8 +60,10 @@ from ._config import (
     HAS_TRITON,
     KernelSpec,
     Tunable,
-    configs,
+    acc_dtype,
     dot_precision,
+    m_bucket,
+    next_pow2,
     register_kernel,
     row_block_grid,
     upcast_dots,
@@ -98,7 +100,7 @@ def lowrank_linear_ref(
     forward saves for the backward). Differentiable with ordinary autograd (used by the CPU path
     and as the test oracle).
     """
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     t = torch.matmul(x.to(acc), v.to(acc).t())
     if intermediate_dtype(x.dtype) != acc:
         t = t.to(x.dtype).to(acc)  # same rounding of the intermediate as the kernels
@@ -125,7 +127,7 @@ def lowrank_bwd_ref(
     asked for. ``g (M, N)``, ``x (M, K)``, ``u (N, R)``, ``v (R, K)``, ``t (M, R)`` the saved
     ``x·Vᵀ`` or None (recomputed). fp32 accumulation (fp64 stays fp64); the intermediates ``t``
     and ``dt = g·U`` are rounded to :func:`intermediate_dtype` as the kernels round them."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     g32, x32, u32, v32 = g.to(acc), x.to(acc), u.to(acc), v.to(acc)
     inter = intermediate_dtype(x.dtype)
     t32 = t.to(acc) if t is not None else (x32 @ v32.t()).to(inter).to(acc)
@@ -141,18 +143,17 @@ def lowrank_bwd_ref(
 # Kernels
 # ============================================================================================
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def _pad_rank(r: int) -> int:
-    return max(16, _next_pow2(r))
+    return max(16, next_pow2(r))
 
 
-# Autotune spaces. The first entry is the one the interpreter runs (small, fast).
+# Autotune spaces, each with two named members: *_INTERP, the one config the interpreter runs, and
+# *_FIXED, the one deterministic runs launch (kernels._config.Tunable).
+CHAIN_INTERP = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2)
+CHAIN_FIXED = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 CHAIN_SPACE = [
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2),
-    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    CHAIN_INTERP,
+    CHAIN_FIXED,
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
@@ -161,9 +162,11 @@ CHAIN_SPACE = [
     dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4),
 ]
 
+GEMM_INTERP = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)
+GEMM_FIXED = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 GEMM_SPACE = [
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    GEMM_INTERP,
+    GEMM_FIXED,
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
@@ -373,34 +376,16 @@ if HAS_TRITON:
                 tl.store(rowsum_ptr + offs_m, rsum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
 
     _chain_tuned = Tunable(
-        _chain_kernel, CHAIN_SPACE, key=["M_BUCKET", "K", "N", "R_PAD", "STORE_T"], prune=_prune_chain
+        _chain_kernel, CHAIN_SPACE, key=["M_BUCKET", "K", "N", "R_PAD", "STORE_T"], prune=_prune_chain,
+        interpreter=CHAIN_INTERP, deterministic=CHAIN_FIXED,
     )
-    _gemm_tuned = Tunable(_gemm_kernel, GEMM_SPACE, key=["M", "N", "K"])
+    _gemm_tuned = Tunable(_gemm_kernel, GEMM_SPACE, key=["M", "N", "K"],
+                          interpreter=GEMM_INTERP, deterministic=GEMM_FIXED)
 
-    # ---- compile-tier registration ----
-    def _chain_signature(dt: str) -> dict:
-        ptr = f"*{dt}"
-        return {
-            "a_ptr": ptr, "w1_ptr": ptr, "w2_ptr": ptr, "bias_ptr": ptr, "z_ptr": ptr, "t_ptr": ptr,
-            "M": "i32", "K": "i32", "N": "i32", "R": "i32", "M_BUCKET": "i32",
-            "stride_am": "i32", "stride_ak": "i32", "stride_w1r": "i32", "stride_w1k": "i32",
-            "stride_w2n": "i32", "stride_w2r": "i32", "stride_zm": "i32", "stride_zn": "i32",
-            "stride_tm": "i32", "stride_tr": "i32",
-        }
-
-    def _gemm_signature(dt: str) -> dict:
-        ptr = f"*{dt}"
-        return {
-            "a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "bias_ptr": ptr, "rowsum_ptr": "*fp32",
-            "M": "i32", "N": "i32", "K": "i32",
-            "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
-            "stride_cm": "i32", "stride_cn": "i32",
-        }
-
+    # ---- compile-tier registration (signatures derived from the kernels' arguments) ----
     register_kernel(KernelSpec(
         name="lowrank.chain",
         fn=_chain_kernel,
-        signature=_chain_signature,
         constexprs=[
             dict(HAS_BIAS=True, STORE_T=True, T_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False, R_PAD=32),
             dict(HAS_BIAS=False, STORE_T=False, T_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False, R_PAD=256),
@@ -411,7 +396,7 @@ if HAS_TRITON:
     register_kernel(KernelSpec(
         name="lowrank.gemm",
         fn=_gemm_kernel,
-        signature=_gemm_signature,
+        pointers={"rowsum_ptr": "fp32"},
         constexprs=[
             dict(HAS_BIAS=True, ROWSUM=False, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False),
             dict(HAS_BIAS=False, ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False),
@@ -464,7 +449,7 @@ def gemm(
     M, K = a.shape
     N = b.shape[1]
     c = torch.empty((M, N), device=a.device, dtype=out_dtype or a.dtype)
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(a.dtype)
     rs = torch.empty((M,), device=a.device, dtype=acc) if rowsum else c
     if M > 0 and N == 0 and rowsum:
         rs.copy_(a.sum(1, dtype=acc))  # no output column: no program runs to take the row sums
@@ -521,7 +506,7 @@ def chain(
     t_arg = t if t is not None else z
     _chain_tuned[row_block_grid(M, N, a.device)](
         a, w1, w2, bias if bias is not None else z, z, t_arg,
-        M, K, N, R, min(_next_pow2(M), 1 << 16),
+        M, K, N, R, m_bucket(M),
         a.stride(0), a.stride(1), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
         z.stride(0), z.stride(1), t_arg.stride(0), t_arg.stride(1),
         HAS_BIAS=bias is not None, STORE_T=store_t, T_FP32=t_dtype != a.dtype,

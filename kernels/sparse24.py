@@ -88,7 +88,9 @@ from ._config import (
     HAS_TRITON,
     KernelSpec,
     Tunable,
+    acc_dtype,
     dot_precision,
+    m_bucket,
     register_kernel,
     row_block_grid,
     upcast_dots,
@@ -284,10 +286,6 @@ def pack_24(w_masked: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Spar
 # References
 # ============================================================================================
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def mask_24_ref(scores: torch.Tensor) -> torch.Tensor:
     """Boolean 2:4 mask keeping, per group of 4, the 2 largest ``scores`` (ties: lower index).
 
@@ -317,7 +315,7 @@ def sparse24_linear_ref(
     x: (..., K), values: (N, K/2), meta: (N, ceil(K/8)) uint8, bias: (N,) -> (..., N) in
     ``out_dtype`` (default x's dtype; the dense-sparse op asks for ``intermediate_dtype``).
     """
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     w = unpack_24(values.to(acc), meta, 2 * values.shape[1])
     y = torch.matmul(x.to(acc), w.t())
     if bias is not None:
@@ -336,7 +334,7 @@ def dense_sparse_linear_ref(
     """``y = (x·Sᵀ)·Dᵀ + b`` with ``S (R, K)`` 2:4 and ``D (N, R)``; the intermediate is rounded
     to ``intermediate_dtype(x.dtype)`` as the kernels do (the input dtype; fp32 for fp16).
     -> (..., N) in x's dtype, or with ``return_t`` ``(y, t)``, ``t = x·Sᵀ`` in that dtype."""
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     inter = intermediate_dtype(x.dtype)
     s = unpack_24(s_values.to(acc), s_meta, 2 * s_values.shape[1])
     t = torch.matmul(x.to(acc), s.t())
@@ -354,22 +352,23 @@ def dense_sparse_linear_ref(
 # Kernels
 # ============================================================================================
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-# Autotune spaces; the first entry is the interpreter's (small). BLOCK_K is a multiple of 8
+# Autotune spaces, each with two named members: *_INTERP, the one config the interpreter runs, and
+# *_FIXED, the one deterministic runs launch (kernels._config.Tunable). BLOCK_K is a multiple of 8
 # (whole metadata bytes) and every dot dimension is >= 16.
+PRUNE_INTERP = dict(BLOCK_R=16, BLOCK_G=8, num_warps=4, num_stages=1)
+PRUNE_FIXED = dict(BLOCK_R=32, BLOCK_G=64, num_warps=4, num_stages=1)
 PRUNE_SPACE = [
-    dict(BLOCK_R=16, BLOCK_G=8, num_warps=4, num_stages=1),
-    dict(BLOCK_R=32, BLOCK_G=64, num_warps=4, num_stages=1),
+    PRUNE_INTERP,
+    PRUNE_FIXED,
     dict(BLOCK_R=64, BLOCK_G=32, num_warps=4, num_stages=1),
 ]
 
 # y = x·Wᵀ: BLOCK_N weight rows x BLOCK_M token rows per program
+MM_INTERP = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2)
+MM_FIXED = dict(BLOCK_N=128, BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4)
 MM_SPACE = [
-    dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2),
-    dict(BLOCK_N=128, BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4),
+    MM_INTERP,
+    MM_FIXED,
     dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=256, num_warps=4, num_stages=3),
     dict(BLOCK_N=128, BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=4),
     dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=4),
@@ -378,26 +377,32 @@ MM_SPACE = [
 ]
 
 # dx = g·W: BLOCK_M x BLOCK_K output tile, reduction over BLOCK_N weight rows
+DX_INTERP = dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=16, num_warps=4, num_stages=2)
+DX_FIXED = dict(BLOCK_M=16, BLOCK_K=128, BLOCK_N=64, num_warps=4, num_stages=4)
 DX_SPACE = [
-    dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=16, num_warps=4, num_stages=2),
-    dict(BLOCK_M=16, BLOCK_K=128, BLOCK_N=64, num_warps=4, num_stages=4),
+    DX_INTERP,
+    DX_FIXED,
     dict(BLOCK_M=64, BLOCK_K=128, BLOCK_N=64, num_warps=4, num_stages=4),
     dict(BLOCK_M=128, BLOCK_K=128, BLOCK_N=32, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_K=256, BLOCK_N=32, num_warps=8, num_stages=3),
 ]
 
 # dvalues = kept(gᵀ·x): BLOCK_N x BLOCK_K dense tile, reduction over BLOCK_M token rows
+DV_INTERP = dict(BLOCK_N=16, BLOCK_K=32, BLOCK_M=16, num_warps=4, num_stages=2)
+DV_FIXED = dict(BLOCK_N=64, BLOCK_K=128, BLOCK_M=64, num_warps=4, num_stages=3)
 DV_SPACE = [
-    dict(BLOCK_N=16, BLOCK_K=32, BLOCK_M=16, num_warps=4, num_stages=2),
-    dict(BLOCK_N=64, BLOCK_K=128, BLOCK_M=64, num_warps=4, num_stages=3),
+    DV_INTERP,
+    DV_FIXED,
     dict(BLOCK_N=128, BLOCK_K=128, BLOCK_M=32, num_warps=8, num_stages=3),
     dict(BLOCK_N=128, BLOCK_K=64, BLOCK_M=64, num_warps=4, num_stages=4),
 ]
 
 # fused dense-sparse: BLOCK_M token rows; the intermediate is R_PAD x BLOCK_M fp32
+DS_INTERP = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=2)
+DS_FIXED = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3)
 DS_SPACE = [
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=2),
-    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3),
+    DS_INTERP,
+    DS_FIXED,
     dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
@@ -788,71 +793,41 @@ if HAS_TRITON:
             )
 
     # autotuned launchers; in deterministic mode they run one fixed config (kernels._config.Tunable)
-    _prune24_tuned = Tunable(_prune24_kernel, PRUNE_SPACE, key=["R", "G"])
-    _sp_mm_tuned = Tunable(_sp_mm_kernel, MM_SPACE, key=["M_BUCKET", "N", "K"])
-    _sp_dx_tuned = Tunable(_sp_dx_kernel, DX_SPACE, key=["M", "N", "K", "MIXED"])
-    _sp_dv_tuned = Tunable(_sp_dvalues_kernel, DV_SPACE, key=["M", "N", "K", "MIXED"])
+    _prune24_tuned = Tunable(_prune24_kernel, PRUNE_SPACE, key=["R", "G"],
+                             interpreter=PRUNE_INTERP, deterministic=PRUNE_FIXED)
+    _sp_mm_tuned = Tunable(_sp_mm_kernel, MM_SPACE, key=["M_BUCKET", "N", "K"],
+                           interpreter=MM_INTERP, deterministic=MM_FIXED)
+    _sp_dx_tuned = Tunable(_sp_dx_kernel, DX_SPACE, key=["M", "N", "K", "MIXED"],
+                           interpreter=DX_INTERP, deterministic=DX_FIXED)
+    _sp_dv_tuned = Tunable(_sp_dvalues_kernel, DV_SPACE, key=["M", "N", "K", "MIXED"],
+                           interpreter=DV_INTERP, deterministic=DV_FIXED)
     _ds_chain_tuned = Tunable(
         _ds_chain_kernel, DS_SPACE,
         key=["M_BUCKET", "K", "N", "R_PAD", "STORE_T", "T_FP32"],
-        prune=_prune_ds,
+        prune=_prune_ds, interpreter=DS_INTERP, deterministic=DS_FIXED,
     )
 
-    # ---- compile-tier registration ----
-    def _i32(*names):
-        return {n: "i32" for n in names}
-
-    def _prune_sig(dt: str) -> dict:
-        p = f"*{dt}"
-        return {"w_ptr": p, "s_ptr": p, "out_ptr": p, "mask_ptr": "*u8",
-                **_i32("R", "G", "stride_wr", "stride_wk", "stride_sr", "stride_sk",
-                       "stride_or", "stride_ok", "stride_mr", "stride_mk")}
-
-    def _mm_sig(dt: str) -> dict:
-        p = f"*{dt}"
-        return {"x_ptr": p, "vals_ptr": p, "meta_ptr": "*u8", "bias_ptr": p, "y_ptr": p,
-                **_i32("M", "N", "K", "M_BUCKET", "stride_xm", "stride_xk", "stride_vn", "stride_vc",
-                       "stride_mn", "stride_mc", "stride_ym", "stride_yn")}
-
-    def _dx_sig(dt: str, g_dt: Optional[str] = None) -> dict:
-        p = f"*{dt}"
-        return {"g_ptr": f"*{g_dt or dt}", "vals_ptr": p, "meta_ptr": "*u8", "dx_ptr": p,
-                **_i32("M", "N", "K", "stride_gm", "stride_gn", "stride_vn", "stride_vc",
-                       "stride_mn", "stride_mc", "stride_dm", "stride_dk")}
-
-    def _dv_sig(dt: str, g_dt: Optional[str] = None) -> dict:
-        p = f"*{dt}"
-        return {"g_ptr": f"*{g_dt or dt}", "x_ptr": p, "meta_ptr": "*u8", "dv_ptr": p,
-                **_i32("M", "N", "K", "stride_gm", "stride_gn", "stride_xm", "stride_xk",
-                       "stride_mn", "stride_mc", "stride_dn", "stride_dc")}
-
-    def _ds_sig(dt: str, t_dt: Optional[str] = None) -> dict:
-        p = f"*{dt}"
-        return {"x_ptr": p, "svals_ptr": p, "smeta_ptr": "*u8", "d_ptr": p, "bias_ptr": p,
-                "y_ptr": p, "t_ptr": f"*{t_dt or dt}",
-                **_i32("M", "K", "N", "R", "M_BUCKET", "stride_xm", "stride_xk", "stride_sr",
-                       "stride_sc", "stride_mr", "stride_mc", "stride_dn", "stride_dr",
-                       "stride_ym", "stride_yn", "stride_tm", "stride_tr")}
-
+    # ---- compile-tier registration (signatures derived from the kernels' arguments) ----
+    _U8 = "u8"
     _DOT = dict(UPCAST=False, PRECISION="tf32")
     register_kernel(KernelSpec(
-        name="sparse24.prune", fn=_prune24_kernel, signature=_prune_sig,
+        name="sparse24.prune", fn=_prune24_kernel, pointers={"mask_ptr": _U8},
         constexprs=[dict(HAS_SCORES=False), dict(HAS_SCORES=True)], space=PRUNE_SPACE,
     ))
     register_kernel(KernelSpec(
-        name="sparse24.mm", fn=_sp_mm_kernel, signature=_mm_sig,
+        name="sparse24.mm", fn=_sp_mm_kernel, pointers={"meta_ptr": _U8},
         constexprs=[dict(HAS_BIAS=True, **_DOT), dict(HAS_BIAS=False, **_DOT)], space=MM_SPACE,
     ))
     register_kernel(KernelSpec(
-        name="sparse24.dx", fn=_sp_dx_kernel, signature=_dx_sig,
+        name="sparse24.dx", fn=_sp_dx_kernel, pointers={"meta_ptr": _U8},
         constexprs=[dict(MIXED=False, **_DOT)], space=DX_SPACE,
     ))
     register_kernel(KernelSpec(
-        name="sparse24.dvalues", fn=_sp_dvalues_kernel, signature=_dv_sig,
+        name="sparse24.dvalues", fn=_sp_dvalues_kernel, pointers={"meta_ptr": _U8},
         constexprs=[dict(MIXED=False, **_DOT)], space=DV_SPACE,
     ))
     register_kernel(KernelSpec(
-        name="sparse24.ds_chain", fn=_ds_chain_kernel, signature=_ds_sig,
+        name="sparse24.ds_chain", fn=_ds_chain_kernel, pointers={"smeta_ptr": _U8},
         constexprs=[
             dict(HAS_BIAS=True, STORE_T=True, T_FP32=False, R_PAD=64, **_DOT),
             dict(HAS_BIAS=False, STORE_T=False, T_FP32=False, R_PAD=256, **_DOT),
@@ -864,17 +839,17 @@ if HAS_TRITON:
     # into an fp32 buffer on the two-kernel path differs from sparse24.mm only in its store's cast.)
     register_kernel(KernelSpec(
         name="sparse24.ds_chain_fp16", fn=_ds_chain_kernel,
-        signature=lambda dt: _ds_sig(dt, t_dt="fp32"),
+        pointers={"smeta_ptr": _U8, "t_ptr": "fp32"},
         constexprs=[dict(HAS_BIAS=True, STORE_T=True, T_FP32=True, R_PAD=64, **_DOT)],
         space=ds_space, dtypes=("fp16",),
     ))
     register_kernel(KernelSpec(
-        name="sparse24.dx_fp16", fn=_sp_dx_kernel, signature=lambda dt: _dx_sig(dt, g_dt="fp32"),
+        name="sparse24.dx_fp16", fn=_sp_dx_kernel, pointers={"meta_ptr": _U8, "g_ptr": "fp32"},
         constexprs=[dict(MIXED=True, **_DOT)], space=DX_SPACE, dtypes=("fp16",),
     ))
     register_kernel(KernelSpec(
         name="sparse24.dvalues_fp16", fn=_sp_dvalues_kernel,
-        signature=lambda dt: _dv_sig(dt, g_dt="fp32"),
+        pointers={"meta_ptr": _U8, "g_ptr": "fp32"},
         constexprs=[dict(MIXED=True, **_DOT)], space=DV_SPACE, dtypes=("fp16",),
     ))
 
@@ -923,7 +898,7 @@ def sparse24_mm(
     grid = lambda meta_: (triton.cdiv(N, meta_["BLOCK_N"]), triton.cdiv(M, meta_["BLOCK_M"]))
     _sp_mm_tuned[grid](
         x, values, meta, bias if bias is not None else y, y,
-        M, N, K, min(_next_pow2(M), 1 << 16),
+        M, N, K, m_bucket(M),
         x.stride(0), x.stride(1), values.stride(0), values.stride(1),
         meta.stride(0), meta.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype),
@@ -1036,7 +1011,7 @@ def ds_chain(
     t_arg = t if t is not None else y
     _ds_chain_tuned[row_block_grid(M, N, x.device)](
         x, s_values, s_meta, d, bias if bias is not None else y, y, t_arg,
-        M, K, N, R, min(_next_pow2(M), 1 << 16),
+        M, K, N, R, m_bucket(M),
         x.stride(0), x.stride(1), s_values.stride(0), s_values.stride(1),
         s_meta.stride(0), s_meta.stride(1), d.stride(0), d.stride(1),
         y.stride(0), y.stride(1), t_arg.stride(0), t_arg.stride(1),

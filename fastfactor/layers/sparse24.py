@@ -42,6 +42,7 @@ from ..factorize.sparse24 import (
     max_dense_sparse_rank,
     resolve_dense_sparse_rank,
 )
+from ..kernels._config import acc_dtype
 from ..kernels.sparse24 import Sparse24Weight, mask_24, meta_cols, pack_24, prune_24, unpack_24
 from ..ops.lowrank import lowrank_linear
 from ..ops.sparse24 import dense_sparse_linear_packed, sparse24_linear_packed, ste_24
@@ -57,7 +58,7 @@ def _check_in(in_features: int) -> None:
 
 
 def _acc_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(a.dtype)
     return (a.to(acc) @ b.to(acc)).to(a.dtype)
 
 

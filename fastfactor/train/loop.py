@@ -17,13 +17,14 @@ mean cosine similarity of mean-pooled embeddings (sentence-transformers' pooling
 Spearman correlation of their pairwise similarities; for logits, the top-1 agreement and the KL.
 
 The loop: AdamW, linear warm-up then linear decay, gradient-norm clipping, bf16 autocast on
-CUDA, NVTX ranges (``fastfactor.profiling``) around forward, backward and the optimizer step.
+CUDA (on CPU only when ``FASTFACTOR_CPU_AUTOCAST`` asks for it), NVTX ranges (``fastfactor.profiling``) around forward, backward and the optimizer step.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -92,10 +93,32 @@ def _masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return (x * m).sum() / m.sum().clamp_min(1)
 
 
+#: ``FASTFACTOR_CPU_AUTOCAST=bf16`` (or ``bfloat16``, ``fp16``/``float16``) runs the CPU forward
+#: passes of fine-tuning and evaluation under ``torch.autocast("cpu", dtype=...)``, as CUDA always
+#: runs them under bf16 autocast: how the CPU tests exercise the GPU path's mixed precision.
+CPU_AUTOCAST_ENV = "FASTFACTOR_CPU_AUTOCAST"
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                    "float16": torch.float16}
+
+
+def cpu_autocast_dtype() -> Optional[torch.dtype]:
+    """The dtype ``FASTFACTOR_CPU_AUTOCAST`` asks for on CPU, or None (unset, empty, ``0``, ``off``)."""
+    val = os.environ.get(CPU_AUTOCAST_ENV, "").strip().lower()
+    if val in ("", "0", "off", "no", "false", "none"):
+        return None
+    if val not in _AUTOCAST_DTYPES:
+        raise ValueError(f"{CPU_AUTOCAST_ENV}: expected one of {sorted(_AUTOCAST_DTYPES)} or 0, got {val!r}")
+    return _AUTOCAST_DTYPES[val]
+
+
 def _autocast(device):
+    """bf16 autocast on CUDA; on CPU off unless ``FASTFACTOR_CPU_AUTOCAST`` asks for it."""
     dev = torch.device(device)
     if dev.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    dt = cpu_autocast_dtype() if dev.type == "cpu" else None
+    if dt is not None:
+        return torch.autocast("cpu", dtype=dt)
     return torch.autocast("cpu", enabled=False)
 
 
