@@ -27,6 +27,7 @@ else:
     from . import kernels  # noqa: F401
 
 from . import determinism, distributed, factorize, layers, ops, profiling  # noqa: E402
+from . import families  # noqa: E402  (one declaration per factorization family)
 from . import compress, train  # noqa: E402  (the compress package is callable: fastfactor.compress(model, cfg, data))
 from .compress import CompressionConfig, CompressionReport, load_compressed, save_compressed  # noqa: E402
 from .determinism import is_deterministic, set_deterministic  # noqa: E402
@@ -52,7 +53,7 @@ __version__ = "0.1.0"
 __all__ = [
     "lowrank_linear", "monarch_linear", "block_lowrank_linear", "sparse24_linear", "dense_sparse_linear",
     "LowRankLinear", "MonarchLinear", "BlockLowRankLinear", "Sparse24Linear", "DenseSparseLinear",
-    "FactorizedLinear", "Sparse24Weight", "factorize", "layers", "ops", "profiling",
+    "FactorizedLinear", "Sparse24Weight", "factorize", "families", "layers", "ops", "profiling",
     "set_deterministic", "is_deterministic", "determinism", "distributed",
     "compress", "train", "CompressionConfig", "CompressionReport", "save_compressed", "load_compressed",
 ]

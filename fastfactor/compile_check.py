@@ -107,9 +107,16 @@ MAX_SHARED = {"sm80": 166912, "sm90": 232448}
 
 
 def _load_registry():
-    """Every registered kernel: importing a family's kernel module registers its kernels."""
-    from fastfactor.kernels import _config, lowrank, monarch, sparse24  # noqa: F401
+    """Every registered kernel: each family of :mod:`fastfactor.families` names its kernel module,
+    and importing that module registered its kernels."""
+    from fastfactor import families
+    from fastfactor.kernels import _config
 
+    missing = [f.name for f in families.FAMILIES.values()
+               if f.kernels is not None
+               and not any(n.split(".")[0] == f.kernels.__name__.rsplit(".", 1)[-1] for n in _config.KERNELS)]
+    if missing:
+        raise RuntimeError(f"compile-check: families {missing} name a kernel module that registered no kernel")
     return _config.KERNELS
 
 

@@ -29,7 +29,6 @@ from .families import (
     bytes_for,
     dense_fwd_flops,
     flops_for,
-    load_family,
     module_bytes,
     param_label,
     torch_semi_structured,
@@ -199,18 +198,13 @@ class Runner:
     def _family(self, method: str, shape: Shape, dtype: torch.dtype, dense: dict) -> None:
         c = self.cfg
         fam = FAMILIES[method]
-        cls, why = load_family(method)
-        if cls is None:
-            if why not in self.messages:
-                self._note(why)
-            return
         opts = {"block_rank": c.block_rank}
         params = c.params.get(method) or fam.defaults
         es = torch.empty((), dtype=dtype).element_size()
         for param in params:
             label = param_label(fam, param, opts)
             try:
-                proto = fam.build(cls, shape.in_features, shape.out_features, param, dtype, c.device, c.bias, opts)
+                proto = fam.random_layer(shape.in_features, shape.out_features, param, dtype, c.device, c.bias, opts)
             except Exception as e:  # noqa: BLE001 - unsupported setting: record and go on
                 self._note(f"{method} {label} {shape.name} {dtype_name(dtype)}: cannot build ({type(e).__name__}: {e})")
                 continue

@@ -1,19 +1,43 @@
 """``fastfactor compress``: compress a Hugging Face model from the command line.
 
-Loads the model (its class from ``config.json``'s ``architectures``) and tokenizer from
-``--model``, the data from a GLUE task (``--task``) or local files (``--train-file`` /
-``--eval-file``), runs :func:`fastfactor.compress.compress`, prints a table per stage and a
-final report, and writes to ``--out``: the compressed model (``save_compressed``: safetensors,
-manifest, config), the tokenizer, ``report.json`` and ``metric.png`` (the metric across stages).
+Checks every option and the data files first (one-line errors naming the option or file, before
+any model is loaded), reads the data from a GLUE task (``--task``) or local files
+(``--train-file`` / ``--eval-file``) and checks their labels (missing values, type, range, named by
+file, row and column), then loads the model and tokenizer from ``--model``, runs
+:func:`fastfactor.compress.compress`, prints a table per stage and a final report, and writes to
+``--out``: the compressed model (``save_compressed``: safetensors, manifest, config), the
+tokenizer, ``report.json`` and ``metric.png`` (the metric across stages).
+
+The model class (``--model-class``, default ``auto``): with labelled data a sequence-classification
+head (the folder's own ``*ForSequenceClassification`` class, or
+``AutoModelForSequenceClassification`` with a new head of ``--num-labels`` outputs, inferred from
+the labels when not given, and reported); otherwise the class named by ``config.json``'s
+``architectures``. Text labels are mapped to class ids (sorted, or the model's own ``label2id``
+when it covers them); the map is saved in ``config.json`` (``id2label`` / ``label2id``) and
+``report.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 
 from .config import INITS, METHODS, SCHEDULES, STAGE_UNITS
+
+#: ``--model-class`` shortcuts → transformers auto class
+MODEL_CLASSES = {
+    "auto": None,
+    "base": "AutoModel",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "causal-lm": "AutoModelForCausalLM",
+    "masked-lm": "AutoModelForMaskedLM",
+}
+
+#: CompressionConfig field → the option that sets it (for error messages)
+_OPTION_OF_FIELD = {"final_steps": "--steps"}
 
 
 def add_subparser(subparsers) -> argparse.ArgumentParser:
@@ -36,14 +60,26 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--train-file", default=None, help="local .csv/.tsv/.json/.jsonl/.parquet")
     p.add_argument("--eval-file", default=None)
     p.add_argument("--text-fields", nargs="+", default=None, help="text column(s) (one, or two for pairs)")
-    p.add_argument("--label-field", default="label")
+    p.add_argument("--label-field", default=None,
+                   help="label column (default 'label'; a column named here must exist, else it is an error)")
+    p.add_argument("--num-labels", type=int, default=None,
+                   help="classes of the classification head (1: regression); default: the model's head, "
+                        "else inferred from the labels")
+    p.add_argument("--task-type", choices=("auto", "classification", "regression"), default="auto",
+                   help="what the labels are (auto: regression only for a regression head or --num-labels 1; "
+                        "non-integer labels are otherwise an error)")
+    p.add_argument("--model-class", default="auto",
+                   help="auto | " + " | ".join(k for k in MODEL_CLASSES if k != "auto")
+                        + " | a transformers class name (auto: a sequence-classification head for labelled data, "
+                        "else config.json's architectures)")
     p.add_argument("--distill", action="store_true", help="distil from the uncompressed model (ignore labels)")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps after the last swap")
     p.add_argument("--stage-steps", type=int, default=None, help="fine-tuning steps after each stage (staged)")
     p.add_argument("--calib-batches", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per example (default 128, or the model's position table if shorter)")
     p.add_argument("--max-train", type=int, default=None)
     p.add_argument("--max-eval", type=int, default=None)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -59,19 +95,197 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto",
                    help="fine-tuning engine under torchrun: ddp (auto) or fsdp (FSDP2 fully_shard; sharded "
                         "parameters, gradients and optimizer state)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, interrupt_hint=_interrupt_hint)
     return p
 
 
-def load_hf_model(path: str):
+def _interrupt_hint(args) -> str:
+    out = getattr(args, "out", None) or "OUT"
+    return (
+        f"interrupted. The checkpoints written so far are in {os.path.join(out, 'checkpoints')}: rerun the same "
+        "command with --resume to continue from the last one (with no checkpoint yet, rerun it with --overwrite)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# checks before anything is loaded
+# --------------------------------------------------------------------------------------------
+
+def _int_option(name, value, minimum):
+    if value is not None and value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+
+
+def check_device(device) -> None:
+    """``--device``: a device torch knows and this machine has."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: {device!r} asked, but this machine (torch {torch.__version__}) has no CUDA GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device: {device!r} asked, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
+
+
+def check_args(args) -> None:
+    """Every option and file, before any model or data is loaded: ``ValueError`` naming the option."""
+    from ..train.data import check_data_file
+
+    _int_option("--max-length", args.max_length, 1)
+    _int_option("--max-train", args.max_train, 1)
+    _int_option("--max-eval", args.max_eval, 1)
+    _int_option("--steps", args.steps, 0)
+    _int_option("--stage-steps", args.stage_steps, 0)
+    _int_option("--calib-batches", args.calib_batches, 0)
+    _int_option("--batch-size", args.batch_size, 1)
+    _int_option("--seed", args.seed, 0)
+    _int_option("--checkpoint-every", args.checkpoint_every, 0)
+    _int_option("--num-labels", args.num_labels, 1)
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr: expected a finite positive learning rate, got {args.lr}")
+    if args.ratio is not None and not (math.isfinite(args.ratio) and 0 < args.ratio <= 1):
+        raise ValueError(f"--ratio: expected a fraction in (0, 1] (of each target's weights kept), got {args.ratio}")
+    if args.num_labels == 1 and args.task_type == "classification":
+        raise ValueError("--num-labels: 1 means a regression head, but --task-type classification was given")
+    if args.model_class not in MODEL_CLASSES:
+        import transformers
+
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", args.model_class) or not hasattr(transformers, args.model_class):
+            raise ValueError(
+                f"--model-class: expected one of {list(MODEL_CLASSES)} or a transformers class name, "
+                f"got {args.model_class!r}"
+            )
+    check_device(args.device)
+    if not os.path.isdir(args.model):
+        raise ValueError(f"--model: expected a local model directory, got {args.model!r}")
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise ValueError(f"--model: {args.model} has no config.json (expected a Hugging Face model folder)")
+    if args.train_file is not None:
+        check_data_file(args.train_file, "--train-file")
+    if args.eval_file is not None:
+        check_data_file(args.eval_file, "--eval-file")
+    if args.config is not None and not os.path.isfile(args.config):
+        raise ValueError(f"--config: expected an existing .json/.yaml file, got {args.config!r}")
+
+
+def build_config(args):
+    """The run's :class:`CompressionConfig`: ``--config`` (if any), then the options given; an
+    invalid field is named by its option (or by the config file when it came from there)."""
+    from .config import CompressionConfig
+
+    if args.config:
+        try:
+            d = CompressionConfig.load(args.config).to_dict()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--config: {e}") from None
+    else:
+        d = {}
+    over = {
+        "method": args.method, "ratio": args.ratio, "init": args.init, "schedule": args.schedule,
+        "stage_unit": args.stage_unit, "targets": args.targets, "exclude": args.exclude,
+        "final_steps": args.steps, "stage_steps": args.stage_steps, "calib_batches": args.calib_batches,
+        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+    }
+    given = {k: v for k, v in over.items() if v is not None}
+    d.update(given)
+    if args.distill:
+        d["objective"] = "distill"
+    try:
+        return CompressionConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        m = re.match(r"(\w+)(\[[^\]]*\])?: ", msg)
+        if m and m.group(1) in given:
+            opt = _OPTION_OF_FIELD.get(m.group(1), "--" + m.group(1).replace("_", "-"))
+            msg = opt + msg[len(m.group(1)):]
+        elif m and args.config:
+            msg = f"--config {args.config}: {msg}"
+        raise type(e)(msg) from None
+
+
+def max_positions(config) -> int | None:
+    """The longest input the model's position table holds (None when it has no fixed one)."""
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        v = getattr(config, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------------------------
+
+def _default_label_map(config) -> bool:
+    l2i = getattr(config, "label2id", None) or {}
+    return all(re.fullmatch(r"LABEL_\d+", str(k)) for k in l2i)
+
+
+def head_of(config):
+    """``(class name, num_labels)`` of the folder's sequence-classification head, or None."""
+    archs = getattr(config, "architectures", None) or []
+    cls = next((a for a in archs if a.endswith("ForSequenceClassification")), None)
+    return (cls, int(getattr(config, "num_labels", 2))) if cls else None
+
+
+def load_hf_model(path: str, model_class: str = "auto", labels=None, config=None, log=print, tokenizer: bool = True):
+    """The model (and tokenizer) of a local folder.
+
+    ``labels`` (a :class:`fastfactor.train.data.LabelSpec`): labelled data, so a
+    sequence-classification head with ``labels.num_labels`` outputs is loaded or created (and the
+    newly initialised weights reported); its ``id2label`` / ``label2id`` and ``problem_type`` are
+    set on the config. Without labels, ``model_class`` or ``config.json``'s ``architectures``.
+    Returns ``(model, tokenizer)`` (tokenizer None when ``tokenizer=False``).
+    """
     import transformers
 
     if not os.path.isdir(path):
         raise ValueError(f"--model: expected a local model directory, got {path!r}")
-    config = transformers.AutoConfig.from_pretrained(path)
+    config = config or transformers.AutoConfig.from_pretrained(path)
     archs = getattr(config, "architectures", None) or []
-    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), transformers.AutoModel)
-    model = cls.from_pretrained(path)
+    name = MODEL_CLASSES.get(model_class, model_class)
+    kwargs = {}
+    if labels is not None:
+        head = head_of(config)
+        if name is None:
+            name = head[0] if head and hasattr(transformers, head[0]) else "AutoModelForSequenceClassification"
+        if not (name.endswith("ForSequenceClassification")):
+            raise ValueError(
+                f"--model-class: labelled data need a sequence-classification head, got {model_class!r}; use "
+                "--model-class auto (or sequence-classification), or --distill to ignore the labels"
+            )
+        kwargs = dict(num_labels=labels.num_labels,
+                      problem_type="regression" if labels.task_type == "regression" else "single_label_classification")
+        if labels.label2id is not None:
+            kwargs.update(label2id=dict(labels.label2id), id2label=labels.id2label)
+        if head is not None and head[1] != labels.num_labels:
+            kwargs["ignore_mismatched_sizes"] = True  # --num-labels replaces the folder's head
+    cls = getattr(transformers, name) if name else next(
+        (getattr(transformers, a) for a in archs if hasattr(transformers, a)), transformers.AutoModel)
+    model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    new = sorted(set(info.get("missing_keys", [])) | {k for k, *_ in info.get("mismatched_keys", [])})
+    model.config.architectures = [type(model).__name__]  # what config.json will name (a created head)
+    if labels is not None:
+        what = "regression (1 output)" if labels.task_type == "regression" else f"{labels.num_labels} classes"
+        if labels.label2id is not None:
+            what += " (" + ", ".join(f"{i}={k}" for k, i in sorted(labels.label2id.items(), key=lambda kv: kv[1])) + ")"
+        if new:
+            log(f"model: {type(model).__name__}, a new classification head for {what}; newly initialised: "
+                + ", ".join(new[:6]) + (", ..." if len(new) > 6 else ""))
+        else:
+            log(f"model: {type(model).__name__}, its own classification head for {what}")
+    elif new:
+        log(f"model: {type(model).__name__}; newly initialised: " + ", ".join(new[:6]) + (", ..." if len(new) > 6 else ""))
+    if not tokenizer:
+        return model, None
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
@@ -79,20 +293,27 @@ def load_hf_model(path: str):
     return model, tok
 
 
-def build_config(args):
-    from .config import CompressionConfig
-
-    d = CompressionConfig.load(args.config).to_dict() if args.config else {}
-    over = {
-        "method": args.method, "ratio": args.ratio, "init": args.init, "schedule": args.schedule,
-        "stage_unit": args.stage_unit, "targets": args.targets, "exclude": args.exclude,
-        "final_steps": args.steps, "stage_steps": args.stage_steps, "calib_batches": args.calib_batches,
-        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-    }
-    d.update({k: v for k, v in over.items() if v is not None})
-    if args.distill:
-        d["objective"] = "distill"
-    return CompressionConfig.from_dict(d)
+def label_settings(args, config):
+    """``(task_type, num_labels, num_labels_source, label2id)`` for :func:`load_task_data` from the
+    options and the folder's head (if it has one)."""
+    head = head_of(config) if args.model_class in ("auto", "sequence-classification") or str(
+        args.model_class).endswith("ForSequenceClassification") else None
+    task_type, num_labels, source = args.task_type, args.num_labels, "--num-labels"
+    if num_labels is None and head is not None:
+        num_labels, source = head[1], f"the model's head ({head[0]}, num_labels in config.json)"
+    if task_type == "auto":
+        if args.task:
+            task_type = "auto"  # the GLUE task decides
+        elif num_labels == 1 or (head is not None and getattr(config, "problem_type", None) == "regression"):
+            task_type = "regression"
+        else:
+            task_type = "classification"
+    if task_type == "regression" and num_labels not in (None, 1):
+        if source == "--num-labels":
+            raise ValueError(f"--num-labels: regression has one output, got --num-labels {num_labels}")
+        num_labels = 1  # a regression head replaces the classification head
+    label2id = None if _default_label_map(config) else dict(config.label2id)
+    return task_type, num_labels, source, label2id
 
 
 def plot_stages(report, path: str) -> bool:
@@ -134,15 +355,30 @@ def run(args) -> int:
     from .driver import compress
     from .io import atomic_write_text, save_compressed
 
+    check_args(args)
     cfg = build_config(args)
     if args.task is None and args.train_file is None:
         if cfg.schedule != "offline" or cfg.resolved_init not in ("svd", "projection", "magnitude", "svd_als"):
             raise SystemExit("fastfactor compress: give --task or --train-file (data are needed to fine-tune/calibrate)")
     if args.eval_file and not args.train_file:
         raise SystemExit("fastfactor compress: --eval-file needs --train-file")
+    import transformers
+
     from .. import distributed as D
     from .._io import save_pretrained_atomic
     from .checkpoint import prepare_output
+
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(args.model)
+    except Exception as e:  # noqa: BLE001 - a garbled config.json
+        raise ValueError(f"--model: could not read {os.path.join(args.model, 'config.json')} ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]})") from None
+    limit = max_positions(hf_config)
+    if args.max_length is None:
+        args.max_length = min(128, limit) if limit is not None else 128
+    elif limit is not None and args.max_length > limit:
+        raise ValueError(f"--max-length: expected at most {limit} (the model's position table), got {args.max_length}")
+    task_type, num_labels, nl_source, label2id = label_settings(args, hf_config)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     owns_group = not D.is_distributed()
@@ -154,16 +390,34 @@ def run(args) -> int:
         checkpoint_dir, resume = prepare_output(args.out, args.resume, args.overwrite)
     except ValueError as e:
         raise SystemExit(f"fastfactor compress: {e}") from None
-    print(f"loading {args.model}")
-    model, tok = load_hf_model(args.model)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(args.model)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"--model: no tokenizer could be loaded from {args.model!r} ({type(e).__name__}: {e})") from None
     data = None
     if args.task or args.train_file:
-        data = load_task_data(
-            tok, task=args.task, train_file=args.train_file, eval_file=args.eval_file,
-            text_fields=args.text_fields, label_field=args.label_field, max_length=args.max_length,
-            max_train=args.max_train, max_eval=args.max_eval, unlabelled=args.distill, seed=cfg.seed,
-        )
+        try:
+            data = load_task_data(
+                tok, task=args.task, train_file=args.train_file, eval_file=args.eval_file,
+                text_fields=args.text_fields, label_field=args.label_field or "label", max_length=args.max_length,
+                max_train=args.max_train, max_eval=args.max_eval, unlabelled=args.distill, seed=cfg.seed,
+                task_type=task_type, num_labels=num_labels, label2id=label2id,
+                require_labels=args.label_field is not None, num_labels_source=nl_source,
+            )
+        except ValueError as e:
+            msg = str(e)
+            for field, opt in (("label_field:", "--label-field:"), ("text_fields:", "--text-fields:"),
+                               ("train_file:", "--train-file:"), ("eval_file:", "--eval-file:")):
+                if msg.startswith(field):
+                    msg = opt + msg[len(field):]
+            raise ValueError(msg) from None
         print(f"data: {data.name}, {len(data)} train / {int(data.eval['input_ids'].shape[0])} eval, {data.task_type}")
+        if not data.labelled and not args.distill:
+            print(f"data: no {args.label_field or 'label'!r} column: distilling from the uncompressed model "
+                  "(name the label column with --label-field)")
+    spec = data.extra.get("label_spec") if data is not None else None
+    print(f"loading {args.model}")
+    model, _ = load_hf_model(args.model, args.model_class, labels=spec, config=hf_config, log=print, tokenizer=False)
     model, report = compress(model, cfg, data, device=device, progress=not args.no_progress, log=print,
                              checkpoint_dir=checkpoint_dir, resume=resume,
                              checkpoint_every=args.checkpoint_every, parallel=args.parallel)
@@ -174,7 +428,12 @@ def run(args) -> int:
         os.makedirs(args.out, exist_ok=True)
         save_compressed(model.cpu(), args.out, compression=cfg.to_dict())
         save_pretrained_atomic(tok, args.out)
-        atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(report.to_dict(), indent=2, default=str))
+        rep_d = report.to_dict()
+        if spec is not None:
+            rep_d["labels"] = {"task_type": spec.task_type, "num_labels": spec.num_labels,
+                               "label_field": args.label_field or "label",
+                               "id2label": {str(i): k for i, k in spec.id2label.items()} if spec.label2id else None}
+        atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(rep_d, indent=2, default=str))
         plotted = plot_stages(report, os.path.join(args.out, "metric.png"))
     D.barrier()
     if owns_group:

@@ -5,7 +5,8 @@ Every field is checked in ``__post_init__`` with an error naming the field.
 
 Fields
 ------
-method        one of ``lowrank``, ``monarch``, ``block_lowrank``, ``sparse24``, ``dense_sparse``
+method        a family of :mod:`fastfactor.families`: ``lowrank``, ``monarch``, ``block_lowrank``,
+              ``sparse24``, ``dense_sparse``, or one registered by user code
 ratio         fraction of each target's dense weight parameters the factors keep (0 < ratio <= 1);
               ignored by ``sparse24``, whose pattern fixes it
 module_ratios per-module overrides ``{pattern: ratio}``; the first pattern (in order) that
@@ -14,7 +15,7 @@ targets       name patterns of the modules to replace (``fnmatch`` globs on the 
               regular expressions prefixed ``re:``); ``None`` means every linear layer inside the
               transformer blocks (embeddings, pooler, classifier heads and ``lm_head`` excluded)
 exclude       patterns removed from the targets
-init          ``auto`` (the method's default) or: lowrank ``svd`` | ``fisher`` | ``activation``;
+init          ``auto`` (the method's default, its first init) or one of its inits: lowrank ``svd`` | ``fisher`` | ``activation``;
               monarch / block_lowrank ``projection``; sparse24 ``magnitude`` | ``fisher`` |
               ``activation``; dense_sparse ``svd_als`` | ``svd`` (prune the
               SVD factor without the alternating least-squares refinement: much faster on CPU)
@@ -35,26 +36,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from .. import _validate as V
+from ..families import INITS, METHODS, get_family  # live views of fastfactor.families.FAMILIES
 
-METHODS = ("lowrank", "monarch", "block_lowrank", "sparse24", "dense_sparse")
 SCHEDULES = ("all_at_once", "staged", "offline")
 STAGE_UNITS = ("layer", "block")
 OBJECTIVES = ("auto", "task", "distill")
 DISTILL_LOSSES = ("auto", "mse", "kl")
 
-#: init names each method accepts; the first is its default (``init="auto"``)
-INITS = {
-    "lowrank": ("svd", "fisher", "activation"),
-    "monarch": ("projection",),
-    "block_lowrank": ("projection",),
-    "sparse24": ("magnitude", "fisher", "activation"),
-    "dense_sparse": ("svd_als", "svd"),
-}
+#: ``METHODS``: the family names; ``INITS``: the init names each method accepts, the first its
+#: default (``init="auto"``). Both follow fastfactor.families, so a family or an init registered
+#: by user code is accepted here.
 
 
 def _choice(name, value, choices):
@@ -65,6 +63,16 @@ def _choice(name, value, choices):
     return value
 
 
+def check_patterns(name, patterns) -> None:
+    """Every ``re:`` pattern compiles (an invalid one named with the regex error)."""
+    for p in patterns:
+        if isinstance(p, str) and p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise ValueError(f"{name}: invalid regular expression {p!r} ({e})") from None
+
+
 def _nonneg_int(name, value):
     return V.check_positive_int(name, value, minimum=0)
 
@@ -72,6 +80,8 @@ def _nonneg_int(name, value):
 def _pos_float(name, value, allow_zero=False):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name}: expected a {'non-negative' if allow_zero else 'positive'} number, got {value}")
     return float(value)
@@ -119,6 +129,8 @@ class CompressionConfig:
             if not isinstance(val, (list, tuple)) or not all(isinstance(p, str) for p in val):
                 raise TypeError(f"{fname}: expected a list of name patterns (str), got {val!r}")
             setattr(self, fname, list(val))
+            check_patterns(fname, val)
+        check_patterns("module_ratios", list(self.module_ratios))
         if self.targets is not None and not self.targets:
             raise ValueError("targets: expected at least one pattern (or None for the default), got []")
         if self.init != "auto":
@@ -129,6 +141,11 @@ class CompressionConfig:
         _nonneg_int("stage_steps", self.stage_steps)
         _nonneg_int("final_steps", self.final_steps)
         _nonneg_int("calib_batches", self.calib_batches)
+        if self.calib_batches == 0 and get_family(self.method).needs[self.resolved_init]:
+            raise ValueError(
+                f"calib_batches: expected >= 1 with init={self.resolved_init!r} (its statistics are "
+                "gathered over calib_batches batches of the data), got 0"
+            )
         _choice("objective", self.objective, OBJECTIVES)
         _choice("distill_loss", self.distill_loss, DISTILL_LOSSES)
         self.lr = _pos_float("lr", self.lr)
@@ -165,19 +182,33 @@ class CompressionConfig:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ValueError(f"path: expected an existing JSON/YAML config file, got {path!r}")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        if not path.endswith((".yaml", ".yml", ".json")):
+            raise ValueError(f"path: expected a .json, .yaml or .yml file, got {path!r}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         if path.endswith((".yaml", ".yml")):
             try:
                 import yaml
             except ImportError as e:  # pragma: no cover
                 raise ImportError("reading a YAML config needs pyyaml (pip install pyyaml)") from e
-            data = yaml.safe_load(text)
-        elif path.endswith(".json"):
-            data = json.loads(text)
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
         else:
-            raise ValueError(f"path: expected a .json, .yaml or .yml file, got {path!r}")
-        return cls.from_dict(data)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{path}: {e}") from None
 
     def save(self, path) -> None:
         from .io import atomic_write_text

@@ -24,11 +24,11 @@ import os
 import sys
 import time
 
+from ..families import INITS, METHODS
 from .demo import demo_data, load_minilm, run_one
 
 RATIOS = (0.3, 0.5, 0.7)
 SCHEDULES = ("offline", "all_at_once", "staged")
-METHODS = ("lowrank", "monarch", "block_lowrank", "sparse24", "dense_sparse")
 
 
 def _key(r):
@@ -114,7 +114,7 @@ def pivot_markdown(rows) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastfactor.compress.evidence", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
     ap.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
     ap.add_argument("--no-extra-inits", action="store_true")
@@ -154,8 +154,6 @@ def main(argv=None) -> int:
     meta["torch_threads"] = torch.get_num_threads()
     for m, init, ratio, sched in grid(args.methods, args.ratios, args.schedules, not args.no_extra_inits):
         probe = {"method": m, "init": init if init != "auto" else None, "ratio": ratio, "schedule": sched}
-        from .config import INITS
-
         probe["init"] = probe["init"] or INITS[m][0]
         if _key(probe) in done:
             continue

@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 
 from .. import _validate as V
+from .rank import resolve
 from ..kernels.sparse24 import Sparse24Weight, mask_24, meta_cols, pack_24, prune_24
 
 INITS = ("svd_als", "svd")
@@ -77,11 +78,8 @@ def resolve_dense_sparse_rank(
     in_features: int, out_features: int, rank: Optional[int], ratio: Optional[float]
 ) -> int:
     """``rank`` or the rank for ``ratio`` (exactly one of them), checked against ``max(in, out)``."""
-    if (rank is None) == (ratio is None):
-        raise ValueError(f"rank/ratio: expected exactly one of them, got rank={rank!r}, ratio={ratio!r}")
-    r = dense_sparse_rank_for_ratio(in_features, out_features, ratio) if rank is None else rank
-    V.check_positive_int("rank", r, minimum=1, maximum=max_dense_sparse_rank(in_features, out_features))
-    return r
+    return resolve(rank, ratio, lambda q: dense_sparse_rank_for_ratio(in_features, out_features, q),
+                   max_dense_sparse_rank(in_features, out_features))
 
 
 def _ridge(g: torch.Tensor) -> float:

@@ -28,13 +28,10 @@ def rank_for_ratio(in_features: int, out_features: int, ratio: float) -> int:
 
 def resolve_rank(in_features: int, out_features: int, rank: Optional[int], ratio: Optional[float]) -> int:
     """``rank`` or the rank for ``ratio`` (exactly one must be given); checked against min(in, out)."""
-    if (rank is None) == (ratio is None):
-        raise ValueError(
-            f"rank/ratio: expected exactly one of them, got rank={rank!r}, ratio={ratio!r}"
-        )
-    r = rank_for_ratio(in_features, out_features, ratio) if rank is None else rank
-    V.check_positive_int("rank", r, minimum=1, maximum=min(in_features, out_features))
-    return r
+    from .rank import resolve
+
+    return resolve(rank, ratio, lambda q: rank_for_ratio(in_features, out_features, q),
+                   min(in_features, out_features))
 
 
 def _truncated_svd(w64: torch.Tensor, rank: int):

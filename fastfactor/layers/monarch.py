@@ -10,6 +10,7 @@ dense weight optimally (truncated SVD of every sub-block); ``ratio`` chooses the
 from __future__ import annotations
 
 import math
+import warnings
 from typing import ClassVar, Optional
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from .. import _validate as V
 from ..factorize.monarch import block_lowrank, max_rank, monarch_project, monarch_rank_for_ratio
+from ..factorize.rank import check_rank_or_ratio
 from ..kernels.monarch import dense_weight_ref, factor_shapes, monarch_bmm
 from ..ops.monarch import block_lowrank_linear, monarch_linear
 from .base import FactorizedLinear, linear_weight_and_bias
@@ -78,21 +80,21 @@ class _BlockDiagonalLinear(FactorizedLinear):
     ):
         """Optimal projection of ``linear.weight`` (truncated SVD of every sub-block).
 
-        Give at most one of ``rank`` and ``ratio`` (fraction of the dense weights kept,
-        ``r = floor(ratio·in·out / (nblocks²·(kb + nb)))``, clamped to ``[1, min(kb, nb)]``);
-        with neither, ``rank = 1``.
+        Give exactly one of ``rank`` and ``ratio`` (fraction of the dense weights kept,
+        ``r = floor(ratio·in·out / (nblocks²·(kb + nb)))``, clamped to ``[1, min(kb, nb)]``;
+        :func:`fastfactor.factorize.monarch.monarch_rank_for_ratio`), the contract of every
+        layer (:mod:`fastfactor.factorize.rank`). Neither (``rank = 1``) is deprecated.
         """
         w, b = linear_weight_and_bias(linear)
         out_f, in_f = w.shape
         V.check_positive_int("nblocks", nblocks, minimum=1, maximum=min(in_f, out_f))
-        if rank is not None and ratio is not None:
-            raise ValueError(
-                f"rank/ratio: expected at most one of them, got rank={rank!r}, ratio={ratio!r}"
-            )
+        if rank is None and ratio is None:
+            warnings.warn(f"{cls.__name__}.from_linear without rank= or ratio= (rank 1) is deprecated; "
+                          "pass rank=1", DeprecationWarning, stacklevel=2)
+            rank = 1
+        check_rank_or_ratio(rank, ratio)
         if ratio is not None:
             rank = monarch_rank_for_ratio(in_f, out_f, nblocks, ratio)
-        elif rank is None:
-            rank = 1
         w1, w2 = cls._project(w, nblocks, rank)
         mod = cls(in_f, out_f, nblocks, rank, bias=b is not None, dtype=w.dtype, device=w.device)
         with torch.no_grad():

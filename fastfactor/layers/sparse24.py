@@ -174,8 +174,17 @@ class Sparse24Linear(_Sparse24Mixin, FactorizedLinear):
         return self.out_features
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, scores: Optional[torch.Tensor] = None) -> "Sparse24Linear":
-        """2:4 magnitude pruning of ``linear.weight`` (or by ``scores (out, in)``), packed."""
+    def from_linear(
+        cls, linear: nn.Module, scores: Optional[torch.Tensor] = None, *,
+        rank: Optional[int] = None, ratio: Optional[float] = None,
+    ) -> "Sparse24Linear":
+        """2:4 magnitude pruning of ``linear.weight`` (or by ``scores (out, in)``), packed.
+
+        The one ``from_linear`` contract (:mod:`fastfactor.factorize.rank`) with a fixed pattern:
+        the 2:4 pattern fixes the kept fraction (half the weights plus metadata, 0.5625), so
+        ``ratio`` is accepted and ignored and ``rank`` is refused."""
+        if rank is not None:
+            raise ValueError(f"rank: 2:4 sparsity has no rank (its pattern fixes the kept fraction), got rank={rank!r}")
         w, b = linear_weight_and_bias(linear)
         out_f, in_f = w.shape
         if in_f % 4:
