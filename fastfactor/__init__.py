@@ -26,12 +26,12 @@ if not _installed and _os.path.isfile(_os.path.join(_kdir, "__init__.py")) and "
 else:
     from . import kernels  # noqa: F401
 
-from . import determinism, distributed, factorize, layers, ops, profiling  # noqa: E402
+from . import determinism, distributed, factorize, formats, layers, ops, profiling  # noqa: E402
 from . import families  # noqa: E402  (one declaration per factorization family)
 from . import compress, train  # noqa: E402  (the compress package is callable: fastfactor.compress(model, cfg, data))
 from .compress import CompressionConfig, CompressionReport, load_compressed, save_compressed  # noqa: E402
 from .determinism import is_deterministic, set_deterministic  # noqa: E402
-from .kernels.sparse24 import Sparse24Weight  # noqa: E402
+from .formats.sparse24 import Sparse24Weight  # noqa: E402
 from .layers import (  # noqa: E402
     BlockLowRankLinear,
     DenseSparseLinear,

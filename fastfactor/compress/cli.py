@@ -95,8 +95,52 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto",
                    help="fine-tuning engine under torchrun: ddp (auto) or fsdp (FSDP2 fully_shard; sharded "
                         "parameters, gradients and optimizer state)")
+    _add_objective_args(p)
     p.set_defaults(func=run, interrupt_hint=_interrupt_hint)
     return p
+
+
+# --- objective, per-phase learning rates, dense reference (issue 18) -------------------------
+_OBJECTIVE_FLAGS = {  # flag → config field
+    "objective": "objective", "task_weight": "task_weight", "distill_weight": "distill_weight",
+    "hidden_weight": "hidden_weight", "temperature": "temperature", "warmup_ratio": "warmup_ratio",
+    "decay": "decay", "stage_lr": "stage_lr", "stage_warmup_ratio": "stage_warmup_ratio",
+    "stage_decay": "stage_decay", "final_lr": "final_lr", "final_warmup_ratio": "final_warmup_ratio",
+    "final_decay": "final_decay",
+}
+
+
+def _add_objective_args(p) -> None:
+    from .config import DECAYS, OBJECTIVES
+
+    g = p.add_argument_group("objective and learning-rate schedule")
+    g.add_argument("--objective", choices=OBJECTIVES, default=None,
+                   help="task (labels), distill (the uncompressed model), task+distill (both, weighted); "
+                        "auto: the config default for labelled data, distill without labels")
+    g.add_argument("--task-weight", type=float, default=None, help="weight of the label loss (default 1)")
+    g.add_argument("--distill-weight", type=float, default=None, help="weight of the logit KL (default 1)")
+    g.add_argument("--hidden-weight", type=float, default=None, help="weight of the last-hidden-state MSE (default 0)")
+    g.add_argument("--temperature", type=float, default=None, help="KL temperature T (default 2)")
+    g.add_argument("--warmup-ratio", type=float, default=None, help="warm-up fraction of each fine-tune")
+    g.add_argument("--decay", choices=DECAYS, default=None, help="after the warm-up (default linear)")
+    for phase, what in (("stage", "each stage's fine-tune"), ("final", "the final fine-tune")):
+        g.add_argument(f"--{phase}-lr", type=float, default=None, help=f"learning rate of {what} (default --lr)")
+        g.add_argument(f"--{phase}-warmup-ratio", type=float, default=None, help=f"warm-up fraction of {what}")
+        g.add_argument(f"--{phase}-decay", choices=DECAYS, default=None, help=f"decay of {what}")
+    g.add_argument("--dense-reference", action="store_true", default=None,
+                   help="also fine-tune the uncompressed model with the same data order, steps and schedule "
+                        "and report 'points lost to compression' (labelled data)")
+
+
+def _objective_overrides(args) -> dict:
+    if getattr(args, "distill", False) and getattr(args, "objective", None) not in (None, "distill"):
+        raise ValueError(f"--objective: --distill drops the labels, so it cannot be combined with --objective "
+                         f"{args.objective}; give one of them")
+    out = {field: getattr(args, flag) for flag, field in _OBJECTIVE_FLAGS.items()
+           if getattr(args, flag, None) is not None}
+    if getattr(args, "dense_reference", None):
+        out["dense_reference"] = True
+    return out
 
 
 def _interrupt_hint(args) -> str:
@@ -195,6 +239,7 @@ def build_config(args):
         "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
     }
     given = {k: v for k, v in over.items() if v is not None}
+    given.update(_objective_overrides(args))
     d.update(given)
     if args.distill:
         d["objective"] = "distill"

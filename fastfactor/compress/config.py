@@ -25,9 +25,23 @@ stage_unit    for ``staged``: ``layer`` (one module per stage) or ``block`` (one
 stage_steps   fine-tuning steps after each stage (``staged``)
 final_steps   fine-tuning steps after every target is replaced (``staged`` and ``all_at_once``)
 calib_batches batches used for Fisher / activation statistics
-objective     ``auto`` | ``task`` | ``distill``: fine-tune on labels, or distil the uncompressed model
+objective     ``auto`` | ``task`` | ``distill`` | ``task+distill``: fine-tune on labels, distil the
+              uncompressed model (frozen copy taken before anything is replaced), or both;
+              ``auto``: ``fastfactor.train.loop.AUTO_LABELLED`` on labelled data, else ``distill``
 distill_loss  ``auto`` | ``mse`` (hidden states) | ``kl`` (logits)
+task_weight, distill_weight, hidden_weight, temperature
+              ``loss = task_weight·CE(labels) + distill_weight·KL_T(teacher ‖ student)·T²
+              + hidden_weight·MSE(last hidden states)``, each term where the objective uses it
+              (finite, >= 0, not all zero; temperature > 0)
 lr, weight_decay, warmup_ratio, max_grad_norm, batch_size, seed: fine-tuning settings
+decay         after the warm-up: ``linear`` | ``cosine`` | ``constant``
+stage_lr, stage_warmup_ratio, stage_decay, final_lr, final_warmup_ratio, final_decay
+              the same three for the short per-stage fine-tunes and for the final fine-tune
+              (``None``: ``lr`` / ``warmup_ratio`` / ``decay``); each fine-tune has its own
+              warm-up and decay
+dense_reference  also fine-tune a copy of the uncompressed model with the same data order,
+              steps and schedule (on the task loss), and report its metric beside the
+              compressed one (:mod:`fastfactor.compress.reference`; labelled data only)
 train_embeddings  also fine-tune ``nn.Embedding`` tables (default: frozen; they are not
               compressed and their dense gradients dominate the step time of small models)
 """
@@ -47,7 +61,8 @@ from ..families import INITS, METHODS, get_family  # live views of fastfactor.fa
 
 SCHEDULES = ("all_at_once", "staged", "offline")
 STAGE_UNITS = ("layer", "block")
-OBJECTIVES = ("auto", "task", "distill")
+OBJECTIVES = ("auto", "task", "distill", "task+distill")
+DECAYS = ("linear", "cosine", "constant")
 DISTILL_LOSSES = ("auto", "mse", "kl")
 
 #: ``METHODS``: the family names; ``INITS``: the init names each method accepts, the first its
@@ -87,6 +102,13 @@ def _pos_float(name, value, allow_zero=False):
     return float(value)
 
 
+def _warmup(name, value):
+    value = _pos_float(name, value, allow_zero=True)
+    if value >= 1:
+        raise ValueError(f"{name}: expected a fraction in [0, 1), got {value}")
+    return value
+
+
 @dataclass
 class CompressionConfig:
     method: str = "lowrank"
@@ -103,13 +125,25 @@ class CompressionConfig:
     calib_batches: int = 4
     objective: str = "auto"
     distill_loss: str = "auto"
+    task_weight: float = 1.0
+    distill_weight: float = 1.0
+    hidden_weight: float = 0.0
+    temperature: float = 2.0
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
+    decay: str = "linear"
+    stage_lr: Optional[float] = None
+    stage_warmup_ratio: Optional[float] = None
+    stage_decay: Optional[str] = None
+    final_lr: Optional[float] = None
+    final_warmup_ratio: Optional[float] = None
+    final_decay: Optional[str] = None
     max_grad_norm: float = 1.0
     batch_size: int = 16
     train_embeddings: bool = False
     seed: int = 0
+    dense_reference: bool = False
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)
@@ -148,16 +182,56 @@ class CompressionConfig:
             )
         _choice("objective", self.objective, OBJECTIVES)
         _choice("distill_loss", self.distill_loss, DISTILL_LOSSES)
+        from ..train.loop import check_weights
+
+        check_weights(self.objective, self.task_weight, self.distill_weight, self.hidden_weight, self.temperature)
+        for f in ("task_weight", "distill_weight", "hidden_weight", "temperature"):
+            setattr(self, f, float(getattr(self, f)))
         self.lr = _pos_float("lr", self.lr)
         self.weight_decay = _pos_float("weight_decay", self.weight_decay, allow_zero=True)
-        self.warmup_ratio = _pos_float("warmup_ratio", self.warmup_ratio, allow_zero=True)
-        if self.warmup_ratio >= 1:
-            raise ValueError(f"warmup_ratio: expected a fraction in [0, 1), got {self.warmup_ratio}")
+        self.warmup_ratio = _warmup("warmup_ratio", self.warmup_ratio)
+        _choice("decay", self.decay, DECAYS)
+        for phase in ("stage", "final"):
+            if getattr(self, f"{phase}_lr") is not None:
+                setattr(self, f"{phase}_lr", _pos_float(f"{phase}_lr", getattr(self, f"{phase}_lr")))
+            if getattr(self, f"{phase}_warmup_ratio") is not None:
+                setattr(self, f"{phase}_warmup_ratio", _warmup(f"{phase}_warmup_ratio", getattr(self, f"{phase}_warmup_ratio")))
+            if getattr(self, f"{phase}_decay") is not None:
+                _choice(f"{phase}_decay", getattr(self, f"{phase}_decay"), DECAYS)
         self.max_grad_norm = _pos_float("max_grad_norm", self.max_grad_norm)
         V.check_positive_int("batch_size", self.batch_size)
         _nonneg_int("seed", self.seed)
-        if not isinstance(self.train_embeddings, bool):
-            raise TypeError(f"train_embeddings: expected a bool, got {self.train_embeddings!r}")
+        for f in ("train_embeddings", "dense_reference"):
+            if not isinstance(getattr(self, f), bool):
+                raise TypeError(f"{f}: expected a bool, got {getattr(self, f)!r}")
+
+    def phase(self, kind: str, index: int = 0) -> dict:
+        """The fine-tune of one phase, as keyword arguments of :func:`fastfactor.train.finetune`:
+        ``steps``, ``seed``, ``lr``, ``warmup_ratio``, ``decay``. ``kind="stage"``: the fine-tune
+        after stage ``index`` (seed ``seed + index``); ``"final"``: the last one (seed
+        ``seed + 1000``). The driver and the dense reference both take their schedule from here,
+        so they train on the same batches in the same order."""
+        if kind not in ("stage", "final"):
+            raise ValueError(f"kind: expected 'stage' or 'final', got {kind!r}")
+        pick = lambda f: getattr(self, f) if getattr(self, f"{kind}_{f}") is None else getattr(self, f"{kind}_{f}")
+        return {
+            "steps": self.stage_steps if kind == "stage" else self.final_steps,
+            "seed": self.seed + index if kind == "stage" else self.seed + 1000,
+            "lr": pick("lr"), "warmup_ratio": pick("warmup_ratio"), "decay": pick("decay"),
+        }
+
+    def phases(self, num_stages: int) -> list:
+        """Every fine-tune of a run with ``num_stages`` stages, in order: ``(name, kwargs)`` with
+        the kwargs of :meth:`phase` (none for ``offline``; stage fine-tunes only when ``staged``
+        and ``stage_steps > 0``; the final one when ``final_steps > 0``)."""
+        out = []
+        if self.schedule == "offline":
+            return out
+        if self.schedule == "staged" and self.stage_steps > 0:
+            out += [(f"stage {i}", self.phase("stage", i)) for i in range(num_stages)]
+        if self.final_steps > 0:
+            out.append(("final", self.phase("final")))
+        return out
 
     @property
     def resolved_init(self) -> str:

@@ -127,6 +127,7 @@ def compress(
                evaluate_stages=evaluate_stages, checkpoint_every=checkpoint_every, parallel=parallel)
     run.plan()
     run.measure_reference(teacher)
+    run.measure_dense_reference()
     run.open_checkpoints(checkpoint_dir, resume)
     for si, group in enumerate(run.stages):
         if si >= run.session.start:  # earlier stages: restored from the checkpoint
@@ -179,9 +180,9 @@ class _Run:
         self.init = cfg.resolved_init
         self.needs = get_method(cfg.method).needs.get(self.init, ())  #: statistics the init needs
         self.evaluate_stages, self.checkpoint_every = evaluate_stages, checkpoint_every
+        #: every fine-tune's arguments but the phase's own (steps, seed, lr, warm-up, decay: ``cfg.phase``)
         self.train_kw = dict(
-            lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
-            max_grad_norm=cfg.max_grad_norm, batch_size=cfg.batch_size,
+            weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, batch_size=cfg.batch_size,
             train_embeddings=cfg.train_embeddings, parallel=parallel,
         )
         self.objective = self.evaluator = None
@@ -214,15 +215,28 @@ class _Run:
         from ..train.loop import Evaluator, Objective
 
         model, data = self.model, self.data
-        self.objective = Objective.build(model, data, self.cfg.objective, self.cfg.distill_loss, self.device,
-                                         teacher=teacher)
+        cfg = self.cfg
+        self.objective = Objective.build(model, data, cfg.objective, cfg.distill_loss, self.device, teacher=teacher,
+                                         task_weight=cfg.task_weight, distill_weight=cfg.distill_weight,
+                                         hidden_weight=cfg.hidden_weight, temperature=cfg.temperature)
         reference = self.objective.teacher if self.objective.teacher is not None else teacher
         if reference is None and not data.labelled:
             reference = copy.deepcopy(model).eval()
-        self.evaluator = Evaluator(data, self.device, reference=reference, use_task=self.objective.kind == "task")
+        self.evaluator = Evaluator(data, self.device, reference=reference, use_task=data.labelled)
         self.report.primary_metric = self.evaluator.primary
         self.report.metrics_before = self.evaluator(model)
         self.say(f"before: {self.report.metrics_before}")
+
+    def measure_dense_reference(self) -> None:
+        """``dense_reference=True``: the uncompressed model fine-tuned like the compressed one will
+        be (same phases, task loss), into the report (:mod:`fastfactor.compress.reference`)."""
+        if not self.cfg.dense_reference:
+            return
+        from .reference import dense_reference
+
+        self.report.dense_reference = dense_reference(
+            self.model, self.cfg, self.data, self.evaluator, len(self.stages), device=self.device,
+            progress=self.progress, log=self.say, **self.train_kw)
 
     def open_checkpoints(self, checkpoint_dir, resume) -> None:
         """Start checkpointing and, with ``resume``, restore the newest checkpoint (model, report,
@@ -252,8 +266,8 @@ class _Run:
                 faults.test_fault_hook(si)  # test-only; does nothing unless its env variable is set
                 self.measure_swap(si, rec)
             if self.fine_tunes and cfg.schedule == "staged" and cfg.stage_steps > 0:
-                self.fine_tune(si, rec, t0, resumed, cfg.stage_steps, seed=cfg.seed + si,
-                               desc=f"stage {si} fine-tune", range_name=f"fine-tune stage {si}")
+                self.fine_tune(si, rec, t0, resumed, cfg.phase("stage", si), desc=f"stage {si} fine-tune",
+                               range_name=f"fine-tune stage {si}")
                 if self.evaluator is not None and self.evaluate_stages:
                     rec.metrics = self.evaluator(self.model)
             else:
@@ -303,17 +317,18 @@ class _Run:
         if self.evaluator is not None and (self.evaluate_stages or si == len(self.stages) - 1):
             rec.metrics_offline = self.evaluator(self.model)
 
-    def fine_tune(self, si: int, rec: StageRecord, t0: float, resumed: Optional[dict], steps: int, *,
-                  seed: int, desc: str, range_name: str) -> None:
-        """``steps`` fine-tuning steps (continuing ``resumed``'s optimizer state and step when the run
-        resumes inside them); the loop's summary goes to ``rec.train``."""
+    def fine_tune(self, si: int, rec: StageRecord, t0: float, resumed: Optional[dict], phase: dict, *,
+                  desc: str, range_name: str) -> None:
+        """One phase's fine-tune (``phase``: :meth:`CompressionConfig.phase`: steps, seed, lr,
+        warm-up, decay), continuing ``resumed``'s optimizer state and step when the run resumes
+        inside it; the loop's summary goes to ``rec.train``."""
         from ..train import loop
 
         with profiling.range(range_name):
-            rec.train = loop.finetune(self.model, self.objective, self.data, steps, seed=seed,
+            rec.train = loop.finetune(self.model, self.objective, self.data, **phase,
                                       progress=self.progress, desc=desc,
                                       resume=resumed and resumed["train_state"],
-                                      on_step=self._on_step(si, rec, t0, steps), **self.train_kw)
+                                      on_step=self._on_step(si, rec, t0, phase["steps"]), **self.train_kw)
 
     # -- after the last stage ------------------------------------------------------------------
 
@@ -334,8 +349,7 @@ class _Run:
         rec, t0, resumed = self._begin_record(si, lambda: StageRecord(
             stage=len(self.report.stages), name="final fine-tune", modules=[], params=count_params(self.model),
             target_ratio=self._kept_ratio()))
-        self.fine_tune(si, rec, t0, resumed, cfg.final_steps, seed=cfg.seed + 1000, desc="final fine-tune",
-                       range_name="final fine-tune")
+        self.fine_tune(si, rec, t0, resumed, cfg.phase("final"), desc="final fine-tune", range_name="final fine-tune")
         if self.evaluator is not None:
             rec.metrics = self.evaluator(self.model)
         self._append(rec, t0)

@@ -4,7 +4,8 @@ run, their JSON form, and the tables and log lines printed from them.
 The driver (:mod:`fastfactor.compress.driver`) fills a report; the checkpoint writer
 (:mod:`fastfactor.compress.resume`) stores it as JSON (:meth:`CompressionReport.to_json`) and reads
 it back (:meth:`CompressionReport.from_json`); the command line prints :meth:`~CompressionReport.stage_table`
-and :meth:`~CompressionReport.summary_table`. This module imports nothing else of fastfactor.
+and :meth:`~CompressionReport.summary_table` (with a dense reference, its rows come from
+:mod:`fastfactor.compress.reference`). It imports nothing of the driver or the checkpoints.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class CompressionReport:
     stages: List[StageRecord] = field(default_factory=list)
     seconds: float = 0.0
     device: str = "cpu"
+    #: ``dense_reference=True``: the uncompressed model fine-tuned the same way (:mod:`.reference`)
+    dense_reference: Dict = field(default_factory=dict)
 
     @property
     def compression(self) -> float:
@@ -67,6 +70,10 @@ class CompressionReport:
         d = asdict(self)
         d["compression"] = self.compression
         d["target_ratio"] = self.target_ratio
+        if self.dense_reference:
+            from .reference import points_lost
+
+            d["points_lost"] = points_lost(self)
         return d
 
     def to_json(self) -> dict:
@@ -79,7 +86,7 @@ class CompressionReport:
         Raises ``TypeError`` when the entries do not match this version's fields."""
         if not isinstance(d, dict):
             raise TypeError(f"expected a dict of report fields, got {type(d).__name__}")
-        d = {k: v for k, v in d.items() if k not in ("compression", "target_ratio")}
+        d = {k: v for k, v in d.items() if k not in ("compression", "target_ratio", "points_lost")}
         d["stages"] = [StageRecord(**s) for s in d.get("stages", [])]
         return cls(**d)
 
@@ -106,6 +113,10 @@ class CompressionReport:
         if pm:
             rows.append([f"{pm} (offline)", fmt_value(self.metrics_before.get(pm)), fmt_value(self.metrics_offline.get(pm))])
             rows.append([f"{pm} (final)", fmt_value(self.metrics_before.get(pm)), fmt_value(self.metrics_after.get(pm))])
+            if self.dense_reference:
+                from .reference import summary_rows
+
+                rows += summary_rows(self, fmt_value)
         rows.append(["time (s)", "", f"{self.seconds:.1f}"])
         return format_table(["", "before", "after"], rows)
 
