@@ -70,7 +70,15 @@ def _targets(mod: str, path: str, node, mods: dict) -> list:
     return out
 
 
-def import_graph() -> dict:
+#: edges that close a loop, each with its reason and the way out; the test fails when one of them
+#: disappears (remove it here) and when any other loop appears
+KNOWN_BACK_EDGES = {
+    ("fastfactor.hf", "fastfactor.api"): "transformers' quantizer (registered in hf) dequantizes with "
+    "api.merge_and_unload, which unmarks the config through hf; to go: the quantizer class beside merge_and_unload",
+}
+
+
+def import_graph(known_back_edges=True) -> dict:
     mods = _modules()
     graph = {}
     for mod, path in mods.items():
@@ -81,7 +89,8 @@ def import_graph() -> dict:
         nodes = [n for top in tree.body if not (isinstance(top, ast.FunctionDef) and top.name == "__getattr__")
                  for n in ast.walk(top)]
         graph[mod] = sorted({t for n in nodes if isinstance(n, (ast.Import, ast.ImportFrom))
-                             for t in _targets(mod, path, n, mods)})
+                             for t in _targets(mod, path, n, mods)
+                             if known_back_edges or (mod, t) not in KNOWN_BACK_EDGES})
     return graph
 
 
@@ -122,8 +131,14 @@ def test_the_graph_is_read_correctly():
 
 
 def test_no_import_cycles():
-    cycle = find_cycle(import_graph())
+    cycle = find_cycle(import_graph(known_back_edges=False))
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_known_back_edges_are_still_needed():
+    g = import_graph()
+    for (a, b), why in KNOWN_BACK_EDGES.items():
+        assert b in g.get(a, ()), f"{a} no longer imports {b}: remove it from KNOWN_BACK_EDGES ({why})"
 
 
 def test_bottom_layer_imports_nothing_of_fastfactor():

@@ -366,6 +366,9 @@ class _Run:
         report.target_weight_params_after = sum(self.kept.values())
         report.seconds = time.perf_counter() - t_start
         model.eval()
+        from .. import hf  # config.quantization_config: the model's own save_pretrained reloads compressed
+
+        hf.mark_compressed(model, self.cfg.to_dict())
         return report
 
     # -- helpers -------------------------------------------------------------------------------
@@ -429,14 +432,4 @@ def _inputs(model, batch, device):
     return model_inputs(model, batch, device)
 
 
-def revert(model: nn.Module) -> nn.Module:
-    """Replace every factorized module by the dense ``nn.Linear`` it represents (for tests and
-    comparisons; GPT-2's ``Conv1D`` targets come back as ``nn.Linear``)."""
-    from .io import compressed_modules
-
-    for name, mod in compressed_modules(model):
-        set_module(model, name, mod.to_linear())
-    return model
-
-
-__all__ = ["compress", "CompressionReport", "StageRecord", "plan_stages", "count_params", "revert"]
+__all__ = ["compress", "CompressionReport", "StageRecord", "plan_stages", "count_params"]
