@@ -107,7 +107,7 @@ def torch_semi_structured(module: nn.Module) -> tuple[Optional[torch.Tensor], st
         return None, "PyTorch semi-structured sparsity needs a CUDA device"
     try:
         if hasattr(module, "sparse_weight"):
-            from ..kernels.sparse24 import to_torch_semi_structured
+            from ..formats.sparse24 import to_torch_semi_structured
 
             with torch.no_grad():
                 return to_torch_semi_structured(module.sparse_weight()), ""

@@ -1,6 +1,7 @@
 """2:4 pruning and the dense-sparse factorization ``W ≈ D·S`` (DSFormer, Chand et al. 2023).
 
-* :func:`prune_24`, :func:`mask_24`, :func:`pack_24`: the 2:4 format (``fastfactor.kernels.sparse24``).
+* :func:`prune_24`, :func:`mask_24`, :func:`pack_24`: the 2:4 format (re-exported from
+  :mod:`fastfactor.formats.sparse24`).
 * :func:`dense_sparse_factors`: initialize ``D (out, r)`` and a 2:4 ``S (r, in)`` from a dense
   weight: truncated SVD (``D = U_r·√Σ_r``, ``S = √Σ_r·V_rᵀ``), 2:4 magnitude pruning of ``S``, then
   a few rounds of alternating least squares with the mask held fixed:
@@ -40,7 +41,7 @@ import torch
 
 from .. import _validate as V
 from .rank import resolve
-from ..kernels.sparse24 import Sparse24Weight, mask_24, meta_cols, pack_24, prune_24
+from ..formats.sparse24 import Sparse24Weight, mask_24, meta_cols, pack_24, prune_24
 
 INITS = ("svd_als", "svd")
 

@@ -43,7 +43,7 @@ from ..factorize.sparse24 import (
     resolve_dense_sparse_rank,
 )
 from ..kernels._config import acc_dtype
-from ..kernels.sparse24 import Sparse24Weight, mask_24, meta_cols, pack_24, prune_24, unpack_24
+from ..formats.sparse24 import Sparse24Weight, mask_24, meta_cols, pack_24, prune_24, unpack_24
 from ..ops.lowrank import lowrank_linear
 from ..ops.sparse24 import dense_sparse_linear_packed, sparse24_linear_packed, ste_24
 from .base import FactorizedLinear, linear_weight_and_bias

@@ -4,7 +4,7 @@ Public functions
 ----------------
 * :func:`sparse24_linear` ``(x, w: Sparse24Weight, bias=None)``: ``y = x·Wᵀ + b`` with ``W`` 2:4.
 * :func:`dense_sparse_linear` ``(x, d, s: Sparse24Weight, bias=None)``: ``y = (x·Sᵀ)·Dᵀ + b``.
-* :func:`prune_24` / :func:`mask_24` (re-exported from ``fastfactor.kernels.sparse24``): 2:4
+* :func:`prune_24` / :func:`mask_24` (re-exported from ``fastfactor.formats.sparse24``): 2:4
   pruning by magnitude or by a given score.
 * :func:`ste_24`: the straight-through 2:4 projection used for learning the mask (STF).
 
@@ -48,8 +48,9 @@ import torch
 
 from .. import _validate as V
 from ..kernels import sparse24 as K
-from ..kernels._config import acc_dtype, use_triton
-from ..kernels.sparse24 import Sparse24Weight, mask_24, pack_24, prune_24
+from ..kernels._config import use_triton
+from ..formats import sparse24 as fmt
+from ..formats.sparse24 import Sparse24Weight, mask_24, pack_24, prune_24
 from ._common import empty as _empty
 from ._common import autocast_operands, fake_grads, grads_or_empty, needs_grad, no_autocast
 
@@ -63,7 +64,7 @@ SPARSE24_TORCH_MIN_M = 2048
 
 @torch.library.custom_op("fastfactor::mask24", mutates_args=())
 def _mask24(scores: torch.Tensor) -> torch.Tensor:
-    return K._prune_dispatch(scores, scores)[1]
+    return fmt._prune_dispatch(scores, scores)[1]
 
 
 @_mask24.register_fake
@@ -77,7 +78,7 @@ def ste_24(w: torch.Tensor, scores: Optional[torch.Tensor] = None) -> torch.Tens
     straight-through factorizer trains its sparse factor. The mask is recomputed from the current
     ``W`` (or ``scores``) at every call; it is an opaque custom op, so this traces under
     ``torch.compile(fullgraph=True)``."""
-    K._check_prune_args(w, scores)
+    fmt._check_prune_args(w, scores)
     s = scores.detach() if scores is not None else w.detach().abs()
     m = _mask24(s)
     pruned = torch.where(m, w, torch.zeros((), dtype=w.dtype, device=w.device))
@@ -116,7 +117,6 @@ def _sparse24_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with no_autocast(g):
         dx = dv = db = None
-        k = 2 * values.shape[1]
         if use_triton(g):
             if need_x:
                 dx = K.sparse24_dx(g, values, meta)
@@ -125,15 +125,7 @@ def _sparse24_bwd(
             if has_bias:
                 db = g.sum(0, dtype=torch.float32).to(g.dtype)
         else:
-            acc = acc_dtype(g.dtype)
-            g32 = g.to(acc)
-            if need_x:
-                w = K.unpack_24(values.to(acc), meta, k)
-                dx = (g32 @ w).to(x.dtype)
-            if need_values:
-                dv = K.compress_like(g32.t() @ x.to(acc), meta).to(values.dtype)
-            if has_bias:
-                db = g32.sum(0).to(g.dtype)
+            dx, dv, db = K.sparse24_bwd_ref(g, x, values, meta, has_bias, need_x, need_values)
     return grads_or_empty(g, dx, dv, db)
 
 
@@ -225,7 +217,7 @@ def _torch_semi_structured_cached(values: torch.Tensor, meta: torch.Tensor, shap
     cached = getattr(values, "_fastfactor_ss", None)
     if cached is not None and cached[0] == key:
         return cached[1]
-    ss = K.to_torch_semi_structured(Sparse24Weight(values.detach(), meta, shape))
+    ss = fmt.to_torch_semi_structured(Sparse24Weight(values.detach(), meta, shape))
     try:
         values._fastfactor_ss = (key, ss)
     except (AttributeError, RuntimeError):  # pragma: no cover - tensors that refuse attributes
@@ -330,17 +322,9 @@ def _dense_sparse_bwd(
                 g, x, d, s_values, s_meta, saved_t, has_bias, need_x, need_d, need_s
             )
         else:
-            acc = acc_dtype(x.dtype)
-            k = 2 * s_values.shape[1]
-            g32, x32, d32 = g.to(acc), x.to(acc), d.to(acc)
-            s32 = K.unpack_24(s_values.to(acc), s_meta, k)
-            inter = K.intermediate_dtype(x.dtype)  # rounding of the intermediates, as in the kernels
-            t32 = saved_t.to(acc) if saved_t is not None else (x32 @ s32.t()).to(inter).to(acc)
-            dt = (g32 @ d32).to(inter).to(acc)
-            dx = (dt @ s32).to(x.dtype) if need_x else None
-            dd = (g32.t() @ t32).to(d.dtype) if need_d else None
-            ds = K.compress_like(dt.t() @ x32, s_meta).to(s_values.dtype) if need_s else None
-            db = g32.sum(0).to(g.dtype) if has_bias else None
+            dx, dd, ds, db = K.dense_sparse_bwd_ref(
+                g, x, d, s_values, s_meta, saved_t, has_bias, need_x, need_d, need_s
+            )
     return grads_or_empty(g, dx, dd, ds, db)
 
 
