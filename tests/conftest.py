@@ -75,6 +75,12 @@ def monarch_ops():
     return {"monarch": (monarch_linear, True), "blr": (block_lowrank_linear, False)}
 
 
+def monarch_shape_id(shape) -> str:
+    """Readable id of a Monarch test shape ``(M, K, N, nblocks, rank)``."""
+    m, k, n, b, r = shape
+    return f"M{m}-K{k}-N{n}-b{b}-r{r}"
+
+
 def monarch_ref64(x, w1, w2, bias, N, strided):
     """``x·Wᵀ + b`` in float64 with ``W`` the explicit dense ``(N, K)`` matrix of the factors: the
     oracle of the Monarch / block-low-rank tests (independent of the bmm path the reference and

@@ -305,14 +305,8 @@ def _dense_sparse_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with no_autocast(g):
         saved_t = t if t.ndim == 2 else None
-        if use_triton(g):
-            dx, dd, ds, db = K.dense_sparse_bwd(
-                g, x, d, s_values, s_meta, saved_t, has_bias, need_x, need_d, need_s
-            )
-        else:
-            dx, dd, ds, db = K.dense_sparse_bwd_ref(
-                g, x, d, s_values, s_meta, saved_t, has_bias, need_x, need_d, need_s
-            )
+        bwd = K.dense_sparse_bwd if use_triton(g) else K.dense_sparse_bwd_ref  # same arguments
+        dx, dd, ds, db = bwd(g, x, d, s_values, s_meta, saved_t, has_bias, need_x, need_d, need_s)
     return grads_or_empty(g, dx, dd, ds, db)
 
 

@@ -6,7 +6,7 @@ Skipped where no CUDA device is present (conftest). Correctness only: speed is n
 import pytest
 import torch
 
-from conftest import assert_close_ref, monarch_ops
+from conftest import assert_close_ref, monarch_ops, monarch_shape_id
 from fastfactor.kernels import monarch as Mk
 from fastfactor.ops.monarch import _monarch_fwd, monarch_linear
 
@@ -21,7 +21,7 @@ SHAPES = [
     (333, 1000, 777, 8, 3),
     (64, 4096, 4096, 4, 256),
 ]
-SHAPE_IDS = [f"M{m}-K{k}-N{n}-b{b}-r{r}" for m, k, n, b, r in SHAPES]
+SHAPE_IDS = [monarch_shape_id(s) for s in SHAPES]
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

@@ -4,7 +4,7 @@ float64 reference (outputs and every gradient), on small odd shapes, both kernel
 import pytest
 import torch
 
-from conftest import assert_close_ref, monarch_ops, monarch_ref64_grads as ref64
+from conftest import assert_close_ref, monarch_ops, monarch_ref64_grads as ref64, monarch_shape_id
 from fastfactor.kernels import monarch as Mk
 from fastfactor.ops.monarch import block_lowrank_linear, monarch_linear
 
@@ -20,7 +20,7 @@ SHAPES = [
     (5, 9, 17, 2, 1),
     (11, 20, 37, 2, 17),
 ]
-SHAPE_IDS = [f"M{m}-K{k}-N{n}-b{b}-r{r}" for m, k, n, b, r in SHAPES]
+SHAPE_IDS = [monarch_shape_id(s) for s in SHAPES]
 
 
 @pytest.fixture(params=PATHS)

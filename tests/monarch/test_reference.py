@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from conftest import DTYPES, assert_close_ref, monarch_ops, monarch_ref64
+from conftest import DTYPES, assert_close_ref, monarch_ops, monarch_ref64, monarch_shape_id
 from fastfactor.kernels import monarch as Mk
-from fastfactor.ops.monarch import _monarch_bwd, _monarch_fwd, monarch_linear
+from fastfactor.ops.monarch import _monarch_bwd, _monarch_fwd, block_lowrank_linear, monarch_linear
 
 OPS = monarch_ops()
 
@@ -17,7 +17,7 @@ SHAPES = [
     (3, 10, 25, 5, 1),
     (4, 16, 16, 1, 4),
 ]
-SHAPE_IDS = [f"M{m}-K{k}-N{n}-b{b}-r{r}" for m, k, n, b, r in SHAPES]
+SHAPE_IDS = [monarch_shape_id(s) for s in SHAPES]
 
 
 def make(M, K, N, b, r, dtype=torch.float32, bias=True, requires_grad=False):
