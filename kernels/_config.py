@@ -216,10 +216,13 @@ class Tunable:
       one-entry space). When ``prune`` drops it for a shape, the next config of the space after
       it (wrapping around) that survives is launched. Under the interpreter the interpreter's
       config is the deterministic one.
+    * ``pick``: optionally, a function ``named_args -> config of the space`` that chooses the
+      deterministic config per shape instead (small row tiles for a handful of rows, say); it
+      depends only on the arguments, so every process still launches the same config.
     """
 
     def __init__(self, fn, space: list[dict], key: list[str], prune=None,
-                 interpreter: Optional[dict] = None, deterministic: Optional[dict] = None):
+                 interpreter: Optional[dict] = None, deterministic: Optional[dict] = None, pick=None):
         self.fn = fn
         self.space = space
         self.prune = prune
@@ -230,6 +233,7 @@ class Tunable:
             raise ValueError(f"Tunable({getattr(fn, '__name__', fn)}): the deterministic config "
                              f"{deterministic} is not in the autotune space")
         self.deterministic = deterministic
+        self.pick = pick
         self.tuned = None
         if HAS_TRITON:
             kw = {"prune_configs_by": {"early_config_prune": prune}} if prune else {}
@@ -240,7 +244,8 @@ class Tunable:
         if is_interpreter():
             cands = configs(self.space, self.interpreter)
         else:
-            i = self.space.index(self.deterministic)
+            first = self.pick(kwargs) if self.pick is not None else self.deterministic
+            i = self.space.index(first)
             cands = configs(self.space[i:] + self.space[:i])
         if self.prune is not None:
             cands = self.prune(cands, kwargs, **kwargs) or cands

@@ -418,6 +418,9 @@ def compress(
     report.target_weight_params_after = sum(kept.values())
     report.seconds = time.perf_counter() - t_start
     model.eval()
+    from .. import hf  # config.quantization_config: the model's own save_pretrained reloads compressed
+
+    hf.mark_compressed(model, cfg.to_dict())
     return model, report
 
 
@@ -428,13 +431,11 @@ def _inputs(model, batch, device):
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Replace every factorized module by the dense ``nn.Linear`` it represents (for tests and
-    comparisons; GPT-2's ``Conv1D`` targets come back as ``nn.Linear``)."""
-    from .io import compressed_modules
+    """Deprecated name of :func:`fastfactor.merge_and_unload` (the same operation): every factorized
+    module becomes the dense module it replaced, of its original class (GPT-2's ``Conv1D`` included)."""
+    from ..api import merge_and_unload
 
-    for name, mod in compressed_modules(model):
-        set_module(model, name, mod.to_linear())
-    return model
+    return merge_and_unload(model)
 
 
 __all__ = ["compress", "CompressionReport", "StageRecord", "plan_stages", "count_params", "revert"]

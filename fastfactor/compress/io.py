@@ -97,12 +97,21 @@ def build_manifest(model: nn.Module, compression: Optional[dict] = None) -> dict
     }
 
 
-def save_compressed(model: nn.Module, path, compression: Optional[dict] = None, report: Optional[dict] = None) -> str:
+def save_compressed(model: nn.Module, path, compression: Optional[dict] = None, report: Optional[dict] = None,
+                    tokenizer=None) -> str:
     """Write ``model`` (with its factorized modules) to the directory ``path``; returns the path.
 
     compression: the ``CompressionConfig`` as a dict, recorded in the manifest (optional);
-    report: a compression report, written as ``report.json`` beside it (optional).
+    report: a compression report, written as ``report.json`` beside it (optional);
+    tokenizer: a Hugging Face tokenizer / processor saved beside the model (``save_pretrained``), so
+    ``pipeline(model=path)`` and ``AutoTokenizer.from_pretrained(path)`` work (optional).
+
+    A Hugging Face model's ``config.json`` gets the fastfactor ``quantization_config`` and the
+    weights file a zero-size tripwire per factorized module (see :mod:`fastfactor.hf`), so
+    ``AutoModel*.from_pretrained(path)`` rebuilds the compressed model once fastfactor is imported,
+    and fails (instead of initializing the layers at random) without it.
     """
+    from .. import hf
     from safetensors.torch import save
 
     if not isinstance(model, nn.Module):
@@ -120,6 +129,9 @@ def save_compressed(model: nn.Module, path, compression: Optional[dict] = None, 
         tensors[k] = t.detach().cpu().contiguous()
     manifest = build_manifest(model, compression)
     manifest["tied"] = tied
+    if getattr(model, "config", None) is not None:
+        hf.mark_compressed(model, compression)
+        tensors.update(hf.tripwires(model))
     blob = save(tensors, metadata={"format": "pt", "producer": "fastfactor"})
     atomic_write_bytes(os.path.join(path, WEIGHTS), blob)
     manifest["files"] = {WEIGHTS: hashlib.sha256(blob).hexdigest()}
@@ -128,6 +140,10 @@ def save_compressed(model: nn.Module, path, compression: Optional[dict] = None, 
         atomic_write_text(os.path.join(path, "config.json"), cfg.to_json_string())
     if report is not None:
         atomic_write_text(os.path.join(path, "report.json"), json.dumps(report, indent=2, default=str))
+    if tokenizer is not None:
+        from .._io import save_pretrained_atomic
+
+        save_pretrained_atomic(tokenizer, path)
     atomic_write_text(os.path.join(path, MANIFEST), json.dumps(manifest, indent=2))
     return path
 
@@ -197,6 +213,9 @@ def load_compressed(path, model: Optional[nn.Module] = None, device=None) -> nn.
         sd = load_file(os.path.join(path, WEIGHTS))
     except Exception as e:  # noqa: BLE001 - safetensors' own error types
         raise ValueError(f"{os.path.join(path, WEIGHTS)}: cannot read the tensors ({e}); truncated or corrupt") from e
+    from .. import hf
+
+    sd = hf.drop_tripwires(sd, [e["name"] for e in manifest["modules"]])
     for k, src in manifest.get("tied", {}).items():
         sd[k] = sd[src]
     try:
@@ -213,4 +232,5 @@ def load_compressed(path, model: Optional[nn.Module] = None, device=None) -> nn.
     if device is not None:
         model.to(device)
     model.eval()
+    hf.mark_compressed(model, manifest.get("compression"))
     return model
