@@ -131,7 +131,8 @@ def _add_objective_args(p) -> None:
     g.add_argument("--warmup-ratio", type=float, default=None, help="warm-up fraction of each fine-tune")
     g.add_argument("--decay", choices=DECAYS, default=None, help="after the warm-up (default linear)")
     for phase, what in (("stage", "each stage's fine-tune"), ("final", "the final fine-tune")):
-        g.add_argument(f"--{phase}-lr", type=float, default=None, help=f"learning rate of {what} (default --lr)")
+        g.add_argument(f"--{phase}-lr", type=float, default=None,
+                       help=f"learning rate of {what} (default {'5e-5' if phase == 'stage' else '--lr'})")
         g.add_argument(f"--{phase}-warmup-ratio", type=float, default=None, help=f"warm-up fraction of {what}")
         g.add_argument(f"--{phase}-decay", choices=DECAYS, default=None, help=f"decay of {what}")
     g.add_argument("--dense-reference", action="store_true", default=None,
@@ -443,10 +444,10 @@ def plot_stages(report, path: str) -> bool:
     ax.set_title(f"{cfg['method']} ratio {cfg['ratio']} ({cfg['schedule']})")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))  # same extension for savefig
-    fig.savefig(tmp, dpi=120)
+    from .._io import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 
