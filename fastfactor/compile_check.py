@@ -15,7 +15,6 @@ Exits non-zero if any compile fails (spills are reported, not failures: the auto
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -108,14 +107,16 @@ MAX_SHARED = {"sm80": 166912, "sm90": 232448}
 
 
 def _load_registry():
+    """Every registered kernel: each family of :mod:`fastfactor.families` names its kernel module,
+    and importing that module registered its kernels."""
+    from fastfactor import families
     from fastfactor.kernels import _config
 
-    for mod in _config.kernel_modules():
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+    missing = [f.name for f in families.FAMILIES.values()
+               if f.kernels is not None
+               and not any(n.split(".")[0] == f.kernels.__name__.rsplit(".", 1)[-1] for n in _config.KERNELS)]
+    if missing:
+        raise RuntimeError(f"compile-check: families {missing} name a kernel module that registered no kernel")
     return _config.KERNELS
 
 

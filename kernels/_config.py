@@ -1,9 +1,15 @@
 """Shared kernel infrastructure: interpreter detection, autotune spaces, and the kernel registry.
 
 Every Triton kernel of the project is registered here with :func:`register_kernel`, together with
-its autotune space and a description of its arguments. ``fastfactor compile-check`` walks this
-registry and compiles every kernel x config for sm_80 and sm_90 ahead of time, so a new kernel
-family joins the compile tier simply by registering its kernels when its module is imported.
+its autotune space; its compile signature is derived from its own arguments
+(:func:`kernel_signature`: ``*_ptr`` -> ``*dtype``, the rest -> ``i32``). ``fastfactor
+compile-check`` walks this registry and compiles every kernel x config for sm_80 and sm_90 ahead
+of time, so a new kernel family joins the compile tier by registering its kernels when its module
+is imported (and naming that module in its ``fastfactor.families`` declaration).
+
+Launchers go through :class:`Tunable` (autotuned, with named ``interpreter=`` and
+``deterministic=`` configs); :func:`next_pow2`, :func:`m_bucket` and :func:`acc_dtype` are the
+small helpers every family shares.
 
 Backends for CPU tensors
 ------------------------
@@ -22,7 +28,7 @@ import contextlib
 import dataclasses
 import functools
 import os
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -114,20 +120,39 @@ TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16:
 # Autotune spaces
 # --------------------------------------------------------------------------------------------
 
-def configs(space: list[dict], interp_index: int = 0) -> list:
+def next_pow2(n: int) -> int:
+    """Smallest power of two ``>= n`` (1 for ``n <= 1``): padded ranks, ``M`` buckets."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def m_bucket(M: int) -> int:
+    """The autotune key for a row count: ``next_pow2(M)``, capped at 65536 (one tuning per bucket)."""
+    return min(next_pow2(M), 1 << 16)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulator dtype of the references and of reductions outside the kernels: float64 stays
+    float64 (the test oracles), everything else (fp32, fp16, bf16) accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _to_config(c: dict):
+    c = dict(c)
+    nw = c.pop("num_warps", 4)
+    ns = c.pop("num_stages", 2)
+    return triton.Config(c, num_warps=nw, num_stages=ns)
+
+
+def configs(space: list[dict], interpreter: Optional[dict] = None) -> list:
     """Turn a list of ``{"BLOCK_M": 64, ..., "num_warps": 4, "num_stages": 3}`` dicts into
-    ``triton.Config`` objects. Under the interpreter only one (small) config is kept: the
-    interpreter runs every config of an autotuner, which would only cost time."""
+    ``triton.Config`` objects. Under the interpreter only the ``interpreter`` config (small; the
+    space's first entry when not given) is kept: the interpreter runs every config of an
+    autotuner, which would only cost time."""
     if not HAS_TRITON:
         return []
-    chosen = [space[interp_index]] if is_interpreter() else space
-    out = []
-    for c in chosen:
-        c = dict(c)
-        nw = c.pop("num_warps", 4)
-        ns = c.pop("num_stages", 2)
-        out.append(triton.Config(c, num_warps=nw, num_stages=ns))
-    return out
+    if is_interpreter():
+        return [_to_config(interpreter if interpreter is not None else space[0])]
+    return [_to_config(c) for c in space]
 
 
 def num_sms(device: torch.device) -> int:
@@ -178,28 +203,50 @@ def is_deterministic() -> bool:
 class Tunable:
     """An autotuned kernel that launches one fixed config in deterministic mode.
 
-    ``Tunable(fn, space, key=[...], prune=fn)`` is used like ``triton.autotune(...)(fn)``:
-    ``tunable[grid](*args, **kwargs)``. Autotuning picks the fastest config per key on the first
-    call, and two processes may pick differently when timings are close; configs differ in block
-    sizes and so in the order of the reduction, hence in rounding. In deterministic mode the
-    launch skips the autotuner and runs the first config of the space that survives ``prune``
-    (the second entry of the space on a GPU: the first is the interpreter's tiny config), so
-    every process computes the same bits.
+    ``Tunable(fn, space, key=[...], prune=fn, interpreter=cfg, deterministic=cfg)`` is used like
+    ``triton.autotune(...)(fn)``: ``tunable[grid](*args, **kwargs)``.
+
+    * On a GPU, autotuning picks the fastest config of ``space`` per key on the first call; two
+      processes may pick differently when timings are close, and configs differ in block sizes and
+      so in the order of the reduction, hence in rounding.
+    * ``interpreter``: the one config run under ``TRITON_INTERPRET=1`` (small and fast; default
+      ``space[0]``).
+    * ``deterministic``: the config launched, skipping the autotuner, in deterministic mode, so
+      every process computes the same bits (default ``space[1]``, or ``space[0]`` for a
+      one-entry space). When ``prune`` drops it for a shape, the next config of the space after
+      it (wrapping around) that survives is launched. Under the interpreter the interpreter's
+      config is the deterministic one.
+    * ``pick``: optionally, a function ``named_args -> config of the space`` that chooses the
+      deterministic config per shape instead (small row tiles for a handful of rows, say); it
+      depends only on the arguments, so every process still launches the same config.
     """
 
-    def __init__(self, fn, space: list[dict], key: list[str], prune=None):
+    def __init__(self, fn, space: list[dict], key: list[str], prune=None,
+                 interpreter: Optional[dict] = None, deterministic: Optional[dict] = None, pick=None):
         self.fn = fn
         self.space = space
         self.prune = prune
+        self.interpreter = space[0] if interpreter is None else interpreter
+        if deterministic is None:
+            deterministic = space[1] if len(space) > 1 else space[0]
+        if deterministic not in space:
+            raise ValueError(f"Tunable({getattr(fn, '__name__', fn)}): the deterministic config "
+                             f"{deterministic} is not in the autotune space")
+        self.deterministic = deterministic
+        self.pick = pick
         self.tuned = None
         if HAS_TRITON:
             kw = {"prune_configs_by": {"early_config_prune": prune}} if prune else {}
-            self.tuned = triton.autotune(configs=configs(space), key=key, **kw)(fn)
+            self.tuned = triton.autotune(configs=configs(space, self.interpreter), key=key, **kw)(fn)
 
     def fixed_config(self, kwargs: dict):
-        cands = configs(self.space if not is_interpreter() else self.space[:1])
-        if not is_interpreter() and len(cands) > 1:
-            cands = cands[1:] + cands[:1]
+        """The config a deterministic launch with these (named) arguments runs."""
+        if is_interpreter():
+            cands = configs(self.space, self.interpreter)
+        else:
+            first = self.pick(kwargs) if self.pick is not None else self.deterministic
+            i = self.space.index(first)
+            cands = configs(self.space[i:] + self.space[:i])
         if self.prune is not None:
             cands = self.prune(cands, kwargs, **kwargs) or cands
         return cands[0]
@@ -223,31 +270,72 @@ class Tunable:
 # Registry for the compile tier
 # --------------------------------------------------------------------------------------------
 
+def kernel_signature(fn, dtype: str, pointers: Optional[dict] = None) -> dict:
+    """The compile signature of a ``@triton.jit`` kernel, derived from its own argument list
+    (``fn.arg_names``): every non-constexpr argument named ``*_ptr`` is a pointer to ``dtype``
+    (``"*bf16"``), every other non-constexpr argument an ``i32``. ``pointers`` overrides the
+    element type of named pointers: ``{"rowsum_ptr": "fp32", "meta_ptr": "u8"}``."""
+    pointers = dict(pointers or {})
+    unknown = set(pointers) - set(fn.arg_names)
+    if unknown:
+        raise ValueError(f"kernel_signature: {sorted(unknown)} are not arguments of "
+                         f"{fn.__name__} (arguments: {fn.arg_names})")
+    consts = constexpr_args(fn)
+    return {
+        name: ("*" + pointers.get(name, dtype)) if name.endswith("_ptr") else "i32"
+        for name in fn.arg_names if name not in consts
+    }
+
+
+def constexpr_args(fn) -> set:
+    """Names of the ``tl.constexpr`` arguments of a ``@triton.jit`` kernel (compiled or
+    interpreted: the interpreter's wrapper does not carry Triton's parameter list)."""
+    params = getattr(fn, "params", None)
+    if params is not None:
+        return {p.name for p in params if p.is_constexpr}
+    import inspect
+
+    out = set()
+    for name, p in inspect.signature(getattr(fn, "fn", fn)).parameters.items():
+        a = p.annotation
+        if a is getattr(tl, "constexpr", object()) or (isinstance(a, str) and a.split(".")[-1] == "constexpr"):
+            out.add(name)
+    return out
+
+
 @dataclasses.dataclass
 class KernelSpec:
     """How to compile one kernel ahead of time.
 
     name:       readable name, ``family.kernel``
     fn:         the ``@triton.jit`` function (not the autotuner wrapping it)
-    signature:  ``dtype -> {arg: triton type}`` for every non-constexpr argument
-                (e.g. ``{"x_ptr": "*bf16", "M": "i32"}``)
     constexprs: list of dicts of the non-tuned constexpr arguments to compile for (one compile per
                 entry, e.g. with and without bias); each is merged with every config
-    space:      the autotune space, as given to :func:`configs` (the full space, not the
-                interpreter's reduced one)
+    space:      the autotune space, as given to :func:`configs` (the full space, the interpreter's
+                config included), or ``variant -> space``
     dtypes:     input dtypes to compile for
     unit_args:  integer arguments that are 1 in the common call (innermost strides of contiguous
                 operands); the "aligned" specialization of compile-check compiles them as the
                 constant 1, as Triton's runtime specialization does
+    pointers:   element types of the pointers that do not follow the input dtype
+                (``{"rowsum_ptr": "fp32"}``); see :func:`kernel_signature`
+    signature:  ``dtype -> {arg: triton type}`` for every non-constexpr argument; derived from the
+                kernel's arguments by :func:`kernel_signature` when not given
     """
 
     name: str
     fn: Callable
-    signature: Callable[[str], dict]
     constexprs: list[dict]
     space: list[dict]
     dtypes: tuple[str, ...] = ("bf16",)
     unit_args: tuple[str, ...] = ()
+    pointers: dict = dataclasses.field(default_factory=dict)
+    signature: Optional[Callable[[str], dict]] = None
+
+    def __post_init__(self):
+        if self.signature is None:
+            fn, pointers = self.fn, dict(self.pointers)
+            self.signature = lambda dt: kernel_signature(fn, dt, pointers)
 
 
 KERNELS: dict[str, KernelSpec] = {}
@@ -261,7 +349,8 @@ def register_kernel(spec: KernelSpec) -> KernelSpec:
 
 
 def kernel_modules() -> list[str]:
-    """The modules whose import registers kernels (compile-check imports all of them)."""
+    """Deprecated: the modules whose import registers kernels. compile-check now takes them from
+    ``fastfactor.families`` (each family names its kernel module, imported directly)."""
     return [
         "fastfactor.kernels.lowrank",
         "fastfactor.kernels.monarch",

@@ -14,22 +14,50 @@ Backward (with ``g = dL/dy``)::
 
 Design
 ------
-Two kernels serve every product:
+Three paths, chosen per shape by :func:`choose_path` from a stated cost model (below); every byte
+figure is per call, ``e`` bytes per element, ``P`` programs, ``S`` split-K factor, 132 SMs.
 
-* ``_chain_kernel`` computes ``z = (a·Aᵀ)·Bᵀ`` for one block of ``BLOCK_M`` rows: the first product
-  ``(BLOCK_M, R_PAD)`` is accumulated in fp32 registers over ``K``, rounded to the input dtype and
-  multiplied straight into the output tiles, so the rank-r intermediate never goes to device
-  memory. The forward is ``a = x, A = V, B = U``; the backward's ``dx`` is the same chain with
-  ``a = g, A = Uᵀ, B = Vᵀ``. Because the intermediate must sit in registers, the chain handles
-  ``R_PAD = next_pow2(R) <= 256``. To give small ``M`` enough programs, the ``N`` tiles can be
-  split across ``N_SPLIT`` programs, each recomputing its block's intermediate (cheap when ``M``
-  is small and the op is memory-bound; the launcher only splits when there are few row blocks).
-* ``_gemm_kernel`` is a plain tiled ``C = A·B (+ bias)`` over arbitrary strides (so every transpose
-  is free). It runs the two-GEMM path (``t = x·Vᵀ`` to memory, then ``y = t·Uᵀ + b``) that
-  ``choose_path`` picks for large ranks, and the weight gradients ``dU`` and ``dV``, each output
-  tile owned by one program that loops over all ``M`` rows: no atomics, so the backward is bitwise
-  reproducible. ``db`` is fused into the ``dU`` product as the row sums of ``gᵀ`` taken by the
-  programs of the first output column block.
+* ``'two_gemm'`` — our Triton GEMM ``_gemm_kernel`` twice (``t = x·Vᵀ`` to memory, then
+  ``y = t·Uᵀ + b``), any strides (a transpose is a stride swap). Compulsory traffic
+  ``(M·K + R·K + 2·M·R + N·R + M·N)·e``. Each operand tile is re-read by the programs of the other
+  dimension (``x`` ``ceil(R/BLOCK_N)`` times, ``V`` ``ceil(M/BLOCK_M)`` times: from L2 when they fit).
+  When the output tiles alone give fewer than 132 programs — the **skinny / decode** case, a
+  handful of rows — the ``K`` reduction is **split** over ``S`` programs per tile
+  (:func:`split_count`): each writes an fp32 partial to a workspace ``(S, M, N)`` and
+  ``_splitk_reduce_kernel`` sums them in the fixed order ``s = 0, 1, …`` (no atomics: bitwise
+  reproducible), adds the bias and rounds once. So at M = 16, d = 4096, ratio 0.25 ``V`` and ``U``
+  are each read from memory exactly once, by 192 and 256 programs (counted under the interpreter:
+  ``profiling/lowrank_counts.py``); the workspace (``S·M·R·4`` bytes, ~0.2 MB) stays in L2. The
+  reduce is a separate launch: fusing it into the second GEMM would make each of its ``N/BLOCK_N``
+  programs re-read all ``S`` partials (``S·M·R·4`` bytes each, 64x ``U``'s tile at these shapes),
+  which does not pay. Small-``M`` configs (``BLOCK_M = 16``) are picked per shape
+  (:func:`gemm_config`).
+* ``'fused'`` — ``_chain_kernel`` computes ``z = (a·Aᵀ)·Bᵀ`` for one block of ``BLOCK_M`` rows: the
+  first product is accumulated in fp32 registers over ``K``, rounded and multiplied straight into
+  the output tiles, so ``t`` never goes to memory (saves ``2·M·R·e``). The rank is padded to a
+  multiple of 16 (:func:`rank_pieces`: up to three power-of-two register tiles, 96 = 64 + 32),
+  at most 256. Every program streams all of ``V`` (``P·R·K·e`` from L2) and, per row block, all
+  of ``U``; with few row blocks the ``N`` tiles are split over more programs, each recomputing its
+  intermediate. The forward is ``a = x, A = V, B = U``; the backward's ``dx`` is the same chain
+  with ``a = g, A = Uᵀ, B = Vᵀ``. At ratio 0.25 the model never prefers it (the re-reads of ``V``
+  cost more than the round trip of ``t`` they save); ``FASTFACTOR_LOWRANK_PATH=fused`` forces it.
+* ``'torch'`` — two cuBLAS products (``torch.mm``, ``torch.addmm``; deterministic for a given
+  GPU and library), the same compulsory traffic as ``two_gemm``. Chosen where the products are
+  compute-bound (large ``M``), since cuBLAS reaches a higher tensor-core rate than our
+  non-persistent, pointer-based tiles. fp16 keeps an fp32 intermediate (range), which cuBLAS
+  cannot multiply with fp16 factors: fp16 stays on ``two_gemm``.
+
+Backward: ``dt`` and ``dx`` as the forward's path; the weight gradients ``dU = gᵀ·t`` and
+``dV = dtᵀ·x`` reduce over all ``M`` rows, which at d = 768 gives 6-48 output tiles: on our GEMM
+that reduction is split (same split-K, fixed-order reduce) until the launch fills the GPU.
+``db = Σ_m g`` is its own split reduction (``_rowsum_kernel``, ``M·N·e`` bytes, then the same
+reduce), no longer a row sum inside every program of ``dU``'s main loop.
+
+Cost model (:func:`plan`, :class:`CostDevice`; a prediction, not a measurement): per launch
+``max(DRAM bytes / HBM, L2 bytes / L2 bandwidth, issued FLOPs / (rate·eff)) / min(1, P / SMs)``
+with wave quantization, summed over launches (no launch overhead: a lower bound). ``eff`` is 1 for
+cuBLAS, 0.8 for our wgmma tiles (``BLOCK_M >= 64``), 0.4 for mma.sync ones. cuBLAS is given the
+same tiling and traffic as ours (we know its rate, not its tiles). Ties go to our kernels.
 
 Save or recompute ``t``
     In training (any input requires grad) the forward also stores ``t`` (``M·R`` elements, i.e.
@@ -51,6 +79,8 @@ Precision
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from typing import Optional
 
@@ -60,8 +90,12 @@ from ._config import (
     HAS_TRITON,
     KernelSpec,
     Tunable,
-    configs,
+    acc_dtype,
     dot_precision,
+    is_interpreter,
+    m_bucket,
+    next_pow2,
+    num_sms,
     register_kernel,
     row_block_grid,
     upcast_dots,
@@ -98,7 +132,7 @@ def lowrank_linear_ref(
     forward saves for the backward). Differentiable with ordinary autograd (used by the CPU path
     and as the test oracle).
     """
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     t = torch.matmul(x.to(acc), v.to(acc).t())
     if intermediate_dtype(x.dtype) != acc:
         t = t.to(x.dtype).to(acc)  # same rounding of the intermediate as the kernels
@@ -125,7 +159,7 @@ def lowrank_bwd_ref(
     asked for. ``g (M, N)``, ``x (M, K)``, ``u (N, R)``, ``v (R, K)``, ``t (M, R)`` the saved
     ``x·Vᵀ`` or None (recomputed). fp32 accumulation (fp64 stays fp64); the intermediates ``t``
     and ``dt = g·U`` are rounded to :func:`intermediate_dtype` as the kernels round them."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     g32, x32, u32, v32 = g.to(acc), x.to(acc), u.to(acc), v.to(acc)
     inter = intermediate_dtype(x.dtype)
     t32 = t.to(acc) if t is not None else (x32 @ v32.t()).to(inter).to(acc)
@@ -141,18 +175,49 @@ def lowrank_bwd_ref(
 # Kernels
 # ============================================================================================
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def _pad_rank(r: int) -> int:
-    return max(16, _next_pow2(r))
+    """Power-of-two padding (>= 16). Kept for the 2:4 dense-sparse chain (``kernels/sparse24.py``),
+    whose intermediate is a single register tile; the low-rank chain pads to a multiple of 16
+    instead (:func:`rank_pieces`)."""
+    return max(16, next_pow2(r))
 
 
-# Autotune spaces. The first entry is the one the interpreter runs (small, fast).
+def rank_pieces(r: int) -> tuple[int, int, int]:
+    """The rank padded to a multiple of 16, split into at most three power-of-two register tiles
+    ``(R0, R1, R2)`` (``0`` = absent) that the fused chain keeps side by side and loops over.
+
+    48 = 32 + 16, 96 = 64 + 32, 192 = 128 + 64, 112 = 64 + 32 + 16, 80 = 64 + 16: the padding is
+    at most 15 ranks there, against 16/48/64/16/48 for a power of two. A remainder left after two
+    pieces is rounded up to a power of two (240 = 128 + 64 + 64), so the total never exceeds the
+    power-of-two padding.
+    """
+    p = max(16, -(-int(r) // 16) * 16)
+    pieces: list[int] = []
+    rem = p
+    while rem > 0:
+        if len(pieces) == 2:
+            pieces.append(next_pow2(rem))
+            break
+        piece = 1 << (rem.bit_length() - 1)  # largest power of two <= rem (rem is a multiple of 16)
+        pieces.append(piece)
+        rem -= piece
+    pieces += [0] * (3 - len(pieces))
+    return (pieces[0], pieces[1], pieces[2])
+
+
+def padded_rank(r: int) -> int:
+    """What the fused chain computes for rank ``r``: ``sum(rank_pieces(r))``."""
+    return sum(rank_pieces(r))
+
+
+# Autotune spaces, each with a named *_INTERP member, the one config the interpreter runs; on a GPU
+# deterministic runs launch the config picked per shape (:func:`chain_config`, :func:`gemm_config`;
+# *_FIXED is the default of the large shapes).
+CHAIN_INTERP = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2)
+CHAIN_FIXED = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 CHAIN_SPACE = [
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2),
-    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    CHAIN_INTERP,
+    CHAIN_FIXED,
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
@@ -161,36 +226,53 @@ CHAIN_SPACE = [
     dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4),
 ]
 
+GEMM_INTERP = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)
+GEMM_FIXED = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 GEMM_SPACE = [
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    GEMM_INTERP,
+    GEMM_FIXED,
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3),
     dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+    # skinny operands (decode: a handful of rows): small row tiles, long K steps, many programs
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4),
 ]
+
+#: the split-K reduce and the row-sum kernels: elementwise / streaming, one config each
+REDUCE_INTERP = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4)
+REDUCE_FIXED = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4)
+REDUCE_SPACE = [REDUCE_INTERP, REDUCE_FIXED]
+ROWSUM_INTERP = dict(BLOCK_M=16, BLOCK_K=16, num_warps=4)
+ROWSUM_FIXED = dict(BLOCK_M=128, BLOCK_K=64, num_warps=4)
+ROWSUM_SPACE = [ROWSUM_INTERP, ROWSUM_FIXED]
 
 
 def _chain_fits(block_m: int, block_n: int, block_k: int, num_stages: int, r_pad: int) -> bool:
     """Whether a chain config fits: the fp32 intermediate ``BLOCK_M x R_PAD`` within 64 KiB of
     registers, and the pipelined operand tiles (``stages x (BLOCK_M + R_PAD) x BLOCK_K`` of stage 1
     plus ``R_PAD x BLOCK_N`` of stage 2, 2 bytes each) within the 160 KiB of shared memory that
-    both A100 and H100 give a block (compile-check measures the real figure)."""
+    both A100 and H100 give a block (compile-check measures the real figure). ``R_PAD`` is the
+    padded rank, ``R0 + R1 + R2``."""
     smem = 2 * (num_stages * (block_m + r_pad) * block_k + r_pad * block_n + block_m * r_pad)
     return block_m * r_pad <= 16384 and smem <= 160 * 1024
 
 
-def chain_space(R_PAD: int, **_) -> list[dict]:
+def chain_space(R0: int = 16, R1: int = 0, R2: int = 0, **_) -> list[dict]:
     """The configs of ``CHAIN_SPACE`` that fit for this padded rank (see ``_chain_fits``)."""
+    r_pad = R0 + R1 + R2
     return [
         c for c in CHAIN_SPACE
-        if _chain_fits(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c.get("num_stages", 2), R_PAD)
+        if _chain_fits(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c.get("num_stages", 2), r_pad)
     ]
 
 
 def _prune_chain(configs_, named_args, **kwargs):
-    r_pad = kwargs.get("R_PAD", named_args.get("R_PAD"))
+    get = lambda k: kwargs.get(k, named_args.get(k, 0)) or 0
+    r_pad = get("R0") + get("R1") + get("R2")
     kept = [
         c for c in configs_
         if _chain_fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, r_pad)
@@ -198,7 +280,82 @@ def _prune_chain(configs_, named_args, **kwargs):
     return kept or configs_[:1]
 
 
+def chain_config(M: int, r_pad: int) -> dict:
+    """The chain config a shape gets on a GPU in deterministic mode (and the one the cost model
+    assumes): the smallest row tile that holds ``M`` rows up to 64 (fewer padded rows), then the
+    first fitting config of the space."""
+    fits = [c for c in chain_space(r_pad) if c is not CHAIN_SPACE[0]]  # [0]: the interpreter's
+    for c in fits:
+        if M <= 16 and c["BLOCK_M"] == 16 or 16 < M <= 32 and c["BLOCK_M"] == 32:
+            return c
+    return fits[0] if fits else CHAIN_SPACE[1]
+
+
+def gemm_config(M: int, N: int, K: int, sms: int = 132) -> dict:
+    """The GEMM config a shape ``(M, K)·(K, N)`` gets on a GPU in deterministic mode, and the one
+    the split count and the cost model use: the config of the GPU space (with its split-K count,
+    :func:`split_count`) of least predicted time (:func:`_gemm_launches`, bf16 operands); ties go
+    to the earlier entry. Skinny operands (a handful of rows) get ``BLOCK_M = 16`` tiles and as
+    many programs as SMs; large ones the 128-wide wgmma tiles."""
+    return dict(_gemm_config_cached(int(M), int(N), int(K), int(sms)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _gemm_config_cached(M: int, N: int, K: int, sms: int) -> tuple:
+    dev = dataclasses.replace(COST_DEVICE, sms=sms)
+    best, best_t = GEMM_SPACE[1], None
+    for c in GEMM_SPACE[1:]:
+        t = sum(l.seconds(dev) for l in _gemm_launches("c", M, N, K, 2, 2, 2, False, dev, cfg=c))
+        if best_t is None or t < best_t * (1 - 1e-9):
+            best, best_t = c, t
+    return tuple(best.items())
+
+
+#: a split of the reduction keeps at least this many BLOCK_K steps per program
+MIN_K_STEPS = 1
+
+
+def split_count(M: int, N: int, K: int, block_m: int, block_n: int, block_k: int, sms: int) -> int:
+    """How many programs share each output tile's ``K`` reduction (deterministic split-K).
+
+    1 when the tile grid alone gives ``sms`` programs; else ``S`` splits of ``p`` ``BLOCK_K``
+    steps each with ``p = max(MIN_K_STEPS, steps // ceil(sms / tiles))`` and ``S = ceil(steps / p)``
+    (every split non-empty), so ``tiles·S >= sms`` whenever ``K`` is long enough. Capped so the
+    fp32 workspace ``S·M·N`` stays below 2³¹ elements (32-bit offsets) and 256 MiB.
+    """
+    tiles = -(-M // block_m) * -(-N // block_n)
+    steps = -(-K // block_k)
+    if tiles >= sms or steps < 2 * MIN_K_STEPS:
+        return 1
+    want = -(-sms // tiles)
+    per = max(MIN_K_STEPS, steps // want)
+    s = -(-steps // per)
+    cap = max(1, min((1 << 31) - 1, 64 << 20) // max(1, M * N))
+    return max(1, min(s, cap))
+
+
 if HAS_TRITON:
+
+    @triton.jit
+    def _load_w1(w1_ptr, offs_r, kk, mask_k, R, stride_w1r, stride_w1k):
+        # (BLOCK_K, RP) = w1[r-piece, k-tile]ᵀ
+        return tl.load(
+            w1_ptr + offs_r[None, :] * stride_w1r + kk[:, None] * stride_w1k,
+            mask=(offs_r[None, :] < R) & mask_k[:, None], other=0.0,
+        )
+
+    @triton.jit
+    def _load_w2(w2_ptr, offs_r, offs_n, mask_n, R, stride_w2n, stride_w2r):
+        # (RP, BLOCK_N) = w2[n-tile, r-piece]ᵀ
+        return tl.load(
+            w2_ptr + offs_n[None, :] * stride_w2n + offs_r[:, None] * stride_w2r,
+            mask=mask_n[None, :] & (offs_r[:, None] < R), other=0.0,
+        )
+
+    @triton.jit
+    def _store_t(t_ptr, t, offs_m, mask_m, offs_r, R, stride_tm, stride_tr):
+        tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+                 t, mask=mask_m[:, None] & (offs_r[None, :] < R))
 
     @triton.jit
     def _chain_kernel(
@@ -225,7 +382,9 @@ if HAS_TRITON:
         UPCAST: tl.constexpr,      # upcast dot operands to fp32 (interpreter)
         PRECISION: tl.constexpr,   # tl.dot input_precision for fp32 operands
         FP64: tl.constexpr,        # float64 operands and accumulator (interpreter tier: gradcheck)
-        R_PAD: tl.constexpr,       # next power of two >= R (>= 16)
+        R0: tl.constexpr,          # rank pieces (powers of two >= 16; R1, R2 may be 0 = absent):
+        R1: tl.constexpr,          #   ranks [0, R0), [R0, R0+R1), [R0+R1, R0+R1+R2); their sum is
+        R2: tl.constexpr,          #   the rank padded to a multiple of 16 (see rank_pieces)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -233,16 +392,18 @@ if HAS_TRITON:
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_r = tl.arange(0, R_PAD)
         offs_k = tl.arange(0, BLOCK_K)
         mask_m = offs_m < M
-        mask_r = offs_r < R
+        offs_r0 = tl.arange(0, R0)
+        t0 = tl.zeros((BLOCK_M, R0), dtype=tl.float64 if FP64 else tl.float32)
+        if R1 > 0:
+            offs_r1 = R0 + tl.arange(0, R1)
+            t1 = tl.zeros((BLOCK_M, R1), dtype=tl.float64 if FP64 else tl.float32)
+        if R2 > 0:
+            offs_r2 = R0 + R1 + tl.arange(0, R2)
+            t2 = tl.zeros((BLOCK_M, R2), dtype=tl.float64 if FP64 else tl.float32)
 
-        # ---- stage 1: t = a·w1ᵀ for this row block, fp32 in registers ----
-        if FP64:
-            t_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float64)
-        else:
-            t_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        # ---- stage 1: t = a·w1ᵀ for this row block, fp32 in registers, one tile per rank piece ----
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
             mask_k = kk < K
@@ -250,42 +411,64 @@ if HAS_TRITON:
                 a_ptr + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,
                 mask=mask_m[:, None] & mask_k[None, :], other=0.0,
             )
-            w1 = tl.load(  # (BLOCK_K, R_PAD) = w1[:, k-tile]ᵀ
-                w1_ptr + offs_r[None, :] * stride_w1r + kk[:, None] * stride_w1k,
-                mask=mask_r[None, :] & mask_k[:, None], other=0.0,
-            )
             if UPCAST and not FP64:
                 a = a.to(tl.float32)
-                w1 = w1.to(tl.float32)
-            t_acc = tl.dot(a, w1, t_acc, input_precision=PRECISION)
+            w = _load_w1(w1_ptr, offs_r0, kk, mask_k, R, stride_w1r, stride_w1k)
+            if UPCAST and not FP64:
+                w = w.to(tl.float32)
+            t0 = tl.dot(a, w, t0, input_precision=PRECISION)
+            if R1 > 0:
+                w = _load_w1(w1_ptr, offs_r1, kk, mask_k, R, stride_w1r, stride_w1k)
+                if UPCAST and not FP64:
+                    w = w.to(tl.float32)
+                t1 = tl.dot(a, w, t1, input_precision=PRECISION)
+            if R2 > 0:
+                w = _load_w1(w1_ptr, offs_r2, kk, mask_k, R, stride_w1r, stride_w1k)
+                if UPCAST and not FP64:
+                    w = w.to(tl.float32)
+                t2 = tl.dot(a, w, t2, input_precision=PRECISION)
 
-        if T_FP32:
-            t = t_acc
-        else:
-            t = t_acc.to(z_ptr.dtype.element_ty)
+        if not T_FP32:
+            t0 = t0.to(z_ptr.dtype.element_ty)
+            if R1 > 0:
+                t1 = t1.to(z_ptr.dtype.element_ty)
+            if R2 > 0:
+                t2 = t2.to(z_ptr.dtype.element_ty)
         if STORE_T:
             if pid_n == 0:
-                tl.store(
-                    t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
-                    t, mask=mask_m[:, None] & mask_r[None, :],
-                )
+                _store_t(t_ptr, t0, offs_m, mask_m, offs_r0, R, stride_tm, stride_tr)
+                if R1 > 0:
+                    _store_t(t_ptr, t1, offs_m, mask_m, offs_r1, R, stride_tm, stride_tr)
+                if R2 > 0:
+                    _store_t(t_ptr, t2, offs_m, mask_m, offs_r2, R, stride_tm, stride_tr)
         if UPCAST and not FP64:
-            t = t.to(tl.float32)
+            t0 = t0.to(tl.float32)
+            if R1 > 0:
+                t1 = t1.to(tl.float32)
+            if R2 > 0:
+                t2 = t2.to(tl.float32)
 
-        # ---- stage 2: z[:, n-tile] = t·w2[n-tile, :]ᵀ (+ bias) ----
+        # ---- stage 2: z[:, n-tile] = Σ_pieces t_p·w2[n-tile, piece]ᵀ (+ bias) ----
         # the N tiles are split evenly over grid dimension 1 (a split of 1 loops over all of N)
         tiles_per_prog = tl.cdiv(tl.cdiv(N, BLOCK_N), tl.num_programs(1))
         n_begin = pid_n * tiles_per_prog * BLOCK_N
         for i in range(0, tiles_per_prog):
             offs_n = n_begin + i * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
-            w2 = tl.load(  # (R_PAD, BLOCK_N) = w2[n-tile, :]ᵀ
-                w2_ptr + offs_n[None, :] * stride_w2n + offs_r[:, None] * stride_w2r,
-                mask=mask_n[None, :] & mask_r[:, None], other=0.0,
-            )
+            w = _load_w2(w2_ptr, offs_r0, offs_n, mask_n, R, stride_w2n, stride_w2r)
             if (UPCAST or T_FP32) and not FP64:
-                w2 = w2.to(tl.float32)
-            z = tl.dot(t, w2, input_precision=PRECISION)
+                w = w.to(tl.float32)
+            z = tl.dot(t0, w, input_precision=PRECISION)
+            if R1 > 0:
+                w = _load_w2(w2_ptr, offs_r1, offs_n, mask_n, R, stride_w2n, stride_w2r)
+                if (UPCAST or T_FP32) and not FP64:
+                    w = w.to(tl.float32)
+                z = tl.dot(t1, w, z, input_precision=PRECISION)
+            if R2 > 0:
+                w = _load_w2(w2_ptr, offs_r2, offs_n, mask_n, R, stride_w2n, stride_w2r)
+                if (UPCAST or T_FP32) and not FP64:
+                    w = w.to(tl.float32)
+                z = tl.dot(t2, w, z, input_precision=PRECISION)
             if HAS_BIAS:
                 b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(z.dtype)
                 z = z + b[None, :]
@@ -300,9 +483,9 @@ if HAS_TRITON:
         # --- pointers ---
         a_ptr,       # (M, K) left operand (any strides)
         b_ptr,       # (K, N) right operand (any strides; a transpose is a stride swap)
-        c_ptr,       # (M, N) output
-        bias_ptr,    # (N,) bias added to every row; read only when HAS_BIAS
-        rowsum_ptr,  # (M,) row sums of a (fp32; fp64 when FP64), written when ROWSUM (db = Σ_m g fused into dU)
+        c_ptr,       # (M, N) output; written when not SPLIT
+        bias_ptr,    # (N,) bias added to every row; read only when HAS_BIAS (and not SPLIT)
+        ws_ptr,      # (S, M, N) contiguous fp32 (fp64 when FP64) partial products; written when SPLIT
         # --- dimensions ---
         M, N, K,
         # --- strides (in elements) ---
@@ -311,7 +494,7 @@ if HAS_TRITON:
         stride_cm, stride_cn,
         # --- meta-parameters ---
         HAS_BIAS: tl.constexpr,
-        ROWSUM: tl.constexpr,
+        SPLIT: tl.constexpr,       # split-K: grid dim 1 = S programs per tile, each a K range -> ws[s]
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
         FP64: tl.constexpr,        # float64 operands and accumulator (interpreter tier: gradcheck)
@@ -336,15 +519,19 @@ if HAS_TRITON:
         mask_m = offs_m < M
         mask_n = offs_n < N
 
-        if FP64:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-            rsum = tl.zeros((BLOCK_M,), dtype=tl.float64)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            rsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        # this program's share of the reduction: all of K, or split s of S (whole BLOCK_K steps)
+        k_lo = 0
+        k_hi = K
+        if SPLIT:
+            pid_s = tl.program_id(1)
+            per = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(1)) * BLOCK_K
+            k_lo = pid_s * per
+            k_hi = min(K, k_lo + per)
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if FP64 else tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + offs_k
-            mask_k = kk < K
+            mask_k = kk < k_hi
             a = tl.load(
                 a_ptr + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,
                 mask=mask_m[:, None] & mask_k[None, :], other=0.0,
@@ -353,57 +540,114 @@ if HAS_TRITON:
                 b_ptr + kk[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                 mask=mask_k[:, None] & mask_n[None, :], other=0.0,
             )
-            if ROWSUM:
-                rsum += tl.sum(a.to(rsum.dtype), axis=1)
             if (UPCAST or MIXED) and not FP64:  # MIXED: an fp32 intermediate against fp16 weights
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
+        if SPLIT:
+            tl.store(
+                ws_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :],
+                acc, mask=mask_m[:, None] & mask_n[None, :],
+            )
+        else:
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(acc.dtype)
+                acc = acc + bias[None, :]
+            tl.store(
+                c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+                acc.to(c_ptr.dtype.element_ty),
+                mask=mask_m[:, None] & mask_n[None, :],
+            )
+
+    @triton.jit
+    def _splitk_reduce_kernel(
+        # --- pointers ---
+        ws_ptr,    # (S, M, N) contiguous partials (fp32; fp64 when the operands are)
+        bias_ptr,  # (N,) added once; read only when HAS_BIAS
+        c_ptr,     # (M, N) output, any strides
+        # --- dimensions ---
+        S, M, N,
+        # --- strides (in elements) ---
+        stride_cm, stride_cn,
+        # --- meta-parameters ---
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        # c = Σ_{s = 0..S-1} ws[s] (+ bias), summed in that fixed order: bitwise reproducible
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        acc = tl.load(ptrs, mask=mask, other=0.0)
+        for s in range(1, S):
+            acc += tl.load(ptrs + s * M * N, mask=mask, other=0.0)
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(acc.dtype)
-            acc = acc + bias[None, :]
-        tl.store(
-            c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
-            acc.to(c_ptr.dtype.element_ty),
-            mask=mask_m[:, None] & mask_n[None, :],
-        )
-        if ROWSUM:
-            if pid_n == 0:
-                tl.store(rowsum_ptr + offs_m, rsum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(acc.dtype)[None, :]
+        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+                 acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rowsum_kernel(
+        # --- pointers ---
+        a_ptr,     # (M, K) any strides
+        ws_ptr,    # (S, M) contiguous partial row sums (fp32; fp64 when FP64)
+        # --- dimensions ---
+        M, K,
+        # --- strides (in elements) ---
+        stride_am, stride_ak,
+        # --- meta-parameters ---
+        FP64: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        # ws[s, m] = Σ_{k in split s} a[m, k]: elementwise tile accumulation, one tree sum at the end
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        pid_s = tl.program_id(1)
+        per = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(1)) * BLOCK_K
+        k_lo = pid_s * per
+        k_hi = min(K, k_lo + per)
+        mask_m = offs_m < M
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float64 if FP64 else tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,
+                        mask=mask_m[:, None] & (kk[None, :] < k_hi), other=0.0)
+            acc += a.to(acc.dtype)
+        tl.store(ws_ptr + pid_s * M + offs_m, tl.sum(acc, axis=1), mask=mask_m)
+
+    def _pick_chain(named: dict) -> dict:
+        r_pad = sum(int(named.get(k) or 0) for k in ("R0", "R1", "R2"))
+        return chain_config(int(named.get("M_BUCKET") or named.get("M") or 1), r_pad)
+
+    def _pick_gemm(named: dict) -> dict:
+        a = named.get("a_ptr")
+        sms = num_sms(a.device) if isinstance(a, torch.Tensor) else COST_DEVICE.sms
+        return gemm_config(int(named.get("M") or 1), int(named.get("N") or 1), int(named.get("K") or 1), sms)
 
     _chain_tuned = Tunable(
-        _chain_kernel, CHAIN_SPACE, key=["M_BUCKET", "K", "N", "R_PAD", "STORE_T"], prune=_prune_chain
+        _chain_kernel, CHAIN_SPACE, key=["M_BUCKET", "K", "N", "R0", "R1", "R2", "STORE_T"],
+        prune=_prune_chain, interpreter=CHAIN_INTERP, deterministic=CHAIN_FIXED, pick=_pick_chain,
     )
-    _gemm_tuned = Tunable(_gemm_kernel, GEMM_SPACE, key=["M", "N", "K"])
+    _gemm_tuned = Tunable(_gemm_kernel, GEMM_SPACE, key=["M", "N", "K", "SPLIT"],
+                          interpreter=GEMM_INTERP, deterministic=GEMM_FIXED, pick=_pick_gemm)
+    _reduce_tuned = Tunable(_splitk_reduce_kernel, REDUCE_SPACE, key=["M", "N"],
+                            interpreter=REDUCE_INTERP, deterministic=REDUCE_FIXED)
+    _rowsum_tuned = Tunable(_rowsum_kernel, ROWSUM_SPACE, key=["M", "K"],
+                            interpreter=ROWSUM_INTERP, deterministic=ROWSUM_FIXED)
 
-    # ---- compile-tier registration ----
-    def _chain_signature(dt: str) -> dict:
-        ptr = f"*{dt}"
-        return {
-            "a_ptr": ptr, "w1_ptr": ptr, "w2_ptr": ptr, "bias_ptr": ptr, "z_ptr": ptr, "t_ptr": ptr,
-            "M": "i32", "K": "i32", "N": "i32", "R": "i32", "M_BUCKET": "i32",
-            "stride_am": "i32", "stride_ak": "i32", "stride_w1r": "i32", "stride_w1k": "i32",
-            "stride_w2n": "i32", "stride_w2r": "i32", "stride_zm": "i32", "stride_zn": "i32",
-            "stride_tm": "i32", "stride_tr": "i32",
-        }
-
-    def _gemm_signature(dt: str) -> dict:
-        ptr = f"*{dt}"
-        return {
-            "a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "bias_ptr": ptr, "rowsum_ptr": "*fp32",
-            "M": "i32", "N": "i32", "K": "i32",
-            "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
-            "stride_cm": "i32", "stride_cn": "i32",
-        }
-
+    # ---- compile-tier registration (signatures derived from the kernels' arguments) ----
     register_kernel(KernelSpec(
         name="lowrank.chain",
         fn=_chain_kernel,
-        signature=_chain_signature,
         constexprs=[
-            dict(HAS_BIAS=True, STORE_T=True, T_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False, R_PAD=32),
-            dict(HAS_BIAS=False, STORE_T=False, T_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False, R_PAD=256),
+            dict(HAS_BIAS=True, STORE_T=True, T_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
+                 R0=32, R1=16, R2=0),
+            dict(HAS_BIAS=False, STORE_T=False, T_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
+                 R0=128, R1=64, R2=0),
+            dict(HAS_BIAS=False, STORE_T=True, T_FP32=True, UPCAST=False, PRECISION="tf32", FP64=False,
+                 R0=64, R1=32, R2=16),
         ],
         space=chain_space,
         unit_args=("stride_ak", "stride_w1k", "stride_w2r", "stride_zn", "stride_tr"),
@@ -411,43 +655,225 @@ if HAS_TRITON:
     register_kernel(KernelSpec(
         name="lowrank.gemm",
         fn=_gemm_kernel,
-        signature=_gemm_signature,
+        pointers={"ws_ptr": "fp32"},
         constexprs=[
-            dict(HAS_BIAS=True, ROWSUM=False, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False),
-            dict(HAS_BIAS=False, ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False),
+            dict(HAS_BIAS=True, SPLIT=False, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False),
+            dict(HAS_BIAS=False, SPLIT=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False),
         ],
         space=GEMM_SPACE,
         unit_args=("stride_ak", "stride_bk", "stride_cn"),
     ))
+    register_kernel(KernelSpec(
+        name="lowrank.splitk_reduce",
+        fn=_splitk_reduce_kernel,
+        pointers={"ws_ptr": "fp32"},
+        constexprs=[dict(HAS_BIAS=True), dict(HAS_BIAS=False)],
+        space=REDUCE_SPACE,
+        unit_args=("stride_cn",),
+    ))
+    register_kernel(KernelSpec(
+        name="lowrank.rowsum",
+        fn=_rowsum_kernel,
+        pointers={"ws_ptr": "fp32"},
+        constexprs=[dict(FP64=False)],
+        space=ROWSUM_SPACE,
+        unit_args=("stride_am",),
+    ))
+
+
+# ============================================================================================
+# Cost model and path choice
+# ============================================================================================
+
+@dataclasses.dataclass(frozen=True)
+class CostDevice:
+    """Figures the path choice is predicted with (a model, not a measurement). H200 SXM: 132 SMs,
+    4.8 TB/s HBM3e (NVIDIA datasheet), 50 MiB L2 (as H100 SXM), ~7 TB/s L2-to-SM (microbenchmarks of
+    H100 report 5.5-7.5 TB/s), ~790 TFLOP/s bf16/fp16 dense as measured on these machines (TF32
+    half that). ``triton_eff``: the fraction of cuBLAS's compute rate a non-persistent,
+    pointer-based Triton tile reaches on compute-bound shapes (Triton's Hopper tutorials: 70-90 %
+    without TMA/persistence); memory-bound launches that fill the GPU are modelled at full HBM
+    bandwidth for both. To be calibrated with ``make gpu-check`` when a GPU is lent."""
+
+    name: str = "H200"
+    sms: int = 132
+    hbm: float = 4.8e12
+    l2_bytes: int = 50 << 20
+    l2_bw: float = 10.0e12
+    flops: float = 790e12
+    triton_eff: float = 0.8
+
+
+COST_DEVICE = CostDevice()
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch of a path, as the cost model sees it."""
+
+    name: str
+    programs: int
+    dram_bytes: float     # compulsory HBM traffic (a re-read of a tensor that fits in L2 comes from L2)
+    l2_bytes: float       # every byte requested by the launch's loads and stores
+    flops_issued: float   # tensor-core FLOPs including the padding of tiles
+    flops_useful: float
+    eff: float = 1.0      # fraction of the tensor-core rate reached (dev.triton_eff for our tiles)
+
+    def seconds(self, dev: CostDevice = COST_DEVICE, tf32: bool = False) -> float:
+        rate = dev.flops / (2 if tf32 else 1)
+        fill = min(1.0, max(1, self.programs) / dev.sms)
+        waves = -(-self.programs // dev.sms)
+        quant = waves * dev.sms / max(1, self.programs) if self.programs > dev.sms else 1.0
+        mem = max(self.dram_bytes / dev.hbm, self.l2_bytes / dev.l2_bw) / fill
+        comp = self.flops_issued / (rate * self.eff) * quant / fill
+        return max(mem, comp)
+
+
+def _cd(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _gemm_launches(name, M, N, K, ea, eb, ec, bias, dev, cublas=False, cfg=None) -> list:
+    """Launches of ``C (M, N) = A (M, K)·B (K, N)`` with the tiling of ``cfg`` (default
+    :func:`gemm_config`): the main launch (split-K where the tile grid underfills) and, when split,
+    its fixed-order reduce. ``cublas``: the same tiling and traffic, at cuBLAS's full tensor-core
+    rate (we do not know cuBLAS's tiles better than ours; we know it reaches a higher rate)."""
+    c = cfg or gemm_config(M, N, K, dev.sms)
+    bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+    s = split_count(M, N, K, bm, bn, bk, dev.sms)
+    tiles = _cd(M, bm) * _cd(N, bn)
+    a_bytes, b_bytes = M * K * ea, K * N * eb
+    # every N tile re-reads its rows of A, every M tile its columns of B (from L2 when they fit)
+    l2 = a_bytes * _cd(N, bn) + b_bytes * _cd(M, bm)
+    dram = (a_bytes if a_bytes <= dev.l2_bytes else l2 / 2) + (b_bytes if b_bytes <= dev.l2_bytes else l2 / 2)
+    issued = 2.0 * _cd(M, bm) * bm * _cd(N, bn) * bn * _cd(K, bk) * bk
+    useful = 2.0 * M * N * K
+    # mma.sync tiles (BLOCK_M < 64) reach about half the wgmma rate on sm_90
+    eff = 1.0 if cublas else dev.triton_eff * (1.0 if bm >= 64 else 0.5)
+    out = M * N * ec
+    if s == 1:
+        return [Launch(name, tiles, dram + out, l2 + out, issued, useful, eff)]
+    ws = s * M * N * 4
+    spill = 0 if ws <= dev.l2_bytes else ws
+    red = REDUCE_FIXED
+    return [
+        Launch(name + ".splitk", tiles * s, dram + spill, l2 + ws, issued, useful, eff),
+        Launch(name + ".reduce", _cd(M, red["BLOCK_M"]) * _cd(N, red["BLOCK_N"]), spill + out, ws + out,
+               0.0, 0.0),
+    ]
+
+
+def plan(M: int, K: int, N: int, R: int, path: str, elem: int = 2, save_t: bool = False,
+         dev: CostDevice = COST_DEVICE) -> list:
+    """The launches of a forward ``y (M, N) = (x (M, K)·Vᵀ)·Uᵀ`` on ``path`` with their programs,
+    bytes and FLOPs (see :class:`Launch`); ``elem`` bytes per element of x, U, V and y."""
+    sms = dev.sms
+    if path == "fused":
+        c = chain_config(M, padded_rank(R))
+        bm, bn = c["BLOCK_M"], c["BLOCK_N"]
+        rp = padded_rank(R)
+        m_blocks, n_tiles = _cd(M, bm), _cd(N, bn)
+        split = max(1, min(n_tiles, (2 * sms) // m_blocks))
+        split = _cd(n_tiles, _cd(n_tiles, split))
+        progs = m_blocks * split
+        v, u = R * K * elem, N * R * elem
+        x_b, y_b = M * K * elem, M * N * elem
+        t_b = M * R * elem if save_t else 0
+        l2 = x_b * split + v * progs + u * m_blocks + y_b + t_b
+        dram = x_b + y_b + t_b + (v if v <= dev.l2_bytes else v * progs) + (u if u <= dev.l2_bytes else u * m_blocks)
+        issued = 2.0 * m_blocks * bm * rp * (_cd(K, c["BLOCK_K"]) * c["BLOCK_K"] * split + n_tiles * bn)
+        eff = dev.triton_eff * (1.0 if bm >= 64 else 0.5)
+        return [Launch("chain", progs, dram, l2, issued, 2.0 * M * R * (K + N), eff)]
+    cublas = path == "torch"
+    return (_gemm_launches("x·Vᵀ", M, R, K, elem, elem, elem, False, dev, cublas)
+            + _gemm_launches("t·Uᵀ", M, N, R, elem, elem, elem, True, dev, cublas))
+
+
+def predicted_seconds(M: int, K: int, N: int, R: int, path: str, elem: int = 2,
+                      dev: CostDevice = COST_DEVICE) -> float:
+    """Predicted forward time of ``path`` (sum over its launches; no launch overhead: a lower bound)."""
+    return sum(l.seconds(dev) for l in plan(M, K, N, R, path, elem, dev=dev))
+
+
+PATHS = ("fused", "two_gemm", "torch")
+
+
+def choose_path(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = None) -> str:
+    """The forward path for ``x (M, K)``, ``V (R, K)``, ``U (N, R)``, chosen by predicted cost.
+
+    Paths: ``'fused'`` (chain kernel, ``t`` in registers; needs ``padded_rank(R) <= 256``),
+    ``'two_gemm'`` (our Triton GEMMs, ``t`` through memory, split-K with a fixed-order reduce when
+    the tile grid gives fewer programs than SMs: the skinny/decode path), ``'torch'`` (two cuBLAS
+    products, ``torch.mm`` / ``torch.addmm``).
+
+    Cost model (:func:`plan`, :class:`CostDevice`): per launch
+    ``max(DRAM bytes / HBM, L2 bytes / L2 bandwidth, issued FLOPs / (rate·triton_eff) with wave
+    quantization) / min(1, programs / SMs)``, summed over launches; cuBLAS is given the same
+    tiling and traffic as ours at the full tensor-core rate. Our kernels win where the op is memory-bound and they fill the
+    GPU (a tie at equal bytes goes to our kernels, whose traffic is counted rather than assumed);
+    cuBLAS wins where it is compute-bound, since ``triton_eff = 0.8``. Resulting switch points
+    (bf16, ratio 0.25, H200 figures; ``M`` from which ``'torch'`` is chosen): d = 2048: 2048,
+    d = 4096: 1024, d = 8192: 512 (128 at a near-tie); d <= 1024 stays memory-bound on our split
+    GEMMs up to M = 16384. Predicted at M = 16: d = 4096 2.2 µs (dense ``F.linear`` 7.1 µs, 3.3x),
+    d = 8192 7.4 µs (28.1 µs, 3.8x); at M = 16384 the cuBLAS path, 3.8-3.9x dense (forward). To be
+    recalibrated with ``make gpu-check``. fp16 never takes ``'torch'``: its intermediate is fp32
+    (range) and cuBLAS has no fp32 x fp16 product; those products stay on our TF32 GEMM.
+
+    ``FASTFACTOR_LOWRANK_PATH=fused|two_gemm|torch`` forces a path (``fused`` falls back to
+    ``two_gemm`` where the rank does not fit the registers).
+    """
+    fits = padded_rank(R) <= FUSED_MAX_R
+    forced = os.environ.get("FASTFACTOR_LOWRANK_PATH")
+    if forced:
+        if forced not in PATHS:
+            raise ValueError(
+                f"FASTFACTOR_LOWRANK_PATH: expected one of {', '.join(PATHS)}, got {forced!r}"
+            )
+        if forced == "fused" and not fits:
+            return "two_gemm"
+        return forced
+    if min(M, K, N, R) <= 0:
+        return "two_gemm"  # nothing to choose: the launchers handle empty products without a kernel
+    cands = ["two_gemm"] + (["fused"] if fits else [])
+    if dtype != torch.float16:
+        cands.append("torch")
+    elem = 4 if dtype == torch.float32 else 2
+    cost = {p: predicted_seconds(M, K, N, R, p, elem) for p in cands}
+    best = min(cands, key=lambda p: (cost[p], p == "torch"))  # ties: our kernels
+    return best
 
 
 # ============================================================================================
 # Launchers
 # ============================================================================================
 
-def choose_path(M: int, K: int, N: int, R: int) -> str:
-    """``'fused'`` (chain kernel, intermediate on chip) or ``'two_gemm'`` (intermediate through
-    device memory) for a forward of this shape.
+def row_sums(a: torch.Tensor, splits: Optional[int] = None) -> torch.Tensor:
+    """``a (M, K) -> Σ_k a[:, k]`` in fp32 (fp64 for fp64), any strides: the bias gradient
+    ``db = Σ_m g`` as ``row_sums(g.t())``. Deterministic: ``S`` programs per row block each sum a
+    fixed range of ``K`` (``S`` chosen so the launch fills the GPU), then a fixed-order reduce."""
+    M, K = a.shape
+    acc = acc_dtype(a.dtype)
+    if M == 0 or K == 0:
+        return torch.zeros((M,), device=a.device, dtype=acc)
+    sms = num_sms(a.device)
+    cfg = ROWSUM_INTERP if is_interpreter() else ROWSUM_FIXED
+    s = splits or split_count(M, 1, K, cfg["BLOCK_M"], 1, cfg["BLOCK_K"], sms)
+    ws = torch.empty((s, M), device=a.device, dtype=acc)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), s)
+    _rowsum_tuned[grid](a, ws, M, K, a.stride(0), a.stride(1), FP64=acc == torch.float64)
+    if s == 1:
+        return ws[0]
+    out = torch.empty((M,), device=a.device, dtype=acc)
+    _reduce(ws.view(s, 1, M), None, out.view(1, M))
+    return out
 
-    The rule: the fused chain needs ``next_pow2(R) <= FUSED_MAX_R``; beyond that only the two-GEMM
-    path exists. Within it, the fused chain wins where the op is bound by memory traffic and
-    launch latency (few rows); at many rows both GEMMs are compute-bound, the intermediate's round
-    trip costs ``2·M·R`` elements against ``M·(K + N)`` already moved, and the two-GEMM path's
-    larger tiles win. The threshold below is provisional until measured on a GPU (BENCHMARKS.md);
-    ``FASTFACTOR_LOWRANK_PATH=fused|two_gemm`` forces a path.
-    """
-    forced = os.environ.get("FASTFACTOR_LOWRANK_PATH")
-    if forced:
-        if forced not in ("fused", "two_gemm"):
-            raise ValueError(
-                f"FASTFACTOR_LOWRANK_PATH: expected 'fused' or 'two_gemm', got {forced!r}"
-            )
-        if forced == "fused" and _pad_rank(R) > FUSED_MAX_R:
-            return "two_gemm"
-        return forced
-    if _pad_rank(R) > FUSED_MAX_R:
-        return "two_gemm"
-    return "fused" if M <= 2048 else "two_gemm"
+
+def _reduce(ws: torch.Tensor, bias: Optional[torch.Tensor], c: torch.Tensor) -> None:
+    """``c = Σ_s ws[s] (+ bias)`` in the fixed order s = 0, 1, ..."""
+    S, M, N = ws.shape
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
+    _reduce_tuned[grid](ws, bias if bias is not None else c, c, S, M, N, c.stride(0), c.stride(1),
+                        HAS_BIAS=bias is not None)
 
 
 def gemm(
@@ -456,37 +882,49 @@ def gemm(
     bias: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
     rowsum: bool = False,
+    splits: Optional[int] = None,
 ):
     """``a (M, K) · b (K, N) (+ bias)`` with the Triton GEMM; any strides.
 
-    Returns ``c`` or, with ``rowsum=True``, ``(c, a.sum(1) in fp32, fp64 for fp64 inputs)``.
+    When the output tiles alone give fewer programs than SMs, the ``K`` reduction is split over
+    ``S`` programs per tile (:func:`split_count`; ``splits`` forces it): each writes an fp32
+    partial to a workspace ``(S, M, N)``, and a second launch sums them in the order s = 0, 1, ...
+    (no atomics: bitwise reproducible), adds the bias and rounds once.
+
+    Returns ``c`` or, with ``rowsum=True``, ``(c, a.sum(1) in fp32, fp64 for fp64 inputs)`` (its
+    own reduction, :func:`row_sums`, not a term of the GEMM's main loop).
     """
     M, K = a.shape
     N = b.shape[1]
     c = torch.empty((M, N), device=a.device, dtype=out_dtype or a.dtype)
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-    rs = torch.empty((M,), device=a.device, dtype=acc) if rowsum else c
-    if M > 0 and N == 0 and rowsum:
-        rs.copy_(a.sum(1, dtype=acc))  # no output column: no program runs to take the row sums
     if M > 0 and N > 0:
         if K == 0:
             c.zero_()
             if bias is not None:
                 c += bias
-            if rowsum:
-                rs.zero_()
         else:
-            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+            acc = acc_dtype(a.dtype)
+            if splits is None:
+                cfg = GEMM_INTERP if is_interpreter() else gemm_config(M, N, K, num_sms(a.device))
+                splits = split_count(M, N, K, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"],
+                                     num_sms(a.device))
+            s = max(1, int(splits))
+            ws = torch.empty((s, M, N), device=a.device, dtype=acc) if s > 1 else c
+            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), s)
             _gemm_tuned[grid](
-                a, b, c, bias if bias is not None else c, rs,
+                a, b, c, bias if bias is not None else c, ws,
                 M, N, K,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-                HAS_BIAS=bias is not None, ROWSUM=rowsum,
+                HAS_BIAS=bias is not None, SPLIT=s > 1,
                 UPCAST=upcast_dots(), FP64=a.dtype == torch.float64, MIXED=a.dtype != b.dtype,
                 # an fp32 intermediate against fp16 data: TF32 keeps fp16's mantissa, nothing is lost
                 PRECISION="tf32" if a.dtype != b.dtype else dot_precision(a.dtype),
             )
-    return (c, rs) if rowsum else c
+            if s > 1:
+                _reduce(ws, bias, c)
+    if rowsum:
+        return c, row_sums(a)
+    return c
 
 
 def chain(
@@ -498,13 +936,14 @@ def chain(
 ):
     """``z = (a·w1ᵀ)·w2ᵀ (+ bias)`` with the fused chain kernel; returns ``(z, t or None)``.
 
-    a: (M, K), w1: (R, K), w2: (N, R); any strides. Needs ``next_pow2(R) <= FUSED_MAX_R``.
+    a: (M, K), w1: (R, K), w2: (N, R); any strides. Needs ``padded_rank(R) <= FUSED_MAX_R``
+    (the rank padded to a multiple of 16, kept as up to three power-of-two register tiles).
     """
     M, K = a.shape
     R = w1.shape[0]
     N = w2.shape[0]
-    r_pad = _pad_rank(R)
-    if r_pad > FUSED_MAX_R:
+    pieces = rank_pieces(R)
+    if sum(pieces) > FUSED_MAX_R:
         raise ValueError(f"chain: rank must be <= {FUSED_MAX_R} for the fused kernel, got {R}")
     z = torch.empty((M, N), device=a.device, dtype=a.dtype)
     t_dtype = intermediate_dtype(a.dtype)
@@ -521,14 +960,24 @@ def chain(
     t_arg = t if t is not None else z
     _chain_tuned[row_block_grid(M, N, a.device)](
         a, w1, w2, bias if bias is not None else z, z, t_arg,
-        M, K, N, R, min(_next_pow2(M), 1 << 16),
+        M, K, N, R, m_bucket(M),
         a.stride(0), a.stride(1), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
         z.stride(0), z.stride(1), t_arg.stride(0), t_arg.stride(1),
         HAS_BIAS=bias is not None, STORE_T=store_t, T_FP32=t_dtype != a.dtype,
         UPCAST=upcast_dots(), PRECISION=dot_precision(a.dtype), FP64=a.dtype == torch.float64,
-        R_PAD=r_pad,
+        R0=pieces[0], R1=pieces[1], R2=pieces[2],
     )
     return z, t
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype):
+    """One cuBLAS product (the ``'torch'`` path): ``torch.mm`` / ``torch.addmm`` in the operands'
+    dtype (fp32 accumulation inside cuBLAS). fp16 products whose intermediate is fp32 go to the
+    Triton GEMM instead (cuBLAS has no fp32 x fp16 product)."""
+    if a.dtype != b.dtype:
+        return gemm(a, b, bias=bias, out_dtype=out_dtype)
+    c = torch.addmm(bias, a, b) if bias is not None else torch.mm(a, b)
+    return c if c.dtype == out_dtype else c.to(out_dtype)
 
 
 def lowrank_fwd(
@@ -542,10 +991,15 @@ def lowrank_fwd(
     """Forward launcher: ``(y, t or None)`` for ``x (M, K)``, ``u (N, R)``, ``v (R, K)``."""
     M, K = x.shape
     N, R = u.shape
-    path = path or choose_path(M, K, N, R)
+    path = path or choose_path(M, K, N, R, x.dtype)
     if path == "fused":
         return chain(x, v, u, bias, store_t=save_t)
-    t = gemm(x, v.t(), out_dtype=intermediate_dtype(x.dtype))
+    inter = intermediate_dtype(x.dtype)
+    if path == "torch" and inter == x.dtype and M > 0 and K > 0 and R > 0:
+        t = _mm(x, v.t(), None, inter)
+        y = _mm(t, u.t(), bias, x.dtype)
+        return y, (t if save_t else None)
+    t = gemm(x, v.t(), out_dtype=inter)
     y = gemm(t, u.t(), bias=bias, out_dtype=x.dtype)
     return y, (t if save_t else None)
 
@@ -565,12 +1019,14 @@ def lowrank_bwd(
     """Backward launcher: ``(dx, du, dv, db)`` (``None`` where not needed).
 
     g: (M, N) upstream gradient, x: (M, K), u: (N, R), v: (R, K), t: (M, R) saved ``x·Vᵀ`` or
-    None (recomputed then).
+    None (recomputed then). The weight gradients reduce over all ``M`` rows: on our kernels that
+    reduction is split over programs (split-K, fixed-order reduce) whenever the output tiles alone
+    would leave SMs idle; ``db`` is its own split reduction (:func:`row_sums`).
     """
     M, K = x.shape
     N, R = u.shape
     dx = du = dv = db = None
-    path = path or choose_path(M, N, K, R)
+    path = path or choose_path(M, N, K, R, g.dtype)
     if M == 0:
         z = lambda *s, like: torch.zeros(s, device=like.device, dtype=like.dtype)
         return (
@@ -579,21 +1035,25 @@ def lowrank_bwd(
             z(R, K, like=v) if need_v else None,
             z(N, like=u) if has_bias else None,
         )
+    inter = intermediate_dtype(g.dtype)
+    use_mm = path == "torch" and inter == g.dtype and N > 0 and K > 0 and R > 0
+    mm = (lambda a, b, out_dtype: _mm(a, b, None, out_dtype)) if use_mm else (
+        lambda a, b, out_dtype: gemm(a, b, out_dtype=out_dtype))
     dt = None
     if need_x:
         if path == "fused":
             dx, dt = chain(g, u.t(), v.t(), None, store_t=need_v)   # dt = g·U, dx = dt·V
         else:
-            dt = gemm(g, u, out_dtype=intermediate_dtype(g.dtype))
-            dx = gemm(dt, v, out_dtype=x.dtype)
+            dt = mm(g, u, inter)
+            dx = mm(dt, v, x.dtype)
     elif need_v:
-        dt = gemm(g, u, out_dtype=intermediate_dtype(g.dtype))
-    if need_u or has_bias:
+        dt = mm(g, u, inter)
+    if need_u:
         if t is None:
-            t = gemm(x, v.t(), out_dtype=intermediate_dtype(x.dtype))
-        du_, db32 = gemm(g.t(), t, rowsum=True, out_dtype=u.dtype)  # dU = gᵀ·t, db = Σ_m g
-        du = du_ if need_u else None
-        db = db32.to(g.dtype) if has_bias else None
+            t = mm(x, v.t(), intermediate_dtype(x.dtype))
+        du = mm(g.t(), t, u.dtype)                                   # dU = gᵀ·t
+    if has_bias:
+        db = (g.sum(0, dtype=acc_dtype(g.dtype)) if use_mm else row_sums(g.t())).to(g.dtype)  # db = Σ_m g
     if need_v:
-        dv = gemm(dt.t(), x, out_dtype=v.dtype)                   # dV = dtᵀ·x
+        dv = mm(dt.t(), x, v.dtype)                                  # dV = dtᵀ·x
     return dx, du, dv, db

@@ -124,7 +124,10 @@ from ._config import (
     HAS_TRITON,
     KernelSpec,
     Tunable,
+    acc_dtype,
     dot_precision,
+    m_bucket,
+    next_pow2,
     register_kernel,
     upcast_dots,
 )
@@ -238,7 +241,7 @@ def monarch_linear_ref(
     b, _, _, nb = factor_dims(w1, w2)
     if out_features is None:
         out_features = bias.shape[0] if bias is not None else b * nb
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     return monarch_bmm(x, w1, w2, bias, out_features, strided, acc_dtype=acc)
 
 
@@ -265,7 +268,7 @@ def monarch_bwd_ref(g, x, w1, w2, h, strided, need_x=True, need_w1=True, need_w2
     b, r, kb, nb = factor_dims(w1, w2)
     M, N = g.shape
     K = x.shape[1]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     inter = intermediate_dtype(x.dtype)
     gy = g.to(acc)
     if b * nb != N:
@@ -302,14 +305,13 @@ def monarch_bwd_ref(g, x, w1, w2, h, strided, need_x=True, need_w1=True, need_w2
 # Kernels
 # ============================================================================================
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-# Autotune spaces. The first entry is the one the interpreter runs (small, fast).
+# Autotune spaces, each with two named members: *_INTERP, the one config the interpreter runs, and
+# *_FIXED, the one deterministic runs launch (kernels._config.Tunable).
+CHAIN_INTERP = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_R=16, num_warps=4, num_stages=2)
+CHAIN_FIXED = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_R=32, num_warps=4, num_stages=3)
 CHAIN_SPACE = [
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_R=16, num_warps=4, num_stages=2),
-    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_R=32, num_warps=4, num_stages=3),
+    CHAIN_INTERP,
+    CHAIN_FIXED,
     dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, BLOCK_R=16, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_R=32, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16, num_warps=4, num_stages=3),
@@ -318,9 +320,11 @@ CHAIN_SPACE = [
     dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, BLOCK_R=16, num_warps=4, num_stages=3),
 ]
 
+BGEMM_INTERP = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2)
+BGEMM_FIXED = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 BGEMM_SPACE = [
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    BGEMM_INTERP,
+    BGEMM_FIXED,
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
@@ -348,8 +352,8 @@ def _prune_chain(configs_, named_args, **kwargs):
     """Drop configs whose rank chunk or output tile is far larger than the problem's, and, with
     an fp32 intermediate, those :func:`chain_space` leaves out."""
     get = lambda k: kwargs.get(k, named_args.get(k))
-    r_pad = max(16, _next_pow2(get("R")))
-    sb_pad = max(16, _next_pow2(get("SB")))
+    r_pad = max(16, next_pow2(get("R")))
+    sb_pad = max(16, next_pow2(get("SB")))
     max_tile = _H_FP32_MAX_TILE if get("H_FP32") else 1 << 30
     kept = [
         c for c in configs_
@@ -562,60 +566,36 @@ if HAS_TRITON:
     _chain_tuned = Tunable(
         _chain_kernel, CHAIN_SPACE,
         key=["M_BUCKET", "NB", "R", "CB", "SB", "STORE_H", "H_FP32"],
-        prune=_prune_chain,
+        prune=_prune_chain, interpreter=CHAIN_INTERP, deterministic=CHAIN_FIXED,
     )
-    _bgemm_tuned = Tunable(_bgemm_kernel, BGEMM_SPACE, key=["G", "I", "J", "KR", "MIXED"])
+    _bgemm_tuned = Tunable(_bgemm_kernel, BGEMM_SPACE, key=["G", "I", "J", "KR", "MIXED"],
+                           interpreter=BGEMM_INTERP, deterministic=BGEMM_FIXED)
 
-    # ---- compile-tier registration ----
-    _CHAIN_INTS = (
-        "M NB R CB SB F_IN F_OUT M_BUCKET IQ IC OP OS stride_am stride_af s1q s1p s1t s1c "
-        "s2p s2s s2q s2t stride_zm stride_zf shm shq shp sht"
-    ).split()
-    _BGEMM_INTS = (
-        "G I J KR sag sai sak FAG FAI FAK FA_LIM sbg sbk sbj FBG FBK FBJ FB_LIM "
-        "scg sci scj scj_hi CSPLIT FCG FCJ FC_LIM"
-    ).split()
-
-    def _chain_signature(dt: str, h_dt: Optional[str] = None) -> dict:
-        ptr = f"*{dt}"
-        sig = {n: ptr for n in ("a_ptr", "w1_ptr", "w2_ptr", "bias_ptr", "z_ptr")}
-        sig["h_ptr"] = f"*{h_dt or dt}"
-        sig.update({n: "i32" for n in _CHAIN_INTS})
-        return sig
-
-    def _bgemm_signature(dt: str, a_dt: Optional[str] = None, c_dt: Optional[str] = None) -> dict:
-        ptr = f"*{dt}"
-        sig = {"a_ptr": f"*{a_dt or dt}", "b_ptr": ptr, "c_ptr": f"*{c_dt or dt}", "bias_ptr": ptr,
-               "rowsum_ptr": "*fp32"}
-        sig.update({n: "i32" for n in _BGEMM_INTS})
-        return sig
-
+    # ---- compile-tier registration (signatures derived from the kernels' arguments) ----
     # innermost strides that are 1 in the common (contiguous) call: compile-check also compiles the
-    # specialization where they are the constant 1 (field present in newer registries only)
-    def _unit(*names):
-        return {"unit_args": names} if "unit_args" in getattr(KernelSpec, "__dataclass_fields__", {}) else {}
+    # specialization where they are the constant 1
+    _CHAIN_UNIT = ("stride_af", "IC", "s1c", "s2t", "stride_zf", "sht")
 
     register_kernel(KernelSpec(
         name="monarch.chain",
         fn=_chain_kernel,
-        signature=_chain_signature,
         constexprs=[
             dict(HAS_BIAS=True, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False),
             dict(HAS_BIAS=False, STORE_H=False, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False),
         ],
         space=CHAIN_SPACE,
-        **_unit("stride_af", "IC", "s1c", "s2t", "stride_zf", "sht"),
+        unit_args=_CHAIN_UNIT,
     ))
     register_kernel(KernelSpec(
         name="monarch.bgemm",
         fn=_bgemm_kernel,
-        signature=_bgemm_signature,
+        pointers={"rowsum_ptr": "fp32"},
         constexprs=[
             dict(HAS_BIAS=True, ROWSUM=False, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False),
             dict(HAS_BIAS=False, ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False),
         ],
         space=BGEMM_SPACE,
-        **_unit("scj",),
+        unit_args=("scj",),
     ))
     # fp16 inputs keep the intermediate in fp32: the fused chain with H_FP32 storing an fp32 h,
     # and the batched GEMM with MIXED operands, fp32 A against fp16 B (stage 2 h·w2, dx = dh·w1,
@@ -624,24 +604,24 @@ if HAS_TRITON:
     register_kernel(KernelSpec(
         name="monarch.chain_fp16",
         fn=_chain_kernel,
-        signature=lambda dt: _chain_signature(dt, h_dt="fp32"),
+        pointers={"h_ptr": "fp32"},
         constexprs=[
             dict(HAS_BIAS=True, STORE_H=True, H_FP32=True, UPCAST=False, PRECISION="tf32", FP64=False),
         ],
         space=chain_space,
         dtypes=("fp16",),
-        **_unit("stride_af", "IC", "s1c", "s2t", "stride_zf", "sht"),
+        unit_args=_CHAIN_UNIT,
     ))
     register_kernel(KernelSpec(
         name="monarch.bgemm_fp16",
         fn=_bgemm_kernel,
-        signature=lambda dt: _bgemm_signature(dt, a_dt="fp32"),
+        pointers={"a_ptr": "fp32", "rowsum_ptr": "fp32"},
         constexprs=[
             dict(HAS_BIAS=True, ROWSUM=False, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=True),
         ],
         space=BGEMM_SPACE,
         dtypes=("fp16",),
-        **_unit("scj",),
+        unit_args=("scj",),
     ))
 
 
@@ -717,7 +697,7 @@ def _chain(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, imap,
 
     _chain_tuned[grid](
         a, w1t, w2t, bias if bias is not None else z, z, ht,
-        M, NB, R, CB, SB, F_IN, F_OUT, min(_next_pow2(max(M, 1)), 1 << 16),
+        M, NB, R, CB, SB, F_IN, F_OUT, m_bucket(M),
         *imap, *omap,
         a.stride(0), a.stride(1), *s1, *s2, z.stride(0), z.stride(1), *sh,
         HAS_BIAS=bias is not None, STORE_H=h is not None, H_FP32=h_fp32,
@@ -859,7 +839,7 @@ def monarch_bwd(
     if need_w2 or has_bias:
         if need_w2 and hbuf is None:
             _, hbuf = monarch_fwd(x, w1, w2, None, N, strided, save_h=True, path="two_stage")
-        db32 = torch.empty((N,), device=g.device, dtype=torch.float64 if g.dtype == torch.float64 else torch.float32) if has_bias else None
+        db32 = torch.empty((N,), device=g.device, dtype=acc_dtype(g.dtype)) if has_bias else None
         if need_w2:
             dw2 = torch.empty_like(w2, memory_format=torch.contiguous_format)
             hb = hbuf

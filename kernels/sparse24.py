@@ -1,4 +1,10 @@
-"""2:4 semi-structured sparsity: format, pruning, sparse linear and the fused dense-sparse product.
+"""2:4 semi-structured sparsity, device side: the packed layout's references, the pruning, sparse
+linear and fused dense-sparse kernels and their launchers.
+
+The :class:`~fastfactor.formats.sparse24.Sparse24Weight` container, :func:`pack_24`, the public
+pruning API (:func:`prune_24`, :func:`mask_24`, with their argument checks) and the conversion to
+PyTorch's CUTLASS / semi-structured layout live on the library side, in
+:mod:`fastfactor.formats.sparse24`; the layout they share with these kernels is described here.
 
 The 2:4 pattern
 ---------------
@@ -8,8 +14,8 @@ every group of 4 consecutive input elements of a row ``W[r, 4g:4g+4]`` at most 2
 dimension is not a multiple of 4 is refused with a ``ValueError``; pad it with zero columns and
 pad ``x`` the same way if you need such a layer).
 
-Packed form (:class:`Sparse24Weight`)
--------------------------------------
+Packed form (``fastfactor.formats.sparse24.Sparse24Weight``)
+----------------------------------------------------------
 * ``values (R, K/2)``, the weight's dtype: for group ``g`` of row ``r``, ``values[r, 2g]`` and
   ``values[r, 2g+1]`` are the entries at in-group positions ``i0 < i1``.
 * ``meta (R, ceil(K/8))`` ``uint8``: one 4-bit code per group, ``code = i0 | (i1 << 2)``; byte ``j``
@@ -24,7 +30,7 @@ PyTorch's CUTLASS path computes (``idx0 | idx1 << 2``, lowest index first) and t
 in the same order, so ``values`` *is* CUTLASS's compressed matrix for fp16/bf16. The metadata
 differs only in container and order: CUTLASS packs 4 codes into an ``int16`` (our byte pair read
 little-endian) and then permutes those ``int16`` words into its interleaved column-major tile
-order. :func:`to_cutlass_layout` does that conversion; :func:`to_torch_semi_structured` builds the
+order. ``fastfactor.formats.sparse24.to_cutlass_layout`` does that conversion; ``to_torch_semi_structured`` builds the
 ``torch.sparse`` tensor subclass (CUTLASS or cuSPARSELt backend) for ``F.linear``. fp32 has no
 2:4 tensor-core path in PyTorch (its CUTLASS fp32 format is 1:2), so those two refuse fp32.
 
@@ -80,7 +86,7 @@ Performance notes are design intent, not measurements: no GPU has run these kern
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -88,7 +94,9 @@ from ._config import (
     HAS_TRITON,
     KernelSpec,
     Tunable,
+    acc_dtype,
     dot_precision,
+    m_bucket,
     register_kernel,
     row_block_grid,
     upcast_dots,
@@ -101,107 +109,14 @@ if HAS_TRITON:
 
 
 # ============================================================================================
-# Format
+# The packed layout, in plain PyTorch (the kernels read and write exactly this; the
+# Sparse24Weight container, packing, the pruning API and the conversion to PyTorch's layout
+# live in fastfactor.formats.sparse24)
 # ============================================================================================
 
 def meta_cols(in_features: int) -> int:
     """Columns of the ``uint8`` metadata of a 2:4 weight with ``in_features`` inputs."""
     return (int(in_features) + 7) // 8
-
-
-def _check_in_features(name: str, k: int, shape) -> None:
-    if k % 4 != 0:
-        raise ValueError(
-            f"{name}: expected the input dimension (dim 1) to be a multiple of 4 (2:4 groups of "
-            f"4 consecutive inputs; no implicit padding), got shape {tuple(shape)}"
-        )
-
-
-class Sparse24Weight:
-    """A 2:4 sparse matrix ``(rows, in)`` in packed form (see the module docstring).
-
-    Attributes:
-        values: ``(rows, in/2)`` kept entries, the weight's dtype.
-        meta:   ``(rows, ceil(in/8))`` ``uint8`` 4-bit codes ``i0 | i1 << 2`` per group of 4.
-        shape:  ``(rows, in)`` of the dense matrix.
-
-    Build one with :func:`pack_24` (or :meth:`from_dense`); :meth:`to_dense` inverts it exactly.
-    The ops take it as an argument and hand its tensors to the registered custom ops.
-    """
-
-    __slots__ = ("values", "meta", "shape")
-
-    def __init__(self, values: torch.Tensor, meta: torch.Tensor, shape: Sequence[int]):
-        if not isinstance(values, torch.Tensor):
-            raise TypeError(f"values: expected a torch.Tensor, got {type(values).__name__}")
-        if not isinstance(meta, torch.Tensor):
-            raise TypeError(f"meta: expected a torch.Tensor, got {type(meta).__name__}")
-        shape = tuple(int(s) for s in shape)
-        if len(shape) != 2:
-            raise ValueError(f"shape: expected (rows, in), got {shape}")
-        rows, k = shape
-        _check_in_features("shape", k, shape)
-        if values.ndim != 2 or tuple(values.shape) != (rows, k // 2):
-            raise ValueError(
-                f"values: expected shape {(rows, k // 2)} (rows, in/2) for a 2:4 weight of shape "
-                f"{shape}, got {tuple(values.shape)}"
-            )
-        if meta.dtype != torch.uint8:
-            raise TypeError(f"meta: expected dtype uint8, got {str(meta.dtype).replace('torch.', '')}")
-        if meta.ndim != 2 or tuple(meta.shape) != (rows, meta_cols(k)):
-            raise ValueError(
-                f"meta: expected shape {(rows, meta_cols(k))} (rows, ceil(in/8)) for a 2:4 weight "
-                f"of shape {shape}, got {tuple(meta.shape)}"
-            )
-        if meta.device != values.device:
-            raise ValueError(f"meta: expected device {values.device} (the device of values), got {meta.device}")
-        self.values = values
-        self.meta = meta
-        self.shape = shape
-
-    # ---- properties ----
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    def __repr__(self) -> str:
-        return f"Sparse24Weight(shape={self.shape}, dtype={self.dtype}, device={self.device})"
-
-    # ---- conversions ----
-    @classmethod
-    def from_dense(cls, w_masked: torch.Tensor, mask: Optional[torch.Tensor] = None) -> "Sparse24Weight":
-        return pack_24(w_masked, mask)
-
-    def to_dense(self) -> torch.Tensor:
-        """The dense ``(rows, in)`` matrix, zeros at the pruned positions (exact)."""
-        return unpack_24(self.values, self.meta, self.shape[1])
-
-    def mask(self) -> torch.Tensor:
-        """The ``(rows, in)`` boolean mask of the kept positions (2 per group)."""
-        i0, i1 = _codes(self.meta, self.shape[1])
-        slot = torch.arange(4, device=self.meta.device)
-        m = (slot == i0[..., None]) | (slot == i1[..., None])
-        return m.reshape(self.shape)
-
-    def to(self, *args, **kwargs) -> "Sparse24Weight":
-        """Move/cast the values (``meta`` follows the device, stays ``uint8``)."""
-        v = self.values.to(*args, **kwargs)
-        return Sparse24Weight(v, self.meta.to(v.device), self.shape)
-
-    def validate(self) -> "Sparse24Weight":
-        """Check that every code names two distinct positions ``i0 < i1`` (raises ValueError)."""
-        i0, i1 = _codes(self.meta, self.shape[1])
-        bad = int((i0 >= i1).sum())
-        if bad:
-            raise ValueError(f"meta: expected codes i0 | i1 << 2 with i0 < i1, found {bad} invalid groups")
-        return self
-
-    def num_bytes(self) -> int:
-        return self.values.numel() * self.values.element_size() + self.meta.numel()
 
 
 def _codes(meta: torch.Tensor, k: int):
@@ -232,61 +147,9 @@ def compress_like(dense: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     return dense.reshape(rows, k // 4, 4).gather(-1, idx).reshape(rows, k // 2)
 
 
-def pack_24(w_masked: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Sparse24Weight:
-    """Pack a 2:4 sparse matrix ``(rows, in)``: ``to_dense()`` of the result equals it exactly.
-
-    Without ``mask`` the kept positions are the non-zeros of ``w_masked`` (a group with more than
-    2 non-zeros is an error; a group with fewer is completed with its lowest-index zeros). With a
-    boolean ``mask`` (at most 2 True per group) the kept positions are the mask's, completed the
-    same way, and entries of ``w_masked`` outside the mask are dropped (that is how a module with
-    a learned mask freezes its latent dense weight). ``-0.0`` counts as zero.
-    """
-    if not isinstance(w_masked, torch.Tensor):
-        raise TypeError(f"w_masked: expected a torch.Tensor, got {type(w_masked).__name__}")
-    if w_masked.ndim != 2:
-        raise ValueError(f"w_masked: expected a 2-D tensor (rows, in), got shape {tuple(w_masked.shape)}")
-    if not w_masked.is_floating_point():
-        raise TypeError(f"w_masked: expected a floating dtype, got {str(w_masked.dtype).replace('torch.', '')}")
-    rows, k = w_masked.shape
-    _check_in_features("w_masked", k, w_masked.shape)
-    g = w_masked.detach().reshape(rows, k // 4, 4)
-    if mask is None:
-        keep = g != 0
-        what = "w_masked"
-    else:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask: expected a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
-        if tuple(mask.shape) != (rows, k):
-            raise ValueError(f"mask: expected shape {(rows, k)} (the shape of w_masked), got {tuple(mask.shape)}")
-        keep = mask.to(g.device).reshape(rows, k // 4, 4)
-        what = "mask"
-    over = int((keep.sum(-1) > 2).sum())
-    if over:
-        raise ValueError(
-            f"{what}: expected at most 2 non-zeros in every group of 4 consecutive inputs (2:4), "
-            f"found {over} groups with more; prune first (prune_24)"
-        )
-    slot = torch.arange(4, device=g.device)
-    key = (~keep).to(torch.int64) * 4 + slot                             # kept first, then by index
-    idx = key.argsort(dim=-1)[..., :2].sort(dim=-1).values % 4           # (rows, K/4, 2), i0 < i1
-    vals = g.gather(-1, idx)
-    # completion slots (groups with fewer than 2 kept) hold zeros, whatever w_masked has there
-    vals = torch.where(keep.gather(-1, idx), vals, torch.zeros((), dtype=g.dtype, device=g.device))
-    values = vals.reshape(rows, k // 2).contiguous()
-    code = idx[..., 0] | (idx[..., 1] << 2)                              # (rows, K/4)
-    if code.shape[1] % 2:
-        code = torch.cat((code, code.new_zeros((rows, 1))), dim=1)
-    meta = (code[:, 0::2] | (code[:, 1::2] << 4)).to(torch.uint8).contiguous()
-    return Sparse24Weight(values, meta, (rows, k))
-
-
 # ============================================================================================
 # References
 # ============================================================================================
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def mask_24_ref(scores: torch.Tensor) -> torch.Tensor:
     """Boolean 2:4 mask keeping, per group of 4, the 2 largest ``scores`` (ties: lower index).
@@ -317,12 +180,33 @@ def sparse24_linear_ref(
     x: (..., K), values: (N, K/2), meta: (N, ceil(K/8)) uint8, bias: (N,) -> (..., N) in
     ``out_dtype`` (default x's dtype; the dense-sparse op asks for ``intermediate_dtype``).
     """
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     w = unpack_24(values.to(acc), meta, 2 * values.shape[1])
     y = torch.matmul(x.to(acc), w.t())
     if bias is not None:
         y = y + bias.to(acc)
     return y.to(out_dtype or x.dtype)
+
+
+def sparse24_bwd_ref(g, x, values, meta, has_bias=True, need_x=True, need_values=True):
+    """Backward of :func:`sparse24_linear_ref` (``g = dL/dy``), fp32 accumulation (fp64 stays fp64)::
+
+        dx  = g·W                      (M, K)    W = unpack(values, meta)
+        dv  = kept entries of gᵀ·x     (N, K/2)  the gradient of the stored values only
+        db  = Σ_m g                    (N,)
+
+    g: (M, N), x: (M, K), values: (N, K/2), meta: (N, ceil(K/8)) -> (dx, dv, db), None where not needed.
+    """
+    acc = acc_dtype(g.dtype)
+    g32 = g.to(acc)
+    dx = dv = db = None
+    if need_x:
+        dx = (g32 @ unpack_24(values.to(acc), meta, 2 * values.shape[1])).to(x.dtype)
+    if need_values:
+        dv = compress_like(g32.t() @ x.to(acc), meta).to(values.dtype)
+    if has_bias:
+        db = g32.sum(0).to(g.dtype)
+    return dx, dv, db
 
 
 def dense_sparse_linear_ref(
@@ -336,7 +220,7 @@ def dense_sparse_linear_ref(
     """``y = (x·Sᵀ)·Dᵀ + b`` with ``S (R, K)`` 2:4 and ``D (N, R)``; the intermediate is rounded
     to ``intermediate_dtype(x.dtype)`` as the kernels do (the input dtype; fp32 for fp16).
     -> (..., N) in x's dtype, or with ``return_t`` ``(y, t)``, ``t = x·Sᵀ`` in that dtype."""
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     inter = intermediate_dtype(x.dtype)
     s = unpack_24(s_values.to(acc), s_meta, 2 * s_values.shape[1])
     t = torch.matmul(x.to(acc), s.t())
@@ -350,26 +234,49 @@ def dense_sparse_linear_ref(
     return y.to(x.dtype)
 
 
+def dense_sparse_bwd_ref(g, x, d, s_values, s_meta, t=None, has_bias=True, need_x=True, need_d=True, need_s=True):
+    """Backward of :func:`dense_sparse_linear_ref` by the formulas of the module docstring
+    (``dt = g·D``, ``dx = dt·S``, ``dD = gᵀ·t``, ``dSv`` = kept entries of ``dtᵀ·x``, ``db = Σ g``),
+    fp32 accumulation, ``t`` (recomputed when ``None``) and ``dt`` rounded to
+    ``intermediate_dtype(x.dtype)`` like the kernels.
+
+    g: (M, N), x: (M, K), d: (N, R), s_values: (R, K/2), t: (M, R) or None -> (dx, dd, ds, db),
+    None where not needed.
+    """
+    acc = acc_dtype(x.dtype)
+    g32, x32, d32 = g.to(acc), x.to(acc), d.to(acc)
+    s32 = unpack_24(s_values.to(acc), s_meta, 2 * s_values.shape[1])
+    inter = intermediate_dtype(x.dtype)
+    t32 = t.to(acc) if t is not None else (x32 @ s32.t()).to(inter).to(acc)
+    dt = (g32 @ d32).to(inter).to(acc)
+    dx = (dt @ s32).to(x.dtype) if need_x else None
+    dd = (g32.t() @ t32).to(d.dtype) if need_d else None
+    ds = compress_like(dt.t() @ x32, s_meta).to(s_values.dtype) if need_s else None
+    db = g32.sum(0).to(g.dtype) if has_bias else None
+    return dx, dd, ds, db
+
+
 # ============================================================================================
 # Kernels
 # ============================================================================================
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-# Autotune spaces; the first entry is the interpreter's (small). BLOCK_K is a multiple of 8
+# Autotune spaces, each with two named members: *_INTERP, the one config the interpreter runs, and
+# *_FIXED, the one deterministic runs launch (kernels._config.Tunable). BLOCK_K is a multiple of 8
 # (whole metadata bytes) and every dot dimension is >= 16.
+PRUNE_INTERP = dict(BLOCK_R=16, BLOCK_G=8, num_warps=4, num_stages=1)
+PRUNE_FIXED = dict(BLOCK_R=32, BLOCK_G=64, num_warps=4, num_stages=1)
 PRUNE_SPACE = [
-    dict(BLOCK_R=16, BLOCK_G=8, num_warps=4, num_stages=1),
-    dict(BLOCK_R=32, BLOCK_G=64, num_warps=4, num_stages=1),
+    PRUNE_INTERP,
+    PRUNE_FIXED,
     dict(BLOCK_R=64, BLOCK_G=32, num_warps=4, num_stages=1),
 ]
 
 # y = x·Wᵀ: BLOCK_N weight rows x BLOCK_M token rows per program
+MM_INTERP = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2)
+MM_FIXED = dict(BLOCK_N=128, BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4)
 MM_SPACE = [
-    dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2),
-    dict(BLOCK_N=128, BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4),
+    MM_INTERP,
+    MM_FIXED,
     dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=256, num_warps=4, num_stages=3),
     dict(BLOCK_N=128, BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=4),
     dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=4),
@@ -378,26 +285,32 @@ MM_SPACE = [
 ]
 
 # dx = g·W: BLOCK_M x BLOCK_K output tile, reduction over BLOCK_N weight rows
+DX_INTERP = dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=16, num_warps=4, num_stages=2)
+DX_FIXED = dict(BLOCK_M=16, BLOCK_K=128, BLOCK_N=64, num_warps=4, num_stages=4)
 DX_SPACE = [
-    dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=16, num_warps=4, num_stages=2),
-    dict(BLOCK_M=16, BLOCK_K=128, BLOCK_N=64, num_warps=4, num_stages=4),
+    DX_INTERP,
+    DX_FIXED,
     dict(BLOCK_M=64, BLOCK_K=128, BLOCK_N=64, num_warps=4, num_stages=4),
     dict(BLOCK_M=128, BLOCK_K=128, BLOCK_N=32, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_K=256, BLOCK_N=32, num_warps=8, num_stages=3),
 ]
 
 # dvalues = kept(gᵀ·x): BLOCK_N x BLOCK_K dense tile, reduction over BLOCK_M token rows
+DV_INTERP = dict(BLOCK_N=16, BLOCK_K=32, BLOCK_M=16, num_warps=4, num_stages=2)
+DV_FIXED = dict(BLOCK_N=64, BLOCK_K=128, BLOCK_M=64, num_warps=4, num_stages=3)
 DV_SPACE = [
-    dict(BLOCK_N=16, BLOCK_K=32, BLOCK_M=16, num_warps=4, num_stages=2),
-    dict(BLOCK_N=64, BLOCK_K=128, BLOCK_M=64, num_warps=4, num_stages=3),
+    DV_INTERP,
+    DV_FIXED,
     dict(BLOCK_N=128, BLOCK_K=128, BLOCK_M=32, num_warps=8, num_stages=3),
     dict(BLOCK_N=128, BLOCK_K=64, BLOCK_M=64, num_warps=4, num_stages=4),
 ]
 
 # fused dense-sparse: BLOCK_M token rows; the intermediate is R_PAD x BLOCK_M fp32
+DS_INTERP = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=2)
+DS_FIXED = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3)
 DS_SPACE = [
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=2),
-    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3),
+    DS_INTERP,
+    DS_FIXED,
     dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
@@ -788,71 +701,41 @@ if HAS_TRITON:
             )
 
     # autotuned launchers; in deterministic mode they run one fixed config (kernels._config.Tunable)
-    _prune24_tuned = Tunable(_prune24_kernel, PRUNE_SPACE, key=["R", "G"])
-    _sp_mm_tuned = Tunable(_sp_mm_kernel, MM_SPACE, key=["M_BUCKET", "N", "K"])
-    _sp_dx_tuned = Tunable(_sp_dx_kernel, DX_SPACE, key=["M", "N", "K", "MIXED"])
-    _sp_dv_tuned = Tunable(_sp_dvalues_kernel, DV_SPACE, key=["M", "N", "K", "MIXED"])
+    _prune24_tuned = Tunable(_prune24_kernel, PRUNE_SPACE, key=["R", "G"],
+                             interpreter=PRUNE_INTERP, deterministic=PRUNE_FIXED)
+    _sp_mm_tuned = Tunable(_sp_mm_kernel, MM_SPACE, key=["M_BUCKET", "N", "K"],
+                           interpreter=MM_INTERP, deterministic=MM_FIXED)
+    _sp_dx_tuned = Tunable(_sp_dx_kernel, DX_SPACE, key=["M", "N", "K", "MIXED"],
+                           interpreter=DX_INTERP, deterministic=DX_FIXED)
+    _sp_dv_tuned = Tunable(_sp_dvalues_kernel, DV_SPACE, key=["M", "N", "K", "MIXED"],
+                           interpreter=DV_INTERP, deterministic=DV_FIXED)
     _ds_chain_tuned = Tunable(
         _ds_chain_kernel, DS_SPACE,
         key=["M_BUCKET", "K", "N", "R_PAD", "STORE_T", "T_FP32"],
-        prune=_prune_ds,
+        prune=_prune_ds, interpreter=DS_INTERP, deterministic=DS_FIXED,
     )
 
-    # ---- compile-tier registration ----
-    def _i32(*names):
-        return {n: "i32" for n in names}
-
-    def _prune_sig(dt: str) -> dict:
-        p = f"*{dt}"
-        return {"w_ptr": p, "s_ptr": p, "out_ptr": p, "mask_ptr": "*u8",
-                **_i32("R", "G", "stride_wr", "stride_wk", "stride_sr", "stride_sk",
-                       "stride_or", "stride_ok", "stride_mr", "stride_mk")}
-
-    def _mm_sig(dt: str) -> dict:
-        p = f"*{dt}"
-        return {"x_ptr": p, "vals_ptr": p, "meta_ptr": "*u8", "bias_ptr": p, "y_ptr": p,
-                **_i32("M", "N", "K", "M_BUCKET", "stride_xm", "stride_xk", "stride_vn", "stride_vc",
-                       "stride_mn", "stride_mc", "stride_ym", "stride_yn")}
-
-    def _dx_sig(dt: str, g_dt: Optional[str] = None) -> dict:
-        p = f"*{dt}"
-        return {"g_ptr": f"*{g_dt or dt}", "vals_ptr": p, "meta_ptr": "*u8", "dx_ptr": p,
-                **_i32("M", "N", "K", "stride_gm", "stride_gn", "stride_vn", "stride_vc",
-                       "stride_mn", "stride_mc", "stride_dm", "stride_dk")}
-
-    def _dv_sig(dt: str, g_dt: Optional[str] = None) -> dict:
-        p = f"*{dt}"
-        return {"g_ptr": f"*{g_dt or dt}", "x_ptr": p, "meta_ptr": "*u8", "dv_ptr": p,
-                **_i32("M", "N", "K", "stride_gm", "stride_gn", "stride_xm", "stride_xk",
-                       "stride_mn", "stride_mc", "stride_dn", "stride_dc")}
-
-    def _ds_sig(dt: str, t_dt: Optional[str] = None) -> dict:
-        p = f"*{dt}"
-        return {"x_ptr": p, "svals_ptr": p, "smeta_ptr": "*u8", "d_ptr": p, "bias_ptr": p,
-                "y_ptr": p, "t_ptr": f"*{t_dt or dt}",
-                **_i32("M", "K", "N", "R", "M_BUCKET", "stride_xm", "stride_xk", "stride_sr",
-                       "stride_sc", "stride_mr", "stride_mc", "stride_dn", "stride_dr",
-                       "stride_ym", "stride_yn", "stride_tm", "stride_tr")}
-
+    # ---- compile-tier registration (signatures derived from the kernels' arguments) ----
+    _U8 = "u8"
     _DOT = dict(UPCAST=False, PRECISION="tf32")
     register_kernel(KernelSpec(
-        name="sparse24.prune", fn=_prune24_kernel, signature=_prune_sig,
+        name="sparse24.prune", fn=_prune24_kernel, pointers={"mask_ptr": _U8},
         constexprs=[dict(HAS_SCORES=False), dict(HAS_SCORES=True)], space=PRUNE_SPACE,
     ))
     register_kernel(KernelSpec(
-        name="sparse24.mm", fn=_sp_mm_kernel, signature=_mm_sig,
+        name="sparse24.mm", fn=_sp_mm_kernel, pointers={"meta_ptr": _U8},
         constexprs=[dict(HAS_BIAS=True, **_DOT), dict(HAS_BIAS=False, **_DOT)], space=MM_SPACE,
     ))
     register_kernel(KernelSpec(
-        name="sparse24.dx", fn=_sp_dx_kernel, signature=_dx_sig,
+        name="sparse24.dx", fn=_sp_dx_kernel, pointers={"meta_ptr": _U8},
         constexprs=[dict(MIXED=False, **_DOT)], space=DX_SPACE,
     ))
     register_kernel(KernelSpec(
-        name="sparse24.dvalues", fn=_sp_dvalues_kernel, signature=_dv_sig,
+        name="sparse24.dvalues", fn=_sp_dvalues_kernel, pointers={"meta_ptr": _U8},
         constexprs=[dict(MIXED=False, **_DOT)], space=DV_SPACE,
     ))
     register_kernel(KernelSpec(
-        name="sparse24.ds_chain", fn=_ds_chain_kernel, signature=_ds_sig,
+        name="sparse24.ds_chain", fn=_ds_chain_kernel, pointers={"smeta_ptr": _U8},
         constexprs=[
             dict(HAS_BIAS=True, STORE_T=True, T_FP32=False, R_PAD=64, **_DOT),
             dict(HAS_BIAS=False, STORE_T=False, T_FP32=False, R_PAD=256, **_DOT),
@@ -864,17 +747,17 @@ if HAS_TRITON:
     # into an fp32 buffer on the two-kernel path differs from sparse24.mm only in its store's cast.)
     register_kernel(KernelSpec(
         name="sparse24.ds_chain_fp16", fn=_ds_chain_kernel,
-        signature=lambda dt: _ds_sig(dt, t_dt="fp32"),
+        pointers={"smeta_ptr": _U8, "t_ptr": "fp32"},
         constexprs=[dict(HAS_BIAS=True, STORE_T=True, T_FP32=True, R_PAD=64, **_DOT)],
         space=ds_space, dtypes=("fp16",),
     ))
     register_kernel(KernelSpec(
-        name="sparse24.dx_fp16", fn=_sp_dx_kernel, signature=lambda dt: _dx_sig(dt, g_dt="fp32"),
+        name="sparse24.dx_fp16", fn=_sp_dx_kernel, pointers={"meta_ptr": _U8, "g_ptr": "fp32"},
         constexprs=[dict(MIXED=True, **_DOT)], space=DX_SPACE, dtypes=("fp16",),
     ))
     register_kernel(KernelSpec(
         name="sparse24.dvalues_fp16", fn=_sp_dvalues_kernel,
-        signature=lambda dt: _dv_sig(dt, g_dt="fp32"),
+        pointers={"meta_ptr": _U8, "g_ptr": "fp32"},
         constexprs=[dict(MIXED=True, **_DOT)], space=DV_SPACE, dtypes=("fp16",),
     ))
 
@@ -923,7 +806,7 @@ def sparse24_mm(
     grid = lambda meta_: (triton.cdiv(N, meta_["BLOCK_N"]), triton.cdiv(M, meta_["BLOCK_M"]))
     _sp_mm_tuned[grid](
         x, values, meta, bias if bias is not None else y, y,
-        M, N, K, min(_next_pow2(M), 1 << 16),
+        M, N, K, m_bucket(M),
         x.stride(0), x.stride(1), values.stride(0), values.stride(1),
         meta.stride(0), meta.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype),
@@ -984,6 +867,37 @@ def sparse24_dvalues(
     return dv
 
 
+#: Provisional (unmeasured) token count from which PyTorch's semi-structured path is preferred
+#: (``fastfactor.ops.sparse24.SPARSE24_TORCH_MIN_M`` overrides it per process).
+SPARSE24_TORCH_MIN_M = 2048
+
+
+def choose_mm_path(M: int, K_in: int, N: int, dtype: torch.dtype, device, torch_min_m: int = SPARSE24_TORCH_MIN_M) -> str:
+    """``'triton'`` (:func:`sparse24_mm`) or ``'torch'`` (PyTorch's semi-structured ``F.linear``,
+    cuSPARSELt / CUTLASS sparse tensor cores) for a forward of ``x (M, K_in)`` against a 2:4
+    ``W (N, K_in)``.
+
+    PyTorch's path is eligible on CUDA for fp16/bf16 with ``N % 32 == 0``, ``K_in % 64 == 0``
+    (its layout's constraints) and is taken from ``torch_min_m`` rows, where its sparse
+    tensor-core GEMM is expected to beat our kernel that expands the weight to dense tiles
+    (provisional threshold: no GPU has measured it). ``FASTFACTOR_SPARSE24_PATH=triton|torch|auto``
+    forces a choice (``torch`` only where eligible).
+    """
+    forced = os.environ.get("FASTFACTOR_SPARSE24_PATH", "auto")
+    if forced not in ("auto", "triton", "torch"):
+        raise ValueError(f"FASTFACTOR_SPARSE24_PATH: expected 'auto', 'triton' or 'torch', got {forced!r}")
+    eligible = (
+        torch.device(device).type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and N % 32 == 0 and K_in % 64 == 0 and N >= 32 and K_in >= 64
+    )
+    if not eligible or forced == "triton":
+        return "triton"
+    if forced == "torch":
+        return "torch"
+    return "torch" if M >= torch_min_m else "triton"
+
+
 def choose_ds_path(M: int, K: int, N: int, R: int) -> str:
     """``'fused'`` or ``'two_kernel'`` for a dense-sparse forward of this shape.
 
@@ -1036,7 +950,7 @@ def ds_chain(
     t_arg = t if t is not None else y
     _ds_chain_tuned[row_block_grid(M, N, x.device)](
         x, s_values, s_meta, d, bias if bias is not None else y, y, t_arg,
-        M, K, N, R, min(_next_pow2(M), 1 << 16),
+        M, K, N, R, m_bucket(M),
         x.stride(0), x.stride(1), s_values.stride(0), s_values.stride(1),
         s_meta.stride(0), s_meta.stride(1), d.stride(0), d.stride(1),
         y.stride(0), y.stride(1), t_arg.stride(0), t_arg.stride(1),
@@ -1112,124 +1026,21 @@ def dense_sparse_bwd(
 
 
 # ============================================================================================
-# Pruning (public entry points; dispatch CUDA -> Triton, CPU -> reference or interpreter)
+# Deprecated re-exports: the format and the pruning API moved to fastfactor.formats.sparse24
 # ============================================================================================
 
-def _check_prune_args(w, scores) -> None:
-    if not isinstance(w, torch.Tensor):
-        raise TypeError(f"W: expected a torch.Tensor, got {type(w).__name__}")
-    if w.ndim != 2:
-        raise ValueError(f"W: expected a 2-D tensor (rows, in), got shape {tuple(w.shape)}")
-    if not w.is_floating_point():
-        raise TypeError(f"W: expected a floating dtype, got {str(w.dtype).replace('torch.', '')}")
-    _check_in_features("W", w.shape[1], w.shape)
-    if scores is not None:
-        if not isinstance(scores, torch.Tensor):
-            raise TypeError(f"scores: expected a torch.Tensor, got {type(scores).__name__}")
-        if tuple(scores.shape) != tuple(w.shape):
-            raise ValueError(
-                f"scores: expected shape {tuple(w.shape)} (the shape of W), got {tuple(scores.shape)}"
-            )
-        if scores.device != w.device:
-            raise ValueError(f"scores: expected device {w.device} (the device of W), got {scores.device}")
-        if not scores.is_floating_point():
-            raise TypeError(f"scores: expected a floating dtype, got {str(scores.dtype).replace('torch.', '')}")
-    if not torch.compiler.is_compiling():
-        t, name = (scores, "scores") if scores is not None else (w, "W")
-        n_bad = int((~torch.isfinite(t)).sum())
-        if n_bad:
-            raise ValueError(f"{name}: expected finite values, found {n_bad} NaN/Inf entries")
+_MOVED = ("Sparse24Weight", "pack_24", "mask_24", "prune_24", "to_cutlass_layout", "to_torch_semi_structured",
+          "_check_in_features", "_check_prune_args", "_prune_dispatch")
 
 
-def _prune_dispatch(w: torch.Tensor, scores: Optional[torch.Tensor]):
-    from ._config import use_triton
+def __getattr__(name):
+    if name in _MOVED:
+        import warnings
 
-    w = w.detach()
-    scores = scores.detach() if scores is not None else None
-    if HAS_TRITON and use_triton(w) and w.dtype != torch.float64:
-        return prune_24_triton(w, scores)
-    mask = mask_24_ref(scores if scores is not None else w.abs())
-    return torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device)), mask
+        from fastfactor.formats import sparse24 as _fmt
 
-
-def mask_24(w: torch.Tensor, scores: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Boolean 2:4 mask ``(rows, in)``: in every group of 4 consecutive inputs of a row, the 2
-    entries with the largest ``|W|`` (or the largest ``scores``); ties go to the lower index."""
-    _check_prune_args(w, scores)
-    return _prune_dispatch(w, scores)[1]
-
-
-def prune_24(w: torch.Tensor, scores: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``W (rows, in)`` with all but the 2 most important entries of every group of 4 consecutive
-    inputs set to zero; importance is ``|W|`` or ``scores`` (same shape, e.g. ``|W|·‖x_j‖``).
-
-    ``in % 4 == 0`` (else ``ValueError``); NaN/Inf refused. CUDA tensors run the Triton kernel,
-    CPU tensors the reference (the interpreter under ``TRITON_INTERPRET=1`` with the triton
-    backend); both apply the same tie rule, so they agree exactly. Not differentiable (see
-    ``fastfactor.ops.sparse24.ste_24``). Compose with :func:`pack_24`: ``pack_24(prune_24(W))``.
-    """
-    _check_prune_args(w, scores)
-    return _prune_dispatch(w, scores)[0]
-
-
-# ============================================================================================
-# PyTorch's semi-structured layout
-# ============================================================================================
-
-def to_cutlass_layout(w: Sparse24Weight):
-    """``(packed (R, K/2), meta (R, K/16) int16)`` in PyTorch's CUTLASS layout (the layout of
-    ``torch.sparse.SparseSemiStructuredTensorCUTLASS`` for fp16/bf16); runs on any device.
-
-    Needs ``R % 32 == 0`` and ``K % 64 == 0`` (CUTLASS's fp16/bf16 constraints).
-    """
-    from torch.sparse._semi_structured_conversions import (
-        _calculate_meta_reordering_scatter_offsets,
-    )
-
-    if w.dtype not in (torch.float16, torch.bfloat16):
-        raise TypeError(
-            f"w: expected float16 or bfloat16 values for PyTorch's 2:4 layout (its fp32 format "
-            f"is 1:2), got {str(w.dtype).replace('torch.', '')}"
-        )
-    R, K = w.shape
-    if R % 32 or K % 64:
-        raise ValueError(
-            f"w: expected rows a multiple of 32 and in a multiple of 64 for PyTorch's CUTLASS "
-            f"layout, got shape {w.shape}"
-        )
-    m = w.meta.to(torch.int32)
-    word = m[:, 0::2] | (m[:, 1::2] << 8)                             # 4 codes per 16-bit word
-    word = torch.where(word >= 1 << 15, word - (1 << 16), word).to(torch.int16)
-    ncols = word.shape[1]
-    offsets = _calculate_meta_reordering_scatter_offsets(R, ncols, torch.int16, w.device)
-    meta = word.new_empty((R * ncols,))
-    meta.scatter_(0, offsets, word.reshape(-1))
-    return w.values.contiguous(), meta.view(R, ncols)
-
-
-def to_torch_semi_structured(w: Sparse24Weight):
-    """The ``torch.sparse`` semi-structured tensor for ``w`` (CUDA, fp16/bf16), for use as
-    ``F.linear(x, that, bias)``.
-
-    PyTorch picks its backend as ``to_sparse_semi_structured`` does: with cuSPARSELt available
-    (and CUTLASS not forced) the dense matrix goes through ``to_sparse_semi_structured`` (its
-    compressed format is opaque); otherwise the CUTLASS tensor is built directly from our packed
-    form by :func:`to_cutlass_layout`, with no dense detour. Either way the result equals
-    ``to_sparse_semi_structured(w.to_dense())``.
-    """
-    from torch.sparse import SparseSemiStructuredTensor, SparseSemiStructuredTensorCUTLASS
-    from torch.sparse import to_sparse_semi_structured as _to_ss
-
-    if not isinstance(w, Sparse24Weight):
-        raise TypeError(f"w: expected a Sparse24Weight, got {type(w).__name__}")
-    if w.device.type != "cuda":
-        raise ValueError(f"w: PyTorch's semi-structured sparse tensors need a CUDA device, got {w.device}")
-    cusparselt = getattr(torch.backends, "cusparselt", None)
-    has_cslt = cusparselt is not None and cusparselt.is_available()
-    if has_cslt and not SparseSemiStructuredTensor._FORCE_CUTLASS:
-        return _to_ss(w.to_dense())
-    packed, meta = to_cutlass_layout(w)
-    return SparseSemiStructuredTensorCUTLASS(
-        torch.Size(w.shape), packed=packed, meta=meta, packed_t=None, meta_t=None,
-        compressed_swizzled_bitmask=None, requires_grad=False,
-    )
+        if not name.startswith("_"):
+            warnings.warn(f"fastfactor.kernels.sparse24.{name} is deprecated; use fastfactor.formats.sparse24.{name}",
+                          DeprecationWarning, stacklevel=2)
+        return getattr(_fmt, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

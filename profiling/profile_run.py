@@ -36,7 +36,7 @@ import time
 import torch
 
 from fastfactor import profiling
-from fastfactor.bench.families import FAMILIES, canonical, load_family, param_label
+from fastfactor.bench.families import FAMILIES, canonical, param_label
 from fastfactor.bench.report import parse_dtypes
 from fastfactor.bench.shapes import parse_shapes
 
@@ -58,15 +58,14 @@ def _sync(device):
 def run_kernel(args) -> dict:
     device = torch.device(args.device)
     method = canonical(args.method)
-    cls, why = load_family(method)
-    if cls is None:
-        raise SystemExit(why)
+    if method not in FAMILIES:
+        raise SystemExit(f"method: expected one of {list(FAMILIES)}, got {method!r}")
     fam = FAMILIES[method]
     shape = parse_shapes(args.shape)[0]
     dtype = parse_dtypes(args.dtype)[0]
     param = _param(method, args.param)
-    layer = fam.build(cls, shape.in_features, shape.out_features, param, dtype, device, True,
-                      {"block_rank": args.block_rank})
+    layer = fam.random_layer(shape.in_features, shape.out_features, param, dtype, device, True,
+                             {"block_rank": args.block_rank})
     x = torch.randn(args.tokens, shape.in_features, device=device, dtype=dtype, requires_grad=args.direction != "fwd")
     g = torch.randn(args.tokens, shape.out_features, device=device, dtype=dtype)
     params = [p for p in layer.parameters() if p.requires_grad]
@@ -114,14 +113,13 @@ def run_train(args) -> dict:
     label = f"{args.model} dense"
     if args.method != "dense":
         method = canonical(args.method)
-        cls, why = load_family(method)
-        if cls is None:
-            raise SystemExit(why)
+        if method not in FAMILIES:
+            raise SystemExit(f"method: expected one of {list(FAMILIES)}, got {method!r}")
         fam = FAMILIES[method]
         param = _param(method, args.param)
         opts = {"block_rank": args.block_rank}
-        n_swapped = len(swap_linears(model, lambda lin: fam.build(
-            cls, lin.in_features, lin.out_features, param, dtype, device, lin.bias is not None, opts)))
+        n_swapped = len(swap_linears(model, lambda lin: fam.random_layer(
+            lin.in_features, lin.out_features, param, dtype, device, lin.bias is not None, opts)))
         label = f"{args.model} {method} {param_label(fam, param, opts)}"
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len), device=device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)

@@ -68,16 +68,24 @@ def test_cpu_small_mode_writes_schema_csv_and_plot(tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-def test_missing_family_is_skipped_with_a_message(tmp_path, monkeypatch):
-    ghost = families.Family("ghost", "fastfactor.layers.no_such_module", "Ghost", "ratio", (0.5,),
-                            families._build_lowrank, families._flops_stored, "n/a")
-    monkeypatch.setitem(families.FAMILIES, "ghost", ghost)
+def test_a_family_registered_by_user_code_is_benchmarked(tmp_path, monkeypatch):
+    """The bench sweeps fastfactor.families: a family declared by user code joins it by name.
+    (Families are imported directly, so none can be absent: the old skip-when-missing path is gone.)"""
+    import dataclasses
+
+    from fastfactor import families as FF
+
+    assert families.FAMILIES is FF.FAMILIES
+    ghost = dataclasses.replace(FF.FAMILIES["lowrank"], name="ghost", unfused="n/a")
+    monkeypatch.setitem(FF.FAMILIES, "ghost", ghost)
     rc, out = _bench(tmp_path, "--methods", "ghost,lowrank", "--ratios", "0.5", "--shapes", "40x24",
                      "--tokens", "5", "--directions", "fwd")
     assert rc == 0
     doc = json.loads((out / "r.json").read_text())
-    assert any("ghost: skipped" in m and "no_such_module" in m for m in doc["meta"]["messages"])
-    assert {r["method"] for r in doc["rows"]} == {"dense", "lowrank"}
+    assert {r["method"] for r in doc["rows"]} == {"dense", "lowrank", "ghost"}
+    g = next(r for r in doc["rows"] if r["method"] == "ghost")
+    l = next(r for r in doc["rows"] if r["method"] == "lowrank")
+    assert g["flops"] == l["flops"] > 0
 
 
 @pytest.mark.parametrize(
@@ -250,8 +258,14 @@ class _Fake24(FactorizedLinear):
 
 
 def test_runner_2to4_path_notes_that_torch_semi_structured_needs_cuda(monkeypatch):
-    fam = families.Family("fake24", __name__, "_Fake24", "", (None,), families._build_sparse24,
-                          families._flops_sparse24, "dense matmul", torch24=True)
+    from fastfactor import families as FF
+
+    def random_layer(in_f, out_f, _param, dtype, device, bias, opts):
+        return _Fake24.from_linear(nn.Linear(in_f, out_f, bias=bias, device=device, dtype=dtype))
+
+    fam = FF.Family("fake24", _Fake24, inits=(FF.Init("magnitude", lambda view, ratio, config, stats: None),),
+                    fwd_flops=FF.FAMILIES["sparse24"].fwd_flops, random_layer=random_layer,
+                    param_name="", defaults=(None,), unfused="dense matmul", torch24=True)
     monkeypatch.setitem(families.FAMILIES, "fake24", fam)
     cfg = BenchConfig(methods=["fake24"], shapes=[shapes.Shape(16, 12)], tokens=[3], dtypes=[torch.float32],
                       directions=["fwd"], device=torch.device("cpu"), rep_ms=1, warmup_ms=0, cpu_figures=True)

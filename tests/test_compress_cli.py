@@ -41,5 +41,8 @@ def test_cli_errors(saved_model, tmp_path):
         main(["compress", "--model", str(saved_model), "--out", str(tmp_path / "o"), "--schedule", "staged"])
     with pytest.raises(SystemExit):  # argparse: unknown method
         main(["compress", "--model", str(saved_model), "--out", str(tmp_path / "o"), "--method", "magic"])
+    # one line on stderr, exit status 1; the exception itself with --debug
+    assert main(["compress", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--schedule", "offline"]) == 1
     with pytest.raises(ValueError, match="--model: expected a local model directory"):
-        main(["compress", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--schedule", "offline"])
+        main(["compress", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--schedule", "offline",
+              "--debug"])

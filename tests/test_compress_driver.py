@@ -9,9 +9,6 @@ import fastfactor.compress as C
 from fastfactor.compress._tiny import tiny_data, tiny_model
 from fastfactor.layers.base import FactorizedLinear
 
-AVAILABLE = C.available_methods()
-
-
 def _factorized(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
 
@@ -82,10 +79,6 @@ def test_data_aware_inits_reduce_their_objective(init, labels):
 
 @pytest.mark.parametrize("method", [m for m in C.METHODS if m != "lowrank"])
 def test_other_methods(method):
-    if not AVAILABLE[method]:
-        with pytest.raises(NotImplementedError, match=f"method: '{method}' needs"):
-            C.compress(tiny_model("llama"), dict(method=method, schedule="offline"))
-        return
     model = tiny_model("llama", intermediate=36)  # 2:4 needs in_features % 4 == 0
     init = C.INITS[method][-1]
     _, rep = C.compress(model, dict(method=method, ratio=0.5, init=init, schedule="staged", stage_unit="block",
@@ -109,9 +102,8 @@ def test_errors_are_clear():
     with pytest.raises(TypeError, match="config: expected a CompressionConfig"):
         C.compress(m, 3)
     m2 = tiny_model("llama")  # intermediate 37: not a multiple of 4
-    if AVAILABLE["sparse24"]:
-        with pytest.raises(ValueError, match=r"module 'model\.layers\.0\.mlp\.down_proj'"):
-            C.compress(m2, dict(method="sparse24", schedule="offline"))
+    with pytest.raises(ValueError, match=r"module 'model\.layers\.0\.mlp\.down_proj'"):
+        C.compress(m2, dict(method="sparse24", schedule="offline"))
     C.register_method(C.MethodSpec("ghost", "fastfactor.layers.ghost", "GhostLinear", None, {}))
     with pytest.raises(NotImplementedError, match=r"method: 'ghost' needs fastfactor\.layers\.ghost\.GhostLinear"):
         C.get_method("ghost").layer_class()

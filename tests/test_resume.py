@@ -196,8 +196,6 @@ def _run(family, cfg, data_kw, **kw):
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_resume_api_bitwise(case, tmp_path, monkeypatch):
-    if case.startswith("monarch") and not C.available_methods()["monarch"]:
-        pytest.skip("monarch layers not in this build")
     family, cfg, data_kw, fault = CASES[case]
     m_ref, r_ref = _run(family, cfg, data_kw)
     ck = tmp_path / "ck"

@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .families import FAMILIES, load_family, param_label
+from .families import FAMILIES, param_label
 from .report import dtype_name
 from .timing import device_name, time_calls
 
@@ -179,21 +179,15 @@ def run_e2e(
             measure("dense", "", copy.deepcopy(base), 1.0, 0)
             for method in methods:
                 fam = FAMILIES[method]
-                cls, why = load_family(method)
-                if cls is None:
-                    if why not in messages:
-                        messages.append(why)
-                        log(why)
-                    continue
                 opts = {"block_rank": block_rank}
                 for param in params.get(method) or fam.defaults:
                     label = param_label(fam, param, opts)
                     model = copy.deepcopy(base)
                     kept = [0, 0]
 
-                    def make(lin, param=param, fam=fam, cls=cls, opts=opts, kept=kept):
-                        m = fam.build(cls, lin.in_features, lin.out_features, param, dtype, device,
-                                      lin.bias is not None, opts)
+                    def make(lin, param=param, fam=fam, opts=opts, kept=kept):
+                        m = fam.random_layer(lin.in_features, lin.out_features, param, dtype, device,
+                                             lin.bias is not None, opts)
                         kept[0] += int(m.num_weight_params)
                         kept[1] += lin.in_features * lin.out_features
                         return m

@@ -1,8 +1,7 @@
 """The kernel families ``fastfactor bench`` knows, and how each is built, counted and compared.
 
-Every family is a :class:`fastfactor.layers.base.FactorizedLinear` subclass, imported lazily: a
-family whose module is not part of this build is skipped with a message (see
-:func:`load_family`). For each one this module says
+The families are those of :mod:`fastfactor.families` (one declaration each; a family registered
+there by user code is benchmarked too). For each one the declaration says
 
 * how to build a layer of a given shape and compression setting *without* fitting it to a dense
   weight (benchmarks time the kernels; the values of the factors do not matter, and a float64
@@ -42,112 +41,14 @@ activations of Monarch) are not included, which is exactly the traffic a fused k
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from ..families import FAMILIES, Family
+
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """How to benchmark one family.
-
-    name:        short name (the module's ``method``), used on the command line
-    module/cls:  where the layer class lives (imported lazily)
-    param_name:  what the sweep varies: ``"ratio"``, ``"nblocks"`` or ``""`` (nothing)
-    defaults:    default values of that parameter
-    build:       ``build(cls, in_f, out_f, param, dtype, device, bias, opts) -> module``
-    fwd_flops:   ``fwd_flops(module, tokens) -> (flops, formula)``
-    unfused:     what ``forward_unfused`` computes (for tables and plots)
-    torch24:     whether PyTorch's semi-structured sparse path is a baseline
-    """
-
-    name: str
-    module: str
-    cls: str
-    param_name: str
-    defaults: tuple
-    build: Callable[..., nn.Module]
-    fwd_flops: Callable[[nn.Module, int], tuple[int, str]]
-    unfused: str
-    torch24: bool = False
-
-
-def _random_linear(in_f, out_f, dtype, device, bias) -> nn.Linear:
-    lin = nn.Linear(in_f, out_f, bias=bias, device=device, dtype=torch.float32)
-    return lin.to(dtype)
-
-
-def _build_lowrank(cls, in_f, out_f, ratio, dtype, device, bias, opts):
-    from ..factorize.svd import rank_for_ratio
-
-    return cls(in_f, out_f, rank_for_ratio(in_f, out_f, ratio), bias=bias, dtype=dtype, device=device)
-
-
-def _build_blocks(cls, in_f, out_f, nblocks, dtype, device, bias, opts):
-    rank = int(opts.get("block_rank", 1))
-    try:
-        return cls(in_f, out_f, nblocks, rank=rank, bias=bias, dtype=dtype, device=device)
-    except TypeError:
-        # constructor without these keywords: fit a random dense layer instead
-        return cls.from_linear(_random_linear(in_f, out_f, dtype, device, bias), nblocks=nblocks)
-
-
-def _build_sparse24(cls, in_f, out_f, _param, dtype, device, bias, opts):
-    try:  # the constructor prunes a random weight to 2:4 and packs it
-        return cls(in_f, out_f, bias=bias, dtype=dtype, device=device)
-    except TypeError:
-        return cls.from_linear(_random_linear(in_f, out_f, dtype, device, bias))
-
-
-def _build_densesparse(cls, in_f, out_f, ratio, dtype, device, bias, opts):
-    try:
-        from ..factorize.sparse24 import dense_sparse_rank_for_ratio
-    except ImportError:
-        return cls.from_linear(_random_linear(in_f, out_f, dtype, device, bias), ratio=ratio)
-    rank = dense_sparse_rank_for_ratio(in_f, out_f, ratio)
-    return cls(in_f, out_f, rank, bias=bias, dtype=dtype, device=device)
-
-
-def _flops_lowrank(m, tokens):
-    return 2 * tokens * m.rank * (m.in_features + m.out_features), "2·M·r·(K+N)"
-
-
-def _flops_stored(m, tokens):
-    return 2 * tokens * int(m.num_weight_params), "2·M·P (P = stored factor weights)"
-
-
-def _flops_sparse24(m, tokens):
-    return tokens * m.in_features * m.out_features, "M·K·N (half of the dense 2·M·K·N)"
-
-
-def _flops_densesparse(m, tokens):
-    r = getattr(m, "rank", None)
-    if r is None:
-        return 2 * tokens * int(m.num_weight_params), "2·M·P (fallback: P = num_weight_params)"
-    # S (r, K) keeps K/2 per row; D (N, r) dense
-    return tokens * r * m.in_features + 2 * tokens * m.out_features * r, "M·r·K + 2·M·N·r"
-
-
-FAMILIES: dict[str, Family] = {
-    f.name: f
-    for f in [
-        Family("lowrank", "fastfactor.layers.lowrank", "LowRankLinear", "ratio", (0.125, 0.25, 0.5),
-               _build_lowrank, _flops_lowrank, "two matmuls (x·Vᵀ)·Uᵀ"),
-        Family("monarch", "fastfactor.layers.monarch", "MonarchLinear", "nblocks", (2, 4, 8),
-               _build_blocks, _flops_stored, "two bmm with the permutes"),
-        Family("block_lowrank", "fastfactor.layers.monarch", "BlockLowRankLinear", "nblocks", (2, 4, 8),
-               _build_blocks, _flops_stored, "two bmm on contiguous blocks"),
-        Family("sparse24", "fastfactor.layers.sparse24", "Sparse24Linear", "", (None,),
-               _build_sparse24, _flops_sparse24, "dense matmul of the expanded 2:4 weight", torch24=True),
-        Family("dense_sparse", "fastfactor.layers.sparse24", "DenseSparseLinear", "ratio", (0.25, 0.5),
-               _build_densesparse, _flops_densesparse, "D·(S·x): dense matmul of the expanded 2:4 S, then D"),
-    ]
-}
 
 
 #: other spellings accepted on the command line
@@ -161,18 +62,11 @@ def canonical(name: str) -> str:
 
 
 def load_family(name: str) -> tuple[Optional[type], str]:
-    """``(layer class, "")`` or ``(None, reason)`` when the family is not part of this build."""
+    """``(layer class, "")`` of a declared family (kept for callers that expected a family to be
+    possibly absent: every declared family is importable)."""
     if name not in FAMILIES:
         raise ValueError(f"methods: expected names from {sorted(FAMILIES)}, got {name!r}")
-    fam = FAMILIES[name]
-    try:
-        mod = importlib.import_module(fam.module)
-    except ImportError as e:
-        return None, f"{name}: skipped, {fam.module} is not available ({e})"
-    cls = getattr(mod, fam.cls, None)
-    if cls is None:
-        return None, f"{name}: skipped, {fam.module} has no {fam.cls}"
-    return cls, ""
+    return FAMILIES[name].layer, ""
 
 
 def param_label(fam: Family, param: Any, opts: Optional[dict] = None) -> str:
@@ -213,7 +107,7 @@ def torch_semi_structured(module: nn.Module) -> tuple[Optional[torch.Tensor], st
         return None, "PyTorch semi-structured sparsity needs a CUDA device"
     try:
         if hasattr(module, "sparse_weight"):
-            from ..kernels.sparse24 import to_torch_semi_structured
+            from ..formats.sparse24 import to_torch_semi_structured
 
             with torch.no_grad():
                 return to_torch_semi_structured(module.sparse_weight()), ""

@@ -29,7 +29,6 @@ from .families import (
     bytes_for,
     dense_fwd_flops,
     flops_for,
-    load_family,
     module_bytes,
     param_label,
     torch_semi_structured,
@@ -139,6 +138,7 @@ class Runner:
             method=method, param=param, ratio=ratio, params_kept=kept, shape=shape.name,
             shape_label=shape.label, in_features=shape.in_features, out_features=shape.out_features,
             tokens=tokens, dtype=dtype_name(dtype), direction=direction, median_ms=ms,
+            min_ms=timing.min_ms, max_ms=timing.max_ms, runs=timing.runs,
             timing=timing.mode, events_ms=timing.events_ms, tflops=flops / (ms * 1e-3) / 1e12,
             gbs=nbytes / (ms * 1e-3) / 1e9, flops=flops, bytes=nbytes, flops_formula=formula,
             floor_ms=floor_ms, floor_bound=bound, floor_fraction=floor_ms / ms if ms else None,
@@ -199,18 +199,13 @@ class Runner:
     def _family(self, method: str, shape: Shape, dtype: torch.dtype, dense: dict) -> None:
         c = self.cfg
         fam = FAMILIES[method]
-        cls, why = load_family(method)
-        if cls is None:
-            if why not in self.messages:
-                self._note(why)
-            return
         opts = {"block_rank": c.block_rank}
         params = c.params.get(method) or fam.defaults
         es = torch.empty((), dtype=dtype).element_size()
         for param in params:
             label = param_label(fam, param, opts)
             try:
-                proto = fam.build(cls, shape.in_features, shape.out_features, param, dtype, c.device, c.bias, opts)
+                proto = fam.random_layer(shape.in_features, shape.out_features, param, dtype, c.device, c.bias, opts)
             except Exception as e:  # noqa: BLE001 - unsupported setting: record and go on
                 self._note(f"{method} {label} {shape.name} {dtype_name(dtype)}: cannot build ({type(e).__name__}: {e})")
                 continue

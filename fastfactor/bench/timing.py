@@ -42,6 +42,10 @@ class Timing:
     mode: str
     events_ms: Optional[float] = None
     note: str = ""
+    #: the spread of the CPU timer's runs (fastest, slowest), with ``runs`` timed runs
+    min_ms: Optional[float] = None
+    max_ms: Optional[float] = None
+    runs: Optional[int] = None
 
 
 def _sync(device: torch.device) -> None:
@@ -71,7 +75,8 @@ def rotation_count(bytes_per_call: int, device: torch.device, cap: int = 64, bud
     return int(max(1, min(cap, fit, max(2, want))))
 
 
-def _cpu_median(fn: Callable, warmup: int, rep_ms: float, min_runs: int = 3, max_runs: int = 200) -> float:
+def _cpu_times(fn: Callable, warmup: int, rep_ms: float, min_runs: int = 3, max_runs: int = 200) -> list:
+    """Wall-clock times (ms) of repeated runs after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -82,7 +87,11 @@ def _cpu_median(fn: Callable, warmup: int, rep_ms: float, min_runs: int = 3, max
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
+
+
+def _cpu_median(fn: Callable, warmup: int, rep_ms: float, min_runs: int = 3, max_runs: int = 200) -> float:
+    return statistics.median(_cpu_times(fn, warmup, rep_ms, min_runs, max_runs))
 
 
 def time_calls(
@@ -101,7 +110,8 @@ def time_calls(
         raise ValueError("calls: expected at least one callable, got none")
     fn = _rotating(calls)
     if device.type != "cuda":
-        return Timing(_cpu_median(fn, warmup=max(1, len(calls)), rep_ms=rep_ms, min_runs=min_runs), "cpu_timer")
+        times = _cpu_times(fn, warmup=max(1, len(calls)), rep_ms=rep_ms, min_runs=min_runs)
+        return Timing(statistics.median(times), "cpu_timer", min_ms=min(times), max_ms=max(times), runs=len(times))
     import triton.testing as tt
 
     for c in calls:  # compile / autotune every variant outside the timed region
@@ -141,8 +151,6 @@ class Roofline:
 
 def measure_roofline(device: torch.device, dtypes: Sequence[torch.dtype], small: bool = False) -> Roofline:
     """Matrix rate per dtype (``n³`` matmul) and copy bandwidth on ``device``, measured once."""
-    from .report import dtype_name  # local: report imports nothing heavy
-
     n = 256 if small or device.type != "cuda" else 8192
     copy_bytes = (16 << 20) if small or device.type != "cuda" else (1 << 30)
     rates = {}
@@ -158,6 +166,17 @@ def measure_roofline(device: torch.device, dtypes: Sequence[torch.dtype], small:
     bw = 2 * copy_bytes / (t.ms * 1e-3) / 1e9
     del src, dst
     return Roofline(device_name(device), rates, bw, n, copy_bytes)
+
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    """``fp32`` / ``fp16`` / ``bf16`` (other dtypes: their torch name without ``torch.``)."""
+    for k, v in _DTYPES.items():
+        if v == dt:
+            return k
+    return str(dt).replace("torch.", "")
 
 
 def device_name(device: torch.device) -> str:

@@ -1,35 +1,23 @@
-"""Calibration statistics and the data-aware initializations built on them.
-
-Statistics (collected with hooks on the target modules over a few batches):
+"""Calibration statistics: what the data-aware initializations consume, collected with hooks.
 
 * **activation Gram** ``G = Σ_batches XᵀX`` ``(in, in)`` of each target's input ``X (tokens, in)``
-  (float64, with the token count);
+  (float64, with the token count): :func:`collect_activation_stats`;
 * **Fisher information** ``F = Σ_batches (∂L/∂W)²`` ``(out, in)`` (elementwise, float64) of each
-  target's ``(out, in)`` weight; the row importance of Hsu et al. (ICLR 2022) is
-  ``I_i = Σ_j F_ij``.
+  target's ``(out, in)`` weight: :func:`collect_fisher`; the row importance of Hsu et al. (ICLR
+  2022) is ``I_i = Σ_j F_ij``.
 
-Initializations (pure functions of a weight and a statistic):
-
-* :func:`fisher_svd_factors`: ``SVD(diag(√I)·W)`` then un-weighting (Fisher-weighted SVD);
-* :func:`whitened_svd_factors` (activation-aware): minimize ``‖(W − U·V)·Xᵀ‖_F``. With
-  ``G = XᵀX = L·Lᵀ`` (Cholesky), ``‖(W − UV)Xᵀ‖_F = ‖(W − UV)·L‖_F``, so truncate the SVD of
-  ``W·L = P Σ Qᵀ`` and set ``U = P_r √Σ_r``, ``V = √Σ_r Q_rᵀ L⁻¹``. When ``G`` is not positive
-  definite (dead features, fewer tokens than features) we add a growing ridge
-  ``λ·mean(diag G)·I`` (λ = 1e-6 … 1e-1); should that still fail, an eigendecomposition with
-  eigenvalues clamped to a floor gives the whitening ``S = Q·√Λ`` instead of ``L``;
-* :func:`sparse24_scores`: element scores for 2:4 pruning — ``|W|`` (magnitude),
-  ``W²·F`` (Fisher, the diagonal second-order saliency), or ``|W_ij|·‖X_j‖`` (activation).
+The factorizations built on them (Fisher-weighted SVD, activation-aware SVD, 2:4 scores) live in
+:mod:`fastfactor.factorize.data_aware`; their old names here are deprecated aliases.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Optional, Tuple
+import warnings
+from typing import Callable, Dict, Iterable, Tuple
 
 import torch
 from torch import nn
 
-from .. import _validate as V
-from ..factorize.svd import weighted_svd_factors
 from .targets import is_conv1d
 
 
@@ -111,77 +99,17 @@ def collect_fisher(
 
 
 # ============================================================================================
-# initializations
+# deprecated aliases (the factorizations moved to fastfactor.factorize.data_aware)
 # ============================================================================================
 
-def fisher_row_weights(fisher: torch.Tensor) -> torch.Tensor:
-    """``√I`` with ``I_i = Σ_j F_ij`` (row importance, Hsu et al. 2022)."""
-    V.check_tensor("fisher", fisher, ndim=2)
-    return fisher.to(torch.float64).sum(1).clamp_min(0).sqrt()
+_MOVED = ("fisher_row_weights", "fisher_svd_factors", "whitening_factor", "whitened_svd_factors", "sparse24_scores")
 
 
-def fisher_svd_factors(weight: torch.Tensor, rank: int, fisher: torch.Tensor):
-    """Fisher-weighted SVD: ``(U, V)`` minimizing ``‖diag(√I)(W − UV)‖_F``."""
-    V.check_tensor("fisher", fisher, ndim=2)
-    if tuple(fisher.shape) != tuple(weight.shape):
-        raise ValueError(f"fisher: expected shape {tuple(weight.shape)} (the weight's), got {tuple(fisher.shape)}")
-    return weighted_svd_factors(weight, rank, fisher_row_weights(fisher))
+def __getattr__(name):
+    if name in _MOVED:
+        from ..factorize import data_aware
 
-
-def whitening_factor(gram: torch.Tensor) -> Tuple[torch.Tensor, str]:
-    """A square ``S`` with ``S·Sᵀ ≈ G`` and ``S`` invertible, and how it was obtained
-    (``cholesky``, ``cholesky+ridge(λ)`` or ``eigh``)."""
-    V.check_tensor("gram", gram, ndim=2)
-    if gram.shape[0] != gram.shape[1]:
-        raise ValueError(f"gram: expected a square (in, in) matrix, got shape {tuple(gram.shape)}")
-    g = gram.detach().to(torch.float64)
-    g = 0.5 * (g + g.t())
-    scale = float(g.diagonal().mean().abs()) or 1.0
-    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-    for lam in (0.0, 1e-6, 1e-4, 1e-2, 1e-1):
-        L, info = torch.linalg.cholesky_ex(g + lam * scale * eye)
-        if int(info) == 0 and torch.isfinite(L).all() and float(L.diagonal().min()) > 0:
-            return L, "cholesky" if lam == 0 else f"cholesky+ridge({lam:g})"
-    evals, evecs = torch.linalg.eigh(g)
-    floor = max(float(evals.max()) * 1e-6, 1e-12)
-    return evecs * evals.clamp_min(floor).sqrt(), "eigh"
-
-
-def whitened_svd_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor):
-    """Activation-aware SVD: ``(U (out, r), V (r, in), how)`` minimizing ``‖(W − UV)·S‖_F`` with
-    ``S·Sᵀ = G = XᵀX`` (see the module docstring); factors in ``weight``'s dtype."""
-    V.check_tensor("weight", weight, ndim=2)
-    V.check_finite("weight", weight)
-    V.check_finite("gram", gram)
-    V.check_positive_int("rank", rank, minimum=1, maximum=min(weight.shape))
-    if tuple(gram.shape) != (weight.shape[1], weight.shape[1]):
-        raise ValueError(
-            f"gram: expected shape ({weight.shape[1]}, {weight.shape[1]}) (in_features²), got {tuple(gram.shape)}"
-        )
-    S, how = whitening_factor(gram)
-    w = weight.detach().to(torch.float64)
-    P, sig, Qh = torch.linalg.svd(w @ S, full_matrices=False)
-    s = sig[:rank].sqrt()
-    u = P[:, :rank] * s
-    b = s[:, None] * Qh[:rank]  # (r, in) = V·S
-    if how.startswith("cholesky"):
-        v = torch.linalg.solve_triangular(S, b, upper=False, left=False)
-    else:
-        v = torch.linalg.solve(S.t(), b.t()).t()
-    return u.to(weight.dtype).contiguous(), v.to(weight.dtype).contiguous(), how
-
-
-def sparse24_scores(weight: torch.Tensor, kind: str = "magnitude", fisher=None, gram=None) -> torch.Tensor:
-    """Importance of each weight for 2:4 pruning (higher = keep)."""
-    w = weight.detach().to(torch.float64)
-    if kind == "magnitude":
-        return w.abs()
-    if kind == "fisher":
-        if fisher is None:
-            raise ValueError("fisher: the 'fisher' score needs Fisher statistics")
-        return w * w * fisher.to(torch.float64)
-    if kind == "activation":
-        if gram is None:
-            raise ValueError("gram: the 'activation' score needs activation statistics")
-        return w.abs() * gram.to(torch.float64).diagonal().clamp_min(0).sqrt()[None, :]
-    raise ValueError(f"kind: expected magnitude, fisher or activation, got {kind!r}")
+        warnings.warn(f"fastfactor.compress.calibration.{name} is deprecated; use "
+                      f"fastfactor.factorize.data_aware.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(data_aware, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

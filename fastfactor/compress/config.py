@@ -5,7 +5,8 @@ Every field is checked in ``__post_init__`` with an error naming the field.
 
 Fields
 ------
-method        one of ``lowrank``, ``monarch``, ``block_lowrank``, ``sparse24``, ``dense_sparse``
+method        a family of :mod:`fastfactor.families`: ``lowrank``, ``monarch``, ``block_lowrank``,
+              ``sparse24``, ``dense_sparse``, or one registered by user code
 ratio         fraction of each target's dense weight parameters the factors keep (0 < ratio <= 1);
               ignored by ``sparse24``, whose pattern fixes it
 module_ratios per-module overrides ``{pattern: ratio}``; the first pattern (in order) that
@@ -14,7 +15,7 @@ targets       name patterns of the modules to replace (``fnmatch`` globs on the 
               regular expressions prefixed ``re:``); ``None`` means every linear layer inside the
               transformer blocks (embeddings, pooler, classifier heads and ``lm_head`` excluded)
 exclude       patterns removed from the targets
-init          ``auto`` (the method's default) or: lowrank ``svd`` | ``fisher`` | ``activation``;
+init          ``auto`` (the method's default, its first init) or one of its inits: lowrank ``svd`` | ``fisher`` | ``activation``;
               monarch / block_lowrank ``projection``; sparse24 ``magnitude`` | ``fisher`` |
               ``activation``; dense_sparse ``svd_als`` | ``svd`` (prune the
               SVD factor without the alternating least-squares refinement: much faster on CPU)
@@ -24,9 +25,25 @@ stage_unit    for ``staged``: ``layer`` (one module per stage) or ``block`` (one
 stage_steps   fine-tuning steps after each stage (``staged``)
 final_steps   fine-tuning steps after every target is replaced (``staged`` and ``all_at_once``)
 calib_batches batches used for Fisher / activation statistics
-objective     ``auto`` | ``task`` | ``distill``: fine-tune on labels, or distil the uncompressed model
+objective     ``auto`` | ``task`` | ``distill`` | ``task+distill``: fine-tune on labels, distil the
+              uncompressed model (frozen copy taken before anything is replaced), or both;
+              ``auto``: ``fastfactor.train.loop.AUTO_LABELLED`` on labelled data, else ``distill``
 distill_loss  ``auto`` | ``mse`` (hidden states) | ``kl`` (logits)
+task_weight, distill_weight, hidden_weight, temperature
+              ``loss = task_weight·CE(labels) + distill_weight·KL_T(teacher ‖ student)·T²
+              + hidden_weight·MSE(last hidden states)``, each term where the objective uses it
+              (finite, >= 0, not all zero; temperature > 0)
 lr, weight_decay, warmup_ratio, max_grad_norm, batch_size, seed: fine-tuning settings
+decay         after the warm-up: ``linear`` | ``cosine`` | ``constant``
+stage_lr, stage_warmup_ratio, stage_decay, final_lr, final_warmup_ratio, final_decay
+              the same three for the short per-stage fine-tunes and for the final fine-tune
+              (``None``: ``lr`` / ``warmup_ratio`` / ``decay``); each fine-tune has its own
+              warm-up and decay. ``stage_lr`` defaults to 5e-5, half the default ``lr``: the
+              short stage fine-tunes of a staged run at the full rate damaged the model on the
+              way (README, "Evidence: objective"); ``stage_lr=None`` gives them ``lr`` again
+dense_reference  also fine-tune a copy of the uncompressed model with the same data order,
+              steps and schedule (on the task loss), and report its metric beside the
+              compressed one (:mod:`fastfactor.compress.reference`; labelled data only)
 train_embeddings  also fine-tune ``nn.Embedding`` tables (default: frozen; they are not
               compressed and their dense gradients dominate the step time of small models)
 """
@@ -35,26 +52,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from .. import _validate as V
+from ..families import INITS, METHODS, get_family  # live views of fastfactor.families.FAMILIES
 
-METHODS = ("lowrank", "monarch", "block_lowrank", "sparse24", "dense_sparse")
 SCHEDULES = ("all_at_once", "staged", "offline")
 STAGE_UNITS = ("layer", "block")
-OBJECTIVES = ("auto", "task", "distill")
+OBJECTIVES = ("auto", "task", "distill", "task+distill")
+DECAYS = ("linear", "cosine", "constant")
 DISTILL_LOSSES = ("auto", "mse", "kl")
 
-#: init names each method accepts; the first is its default (``init="auto"``)
-INITS = {
-    "lowrank": ("svd", "fisher", "activation"),
-    "monarch": ("projection",),
-    "block_lowrank": ("projection",),
-    "sparse24": ("magnitude", "fisher", "activation"),
-    "dense_sparse": ("svd_als", "svd"),
-}
+#: ``METHODS``: the family names; ``INITS``: the init names each method accepts, the first its
+#: default (``init="auto"``). Both follow fastfactor.families, so a family or an init registered
+#: by user code is accepted here.
 
 
 def _choice(name, value, choices):
@@ -65,6 +80,16 @@ def _choice(name, value, choices):
     return value
 
 
+def check_patterns(name, patterns) -> None:
+    """Every ``re:`` pattern compiles (an invalid one named with the regex error)."""
+    for p in patterns:
+        if isinstance(p, str) and p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise ValueError(f"{name}: invalid regular expression {p!r} ({e})") from None
+
+
 def _nonneg_int(name, value):
     return V.check_positive_int(name, value, minimum=0)
 
@@ -72,9 +97,18 @@ def _nonneg_int(name, value):
 def _pos_float(name, value, allow_zero=False):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name}: expected a {'non-negative' if allow_zero else 'positive'} number, got {value}")
     return float(value)
+
+
+def _warmup(name, value):
+    value = _pos_float(name, value, allow_zero=True)
+    if value >= 1:
+        raise ValueError(f"{name}: expected a fraction in [0, 1), got {value}")
+    return value
 
 
 @dataclass
@@ -93,13 +127,25 @@ class CompressionConfig:
     calib_batches: int = 4
     objective: str = "auto"
     distill_loss: str = "auto"
+    task_weight: float = 1.0
+    distill_weight: float = 1.0
+    hidden_weight: float = 0.0
+    temperature: float = 2.0
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
+    decay: str = "linear"
+    stage_lr: Optional[float] = 5e-5
+    stage_warmup_ratio: Optional[float] = None
+    stage_decay: Optional[str] = None
+    final_lr: Optional[float] = None
+    final_warmup_ratio: Optional[float] = None
+    final_decay: Optional[str] = None
     max_grad_norm: float = 1.0
     batch_size: int = 16
     train_embeddings: bool = False
     seed: int = 0
+    dense_reference: bool = False
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)
@@ -119,6 +165,8 @@ class CompressionConfig:
             if not isinstance(val, (list, tuple)) or not all(isinstance(p, str) for p in val):
                 raise TypeError(f"{fname}: expected a list of name patterns (str), got {val!r}")
             setattr(self, fname, list(val))
+            check_patterns(fname, val)
+        check_patterns("module_ratios", list(self.module_ratios))
         if self.targets is not None and not self.targets:
             raise ValueError("targets: expected at least one pattern (or None for the default), got []")
         if self.init != "auto":
@@ -129,18 +177,63 @@ class CompressionConfig:
         _nonneg_int("stage_steps", self.stage_steps)
         _nonneg_int("final_steps", self.final_steps)
         _nonneg_int("calib_batches", self.calib_batches)
+        if self.calib_batches == 0 and get_family(self.method).needs[self.resolved_init]:
+            raise ValueError(
+                f"calib_batches: expected >= 1 with init={self.resolved_init!r} (its statistics are "
+                "gathered over calib_batches batches of the data), got 0"
+            )
         _choice("objective", self.objective, OBJECTIVES)
         _choice("distill_loss", self.distill_loss, DISTILL_LOSSES)
+        from ..train.loop import check_weights
+
+        check_weights(self.objective, self.task_weight, self.distill_weight, self.hidden_weight, self.temperature)
+        for f in ("task_weight", "distill_weight", "hidden_weight", "temperature"):
+            setattr(self, f, float(getattr(self, f)))
         self.lr = _pos_float("lr", self.lr)
         self.weight_decay = _pos_float("weight_decay", self.weight_decay, allow_zero=True)
-        self.warmup_ratio = _pos_float("warmup_ratio", self.warmup_ratio, allow_zero=True)
-        if self.warmup_ratio >= 1:
-            raise ValueError(f"warmup_ratio: expected a fraction in [0, 1), got {self.warmup_ratio}")
+        self.warmup_ratio = _warmup("warmup_ratio", self.warmup_ratio)
+        _choice("decay", self.decay, DECAYS)
+        for phase in ("stage", "final"):
+            if getattr(self, f"{phase}_lr") is not None:
+                setattr(self, f"{phase}_lr", _pos_float(f"{phase}_lr", getattr(self, f"{phase}_lr")))
+            if getattr(self, f"{phase}_warmup_ratio") is not None:
+                setattr(self, f"{phase}_warmup_ratio", _warmup(f"{phase}_warmup_ratio", getattr(self, f"{phase}_warmup_ratio")))
+            if getattr(self, f"{phase}_decay") is not None:
+                _choice(f"{phase}_decay", getattr(self, f"{phase}_decay"), DECAYS)
         self.max_grad_norm = _pos_float("max_grad_norm", self.max_grad_norm)
         V.check_positive_int("batch_size", self.batch_size)
         _nonneg_int("seed", self.seed)
-        if not isinstance(self.train_embeddings, bool):
-            raise TypeError(f"train_embeddings: expected a bool, got {self.train_embeddings!r}")
+        for f in ("train_embeddings", "dense_reference"):
+            if not isinstance(getattr(self, f), bool):
+                raise TypeError(f"{f}: expected a bool, got {getattr(self, f)!r}")
+
+    def phase(self, kind: str, index: int = 0) -> dict:
+        """The fine-tune of one phase, as keyword arguments of :func:`fastfactor.train.finetune`:
+        ``steps``, ``seed``, ``lr``, ``warmup_ratio``, ``decay``. ``kind="stage"``: the fine-tune
+        after stage ``index`` (seed ``seed + index``); ``"final"``: the last one (seed
+        ``seed + 1000``). The driver and the dense reference both take their schedule from here,
+        so they train on the same batches in the same order."""
+        if kind not in ("stage", "final"):
+            raise ValueError(f"kind: expected 'stage' or 'final', got {kind!r}")
+        pick = lambda f: getattr(self, f) if getattr(self, f"{kind}_{f}") is None else getattr(self, f"{kind}_{f}")
+        return {
+            "steps": self.stage_steps if kind == "stage" else self.final_steps,
+            "seed": self.seed + index if kind == "stage" else self.seed + 1000,
+            "lr": pick("lr"), "warmup_ratio": pick("warmup_ratio"), "decay": pick("decay"),
+        }
+
+    def phases(self, num_stages: int) -> list:
+        """Every fine-tune of a run with ``num_stages`` stages, in order: ``(name, kwargs)`` with
+        the kwargs of :meth:`phase` (none for ``offline``; stage fine-tunes only when ``staged``
+        and ``stage_steps > 0``; the final one when ``final_steps > 0``)."""
+        out = []
+        if self.schedule == "offline":
+            return out
+        if self.schedule == "staged" and self.stage_steps > 0:
+            out += [(f"stage {i}", self.phase("stage", i)) for i in range(num_stages)]
+        if self.final_steps > 0:
+            out.append(("final", self.phase("final")))
+        return out
 
     @property
     def resolved_init(self) -> str:
@@ -165,21 +258,35 @@ class CompressionConfig:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ValueError(f"path: expected an existing JSON/YAML config file, got {path!r}")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        if not path.endswith((".yaml", ".yml", ".json")):
+            raise ValueError(f"path: expected a .json, .yaml or .yml file, got {path!r}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         if path.endswith((".yaml", ".yml")):
             try:
                 import yaml
             except ImportError as e:  # pragma: no cover
                 raise ImportError("reading a YAML config needs pyyaml (pip install pyyaml)") from e
-            data = yaml.safe_load(text)
-        elif path.endswith(".json"):
-            data = json.loads(text)
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
         else:
-            raise ValueError(f"path: expected a .json, .yaml or .yml file, got {path!r}")
-        return cls.from_dict(data)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{path}: {e}") from None
 
     def save(self, path) -> None:
-        from .io import atomic_write_text
+        from .._io import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2))

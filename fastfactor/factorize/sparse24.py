@@ -1,6 +1,7 @@
 """2:4 pruning and the dense-sparse factorization ``W ≈ D·S`` (DSFormer, Chand et al. 2023).
 
-* :func:`prune_24`, :func:`mask_24`, :func:`pack_24`: the 2:4 format (``fastfactor.kernels.sparse24``).
+* :func:`prune_24`, :func:`mask_24`, :func:`pack_24`: the 2:4 format (re-exported from
+  :mod:`fastfactor.formats.sparse24`).
 * :func:`dense_sparse_factors`: initialize ``D (out, r)`` and a 2:4 ``S (r, in)`` from a dense
   weight: truncated SVD (``D = U_r·√Σ_r``, ``S = √Σ_r·V_rᵀ``), 2:4 magnitude pruning of ``S``, then
   a few rounds of alternating least squares with the mask held fixed:
@@ -39,7 +40,8 @@ from typing import Optional
 import torch
 
 from .. import _validate as V
-from ..kernels.sparse24 import Sparse24Weight, mask_24, meta_cols, pack_24, prune_24
+from .rank import resolve
+from ..formats.sparse24 import Sparse24Weight, mask_24, meta_cols, pack_24, prune_24
 
 INITS = ("svd_als", "svd")
 
@@ -77,11 +79,8 @@ def resolve_dense_sparse_rank(
     in_features: int, out_features: int, rank: Optional[int], ratio: Optional[float]
 ) -> int:
     """``rank`` or the rank for ``ratio`` (exactly one of them), checked against ``max(in, out)``."""
-    if (rank is None) == (ratio is None):
-        raise ValueError(f"rank/ratio: expected exactly one of them, got rank={rank!r}, ratio={ratio!r}")
-    r = dense_sparse_rank_for_ratio(in_features, out_features, ratio) if rank is None else rank
-    V.check_positive_int("rank", r, minimum=1, maximum=max_dense_sparse_rank(in_features, out_features))
-    return r
+    return resolve(rank, ratio, lambda q: dense_sparse_rank_for_ratio(in_features, out_features, q),
+                   max_dense_sparse_rank(in_features, out_features))
 
 
 def _ridge(g: torch.Tensor) -> float:

@@ -10,6 +10,7 @@ dense weight optimally (truncated SVD of every sub-block); ``ratio`` chooses the
 from __future__ import annotations
 
 import math
+import warnings
 from typing import ClassVar, Optional
 
 import torch
@@ -17,9 +18,31 @@ from torch import nn
 
 from .. import _validate as V
 from ..factorize.monarch import block_lowrank, max_rank, monarch_project, monarch_rank_for_ratio
+from ..factorize.rank import check_rank_or_ratio
 from ..kernels.monarch import dense_weight_ref, factor_shapes, monarch_bmm
 from ..ops.monarch import block_lowrank_linear, monarch_linear
 from .base import FactorizedLinear, linear_weight_and_bias
+
+
+#: ``from_linear(ratio=)`` warns when the kept fraction falls this far (relative) below the ratio
+SHORTFALL_WARN = 0.05
+
+
+def _warn_if_short(cls_name, in_f, out_f, nblocks, rank, ratio) -> None:
+    """The rank is an integer, so a block-diagonal layer can keep noticeably less than ``ratio``
+    (e.g. 0.435 of 0.5 on small or oddly shaped layers): say so, with the next rank's fraction."""
+
+    kb, nb = -(-in_f // nblocks), -(-out_f // nblocks)
+    per_rank = nblocks * nblocks * (kb + nb)
+    kept = rank * per_rank / (in_f * out_f)
+    if kept < ratio * (1 - SHORTFALL_WARN):
+        nxt = (rank + 1) * per_rank / (in_f * out_f) if rank < min(kb, nb) else None
+        warnings.warn(
+            f"{cls_name}.from_linear: ratio {ratio:g} asked for a ({out_f}, {in_f}) weight with {nblocks} blocks, "
+            f"but rank {rank} keeps {kept:.3f} of the weights (ranks are integers"
+            + (f"; rank {rank + 1} would keep {nxt:.3f}" if nxt is not None else "") + "); pass rank= to choose",
+            UserWarning, stacklevel=3,
+        )
 
 
 class _BlockDiagonalLinear(FactorizedLinear):
@@ -78,21 +101,22 @@ class _BlockDiagonalLinear(FactorizedLinear):
     ):
         """Optimal projection of ``linear.weight`` (truncated SVD of every sub-block).
 
-        Give at most one of ``rank`` and ``ratio`` (fraction of the dense weights kept,
-        ``r = floor(ratio·in·out / (nblocks²·(kb + nb)))``, clamped to ``[1, min(kb, nb)]``);
-        with neither, ``rank = 1``.
+        Give exactly one of ``rank`` and ``ratio`` (fraction of the dense weights kept,
+        ``r = floor(ratio·in·out / (nblocks²·(kb + nb)))``, clamped to ``[1, min(kb, nb)]``;
+        :func:`fastfactor.factorize.monarch.monarch_rank_for_ratio`), the contract of every
+        layer (:mod:`fastfactor.factorize.rank`). Neither (``rank = 1``) is deprecated.
         """
         w, b = linear_weight_and_bias(linear)
         out_f, in_f = w.shape
         V.check_positive_int("nblocks", nblocks, minimum=1, maximum=min(in_f, out_f))
-        if rank is not None and ratio is not None:
-            raise ValueError(
-                f"rank/ratio: expected at most one of them, got rank={rank!r}, ratio={ratio!r}"
-            )
+        if rank is None and ratio is None:
+            warnings.warn(f"{cls.__name__}.from_linear without rank= or ratio= (rank 1) is deprecated; "
+                          "pass rank=1", DeprecationWarning, stacklevel=2)
+            rank = 1
+        check_rank_or_ratio(rank, ratio)
         if ratio is not None:
             rank = monarch_rank_for_ratio(in_f, out_f, nblocks, ratio)
-        elif rank is None:
-            rank = 1
+            _warn_if_short(cls.__name__, in_f, out_f, nblocks, rank, ratio)
         w1, w2 = cls._project(w, nblocks, rank)
         mod = cls(in_f, out_f, nblocks, rank, bias=b is not None, dtype=w.dtype, device=w.device)
         with torch.no_grad():

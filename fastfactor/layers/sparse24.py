@@ -42,7 +42,8 @@ from ..factorize.sparse24 import (
     max_dense_sparse_rank,
     resolve_dense_sparse_rank,
 )
-from ..kernels.sparse24 import Sparse24Weight, mask_24, meta_cols, pack_24, prune_24, unpack_24
+from ..kernels._config import acc_dtype
+from ..formats.sparse24 import Sparse24Weight, mask_24, meta_cols, pack_24, prune_24, unpack_24
 from ..ops.lowrank import lowrank_linear
 from ..ops.sparse24 import dense_sparse_linear_packed, sparse24_linear_packed, ste_24
 from .base import FactorizedLinear, linear_weight_and_bias
@@ -57,7 +58,7 @@ def _check_in(in_features: int) -> None:
 
 
 def _acc_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(a.dtype)
     return (a.to(acc) @ b.to(acc)).to(a.dtype)
 
 
@@ -173,8 +174,17 @@ class Sparse24Linear(_Sparse24Mixin, FactorizedLinear):
         return self.out_features
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, scores: Optional[torch.Tensor] = None) -> "Sparse24Linear":
-        """2:4 magnitude pruning of ``linear.weight`` (or by ``scores (out, in)``), packed."""
+    def from_linear(
+        cls, linear: nn.Module, scores: Optional[torch.Tensor] = None, *,
+        rank: Optional[int] = None, ratio: Optional[float] = None,
+    ) -> "Sparse24Linear":
+        """2:4 magnitude pruning of ``linear.weight`` (or by ``scores (out, in)``), packed.
+
+        The one ``from_linear`` contract (:mod:`fastfactor.factorize.rank`) with a fixed pattern:
+        the 2:4 pattern fixes the kept fraction (half the weights plus metadata, 0.5625), so
+        ``ratio`` is accepted and ignored and ``rank`` is refused."""
+        if rank is not None:
+            raise ValueError(f"rank: 2:4 sparsity has no rank (its pattern fixes the kept fraction), got rank={rank!r}")
         w, b = linear_weight_and_bias(linear)
         out_f, in_f = w.shape
         if in_f % 4:

@@ -26,7 +26,7 @@ from .. import _validate as V
 from ..kernels import lowrank as K
 from ..kernels._config import use_triton
 from ._common import empty as _empty
-from ._common import fake_grads, grads_or_empty, needs_grad
+from ._common import autocast_operands, fake_grads, grads_or_empty, needs_grad, no_autocast
 
 
 # --------------------------------------------------------------------------------------------
@@ -38,9 +38,10 @@ def _lowrank_fwd(
     x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], save_t: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x):
-        y, t = K.lowrank_fwd(x, u, v, bias, save_t)
+        with no_autocast(x):
+            y, t = K.lowrank_fwd(x, u, v, bias, save_t)
         return y, (t if t is not None else _empty(x))
-    with torch.no_grad():
+    with torch.no_grad(), no_autocast(x):
         y, t = K.lowrank_linear_ref(x, u, v, bias, return_t=True)  # t computed once, kept if asked
     return y, (t if save_t else _empty(x))
 
@@ -72,10 +73,11 @@ def _lowrank_bwd(
     need_v: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     saved_t = t if t.ndim == 2 else None
-    if use_triton(g):
-        dx, du, dv, db = K.lowrank_bwd(g, x, u, v, saved_t, has_bias, need_x, need_u, need_v)
-    else:
-        dx, du, dv, db = K.lowrank_bwd_ref(g, x, u, v, saved_t, has_bias, need_x, need_u, need_v)
+    with no_autocast(g):
+        if use_triton(g):
+            dx, du, dv, db = K.lowrank_bwd(g, x, u, v, saved_t, has_bias, need_x, need_u, need_v)
+        else:
+            dx, du, dv, db = K.lowrank_bwd_ref(g, x, u, v, saved_t, has_bias, need_x, need_u, need_v)
     return grads_or_empty(g, dx, du, dv, db)
 
 
@@ -147,7 +149,12 @@ def lowrank_linear(
 
     CUDA tensors run the Triton kernels (the rank-r intermediate kept on chip where that is
     faster, see ``fastfactor.kernels.lowrank``); CPU tensors run the PyTorch reference.
+
+    Autocast: inside a ``torch.autocast`` region for ``x``'s device, ``x``, ``u``, ``v`` and
+    ``bias`` are cast to the region's dtype first, as ``nn.Linear`` does (gradients reach the
+    factors in their own dtype).
     """
+    x, u, v, bias = autocast_operands(x, u, v, bias)
     check_lowrank_args(x, u, v, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])  # not -1: in_features may be 0

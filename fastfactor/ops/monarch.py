@@ -37,9 +37,9 @@ import torch
 
 from .. import _validate as V
 from ..kernels import monarch as K
-from ..kernels._config import use_triton
+from ..kernels._config import acc_dtype, use_triton
 from ._common import empty as _empty
-from ._common import fake_grads, grads_or_empty, needs_grad
+from ._common import autocast_operands, fake_grads, grads_or_empty, needs_grad, no_autocast
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,10 +57,11 @@ def _monarch_fwd(
     save_h: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x):
-        y, h = K.monarch_fwd(x, w1, w2, bias, out_features, strided, save_h)
+        with no_autocast(x):
+            y, h = K.monarch_fwd(x, w1, w2, bias, out_features, strided, save_h)
         return y, (h if h is not None else _empty(x))
-    with torch.no_grad():
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with torch.no_grad(), no_autocast(x):
+        acc = acc_dtype(x.dtype)
         y, h = K.monarch_bmm(x, w1, w2, bias, out_features, strided, acc_dtype=acc, return_h=True)
     return y.contiguous(), (h if save_h else _empty(x))
 
@@ -94,14 +95,15 @@ def _monarch_bwd(
     need_w2: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     saved_h = h if h.ndim == 2 else None
-    if use_triton(g):
-        dx, dw1, dw2, db = K.monarch_bwd(
-            g, x, w1, w2, saved_h, strided, has_bias, need_x, need_w1, need_w2
-        )
-    else:
-        dx, dw1, dw2, db = K.monarch_bwd_ref(
-            g, x, w1, w2, saved_h, strided, need_x, need_w1, need_w2, has_bias
-        )
+    with no_autocast(g):
+        if use_triton(g):
+            dx, dw1, dw2, db = K.monarch_bwd(
+                g, x, w1, w2, saved_h, strided, has_bias, need_x, need_w1, need_w2
+            )
+        else:
+            dx, dw1, dw2, db = K.monarch_bwd_ref(
+                g, x, w1, w2, saved_h, strided, need_x, need_w1, need_w2, has_bias
+            )
         dx = dx.contiguous() if dx is not None else None
     return grads_or_empty(g, dx, dw1, dw2, db)
 
@@ -192,6 +194,7 @@ def check_monarch_args(x, w1, w2, bias, out_features, op: str = "monarch_linear"
 
 
 def _block_linear(x, w1, w2, bias, out_features, strided, op):
+    x, w1, w2, bias = autocast_operands(x, w1, w2, bias)  # nn.Linear's autocast semantics
     n = check_monarch_args(x, w1, w2, bias, out_features, op)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -221,7 +224,8 @@ def monarch_linear(
         with ``h[m, j, l, t] = Σ_c w1[j, l·r+t, c]·x[m, j·kb + c]``.
 
     CUDA tensors run the fused Triton kernel (see ``fastfactor.kernels.monarch``); CPU tensors the
-    PyTorch reference.
+    PyTorch reference. Inside a ``torch.autocast`` region for ``x``'s device every floating operand
+    is cast to the region's dtype first, as ``nn.Linear`` does.
     """
     return _block_linear(x, w1, w2, bias, out_features, True, "monarch_linear")
 

@@ -4,7 +4,7 @@ Public functions
 ----------------
 * :func:`sparse24_linear` ``(x, w: Sparse24Weight, bias=None)``: ``y = x·Wᵀ + b`` with ``W`` 2:4.
 * :func:`dense_sparse_linear` ``(x, d, s: Sparse24Weight, bias=None)``: ``y = (x·Sᵀ)·Dᵀ + b``.
-* :func:`prune_24` / :func:`mask_24` (re-exported from ``fastfactor.kernels.sparse24``): 2:4
+* :func:`prune_24` / :func:`mask_24` (re-exported from ``fastfactor.formats.sparse24``): 2:4
   pruning by magnitude or by a given score.
 * :func:`ste_24`: the straight-through 2:4 projection used for learning the mask (STF).
 
@@ -41,24 +41,20 @@ assigning ``fastfactor.ops.sparse24.SPARSE24_TORCH_MIN_M``. The converted tensor
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 
 from .. import _validate as V
+from ..formats import sparse24 as fmt
+from ..formats.sparse24 import Sparse24Weight, mask_24, pack_24, prune_24
 from ..kernels import sparse24 as K
 from ..kernels._config import use_triton
-from ..kernels.sparse24 import Sparse24Weight, mask_24, pack_24, prune_24
 from ._common import empty as _empty
-from ._common import fake_grads, grads_or_empty, needs_grad
+from ._common import autocast_operands, fake_grads, grads_or_empty, needs_grad, no_autocast
 
 #: Provisional (unmeasured) token count from which PyTorch's semi-structured path is preferred.
-SPARSE24_TORCH_MIN_M = 2048
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+SPARSE24_TORCH_MIN_M = K.SPARSE24_TORCH_MIN_M
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,7 +63,7 @@ def _acc(dtype):
 
 @torch.library.custom_op("fastfactor::mask24", mutates_args=())
 def _mask24(scores: torch.Tensor) -> torch.Tensor:
-    return K._prune_dispatch(scores, scores)[1]
+    return fmt._prune_dispatch(scores, scores)[1]
 
 
 @_mask24.register_fake
@@ -81,7 +77,7 @@ def ste_24(w: torch.Tensor, scores: Optional[torch.Tensor] = None) -> torch.Tens
     straight-through factorizer trains its sparse factor. The mask is recomputed from the current
     ``W`` (or ``scores``) at every call; it is an opaque custom op, so this traces under
     ``torch.compile(fullgraph=True)``."""
-    K._check_prune_args(w, scores)
+    fmt._check_prune_args(w, scores)
     s = scores.detach() if scores is not None else w.detach().abs()
     m = _mask24(s)
     pruned = torch.where(m, w, torch.zeros((), dtype=w.dtype, device=w.device))
@@ -96,10 +92,11 @@ def ste_24(w: torch.Tensor, scores: Optional[torch.Tensor] = None) -> torch.Tens
 def _sparse24_fwd(
     x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
-    if use_triton(x):
-        return K.sparse24_mm(x, values, meta, bias)
-    with torch.no_grad():
-        return K.sparse24_linear_ref(x, values, meta, bias)
+    with no_autocast(x):
+        if use_triton(x):
+            return K.sparse24_mm(x, values, meta, bias)
+        with torch.no_grad():
+            return K.sparse24_linear_ref(x, values, meta, bias)
 
 
 @_sparse24_fwd.register_fake
@@ -117,25 +114,17 @@ def _sparse24_bwd(
     need_x: bool,
     need_values: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx = dv = db = None
-    k = 2 * values.shape[1]
-    if use_triton(g):
-        if need_x:
-            dx = K.sparse24_dx(g, values, meta)
-        if need_values:
-            dv = K.sparse24_dvalues(g, x, meta, out_dtype=values.dtype)
-        if has_bias:
-            db = g.sum(0, dtype=torch.float32).to(g.dtype)
-    else:
-        acc = _acc(g.dtype)
-        g32 = g.to(acc)
-        if need_x:
-            w = K.unpack_24(values.to(acc), meta, k)
-            dx = (g32 @ w).to(x.dtype)
-        if need_values:
-            dv = K.compress_like(g32.t() @ x.to(acc), meta).to(values.dtype)
-        if has_bias:
-            db = g32.sum(0).to(g.dtype)
+    with no_autocast(g):
+        dx = dv = db = None
+        if use_triton(g):
+            if need_x:
+                dx = K.sparse24_dx(g, values, meta)
+            if need_values:
+                dv = K.sparse24_dvalues(g, x, meta, out_dtype=values.dtype)
+            if has_bias:
+                db = g.sum(0, dtype=torch.float32).to(g.dtype)
+        else:
+            dx, dv, db = K.sparse24_bwd_ref(g, x, values, meta, has_bias, need_x, need_values)
     return grads_or_empty(g, dx, dv, db)
 
 
@@ -206,20 +195,9 @@ def check_sparse24_args(x, values, meta, bias) -> None:
 
 def choose_sparse24_path(M: int, K_in: int, N: int, dtype: torch.dtype, device: torch.device) -> str:
     """``'triton'`` or ``'torch'`` (PyTorch's semi-structured ``F.linear``) for a forward of ``x
-    (M, K_in)`` against a 2:4 ``W (N, K_in)``. Provisional rule, see the module docstring."""
-    forced = os.environ.get("FASTFACTOR_SPARSE24_PATH", "auto")
-    if forced not in ("auto", "triton", "torch"):
-        raise ValueError(f"FASTFACTOR_SPARSE24_PATH: expected 'auto', 'triton' or 'torch', got {forced!r}")
-    eligible = (
-        torch.device(device).type == "cuda"
-        and dtype in (torch.float16, torch.bfloat16)
-        and N % 32 == 0 and K_in % 64 == 0 and N >= 32 and K_in >= 64
-    )
-    if not eligible or forced == "triton":
-        return "triton"
-    if forced == "torch":
-        return "torch"
-    return "torch" if M >= SPARSE24_TORCH_MIN_M else "triton"
+    (M, K_in)`` against a 2:4 ``W (N, K_in)``: :func:`fastfactor.kernels.sparse24.choose_mm_path`
+    (beside the kernels) with this module's :data:`SPARSE24_TORCH_MIN_M`. Provisional rule."""
+    return K.choose_mm_path(M, K_in, N, dtype, device, SPARSE24_TORCH_MIN_M)
 
 
 def _torch_semi_structured_cached(values: torch.Tensor, meta: torch.Tensor, shape):
@@ -227,7 +205,7 @@ def _torch_semi_structured_cached(values: torch.Tensor, meta: torch.Tensor, shap
     cached = getattr(values, "_fastfactor_ss", None)
     if cached is not None and cached[0] == key:
         return cached[1]
-    ss = K.to_torch_semi_structured(Sparse24Weight(values.detach(), meta, shape))
+    ss = fmt.to_torch_semi_structured(Sparse24Weight(values.detach(), meta, shape))
     try:
         values._fastfactor_ss = (key, ss)
     except (AttributeError, RuntimeError):  # pragma: no cover - tensors that refuse attributes
@@ -238,7 +216,10 @@ def _torch_semi_structured_cached(values: torch.Tensor, meta: torch.Tensor, shap
 def sparse24_linear_packed(
     x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """:func:`sparse24_linear` on the packed tensors (what the modules call; compile-friendly)."""
+    """:func:`sparse24_linear` on the packed tensors (what the modules call; compile-friendly).
+    Under ``torch.autocast`` for ``x``'s device, ``x``, ``values`` and ``bias`` are cast to the
+    region's dtype first (``nn.Linear``'s semantics; ``meta`` stays uint8)."""
+    x, values, bias = autocast_operands(x, values, bias)
     check_sparse24_args(x, values, meta, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])   # explicit: -1 is ambiguous when in = 0
@@ -291,9 +272,10 @@ def _dense_sparse_fwd(
     save_t: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x):
-        y, t = K.dense_sparse_fwd(x, d, s_values, s_meta, bias, save_t)
+        with no_autocast(x):
+            y, t = K.dense_sparse_fwd(x, d, s_values, s_meta, bias, save_t)
         return y, (t if t is not None else _empty(x))
-    with torch.no_grad():
+    with torch.no_grad(), no_autocast(x):
         y, t = K.dense_sparse_linear_ref(x, d, s_values, s_meta, bias, return_t=True)  # t once
     return y, (t if save_t else _empty(x))
 
@@ -321,23 +303,10 @@ def _dense_sparse_bwd(
     need_d: bool,
     need_s: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    saved_t = t if t.ndim == 2 else None
-    if use_triton(g):
-        dx, dd, ds, db = K.dense_sparse_bwd(
-            g, x, d, s_values, s_meta, saved_t, has_bias, need_x, need_d, need_s
-        )
-    else:
-        acc = _acc(x.dtype)
-        k = 2 * s_values.shape[1]
-        g32, x32, d32 = g.to(acc), x.to(acc), d.to(acc)
-        s32 = K.unpack_24(s_values.to(acc), s_meta, k)
-        inter = K.intermediate_dtype(x.dtype)  # rounding of the intermediates, as in the kernels
-        t32 = saved_t.to(acc) if saved_t is not None else (x32 @ s32.t()).to(inter).to(acc)
-        dt = (g32 @ d32).to(inter).to(acc)
-        dx = (dt @ s32).to(x.dtype) if need_x else None
-        dd = (g32.t() @ t32).to(d.dtype) if need_d else None
-        ds = K.compress_like(dt.t() @ x32, s_meta).to(s_values.dtype) if need_s else None
-        db = g32.sum(0).to(g.dtype) if has_bias else None
+    with no_autocast(g):
+        saved_t = t if t.ndim == 2 else None
+        bwd = K.dense_sparse_bwd if use_triton(g) else K.dense_sparse_bwd_ref  # same arguments
+        dx, dd, ds, db = bwd(g, x, d, s_values, s_meta, saved_t, has_bias, need_x, need_d, need_s)
     return grads_or_empty(g, dx, dd, ds, db)
 
 
@@ -391,7 +360,10 @@ def dense_sparse_linear_packed(
     s_meta: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """:func:`dense_sparse_linear` on the packed tensors of ``S`` (what the modules call)."""
+    """:func:`dense_sparse_linear` on the packed tensors of ``S`` (what the modules call).
+    Under ``torch.autocast`` for ``x``'s device the floating operands are cast to the region's
+    dtype first (``nn.Linear``'s semantics)."""
+    x, d, s_values, bias = autocast_operands(x, d, s_values, bias)
     check_dense_sparse_args(x, d, s_values, s_meta, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])   # explicit: -1 is ambiguous when in = 0

@@ -8,6 +8,14 @@ Objectives
   ``mse`` between the last hidden states over real (non-padding) tokens, or ``kl`` =
   ``KL(softmax(teacher/T) ‖ softmax(student/T))·T²`` on logits (over real tokens for per-token
   logits). ``auto`` picks ``kl`` when the model returns logits, ``mse`` otherwise.
+* **task+distill**: both, weighted (labelled data, a model that returns logits)::
+
+      L = w_task · L_task(labels) + w_kd · L_distill(T) + w_hid · L_hidden
+
+  ``L_hidden`` = mean over real tokens of ``mean_d (h_s − h_t)²`` on the last hidden states
+  (``output_hidden_states``), only computed when ``w_hid > 0``. The same weights apply to the
+  terms ``distill`` uses (``w_kd·L_distill + w_hid·L_hidden``); ``task`` is ``w_task·L_task``.
+  A weight of exactly 1 leaves a term bitwise as it was before weights existed.
 
 Evaluation
 ----------
@@ -16,14 +24,16 @@ Spearman). Distillation reports fidelity to the teacher on the eval split: for h
 mean cosine similarity of mean-pooled embeddings (sentence-transformers' pooling) and the
 Spearman correlation of their pairwise similarities; for logits, the top-1 agreement and the KL.
 
-The loop: AdamW, linear warm-up then linear decay, gradient-norm clipping, bf16 autocast on
-CUDA, NVTX ranges (``fastfactor.profiling``) around forward, backward and the optimizer step.
+The loop: AdamW, linear warm-up then linear (or cosine, or constant) decay, gradient-norm clipping,
+bf16 autocast on CUDA (on CPU only when ``FASTFACTOR_CPU_AUTOCAST`` asks for it), NVTX ranges
+(``fastfactor.profiling``) around forward, backward and the optimizer step.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -92,35 +102,103 @@ def _masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return (x * m).sum() / m.sum().clamp_min(1)
 
 
+#: ``FASTFACTOR_CPU_AUTOCAST=bf16`` (or ``bfloat16``, ``fp16``/``float16``) runs the CPU forward
+#: passes of fine-tuning and evaluation under ``torch.autocast("cpu", dtype=...)``, as CUDA always
+#: runs them under bf16 autocast: how the CPU tests exercise the GPU path's mixed precision.
+CPU_AUTOCAST_ENV = "FASTFACTOR_CPU_AUTOCAST"
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                    "float16": torch.float16}
+
+
+def cpu_autocast_dtype() -> Optional[torch.dtype]:
+    """The dtype ``FASTFACTOR_CPU_AUTOCAST`` asks for on CPU, or None (unset, empty, ``0``, ``off``)."""
+    val = os.environ.get(CPU_AUTOCAST_ENV, "").strip().lower()
+    if val in ("", "0", "off", "no", "false", "none"):
+        return None
+    if val not in _AUTOCAST_DTYPES:
+        raise ValueError(f"{CPU_AUTOCAST_ENV}: expected one of {sorted(_AUTOCAST_DTYPES)} or 0, got {val!r}")
+    return _AUTOCAST_DTYPES[val]
+
+
 def _autocast(device):
+    """bf16 autocast on CUDA; on CPU off unless ``FASTFACTOR_CPU_AUTOCAST`` asks for it."""
     dev = torch.device(device)
     if dev.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    dt = cpu_autocast_dtype() if dev.type == "cpu" else None
+    if dt is not None:
+        return torch.autocast("cpu", dtype=dt)
     return torch.autocast("cpu", enabled=False)
+
+
+OBJECTIVES = ("task", "distill", "task+distill")
+
+#: what ``objective="auto"`` resolves to: labelled data → AUTO_LABELLED, else distillation. Kept
+#: ``task``: on the README's labelled evidence task+distill was not distinguishable from it (within
+#: ±1 point over 12 paired cells, seed-to-seed spread up to 6) and costs a teacher copy and its
+#: forward pass per step (README, "Evidence: objective and the equal-training dense reference")
+AUTO_LABELLED = "task"
+
+
+def check_weights(kind: str, task_weight: float = 1.0, distill_weight: float = 1.0, hidden_weight: float = 0.0,
+                  temperature: float = 2.0) -> None:
+    """Loss weights: finite and ``>= 0``, the ones ``kind`` uses not all zero; temperature
+    finite and ``> 0``. ``kind`` may be ``auto`` (then only the weights themselves are checked,
+    plus "not all three zero"). Raises ``ValueError`` / ``TypeError`` naming the weight."""
+    vals = {"task_weight": task_weight, "distill_weight": distill_weight, "hidden_weight": hidden_weight,
+            "temperature": temperature}
+    for name, v in vals.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name}: expected a finite number >= 0, got {type(v).__name__} {v!r}")
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name}: expected a finite number >= 0, got {v}")
+    if temperature <= 0:
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature}")
+    used = {"task": ("task_weight",), "distill": ("distill_weight", "hidden_weight"),
+            "task+distill": ("task_weight", "distill_weight", "hidden_weight")}.get(
+        kind, ("task_weight", "distill_weight", "hidden_weight"))
+    if all(vals[n] == 0 for n in used):
+        raise ValueError(
+            f"{'/'.join(used)}: objective {kind!r} needs at least one of these loss weights > 0, "
+            f"got {', '.join(f'{n}={vals[n]}' for n in used)}"
+        )
 
 
 @dataclass
 class Objective:
-    """What a fine-tuning step minimizes; ``teacher`` is set for distillation."""
+    """What a fine-tuning step minimizes; ``teacher`` is set when a distillation term is used.
 
-    kind: str  #: task | distill
+    ``loss = task_weight·L_task + distill_weight·L_distill + hidden_weight·L_hidden``, each
+    term only where ``kind`` uses it (see the module docstring)."""
+
+    kind: str  #: task | distill | task+distill
     task_type: str = "unlabelled"
     distill_loss: str = "auto"
     temperature: float = 2.0
     teacher: Optional[nn.Module] = None
     device: str = "cpu"
+    task_weight: float = 1.0
+    distill_weight: float = 1.0
+    hidden_weight: float = 0.0
 
     @classmethod
     def build(cls, model: nn.Module, data: TaskData, objective: str = "auto", distill_loss: str = "auto",
-              device="cpu", teacher: Optional[nn.Module] = None) -> "Objective":
-        """``objective='auto'``: the task when the data are labelled, else distillation. The
-        teacher (distillation) is a frozen deep copy of ``model`` taken now, unless given."""
+              device="cpu", teacher: Optional[nn.Module] = None, *, task_weight: float = 1.0,
+              distill_weight: float = 1.0, hidden_weight: float = 0.0, temperature: float = 2.0) -> "Objective":
+        """``objective='auto'``: :data:`AUTO_LABELLED` when the data are labelled, else
+        distillation. The teacher (any distillation term) is a frozen deep copy of ``model``
+        taken now, unless given. Weights are checked (:func:`check_weights`) before anything."""
+        if objective != "auto" and objective not in OBJECTIVES:
+            raise ValueError(f"objective: expected 'auto' or one of {list(OBJECTIVES)}, got {objective!r}")
         if objective == "auto":
-            objective = "task" if data.labelled else "distill"
-        if objective == "task" and not data.labelled:
-            raise ValueError("objective: 'task' needs labelled data; the data given have no labels (use distill)")
-        obj = cls(objective, data.task_type, distill_loss, device=str(device))
-        if objective == "distill":
+            objective = AUTO_LABELLED if data.labelled else "distill"
+        if objective in ("task", "task+distill") and not data.labelled:
+            raise ValueError(f"objective: {objective!r} needs labelled data; the data given have no labels (use distill)")
+        check_weights(objective, task_weight, distill_weight, hidden_weight, temperature)
+        obj = cls(objective, data.task_type, distill_loss, float(temperature), device=str(device),
+                  task_weight=float(task_weight), distill_weight=float(distill_weight),
+                  hidden_weight=float(hidden_weight))
+        if objective != "task":
             if teacher is None:
                 teacher = copy.deepcopy(model)
             teacher.eval()
@@ -130,26 +208,45 @@ class Objective:
         return obj
 
     # ---------------------------------------------------------------------------------------
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+    def terms(self, model: nn.Module, batch: Batch) -> Dict[str, torch.Tensor]:
+        """The unweighted loss terms this objective uses: ``task``, ``distill``, ``hidden``."""
         inputs = model_inputs(model, batch, self.device)
-        out = model(**inputs)
-        if self.kind == "task":
-            return task_loss(out, batch["labels"].to(self.device), self.task_type)
-        with torch.no_grad():
-            t_out = self.teacher(**inputs)
-        return distill_loss(out, t_out, inputs.get("attention_mask"), self.distill_loss, self.temperature)
+        hidden = self.kind != "task" and self.hidden_weight > 0
+        kw = {"output_hidden_states": True} if hidden else {}
+        out = model(**inputs, **kw)
+        terms = {}
+        if self.kind != "distill":
+            terms["task"] = task_loss(out, batch["labels"].to(self.device), self.task_type)
+        if self.kind != "task":
+            with torch.no_grad():
+                t_out = self.teacher(**inputs, **kw)
+            mask = inputs.get("attention_mask")
+            if self.distill_weight > 0:
+                terms["distill"] = distill_loss(out, t_out, mask, self.distill_loss, self.temperature)
+            if hidden:
+                terms["hidden"] = hidden_state_loss(out, t_out, mask)
+        return terms
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        terms = self.terms(model, batch)
+        w = {"task": self.task_weight, "distill": self.distill_weight, "hidden": self.hidden_weight}
+        total = None
+        for name, value in terms.items():
+            value = value if w[name] == 1.0 else w[name] * value
+            total = value if total is None else total + value
+        return total
 
     def calibration_loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         """A loss whose gradients measure parameter importance (Fisher information).
 
-        Task: the task loss (empirical Fisher). Distillation: at the start the student equals
+        Task and task+distill: the task loss (empirical Fisher). Distillation: at the start the student equals
         the teacher and the distillation loss has zero gradient, so we use the Fisher of a unit
         Gaussian (hidden states) or categorical (logits) output model, sampled: targets drawn from
         the model's own predictive distribution (``h + ε`` or a label sampled from the softmax).
         """
         inputs = model_inputs(model, batch, self.device)
         out = model(**inputs)
-        if self.kind == "task":
+        if self.kind != "distill":  # task and task+distill: the empirical Fisher of the labels
             return task_loss(out, batch["labels"].to(self.device), self.task_type)
         y = output_tensor(out).float()
         mask = inputs.get("attention_mask")
@@ -187,7 +284,43 @@ def distill_loss(out, t_out, mask, kind: str = "auto", temperature: float = 2.0)
     return _masked_mean(per_token, mask if per_token.ndim == 2 else None)
 
 
+def last_hidden(out) -> torch.Tensor:
+    """The last hidden states ``(B, T, d)`` of a model output (``last_hidden_state``, else the
+    last of ``hidden_states``: call the model with ``output_hidden_states=True``)."""
+    h = getattr(out, "last_hidden_state", None)
+    if h is None:
+        hs = getattr(out, "hidden_states", None)
+        if not hs:
+            raise ValueError("hidden_weight: the model output has no hidden states "
+                             "(it must accept output_hidden_states=True)")
+        h = hs[-1]
+    return h
+
+
+def hidden_state_loss(out, t_out, mask) -> torch.Tensor:
+    """``mean over real tokens of mean_d (h_student − h_teacher)²`` on the last hidden states."""
+    hs, ht = last_hidden(out).float(), last_hidden(t_out).float()
+    per_token = ((hs - ht) ** 2).mean(-1)
+    return _masked_mean(per_token, mask if per_token.ndim == 2 else None)
+
+
 PARALLEL = ("auto", "ddp", "fsdp")
+DECAYS = ("linear", "cosine", "constant")
+
+
+def lr_factor(step: int, steps: int, warmup_ratio: float = 0.1, decay: str = "linear") -> float:
+    """The learning-rate multiplier of optimizer step ``step`` (0-based) of ``steps``: linear
+    warm-up over ``w = ceil(warmup_ratio·steps)`` steps (``(step+1)/w``), then ``decay``:
+    ``linear`` ``(steps−step)/(steps−w)``, ``cosine`` ``½(1+cos(π·(step−w)/(steps−w)))`` or
+    ``constant`` 1."""
+    warm = int(math.ceil(warmup_ratio * steps))
+    if step < warm:
+        return (step + 1) / warm
+    if decay == "constant":
+        return 1.0
+    if decay == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
+    return max(0.0, (steps - step) / max(1, steps - warm))
 
 
 def finetune(
@@ -201,6 +334,7 @@ def finetune(
     max_grad_norm: float = 1.0,
     batch_size: int = 16,
     seed: int = 0,
+    decay: str = "linear",
     progress: bool = False,
     desc: str = "fine-tune",
     train_embeddings: bool = True,
@@ -209,7 +343,9 @@ def finetune(
     on_step: Optional[Callable[[int, Callable[[], dict]], None]] = None,
 ) -> Dict[str, float]:
     """``steps`` optimizer steps of AdamW on ``objective``; returns the first/last/mean loss.
-    ``train_embeddings=False`` keeps every ``nn.Embedding`` frozen.
+    ``train_embeddings=False`` keeps every ``nn.Embedding`` frozen. The learning rate is
+    ``lr·lr_factor(step, steps, warmup_ratio, decay)`` (warm-up then ``linear`` / ``cosine`` /
+    ``constant``; :func:`lr_factor`).
 
     Under ``torch.distributed`` (e.g. ``torchrun``) ``batch_size`` is the *global* batch: each rank
     reads its share (``fastfactor.distributed.iterate_sharded``; a last partial global batch of an
@@ -237,6 +373,8 @@ def finetune(
     """
     if parallel not in PARALLEL:
         raise ValueError(f"parallel: expected one of {PARALLEL}, got {parallel!r}")
+    if decay not in DECAYS:
+        raise ValueError(f"decay: expected one of {DECAYS}, got {decay!r}")
     if steps <= 0:
         return {"steps": 0}
     start = 0
@@ -268,17 +406,13 @@ def finetune(
         elif engine == "ddp":
             wrapper = D.wrap_ddp(model, device=objective.device, find_unused_parameters=True)
         params = [p for p in inner.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
+        with_wd = [p for p in params if p.ndim >= 2]
+        no_wd = [p for p in params if p.ndim < 2]
         opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+            [{"params": with_wd, "weight_decay": weight_decay}, {"params": no_wd, "weight_decay": 0.0}], lr=lr
         )
-        warm = int(math.ceil(warmup_ratio * steps))
-
         def lr_lambda(step):
-            if step < warm:
-                return (step + 1) / warm
-            return max(0.0, (steps - step) / max(1, steps - warm))
+            return lr_factor(step, steps, warmup_ratio, decay)
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
         losses = []
@@ -409,6 +543,6 @@ class Evaluator:
 
 
 __all__ = [
-    "Objective", "finetune", "Evaluator", "fidelity", "collect_outputs", "mean_pool", "task_loss",
+    "Objective", "OBJECTIVES", "check_weights", "hidden_state_loss", "lr_factor", "DECAYS", "finetune", "Evaluator", "fidelity", "collect_outputs", "mean_pool", "task_loss",
     "distill_loss", "model_inputs", "select",
 ]

@@ -62,11 +62,12 @@ def test_from_linear_to_linear_roundtrip(name, bias):
 def test_from_linear_rank_ratio_rules(name):
     cls = CLASSES[name]
     lin = nn.Linear(40, 24)
-    assert cls.from_linear(lin, nblocks=2).rank == 1                                # neither: rank 1
+    with pytest.warns(DeprecationWarning, match="without rank= or ratio="):
+        assert cls.from_linear(lin, nblocks=2).rank == 1                            # neither: rank 1 (deprecated)
     assert cls.from_linear(lin, nblocks=2, ratio=0.5).rank == monarch_rank_for_ratio(40, 24, 2, 0.5)
     m = cls.from_linear(lin, nblocks=2, ratio=0.5)
     assert m.ratio <= 0.5
-    with pytest.raises(ValueError, match=r"rank/ratio: expected at most one of them, got rank=2, ratio=0.5"):
+    with pytest.raises(ValueError, match=r"rank/ratio: expected exactly one of them, got rank=2, ratio=0.5"):
         cls.from_linear(lin, nblocks=2, rank=2, ratio=0.5)
     with pytest.raises(TypeError, match=r"linear: expected an nn.Linear"):
         cls.from_linear(nn.ReLU(), nblocks=2)
