@@ -9,7 +9,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.6,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-cpu test-compile test-gpu demo bench clean
+.PHONY: install test test-cpu test-compile test-gpu demo bench clean gpu-check gpu-check-dry sol
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -50,3 +50,20 @@ bench: install
 ## the main job: compress the bundled all-MiniLM-L6-v2 with every method (< 10 min on 2 CPU cores)
 demo: install
 	HF_HUB_OFFLINE=1 $(PY) -m fastfactor.compress.demo
+
+## the first command on a lent GPU (runs in place on the offline GPU image: no install step):
+## correctness tier, ceilings, the sol rows timed against dense and unfused, measured / predicted
+## per row in JSON, CSV and Markdown under $OUT (or GPU_CHECK_OUT). `make gpu-check-dry`: the same
+## script on the CPU with tiny shapes (CI).
+GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),profiling/results/gpu-check)
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m fastfactor.gpu_check --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+
+gpu-check-dry:
+	PYTHONPATH=$(CURDIR) $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m fastfactor.gpu_check --dry --out $(GPU_CHECK_OUT)-dry $(GPU_CHECK_ARGS)
+
+## speed of light (model, no GPU): the three issue presets into profiling/results/sol-*.{json,csv,md,png}
+sol: install
+	$(VENV)/bin/fastfactor sol --preset issue2-lowrank --out $(BENCH_OUT) --plot
+	$(VENV)/bin/fastfactor sol --preset issue3-monarch --out $(BENCH_OUT) --plot
+	$(VENV)/bin/fastfactor sol --preset issue4-sparse24 --out $(BENCH_OUT) --plot

@@ -105,13 +105,13 @@ def torch_op_time(op, device: Device) -> Optional[dict]:
     t_mem = nbytes / device.hbm_bw
     t_mma = flops / rate_for(dt, device) if flops else 0.0
     return dict(seconds=max(t_mem, t_mma) + device.launch_s, bytes=nbytes, flops=flops,
-                bound="mma" if t_mma > t_mem else "dram")
+                bound="mma" if t_mma > t_mem else "dram", name=op.name)
 
 
 def torch_path_time(ops, device: Device) -> dict:
     times = [t for t in (torch_op_time(o, device) for o in ops) if t is not None]
     return dict(seconds=sum(t["seconds"] for t in times), launches=len(times),
-                bytes=sum(t["bytes"] for t in times), flops=sum(t["flops"] for t in times))
+                bytes=sum(t["bytes"] for t in times), flops=sum(t["flops"] for t in times), ops=times)
 
 
 def semi_structured_time(M: int, K: int, N: int, elem: int, bias: bool, device: Device) -> dict:

@@ -135,8 +135,15 @@ def _candidates(tunable, named: dict) -> tuple[list, dict]:
     cands = cfg_objs(space)
     if tunable.prune is not None:
         cands = tunable.prune(cands, named, **named) or cands
-    # deterministic mode: the first config of space[1:] + space[:1] that survives pruning
-    det = cfg_objs(space[1:] + space[:1])
+    # deterministic mode (Tunable.fixed_config on a GPU): the deterministic (or picked) config,
+    # or the next one after it that survives pruning
+    first = None
+    if getattr(tunable, "pick", None) is not None:
+        first = tunable.pick(named)
+    if first is None:
+        first = getattr(tunable, "deterministic", space[1] if len(space) > 1 else space[0])
+    i = space.index(first) if first in space else 0
+    det = cfg_objs(space[i:] + space[:i])
     if tunable.prune is not None:
         det = tunable.prune(det, named, **named) or det
     return as_dicts(cands), as_dicts(det[:1])[0]
@@ -145,6 +152,7 @@ def _candidates(tunable, named: dict) -> tuple[list, dict]:
 class _Recorder:
     def __init__(self):
         self.launches: list[Launch] = []
+        self.torch_ops: list = []
         self.phase = "fwd"
 
 
@@ -204,7 +212,54 @@ def recording(sms: int = 132):
         _patch_everywhere("is_deterministic", lambda: False, stack)
         _ACTIVE.append(rec)
         stack.callback(_ACTIVE.pop)
+        stack.enter_context(_OurPathRecorder(rec))
         yield rec
+
+
+class _OurPathRecorder(TorchDispatchMode):
+    """Inside :func:`recording`: fastfactor's custom ops run their Python body (launchers included)
+    with this mode active, so the plain torch ops a launcher calls (``torch.mm`` on the cuBLAS
+    path, copies, reductions) are recorded next to the Triton launches. Ops on large tensors are
+    not computed (meta shapes, fresh uninitialised outputs); small ones run for real (a packed 2:4
+    metadata copy must keep its values)."""
+
+    SMALL = 16 << 20
+
+    def __init__(self, rec):
+        super().__init__()
+        self.rec = rec
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "namespace", "") == "fastfactor":
+            from torch._library.custom_ops import OPDEFS
+
+            opdef = OPDEFS.get(func._schema.name)
+            if opdef is not None:
+                with self:
+                    return opdef._init_fn(*args, **kwargs)
+            return func(*args, **kwargs)
+        ins = []
+        tree_map(lambda t: ins.append(t) if isinstance(t, torch.Tensor) else None, (args, kwargs))
+        nbytes = sum(t.numel() * t.element_size() for t in ins)
+        to_meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t
+        meta_out = func(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
+        outs = []
+        tree_map(lambda t: outs.append(t) if isinstance(t, torch.Tensor) else None, meta_out)
+        base = func.overloadpacket.__name__.rstrip("_") if hasattr(func, "overloadpacket") else str(func)
+        view = bool(getattr(func, "is_view", False)) or base in _FREE
+        self.rec.torch_ops.append(TorchOp(
+            base, [(tuple(t.shape), t.dtype, tuple(t.stride())) for t in ins],
+            [(tuple(t.shape), t.dtype, tuple(t.stride())) for t in outs], view, self.rec.phase))
+        if view or nbytes + sum(t.numel() * t.element_size() for t in outs) <= self.SMALL:
+            return func(*args, **kwargs)
+
+        def to_cpu(t):
+            if isinstance(t, torch.Tensor):
+                return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+            return t
+
+        return tree_map(to_cpu, meta_out)
 
 
 def _grad_params(module) -> list:
@@ -227,17 +282,23 @@ def run_direction(fn: Callable, x: torch.Tensor, g: torch.Tensor, params: list, 
     torch.autograd.grad(y, [xg] + list(params), g, allow_unused=True)
 
 
-def record_launches(module, x: torch.Tensor, g: torch.Tensor, direction: str, sms: int = 132) -> list[Launch]:
+def record_launches(module, x: torch.Tensor, g: torch.Tensor, direction: str, sms: int = 132,
+                    torch_ops: Optional[list] = None) -> list[Launch]:
     """The Triton launches ``module(x)`` makes in ``direction`` (see :func:`run_direction`).
-    ``bwd`` keeps only the backward's launches."""
+    ``bwd`` keeps only the backward's launches. ``torch_ops``: a list that receives the plain
+    torch ops the launchers ran (cuBLAS products, copies)."""
     with recording(sms) as rec:
         def to_bwd():
             rec.phase = "bwd"
         run_direction(module, x, g, _grad_params(module), "fwd" if direction == "fwd" else "fwd+bwd",
                       on_backward=to_bwd)
     launches = rec.launches
+    ops = rec.torch_ops
     if direction == "bwd":
         launches = [l for l in launches if l.phase == "bwd"]
+        ops = [o for o in ops if o.phase == "bwd"]
+    if torch_ops is not None:
+        torch_ops.extend(ops)
     return launches
 
 

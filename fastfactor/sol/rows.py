@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..bench.families import FAMILIES, flops_for, load_family, param_label
+from ..bench.families import FAMILIES, flops_for, param_label
 from ..kernels import _config
 from . import count as C
 from . import model
@@ -49,13 +49,10 @@ def build_module(spec: RowSpec, block_rank: int = 1):
     k = (spec.method, spec.in_features, spec.out_features, spec.param, spec.dtype, block_rank)
     if k not in _MODULES:
         fam = FAMILIES[spec.method]
-        cls, why = load_family(spec.method)
-        if cls is None:
-            raise RuntimeError(why)
         torch.manual_seed(0)
         with _config.cpu_backend("reference"):
-            _MODULES[k] = fam.build(cls, spec.in_features, spec.out_features, spec.param,
-                                    _DT[spec.dtype], torch.device("cpu"), True, {"block_rank": block_rank})
+            _MODULES[k] = fam.random_layer(spec.in_features, spec.out_features, spec.param,
+                                           _DT[spec.dtype], torch.device("cpu"), True, {"block_rank": block_rank})
     return _MODULES[k]
 
 
@@ -203,10 +200,12 @@ def evaluate_row(spec: RowSpec, device: Device, configs: str = "all", block_rank
     M, K, N = spec.tokens, spec.in_features, spec.out_features
     x = torch.empty(M, K, dtype=dt)
     g = torch.empty(M, N, dtype=dt)
-    launches = R.record_launches(mod, x, g, spec.direction, sms=device.sms)
+    our_ops: list = []
+    launches = R.record_launches(mod, x, g, spec.direction, sms=device.sms, torch_ops=our_ops)
     evals = [evaluate_launch(l, device, configs) for l in launches]
-    ours = sum(e["seconds"] for e in evals)
-    issued = sum(e["dot_flops"] for e in evals)
+    ours_torch = model.torch_path_time(our_ops, device)
+    ours = sum(e["seconds"] for e in evals) + ours_torch["seconds"]
+    issued = sum(e["dot_flops"] for e in evals)  # + the torch ops' FLOPs below
     useful = float(flops_for(spec.direction, fam.fwd_flops(mod, M)[0]))
 
     params = [p for p in mod.parameters() if p.requires_grad]
@@ -229,9 +228,11 @@ def evaluate_row(spec: RowSpec, device: Device, configs: str = "all", block_rank
         speedup_vs_dense=dense["seconds"] / ours if ours else None,
         speedup_vs_unfused=unfused["seconds"] / ours if ours else None,
         speedup_vs_torch24=(torch24["seconds"] / ours) if torch24 and ours else None,
-        launches=len(evals), kernels=",".join(e["kernel"].split(".")[-1] for e in evals),
-        issued_flops=issued, useful_flops=useful,
-        flops_ratio=issued / useful if useful else None,
+        launches=len(evals) + ours_torch["launches"],
+        kernels=",".join([e["kernel"].split(".")[-1] for e in evals]
+                         + [o["name"] for o in ours_torch["ops"]]),
+        issued_flops=issued + ours_torch["flops"], useful_flops=useful,
+        flops_ratio=(issued + ours_torch["flops"]) / useful if useful else None,
         dram_bytes=sum(e["dram_bytes"] for e in evals),
         bound="+".join(sorted({e["bound"] for e in evals})),
         detail=evals,

@@ -1,0 +1,169 @@
+"""``fastfactor sol``: the launch recorder, the exact interpreter counts (scaled per program class
+and sampled loops against full runs), the model's arithmetic, and the command."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastfactor.kernels import _config
+
+pytestmark = pytest.mark.skipif(not _config.is_interpreter(), reason="counting needs TRITON_INTERPRET=1")
+
+
+@pytest.fixture(autouse=True)
+def _tmp_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTFACTOR_SOL_CACHE", str(tmp_path / "solcache"))
+
+
+def _launches(method, k, n, m, param, direction="fwd+bwd"):
+    from fastfactor.sol import record as R
+    from fastfactor.sol.rows import RowSpec, build_module
+
+    mod = build_module(RowSpec(method, k, n, m, param))
+    x = torch.randn(m, k).bfloat16()
+    g = torch.randn(m, n).bfloat16()
+    return R.record_launches(mod, x, g, direction)
+
+
+FIELDS = ("load_bytes", "store_bytes", "load_sectors", "store_sectors", "unique_bytes")
+
+
+# sizes whose rows are whole 32-byte sectors (sector counts are then the same in every program of a
+# class); the odd low-rank case checks bytes, FLOPs and unique bytes only
+@pytest.mark.parametrize("method,k,n,m,param,sectors", [
+    ("lowrank", 200, 136, 70, 0.25, False),
+    ("lowrank", 256, 128, 80, 0.125, True),
+    ("monarch", 128, 256, 48, 4, True),
+    ("sparse24", 128, 192, 40, None, True),
+    ("dense_sparse", 128, 96, 33, 0.25, True),
+])
+def test_scaled_counts_equal_full_counts(method, k, n, m, param, sectors):
+    from fastfactor.sol import count as C
+
+    launches = _launches(method, k, n, m, param)
+    assert launches, "no launch recorded"
+    for launch in launches:
+        cfg = launch.candidates[0]
+        full = C.count_launch(launch, cfg, "full")
+        scaled = C.count_launch(launch, cfg, "scaled")
+        assert scaled.programs == full.programs
+        assert scaled.dot_flops == full.dot_flops, launch.kernel
+        for name in full.tensors:
+            for f in FIELDS if sectors else ("load_bytes", "store_bytes", "unique_bytes"):
+                a, b = getattr(scaled.tensors[name], f), getattr(full.tensors[name], f)
+                assert a == b, f"{launch.kernel} ({launch.phase}) {name}.{f}: scaled {a} != full {b}"
+
+
+def test_gemm_counts_by_hand():
+    """A (M, K)·(K, N) GEMM with 16-tiles: A is read once per column tile, B once per row tile,
+    C written once, 2·M·N·K FLOPs; with M = 40 the last row tile is masked (not counted)."""
+    from fastfactor.kernels import lowrank as K
+    from fastfactor.sol import count as C
+    from fastfactor.sol import record as R
+
+    M, Kd, N = 40, 64, 48
+    a, b = torch.randn(M, Kd).bfloat16(), torch.randn(Kd, N).bfloat16()
+    with R.recording() as rec:
+        K.gemm(a, b)
+    (launch,) = rec.launches
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)
+    c = C.count_launch(launch, cfg, "scaled")
+    assert c.programs == 3 * 3
+    assert c.tensors["a_ptr"].load_bytes == M * Kd * 2 * (N // 16)
+    assert c.tensors["b_ptr"].load_bytes == Kd * N * 2 * 3
+    (cname,) = [n for n in c.tensors if n.startswith("c_ptr")]
+    assert c.tensors[cname].store_bytes == M * N * 2
+    assert c.dot_flops == 2 * 48 * N * Kd  # 3 row tiles of 16 issued, padding included
+    assert c.tensors["a_ptr"].reread == N // 16
+    assert c.reduction == Kd
+
+
+def test_recorder_runs_nothing_and_records_the_specialization():
+    from fastfactor.sol import record as R
+    from fastfactor.sol.rows import RowSpec, build_module
+
+    mod = build_module(RowSpec("lowrank", 4096, 4096, 16, 0.25))  # r = 512 > 256: two GEMMs
+    x = torch.empty(16, 4096, dtype=torch.bfloat16)
+    g = torch.empty(16, 4096, dtype=torch.bfloat16)
+    fwd = R.record_launches(mod, x, g, "fwd")
+    assert [l.kernel for l in fwd] == ["lowrank.gemm", "lowrank.gemm"]
+    spz = fwd[0].specialization()
+    assert spz["M"] == "1" or spz["M"] == "D"  # 16: divisible
+    assert spz["stride_bk"] == "1"  # v.t(): unit stride along the reduction
+    assert spz["K"] == "D" and spz["a_ptr"] == "D"
+    both = R.record_launches(mod, x, g, "fwd+bwd")
+    assert [l.phase for l in both].count("bwd") >= 3
+    bwd = R.record_launches(mod, x, g, "bwd")
+    assert all(l.phase == "bwd" for l in bwd) and len(bwd) == len(both) - len(fwd)
+    # the candidates are the GPU autotune space after pruning, the fixed config one of them
+    assert len(fwd[0].candidates) > 1 and fwd[0].fixed in fwd[0].candidates
+
+
+def test_torch_ops_recorded_without_compute():
+    from fastfactor.sol import record as R
+
+    w = torch.empty(300, 200, requires_grad=True)
+    x = torch.empty(50, 200)
+    g = torch.empty(50, 300)
+    ops = R.record_torch_ops(lambda t: torch.nn.functional.linear(t, w), x, g, [w], "fwd+bwd")
+    mms = [o for o in ops if o.name == "mm"]
+    assert len(mms) == 3  # forward, dx, dW
+    assert ops[0].phase == "fwd" and mms[-1].phase == "bwd"
+
+
+def test_model_terms():
+    from fastfactor.sol import model
+    from fastfactor.sol.device import H200
+
+    assert model.fill(66, H200) == (1, 0.5)
+    waves, f = model.fill(133, H200)
+    assert waves == 2 and abs(f - 133 / 264) < 1e-12
+    # dense F.linear fwd at M = 16384, 4096², bf16: matmul-bound, 2·M·K·N / rate + launch
+    from fastfactor.sol import record as R
+
+    w = torch.empty(4096, 4096, dtype=torch.bfloat16)
+    ops = R.record_torch_ops(lambda t: torch.nn.functional.linear(t, w), torch.empty(16384, 4096, dtype=torch.bfloat16),
+                             torch.empty(16384, 4096, dtype=torch.bfloat16), [], "fwd")
+    t = model.torch_path_time(ops, H200)
+    want = 2 * 16384 * 4096 * 4096 / H200.bf16_rate + H200.launch_s
+    assert abs(t["seconds"] - want) / want < 1e-9
+
+
+def test_evaluate_row_and_budgets():
+    from fastfactor.sol import budgets as B
+    from fastfactor.sol.device import H200
+    from fastfactor.sol.rows import RowSpec, evaluate_row
+
+    row = evaluate_row(RowSpec("lowrank", 256, 256, 32, 0.25, "fwd"), H200, configs="fixed")
+    assert row["status"] == "predicted, not measured"
+    assert row["predicted_ms"] > 0 and row["dense_ms"] > 0 and row["unfused_ms"] > 0
+    assert row["useful_flops"] == 2 * 32 * 64 * (256 + 256)
+    assert row["issued_flops"] >= row["useful_flops"]
+    for name in ("reread", "fill", "access", "flops"):
+        ok, fig, tgt = B.check(name, row, H200)
+        assert isinstance(ok, bool) and fig and tgt
+    with pytest.raises(ValueError, match="budget"):
+        B.check("nope", row, H200)
+    with pytest.raises(ValueError, match="direction"):
+        evaluate_row(RowSpec("lowrank", 256, 256, 32, 0.25, "sideways"), H200)
+
+
+def test_cli_json(tmp_path):
+    out = tmp_path / "r.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the command re-executes itself
+    p = subprocess.run([sys.executable, "-m", "fastfactor.cli", "sol", "--methods", "lowrank", "--shapes", "96x160",
+                        "--tokens", "24", "--ratios", "0.25", "--directions", "fwd", "--configs", "fixed",
+                        "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "predicted, not measured" in p.stdout
+    d = json.loads(out.read_text())
+    assert d["meta"]["status"] == "predicted, not measured"
+    (row,) = d["rows"]
+    assert row["method"] == "lowrank" and row["tokens"] == 24 and row["detail"]
+    bad = subprocess.run([sys.executable, "-m", "fastfactor.cli", "sol", "--methods", "lowrank"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert bad.returncode == 2 and "expected --preset" in bad.stderr
