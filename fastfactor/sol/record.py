@@ -210,6 +210,7 @@ def recording(sms: int = 132):
         _patch_everywhere("upcast_dots", lambda: False, stack)
         _patch_everywhere("get_cpu_backend", lambda: "triton", stack)
         _patch_everywhere("is_deterministic", lambda: False, stack)
+        _patch_everywhere("is_interpreter", lambda: False, stack)  # launchers size splits for the GPU
         _ACTIVE.append(rec)
         stack.callback(_ACTIVE.pop)
         stack.enter_context(_OurPathRecorder(rec))
