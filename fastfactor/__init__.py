@@ -30,6 +30,8 @@ from . import determinism, distributed, factorize, formats, layers, ops, profili
 from . import families  # noqa: E402  (one declaration per factorization family)
 from . import compress, train  # noqa: E402  (the compress package is callable: fastfactor.compress(model, cfg, data))
 from .compress import CompressionConfig, CompressionReport, load_compressed, save_compressed  # noqa: E402
+from . import api, hf  # noqa: E402
+from .api import FactorizationPlan, factorize_, factorize_plan, merge_and_unload  # noqa: E402
 from .determinism import is_deterministic, set_deterministic  # noqa: E402
 from .formats.sparse24 import Sparse24Weight  # noqa: E402
 from .layers import (  # noqa: E402
@@ -50,10 +52,16 @@ from .ops import (  # noqa: E402
 
 __version__ = "0.1.0"
 
+# `quantization_config: {"quant_method": "fastfactor"}` in a config.json: AutoModel*.from_pretrained,
+# pipeline(...) and sentence-transformers rebuild the compressed model (fastfactor.hf); transformers
+# itself is imported only when the user imports it.
+hf.install_import_hook()
+
 __all__ = [
     "lowrank_linear", "monarch_linear", "block_lowrank_linear", "sparse24_linear", "dense_sparse_linear",
     "LowRankLinear", "MonarchLinear", "BlockLowRankLinear", "Sparse24Linear", "DenseSparseLinear",
     "FactorizedLinear", "Sparse24Weight", "factorize", "families", "layers", "ops", "profiling",
     "set_deterministic", "is_deterministic", "determinism", "distributed",
     "compress", "train", "CompressionConfig", "CompressionReport", "save_compressed", "load_compressed",
+    "factorize_", "factorize_plan", "FactorizationPlan", "merge_and_unload", "api", "hf",
 ]

@@ -37,7 +37,7 @@ MODEL_CLASSES = {
 }
 
 #: CompressionConfig field → the option that sets it (for error messages)
-_OPTION_OF_FIELD = {"final_steps": "--steps"}
+_OPTION_OF_FIELD = {"final_steps": "--steps", "module_ratios": "--module-ratio"}
 
 
 def add_subparser(subparsers) -> argparse.ArgumentParser:
@@ -46,7 +46,7 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--model", required=True, help="local model directory (config.json, weights, tokenizer)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", default=None, help="output directory (required unless --dry-run)")
     p.add_argument("--config", default=None, help="CompressionConfig JSON/YAML; command-line options override it")
     p.add_argument("--method", choices=METHODS, default=None)
     p.add_argument("--ratio", type=float, default=None, help="fraction of each target's weights kept")
@@ -54,6 +54,13 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=SCHEDULES, default=None)
     p.add_argument("--stage-unit", choices=STAGE_UNITS, default=None)
     p.add_argument("--targets", nargs="+", default=None, help="module name patterns (glob, or re:REGEX)")
+    p.add_argument("--module-ratio", action="append", default=None, metavar="PATTERN=RATIO",
+                   help="per-module ratio override (repeatable; the first matching pattern wins), "
+                        "e.g. --module-ratio '*.attention.*=0.3'")
+    p.add_argument("--dry-run", "--show-plan", dest="dry_run", action="store_true",
+                   help="print the targets, their factor shapes (rank, blocks) and parameter counts, then exit: "
+                        "the model is built from config.json on the meta device (no weight is read) and "
+                        "nothing is written")
     p.add_argument("--exclude", nargs="+", default=None)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--task", default=None, help="GLUE task name (needs the hub or its cache)")
@@ -124,7 +131,8 @@ def _add_objective_args(p) -> None:
     g.add_argument("--warmup-ratio", type=float, default=None, help="warm-up fraction of each fine-tune")
     g.add_argument("--decay", choices=DECAYS, default=None, help="after the warm-up (default linear)")
     for phase, what in (("stage", "each stage's fine-tune"), ("final", "the final fine-tune")):
-        g.add_argument(f"--{phase}-lr", type=float, default=None, help=f"learning rate of {what} (default --lr)")
+        g.add_argument(f"--{phase}-lr", type=float, default=None,
+                       help=f"learning rate of {what} (default {'5e-5' if phase == 'stage' else '--lr'})")
         g.add_argument(f"--{phase}-warmup-ratio", type=float, default=None, help=f"warm-up fraction of {what}")
         g.add_argument(f"--{phase}-decay", choices=DECAYS, default=None, help=f"decay of {what}")
     g.add_argument("--dense-reference", action="store_true", default=None,
@@ -220,6 +228,54 @@ def check_args(args) -> None:
         raise ValueError(f"--config: expected an existing .json/.yaml file, got {args.config!r}")
 
 
+def parse_module_ratios(items) -> dict:
+    """``["PATTERN=RATIO", ...]`` → ``{pattern: ratio}`` (order kept); ``ValueError`` naming the option."""
+    out = {}
+    for item in items:
+        pat, sep, val = str(item).rpartition("=")
+        try:
+            ratio = float(val)
+        except ValueError:
+            ratio = None
+        if not sep or not pat or ratio is None:
+            raise ValueError(f"--module-ratio: expected PATTERN=RATIO (e.g. '*.query=0.3'), got {item!r}")
+        out[pat] = ratio
+    return out
+
+
+def refuse_compressed(path: str) -> None:
+    """``ValueError`` when ``--model`` is a folder fastfactor already compressed."""
+    from ..hf import is_compressed_dir
+
+    why = is_compressed_dir(path) if os.path.isdir(path) else None
+    if why:
+        raise ValueError(
+            f"--model: {path!r} is already compressed ({why}); give the original (uncompressed) model. "
+            "To use this one: import fastfactor, then AutoModel.from_pretrained or fastfactor.load_compressed; "
+            "fastfactor.merge_and_unload turns it back into dense layers"
+        )
+
+
+def dry_run(args, cfg) -> int:
+    """Print the plan of ``cfg`` on the model of ``--model`` built on the meta device (no weight read)."""
+    import torch
+    import transformers
+
+    from ..api import factorize_plan
+
+    config = transformers.AutoConfig.from_pretrained(args.model)
+    archs = getattr(config, "architectures", None) or []
+    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), transformers.AutoModel)
+    with torch.device("meta"):
+        model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
+    plan = factorize_plan(model, cfg)
+    print(f"plan for {args.model} ({type(model).__name__}): method {cfg.method}, ratio {cfg.ratio}"
+          + (f", module ratios {cfg.module_ratios}" if cfg.module_ratios else ""))
+    print(plan.table())
+    print("dry run: no weight was read and nothing was written")
+    return 0
+
+
 def build_config(args):
     """The run's :class:`CompressionConfig`: ``--config`` (if any), then the options given; an
     invalid field is named by its option (or by the config file when it came from there)."""
@@ -240,6 +296,8 @@ def build_config(args):
     }
     given = {k: v for k, v in over.items() if v is not None}
     given.update(_objective_overrides(args))
+    if getattr(args, "module_ratio", None):
+        given["module_ratios"] = {**d.get("module_ratios", {}), **parse_module_ratios(args.module_ratio)}
     d.update(given)
     if args.distill:
         d["objective"] = "distill"
@@ -386,10 +444,10 @@ def plot_stages(report, path: str) -> bool:
     ax.set_title(f"{cfg['method']} ratio {cfg['ratio']} ({cfg['schedule']})")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))  # same extension for savefig
-    fig.savefig(tmp, dpi=120)
+    from .._io import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 
@@ -401,7 +459,12 @@ def run(args) -> int:
     from .io import atomic_write_text, save_compressed
 
     check_args(args)
+    refuse_compressed(args.model)
     cfg = build_config(args)
+    if args.dry_run:
+        return dry_run(args, cfg)
+    if not args.out:
+        raise ValueError("--out: expected an output directory (required unless --dry-run)")
     if args.task is None and args.train_file is None:
         if cfg.schedule != "offline" or cfg.resolved_init not in ("svd", "projection", "magnitude", "svd_als"):
             raise SystemExit("fastfactor compress: give --task or --train-file (data are needed to fine-tune/calibrate)")
@@ -410,7 +473,6 @@ def run(args) -> int:
     import transformers
 
     from .. import distributed as D
-    from .._io import save_pretrained_atomic
     from .checkpoint import prepare_output
 
     try:
@@ -471,8 +533,7 @@ def run(args) -> int:
     plotted = False
     if D.is_main_process():  # every file: a temporary name renamed into place
         os.makedirs(args.out, exist_ok=True)
-        save_compressed(model.cpu(), args.out, compression=cfg.to_dict())
-        save_pretrained_atomic(tok, args.out)
+        save_compressed(model.cpu(), args.out, compression=cfg.to_dict(), tokenizer=tok)
         rep_d = report.to_dict()
         if spec is not None:
             rep_d["labels"] = {"task_type": spec.task_type, "num_labels": spec.num_labels,

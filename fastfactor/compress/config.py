@@ -38,7 +38,9 @@ decay         after the warm-up: ``linear`` | ``cosine`` | ``constant``
 stage_lr, stage_warmup_ratio, stage_decay, final_lr, final_warmup_ratio, final_decay
               the same three for the short per-stage fine-tunes and for the final fine-tune
               (``None``: ``lr`` / ``warmup_ratio`` / ``decay``); each fine-tune has its own
-              warm-up and decay
+              warm-up and decay. ``stage_lr`` defaults to 5e-5, half the default ``lr``: the
+              short stage fine-tunes of a staged run at the full rate damaged the model on the
+              way (README, "Evidence: objective"); ``stage_lr=None`` gives them ``lr`` again
 dense_reference  also fine-tune a copy of the uncompressed model with the same data order,
               steps and schedule (on the task loss), and report its metric beside the
               compressed one (:mod:`fastfactor.compress.reference`; labelled data only)
@@ -133,7 +135,7 @@ class CompressionConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     decay: str = "linear"
-    stage_lr: Optional[float] = None
+    stage_lr: Optional[float] = 5e-5
     stage_warmup_ratio: Optional[float] = None
     stage_decay: Optional[str] = None
     final_lr: Optional[float] = None
@@ -285,6 +287,6 @@ class CompressionConfig:
             raise type(e)(f"{path}: {e}") from None
 
     def save(self, path) -> None:
-        from .io import atomic_write_text
+        from .._io import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2))

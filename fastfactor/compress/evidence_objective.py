@@ -250,11 +250,13 @@ def main(argv=None) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     jpath = os.path.join(args.out, "evidence_objective.json")
-    done = {}
+    done, runs = {}, []
     if os.path.isfile(jpath):
         with open(jpath) as f:
-            for r in json.load(f)["rows"]:
-                done[_key(r)] = r
+            old = json.load(f)
+        for r in old["rows"]:
+            done[_key(r)] = r
+        runs = old["meta"].get("runs") or [old["meta"]["args"]]
     t_all = time.perf_counter()
     trx, try_, evx, evy, counts = family_task(args.train, args.eval, seed=0)
     tok, model = load_classifier(len(FAMILIES), seed=0)
@@ -274,7 +276,7 @@ def main(argv=None) -> int:
     model.eval()
     base_acc = evaluator(model)["accuracy"]
     print(f"dense base: accuracy {base_acc:.4f}; sentences per family {counts}", flush=True)
-    meta = {"args": vars(args), "families": {f: len(m) for f, m in FAMILIES.items()}, "sentences": counts,
+    meta = {"args": vars(args), "runs": runs + [vars(args)], "families": {f: len(m) for f, m in FAMILIES.items()}, "sentences": counts,
             "base_accuracy": base_acc, "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0]}
 
     def save():

@@ -174,14 +174,29 @@ def select_targets(
     return out
 
 
+def compressed_modules(model: nn.Module):
+    """``[(name, module)]`` of the factorized modules, outermost only."""
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, FactorizedLinear) and not any(name.startswith(n + ".") for n, _ in out):
+            out.append((name, mod))
+    return out
+
+
 def get_module(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name)
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Replace the submodule at ``name``; returns the old one."""
+    """Replace the submodule at ``name``; returns the old one. A factorized module put in place of a
+    dense one records the dense module's class in ``new.original_class`` (qualified name, e.g.
+    ``transformers.pytorch_utils.Conv1D``; carried over from a factorized ``old``), which
+    :func:`fastfactor.merge_and_unload` restores."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, child)
+    if isinstance(new, FactorizedLinear) and getattr(new, "original_class", None) is None:
+        cls = getattr(old, "original_class", None) if isinstance(old, FactorizedLinear) else None
+        new.original_class = cls or f"{type(old).__module__}.{type(old).__qualname__}"
     setattr(parent, child, new)
     return old

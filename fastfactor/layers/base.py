@@ -18,7 +18,7 @@ output shapes, ``y = x·Wᵀ + b`` with ``W`` represented by factors. Every subc
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ class FactorizedLinear(nn.Module):
     method: ClassVar[str] = "factorized"
     in_features: int
     out_features: int
+    #: qualified class name of the dense module this one replaced (``torch.nn.modules.linear.Linear``,
+    #: ``transformers.pytorch_utils.Conv1D``), recorded at swap time; ``to_original()`` rebuilds it
+    original_class: Optional[str] = None
 
     def dense_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -62,6 +65,64 @@ class FactorizedLinear(nn.Module):
         if bias is not None:
             lin.bias.copy_(bias)
         return lin
+
+
+    @torch.no_grad()
+    def to_original(self) -> nn.Module:
+        """The dense module this one replaced, of its recorded class (:attr:`original_class`;
+        ``nn.Linear`` when none was recorded), holding ``W = dense_weight()`` and the bias, on the
+        factors' device and dtype, in the same train/eval mode:
+
+        * ``nn.Linear`` and its subclasses: ``weight = W (out, in)``;
+        * transformers' ``Conv1D(nf=out, nx=in)`` (GPT-2): ``weight = Wᵀ (in, out)``, ``y = x·weight + b``
+          (a factorized module without bias gives a zero bias: ``Conv1D`` always has one).
+
+        Any other recorded class raises ``TypeError`` naming it."""
+        lin = self.to_linear()
+        name = self.original_class
+        cls = _import_class(name) if name else nn.Linear
+        if cls is nn.Linear:
+            out = lin
+        elif cls.__name__ == "Conv1D" and issubclass(cls, nn.Module) and not issubclass(cls, nn.Linear):
+            out = cls(self.out_features, self.in_features).to(device=lin.weight.device, dtype=lin.weight.dtype)
+            out.weight.copy_(lin.weight.t())
+            if lin.bias is not None:
+                out.bias.copy_(lin.bias)
+            else:
+                out.bias.zero_()
+        elif isinstance(cls, type) and issubclass(cls, nn.Linear):
+            out = cls.__new__(cls)  # a subclass's own __init__ may take other arguments
+            nn.Linear.__init__(out, self.in_features, self.out_features, bias=lin.bias is not None,
+                               device=lin.weight.device, dtype=lin.weight.dtype)
+            out.load_state_dict(lin.state_dict())
+        else:
+            raise TypeError(
+                f"original_class: expected nn.Linear, a subclass of it or transformers' Conv1D, got {name!r}"
+            )
+        return out.train(self.training)
+
+
+def _import_class(qualname: str) -> type:
+    """The class named ``package.module.Class`` (nested qualnames allowed)."""
+    import importlib
+
+    if not isinstance(qualname, str) or "." not in qualname:
+        raise ValueError(f"original_class: expected a qualified class name 'module.Class', got {qualname!r}")
+    parts = qualname.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for p in parts[i:]:
+                obj = getattr(obj, p)
+        except AttributeError:
+            break
+        if isinstance(obj, type):
+            return obj
+        break
+    raise ValueError(f"original_class: cannot import {qualname!r}")
 
 
 def linear_weight_and_bias(linear: nn.Module, name: str = "linear"):
