@@ -1,15 +1,18 @@
-"""Safe files: checked JSON reads, format-version checks, checksum verification, atomic directories.
+"""Safe files, the bottom layer of everything fastfactor writes (imports nothing of fastfactor).
 
-The single-file primitives (``atomic_write_bytes``, ``atomic_write_text``, ``sha256_file``) live in
-:mod:`fastfactor.compress.io` and are reused here. This module adds what a *set* of files needs:
-
+* :func:`atomic_write` — THE atomic write: the content goes to a temporary sibling, the file is
+  flushed and ``fsync``-ed, renamed over the final name (``os.replace``) and the directory entry
+  ``fsync``-ed; on any error the temporary is removed and the old file (if any) is untouched.
+  :func:`atomic_write_bytes`, :func:`atomic_write_text`, :func:`atomic_write_json`,
+  :func:`atomic_torch_save` and :mod:`fastfactor.distributed`'s ``save0`` / ``write_text0`` are
+  thin wrappers around it;
+* :func:`sha256_file` — a file's sha256 in 1 MiB chunks;
 * :func:`read_json` — a JSON object from a file, or a ``ValueError`` naming the file and saying
   whether it is missing, empty/truncated, not JSON, or not an object;
 * :func:`check_format_version` — refuses files from a newer format (``upgrade fastfactor``), files
   without a version, and unknown older versions, naming the file;
 * :func:`verify_files` — every file listed with its sha256 exists and matches (truncation and
   corruption both show as a mismatch; the size is reported too);
-* :func:`atomic_torch_save` — ``torch.save`` through a temporary name;
 * :func:`atomic_directory` — build a directory under a temporary sibling name and rename it into
   place when complete, so a crash (even ``SIGKILL``) never leaves a half-written directory under
   the final name; an existing final directory is never overwritten unless ``replace=True``.
@@ -20,16 +23,56 @@ Every error is a ``ValueError`` whose message starts with the path of the offend
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-from typing import Dict, Iterator, Optional
-
-from .compress.io import atomic_write_bytes, atomic_write_text, sha256_file
+from typing import BinaryIO, Callable, Dict, Iterator, Optional
 
 #: temporary names start with this prefix; readers skip (and writers may delete) such entries
 TMP_PREFIX = ".tmp-"
+
+
+def atomic_write(path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` atomically: ``write(f)`` fills a temporary file ``f`` (binary) beside
+    ``path``; it is flushed and fsync-ed, renamed to ``path`` (``os.replace``) and the directory
+    fsync-ed. A crash at any point leaves either the old file or the new one, never a mix; an
+    exception removes the temporary and propagates."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=TMP_PREFIX, suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(d)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """``data`` to ``path`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path, text: str) -> None:
+    """``text`` (UTF-8) to ``path`` through :func:`atomic_write`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sha256_file(path) -> str:
+    """The sha256 hex digest of the file ``path``."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_json(path, what: str = "file") -> dict:
@@ -51,20 +94,16 @@ def read_json(path, what: str = "file") -> dict:
 
 
 def atomic_write_json(path, obj) -> None:
-    """``obj`` as indented JSON, written to a temporary name and renamed into place."""
+    """``obj`` as indented JSON through :func:`atomic_write`."""
     atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def atomic_torch_save(obj, path) -> None:
-    """``torch.save(obj)`` to a temporary name, renamed into place (read back with
+    """``torch.save(obj)`` through :func:`atomic_write` (read back with
     ``torch.load(..., weights_only=True)``: tensors, numbers, strings and containers only)."""
-    import io
-
     import torch
 
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def check_format_version(path, found, current: int, what: str = "file") -> int:
@@ -175,7 +214,8 @@ def remove_stale_temporaries(directory, older_than_s: float = 0.0) -> int:
 
 def save_pretrained_atomic(obj, directory) -> None:
     """``obj.save_pretrained`` (a tokenizer, a config) into ``directory`` with every file written
-    under a temporary directory first and then moved into place one by one (``os.replace``)."""
+    under a temporary directory first, fsync-ed, and then moved into place one by one
+    (``os.replace``, then an fsync of the directory)."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=directory, prefix=TMP_PREFIX)
@@ -186,13 +226,17 @@ def save_pretrained_atomic(obj, directory) -> None:
             dest_root = directory if rel == "." else os.path.join(directory, rel)
             os.makedirs(dest_root, exist_ok=True)
             for n in names:
-                os.replace(os.path.join(root, n), os.path.join(dest_root, n))
+                src = os.path.join(root, n)
+                with open(src, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(src, os.path.join(dest_root, n))
+            fsync_dir(dest_root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 __all__ = [
-    "TMP_PREFIX", "read_json", "atomic_write_json", "atomic_write_bytes", "atomic_write_text", "sha256_file",
+    "TMP_PREFIX", "atomic_write", "read_json", "atomic_write_json", "atomic_write_bytes", "atomic_write_text", "sha256_file",
     "check_format_version", "verify_files", "fsync_dir", "atomic_directory", "remove_stale_temporaries",
     "save_pretrained_atomic",
 ]

@@ -160,7 +160,7 @@ class FactorizationPlan:
         }
 
     def table(self) -> str:
-        from .compress.driver import format_table
+        from .compress.report import format_table
 
         def cfg(r):
             return ", ".join(f"{k}={v}" for k, v in r.factor_config.items()
@@ -260,7 +260,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     output equals the compressed one's up to the rounding of forming the product ``W``, and it saves
     and loads with plain ``save_pretrained`` / ``from_pretrained`` (no fastfactor needed)."""
     from . import hf
-    from .compress.io import compressed_modules
+    from .compress.targets import compressed_modules
     from .compress.targets import set_module
     from .layers.base import FactorizedLinear
 

@@ -20,7 +20,8 @@ The recipe
    local batch ``B`` match ``k`` steps of one process with batch ``W·B`` up to rounding of the
    all-reduce sum (tested).
 5. Only the main process prints and writes: :func:`print0`, :func:`save0`, :func:`write_text0`
-   (atomic: a temporary name renamed into place), :func:`main_process_first` around downloads.
+   (atomic and fsync-ed: :func:`fastfactor._io.atomic_write`), :func:`main_process_first` around
+   downloads.
 
 Everything here works (and is tested) on CPU with the ``gloo`` backend; the same code runs on GPUs
 with ``nccl``.
@@ -36,6 +37,8 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
+
+from . import _io
 
 try:
     import torch.distributed as dist
@@ -190,26 +193,13 @@ def main_process_first() -> Iterator[None]:
             barrier()
 
 
-def _atomic_write(path: str, write) -> None:
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save0(obj, path: str, barrier_after: bool = True) -> bool:
-    """``torch.save(obj, path)`` on the main process only, through a temporary file renamed into
-    place; the other ranks wait at a barrier (unless ``barrier_after=False``) so the file exists
+    """``torch.save(obj, path)`` on the main process only, through :func:`fastfactor._io.atomic_write`
+    (temporary file, fsync, rename, fsync of the directory); the other ranks wait at a barrier (unless ``barrier_after=False``) so the file exists
     for everybody afterwards. Returns whether this process wrote."""
     wrote = False
     if is_main_process():
-        _atomic_write(path, lambda p: torch.save(obj, p))
+        _io.atomic_write(path, lambda f: torch.save(obj, f))
         wrote = True
     if barrier_after:
         barrier()
@@ -217,15 +207,13 @@ def save0(obj, path: str, barrier_after: bool = True) -> bool:
 
 
 def write_text0(path: str, text: str, barrier_after: bool = True) -> bool:
-    """Write ``text`` to ``path`` on the main process only (atomic rename); see :func:`save0`."""
+    """Write ``text`` (UTF-8) to ``path`` on the main process only (atomic: :func:`fastfactor._io.atomic_write`);
+    see :func:`save0`."""
     if not isinstance(text, str):
         raise TypeError(f"text: expected a str, got {type(text).__name__}")
     wrote = False
     if is_main_process():
-        def w(p):
-            with open(p, "w", encoding="utf-8") as f:
-                f.write(text)
-        _atomic_write(path, w)
+        _io.atomic_write_text(path, text)
         wrote = True
     if barrier_after:
         barrier()

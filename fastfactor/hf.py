@@ -68,7 +68,7 @@ def qualified_class_name(cls: type) -> str:
 def module_entries(model: nn.Module) -> List[dict]:
     """``[{name, class, method, factor_config, original_class}]`` for the outermost factorized
     modules of ``model``, in model order (what ``quantization_config["modules"]`` holds)."""
-    from .compress.io import compressed_modules
+    from .compress.targets import compressed_modules
 
     return [
         {
@@ -85,7 +85,7 @@ def module_entries(model: nn.Module) -> List[dict]:
 def tripwires(model: nn.Module) -> Dict[str, torch.Tensor]:
     """``{"<module>.weight": zero-size uint8 tensor}`` for every factorized module without its own
     ``weight`` entry: what makes a loader that does not know fastfactor fail on a size mismatch."""
-    from .compress.io import compressed_modules
+    from .compress.targets import compressed_modules
 
     out = {}
     for name, mod in compressed_modules(model):
@@ -344,7 +344,7 @@ def register() -> None:
             return model
 
         def get_state_dict_and_metadata(self, model):
-            from .compress.io import compressed_modules
+            from .compress.targets import compressed_modules
 
             if hasattr(model.config, "quantization_config"):  # the modules as they are now
                 model.config.quantization_config.modules = module_entries(model)

@@ -26,6 +26,8 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from .timing import _DTYPES, device_name, dtype_name  # noqa: F401 - dtype_name re-exported
+
 SCHEMA = "fastfactor-bench/1"
 
 #: every field of a kernel row, in table order
@@ -49,20 +51,12 @@ DEFAULT_COLUMNS = (
     "tflops", "gbs", "floor_ms", "speedup_vs_dense", "speedup_vs_unfused", "speedup_vs_torch24",
 )
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
 
 CPU_NOTE = (
     "CPU figures: the pure-PyTorch reference paths timed on the CPU in the small mode. They say "
     "nothing about the Triton kernels' GPU performance."
 )
-
-
-def dtype_name(dt: torch.dtype) -> str:
-    for k, v in _DTYPES.items():
-        if v == dt:
-            return k
-    return str(dt).replace("torch.", "")
 
 
 def parse_dtypes(spec: str) -> list[torch.dtype]:
@@ -98,8 +92,6 @@ def git_commit() -> tuple[str, bool]:
 
 
 def base_meta(device: torch.device, cpu_figures: bool, sweep: str = "", argv: Optional[Sequence[str]] = None) -> dict:
-    from .timing import device_name
-
     commit, dirty = git_commit()
     try:
         import triton

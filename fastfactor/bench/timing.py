@@ -141,8 +141,6 @@ class Roofline:
 
 def measure_roofline(device: torch.device, dtypes: Sequence[torch.dtype], small: bool = False) -> Roofline:
     """Matrix rate per dtype (``n³`` matmul) and copy bandwidth on ``device``, measured once."""
-    from .report import dtype_name  # local: report imports nothing heavy
-
     n = 256 if small or device.type != "cuda" else 8192
     copy_bytes = (16 << 20) if small or device.type != "cuda" else (1 << 30)
     rates = {}
@@ -158,6 +156,17 @@ def measure_roofline(device: torch.device, dtypes: Sequence[torch.dtype], small:
     bw = 2 * copy_bytes / (t.ms * 1e-3) / 1e9
     del src, dst
     return Roofline(device_name(device), rates, bw, n, copy_bytes)
+
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    """``fp32`` / ``fp16`` / ``bf16`` (other dtypes: their torch name without ``torch.``)."""
+    for k, v in _DTYPES.items():
+        if v == dt:
+            return k
+    return str(dt).replace("torch.", "")
 
 
 def device_name(device: torch.device) -> str:

@@ -9,7 +9,8 @@ import sys as _sys
 import types as _types
 
 from .config import CompressionConfig, INITS, METHODS, SCHEDULES
-from .driver import CompressionReport, StageRecord, compress, plan_stages, revert
+from ..api import revert  # deprecated name of fastfactor.merge_and_unload
+from .driver import CompressionReport, StageRecord, compress, plan_stages
 from .io import load_compressed, save_compressed
 from .methods import MethodSpec, available_methods, get_method, register_method
 from .targets import select_targets

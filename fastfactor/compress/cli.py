@@ -444,10 +444,10 @@ def plot_stages(report, path: str) -> bool:
     ax.set_title(f"{cfg['method']} ratio {cfg['ratio']} ({cfg['schedule']})")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))  # same extension for savefig
-    fig.savefig(tmp, dpi=120)
+    from .._io import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 

@@ -296,6 +296,6 @@ class CompressionConfig:
             raise type(e)(f"{path}: {e}") from None
 
     def save(self, path) -> None:
-        from .io import atomic_write_text
+        from .._io import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2))

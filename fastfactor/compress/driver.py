@@ -20,121 +20,24 @@ taken before anything is replaced, only when data are given).
 
 from __future__ import annotations
 
+import copy
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Callable, Dict, List, Optional, Union
 
 import torch
 from torch import nn
 
-from .. import profiling
+from .. import _validate, profiling
+from .. import distributed as _dist
+from . import faults
+from . import resume as _resume
 from .calibration import collect_activation_stats, collect_fisher
 from .config import CompressionConfig
 from .methods import build_layer, get_method
+from .report import CompressionReport, StageRecord, format_table  # noqa: F401 - format_table re-exported
 from .targets import Target, dense_view, get_module, select_targets, set_module
-from . import checkpoint as _ckpt
-from .. import _validate, distributed as _dist
-
-
-@dataclass
-class StageRecord:
-    stage: int
-    name: str
-    modules: List[str]
-    params: int  #: model parameters after this stage
-    target_ratio: float  #: weight parameters kept so far over all targets (uncompressed counted as 1)
-    metrics_offline: Dict[str, float] = field(default_factory=dict)  #: right after the swap
-    metrics: Dict[str, float] = field(default_factory=dict)  #: after this stage's fine-tuning
-    train: Dict[str, float] = field(default_factory=dict)
-    init_info: Dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-
-
-@dataclass
-class CompressionReport:
-    config: dict
-    targets: List[dict]
-    params_before: int
-    params_after: int = 0
-    target_weight_params_before: int = 0
-    target_weight_params_after: int = 0
-    primary_metric: Optional[str] = None
-    metrics_before: Dict[str, float] = field(default_factory=dict)
-    metrics_offline: Dict[str, float] = field(default_factory=dict)  #: every target swapped, before any fine-tuning
-    metrics_after: Dict[str, float] = field(default_factory=dict)
-    stages: List[StageRecord] = field(default_factory=list)
-    seconds: float = 0.0
-    device: str = "cpu"
-    #: ``dense_reference=True``: the uncompressed model fine-tuned the same way (:mod:`.reference`)
-    dense_reference: Dict = field(default_factory=dict)
-
-    @property
-    def compression(self) -> float:
-        """Parameters after over before (whole model, embeddings included)."""
-        return self.params_after / max(1, self.params_before)
-
-    @property
-    def target_ratio(self) -> float:
-        """Weight parameters kept over the replaced layers (what ``ratio`` asks for)."""
-        return self.target_weight_params_after / max(1, self.target_weight_params_before)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["compression"] = self.compression
-        d["target_ratio"] = self.target_ratio
-        if self.dense_reference:
-            from .reference import points_lost
-
-            d["points_lost"] = points_lost(self)
-        return d
-
-    def stage_table(self) -> str:
-        rows = []
-        pm = self.primary_metric
-        for s in self.stages:
-            rows.append([
-                s.stage, s.name, len(s.modules), f"{s.params:,}", f"{s.target_ratio:.3f}",
-                _fmt(s.metrics_offline.get(pm)) if pm else "-", _fmt(s.metrics.get(pm)) if pm else "-",
-                _fmt(s.train.get("loss_last")), f"{s.seconds:.1f}",
-            ])
-        head = ["stage", "name", "modules", "params", "kept", f"{pm} swapped", f"{pm} tuned", "loss", "s"]
-        return format_table(head, rows)
-
-    def summary_table(self) -> str:
-        pm = self.primary_metric
-        rows = [
-            ["parameters", f"{self.params_before:,}", f"{self.params_after:,}"],
-            ["target weight parameters", f"{self.target_weight_params_before:,}", f"{self.target_weight_params_after:,}"],
-            ["compression (whole model)", "1.000", f"{self.compression:.3f}"],
-            ["kept (replaced layers)", "1.000", f"{self.target_ratio:.3f}"],
-        ]
-        if pm:
-            rows.append([f"{pm} (offline)", _fmt(self.metrics_before.get(pm)), _fmt(self.metrics_offline.get(pm))])
-            rows.append([f"{pm} (final)", _fmt(self.metrics_before.get(pm)), _fmt(self.metrics_after.get(pm))])
-            if self.dense_reference:
-                from .reference import summary_rows
-
-                rows += summary_rows(self, _fmt)
-        rows.append(["time (s)", "", f"{self.seconds:.1f}"])
-        return format_table(["", "before", "after"], rows)
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-def format_table(headers, rows) -> str:
-    try:
-        from tabulate import tabulate
-
-        return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
-    except ImportError:  # pragma: no cover
-        widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-        line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"
-        return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
 
 def count_params(model: nn.Module) -> int:
@@ -217,10 +120,27 @@ def compress(
     with each rank reading its share of the global batch (``batch_size``), and only rank 0 logs,
     shows progress and writes checkpoints.
     """
-    from ..train.loop import Evaluator, Objective, finetune
-
     t_start = time.perf_counter()
     cfg = _as_config(config if config is not None else CompressionConfig())
+    _check_arguments(model, cfg, data, parallel, checkpoint_every, checkpoint_dir)
+    run = _Run(model, cfg, data, _resolve_device(model, device), progress=progress, log=log,
+               evaluate_stages=evaluate_stages, checkpoint_every=checkpoint_every, parallel=parallel)
+    run.plan()
+    run.measure_reference(teacher)
+    run.measure_dense_reference()
+    run.open_checkpoints(checkpoint_dir, resume)
+    for si, group in enumerate(run.stages):
+        if si >= run.session.start:  # earlier stages: restored from the checkpoint
+            run.stage(si, group)
+    run.summarize_offline()
+    run.final_fine_tune()
+    return model, run.finish(t_start)
+
+
+def _check_arguments(model, cfg: CompressionConfig, data, parallel, checkpoint_every, checkpoint_dir) -> None:
+    """Every argument error of :func:`compress`, before anything is touched."""
+    from ..train.loop import PARALLEL
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if data is not None:
@@ -230,198 +150,280 @@ def compress(
             raise TypeError(f"data: expected a fastfactor.train.TaskData or None, got {type(data).__name__}")
     spec = get_method(cfg.method)
     spec.layer_class()  # clear NotImplementedError now if the layer family is absent
-    init = cfg.resolved_init
-    needs = spec.needs.get(init, ())
+    needs = spec.needs.get(cfg.resolved_init, ())
     if data is None and (needs or cfg.schedule != "offline"):
-        why = f"init {init!r} needs calibration data" if needs else f"schedule {cfg.schedule!r} fine-tunes"
+        why = f"init {cfg.resolved_init!r} needs calibration data" if needs else f"schedule {cfg.schedule!r} fine-tunes"
         raise ValueError(f"data: expected a TaskData ({why}), got None")
-    from ..train.loop import PARALLEL
-
     if parallel not in PARALLEL:
         raise ValueError(f"parallel: expected one of {PARALLEL}, got {parallel!r}")
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
         raise ValueError(f"checkpoint_every: expected an int >= 0 (fine-tuning steps), got {checkpoint_every!r}")
     if checkpoint_every and checkpoint_dir is None:
         raise ValueError("checkpoint_every: needs checkpoint_dir (where the checkpoints go), got checkpoint_dir=None")
+
+
+def _resolve_device(model: nn.Module, device) -> torch.device:
+    """``device``, or the model's (CPU for a model without parameters)."""
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
-    model.to(device)
-    torch.manual_seed(cfg.seed)
-    say = (log or (lambda s: None)) if _dist.is_main_process() else (lambda s: None)
-    progress = progress and _dist.is_main_process()
+    return torch.device(device)
 
-    targets = select_targets(model, cfg.targets, cfg.exclude, cfg.ratio, cfg.module_ratios)
-    report = CompressionReport(
-        config=cfg.to_dict(), targets=[asdict(t) for t in targets], params_before=count_params(model),
-        target_weight_params_before=sum(t.in_features * t.out_features for t in targets), device=str(device),
-    )
 
-    objective = evaluator = None
-    if data is not None:
-        objective = Objective.build(model, data, cfg.objective, cfg.distill_loss, device, teacher=teacher,
-                                    task_weight=cfg.task_weight, distill_weight=cfg.distill_weight,
-                                    hidden_weight=cfg.hidden_weight, temperature=cfg.temperature)
-        reference = objective.teacher if objective.teacher is not None else teacher
+class _Run:
+    """One :func:`compress` call: its state (model, plan, report, kept weights, checkpoint session)
+    and its steps, as methods in the order :func:`compress` calls them."""
+
+    def __init__(self, model: nn.Module, cfg: CompressionConfig, data, device: torch.device, *, progress: bool,
+                 log: Optional[Callable[[str], None]], evaluate_stages: bool, checkpoint_every: int, parallel: str):
+        self.model, self.cfg, self.data, self.device = model, cfg, data, device
+        self.init = cfg.resolved_init
+        self.needs = get_method(cfg.method).needs.get(self.init, ())  #: statistics the init needs
+        self.evaluate_stages, self.checkpoint_every = evaluate_stages, checkpoint_every
+        #: every fine-tune's arguments but the phase's own (steps, seed, lr, warm-up, decay: ``cfg.phase``)
+        self.train_kw = dict(
+            weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, batch_size=cfg.batch_size,
+            train_embeddings=cfg.train_embeddings, parallel=parallel,
+        )
+        self.objective = self.evaluator = None
+        self.generator = torch.Generator().manual_seed(cfg.seed)  #: the calibration losses' generator
+        model.to(device)
+        torch.manual_seed(cfg.seed)
+        main = _dist.is_main_process()  # only rank 0 logs and shows progress
+        self.say = (log or (lambda s: None)) if main else (lambda s: None)
+        self.progress = progress and main
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def plan(self) -> None:
+        """Select the targets, group them into stages, start the report."""
+        cfg, model = self.cfg, self.model
+        self.targets = select_targets(model, cfg.targets, cfg.exclude, cfg.ratio, cfg.module_ratios)
+        self.stages = plan_stages(self.targets, cfg)
+        self.kept = {t.name: t.in_features * t.out_features for t in self.targets}  #: weights kept per target
+        self.report = CompressionReport(
+            config=cfg.to_dict(), targets=[asdict(t) for t in self.targets], params_before=count_params(model),
+            target_weight_params_before=sum(t.in_features * t.out_features for t in self.targets),
+            device=str(self.device),
+        )
+
+    def measure_reference(self, teacher: Optional[nn.Module]) -> None:
+        """With data: the training objective, the evaluator (and its reference model: ``teacher``,
+        or a frozen copy of the uncompressed model for unlabelled data), the metrics before."""
+        if self.data is None:
+            return
+        from ..train.loop import Evaluator, Objective
+
+        model, data = self.model, self.data
+        cfg = self.cfg
+        self.objective = Objective.build(model, data, cfg.objective, cfg.distill_loss, self.device, teacher=teacher,
+                                         task_weight=cfg.task_weight, distill_weight=cfg.distill_weight,
+                                         hidden_weight=cfg.hidden_weight, temperature=cfg.temperature)
+        reference = self.objective.teacher if self.objective.teacher is not None else teacher
         if reference is None and not data.labelled:
-            import copy
-
             reference = copy.deepcopy(model).eval()
-        evaluator = Evaluator(data, device, reference=reference, use_task=data.labelled)
-        report.primary_metric = evaluator.primary
-        report.metrics_before = evaluator(model)
-        say(f"before: {report.metrics_before}")
+        self.evaluator = Evaluator(data, self.device, reference=reference, use_task=data.labelled)
+        self.report.primary_metric = self.evaluator.primary
+        self.report.metrics_before = self.evaluator(model)
+        self.say(f"before: {self.report.metrics_before}")
 
-    gen = torch.Generator().manual_seed(cfg.seed)
-    kept = {t.name: t.in_features * t.out_features for t in targets}
-    dense_total = report.target_weight_params_before
-    stages = plan_stages(targets, cfg)
-    fine_tune = cfg.schedule != "offline"
-    train_kw = dict(
-        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, batch_size=cfg.batch_size,
-        train_embeddings=cfg.train_embeddings, parallel=parallel,
-    )
-    if cfg.dense_reference:  # the uncompressed model fine-tuned like the compressed one will be
+    def measure_dense_reference(self) -> None:
+        """``dense_reference=True``: the uncompressed model fine-tuned like the compressed one will
+        be (same phases, task loss), into the report (:mod:`fastfactor.compress.reference`)."""
+        if not self.cfg.dense_reference:
+            return
         from .reference import dense_reference
 
-        report.dense_reference = dense_reference(model, cfg, data, evaluator, len(stages), device=device,
-                                                 progress=progress, log=say, **train_kw)
+        self.report.dense_reference = dense_reference(
+            self.model, self.cfg, self.data, self.evaluator, len(self.stages), device=self.device,
+            progress=self.progress, log=self.say, **self.train_kw)
 
-    def calib_batches():
+    def open_checkpoints(self, checkpoint_dir, resume) -> None:
+        """Start checkpointing and, with ``resume``, restore the newest checkpoint (model, report,
+        kept weights, RNG states; see :func:`fastfactor.compress.resume.begin`)."""
+        self.session = _resume.begin(self.model, self.cfg.to_dict(), self.data, self.report, self.kept, self.stages,
+                                     self.generator, checkpoint_dir=checkpoint_dir, resume=resume, device=self.device)
+        s = self.session
+        if s.resumed_from is not None:
+            where = f", at step {s.partial['step']} of stage {s.start}'s fine-tune" if s.partial else ""
+            self.say(f"resumed from {s.resumed_from}: {s.start} of {len(self.stages)} stage(s) done{where}")
+
+    # -- one stage: calibrate -> swap -> fine-tune -> record -> checkpoint ----------------------------
+
+    def stage(self, si: int, group: List[Target]) -> None:
+        """Stage ``si``: replace the modules of ``group`` (after collecting the statistics their
+        init needs), fine-tune (staged schedule), record, checkpoint. A stage the run resumes
+        inside its fine-tune continues that fine-tune."""
+        cfg = self.cfg
+        name = (group[0].block or group[0].name) if cfg.schedule == "staged" else "all"
+        rec, t0, resumed = self._begin_record(si, lambda: StageRecord(
+            stage=si, name=name, modules=[t.name for t in group], params=0, target_ratio=0.0))
+        with profiling.range(f"stage {si}"):
+            if resumed is None:  # else its modules are swapped and partly fine-tuned already
+                stats = self.calibrate(group)
+                self.swap(si, group, stats, rec)
+                stats.clear()
+                faults.test_fault_hook(si)  # test-only; does nothing unless its env variable is set
+                self.measure_swap(si, rec)
+            if self.fine_tunes and cfg.schedule == "staged" and cfg.stage_steps > 0:
+                self.fine_tune(si, rec, t0, resumed, cfg.phase("stage", si), desc=f"stage {si} fine-tune",
+                               range_name=f"fine-tune stage {si}")
+                if self.evaluator is not None and self.evaluate_stages:
+                    rec.metrics = self.evaluator(self.model)
+            else:
+                rec.metrics = dict(rec.metrics_offline)
+        self._append(rec, t0)
+        self.say(rec.log_line(self.report.primary_metric))
+        self.session.save(si, self.model, self.report, self.kept)
+
+    def calibrate(self, group: List[Target]) -> Dict[str, dict]:
+        """``{module: {statistic: tensor}}`` for the init: ``"gram"`` (input Gram matrices) and/or
+        ``"fisher"`` (squared-gradient sums), on ``calib_batches`` training batches through the
+        current (partly compressed, already fine-tuned) model. Empty entries when it needs none."""
+        stats: Dict[str, dict] = {t.name: {} for t in group}
+        if not self.needs:
+            return stats
+        mods = {t.name: get_module(self.model, t.name) for t in group}
+        with profiling.range("calibrate"):
+            batches = self._calibration_batches()
+            if "gram" in self.needs:
+                fwd = lambda m, b: m(**_inputs(m, b, self.device))
+                for n, (g, _) in collect_activation_stats(self.model, mods, batches, fwd).items():
+                    stats[n]["gram"] = g
+            if "fisher" in self.needs:
+                loss_fn = lambda m, b: self.objective.calibration_loss(m, b, self.generator)
+                for n, f in collect_fisher(self.model, mods, batches, loss_fn).items():
+                    stats[n]["fisher"] = f
+        return stats
+
+    def swap(self, si: int, group: List[Target], stats: Dict[str, dict], rec: StageRecord) -> None:
+        """Replace every module of ``group`` by its factorized layer (rank 0's factors on every rank)."""
+        it = group
+        if self.progress and len(group) > 1:
+            from tqdm.auto import tqdm
+
+            it = tqdm(group, desc=f"stage {si}: factorize", leave=False)
+        for t in it:
+            with profiling.range(f"factorize {t.name}"):
+                new = self._factorize(t, stats.get(t.name))
+                set_module(self.model, t.name, new)
+                self.kept[t.name] = new.num_weight_params
+                rec.init_info[t.name] = self.init
+
+    def measure_swap(self, si: int, rec: StageRecord) -> None:
+        """Parameters, weights kept and (when evaluated) the metrics right after stage ``si``'s swap."""
+        rec.params = count_params(self.model)
+        rec.target_ratio = self._kept_ratio()
+        if self.evaluator is not None and (self.evaluate_stages or si == len(self.stages) - 1):
+            rec.metrics_offline = self.evaluator(self.model)
+
+    def fine_tune(self, si: int, rec: StageRecord, t0: float, resumed: Optional[dict], phase: dict, *,
+                  desc: str, range_name: str) -> None:
+        """One phase's fine-tune (``phase``: :meth:`CompressionConfig.phase`: steps, seed, lr,
+        warm-up, decay), continuing ``resumed``'s optimizer state and step when the run resumes
+        inside it; the loop's summary goes to ``rec.train``."""
+        from ..train import loop
+
+        with profiling.range(range_name):
+            rec.train = loop.finetune(self.model, self.objective, self.data, **phase,
+                                      progress=self.progress, desc=desc,
+                                      resume=resumed and resumed["train_state"],
+                                      on_step=self._on_step(si, rec, t0, phase["steps"]), **self.train_kw)
+
+    # -- after the last stage ------------------------------------------------------------------
+
+    def summarize_offline(self) -> None:
+        """The report's "offline" metrics: right after the last swap, before any later fine-tuning
+        (the staged schedule never sees the fully swapped, untuned model; with one stage it is
+        that one)."""
+        if self.report.stages:
+            self.report.metrics_offline = dict(self.report.stages[len(self.stages) - 1].metrics_offline)
+
+    def final_fine_tune(self) -> None:
+        """``final_steps`` more steps after the last stage (every schedule but offline), recorded as
+        one more stage and checkpointed as the final one."""
+        cfg = self.cfg
+        if not (self.fine_tunes and cfg.final_steps > 0) or self.session.final_done:
+            return
+        si = len(self.stages)
+        rec, t0, resumed = self._begin_record(si, lambda: StageRecord(
+            stage=len(self.report.stages), name="final fine-tune", modules=[], params=count_params(self.model),
+            target_ratio=self._kept_ratio()))
+        self.fine_tune(si, rec, t0, resumed, cfg.phase("final"), desc="final fine-tune", range_name="final fine-tune")
+        if self.evaluator is not None:
+            rec.metrics = self.evaluator(self.model)
+        self._append(rec, t0)
+        self.say(f"final fine-tune: {cfg.final_steps} steps, {rec.metrics}")
+        self.session.save(si, self.model, self.report, self.kept, final=True)
+
+    def finish(self, t_start: float) -> CompressionReport:
+        """Complete the report (final metrics, parameters, time); the model in eval mode."""
+        report, model = self.report, self.model
+        if self.evaluator is not None:
+            last = report.stages[-1]
+            report.metrics_after = dict(last.metrics) if last.metrics else self.evaluator(model)
+        report.params_after = count_params(model)
+        report.target_weight_params_after = sum(self.kept.values())
+        report.seconds = time.perf_counter() - t_start
+        model.eval()
+        from .. import hf  # config.quantization_config: the model's own save_pretrained reloads compressed
+
+        hf.mark_compressed(model, self.cfg.to_dict())
+        return report
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    @property
+    def fine_tunes(self) -> bool:
+        return self.cfg.schedule != "offline"
+
+    def _kept_ratio(self) -> float:
+        return sum(self.kept.values()) / max(1, self.report.target_weight_params_before)
+
+    def _begin_record(self, si: int, fresh: Callable[[], StageRecord]):
+        """``(record, start time, resumed)`` of stage ``si``: a fresh record, or the one of a run
+        resumed inside this stage's fine-tune (its time so far counted, ``resumed`` the state to
+        continue from)."""
+        t0 = time.perf_counter()
+        s = self.session
+        resumed = s.partial if s.partial is not None and si == s.start else None
+        if resumed is None:
+            return fresh(), t0, None
+        return StageRecord(**resumed["record"]), t0 - resumed["seconds"], resumed
+
+    def _append(self, rec: StageRecord, t0: float) -> None:
+        rec.seconds = time.perf_counter() - t0
+        self.report.stages.append(rec)
+
+    def _factorize(self, t: Target, stats: Optional[dict]) -> nn.Module:
+        """The factorized layer for target ``t`` from its current dense weight (and ``stats``)."""
+        old = get_module(self.model, t.name)
+        view = dense_view(old, t.name)
+        _validate.check_finite(f"{t.name}.weight", view.weight)
+        try:
+            new = build_layer(self.cfg.method, view, t.ratio, self.init, self.cfg, stats)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"module {t.name!r}: {e}") from e
+        new.train(old.training)
+        _dist.broadcast_module(new)  # rank 0's factors everywhere (a no-op single-process)
+        return new
+
+    def _calibration_batches(self) -> list:
         from ..train.data import iterate
 
-        it = iterate(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed + 7)
-        return [b for _, b in zip(range(cfg.calib_batches), it)]
+        it = iterate(self.data.train, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed + 7)
+        return [b for _, b in zip(range(self.cfg.calib_batches), it)]
 
-    session = _ckpt.begin(model, cfg.to_dict(), data, report, kept, stages, gen, checkpoint_dir=checkpoint_dir,
-                          resume=resume, device=device, report_cls=CompressionReport, stage_cls=StageRecord)
-    if session.resumed_from is not None:
-        where = f", at step {session.partial['step']} of stage {session.start}'s fine-tune" if session.partial else ""
-        say(f"resumed from {session.resumed_from}: {session.start} of {len(stages)} stage(s) done{where}")
-
-    def resumed_at(si):
-        """The unfinished-stage state to continue stage ``si`` from, if the run resumes inside it."""
-        return session.partial if session.partial is not None and si == session.start else None
-
-    def stepper(si, rec, t0, total):
+    def _on_step(self, si: int, rec: StageRecord, t0: float, total: int):
         """The fine-tune's per-step callback: a mid-fine-tune checkpoint every ``checkpoint_every``
         steps (collective), then the test-only fault hook."""
         def on_step(done, snapshot):
-            if checkpoint_every and done % checkpoint_every == 0 and done < total:
+            if self.checkpoint_every and done % self.checkpoint_every == 0 and done < total:
                 with profiling.range("checkpoint"):
-                    session.save_step(si, done, model, report, kept, asdict(rec), time.perf_counter() - t0, snapshot())
-            _ckpt.test_fault_hook(si, done)
+                    self.session.save_step(si, done, self.model, self.report, self.kept, asdict(rec),
+                                           time.perf_counter() - t0, snapshot())
+            faults.test_fault_hook(si, done)
         return on_step
-
-    for si, group in enumerate(stages):
-        if si < session.start:
-            continue
-        t0 = time.perf_counter()
-        name = (group[0].block or group[0].name) if cfg.schedule == "staged" else "all"
-        rec = StageRecord(stage=si, name=name, modules=[t.name for t in group], params=0, target_ratio=0.0)
-        resumed = resumed_at(si)
-        if resumed is not None:  # its modules are swapped and partly fine-tuned already
-            rec = StageRecord(**resumed["record"])
-            t0 -= resumed["seconds"]
-        with profiling.range(f"stage {si}"):
-            stats: Dict[str, dict] = {t.name: {} for t in group}
-            if needs and resumed is None:
-                mods = {t.name: get_module(model, t.name) for t in group}
-                with profiling.range("calibrate"):
-                    batches = calib_batches()
-                    if "gram" in needs:
-                        fwd = lambda m, b: m(**_inputs(m, b, device))
-                        for n, (g, _) in collect_activation_stats(model, mods, batches, fwd).items():
-                            stats[n]["gram"] = g
-                    if "fisher" in needs:
-                        loss_fn = lambda m, b: objective.calibration_loss(m, b, gen)
-                        for n, f in collect_fisher(model, mods, batches, loss_fn).items():
-                            stats[n]["fisher"] = f
-            it = group if resumed is None else []
-            if progress and len(group) > 1 and resumed is None:
-                from tqdm.auto import tqdm
-
-                it = tqdm(group, desc=f"stage {si}: factorize", leave=False)
-            for t in it:
-                with profiling.range(f"factorize {t.name}"):
-                    old = get_module(model, t.name)
-                    view = dense_view(old, t.name)
-                    _validate.check_finite(f"{t.name}.weight", view.weight)
-                    try:
-                        new = build_layer(cfg.method, view, t.ratio, init, cfg, stats.get(t.name))
-                    except (ValueError, TypeError) as e:
-                        raise type(e)(f"module {t.name!r}: {e}") from e
-                    new.train(old.training)
-                    _dist.broadcast_module(new)  # rank 0's factors everywhere (a no-op single-process)
-                    set_module(model, t.name, new)
-                    kept[t.name] = new.num_weight_params
-                    rec.init_info[t.name] = init
-                    del old, view
-            stats.clear()
-            if resumed is None:
-                _ckpt.test_fault_hook(si)  # test-only; does nothing unless its env variable is set
-                rec.params = count_params(model)
-                rec.target_ratio = sum(kept.values()) / max(1, dense_total)
-                if evaluator is not None and (evaluate_stages or si == len(stages) - 1):
-                    rec.metrics_offline = evaluator(model)
-            if fine_tune and cfg.schedule == "staged" and cfg.stage_steps > 0:
-                with profiling.range(f"fine-tune stage {si}"):
-                    rec.train = finetune(model, objective, data, **cfg.phase("stage", si),
-                                         progress=progress, desc=f"stage {si} fine-tune",
-                                         resume=resumed and resumed["train_state"],
-                                         on_step=stepper(si, rec, t0, cfg.stage_steps), **train_kw)
-                if evaluator is not None and evaluate_stages:
-                    rec.metrics = evaluator(model)
-            else:
-                rec.metrics = dict(rec.metrics_offline)
-        rec.seconds = time.perf_counter() - t0
-        report.stages.append(rec)
-        pm = report.primary_metric
-        say(
-            f"stage {si} ({name}): {len(group)} module(s), kept {rec.target_ratio:.3f}"
-            + (f", {pm} {_fmt(rec.metrics_offline.get(pm))} → {_fmt(rec.metrics.get(pm))}" if pm else "")
-            + f", {rec.seconds:.1f}s"
-        )
-        session.save(si, model, report, kept)
-
-    if cfg.schedule != "staged" and report.stages:
-        report.metrics_offline = dict(report.stages[0].metrics_offline)
-    elif cfg.schedule == "staged" and report.stages:
-        # the staged schedule never sees the fully swapped, untuned model; report the last swap
-        report.metrics_offline = dict(report.stages[len(stages) - 1].metrics_offline)  # not the final fine-tune (resumed)
-
-    if fine_tune and cfg.final_steps > 0 and not session.final_done:
-        t0 = time.perf_counter()
-        resumed = resumed_at(len(stages))
-        if resumed is not None:
-            rec = StageRecord(**resumed["record"])
-            t0 -= resumed["seconds"]
-        else:
-            rec = StageRecord(stage=len(report.stages), name="final fine-tune", modules=[],
-                              params=count_params(model), target_ratio=sum(kept.values()) / max(1, dense_total))
-        with profiling.range("final fine-tune"):
-            rec.train = finetune(model, objective, data, **cfg.phase("final"),
-                                 progress=progress, desc="final fine-tune",
-                                 resume=resumed and resumed["train_state"],
-                                 on_step=stepper(len(stages), rec, t0, cfg.final_steps), **train_kw)
-        if evaluator is not None:
-            rec.metrics = evaluator(model)
-        rec.seconds = time.perf_counter() - t0
-        report.stages.append(rec)
-        say(f"final fine-tune: {cfg.final_steps} steps, {rec.metrics}")
-        session.save(len(stages), model, report, kept, final=True)
-    if evaluator is not None:
-        last = report.stages[-1]
-        report.metrics_after = dict(last.metrics) if last.metrics else evaluator(model)
-    report.params_after = count_params(model)
-    report.target_weight_params_after = sum(kept.values())
-    report.seconds = time.perf_counter() - t_start
-    model.eval()
-    from .. import hf  # config.quantization_config: the model's own save_pretrained reloads compressed
-
-    hf.mark_compressed(model, cfg.to_dict())
-    return model, report
 
 
 def _inputs(model, batch, device):
@@ -430,12 +432,4 @@ def _inputs(model, batch, device):
     return model_inputs(model, batch, device)
 
 
-def revert(model: nn.Module) -> nn.Module:
-    """Deprecated name of :func:`fastfactor.merge_and_unload` (the same operation): every factorized
-    module becomes the dense module it replaced, of its original class (GPT-2's ``Conv1D`` included)."""
-    from ..api import merge_and_unload
-
-    return merge_and_unload(model)
-
-
-__all__ = ["compress", "CompressionReport", "StageRecord", "plan_stages", "count_params", "revert"]
+__all__ = ["compress", "CompressionReport", "StageRecord", "plan_stages", "count_params"]

@@ -13,8 +13,8 @@ A saved directory holds
 :func:`load_compressed` rebuilds the model skeleton from the config, swaps in each factorized
 module built directly from its ``factor_config`` (no dense weight is ever factorized again),
 checks each file's sha256 and loads the tensors with ``assign=True``, so the round trip is
-bit-exact (same values, same dtypes). Every file is written to a temporary name and moved into
-place with ``os.replace``.
+bit-exact (same values, same dtypes). Every file is written through
+:func:`fastfactor._io.atomic_write` (temporary name, fsync, rename, fsync of the directory).
 """
 
 from __future__ import annotations
@@ -22,56 +22,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Optional
 
 import torch
 from torch import nn
 
+from .. import _io
+from .._io import atomic_write_bytes, atomic_write_text, sha256_file  # noqa: F401 - also re-exported here
 from ..layers.base import FactorizedLinear
-from .targets import set_module
+from .targets import compressed_modules, set_module  # noqa: F401 - compressed_modules re-exported
 
 MANIFEST = "fastfactor.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def compressed_modules(model: nn.Module):
-    """``[(name, module)]`` of the factorized modules, outermost only."""
-    out = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, FactorizedLinear) and not any(name.startswith(n + ".") for n, _ in out):
-            out.append((name, mod))
-    return out
 
 
 def build_manifest(model: nn.Module, compression: Optional[dict] = None) -> dict:
@@ -152,8 +115,6 @@ def read_manifest(path) -> dict:
     mpath = os.path.join(os.fspath(path), MANIFEST)
     if not os.path.isfile(mpath):
         raise ValueError(f"path: expected a directory written by save_compressed (with {MANIFEST}), got {os.fspath(path)!r}")
-    from .. import _io  # missing / empty / truncated / non-JSON → ValueError naming the file
-
     m = _io.read_json(mpath, "manifest")
     _io.check_format_version(mpath, m.get("format_version"), FORMAT_VERSION, "manifest")
     if not isinstance(m.get("modules", []), list) or not isinstance(m.get("files", {}), dict):

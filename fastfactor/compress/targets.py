@@ -174,6 +174,15 @@ def select_targets(
     return out
 
 
+def compressed_modules(model: nn.Module):
+    """``[(name, module)]`` of the factorized modules, outermost only."""
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, FactorizedLinear) and not any(name.startswith(n + ".") for n, _ in out):
+            out.append((name, mod))
+    return out
+
+
 def get_module(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name)
 
