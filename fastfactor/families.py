@@ -348,7 +348,17 @@ def _dense_sparse_flops(m, tokens):
     return tokens * r * m.in_features + 2 * tokens * m.out_features * r, "M·r·K + 2·M·N·r"
 
 
-_BLOCKS_RATIO = "r = floor(ratio·in·out / (b·(Kp+Np))), in [1, min(kb, nb)]"
+def _blocks_family(name, layer, unfused, doc):
+    """Monarch and block-wise low-rank: the same machinery, strided or contiguous blocks."""
+    return Family(
+        name, layer,
+        inits=(Init("projection", _projection(layer), doc="optimal projection (SVD per block)"),),
+        fwd_flops=_stored_flops, random_layer=_blocks_random(layer),
+        rank_for_ratio=_monarch_rank, kernels=_monarch_kernels,
+        param_name="nblocks", defaults=(2, 4, 8), unfused=unfused,
+        ratio_formula="r = floor(ratio·in·out / (b·(Kp+Np))), in [1, min(kb, nb)]", doc=doc,
+    )
+
 
 for _family in (
     Family(
@@ -362,22 +372,9 @@ for _family in (
         ratio_formula="r = floor(ratio·in·out / (in+out)), >= 1",
         doc="W ≈ U·V, fused chain kernel",
     ),
-    Family(
-        "monarch", MonarchLinear,
-        inits=(Init("projection", _projection(MonarchLinear), doc="optimal projection (SVD per block)"),),
-        fwd_flops=_stored_flops, random_layer=_blocks_random(MonarchLinear),
-        rank_for_ratio=_monarch_rank, kernels=_monarch_kernels,
-        param_name="nblocks", defaults=(2, 4, 8), unfused="two bmm with the permutes",
-        ratio_formula=_BLOCKS_RATIO, doc="block-diagonal with permutations",
-    ),
-    Family(
-        "block_lowrank", BlockLowRankLinear,
-        inits=(Init("projection", _projection(BlockLowRankLinear), doc="optimal projection (SVD per block)"),),
-        fwd_flops=_stored_flops, random_layer=_blocks_random(BlockLowRankLinear),
-        rank_for_ratio=_monarch_rank, kernels=_monarch_kernels,
-        param_name="nblocks", defaults=(2, 4, 8), unfused="two bmm on contiguous blocks",
-        ratio_formula=_BLOCKS_RATIO, doc="block-wise low-rank (contiguous blocks)",
-    ),
+    _blocks_family("monarch", MonarchLinear, "two bmm with the permutes", "block-diagonal with permutations"),
+    _blocks_family("block_lowrank", BlockLowRankLinear, "two bmm on contiguous blocks",
+                   "block-wise low-rank (contiguous blocks)"),
     Family(
         "sparse24", Sparse24Linear,
         inits=(Init("magnitude", _sparse24_magnitude, doc="|W|"),

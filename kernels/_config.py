@@ -1,9 +1,15 @@
 """Shared kernel infrastructure: interpreter detection, autotune spaces, and the kernel registry.
 
 Every Triton kernel of the project is registered here with :func:`register_kernel`, together with
-its autotune space and a description of its arguments. ``fastfactor compile-check`` walks this
-registry and compiles every kernel x config for sm_80 and sm_90 ahead of time, so a new kernel
-family joins the compile tier simply by registering its kernels when its module is imported.
+its autotune space; its compile signature is derived from its own arguments
+(:func:`kernel_signature`: ``*_ptr`` -> ``*dtype``, the rest -> ``i32``). ``fastfactor
+compile-check`` walks this registry and compiles every kernel x config for sm_80 and sm_90 ahead
+of time, so a new kernel family joins the compile tier by registering its kernels when its module
+is imported (and naming that module in its ``fastfactor.families`` declaration).
+
+Launchers go through :class:`Tunable` (autotuned, with named ``interpreter=`` and
+``deterministic=`` configs); :func:`next_pow2`, :func:`m_bucket` and :func:`acc_dtype` are the
+small helpers every family shares.
 
 Backends for CPU tensors
 ------------------------
@@ -343,7 +349,8 @@ def register_kernel(spec: KernelSpec) -> KernelSpec:
 
 
 def kernel_modules() -> list[str]:
-    """The modules whose import registers kernels (compile-check imports all of them)."""
+    """Deprecated: the modules whose import registers kernels. compile-check now takes them from
+    ``fastfactor.families`` (each family names its kernel module, imported directly)."""
     return [
         "fastfactor.kernels.lowrank",
         "fastfactor.kernels.monarch",

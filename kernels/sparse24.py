@@ -867,6 +867,37 @@ def sparse24_dvalues(
     return dv
 
 
+#: Provisional (unmeasured) token count from which PyTorch's semi-structured path is preferred
+#: (``fastfactor.ops.sparse24.SPARSE24_TORCH_MIN_M`` overrides it per process).
+SPARSE24_TORCH_MIN_M = 2048
+
+
+def choose_mm_path(M: int, K_in: int, N: int, dtype: torch.dtype, device, torch_min_m: int = SPARSE24_TORCH_MIN_M) -> str:
+    """``'triton'`` (:func:`sparse24_mm`) or ``'torch'`` (PyTorch's semi-structured ``F.linear``,
+    cuSPARSELt / CUTLASS sparse tensor cores) for a forward of ``x (M, K_in)`` against a 2:4
+    ``W (N, K_in)``.
+
+    PyTorch's path is eligible on CUDA for fp16/bf16 with ``N % 32 == 0``, ``K_in % 64 == 0``
+    (its layout's constraints) and is taken from ``torch_min_m`` rows, where its sparse
+    tensor-core GEMM is expected to beat our kernel that expands the weight to dense tiles
+    (provisional threshold: no GPU has measured it). ``FASTFACTOR_SPARSE24_PATH=triton|torch|auto``
+    forces a choice (``torch`` only where eligible).
+    """
+    forced = os.environ.get("FASTFACTOR_SPARSE24_PATH", "auto")
+    if forced not in ("auto", "triton", "torch"):
+        raise ValueError(f"FASTFACTOR_SPARSE24_PATH: expected 'auto', 'triton' or 'torch', got {forced!r}")
+    eligible = (
+        torch.device(device).type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and N % 32 == 0 and K_in % 64 == 0 and N >= 32 and K_in >= 64
+    )
+    if not eligible or forced == "triton":
+        return "triton"
+    if forced == "torch":
+        return "torch"
+    return "torch" if M >= torch_min_m else "triton"
+
+
 def choose_ds_path(M: int, K: int, N: int, R: int) -> str:
     """``'fused'`` or ``'two_kernel'`` for a dense-sparse forward of this shape.
 

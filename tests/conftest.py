@@ -68,6 +68,39 @@ def check_lowrank_vs_float64(x, u, v, b, dtype):
         assert_close_ref(got.grad, want.grad, dtype, reduction=max(red, r), name=name)
 
 
+def monarch_ops():
+    """``{id: (op, strided)}``: the two block families the Monarch tests run (readable ids)."""
+    from fastfactor.ops.monarch import block_lowrank_linear, monarch_linear
+
+    return {"monarch": (monarch_linear, True), "blr": (block_lowrank_linear, False)}
+
+
+def monarch_shape_id(shape) -> str:
+    """Readable id of a Monarch test shape ``(M, K, N, nblocks, rank)``."""
+    m, k, n, b, r = shape
+    return f"M{m}-K{k}-N{n}-b{b}-r{r}"
+
+
+def monarch_ref64(x, w1, w2, bias, N, strided):
+    """``x·Wᵀ + b`` in float64 with ``W`` the explicit dense ``(N, K)`` matrix of the factors: the
+    oracle of the Monarch / block-low-rank tests (independent of the bmm path the reference and
+    the kernels share)."""
+    from fastfactor.kernels import monarch as Mk
+
+    W = Mk.dense_weight_ref(w1.double(), w2.double(), x.shape[-1], N, strided)
+    y = x.double() @ W.t()
+    return y + bias.double() if bias is not None else y
+
+
+def monarch_ref64_grads(x, w1, w2, bias, N, strided, g):
+    """:func:`monarch_ref64`'s output and its gradients for the upstream gradient ``g``, for every
+    given input of ``(x, w1, w2, bias)`` (bias may be None)."""
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w1, w2, bias)]
+    y = monarch_ref64(*leaves, N, strided)
+    grads = torch.autograd.grad(y, [t for t in leaves if t is not None], g.double())
+    return y.detach(), grads
+
+
 @pytest.fixture
 def triton_cpu():
     """Run ops on CPU tensors through the Triton interpreter for the duration of a test."""

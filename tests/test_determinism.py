@@ -8,7 +8,7 @@
   in fp32/fp16/bf16, within one process and in a second process;
 * deterministic mode launches one fixed config instead of the autotuner for the Monarch and the
   2:4 / dense-sparse families (every launcher is a ``kernels._config.Tunable``; the low-rank
-  family's own test is in ``test_lowrank_kernels.py``), and on a GPU that config is a real tile
+  family's own test is in ``tests/lowrank/test_kernels.py``), and on a GPU that config is a real tile
   that the family's prune function keeps.
 """
 

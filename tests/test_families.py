@@ -158,3 +158,11 @@ def test_deprecated_aliases_still_work():
     with pytest.warns(DeprecationWarning, match="use fastfactor.factorize.data_aware.fisher_svd_factors"):
         assert calibration.fisher_svd_factors is data_aware.fisher_svd_factors
     assert C.get_method("lowrank") is F.FAMILIES["lowrank"] and C.available_methods()["sparse24"]
+    # the 2:4 format moved to the library side; the kernels module still hands it out, with a warning
+    from fastfactor.formats import sparse24 as fmt
+    from fastfactor.kernels import sparse24 as K
+
+    for name in ("Sparse24Weight", "pack_24", "prune_24", "mask_24", "to_cutlass_layout", "to_torch_semi_structured"):
+        with pytest.warns(DeprecationWarning, match=f"use fastfactor.formats.sparse24.{name}"):
+            assert getattr(K, name) is getattr(fmt, name)
+    assert fastfactor.Sparse24Weight is fmt.Sparse24Weight

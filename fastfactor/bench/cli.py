@@ -63,6 +63,9 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--no-bias", action="store_true", help="layers without bias")
     g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     g.add_argument("--full", action="store_true", help="on the CPU, keep the requested sizes (no small mode)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the run (default on the CPU: 1, pinned, so that dense and factorized "
+                        "paths are not compared under different thread oversubscription; 0: torch's default)")
     t = p.add_argument_group("timing")
     t.add_argument("--warmup-ms", type=float, default=None, help="do_bench warm-up (default 25; CPU 5)")
     t.add_argument("--rep-ms", type=float, default=None, help="do_bench repetition time (default 100; CPU 20)")
@@ -180,7 +183,27 @@ def main(args, argv: Optional[list] = None) -> int:
         print(f"fastfactor bench: error: {e}", file=sys.stderr)
         return 2
     cfg, small, sweep = r["config"], r["small"], r["sweep"]
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 0:
+        print(f"fastfactor bench: error: --threads: expected an int >= 0, got {threads}", file=sys.stderr)
+        return 2
+    if cfg.device.type != "cpu":
+        return _main(args, argv, cfg, small, sweep, log)
+    before = torch.get_num_threads()
+    pinned = 1 if threads is None else (threads or before)
+    torch.set_num_threads(pinned)
+    try:
+        return _main(args, argv, cfg, small, sweep, log)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _main(args, argv, cfg, small, sweep, log) -> int:
     meta = report.base_meta(cfg.device, cfg.cpu_figures, sweep=args.preset or "", argv=argv)
+    if cfg.device.type == "cpu":
+        meta["threads"] = torch.get_num_threads()
+        meta["note"] += (f" Threads pinned to {meta['threads']} (--threads); min_ms/max_ms give the spread of "
+                         "the timed runs: on a shared machine a ratio of medians within that spread is noise.")
     if small:
         meta["note"] += " Small mode: shapes, tokens and dtypes replaced by the cpu-small set (use --full to keep them)."
     stem = args.name or (args.preset or "bench") + ("-e2e" if args.e2e else "") + ("-cpu" if cfg.cpu_figures else "")

@@ -33,7 +33,7 @@ SCHEMA = "fastfactor-bench/1"
 #: every field of a kernel row, in table order
 ROW_FIELDS = (
     "method", "param", "ratio", "params_kept", "shape", "shape_label", "in_features", "out_features",
-    "tokens", "dtype", "direction", "median_ms", "timing", "events_ms", "tflops", "gbs", "flops",
+    "tokens", "dtype", "direction", "median_ms", "min_ms", "max_ms", "runs", "timing", "events_ms", "tflops", "gbs", "flops",
     "bytes", "flops_formula", "floor_ms", "floor_bound", "floor_fraction", "dense_ms", "unfused_ms",
     "torch24_ms", "speedup_vs_dense", "speedup_vs_unfused", "speedup_vs_torch24", "device",
     "cpu_figures", "note",
@@ -47,7 +47,7 @@ E2E_FIELDS = (
 )
 
 DEFAULT_COLUMNS = (
-    "method", "param", "ratio", "shape", "tokens", "dtype", "direction", "median_ms", "timing",
+    "method", "param", "ratio", "shape", "tokens", "dtype", "direction", "median_ms", "min_ms", "max_ms", "timing",
     "tflops", "gbs", "floor_ms", "speedup_vs_dense", "speedup_vs_unfused", "speedup_vs_torch24",
 )
 
@@ -167,6 +167,8 @@ def banner(meta: dict) -> str:
     if roof:
         rates = ", ".join(f"{k} {v:.1f}" for k, v in roof["matrix_tflops"].items())
         lines.append(f"roofline: matmul TFLOP/s {rates}; copy {roof['bandwidth_gbs']:.0f} GB/s")
+    if meta.get("threads"):
+        lines.append(f"CPU threads: {meta['threads']} (pinned); min_ms / max_ms: the spread of the timed runs")
     if meta.get("cpu_figures"):
         lines.append("*** " + CPU_NOTE + " ***")
     return "\n".join(lines)
@@ -218,6 +220,20 @@ def _ensure_dir(path: str) -> None:
     os.makedirs(d, exist_ok=True)
 
 
+def line_colors(n: int) -> list:
+    """``n`` distinct colours (RGBA): tab10 up to 10 lines, tab20 up to 20, then evenly spaced on
+    the turbo map (matplotlib's default cycle repeats after 10, so legends became ambiguous)."""
+    import matplotlib
+
+    if n <= 10:
+        cmap, xs = matplotlib.colormaps["tab10"], [i / 10 + 0.05 for i in range(n)]
+    elif n <= 20:
+        cmap, xs = matplotlib.colormaps["tab20"], [i / 20 + 0.025 for i in range(n)]
+    else:
+        cmap, xs = matplotlib.colormaps["turbo"], [0.05 + 0.9 * i / (n - 1) for i in range(n)]
+    return [tuple(float(c) for c in cmap(x)) for x in xs]
+
+
 def write_plot(path: str, meta: dict, rows: Sequence[dict]) -> Optional[str]:
     """Throughput (TFLOP/s on the factorized FLOPs) and speedup over dense ``F.linear`` against
     the compression ratio, one row of panels per (shape, dtype), one line per (method, tokens,
@@ -238,13 +254,13 @@ def write_plot(path: str, meta: dict, rows: Sequence[dict]) -> Optional[str]:
     for (shape, dtype), (ax_t, ax_s) in zip(panels, axes):
         sel = [r for r in fact if r["shape"] == shape and r["dtype"] == dtype]
         keys = sorted({(r["method"], r["tokens"], r["direction"]) for r in sel})
-        for method, tokens, direction in keys:
+        for (method, tokens, direction), color in zip(keys, line_colors(len(keys))):
             line = sorted((r for r in sel if (r["method"], r["tokens"], r["direction"]) == (method, tokens, direction)),
                           key=lambda r: r["ratio"])
             label = f"{method} M={tokens} {direction}"
             xs = [r["ratio"] for r in line]
-            ax_t.plot(xs, [r["tflops"] for r in line], marker="o", label=label)
-            ax_s.plot(xs, [r["speedup_vs_dense"] for r in line], marker="o", label=label)
+            ax_t.plot(xs, [r["tflops"] for r in line], marker="o", label=label, color=color)
+            ax_s.plot(xs, [r["speedup_vs_dense"] for r in line], marker="o", label=label, color=color)
         for r in rows:
             if r["method"] == "dense" and r["shape"] == shape and r["dtype"] == dtype:
                 ax_t.axhline(r["tflops"], ls=":", lw=0.8, color="grey")

@@ -138,6 +138,7 @@ class Runner:
             method=method, param=param, ratio=ratio, params_kept=kept, shape=shape.name,
             shape_label=shape.label, in_features=shape.in_features, out_features=shape.out_features,
             tokens=tokens, dtype=dtype_name(dtype), direction=direction, median_ms=ms,
+            min_ms=timing.min_ms, max_ms=timing.max_ms, runs=timing.runs,
             timing=timing.mode, events_ms=timing.events_ms, tflops=flops / (ms * 1e-3) / 1e12,
             gbs=nbytes / (ms * 1e-3) / 1e9, flops=flops, bytes=nbytes, flops_formula=formula,
             floor_ms=floor_ms, floor_bound=bound, floor_fraction=floor_ms / ms if ms else None,

@@ -42,6 +42,10 @@ class Timing:
     mode: str
     events_ms: Optional[float] = None
     note: str = ""
+    #: the spread of the CPU timer's runs (fastest, slowest), with ``runs`` timed runs
+    min_ms: Optional[float] = None
+    max_ms: Optional[float] = None
+    runs: Optional[int] = None
 
 
 def _sync(device: torch.device) -> None:
@@ -71,7 +75,8 @@ def rotation_count(bytes_per_call: int, device: torch.device, cap: int = 64, bud
     return int(max(1, min(cap, fit, max(2, want))))
 
 
-def _cpu_median(fn: Callable, warmup: int, rep_ms: float, min_runs: int = 3, max_runs: int = 200) -> float:
+def _cpu_times(fn: Callable, warmup: int, rep_ms: float, min_runs: int = 3, max_runs: int = 200) -> list:
+    """Wall-clock times (ms) of repeated runs after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -82,7 +87,11 @@ def _cpu_median(fn: Callable, warmup: int, rep_ms: float, min_runs: int = 3, max
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
+
+
+def _cpu_median(fn: Callable, warmup: int, rep_ms: float, min_runs: int = 3, max_runs: int = 200) -> float:
+    return statistics.median(_cpu_times(fn, warmup, rep_ms, min_runs, max_runs))
 
 
 def time_calls(
@@ -101,7 +110,8 @@ def time_calls(
         raise ValueError("calls: expected at least one callable, got none")
     fn = _rotating(calls)
     if device.type != "cuda":
-        return Timing(_cpu_median(fn, warmup=max(1, len(calls)), rep_ms=rep_ms, min_runs=min_runs), "cpu_timer")
+        times = _cpu_times(fn, warmup=max(1, len(calls)), rep_ms=rep_ms, min_runs=min_runs)
+        return Timing(statistics.median(times), "cpu_timer", min_ms=min(times), max_ms=max(times), runs=len(times))
     import triton.testing as tt
 
     for c in calls:  # compile / autotune every variant outside the timed region

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-from ..families import INITS, METHODS
+from ..families import FAMILIES, INITS, METHODS
 from .demo import demo_data, load_minilm, run_one
 
 RATIOS = (0.3, 0.5, 0.7)
@@ -35,13 +35,24 @@ def _key(r):
     return f"{r['method']}|{r['init']}|{r['ratio']}|{r['schedule']}"
 
 
+def _fixed(method: str) -> bool:
+    """A family whose pattern fixes the kept fraction (2:4): no ratio to sweep."""
+    return method in FAMILIES and FAMILIES[method].rank_for_ratio is None
+
+
+def _init_rank(method: str, init: str) -> int:
+    """Position of ``init`` among its family's inits (the default first)."""
+    names = INITS[method] if method in FAMILIES else ()
+    return names.index(init) if init in names else len(names)
+
+
 def grid(methods, ratios, schedules, extra_inits=True):
     for m in methods:
-        for ratio in (ratios if m != "sparse24" else (0.5,)):
+        for ratio in (ratios if not _fixed(m) else (0.5,)):
             for s in schedules:
                 yield m, "auto", ratio, s
     if extra_inits and "lowrank" in methods:
-        for init in ("fisher", "activation"):
+        for init in INITS["lowrank"][1:]:  # the data-aware low-rank inits
             for ratio in ratios:
                 for s in ("offline", "staged"):
                     if s in schedules:
@@ -58,14 +69,14 @@ def markdown(rows) -> str:
     order = {m: i for i, m in enumerate(METHODS)}
     rows = sorted(
         (r for r in rows if "error" not in r),
-        key=lambda r: (order.get(r["method"], 99), r["init"] != {"lowrank": "svd"}.get(r["method"], r["init"]),
+        key=lambda r: (order.get(r["method"], 99), _init_rank(r["method"], r["init"]) > 0,
                        r["init"], r["ratio"], SCHEDULES.index(r["schedule"])),
     )
     out = []
     for r in rows:
         stages = [c for c in r.get("stage_cosine", [])[:-1] if c is not None] if r["schedule"] == "staged" else []
         out.append([
-            r["method"], r["init"], "2:4" if r["method"] == "sparse24" else f"{r['ratio']:.1f}", f"{r['kept']:.3f}",
+            r["method"], r["init"], "2:4" if _fixed(r["method"]) else f"{r['ratio']:.1f}", f"{r['kept']:.3f}",
             f"{r['params']:,}", r["schedule"], r["steps"], _f(r["cosine"]), _f(r["spearman"]),
             _f(min(stages)) if stages else "-", f"{r['seconds']:.0f}",
         ])
@@ -87,11 +98,10 @@ def pivot_markdown(rows) -> str:
             continue
         cells.setdefault((r["method"], r["init"], r["ratio"]), {})[r["schedule"]] = r
     order = {m: i for i, m in enumerate(METHODS)}
-    inits = {"svd": 0, "fisher": 1, "activation": 2}
     out = []
-    for (m, init, ratio), by in sorted(cells.items(), key=lambda kv: (order.get(kv[0][0], 99), inits.get(kv[0][1], 0), kv[0][2])):
+    for (m, init, ratio), by in sorted(cells.items(), key=lambda kv: (order.get(kv[0][0], 99), _init_rank(*kv[0][:2]), kv[0][2])):
         any_row = next(iter(by.values()))
-        line = [m, init, "2:4" if m == "sparse24" else f"{ratio:.1f}", f"{any_row['kept']:.3f}"]
+        line = [m, init, "2:4" if _fixed(m) else f"{ratio:.1f}", f"{any_row['kept']:.3f}"]
         for s in SCHEDULES:
             r = by.get(s)
             line.append("-" if r is None else f"{_f(r['cosine'], 3)} / {_f(r['spearman'], 3)}")

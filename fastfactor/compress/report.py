@@ -111,7 +111,9 @@ class CompressionReport:
             ["kept (replaced layers)", "1.000", f"{self.target_ratio:.3f}"],
         ]
         if pm:
-            rows.append([f"{pm} (offline)", fmt_value(self.metrics_before.get(pm)), fmt_value(self.metrics_offline.get(pm))])
+            # metrics_offline: right after the last swap, before the fine-tune that follows it
+            rows.append([f"{pm} (after the last swap, before fine-tuning)", fmt_value(self.metrics_before.get(pm)),
+                         fmt_value(self.metrics_offline.get(pm))])
             rows.append([f"{pm} (final)", fmt_value(self.metrics_before.get(pm)), fmt_value(self.metrics_after.get(pm))])
             if self.dense_reference:
                 from .reference import summary_rows

@@ -21,10 +21,13 @@ from .sparse24 import (
     prune_24,
     sparse24_num_params,
 )
-from .svd import rank_for_ratio, resolve_rank, svd_factors, weighted_svd_factors
+from .svd import (
+    choose_svd, randomized_svd, rank_for_ratio, resolve_rank, svd_factors, truncated_svd, weighted_svd_factors,
+)
 
 __all__ = [
-    "rank_for_ratio", "resolve_rank", "svd_factors", "weighted_svd_factors",
+    "rank_for_ratio", "resolve_rank", "svd_factors", "weighted_svd_factors", "truncated_svd", "randomized_svd",
+    "choose_svd",
     "monarch_project", "block_lowrank", "monarch_rank_for_ratio",
     "prune_24", "mask_24", "pack_24", "dense_sparse_factors", "dense_sparse_rank_for_ratio",
     "dense_sparse_num_params", "sparse24_num_params", "fisher_svd_factors", "whitened_svd_factors",

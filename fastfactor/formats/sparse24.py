@@ -42,6 +42,17 @@ def _check_in_features(name: str, k: int, shape) -> None:
         )
 
 
+def _check_matrix(name: str, w) -> None:
+    """A floating 2-D ``(rows, in)`` tensor with ``in % 4 == 0``."""
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(w).__name__}")
+    if w.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor (rows, in), got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise TypeError(f"{name}: expected a floating dtype, got {str(w.dtype).replace('torch.', '')}")
+    _check_in_features(name, w.shape[1], w.shape)
+
+
 class Sparse24Weight:
     """A 2:4 sparse matrix ``(rows, in)`` in packed form (see the module docstring).
 
@@ -138,14 +149,8 @@ def pack_24(w_masked: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Spar
     same way, and entries of ``w_masked`` outside the mask are dropped (that is how a module with
     a learned mask freezes its latent dense weight). ``-0.0`` counts as zero.
     """
-    if not isinstance(w_masked, torch.Tensor):
-        raise TypeError(f"w_masked: expected a torch.Tensor, got {type(w_masked).__name__}")
-    if w_masked.ndim != 2:
-        raise ValueError(f"w_masked: expected a 2-D tensor (rows, in), got shape {tuple(w_masked.shape)}")
-    if not w_masked.is_floating_point():
-        raise TypeError(f"w_masked: expected a floating dtype, got {str(w_masked.dtype).replace('torch.', '')}")
+    _check_matrix("w_masked", w_masked)
     rows, k = w_masked.shape
-    _check_in_features("w_masked", k, w_masked.shape)
     g = w_masked.detach().reshape(rows, k // 4, 4)
     if mask is None:
         keep = g != 0
@@ -182,13 +187,7 @@ def pack_24(w_masked: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Spar
 # ============================================================================================
 
 def _check_prune_args(w, scores) -> None:
-    if not isinstance(w, torch.Tensor):
-        raise TypeError(f"W: expected a torch.Tensor, got {type(w).__name__}")
-    if w.ndim != 2:
-        raise ValueError(f"W: expected a 2-D tensor (rows, in), got shape {tuple(w.shape)}")
-    if not w.is_floating_point():
-        raise TypeError(f"W: expected a floating dtype, got {str(w.dtype).replace('torch.', '')}")
-    _check_in_features("W", w.shape[1], w.shape)
+    _check_matrix("W", w)
     if scores is not None:
         if not isinstance(scores, torch.Tensor):
             raise TypeError(f"scores: expected a torch.Tensor, got {type(scores).__name__}")

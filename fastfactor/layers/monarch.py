@@ -24,6 +24,27 @@ from ..ops.monarch import block_lowrank_linear, monarch_linear
 from .base import FactorizedLinear, linear_weight_and_bias
 
 
+#: ``from_linear(ratio=)`` warns when the kept fraction falls this far (relative) below the ratio
+SHORTFALL_WARN = 0.05
+
+
+def _warn_if_short(cls_name, in_f, out_f, nblocks, rank, ratio) -> None:
+    """The rank is an integer, so a block-diagonal layer can keep noticeably less than ``ratio``
+    (e.g. 0.435 of 0.5 on small or oddly shaped layers): say so, with the next rank's fraction."""
+
+    kb, nb = -(-in_f // nblocks), -(-out_f // nblocks)
+    per_rank = nblocks * nblocks * (kb + nb)
+    kept = rank * per_rank / (in_f * out_f)
+    if kept < ratio * (1 - SHORTFALL_WARN):
+        nxt = (rank + 1) * per_rank / (in_f * out_f) if rank < min(kb, nb) else None
+        warnings.warn(
+            f"{cls_name}.from_linear: ratio {ratio:g} asked for a ({out_f}, {in_f}) weight with {nblocks} blocks, "
+            f"but rank {rank} keeps {kept:.3f} of the weights (ranks are integers"
+            + (f"; rank {rank + 1} would keep {nxt:.3f}" if nxt is not None else "") + "); pass rank= to choose",
+            UserWarning, stacklevel=3,
+        )
+
+
 class _BlockDiagonalLinear(FactorizedLinear):
     """Shared body of the two block-diagonal modules (they differ in the output permutation)."""
 
@@ -95,6 +116,7 @@ class _BlockDiagonalLinear(FactorizedLinear):
         check_rank_or_ratio(rank, ratio)
         if ratio is not None:
             rank = monarch_rank_for_ratio(in_f, out_f, nblocks, ratio)
+            _warn_if_short(cls.__name__, in_f, out_f, nblocks, rank, ratio)
         w1, w2 = cls._project(w, nblocks, rank)
         mod = cls(in_f, out_f, nblocks, rank, bias=b is not None, dtype=w.dtype, device=w.device)
         with torch.no_grad():

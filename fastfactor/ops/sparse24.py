@@ -41,21 +41,20 @@ assigning ``fastfactor.ops.sparse24.SPARSE24_TORCH_MIN_M``. The converted tensor
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 
 from .. import _validate as V
-from ..kernels import sparse24 as K
-from ..kernels._config import use_triton
 from ..formats import sparse24 as fmt
 from ..formats.sparse24 import Sparse24Weight, mask_24, pack_24, prune_24
+from ..kernels import sparse24 as K
+from ..kernels._config import use_triton
 from ._common import empty as _empty
 from ._common import autocast_operands, fake_grads, grads_or_empty, needs_grad, no_autocast
 
 #: Provisional (unmeasured) token count from which PyTorch's semi-structured path is preferred.
-SPARSE24_TORCH_MIN_M = 2048
+SPARSE24_TORCH_MIN_M = K.SPARSE24_TORCH_MIN_M
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,20 +195,9 @@ def check_sparse24_args(x, values, meta, bias) -> None:
 
 def choose_sparse24_path(M: int, K_in: int, N: int, dtype: torch.dtype, device: torch.device) -> str:
     """``'triton'`` or ``'torch'`` (PyTorch's semi-structured ``F.linear``) for a forward of ``x
-    (M, K_in)`` against a 2:4 ``W (N, K_in)``. Provisional rule, see the module docstring."""
-    forced = os.environ.get("FASTFACTOR_SPARSE24_PATH", "auto")
-    if forced not in ("auto", "triton", "torch"):
-        raise ValueError(f"FASTFACTOR_SPARSE24_PATH: expected 'auto', 'triton' or 'torch', got {forced!r}")
-    eligible = (
-        torch.device(device).type == "cuda"
-        and dtype in (torch.float16, torch.bfloat16)
-        and N % 32 == 0 and K_in % 64 == 0 and N >= 32 and K_in >= 64
-    )
-    if not eligible or forced == "triton":
-        return "triton"
-    if forced == "torch":
-        return "torch"
-    return "torch" if M >= SPARSE24_TORCH_MIN_M else "triton"
+    (M, K_in)`` against a 2:4 ``W (N, K_in)``: :func:`fastfactor.kernels.sparse24.choose_mm_path`
+    (beside the kernels) with this module's :data:`SPARSE24_TORCH_MIN_M`. Provisional rule."""
+    return K.choose_mm_path(M, K_in, N, dtype, device, SPARSE24_TORCH_MIN_M)
 
 
 def _torch_semi_structured_cached(values: torch.Tensor, meta: torch.Tensor, shape):
@@ -317,14 +305,8 @@ def _dense_sparse_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with no_autocast(g):
         saved_t = t if t.ndim == 2 else None
-        if use_triton(g):
-            dx, dd, ds, db = K.dense_sparse_bwd(
-                g, x, d, s_values, s_meta, saved_t, has_bias, need_x, need_d, need_s
-            )
-        else:
-            dx, dd, ds, db = K.dense_sparse_bwd_ref(
-                g, x, d, s_values, s_meta, saved_t, has_bias, need_x, need_d, need_s
-            )
+        bwd = K.dense_sparse_bwd if use_triton(g) else K.dense_sparse_bwd_ref  # same arguments
+        dx, dd, ds, db = bwd(g, x, d, s_values, s_meta, saved_t, has_bias, need_x, need_d, need_s)
     return grads_or_empty(g, dx, dd, ds, db)
 
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from conftest import DTYPES, assert_close_ref
+from conftest import DTYPES, assert_close_ref, monarch_ops, monarch_ref64, monarch_shape_id
 from fastfactor.kernels import monarch as Mk
 from fastfactor.ops.monarch import _monarch_bwd, _monarch_fwd, block_lowrank_linear, monarch_linear
 
-OPS = {"monarch": (monarch_linear, True), "blr": (block_lowrank_linear, False)}
+OPS = monarch_ops()
 
 # (M, K, N, nblocks, rank): odd sizes, in != out, sizes not divisible by nblocks, rank 1 and 2+
 SHAPES = [
@@ -17,21 +17,13 @@ SHAPES = [
     (3, 10, 25, 5, 1),
     (4, 16, 16, 1, 4),
 ]
-SHAPE_IDS = [f"M{m}-K{k}-N{n}-b{b}-r{r}" for m, k, n, b, r in SHAPES]
+SHAPE_IDS = [monarch_shape_id(s) for s in SHAPES]
 
 
 def make(M, K, N, b, r, dtype=torch.float32, bias=True, requires_grad=False):
     s1, s2 = Mk.factor_shapes(K, N, b, r)
     t = lambda *s: torch.randn(*s, dtype=dtype).requires_grad_(requires_grad)
     return t(M, K), t(*s1), t(*s2), (t(N) if bias else None)
-
-
-def dense_ref64(x, w1, w2, bias, N, strided):
-    """The float64 oracle, by way of the explicit dense matrix (independent of the bmm path)."""
-    K = x.shape[-1]
-    W = Mk.dense_weight_ref(w1.double(), w2.double(), K, N, strided)
-    y = x.double() @ W.t()
-    return y + bias.double() if bias is not None else y
 
 
 @pytest.mark.parametrize("strided", [True, False], ids=["monarch", "blr"])
@@ -96,7 +88,7 @@ def test_reference_vs_float64(shape, op, dtype, bias):
     x, w1, w2, bb = make(M, K, N, b, r, dtype, bias)
     y = fn(x, w1, w2, bb, out_features=N)
     assert y.dtype == dtype and y.shape == (M, N)
-    assert_close_ref(y, dense_ref64(x, w1, w2, bb, N, strided), dtype, reduction=max(K, b * r), name="y")
+    assert_close_ref(y, monarch_ref64(x, w1, w2, bb, N, strided), dtype, reduction=max(K, b * r), name="y")
 
 
 @pytest.mark.parametrize("op", OPS, ids=str)
@@ -108,7 +100,7 @@ def test_reference_gradients_vs_float64(op):
     g = torch.randn(M, N)
     grads = torch.autograd.grad(fn(x, w1, w2, bb, out_features=N), (x, w1, w2, bb), g)
     leaves64 = [t.detach().double().requires_grad_() for t in (x, w1, w2, bb)]
-    ref = dense_ref64(*leaves64, N, strided)
+    ref = monarch_ref64(*leaves64, N, strided)
     grads64 = torch.autograd.grad(ref, leaves64, g.double())
     for name, a, e in zip(("dx", "dw1", "dw2", "db"), grads, grads64):
         assert_close_ref(a, e, torch.float32, reduction=max(M, K, N), name=name)
@@ -131,7 +123,7 @@ def test_leading_dims_noncontiguous_zero_size():
     assert not x.is_contiguous()
     y = monarch_linear(x, w1, w2, bb)
     assert y.shape == (2, 3, N)
-    assert_close_ref(y, dense_ref64(x, w1, w2, bb, N, True), torch.float32, reduction=K)
+    assert_close_ref(y, monarch_ref64(x, w1, w2, bb, N, True), torch.float32, reduction=K)
     x0 = torch.randn(0, 4, K, requires_grad=True)
     y0 = monarch_linear(x0, w1, w2, bb)
     assert y0.shape == (0, 4, N)
@@ -145,7 +137,7 @@ def test_out_features_default_and_without_bias():
     assert monarch_linear(x, w1, w2, bb).shape == (M, N)          # from the bias
     assert monarch_linear(x, w1, w2).shape == (M, 12)             # b·nb without bias
     y = monarch_linear(x, w1, w2, out_features=N)
-    assert_close_ref(y, dense_ref64(x, w1, w2, None, N, True), torch.float32, reduction=K)
+    assert_close_ref(y, monarch_ref64(x, w1, w2, None, N, True), torch.float32, reduction=K)
 
 
 @pytest.mark.parametrize("strided", [True, False], ids=["monarch", "blr"])
@@ -170,7 +162,7 @@ def test_compile_fullgraph(op):
     loss = f(x3, w1, w2, bb)
     loss.backward()
     leaves64 = [t.detach().double().requires_grad_() for t in (x3, w1, w2, bb)]
-    ref = dense_ref64(*leaves64, 11, strided).square().sum()
+    ref = monarch_ref64(*leaves64, 11, strided).square().sum()
     ref.backward()
     assert_close_ref(loss, ref, torch.float32, reduction=13 * 55)
     for t, t64 in zip((x3, w1, w2, bb), leaves64):

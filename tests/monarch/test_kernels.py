@@ -4,11 +4,11 @@ float64 reference (outputs and every gradient), on small odd shapes, both kernel
 import pytest
 import torch
 
-from conftest import assert_close_ref
+from conftest import assert_close_ref, monarch_ops, monarch_ref64_grads as ref64, monarch_shape_id
 from fastfactor.kernels import monarch as Mk
 from fastfactor.ops.monarch import block_lowrank_linear, monarch_linear
 
-OPS = {"monarch": (monarch_linear, True), "blr": (block_lowrank_linear, False)}
+OPS = monarch_ops()
 PATHS = ["fused", "two_stage"]
 # interpreter tier: fp32, fp16, and bf16 (the kernels upcast their dots under the interpreter)
 KDTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -20,7 +20,7 @@ SHAPES = [
     (5, 9, 17, 2, 1),
     (11, 20, 37, 2, 17),
 ]
-SHAPE_IDS = [f"M{m}-K{k}-N{n}-b{b}-r{r}" for m, k, n, b, r in SHAPES]
+SHAPE_IDS = [monarch_shape_id(s) for s in SHAPES]
 
 
 @pytest.fixture(params=PATHS)
@@ -38,18 +38,6 @@ def make(M, K, N, b, r, dtype, bias=True):
     bb = torch.randn(N) if bias else None
     cast = lambda t: None if t is None else t.to(dtype).requires_grad_()
     return cast(x), cast(w1), cast(w2), cast(bb)
-
-
-def ref64(x, w1, w2, bias, N, strided, g):
-    """float64 output and gradients through the explicit dense matrix."""
-    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w1, w2, bias)]
-    W = Mk.dense_weight_ref(leaves[1], leaves[2], x.shape[-1], N, strided)
-    y = leaves[0] @ W.t()
-    if bias is not None:
-        y = y + leaves[3]
-    live = [t for t in leaves if t is not None]
-    grads = torch.autograd.grad(y, live, g.double())
-    return y.detach(), grads
 
 
 def run_and_check(fn, strided, x, w1, w2, bb, N, dtype):

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from conftest import DTYPES
+from fastfactor.formats import sparse24 as fmt
+from fastfactor.formats.sparse24 import Sparse24Weight, mask_24, pack_24, prune_24
 from fastfactor.kernels import sparse24 as K
-from fastfactor.kernels.sparse24 import Sparse24Weight, mask_24, pack_24, prune_24
 
 DT_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 # rows x in: odd rows, in % 8 == 4 (odd number of groups: half-used last metadata byte), wide
@@ -153,7 +154,7 @@ def _torch_cutlass():
 def test_cutlass_layout_matches_pytorch(shape, dtype):
     from_dense, _ = _torch_cutlass()
     dense = prune_24(torch.randn(*shape, dtype=dtype))
-    ours = K.to_cutlass_layout(pack_24(dense))
+    ours = fmt.to_cutlass_layout(pack_24(dense))
     theirs = from_dense(dense)
     assert ours[0].dtype == theirs[0].dtype and ours[1].dtype == theirs[1].dtype
     assert torch.equal(ours[0], theirs[0])
@@ -167,20 +168,20 @@ def test_cutlass_layout_with_zero_kept_entries_decodes_to_same_dense(dtype):
     _, to_dense = _torch_cutlass()
     dense = prune_24(torch.randn(32, 128, dtype=dtype))
     dense[::3, ::5] = 0
-    packed, meta = K.to_cutlass_layout(pack_24(dense))
+    packed, meta = fmt.to_cutlass_layout(pack_24(dense))
     assert torch.equal(to_dense(packed, meta), dense)
 
 
 def test_cutlass_layout_bad_input():
     with pytest.raises(TypeError, match="float16 or bfloat16"):
-        K.to_cutlass_layout(pack_24(prune_24(torch.randn(32, 64))))
+        fmt.to_cutlass_layout(pack_24(prune_24(torch.randn(32, 64))))
     with pytest.raises(ValueError, match="multiple of 32"):
-        K.to_cutlass_layout(pack_24(prune_24(torch.randn(16, 64, dtype=torch.float16))))
+        fmt.to_cutlass_layout(pack_24(prune_24(torch.randn(16, 64, dtype=torch.float16))))
 
 
 def test_to_torch_semi_structured_needs_cuda():
     w = pack_24(prune_24(torch.randn(32, 64, dtype=torch.float16)))
     with pytest.raises(ValueError, match="CUDA"):
-        K.to_torch_semi_structured(w)
+        fmt.to_torch_semi_structured(w)
     with pytest.raises(TypeError, match="Sparse24Weight"):
-        K.to_torch_semi_structured(w.to_dense())
+        fmt.to_torch_semi_structured(w.to_dense())

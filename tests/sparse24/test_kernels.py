@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import DTYPES, assert_close_ref
+from fastfactor.formats.sparse24 import Sparse24Weight, pack_24, prune_24
 from fastfactor.kernels import sparse24 as K
-from fastfactor.kernels.sparse24 import Sparse24Weight, pack_24, prune_24
 from fastfactor.ops import sparse24 as ops
 from fastfactor.ops.sparse24 import dense_sparse_linear, sparse24_linear
 

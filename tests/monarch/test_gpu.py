@@ -6,13 +6,13 @@ Skipped where no CUDA device is present (conftest). Correctness only: speed is n
 import pytest
 import torch
 
-from conftest import assert_close_ref
+from conftest import assert_close_ref, monarch_ops, monarch_shape_id
 from fastfactor.kernels import monarch as Mk
-from fastfactor.ops.monarch import _monarch_fwd, block_lowrank_linear, monarch_linear
+from fastfactor.ops.monarch import _monarch_fwd, monarch_linear
 
 pytestmark = pytest.mark.gpu
 
-OPS = {"monarch": (monarch_linear, True), "blr": (block_lowrank_linear, False)}
+OPS = monarch_ops()
 # (M, K, N, nblocks, rank): the benchmark layers, odd sizes, and the dense-block Monarch rank
 SHAPES = [
     (16, 768, 3072, 4, 8),
@@ -21,7 +21,7 @@ SHAPES = [
     (333, 1000, 777, 8, 3),
     (64, 4096, 4096, 4, 256),
 ]
-SHAPE_IDS = [f"M{m}-K{k}-N{n}-b{b}-r{r}" for m, k, n, b, r in SHAPES]
+SHAPE_IDS = [monarch_shape_id(s) for s in SHAPES]
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

@@ -1,4 +1,5 @@
-"""Tier 1 (cpu): the low-rank op's PyTorch path, the module and the SVD factorization, against float64."""
+"""Tier 1 (cpu): the low-rank op's PyTorch reference path against float64: forward and every
+gradient, gradcheck, opcheck, torch.compile, bad input."""
 
 import math
 
@@ -7,9 +8,9 @@ import torch
 from conftest import DTYPES, assert_close_ref, check_lowrank_vs_float64, lowrank_ref64
 
 import fastfactor
-from fastfactor.factorize import rank_for_ratio, svd_factors, weighted_svd_factors
 from fastfactor.kernels.lowrank import lowrank_linear_ref
 from fastfactor.ops.lowrank import _lowrank_bwd, _lowrank_fwd
+
 
 # (leading dims, in, out, rank): odd sizes, rank 1, rank = min(in, out), rank > 256 (beyond the fused kernel)
 SHAPES = [
@@ -89,10 +90,6 @@ def test_inference_does_not_save_intermediate():
     torch.testing.assert_close(t, x @ v.t())
 
 
-# --------------------------------------------------------------------------------------------
-# bad input
-# --------------------------------------------------------------------------------------------
-
 BAD = [
     ("x-not-tensor", lambda x, u, v, b: ([1.0], u, v, b), TypeError, "x: expected a torch.Tensor, got list"),
     ("x-0d", lambda x, u, v, b: (torch.tensor(1.0), u, v, b), ValueError, "x: expected at least 1 dimension"),
@@ -115,10 +112,6 @@ def test_bad_input(case):
     with pytest.raises(exc, match=msg.replace("(", r"\(").replace(")", r"\)")):
         fastfactor.lowrank_linear(*mutate(x, u, v, b))
 
-
-# --------------------------------------------------------------------------------------------
-# registration: opcheck and torch.compile
-# --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_opcheck(bias):
@@ -144,86 +137,6 @@ def test_torch_compile_fullgraph(backend):
     (gx,) = torch.autograd.grad(y.sum(), x)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(gx, gx_ref)
-
-
-# --------------------------------------------------------------------------------------------
-# the module and the factorization
-# --------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("k,n,ratio", [(64, 48, 0.5), (37, 91, 0.25), (10, 10, 0.01), (768, 3072, 0.3)])
-def test_rank_for_ratio_formula(k, n, ratio):
-    r = rank_for_ratio(k, n, ratio)
-    assert r == max(1, math.floor(ratio * k * n / (k + n)))
-    if r > 1:
-        assert r * (k + n) <= ratio * k * n + 1e-9  # never keeps more than asked
-        assert (r + 1) * (k + n) > ratio * k * n    # and is the largest such rank
-
-
-def test_from_linear_is_truncated_svd():
-    lin = torch.nn.Linear(37, 29)
-    m = fastfactor.LowRankLinear.from_linear(lin, rank=6)
-    w = lin.weight.detach().double()
-    s = torch.linalg.svdvals(w)
-    err = torch.linalg.norm(m.dense_weight().double() - w)
-    # Eckart–Young: the error of the best rank-6 approximation is the norm of the tail singular values
-    assert abs(err.item() - s[6:].norm().item()) < 1e-4 * s.norm().item()
-    # √Σ split evenly: U and V have equal column/row norms
-    torch.testing.assert_close(m.u.norm(dim=0), m.v.norm(dim=1), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(m.bias, lin.bias)
-    x = torch.randn(5, 37)
-    torch.testing.assert_close(m(x), m.to_linear()(x), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(m(x), m.forward_unfused(x), rtol=1e-5, atol=1e-5)
-
-
-def test_module_params_ratio_repr():
-    lin = torch.nn.Linear(100, 60, bias=False)
-    m = fastfactor.LowRankLinear.from_linear(lin, ratio=0.5)
-    r = math.floor(0.5 * 100 * 60 / 160)
-    assert m.rank == r and m.bias is None
-    assert m.num_weight_params == r * 160 == sum(p.numel() for p in m.parameters())
-    assert abs(m.ratio - r * 160 / 6000) < 1e-12
-    assert f"rank={r}" in repr(m) and "ratio=0.480" in repr(m)
-    m2 = fastfactor.LowRankLinear(**m.factor_config())
-    m2.load_state_dict(m.state_dict())
-    x = torch.randn(3, 100)
-    assert torch.equal(m(x), m2(x))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-def test_module_dtype(dtype):
-    lin = torch.nn.Linear(33, 21).to(dtype)
-    m = fastfactor.LowRankLinear.from_linear(lin, ratio=0.6)
-    assert m.u.dtype == dtype and m(torch.randn(2, 33, dtype=dtype)).dtype == dtype
-
-
-def test_module_bad_args():
-    lin = torch.nn.Linear(20, 10)
-    with pytest.raises(ValueError, match=r"rank: expected an int in \[1, 10\], got 11"):
-        fastfactor.LowRankLinear.from_linear(lin, rank=11)
-    with pytest.raises(ValueError, match="rank/ratio: expected exactly one"):
-        fastfactor.LowRankLinear.from_linear(lin, rank=2, ratio=0.5)
-    with pytest.raises(ValueError, match=r"ratio: expected a float in \(0, 1\]"):
-        fastfactor.LowRankLinear.from_linear(lin, ratio=1.5)
-    with pytest.raises(TypeError, match="linear: expected an nn.Linear"):
-        fastfactor.LowRankLinear.from_linear(torch.nn.ReLU(), rank=2)
-    bad = torch.nn.Linear(20, 10)
-    with torch.no_grad():
-        bad.weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="weight: expected finite values, found 1 NaN/Inf"):
-        fastfactor.LowRankLinear.from_linear(bad, rank=2)
-
-
-def test_weighted_svd_prefers_heavy_rows():
-    w = torch.randn(40, 30, dtype=torch.float64)
-    rw = torch.ones(40, dtype=torch.float64)
-    rw[:5] = 100.0
-    u, v = weighted_svd_factors(w, 5, rw)
-    u0, v0 = svd_factors(w, 5)
-    err_w = ((w - u @ v)[:5]).norm()
-    err_0 = ((w - u0 @ v0)[:5]).norm()
-    assert err_w < 0.1 * err_0  # the heavy rows are reproduced almost exactly
-    # and it is the optimum of the weighted objective: no worse than plain SVD under that weighting
-    assert (rw[:, None] * (w - u @ v)).norm() <= (rw[:, None] * (w - u0 @ v0)).norm() + 1e-9
 
 
 def test_reference_matches_float64_bf16_rounding():

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from conftest import DTYPES, assert_close_ref
+from fastfactor.formats import sparse24 as fmt
+from fastfactor.formats.sparse24 import Sparse24Weight, pack_24, prune_24
 from fastfactor.kernels import sparse24 as K
-from fastfactor.kernels.sparse24 import Sparse24Weight, pack_24, prune_24
 from fastfactor.ops import sparse24 as ops
 from fastfactor.ops.sparse24 import dense_sparse_linear, sparse24_linear
 
@@ -104,7 +105,7 @@ def test_compile_and_cuda_graph():
 
 def test_torch_semi_structured_conversion_and_dispatch(monkeypatch):
     w = pack_24(prune_24(torch.randn(256, 512, device=DEV, dtype=torch.float16)))
-    ss = K.to_torch_semi_structured(w)
+    ss = fmt.to_torch_semi_structured(w)
     assert torch.equal(ss.to_dense(), w.to_dense())
     x = torch.randn(4096, 512, device=DEV, dtype=torch.float16)
     monkeypatch.setenv("FASTFACTOR_SPARSE24_PATH", "torch")
