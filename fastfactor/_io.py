@@ -34,16 +34,33 @@ from typing import BinaryIO, Callable, Dict, Iterator, Optional
 TMP_PREFIX = ".tmp-"
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where ``/proc`` allows (else set and restored)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write: Callable[[BinaryIO], None]) -> None:
     """Write ``path`` atomically: ``write(f)`` fills a temporary file ``f`` (binary) beside
     ``path``; it is flushed and fsync-ed, renamed to ``path`` (``os.replace``) and the directory
     fsync-ed. A crash at any point leaves either the old file or the new one, never a mix; an
-    exception removes the temporary and propagates."""
+    exception removes the temporary and propagates. The file gets the mode an ordinary ``open``
+    would give it (``0666`` less the umask: ``0644`` under the usual ``022``), not ``mkstemp``'s 0600."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=TMP_PREFIX, suffix=os.path.basename(path))
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -164,6 +181,7 @@ def atomic_directory(path, replace: bool = False) -> Iterator[str]:
     On an exception the temporary directory is removed and ``path`` is untouched. A ``SIGKILL``
     leaves only a ``.tmp-*`` sibling, which readers ignore. ``path`` must not exist unless
     ``replace=True`` (then the old directory is moved aside first and deleted after the rename).
+    The directory gets an ordinary directory's mode (``0777`` less the umask), not ``mkdtemp``'s 0700.
     """
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
@@ -172,6 +190,7 @@ def atomic_directory(path, replace: bool = False) -> Iterator[str]:
         raise ValueError(f"{path}: already exists; refusing to overwrite it")
     tmp = tempfile.mkdtemp(dir=parent, prefix=f"{TMP_PREFIX}{os.path.basename(path)}-")
     try:
+        os.chmod(tmp, 0o777 & ~umask())
         yield tmp
         old: Optional[str] = None
         if os.path.exists(path):
@@ -212,13 +231,14 @@ def remove_stale_temporaries(directory, older_than_s: float = 0.0) -> int:
     return n
 
 
-def save_pretrained_atomic(obj, directory) -> None:
+def save_pretrained_atomic(obj, directory) -> list:
     """``obj.save_pretrained`` (a tokenizer, a config) into ``directory`` with every file written
     under a temporary directory first, fsync-ed, and then moved into place one by one
-    (``os.replace``, then an fsync of the directory)."""
+    (``os.replace``, then an fsync of the directory). Returns the names written (relative to ``directory``)."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=directory, prefix=TMP_PREFIX)
+    written = []
     try:
         obj.save_pretrained(tmp)
         for root, _, names in os.walk(tmp):
@@ -230,13 +250,15 @@ def save_pretrained_atomic(obj, directory) -> None:
                 with open(src, "rb") as f:
                     os.fsync(f.fileno())
                 os.replace(src, os.path.join(dest_root, n))
+                written.append(n if rel == "." else os.path.join(rel, n))
             fsync_dir(dest_root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return sorted(written)
 
 
 __all__ = [
-    "TMP_PREFIX", "atomic_write", "read_json", "atomic_write_json", "atomic_write_bytes", "atomic_write_text", "sha256_file",
+    "TMP_PREFIX", "umask", "atomic_write", "read_json", "atomic_write_json", "atomic_write_bytes", "atomic_write_text", "sha256_file",
     "check_format_version", "verify_files", "fsync_dir", "atomic_directory", "remove_stale_temporaries",
     "save_pretrained_atomic",
 ]

@@ -4,16 +4,18 @@ What can make a fastfactor op differ between two runs on the same inputs
 -------------------------------------------------------------------------
 * **Float atomics** (``tl.atomic_add`` into a shared accumulator): the order in which programs add
   is decided by the scheduler, so the rounding differs run to run. None of our kernels use them:
-  every output tile is owned by one program that loops over the whole reduction (see the
-  "Design" sections of ``kernels/lowrank.py`` and ``kernels/monarch.py``);
+  every output tile is owned by one program that loops over the whole reduction, or, where a
+  reduction is split over programs (the low-rank split-K), each writes its partial to a workspace
+  and one program sums them in a fixed order (see the "Design" sections of ``kernels/lowrank.py``
+  and ``kernels/monarch.py``); the split count is a function of the shape and the SM count;
   ``tests/test_determinism.py`` greps ``kernels/*.py`` so that a new kernel adding one fails there.
 * **Autotuning**: ``triton.autotune`` times every config on the first call of each key and keeps the
   fastest. Different configs (``BLOCK_K``, the split of ``N`` over programs) sum the reduction in a
   different order, so two *processes* can pick different configs when their timings are close and
   then round differently. Within one process the chosen config is cached per key, so repeated calls
   are bitwise identical.
-* **Shape-dependent path choice** (fused chain vs two GEMMs): a pure function of the shape (and of
-  ``FASTFACTOR_*_PATH``), hence identical across runs; nothing to pin.
+* **Shape-dependent path choice** (fused chain vs two GEMMs vs cuBLAS) and per-shape configs: a
+  pure function of the shape (and of ``FASTFACTOR_*_PATH``), hence identical across runs.
 * **PyTorch's own kernels** (the CPU reference path, ``nn.Linear`` layers next to ours, cuBLAS):
   governed by ``torch.use_deterministic_algorithms``, which :func:`set_deterministic` also sets
   unless told not to (``CUBLAS_WORKSPACE_CONFIG`` must then be set on CUDA, see below).

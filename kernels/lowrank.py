@@ -240,6 +240,9 @@ GEMM_SPACE = [
     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4),
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+    # short reductions (weight gradients of a handful of rows): no padding of K to 128
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2),
 ]
 
 #: the split-K reduce and the row-sum kernels: elementwise / streaming, one config each
@@ -294,8 +297,9 @@ def chain_config(M: int, r_pad: int) -> dict:
 def gemm_config(M: int, N: int, K: int, sms: int = 132) -> dict:
     """The GEMM config a shape ``(M, K)·(K, N)`` gets on a GPU in deterministic mode, and the one
     the split count and the cost model use: the config of the GPU space (with its split-K count,
-    :func:`split_count`) of least predicted time (:func:`_gemm_launches`, bf16 operands); ties go
-    to the earlier entry. Skinny operands (a handful of rows) get ``BLOCK_M = 16`` tiles and as
+    :func:`split_count`) of least predicted time (:func:`_gemm_launches`, bf16 operands); among
+    those within 5 % of it, the one with the fewest launches (no split-K reduce), then issuing the
+    fewest padded FLOPs, then moving the fewest L2 bytes. Skinny operands (a handful of rows) get ``BLOCK_M = 16`` tiles and as
     many programs as SMs; large ones the 128-wide wgmma tiles."""
     return dict(_gemm_config_cached(int(M), int(N), int(K), int(sms)))
 
@@ -303,12 +307,16 @@ def gemm_config(M: int, N: int, K: int, sms: int = 132) -> dict:
 @functools.lru_cache(maxsize=4096)
 def _gemm_config_cached(M: int, N: int, K: int, sms: int) -> tuple:
     dev = dataclasses.replace(COST_DEVICE, sms=sms)
-    best, best_t = GEMM_SPACE[1], None
-    for c in GEMM_SPACE[1:]:
-        t = sum(l.seconds(dev) for l in _gemm_launches("c", M, N, K, 2, 2, 2, False, dev, cfg=c))
-        if best_t is None or t < best_t * (1 - 1e-9):
-            best, best_t = c, t
-    return tuple(best.items())
+    scored = []
+    for i, c in enumerate(GEMM_SPACE[1:]):
+        ls = _gemm_launches("c", M, N, K, 2, 2, 2, False, dev, cfg=c)
+        t = sum(l.seconds(dev) for l in ls)
+        scored.append((t, len(ls), sum(l.flops_issued for l in ls), sum(l.l2_bytes for l in ls), i, c))
+    best_t = min(x[0] for x in scored)
+    # within 5 % of the best predicted time: fewest launches (a split adds its reduce), fewest
+    # padded FLOPs, fewest L2 bytes, then the order of the space
+    near = [x for x in scored if x[0] <= best_t * 1.05]
+    return tuple(min(near, key=lambda x: x[1:5])[5].items())
 
 
 #: a split of the reduction keeps at least this many BLOCK_K steps per program

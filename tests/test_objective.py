@@ -375,3 +375,21 @@ def test_cli_end_to_end_task_distill_dense_reference(saved_model, tmp_path, caps
     rep = json.loads((out / "report.json").read_text())
     assert rep["config"]["objective"] == "task+distill" and rep["config"]["final_lr"] == 5e-4
     assert rep["dense_reference"]["steps"] == 4 and rep["points_lost"] is not None
+
+
+def test_checkpoint_from_before_the_new_fields_is_compared_with_their_old_values():
+    """A checkpoint config without the issue-18 fields reads as the values runs used then: the
+    same settings resume; a changed one (the new stage_lr default) is named."""
+    from fastfactor.compress.config import LEGACY_DEFAULTS
+    from fastfactor.compress.resume import check_compatible
+
+    now = CompressionConfig(stage_lr=None).to_dict()
+    old = {k: v for k, v in now.items() if k not in LEGACY_DEFAULTS}
+    state = {"_path": "/ck/stage-0000", "config": old, "fingerprint": {"model": "m", "data": "d"}, "num_stages": 2,
+             "rng": [{}]}
+    check_compatible(state, now, {"model": "m", "data": "d"}, 2, 1)
+    with pytest.raises(ValueError, match=r"another compression config \(stage_lr: checkpoint None, now 5e-05\)"):
+        check_compatible(state, CompressionConfig().to_dict(), {"model": "m", "data": "d"}, 2, 1)
+    with pytest.raises(ValueError, match=r"task_weight: checkpoint 1.0, now 0.5"):
+        check_compatible(state, CompressionConfig(stage_lr=None, task_weight=0.5).to_dict(),
+                         {"model": "m", "data": "d"}, 2, 1)

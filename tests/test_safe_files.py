@@ -248,13 +248,23 @@ def _drop_files(d):
     d.pop("files")
 
 
+def _rehash_weights(p):
+    """The manifest's checksum made to match a damaged weight file (what no checksum can catch)."""
+    digest = _io.sha256_file(os.path.join(p, "model.safetensors"))
+    _edit_json(os.path.join(p, "fastfactor.json"), lambda d: d["files"].update({"model.safetensors": digest}))
+
+
 SAVED_FAULTS = {
     "weights-truncated": ("model.safetensors", lambda p: _truncate(os.path.join(p, "model.safetensors")),
                           r"model\.safetensors: sha256 mismatch"),
+    "weights-truncated-checksum-matching": ("model.safetensors", lambda p: (
+        _truncate(os.path.join(p, "model.safetensors")), _rehash_weights(p)),
+        r"model\.safetensors: cannot read the tensors .* truncated or corrupt"),
+    # a manifest without its file list is refused outright (before: the integrity check was skipped)
     "weights-truncated-no-checksum": ("model.safetensors", lambda p: (
         _truncate(os.path.join(p, "model.safetensors")),
         _edit_json(os.path.join(p, "fastfactor.json"), _drop_files)),
-        r"model\.safetensors: cannot read the tensors .* truncated or corrupt"),
+        r"fastfactor\.json: no 'files' entry"),
     "manifest-truncated": ("fastfactor.json", lambda p: _truncate(os.path.join(p, "fastfactor.json")),
                            r"fastfactor\.json: manifest is not valid JSON"),
     "manifest-newer-format": ("fastfactor.json", lambda p: _edit_json(
@@ -355,7 +365,7 @@ def test_atomic_directory(tmp_path):
 
 # --- the command line never overwrites another run -------------------------------------------
 
-def test_cli_refuses_an_out_dir_with_another_run(saved, tmp_path):
+def test_cli_refuses_an_out_dir_with_another_run(saved, tmp_path, capsys):
     from fastfactor.cli import main
 
     out = tmp_path / "out"
@@ -370,8 +380,9 @@ def test_cli_refuses_an_out_dir_with_another_run(saved, tmp_path):
     with pytest.raises(SystemExit, match="--out: expected a directory"):
         main(args[:-1] + [str(out / "model.safetensors")])
     assert _snapshot(out) == before
-    with pytest.raises(ValueError, match="--model: expected a local model directory"):
-        main(args + ["--overwrite"])  # --overwrite gets past the guard (then the model is missing)
+    capsys.readouterr()
+    assert main(args + ["--overwrite"]) == 1  # --overwrite gets past the guard (then the model is missing)
+    assert "--model: expected a local model directory" in capsys.readouterr().err
 
 
 def test_read_json_errors(tmp_path):

@@ -16,7 +16,7 @@ from .faults import TEST_FAULT_ENV, InjectedFault, test_fault_hook
 from .resume import Session, StageCheckpointer, begin, check_compatible, rng_state, set_rng_state
 from .storage import (
     CHECKPOINT_FORMAT_VERSION, CHECKPOINTS, INDEX, KIND, STATE, TRAIN_STATE, data_fingerprint, list_checkpoints,
-    load_model_state, model_fingerprint, output_in_use, prepare_output, prune_checkpoints, read_checkpoint,
+    load_model_state, model_fingerprint, output_in_use, prepare_output, check_output, prune_checkpoints, read_checkpoint,
     resolve_resume, stage_dirname, write_checkpoint,
 )
 

@@ -96,6 +96,8 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                    help="continue an interrupted run from its last checkpoint (DIR: its output directory, "
                         "default --out); give the same model, data and settings")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (default: refuse)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep OUT/checkpoints after a successful run (default: deleted once the outputs are written)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="also checkpoint every N steps inside each fine-tune (optimizer, scheduler and data "
                         "position included), so --resume continues mid-fine-tune (default 0: stage ends only)")
@@ -457,7 +459,12 @@ def run(args) -> int:
     from ..train.data import load_task_data
     from .driver import compress
     from .io import atomic_write_text, save_compressed
+    from .storage import check_output, remove_checkpoints
 
+    try:  # --out before anything else is read: never inside --model, never another run's folder by accident
+        check_output(args.out, args.model, args.resume, args.overwrite)
+    except ValueError as e:
+        raise SystemExit(f"fastfactor compress: {e}") from None
     check_args(args)
     refuse_compressed(args.model)
     cfg = build_config(args)
@@ -494,7 +501,7 @@ def run(args) -> int:
         device = info.device
     print = D.print0  # noqa: A001 - only rank 0 prints
     try:
-        checkpoint_dir, resume = prepare_output(args.out, args.resume, args.overwrite)
+        checkpoint_dir, resume = prepare_output(args.out, args.resume, args.overwrite, model=args.model)
     except ValueError as e:
         raise SystemExit(f"fastfactor compress: {e}") from None
     try:
@@ -541,6 +548,8 @@ def run(args) -> int:
                                "id2label": {str(i): k for i, k in spec.id2label.items()} if spec.label2id else None}
         atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(rep_d, indent=2, default=str))
         plotted = plot_stages(report, os.path.join(args.out, "metric.png"))
+        if not getattr(args, "keep_checkpoints", False):
+            remove_checkpoints(checkpoint_dir)  # the run's own (OUT/checkpoints), now that it succeeded
     D.barrier()
     if owns_group:
         D.cleanup()

@@ -104,6 +104,15 @@ def _pos_float(name, value, allow_zero=False):
     return float(value)
 
 
+#: fields added after checkpoints were first written, with the value runs before them used: a
+#: checkpoint whose config lacks one is compared as if it held this value (resume)
+LEGACY_DEFAULTS = {
+    "task_weight": 1.0, "distill_weight": 1.0, "hidden_weight": 0.0, "temperature": 2.0, "decay": "linear",
+    "stage_lr": None, "stage_warmup_ratio": None, "stage_decay": None, "final_lr": None,
+    "final_warmup_ratio": None, "final_decay": None, "dense_reference": False,
+}
+
+
 def _warmup(name, value):
     value = _pos_float(name, value, allow_zero=True)
     if value >= 1:

@@ -97,16 +97,20 @@ def save_compressed(model: nn.Module, path, compression: Optional[dict] = None, 
         tensors.update(hf.tripwires(model))
     blob = save(tensors, metadata={"format": "pt", "producer": "fastfactor"})
     atomic_write_bytes(os.path.join(path, WEIGHTS), blob)
-    manifest["files"] = {WEIGHTS: hashlib.sha256(blob).hexdigest()}
+    files = {WEIGHTS: hashlib.sha256(blob).hexdigest()}  #: every file written here, with its sha256
+    texts = {}
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "to_json_string"):
-        atomic_write_text(os.path.join(path, "config.json"), cfg.to_json_string())
+        texts["config.json"] = cfg.to_json_string()
     if report is not None:
-        atomic_write_text(os.path.join(path, "report.json"), json.dumps(report, indent=2, default=str))
+        texts["report.json"] = json.dumps(report, indent=2, default=str)
+    for name, text in texts.items():
+        atomic_write_text(os.path.join(path, name), text)
+        files[name] = hashlib.sha256(text.encode("utf-8")).hexdigest()
     if tokenizer is not None:
-        from .._io import save_pretrained_atomic
-
-        save_pretrained_atomic(tokenizer, path)
+        for name in _io.save_pretrained_atomic(tokenizer, path):
+            files.setdefault(name, sha256_file(os.path.join(path, name)))
+    manifest["files"] = files
     atomic_write_text(os.path.join(path, MANIFEST), json.dumps(manifest, indent=2))
     return path
 
@@ -117,14 +121,42 @@ def read_manifest(path) -> dict:
         raise ValueError(f"path: expected a directory written by save_compressed (with {MANIFEST}), got {os.fspath(path)!r}")
     m = _io.read_json(mpath, "manifest")
     _io.check_format_version(mpath, m.get("format_version"), FORMAT_VERSION, "manifest")
-    if not isinstance(m.get("modules", []), list) or not isinstance(m.get("files", {}), dict):
-        raise ValueError(f"{mpath}: expected 'modules' to be a list and 'files' a {{name: sha256}} map")
+    check_manifest(mpath, m)
     return m
+
+
+def check_manifest(mpath: str, m: dict) -> None:
+    """The entries every reader relies on: ``files`` (``{name: sha256}``, the weights included) and
+    ``modules`` (a list of objects with ``name``, ``class`` and ``factor_config``); a
+    ``ValueError`` naming the file and the field otherwise."""
+    if "files" not in m:
+        raise ValueError(f"{mpath}: no 'files' entry (the sha256 of every file); the manifest is incomplete, "
+                         "so nothing could be verified")
+    files = m["files"]
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise ValueError(f"{mpath}: 'files': expected a {{name: sha256}} map, got {str(files)[:80]}")
+    if WEIGHTS not in files:
+        raise ValueError(f"{mpath}: 'files' does not list {WEIGHTS} (lists {sorted(files)})")
+    if "modules" not in m:
+        raise ValueError(f"{mpath}: no 'modules' entry (the replaced modules)")
+    if not isinstance(m["modules"], list):
+        raise ValueError(f"{mpath}: 'modules': expected a list of module entries, got {type(m['modules']).__name__}")
+    for i, entry in enumerate(m["modules"]):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{mpath}: modules[{i}]: expected an object, got {type(entry).__name__}")
+        for key, kind in (("name", str), ("class", str), ("factor_config", dict)):
+            if key not in entry:
+                raise ValueError(f"{mpath}: modules[{i}] has no {key!r}")
+            if not isinstance(entry[key], kind):
+                raise ValueError(f"{mpath}: modules[{i}].{key}: expected a {kind.__name__}, got {entry[key]!r}")
 
 
 def _skeleton(path, manifest):
     import transformers
 
+    if "model_class" not in manifest:
+        raise ValueError(f"{os.path.join(path, MANIFEST)}: no 'model_class' entry; pass the model skeleton to "
+                         "load_compressed(path, model=...)")
     cls = getattr(transformers, manifest["model_class"], None)
     if cls is None:
         raise ValueError(
@@ -148,22 +180,28 @@ def load_compressed(path, model: Optional[nn.Module] = None, device=None) -> nn.
 
     path = os.fspath(path)
     manifest = read_manifest(path)
-    for fname, digest in manifest.get("files", {}).items():
+    for fname, digest in manifest["files"].items():  # every file it lists: weights, config, report, tokenizer
         fpath = os.path.join(path, fname)
         if not os.path.isfile(fpath):
-            raise ValueError(f"{fpath}: weight file listed in the manifest is missing")
+            raise ValueError(f"{fpath}: {'weight ' if fname == WEIGHTS else ''}file listed in the manifest is missing")
         actual = sha256_file(fpath)
         if actual != digest:
             raise ValueError(f"{fpath}: sha256 mismatch (manifest {digest}, file {actual}); the file is corrupt or was changed")
     if model is None:
         model = _skeleton(path, manifest)
     classes = layer_classes()
-    for entry in manifest["modules"]:
+    mpath = os.path.join(path, MANIFEST)
+    for i, entry in enumerate(manifest["modules"]):
+        try:
+            model.get_submodule(entry["name"])
+        except AttributeError:
+            raise ValueError(f"{mpath}: modules[{i}].name {entry['name']!r}: the model has no such module "
+                             f"({type(model).__name__})") from None
         cls = classes.get(entry["class"])
         if cls is None:
             raise ValueError(
                 f"{os.path.join(path, MANIFEST)}: module {entry['name']!r}: layer class {entry['class']} "
-                f"({entry['method']}) is not available in this build"
+                f"({entry.get('method')}) is not available in this build"
             )
         try:
             new = cls(**entry["factor_config"])  # small: the factors' own size, overwritten below

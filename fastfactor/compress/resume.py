@@ -220,10 +220,13 @@ def _raise_on_every_rank(error: Optional[BaseException], what: str) -> None:
 
 def check_compatible(state: dict, config: dict, fingerprint: dict, num_stages: int, world_size: int) -> None:
     """The checkpoint belongs to this run: same config, same uncompressed model, same data."""
+    from .config import LEGACY_DEFAULTS
+
     spath = os.path.join(state["_path"], STATE)
-    diff = [k for k in sorted(set(config) | set(state["config"])) if config.get(k) != state["config"].get(k)]
+    old = {**LEGACY_DEFAULTS, **state["config"]}  # a checkpoint from before a field: the value runs used then
+    diff = [k for k in sorted(set(config) | set(old)) if config.get(k) != old.get(k)]
     if diff:
-        shown = ", ".join(f"{k}: checkpoint {state['config'].get(k)!r}, now {config.get(k)!r}" for k in diff)
+        shown = ", ".join(f"{k}: checkpoint {old.get(k)!r}, now {config.get(k)!r}" for k in diff)
         raise ValueError(f"{spath}: written with another compression config ({shown}); resume with the same settings")
     for what in ("model", "data"):
         if state["fingerprint"].get(what) != fingerprint.get(what):

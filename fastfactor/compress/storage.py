@@ -307,6 +307,33 @@ def _st_dtype(dtype: torch.dtype) -> str:
 # the command line's output directory
 # --------------------------------------------------------------------------------------------
 
+def check_out_outside_model(out, model) -> None:
+    """``fastfactor compress``: ``--out`` must be neither ``--model`` nor inside it (symlinks
+    resolved), whatever ``--overwrite`` says: the run would overwrite or mix with the original."""
+    o, m = os.path.realpath(os.fspath(out)), os.path.realpath(os.fspath(model))
+    if o == m or o.startswith(m.rstrip(os.sep) + os.sep):
+        where = "is --model itself" if o == m else "is inside --model"
+        raise ValueError(
+            f"--out: {os.fspath(out)} {where} ({os.fspath(model)}); the outputs would overwrite or mix with the "
+            "original model — choose a directory outside it"
+        )
+
+
+def remove_checkpoints(directory) -> None:
+    """After a successful run: delete its checkpoints in ``directory`` (``OUT/checkpoints``: the
+    stage directories and temporaries), and the directory itself when nothing else is left."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return
+    for p in list_checkpoints(directory):
+        shutil.rmtree(p)
+    _io.remove_stale_temporaries(directory)
+    try:
+        os.rmdir(directory)
+    except OSError:  # something that is not ours is in there
+        pass
+
+
 def output_in_use(out) -> List[str]:
     """What in ``out`` belongs to an earlier run: every entry but temporaries and an empty (or
     temporaries-only) ``checkpoints/``."""
@@ -323,19 +350,19 @@ def output_in_use(out) -> List[str]:
     return used
 
 
-def prepare_output(out, resume=None, overwrite: bool = False):
-    """``(checkpoint_dir, resume_from)`` for ``fastfactor compress --out OUT [--resume [DIR]]
-    [--overwrite]``. A fresh run refuses an ``OUT`` that holds anything of an earlier run (so
-    nothing is overwritten by accident); ``--resume`` (``""``: from ``OUT`` itself) continues it;
-    ``--overwrite`` deletes ``OUT/checkpoints`` and lets the new run replace the files."""
+def check_output(out, model=None, resume=None, overwrite: bool = False) -> None:
+    """The refusals of :func:`prepare_output`, reading only the file system (nothing is written, no
+    model is loaded): ``--out`` inside or equal to ``--model`` (even with ``--overwrite``), a file,
+    ``--overwrite`` with ``--resume``, an ``OUT`` holding another run without either."""
+    if model is not None:
+        check_out_outside_model(out, model)
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out: expected a directory, got the file {out}")
-    ckdir = os.path.join(out, CHECKPOINTS)
     if resume is not None:
         if overwrite:
             raise ValueError("--overwrite: cannot be combined with --resume (resume keeps the run's checkpoints)")
-        return ckdir, (resume or out)
+        return
     used = output_in_use(out)
     if used and not overwrite:
         raise ValueError(
@@ -343,6 +370,19 @@ def prepare_output(out, resume=None, overwrite: bool = False):
             f"{', ...' if len(used) > 6 else ''}); pass --resume to continue that run, --overwrite to "
             "replace it, or choose another directory"
         )
+
+
+def prepare_output(out, resume=None, overwrite: bool = False, model=None):
+    """``(checkpoint_dir, resume_from)`` for ``fastfactor compress --out OUT [--resume [DIR]]
+    [--overwrite]`` after :func:`check_output`. A fresh run refuses an ``OUT`` that holds anything
+    of an earlier run (so nothing is overwritten by accident); ``--resume`` (``""``: from ``OUT``
+    itself) continues it; ``--overwrite`` deletes ``OUT/checkpoints`` and lets the new run replace
+    the files. ``model``: the ``--model`` directory, which ``OUT`` must not be or be inside."""
+    check_output(out, model, resume, overwrite)
+    out = os.path.abspath(os.fspath(out))
+    ckdir = os.path.join(out, CHECKPOINTS)
+    if resume is not None:
+        return ckdir, (resume or out)
     if overwrite and D.is_main_process() and os.path.isdir(ckdir):
         shutil.rmtree(ckdir)
     D.barrier()
@@ -353,5 +393,5 @@ __all__ = [
     "CHECKPOINT_FORMAT_VERSION", "CHECKPOINTS", "STATE", "INDEX", "TRAIN_STATE", "KIND",
     "model_fingerprint", "data_fingerprint", "stage_dirname", "list_checkpoints", "resolve_resume",
     "write_checkpoint", "prune_checkpoints", "read_checkpoint", "load_model_state", "output_in_use",
-    "prepare_output",
+    "prepare_output", "check_output", "check_out_outside_model", "remove_checkpoints",
 ]
