@@ -243,6 +243,7 @@ GEMM_SPACE = [
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
     # short reductions (weight gradients of a handful of rows): no padding of K to 128
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2),
 ]
 
 #: the split-K reduce and the row-sum kernels: elementwise / streaming, one config each
