@@ -95,3 +95,19 @@ def test_lowrank_layer_from_a_large_linear_uses_the_fast_path():
     assert choose_svd((530, 700), r) == "randomized"
     w = lin.weight.detach()
     assert _error(w, layer.u.detach(), layer.v.detach()) / _optimal_error(w, r) <= 1.01
+
+
+def test_activation_aware_svd_on_the_fast_path_is_near_optimal_in_its_norm():
+    """``‖(W − U·V)·S‖_F`` (S the whitening factor of the Gram matrix) within 1% of its optimum."""
+    from fastfactor.factorize.data_aware import whitened_svd_factors, whitening_factor
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(530, 600, generator=g)
+    x = torch.randn(900, 600, generator=g) * torch.linspace(0.2, 2.0, 600)
+    gram = x.t() @ x
+    r = 50
+    assert choose_svd(w.shape, r) == "randomized"
+    u, v, how = whitened_svd_factors(w, r, gram)
+    S, _ = whitening_factor(gram)
+    err = torch.linalg.norm((w.double() - u.double() @ v.double()) @ S).item()
+    assert err / _optimal_error(w.double() @ S, r) <= 1.01

@@ -27,7 +27,7 @@ from typing import Tuple
 import torch
 
 from .. import _validate as V
-from .svd import weighted_svd_factors
+from .svd import choose_svd, truncated_svd, weighted_svd_factors
 
 
 def fisher_row_weights(fisher: torch.Tensor) -> torch.Tensor:
@@ -76,10 +76,15 @@ def whitened_svd_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor):
         )
     S, how = whitening_factor(gram)
     w = weight.detach().to(torch.float64)
-    P, sig, Qh = torch.linalg.svd(w @ S, full_matrices=False)
-    s = sig[:rank].sqrt()
-    u = P[:, :rank] * s
-    b = s[:, None] * Qh[:rank]  # (r, in) = V·S
+    ws = w @ S
+    method = choose_svd(tuple(ws.shape), rank)  # exact float64 when small, else the fast SVD (svd.py)
+    if method != "exact" and weight.dtype != torch.float64:
+        ws = ws.to(torch.float32)
+    P, sig, Qh = truncated_svd(ws, rank, method)
+    P, sig, Qh = P.to(torch.float64), sig.to(torch.float64), Qh.to(torch.float64)
+    s = sig.sqrt()
+    u = P * s
+    b = s[:, None] * Qh  # (r, in) = V·S
     if how.startswith("cholesky"):
         v = torch.linalg.solve_triangular(S, b, upper=False, left=False)
     else:
