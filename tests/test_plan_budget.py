@@ -194,3 +194,27 @@ def test_whitened_plan_uses_activation_init():
     with pytest.raises(ValueError, match="plan"):
         BudgetPlan.from_dict({"modules": [dict(vars(plan.modules[0]), method="monarch")], "budget": 1,
                               "target_params_dense": 1, "exact": True})
+
+
+def test_whitened_plan_applied_offline_with_data():
+    from fastfactor.compress._tiny import tiny_data
+    from fastfactor.compress.calibration import collect_activation_stats
+    from fastfactor.compress.targets import select_targets
+    from fastfactor.layers.lowrank import LowRankLinear
+
+    model = tiny_model("bert", seed=4)
+    data = tiny_data()
+    names = [t.name for t in select_targets(model)]
+    grams = collect_activation_stats(model, {n: model.get_submodule(n) for n in names},
+                                     [data.train["input_ids"][:8]], lambda m, b: m(input_ids=b))
+    plan = plan_model(model, 0.4, grams=grams)
+    apply_plan(model, plan, data, config={"schedule": "offline", "calib_batches": 1})
+    total = 0
+    for m in plan.modules:
+        mod = model.get_submodule(m.name)
+        if m.method == "lowrank":
+            assert isinstance(mod, LowRankLinear) and mod.rank == m.rank
+            total += mod.num_weight_params
+        else:
+            total += mod.weight.numel()
+    assert total == plan.params <= plan.budget
