@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = [
     "fastfactor.compress.cli",
     "fastfactor.bench.cli",
     "fastfactor.sol.cli",
+    "fastfactor.plan_cli",
 ]
 
 

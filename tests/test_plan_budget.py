@@ -218,3 +218,21 @@ def test_whitened_plan_applied_offline_with_data():
         else:
             total += mod.weight.numel()
     assert total == plan.params <= plan.budget
+
+
+def test_cli_plan_prints_and_writes_json(tmp_path, capsys):
+    from fastfactor.cli import main
+
+    model = tiny_model("bert", seed=5)
+    model.save_pretrained(str(tmp_path / "m"))
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", str(tmp_path / "m"), "--target-params", "0.5", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "encoder.layer.1.output.dense" in text and "kept" in text
+    plan = BudgetPlan.load(str(out))
+    assert plan.params <= plan.budget == math.floor(0.5 * plan.target_params_dense)
+    assert plan == plan_model(tiny_model("bert", seed=5), 0.5)
+    # a bad budget: one line on stderr, status 1, nothing written
+    out2 = tmp_path / "bad.json"
+    assert main(["plan", "--model", str(tmp_path / "m"), "--target-params", "1.5", "--out", str(out2)]) == 1
+    assert "--target-params" in capsys.readouterr().err and not out2.exists()
