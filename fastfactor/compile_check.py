@@ -252,7 +252,42 @@ def _print_rows(results, out) -> list:
     return rows
 
 
+def run_from_sol(path: str, targets=("sm80", "sm90"), out=sys.stdout) -> int:
+    """Compile exactly the specializations ``fastfactor sol`` recorded (its ``--json``/``--out``
+    JSON): each launch's chosen config with the runtime's specialization (ints equal to 1 as
+    constants, divisibility by 16 where seen), per target; registers, spill, shared memory and the
+    SASS facts of :mod:`fastfactor.sol.sass`. Exits non-zero if a build fails."""
+    from .sol.sass import jobs_for, read_launches
+
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    seen, jobs = set(), []
+    for r in rows:
+        for tname in targets:
+            for j in jobs_for(r.get("detail", []), TARGETS[tname]):
+                key = json.dumps(j, sort_keys=True, default=str)
+                if key not in seen:
+                    seen.add(key)
+                    jobs.append(j)
+    facts = read_launches(jobs)
+    failed = 0
+    print(f"compile-check --from-sol {path}: {len(jobs)} runtime specializations", file=out)
+    for j, f in zip(jobs, facts):
+        cfg = ",".join(f"{k}={v}" for k, v in j["config"].items())
+        if "error" in f:
+            failed += 1
+            print(f"{j['kernel']:<24} sm{j['arch']} {cfg:<60} FAILED {f['error']}", file=out)
+            continue
+        print(f"{j['kernel']:<24} sm{j['arch']} {cfg:<60} smem={f.get('shared')} regs={f.get('regs')} "
+              f"spill={f.get('spill')} HGMMA={f.get('hgmma')} HMMA={f.get('hmma')} LDG128={f.get('ldg128')} "
+              f"LDGSTS128={f.get('ldgsts128')} STG.U16={f.get('stg_u16')} LDL={f.get('ldl')}", file=out)
+    print(f"compile-check: {len(jobs) - failed} compiled, {failed} failed (runtime specializations)", file=out)
+    return 1 if failed or not jobs else 0
+
+
 def _main(args) -> int:
+    if getattr(args, "from_sol", None):
+        return run_from_sol(args.from_sol, tuple(args.targets))
     return run(targets=tuple(args.targets), only=args.only, json_path=args.json,
                specializations=tuple(args.specializations), jobs=args.jobs)
 
@@ -269,4 +304,6 @@ def add_subparser(sub) -> None:
     p.add_argument("--specializations", nargs="+", default=list(SPECIALIZATIONS), choices=SPECIALIZATIONS)
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--jobs", type=int, default=None, help="parallel compiler processes (default: CPU count, at most 8)")
+    p.add_argument("--from-sol", default=None, metavar="JSON",
+                   help="compile the runtime specializations a `fastfactor sol` JSON recorded instead of the registry grid")
     p.set_defaults(func=_main)
