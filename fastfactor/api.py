@@ -249,29 +249,9 @@ def factorize_plan(model: nn.Module, config=None, filter_fn: Optional[FilterFn] 
 # merge back
 # --------------------------------------------------------------------------------------------
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every factorized module of ``model`` (in place) by its dense original and drop the
-    fastfactor ``quantization_config``; returns ``model`` (a bare factorized layer passed as
-    ``model`` returns its dense original).
-
-    Each module becomes :meth:`~fastfactor.FactorizedLinear.to_original`: the class recorded when it
-    was swapped in (``original_class``; ``nn.Linear`` when unknown), holding ``W = dense_weight()``
-    (``(out, in)``; transposed ``(in, out)`` for ``Conv1D``) and the same bias. The merged model's
-    output equals the compressed one's up to the rounding of forming the product ``W``, and it saves
-    and loads with plain ``save_pretrained`` / ``from_pretrained`` (no fastfactor needed)."""
-    from . import hf
-    from .compress.targets import compressed_modules
-    from .compress.targets import set_module
-    from .layers.base import FactorizedLinear
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, FactorizedLinear):
-        return model.to_original()
-    for name, mod in compressed_modules(model):
-        set_module(model, name, mod.to_original())
-    hf.unmark(model)
-    return model
+# merge_and_unload lives in fastfactor.hf (transformers' quantizer dequantizes with it, and api
+# imports hf, never the other way round); it is re-exported here as part of the one-call API.
+from .hf import merge_and_unload  # noqa: E402
 
 
 #: the name this operation had first (the same function)

@@ -163,6 +163,30 @@ def unmark(model: nn.Module) -> nn.Module:
     return model
 
 
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace every factorized module of ``model`` (in place) by its dense original and drop the
+    fastfactor ``quantization_config``; returns ``model`` (a bare factorized layer passed as
+    ``model`` returns its dense original).
+
+    Each module becomes :meth:`~fastfactor.FactorizedLinear.to_original`: the class recorded when it
+    was swapped in (``original_class``; ``nn.Linear`` when unknown), holding ``W = dense_weight()``
+    (``(out, in)``; transposed ``(in, out)`` for ``Conv1D``) and the same bias. The merged model's
+    output equals the compressed one's up to the rounding of forming the product ``W``, and it saves
+    and loads with plain ``save_pretrained`` / ``from_pretrained`` (no fastfactor needed)."""
+    from .compress.targets import compressed_modules
+    from .compress.targets import set_module
+    from .layers.base import FactorizedLinear
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, FactorizedLinear):
+        return model.to_original()
+    for name, mod in compressed_modules(model):
+        set_module(model, name, mod.to_original())
+    unmark(model)
+    return model
+
+
 def _get(obj, key, default=None):
     if obj is None:
         return default
@@ -369,8 +393,6 @@ def register() -> None:
             return True
 
         def _dequantize(self, model, dtype=None):
-            from .api import merge_and_unload
-
             return merge_and_unload(model)
 
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:

@@ -72,10 +72,7 @@ def _targets(mod: str, path: str, node, mods: dict) -> list:
 
 #: edges that close a loop, each with its reason and the way out; the test fails when one of them
 #: disappears (remove it here) and when any other loop appears
-KNOWN_BACK_EDGES = {
-    ("fastfactor.hf", "fastfactor.api"): "transformers' quantizer (registered in hf) dequantizes with "
-    "api.merge_and_unload, which unmarks the config through hf; to go: the quantizer class beside merge_and_unload",
-}
+KNOWN_BACK_EDGES: dict = {}
 
 
 def import_graph(known_back_edges=True) -> dict:

@@ -462,7 +462,8 @@ def run(args) -> int:
     from .storage import check_output, remove_checkpoints
 
     try:  # --out before anything else is read: never inside --model, never another run's folder by accident
-        check_output(args.out, args.model, args.resume, args.overwrite)
+        if args.out:  # (a --dry-run writes nothing and needs no --out; without it the check below says so)
+            check_output(args.out, args.model, args.resume, args.overwrite)
     except ValueError as e:
         raise SystemExit(f"fastfactor compress: {e}") from None
     check_args(args)
