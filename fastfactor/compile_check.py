@@ -17,55 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Optional
 
 TARGETS = {"sm80": 80, "sm90": 90}
 
 
-def _find_cuobjdump() -> Optional[str]:
-    try:
-        import triton
-
-        cand = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        if os.path.exists(cand):
-            return cand
-    except ImportError:
-        pass
-    return shutil.which("cuobjdump")
-
-
-def _resource_usage(cubin: bytes, tool: Optional[str]) -> dict:
-    if tool is None:
-        return {}
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-        path = f.name
-    try:
-        out = subprocess.run(
-            [tool, "--dump-resource-usage", path], capture_output=True, text=True, timeout=60
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    finally:
-        os.unlink(path)
-    res = {}
-    m = re.search(r"REG:(\d+)", out)
-    if m:
-        res["regs"] = int(m.group(1))
-    # register spills land in the per-thread stack frame
-    m = re.search(r"STACK:(\d+)", out)
-    if m:
-        res["spill"] = int(m.group(1))
-    m = re.search(r"LOCAL:(\d+)", out)
-    if m:
-        res["local"] = int(m.group(1))
-    return res
+# the cubin helpers live in fastfactor._cubin (shared with fastfactor.sol.sass)
+from ._cubin import find_cuobjdump as _find_cuobjdump  # noqa: E402
+from ._cubin import resource_usage as _resource_usage  # noqa: E402
 
 
 def _ast_source(fn, signature: dict, constexprs: dict, unit_args=(), aligned: bool = False):

@@ -32,9 +32,9 @@ PATTERNS = {
 
 
 def _cuobjdump() -> Optional[str]:
-    from ..compile_check import _find_cuobjdump
+    from .._cubin import find_cuobjdump
 
-    return _find_cuobjdump()
+    return find_cuobjdump()
 
 
 def sass_counts(sass: str) -> dict:
@@ -55,10 +55,10 @@ def build_one(job: dict) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from ..compile_check import _load_registry, _resource_usage
+    from .._cubin import resource_usage as _resource_usage
+    from ..kernels import _config
 
-    reg = _load_registry()
-    fn = reg[job["kernel"]].fn
+    fn = _config.KERNELS[job["kernel"]].fn  # every family's kernel module is imported with fastfactor
     sig = dict(job["signature"])
     consts = dict(job["constexprs"])
     consts.update({k: v for k, v in job["config"].items() if k not in ("num_warps", "num_stages")})
