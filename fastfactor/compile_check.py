@@ -17,55 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Optional
 
 TARGETS = {"sm80": 80, "sm90": 90}
 
 
-def _find_cuobjdump() -> Optional[str]:
-    try:
-        import triton
-
-        cand = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        if os.path.exists(cand):
-            return cand
-    except ImportError:
-        pass
-    return shutil.which("cuobjdump")
-
-
-def _resource_usage(cubin: bytes, tool: Optional[str]) -> dict:
-    if tool is None:
-        return {}
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-        path = f.name
-    try:
-        out = subprocess.run(
-            [tool, "--dump-resource-usage", path], capture_output=True, text=True, timeout=60
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    finally:
-        os.unlink(path)
-    res = {}
-    m = re.search(r"REG:(\d+)", out)
-    if m:
-        res["regs"] = int(m.group(1))
-    # register spills land in the per-thread stack frame
-    m = re.search(r"STACK:(\d+)", out)
-    if m:
-        res["spill"] = int(m.group(1))
-    m = re.search(r"LOCAL:(\d+)", out)
-    if m:
-        res["local"] = int(m.group(1))
-    return res
+# the cubin helpers live in fastfactor._cubin (shared with fastfactor.sol.sass)
+from ._cubin import find_cuobjdump as _find_cuobjdump  # noqa: E402
+from ._cubin import resource_usage as _resource_usage  # noqa: E402
 
 
 def _ast_source(fn, signature: dict, constexprs: dict, unit_args=(), aligned: bool = False):
@@ -252,7 +213,42 @@ def _print_rows(results, out) -> list:
     return rows
 
 
+def run_from_sol(path: str, targets=("sm80", "sm90"), out=sys.stdout) -> int:
+    """Compile exactly the specializations ``fastfactor sol`` recorded (its ``--json``/``--out``
+    JSON): each launch's chosen config with the runtime's specialization (ints equal to 1 as
+    constants, divisibility by 16 where seen), per target; registers, spill, shared memory and the
+    SASS facts of :mod:`fastfactor.sol.sass`. Exits non-zero if a build fails."""
+    from .sol.sass import jobs_for, read_launches
+
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    seen, jobs = set(), []
+    for r in rows:
+        for tname in targets:
+            for j in jobs_for(r.get("detail", []), TARGETS[tname]):
+                key = json.dumps(j, sort_keys=True, default=str)
+                if key not in seen:
+                    seen.add(key)
+                    jobs.append(j)
+    facts = read_launches(jobs)
+    failed = 0
+    print(f"compile-check --from-sol {path}: {len(jobs)} runtime specializations", file=out)
+    for j, f in zip(jobs, facts):
+        cfg = ",".join(f"{k}={v}" for k, v in j["config"].items())
+        if "error" in f:
+            failed += 1
+            print(f"{j['kernel']:<24} sm{j['arch']} {cfg:<60} FAILED {f['error']}", file=out)
+            continue
+        print(f"{j['kernel']:<24} sm{j['arch']} {cfg:<60} smem={f.get('shared')} regs={f.get('regs')} "
+              f"spill={f.get('spill')} HGMMA={f.get('hgmma')} HMMA={f.get('hmma')} LDG128={f.get('ldg128')} "
+              f"LDGSTS128={f.get('ldgsts128')} STG.U16={f.get('stg_u16')} LDL={f.get('ldl')}", file=out)
+    print(f"compile-check: {len(jobs) - failed} compiled, {failed} failed (runtime specializations)", file=out)
+    return 1 if failed or not jobs else 0
+
+
 def _main(args) -> int:
+    if getattr(args, "from_sol", None):
+        return run_from_sol(args.from_sol, tuple(args.targets))
     return run(targets=tuple(args.targets), only=args.only, json_path=args.json,
                specializations=tuple(args.specializations), jobs=args.jobs)
 
@@ -269,4 +265,6 @@ def add_subparser(sub) -> None:
     p.add_argument("--specializations", nargs="+", default=list(SPECIALIZATIONS), choices=SPECIALIZATIONS)
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--jobs", type=int, default=None, help="parallel compiler processes (default: CPU count, at most 8)")
+    p.add_argument("--from-sol", default=None, metavar="JSON",
+                   help="compile the runtime specializations a `fastfactor sol` JSON recorded instead of the registry grid")
     p.set_defaults(func=_main)

@@ -172,3 +172,43 @@ def test_cli_json(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fastfactor.cli", "sol", "--methods", "lowrank"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode == 2 and "expected --preset" in bad.stderr
+
+
+def test_sass_counts_and_occupancy():
+    from fastfactor.sol import sass as S
+
+    text = """
+        /*0070*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0080*/                   LDG.E.U16 R6, desc[UR4][R8.64] ;
+        /*0090*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*00a0*/                   STL [R1+0x4], R6 ;
+        /*00b0*/                   LDL R7, [R1+0x4] ;
+        /*00c0*/                   STG.E.U16 desc[UR4][R10.64], R7 ;
+        /*00d0*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+    """
+    c = S.sass_counts(text)
+    assert (c["ldg128"], c["ldg_u16"], c["hgmma"], c["hmma"], c["stl"], c["ldl"], c["stg_u16"], c["bar"]) == \
+        (1, 1, 1, 0, 1, 1, 1, 1)
+    assert c["instructions"] == 7
+    # 255 registers x 256 threads: one program per SM; 32 regs x 128 threads, 1 KiB smem: 16 (warp limit)
+    assert S.occupancy(255, 49152, 8) == 1
+    assert S.occupancy(32, 1024, 4) == 16
+    assert S.occupancy(64, 120 * 1024, 4) == 1  # shared memory bound
+
+
+def test_compile_check_builds_the_recorded_specializations(tmp_path):
+    """``compile-check --from-sol``: the runtime specializations a sol JSON recorded, compiled for
+    sm_90 with their SASS read (registers, HGMMA/HMMA, loads)."""
+    out = tmp_path / "r.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FASTFACTOR_SOL_CACHE"] = str(tmp_path / "cache")
+    p = subprocess.run([sys.executable, "-m", "fastfactor.cli", "sol", "--methods", "monarch", "--shapes", "128x256",
+                        "--tokens", "64", "--nblocks", "4", "--directions", "fwd", "--configs", "fixed",
+                        "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    c = subprocess.run([sys.executable, "-m", "fastfactor.cli", "compile-check", "--from-sol", str(out),
+                        "--targets", "sm90"], capture_output=True, text=True, env=env, timeout=900)
+    assert c.returncode == 0, c.stdout + c.stderr
+    assert "0 failed (runtime specializations)" in c.stdout
+    rows = [l for l in c.stdout.splitlines() if l.startswith("monarch.")]
+    assert rows and all(" sm90 " in l and "regs=" in l and "regs=None" not in l for l in rows)

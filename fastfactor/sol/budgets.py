@@ -75,7 +75,40 @@ def speedup(row: dict, device, vs: str, target: float):
     return s >= target, f"{s:.2f}x vs {vs} (predicted)", f">= {target}x vs {vs}"
 
 
-CHECKS = {"reread": reread, "fill": fill, "access": access, "flops": flops, "speedup": speedup}
+def sass(row: dict, device):
+    """On the compiled sm_90 build of each launch's chosen config (``attach_sass``): no local memory
+    (``LDL``/``STL``, stack > 0), no scalar 2-byte stores, 16-byte or TMA loads present."""
+    bad = []
+    for e in row["detail"]:
+        f = e.get("sass")
+        if not f:
+            continue
+        name = f"{e['kernel']}({e['phase']}) {e['config_label']}"
+        if "error" in f:
+            bad.append(f"{name}: build failed")
+            continue
+        if f.get("spill") or f.get("ldl") or f.get("stl"):
+            bad.append(f"{name}: {f.get('spill')} B spill, {f.get('ldl')} LDL/{f.get('stl')} STL")
+        if f.get("stg_u16"):
+            bad.append(f"{name}: {f['stg_u16']} STG.E.U16")
+        if not (f.get("ldg128") or f.get("ldgsts128") or f.get("utmaldg")):
+            loads = ",".join(m for m in f.get("global_mnemonics", []) if m.startswith("LDG")) or "?"
+            bad.append(f"{name}: no 16-byte/TMA loads ({loads})")
+    return not bad, "; ".join(bad) or "no spill, vector loads, no scalar stores", \
+        "no LDL/STL, no STG.E.U16, LDG.E.128/LDGSTS.128/UTMALDG (sm_90)"
+
+
+def attach_sass(row: dict, arch: int = 90) -> dict:
+    """Compile (cached) and read the SASS of every launch of the row; facts under ``e['sass']``."""
+    from .sass import jobs_for, read_launches
+
+    todo = [e for e in row["detail"] if e.get("signature") and "sass" not in e]
+    for e, f in zip(todo, read_launches(jobs_for(todo, arch))):
+        e["sass"] = f
+    return row
+
+
+CHECKS = {"reread": reread, "fill": fill, "access": access, "flops": flops, "speedup": speedup, "sass": sass}
 
 
 def check(name: str, row: dict, device, **kw):

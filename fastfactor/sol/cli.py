@@ -60,6 +60,8 @@ def _add_args(p) -> None:
     p.add_argument("--json", help="write the rows (with per-launch detail) to this JSON file")
     p.add_argument("--plot", action="store_true", help="also a PNG of predicted speedups (needs matplotlib)")
     p.add_argument("--detail", action="store_true", help="print every launch: config, grid, bound, per-tensor re-reads")
+    p.add_argument("--sass", action="store_true",
+                   help="also compile each launch's chosen config as the runtime specializes it (sm_90) and read the SASS")
 
 
 def _specs(args):
@@ -244,6 +246,27 @@ def run(args) -> int:
         if args.detail:
             print(format_table([r]).splitlines()[-1])
             print(_detail(r), flush=True)
+    if args.sass and rows:
+        from .sass import jobs_for, read_launches
+
+        jobs = [j for r in rows for j in jobs_for(r["detail"])]
+        facts = iter(read_launches(jobs))
+        for r in rows:
+            for e in r["detail"]:
+                if e.get("signature"):
+                    e["sass"] = next(facts)
+        for r in rows:
+            for e in r["detail"]:
+                f = e.get("sass") or {}
+                if "error" in f:
+                    print(f"  sass {e['kernel']}: {f['error']}")
+                elif f:
+                    print(f"  sass {r['method']} {r['shape']} M={r['tokens']} {r['direction']} {e['kernel']}({e['phase']}) "
+                          f"{e['config_label']}: regs={f.get('regs')} spill={f.get('spill')} smem={f.get('shared')} "
+                          f"ctas/SM={f.get('ctas_per_sm')} HGMMA={f.get('hgmma')} HMMA={f.get('hmma')} "
+                          f"LDG128={f.get('ldg128')} LDGSTS128={f.get('ldgsts128')} LDG.U16={f.get('ldg_u16')} "
+                          f"LDG.U8={f.get('ldg_u8')} STG.U16={f.get('stg_u16')} LDL/STL={f.get('ldl')}/{f.get('stl')} "
+                          f"BAR={f.get('bar')} instr={f.get('instructions')}")
     print(format_table(rows))
     print(f"({PREDICTED}: lower bounds from exact counts; device figures in fastfactor/sol/device.py)")
     m = meta(sys.argv[1:], args.device)

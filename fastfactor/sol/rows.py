@@ -184,6 +184,7 @@ def evaluate_launch(launch, device: Device, configs: str = "all") -> dict:
         fill=t["fill"], hgmma=t["hgmma"], dram_bytes=t["dram_bytes"], l2_bytes=t["l2_bytes"],
         tensors=tensors, candidates=len(cands),
         specialization={k: v for k, v in launch.specialization().items() if v in ("1", "D")},
+        signature=launch.signature(), constexprs={k: v for k, v in launch.constexprs.items()},
         all_configs=[dict(config=_cfg_label(c), seconds=s, bound=tt["bound"]) for s, c, _, tt in per],
     )
 

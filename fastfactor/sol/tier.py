@@ -42,6 +42,9 @@ CASES = (
     # 16-byte loads of streamed operands, no scalar 2-byte stores
     + [(r, "access", {}) for r in ("lowrank-4096-M16384-fwdbwd", "monarch-4096-M16384-fwd", "monarch-4096-M4096-fwdbwd",
                                    "sparse24-4096-M16-fwd", "sparse24-4096-M16384-fwdbwd")]
+    # the compiled sm_90 build of each launch's chosen config: no local memory, vector loads,
+    # no scalar 2-byte stores (compiles cached on disk)
+    + [(r, "sass", {}) for r in ("lowrank-4096-M16-fwd", "monarch-4096-M16384-fwd", "sparse24-4096-M16-fwd")]
     # tensor FLOPs issued at most 1.33x the useful ones
     + [(r, "flops", {}) for r in ("lowrank-4096-M16384-fwd", "lowrank-768-r0.125-M16-fwd", "monarch-4096-M16384-fwd",
                                   "sparse24-4096-M16384-fwd")]
