@@ -232,7 +232,7 @@ def _compress_args(saved_model, out):
             "--ratio", "0.5", "--schedule", "staged", "--stage-unit", "block", "--stage-steps", "2", "--steps", "2",
             "--batch-size", "8", "--max-length", "16", "--seed", "3", "--no-progress",
             "--train-file", str(saved_model / "train.csv"), "--eval-file", str(saved_model / "eval.json"),
-            "--out", str(out), "--checkpoint-every", "1"]
+            "--out", str(out), "--checkpoint-every", "1", "--keep-checkpoints"]  # the test reads them
 
 
 def test_torchrun_and_accelerate_launch_lines(saved_model, tmp_path):
