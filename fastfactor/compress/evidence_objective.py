@@ -72,18 +72,9 @@ RATIOS = (0.3, 0.5)
 
 
 def _sentences(doc: str):
-    from .demo import _SENT_SPLIT
+    from .demo import doc_sentences
 
-    for para in re.split(r"\n\s*\n", doc):
-        para = " ".join(para.split())
-        for s in _SENT_SPLIT.split(para):
-            s = s.strip()
-            words = s.split()
-            if not (6 <= len(words) <= 40) or not s[0].isupper() or s[-1] not in ".!?":
-                continue
-            if sum(c.isalpha() or c == " " for c in s) < 0.85 * len(s) or ">>>" in s or "::" in s:
-                continue
-            yield s
+    return doc_sentences(doc)
 
 
 def module_sentences(name: str) -> set:
