@@ -212,3 +212,70 @@ def test_compile_check_builds_the_recorded_specializations(tmp_path):
     assert "0 failed (runtime specializations)" in c.stdout
     rows = [l for l in c.stdout.splitlines() if l.startswith("monarch.")]
     assert rows and all(" sm90 " in l and "regs=" in l and "regs=None" not in l for l in rows)
+
+
+def test_loop_split_reads_the_mma_loop():
+    from fastfactor.sol import sass as S
+
+    text = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_CTAID.X ;
+        /*0020*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0030*/                   IADD3 R8, R8, 0x1, RZ ;
+        /*0040*/                   HMMA.16816.F32.BF16 R12, R4, R6, R12 ;
+        /*0050*/              @P0 BRA 0x20 ;
+        /*0060*/                   IADD3 R9, R9, 0x1, RZ ;
+        /*0070*/              @P1 BRA 0x60 ;
+        /*0080*/                   STG.E.128 desc[UR4][R10.64], R12 ;
+        /*0090*/                   EXIT ;
+        /*00a0*/                   BRA 0xa0;
+        /*00b0*/                   NOP;
+    """
+    c = S.loop_split(text)
+    # the loop 0x20..0x50 holds the HMMA (4 instructions); the rest, without the NOP and the
+    # closing self-branch: 0x00, 0x10, 0x60, 0x70, 0x80, 0x90
+    assert (c["loop_instructions"], c["outside_instructions"], c["loop_range"]) == (4, 6, [0x20, 0x50])
+    assert S.loop_split("        /*0000*/   EXIT ;\n")["loop_instructions"] == 0
+
+
+def test_issue_term_by_hand_and_missing_sass():
+    """The instruction-issue term of one small recorded launch, computed by hand, equals the
+    model's; the row's bound becomes the max of the terms; a launch without SASS facts says so."""
+    import copy
+    import math
+
+    from fastfactor.sol.device import H200
+    from fastfactor.sol.rows import RowSpec, apply_issue_terms, evaluate_row
+
+    row = evaluate_row(RowSpec("monarch", 256, 256, 32, 4, "fwd"), H200, configs="fixed")
+    assert row["detail"]
+    base = copy.deepcopy(row)
+    apply_issue_terms(row, H200)  # no e['sass']: nothing changes, every launch says why
+    assert row["predicted_ms"] == pytest.approx(base["predicted_ms"])
+    for e in row["detail"]:
+        assert e["issue"]["seconds"] is None and "not computed" in e["issue"]["note"]
+        assert "issue" not in e["terms"]
+
+    row = copy.deepcopy(base)
+    e = row["detail"][0]
+    cfg = e["config"]
+    loop, outside = 5000, 700  # large enough that issue binds
+    e["sass"] = dict(loop_instructions=loop, outside_instructions=outside)
+    for other in row["detail"][1:]:
+        other["sass"] = {"error": "RuntimeError: no build"}
+    apply_issue_terms(row, H200)
+    step = cfg.get("BLOCK_K") or cfg.get("BLOCK_R")
+    trips = math.ceil(e["reduction"] / step)
+    programs = math.prod(e["grid"])
+    waves = math.ceil(programs / 132)
+    busy = min(1.0, programs / (waves * 132))
+    hand = programs * cfg["num_warps"] * (outside + loop * trips) / (132 * 4 * 1.98e9 * busy)
+    assert e["issue"]["seconds"] == pytest.approx(hand, rel=1e-12)
+    assert e["terms"]["issue"] == pytest.approx(hand, rel=1e-12)
+    assert e["bound"] == "issue" and e["seconds"] == pytest.approx(hand + H200.launch_s)
+    assert "issue" in row["bound"]
+    for other in row["detail"][1:]:
+        assert other["issue"]["seconds"] is None and "build failed" in other["issue"]["note"]
+    extra = (hand + H200.launch_s) - base["detail"][0]["seconds"]
+    assert row["predicted_ms"] == pytest.approx(base["predicted_ms"] + extra * 1e3)
+    assert row["speedup_vs_dense"] == pytest.approx(row["dense_ms"] / row["predicted_ms"])

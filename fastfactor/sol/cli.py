@@ -138,6 +138,12 @@ def _detail(row: dict) -> str:
         out.append(f"    {e['phase']:<3} {e['kernel']:<18} {e['config_label']:<28} grid={e['grid']} "
                    f"programs={e['programs']} red={e['reduction']} {'HGMMA' if e['hgmma'] else 'HMMA'} "
                    f"bound={e['bound']} {terms}")
+        it = e.get("issue") or {}
+        if it.get("seconds") is None:
+            out.append(f"        issue: {it.get('note', 'not computed')}")
+        else:
+            out.append(f"        issue: {it['warp_instructions']:.3g} warp-instr = {e['programs']} programs x "
+                       f"{it['warps']} warps x ({it['outside']} + {it['loop']} x {it['trips']}) ({it['note']})")
         for n, t in e["tensors"].items():
             if not (t["load"] or t["store"]):
                 continue
@@ -163,7 +169,8 @@ def meta(args_list=None, device=None) -> dict:
                 triton=triton.__version__, device=dev.name,
                 device_figures=dict(sms=dev.sms, hbm_bw=dev.hbm_bw, l2_bytes=dev.l2_bytes, l2_bw=dev.l2_bw,
                                     bf16_rate=dev.bf16_rate, tf32_rate=dev.tf32_rate,
-                                    hmma_fraction=dev.hmma_fraction, launch_s=dev.launch_s),
+                                    hmma_fraction=dev.hmma_fraction, launch_s=dev.launch_s,
+                                    issue_slots_per_sm=dev.issue_slots_per_sm, clock_hz=dev.clock_hz),
                 sources=list(dev.sources))
 
 
@@ -255,6 +262,17 @@ def run(args) -> int:
             for e in r["detail"]:
                 if e.get("signature"):
                     e["sass"] = next(facts)
+        from .rows import apply_issue_terms
+
+        for r in rows:
+            apply_issue_terms(r, dev)
+            if args.detail:
+                for e in r["detail"]:
+                    it = e["issue"]
+                    fig = (f"issue={it['seconds'] * 1e6:.1f}us ({it['warp_instructions']:.3g} warp-instr)"
+                           if it["seconds"] is not None else it["note"])
+                    print(f"  issue {r['method']} {r['shape']} M={r['tokens']} {r['direction']} {e['kernel']}({e['phase']}): "
+                          f"{fig}; bound={e['bound']}")
         for r in rows:
             for e in r["detail"]:
                 f = e.get("sass") or {}

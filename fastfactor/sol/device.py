@@ -27,6 +27,13 @@ class Device:
     regs_per_sm: int = 65536
     smem_per_sm: int = 233472   # 228 KiB usable per SM on sm_90 (CUDA programming guide, 9.0)
     max_ctas_per_sm: int = 32
+    # instruction issue: 4 warp schedulers (SM sub-partitions) per SM, each issuing 1 warp-instruction
+    # per clock (Hopper whitepaper, "H100 SM architecture": four processing blocks, each with its own
+    # warp scheduler and dispatch unit, 1 warp/clk); clock: boost clock of the SXM parts, 1980 MHz
+    # (H100 SXM5: Hopper whitepaper table 3 "GPU Boost Clock 1830 MHz for H100 SXM5 ... not finalized",
+    # NVIDIA H100/H200 datasheets list max boost 1980 MHz; nvidia-smi -q "Max Clocks SM 1980 MHz")
+    issue_slots_per_sm: int = 4
+    clock_hz: float = 1.98e9
     sources: tuple = ()
 
 
@@ -41,6 +48,8 @@ H200 = Device(
         "tf32: half the bf16 rate (datasheet ratio)",
         "L2->SM 9 TB/s: lead (microbenchmarks report 5.5-7 TB/s on H100 PCIe, 114 SMs, lower clocks); to be measured",
         "HMMA 0.6 of HGMMA: lead (mma.sync on Hopper); launch 2.5 us: CUDA-graph replay floor, lead",
+        "issue: 4 schedulers/SM x 1 warp-instr/clk (Hopper whitepaper, SM processing blocks); "
+        "clock 1.98 GHz max SM boost (H200 datasheet / nvidia-smi max clocks), not measured here",
     ),
 )
 
@@ -53,6 +62,7 @@ H100 = Device(
         "HBM 3.0 TB/s: 90 % of the datasheet, the measured/datasheet ratio of the H200 here",
         "bf16 790 TFLOP/s: same chip and clocks as the H200 measured here",
         "L2->SM 9 TB/s, HMMA 0.6, launch 2.5 us: leads, as for the H200",
+        "issue: 4 schedulers/SM x 1 warp-instr/clk at 1.98 GHz max boost (Hopper whitepaper, H100 SXM datasheet)",
     ),
 )
 

@@ -9,6 +9,16 @@ waves and the busy fraction ``f = min(1, P / (w·S))``::
              issued dot FLOPs / (matrix rate · f) )    matrix rate x 0.6 for HMMA tiles
         + launch floor
 
+and, where the compiled build of the launch was read (:func:`issue_term`, ``--sass``), a fourth
+term, instruction issue::
+
+    warp-instructions W = P · num_warps · (outside + loop · trips),   trips = ceil(reduction / BLOCK_K)
+    t_issue = W / (S · 4 schedulers · 1 warp-instr/clk · clock · f)
+
+with ``loop`` and ``outside`` the static SASS instructions of one warp in / out of the main loop
+(:func:`fastfactor.sol.sass.loop_split`): an estimate (branches skipped in the epilogue still count).
+Without SASS facts the issue term is left out and the launch says so (``issue['note']``).
+
 DRAM bytes (the stated L2 model): a tensor read by the launch costs its unique bytes once; its
 re-reads come from L2 when it fits in half the L2, else from DRAM (every requested byte). Stores
 cost their bytes. HGMMA (wgmma) is assumed for dots whose M tile is at least 64 with a multiple of 4
@@ -81,6 +91,47 @@ def launch_time(count, device: Device, num_warps: int = 4, dtype: str = "bf16",
     bound = max(terms, key=terms.get)
     return dict(seconds=terms[bound] + device.launch_s, bound=bound, terms=terms, waves=waves,
                 fill=f, dram_bytes=dram, l2_bytes=32.0 * sectors, hgmma=bool(hgmma))
+
+
+NO_SASS = "issue term not computed: no SASS facts for this launch (no build read; run with --sass)"
+
+
+def issue_term(e: dict, facts: Optional[dict], device: Device) -> dict:
+    """Instruction-issue seconds of one evaluated launch ``e`` (``evaluate_launch``: programs,
+    reduction, config, fill) from the SASS facts of its build. Returns ``{'seconds': None, 'note':
+    ...}`` when the facts are missing, failed or carry no loop split."""
+    if not facts or "error" in facts or "loop_instructions" not in facts:
+        why = (facts or {}).get("error")
+        return dict(seconds=None, note=NO_SASS + (f" (build failed: {why})" if why else ""))
+    cfg = e["config"]
+    warps = int(cfg.get("num_warps", 4))
+    step = cfg.get("BLOCK_K") or cfg.get("BLOCK_R")
+    loop, outside = int(facts["loop_instructions"]), int(facts["outside_instructions"])
+    if loop and step and e.get("reduction"):
+        trips = math.ceil(e["reduction"] / step)
+        note = f"trips = ceil({e['reduction']} / {step})"
+    else:
+        trips = 1 if loop else 0
+        note = "main loop counted once (no reduction/BLOCK_K known)" if loop else "no loop in the SASS"
+    per_warp = outside + loop * trips
+    w = float(e["programs"]) * warps * per_warp
+    rate = device.sms * device.issue_slots_per_sm * device.clock_hz * e["fill"]
+    return dict(seconds=w / rate, warp_instructions=w, per_warp=per_warp, loop=loop, outside=outside,
+                trips=trips, warps=warps, note=note)
+
+
+def apply_issue(e: dict, facts: Optional[dict], device: Device) -> dict:
+    """Add the issue term to an evaluated launch: ``terms['issue']``, ``bound`` and ``seconds``
+    (= max of the terms + launch floor) updated; ``e['issue']`` keeps the figures or the note."""
+    it = issue_term(e, facts, device)
+    e["issue"] = it
+    if it["seconds"] is None:
+        e["terms"].pop("issue", None)
+    else:
+        e["terms"]["issue"] = it["seconds"]
+    e["bound"] = max(e["terms"], key=e["terms"].get)
+    e["seconds"] = e["terms"][e["bound"]] + device.launch_s
+    return e
 
 
 def torch_op_time(op, device: Device) -> Optional[dict]:

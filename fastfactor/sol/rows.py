@@ -182,7 +182,7 @@ def evaluate_launch(launch, device: Device, configs: str = "all") -> dict:
         grid=list(lc.grid), programs=lc.programs, reduction=lc.reduction, dot_m=lc.dot_m,
         dot_flops=lc.dot_flops, seconds=sec, bound=t["bound"], terms=t["terms"], waves=t["waves"],
         fill=t["fill"], hgmma=t["hgmma"], dram_bytes=t["dram_bytes"], l2_bytes=t["l2_bytes"],
-        tensors=tensors, candidates=len(cands),
+        tensors=tensors, candidates=len(cands), issue=dict(seconds=None, note=model.NO_SASS),
         specialization={k: v for k, v in launch.specialization().items() if v in ("1", "D")},
         signature=launch.signature(), constexprs={k: v for k, v in launch.constexprs.items()},
         all_configs=[dict(config=_cfg_label(c), seconds=s, bound=tt["bound"]) for s, c, _, tt in per],
@@ -234,10 +234,26 @@ def evaluate_row(spec: RowSpec, device: Device, configs: str = "all", block_rank
                          + [o["name"] for o in ours_torch["ops"]]),
         issued_flops=issued + ours_torch["flops"], useful_flops=useful,
         flops_ratio=(issued + ours_torch["flops"]) / useful if useful else None,
-        dram_bytes=sum(e["dram_bytes"] for e in evals),
+        dram_bytes=sum(e["dram_bytes"] for e in evals), torch_ops_ms=ours_torch["seconds"] * 1e3,
         bound="+".join(sorted({e["bound"] for e in evals})),
         detail=evals,
     )
+    return row
+
+
+def apply_issue_terms(row: dict, device: Device) -> dict:
+    """Add the instruction-issue term to every launch of ``row`` from its ``e['sass']`` facts
+    (:func:`fastfactor.sol.model.apply_issue`; a launch without facts says so) and recompute the
+    row's predicted time, speedups and bound. Still predicted, not measured."""
+    for e in row["detail"]:
+        model.apply_issue(e, e.get("sass"), device)
+    ours = sum(e["seconds"] for e in row["detail"]) + row.get("torch_ops_ms", 0.0) / 1e3
+    row["predicted_ms"] = ours * 1e3
+    for k, base in (("dense", "dense_ms"), ("unfused", "unfused_ms"), ("torch24", "torch24_ms")):
+        if row.get(base) is not None and ours:
+            row[f"speedup_vs_{k}"] = row[base] / 1e3 / ours
+    row["bound"] = "+".join(sorted({e["bound"] for e in row["detail"]}))
+    row["issue_bound_launches"] = sum(1 for e in row["detail"] if e["bound"] == "issue")
     return row
 
 

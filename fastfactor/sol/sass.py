@@ -38,7 +38,37 @@ def _cuobjdump() -> Optional[str]:
 
 
 def sass_counts(sass: str) -> dict:
-    return {k: len(re.findall(p, sass, flags=re.M)) for k, p in PATTERNS.items()}
+    out = {k: len(re.findall(p, sass, flags=re.M)) for k, p in PATTERNS.items()}
+    out.update(loop_split(sass))
+    return out
+
+
+_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+([^;]*);", re.M)
+_BRA = re.compile(r"\bBRA\b(?:\.\w+)*\s+(?:`\()?0x([0-9a-f]+)")
+
+
+def loop_split(sass: str) -> dict:
+    """Instructions of the main loop against the rest (one warp's static SASS, ``NOP`` padding and
+    the closing self-branch left out). Loops are backward ``BRA`` ranges ``[target, branch]``; the
+    main loop is the one holding the most ``HGMMA``/``HMMA`` (the longest when no loop has any).
+    ``loop_instructions`` is 0 when the kernel has no backward branch."""
+    ins = [(int(a, 16), t.strip()) for a, t in _LINE.findall(sass)]
+    ins = [(a, t) for a, t in ins if not re.match(r"^NOP\b", t)]
+    loops = []
+    for a, t in ins:
+        m = _BRA.search(t)
+        if m and int(m.group(1), 16) < a:
+            loops.append((int(m.group(1), 16), a))
+    real = [(a, t) for a, t in ins if not (_BRA.search(t) and int(_BRA.search(t).group(1), 16) == a)]
+    best, key = None, None
+    for lo, hi in loops:
+        body = [t for a, t in real if lo <= a <= hi]
+        k = (sum(1 for t in body if re.search(r"\b(HGMMA|HMMA)\b", t)), len(body))
+        if key is None or k > key:
+            best, key = (lo, hi), k
+    n_loop = key[1] if key else 0
+    return dict(loop_instructions=n_loop, outside_instructions=len(real) - n_loop,
+                loop_range=[best[0], best[1]] if best else None)
 
 
 def occupancy(regs: int, smem: int, num_warps: int, regs_per_sm: int = 65536,
@@ -116,9 +146,12 @@ def read_launches(jobs: list, cache_dir: Optional[str] = None, timeout: int = 12
     results, todo = [None] * len(jobs), []
     for i, j in enumerate(jobs):
         p = os.path.join(cdir, _key(j) + ".json")
+        cached = None
         if os.path.exists(p):
             with open(p) as f:
-                results[i] = json.load(f)
+                cached = json.load(f)
+        if cached is not None and not ("instructions" in cached and "loop_instructions" not in cached):
+            results[i] = cached  # (a build cached before the loop split is read again)
         else:
             todo.append(i)
     if todo:
