@@ -276,6 +276,10 @@ def test_issue_term_by_hand_and_missing_sass():
     assert "issue" in row["bound"]
     for other in row["detail"][1:]:
         assert other["issue"]["seconds"] is None and "build failed" in other["issue"]["note"]
+    from fastfactor.sol.model import issue_term
+
+    failed = issue_term(e, {"error": "RuntimeError: ptxas"}, H200)
+    assert failed["seconds"] is None and "build failed" in failed["note"] and "not computed" in failed["note"]
     extra = (hand + H200.launch_s) - base["detail"][0]["seconds"]
     assert row["predicted_ms"] == pytest.approx(base["predicted_ms"] + extra * 1e3)
     assert row["speedup_vs_dense"] == pytest.approx(row["dense_ms"] / row["predicted_ms"])
