@@ -309,7 +309,7 @@ def test_driver_activation_init_staged_layers_and_resume(tmp_path, monkeypatch):
 
     data = tiny_data()
     cfg = dict(method="lowrank", ratio=0.5, init="activation", schedule="staged", stage_unit="layer",
-               stage_steps=1, final_steps=0, calib_batches=1, batch_size=8, joint=["qkv", "mlp"], seed=1)
+               stage_steps=0, final_steps=0, calib_batches=1, batch_size=8, joint=["qkv", "mlp"], seed=1)
     m = tiny_model("llama")
     _, rep = fastfactor.compress(m, cfg, data, evaluate_stages=False)
     stage_mods = [s.modules for s in rep.stages]
@@ -391,7 +391,7 @@ def test_cli_joint_on_bundled_minilm(tmp_path, capsys):
     (tmp_path / "train.csv").write_text("sentence\n" + "\n".join(rows * 3) + "\n")
     out = tmp_path / "out"
     rc = main(["compress", "--model", path, "--method", "lowrank", "--ratio", "0.5", "--init", "activation",
-               "--schedule", "offline", "--joint", "qkv", "--train-file", str(tmp_path / "train.csv"),
+               "--schedule", "offline", "--joint", "qkv", "--targets", "*.query", "*.key", "*.value", "--train-file", str(tmp_path / "train.csv"),
                "--calib-batches", "1", "--batch-size", "4", "--max-length", "16", "--max-train", "8",
                "--out", str(out), "--no-progress", "--model-class", "base"])
     assert rc == 0
