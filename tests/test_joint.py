@@ -438,3 +438,17 @@ def test_gpu_joint_matches_float64_compiles_and_captures(dtype):
             yg = m(x)
         g.replay()
         torch.testing.assert_close(yg, y)
+
+
+@pytest.mark.parametrize("family,kinds", [("bert", ["qkv"]), ("llama", ["qkv", "mlp"])])
+def test_plan_matches_the_joint_swap(family, kinds):
+    """factorize_plan (the CLI's --dry-run) shows the joint layers, factor configs and parameters
+    the swap then builds."""
+    from fastfactor.compress.targets import compressed_modules
+
+    m = tiny_model(family)
+    cfg = dict(method="lowrank", ratio=0.4, joint=kinds)
+    plan = fastfactor.factorize_plan(m, cfg)
+    fastfactor.factorize_(m, cfg)
+    real = {n: (type(x).__name__, x.factor_config(), x.num_weight_params) for n, x in compressed_modules(m)}
+    assert {r.name: (r.layer_class, r.factor_config, r.params_after) for r in plan.rows} == real
