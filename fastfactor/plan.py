@@ -316,19 +316,24 @@ def resolve_budget(target_params, total: int, minimum: int) -> int:
     return budget
 
 
-def resolve_latency(target_latency, dense_s: float, minimum_s: float, where: str = "") -> float:
+def resolve_latency(target_latency, dense_s: Optional[float] = None, minimum_s: Optional[float] = None,
+                    where: str = "") -> Optional[float]:
     """The latency budget in seconds of ``target_latency``, a fraction in ``(0, 1]`` of the targets'
     dense time ``dense_s``; ``minimum_s``: the fastest candidate plan's time. ``where`` names the
-    latency source in the error (device, tokens, predicted or measured)."""
+    latency source in the error (device, tokens, predicted or measured). Without ``dense_s`` only
+    the value is checked (None returned)."""
     if isinstance(target_latency, bool) or not isinstance(target_latency, (int, float, np.integer, np.floating)):
         raise TypeError(f"target_latency: expected a fraction in (0, 1] of the dense targets' time, "
                         f"got {type(target_latency).__name__} {target_latency!r}")
     f = float(target_latency)
     if not math.isfinite(f) or not 0 < f <= 1:
-        raise ValueError(f"target_latency: expected a fraction in (0, 1] of the dense targets' time "
-                         f"({dense_s * 1e6:.4g} us{where}), got {target_latency}")
+        dense = "" if dense_s is None else f" ({dense_s * 1e6:.4g} us{where})"
+        raise ValueError(f"target_latency: expected a fraction in (0, 1] of the dense targets' time{dense}, "
+                         f"got {target_latency}")
+    if dense_s is None:
+        return None
     budget = f * dense_s
-    if minimum_s > budget * (1 + 1e-12):
+    if minimum_s is not None and minimum_s > budget * (1 + 1e-12):
         raise ValueError(f"target_latency: budget {f:g} x {dense_s * 1e6:.4g} us = {budget * 1e6:.4g} us is "
                          f"unreachable: the fastest candidate plan takes {minimum_s * 1e6:.4g} us "
                          f"({minimum_s / dense_s:.3f} of dense){where} (raise it, use more tokens, or other ranks)")
@@ -458,8 +463,15 @@ def solve(candidates: List[ModuleCandidates], target_params=None, target_latency
     else:
         T = [[0.0] * len(c.choices) for c in candidates]
 
+    # every module takes exactly one choice: grid the costs above each module's cheapest (exact
+    # shift; the grid then spans only the budget left after the cheapest plan)
+    P0 = [[p - min(ps) for p in ps] for ps in P]
+    T0 = [[t - min(ts) for t in ts] for ts in T]
+    bp0 = None if bp is None else bp - sum(min(ps) for ps in P)
+    bt0 = None if bt is None else max(0.0, bt - sum(min(ts) for ts in T))
+
     def one(dim):  # 1-D problem on "p" or "t": (picks, lower bound, exact)
-        vals, budget = (P, bp) if dim == "p" else (T, bt)
+        vals, budget = (P0, bp0) if dim == "p" else (T0, bt0)
         unit, cap, exact = _grid([v for vs in vals for v in vs], budget, max_cells)
         up = [_costs(vs, unit, exact, True) for vs in vals]
         zero = [[0] * len(vs) for vs in vals]
@@ -468,6 +480,8 @@ def solve(candidates: List[ModuleCandidates], target_params=None, target_latency
             return picks, best, True
         dn = [_costs(vs, unit, exact, False) for vs in vals]
         _, lb = _dp(dn, zero, S, int(math.floor(budget / unit * (1 + _FUZZ))), 0, back=False)
+        if picks is None:  # rounding lost every plan: start from the cheapest one (feasible)
+            picks = [min(range(len(vs)), key=lambda j: (vs[j], S[m][j])) for m, vs in enumerate(vals)]
         return picks, lb, False
 
     inf_p = bp if bp is not None else sum(max(p) for p in P)
@@ -486,34 +500,40 @@ def solve(candidates: List[ModuleCandidates], target_params=None, target_latency
             picks, grid_exact = pk, ex
             break
     if picks is None and len(dims) == 2:  # both bind: the 2-D knapsack
-        vp = [v for vs in P for v in vs]
-        vt = [v for vs in T for v in vs]
+        vp = [v for vs in P0 for v in vs]
+        vt = [v for vs in T0 for v in vs]
         side = int(math.isqrt(max_cells_2d))
-        up_p, cap_p, ex_p = _grid(vp, bp, max_cells_2d)
-        up_t, cap_t, ex_t = _grid(vt, bt, max_cells_2d)
+        up_p, cap_p, ex_p = _grid(vp, bp0, max_cells_2d)
+        up_t, cap_t, ex_t = _grid(vt, bt0, max_cells_2d)
         if (cap_p + 1) * (cap_t + 1) > max_cells_2d:
             if ex_p and cap_p + 1 <= side:
-                up_t, cap_t, ex_t = _grid(vt, bt, max(1, max_cells_2d // (cap_p + 1) - 1))
+                up_t, cap_t, ex_t = _grid(vt, bt0, max(1, max_cells_2d // (cap_p + 1) - 1))
             elif ex_t and cap_t + 1 <= side:
-                up_p, cap_p, ex_p = _grid(vp, bp, max(1, max_cells_2d // (cap_t + 1) - 1))
+                up_p, cap_p, ex_p = _grid(vp, bp0, max(1, max_cells_2d // (cap_t + 1) - 1))
             else:
-                up_p, cap_p, ex_p = _grid(vp, bp, side - 1)
-                up_t, cap_t, ex_t = _grid(vt, bt, side - 1)
-        cp = [_costs(vs, up_p, ex_p, True) for vs in P]
-        ct = [_costs(vs, up_t, ex_t, True) for vs in T]
+                up_p, cap_p, ex_p = _grid(vp, bp0, side - 1)
+                up_t, cap_t, ex_t = _grid(vt, bt0, side - 1)
+        cp = [_costs(vs, up_p, ex_p, True) for vs in P0]
+        ct = [_costs(vs, up_t, ex_t, True) for vs in T0]
         pk, best = _dp(cp, ct, S, cap_p, cap_t)
         grid_exact = ex_p and ex_t
         if not grid_exact:
-            cpd = [_costs(vs, up_p, ex_p, False) for vs in P]
-            ctd = [_costs(vs, up_t, ex_t, False) for vs in T]
-            _, lb = _dp(cpd, ctd, S, cap_p if ex_p else int(math.floor(bp / up_p * (1 + _FUZZ))),
-                        cap_t if ex_t else int(math.floor(bt / up_t * (1 + _FUZZ))), back=False)
+            cpd = [_costs(vs, up_p, ex_p, False) for vs in P0]
+            ctd = [_costs(vs, up_t, ex_t, False) for vs in T0]
+            _, lb = _dp(cpd, ctd, S, cap_p if ex_p else int(math.floor(bp0 / up_p * (1 + _FUZZ))),
+                        cap_t if ex_t else int(math.floor(bt0 / up_t * (1 + _FUZZ))), back=False)
             if math.isinf(lb):
                 raise ValueError("target_params and target_latency: unreachable together: no candidate plan "
                                  f"stores at most {bp:,} parameters and takes at most {bt * 1e6:.4g} us")
             lower = max(lower, lb)
         else:
             lower = max(lower, best)
+        if pk is None and not grid_exact:  # rounding lost every plan: the fastest within the parameters
+            unit, cap, ex = _grid(vp, bp0, max_cells)
+            zero = [[0] * len(vs) for vs in P0]
+            fast, _ = _dp([_costs(vs, unit, ex, True) for vs in P0], zero, T, cap, 0)
+            if fast is not None and feasible(fast):
+                pk = fast
         if pk is None:
             if grid_exact:
                 raise ValueError("target_params and target_latency: unreachable together: no candidate plan "
@@ -681,13 +701,17 @@ class BudgetPlan:
                      + (f", from {L['file']}" if L.get("file") else ""))
         return text
 
-    def to_config(self, base=None) -> Optional[dict]:
-        """A CompressionConfig dict (``base``'s other fields kept) replacing exactly the ``lowrank``
-        modules, each at its planned rank (through ``module_ratios``; checked); None when every
-        module stays dense. A plan mixing methods has one config per method: :meth:`to_configs`."""
+    def to_config(self, base=None, single: bool = False) -> Optional[dict]:
+        """A CompressionConfig dict (``base``'s other fields kept) replacing exactly the planned
+        modules, each at its planned setting (through ``module_ratios``; checked); None when every
+        module stays dense (``single=True``: an error then, since a run needs a target). A plan
+        mixing methods has one config per method: :meth:`to_configs`."""
         cfgs = self.to_configs(base)
         if len(cfgs) > 1:
-            raise ValueError(f"plan: mixes methods {self.methods}: one config per method (to_configs)")
+            raise ValueError(f"plan: mixes methods {[k for k in self.methods if k != 'dense']}: one compress run "
+                             "takes one method (fastfactor.plan.apply_plan runs one per method)")
+        if not cfgs and single:
+            raise ValueError("plan: every module stays dense: nothing to compress")
         return cfgs[0] if cfgs else None
 
     def to_configs(self, base=None) -> List[dict]:
@@ -784,7 +808,7 @@ def check_budgets(candidates: List[ModuleCandidates], target_params=None, target
         if bp is not None:
             fastest = solve(timed, bp)  # least time within the parameter budget
             bt = resolve_latency(target_latency, sum(next(ch.seconds for ch in c.choices if ch.method == "dense")
-                                                     for c in timed), 0.0)
+                                                     for c in timed))
             if fastest.exact and fastest.score > bt * (1 + 1e-12):
                 raise ValueError(
                     f"target_params and target_latency: unreachable together: within {bp:,} parameters the "
@@ -810,7 +834,7 @@ def plan_model(model: nn.Module, target_params=None, config=None, *, target_late
     if target_params is None and target_latency is None:
         raise ValueError("target_params / target_latency: expected at least one budget, got neither")
     if target_latency is not None:  # the value alone, before any time is computed
-        resolve_latency(target_latency, 1.0, 0.0)
+        resolve_latency(target_latency)
     targets = _chosen_targets(model, _config(config), None)
     lat = _as_latency(latency) if (target_latency is not None or latency is not None) else None
     cands = candidate_grid(model, targets, ratios=ratios, ranks=ranks, methods=methods, latency=lat, **grid)
@@ -829,26 +853,46 @@ def plan_model(model: nn.Module, target_params=None, config=None, *, target_late
     return plan
 
 
-def apply_plan(model: nn.Module, plan: BudgetPlan, data=None, config=None) -> nn.Module:
-    """Execute ``plan`` on ``model`` in place: ``factorize_`` (data-free inits) or, with ``data``,
-    ``fastfactor.compress`` with ``config``'s schedule (staged / offline / all_at_once); returns
-    the model. Every planned module must be a target of the model with the planned shape."""
-    from .api import factorize_
-    from .compress.targets import get_module, dense_view
-
+def as_plan(plan) -> BudgetPlan:
+    """A :class:`BudgetPlan` from itself, its dict, or a path to its JSON."""
+    if isinstance(plan, BudgetPlan):
+        return plan
     if isinstance(plan, dict):
-        plan = BudgetPlan.from_dict(plan)
-    if not isinstance(plan, BudgetPlan):
-        raise TypeError(f"plan: expected a BudgetPlan or its dict, got {type(plan).__name__}")
+        return BudgetPlan.from_dict(plan)
+    if isinstance(plan, (str, os.PathLike)):
+        return BudgetPlan.load(os.fspath(plan))
+    raise TypeError(f"plan: expected a BudgetPlan, its dict or a path to its JSON, got {type(plan).__name__}")
+
+
+def check_plan(model: nn.Module, plan: BudgetPlan) -> None:
+    """Every planned module is a dense linear of ``model`` with the planned shape (shapes only:
+    a meta-device model will do)."""
+    from .compress.targets import dense_view, get_module, is_supported_linear
+
     for m in plan.modules:
         try:
             mod = get_module(model, m.name)
         except (AttributeError, KeyError, ValueError) as e:
             raise ValueError(f"plan: module {m.name!r} not found in {type(model).__name__} ({e})") from None
+        if not is_supported_linear(mod):
+            raise ValueError(f"plan: module {m.name!r}: expected a dense linear layer (an uncompressed model), "
+                             f"got {type(mod).__name__}")
         shape = tuple(dense_view(mod, m.name).weight.shape)
         if shape != (m.out_features, m.in_features):
             raise ValueError(f"plan: module {m.name!r}: expected weight (out, in) = "
                              f"{(m.out_features, m.in_features)}, got {shape}")
+
+
+def apply_plan(model: nn.Module, plan: BudgetPlan, data=None, config=None) -> nn.Module:
+    """Execute ``plan`` on ``model`` in place: ``factorize_`` (data-free inits) or, with ``data``,
+    ``fastfactor.compress`` with ``config``'s schedule (staged / offline / all_at_once); returns
+    the model. Every planned module must be a target of the model with the planned shape. A plan
+    mixing methods runs one ``factorize_`` per method, or with data one offline ``compress`` per
+    method (each method's statistics gathered on the model the previous ones left)."""
+    from .api import factorize_
+
+    plan = as_plan(plan)
+    check_plan(model, plan)
     cfgs = plan.to_configs(config)
     if not cfgs:
         return model
@@ -861,10 +905,14 @@ def apply_plan(model: nn.Module, plan: BudgetPlan, data=None, config=None) -> nn
     if len(cfgs) > 1 and cfgs[0]["schedule"] != "offline":
         raise ValueError(f"plan: mixes methods {plan.methods}: with data it runs one offline compress() per "
                          f"method (schedule='offline'), got schedule={cfgs[0]['schedule']!r}")
+    if len(cfgs) == 1:
+        compress(model, config, data, plan=plan)
+        return model
     for cfg in cfgs:
         compress(model, cfg, data)
     return model
 
 
 __all__ = ["Choice", "ModuleCandidates", "PlanEntry", "BudgetPlan", "candidate_ranks", "tail_energies",
-           "sensitivity", "resolve_budget", "solve", "plan_model", "apply_plan"]
+           "candidate_grid", "score_candidates", "sensitivity", "resolve_budget", "resolve_latency",
+           "check_budgets", "solve", "plan_model", "as_plan", "check_plan", "apply_plan"]

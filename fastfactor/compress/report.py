@@ -54,6 +54,8 @@ class CompressionReport:
     device: str = "cpu"
     #: ``dense_reference=True``: the uncompressed model fine-tuned the same way (:mod:`.reference`)
     dense_reference: Dict = field(default_factory=dict)
+    #: the executed budget plan (:meth:`fastfactor.plan.BudgetPlan.to_dict`), when the run followed one
+    plan: Optional[Dict] = None
 
     @property
     def compression(self) -> float:
