@@ -57,6 +57,10 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--module-ratio", action="append", default=None, metavar="PATTERN=RATIO",
                    help="per-module ratio override (repeatable; the first matching pattern wins), "
                         "e.g. --module-ratio '*.attention.*=0.3'")
+    p.add_argument("--joint", default=None, metavar="KINDS",
+                   help="compress modules together: comma-separated group kinds whose members share one input "
+                        "basis V at the same budget — qkv (query/key/value), mlp (gate/up), or sibling names "
+                        "a+b+c (e.g. --joint qkv,mlp); '' for none")
     p.add_argument("--dry-run", "--show-plan", dest="dry_run", action="store_true",
                    help="print the targets, their factor shapes (rank, blocks) and parameter counts, then exit: "
                         "the model is built from config.json on the meta device (no weight is read) and "
@@ -295,6 +299,7 @@ def build_config(args):
         "stage_unit": args.stage_unit, "targets": args.targets, "exclude": args.exclude,
         "final_steps": args.steps, "stage_steps": args.stage_steps, "calib_batches": args.calib_batches,
         "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+        "joint": getattr(args, "joint", None),
     }
     given = {k: v for k, v in over.items() if v is not None}
     given.update(_objective_overrides(args))
