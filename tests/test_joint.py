@@ -169,6 +169,20 @@ def test_members_match_float64_and_one_launch_per_group(dtype):
     assert all(mod._cache is None for mod in m.modules() if isinstance(mod, JointLowRankLinear))
 
 
+def test_interpreter_tier_matches_float64(triton_cpu):
+    """The group's one launch through the Triton kernels (interpreted), odd sizes, against float64."""
+    torch.manual_seed(8)
+    m = Model(d=21, outs=(21, 9, 11))
+    _joint(m)
+    a = m.layers[0]
+    x = torch.randn(2, 7, 21)
+    lead = a.query
+    u, v, b = (t.detach().double() for t in (lead.inner.u, lead.inner.v, lead.inner.bias))
+    ref = torch.split((x.double() @ v.t()) @ u.t() + b, lead.splits, -1)
+    for got, want in zip((a.query(x), a.key(x), a.value(x)), ref):
+        assert torch.allclose(got.double(), want, atol=1e-4)
+
+
 def test_gradients_match_float64():
     torch.manual_seed(4)
     m = Model()
