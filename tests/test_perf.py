@@ -25,7 +25,7 @@ BACKLOG = {
     'reread-dense_sparse-4096-M16-fwd': 'sparse24.mm(fwd).x_ptr read 41.0x its size (target <= 1.25x)',
     'access-sparse24-4096-M16-fwd': 'sparse24.mm(fwd).meta_ptr loads 1 B (target loads >= 16 B contiguous, stores > 2 B)',
     'access-sparse24-4096-M16384-fwdbwd': 'sparse24.dvalues(bwd).meta_ptr loads 1 B; sparse24.dx(bwd).meta_ptr loads 1 B; sparse24.mm(fwd).meta_ptr loads 1 B (target loads >= 16 B contiguous, stores > 2 B)',
-    'flops-monarch-4096-M16384-fwd': 'issued/useful = 4.00: the row-block kernel packs the b=4 blocks of rank 1 into 16-wide dots (target <= 1.33)',
+    'flops-monarch-4096-M16384-fwd': 'issued/useful = 4.00: the row-block kernel packs the b=4 rank-1 blocks into 16-wide dots; its FMA formulation (FASTFACTOR_MONARCH_FMA=1, 0 tensor FLOPs) is slower on its SASS (target <= 1.33)',
     'flops-sparse24-4096-M16384-fwd': 'issued/useful = 2.00 (target <= 1.33)',
     'speedup-unfused1x-sparse24-4096-M16384-fwdbwd': '0.67x vs unfused (predicted) (target >= 1.0x vs unfused)',
     'speedup-dense1.5x-sparse24-4096-M16-fwd': '1.18x vs dense (predicted) (target >= 1.5x vs dense)',

@@ -102,6 +102,7 @@ def compress(
     resume=None,
     checkpoint_every: int = 0,
     parallel: str = "auto",
+    plan=None,
 ):
     """Compress ``model`` in place; returns ``(model, CompressionReport)``.
 
@@ -138,10 +139,18 @@ def compress(
     """
     t_start = time.perf_counter()
     cfg = _as_config(config if config is not None else CompressionConfig())
+    if plan is not None:
+        from ..plan import as_plan, check_plan
+
+        plan = as_plan(plan)
+        check_plan(model, plan)
+        cfg = _as_config(plan.to_config(cfg, single=True))
     _check_arguments(model, cfg, data, parallel, checkpoint_every, checkpoint_dir)
     run = _Run(model, cfg, data, _resolve_device(model, device), progress=progress, log=log,
                evaluate_stages=evaluate_stages, checkpoint_every=checkpoint_every, parallel=parallel)
     run.plan()
+    if plan is not None:
+        run.report.plan = plan.to_dict()
     run.measure_reference(teacher)
     run.measure_dense_reference()
     run.open_checkpoints(checkpoint_dir, resume)
@@ -409,7 +418,7 @@ class _Run:
         model.eval()
         from .. import hf  # config.quantization_config: the model's own save_pretrained reloads compressed
 
-        hf.mark_compressed(model, self.cfg.to_dict())
+        hf.mark_compressed(model, compression_record(self.cfg, report))
         return report
 
     # -- helpers -------------------------------------------------------------------------------
@@ -465,6 +474,15 @@ class _Run:
                                            time.perf_counter() - t0, snapshot())
             faults.test_fault_hook(si, done)
         return on_step
+
+
+def compression_record(cfg: CompressionConfig, report: CompressionReport) -> dict:
+    """What the saved model records of its compression (manifest, ``quantization_config``): the
+    config, plus the executed budget plan when there was one."""
+    d = cfg.to_dict()
+    if report.plan is not None:
+        d["plan"] = report.plan
+    return d
 
 
 def _inputs(model, batch, device):

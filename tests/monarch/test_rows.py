@@ -135,3 +135,38 @@ def test_rows_width():
     assert Mk.rows_width(4, 1) == 16 and Mk.rows_width(2, 1) == 16 and Mk.rows_width(8, 1) == 64
     assert Mk.rows_width(3, 2) == 32
     assert Mk.rows_supported(8, 1) and not Mk.rows_supported(4, 8)
+
+
+@pytest.mark.parametrize("shape", [(21, 30, 37, 4, 1), (9, 16, 12, 2, 2)], ids=["b4r1", "b2r2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_rows_fma_forward_vs_float64(triton_cpu, monkeypatch, shape, dtype):
+    """The FMA formulation of the Monarch forward (``FASTFACTOR_MONARCH_FMA=1``): only the useful
+    multiply-adds, no tensor-core padding."""
+    monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "rows")
+    monkeypatch.setenv("FASTFACTOR_MONARCH_FMA", "1")
+    M, K, N, b, r = shape
+    assert Mk.rows_fma(b, r)
+    fn, strided = OPS["monarch"]
+    x, w1, w2, bb = make(M, K, N, b, r, dtype)
+    g = torch.randn(M, N).to(dtype)
+    y, grads = grads_of(fn, x, w1, w2, bb, N, g)
+    y64, grads64 = ref64(x, w1, w2, bb, N, strided, g)
+    assert_close_ref(y, y64, dtype, reduction=K, name="y")
+    for name, a, e in zip(["dx", "dw1", "dw2", "db"], grads, grads64):
+        assert_close_ref(a, e, dtype, reduction=max(M, K, N), name=name)
+
+
+def test_rows_fma_gradcheck_float64(triton_cpu, monkeypatch):
+    monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "rows")
+    monkeypatch.setenv("FASTFACTOR_MONARCH_FMA", "1")
+    fn, _ = OPS["monarch"]
+    x, w1, w2, bb = make(5, 8, 7, 2, 1, torch.float64, seed=7)
+    assert torch.autograd.gradcheck(lambda *a: fn(*a, out_features=7), (x, w1, w2, bb), fast_mode=True)
+
+
+def test_rows_fma_off_by_default(monkeypatch):
+    monkeypatch.delenv("FASTFACTOR_MONARCH_FMA", raising=False)
+    assert not Mk.rows_fma(4, 1)
+    monkeypatch.setenv("FASTFACTOR_MONARCH_FMA", "1")
+    assert Mk.rows_fma(4, 1) and not Mk.rows_fma(3, 1) and not Mk.rows_fma(16, 1)
+    assert not Mk.rows_fma(4, 1, in_interleaved=True, out_interleaved=False)
