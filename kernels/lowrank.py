@@ -277,7 +277,7 @@ ROWSUM_SPACE = [ROWSUM_INTERP, ROWSUM_FIXED]
 #: :func:`decode_tiles` and passed as constexprs)
 DECODE_INTERP = dict(num_warps=4, num_stages=1)
 DECODE_FIXED = dict(num_warps=8, num_stages=2)
-DECODE_SPACE = [DECODE_INTERP, DECODE_FIXED, dict(num_warps=4, num_stages=2)]
+DECODE_SPACE = [DECODE_INTERP, DECODE_FIXED]
 
 
 def _chain_fits(block_m: int, block_n: int, block_k: int, num_stages: int, r_pad: int) -> bool:
