@@ -97,11 +97,12 @@ from ._config import (
     acc_dtype,
     dot_precision,
     m_bucket,
+    next_pow2,
     register_kernel,
     row_block_grid,
-    semi_structured_ok,
     upcast_dots,
 )
+from . import _config
 from .lowrank import FUSED_MAX_R, _pad_rank, gemm, intermediate_dtype
 
 if HAS_TRITON:
@@ -305,6 +306,19 @@ DV_SPACE = [
     dict(BLOCK_N=128, BLOCK_K=128, BLOCK_M=32, num_warps=8, num_stages=3),
     dict(BLOCK_N=128, BLOCK_K=64, BLOCK_M=64, num_warps=4, num_stages=4),
 ]
+
+# decode (M <= 64): BLOCK_N and the split are planned per shape (decode_plan); tuned: BLOCK_K
+DECODE_INTERP = dict(BLOCK_K=32, num_warps=4, num_stages=1)
+DECODE_FIXED = dict(BLOCK_K=256, num_warps=4, num_stages=3)
+DECODE_SPACE = [
+    DECODE_INTERP,
+    DECODE_FIXED,
+    dict(BLOCK_K=128, num_warps=4, num_stages=4),
+    dict(BLOCK_K=256, num_warps=8, num_stages=3),
+]
+#: every K split is a multiple of this (the largest BLOCK_K of the space)
+DECODE_K_QUANTUM = 256
+REDUCE_SPACE = [dict(BLOCK=256, num_warps=4, num_stages=1), dict(BLOCK=1024, num_warps=4, num_stages=1)]
 
 # expand W once per step / compress dW: BLOCK_R rows x BLOCK_K columns per program (BLOCK_K >= 128:
 # a row's codes are one 16-byte vector of four 32-bit words)
@@ -641,6 +655,94 @@ if HAS_TRITON:
         )
 
     @triton.jit
+    def _sp_decode_kernel(
+        # --- pointers ---
+        x_ptr,      # (M, K) input rows, M <= BLOCK_M (a handful of tokens)
+        vals_ptr,   # (N, K/2) kept values of the 2:4 weight W (N, K)
+        meta_ptr,   # (N, ceil(K/8)) uint8 codes of W, or (N, K/32) int32 words (META32)
+        bias_ptr,   # (N,) bias; read only when HAS_BIAS and not SPLIT
+        out_ptr,    # SPLIT: (SPLIT_K, M, N) fp32 partial sums; else (M, N) output y
+        # --- dimensions ---
+        M, N, K,
+        K_PER_SPLIT,  # inputs per split (a multiple of every BLOCK_K of the space)
+        # --- strides (in elements) ---
+        stride_xm, stride_xk,
+        stride_vn, stride_vc,
+        stride_mn, stride_mc,
+        stride_os, stride_om, stride_on,
+        # --- meta-parameters ---
+        HAS_BIAS: tl.constexpr,
+        SPLIT: tl.constexpr,       # write fp32 partials (reduced by _sp_splitk_reduce_kernel)
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        META32: tl.constexpr,
+        BLOCK_N: tl.constexpr,     # weight rows per program (the MMA's M side)
+        BLOCK_M: tl.constexpr,     # >= M: every token of the launch
+        BLOCK_K: tl.constexpr,
+    ):
+        """Decode ``yᵀ[n-tile] = W[n-tile, k-split]·x[:, k-split]ᵀ``: the grid is (weight-row tiles,
+        K splits); every program streams its slab of the compressed weight once (16-byte value
+        vectors, 16-byte code words) against all ``M`` tokens, so the launch moves the compressed
+        weight once and is bound by its bytes. With ``SPLIT`` the fp32 partial of each split goes
+        to its own slice of the workspace (no atomics) and a second launch sums the slices in
+        split order: bitwise reproducible."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_n = offs_n < N
+        mask_m = offs_m < M
+        k_begin = pid_s * K_PER_SPLIT
+        k_end = tl.minimum(K, k_begin + K_PER_SPLIT)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)     # yᵀ tile
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            kk = k0 + offs_k
+            w = _expand24(vals_ptr, meta_ptr, offs_n, mask_n, k0, K,
+                          stride_vn, stride_vc, stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
+            xt = tl.load(  # (BLOCK_K, BLOCK_M) = x[:, k-tile]ᵀ, contiguous along k
+                x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
+                mask=mask_m[None, :] & (kk < K)[:, None], other=0.0,
+            )
+            if UPCAST:
+                w = w.to(tl.float32)
+                xt = xt.to(tl.float32)
+            acc = tl.dot(w, xt, acc, input_precision=PRECISION)
+        out = out_ptr + pid_s * stride_os + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
+        if SPLIT:
+            tl.store(out, acc, mask=mask_m[None, :] & mask_n[:, None])
+        else:
+            if HAS_BIAS:
+                acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[None, :] & mask_n[:, None])
+
+    @triton.jit
+    def _sp_splitk_reduce_kernel(
+        # --- pointers ---
+        ws_ptr,     # (SPLIT_K, M, N) fp32 partial sums, contiguous
+        bias_ptr,   # (N,) bias; read only when HAS_BIAS
+        y_ptr,      # (M, N) output
+        # --- dimensions ---
+        M, N, SPLIT_K,
+        # --- strides (in elements) ---
+        stride_ym, stride_yn,
+        # --- meta-parameters ---
+        HAS_BIAS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """``y = Σ_s ws[s] (+ b)``, the splits summed in order 0, 1, ... (deterministic)."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < M * N
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s_ in range(0, SPLIT_K):
+            acc += tl.load(ws_ptr + s_ * M * N + offs, mask=mask, other=0.0)
+        m = offs // N
+        n = offs % N
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + n * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _sp_expand_kernel(
         # --- pointers ---
         vals_ptr,   # (R, K/2) kept values of the 2:4 matrix W (R, K)
@@ -808,6 +910,11 @@ if HAS_TRITON:
         prune=_prune_ds, interpreter=DS_INTERP, deterministic=DS_FIXED,
     )
 
+    _sp_decode_tuned = Tunable(_sp_decode_kernel, DECODE_SPACE,
+                               key=["M", "N", "K", "K_PER_SPLIT", "BLOCK_N", "BLOCK_M", "META32"],
+                               interpreter=DECODE_INTERP, deterministic=DECODE_FIXED)
+    _sp_reduce_tuned = Tunable(_sp_splitk_reduce_kernel, REDUCE_SPACE, key=["M", "N", "SPLIT_K"],
+                               interpreter=REDUCE_SPACE[0], deterministic=REDUCE_SPACE[1])
     _sp_expand_tuned = Tunable(_sp_expand_kernel, EXPAND_SPACE, key=["R", "K", "META32"],
                                interpreter=EXPAND_INTERP, deterministic=EXPAND_FIXED)
     _sp_compress_tuned = Tunable(_sp_compress_kernel, EXPAND_SPACE, key=["R", "K", "META32"],
@@ -846,6 +953,21 @@ if HAS_TRITON:
     register_kernel(KernelSpec(
         name="sparse24.dvalues_u8", fn=_sp_dvalues_kernel, pointers={"meta_ptr": _U8},
         constexprs=[dict(MIXED=False, **_DOT, **_B)], space=DV_SPACE,
+    ))
+    _DEC = [dict(BLOCK_N=bn, BLOCK_M=bm, **_DOT, **_W, **extra)
+            for bn, bm in ((32, 16), (64, 64), (128, 64))
+            for extra in (dict(HAS_BIAS=True, SPLIT=False), dict(HAS_BIAS=False, SPLIT=True))]
+    register_kernel(KernelSpec(
+        name="sparse24.decode", fn=_sp_decode_kernel, pointers={"meta_ptr": _I32, "out_ptr": "fp32"},
+        constexprs=[c for c in _DEC if c["SPLIT"]], space=DECODE_SPACE,
+    ))
+    register_kernel(KernelSpec(
+        name="sparse24.decode_y", fn=_sp_decode_kernel, pointers={"meta_ptr": _I32},
+        constexprs=[c for c in _DEC if not c["SPLIT"]], space=DECODE_SPACE,
+    ))
+    register_kernel(KernelSpec(
+        name="sparse24.splitk_reduce", fn=_sp_splitk_reduce_kernel, pointers={"ws_ptr": "fp32"},
+        constexprs=[dict(HAS_BIAS=True), dict(HAS_BIAS=False)], space=REDUCE_SPACE,
     ))
     register_kernel(KernelSpec(
         name="sparse24.expand", fn=_sp_expand_kernel, pointers={"meta_ptr": _I32},
@@ -961,6 +1083,81 @@ def compress_24(dense: torch.Tensor, meta: torch.Tensor, out_dtype: Optional[tor
         META32=m32,
     )
     return v
+
+
+#: L2 -> SM bytes/s of the decode planner's estimate (the figure ``fastfactor sol`` uses, a lead)
+_L2BW = 9.0e12
+
+
+def decode_plan(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[int, int]:
+    """``(BLOCK_N, split_k)`` of the decode launch for ``x (M, K)`` against ``W (N, K)``, the
+    cheapest by a roofline estimate (*predicted*, the model ``fastfactor sol`` applies): DRAM
+    moves the compressed weight once, ``x`` and the output (or the fp32 partials and their
+    reduction, one more launch); L2 serves ``x`` once per weight-row tile; programs short of the
+    SMs leave L2 bandwidth idle. Few tokens favour narrow row tiles and no split (no second
+    launch); more tokens favour wide row tiles (fewer re-reads of ``x``) split over ``K`` to
+    fill the SMs."""
+    best = None
+    wbytes = N * K * (elem / 2 + 1 / 8)
+    xbytes, ybytes = elem * M * K, elem * M * N
+    for bn in (16, 32, 64, 128):
+        nb = -(-N // bn)
+        for sk in (1, 2, 3, 4, 6, 8, 12, 16):
+            kps = -(-(-(-K // sk)) // DECODE_K_QUANTUM) * DECODE_K_QUANTUM
+            if sk > 1 and kps * (sk - 1) >= K:
+                continue                       # an empty split
+            p = nb * sk
+            waves = -(-p // sms)
+            f = min(1.0, p / (waves * sms))
+            ws = 4.0 * sk * M * N if sk > 1 else 0.0
+            out = ws if sk > 1 else ybytes
+            t = max((wbytes + xbytes + out) / _BW, (wbytes + nb * xbytes + out) / (_L2BW * f)) + _LAUNCH
+            if sk > 1:
+                t += (ws + ybytes) / _BW + _LAUNCH
+            if best is None or t < best[0] - 1e-12:
+                best = (t, bn, sk)
+    return best[1], best[2]
+
+
+def sparse24_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                    bias: Optional[torch.Tensor] = None, plan: Optional[tuple] = None) -> torch.Tensor:
+    """``y = x·Wᵀ + b`` for ``M <= 64`` token rows (:func:`decode_plan`; ``plan`` forces
+    ``(BLOCK_N, split_k)``). Deterministic: the split partials are summed in a fixed order."""
+    M, K = x.shape
+    N = values.shape[0]
+    if M > DECODE_MAX_M:
+        raise ValueError(f"x: sparse24_decode takes at most {DECODE_MAX_M} rows, got {M}")
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0 or N == 0:
+        return y
+    if K == 0:
+        y.zero_()
+        if bias is not None:
+            y += bias
+        return y
+    bn, sk = plan or decode_plan(M, N, K, _config.num_sms(x.device), x.element_size())
+    kps = -(-(-(-K // sk)) // DECODE_K_QUANTUM) * DECODE_K_QUANTUM
+    sk = -(-K // kps)
+    bm = max(16, next_pow2(M))
+    mt, smr, smc, m32 = _meta_arg(meta, K)
+    split = sk > 1
+    out = torch.empty((sk, M, N), device=x.device, dtype=torch.float32) if split else y
+    so, som, son = (out.stride(0), out.stride(1), out.stride(2)) if split else (0, y.stride(0), y.stride(1))
+    _sp_decode_tuned[(triton.cdiv(N, bn), sk)](
+        x, values, mt, bias if bias is not None else y, out,
+        M, N, K, kps,
+        x.stride(0), x.stride(1), values.stride(0), values.stride(1),
+        smr, smc, so, som, son,
+        HAS_BIAS=bias is not None, SPLIT=split, UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype),
+        META32=m32, BLOCK_N=bn, BLOCK_M=bm,
+    )
+    if split:
+        grid = lambda m_: (triton.cdiv(M * N, m_["BLOCK"]),)
+        _sp_reduce_tuned[grid](
+            out, bias if bias is not None else y, y, M, N, sk, y.stride(0), y.stride(1),
+            HAS_BIAS=bias is not None,
+        )
+    return y
 
 
 def sparse24_mm(
@@ -1080,7 +1277,7 @@ def torch24_eligible(M: int, K_in: int, N: int, dtype: torch.dtype, device) -> b
     CUDA sm_80+, fp16/bf16, ``N % 32 == 0``, ``K_in % 64 == 0`` (the sparse operand's tile) and
     ``M % 8 == 0`` (the dense operand's, without padding)."""
     return (
-        semi_structured_ok(torch.device(device))
+        _config.semi_structured_ok(torch.device(device))   # looked up at call time (sol patches it)
         and dtype in (torch.float16, torch.bfloat16)
         and N >= 32 and N % 32 == 0 and K_in >= 64 and K_in % 64 == 0 and M >= 8 and M % 8 == 0
     )
@@ -1127,10 +1324,11 @@ def _forced(var: str, allowed: tuple) -> str:
 
 
 def choose_mm_path(M: int, K_in: int, N: int, dtype: torch.dtype, device, torch_min_m: Optional[int] = None) -> str:
-    """``'triton'``, ``'dense'`` or ``'torch'`` for a forward of ``x (M, K_in)`` against a 2:4
-    ``W (N, K_in)``.
+    """``'decode'``, ``'triton'``, ``'dense'`` or ``'torch'`` for a forward of ``x (M, K_in)``
+    against a 2:4 ``W (N, K_in)``.
 
-    * ``M <= DECODE_MAX_M``: ``triton`` (bytes-bound; it reads the compressed weight only);
+    * ``M <= DECODE_MAX_M``: ``decode`` (:func:`sparse24_decode`: bytes-bound, the compressed
+      weight read once, the reduction split to fill the SMs where that pays);
     * otherwise the cheapest of :func:`path_costs` ``('fwd')`` among the eligible paths:
       ``torch`` (PyTorch's semi-structured GEMM on sparse tensor cores, :func:`torch24_eligible`),
       ``dense`` (expand once, cuBLAS) and ``triton``. The dense path costs the dense GEMM plus one
@@ -1138,19 +1336,19 @@ def choose_mm_path(M: int, K_in: int, N: int, dtype: torch.dtype, device, torch_
       than that one pass over the weight.
 
     ``torch_min_m`` (an int) restores the old threshold rule for ``torch``.
-    ``FASTFACTOR_SPARSE24_PATH=triton|dense|torch|auto`` forces a choice (``torch`` only where
-    eligible, else the cost rule).
+    ``FASTFACTOR_SPARSE24_PATH=decode|triton|dense|torch|auto`` forces a choice (``torch`` only
+    where eligible, ``decode`` only for ``M <= DECODE_MAX_M``; else the cost rule).
     """
-    forced = _forced("FASTFACTOR_SPARSE24_PATH", ("triton", "dense", "torch"))
+    forced = _forced("FASTFACTOR_SPARSE24_PATH", ("decode", "triton", "dense", "torch"))
     eligible = torch24_eligible(M, K_in, N, dtype, device)
-    if forced in ("triton", "dense"):
+    if forced in ("triton", "dense") or (forced == "decode" and M <= DECODE_MAX_M):
         return forced
     if forced == "torch" and eligible:
         return "torch"
-    if torch_min_m is not None:
-        return "torch" if eligible and M >= torch_min_m else "triton"
+    if torch_min_m is not None and eligible and M >= torch_min_m:
+        return "torch"
     if M <= DECODE_MAX_M:
-        return "triton"
+        return "decode"
     costs = path_costs(M, K_in, N, dtype, "fwd")
     if not eligible:
         costs.pop("torch")
@@ -1229,6 +1427,8 @@ def sparse24_forward(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
         return torch24_linear(x, values, meta, bias)
     if path == "dense":
         return torch.nn.functional.linear(x, expand_24(values, meta), bias)
+    if path == "decode" and M <= DECODE_MAX_M:
+        return sparse24_decode(x, values, meta, bias)
     return sparse24_mm(x, values, meta, bias)
 
 

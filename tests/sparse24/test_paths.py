@@ -8,6 +8,7 @@ import torch
 
 from conftest import assert_close_ref
 from fastfactor.formats.sparse24 import Sparse24Weight, pack_24, prune_24, to_cutlass_layout
+from fastfactor.kernels import _config
 from fastfactor.kernels import sparse24 as K
 from fastfactor.ops import sparse24 as ops
 
@@ -134,10 +135,10 @@ def test_torch_path_through_the_op(monkeypatch, triton_cpu):
 def test_path_choice_by_cost(monkeypatch):
     monkeypatch.delenv("FASTFACTOR_SPARSE24_PATH", raising=False)
     monkeypatch.delenv("FASTFACTOR_SPARSE24_BWD_PATH", raising=False)
-    monkeypatch.setattr(K, "semi_structured_ok", lambda device: device.type == "cuda")
+    monkeypatch.setattr(_config, "semi_structured_ok", lambda device: device.type == "cuda")
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
     for M in (16, 64):
-        assert K.choose_mm_path(M, 4096, 4096, bf16, cuda) == "triton"
+        assert K.choose_mm_path(M, 4096, 4096, bf16, cuda) == "decode"
         assert K.choose_bwd_path(M, 4096, 4096, bf16, "dx") == "triton"
     assert K.choose_mm_path(16384, 4096, 4096, bf16, cuda) == "torch"
     assert K.choose_mm_path(16384, 4096, 4096, torch.float32, cuda) in ("dense", "triton")
