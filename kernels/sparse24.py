@@ -310,8 +310,7 @@ DV_SPACE = [
 # decode (M <= 64): BLOCK_N and the split are planned per shape (decode_plan); tuned: BLOCK_K
 DECODE_INTERP = dict(BLOCK_K=32, num_warps=4, num_stages=1)
 DECODE_FIXED = dict(BLOCK_K=256, num_warps=4, num_stages=3)
-DECODE_SPACE = [
-    DECODE_INTERP,
+DECODE_SPACE = [   # BLOCK_K >= 128 on a GPU: each row's codes are one 16-byte (or wider) vector
     DECODE_FIXED,
     dict(BLOCK_K=128, num_warps=4, num_stages=4),
     dict(BLOCK_K=256, num_warps=8, num_stages=3),
@@ -324,8 +323,7 @@ REDUCE_SPACE = [dict(BLOCK=256, num_warps=4, num_stages=1), dict(BLOCK=1024, num
 # a row's codes are one 16-byte vector of four 32-bit words)
 EXPAND_INTERP = dict(BLOCK_R=16, BLOCK_K=32, num_warps=4, num_stages=1)
 EXPAND_FIXED = dict(BLOCK_R=32, BLOCK_K=256, num_warps=4, num_stages=1)
-EXPAND_SPACE = [
-    EXPAND_INTERP,
+EXPAND_SPACE = [   # the interpreter's config is not offered to a GPU (4-byte code loads)
     EXPAND_FIXED,
     dict(BLOCK_R=64, BLOCK_K=128, num_warps=4, num_stages=1),
     dict(BLOCK_R=16, BLOCK_K=512, num_warps=4, num_stages=1),
