@@ -4,8 +4,9 @@ from .base import FactorizedLinear
 from .lowrank import LowRankLinear
 from .monarch import BlockLowRankLinear, MonarchLinear
 from .sparse24 import DenseSparseLinear, Sparse24Linear
+from .joint import JointLowRankLinear, JointMemberLinear, link_joint
 
 __all__ = [
     "FactorizedLinear", "LowRankLinear", "MonarchLinear", "BlockLowRankLinear",
-    "Sparse24Linear", "DenseSparseLinear",
+    "Sparse24Linear", "DenseSparseLinear", "JointLowRankLinear", "JointMemberLinear", "link_joint",
 ]
