@@ -56,7 +56,24 @@ tile goes to ``tl.dot``. Device memory only ever sees the compressed bytes.
   intermediate ``t = x·Sᵀ`` stays in fp32 registers (computed as ``tᵀ = S·xᵀ``, again so the
   expanded tile needs no transpose), is rounded to ``intermediate_dtype`` (see Precision) and
   multiplied by ``D`` tile by tile. ``R_PAD = next_pow2(R) <= 256``; larger ranks take the two-kernel path (``_sp_mm_kernel``
-  for ``t`` then the low-rank family's GEMM for ``t·Dᵀ``).
+  for ``t`` then the low-rank family's GEMM for ``t·Dᵀ``), whose first phase at ``M <= 64`` is
+  the decode kernel (its reduction split over the SMs where that pays).
+* ``_sp_decode_kernel`` (+ ``_sp_splitk_reduce_kernel``): ``y = x·Wᵀ + b`` for ``M <= 64``. Grid
+  (row tiles, K splits) planned per shape by :func:`decode_plan` (a roofline: the compressed
+  weight once from DRAM, ``x`` once per row tile from L2, the fp32 partials and their fixed-order
+  reduction when split); codes read as 32-bit words; configs limited to what fits the registers.
+* ``_sp_expand_kernel`` / ``_sp_compress_kernel``: ``W`` dense once per step for cuBLAS, and the
+  kept entries of a dense ``dW`` from cuBLAS (exact selections).
+
+Codes in the kernels: where ``K % 32 == 0`` and the rows are 4-byte aligned, the launchers pass the
+``uint8`` codes viewed as ``int32`` words (``META32``): one 16-byte vector per row and 128 inputs
+instead of byte loads; the same bytes, no format change.
+
+Paths (:func:`choose_mm_path`, :func:`choose_bwd_path`): Triton has no sparse tensor-core
+instruction, so large-M products go to PyTorch's semi-structured CUTLASS GEMM (forward; fed our
+``values`` as they are and the codes reordered once per mask, :func:`torch24_meta`) or to cuBLAS
+on the weight expanded once (:func:`expand_24`); the backward's kept-value gradient is
+:func:`compress_24` of cuBLAS's ``gᵀ·x``. Ranked by :func:`path_costs` (predicted).
 
 Backward of the dense-sparse product (``g = dL/dy``)::
 
@@ -102,7 +119,7 @@ from ._config import (
     row_block_grid,
     upcast_dots,
 )
-from . import _config
+from . import _config, _cost
 from .lowrank import FUSED_MAX_R, _pad_rank, gemm, intermediate_dtype
 
 if HAS_TRITON:
@@ -313,8 +330,34 @@ DECODE_FIXED = dict(BLOCK_K=256, num_warps=4, num_stages=3)
 DECODE_SPACE = [   # BLOCK_K >= 128 on a GPU: each row's codes are one 16-byte (or wider) vector
     DECODE_FIXED,
     dict(BLOCK_K=128, num_warps=4, num_stages=4),
+    dict(BLOCK_K=128, num_warps=8, num_stages=3),
     dict(BLOCK_K=256, num_warps=8, num_stages=3),
 ]
+
+
+def _decode_fits(bn: int, bm: int, bk: int, nw: int) -> bool:
+    """Per-thread footprint of a decode config within the register file: the expanded weight
+    tile, the x tile and the fp32 accumulator (two 16-bit slots an element) at most 112 16-bit
+    elements a thread (calibrated on compile-check's sm_90 builds: 104 builds without spill at
+    N32/M16/K256/w4, 160 spills at N128/M64/K128/w8 and at N64/M64/K256/w8, 192 at N64/M64/K128/w4)."""
+    t = 32 * nw
+    return bn * bk + bk * bm + 2 * bn * bm <= 112 * t
+
+
+def decode_space(BLOCK_N: int, BLOCK_M: int, **_) -> list[dict]:
+    """The decode configs that fit the registers at this row tile and token block."""
+    kept = [c for c in DECODE_SPACE if _decode_fits(BLOCK_N, BLOCK_M, c["BLOCK_K"], c["num_warps"])]
+    return kept or [DECODE_SPACE[2]]
+
+
+def _prune_decode(configs_, named_args, **kwargs):
+    bn = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
+    bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
+    kept = [c for c in configs_ if c.kwargs["BLOCK_K"] <= 32 or  # the interpreter's config
+            _decode_fits(bn, bm, c.kwargs["BLOCK_K"], c.num_warps)]
+    return kept or configs_[-1:]
+
+
 #: every K split is a multiple of this (the largest BLOCK_K of the space)
 DECODE_K_QUANTUM = 256
 REDUCE_SPACE = [dict(BLOCK=256, num_warps=4, num_stages=1), dict(BLOCK=1024, num_warps=4, num_stages=1)]
@@ -910,7 +953,7 @@ if HAS_TRITON:
 
     _sp_decode_tuned = Tunable(_sp_decode_kernel, DECODE_SPACE,
                                key=["M", "N", "K", "K_PER_SPLIT", "BLOCK_N", "BLOCK_M", "META32"],
-                               interpreter=DECODE_INTERP, deterministic=DECODE_FIXED)
+                               prune=_prune_decode, interpreter=DECODE_INTERP, deterministic=DECODE_FIXED)
     _sp_reduce_tuned = Tunable(_sp_splitk_reduce_kernel, REDUCE_SPACE, key=["M", "N", "SPLIT_K"],
                                interpreter=REDUCE_SPACE[0], deterministic=REDUCE_SPACE[1])
     _sp_expand_tuned = Tunable(_sp_expand_kernel, EXPAND_SPACE, key=["R", "K", "META32"],
@@ -957,11 +1000,16 @@ if HAS_TRITON:
             for extra in (dict(HAS_BIAS=True, SPLIT=False), dict(HAS_BIAS=False, SPLIT=True))]
     register_kernel(KernelSpec(
         name="sparse24.decode", fn=_sp_decode_kernel, pointers={"meta_ptr": _I32, "out_ptr": "fp32"},
-        constexprs=[c for c in _DEC if c["SPLIT"]], space=DECODE_SPACE,
+        constexprs=[c for c in _DEC if c["SPLIT"]], space=decode_space,
     ))
     register_kernel(KernelSpec(
         name="sparse24.decode_y", fn=_sp_decode_kernel, pointers={"meta_ptr": _I32},
-        constexprs=[c for c in _DEC if not c["SPLIT"]], space=DECODE_SPACE,
+        constexprs=[c for c in _DEC if not c["SPLIT"]], space=decode_space,
+    ))
+    register_kernel(KernelSpec(   # the dense-sparse t = x·Sᵀ of fp16 inputs, kept in fp32
+        name="sparse24.decode_y_fp16", fn=_sp_decode_kernel, pointers={"meta_ptr": _I32, "out_ptr": "fp32"},
+        constexprs=[dict(BLOCK_N=32, BLOCK_M=16, **_DOT, **_W, HAS_BIAS=False, SPLIT=False)],
+        space=decode_space, dtypes=("fp16",),
     ))
     register_kernel(KernelSpec(
         name="sparse24.splitk_reduce", fn=_sp_splitk_reduce_kernel, pointers={"ws_ptr": "fp32"},
@@ -1083,8 +1131,8 @@ def compress_24(dense: torch.Tensor, meta: torch.Tensor, out_dtype: Optional[tor
     return v
 
 
-#: L2 -> SM bytes/s of the decode planner's estimate (the figure ``fastfactor sol`` uses, a lead)
-_L2BW = 9.0e12
+#: L2 -> SM bytes/s of the decode planner's estimate (kernels/_cost.py, the figure sol uses; a lead)
+_L2BW = _cost.DEFAULT.l2_bw
 
 
 def decode_plan(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[int, int]:
@@ -1098,7 +1146,10 @@ def decode_plan(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[int, i
     best = None
     wbytes = N * K * (elem / 2 + 1 / 8)
     xbytes, ybytes = elem * M * K, elem * M * N
+    bm = max(16, next_pow2(M))
     for bn in (16, 32, 64, 128):
+        if not any(_decode_fits(bn, bm, c["BLOCK_K"], c["num_warps"]) for c in DECODE_SPACE):
+            continue                           # no config of this tile fits the registers
         nb = -(-N // bn)
         for sk in (1, 2, 3, 4, 6, 8, 12, 16):
             kps = -(-(-(-K // sk)) // DECODE_K_QUANTUM) * DECODE_K_QUANTUM
@@ -1118,14 +1169,16 @@ def decode_plan(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[int, i
 
 
 def sparse24_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                    bias: Optional[torch.Tensor] = None, plan: Optional[tuple] = None) -> torch.Tensor:
+                    bias: Optional[torch.Tensor] = None, plan: Optional[tuple] = None,
+                    out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``y = x·Wᵀ + b`` for ``M <= 64`` token rows (:func:`decode_plan`; ``plan`` forces
-    ``(BLOCK_N, split_k)``). Deterministic: the split partials are summed in a fixed order."""
+    ``(BLOCK_N, split_k)``), in ``out_dtype`` (default ``x``'s). Deterministic: the split
+    partials are summed in a fixed order."""
     M, K = x.shape
     N = values.shape[0]
     if M > DECODE_MAX_M:
         raise ValueError(f"x: sparse24_decode takes at most {DECODE_MAX_M} rows, got {M}")
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    y = torch.empty((M, N), device=x.device, dtype=out_dtype or x.dtype)
     if M == 0 or N == 0:
         return y
     if K == 0:
@@ -1257,10 +1310,10 @@ DECODE_MAX_M = 64
 #: (``fastfactor.ops.sparse24.SPARSE24_TORCH_MIN_M`` overrides it per process).
 SPARSE24_TORCH_MIN_M = None
 
-# figures of the chooser's roofline (an H100/H200-class GPU, the figures ``fastfactor sol`` uses:
-# achievable HBM bytes/s, dense bf16 tensor FLOP/s, per-launch floor); a lower bound per path,
-# *predicted*, used only to rank the paths
-_BW, _RATE, _LAUNCH = 4.3e12, 790e12, 2.5e-6
+# figures of the chooser's roofline: the device figures of the model shared with ``fastfactor sol``
+# (kernels/_cost.py: achievable HBM bytes/s, dense bf16 tensor FLOP/s, per-launch floor); a lower
+# bound per path, *predicted*, used only to rank the paths
+_BW, _RATE, _LAUNCH = _cost.DEFAULT.hbm_bw, _cost.DEFAULT.bf16_rate, _cost.DEFAULT.launch_s
 #: share of the tensor-core rate our expand-on-chip Triton kernels are assumed to reach at large M
 #: (the expansion competes with the MMA for issue slots; cuBLAS is taken at the roofline)
 _TRITON_EFF = 0.9
@@ -1515,6 +1568,15 @@ def ds_chain(
     return y, t
 
 
+def _sparse_t(x: torch.Tensor, s_values: torch.Tensor, s_meta: torch.Tensor) -> torch.Tensor:
+    """``t = x·Sᵀ`` in ``intermediate_dtype(x.dtype)``: the decode kernel (the reduction split
+    over the SMs where it pays) for ``M <= DECODE_MAX_M``, else :func:`sparse24_mm`."""
+    inter = intermediate_dtype(x.dtype)
+    if x.shape[0] <= DECODE_MAX_M:
+        return sparse24_decode(x, s_values, s_meta, out_dtype=inter)
+    return sparse24_mm(x, s_values, s_meta, out_dtype=inter)
+
+
 def dense_sparse_fwd(
     x: torch.Tensor,
     d: torch.Tensor,
@@ -1531,7 +1593,7 @@ def dense_sparse_fwd(
     path = path or choose_ds_path(M, K, N, R)
     if path == "fused":
         return ds_chain(x, d, s_values, s_meta, bias, store_t=save_t)
-    t = sparse24_mm(x, s_values, s_meta, out_dtype=intermediate_dtype(x.dtype))
+    t = _sparse_t(x, s_values, s_meta)
     y = gemm(t, d.t(), bias=bias, out_dtype=x.dtype)
     return y, (t if save_t else None)
 
@@ -1573,7 +1635,7 @@ def dense_sparse_bwd(
         db = g.sum(0, dtype=torch.float32).to(g.dtype) if has_bias else None
     elif need_d or has_bias:
         if t is None:
-            t = sparse24_mm(x, s_values, s_meta, out_dtype=inter)
+            t = _sparse_t(x, s_values, s_meta)
         dd_, db32 = gemm(g.t(), t, rowsum=True, out_dtype=d.dtype)   # dD = gᵀ·t, db = Σ_m g
         dd = dd_ if need_d else None
         db = db32.to(g.dtype) if has_bias else None
