@@ -327,7 +327,8 @@ DV_SPACE = [
 # decode (M <= 64): BLOCK_N and the split are planned per shape (decode_plan); tuned: BLOCK_K
 DECODE_INTERP = dict(BLOCK_K=32, num_warps=4, num_stages=1)
 DECODE_FIXED = dict(BLOCK_K=256, num_warps=4, num_stages=3)
-DECODE_SPACE = [   # BLOCK_K >= 128 on a GPU: each row's codes are one 16-byte (or wider) vector
+DECODE_SPACE = [   # BLOCK_K >= 128 on a GPU (_prune_decode): a row's codes are one 16-byte vector
+    DECODE_INTERP,
     DECODE_FIXED,
     dict(BLOCK_K=128, num_warps=4, num_stages=4),
     dict(BLOCK_K=128, num_warps=8, num_stages=3),
@@ -346,27 +347,37 @@ def _decode_fits(bn: int, bm: int, bk: int, nw: int) -> bool:
 
 def decode_space(BLOCK_N: int, BLOCK_M: int, **_) -> list[dict]:
     """The decode configs that fit the registers at this row tile and token block."""
-    kept = [c for c in DECODE_SPACE if _decode_fits(BLOCK_N, BLOCK_M, c["BLOCK_K"], c["num_warps"])]
-    return kept or [DECODE_SPACE[2]]
+    kept = [c for c in DECODE_SPACE[1:] if _decode_fits(BLOCK_N, BLOCK_M, c["BLOCK_K"], c["num_warps"])]
+    return kept or [DECODE_SPACE[3]]
 
 
 def _prune_decode(configs_, named_args, **kwargs):
     bn = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
     bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
-    kept = [c for c in configs_ if c.kwargs["BLOCK_K"] <= 32 or  # the interpreter's config
-            _decode_fits(bn, bm, c.kwargs["BLOCK_K"], c.num_warps)]
-    return kept or configs_[-1:]
+    if _config.is_interpreter():
+        return configs_
+    kept = [c for c in configs_ if c.kwargs["BLOCK_K"] >= 128
+            and _decode_fits(bn, bm, c.kwargs["BLOCK_K"], c.num_warps)]
+    return kept or [c for c in configs_ if c.kwargs["BLOCK_K"] >= 128][-1:] or configs_
 
 
 #: every K split is a multiple of this (the largest BLOCK_K of the space)
 DECODE_K_QUANTUM = 256
 REDUCE_SPACE = [dict(BLOCK=256, num_warps=4, num_stages=1), dict(BLOCK=1024, num_warps=4, num_stages=1)]
 
+
+def _prune_wide(configs_, named_args, **kwargs):
+    """On a GPU, only configs whose rows of codes are 16-byte vectors (``BLOCK_K >= 128``)."""
+    if _config.is_interpreter():
+        return configs_
+    return [c for c in configs_ if c.kwargs["BLOCK_K"] >= 128] or configs_
+
 # expand W once per step / compress dW: BLOCK_R rows x BLOCK_K columns per program (BLOCK_K >= 128:
 # a row's codes are one 16-byte vector of four 32-bit words)
 EXPAND_INTERP = dict(BLOCK_R=16, BLOCK_K=32, num_warps=4, num_stages=1)
 EXPAND_FIXED = dict(BLOCK_R=32, BLOCK_K=256, num_warps=4, num_stages=1)
-EXPAND_SPACE = [   # the interpreter's config is not offered to a GPU (4-byte code loads)
+EXPAND_SPACE = [   # the interpreter's config is not offered to a GPU (_prune_wide: 4-byte code loads)
+    EXPAND_INTERP,
     EXPAND_FIXED,
     dict(BLOCK_R=64, BLOCK_K=128, num_warps=4, num_stages=1),
     dict(BLOCK_R=16, BLOCK_K=512, num_warps=4, num_stages=1),
@@ -956,9 +967,9 @@ if HAS_TRITON:
                                prune=_prune_decode, interpreter=DECODE_INTERP, deterministic=DECODE_FIXED)
     _sp_reduce_tuned = Tunable(_sp_splitk_reduce_kernel, REDUCE_SPACE, key=["M", "N", "SPLIT_K"],
                                interpreter=REDUCE_SPACE[0], deterministic=REDUCE_SPACE[1])
-    _sp_expand_tuned = Tunable(_sp_expand_kernel, EXPAND_SPACE, key=["R", "K", "META32"],
+    _sp_expand_tuned = Tunable(_sp_expand_kernel, EXPAND_SPACE, key=["R", "K", "META32"], prune=_prune_wide,
                                interpreter=EXPAND_INTERP, deterministic=EXPAND_FIXED)
-    _sp_compress_tuned = Tunable(_sp_compress_kernel, EXPAND_SPACE, key=["R", "K", "META32"],
+    _sp_compress_tuned = Tunable(_sp_compress_kernel, EXPAND_SPACE, key=["R", "K", "META32"], prune=_prune_wide,
                                  interpreter=EXPAND_INTERP, deterministic=EXPAND_FIXED)
 
     # ---- compile-tier registration (signatures derived from the kernels' arguments) ----
@@ -1148,7 +1159,7 @@ def decode_plan(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[int, i
     xbytes, ybytes = elem * M * K, elem * M * N
     bm = max(16, next_pow2(M))
     for bn in (16, 32, 64, 128):
-        if not any(_decode_fits(bn, bm, c["BLOCK_K"], c["num_warps"]) for c in DECODE_SPACE):
+        if not any(_decode_fits(bn, bm, c["BLOCK_K"], c["num_warps"]) for c in DECODE_SPACE[1:]):
             continue                           # no config of this tile fits the registers
         nb = -(-N // bn)
         for sk in (1, 2, 3, 4, 6, 8, 12, 16):
