@@ -28,7 +28,6 @@ BACKLOG = {
     'flops-monarch-4096-M16384-fwd': 'issued/useful = 4.00: the row-block kernel packs the b=4 rank-1 blocks into 16-wide dots; its FMA formulation (FASTFACTOR_MONARCH_FMA=1, 0 tensor FLOPs) is slower on its SASS (target <= 1.33)',
     'flops-sparse24-4096-M16384-fwd': 'issued/useful = 2.00 (target <= 1.33)',
     'speedup-unfused1x-sparse24-4096-M16384-fwdbwd': '0.67x vs unfused (predicted) (target >= 1.0x vs unfused)',
-    'speedup-dense2x-lowrank-4096-M16-fwd': '1.05x vs dense (predicted) (target >= 2.0x vs dense)',
     'speedup-dense1.5x-sparse24-4096-M16-fwd': '1.18x vs dense (predicted) (target >= 1.5x vs dense)',
     'speedup-dense1.5x-sparse24-4096-M64-fwd': '0.75x vs dense (predicted) (target >= 1.5x vs dense)',
     'speedup-torch241x-sparse24-4096-M16384-fwd': '0.49x vs torch24 (predicted) (target >= 1.0x vs torch24)',
