@@ -212,7 +212,7 @@ def refine(bn: Bottleneck, x_in: torch.Tensor, y_in: torch.Tensor, x_out: torch.
 
 def fit_bottleneck(weight: torch.Tensor, bias: Optional[torch.Tensor], inputs: torch.Tensor, rank: int, *,
                    form: str = "linear", act: str = "relu", steps: int = 200, lr: float = 1e-2,
-                   holdout: float = 0.2, seed: int = 0, eval_every: int = 10, patience: int = 5) -> Bottleneck:
+                   holdout: float = 0.2, seed: int = 0, eval_every: int = 10, patience: int = 3) -> Bottleneck:
     """Fit a width-``rank`` bottleneck of ``y = weight·x + bias`` on ``inputs (n, in)`` (module
     docstring): closed-form start on the held-in rows, then :func:`refine`. Returns the
     :class:`Bottleneck`; ``.layer()`` is the compressed module."""
