@@ -178,9 +178,16 @@ def get_family(name: str) -> Family:
     return FAMILIES[name]
 
 
+#: layer classes a saved manifest may name that are not a family's own layer: the modules compressed
+#: together (:mod:`fastfactor.layers.joint`; their inner layer is a family's)
+EXTRA_LAYER_CLASSES: Dict[str, type] = {}
+
+
 def layer_classes() -> Dict[str, type]:
     """Layer classes by class name (what a saved manifest names)."""
-    return {f.layer.__name__: f.layer for f in FAMILIES.values()}
+    out = {f.layer.__name__: f.layer for f in FAMILIES.values()}
+    out.update(EXTRA_LAYER_CLASSES)
+    return out
 
 
 class _LiveNames(Sequence):
@@ -435,7 +442,11 @@ for _family in (
     register_family(_family)
 del _family
 
+from .layers.joint import JointLowRankLinear, JointMemberLinear  # noqa: E402 - modules compressed together
+
+EXTRA_LAYER_CLASSES.update(JointLowRankLinear=JointLowRankLinear, JointMemberLinear=JointMemberLinear)
+
 __all__ = [
     "Family", "Init", "FAMILIES", "METHODS", "INITS", "STATISTICS", "register_family", "register_init",
-    "get_family", "layer_classes", "markdown_table",
+    "get_family", "layer_classes", "markdown_table", "EXTRA_LAYER_CLASSES",
 ]

@@ -271,6 +271,13 @@ def swap_in(model: nn.Module, entries: List[dict], where: str = "quantization_co
         elif not hasattr(new, "original_class") or new.original_class is None:
             new.original_class = qualified_class_name(type(old))
         done.append((e["name"], target, new))
+    if any(type(m).__name__ == "JointMemberLinear" for _, _, m in done):
+        from .layers.joint import link_joint
+
+        try:
+            link_joint(model)  # members of modules compressed together find their leader
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
     return done
 
 

@@ -59,7 +59,10 @@ from torch import nn
 DEFAULT_RATIOS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 #: the DP grid is coarsened beyond this many capacity cells
 MAX_CELLS = 200_000
-PLAN_VERSION = 1
+#: the two-budget DP's cells (parameter cells x latency cells)
+MAX_CELLS_2D = 1_000_000
+PLAN_VERSION = 2
+PREDICTED = "predicted, not measured"
 
 
 @dataclass
@@ -67,7 +70,9 @@ class Choice:
     method: str  #: "lowrank" or "dense"
     rank: Optional[int]  #: None for "dense"
     params: int  #: weight parameters this choice stores
-    score: float  #: its predicted error (see the module docstring); 0 for "dense"
+    score: Optional[float]  #: its predicted error (see the module docstring); 0 for "dense"; None: not scored yet
+    seconds: Optional[float] = None  #: its time under the latency model (None: no latency model)
+    nblocks: Optional[int] = None  #: monarch / block_lowrank block count
 
 
 @dataclass
@@ -117,18 +122,164 @@ def tail_energies(weight: torch.Tensor, gram: Optional[torch.Tensor] = None) -> 
     return torch.cat([tail, tail.new_zeros(1)])
 
 
+#: methods the planner can put in the grid besides "dense" and "lowrank"
+OTHER_METHODS = ("monarch", "block_lowrank", "sparse24", "dense_sparse")
+#: ratios of the grid for the other methods (each factorized to be scored: kept short)
+OTHER_RATIOS = (0.1, 0.25, 0.5)
+#: block counts of the grid for monarch / block_lowrank
+DEFAULT_NBLOCKS = (2, 4)
+
+
+def _bias(model, name) -> bool:
+    from .compress.targets import get_module
+
+    return getattr(get_module(model, name), "bias", None) is not None
+
+
+def _other_choices(method: str, i: int, o: int, ratios, nblocks) -> List[Choice]:
+    """Unscored choices of ``method`` for an ``(o, i)`` weight: distinct settings storing fewer
+    parameters than the dense weight (parameter counts from the layer built on the meta device)."""
+    from .families import get_family
+    from .plan_latency import build_layer, make_spec
+
+    fam = get_family(method)
+    specs = []
+    if method == "sparse24":
+        specs.append(make_spec(method, i, o))
+    elif method == "dense_sparse":
+        specs += [make_spec(method, i, o, rank=r) for r in sorted({fam.rank_for_ratio(i, o, q) for q in ratios})]
+    else:
+        for b in nblocks:
+            if b > min(i, o):
+                continue
+            rs = sorted({fam.rank_for_ratio(i, o, q, nblocks=b) for q in ratios})
+            specs += [make_spec(method, i, o, nblocks=b, block_rank=r) for r in rs]
+    out = []
+    for sp in specs:
+        try:
+            try:
+                p = int(build_layer(sp, torch.float32, torch.device("meta")).num_weight_params)
+            except (RuntimeError, NotImplementedError):  # a constructor that computes (2:4 packing)
+                p = int(build_layer(sp, torch.float32, torch.device("cpu")).num_weight_params)
+        except ValueError:  # the family does not take this shape (2:4 needs in % 4 == 0)
+            continue
+        if p < i * o:
+            out.append(Choice(method, sp["rank"] if sp["rank"] is not None else sp["block_rank"], p, None,
+                              nblocks=sp["nblocks"]))
+    return out
+
+
+def _spec_of(c: "ModuleCandidates", ch: Choice, bias: bool) -> dict:
+    from .plan_latency import make_spec
+
+    if ch.method in ("monarch", "block_lowrank"):
+        return make_spec(ch.method, c.in_features, c.out_features, bias=bias, nblocks=ch.nblocks, block_rank=ch.rank)
+    return make_spec(ch.method, c.in_features, c.out_features, bias=bias, rank=ch.rank)
+
+
+def candidate_grid(model: nn.Module, targets, *, ratios: Sequence[float] = DEFAULT_RATIOS,
+                   ranks: Optional[Sequence[int]] = None, methods: Sequence[str] = ("lowrank",),
+                   other_ratios: Sequence[float] = OTHER_RATIOS, nblocks: Sequence[int] = DEFAULT_NBLOCKS,
+                   latency=None) -> List[ModuleCandidates]:
+    """The candidates of every target from shapes alone (``model`` may live on the meta device):
+    "dense", the low-rank ranks (:func:`candidate_ranks`) and, for each other method of
+    ``methods``, its settings at ``other_ratios`` (``nblocks`` for monarch / block_lowrank); scores
+    left ``None``. With ``latency`` (a :class:`fastfactor.plan_latency.LatencyModel`) every
+    choice gets its time; a choice the model cannot cost (a bench file without its row) is left out."""
+    methods = tuple(methods)
+    for m in methods:
+        if m not in ("lowrank",) + OTHER_METHODS:
+            raise ValueError(f"methods: expected names from {['lowrank', *OTHER_METHODS]}, got {m!r}")
+    out = []
+    for t in targets:
+        i, o = t.in_features, t.out_features
+        choices = [Choice("dense", None, i * o, 0.0)]
+        if "lowrank" in methods:
+            choices += [Choice("lowrank", r, r * (i + o), None) for r in candidate_ranks(i, o, ratios, ranks)]
+        for m in methods:
+            if m != "lowrank":
+                choices += _other_choices(m, i, o, other_ratios, nblocks)
+        out.append(ModuleCandidates(t.name, i, o, choices))
+    if latency is not None:
+        specs = [(c, ch, _spec_of(c, ch, _bias(model, c.name))) for c in out for ch in c.choices]
+        secs = latency.costs([s for _, _, s in specs])
+        for (c, ch, _), t in zip(specs, secs):
+            ch.seconds = None if t is None else float(t)
+        for c in out:
+            c.choices = [ch for ch in c.choices if ch.seconds is not None]
+    return out
+
+
+def _whitened_error(w: torch.Tensor, w_hat: torch.Tensor, gram: Optional[torch.Tensor]) -> float:
+    """``‖(W − Ŵ)·S‖_F² = tr(E·G·Eᵀ)`` (``G = S·Sᵀ``), or ``‖W − Ŵ‖_F²`` without a Gram."""
+    e = (w.detach().to(torch.float64) - w_hat.detach().to(torch.float64))
+    if gram is None:
+        return float(e.pow(2).sum())
+    return float(((e @ gram.to(torch.float64)) * e).sum())
+
+
+def score_init(method: str, whitened: bool) -> str:
+    """The init each method is scored (and then executed) with."""
+    return {"lowrank": "activation" if whitened else "svd", "sparse24": "activation" if whitened else "magnitude",
+            "dense_sparse": "svd", "monarch": "projection", "block_lowrank": "projection"}[method]
+
+
+def score_candidates(model: nn.Module, candidates: List[ModuleCandidates], grams: Optional[Dict[str, object]] = None
+                     ) -> List[ModuleCandidates]:
+    """Fill every choice's score (module docstring): low-rank in closed form from the singular
+    values of ``W·S``; the other methods by factorizing with their scoring init
+    (:func:`score_init`) and measuring ``‖(W − Ŵ)·S‖_F²``. Reads the weights, changes nothing."""
+    from .compress.config import CompressionConfig
+    from .compress.methods import build_layer
+    from .compress.targets import dense_view, get_module
+
+    if grams is not None:
+        missing = [c.name for c in candidates if c.name not in grams]
+        if missing:
+            raise ValueError(f"grams: expected a Gram matrix for every target, missing {missing}")
+    for c in candidates:
+        view = dense_view(get_module(model, c.name), c.name)
+        g = None
+        if grams is not None:
+            g = grams[c.name]
+            g = g[0] if isinstance(g, tuple) else g
+        tail = None
+        for ch in c.choices:
+            if ch.method == "dense":
+                ch.score = 0.0
+            elif ch.method == "lowrank":
+                if tail is None:
+                    tail = tail_energies(view.weight, g)
+                ch.score = float(tail[ch.rank])
+            else:
+                from .families import get_family
+
+                init = score_init(ch.method, g is not None)
+                entry = PlanEntry(c.name, ch.method, ch.rank, ch.params, 0.0, c.in_features, c.out_features,
+                                  nblocks=ch.nblocks)
+                ratio = _ratio_for(entry, get_family(ch.method))
+                cfg = CompressionConfig(method=ch.method, nblocks=ch.nblocks or 4, init=init)
+                stats = {"gram": g} if g is not None else {}
+                layer = build_layer(ch.method, view, ratio, init, cfg, stats)
+                if int(layer.num_weight_params) != ch.params:
+                    raise ValueError(f"module {c.name!r}: {ch.method} built {layer.num_weight_params} weight "
+                                     f"parameters, planned {ch.params}")
+                ch.score = _whitened_error(view.weight, layer.dense_weight(), g)
+    return candidates
+
+
 def sensitivity(model: nn.Module, config=None, *, grams: Optional[Dict[str, object]] = None,
                 ratios: Sequence[float] = DEFAULT_RATIOS, ranks: Optional[Sequence[int]] = None,
-                targets=None) -> List[ModuleCandidates]:
+                targets=None, methods: Sequence[str] = ("lowrank",), latency=None, **grid) -> List[ModuleCandidates]:
     """Candidates and scores of every target of ``model`` (see the module docstring).
 
     ``config``: a CompressionConfig (or dict / path) whose ``targets`` / ``exclude`` pick the modules
     (as in the driver); ``grams``: ``{module name: G}`` or the ``{name: (G, tokens)}`` of
     ``collect_activation_stats``; every target must have one when given. ``targets``: a precomputed
-    list of :class:`~fastfactor.compress.targets.Target` (skips the selection). Reads the weights,
-    changes nothing."""
+    list of :class:`~fastfactor.compress.targets.Target` (skips the selection). ``methods``,
+    ``latency`` and ``grid`` (``other_ratios``, ``nblocks``): :func:`candidate_grid`. Reads the
+    weights, changes nothing."""
     from .api import _chosen_targets, _config
-    from .compress.targets import dense_view, get_module
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -138,19 +289,8 @@ def sensitivity(model: nn.Module, config=None, *, grams: Optional[Dict[str, obje
         missing = [t.name for t in targets if t.name not in grams]
         if missing:
             raise ValueError(f"grams: expected a Gram matrix for every target, missing {missing}")
-    out = []
-    for t in targets:
-        view = dense_view(get_module(model, t.name), t.name)
-        g = None
-        if grams is not None:
-            g = grams[t.name]
-            g = g[0] if isinstance(g, tuple) else g
-        tail = tail_energies(view.weight, g)
-        choices = [Choice("dense", None, t.in_features * t.out_features, 0.0)]
-        for r in candidate_ranks(t.in_features, t.out_features, ratios, ranks):
-            choices.append(Choice("lowrank", r, r * (t.in_features + t.out_features), float(tail[r])))
-        out.append(ModuleCandidates(t.name, t.in_features, t.out_features, choices))
-    return out
+    cands = candidate_grid(model, targets, ratios=ratios, ranks=ranks, methods=methods, latency=latency, **grid)
+    return score_candidates(model, cands, grams)
 
 
 def resolve_budget(target_params, total: int, minimum: int) -> int:
@@ -176,61 +316,249 @@ def resolve_budget(target_params, total: int, minimum: int) -> int:
     return budget
 
 
-def _dp(costs: List[List[int]], scores: List[List[float]], cap: int):
-    """Multiple-choice knapsack: one index per group minimizing Σ score with Σ cost ≤ cap (ints).
-    Returns the list of chosen indices (None if infeasible)."""
-    n = len(costs)
-    dp = np.zeros(cap + 1)  # dp[c]: min score of the groups so far within c units
-    back = np.zeros((n, cap + 1), dtype=np.int16)
-    for m in range(n):
-        new = np.full(cap + 1, np.inf)
-        arg = np.zeros(cap + 1, dtype=np.int16)
-        for j, (w, s) in enumerate(zip(costs[m], scores[m])):
-            if w > cap:
-                continue
-            cand = np.full(cap + 1, np.inf)
-            cand[w:] = dp[: cap + 1 - w] + s
-            better = cand < new
-            new[better] = cand[better]
-            arg[better] = j
-        dp, back[m] = new, arg
-    if not np.isfinite(dp[cap]):
+def resolve_latency(target_latency, dense_s: Optional[float] = None, minimum_s: Optional[float] = None,
+                    where: str = "") -> Optional[float]:
+    """The latency budget in seconds of ``target_latency``, a fraction in ``(0, 1]`` of the targets'
+    dense time ``dense_s``; ``minimum_s``: the fastest candidate plan's time. ``where`` names the
+    latency source in the error (device, tokens, predicted or measured). Without ``dense_s`` only
+    the value is checked (None returned)."""
+    if isinstance(target_latency, bool) or not isinstance(target_latency, (int, float, np.integer, np.floating)):
+        raise TypeError(f"target_latency: expected a fraction in (0, 1] of the dense targets' time, "
+                        f"got {type(target_latency).__name__} {target_latency!r}")
+    f = float(target_latency)
+    if not math.isfinite(f) or not 0 < f <= 1:
+        dense = "" if dense_s is None else f" ({dense_s * 1e6:.4g} us{where})"
+        raise ValueError(f"target_latency: expected a fraction in (0, 1] of the dense targets' time{dense}, "
+                         f"got {target_latency}")
+    if dense_s is None:
         return None
-    picks, c = [0] * n, cap
+    budget = f * dense_s
+    if minimum_s is not None and minimum_s > budget * (1 + 1e-12):
+        raise ValueError(f"target_latency: budget {f:g} x {dense_s * 1e6:.4g} us = {budget * 1e6:.4g} us is "
+                         f"unreachable: the fastest candidate plan takes {minimum_s * 1e6:.4g} us "
+                         f"({minimum_s / dense_s:.3f} of dense){where} (raise it, use more tokens, or other ranks)")
+    return budget
+
+
+_FUZZ = 1e-12
+
+
+def _grid(values, budget, max_cells: int):
+    """A cost grid for one budget dimension: ``(unit, cap, exact)``. Integer costs use their gcd
+    (``exact`` when the capacity fits ``max_cells``); else ``unit = budget / max_cells``."""
+    if all(float(v).is_integer() for v in values) and float(budget).is_integer():
+        g = 0
+        for v in values:
+            g = math.gcd(g, int(v))
+        g = max(1, g)
+        if int(budget) // g <= max_cells:
+            return g, int(budget) // g, True
+    unit = float(budget) / max_cells if budget > 0 else 1.0
+    return unit, max_cells if budget > 0 else 0, False
+
+
+def _costs(values, unit, exact: bool, up: bool):
+    if exact:
+        return [int(v) // unit for v in values]
+    if up:
+        return [math.ceil(v / unit * (1 + _FUZZ)) for v in values]
+    return [math.floor(v / unit * (1 - _FUZZ)) for v in values]
+
+
+def _dp(cp: List[List[int]], ct: List[List[int]], scores: List[List[float]], cap_p: int, cap_t: int,
+        back: bool = True):
+    """Multiple-choice knapsack over two integer cost dimensions: one index per group minimizing
+    ``Σ score`` with ``Σ cp ≤ cap_p`` and ``Σ ct ≤ cap_t``. Returns ``(picks or None, best score)``
+    (``picks`` only when ``back``)."""
+    n = len(cp)
+    dp = np.zeros((cap_p + 1, cap_t + 1))  # dp[a, b]: min score of the groups so far within (a, b) units
+    backs = []
+    for m in range(n):
+        new = np.full_like(dp, np.inf)
+        arg = np.zeros(dp.shape, dtype=np.int16) if back else None
+        for j, (wp, wt, s) in enumerate(zip(cp[m], ct[m], scores[m])):
+            if wp > cap_p or wt > cap_t or not math.isfinite(s):
+                continue
+            val = dp[: cap_p + 1 - wp, : cap_t + 1 - wt] + s
+            sub = new[wp:, wt:]
+            better = val < sub
+            sub[better] = val[better]
+            if back:
+                arg[wp:, wt:][better] = j
+        dp = new
+        if back:
+            backs.append(arg)
+    best = float(dp[cap_p, cap_t])
+    if not math.isfinite(best):
+        return None, best
+    if not back:
+        return None, best
+    picks, a, b = [0] * n, cap_p, cap_t
     for m in range(n - 1, -1, -1):
-        j = int(back[m, c])
+        j = int(backs[m][a, b])
         picks[m] = j
-        c -= costs[m][j]
+        a -= cp[m][j]
+        b -= ct[m][j]
+    return picks, best
+
+
+def _improve(P, T, S, picks, bp, bt):
+    """Greedy repair of a coarse-grid answer with the true costs: the single switch of least score
+    that stays within both budgets, repeated while one lowers the score."""
+    picks = list(picks)
+    used_p = sum(P[m][j] for m, j in enumerate(picks))
+    used_t = sum(T[m][j] for m, j in enumerate(picks))
+    for _ in range(50 * len(picks)):
+        best = None
+        for m, j0 in enumerate(picks):
+            for j in range(len(S[m])):
+                gain = S[m][j0] - S[m][j]
+                if gain <= 0:
+                    continue
+                np_, nt = used_p - P[m][j0] + P[m][j], used_t - T[m][j0] + T[m][j]
+                if np_ <= bp and nt <= bt * (1 + 1e-12) and (best is None or gain > best[0]):
+                    best = (gain, m, j, np_, nt)
+        if best is None:
+            break
+        _, m, j, used_p, used_t = best
+        picks[m] = j
     return picks
 
 
-def solve(candidates: List[ModuleCandidates], target_params, *, max_cells: int = MAX_CELLS) -> "BudgetPlan":
-    """The per-module choice of least total score within ``target_params`` (see the module docstring)."""
+def solve(candidates: List[ModuleCandidates], target_params=None, target_latency=None, *,
+          max_cells: int = MAX_CELLS, max_cells_2d: int = MAX_CELLS_2D, latency_info: Optional[dict] = None
+          ) -> "BudgetPlan":
+    """The per-module choice of least total score within ``target_params`` and/or ``target_latency``
+    (see the module docstring). ``target_latency`` needs every choice's ``seconds``."""
     if not candidates:
         raise ValueError("candidates: expected at least one module")
+    if target_params is None and target_latency is None:
+        raise ValueError("target_params / target_latency: expected at least one budget, got neither")
     total = sum(c.dense_params for c in candidates)
-    minimum = sum(min(ch.params for ch in c.choices) for c in candidates)
-    budget = resolve_budget(target_params, total, minimum)
-    params = [[ch.params for ch in c.choices] for c in candidates]
-    unit = 0
-    for ps in params:
-        for p in ps:
-            unit = math.gcd(unit, p)
-    unit = max(1, unit)
-    exact = budget // unit <= max_cells
-    if not exact:
-        unit = math.ceil(budget / max_cells)
-    costs = [[math.ceil(p / unit) for p in ps] for ps in params]
-    picks = _dp(costs, [[ch.score for ch in c.choices] for c in candidates], budget // unit)
-    if picks is None:  # only when the coarse grid's rounding lost the cheapest plan
-        raise ValueError(f"target_params: budget {budget:,} is too tight for the parameter grid "
-                         f"(unit {unit}); raise it or max_cells")
+    P = [[ch.params for ch in c.choices] for c in candidates]
+    S = [[ch.score for ch in c.choices] for c in candidates]
+    for c in candidates:
+        for ch in c.choices:
+            if ch.score is None or not math.isfinite(ch.score):
+                raise ValueError(f"candidates: module {c.name!r} choice {ch.method} rank {ch.rank}: "
+                                 f"expected a finite score, got {ch.score!r}")
+    bp = None
+    if target_params is not None:
+        bp = resolve_budget(target_params, total, sum(min(p) for p in P))
+    bt, lat = None, None
+    if target_latency is not None:
+        for c in candidates:
+            if any(ch.seconds is None for ch in c.choices):
+                raise ValueError(f"target_latency: module {c.name!r} has choices without a time "
+                                 "(pass latency= to the planner)")
+        T = [[float(ch.seconds) for ch in c.choices] for c in candidates]
+        dense_s = sum(next(ch.seconds for ch in c.choices if ch.method == "dense") for c in candidates)
+        info = dict(latency_info or {})
+        where = ""
+        if info:
+            where = (f" on {info.get('device', '?')} at M={info.get('tokens', '?')} tokens, "
+                     f"{info.get('direction', 'fwd')}, {info.get('status', PREDICTED)}")
+        bt = resolve_latency(target_latency, dense_s, sum(min(t) for t in T), where)
+        lat = dict(info, fraction=float(target_latency), budget_s=bt, dense_s=dense_s)
+    else:
+        T = [[0.0] * len(c.choices) for c in candidates]
+
+    # every module takes exactly one choice: grid the costs above each module's cheapest (exact
+    # shift; the grid then spans only the budget left after the cheapest plan)
+    P0 = [[p - min(ps) for p in ps] for ps in P]
+    T0 = [[t - min(ts) for t in ts] for ts in T]
+    bp0 = None if bp is None else bp - sum(min(ps) for ps in P)
+    bt0 = None if bt is None else max(0.0, bt - sum(min(ts) for ts in T))
+
+    def one(dim):  # 1-D problem on "p" or "t": (picks, lower bound, exact)
+        vals, budget = (P0, bp0) if dim == "p" else (T0, bt0)
+        unit, cap, exact = _grid([v for vs in vals for v in vs], budget, max_cells)
+        up = [_costs(vs, unit, exact, True) for vs in vals]
+        zero = [[0] * len(vs) for vs in vals]
+        picks, best = _dp(up, zero, S, cap, 0)
+        if exact:
+            return picks, best, True
+        dn = [_costs(vs, unit, exact, False) for vs in vals]
+        _, lb = _dp(dn, zero, S, int(math.floor(budget / unit * (1 + _FUZZ))), 0, back=False)
+        if picks is None:  # rounding lost every plan: start from the cheapest one (feasible)
+            picks = [min(range(len(vs)), key=lambda j: (vs[j], S[m][j])) for m, vs in enumerate(vals)]
+        return picks, lb, False
+
+    inf_p = bp if bp is not None else sum(max(p) for p in P)
+    inf_t = bt if bt is not None else sum(max(t) for t in T) + 1.0
+    lower, picks, grid_exact = -math.inf, None, False
+
+    def feasible(pk):
+        return (sum(P[m][j] for m, j in enumerate(pk)) <= inf_p
+                and sum(T[m][j] for m, j in enumerate(pk)) <= inf_t * (1 + 1e-12))
+
+    dims = [d for d, b in (("p", bp), ("t", bt)) if b is not None]
+    for d in dims:  # each budget alone is a relaxation of the pair
+        pk, lb, ex = one(d)
+        lower = max(lower, lb)
+        if pk is not None and feasible(pk):
+            picks, grid_exact = pk, ex
+            break
+    if picks is None and len(dims) == 2:  # both bind: the 2-D knapsack
+        vp = [v for vs in P0 for v in vs]
+        vt = [v for vs in T0 for v in vs]
+        side = int(math.isqrt(max_cells_2d))
+        up_p, cap_p, ex_p = _grid(vp, bp0, max_cells_2d)
+        up_t, cap_t, ex_t = _grid(vt, bt0, max_cells_2d)
+        if (cap_p + 1) * (cap_t + 1) > max_cells_2d:
+            if ex_p and cap_p + 1 <= side:
+                up_t, cap_t, ex_t = _grid(vt, bt0, max(1, max_cells_2d // (cap_p + 1) - 1))
+            elif ex_t and cap_t + 1 <= side:
+                up_p, cap_p, ex_p = _grid(vp, bp0, max(1, max_cells_2d // (cap_t + 1) - 1))
+            else:
+                up_p, cap_p, ex_p = _grid(vp, bp0, side - 1)
+                up_t, cap_t, ex_t = _grid(vt, bt0, side - 1)
+        cp = [_costs(vs, up_p, ex_p, True) for vs in P0]
+        ct = [_costs(vs, up_t, ex_t, True) for vs in T0]
+        pk, best = _dp(cp, ct, S, cap_p, cap_t)
+        grid_exact = ex_p and ex_t
+        if not grid_exact:
+            cpd = [_costs(vs, up_p, ex_p, False) for vs in P0]
+            ctd = [_costs(vs, up_t, ex_t, False) for vs in T0]
+            _, lb = _dp(cpd, ctd, S, cap_p if ex_p else int(math.floor(bp0 / up_p * (1 + _FUZZ))),
+                        cap_t if ex_t else int(math.floor(bt0 / up_t * (1 + _FUZZ))), back=False)
+            if math.isinf(lb):
+                raise ValueError("target_params and target_latency: unreachable together: no candidate plan "
+                                 f"stores at most {bp:,} parameters and takes at most {bt * 1e6:.4g} us")
+            lower = max(lower, lb)
+        else:
+            lower = max(lower, best)
+        if pk is None and not grid_exact:  # rounding lost every plan: the fastest within the parameters
+            unit, cap, ex = _grid(vp, bp0, max_cells)
+            zero = [[0] * len(vs) for vs in P0]
+            fast, _ = _dp([_costs(vs, unit, ex, True) for vs in P0], zero, T, cap, 0)
+            if fast is not None and feasible(fast):
+                pk = fast
+        if pk is None:
+            if grid_exact:
+                raise ValueError("target_params and target_latency: unreachable together: no candidate plan "
+                                 f"stores at most {bp:,} parameters and takes at most {bt * 1e6:.4g} us")
+            raise ValueError(f"target_params and target_latency: too tight for the solver's grid (units "
+                             f"{up_p:g} parameters x {up_t * 1e6:.3g} us); raise a budget or max_cells_2d")
+        picks = pk
+    if picks is None:  # a 1-D coarse grid lost the cheapest plan to rounding
+        raise ValueError("target_params / target_latency: budget too tight for the solver's grid; raise it or max_cells")
+    if not grid_exact:
+        picks = _improve(P, T, S, picks, inf_p, inf_t)
     rows = []
     for c, j in zip(candidates, picks):
         ch = c.choices[j]
-        rows.append(PlanEntry(c.name, ch.method, ch.rank, ch.params, ch.score, c.in_features, c.out_features))
-    plan = BudgetPlan(budget=budget, target_params_dense=total, exact=exact, modules=rows)
-    assert plan.params <= budget, (plan.params, budget)
+        rows.append(PlanEntry(c.name, ch.method, ch.rank, ch.params, ch.score, c.in_features, c.out_features,
+                              seconds=ch.seconds, nblocks=ch.nblocks))
+    score = sum(r.score for r in rows)
+    exact = grid_exact or score <= lower + 1e-12 * max(1.0, abs(score))
+    plan = BudgetPlan(budget=bp, target_params_dense=total, exact=exact, modules=rows,
+                      score_lower_bound=score if grid_exact else max(lower, 0.0) if math.isfinite(lower) else None,
+                      latency=lat)
+    if bp is not None:
+        assert plan.params <= bp, (plan.params, bp)
+    if bt is not None:
+        assert plan.seconds <= bt * (1 + 1e-12), (plan.seconds, bt)
     return plan
 
 
@@ -243,18 +571,25 @@ class PlanEntry:
     score: float
     in_features: int
     out_features: int
+    seconds: Optional[float] = None  #: under the plan's latency model (None without one)
+    nblocks: Optional[int] = None
+    init: Optional[str] = None  #: the init it was scored with and runs with (None: the plan's ``init``)
 
 
 @dataclass
 class BudgetPlan:
-    """Per-module ranks under a parameter budget (see the module docstring)."""
+    """Per-module ranks under a parameter and/or latency budget (see the module docstring)."""
 
-    budget: int  #: the absolute parameter budget the plan meets
+    budget: Optional[int]  #: the absolute parameter budget the plan meets (None: no parameter budget)
     target_params_dense: int  #: the targets' dense weight parameters
-    exact: bool  #: whether the solver's grid was exact
+    exact: bool  #: whether the plan is proven optimal (exact grid, or score == lower bound)
     modules: List[PlanEntry] = field(default_factory=list)
     scorer: str = "svd"  #: "whitened" (activation Gram) or "svd"
     init: str = "svd"  #: the lowrank init matching the scorer ("activation" or "svd")
+    score_lower_bound: Optional[float] = None  #: no plan within the budgets scores less
+    #: the latency budget and its source: fraction, budget_s, dense_s, source, status, device,
+    #: tokens, direction, dtype (None without a latency budget)
+    latency: Optional[dict] = None
 
     @property
     def params(self) -> int:
@@ -268,123 +603,316 @@ class BudgetPlan:
     def kept(self) -> float:
         return self.params / max(1, self.target_params_dense)
 
+    @property
+    def seconds(self) -> Optional[float]:
+        """The targets' time under the latency model (None when a module has none)."""
+        if any(m.seconds is None for m in self.modules):
+            return None
+        return sum(m.seconds for m in self.modules)
+
+    @property
+    def methods(self) -> List[str]:
+        return sorted({m.method for m in self.modules})
+
     def to_dict(self) -> dict:
-        return {"version": PLAN_VERSION, "budget": self.budget, "target_params_dense": self.target_params_dense,
-                "exact": self.exact, "scorer": self.scorer, "init": self.init, "params": self.params,
-                "kept": self.kept, "score": self.score, "modules": [asdict(m) for m in self.modules]}
+        d = {"version": PLAN_VERSION, "budget": self.budget, "target_params_dense": self.target_params_dense,
+             "exact": self.exact, "scorer": self.scorer, "init": self.init, "params": self.params,
+             "kept": self.kept, "score": self.score, "score_lower_bound": self.score_lower_bound,
+             "seconds": self.seconds, "latency": self.latency, "modules": [asdict(m) for m in self.modules]}
+        if self.latency and self.seconds is not None:
+            d["latency_fraction"] = self.seconds / self.latency["dense_s"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "BudgetPlan":
         if not isinstance(d, dict) or "modules" not in d:
             raise ValueError("plan: expected a dict with 'modules' (a BudgetPlan.to_dict())")
-        if d.get("version", PLAN_VERSION) != PLAN_VERSION:
-            raise ValueError(f"plan: expected version {PLAN_VERSION}, got {d.get('version')!r}")
-        mods = [PlanEntry(**m) for m in d["modules"]]
+        if d.get("version", PLAN_VERSION) not in (1, PLAN_VERSION):
+            raise ValueError(f"plan: expected version 1 or {PLAN_VERSION}, got {d.get('version')!r}")
+        fields = set(PlanEntry.__dataclass_fields__)
+        mods = []
+        for m in d["modules"]:
+            if not isinstance(m, dict) or set(m) - fields or not {"name", "method", "params"} <= set(m):
+                raise ValueError(f"plan: expected module entries with fields {sorted(fields)}, got {m!r}")
+            mods.append(PlanEntry(**m))
         for m in mods:
-            if m.method not in ("lowrank", "dense"):
-                raise ValueError(f"plan: module {m.name!r}: expected method 'lowrank' or 'dense', got {m.method!r}")
-        return cls(budget=int(d["budget"]), target_params_dense=int(d["target_params_dense"]),
-                   exact=bool(d["exact"]), modules=mods, scorer=d.get("scorer", "svd"), init=d.get("init", "svd"))
+            if m.method not in PLAN_METHODS:
+                raise ValueError(f"plan: module {m.name!r}: expected method one of {list(PLAN_METHODS)}, "
+                                 f"got {m.method!r}")
+        lat = d.get("latency")
+        if lat is not None and not (isinstance(lat, dict) and {"budget_s", "dense_s"} <= set(lat)):
+            raise ValueError(f"plan: latency: expected a dict with budget_s and dense_s, got {lat!r}")
+        return cls(budget=None if d["budget"] is None else int(d["budget"]),
+                   target_params_dense=int(d["target_params_dense"]), exact=bool(d["exact"]), modules=mods,
+                   scorer=d.get("scorer", "svd"), init=d.get("init", "svd"),
+                   score_lower_bound=d.get("score_lower_bound"), latency=lat)
 
     def save(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
+        from ._io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str) -> "BudgetPlan":
         if not os.path.isfile(path):
             raise FileNotFoundError(f"plan: no such file {path!r}")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"plan: {path}: not valid JSON ({e})") from None
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def table(self) -> str:
         from .compress.report import format_table
 
-        rows = [[m.name, f"{m.out_features}x{m.in_features}", m.method, "-" if m.rank is None else str(m.rank),
-                 f"{m.params:,}", f"{m.params / (m.in_features * m.out_features):.3f}", f"{m.score:.4g}"]
-                for m in self.modules]
+        lat = self.latency is not None and self.seconds is not None
+        rows = []
+        for m in self.modules:
+            setting = "-" if m.rank is None else str(m.rank)
+            if m.nblocks is not None:
+                setting = f"b{m.nblocks} r{m.rank}"
+            row = [m.name, f"{m.out_features}x{m.in_features}", m.method, setting, f"{m.params:,}",
+                   f"{m.params / (m.in_features * m.out_features):.3f}", f"{m.score:.4g}"]
+            if lat:
+                row.append(f"{m.seconds * 1e6:.2f}")
+            rows.append(row)
         head = ["module", "out x in", "method", "rank", "params", "kept", f"score ({self.scorer})"]
-        return format_table(head, rows) + (
+        if lat:
+            head.append("us")
+        text = format_table(head, rows) + (
             f"\n{len(self.modules)} module(s): {self.params:,} of {self.target_params_dense:,} target weight "
-            f"parameters (kept {self.kept:.3f}; budget {self.budget:,}{'' if self.exact else ', coarse grid'}), "
-            f"predicted score {self.score:.4g}")
+            f"parameters (kept {self.kept:.3f}"
+            + (f"; budget {self.budget:,}" if self.budget is not None else "") + "), "
+            f"predicted score {self.score:.4g}"
+            + ("" if self.exact else f" (coarse grid; no plan scores below {self.score_lower_bound:.4g})"
+               if self.score_lower_bound is not None else " (coarse grid)"))
+        if lat:
+            L = self.latency
+            budget = ("no latency budget" if L.get("budget_s") is None
+                      else f"budget {L['fraction']:g} = {L['budget_s'] * 1e6:.4g} us")
+            text += (f"\ntime of the targets: {self.seconds * 1e6:.4g} us = {self.seconds / L['dense_s']:.3f} of "
+                     f"dense {L['dense_s'] * 1e6:.4g} us ({budget}); "
+                     f"{L.get('status', PREDICTED)}, {L.get('device', '?')}, M={L.get('tokens', '?')} tokens, "
+                     f"{L.get('direction', 'fwd')}, {L.get('dtype', 'bf16')}"
+                     + (f", from {L['file']}" if L.get("file") else ""))
+        return text
 
-    def to_config(self, base=None) -> Optional[dict]:
-        """A CompressionConfig dict (``base``'s other fields kept) replacing exactly the ``lowrank``
-        modules, each at its planned rank (through ``module_ratios``; checked); None when every
-        module stays dense."""
+    def to_config(self, base=None, single: bool = False) -> Optional[dict]:
+        """A CompressionConfig dict (``base``'s other fields kept) replacing exactly the planned
+        modules, each at its planned setting (through ``module_ratios``; checked); None when every
+        module stays dense (``single=True``: an error then, since a run needs a target). A plan
+        mixing methods has one config per method: :meth:`to_configs`."""
+        cfgs = self.to_configs(base)
+        if len(cfgs) > 1:
+            raise ValueError(f"plan: mixes methods {[k for k in self.methods if k != 'dense']}: one compress run "
+                             "takes one method (fastfactor.plan.apply_plan runs one per method)")
+        if not cfgs and single:
+            raise ValueError("plan: every module stays dense: nothing to compress")
+        return cfgs[0] if cfgs else None
+
+    def to_configs(self, base=None) -> List[dict]:
+        """One CompressionConfig dict per (method, nblocks) of the plan's compressed modules, in
+        plan order of first appearance; each replaces exactly its modules at their planned
+        setting (``module_ratios`` giving each its planned rank; checked)."""
         from .api import _config
-        from .factorize.svd import rank_for_ratio
+        from .families import get_family
 
-        cfg = _config(base).to_dict()
-        low = [m for m in self.modules if m.method == "lowrank"]
-        if not low:
-            return None
-        ratios = {}
-        for m in low:
-            i, o = m.in_features, m.out_features
-            q = min(1.0, (m.rank + 0.5) * (i + o) / (i * o))  # floor(q·i·o/(i+o)) = rank, away from rounding
-            if rank_for_ratio(i, o, q) != m.rank:
-                raise ValueError(f"plan: module {m.name!r}: rank {m.rank} has no ratio giving it exactly")
-            ratios["re:" + re.escape(m.name)] = q
-        init = cfg.get("init", "auto")
-        cfg.update(method="lowrank", targets=list(ratios), exclude=[], module_ratios=ratios,
-                   init=self.init if init == "auto" or cfg.get("method") != "lowrank" else init)
-        return cfg
+        base_cfg = _config(base).to_dict()
+        groups: Dict[tuple, List[PlanEntry]] = {}
+        for m in self.modules:
+            if m.method != "dense":
+                groups.setdefault((m.method, m.nblocks, m.init), []).append(m)
+        out = []
+        for (method, nb, planned_init), mods in groups.items():
+            cfg = dict(base_cfg)
+            ratios = {}
+            for m in mods:
+                ratios["re:" + re.escape(m.name)] = _ratio_for(m, get_family(method))
+            init = cfg.get("init", "auto")
+            if cfg.get("method") != method or init == "auto":
+                init = planned_init or (self.init if method == "lowrank" else "auto")
+            cfg.update(method=method, targets=list(ratios), exclude=[], module_ratios=ratios, init=init)
+            if nb is not None:
+                cfg["nblocks"] = nb
+            out.append(cfg)
+        return out
 
 
-def plan_model(model: nn.Module, target_params, config=None, *, grams=None, ratios=DEFAULT_RATIOS,
-               ranks=None, max_cells: int = MAX_CELLS) -> BudgetPlan:
-    """:func:`sensitivity` then :func:`solve`; the budget is checked before any weight is read."""
+PLAN_METHODS = ("dense", "lowrank", "monarch", "block_lowrank", "sparse24", "dense_sparse")
+
+
+def _ratio_for(m: "PlanEntry", fam) -> float:
+    """A ratio whose family formula gives exactly ``m``'s planned setting (checked)."""
+    i, o = m.in_features, m.out_features
+    if fam.rank_for_ratio is None:  # fixed pattern (2:4): the ratio is ignored
+        return 0.5
+    # the planned params over the dense ones, nudged up by half a step: floor() lands on the rank
+    lo, hi = 1.0 / (i * o), 1.0
+    if m.method == "lowrank":
+        q = min(1.0, (m.rank + 0.5) * (i + o) / (i * o))
+    else:
+        q = None
+        # smallest ratio giving the rank: bisection on the (monotone) family formula
+        kw = {} if m.nblocks is None else {"nblocks": m.nblocks}
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if fam.rank_for_ratio(i, o, mid, **kw) >= m.rank:
+                hi = mid
+            else:
+                lo = mid
+        q = hi
+    kw = {} if m.nblocks is None else {"nblocks": m.nblocks}
+    if fam.rank_for_ratio(i, o, q, **kw) != m.rank:
+        raise ValueError(f"plan: module {m.name!r}: rank {m.rank} has no ratio giving it exactly")
+    return q
+
+
+def _as_latency(latency):
+    from .plan_latency import LatencyModel, latency_model
+
+    if latency is None:
+        return latency_model()
+    if isinstance(latency, LatencyModel):
+        return latency
+    if isinstance(latency, dict):
+        return latency_model(**latency)
+    raise TypeError(f"latency: expected a LatencyModel or a dict of latency_model() arguments "
+                    f"(device, tokens, direction, dtype, bench), got {type(latency).__name__}")
+
+
+def check_budgets(candidates: List[ModuleCandidates], target_params=None, target_latency=None,
+                  latency_info: Optional[dict] = None) -> None:
+    """Every budget error :func:`solve` would raise, from the candidates' parameters and times
+    alone (no score needed, so before any weight is read): bad values, each budget unreachable,
+    and both together unreachable (the least time within the parameter budget, by the same DP)."""
+    if target_params is None and target_latency is None:
+        raise ValueError("target_params / target_latency: expected at least one budget, got neither")
+    zero = [ModuleCandidates(c.name, c.in_features, c.out_features,
+                             [Choice(ch.method, ch.rank, ch.params, 0.0, ch.seconds, ch.nblocks) for ch in c.choices])
+            for c in candidates]
+    total = sum(c.dense_params for c in zero)
+    bp = None
+    if target_params is not None:
+        bp = resolve_budget(target_params, total, sum(min(ch.params for ch in c.choices) for c in zero))
+    if target_latency is not None:
+        timed = [ModuleCandidates(c.name, c.in_features, c.out_features,
+                                  [Choice(ch.method, ch.rank, ch.params, ch.seconds, ch.seconds, ch.nblocks)
+                                   for ch in c.choices]) for c in candidates]
+        if any(ch.seconds is None for c in timed for ch in c.choices):
+            raise ValueError("target_latency: some choices have no time (pass latency= to the planner)")
+        solve(zero, None, target_latency, latency_info=latency_info)  # value and reachability
+        if bp is not None:
+            fastest = solve(timed, bp)  # least time within the parameter budget
+            bt = resolve_latency(target_latency, sum(next(ch.seconds for ch in c.choices if ch.method == "dense")
+                                                     for c in timed))
+            if fastest.exact and fastest.score > bt * (1 + 1e-12):
+                raise ValueError(
+                    f"target_params and target_latency: unreachable together: within {bp:,} parameters the "
+                    f"fastest candidate plan takes {fastest.score * 1e6:.4g} us > {bt * 1e6:.4g} us")
+
+
+def plan_model(model: nn.Module, target_params=None, config=None, *, target_latency=None, latency=None,
+               grams=None, ratios=DEFAULT_RATIOS, ranks=None, methods: Sequence[str] = ("lowrank",),
+               max_cells: int = MAX_CELLS, **grid) -> BudgetPlan:
+    """:func:`candidate_grid`, the budgets checked (:func:`check_budgets`) before any weight is
+    read, then :func:`score_candidates` and :func:`solve`.
+
+    ``target_params``: a fraction of the targets' weight parameters or a count; ``target_latency``:
+    a fraction in ``(0, 1]`` of the targets' dense time under ``latency`` (a
+    :class:`~fastfactor.plan_latency.LatencyModel`, or a dict of
+    :func:`~fastfactor.plan_latency.latency_model` arguments: ``device``, ``tokens``, ``direction``,
+    ``dtype``, ``bench``; default the ``sol`` model on an H200 at 16384 tokens, forward). Either
+    budget or both. ``methods``: the families in the grid besides "dense" (default low-rank only)."""
     from .api import _chosen_targets, _config
-    from .factorize.svd import rank_for_ratio  # noqa: F401  (import errors surface early)
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if target_params is None and target_latency is None:
+        raise ValueError("target_params / target_latency: expected at least one budget, got neither")
+    if target_latency is not None:  # the value alone, before any time is computed
+        resolve_latency(target_latency)
     targets = _chosen_targets(model, _config(config), None)
-    total = sum(t.in_features * t.out_features for t in targets)
-    minimum = 0
-    for t in targets:
-        rs = candidate_ranks(t.in_features, t.out_features, ratios, ranks)
-        minimum += min([t.in_features * t.out_features] + [r * (t.in_features + t.out_features) for r in rs])
-    resolve_budget(target_params, total, minimum)  # before any weight is touched
-    cands = sensitivity(model, grams=grams, ratios=ratios, ranks=ranks, targets=targets)
-    plan = solve(cands, target_params, max_cells=max_cells)
+    lat = _as_latency(latency) if (target_latency is not None or latency is not None) else None
+    cands = candidate_grid(model, targets, ratios=ratios, ranks=ranks, methods=methods, latency=lat, **grid)
+    info = lat.describe() if lat is not None else None
+    check_budgets(cands, target_params, target_latency, info)  # before any weight is touched
+    score_candidates(model, cands, grams)
+    plan = solve(cands, target_params, target_latency, max_cells=max_cells, latency_info=info)
     if grams is not None:
         plan.scorer, plan.init = "whitened", "activation"
+    for m in plan.modules:
+        if m.method != "dense":
+            m.init = score_init(m.method, grams is not None)
+    if lat is not None and plan.latency is None:  # a parameter budget: still report the predicted time
+        dense_s = sum(next(ch.seconds for ch in c.choices if ch.method == "dense") for c in cands)
+        plan.latency = dict(info, fraction=None, budget_s=None, dense_s=dense_s)
     return plan
 
 
-def apply_plan(model: nn.Module, plan: BudgetPlan, data=None, config=None) -> nn.Module:
-    """Execute ``plan`` on ``model`` in place: ``factorize_`` (data-free inits) or, with ``data``,
-    ``fastfactor.compress`` with ``config``'s schedule (staged / offline / all_at_once); returns
-    the model. Every planned module must be a target of the model with the planned shape."""
-    from .api import factorize_
-    from .compress.targets import get_module, dense_view
-
+def as_plan(plan) -> BudgetPlan:
+    """A :class:`BudgetPlan` from itself, its dict, or a path to its JSON."""
+    if isinstance(plan, BudgetPlan):
+        return plan
     if isinstance(plan, dict):
-        plan = BudgetPlan.from_dict(plan)
-    if not isinstance(plan, BudgetPlan):
-        raise TypeError(f"plan: expected a BudgetPlan or its dict, got {type(plan).__name__}")
+        return BudgetPlan.from_dict(plan)
+    if isinstance(plan, (str, os.PathLike)):
+        return BudgetPlan.load(os.fspath(plan))
+    raise TypeError(f"plan: expected a BudgetPlan, its dict or a path to its JSON, got {type(plan).__name__}")
+
+
+def check_plan(model: nn.Module, plan: BudgetPlan) -> None:
+    """Every planned module is a dense linear of ``model`` with the planned shape (shapes only:
+    a meta-device model will do)."""
+    from .compress.targets import dense_view, get_module, is_supported_linear
+
     for m in plan.modules:
         try:
             mod = get_module(model, m.name)
         except (AttributeError, KeyError, ValueError) as e:
             raise ValueError(f"plan: module {m.name!r} not found in {type(model).__name__} ({e})") from None
+        if not is_supported_linear(mod):
+            raise ValueError(f"plan: module {m.name!r}: expected a dense linear layer (an uncompressed model), "
+                             f"got {type(mod).__name__}")
         shape = tuple(dense_view(mod, m.name).weight.shape)
         if shape != (m.out_features, m.in_features):
             raise ValueError(f"plan: module {m.name!r}: expected weight (out, in) = "
                              f"{(m.out_features, m.in_features)}, got {shape}")
-    cfg = plan.to_config(config)
-    if cfg is None:
+
+
+def apply_plan(model: nn.Module, plan: BudgetPlan, data=None, config=None) -> nn.Module:
+    """Execute ``plan`` on ``model`` in place: ``factorize_`` (data-free inits) or, with ``data``,
+    ``fastfactor.compress`` with ``config``'s schedule (staged / offline / all_at_once); returns
+    the model. Every planned module must be a target of the model with the planned shape. A plan
+    mixing methods runs one ``factorize_`` per method, or with data one offline ``compress`` per
+    method (each method's statistics gathered on the model the previous ones left)."""
+    from .api import factorize_
+
+    plan = as_plan(plan)
+    check_plan(model, plan)
+    cfgs = plan.to_configs(config)
+    if not cfgs:
         return model
     if data is None:
-        return factorize_(model, cfg)
+        for cfg in cfgs:  # one factorize_ per method: disjoint module sets
+            factorize_(model, cfg)
+        return model
     from .compress.driver import compress
 
-    compress(model, cfg, data)
+    if len(cfgs) > 1 and cfgs[0]["schedule"] != "offline":
+        raise ValueError(f"plan: mixes methods {plan.methods}: with data it runs one offline compress() per "
+                         f"method (schedule='offline'), got schedule={cfgs[0]['schedule']!r}")
+    if len(cfgs) == 1:
+        compress(model, config, data, plan=plan)
+        return model
+    for cfg in cfgs:
+        compress(model, cfg, data)
     return model
 
 
 __all__ = ["Choice", "ModuleCandidates", "PlanEntry", "BudgetPlan", "candidate_ranks", "tail_energies",
-           "sensitivity", "resolve_budget", "solve", "plan_model", "apply_plan"]
+           "candidate_grid", "score_candidates", "sensitivity", "resolve_budget", "resolve_latency",
+           "check_budgets", "solve", "plan_model", "as_plan", "check_plan", "apply_plan"]

@@ -53,11 +53,16 @@ that reduction is split (same split-K, fixed-order reduce) until the launch fill
 ``db = Σ_m g`` is its own split reduction (``_rowsum_kernel``, ``M·N·e`` bytes, then the same
 reduce), no longer a row sum inside every program of ``dU``'s main loop.
 
-Cost model (:func:`plan`, :class:`CostDevice`; a prediction, not a measurement): per launch
-``max(DRAM bytes / HBM, L2 bytes / L2 bandwidth, issued FLOPs / (rate·eff)) / min(1, P / SMs)``
-with wave quantization, summed over launches (no launch overhead: a lower bound). ``eff`` is 1 for
-cuBLAS, 0.8 for our wgmma tiles (``BLOCK_M >= 64``), 0.4 for mma.sync ones. cuBLAS is given the
-same tiling and traffic as ours (we know its rate, not its tiles). Ties go to our kernels.
+Cost model (:func:`plan`, :func:`plan_bwd`, :func:`choose_path`; a prediction, not a measurement):
+``fastfactor sol``'s own, from one place (``kernels/_cost.py``: device figures and formulas shared
+with :mod:`fastfactor.sol.model`), applied to each path's launches counted from the shapes: per
+launch of ours ``max(DRAM / HBM, L2 bytes / (L2 bw·f), issued FLOPs / (rate·f)) + launch floor``
+(``f`` the busy fraction after wave quantization; re-reads of an operand fitting in half the L2
+cost L2 bandwidth only; HMMA tiles at 0.6 of the wgmma rate), cuBLAS products ideal (operands
+moved once, full rate) plus the launch floor. A kernel of ours is dispatched only where predicted
+at least 5 % faster than the cuBLAS path (``MARGIN``); everywhere else the op calls cuBLAS: never
+slower than the unfused two-matmul path. The backward chooses its own path the same way
+(:func:`choose_bwd_path`).
 
 Save or recompute ``t``
     In training (any input requires grad) the forward also stores ``t`` (``M·R`` elements, i.e.
@@ -86,6 +91,7 @@ from typing import Optional
 
 import torch
 
+from . import _cost
 from ._config import (
     HAS_TRITON,
     KernelSpec,
@@ -705,7 +711,21 @@ if HAS_TRITON:
         _chain_kernel, CHAIN_SPACE, key=["M_BUCKET", "K", "N", "R0", "R1", "R2", "STORE_T"],
         prune=_prune_chain, interpreter=CHAIN_INTERP, deterministic=CHAIN_FIXED, pick=_pick_chain,
     )
-    _gemm_tuned = Tunable(_gemm_kernel, GEMM_SPACE, key=["M", "N", "K", "SPLIT"],
+    def _prune_gemm(configs_, named_args, **kwargs):
+        """Keep the configs whose launch fills the GPU as well as the space allows: with the split
+        count ``S`` of the launch (the workspace's first dimension; 1 unsplit) a config of
+        ``tiles·S`` programs stays when ``tiles·S >= min(SMs, best tiles·S of the space)``, so a
+        long reduction is never handed to a few big tiles by the autotuner."""
+        get = lambda k: kwargs.get(k, named_args.get(k))
+        M, N = int(get("M") or 1), int(get("N") or 1)
+        ws, a = get("ws_ptr"), get("a_ptr")
+        s = int(ws.shape[0]) if isinstance(ws, torch.Tensor) and ws.dim() == 3 and get("SPLIT") else 1
+        sms = num_sms(a.device) if isinstance(a, torch.Tensor) else COST_DEVICE.sms
+        progs = lambda c: -(-M // c.kwargs["BLOCK_M"]) * -(-N // c.kwargs["BLOCK_N"]) * s
+        want = min(sms, max(progs(c) for c in configs_))
+        return [c for c in configs_ if progs(c) >= want] or configs_[:1]
+
+    _gemm_tuned = Tunable(_gemm_kernel, GEMM_SPACE, key=["M", "N", "K", "SPLIT"], prune=_prune_gemm,
                           interpreter=GEMM_INTERP, deterministic=GEMM_FIXED, pick=_pick_gemm)
     _reduce_tuned = Tunable(_splitk_reduce_kernel, REDUCE_SPACE, key=["M", "N"],
                             interpreter=REDUCE_INTERP, deterministic=REDUCE_FIXED)
@@ -765,162 +785,291 @@ if HAS_TRITON:
 # Cost model and path choice
 # ============================================================================================
 
-@dataclasses.dataclass(frozen=True)
-class CostDevice:
-    """Figures the path choice is predicted with (a model, not a measurement). H200 SXM: 132 SMs,
-    4.8 TB/s HBM3e (NVIDIA datasheet), 50 MiB L2 (as H100 SXM), ~7 TB/s L2-to-SM (microbenchmarks of
-    H100 report 5.5-7.5 TB/s), ~790 TFLOP/s bf16/fp16 dense as measured on these machines (TF32
-    half that). ``triton_eff``: the fraction of cuBLAS's compute rate a non-persistent,
-    pointer-based Triton tile reaches on compute-bound shapes (Triton's Hopper tutorials: 70-90 %
-    without TMA/persistence); memory-bound launches that fill the GPU are modelled at full HBM
-    bandwidth for both. To be calibrated with ``make gpu-check`` when a GPU is lent."""
+#: the device figures the dispatcher predicts with: ``fastfactor sol``'s own (``kernels/_cost.py``),
+#: with the real device's SM count substituted at dispatch
+COST_DEVICE = _cost.DEFAULT
+#: deprecated alias (the figures moved to ``kernels/_cost.py``, shared with ``fastfactor sol``)
+CostDevice = _cost.Device
 
-    name: str = "H200"
-    sms: int = 132
-    hbm: float = 4.8e12
-    l2_bytes: int = 50 << 20
-    l2_bw: float = 10.0e12
-    flops: float = 790e12
-    triton_eff: float = 0.8
-
-
-COST_DEVICE = CostDevice()
+_TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp32"}
 
 
 @dataclasses.dataclass
 class Launch:
-    """One kernel launch of a path, as the cost model sees it."""
+    """One launch of a path as the cost model sees it (analytic counts from the shapes, the same
+    quantities ``fastfactor sol`` counts under the interpreter)."""
 
     name: str
     programs: int
-    dram_bytes: float     # compulsory HBM traffic (a re-read of a tensor that fits in L2 comes from L2)
+    dram_bytes: float     # DRAM bytes under the L2 model (re-reads of a tensor fitting in half the L2 are free)
     l2_bytes: float       # every byte requested by the launch's loads and stores
     flops_issued: float   # tensor-core FLOPs including the padding of tiles
     flops_useful: float
-    eff: float = 1.0      # fraction of the tensor-core rate reached (dev.triton_eff for our tiles)
+    hgmma: bool = False   # wgmma tiles (BLOCK_M >= 64, warps a multiple of 4), else mma.sync
+    library: bool = False  # a cuBLAS op: modelled as ideal (bytes moved once, full rate)
+    dtype: str = "bf16"
 
-    def seconds(self, dev: CostDevice = COST_DEVICE, tf32: bool = False) -> float:
-        rate = dev.flops / (2 if tf32 else 1)
-        fill = min(1.0, max(1, self.programs) / dev.sms)
-        waves = -(-self.programs // dev.sms)
-        quant = waves * dev.sms / max(1, self.programs) if self.programs > dev.sms else 1.0
-        mem = max(self.dram_bytes / dev.hbm, self.l2_bytes / dev.l2_bw) / fill
-        comp = self.flops_issued / (rate * self.eff) * quant / fill
-        return max(mem, comp)
+    def seconds(self, dev: _cost.Device = COST_DEVICE) -> float:
+        """Predicted seconds, launch floor included (``kernels/_cost.py``)."""
+        if self.library:
+            return _cost.library_seconds(self.dram_bytes, self.flops_issued, dev, self.dtype)["seconds"]
+        return _cost.kernel_seconds(self.dram_bytes, self.l2_bytes, self.flops_issued, self.programs, dev,
+                                    self.hgmma, self.dtype)["seconds"]
 
 
 def _cd(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _gemm_launches(name, M, N, K, ea, eb, ec, bias, dev, cublas=False, cfg=None) -> list:
-    """Launches of ``C (M, N) = A (M, K)·B (K, N)`` with the tiling of ``cfg`` (default
-    :func:`gemm_config`): the main launch (split-K where the tile grid underfills) and, when split,
-    its fixed-order reduce. ``cublas``: the same tiling and traffic, at cuBLAS's full tensor-core
-    rate (we do not know cuBLAS's tiles better than ours; we know it reaches a higher rate)."""
+def _dram(load: float, size: float, dev: _cost.Device, store: float = 0.0) -> float:
+    """DRAM bytes of one tensor: its unique bytes once when it fits in half the L2, else every byte."""
+    return _cost.dram_bytes(load, min(load, size), size, store, dev)
+
+
+def _hgmma(cfg: dict) -> bool:
+    return cfg["BLOCK_M"] >= 64 and cfg.get("num_warps", 4) % 4 == 0
+
+
+def _reduce_launch(name, S, M, N, ec, bias, dev) -> Launch:
+    """The fixed-order split-K reduce of an ``(S, M, N)`` fp32 workspace (its best config)."""
+    ws = S * M * N * 4
+    out = M * N * ec
+    best = None
+    for c in REDUCE_SPACE:
+        progs = _cd(M, c["BLOCK_M"]) * _cd(N, c["BLOCK_N"])
+        bl = N * ec * _cd(M, c["BLOCK_M"]) if bias else 0
+        l = Launch(name + ".reduce", progs, _dram(ws, ws, dev) + out + _dram(bl, N * ec, dev),
+                   ws + out + bl, 0.0, 0.0)
+        if best is None or l.seconds(dev) < best.seconds(dev):
+            best = l
+    return best
+
+
+def _gemm_launches(name, M, N, K, ea, eb, ec, bias, dev, cublas=False, cfg=None, dtype="bf16",
+                   splits=None) -> list:
+    """Launches of ``C (M, N) = A (M, K)·B (K, N) (+ bias)``.
+
+    Ours (config ``cfg``, default :func:`gemm_config`): every ``N`` tile re-reads its rows of ``A``,
+    every ``M`` tile its columns of ``B`` (DRAM once when the operand fits in half the L2, else every
+    byte), FLOPs issued on padded tiles; split-K (:func:`split_count`) when the tile grid underfills:
+    fp32 partials ``S·M·N·4`` stored, then the reduce launch. ``cublas``: one library op at the
+    roofline (``A``, ``B``, ``C`` moved once)."""
+    useful = 2.0 * M * N * K
+    if cublas:
+        nbytes = M * K * ea + K * N * eb + M * N * ec + (N * ec if bias else 0)
+        return [Launch(name, 0, nbytes, nbytes, useful, useful, library=True, dtype=dtype)]
     c = cfg or gemm_config(M, N, K, dev.sms)
     bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
-    s = split_count(M, N, K, bm, bn, bk, dev.sms)
-    tiles = _cd(M, bm) * _cd(N, bn)
-    a_bytes, b_bytes = M * K * ea, K * N * eb
-    # every N tile re-reads its rows of A, every M tile its columns of B (from L2 when they fit)
-    l2 = a_bytes * _cd(N, bn) + b_bytes * _cd(M, bm)
-    dram = (a_bytes if a_bytes <= dev.l2_bytes else l2 / 2) + (b_bytes if b_bytes <= dev.l2_bytes else l2 / 2)
-    issued = 2.0 * _cd(M, bm) * bm * _cd(N, bn) * bn * _cd(K, bk) * bk
-    useful = 2.0 * M * N * K
-    # mma.sync tiles (BLOCK_M < 64) reach about half the wgmma rate on sm_90
-    eff = 1.0 if cublas else dev.triton_eff * (1.0 if bm >= 64 else 0.5)
-    out = M * N * ec
+    s = splits or split_count(M, N, K, bm, bn, bk, dev.sms)
+    mt, nt = _cd(M, bm), _cd(N, bn)
+    a_size, b_size = M * K * ea, K * N * eb
+    a_load, b_load = a_size * nt, b_size * mt
+    issued = 2.0 * mt * bm * nt * bn * _cd(K, bk) * bk
+    ops = _dram(a_load, a_size, dev) + _dram(b_load, b_size, dev)
     if s == 1:
-        return [Launch(name, tiles, dram + out, l2 + out, issued, useful, eff)]
+        out = M * N * ec
+        bl = N * ec * mt if bias else 0
+        return [Launch(name, mt * nt, ops + out + _dram(bl, N * ec, dev), a_load + b_load + out + bl,
+                       issued, useful, _hgmma(c), dtype=dtype)]
     ws = s * M * N * 4
-    spill = 0 if ws <= dev.l2_bytes else ws
-    red = REDUCE_FIXED
-    return [
-        Launch(name + ".splitk", tiles * s, dram + spill, l2 + ws, issued, useful, eff),
-        Launch(name + ".reduce", _cd(M, red["BLOCK_M"]) * _cd(N, red["BLOCK_N"]), spill + out, ws + out,
-               0.0, 0.0),
-    ]
+    return [Launch(name + ".splitk", mt * nt * s, ops + ws, a_load + b_load + ws, issued, useful, _hgmma(c),
+                   dtype=dtype),
+            _reduce_launch(name, s, M, N, ec, bias, dev)]
+
+
+def _chain_launch(name, M, K, N, R, e, te, bias, save_t, dev, dtype="bf16") -> Launch:
+    """The fused chain ``z = (a·w1ᵀ)·w2ᵀ`` (``a (M, K)``, ``w1 (R, K)``, ``w2 (N, R)``) at its best
+    fitting config: every program streams all of ``w1`` (``P·R·K·e`` requested), each row block all
+    of ``w2``; ``a`` is read once per ``N`` split; ``t`` stored once when ``save_t``."""
+    rp = padded_rank(R)
+    best = None
+    for c in chain_space(rp):
+        bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+        mb, nt = _cd(M, bm), _cd(N, bn)
+        split = max(1, min(nt, (2 * dev.sms) // mb))
+        split = _cd(nt, _cd(nt, split))
+        tpp = _cd(nt, split)
+        P = mb * split
+        a_size, w1_size, w2_size = M * K * e, R * K * e, N * R * e
+        a_load, w1_load, w2_load = a_size * split, w1_size * P, w2_size * mb
+        z, t = M * N * e, (M * R * te if save_t else 0)
+        bl = N * e * mb if bias else 0
+        dram = (_dram(a_load, a_size, dev) + _dram(w1_load, w1_size, dev) + _dram(w2_load, w2_size, dev)
+                + z + t + _dram(bl, N * e, dev))
+        issued = 2.0 * bm * rp * (_cd(K, bk) * bk + tpp * bn) * P
+        l = Launch(name, P, dram, a_load + w1_load + w2_load + z + t + bl, issued, 2.0 * M * R * (K + N),
+                   _hgmma(c), dtype=dtype)
+        if best is None or l.seconds(dev) < best.seconds(dev):
+            best = l
+    return best
+
+
+def _rowsum_launches(name, M, N, e, dev) -> list:
+    """``db = Σ_m g`` of ``g (M, N)``: a library ``sum`` (cuBLAS path) is one op of ``M·N·e`` bytes;
+    ours is :func:`row_sums` of ``gᵀ`` (split over ``M`` until the launch fills, then the reduce)."""
+    c = ROWSUM_FIXED
+    s = split_count(N, 1, M, c["BLOCK_M"], 1, c["BLOCK_K"], dev.sms)
+    g = M * N * e
+    main = Launch(name, _cd(N, c["BLOCK_M"]) * s, _dram(g, g, dev) + s * N * 4, g + s * N * 4, 0.0, 0.0)
+    return [main] + ([_reduce_launch(name, s, 1, N, e, False, dev)] if s > 1 else [])
 
 
 def plan(M: int, K: int, N: int, R: int, path: str, elem: int = 2, save_t: bool = False,
-         dev: CostDevice = COST_DEVICE) -> list:
-    """The launches of a forward ``y (M, N) = (x (M, K)·Vᵀ)·Uᵀ`` on ``path`` with their programs,
-    bytes and FLOPs (see :class:`Launch`); ``elem`` bytes per element of x, U, V and y."""
-    sms = dev.sms
+         dev: _cost.Device = COST_DEVICE, bias: bool = True, dtype: str = "bf16") -> list:
+    """The launches of a forward ``y (M, N) = (x (M, K)·Vᵀ)·Uᵀ (+ b)`` on ``path``, each with its
+    programs, DRAM/L2 bytes and FLOPs (:class:`Launch`); ``elem`` bytes per element of x, U, V, y."""
+    te = 4 if elem == 2 and dtype == "fp16" else elem
     if path == "fused":
-        c = chain_config(M, padded_rank(R))
-        bm, bn = c["BLOCK_M"], c["BLOCK_N"]
-        rp = padded_rank(R)
-        m_blocks, n_tiles = _cd(M, bm), _cd(N, bn)
-        split = max(1, min(n_tiles, (2 * sms) // m_blocks))
-        split = _cd(n_tiles, _cd(n_tiles, split))
-        progs = m_blocks * split
-        v, u = R * K * elem, N * R * elem
-        x_b, y_b = M * K * elem, M * N * elem
-        t_b = M * R * elem if save_t else 0
-        l2 = x_b * split + v * progs + u * m_blocks + y_b + t_b
-        dram = x_b + y_b + t_b + (v if v <= dev.l2_bytes else v * progs) + (u if u <= dev.l2_bytes else u * m_blocks)
-        issued = 2.0 * m_blocks * bm * rp * (_cd(K, c["BLOCK_K"]) * c["BLOCK_K"] * split + n_tiles * bn)
-        eff = dev.triton_eff * (1.0 if bm >= 64 else 0.5)
-        return [Launch("chain", progs, dram, l2, issued, 2.0 * M * R * (K + N), eff)]
+        return [_chain_launch("chain", M, K, N, R, elem, te, bias, save_t, dev, dtype)]
     cublas = path == "torch"
-    return (_gemm_launches("x·Vᵀ", M, R, K, elem, elem, elem, False, dev, cublas)
-            + _gemm_launches("t·Uᵀ", M, N, R, elem, elem, elem, True, dev, cublas))
+    return (_gemm_launches("x·Vᵀ", M, R, K, elem, elem, te, False, dev, cublas, dtype=dtype)
+            + _gemm_launches("t·Uᵀ", M, N, R, te, elem, elem, bias, dev, cublas, dtype=dtype))
+
+
+def plan_bwd(M: int, K: int, N: int, R: int, path: str, elem: int = 2, has_bias: bool = True,
+             need_x: bool = True, need_u: bool = True, need_v: bool = True,
+             dev: _cost.Device = COST_DEVICE, dtype: str = "bf16") -> list:
+    """The launches of the backward (``t`` saved by the forward) on ``path``: ``dt = g·U``,
+    ``dx = dt·V`` (one chain launch on ``'fused'``), ``dU = gᵀ·t``, ``db = Σ_m g``, ``dV = dtᵀ·x``."""
+    te = 4 if dtype == "fp16" else elem
+    cub = path == "torch"
+    out: list = []
+    if need_x and path == "fused":
+        out.append(_chain_launch("dx", M, N, K, R, elem, te, False, need_v, dev, dtype))
+    elif need_x or need_v:
+        out += _gemm_launches("dt", M, R, N, elem, elem, te, False, dev, cub, dtype=dtype)
+        if need_x:
+            out += _gemm_launches("dx", M, K, R, te, elem, elem, False, dev, cub, dtype=dtype)
+    if need_u:
+        out += _gemm_launches("dU", N, R, M, elem, te, elem, False, dev, cub, dtype=dtype)
+    if has_bias:
+        if cub:
+            nbytes = M * N * elem + N * elem
+            out.append(Launch("db", 0, nbytes, nbytes, 0.0, 0.0, library=True, dtype=dtype))
+        else:
+            out += _rowsum_launches("db", M, N, elem, dev)
+    if need_v:
+        out += _gemm_launches("dV", R, K, M, te, elem, elem, False, dev, cub, dtype=dtype)
+    return out
 
 
 def predicted_seconds(M: int, K: int, N: int, R: int, path: str, elem: int = 2,
-                      dev: CostDevice = COST_DEVICE) -> float:
-    """Predicted forward time of ``path`` (sum over its launches; no launch overhead: a lower bound)."""
-    return sum(l.seconds(dev) for l in plan(M, K, N, R, path, elem, dev=dev))
+                      dev: _cost.Device = COST_DEVICE, **kw) -> float:
+    """Predicted forward seconds of ``path``: the sum over its launches, each with its launch floor."""
+    return sum(l.seconds(dev) for l in plan(M, K, N, R, path, elem, dev=dev, **kw))
 
 
 PATHS = ("fused", "two_gemm", "torch")
 
 
-def choose_path(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = None) -> str:
+def _forced(R: int) -> Optional[str]:
+    forced = os.environ.get("FASTFACTOR_LOWRANK_PATH")
+    if not forced:
+        return None
+    if forced not in PATHS:
+        raise ValueError(f"FASTFACTOR_LOWRANK_PATH: expected one of {', '.join(PATHS)}, got {forced!r}")
+    if forced == "fused" and padded_rank(R) > FUSED_MAX_R:
+        return "two_gemm"
+    return forced
+
+
+def chain_recomputes(M: int, N: int, R: int, sms: int = COST_DEVICE.sms) -> bool:
+    """Whether the chain kernel at its deterministic config splits the ``N`` tiles of a row block
+    over several programs (too few row blocks to fill the GPU), each recomputing the block's
+    intermediate: ``V`` read once per program and the first product's FLOPs issued once per split.
+    The dispatcher never chooses such a launch (the re-read and issued-FLOP budgets of the perf
+    tier forbid it); ``FASTFACTOR_LOWRANK_PATH=fused`` still runs it."""
+    c = chain_config(M, padded_rank(R))
+    mb, nt = _cd(M, c["BLOCK_M"]), _cd(N, c["BLOCK_N"])
+    return min(nt, (2 * sms) // mb) > 1
+
+
+def _candidates(R: int, dtype: Optional[torch.dtype], M: int = 0, N: int = 0, sms: int = COST_DEVICE.sms) -> list:
+    fused = padded_rank(R) <= FUSED_MAX_R and not chain_recomputes(M, N, R, sms)
+    cands = ["two_gemm"] + (["fused"] if fused else [])
+    if dtype != torch.float16:
+        cands.append("torch")
+    return cands
+
+
+#: a kernel of ours is chosen over the cuBLAS path only when predicted at least this much faster
+#: (``t_ours <= MARGIN·t_cublas``): the analytic counts of :func:`plan` and the interpreter's of
+#: ``fastfactor sol`` agree to a few per cent (tests/lowrank/test_dispatch.py), not exactly
+MARGIN = 0.95
+
+
+def _pick(cost: dict) -> str:
+    ours = {p: c for p, c in cost.items() if p != "torch"}
+    best = min(ours, key=ours.get)
+    if "torch" in cost and not ours[best] <= MARGIN * cost["torch"]:
+        return "torch"
+    return best
+
+
+def _device_for(sms: Optional[int]) -> _cost.Device:
+    return COST_DEVICE if not sms or sms == COST_DEVICE.sms else dataclasses.replace(COST_DEVICE, sms=int(sms))
+
+
+def path_costs(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = None, bias: bool = True,
+               direction: str = "fwd", sms: Optional[int] = None, **need) -> dict:
+    """Predicted seconds of every candidate path (``direction`` ``'fwd'`` or ``'bwd'``)."""
+    dev = _device_for(sms)
+    elem = 4 if dtype == torch.float32 else 2
+    dt = _TT.get(dtype, "bf16")
+    out = {}
+    cands = _candidates(R, dtype, M, N if direction == "fwd" else K, dev.sms)
+    for p in cands:
+        ls = (plan(M, K, N, R, p, elem, dev=dev, bias=bias, dtype=dt) if direction == "fwd"
+              else plan_bwd(M, K, N, R, p, elem, bias, dev=dev, dtype=dt, **need))
+        out[p] = sum(l.seconds(dev) for l in ls)
+    return out
+
+
+def choose_path(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = None,
+                bias: bool = True, sms: Optional[int] = None) -> str:
     """The forward path for ``x (M, K)``, ``V (R, K)``, ``U (N, R)``, chosen by predicted cost.
 
     Paths: ``'fused'`` (chain kernel, ``t`` in registers; needs ``padded_rank(R) <= 256``),
     ``'two_gemm'`` (our Triton GEMMs, ``t`` through memory, split-K with a fixed-order reduce when
-    the tile grid gives fewer programs than SMs: the skinny/decode path), ``'torch'`` (two cuBLAS
-    products, ``torch.mm`` / ``torch.addmm``).
+    the tile grid gives fewer programs than SMs), ``'torch'`` (two cuBLAS products,
+    ``torch.mm`` / ``torch.addmm``).
 
-    Cost model (:func:`plan`, :class:`CostDevice`): per launch
-    ``max(DRAM bytes / HBM, L2 bytes / L2 bandwidth, issued FLOPs / (rate·triton_eff) with wave
-    quantization) / min(1, programs / SMs)``, summed over launches; cuBLAS is given the same
-    tiling and traffic as ours at the full tensor-core rate. Our kernels win where the op is memory-bound and they fill the
-    GPU (a tie at equal bytes goes to our kernels, whose traffic is counted rather than assumed);
-    cuBLAS wins where it is compute-bound, since ``triton_eff = 0.8``. Resulting switch points
-    (bf16, ratio 0.25, H200 figures; ``M`` from which ``'torch'`` is chosen): d = 2048: 2048,
-    d = 4096: 1024, d = 8192: 512 (128 at a near-tie); d <= 1024 stays memory-bound on our split
-    GEMMs up to M = 16384. Predicted at M = 16: d = 4096 2.2 µs (dense ``F.linear`` 7.1 µs, 3.3x),
-    d = 8192 7.4 µs (28.1 µs, 3.8x); at M = 16384 the cuBLAS path, 3.8-3.9x dense (forward). To be
-    recalibrated with ``make gpu-check``. fp16 never takes ``'torch'``: its intermediate is fp32
-    (range) and cuBLAS has no fp32 x fp16 product; those products stay on our TF32 GEMM.
+    Cost model: ``fastfactor sol``'s own (``kernels/_cost.py``: the same device figures and terms),
+    applied to the launches of each path counted from the shapes (:func:`plan`): per launch of ours
+    ``max(DRAM / HBM, L2 bytes / (L2 bandwidth·f), issued FLOPs / (rate·f)) + launch floor``
+    with ``f`` the busy fraction after wave quantization, re-reads of an operand that fits in half
+    the L2 costing L2 bandwidth only, HMMA tiles (``BLOCK_M < 64``) at 0.6 of the wgmma rate;
+    cuBLAS products ideal (operands moved once, full rate) plus the launch floor. A kernel of ours
+    is chosen only where it is predicted strictly faster than the cuBLAS path (never slower than
+    the obvious alternative); ties go to cuBLAS. Since the model gives cuBLAS the roofline, our
+    split GEMMs (more launches, the same bytes) never win it; the fused chain wins where the saved
+    round trip of ``t`` and the saved launch outweigh the re-reads of ``V`` from L2 (few columns,
+    many rows: d = 768 at M = 16384). fp16 never takes ``'torch'``: its intermediate is fp32 (range)
+    and cuBLAS has no fp32 x fp16 product. ``sms``: the device's SM count (default the model's 132).
 
     ``FASTFACTOR_LOWRANK_PATH=fused|two_gemm|torch`` forces a path (``fused`` falls back to
     ``two_gemm`` where the rank does not fit the registers).
     """
-    fits = padded_rank(R) <= FUSED_MAX_R
-    forced = os.environ.get("FASTFACTOR_LOWRANK_PATH")
+    forced = _forced(R)
     if forced:
-        if forced not in PATHS:
-            raise ValueError(
-                f"FASTFACTOR_LOWRANK_PATH: expected one of {', '.join(PATHS)}, got {forced!r}"
-            )
-        if forced == "fused" and not fits:
-            return "two_gemm"
         return forced
     if min(M, K, N, R) <= 0:
         return "two_gemm"  # nothing to choose: the launchers handle empty products without a kernel
-    cands = ["two_gemm"] + (["fused"] if fits else [])
-    if dtype != torch.float16:
-        cands.append("torch")
-    elem = 4 if dtype == torch.float32 else 2
-    cost = {p: predicted_seconds(M, K, N, R, p, elem) for p in cands}
-    best = min(cands, key=lambda p: (cost[p], p == "torch"))  # ties: our kernels
-    return best
+    return _pick(path_costs(M, K, N, R, dtype, bias, "fwd", sms))
+
+
+def choose_bwd_path(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = None,
+                    has_bias: bool = True, need_x: bool = True, need_u: bool = True, need_v: bool = True,
+                    sms: Optional[int] = None) -> str:
+    """The backward path for the same shapes as :func:`choose_path` (``x (M, K)``, ``U (N, R)``),
+    by the same cost model applied to the backward's launches (:func:`plan_bwd`)."""
+    forced = _forced(R)
+    if forced:
+        return forced
+    if min(M, K, N, R) <= 0:
+        return "two_gemm"
+    return _pick(path_costs(M, K, N, R, dtype, has_bias, "bwd", sms,
+                            need_x=need_x, need_u=need_u, need_v=need_v))
 
 
 # ============================================================================================
@@ -1081,7 +1230,7 @@ def lowrank_fwd(
     """Forward launcher: ``(y, t or None)`` for ``x (M, K)``, ``u (N, R)``, ``v (R, K)``."""
     M, K = x.shape
     N, R = u.shape
-    path = path or choose_path(M, K, N, R, x.dtype)
+    path = path or choose_path(M, K, N, R, x.dtype, bias is not None, num_sms(x.device))
     if path == "fused":
         return chain(x, v, u, bias, store_t=save_t)
     inter = intermediate_dtype(x.dtype)
@@ -1116,7 +1265,7 @@ def lowrank_bwd(
     M, K = x.shape
     N, R = u.shape
     dx = du = dv = db = None
-    path = path or choose_path(M, N, K, R, g.dtype)
+    path = path or choose_bwd_path(M, K, N, R, g.dtype, has_bias, need_x, need_u, need_v, num_sms(g.device))
     if M == 0:
         z = lambda *s, like: torch.zeros(s, device=like.device, dtype=like.dtype)
         return (
@@ -1143,7 +1292,9 @@ def lowrank_bwd(
             t = mm(x, v.t(), intermediate_dtype(x.dtype))
         du = mm(g.t(), t, u.dtype)                                   # dU = gᵀ·t
     if has_bias:
-        db = (g.sum(0, dtype=acc_dtype(g.dtype)) if use_mm else row_sums(g.t())).to(g.dtype)  # db = Σ_m g
+        # db = Σ_m g: PyTorch's own column sum on the cuBLAS path (fp32 accumulation inside, one
+        # rounding, one launch: what autograd of F.linear runs), else our split row sum
+        db = g.sum(0) if use_mm else row_sums(g.t()).to(g.dtype)
     if need_v:
         dv = mm(dt.t(), x, v.dtype)                                  # dV = dtᵀ·x
     return dx, du, dv, db

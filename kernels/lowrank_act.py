@@ -42,7 +42,7 @@ from typing import Optional
 
 import torch
 
-from ._config import acc_dtype
+from ._config import acc_dtype, num_sms
 from . import lowrank as L
 
 #: activation name -> the chain kernel's ACT code
@@ -176,7 +176,7 @@ def lowrank_act_fwd(
     M, K = x.shape
     N, R = u.shape
     code = act_code(act)
-    path = path or L.choose_path(M, K, N, R, x.dtype)
+    path = path or L.choose_path(M, K, N, R, x.dtype, bias is not None, num_sms(x.device))
     inter = L.intermediate_dtype(x.dtype)
     if min(M, K, N, R) == 0:  # empty products: the reference's answer, no kernel
         y, h = lowrank_act_ref(x, u, v, bias, cb, act, return_h=True)
@@ -218,7 +218,8 @@ def lowrank_act_bwd(
     need_cb = need_cb and cb is not None
     if min(M, K, N, R) == 0:
         return lowrank_act_bwd_ref(g, x, u, v, cb, h, act, has_bias, need_x, need_u, need_v, need_cb)
-    path = path or L.choose_path(M, N, K, R, g.dtype)
+    path = path or L.choose_bwd_path(M, K, N, R, g.dtype, has_bias, need_x, need_u, need_v or need_cb,
+                                     num_sms(g.device))
     acc = acc_dtype(g.dtype)
     inter = L.intermediate_dtype(g.dtype)
     use_mm = path == "torch" and inter == g.dtype

@@ -129,8 +129,10 @@ from ._config import (
     m_bucket,
     next_pow2,
     register_kernel,
+    row_block_grid,
     upcast_dots,
 )
+from . import _config
 from .lowrank import intermediate_dtype
 
 if HAS_TRITON:
@@ -332,6 +334,47 @@ BGEMM_SPACE = [
     dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
 ]
+
+# the row-block kernel (one program per BLOCK_M rows and all its output tiles, h on chip)
+ROWS_INTERP = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+ROWS_FIXED = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+# (the interpreter's config last: where the model predicts a tie, the wider tiles come first)
+ROWS_SPACE = [
+    ROWS_FIXED,
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3),
+    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3),
+    ROWS_INTERP,
+]
+#: the weight-gradient kernel (a packed product over a split of the rows, fixed-order partials)
+WGRAD_INTERP = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+WGRAD_FIXED = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)
+WGRAD_SPACE = [
+    WGRAD_FIXED,
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=256, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    WGRAD_INTERP,
+]
+#: widest on-chip h (columns, b·b·r padded) the row-block kernel takes
+ROWS_MAX_WIDTH = 64
+
+
+def rows_width(nblocks: int, rank: int) -> int:
+    """Columns of the row-block kernel's on-chip ``h``: ``b·b·r`` padded to a power of two >= 16."""
+    return max(16, next_pow2(nblocks * nblocks * rank))
+
+
+def _pick_rows(named: dict) -> dict:
+    """Deterministic config of the row-block kernel: small row tiles for few rows."""
+    M = named.get("M", 1 << 20)
+    if M <= 2048:
+        return ROWS_SPACE[4]
+    if M <= 8192:
+        return ROWS_SPACE[3]
+    return ROWS_FIXED
+
 
 
 #: largest BLOCK_R x BLOCK_N (the w2 tile of the chain's second product) with an fp32 intermediate:
@@ -562,6 +605,200 @@ if HAS_TRITON:
             if pid_n == 0:
                 tl.store(rowsum_ptr + fa_i, rsum.to(rowsum_ptr.dtype.element_ty), mask=mask_i & (fa_i < FA_LIM))
 
+    @triton.jit
+    def _rows_kernel(
+        # --- pointers ---
+        a_ptr,     # (M, F_IN) input rows: x (forward) or g = dL/dy (backward dx)
+        f1_ptr,    # first factor, element (q, p, t, c) at q*s1q + p*s1p + t*s1t + c*s1c
+                   #   forward: w1[q, p*R + t, c]; backward: w2[q, c, p*R + t]
+        f2_ptr,    # second factor, element (p, s, q, t) at p*s2p + s*s2s + q*s2q + t*s2t
+                   #   forward: w2[p, s, q*R + t]; backward: w1[p, q*R + t, s]
+        bias_ptr,  # (F_OUT,) added to the output; read only when HAS_BIAS
+        z_ptr,     # (M, F_OUT) output: y (forward) or dx (backward)
+        h_ptr,     # (M, NB*NB*R) intermediate, column p*NB*R + q*R + t (hbuf[m, l, j, t] forward,
+                   #   dh[m, j, l, t] backward); written when STORE_H by the programs of split 0
+        # --- dimensions ---
+        M, NB, R,
+        CB,        # input block size (kb forward, nb backward)
+        SB,        # output block size (nb forward, kb backward)
+        F_IN, F_OUT,
+        M_BUCKET,  # autotune key only
+        # --- strides (in elements) ---
+        stride_am, stride_af, stride_zm, stride_zf, shm,
+        s1q, s1p, s1t, s1c,
+        s2p, s2s, s2q, s2t,
+        # --- meta-parameters ---
+        HAS_BIAS: tl.constexpr,
+        STORE_H: tl.constexpr,
+        H_FP32: tl.constexpr,          # keep the intermediate in fp32 (fp16 inputs: range safety)
+        UPCAST: tl.constexpr,          # upcast dot operands to fp32 (interpreter)
+        PRECISION: tl.constexpr,
+        FP64: tl.constexpr,
+        IN_INTERLEAVED: tl.constexpr,  # input feature f = c*NB + q (Monarch g); else q*CB + c
+        OUT_INTERLEAVED: tl.constexpr, # output feature f = s*NB + p (Monarch y); else p*SB + s
+        HP: tl.constexpr,              # columns of the on-chip h: a power of two >= max(16, NB*NB*R)
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,         # output features per tile (contiguous)
+        BLOCK_K: tl.constexpr,         # input features per step (contiguous)
+    ):
+        pid_m = tl.program_id(0)
+        pid_o = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        # the columns of h: p = output block, q = input block, t = rank index
+        cols = tl.arange(0, HP)
+        QT = NB * R
+        p_h = cols // QT
+        qt_h = cols - p_h * QT
+        q_h = qt_h // R
+        t_h = qt_h - q_h * R
+        valid_h = cols < NB * QT
+
+        if FP64:
+            h = tl.zeros((BLOCK_M, HP), dtype=tl.float64)
+        else:
+            h = tl.zeros((BLOCK_M, HP), dtype=tl.float32)
+        # ---- stage 1: h[:, (p, q, t)] = Σ_c a[:, f(q, c)] · F1(q, p, t, c), every block at once:
+        # a contiguous tile of input features times the packed factor tile whose column (p, q, t)
+        # holds F1(q, p, t, ·) on the rows of block q and zeros elsewhere (block-diagonal) ----
+        k_idx = tl.arange(0, BLOCK_K)
+        for f0 in range(0, F_IN, BLOCK_K):
+            ff = f0 + k_idx
+            mask_f = ff < F_IN
+            if IN_INTERLEAVED:
+                q_f = ff % NB
+                c_f = ff // NB
+            else:
+                q_f = ff // CB
+                c_f = ff - q_f * CB
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + ff[None, :] * stride_af,
+                        mask=mask_m[:, None] & mask_f[None, :], other=0.0)
+            w = tl.load(  # (BLOCK_K, HP)
+                f1_ptr + q_h[None, :] * s1q + p_h[None, :] * s1p + t_h[None, :] * s1t + c_f[:, None] * s1c,
+                mask=mask_f[:, None] & valid_h[None, :] & (q_f[:, None] == q_h[None, :]), other=0.0,
+            )
+            if UPCAST and not FP64:
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            h = tl.dot(a, w, h, input_precision=PRECISION)
+
+        if H_FP32:
+            h_lo = h                              # fp32: h may exceed fp16's range
+        else:
+            h_lo = h.to(z_ptr.dtype.element_ty)   # rounded like a two-matmul path
+        if STORE_H:
+            if pid_o == 0:
+                tl.store(h_ptr + offs_m[:, None] * shm + cols[None, :], h_lo.to(h_ptr.dtype.element_ty),
+                         mask=mask_m[:, None] & valid_h[None, :])
+        if (UPCAST or H_FP32) and not FP64:
+            h_lo = h_lo.to(tl.float32)
+
+        # ---- stage 2: contiguous output tiles; column f = (p, s) gathers row F2(p, s, ·, ·) into
+        # the rows (p, q, t) of the packed tile (P₁ and P₂ are this addressing) ----
+        # grid axis 1 splits the output tiles (only when the row blocks alone underfill the GPU;
+        # kernels._config.row_block_grid): each split recomputes stage 1 for its rows
+        n_idx = tl.arange(0, BLOCK_N)
+        per = tl.cdiv(tl.cdiv(F_OUT, BLOCK_N), tl.num_programs(1))
+        o_lo = pid_o * per * BLOCK_N
+        o_hi = tl.minimum(F_OUT, o_lo + per * BLOCK_N)
+        for o0 in range(o_lo, o_hi, BLOCK_N):
+            fo = o0 + n_idx
+            mask_o = fo < o_hi
+            if OUT_INTERLEAVED:
+                p_o = fo % NB
+                s_o = fo // NB
+            else:
+                p_o = fo // SB
+                s_o = fo - p_o * SB
+            w = tl.load(  # (HP, BLOCK_N)
+                f2_ptr + p_o[None, :] * s2p + s_o[None, :] * s2s + q_h[:, None] * s2q + t_h[:, None] * s2t,
+                mask=mask_o[None, :] & valid_h[:, None] & (p_h[:, None] == p_o[None, :]), other=0.0,
+            )
+            if (UPCAST or H_FP32) and not FP64:
+                w = w.to(tl.float32)
+            if FP64:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+            else:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = tl.dot(h_lo, w, acc, input_precision=PRECISION)
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + fo, mask=mask_o, other=0.0).to(acc.dtype)
+                acc = acc + bias[None, :]
+            tl.store(z_ptr + offs_m[:, None] * stride_zm + fo[None, :] * stride_zf,
+                     acc.to(z_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_o[None, :])
+
+    @triton.jit
+    def _wgrad_kernel(
+        # --- pointers ---
+        d_ptr,       # (M, F) data rows: g (dw2, db) or x (dw1)
+        h_ptr,       # (M, NB*NB*R) intermediate: hbuf (dw2) or dh (dw1), column p*NB*R + qt
+                     #   where p is the block of the data feature it pairs with
+        out_ptr,     # partials (fp32; the factor's dtype when there is one split): element (split, p, s, qt) at
+                     #   split*so + p*sop + s*sos + qt*soq
+        rowsum_ptr,  # (SPLIT, F) Σ_m d[m, f] over the split's rows; written when ROWSUM
+        # --- dimensions ---
+        M, NB, R, SB,
+        F,           # data features (loads); features in [F, NB*SB) are padding, written as zeros
+
+        ROWS,        # rows per split (a multiple of BLOCK_M): split s owns rows [s*ROWS, (s+1)*ROWS)
+        # --- strides (in elements) ---
+        sdm, sdf, shm, so, sop, sos, soq,
+        # --- meta-parameters ---
+        ROWSUM: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        FP64: tl.constexpr,
+        MIXED: tl.constexpr,         # d and h differ in dtype (fp32 intermediate x fp16): both to fp32
+        INTERLEAVED: tl.constexpr,   # feature f = s*NB + p (Monarch g); else p*SB + s
+        HP: tl.constexpr,
+        BLOCK_M: tl.constexpr,       # rows per step of the reduction
+        BLOCK_N: tl.constexpr,       # data features per program
+    ):
+        pid_f = tl.program_id(0)
+        split = tl.program_id(1)
+        ff = pid_f * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_f = ff < F
+        mask_w = ff < NB * SB
+        if INTERLEAVED:
+            p_f = ff % NB
+            s_f = ff // NB
+        else:
+            p_f = ff // SB
+            s_f = ff - p_f * SB
+        cols = tl.arange(0, HP)
+        QT = NB * R
+        p_h = cols // QT
+        qt_h = cols - p_h * QT
+        valid_h = cols < NB * QT
+        if FP64:
+            acc = tl.zeros((BLOCK_N, HP), dtype=tl.float64)
+            rs = tl.zeros((BLOCK_N,), dtype=tl.float64)
+        else:
+            acc = tl.zeros((BLOCK_N, HP), dtype=tl.float32)
+            rs = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        m_lo = split * ROWS
+        m_hi = tl.minimum(M, m_lo + ROWS)
+        r_idx = tl.arange(0, BLOCK_M)
+        for m0 in range(m_lo, m_hi, BLOCK_M):
+            mm = m0 + r_idx
+            mask_r = mm < m_hi
+            d = tl.load(d_ptr + mm[:, None] * sdm + ff[None, :] * sdf,
+                        mask=mask_r[:, None] & mask_f[None, :], other=0.0)
+            hh = tl.load(h_ptr + mm[:, None] * shm + cols[None, :],
+                         mask=mask_r[:, None] & valid_h[None, :], other=0.0)
+            if ROWSUM:
+                rs += tl.sum(d.to(rs.dtype), axis=0)
+            if (UPCAST or MIXED) and not FP64:
+                d = d.to(tl.float32)
+                hh = hh.to(tl.float32)
+            acc = tl.dot(tl.trans(d), hh, acc, input_precision=PRECISION)
+        # the packed product holds every (feature, column) pair; the block-diagonal ones are kept
+        tl.store(out_ptr + split * so + p_f[:, None] * sop + s_f[:, None] * sos + qt_h[None, :] * soq,
+                 acc.to(out_ptr.dtype.element_ty),
+                 mask=mask_w[:, None] & valid_h[None, :] & (p_h[None, :] == p_f[:, None]))
+        if ROWSUM:
+            tl.store(rowsum_ptr + split * F + ff, rs.to(rowsum_ptr.dtype.element_ty), mask=mask_f)
+
     # autotuned launchers; in deterministic mode they run one fixed config (kernels._config.Tunable)
     _chain_tuned = Tunable(
         _chain_kernel, CHAIN_SPACE,
@@ -570,6 +807,15 @@ if HAS_TRITON:
     )
     _bgemm_tuned = Tunable(_bgemm_kernel, BGEMM_SPACE, key=["G", "I", "J", "KR", "MIXED"],
                            interpreter=BGEMM_INTERP, deterministic=BGEMM_FIXED)
+    _rows_tuned = Tunable(
+        _rows_kernel, ROWS_SPACE,
+        key=["M_BUCKET", "NB", "R", "F_IN", "F_OUT", "STORE_H", "H_FP32", "IN_INTERLEAVED", "OUT_INTERLEAVED"],
+        interpreter=ROWS_INTERP, deterministic=ROWS_FIXED, pick=_pick_rows,
+    )
+    _wgrad_tuned = Tunable(
+        _wgrad_kernel, WGRAD_SPACE, key=["NB", "R", "F", "ROWS", "MIXED", "INTERLEAVED"],
+        interpreter=WGRAD_INTERP, deterministic=WGRAD_FIXED,
+    )
 
     # ---- compile-tier registration (signatures derived from the kernels' arguments) ----
     # innermost strides that are 1 in the common (contiguous) call: compile-check also compiles the
@@ -596,6 +842,57 @@ if HAS_TRITON:
         ],
         space=BGEMM_SPACE,
         unit_args=("scj",),
+    ))
+    # the row-block kernels: forward (x -> y, interleaved output for Monarch, contiguous for
+    # block-wise low-rank) and backward dx (g -> dx, interleaved input for Monarch)
+    _ROWS_UNIT = ("stride_af", "stride_zf", "s1c", "s2t")
+    register_kernel(KernelSpec(
+        name="monarch.rows",
+        fn=_rows_kernel,
+        constexprs=[
+            dict(HAS_BIAS=True, STORE_H=False, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
+                 IN_INTERLEAVED=False, OUT_INTERLEAVED=True, HP=16),
+            dict(HAS_BIAS=False, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
+                 IN_INTERLEAVED=True, OUT_INTERLEAVED=False, HP=16),
+            dict(HAS_BIAS=True, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
+                 IN_INTERLEAVED=False, OUT_INTERLEAVED=False, HP=64),
+        ],
+        space=ROWS_SPACE,
+        unit_args=_ROWS_UNIT,
+    ))
+    register_kernel(KernelSpec(
+        name="monarch.rows_fp16",
+        fn=_rows_kernel,
+        pointers={"h_ptr": "fp32"},
+        constexprs=[
+            dict(HAS_BIAS=True, STORE_H=True, H_FP32=True, UPCAST=False, PRECISION="tf32", FP64=False,
+                 IN_INTERLEAVED=False, OUT_INTERLEAVED=True, HP=16),
+        ],
+        space=ROWS_SPACE,
+        dtypes=("fp16",),
+        unit_args=_ROWS_UNIT,
+    ))
+    register_kernel(KernelSpec(
+        name="monarch.wgrad",
+        fn=_wgrad_kernel,
+        pointers={"out_ptr": "fp32", "rowsum_ptr": "fp32"},
+        constexprs=[
+            dict(ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False, INTERLEAVED=True, HP=16),
+            dict(ROWSUM=False, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False, INTERLEAVED=False, HP=64),
+        ],
+        space=WGRAD_SPACE,
+        unit_args=("sdf", "sos", "soq"),
+    ))
+    register_kernel(KernelSpec(
+        name="monarch.wgrad_fp16",
+        fn=_wgrad_kernel,
+        pointers={"h_ptr": "fp32", "out_ptr": "fp32", "rowsum_ptr": "fp32"},
+        constexprs=[
+            dict(ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=True, INTERLEAVED=True, HP=16),
+        ],
+        space=WGRAD_SPACE,
+        dtypes=("fp16",),
+        unit_args=("sdf", "sos", "soq"),
     ))
     # fp16 inputs keep the intermediate in fp32: the fused chain with H_FP32 storing an fp32 h,
     # and the batched GEMM with MIXED operands, fp32 A against fp16 B (stage 2 h·w2, dx = dh·w1,
@@ -629,28 +926,166 @@ if HAS_TRITON:
 # Launchers
 # ============================================================================================
 
-def choose_path(M: int, K: int, N: int, nblocks: int, rank: int) -> str:
-    """``'fused'`` (chain kernel, ``h`` on chip) or ``'two_stage'`` (``h`` through memory).
+PATHS = ("rows", "fused", "two_stage", "torch")
 
-    The fused chain recomputes stage 1 once per 256-row tile of an output block; it is chosen
-    when that redundancy costs at most half the minimal FLOPs, or when there are few rows (the op
-    is then bound by memory and latency, where one launch and no round trip of ``h`` win).
-    Provisional thresholds (unmeasured: no GPU was available); ``FASTFACTOR_MONARCH_PATH=fused|
-    two_stage`` forces a path.
+
+def _path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int = 2,
+                  inter: int = 2, save_h: bool = False, strided: bool = True, dev=None) -> float:
+    """Predicted forward seconds of ``path`` on ``dev`` (default: the H200 of ``fastfactor sol``),
+    counting bytes moved *and* tensor FLOPs issued (tile padding included), each launch
+    ``max(DRAM bytes / HBM, issued FLOPs / (rate · fill)) + launch floor`` with the device
+    figures and the matrix rates of :mod:`fastfactor.sol.model` (HMMA share for tiles under 64
+    rows). A lower bound, as ``sol`` is; **predicted, not measured**. Torch ops are modelled as
+    ``sol`` models them (``torch_op_time``: every operand moved once, cuBLAS at the roofline).
+    """
+    from fastfactor.sol import model as SM
+    from fastfactor.sol.device import H200
+
+    dev = dev or H200
+    kb, nb = cdiv(K, b), cdiv(N, b)
+    Kp, Np, br = b * kb, b * nb, b * r
+    hw = b * br                                  # h per row
+    x_b, y_b, h_b = M * K * elem, M * N * elem, M * hw * inter
+    w_b = (b * br * kb + b * nb * br) * elem
+    rate = SM.rate_for("bf16" if elem == 2 else "fp32", dev)
+
+    def launch(programs, dram, flops, hgmma=True):
+        _, f = SM.fill(programs, dev)
+        r_ = rate if hgmma else rate * dev.hmma_fraction
+        return max(dram / dev.hbm_bw, flops / (r_ * f) if flops else 0.0) + dev.launch_s
+
+    if path == "rows":
+        hp = rows_width(b, r)
+        best = None
+        for bm in (16, 32, 64, 128):
+            m_blocks = cdiv(M, bm)
+            tiles = cdiv(N, 128)
+            split = max(1, min(tiles, (2 * dev.sms) // m_blocks))
+            split = cdiv(tiles, cdiv(tiles, split))
+            reread = (split - 1) * x_b if x_b > dev.l2_bytes / 2 else 0
+            dram = x_b + y_b + w_b + (h_b if save_h else 0) + reread
+            flops = 2.0 * m_blocks * bm * hp * (Kp * split + Np)
+            t = launch(m_blocks * split, dram, flops, hgmma=bm >= 64)
+            best = t if best is None else min(best, t)
+        return best
+    if path == "two_stage":
+        # stage 1 (batched over input blocks, 64-wide column tiles at least), stage 2 (batched
+        # over output blocks, the reduction b·r padded to a 64-deep step)
+        pad_n, pad_k = max(64, next_pow2(br)), cdiv(br, 64) * 64
+        t1 = launch(b * cdiv(M, 128) * cdiv(br, 128), x_b + h_b, 2.0 * M * Kp * pad_n)
+        t2 = launch(b * cdiv(M, 128) * cdiv(nb, 128), h_b + y_b, 2.0 * M * Np * pad_k)
+        return t1 + t2
+    if path == "fused":
+        # the chain: one program per (row block, output block, output tile); every output block
+        # re-reads its row block of x, from DRAM when x does not fit in half the L2
+        tiles = cdiv(nb, 128)
+        reads = b * tiles
+        dram = x_b * (1 if x_b <= dev.l2_bytes / 2 else reads) + y_b + (h_b if save_h else 0) + w_b
+        flops = 2.0 * M * max(16, next_pow2(r)) * b * (Kp * tiles + Np)
+        return launch(cdiv(M, 64) * b * tiles, dram, flops)
+    if path == "torch":
+        # monarch_bmm in x's dtype: bmm, the P₁ copy of h, bmm, the P₂ copy of y, the bias add
+        ops = [(x_b + w_b / 2 + h_b, 2.0 * M * Kp * br), (2 * h_b, 0), (h_b + w_b / 2 + y_b, 2.0 * M * Np * br),
+               (2 * y_b, 0), (2 * y_b, 0)]
+        return sum(max(nbytes / dev.hbm_bw, fl / rate) + dev.launch_s for nbytes, fl in ops)
+    raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+
+
+def rows_supported(nblocks: int, rank: int) -> bool:
+    """The row-block kernel keeps ``h`` (``b·b·r`` values per row) on chip up to
+    :data:`ROWS_MAX_WIDTH` columns."""
+    return nblocks * nblocks * rank <= ROWS_MAX_WIDTH
+
+
+def choose_path(M: int, K: int, N: int, nblocks: int, rank: int, elem: int = 2, save_h: bool = False,
+                allow_torch: bool = False) -> str:
+    """The path with the smallest predicted time (:func:`_path_seconds`: bytes and FLOPs, the sol
+    model's terms and device), among ``'rows'`` (row-block kernel, ``h`` on chip, ``x`` read
+    once; where ``b·b·r <= 64``), ``'fused'`` (the per-output-block chain), ``'two_stage'``
+    (``h`` through memory) and, with ``allow_torch`` (the forward), ``'torch'`` (two ``bmm`` with
+    the permutes). ``FASTFACTOR_MONARCH_PATH=rows|fused|two_stage|torch`` forces a path (``rows``
+    falls back to ``fused`` where ``h`` does not fit on chip; ``torch`` applies to the forward).
     """
     forced = os.environ.get("FASTFACTOR_MONARCH_PATH")
     if forced:
-        if forced not in ("fused", "two_stage"):
+        if forced not in PATHS:
             raise ValueError(
-                f"FASTFACTOR_MONARCH_PATH: expected 'fused' or 'two_stage', got {forced!r}"
+                f"FASTFACTOR_MONARCH_PATH: expected one of {', '.join(PATHS)}, got {forced!r}"
             )
+        if forced == "rows" and not rows_supported(nblocks, rank):
+            return "fused"
+        if forced == "torch" and not allow_torch:
+            return "two_stage"
         return forced
-    kb, nb = cdiv(K, nblocks), cdiv(N, nblocks)
-    tiles = cdiv(nb, 256)
-    extra = (tiles - 1) * kb          # redundant stage-1 work, per unit of b·b·r
-    if M <= 2048 or extra <= 0.5 * (kb + nb):
-        return "fused"
-    return "two_stage"
+    cands = [p for p in PATHS if (p != "rows" or rows_supported(nblocks, rank)) and (p != "torch" or allow_torch)]
+    return min(cands, key=lambda p: _path_seconds(M, K, N, nblocks, rank, p, elem, elem, save_h))
+
+
+def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_inter, out_inter):
+    """Launch the row-block kernel. ``first = (tensor, (s_q, s_p, s_t, s_c))``, ``second =
+    (tensor, (s_p, s_s, s_q, s_t))``, ``h`` an ``(M, NB·NB·R)`` buffer (unit column stride) or
+    None; ``in_inter``/``out_inter``: the input/output feature maps are interleaved
+    (``f = c·NB + q``) rather than contiguous blocks (``f = q·CB + c``)."""
+    f1, s1 = first
+    f2, s2 = second
+    h_fp32 = intermediate_dtype(a.dtype) != a.dtype
+    _rows_tuned[row_block_grid(M, F_OUT, a.device)](
+        a, f1, f2, bias if bias is not None else z, z, h if h is not None else z,
+        M, NB, R, CB, SB, F_IN, F_OUT, m_bucket(M),
+        a.stride(0), a.stride(1), z.stride(0), z.stride(1), h.stride(0) if h is not None else 0,
+        *s1, *s2,
+        HAS_BIAS=bias is not None, STORE_H=h is not None, H_FP32=h_fp32,
+        UPCAST=upcast_dots(), PRECISION=dot_precision(a.dtype), FP64=a.dtype == torch.float64,
+        IN_INTERLEAVED=in_inter, OUT_INTERLEAVED=out_inter, HP=rows_width(NB, R),
+    )
+
+
+#: fewest rows one split of a weight-gradient reduction takes (tests lower it to exercise splits)
+WGRAD_MIN_ROWS = 256
+
+
+def wgrad_split(M: int, F: int, sms: int) -> tuple[int, int]:
+    """``(splits, rows per split)`` of a weight gradient's ``M``-long reduction. Up to
+    :data:`WGRAD_MIN_ROWS` x 16 rows one program takes the whole reduction (the kernel then writes
+    the gradient itself); longer ones are split for about two programs per SM over 128-wide feature
+    tiles, each split at least :data:`WGRAD_MIN_ROWS` rows. Depends only on the shape and the SM
+    count, so a rerun on the same device sums the same partials in the same order (bitwise
+    reproducible)."""
+    M = max(M, 1)
+    if M <= 16 * WGRAD_MIN_ROWS:
+        return 1, M
+    tiles = cdiv(max(F, 1), 128)
+    want = max(1, cdiv(2 * sms, tiles))
+    rows = max(WGRAD_MIN_ROWS, cdiv(M, want))
+    return cdiv(M, rows), rows
+
+
+def _wgrad(d, hb, out_shape, out_strides, *, NB, R, SB, interleaved, dtype, rowsum=False):
+    """``Σ_m`` of the packed product ``d[m, f]·hb[m, col]`` kept on the block-diagonal pairs,
+    written as ``out[p, s, qt]`` (``out_strides = (sop, sos, soq)`` into a contiguous tensor of
+    ``out_shape``); with ``rowsum`` also ``Σ_m d`` (the bias gradient). One split: the kernel
+    writes the results in ``dtype`` (and ``d``'s) directly; several: fp32 partials summed over
+    the splits by ``torch.sum`` (a fixed order) and cast. Returns ``(out, rowsum or None)``."""
+    M, F = d.shape
+    split, rows = wgrad_split(M, F, _config.num_sms(d.device))
+    acc = acc_dtype(d.dtype) if split > 1 else dtype
+    part = torch.empty((split, *out_shape), device=d.device, dtype=acc)
+    rs_dt = acc_dtype(d.dtype) if split > 1 else d.dtype
+    rs = torch.empty((split, F), device=d.device, dtype=rs_dt) if rowsum else part
+    FW = NB * SB
+    grid = lambda meta: (triton.cdiv(FW, meta["BLOCK_N"]), split)
+    _wgrad_tuned[grid](
+        d, hb, part, rs,
+        M, NB, R, SB, F, rows,
+        d.stride(0), d.stride(1), hb.stride(0), part.stride(0), *out_strides,
+        ROWSUM=rowsum, UPCAST=upcast_dots(), PRECISION=dot_precision(d.dtype),
+        FP64=d.dtype == torch.float64, MIXED=d.dtype != hb.dtype, INTERLEAVED=interleaved,
+        HP=rows_width(NB, R),
+    )
+    if split == 1:
+        return part[0], (rs[0] if rowsum else None)
+    # (torch.sum(dtype=...) would round the partials first)
+    return part.sum(0).to(dtype), (rs.sum(0).to(d.dtype) if rowsum else None)
 
 
 def _bgemm(G, I, J, KR, a, b, c, bias=None, rowsum=None):
@@ -726,8 +1161,28 @@ def monarch_fwd(
     hbuf = torch.empty((M, b * b * r), device=x.device, dtype=inter) if save_h else None
     if M == 0 or N == 0:
         return y, hbuf
-    path = path or choose_path(M, K, N, b, r)
+    path = path or choose_path(M, K, N, b, r, x.element_size(), save_h, allow_torch=True)
     br = b * r
+    if path == "rows" and not rows_supported(b, r):
+        path = "fused"
+    if path == "torch":
+        # the two-bmm formulation (where it is predicted faster): in x's dtype, except fp16,
+        # whose intermediate stays fp32 (then every product runs in fp32)
+        acc = None if inter == x.dtype else torch.float32
+        yt, ht = monarch_bmm(x, w1, w2, bias, N, strided, acc_dtype=acc, return_h=True)
+        y.copy_(yt)
+        if save_h:
+            hbuf.copy_(ht)
+        return y, hbuf
+    if path == "rows":
+        _rows(
+            x,
+            (w1, (w1.stride(0), r * w1.stride(1), w1.stride(1), w1.stride(2))),
+            (w2, (w2.stride(0), w2.stride(1), r * w2.stride(2), w2.stride(2))),
+            bias, y, hbuf,
+            M=M, NB=b, R=r, CB=kb, SB=nb, F_IN=K, F_OUT=N, in_inter=False, out_inter=strided,
+        )
+        return y, hbuf
     if path == "fused":
         _chain(
             x,
@@ -794,12 +1249,23 @@ def monarch_bwd(
     sx_m, sx_f = x.stride()
     g_op = lambda sg, si, sk, feat: (g, (sg, si, sk), feat)
     dh = None
+    path = path or choose_path(M, N, K, b, r, g.element_size(), need_w1)
+    if path == "rows" and not rows_supported(b, r):
+        path = "fused"
     if need_x or need_w1:
         dh = torch.empty((M, b * br), device=g.device, dtype=intermediate_dtype(g.dtype))  # dh[m, j, l, t]
-        path = path or choose_path(M, N, K, b, r)
         if need_x:
             dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
-            if path == "fused":
+            if path == "rows":
+                # dx = the chain read backwards: g (gathered through P₂ on chip) is the input
+                _rows(
+                    g,
+                    (w2, (w2.stride(0), r * w2.stride(2), w2.stride(2), w2.stride(1))),
+                    (w1, (w1.stride(0), w1.stride(2), r * w1.stride(1), w1.stride(1))),
+                    None, dx, dh if need_w1 else None,
+                    M=M, NB=b, R=r, CB=nb, SB=kb, F_IN=N, F_OUT=K, in_inter=strided, out_inter=False,
+                )
+            elif path == "fused":
                 _chain(
                     g,
                     (w2, (w2.stride(0), r * w2.stride(2), w2.stride(2), w2.stride(1))),
@@ -827,6 +1293,21 @@ def monarch_bwd(
                 (w1, (w1.stride(0), w1.stride(1), w1.stride(2)), None),
                 (dx, (kb * dx.stride(1), dx.stride(0), dx.stride(1), 0, _NO_SPLIT), (kb, 1, K)),
             )
+    if path == "rows":
+        # the weight gradients as packed products over fixed splits of the rows (no atomics):
+        # dw1[j, p, c] = Σ_m dh[m, j, p]·x[m, j·kb + c]
+        if need_w1:
+            dw1, _ = _wgrad(x, dh, (b, br, kb), (br * kb, 1, kb), NB=b, R=r, SB=kb,
+                            interleaved=False, dtype=w1.dtype)
+        # dw2[l, s, q] = Σ_m g[m, o(l, s)]·h[m, l, q]; db = Σ_m g
+        if need_w2:
+            if hbuf is None:
+                _, hbuf = monarch_fwd(x, w1, w2, None, N, strided, save_h=True, path="rows")
+            dw2, db = _wgrad(g, hbuf, (b, nb, br), (nb * br, br, 1), NB=b, R=r, SB=nb,
+                             interleaved=strided, dtype=w2.dtype, rowsum=has_bias)
+        elif has_bias:
+            db = torch.sum(g, 0, dtype=acc_dtype(g.dtype)).to(g.dtype)
+        return dx, dw1, dw2, db
     if need_w1:
         dw1 = torch.empty_like(w1, memory_format=torch.contiguous_format)
         # dw1[j, p, c] = Σ_m dh[m, j, p]·x[m, j·kb + c]

@@ -83,7 +83,7 @@ def test_every_family_launcher_names_its_configs():
     from fastfactor.kernels import lowrank, monarch, sparse24
 
     tunables = [v for m in (lowrank, monarch, sparse24) for v in vars(m).values() if isinstance(v, C.Tunable)]
-    assert len(tunables) == 11  # low-rank: chain, gemm, split-K reduce, row sums
+    assert len(tunables) == 13  # low-rank: chain, gemm, split-K reduce, row sums; monarch: chain, bgemm, rows, wgrad
     for t in tunables:
         assert t.interpreter in t.space and t.deterministic in t.space
         assert t.interpreter["BLOCK_M" if "BLOCK_M" in t.interpreter else "BLOCK_R"] == 16

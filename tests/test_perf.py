@@ -21,31 +21,17 @@ from fastfactor.sol import tier  # noqa: E402
 
 #: today's misses: case id -> the figures found (predicted on an H200 at commit of this file)
 BACKLOG = {
-    'reread-lowrank-4096-M16-fwd': 'lowrank.gemm(fwd).a_ptr read 32.0x its size (target <= 1.25x)',
-    'reread-monarch-4096-M16384-fwd': 'monarch.bgemm(fwd).a_ptr read 4.0x its size (target <= 1.25x)',
     'reread-sparse24-4096-M16-fwd': 'sparse24.mm(fwd).x_ptr read 64.0x its size (target <= 1.25x)',
     'reread-dense_sparse-4096-M16-fwd': 'sparse24.mm(fwd).x_ptr read 41.0x its size (target <= 1.25x)',
-    'fill-lowrank-768-M16384-fwdbwd': 'lowrank.gemm(bwd) 72 programs, reduction 16384 (target >= 132 programs when reduction > 4096)',
-    'access-monarch-4096-M16384-fwd': 'monarch.bgemm(fwd).c_ptr stores 2 B (target loads >= 16 B contiguous, stores > 2 B)',
-    'access-monarch-4096-M4096-fwdbwd': 'monarch.bgemm(bwd).a_ptr loads 2 B; monarch.bgemm(bwd).c_ptr stores 2 B; monarch.bgemm(fwd).c_ptr stores 2 B (target loads >= 16 B contiguous, stores > 2 B)',
     'access-sparse24-4096-M16-fwd': 'sparse24.mm(fwd).meta_ptr loads 1 B (target loads >= 16 B contiguous, stores > 2 B)',
     'access-sparse24-4096-M16384-fwdbwd': 'sparse24.dvalues(bwd).meta_ptr loads 1 B; sparse24.dx(bwd).meta_ptr loads 1 B; sparse24.mm(fwd).meta_ptr loads 1 B (target loads >= 16 B contiguous, stores > 2 B)',
-    'flops-monarch-4096-M16384-fwd': 'issued/useful = 10.00 (target <= 1.33)',
+    'flops-monarch-4096-M16384-fwd': 'issued/useful = 4.00: the row-block kernel packs the b=4 blocks of rank 1 into 16-wide dots (target <= 1.33)',
     'flops-sparse24-4096-M16384-fwd': 'issued/useful = 2.00 (target <= 1.33)',
-    'speedup-unfused1x-lowrank-4096-M16-fwd': '0.71x vs unfused (predicted) (target >= 1.0x vs unfused)',
-    'speedup-unfused1x-lowrank-4096-M16-fwdbwd': '0.74x vs unfused (predicted) (target >= 1.0x vs unfused)',
-    'speedup-unfused1x-lowrank-4096-M16384-fwdbwd': '0.99x vs unfused (predicted) (target >= 1.0x vs unfused)',
-    'speedup-unfused1x-lowrank-768-r0.125-M16-fwd': '0.63x vs unfused (predicted) (target >= 1.0x vs unfused)',
-    'speedup-unfused1x-lowrank-768-M16384-fwdbwd': '0.51x vs unfused (predicted) (target >= 1.0x vs unfused)',
     'speedup-unfused1x-sparse24-4096-M16384-fwdbwd': '0.67x vs unfused (predicted) (target >= 1.0x vs unfused)',
     'speedup-dense2x-lowrank-4096-M16-fwd': '1.05x vs dense (predicted) (target >= 2.0x vs dense)',
-    'speedup-unfused2x-monarch-4096-M16384-fwd': '1.98x vs unfused (predicted) (target >= 2.0x vs unfused)',
-    'speedup-unfused2x-monarch-4096-M4096-fwdbwd': '1.41x vs unfused (predicted) (target >= 2.0x vs unfused)',
     'speedup-dense1.5x-sparse24-4096-M16-fwd': '1.18x vs dense (predicted) (target >= 1.5x vs dense)',
     'speedup-dense1.5x-sparse24-4096-M64-fwd': '0.75x vs dense (predicted) (target >= 1.5x vs dense)',
     'speedup-torch241x-sparse24-4096-M16384-fwd': '0.49x vs torch24 (predicted) (target >= 1.0x vs torch24)',
-    'sass-lowrank-4096-M16-fwd': 'split GEMM M16,N16,K16 w4 (both launches): LDGSTS.E/LDG.E only, no 16-byte or TMA loads (target: LDG.E.128/LDGSTS.128/UTMALDG, no LDL/STL, no STG.E.U16; sm_90)',
-    'sass-monarch-4096-M16384-fwd': 'bgemm M128,N256,K64 w8: 255 regs, 1000 B spill, 220 LDL/220 STL, 128 STG.E.U16, LDG.E.U16 loads only; M16 config: 2 STG.E.U16 (target: no spill, no scalar stores, 16-byte loads; sm_90)',
     'sass-sparse24-4096-M16-fwd': 'sparse24.mm N64,M16,K256 w4: 224 B spill, 56 LDL/57 STL (target: no local memory; sm_90)',
 }
 

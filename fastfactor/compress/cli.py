@@ -64,11 +64,18 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--module-ratio", action="append", default=None, metavar="PATTERN=RATIO",
                    help="per-module ratio override (repeatable; the first matching pattern wins), "
                         "e.g. --module-ratio '*.attention.*=0.3'")
+    p.add_argument("--joint", default=None, metavar="KINDS",
+                   help="compress modules together: comma-separated group kinds whose members share one input "
+                        "basis V at the same budget — qkv (query/key/value), mlp (gate/up), or sibling names "
+                        "a+b+c (e.g. --joint qkv,mlp); '' for none")
     p.add_argument("--dry-run", "--show-plan", dest="dry_run", action="store_true",
                    help="print the targets, their factor shapes (rank, blocks) and parameter counts, then exit: "
                         "the model is built from config.json on the meta device (no weight is read) and "
                         "nothing is written")
     p.add_argument("--exclude", nargs="+", default=None)
+    p.add_argument("--plan", default=None, metavar="PLAN.json",
+                   help="execute a budget plan (fastfactor plan --out): its modules, methods and ranks replace "
+                        "--method/--ratio/--targets; the schedule and training options still apply")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--task", default=None, help="GLUE task name (needs the hub or its cache)")
     src.add_argument("--train-file", default=None, help="local .csv/.tsv/.json/.jsonl/.parquet")
@@ -235,6 +242,17 @@ def check_args(args) -> None:
         check_data_file(args.eval_file, "--eval-file")
     if args.config is not None and not os.path.isfile(args.config):
         raise ValueError(f"--config: expected an existing .json/.yaml file, got {args.config!r}")
+    if getattr(args, "plan", None) is not None:
+        clash = [o for o, v in (("--method", args.method), ("--ratio", args.ratio), ("--targets", args.targets),
+                                ("--exclude", args.exclude), ("--module-ratio", args.module_ratio)) if v]
+        if clash:
+            raise ValueError(f"--plan: the plan fixes every module's method and rank; drop {', '.join(clash)}")
+        from ..plan import as_plan
+
+        try:
+            args.plan_obj = as_plan(args.plan)
+        except (FileNotFoundError, TypeError, ValueError) as e:
+            raise ValueError(f"--plan: {e}") from None
 
 
 def parse_module_ratios(items) -> dict:
@@ -265,18 +283,25 @@ def refuse_compressed(path: str) -> None:
         )
 
 
-def dry_run(args, cfg) -> int:
-    """Print the plan of ``cfg`` on the model of ``--model`` built on the meta device (no weight read)."""
+def meta_model(path: str):
+    """The model of ``path``'s ``config.json`` on the meta device: shapes only, no weight read."""
     import torch
     import transformers
 
-    from ..api import factorize_plan
-
-    config = transformers.AutoConfig.from_pretrained(args.model)
+    config = transformers.AutoConfig.from_pretrained(path)
     archs = getattr(config, "architectures", None) or []
     cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), transformers.AutoModel)
     with torch.device("meta"):
-        model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
+        return cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
+
+
+def dry_run(args, cfg) -> int:
+    """Print the plan of ``cfg`` on the model of ``--model`` built on the meta device (no weight read)."""
+    from ..api import factorize_plan
+
+    model = meta_model(args.model)
+    if getattr(args, "plan_obj", None) is not None:
+        print(f"budget plan {args.plan}:\n{args.plan_obj.table()}\n")
     plan = factorize_plan(model, cfg)
     print(f"plan for {args.model} ({type(model).__name__}): method {cfg.method}, ratio {cfg.ratio}"
           + (f", module ratios {cfg.module_ratios}" if cfg.module_ratios else ""))
@@ -304,6 +329,7 @@ def build_config(args):
         "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
         "ae_form": getattr(args, "ae_form", None), "scope": getattr(args, "scope", None),
         "ae_activation": getattr(args, "ae_activation", None), "ae_steps": getattr(args, "ae_steps", None),
+        "joint": getattr(args, "joint", None),
     }
     given = {k: v for k, v in over.items() if v is not None}
     given.update(_objective_overrides(args))
@@ -313,6 +339,8 @@ def build_config(args):
     if args.distill:
         d["objective"] = "distill"
     try:
+        if getattr(args, "plan_obj", None) is not None:
+            d = args.plan_obj.to_config(CompressionConfig.from_dict(d), single=True)
         return CompressionConfig.from_dict(d)
     except (TypeError, ValueError) as e:
         msg = str(e)
@@ -466,7 +494,7 @@ def run(args) -> int:
     import torch
 
     from ..train.data import load_task_data
-    from .driver import compress
+    from .driver import compress, compression_record
     from .io import atomic_write_text, save_compressed
     from .storage import check_output, remove_checkpoints
 
@@ -478,6 +506,14 @@ def run(args) -> int:
     check_args(args)
     refuse_compressed(args.model)
     cfg = build_config(args)
+    plan = getattr(args, "plan_obj", None)
+    if plan is not None:
+        from ..plan import check_plan
+
+        try:
+            check_plan(meta_model(args.model), plan)  # names and shapes, before any weight is read
+        except ValueError as e:
+            raise ValueError(f"--plan: {e}") from None
     if args.dry_run:
         return dry_run(args, cfg)
     if not args.out:
@@ -544,13 +580,13 @@ def run(args) -> int:
     model, _ = load_hf_model(args.model, args.model_class, labels=spec, config=hf_config, log=print, tokenizer=False)
     model, report = compress(model, cfg, data, device=device, progress=not args.no_progress, log=print,
                              checkpoint_dir=checkpoint_dir, resume=resume,
-                             checkpoint_every=args.checkpoint_every, parallel=args.parallel)
+                             checkpoint_every=args.checkpoint_every, parallel=args.parallel, plan=plan)
     print("\nper stage\n" + report.stage_table())
     print("\nfinal report\n" + report.summary_table())
     plotted = False
     if D.is_main_process():  # every file: a temporary name renamed into place
         os.makedirs(args.out, exist_ok=True)
-        save_compressed(model.cpu(), args.out, compression=cfg.to_dict(), tokenizer=tok)
+        save_compressed(model.cpu(), args.out, compression=compression_record(cfg, report), tokenizer=tok)
         rep_d = report.to_dict()
         if spec is not None:
             rep_d["labels"] = {"task_type": spec.task_type, "num_labels": spec.num_labels,

@@ -44,6 +44,10 @@ stage_lr, stage_warmup_ratio, stage_decay, final_lr, final_warmup_ratio, final_d
 dense_reference  also fine-tune a copy of the uncompressed model with the same data order,
               steps and schedule (on the task loss), and report its metric beside the
               compressed one (:mod:`fastfactor.compress.reference`; labelled data only)
+joint         modules compressed together (Banaei et al. 2023): group kinds whose members read the
+              same input and then share one input basis ``V`` at the same total budget — ``qkv``
+              (query/key/value), ``mlp`` (gate/up), or sibling names ``"a+b+c"``; ``[]`` (default):
+              every module alone. Low-rank methods only (:mod:`fastfactor.compress.joint`)
 train_embeddings  also fine-tune ``nn.Embedding`` tables (default: frozen; they are not
               compressed and their dense gradients dominate the step time of small models)
 ae_form       method ``autoencoder`` (:mod:`fastfactor.factorize.autoencoder`): ``linear`` (a
@@ -124,7 +128,7 @@ def _pos_float(name, value, allow_zero=False):
 LEGACY_DEFAULTS = {
     "task_weight": 1.0, "distill_weight": 1.0, "hidden_weight": 0.0, "temperature": 2.0, "decay": "linear",
     "stage_lr": None, "stage_warmup_ratio": None, "stage_decay": None, "final_lr": None,
-    "final_warmup_ratio": None, "final_decay": None, "dense_reference": False,
+    "final_warmup_ratio": None, "final_decay": None, "dense_reference": False, "joint": [],
     "ae_form": "linear", "scope": "module", "ae_activation": "relu", "ae_steps": 200, "ae_lr": 1e-2,
     "ae_tokens": 4096,
 }
@@ -172,6 +176,7 @@ class CompressionConfig:
     train_embeddings: bool = False
     seed: int = 0
     dense_reference: bool = False
+    joint: List[str] = field(default_factory=list)
     ae_form: str = "linear"
     scope: str = "module"
     ae_activation: str = "relu"
@@ -235,6 +240,12 @@ class CompressionConfig:
         self.max_grad_norm = _pos_float("max_grad_norm", self.max_grad_norm)
         V.check_positive_int("batch_size", self.batch_size)
         _nonneg_int("seed", self.seed)
+        from .joint import JOINT_METHODS, parse_joint
+
+        self.joint = parse_joint(self.joint)
+        if self.joint and self.method not in JOINT_METHODS:
+            raise ValueError(f"joint: needs a low-rank method {JOINT_METHODS} (the members share one V), "
+                             f"got method={self.method!r}")
         for f in ("train_embeddings", "dense_reference"):
             if not isinstance(getattr(self, f), bool):
                 raise TypeError(f"{f}: expected a bool, got {getattr(self, f)!r}")

@@ -35,6 +35,7 @@ from . import faults
 from . import resume as _resume
 from .calibration import collect_activation_stats, collect_fisher, collect_inputs
 from .config import CompressionConfig
+from .joint import find_groups
 from .methods import build_layer, get_method
 from .report import CompressionReport, StageRecord, format_table  # noqa: F401 - format_table re-exported
 from .targets import Target, dense_view, get_module, select_targets, set_module
@@ -72,6 +73,21 @@ def plan_stages(targets: List[Target], config: CompressionConfig) -> List[List[T
     return groups
 
 
+def _merge_joint_stages(stages: List[List[Target]], group_of: Dict[str, object]) -> List[List[Target]]:
+    """``stages`` with the members of every joint group in one stage (a group is swapped at once):
+    a stage holding a member of the group the previous stage holds is merged into it."""
+    if not group_of:
+        return stages
+    out: List[List[Target]] = []
+    for st in stages:
+        prev = {id(group_of[t.name]) for t in out[-1] if t.name in group_of} if out else set()
+        if prev and any(id(group_of.get(t.name)) in prev for t in st):
+            out[-1] = out[-1] + st
+        else:
+            out.append(list(st))
+    return out
+
+
 def compress(
     model: nn.Module,
     config: Union[CompressionConfig, dict, str] = None,
@@ -86,6 +102,7 @@ def compress(
     resume=None,
     checkpoint_every: int = 0,
     parallel: str = "auto",
+    plan=None,
 ):
     """Compress ``model`` in place; returns ``(model, CompressionReport)``.
 
@@ -122,10 +139,18 @@ def compress(
     """
     t_start = time.perf_counter()
     cfg = _as_config(config if config is not None else CompressionConfig())
+    if plan is not None:
+        from ..plan import as_plan, check_plan
+
+        plan = as_plan(plan)
+        check_plan(model, plan)
+        cfg = _as_config(plan.to_config(cfg, single=True))
     _check_arguments(model, cfg, data, parallel, checkpoint_every, checkpoint_dir)
     run = _Run(model, cfg, data, _resolve_device(model, device), progress=progress, log=log,
                evaluate_stages=evaluate_stages, checkpoint_every=checkpoint_every, parallel=parallel)
     run.plan()
+    if plan is not None:
+        run.report.plan = plan.to_dict()
     run.measure_reference(teacher)
     run.measure_dense_reference()
     run.open_checkpoints(checkpoint_dir, resume)
@@ -199,13 +224,17 @@ class _Run:
         """Select the targets, group them into stages, start the report."""
         cfg, model = self.cfg, self.model
         self.targets = select_targets(model, cfg.targets, cfg.exclude, cfg.ratio, cfg.module_ratios)
-        self.stages = plan_stages(self.targets, cfg)
+        self.joint_groups, joint_notes = find_groups(model, self.targets, cfg.joint)
+        self.group_of = {n: g for g in self.joint_groups for n in g.names}  #: member name -> its joint group
+        self.stages = _merge_joint_stages(plan_stages(self.targets, cfg), self.group_of)
         self.kept = {t.name: t.in_features * t.out_features for t in self.targets}  #: weights kept per target
         self.report = CompressionReport(
             config=cfg.to_dict(), targets=[asdict(t) for t in self.targets], params_before=count_params(model),
             target_weight_params_before=sum(t.in_features * t.out_features for t in self.targets),
-            device=str(self.device),
+            device=str(self.device), joint_groups=[g.to_dict() for g in self.joint_groups],
         )
+        for note in joint_notes:
+            self.say(f"joint: {note}")
 
     def measure_reference(self, teacher: Optional[nn.Module]) -> None:
         """With data: the training objective, the evaluator (and its reference model: ``teacher``,
@@ -311,6 +340,11 @@ class _Run:
 
             it = tqdm(group, desc=f"stage {si}: factorize", leave=False)
         for t in it:
+            group = self.group_of.get(t.name)
+            if group is not None:  # modules compressed together: the whole group at its leader
+                if t.name == group.names[0]:
+                    self._swap_joint(group, stats, rec)
+                continue
             with profiling.range(f"factorize {t.name}"):
                 new = self._factorize(t, stats.get(t.name))
                 set_module(self.model, t.name, new)
@@ -350,6 +384,22 @@ class _Run:
                 f"held-out MSE {info['heldout_mse_start']:.6g} -> {info['heldout_mse']:.6g}, "
                 f"best step {info['best_step']} of {info['steps_run']}")
         targets.clear()
+
+    def _swap_joint(self, group, stats: Dict[str, dict], rec: StageRecord) -> None:
+        """Fit ``group``'s shared factors (:mod:`fastfactor.compress.joint`) and put the leader and
+        its members in place; the group's weights are counted at the leader (members store none)."""
+        from .joint import build_group
+
+        with profiling.range(f"factorize joint {'+'.join(group.children)}"):
+            new = build_group(self.model, group, {t.name: t for t in self.targets}, self.cfg.method, self.init,
+                              self.cfg, stats)
+            leader = new[group.names[0]]
+            _dist.broadcast_module(leader)  # rank 0's factors everywhere (a no-op single-process)
+            for n, m in new.items():
+                m.train(get_module(self.model, n).training)
+                set_module(self.model, n, m)
+                self.kept[n] = m.num_weight_params
+                rec.init_info[n] = f"{self.init} (joint {group.kind}: {'+'.join(group.children)})"
 
     def measure_swap(self, si: int, rec: StageRecord) -> None:
         """Parameters, weights kept and (when evaluated) the metrics right after stage ``si``'s swap."""
@@ -409,7 +459,7 @@ class _Run:
         model.eval()
         from .. import hf  # config.quantization_config: the model's own save_pretrained reloads compressed
 
-        hf.mark_compressed(model, self.cfg.to_dict())
+        hf.mark_compressed(model, compression_record(self.cfg, report))
         return report
 
     # -- helpers -------------------------------------------------------------------------------
@@ -465,6 +515,15 @@ class _Run:
                                            time.perf_counter() - t0, snapshot())
             faults.test_fault_hook(si, done)
         return on_step
+
+
+def compression_record(cfg: CompressionConfig, report: CompressionReport) -> dict:
+    """What the saved model records of its compression (manifest, ``quantization_config``): the
+    config, plus the executed budget plan when there was one."""
+    d = cfg.to_dict()
+    if report.plan is not None:
+        d["plan"] = report.plan
+    return d
 
 
 def _inputs(model, batch, device):

@@ -223,6 +223,9 @@ def load_compressed(path, model: Optional[nn.Module] = None, device=None) -> nn.
         raise ValueError(f"{os.path.join(path, WEIGHTS)}: tensors do not fit the model: {e}") from e
     if unexpected or missing:
         raise ValueError(f"{path}: state dict mismatch: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    from ..layers.joint import link_joint
+
+    link_joint(model)  # members of modules compressed together find their leader again
     if manifest.get("tied") and hasattr(model, "tie_weights"):
         try:
             model.tie_weights()  # share one Parameter again (the values already are the same)

@@ -54,6 +54,10 @@ class CompressionReport:
     device: str = "cpu"
     #: ``dense_reference=True``: the uncompressed model fine-tuned the same way (:mod:`.reference`)
     dense_reference: Dict = field(default_factory=dict)
+    #: ``joint``: the groups of modules compressed together (``{kind, parent, names}``, leader first)
+    joint_groups: List[dict] = field(default_factory=list)
+    #: the executed budget plan (:meth:`fastfactor.plan.BudgetPlan.to_dict`), when the run followed one
+    plan: Optional[Dict] = None
 
     @property
     def compression(self) -> float:

@@ -90,10 +90,15 @@ def _setup_context(ctx, inputs, output):
     x, u, v, bias, save_t = inputs
     _, t = output
     ctx.has_bias = bias is not None
+    # the saved intermediate t is an output of the op but never differentiated: no zero-filled
+    # gradient for it (an M x R memset launch per backward otherwise)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, u, v, t)
 
 
 def _backward(ctx, g, _gt):
+    if g is None:
+        return None, None, None, None, None
     x, u, v, t = ctx.saved_tensors
     need_x, need_u, need_v = ctx.needs_input_grad[:3]
     need_b = ctx.has_bias and ctx.needs_input_grad[3]

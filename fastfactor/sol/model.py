@@ -1,5 +1,8 @@
 """Lower-bound time model of ``fastfactor sol``: **predicted, not measured**.
 
+The terms and device figures are ``kernels/_cost.py``'s, shared with the kernels' path choice
+(``kernels.lowrank.choose_path`` predicts its candidate paths with the same functions).
+
 One launch of ours (counted by :mod:`fastfactor.sol.count`), with ``P`` programs on a device of
 ``S`` SMs, ``c`` programs resident per SM (1 unless a compiled build says more), ``w = ceil(P / (S·c))``
 waves and the busy fraction ``f = min(1, P / (w·S))``::
@@ -40,6 +43,7 @@ from typing import Optional
 
 import torch
 
+from ..kernels import _cost
 from .device import Device
 
 PREDICTED = "predicted, not measured"
@@ -55,42 +59,25 @@ def _esize(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def rate_for(dtype: str, device: Device, hgmma: bool = True) -> float:
-    r = device.tf32_rate if dtype in ("fp32", "tf32") else device.bf16_rate
-    return r if hgmma else r * device.hmma_fraction
-
-
-def fill(programs: int, device: Device, ctas_per_sm: int = 1) -> tuple[int, float]:
-    """``(waves, busy fraction)`` of a launch of ``programs`` programs."""
-    slots = device.sms * max(1, ctas_per_sm)
-    waves = max(1, math.ceil(programs / slots))
-    return waves, min(1.0, programs / (waves * device.sms))
+# the formulas and the device figures are shared with the kernels' path choice (one place)
+rate_for = _cost.rate_for
+fill = _cost.fill
 
 
 def launch_time(count, device: Device, num_warps: int = 4, dtype: str = "bf16",
                 ctas_per_sm: int = 1, hgmma: Optional[bool] = None) -> dict:
     """Predicted seconds of one counted launch, with each term (see the module docstring)."""
-    waves, f = fill(count.programs, device, ctas_per_sm)
-    half_l2 = device.l2_bytes / 2
     dram = 0.0
     sectors = 0.0
     for tc in count.tensors.values():
         sectors += tc.load_sectors + tc.store_sectors
-        if tc.load_bytes:
-            uniq = tc.unique_bytes if tc.unique_bytes is not None else min(tc.load_bytes, tc.size_bytes)
-            uniq = min(uniq, tc.load_bytes)
-            dram += uniq if tc.size_bytes <= half_l2 else tc.load_bytes
-        dram += tc.store_bytes
+        uniq = tc.unique_bytes if tc.unique_bytes is not None else min(tc.load_bytes, tc.size_bytes)
+        dram += _cost.dram_bytes(tc.load_bytes, uniq, tc.size_bytes, tc.store_bytes, device)
     if hgmma is None:
         hgmma = count.dot_m >= 64 and num_warps % 4 == 0
-    terms = {
-        "dram": dram / device.hbm_bw,
-        "l2": 32.0 * sectors / (device.l2_bw * f),
-        "mma": count.dot_flops / (rate_for(dtype, device, hgmma) * f) if count.dot_flops else 0.0,
-    }
-    bound = max(terms, key=terms.get)
-    return dict(seconds=terms[bound] + device.launch_s, bound=bound, terms=terms, waves=waves,
-                fill=f, dram_bytes=dram, l2_bytes=32.0 * sectors, hgmma=bool(hgmma))
+    t = _cost.kernel_seconds(dram, 32.0 * sectors, count.dot_flops, count.programs, device, bool(hgmma),
+                             dtype, ctas_per_sm)
+    return dict(t, dram_bytes=dram, l2_bytes=32.0 * sectors, hgmma=bool(hgmma))
 
 
 NO_SASS = "issue term not computed: no SASS facts for this launch (no build read; run with --sass)"
@@ -153,10 +140,8 @@ def torch_op_time(op, device: Device) -> Optional[dict]:
     if nbytes == 0 and flops == 0:
         return None
     dt = "fp32" if any(d == torch.float32 for _, d in ins) else "bf16"
-    t_mem = nbytes / device.hbm_bw
-    t_mma = flops / rate_for(dt, device) if flops else 0.0
-    return dict(seconds=max(t_mem, t_mma) + device.launch_s, bytes=nbytes, flops=flops,
-                bound="mma" if t_mma > t_mem else "dram", name=op.name)
+    t = _cost.library_seconds(nbytes, flops, device, dt)
+    return dict(seconds=t["seconds"], bytes=nbytes, flops=flops, bound=t["bound"], name=op.name)
 
 
 def torch_path_time(ops, device: Device) -> dict:

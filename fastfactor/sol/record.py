@@ -185,11 +185,14 @@ def _recording_getitem(self, grid):
 
 
 def _patch_everywhere(name: str, value, stack: contextlib.ExitStack) -> None:
-    """Replace ``name`` in ``_config`` and in every loaded kernel/op module that imported it."""
+    """Replace ``name`` in ``_config`` and in every loaded kernel/op module that imported it.
+    (The original is taken once, before any module is patched: comparing against ``_config``'s
+    attribute inside the loop missed every module listed after ``_config`` itself.)"""
+    orig = getattr(_config, name, None)
     for mod_name, mod in list(sys.modules.items()):
         if mod is None or not mod_name.startswith("fastfactor"):
             continue
-        if hasattr(mod, name) and getattr(mod, name) is getattr(_config, name, None):
+        if hasattr(mod, name) and getattr(mod, name) is orig:
             old = getattr(mod, name)
             setattr(mod, name, value)
             stack.callback(setattr, mod, name, old)

@@ -53,8 +53,10 @@ def test_kernels_match_reference_path_exactly_in_fp32_structure(path):
     torch.testing.assert_close(y, K.lowrank_linear_ref(x, u, v), rtol=1e-5, atol=1e-5)
 
 
-def test_large_rank_uses_two_gemm_and_is_correct():
-    assert K.choose_path(8, 300, 280, 270) == "two_gemm"
+def test_large_rank_uses_two_gemm_and_is_correct(monkeypatch):
+    assert K.choose_path(8, 300, 280, 270) != "fused"                     # 272 > 256: no registers
+    assert K.choose_path(8, 300, 280, 270, torch.float16) == "two_gemm"   # fp16: no cuBLAS path
+    monkeypatch.setenv("FASTFACTOR_LOWRANK_PATH", "fused")                 # falls back to two_gemm
     x = torch.randn(8, 300)
     u = torch.randn(280, 270) / 16
     v = torch.randn(270, 300) / 17

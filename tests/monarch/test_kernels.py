@@ -9,7 +9,7 @@ from fastfactor.kernels import monarch as Mk
 from fastfactor.ops.monarch import block_lowrank_linear, monarch_linear
 
 OPS = monarch_ops()
-PATHS = ["fused", "two_stage"]
+PATHS = ["fused", "two_stage", "rows"]
 # interpreter tier: fp32, fp16, and bf16 (the kernels upcast their dots under the interpreter)
 KDTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -1,0 +1,143 @@
+"""The one lower-bound time model shared by the kernels' path choice and ``fastfactor sol``.
+
+**Predicted, not measured.** ``fastfactor sol`` (:mod:`fastfactor.sol.model`) applies these terms
+to launches counted exactly under the interpreter; the launchers' ``choose_path`` functions
+(``kernels/lowrank.py``) apply the *same* terms, with the *same* device figures, to launches
+counted analytically from the shapes. One place for the constants and the formulas, so that the
+dispatcher and the model that judges it cannot disagree. (The kernels are the bottom layer of the
+package: ``fastfactor.sol.device`` re-exports :class:`Device`, :data:`H200`, :data:`H100` from
+here.)
+
+A kernel launch of ours with ``P`` programs on ``S`` SMs (``c`` programs resident per SM),
+``w = ceil(P / (S·c))`` waves, busy fraction ``f = min(1, P / (w·S))``::
+
+    t = max( DRAM bytes / HBM bandwidth,
+             L2 bytes / (L2 bandwidth · f),          every load and store passes L2 -> SM
+             issued dot FLOPs / (matrix rate · f) )  matrix rate x hmma_fraction for HMMA tiles
+        + launch floor
+
+DRAM bytes (the L2 model): a tensor read by the launch costs its unique bytes once when it fits in
+half the L2, else every byte requested; stores cost their bytes (:func:`dram_bytes`).
+
+A library GEMM (cuBLAS ``mm``/``addmm``) is modelled as ideal: ``max(bytes / HBM, FLOPs / matrix
+rate) + launch floor`` with every operand moved once; any other library op moving data costs its
+bytes over HBM plus the launch floor (:func:`library_seconds`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """Device figures of the lower-bound model. Every figure says where it comes from (``sources``).
+
+    ``hbm_bw`` and ``bf16_rate`` are the *achievable* ceilings the model divides by (a measured copy
+    and a measured 8192³ bf16 matmul where this workplace has measured them, else the same fraction
+    of the datasheet). ``l2_bw`` (L2 → SM) is a lead, not a measurement: replace it with the figure
+    ``python -m fastfactor.gpu_check`` measures on the first GPU. ``hmma_fraction`` is the share of
+    the wgmma (HGMMA) rate that warp-level ``mma.sync`` (HMMA) reaches on Hopper (a lead: Triton
+    tiles with ``BLOCK_M < 64`` or fewer than 4 warps compile to HMMA)."""
+
+    name: str
+    sms: int
+    hbm_bw: float          # bytes/s, achievable
+    l2_bytes: int
+    l2_bw: float           # bytes/s, L2 -> SMs, achievable (lead)
+    bf16_rate: float       # dense bf16/fp16 tensor FLOP/s, achievable
+    tf32_rate: float       # dense tf32 tensor FLOP/s
+    hmma_fraction: float   # HMMA (mma.sync) share of the HGMMA rate
+    launch_s: float        # per-kernel floor inside a CUDA graph
+    regs_per_sm: int = 65536
+    smem_per_sm: int = 233472   # 228 KiB usable per SM on sm_90 (CUDA programming guide, 9.0)
+    max_ctas_per_sm: int = 32
+    # instruction issue: 4 warp schedulers (SM sub-partitions) per SM, each issuing 1 warp-instruction
+    # per clock (Hopper whitepaper, "H100 SM architecture": four processing blocks, each with its own
+    # warp scheduler and dispatch unit, 1 warp/clk); clock: boost clock of the SXM parts, 1980 MHz
+    # (H100 SXM5: Hopper whitepaper table 3 "GPU Boost Clock 1830 MHz for H100 SXM5 ... not finalized",
+    # NVIDIA H100/H200 datasheets list max boost 1980 MHz; nvidia-smi -q "Max Clocks SM 1980 MHz")
+    issue_slots_per_sm: int = 4
+    clock_hz: float = 1.98e9
+    sources: tuple = ()
+
+
+H200 = Device(
+    name="H200", sms=132,
+    hbm_bw=4.3e12, l2_bytes=60 * 10**6, l2_bw=9.0e12,
+    bf16_rate=790e12, tf32_rate=395e12, hmma_fraction=0.6, launch_s=2.5e-6,
+    sources=(
+        "SMs 132, L2 60 MB: torch.cuda.get_device_properties on an H200 of this workplace (device/KINDS.md, 2026-10-28)",
+        "HBM 4.3 TB/s: device-to-device copy measured there (datasheet 4.8 TB/s)",
+        "bf16 790 TFLOP/s: 8192^3 torch.matmul on random data measured there (769-798; datasheet ~990 dense)",
+        "tf32: half the bf16 rate (datasheet ratio)",
+        "L2->SM 9 TB/s: lead (microbenchmarks report 5.5-7 TB/s on H100 PCIe, 114 SMs, lower clocks); to be measured",
+        "HMMA 0.6 of HGMMA: lead (mma.sync on Hopper); launch 2.5 us: CUDA-graph replay floor, lead",
+        "issue: 4 schedulers/SM x 1 warp-instr/clk (Hopper whitepaper, SM processing blocks); "
+        "clock 1.98 GHz max SM boost (H200 datasheet / nvidia-smi max clocks), not measured here",
+    ),
+)
+
+H100 = Device(
+    name="H100-SXM", sms=132,
+    hbm_bw=3.0e12, l2_bytes=50 * 2**20, l2_bw=9.0e12,
+    bf16_rate=790e12, tf32_rate=395e12, hmma_fraction=0.6, launch_s=2.5e-6,
+    sources=(
+        "SMs 132, L2 50 MiB, HBM3 3.35 TB/s, bf16 ~990 TFLOP/s dense: NVIDIA H100 SXM datasheet / Hopper whitepaper",
+        "HBM 3.0 TB/s: 90 % of the datasheet, the measured/datasheet ratio of the H200 here",
+        "bf16 790 TFLOP/s: same chip and clocks as the H200 measured here",
+        "L2->SM 9 TB/s, HMMA 0.6, launch 2.5 us: leads, as for the H200",
+        "issue: 4 schedulers/SM x 1 warp-instr/clk at 1.98 GHz max boost (Hopper whitepaper, H100 SXM datasheet)",
+    ),
+)
+
+DEVICES = {"h200": H200, "h100": H100}
+
+#: the device the dispatchers predict with when they cannot know better (an H200 of this workplace;
+#: only ``sms`` is replaced by the real device's SM count)
+DEFAULT = H200
+
+
+def rate_for(dtype: str, device: Device, hgmma: bool = True) -> float:
+    """Tensor-core FLOP/s for ``dtype`` (``'fp32'``/``'tf32'`` at the TF32 rate, else bf16/fp16)."""
+    r = device.tf32_rate if dtype in ("fp32", "tf32") else device.bf16_rate
+    return r if hgmma else r * device.hmma_fraction
+
+
+def fill(programs: int, device: Device, ctas_per_sm: int = 1) -> tuple[int, float]:
+    """``(waves, busy fraction)`` of a launch of ``programs`` programs."""
+    slots = device.sms * max(1, ctas_per_sm)
+    waves = max(1, math.ceil(programs / slots))
+    return waves, min(1.0, programs / (waves * device.sms))
+
+
+def dram_bytes(load_bytes: float, unique_bytes: float, size_bytes: float, store_bytes: float,
+               device: Device) -> float:
+    """DRAM bytes of one tensor in one launch (the L2 model of the module docstring)."""
+    dram = 0.0
+    if load_bytes:
+        uniq = min(unique_bytes, load_bytes)
+        dram += uniq if size_bytes <= device.l2_bytes / 2 else load_bytes
+    return dram + store_bytes
+
+
+def kernel_seconds(dram: float, l2: float, dot_flops: float, programs: int, device: Device,
+                   hgmma: bool, dtype: str = "bf16", ctas_per_sm: int = 1) -> dict:
+    """Predicted seconds of one launch of ours from its DRAM bytes, L2 bytes (32 x sectors), issued
+    dot FLOPs and programs, with each term (module docstring)."""
+    waves, f = fill(programs, device, ctas_per_sm)
+    terms = {
+        "dram": dram / device.hbm_bw,
+        "l2": l2 / (device.l2_bw * f),
+        "mma": dot_flops / (rate_for(dtype, device, hgmma) * f) if dot_flops else 0.0,
+    }
+    bound = max(terms, key=terms.get)
+    return dict(seconds=terms[bound] + device.launch_s, bound=bound, terms=terms, waves=waves, fill=f)
+
+
+def library_seconds(nbytes: float, flops: float, device: Device, dtype: str = "bf16") -> dict:
+    """Predicted seconds of one library op (cuBLAS GEMM at the roofline, or a memory-bound op)."""
+    t_mem = nbytes / device.hbm_bw
+    t_mma = flops / rate_for(dtype, device) if flops else 0.0
+    return dict(seconds=max(t_mem, t_mma) + device.launch_s, bound="mma" if t_mma > t_mem else "dram")

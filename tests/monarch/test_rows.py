@@ -1,0 +1,137 @@
+"""Tier 1 (cpu): the row-block Monarch / block-wise low-rank kernels (``monarch.rows`` for the
+forward and dx, ``monarch.wgrad`` for the weight gradients) under the interpreter, beyond what
+``test_kernels.py`` runs on every path: split weight-gradient reductions against float64, bitwise
+determinism, the two-bmm torch path, and the path choice (bytes and FLOPs, sol's model)."""
+
+import pytest
+import torch
+
+from conftest import assert_close_ref, monarch_ops, monarch_ref64_grads as ref64
+from fastfactor.kernels import monarch as Mk
+
+OPS = monarch_ops()
+
+
+def make(M, K, N, b, r, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s1, s2 = Mk.factor_shapes(K, N, b, r)
+    x = torch.randn(M, K, generator=g)
+    w1 = torch.randn(*s1, generator=g) / Mk.cdiv(K, b) ** 0.5
+    w2 = torch.randn(*s2, generator=g) / (b * r) ** 0.5
+    bb = torch.randn(N, generator=g)
+    return [t.to(dtype).requires_grad_() for t in (x, w1, w2, bb)]
+
+
+def grads_of(fn, x, w1, w2, bb, N, g):
+    y = fn(x, w1, w2, bb, out_features=N)
+    return y, torch.autograd.grad(y, (x, w1, w2, bb), g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("op", OPS, ids=str)
+def test_rows_split_weight_gradients_vs_float64(triton_cpu, monkeypatch, op, dtype):
+    """M = 45 rows with splits of 16 (fixed-order partials summed over 3 splits), odd sizes that
+    nblocks = 4 does not divide (padded features), rank 2."""
+    monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "rows")
+    monkeypatch.setattr(Mk, "WGRAD_MIN_ROWS", 1)
+    monkeypatch.setattr(Mk, "wgrad_split", lambda M, F, sms: (Mk.cdiv(M, 16), 16))
+    fn, strided = OPS[op]
+    M, K, N, b, r = 45, 30, 21, 4, 2
+    x, w1, w2, bb = make(M, K, N, b, r, dtype)
+    g = torch.randn(M, N).to(dtype)
+    y, grads = grads_of(fn, x, w1, w2, bb, N, g)
+    y64, grads64 = ref64(x, w1, w2, bb, N, strided, g)
+    assert_close_ref(y, y64, dtype, reduction=K, name="y")
+    for name, a, e in zip(["dx", "dw1", "dw2", "db"], grads, grads64):
+        assert a.dtype == dtype
+        assert_close_ref(a, e, dtype, reduction=max(M, K, N), name=name)
+
+
+def test_wgrad_split_policy():
+    # up to 16 x WGRAD_MIN_ROWS rows: one program per feature tile takes the whole reduction
+    assert Mk.wgrad_split(4096, 4096, 132) == (1, 4096)
+    s, rows = Mk.wgrad_split(16384, 4096, 132)
+    assert s > 1 and s * rows >= 16384 and rows >= Mk.WGRAD_MIN_ROWS
+    assert Mk.cdiv(4096, 128) * s >= 132  # the long reduction fills the SMs
+
+
+@pytest.mark.parametrize("op", OPS, ids=str)
+def test_rows_bitwise_deterministic(triton_cpu, monkeypatch, op):
+    monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "rows")
+    monkeypatch.setattr(Mk, "wgrad_split", lambda M, F, sms: (Mk.cdiv(M, 8), 8))
+    fn, _ = OPS[op]
+    M, K, N, b, r = 19, 12, 16, 4, 1
+    outs = []
+    for _ in range(2):
+        x, w1, w2, bb = make(M, K, N, b, r, torch.float32, seed=3)
+        g = torch.randn(M, N, generator=torch.Generator().manual_seed(4))
+        y, grads = grads_of(fn, x, w1, w2, bb, N, g)
+        outs.append([y.detach(), *grads])
+    for a, c in zip(*outs):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("op", OPS, ids=str)
+def test_rows_gradcheck_float64(triton_cpu, monkeypatch, op):
+    """float64 gradcheck through the interpreted row-block kernels (FP64 variant), splits on."""
+    monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "rows")
+    monkeypatch.setattr(Mk, "wgrad_split", lambda M, F, sms: (Mk.cdiv(M, 4), 4))
+    fn, _ = OPS[op]
+    M, K, N, b, r = 7, 10, 9, 2, 2
+    x, w1, w2, bb = make(M, K, N, b, r, torch.float64, seed=5)
+    assert torch.autograd.gradcheck(lambda *a: fn(*a, out_features=N), (x, w1, w2, bb), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("op", OPS, ids=str)
+def test_torch_path_forward_vs_float64(triton_cpu, monkeypatch, op, dtype):
+    """The two-bmm path the dispatcher may choose for the forward (fp16 keeps h in fp32); the
+    backward then runs the two-stage kernels."""
+    monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "torch")
+    fn, strided = OPS[op]
+    M, K, N, b, r = 6, 13, 11, 3, 2
+    x, w1, w2, bb = make(M, K, N, b, r, dtype)
+    g = torch.randn(M, N).to(dtype)
+    y, grads = grads_of(fn, x, w1, w2, bb, N, g)
+    y64, grads64 = ref64(x, w1, w2, bb, N, strided, g)
+    assert_close_ref(y, y64, dtype, reduction=K, name="y")
+    for name, a, e in zip(["dx", "dw1", "dw2", "db"], grads, grads64):
+        assert_close_ref(a, e, dtype, reduction=max(M, K, N), name=name)
+
+
+def test_choose_path_counts_bytes_and_flops(monkeypatch):
+    monkeypatch.delenv("FASTFACTOR_MONARCH_PATH", raising=False)
+    # memory-bound Monarch (rank 1, 4 and 8 blocks): x read once, h on chip
+    assert Mk.choose_path(16384, 4096, 4096, 4, 1) == "rows"
+    assert Mk.choose_path(4096, 4096, 4096, 8, 1, save_h=True) == "rows"
+    # h too wide for the row-block kernel (b·b·r > 64): another path
+    assert Mk.choose_path(16384, 4096, 4096, 16, 1) != "rows"
+    # the choice is the argmin of the predicted times, the two-bmm path included (forward)
+    for shape in [(16384, 4096, 4096, 4, 256), (16, 4096, 4096, 16, 1), (4096, 768, 3072, 2, 1)]:
+        p = Mk.choose_path(*shape, allow_torch=True)
+        assert all(Mk._path_seconds(*shape, p) <= Mk._path_seconds(*shape, q) for q in Mk.PATHS
+                   if q != "rows" or Mk.rows_supported(*shape[3:]))
+    for p in Mk.PATHS:
+        t = Mk._path_seconds(16384, 4096, 4096, 4, 1, p)
+        assert t > 0
+    # the rows path moves x and y once: at least as fast as every other path here
+    t_rows = Mk._path_seconds(16384, 4096, 4096, 4, 1, "rows")
+    assert all(t_rows <= Mk._path_seconds(16384, 4096, 4096, 4, 1, p) for p in Mk.PATHS)
+
+
+def test_choose_path_forced(monkeypatch):
+    monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "rows")
+    assert Mk.choose_path(64, 64, 64, 4, 1) == "rows"
+    assert Mk.choose_path(64, 64, 64, 16, 1) == "fused"      # h does not fit: falls back
+    monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "torch")
+    assert Mk.choose_path(64, 64, 64, 4, 1, allow_torch=True) == "torch"
+    assert Mk.choose_path(64, 64, 64, 4, 1) == "two_stage"   # backward: no torch path
+    monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "sideways")
+    with pytest.raises(ValueError, match="FASTFACTOR_MONARCH_PATH: expected one of"):
+        Mk.choose_path(64, 64, 64, 4, 1)
+
+
+def test_rows_width():
+    assert Mk.rows_width(4, 1) == 16 and Mk.rows_width(2, 1) == 16 and Mk.rows_width(8, 1) == 64
+    assert Mk.rows_width(3, 2) == 32
+    assert Mk.rows_supported(8, 1) and not Mk.rows_supported(4, 8)
