@@ -118,7 +118,7 @@ def test_save_load_round_trip_bit_exact(form, tmp_path):
 def test_resume_after_a_kill_in_a_stage_is_bitwise(tmp_path, monkeypatch):
     """Staged by block, block scope, nonlinear: a fault in stage 1 (after its calibration and
     swap) resumes from stage 0's checkpoint and recomputes stage 1's calibration and fits bit for bit."""
-    cfg = dict(ae_form="nonlinear", scope="block", schedule="staged", stage_unit="block", stage_steps=1,
+    cfg = dict(ae_form="nonlinear", scope="block", schedule="staged", stage_unit="block", stage_steps=0,
                final_steps=1, calib_batches=2)
     m_ref, r_ref = _run("bert", **cfg)
     ck = tmp_path / "ck"
