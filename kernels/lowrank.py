@@ -394,6 +394,52 @@ if HAS_TRITON:
                  t, mask=mask_m[:, None] & (offs_r[None, :] < R))
 
     @triton.jit
+    def _act_fwd(h, ACT: tl.constexpr):
+        # the activation of the rank-r intermediate (codes: ACTIVATIONS in kernels/lowrank_act.py)
+        if ACT == 1:    # relu
+            h = tl.maximum(h, 0.0)
+        elif ACT == 2:  # gelu, tanh approximation: ½·h·(1 + tanh(√(2/π)·(h + 0.044715·h³)))
+            th = 2.0 * tl.sigmoid(2.0 * (0.7978845608028654 * (h + 0.044715 * h * h * h))) - 1.0
+            h = 0.5 * h * (1.0 + th)
+        elif ACT == 3:  # silu: h·sigmoid(h)
+            h = h * tl.sigmoid(h)
+        elif ACT == 4:  # tanh
+            h = 2.0 * tl.sigmoid(2.0 * h) - 1.0
+        return h
+
+    @triton.jit
+    def _act_grad(h, ACT: tl.constexpr):
+        # σ'(h) of _act_fwd, from the pre-activation h
+        if ACT == 1:
+            d = tl.where(h > 0.0, 1.0, 0.0).to(h.dtype)
+        elif ACT == 2:
+            z = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+            th = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+            d = 0.5 * (1.0 + th) + 0.5 * h * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+        elif ACT == 3:
+            s = tl.sigmoid(h)
+            d = s * (1.0 + h * (1.0 - s))
+        elif ACT == 4:
+            th = 2.0 * tl.sigmoid(2.0 * h) - 1.0
+            d = 1.0 - th * th
+        else:
+            d = h * 0.0 + 1.0
+        return d
+
+    @triton.jit
+    def _chain_mid(t, offs_r, R, offs_m, mask_m, cb_ptr, gate_ptr, stride_gm, stride_gr,
+                   HAS_CB: tl.constexpr, GATE: tl.constexpr, ACT: tl.constexpr):
+        # between the two products, on the fp32 accumulator of one rank piece:
+        # forward h = t + c (intermediate bias); backward dh = dt ⊙ σ'(h) (h loaded from gate_ptr)
+        if HAS_CB:
+            t += tl.load(cb_ptr + offs_r, mask=offs_r < R, other=0.0).to(t.dtype)[None, :]
+        if GATE:
+            h = tl.load(gate_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+                        mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0).to(t.dtype)
+            t = t * _act_grad(h, ACT)
+        return t
+
+    @triton.jit
     def _chain_kernel(
         # --- pointers ---
         a_ptr,    # (M, K) left operand rows: x in forward, g = dL/dy in backward
@@ -402,6 +448,8 @@ if HAS_TRITON:
         bias_ptr,  # (N,) bias added to the output; read only when HAS_BIAS
         z_ptr,    # (M, N) output: y in forward, dx in backward
         t_ptr,    # (M, R) intermediate a·w1ᵀ (fp32 when T_FP32); written only when STORE_T (pid_n == 0)
+        cb_ptr,   # (R,) bias of the intermediate (forward of the nonlinear form); read only when HAS_CB
+        gate_ptr,  # (M, R) saved pre-activation h; read only when GATE (backward: dh = dt ⊙ σ'(h))
         # --- dimensions ---
         M, K, N, R,
         M_BUCKET,  # power-of-two bucket of M: autotune key only
@@ -411,6 +459,7 @@ if HAS_TRITON:
         stride_w2n, stride_w2r,
         stride_zm, stride_zn,
         stride_tm, stride_tr,
+        stride_gm, stride_gr,
         # --- meta-parameters ---
         HAS_BIAS: tl.constexpr,
         STORE_T: tl.constexpr,
@@ -418,6 +467,9 @@ if HAS_TRITON:
         UPCAST: tl.constexpr,      # upcast dot operands to fp32 (interpreter)
         PRECISION: tl.constexpr,   # tl.dot input_precision for fp32 operands
         FP64: tl.constexpr,        # float64 operands and accumulator (interpreter tier: gradcheck)
+        ACT: tl.constexpr,         # activation of the intermediate: 0 none, 1 relu, 2 gelu (tanh), 3 silu, 4 tanh
+        HAS_CB: tl.constexpr,      # forward: add cb (R,) to the intermediate before rounding it
+        GATE: tl.constexpr,        # backward: multiply the intermediate by σ'(gate) (ACT's derivative)
         R0: tl.constexpr,          # rank pieces (powers of two >= 16; R1, R2 may be 0 = absent):
         R1: tl.constexpr,          #   ranks [0, R0), [R0, R0+R1), [R0+R1, R0+R1+R2); their sum is
         R2: tl.constexpr,          #   the rank padded to a multiple of 16 (see rank_pieces)
@@ -464,6 +516,14 @@ if HAS_TRITON:
                     w = w.to(tl.float32)
                 t2 = tl.dot(a, w, t2, input_precision=PRECISION)
 
+        if HAS_CB or GATE:
+            t0 = _chain_mid(t0, offs_r0, R, offs_m, mask_m, cb_ptr, gate_ptr, stride_gm, stride_gr, HAS_CB, GATE, ACT)
+            if R1 > 0:
+                t1 = _chain_mid(t1, offs_r1, R, offs_m, mask_m, cb_ptr, gate_ptr, stride_gm, stride_gr,
+                                HAS_CB, GATE, ACT)
+            if R2 > 0:
+                t2 = _chain_mid(t2, offs_r2, R, offs_m, mask_m, cb_ptr, gate_ptr, stride_gm, stride_gr,
+                                HAS_CB, GATE, ACT)
         if not T_FP32:
             t0 = t0.to(z_ptr.dtype.element_ty)
             if R1 > 0:
@@ -477,6 +537,12 @@ if HAS_TRITON:
                     _store_t(t_ptr, t1, offs_m, mask_m, offs_r1, R, stride_tm, stride_tr)
                 if R2 > 0:
                     _store_t(t_ptr, t2, offs_m, mask_m, offs_r2, R, stride_tm, stride_tr)
+        if ACT != 0 and not GATE:  # forward of the nonlinear form: t (stored above) is h, the product uses σ(h)
+            t0 = _act_fwd(t0.to(tl.float64 if FP64 else tl.float32), ACT).to(t0.dtype)
+            if R1 > 0:
+                t1 = _act_fwd(t1.to(tl.float64 if FP64 else tl.float32), ACT).to(t1.dtype)
+            if R2 > 0:
+                t2 = _act_fwd(t2.to(tl.float64 if FP64 else tl.float32), ACT).to(t2.dtype)
         if UPCAST and not FP64:
             t0 = t0.to(tl.float32)
             if R1 > 0:
@@ -1058,11 +1124,16 @@ if HAS_TRITON:
         fn=_chain_kernel,
         constexprs=[
             dict(HAS_BIAS=True, STORE_T=True, T_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
-                 R0=32, R1=16, R2=0),
+                 ACT=0, HAS_CB=False, GATE=False, R0=32, R1=16, R2=0),
             dict(HAS_BIAS=False, STORE_T=False, T_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
-                 R0=128, R1=64, R2=0),
+                 ACT=0, HAS_CB=False, GATE=False, R0=128, R1=64, R2=0),
             dict(HAS_BIAS=False, STORE_T=True, T_FP32=True, UPCAST=False, PRECISION="tf32", FP64=False,
-                 R0=64, R1=32, R2=16),
+                 ACT=0, HAS_CB=False, GATE=False, R0=64, R1=32, R2=16),
+            # the nonlinear bottleneck (kernels/lowrank_act.py): forward with cb and σ, backward gated by σ'
+            dict(HAS_BIAS=True, STORE_T=True, T_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
+                 ACT=2, HAS_CB=True, GATE=False, R0=64, R1=32, R2=0),
+            dict(HAS_BIAS=False, STORE_T=True, T_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
+                 ACT=3, HAS_CB=False, GATE=True, R0=64, R1=32, R2=0),
         ],
         space=chain_space,
         unit_args=("stride_ak", "stride_w1k", "stride_w2r", "stride_zn", "stride_tr"),
@@ -1574,11 +1645,18 @@ def chain(
     w2: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     store_t: bool = False,
+    act: int = 0,
+    cb: Optional[torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
 ):
     """``z = (a·w1ᵀ)·w2ᵀ (+ bias)`` with the fused chain kernel; returns ``(z, t or None)``.
 
     a: (M, K), w1: (R, K), w2: (N, R); any strides. Needs ``padded_rank(R) <= FUSED_MAX_R``
     (the rank padded to a multiple of 16, kept as up to three power-of-two register tiles).
+
+    The nonlinear bottleneck (:mod:`kernels.lowrank_act`; ``act`` a code of its ``ACTIVATIONS``):
+    forward ``z = σ(a·w1ᵀ + cb)·w2ᵀ (+ bias)`` with ``t = h = a·w1ᵀ + cb`` (pre-activation);
+    backward with ``gate = h (M, R)``: ``t = dh = (a·w1ᵀ) ⊙ σ'(h)``, ``z = dh·w2ᵀ``.
     """
     M, K = a.shape
     R = w1.shape[0]
@@ -1599,13 +1677,16 @@ def chain(
             t.zero_()
         return z, t
     t_arg = t if t is not None else z
+    g_arg = gate if gate is not None else t_arg
     _chain_tuned[row_block_grid(M, N, a.device)](
         a, w1, w2, bias if bias is not None else z, z, t_arg,
+        cb if cb is not None else z, g_arg,
         M, K, N, R, m_bucket(M),
         a.stride(0), a.stride(1), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
-        z.stride(0), z.stride(1), t_arg.stride(0), t_arg.stride(1),
+        z.stride(0), z.stride(1), t_arg.stride(0), t_arg.stride(1), g_arg.stride(0), g_arg.stride(1),
         HAS_BIAS=bias is not None, STORE_T=store_t, T_FP32=t_dtype != a.dtype,
         UPCAST=upcast_dots(), PRECISION=dot_precision(a.dtype), FP64=a.dtype == torch.float64,
+        ACT=int(act), HAS_CB=cb is not None, GATE=gate is not None,
         R0=pieces[0], R1=pieces[1], R2=pieces[2],
     )
     return z, t
