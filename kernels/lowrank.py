@@ -1487,8 +1487,10 @@ def _device_for(sms: Optional[int]) -> _cost.Device:
 
 
 def path_costs(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = None, bias: bool = True,
-               direction: str = "fwd", sms: Optional[int] = None, **need) -> dict:
-    """Predicted seconds of every candidate path (``direction`` ``'fwd'`` or ``'bwd'``)."""
+               direction: str = "fwd", sms: Optional[int] = None, decode: bool = True, **need) -> dict:
+    """Predicted seconds of every candidate path (``direction`` ``'fwd'`` or ``'bwd'``);
+    ``decode=False`` leaves the decode kernels out (a caller without a decode launcher: the
+    nonlinear bottleneck of ``kernels/lowrank_act.py``)."""
     dev = _device_for(sms)
     elem = 4 if dtype == torch.float32 else 2
     dt = _TT.get(dtype, "bf16")
@@ -1497,6 +1499,8 @@ def path_costs(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = No
     if direction != "fwd" and need.pop("t_saved", True) and (need.get("need_x", True) or need.get("need_v", True)) \
             and decode_bwd_tiles(M, K, N, R) is not None:
         cands.append("decode")
+    if not decode:
+        cands = [p for p in cands if p != "decode"]
     for p in cands:
         ls = (plan(M, K, N, R, p, elem, dev=dev, bias=bias, dtype=dt) if direction == "fwd"
               else plan_bwd(M, K, N, R, p, elem, bias, dev=dev, dtype=dt, **need))
@@ -1505,7 +1509,7 @@ def path_costs(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = No
 
 
 def choose_path(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = None,
-                bias: bool = True, sms: Optional[int] = None) -> str:
+                bias: bool = True, sms: Optional[int] = None, decode: bool = True) -> str:
     """The forward path for ``x (M, K)``, ``V (R, K)``, ``U (N, R)``, chosen by predicted cost.
 
     Paths: ``'decode'`` (one launch, producers / reducers / consumers, ``M <= 64``: see
@@ -1537,12 +1541,12 @@ def choose_path(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = N
         return forced
     if min(M, K, N, R) <= 0:
         return "two_gemm"  # nothing to choose: the launchers handle empty products without a kernel
-    return _pick(path_costs(M, K, N, R, dtype, bias, "fwd", sms))
+    return _pick(path_costs(M, K, N, R, dtype, bias, "fwd", sms, decode=decode))
 
 
 def choose_bwd_path(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = None,
                     has_bias: bool = True, need_x: bool = True, need_u: bool = True, need_v: bool = True,
-                    sms: Optional[int] = None, t_saved: bool = True) -> str:
+                    sms: Optional[int] = None, t_saved: bool = True, decode: bool = True) -> str:
     """The backward path for the same shapes as :func:`choose_path` (``x (M, K)``, ``U (N, R)``),
     by the same cost model applied to the backward's launches (:func:`plan_bwd`); ``'decode'``
     (:func:`decode_bwd`, one launch) needs the forward's saved ``t``."""
@@ -1552,7 +1556,7 @@ def choose_bwd_path(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype]
     if min(M, K, N, R) <= 0:
         return "two_gemm"
     return _pick(path_costs(M, K, N, R, dtype, has_bias, "bwd", sms,
-                            need_x=need_x, need_u=need_u, need_v=need_v, t_saved=t_saved))
+                            need_x=need_x, need_u=need_u, need_v=need_v, t_saved=t_saved, decode=decode))
 
 
 # ============================================================================================
