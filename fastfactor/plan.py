@@ -224,11 +224,69 @@ def score_init(method: str, whitened: bool) -> str:
             "dense_sparse": "svd", "monarch": "projection", "block_lowrank": "projection"}[method]
 
 
-def score_candidates(model: nn.Module, candidates: List[ModuleCandidates], grams: Optional[Dict[str, object]] = None
-                     ) -> List[ModuleCandidates]:
+#: bump when a scoring formula changes: cached scores of older versions are not used
+SCORE_VERSION = 1
+
+
+def _fingerprint(weight: torch.Tensor, gram: Optional[torch.Tensor]) -> str:
+    """Content hash of one module's weight and (if any) its activation Gram: the key of its scores
+    in the on-disk cache (same model + same calibration set → same key)."""
+    import hashlib
+
+    h = hashlib.sha256(f"v{SCORE_VERSION}".encode())
+    for t in (weight, gram):
+        if t is None:
+            h.update(b"none")
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bfloat16
+                 else t.float().numpy().tobytes())
+    return h.hexdigest()[:40]
+
+
+def _choice_key(ch: Choice, init: str) -> str:
+    return f"{ch.method}|{ch.rank}|{ch.nblocks}|{init}"
+
+
+class ScoreCache:
+    """Scores per module fingerprint (:func:`_fingerprint`) on disk: ``DIR/scores/KEY.json`` holding
+    the low-rank tail energies and the other methods' scores per (method, rank, nblocks, init).
+    ``directory=None``: ``$FASTFACTOR_PLAN_CACHE`` or ``~/.cache/fastfactor/plan``. ``hits`` /
+    ``misses`` count modules served whole from the cache / scored (at least partly) afresh."""
+
+    def __init__(self, directory: Optional[str] = None):
+        from .plan_latency import cache_dir
+
+        self.dir = os.path.join(directory or cache_dir(), "scores")
+        self.hits = self.misses = 0
+
+    def load(self, key: str) -> dict:
+        try:
+            with open(os.path.join(self.dir, key + ".json")) as f:
+                d = json.load(f)
+            return d if isinstance(d, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def save(self, key: str, entry: dict) -> None:
+        from ._io import atomic_write_text
+
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            atomic_write_text(os.path.join(self.dir, key + ".json"), json.dumps(entry))
+        except OSError:
+            pass
+
+
+def score_candidates(model: nn.Module, candidates: List[ModuleCandidates], grams: Optional[Dict[str, object]] = None,
+                     cache=True) -> List[ModuleCandidates]:
     """Fill every choice's score (module docstring): low-rank in closed form from the singular
     values of ``W·S``; the other methods by factorizing with their scoring init
-    (:func:`score_init`) and measuring ``‖(W − Ŵ)·S‖_F²``. Reads the weights, changes nothing."""
+    (:func:`score_init`) and measuring ``‖(W − Ŵ)·S‖_F²``. Reads the weights, changes nothing.
+    ``cache``: ``True`` (the default on-disk :class:`ScoreCache`), a :class:`ScoreCache`, a
+    directory, or ``False``: scores are reused per (module weight, Gram) fingerprint, so planning
+    the same model and calibration set again at other budgets skips every SVD and factorization."""
     from .compress.config import CompressionConfig
     from .compress.methods import build_layer
     from .compress.targets import dense_view, get_module
@@ -237,27 +295,42 @@ def score_candidates(model: nn.Module, candidates: List[ModuleCandidates], grams
         missing = [c.name for c in candidates if c.name not in grams]
         if missing:
             raise ValueError(f"grams: expected a Gram matrix for every target, missing {missing}")
+    if cache is True:
+        cache = ScoreCache()
+    elif isinstance(cache, (str, os.PathLike)):
+        cache = ScoreCache(os.fspath(cache))
+    elif cache is not False and cache is not None and not isinstance(cache, ScoreCache):
+        raise TypeError(f"cache: expected True/False, a directory or a ScoreCache, got {type(cache).__name__}")
     for c in candidates:
         view = dense_view(get_module(model, c.name), c.name)
         g = None
         if grams is not None:
             g = grams[c.name]
             g = g[0] if isinstance(g, tuple) else g
-        tail = None
+        key = _fingerprint(view.weight, g) if cache else None
+        entry = cache.load(key) if cache else {}
+        dirty = False
+        tail = entry.get("tail")
+        scores = entry.setdefault("choices", {})
         for ch in c.choices:
             if ch.method == "dense":
                 ch.score = 0.0
             elif ch.method == "lowrank":
                 if tail is None:
-                    tail = tail_energies(view.weight, g)
+                    tail = [float(x) for x in tail_energies(view.weight, g)]
+                    entry["tail"], dirty = tail, True
                 ch.score = float(tail[ch.rank])
             else:
                 from .families import get_family
 
                 init = score_init(ch.method, g is not None)
-                entry = PlanEntry(c.name, ch.method, ch.rank, ch.params, 0.0, c.in_features, c.out_features,
-                                  nblocks=ch.nblocks)
-                ratio = _ratio_for(entry, get_family(ch.method))
+                ck = _choice_key(ch, init)
+                if ck in scores:
+                    ch.score = float(scores[ck])
+                    continue
+                entry_ = PlanEntry(c.name, ch.method, ch.rank, ch.params, 0.0, c.in_features, c.out_features,
+                                   nblocks=ch.nblocks)
+                ratio = _ratio_for(entry_, get_family(ch.method))
                 cfg = CompressionConfig(method=ch.method, nblocks=ch.nblocks or 4, init=init)
                 stats = {"gram": g} if g is not None else {}
                 layer = build_layer(ch.method, view, ratio, init, cfg, stats)
@@ -265,12 +338,19 @@ def score_candidates(model: nn.Module, candidates: List[ModuleCandidates], grams
                     raise ValueError(f"module {c.name!r}: {ch.method} built {layer.num_weight_params} weight "
                                      f"parameters, planned {ch.params}")
                 ch.score = _whitened_error(view.weight, layer.dense_weight(), g)
+                scores[ck], dirty = ch.score, True
+        if cache and dirty:
+            cache.misses += 1
+            cache.save(key, entry)
+        elif cache:
+            cache.hits += 1
     return candidates
 
 
 def sensitivity(model: nn.Module, config=None, *, grams: Optional[Dict[str, object]] = None,
                 ratios: Sequence[float] = DEFAULT_RATIOS, ranks: Optional[Sequence[int]] = None,
-                targets=None, methods: Sequence[str] = ("lowrank",), latency=None, **grid) -> List[ModuleCandidates]:
+                targets=None, methods: Sequence[str] = ("lowrank",), latency=None, cache=True,
+                **grid) -> List[ModuleCandidates]:
     """Candidates and scores of every target of ``model`` (see the module docstring).
 
     ``config``: a CompressionConfig (or dict / path) whose ``targets`` / ``exclude`` pick the modules
@@ -290,7 +370,7 @@ def sensitivity(model: nn.Module, config=None, *, grams: Optional[Dict[str, obje
         if missing:
             raise ValueError(f"grams: expected a Gram matrix for every target, missing {missing}")
     cands = candidate_grid(model, targets, ratios=ratios, ranks=ranks, methods=methods, latency=latency, **grid)
-    return score_candidates(model, cands, grams)
+    return score_candidates(model, cands, grams, cache=cache)
 
 
 def resolve_budget(target_params, total: int, minimum: int) -> int:
@@ -817,7 +897,7 @@ def check_budgets(candidates: List[ModuleCandidates], target_params=None, target
 
 def plan_model(model: nn.Module, target_params=None, config=None, *, target_latency=None, latency=None,
                grams=None, ratios=DEFAULT_RATIOS, ranks=None, methods: Sequence[str] = ("lowrank",),
-               max_cells: int = MAX_CELLS, **grid) -> BudgetPlan:
+               max_cells: int = MAX_CELLS, cache=True, **grid) -> BudgetPlan:
     """:func:`candidate_grid`, the budgets checked (:func:`check_budgets`) before any weight is
     read, then :func:`score_candidates` and :func:`solve`.
 
@@ -840,7 +920,7 @@ def plan_model(model: nn.Module, target_params=None, config=None, *, target_late
     cands = candidate_grid(model, targets, ratios=ratios, ranks=ranks, methods=methods, latency=lat, **grid)
     info = lat.describe() if lat is not None else None
     check_budgets(cands, target_params, target_latency, info)  # before any weight is touched
-    score_candidates(model, cands, grams)
+    score_candidates(model, cands, grams, cache=cache)
     plan = solve(cands, target_params, target_latency, max_cells=max_cells, latency_info=info)
     if grams is not None:
         plan.scorer, plan.init = "whitened", "activation"

@@ -14,6 +14,12 @@ from fastfactor.compress._tiny import tiny_data, tiny_model
 from fastfactor.plan import BudgetPlan, plan_model
 
 
+@pytest.fixture(autouse=True)
+def _plan_cache(tmp_path, monkeypatch):
+    """Scores and latency costs cached in a fresh folder per test (never the user's cache)."""
+    monkeypatch.setenv("FASTFACTOR_PLAN_CACHE", str(tmp_path / "plan-cache"))
+
+
 def _ranks(model, plan):
     from fastfactor.layers.lowrank import LowRankLinear
 
