@@ -347,6 +347,90 @@ def score_candidates(model: nn.Module, candidates: List[ModuleCandidates], grams
     return candidates
 
 
+def _lowrank_reconstructions(weight: torch.Tensor, gram: Optional[torch.Tensor]):
+    """``r -> Ŵ_r`` (float64, ``(out, in)``): the best rank-``r`` approximation of ``weight`` in the
+    whitened norm (what ``init="activation"`` builds; plain SVD without ``gram``), from one SVD."""
+    from .factorize.data_aware import whitening_factor
+
+    w = weight.detach().to(torch.float64)
+    S = None
+    if gram is not None:
+        S, _ = whitening_factor(gram.to(w.device))
+        w = w @ S
+    U, sig, Vh = torch.linalg.svd(w, full_matrices=False)
+
+    def at(r: int) -> torch.Tensor:
+        b = (U[:, :r] * sig[:r]) @ Vh[:r]
+        return b if S is None else torch.linalg.solve(S.t(), b.t()).t()
+
+    return at
+
+
+def output_scores(model: nn.Module, candidates: List[ModuleCandidates], batches: Sequence, forward=None,
+                  grams: Optional[Dict[str, object]] = None) -> List[ModuleCandidates]:
+    """Replace every choice's score by the **change of the model's output** when only that module is
+    compressed that way: ``Σ_batches ‖f(x) − f_dense(x)‖_F²`` with ``f = forward(model, batch)`` (a
+    tensor; default: ``model(**batch)``'s ``logits`` or ``last_hidden_state``). The module's weight
+    is swapped for its reconstruction (low rank: :func:`_lowrank_reconstructions`, whitened when
+    ``grams`` are given; other methods: their scoring init's ``dense_weight()``) and restored; the
+    model is unchanged afterwards. One forward per batch per choice: costlier than the weight
+    scores, and the solver still adds the per-module changes (they interact in the real model)."""
+    from .compress.config import CompressionConfig
+    from .compress.methods import build_layer
+    from .compress.targets import dense_view, get_module
+    from .families import get_family
+
+    if forward is None:
+        def forward(m, b):
+            out = m(**b) if isinstance(b, dict) else m(b)
+            for k in ("logits", "last_hidden_state"):
+                if hasattr(out, k):
+                    return getattr(out, k)
+            return out[0] if isinstance(out, (tuple, list)) else out
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches: expected at least one calibration batch")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ref = [forward(model, b).detach().to(torch.float64) for b in batches]
+            for c in candidates:
+                mod = get_module(model, c.name)
+                view = dense_view(mod, c.name)
+                g = None
+                if grams is not None:
+                    g = grams[c.name]
+                    g = g[0] if isinstance(g, tuple) else g
+                w0 = mod.weight.detach().clone()
+                conv = type(mod).__name__ == "Conv1D"  # GPT-2: weight stored (in, out)
+                recon = None
+                for ch in c.choices:
+                    if ch.method == "dense":
+                        ch.score = 0.0
+                        continue
+                    if ch.method == "lowrank":
+                        recon = recon or _lowrank_reconstructions(view.weight, g)
+                        w_hat = recon(ch.rank)
+                    else:
+                        init = score_init(ch.method, g is not None)
+                        e = PlanEntry(c.name, ch.method, ch.rank, ch.params, 0.0, c.in_features, c.out_features,
+                                      nblocks=ch.nblocks)
+                        cfg = CompressionConfig(method=ch.method, nblocks=ch.nblocks or 4, init=init)
+                        layer = build_layer(ch.method, view, _ratio_for(e, get_family(ch.method)), init, cfg,
+                                            {"gram": g} if g is not None else {})
+                        w_hat = layer.dense_weight().detach()
+                    mod.weight.copy_((w_hat.t() if conv else w_hat).to(w0.dtype))
+                    try:
+                        ch.score = float(sum((forward(model, b).detach().to(torch.float64) - r).pow(2).sum()
+                                             for b, r in zip(batches, ref)))
+                    finally:
+                        mod.weight.copy_(w0)
+    finally:
+        model.train(was_training)
+    return candidates
+
+
 def sensitivity(model: nn.Module, config=None, *, grams: Optional[Dict[str, object]] = None,
                 ratios: Sequence[float] = DEFAULT_RATIOS, ranks: Optional[Sequence[int]] = None,
                 targets=None, methods: Sequence[str] = ("lowrank",), latency=None, cache=True,
@@ -897,7 +981,7 @@ def check_budgets(candidates: List[ModuleCandidates], target_params=None, target
 
 def plan_model(model: nn.Module, target_params=None, config=None, *, target_latency=None, latency=None,
                grams=None, ratios=DEFAULT_RATIOS, ranks=None, methods: Sequence[str] = ("lowrank",),
-               max_cells: int = MAX_CELLS, cache=True, **grid) -> BudgetPlan:
+               max_cells: int = MAX_CELLS, cache=True, batches=None, forward=None, **grid) -> BudgetPlan:
     """:func:`candidate_grid`, the budgets checked (:func:`check_budgets`) before any weight is
     read, then :func:`score_candidates` and :func:`solve`.
 
@@ -906,7 +990,9 @@ def plan_model(model: nn.Module, target_params=None, config=None, *, target_late
     :class:`~fastfactor.plan_latency.LatencyModel`, or a dict of
     :func:`~fastfactor.plan_latency.latency_model` arguments: ``device``, ``tokens``, ``direction``,
     ``dtype``, ``bench``; default the ``sol`` model on an H200 at 16384 tokens, forward). Either
-    budget or both. ``methods``: the families in the grid besides "dense" (default low-rank only)."""
+    budget or both. ``methods``: the families in the grid besides "dense" (default low-rank only).
+    ``batches`` (with an optional ``forward``): score by the change of the model's output over these
+    calibration batches (:func:`output_scores`, ``scorer="output"``) instead of the weight errors."""
     from .api import _chosen_targets, _config
 
     if not isinstance(model, nn.Module):
@@ -920,10 +1006,15 @@ def plan_model(model: nn.Module, target_params=None, config=None, *, target_late
     cands = candidate_grid(model, targets, ratios=ratios, ranks=ranks, methods=methods, latency=lat, **grid)
     info = lat.describe() if lat is not None else None
     check_budgets(cands, target_params, target_latency, info)  # before any weight is touched
-    score_candidates(model, cands, grams, cache=cache)
+    if batches is not None:
+        output_scores(model, cands, batches, forward, grams)
+    else:
+        score_candidates(model, cands, grams, cache=cache)
     plan = solve(cands, target_params, target_latency, max_cells=max_cells, latency_info=info)
     if grams is not None:
         plan.scorer, plan.init = "whitened", "activation"
+    if batches is not None:
+        plan.scorer = "output"
     for m in plan.modules:
         if m.method != "dense":
             m.init = score_init(m.method, grams is not None)
@@ -994,5 +1085,5 @@ def apply_plan(model: nn.Module, plan: BudgetPlan, data=None, config=None) -> nn
 
 
 __all__ = ["Choice", "ModuleCandidates", "PlanEntry", "BudgetPlan", "candidate_ranks", "tail_energies",
-           "candidate_grid", "score_candidates", "sensitivity", "resolve_budget", "resolve_latency",
+           "candidate_grid", "score_candidates", "output_scores", "ScoreCache", "sensitivity", "resolve_budget", "resolve_latency",
            "check_budgets", "solve", "plan_model", "as_plan", "check_plan", "apply_plan"]

@@ -371,3 +371,45 @@ def test_score_cache_per_model_and_calibration_set(tmp_path, monkeypatch):
     cache4 = ScoreCache(str(tmp_path / "c"))
     score_candidates(model, grid(), g1, cache=cache4)
     assert cache4.misses > 0 and cache4.hits > 0  # module 0 afresh, the others from the cache
+
+
+def test_output_sensitivity_is_the_model_output_change():
+    """``output_scores``: a choice's score is the change of the model's output when only that module
+    is compressed that way; the model is left unchanged; plans can be solved on these scores."""
+    from fastfactor.compress.calibration import collect_activation_stats
+    from fastfactor.compress.targets import select_targets
+    from fastfactor.layers.lowrank import LowRankLinear
+    from fastfactor.plan import candidate_grid, output_scores
+    from fastfactor.factorize.data_aware import whitened_svd_factors
+
+    model = tiny_model("bert", seed=31)
+    block0 = {"targets": [r"re:encoder\.layer\.0\..*(query|value|dense)$"]}
+    targets = select_targets(model, block0["targets"])
+    names = [t.name for t in targets]
+    batches = [{"input_ids": torch.randint(3, 97, (3, 7))}, {"input_ids": torch.randint(3, 97, (2, 9))}]
+    grams = collect_activation_stats(model, {n: model.get_submodule(n) for n in names}, batches,
+                                     lambda m, b: m(**b))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cands = output_scores(model, candidate_grid(model, targets, methods=("lowrank", "sparse24"), ranks=[2, 5]),
+                          batches, grams=grams)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    ref = [model(**b).last_hidden_state.double() for b in batches]
+    c = cands[2]
+    ch = c.choices[2]  # the second low rank
+    assert ch.method == "lowrank" and ch.rank == 5
+    u, v, _ = whitened_svd_factors(model.get_submodule(c.name).weight.detach().double(), ch.rank, grams[c.name][0])
+    swapped = tiny_model("bert", seed=31)
+    swapped.get_submodule(c.name.rsplit(".", 1)[0]).__setattr__(
+        c.name.rsplit(".", 1)[1], LowRankLinear.from_factors(u.float(), v.float(), model.get_submodule(c.name).bias))
+    with torch.no_grad():
+        direct = sum((swapped(**b).last_hidden_state.double() - r).pow(2).sum() for b, r in zip(batches, ref))
+    assert math.isclose(float(direct), ch.score, rel_tol=1e-3)
+    for c in cands:
+        assert c.choices[0].score == 0 and all(ch.score > 0 for ch in c.choices[1:])
+    plan = solve(cands, 0.5)
+    assert plan.params <= plan.budget
+    again = plan_model(tiny_model("bert", seed=31), 0.5, block0, methods=("lowrank", "sparse24"), ranks=[2, 5],
+                       grams=grams, batches=batches)
+    assert again.scorer == "output" and again.init == "activation"
+    assert [(m.method, m.rank) for m in again.modules] == [(m.method, m.rank) for m in plan.modules]
