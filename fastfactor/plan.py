@@ -1,11 +1,21 @@
-"""Compress to a budget: per-module low-rank ranks chosen from measured sensitivity.
+"""Compress to a budget: per-module methods and ranks chosen from measured sensitivity, under a
+parameter budget, a (predicted or measured) latency budget, or both.
 
-Three steps, each usable alone:
+Four steps, each usable alone:
 
-1. :func:`sensitivity` — for every target module (the driver's ``select_targets``) and every
-   candidate rank ``r`` on a grid, plus "keep dense", the **score** of that choice:
+1. :func:`candidate_grid` — for every target module (the driver's ``select_targets``), from shapes
+   alone (a meta-device model will do): "keep dense", the low-rank ranks of a ratio grid
+   (:func:`candidate_ranks`), and optionally other families (``methods=``: monarch /
+   block_lowrank at ``nblocks`` x ``other_ratios``, sparse24, dense_sparse), each with its stored
+   weight parameters and, given a latency model (:mod:`fastfactor.plan_latency`: the ``fastfactor
+   sol`` model on a named device at ``M`` tokens, or a ``fastfactor bench`` JSON measured on a GPU),
+   its time. Keeping a module dense costs ``in·out`` parameters; rank ``r`` costs ``r·(in + out)``;
+   settings not smaller than the dense weight are left out.
 
-   * with an activation Gram ``G = XᵀX`` (``(in, in)``, e.g. from
+2. :func:`score_candidates` — the **score** of each choice (cached on disk per module weight and
+   activation Gram, :class:`ScoreCache`):
+
+   * low rank with an activation Gram ``G = XᵀX`` (``(in, in)``, e.g. from
      :func:`fastfactor.compress.calibration.collect_activation_stats`): let ``S`` be its Cholesky
      factor (``S·Sᵀ = G``, :func:`fastfactor.factorize.data_aware.whitening_factor`) and
      ``σ₁ ≥ σ₂ ≥ …`` the singular values of ``W·S`` (``W``: the ``(out, in)`` weight). The best rank-r
@@ -14,32 +24,35 @@ Three steps, each usable alone:
          score(r) = min_{rank(W')≤r} ‖(W − W')·S‖_F² = ‖(W − W')·Xᵀ‖_F² = Σ_{i>r} σᵢ²
 
      i.e. the summed squared output error of the module over the calibration tokens (Eckart–Young
-     on ``W·S``; closed form, one SVD per module, no factor built);
-   * without a Gram (``init="svd"``): the same with ``S = I``, the SVD tail energy of ``W``.
+     on ``W·S``; closed form, one SVD per module, no factor built); without a Gram (``init="svd"``)
+     the same with ``S = I``, the SVD tail energy of ``W``;
+   * the other families: the module factorized with the init the plan will run (:func:`score_init`)
+     and ``‖(W − Ŵ)·S‖_F²`` measured on its ``dense_weight()``;
+   * or (:func:`output_scores`) the change of the model's output over calibration batches when only
+     that module is compressed that way.
 
-   Keeping the module dense scores 0 and costs ``in·out`` parameters; rank ``r`` costs
-   ``r·(in + out)``. Ranks whose factors are not smaller than the dense weight are left out.
+3. :func:`solve` — the choice per module minimizing ``Σ score`` subject to ``Σ params ≤ B_p`` and/or
+   ``Σ seconds ≤ B_t`` (a multiple-choice knapsack), by dynamic programming: 1-D for one budget,
+   2-D for both (each budget alone is solved first; when that optimum meets the other budget it is
+   the optimum of the pair). Costs are counted above each module's cheapest choice. On the exact
+   grid (integer costs over their gcd, when the capacity fits ``max_cells``) the answer is optimal;
+   otherwise every cost is rounded *up* to a grid unit (so no budget is ever exceeded), a second DP
+   with costs rounded *down* gives ``score_lower_bound`` (no plan within the budgets scores less),
+   a greedy pass with the true costs spends what the rounding left, and ``exact`` says whether the
+   answer reaches the bound (proven optimal).
 
-2. :func:`solve` — the choice per module minimizing the total score ``Σ score`` subject to
-   ``Σ params ≤ budget`` (a multiple-choice knapsack), by dynamic programming over a parameter grid
-   of unit ``u``: each choice costs ``⌈params/u⌉`` units, the capacity is ``⌊budget/u⌋`` units. With
-   ``u = gcd`` of every choice's parameter count (``exact=True`` in the result) this is exact; when
-   that grid would exceed ``max_cells`` cells, ``u`` grows and the answer stays feasible (costs are
-   rounded up) but may be slightly sub-optimal (``exact=False``). The realised parameter count never
-   exceeds the budget.
-
-3. :class:`BudgetPlan` — the result as data (per module: name, method, rank, params, score), with a
-   JSON round trip (:meth:`BudgetPlan.save` / :meth:`BudgetPlan.load`), a table, and
-   :meth:`BudgetPlan.to_config`: a :class:`~fastfactor.CompressionConfig` dict whose ``targets`` are the
-   compressed modules and whose ``module_ratios`` give each exactly its planned rank.
-   :func:`apply_plan` executes it (``factorize_`` data-free, or ``compress`` with data).
+4. :class:`BudgetPlan` — the result as data (per module: name, method, rank / blocks, params, score,
+   time, init; the budgets and the latency source), with a JSON round trip (version 2; version 1
+   loads), a table, and :meth:`BudgetPlan.to_configs`: one :class:`~fastfactor.CompressionConfig`
+   dict per method whose ``targets`` are its modules and whose ``module_ratios`` give each exactly
+   its planned setting. ``compress(..., plan=)`` / ``fastfactor compress --plan`` and
+   :func:`apply_plan` execute it.
 
 ``target_params``: a ``float`` in ``(0, 1]`` is a fraction of the targets' dense weight parameters;
-an ``int >= 1`` is an absolute count. Bad budgets (bool, NaN, ≤ 0, a float > 1, below the smallest
-reachable count) raise before any weight is read.
-
-Not (yet) covered: other methods than low-rank (Monarch, 2:4, dense+sparse) in the grid, and a
-latency budget (``target_latency``).
+an ``int >= 1`` is an absolute count. ``target_latency``: a fraction in ``(0, 1]`` of the targets'
+dense time under the latency model (the rest of the model, attention and norms, is not modelled).
+Bad budgets (bool, NaN, ≤ 0, a float > 1, unreachable alone or together) raise before any weight
+is read (:func:`check_budgets`).
 """
 
 from __future__ import annotations
