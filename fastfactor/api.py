@@ -242,7 +242,39 @@ def factorize_plan(model: nn.Module, config=None, filter_fn: Optional[FilterFn] 
             raise type(e)(f"module {t.name!r}: {e}") from e
         plan.rows.append(PlanRow(t.name, t.kind, t.in_features, t.out_features, t.ratio, cls_name, fc,
                                  t.in_features * t.out_features, params))
+    if cfg.joint:
+        _plan_joint(model, cfg, plan, filter_fn)
     return plan
+
+
+def _plan_joint(model: nn.Module, cfg, plan: FactorizationPlan, filter_fn) -> None:
+    """Rows of the groups compressed together (``cfg.joint``): the leader holds the group's
+    factors (``JointLowRankLinear``), the other members none (``JointMemberLinear``)."""
+    from .compress.joint import _ratio_for_rank, find_groups, joint_rank
+    from .compress.methods import get_method
+    from .layers.joint import JointLowRankLinear
+
+    targets = _chosen_targets(model, cfg, filter_fn)
+    groups, _ = find_groups(model, targets, cfg.joint)
+    rows = {r.name: r for r in plan.rows}
+    family = get_method(cfg.method)
+    for g in groups:
+        members = [rows[n] for n in g.names]
+        in_f, outs = members[0].in_features, [r.out_features for r in members]
+        rank, _ = joint_rank(family, in_f, outs, [r.ratio for r in members])
+        biases = [bool(r.factor_config.get("bias", True)) for r in members]
+        inner_cls, inner_fc, params = _layout(cfg.method, in_f, sum(outs), _ratio_for_rank(family, in_f, sum(outs), rank),
+                                              cfg, any(biases))
+        with torch.device("meta"):
+            lead = JointLowRankLinear(in_f, outs[0], g.children, outs, biases, inner_cls, inner_fc)
+        members[0].layer_class, members[0].factor_config, members[0].params_after = \
+            "JointLowRankLinear", lead.factor_config(), params
+        off = outs[0]
+        for i, r in enumerate(members[1:], 1):
+            r.layer_class, r.params_after = "JointMemberLinear", 0
+            r.factor_config = dict(in_features=in_f, out_features=outs[i], leader=g.children[0], index=i, offset=off,
+                                   bias=biases[i])
+            off += outs[i]
 
 
 # --------------------------------------------------------------------------------------------

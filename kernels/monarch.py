@@ -53,7 +53,36 @@ Backward (with ``g = dL/dy`` gathered as ``g'[l, s] = g[o(l, s)]``)::
 
 Design
 ------
-Two kernels serve every product.
+``_rows_kernel`` (the row-block path, ``'rows'``: forward and ``dx``, where ``b·b·r <= 64``): one
+program owns ``BLOCK_M`` rows and every output tile, so ``x`` is read once and ``h`` (``b·b·r``
+values per row, column ``p·b·r + q·r + t``) never leaves the chip. Stage 1 streams contiguous
+``BLOCK_K``-wide tiles of the input row and multiplies them by a packed factor tile
+``(BLOCK_K × HP)`` whose column ``(p, q, t)`` holds ``F1(q, p, t, ·)`` on the features of input block
+``q`` and zeros elsewhere (one dense tile for all blocks; ``HP = max(16, next_pow2(b·b·r))``).
+Stage 2 writes contiguous ``BLOCK_N``-wide output tiles: output feature ``f = (p, s)`` (``s·b + p``
+for Monarch, ``p·nb + s`` otherwise) gathers the row ``F2(p, s, ·, ·)`` of the second factor into
+the rows ``(p, ·, ·)`` of a packed ``(HP × BLOCK_N)`` tile, so ``P₁`` and ``P₂`` are addressing of
+the (small, cache-resident) factors and every access to ``x``, ``y``, ``g``, ``dx`` and ``h`` is a
+contiguous vector. ``dx`` runs the same kernel with ``g`` as the input (Monarch: interleaved input
+features ``f = s·b + l``, permuted on chip by the same packing). The packing issues ``HP/(b·r)``
+times the useful tensor FLOPs (4x at ``b = 4, r = 1``), free while the op is bound by memory.
+An FMA formulation of the forward (only the useful multiply-adds, ``FASTFACTOR_MONARCH_FMA=1``;
+see :data:`ROWS_FMA_MAX_BR` for why it is off) exists for small power-of-two ``b·r``. When the
+row blocks alone underfill the GPU, grid axis 1 splits the output tiles
+(:func:`kernels._config.row_block_grid`), each split recomputing stage 1.
+
+``_wgrad_kernel`` (the row-block path's ``dw1``, ``dw2`` and ``db``): one packed product per
+feature tile, ``Σ_m d[m, f]·h[m, col]`` (``d = x`` with ``dh`` for ``dw1``, ``d = g`` with the saved
+``h`` for ``dw2``), keeping the block-diagonal pairs ``block(f) = p(col)``. Reductions longer than
+4096 rows are split over fixed row ranges (:func:`wgrad_split`, from the shape and SM count only)
+into fp32 partials summed over the splits by ``torch.sum``: no atomics, bitwise reproducible.
+
+Which path
+    :func:`choose_path` predicts each path's time from bytes moved and tensor FLOPs issued with
+    the device figures and rates of ``fastfactor sol`` (:func:`_path_seconds`) and takes the
+    fastest; the forward may also take ``'torch'`` (two ``bmm`` with the permutes).
+
+The older kernels serve the other shapes (``h`` wider than 64 columns per row):
 
 ``_chain_kernel`` (the fused forward, and ``dx`` in the backward): one program per
 ``(row block of BLOCK_M rows, output block p, tile of BLOCK_N rows inside that block)``. It loops
@@ -79,14 +108,12 @@ over ``l``; ``db`` fused as the row sums of ``g'`` taken by the programs of the 
 tile). Every output tile is owned by one program that loops over the whole reduction, so there
 are no atomics and the backward is bitwise reproducible.
 
-Which path
-    The fused chain wins where the op is memory- or latency-bound (few rows, small ranks: the
-    ``b·r`` intermediate per row is then tiny next to the ``K + N`` it moves) and where the output
-    blocks fit in one or two tiles. For large ``nb`` and many rows the recomputation of stage 1
-    across output tiles costs more than a round trip of ``h`` through memory, and the two-stage
-    path wins. :func:`choose_path` encodes this with provisional thresholds (no GPU was
-    available when this was written; see BENCHMARKS.md), ``FASTFACTOR_MONARCH_PATH=fused|two_stage``
-    forces a path.
+Path choice between them
+    The fused chain wins where the op is memory- or latency-bound and the output blocks fit in
+    one or two tiles; for large ``nb`` and many rows the recomputation of stage 1 across output
+    tiles costs more than a round trip of ``h`` through memory, and the two-stage path wins
+    (:func:`choose_path`, by predicted time; ``FASTFACTOR_MONARCH_PATH=rows|fused|two_stage|torch``
+    forces a path).
 
 Save or recompute ``h``
     In training the forward also writes ``h`` (``M·b²·r`` elements; ``M·Kp`` for the classic
@@ -345,6 +372,10 @@ ROWS_SPACE = [
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
     dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3),
     dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3),
+    # FMA-sized tiles (small b·r on the FMA units; see _prune_rows)
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
     ROWS_INTERP,
 ]
 #: the weight-gradient kernel (a packed product over a split of the rows, fixed-order partials)
@@ -355,10 +386,76 @@ WGRAD_SPACE = [
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=256, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
     WGRAD_INTERP,
 ]
-#: widest on-chip h (columns, b·b·r padded) the row-block kernel takes
-ROWS_MAX_WIDTH = 64
+#: widest on-chip h (columns, b·b·r padded) the row-block kernel takes (b = 16 at rank 1)
+ROWS_MAX_WIDTH = 256
+
+
+#: largest b·r whose products the row-block kernel may run on the FMA units (then b·r FMAs per
+#: input and per output element; a 16-wide tensor-core tile issues 16/(b·r) times the useful FLOPs).
+#: Off unless ``FASTFACTOR_MONARCH_FMA=1``: its sm_90 build (b = 4, r = 1, M16,N128,K128) spends
+#: ~1050 instructions per input block on cross-lane reductions (SHFL) and ~450 per output tile, about
+#: 98 M warp-instructions at M = 16384, i.e. ~94 µs of issue against the ~65 µs the tensor-core
+#: formulation is predicted at (hand count from the SASS loop split; sol's issue term counts the
+#: main loop once here, since these loops have no tl.dot reduction), so it is slower until its
+#: reductions are restructured.
+ROWS_FMA_MAX_BR = 8
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def rows_fma(nblocks: int, rank: int, in_interleaved: bool = False, out_interleaved: bool = True) -> bool:
+    """Whether the row-block kernel computes both products on the FMA units (only the useful
+    multiply-adds) instead of padded tensor-core tiles: with ``FASTFACTOR_MONARCH_FMA=1`` (see
+    :data:`ROWS_FMA_MAX_BR`), for the Monarch forward (contiguous input blocks, interleaved output)
+    with power-of-two ``b`` and ``r`` and ``b·r <= ROWS_FMA_MAX_BR``."""
+    return (os.environ.get("FASTFACTOR_MONARCH_FMA") == "1"
+            and not in_interleaved and out_interleaved and _pow2(nblocks) and _pow2(rank)
+            and nblocks * rank <= ROWS_FMA_MAX_BR)
+
+
+def _prune_rows(configs_, named_args, **kwargs):
+    """With FMA products: drop the configs whose per-thread FMA tiles (``BLOCK_M x b·r x
+    BLOCK_K`` for stage 1, ``BLOCK_M x BLOCK_N x b·r`` for stage 2) exceed 64 fp32 registers."""
+    get = lambda k: kwargs.get(k, named_args.get(k))
+    if not get("FMA"):
+        # the fp32 h (BLOCK_M x HP) within 64 registers per thread
+        hp = get("HP") or 16
+        kept = [c for c in configs_ if c.kwargs["BLOCK_M"] * hp <= 64 * 32 * c.num_warps]
+        return kept or configs_[-1:]
+    qt = get("NBC") * get("RC")
+    kept = []
+    for c in configs_:
+        k, threads = c.kwargs, 32 * c.num_warps
+        if (k["BLOCK_M"] * qt * k["BLOCK_K"] <= 64 * threads and k["BLOCK_M"] * k["BLOCK_N"] * qt <= 64 * threads
+                and k["BLOCK_N"] % get("NBC") == 0):
+            kept.append(c)
+    return kept or configs_[-1:]
+
+
+def rows_space(FMA: bool = False, NBC: int = 1, RC: int = 1, HP: int = 16, **_) -> list[dict]:
+    """The row-block kernel's autotune space for a compile variant (:func:`_prune_rows`'s rule)."""
+    if not FMA:
+        return [c for c in ROWS_SPACE if c["BLOCK_M"] * HP <= 2048 * c["num_warps"]]
+    qt = NBC * RC
+    return [c for c in ROWS_SPACE
+            if c["BLOCK_M"] * qt * c["BLOCK_K"] <= 2048 * c["num_warps"]
+            and c["BLOCK_M"] * c["BLOCK_N"] * qt <= 2048 * c["num_warps"] and c["BLOCK_N"] % NBC == 0]
+
+
+def _prune_wgrad(configs_, named_args, **kwargs):
+    """Keep the fp32 accumulator (BLOCK_N x HP) within 64 registers per thread."""
+    hp = kwargs.get("HP", named_args.get("HP")) or 16
+    kept = [c for c in configs_ if c.kwargs["BLOCK_N"] * hp <= 64 * 32 * c.num_warps]
+    return kept or configs_[-1:]
+
+
+def wgrad_space(HP: int = 16, **_) -> list[dict]:
+    return [c for c in WGRAD_SPACE if c["BLOCK_N"] * HP <= 2048 * c["num_warps"]]
 
 
 def rows_width(nblocks: int, rank: int) -> int:
@@ -637,6 +734,14 @@ if HAS_TRITON:
         IN_INTERLEAVED: tl.constexpr,  # input feature f = c*NB + q (Monarch g); else q*CB + c
         OUT_INTERLEAVED: tl.constexpr, # output feature f = s*NB + p (Monarch y); else p*SB + s
         HP: tl.constexpr,              # columns of the on-chip h: a power of two >= max(16, NB*NB*R)
+                                       #   (exactly NBC*NBC*RC with FMA)
+        BLOCKWISE: tl.constexpr,       # stage 1 one unpadded product per input block (contiguous
+                                       #   input blocks, b*r >= 16), placed into h by a 0/1 product
+        QTP: tl.constexpr,             # NB*R padded to a power of two (BLOCKWISE), else 1
+        FMA: tl.constexpr,             # both products on the FMA units, only the useful products
+                                       #   (small b*r; forward: contiguous input, interleaved output)
+        NBC: tl.constexpr,             # NB as a constant (FMA; a power of two), else 1
+        RC: tl.constexpr,              # R as a constant (FMA; a power of two), else 1
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,         # output features per tile (contiguous)
         BLOCK_K: tl.constexpr,         # input features per step (contiguous)
@@ -662,25 +767,88 @@ if HAS_TRITON:
         # a contiguous tile of input features times the packed factor tile whose column (p, q, t)
         # holds F1(q, p, t, ·) on the rows of block q and zeros elsewhere (block-diagonal) ----
         k_idx = tl.arange(0, BLOCK_K)
-        for f0 in range(0, F_IN, BLOCK_K):
-            ff = f0 + k_idx
-            mask_f = ff < F_IN
-            if IN_INTERLEAVED:
-                q_f = ff % NB
-                c_f = ff // NB
-            else:
-                q_f = ff // CB
-                c_f = ff - q_f * CB
-            a = tl.load(a_ptr + offs_m[:, None] * stride_am + ff[None, :] * stride_af,
-                        mask=mask_m[:, None] & mask_f[None, :], other=0.0)
-            w = tl.load(  # (BLOCK_K, HP)
-                f1_ptr + q_h[None, :] * s1q + p_h[None, :] * s1p + t_h[None, :] * s1t + c_f[:, None] * s1c,
-                mask=mask_f[:, None] & valid_h[None, :] & (q_f[:, None] == q_h[None, :]), other=0.0,
-            )
-            if UPCAST and not FP64:
-                a = a.to(tl.float32)
-                w = w.to(tl.float32)
-            h = tl.dot(a, w, h, input_precision=PRECISION)
+        QTC: tl.constexpr = NBC * RC
+        qt3 = tl.arange(0, QTC)
+        if FMA:
+            # ---- stage 1 on the FMA units, block by block: acc3[m, (p, t), c] += a[m, c]·F1(q, p, t, c)
+            # over the input block q, reduced once per block, placed at the columns (p, q, ·) ----
+            pt_p = qt3 // RC
+            pt_t = qt3 - pt_p * RC
+            r_idx = tl.arange(0, RC)
+            h3 = tl.zeros((BLOCK_M, NBC, QTC), dtype=h.dtype)
+            for q in range(0, NB):
+                acc3 = tl.zeros((BLOCK_M, QTC, BLOCK_K), dtype=h.dtype)
+                for c0 in range(0, CB, BLOCK_K):
+                    cc = c0 + k_idx
+                    ff = q * CB + cc
+                    mask_f = (cc < CB) & (ff < F_IN)
+                    a = tl.load(a_ptr + offs_m[:, None] * stride_am + ff[None, :] * stride_af,
+                                mask=mask_m[:, None] & mask_f[None, :], other=0.0)
+                    w = tl.load(  # (QTC, BLOCK_K): rows (p, t) of F1(q, ·, ·, c-chunk)
+                        f1_ptr + q * s1q + pt_p[:, None] * s1p + pt_t[:, None] * s1t + cc[None, :] * s1c,
+                        mask=mask_f[None, :], other=0.0,
+                    )
+                    acc3 += a.to(h.dtype)[:, None, :] * w.to(h.dtype)[None, :, :]
+                hq = tl.reshape(tl.sum(acc3, axis=2), (BLOCK_M, NBC, RC))   # [m, p, t]
+                sel = (qt3[None, :] == (q * RC + r_idx)[:, None]).to(h.dtype)  # (t, q'·R + t')
+                h3 += tl.sum(hq[:, :, :, None] * sel[None, None, :, :], axis=2)
+            h = tl.reshape(h3, (BLOCK_M, HP))
+        elif BLOCKWISE:
+            # ---- stage 1 block by block (contiguous input blocks, b·r >= 16): the unpadded product
+            # a[:, block q]·F1(q, ·, ·, ·)ᵀ (BLOCK_M × QTP), rounded, then placed at the columns
+            # (p, q, t) by a 0/1 product (exact: one term per column) ----
+            ptb = tl.arange(0, QTP)
+            ptb_p = ptb // R
+            ptb_t = ptb - ptb_p * R
+            valid_pt = ptb < NB * R
+            for q in range(0, NB):
+                if FP64:
+                    hq = tl.zeros((BLOCK_M, QTP), dtype=tl.float64)
+                else:
+                    hq = tl.zeros((BLOCK_M, QTP), dtype=tl.float32)
+                for c0 in range(0, CB, BLOCK_K):
+                    cc = c0 + k_idx
+                    ff = q * CB + cc
+                    mask_f = (cc < CB) & (ff < F_IN)
+                    a = tl.load(a_ptr + offs_m[:, None] * stride_am + ff[None, :] * stride_af,
+                                mask=mask_m[:, None] & mask_f[None, :], other=0.0)
+                    w = tl.load(  # (BLOCK_K, QTP): F1(q, p, t, c-chunk) for every (p, t)
+                        f1_ptr + q * s1q + ptb_p[None, :] * s1p + ptb_t[None, :] * s1t + cc[:, None] * s1c,
+                        mask=mask_f[:, None] & valid_pt[None, :], other=0.0,
+                    )
+                    if UPCAST and not FP64:
+                        a = a.to(tl.float32)
+                        w = w.to(tl.float32)
+                    hq = tl.dot(a, w, hq, input_precision=PRECISION)
+                # column (p, t) of hq goes to column p·NB·R + q·R + t of h
+                dest = ptb_p * (NB * R) + q * R + ptb_t
+                sel = (cols[None, :] == dest[:, None]) & valid_pt[:, None]
+                if FP64:
+                    h = tl.dot(hq, sel.to(tl.float64), h)
+                elif H_FP32 or UPCAST or a_ptr.dtype.element_ty == tl.float32:
+                    h = tl.dot(hq, sel.to(tl.float32), h, input_precision="ieee")
+                else:
+                    h = tl.dot(hq.to(a_ptr.dtype.element_ty), sel.to(a_ptr.dtype.element_ty), h)
+        else:
+            for f0 in range(0, F_IN, BLOCK_K):
+                ff = f0 + k_idx
+                mask_f = ff < F_IN
+                if IN_INTERLEAVED:
+                    q_f = ff % NB
+                    c_f = ff // NB
+                else:
+                    q_f = ff // CB
+                    c_f = ff - q_f * CB
+                a = tl.load(a_ptr + offs_m[:, None] * stride_am + ff[None, :] * stride_af,
+                            mask=mask_m[:, None] & mask_f[None, :], other=0.0)
+                w = tl.load(  # (BLOCK_K, HP)
+                    f1_ptr + q_h[None, :] * s1q + p_h[None, :] * s1p + t_h[None, :] * s1t + c_f[:, None] * s1c,
+                    mask=mask_f[:, None] & valid_h[None, :] & (q_f[:, None] == q_h[None, :]), other=0.0,
+                )
+                if UPCAST and not FP64:
+                    a = a.to(tl.float32)
+                    w = w.to(tl.float32)
+                h = tl.dot(a, w, h, input_precision=PRECISION)
 
         if H_FP32:
             h_lo = h                              # fp32: h may exceed fp16's range
@@ -701,26 +869,45 @@ if HAS_TRITON:
         per = tl.cdiv(tl.cdiv(F_OUT, BLOCK_N), tl.num_programs(1))
         o_lo = pid_o * per * BLOCK_N
         o_hi = tl.minimum(F_OUT, o_lo + per * BLOCK_N)
+        BS: tl.constexpr = BLOCK_N // NBC
+        s_idx = tl.arange(0, BS)
+        p_idx = tl.arange(0, NBC)
+        q_i = qt3 // RC
+        t_i = qt3 - q_i * RC
+        if FMA:
+            h3_lo = tl.reshape(h_lo, (BLOCK_M, NBC, QTC)).to(h.dtype)
         for o0 in range(o_lo, o_hi, BLOCK_N):
             fo = o0 + n_idx
             mask_o = fo < o_hi
-            if OUT_INTERLEAVED:
-                p_o = fo % NB
-                s_o = fo // NB
+            if FMA:
+                # the tile is BS output rows s of every block p (f = s·NB + p): z3[m, s, p] =
+                # Σ_{q,t} h[m, p, q, t]·F2(p, s, q, t) on the FMA units, then flattened (P₂ on chip)
+                s_o3 = o0 // NBC + s_idx
+                w3 = tl.load(  # (BS, NBC, QTC)
+                    f2_ptr + p_idx[None, :, None] * s2p + s_o3[:, None, None] * s2s
+                    + q_i[None, None, :] * s2q + t_i[None, None, :] * s2t,
+                    mask=(s_o3 < SB)[:, None, None], other=0.0,
+                )
+                z3 = tl.sum(h3_lo[:, None, :, :] * w3.to(h.dtype)[None, :, :, :], axis=3)
+                acc = tl.reshape(z3, (BLOCK_M, BLOCK_N))
             else:
-                p_o = fo // SB
-                s_o = fo - p_o * SB
-            w = tl.load(  # (HP, BLOCK_N)
-                f2_ptr + p_o[None, :] * s2p + s_o[None, :] * s2s + q_h[:, None] * s2q + t_h[:, None] * s2t,
-                mask=mask_o[None, :] & valid_h[:, None] & (p_h[:, None] == p_o[None, :]), other=0.0,
-            )
-            if (UPCAST or H_FP32) and not FP64:
-                w = w.to(tl.float32)
-            if FP64:
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-            else:
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc = tl.dot(h_lo, w, acc, input_precision=PRECISION)
+                if OUT_INTERLEAVED:
+                    p_o = fo % NB
+                    s_o = fo // NB
+                else:
+                    p_o = fo // SB
+                    s_o = fo - p_o * SB
+                w = tl.load(  # (HP, BLOCK_N)
+                    f2_ptr + p_o[None, :] * s2p + s_o[None, :] * s2s + q_h[:, None] * s2q + t_h[:, None] * s2t,
+                    mask=mask_o[None, :] & valid_h[:, None] & (p_h[:, None] == p_o[None, :]), other=0.0,
+                )
+                if (UPCAST or H_FP32) and not FP64:
+                    w = w.to(tl.float32)
+                if FP64:
+                    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+                else:
+                    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                acc = tl.dot(h_lo, w, acc, input_precision=PRECISION)
             if HAS_BIAS:
                 bias = tl.load(bias_ptr + fo, mask=mask_o, other=0.0).to(acc.dtype)
                 acc = acc + bias[None, :]
@@ -810,11 +997,11 @@ if HAS_TRITON:
     _rows_tuned = Tunable(
         _rows_kernel, ROWS_SPACE,
         key=["M_BUCKET", "NB", "R", "F_IN", "F_OUT", "STORE_H", "H_FP32", "IN_INTERLEAVED", "OUT_INTERLEAVED"],
-        interpreter=ROWS_INTERP, deterministic=ROWS_FIXED, pick=_pick_rows,
+        prune=_prune_rows, interpreter=ROWS_INTERP, deterministic=ROWS_FIXED, pick=_pick_rows,
     )
     _wgrad_tuned = Tunable(
         _wgrad_kernel, WGRAD_SPACE, key=["NB", "R", "F", "ROWS", "MIXED", "INTERLEAVED"],
-        interpreter=WGRAD_INTERP, deterministic=WGRAD_FIXED,
+        prune=_prune_wgrad, interpreter=WGRAD_INTERP, deterministic=WGRAD_FIXED,
     )
 
     # ---- compile-tier registration (signatures derived from the kernels' arguments) ----
@@ -851,13 +1038,13 @@ if HAS_TRITON:
         fn=_rows_kernel,
         constexprs=[
             dict(HAS_BIAS=True, STORE_H=False, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
-                 IN_INTERLEAVED=False, OUT_INTERLEAVED=True, HP=16),
+                 IN_INTERLEAVED=False, OUT_INTERLEAVED=True, HP=16, BLOCKWISE=False, QTP=1, FMA=True, NBC=4, RC=1),
             dict(HAS_BIAS=False, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
-                 IN_INTERLEAVED=True, OUT_INTERLEAVED=False, HP=16),
+                 IN_INTERLEAVED=True, OUT_INTERLEAVED=False, HP=16, BLOCKWISE=False, QTP=1, FMA=False, NBC=1, RC=1),
             dict(HAS_BIAS=True, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
-                 IN_INTERLEAVED=False, OUT_INTERLEAVED=False, HP=64),
+                 IN_INTERLEAVED=False, OUT_INTERLEAVED=False, HP=256, BLOCKWISE=True, QTP=16, FMA=False, NBC=1, RC=1),
         ],
-        space=ROWS_SPACE,
+        space=rows_space,
         unit_args=_ROWS_UNIT,
     ))
     register_kernel(KernelSpec(
@@ -866,9 +1053,9 @@ if HAS_TRITON:
         pointers={"h_ptr": "fp32"},
         constexprs=[
             dict(HAS_BIAS=True, STORE_H=True, H_FP32=True, UPCAST=False, PRECISION="tf32", FP64=False,
-                 IN_INTERLEAVED=False, OUT_INTERLEAVED=True, HP=16),
+                 IN_INTERLEAVED=False, OUT_INTERLEAVED=True, HP=16, BLOCKWISE=False, QTP=1, FMA=True, NBC=4, RC=1),
         ],
-        space=ROWS_SPACE,
+        space=rows_space,
         dtypes=("fp16",),
         unit_args=_ROWS_UNIT,
     ))
@@ -880,7 +1067,7 @@ if HAS_TRITON:
             dict(ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False, INTERLEAVED=True, HP=16),
             dict(ROWSUM=False, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False, INTERLEAVED=False, HP=64),
         ],
-        space=WGRAD_SPACE,
+        space=wgrad_space,
         unit_args=("sdf", "sos", "soq"),
     ))
     register_kernel(KernelSpec(
@@ -890,7 +1077,7 @@ if HAS_TRITON:
         constexprs=[
             dict(ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=True, INTERLEAVED=True, HP=16),
         ],
-        space=WGRAD_SPACE,
+        space=wgrad_space,
         dtypes=("fp16",),
         unit_args=("sdf", "sos", "soq"),
     ))
@@ -949,10 +1136,15 @@ def _path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int =
     w_b = (b * br * kb + b * nb * br) * elem
     rate = SM.rate_for("bf16" if elem == 2 else "fp32", dev)
 
-    def launch(programs, dram, flops, hgmma=True):
+    def launch(programs, dram, flops, hgmma=True, l2=0.0):
+        # l2: bytes of 32-byte sectors passing L2 -> SM beyond the DRAM bytes (scattered stores)
         _, f = SM.fill(programs, dev)
         r_ = rate if hgmma else rate * dev.hmma_fraction
-        return max(dram / dev.hbm_bw, flops / (r_ * f) if flops else 0.0) + dev.launch_s
+        return max(dram / dev.hbm_bw, (dram + l2) / (dev.l2_bw * f),
+                   flops / (r_ * f) if flops else 0.0) + dev.launch_s
+
+    # Monarch's output permutation written by the per-block kernels: one 32-byte sector per element
+    scatter = 32.0 * M * N if strided else 0.0
 
     if path == "rows":
         hp = rows_width(b, r)
@@ -964,7 +1156,13 @@ def _path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int =
             split = cdiv(tiles, cdiv(tiles, split))
             reread = (split - 1) * x_b if x_b > dev.l2_bytes / 2 else 0
             dram = x_b + y_b + w_b + (h_b if save_h else 0) + reread
-            flops = 2.0 * m_blocks * bm * hp * (Kp * split + Np)
+            rows_ = m_blocks * bm
+            if b * r >= 16:   # stage 1 block by block (unpadded), then placed by a 0/1 product
+                qtp = next_pow2(b * r)
+                stage1 = rows_ * (Kp * qtp + b * qtp * hp)
+            else:             # stage 1 as one packed tile
+                stage1 = rows_ * Kp * hp
+            flops = 2.0 * (stage1 * split + rows_ * Np * hp)
             t = launch(m_blocks * split, dram, flops, hgmma=bm >= 64)
             best = t if best is None else min(best, t)
         return best
@@ -973,7 +1171,7 @@ def _path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int =
         # over output blocks, the reduction b·r padded to a 64-deep step)
         pad_n, pad_k = max(64, next_pow2(br)), cdiv(br, 64) * 64
         t1 = launch(b * cdiv(M, 128) * cdiv(br, 128), x_b + h_b, 2.0 * M * Kp * pad_n)
-        t2 = launch(b * cdiv(M, 128) * cdiv(nb, 128), h_b + y_b, 2.0 * M * Np * pad_k)
+        t2 = launch(b * cdiv(M, 128) * cdiv(nb, 128), h_b + y_b, 2.0 * M * Np * pad_k, l2=scatter)
         return t1 + t2
     if path == "fused":
         # the chain: one program per (row block, output block, output tile); every output block
@@ -982,7 +1180,7 @@ def _path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int =
         reads = b * tiles
         dram = x_b * (1 if x_b <= dev.l2_bytes / 2 else reads) + y_b + (h_b if save_h else 0) + w_b
         flops = 2.0 * M * max(16, next_pow2(r)) * b * (Kp * tiles + Np)
-        return launch(cdiv(M, 64) * b * tiles, dram, flops)
+        return launch(cdiv(M, 64) * b * tiles, dram, flops, l2=scatter)
     if path == "torch":
         # monarch_bmm in x's dtype: bmm, the P₁ copy of h, bmm, the P₂ copy of y, the bias add
         ops = [(x_b + w_b / 2 + h_b, 2.0 * M * Kp * br), (2 * h_b, 0), (h_b + w_b / 2 + y_b, 2.0 * M * Np * br),
@@ -998,7 +1196,7 @@ def rows_supported(nblocks: int, rank: int) -> bool:
 
 
 def choose_path(M: int, K: int, N: int, nblocks: int, rank: int, elem: int = 2, save_h: bool = False,
-                allow_torch: bool = False) -> str:
+                allow_torch: bool = False, strided: bool = True) -> str:
     """The path with the smallest predicted time (:func:`_path_seconds`: bytes and FLOPs, the sol
     model's terms and device), among ``'rows'`` (row-block kernel, ``h`` on chip, ``x`` read
     once; where ``b·b·r <= 64``), ``'fused'`` (the per-output-block chain), ``'two_stage'``
@@ -1018,7 +1216,7 @@ def choose_path(M: int, K: int, N: int, nblocks: int, rank: int, elem: int = 2, 
             return "two_stage"
         return forced
     cands = [p for p in PATHS if (p != "rows" or rows_supported(nblocks, rank)) and (p != "torch" or allow_torch)]
-    return min(cands, key=lambda p: _path_seconds(M, K, N, nblocks, rank, p, elem, elem, save_h))
+    return min(cands, key=lambda p: _path_seconds(M, K, N, nblocks, rank, p, elem, elem, save_h, strided))
 
 
 def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_inter, out_inter):
@@ -1029,6 +1227,8 @@ def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_int
     f1, s1 = first
     f2, s2 = second
     h_fp32 = intermediate_dtype(a.dtype) != a.dtype
+    fma = rows_fma(NB, R, in_inter, out_inter)
+    blockwise = not fma and not in_inter and NB * R >= 16
     _rows_tuned[row_block_grid(M, F_OUT, a.device)](
         a, f1, f2, bias if bias is not None else z, z, h if h is not None else z,
         M, NB, R, CB, SB, F_IN, F_OUT, m_bucket(M),
@@ -1036,7 +1236,9 @@ def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_int
         *s1, *s2,
         HAS_BIAS=bias is not None, STORE_H=h is not None, H_FP32=h_fp32,
         UPCAST=upcast_dots(), PRECISION=dot_precision(a.dtype), FP64=a.dtype == torch.float64,
-        IN_INTERLEAVED=in_inter, OUT_INTERLEAVED=out_inter, HP=rows_width(NB, R),
+        IN_INTERLEAVED=in_inter, OUT_INTERLEAVED=out_inter,
+        HP=NB * NB * R if fma else rows_width(NB, R), BLOCKWISE=blockwise,
+        QTP=next_pow2(NB * R) if blockwise else 1, FMA=fma, NBC=NB if fma else 1, RC=R if fma else 1,
     )
 
 
@@ -1161,7 +1363,7 @@ def monarch_fwd(
     hbuf = torch.empty((M, b * b * r), device=x.device, dtype=inter) if save_h else None
     if M == 0 or N == 0:
         return y, hbuf
-    path = path or choose_path(M, K, N, b, r, x.element_size(), save_h, allow_torch=True)
+    path = path or choose_path(M, K, N, b, r, x.element_size(), save_h, allow_torch=True, strided=strided)
     br = b * r
     if path == "rows" and not rows_supported(b, r):
         path = "fused"
@@ -1249,7 +1451,7 @@ def monarch_bwd(
     sx_m, sx_f = x.stride()
     g_op = lambda sg, si, sk, feat: (g, (sg, si, sk), feat)
     dh = None
-    path = path or choose_path(M, N, K, b, r, g.element_size(), need_w1)
+    path = path or choose_path(M, N, K, b, r, g.element_size(), need_w1, strided=strided)
     if path == "rows" and not rows_supported(b, r):
         path = "fused"
     if need_x or need_w1:

@@ -405,3 +405,50 @@ def test_cli_joint_on_bundled_minilm(tmp_path, capsys):
         assert torch.isfinite(model(input_ids=ids).last_hidden_state).all()
     q = model.encoder.layer[0].attention.self.query
     assert q.rank == math.floor(3 * rank_for_ratio(384, 384, 0.5) * 768 / (384 + 3 * 384))
+
+
+# --------------------------------------------------------------------------------------------
+# gpu tier (skipped without CUDA)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_joint_matches_float64_compiles_and_captures(dtype):
+    torch.manual_seed(7)
+    m = Model(d=256, outs=(256, 128, 128), bias=(True, True, True))
+    _joint(m)
+    lead = m.layers[0].query
+    u, v, b = (t.detach().double() for t in (lead.inner.u, lead.inner.v, lead.inner.bias))
+    m = m.cuda().to(dtype)
+    x = torch.randn(1000, 256, device="cuda", dtype=dtype)
+    ref = (x.double().cpu() @ v.t()) @ u.t() + b
+    q, k, val = torch.split(ref, lead.splits, -1)
+    want = torch.cat([q.tanh(), k * 2, val.sin()], -1)
+    with torch.no_grad():
+        y = m(x)
+    tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
+    assert (y[:, :512].double().cpu() - want).abs().max().item() <= tol * (1 + want.abs().max().item())
+    torch._dynamo.reset()
+    cm = torch.compile(m, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), y, atol=tol, rtol=tol)
+        g = torch.cuda.CUDAGraph()
+        m(x)
+        with torch.cuda.graph(g):
+            yg = m(x)
+        g.replay()
+        torch.testing.assert_close(yg, y)
+
+
+@pytest.mark.parametrize("family,kinds", [("bert", ["qkv"]), ("llama", ["qkv", "mlp"])])
+def test_plan_matches_the_joint_swap(family, kinds):
+    """factorize_plan (the CLI's --dry-run) shows the joint layers, factor configs and parameters
+    the swap then builds."""
+    from fastfactor.compress.targets import compressed_modules
+
+    m = tiny_model(family)
+    cfg = dict(method="lowrank", ratio=0.4, joint=kinds)
+    plan = fastfactor.factorize_plan(m, cfg)
+    fastfactor.factorize_(m, cfg)
+    real = {n: (type(x).__name__, x.factor_config(), x.num_weight_params) for n, x in compressed_modules(m)}
+    assert {r.name: (r.layer_class, r.factor_config, r.params_after) for r in plan.rows} == real

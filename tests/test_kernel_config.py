@@ -83,9 +83,13 @@ def test_every_family_launcher_names_its_configs():
     from fastfactor.kernels import lowrank, monarch, sparse24
 
     tunables = [v for m in (lowrank, monarch, sparse24) for v in vars(m).values() if isinstance(v, C.Tunable)]
-    assert len(tunables) == 13  # low-rank: chain, gemm, split-K reduce, row sums; monarch: chain, bgemm, rows, wgrad
+    # low-rank: chain, gemm, split-K reduce, row sums, decode; monarch: chain, bgemm, rows, wgrad
+    assert len(tunables) == 14
     for t in tunables:
         assert t.interpreter in t.space and t.deterministic in t.space
+        if t is lowrank._decode_tuned:   # tiles chosen per shape (decode_tiles), passed as constexprs
+            assert set(t.interpreter) == {"num_warps", "num_stages"}
+            continue
         assert t.interpreter["BLOCK_M" if "BLOCK_M" in t.interpreter else "BLOCK_R"] == 16
 
 

@@ -61,6 +61,9 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--nblocks", type=lambda s: _ints("nblocks", s), help="block counts for monarch/block_lowrank")
     g.add_argument("--block-rank", type=int, default=1, help="rank of each block (monarch/block_lowrank)")
     g.add_argument("--no-bias", action="store_true", help="layers without bias")
+    g.add_argument("--joint", choices=("qkv", "mlp"), default=None,
+                   help="also time modules compressed together: per low-rank ratio and shape, the group (qkv: 3 "
+                        "members, mlp: 2) as one shared-V launch against the separate layers (fastfactor/bench/joint.py)")
     g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     g.add_argument("--full", action="store_true", help="on the CPU, keep the requested sizes (no small mode)")
     g.add_argument("--threads", type=int, default=None,
@@ -253,6 +256,15 @@ def _main(args, argv, cfg, small, sweep, log) -> int:
         print(report.format_table(e2e_rows, (
             "model", "method", "param", "ratio", "model_params", "infer_ms", "infer_tokens_per_s",
             "infer_speedup_vs_dense", "train_ms", "train_tokens_per_s", "train_speedup_vs_dense", "note")))
+    if getattr(args, "joint", None) and not args.e2e:
+        from .joint import COLUMNS as JCOLUMNS
+        from .joint import joint_bench_rows
+
+        jrows = joint_bench_rows(cfg, args.joint, log)
+        meta["joint_rows"] = jrows
+        print(f"modules compressed together ({args.joint}): one shared-V launch against the separate layers"
+              + (" (CPU figures)" if cfg.cpu_figures else ""))
+        print(report.format_table(jrows, JCOLUMNS))
     if not rows and not e2e_rows:
         print("no rows: " + "; ".join(meta["messages"]) if meta["messages"] else "no rows")
     j, c, pl = _outputs(args, stem)

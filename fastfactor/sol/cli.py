@@ -60,6 +60,9 @@ def _add_args(p) -> None:
     p.add_argument("--json", help="write the rows (with per-launch detail) to this JSON file")
     p.add_argument("--plot", action="store_true", help="also a PNG of predicted speedups (needs matplotlib)")
     p.add_argument("--detail", action="store_true", help="print every launch: config, grid, bound, per-tensor re-reads")
+    p.add_argument("--joint", choices=("qkv", "mlp"),
+                   help="also the modules compressed together: per low-rank row, its group (qkv: 3 members, mlp: 2) "
+                        "as one launch of the shared-V form against the separate layers (fastfactor/sol/joint.py)")
     p.add_argument("--sass", action="store_true",
                    help="also compile each launch's chosen config as the runtime specializes it (sm_90) and read the SASS")
 
@@ -242,7 +245,7 @@ def run(args) -> int:
         return 2
     dev = get_device(args.device)
     print(f"fastfactor sol — {dev.name} — {PREDICTED} — {len(specs)} rows", flush=True)
-    rows = []
+    rows, pairs = [], []
     for s in specs:
         try:
             r = evaluate_row(s, dev, configs=args.configs)
@@ -250,6 +253,7 @@ def run(args) -> int:
             print(f"  {s.key()}: failed ({type(e).__name__}: {e})", flush=True)
             continue
         rows.append(r)
+        pairs.append((s, r))
         if args.detail:
             print(format_table([r]).splitlines()[-1])
             print(_detail(r), flush=True)
@@ -287,7 +291,18 @@ def run(args) -> int:
                           f"BAR={f.get('bar')} instr={f.get('instructions')}")
     print(format_table(rows))
     print(f"({PREDICTED}: lower bounds from exact counts; device figures in fastfactor/sol/device.py)")
+    jrows = []
+    if getattr(args, "joint", None):
+        from .joint import COLUMNS as JCOLUMNS
+        from .joint import joint_rows
+
+        jrows = joint_rows(pairs, args.joint, dev, configs=args.configs)
+        print(f"\nmodules compressed together ({args.joint}): one shared-V launch against the separate layers "
+              f"({PREDICTED})")
+        print(format_table(jrows, columns=JCOLUMNS))
     m = meta(sys.argv[1:], args.device)
+    if jrows:
+        m["joint_rows"] = jrows
     if args.json:
         write_outputs(rows, m, json_path=args.json)
     if args.out:
