@@ -102,6 +102,13 @@ def grams_for(model, data, cfg):
     return collect_activation_stats(model, mods, batches, lambda m, b: m(**_inputs(m, b, "cpu"))), targets
 
 
+def _out(o):
+    for k in ("logits", "last_hidden_state"):
+        if hasattr(o, k):
+            return getattr(o, k)
+    return o[0]
+
+
 def markdown(rows, meta) -> str:
     from .driver import format_table
 
@@ -110,25 +117,30 @@ def markdown(rows, meta) -> str:
     for task in TASKS:
         for sched in SCHEDULES:
             for kind in ("params", "latency"):
-                for q in sorted({r["q"] for r in rows if r["task"] == task and r["budget_kind"] == kind}):
+                for q, alloc in sorted({(r["q"], r["alloc"]) for r in rows if r["task"] == task
+                                        and r["budget_kind"] == kind and r["alloc"] != "uniform"}):
                     u = by.get(f"{task}|{sched}|params|{q}|uniform")
-                    p = by.get(f"{task}|{sched}|{kind}|{q}|planned")
+                    p = by.get(f"{task}|{sched}|{kind}|{q}|{alloc}")
                     if not (u and p):
                         continue
                     m = u["metric"]
-                    out.append([task, sched, kind, f"{q:.1f}", m, f"{u['kept']:.3f}", f"{u['latency_fraction']:.3f}",
+                    scorer = "output" if alloc == "planned-output" else "whitened"
+                    out.append([task, sched, kind, scorer, f"{q:.1f}", m, f"{u['kept']:.3f}", f"{u['latency_fraction']:.3f}",
                                 f"{100 * u['value']:.1f}" if m == "accuracy" else f"{u['value']:.4f}",
                                 f"{p['kept']:.3f}", f"{p['latency_fraction']:.3f}",
                                 f"{100 * p['value']:.1f}" if m == "accuracy" else f"{p['value']:.4f}",
                                 f"{100 * (p['value'] - u['value']):+.1f}" if m == "accuracy"
                                 else f"{p['value'] - u['value']:+.4f}", str(p.get("dense_modules", "-"))])
-    head = ["task", "schedule", "equal", "q", "metric", "uniform kept", "uniform time*", "uniform",
+    head = ["task", "schedule", "equal", "scores", "q", "metric", "uniform kept", "uniform time*", "uniform",
             "planned kept", "planned time*", "planned", "planned − uniform", "planned: dense modules"]
     dense = ", ".join(f"{t}: {v:.4g}" for t, v in meta.get("dense", {}).items())
     return ("`*` time: the 36 targets' time as a fraction of dense, **" + PREDICTED + "** by the `fastfactor sol` "
             f"model ({LATENCY['device'].upper()}, {LATENCY['tokens']} tokens, {LATENCY['direction']}, "
             f"{LATENCY['dtype']}). Equal = params: planned under `target_params=q`; equal = latency: planned "
-            "under `target_latency` = the uniform model's predicted time at ratio q. Dense: " + dense + "\n\n"
+            "under `target_latency` = the uniform model's predicted time at ratio q (at most 1). Scores: whitened = "
+            "per-module activation-weighted error (closed form); output = change of the model's output "
+            "(logits / last hidden state) on the calibration batches when only that module is compressed. "
+            "Dense: " + dense + "\n\n"
             + format_table(head, out))
 
 
@@ -147,13 +159,18 @@ def plot(rows, path) -> str:
             ax = axes[i][j]
             kind = "params" if j == 0 else "latency"
             for sched, ls in (("offline", "-"), ("staged", "--")):
-                for alloc, color in (("uniform", "tab:blue"), ("planned", "tab:orange")):
+                for alloc, color in (("uniform", "tab:blue"), ("planned", "tab:orange"),
+                                     ("planned-output", "tab:green")):
+                    if alloc == "planned-output" and j == 1:
+                        continue
                     want = "params" if alloc == "uniform" else kind
                     pts = sorted((r[x], r["value"]) for r in rows if r["task"] == task and r["schedule"] == sched
                                  and r["alloc"] == alloc and r["budget_kind"] == want)
                     if pts:
                         scale = 100 if task == "family" else 1
-                        what = alloc if alloc == "uniform" else f"planned ({'target_params' if j == 0 else 'target_latency'})"
+                        what = alloc if alloc == "uniform" else (
+                            f"planned ({'target_params' if j == 0 else 'target_latency'}"
+                            f"{', output scores' if alloc == 'planned-output' else ''})")
                         ax.plot([a for a, _ in pts], [b * scale for _, b in pts], ls, marker="o", color=color,
                                 label=f"{what}, {sched}")
             ax.set_xlabel(label)
@@ -182,6 +199,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stage-steps", type=int, default=2)
     ap.add_argument("--final-steps", type=int, default=12)
     ap.add_argument("--calib-batches", type=int, default=2)
+    ap.add_argument("--output-scores", nargs="*", type=float, default=list(RATIOS),
+                    help="budgets also planned on output-change scores (offline and staged)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     args.cache = args.cache or args.out
@@ -243,6 +262,9 @@ def main(argv=None) -> int:
             for sched in scheds:
                 jobs += [(sched, "params", q, "uniform"), (sched, "params", q, "planned"),
                          (sched, "latency", q, "planned")]
+        for q in args.output_scores:
+            jobs += [(sched, "params", q, "planned-output") for sched in args.schedules]
+        cands_out = None
         uniform_frac = {}
         for sched, kind, q, alloc in jobs:
             row = dict(task=task, schedule=sched, budget_kind=kind, q=q, alloc=alloc, metric=metric)
@@ -254,7 +276,24 @@ def main(argv=None) -> int:
                 else dict(stage_steps=0, final_steps=0)
             cfg = CompressionConfig(schedule=sched, ratio=q, **steps, **common)
             plan = None
-            if alloc == "planned":
+            if alloc == "planned-output":
+                if cands_out is None:
+                    from ..plan import output_scores
+                    from ..train.data import iterate
+                    from .driver import _inputs
+
+                    t1 = time.perf_counter()
+                    it = iterate(data.train, probe.batch_size, shuffle=True, seed=probe.seed + 7)
+                    batches = [b for _, b in zip(range(probe.calib_batches), it)]
+                    cands_out = output_scores(model, copy.deepcopy(cands), batches,
+                                              lambda m, b: _out(m(**_inputs(m, b, "cpu"))), grams)
+                    print(f"{task}: output scores {time.perf_counter() - t1:.0f}s", flush=True)
+                plan = solve(cands_out, q)
+                plan.scorer, plan.init = "output", "activation"
+                for m in plan.modules:
+                    if m.method != "dense":
+                        m.init = "activation"
+            elif alloc == "planned":
                 if kind == "latency":
                     if q not in uniform_frac:
                         print(f"  skip {task} {sched} latency {q}: no uniform row yet", flush=True)
