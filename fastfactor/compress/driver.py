@@ -140,7 +140,7 @@ def compress(
     t_start = time.perf_counter()
     cfg = _as_config(config if config is not None else CompressionConfig())
     if plan is not None:
-        from ..plan import as_plan, check_plan
+        from ..plan_data import as_plan, check_plan
 
         plan = as_plan(plan)
         check_plan(model, plan)
