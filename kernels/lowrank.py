@@ -14,8 +14,22 @@ Backward (with ``g = dL/dy``)::
 
 Design
 ------
-Three paths, chosen per shape by :func:`choose_path` from a stated cost model (below); every byte
+Four paths, chosen per shape by :func:`choose_path` from a stated cost model (below); every byte
 figure is per call, ``e`` bytes per element, ``P`` programs, ``S`` split-K factor, 132 SMs.
+
+* ``'decode'`` — a handful of rows (``M <= 64``): ``_decode_kernel``, **one launch** in three
+  roles (:func:`decode`). ``N0 <= 32`` producers each multiply one ``K`` chunk of ``x`` by the same
+  chunk of ``V`` for every rank (fp32 partials, ``N0·M·R·4`` bytes); ``ceil(R/16)`` reducers sum
+  the partials of 16 columns of ``t`` in the fixed order ``p = 0, 1, …`` and round ``t`` once;
+  ``ceil(N/BLOCK_N)`` consumers load their rows of ``U`` *before* waiting for ``t`` (the read of
+  ``U`` overlaps the producers'), then write ``y``. Traffic ``(M·K + R·K + N·R + M·N)·e`` plus the
+  partials and ``t`` (in L2); ``V`` and ``U`` each read once. Roles come from a ticket drawn at
+  program start, so a program waits only for programs that started before it (never a grid
+  barrier, no deadlock whatever the residency); the counters reset themselves at the end; no
+  atomics touch data, so the result is bitwise reproducible. At M = 16, d = 4096, ratio 0.25:
+  one launch of 192 programs against two cuBLAS launches, *predicted* 2.07x dense ``F.linear``
+  and 1.40x the unfused path (``fastfactor sol``). The rank is padded to a multiple of 16
+  (:func:`rank_pieces`); ``BLOCK_M x R_PAD <= 8192`` (registers; ``R <= 512`` at 16 rows).
 
 * ``'two_gemm'`` — our Triton GEMM ``_gemm_kernel`` twice (``t = x·Vᵀ`` to memory, then
   ``y = t·Uᵀ + b``), any strides (a transpose is a stride swap). Compulsory traffic
@@ -28,10 +42,9 @@ figure is per call, ``e`` bytes per element, ``P`` programs, ``S`` split-K facto
   reproducible), adds the bias and rounds once. So at M = 16, d = 4096, ratio 0.25 ``V`` and ``U``
   are each read from memory exactly once, by 192 and 256 programs (counted under the interpreter:
   ``profiling/lowrank_counts.py``); the workspace (``S·M·R·4`` bytes, ~0.2 MB) stays in L2. The
-  reduce is a separate launch: fusing it into the second GEMM would make each of its ``N/BLOCK_N``
-  programs re-read all ``S`` partials (``S·M·R·4`` bytes each, 64x ``U``'s tile at these shapes),
-  which does not pay. Small-``M`` configs (``BLOCK_M = 16``) are picked per shape
-  (:func:`gemm_config`).
+  reduce is a separate launch here (three launches for the forward, against two for cuBLAS); the
+  ``'decode'`` path does the whole forward in one. Small-``M`` configs (``BLOCK_M = 16``) are
+  picked per shape (:func:`gemm_config`).
 * ``'fused'`` — ``_chain_kernel`` computes ``z = (a·Aᵀ)·Bᵀ`` for one block of ``BLOCK_M`` rows: the
   first product is accumulated in fp32 registers over ``K``, rounded and multiplied straight into
   the output tiles, so ``t`` never goes to memory (saves ``2·M·R·e``). The rank is padded to a
@@ -260,6 +273,14 @@ ROWSUM_INTERP = dict(BLOCK_M=16, BLOCK_K=16, num_warps=4)
 ROWSUM_FIXED = dict(BLOCK_M=128, BLOCK_K=64, num_warps=4)
 ROWSUM_SPACE = [ROWSUM_INTERP, ROWSUM_FIXED]
 
+#: the single-launch decode kernel: one config each (its tiles are chosen per shape by
+#: :func:`decode_tiles` and passed as constexprs)
+DECODE_INTERP = dict(num_warps=4, num_stages=1)
+DECODE_FIXED = dict(num_warps=8, num_stages=2)
+DECODE_SPACE = [DECODE_INTERP, DECODE_FIXED]
+#: the decode backward: 8 warps only (4 warps spill at R = 512 on sm_90: compile-check)
+DECODE_BWD_SPACE = [DECODE_FIXED]
+
 
 def _chain_fits(block_m: int, block_n: int, block_k: int, num_stages: int, r_pad: int) -> bool:
     """Whether a chain config fits: the fp32 intermediate ``BLOCK_M x R_PAD`` within 64 KiB of
@@ -373,6 +394,52 @@ if HAS_TRITON:
                  t, mask=mask_m[:, None] & (offs_r[None, :] < R))
 
     @triton.jit
+    def _act_fwd(h, ACT: tl.constexpr):
+        # the activation of the rank-r intermediate (codes: ACTIVATIONS in kernels/lowrank_act.py)
+        if ACT == 1:    # relu
+            h = tl.maximum(h, 0.0)
+        elif ACT == 2:  # gelu, tanh approximation: ½·h·(1 + tanh(√(2/π)·(h + 0.044715·h³)))
+            th = 2.0 * tl.sigmoid(2.0 * (0.7978845608028654 * (h + 0.044715 * h * h * h))) - 1.0
+            h = 0.5 * h * (1.0 + th)
+        elif ACT == 3:  # silu: h·sigmoid(h)
+            h = h * tl.sigmoid(h)
+        elif ACT == 4:  # tanh
+            h = 2.0 * tl.sigmoid(2.0 * h) - 1.0
+        return h
+
+    @triton.jit
+    def _act_grad(h, ACT: tl.constexpr):
+        # σ'(h) of _act_fwd, from the pre-activation h
+        if ACT == 1:
+            d = tl.where(h > 0.0, 1.0, 0.0).to(h.dtype)
+        elif ACT == 2:
+            z = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+            th = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+            d = 0.5 * (1.0 + th) + 0.5 * h * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+        elif ACT == 3:
+            s = tl.sigmoid(h)
+            d = s * (1.0 + h * (1.0 - s))
+        elif ACT == 4:
+            th = 2.0 * tl.sigmoid(2.0 * h) - 1.0
+            d = 1.0 - th * th
+        else:
+            d = h * 0.0 + 1.0
+        return d
+
+    @triton.jit
+    def _chain_mid(t, offs_r, R, offs_m, mask_m, cb_ptr, gate_ptr, stride_gm, stride_gr,
+                   HAS_CB: tl.constexpr, GATE: tl.constexpr, ACT: tl.constexpr):
+        # between the two products, on the fp32 accumulator of one rank piece:
+        # forward h = t + c (intermediate bias); backward dh = dt ⊙ σ'(h) (h loaded from gate_ptr)
+        if HAS_CB:
+            t += tl.load(cb_ptr + offs_r, mask=offs_r < R, other=0.0).to(t.dtype)[None, :]
+        if GATE:
+            h = tl.load(gate_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+                        mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0).to(t.dtype)
+            t = t * _act_grad(h, ACT)
+        return t
+
+    @triton.jit
     def _chain_kernel(
         # --- pointers ---
         a_ptr,    # (M, K) left operand rows: x in forward, g = dL/dy in backward
@@ -381,6 +448,8 @@ if HAS_TRITON:
         bias_ptr,  # (N,) bias added to the output; read only when HAS_BIAS
         z_ptr,    # (M, N) output: y in forward, dx in backward
         t_ptr,    # (M, R) intermediate a·w1ᵀ (fp32 when T_FP32); written only when STORE_T (pid_n == 0)
+        cb_ptr,   # (R,) bias of the intermediate (forward of the nonlinear form); read only when HAS_CB
+        gate_ptr,  # (M, R) saved pre-activation h; read only when GATE (backward: dh = dt ⊙ σ'(h))
         # --- dimensions ---
         M, K, N, R,
         M_BUCKET,  # power-of-two bucket of M: autotune key only
@@ -390,6 +459,7 @@ if HAS_TRITON:
         stride_w2n, stride_w2r,
         stride_zm, stride_zn,
         stride_tm, stride_tr,
+        stride_gm, stride_gr,
         # --- meta-parameters ---
         HAS_BIAS: tl.constexpr,
         STORE_T: tl.constexpr,
@@ -397,6 +467,9 @@ if HAS_TRITON:
         UPCAST: tl.constexpr,      # upcast dot operands to fp32 (interpreter)
         PRECISION: tl.constexpr,   # tl.dot input_precision for fp32 operands
         FP64: tl.constexpr,        # float64 operands and accumulator (interpreter tier: gradcheck)
+        ACT: tl.constexpr,         # activation of the intermediate: 0 none, 1 relu, 2 gelu (tanh), 3 silu, 4 tanh
+        HAS_CB: tl.constexpr,      # forward: add cb (R,) to the intermediate before rounding it
+        GATE: tl.constexpr,        # backward: multiply the intermediate by σ'(gate) (ACT's derivative)
         R0: tl.constexpr,          # rank pieces (powers of two >= 16; R1, R2 may be 0 = absent):
         R1: tl.constexpr,          #   ranks [0, R0), [R0, R0+R1), [R0+R1, R0+R1+R2); their sum is
         R2: tl.constexpr,          #   the rank padded to a multiple of 16 (see rank_pieces)
@@ -443,6 +516,14 @@ if HAS_TRITON:
                     w = w.to(tl.float32)
                 t2 = tl.dot(a, w, t2, input_precision=PRECISION)
 
+        if HAS_CB or GATE:
+            t0 = _chain_mid(t0, offs_r0, R, offs_m, mask_m, cb_ptr, gate_ptr, stride_gm, stride_gr, HAS_CB, GATE, ACT)
+            if R1 > 0:
+                t1 = _chain_mid(t1, offs_r1, R, offs_m, mask_m, cb_ptr, gate_ptr, stride_gm, stride_gr,
+                                HAS_CB, GATE, ACT)
+            if R2 > 0:
+                t2 = _chain_mid(t2, offs_r2, R, offs_m, mask_m, cb_ptr, gate_ptr, stride_gm, stride_gr,
+                                HAS_CB, GATE, ACT)
         if not T_FP32:
             t0 = t0.to(z_ptr.dtype.element_ty)
             if R1 > 0:
@@ -456,6 +537,12 @@ if HAS_TRITON:
                     _store_t(t_ptr, t1, offs_m, mask_m, offs_r1, R, stride_tm, stride_tr)
                 if R2 > 0:
                     _store_t(t_ptr, t2, offs_m, mask_m, offs_r2, R, stride_tm, stride_tr)
+        if ACT != 0 and not GATE:  # forward of the nonlinear form: t (stored above) is h, the product uses σ(h)
+            t0 = _act_fwd(t0.to(tl.float64 if FP64 else tl.float32), ACT).to(t0.dtype)
+            if R1 > 0:
+                t1 = _act_fwd(t1.to(tl.float64 if FP64 else tl.float32), ACT).to(t1.dtype)
+            if R2 > 0:
+                t2 = _act_fwd(t2.to(tl.float64 if FP64 else tl.float32), ACT).to(t2.dtype)
         if UPCAST and not FP64:
             t0 = t0.to(tl.float32)
             if R1 > 0:
@@ -632,6 +719,371 @@ if HAS_TRITON:
             acc += a.to(acc.dtype)
         tl.store(ws_ptr + pid_s * M + offs_m, tl.sum(acc, axis=1), mask=mask_m)
 
+    @triton.jit
+    def _decode_store_ws(ws_ptr, acc, p, M, R, offs_m, mask_m, offs_r):
+        tl.store(ws_ptr + p * M * R + offs_m[:, None] * R + offs_r[None, :], acc,
+                 mask=mask_m[:, None] & (offs_r[None, :] < R))
+
+    @triton.jit
+    def _decode_load_t(t_ptr, M, R, offs_m, mask_m, offs_r, CAST: tl.constexpr):
+        tt = tl.load(t_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & (offs_r[None, :] < R),
+                     other=0.0, cache_modifier=".cg")
+        if CAST:
+            tt = tt.to(tl.float32)
+        return tt
+
+    @triton.jit
+    def _decode_kernel(
+        # --- pointers ---
+        x_ptr,     # (M, K) input rows (any strides); M <= 64 (decode)
+        v_ptr,     # (R, K) first factor V
+        u_ptr,     # (N, R) second factor U
+        bias_ptr,  # (N,) read only when HAS_BIAS
+        y_ptr,     # (M, N) output, any strides
+        t_ptr,     # (M, R) contiguous intermediate t = x·Vᵀ (fp32 when T_FP32): written by the reducers
+        ws_ptr,    # (N0, M, R) contiguous fp32 (fp64 when FP64) partial products of the producers
+        cnt_ptr,   # (4,) int32 counters, zero between launches (the last program resets them); SYNC only
+        # --- dimensions ---
+        M, K, N, R,
+        N0, N1, N2,  # programs per role: producers (K chunks), reducers (BLOCK_R columns of t), consumers (BLOCK_N rows of U)
+        KC,          # K columns per producer (a multiple of BLOCK_K)
+        # --- strides (in elements) ---
+        stride_xm, stride_xk,
+        stride_vr, stride_vk,
+        stride_un, stride_ur,
+        stride_ym, stride_yn,
+        # --- meta-parameters ---
+        HAS_BIAS: tl.constexpr,
+        SYNC: tl.constexpr,        # roles by ticket + waits on counters (GPU); else roles by program id,
+                                   # the programs running in id order (the interpreter)
+        T_FP32: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        FP64: tl.constexpr,
+        R0: tl.constexpr,          # rank pieces (rank_pieces: the rank padded to a multiple of 16,
+        R1: tl.constexpr,          #   as up to three power-of-two tiles; R1, R2 may be 0)
+        R2: tl.constexpr,
+        BLOCK_M: tl.constexpr,     # >= M: every row in one tile
+        BLOCK_K: tl.constexpr,
+        BLOCK_R: tl.constexpr,     # columns of t per reducer
+        BLOCK_N: tl.constexpr,     # rows of U per consumer
+    ):
+        # One launch, three roles, each factor read from memory once:
+        #   producers  p < N0:      ws[p] = x[:, Kp]·V[:, Kp]ᵀ       (V's column chunk p, every rank)
+        #   reducers   j < N1:      t[:, Rj] = Σ_{p = 0..N0-1} ws[p][:, Rj]   (fixed order: bitwise reproducible)
+        #   consumers  c < N2:      y[:, Nc] = t·U[Nc, :]ᵀ (+ b)      (U's rows loaded before the wait)
+        # A program takes its role from a ticket drawn when it starts, so it only ever waits for
+        # programs that started before it (producers never wait, reducers wait for producers,
+        # consumers for reducers): no deadlock whatever the residency. Counters only: no atomics
+        # touch the data.
+        if SYNC:
+            ticket = tl.atomic_add(cnt_ptr, 1)
+        else:
+            ticket = tl.program_id(0)
+        acc_ty = tl.float64 if FP64 else tl.float32
+        offs_m = tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        offs_r0 = tl.arange(0, R0)
+        offs_r1 = R0 + tl.arange(0, R1 if R1 > 0 else 16)
+        offs_r2 = R0 + R1 + tl.arange(0, R2 if R2 > 0 else 16)
+        if ticket < N0:
+            # ---- producer: one chunk of K, every rank (x and V read once in total) ----
+            k_lo = ticket * KC
+            acc0 = tl.zeros((BLOCK_M, R0), dtype=acc_ty)
+            if R1 > 0:
+                acc1 = tl.zeros((BLOCK_M, R1), dtype=acc_ty)
+            if R2 > 0:
+                acc2 = tl.zeros((BLOCK_M, R2), dtype=acc_ty)
+            for k0 in range(k_lo, k_lo + KC, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                mask_k = kk < K
+                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
+                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                if UPCAST and not FP64:
+                    a = a.to(tl.float32)
+                w = _load_w1(v_ptr, offs_r0, kk, mask_k, R, stride_vr, stride_vk)   # (BLOCK_K, R0) = V[r, kk]ᵀ
+                if UPCAST and not FP64:
+                    w = w.to(tl.float32)
+                acc0 = tl.dot(a, w, acc0, input_precision=PRECISION)
+                if R1 > 0:
+                    w = _load_w1(v_ptr, offs_r1, kk, mask_k, R, stride_vr, stride_vk)
+                    if UPCAST and not FP64:
+                        w = w.to(tl.float32)
+                    acc1 = tl.dot(a, w, acc1, input_precision=PRECISION)
+                if R2 > 0:
+                    w = _load_w1(v_ptr, offs_r2, kk, mask_k, R, stride_vr, stride_vk)
+                    if UPCAST and not FP64:
+                        w = w.to(tl.float32)
+                    acc2 = tl.dot(a, w, acc2, input_precision=PRECISION)
+            _decode_store_ws(ws_ptr, acc0, ticket, M, R, offs_m, mask_m, offs_r0)
+            if R1 > 0:
+                _decode_store_ws(ws_ptr, acc1, ticket, M, R, offs_m, mask_m, offs_r1)
+            if R2 > 0:
+                _decode_store_ws(ws_ptr, acc2, ticket, M, R, offs_m, mask_m, offs_r2)
+            if SYNC:
+                tl.debug_barrier()
+                tl.atomic_add(cnt_ptr + 1, 1, sem="release")
+        elif ticket < N0 + N1:
+            # ---- reducer: BLOCK_R columns of t, the N0 partials summed in the order p = 0, 1, ... ----
+            j = ticket - N0
+            if SYNC:
+                seen = tl.atomic_add(cnt_ptr + 1, 0, sem="acquire")
+                while seen < N0:
+                    seen = tl.atomic_add(cnt_ptr + 1, 0, sem="acquire")
+                tl.debug_barrier()
+            offs_c = j * BLOCK_R + tl.arange(0, BLOCK_R)
+            msk = mask_m[:, None] & (offs_c[None, :] < R)
+            ptrs = ws_ptr + offs_m[:, None] * R + offs_c[None, :]
+            s = tl.load(ptrs, mask=msk, other=0.0, cache_modifier=".cg")
+            for p in range(1, N0):
+                s += tl.load(ptrs + p * M * R, mask=msk, other=0.0, cache_modifier=".cg")
+            tl.store(t_ptr + offs_m[:, None] * R + offs_c[None, :], s.to(t_ptr.dtype.element_ty), mask=msk)
+            if SYNC:
+                tl.debug_barrier()
+                tl.atomic_add(cnt_ptr + 2, 1, sem="release")
+        else:
+            # ---- consumer: BLOCK_N rows of U (loaded first: overlaps the producers), then t ----
+            c = ticket - N0 - N1
+            offs_n = c * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            CAST: tl.constexpr = (UPCAST or T_FP32) and not FP64
+            w0 = _load_w2(u_ptr, offs_r0, offs_n, mask_n, R, stride_un, stride_ur)  # (R0, BLOCK_N) = U[n, r]ᵀ
+            if CAST:
+                w0 = w0.to(tl.float32)
+            if R1 > 0:
+                w1 = _load_w2(u_ptr, offs_r1, offs_n, mask_n, R, stride_un, stride_ur)
+                if CAST:
+                    w1 = w1.to(tl.float32)
+            if R2 > 0:
+                w2 = _load_w2(u_ptr, offs_r2, offs_n, mask_n, R, stride_un, stride_ur)
+                if CAST:
+                    w2 = w2.to(tl.float32)
+            if SYNC:
+                seen = tl.atomic_add(cnt_ptr + 2, 0, sem="acquire")
+                while seen < N1:
+                    seen = tl.atomic_add(cnt_ptr + 2, 0, sem="acquire")
+                tl.debug_barrier()
+            z = tl.dot(_decode_load_t(t_ptr, M, R, offs_m, mask_m, offs_r0, CAST), w0, input_precision=PRECISION)
+            if R1 > 0:
+                z = tl.dot(_decode_load_t(t_ptr, M, R, offs_m, mask_m, offs_r1, CAST), w1, z,
+                           input_precision=PRECISION)
+            if R2 > 0:
+                z = tl.dot(_decode_load_t(t_ptr, M, R, offs_m, mask_m, offs_r2, CAST), w2, z,
+                           input_precision=PRECISION)
+            if HAS_BIAS:
+                b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(z.dtype)
+                z = z + b[None, :]
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+                     z.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        if SYNC:
+            # the last program out resets the counters for the next launch on this stream
+            done = tl.atomic_add(cnt_ptr + 3, 1)
+            if done == N0 + N1 + N2 - 1:
+                tl.atomic_xchg(cnt_ptr, 0)
+                tl.atomic_xchg(cnt_ptr + 1, 0)
+                tl.atomic_xchg(cnt_ptr + 2, 0)
+                tl.atomic_xchg(cnt_ptr + 3, 0)
+
+    @triton.jit
+    def _dbwd_producer_piece(g, t_ptr, u_ptr, du_ptr, acc, offs_m, mask_m, offs_n, mask_n, offs_r, M, R,
+                             stride_un, stride_ur, stride_dun, stride_dur,
+                             NEED_U: tl.constexpr, CAST: tl.constexpr, PRECISION: tl.constexpr):
+        # acc (BLOCK_M, RP) += g (BLOCK_M, BLOCK_N) · U[n-tile, piece];  dU[n-tile, piece] = gᵀ·t[:, piece]
+        w = tl.load(u_ptr + offs_n[:, None] * stride_un + offs_r[None, :] * stride_ur,
+                    mask=mask_n[:, None] & (offs_r[None, :] < R), other=0.0)        # (BLOCK_N, RP)
+        if CAST:
+            w = w.to(tl.float32)
+        acc = tl.dot(g, w, acc, input_precision=PRECISION)
+        if NEED_U:
+            tt = tl.load(t_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & (offs_r[None, :] < R),
+                         other=0.0)
+            if CAST:
+                tt = tt.to(tl.float32)
+            du = tl.dot(tl.trans(g), tt, input_precision=PRECISION)                   # (BLOCK_N, RP)
+            tl.store(du_ptr + offs_n[:, None] * stride_dun + offs_r[None, :] * stride_dur,
+                     du.to(du_ptr.dtype.element_ty), mask=mask_n[:, None] & (offs_r[None, :] < R))
+        return acc
+
+    @triton.jit
+    def _dbwd_consumer_piece(dt_ptr, v, xt, dx, dv_ptr, offs_m, mask_m, offs_r, offs_k, mask_k, M, R,
+                             stride_dvr, stride_dvk,
+                             NEED_X: tl.constexpr, NEED_V: tl.constexpr, CAST: tl.constexpr,
+                             PRECISION: tl.constexpr):
+        # dx[:, k-tile] += dt[:, piece]·V[piece, k-tile];  dV[piece, k-tile] = dt[:, piece]ᵀ·x[:, k-tile]
+        d = tl.load(dt_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & (offs_r[None, :] < R),
+                    other=0.0, cache_modifier=".cg")
+        if CAST:
+            d = d.to(tl.float32)
+        if NEED_X:
+            dx = tl.dot(d, v, dx, input_precision=PRECISION)
+        if NEED_V:
+            dv = tl.dot(tl.trans(d), xt, input_precision=PRECISION)                   # (RP, BLOCK_K)
+            tl.store(dv_ptr + offs_r[:, None] * stride_dvr + offs_k[None, :] * stride_dvk,
+                     dv.to(dv_ptr.dtype.element_ty), mask=(offs_r[:, None] < R) & mask_k[None, :])
+        return dx
+
+    @triton.jit
+    def _decode_bwd_kernel(
+        # --- pointers ---
+        g_ptr,     # (M, N) upstream gradient dL/dy, any strides; M <= 64
+        x_ptr,     # (M, K) input
+        u_ptr,     # (N, R) U
+        v_ptr,     # (R, K) V
+        t_ptr,     # (M, R) contiguous saved t = x·Vᵀ (intermediate dtype); read when NEED_U
+        dx_ptr,    # (M, K) out: dx = dt·V             (NEED_X)
+        du_ptr,    # (N, R) out: dU = gᵀ·t             (NEED_U)
+        dv_ptr,    # (R, K) out: dV = dtᵀ·x            (NEED_V)
+        db_ptr,    # (N,)   out: db = Σ_m g            (HAS_BIAS)
+        dt_ptr,    # (M, R) contiguous dt = g·U (intermediate dtype): written by the reducers
+        ws_ptr,    # (N0, M, R) contiguous fp32 partials of dt
+        cnt_ptr,   # (4,) int32 counters (SYNC), as in _decode_kernel
+        # --- dimensions ---
+        M, K, N, R,
+        N0, N1, N2,  # producers (N chunks of NC columns of g), reducers (BLOCK_R columns of dt), consumers (BLOCK_K columns of x)
+        NC,
+        # --- strides (in elements) ---
+        stride_gm, stride_gn,
+        stride_xm, stride_xk,
+        stride_un, stride_ur,
+        stride_vr, stride_vk,
+        stride_dxm, stride_dxk,
+        stride_dun, stride_dur,
+        stride_dvr, stride_dvk,
+        # --- meta-parameters ---
+        NEED_X: tl.constexpr,
+        NEED_U: tl.constexpr,
+        NEED_V: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        SYNC: tl.constexpr,
+        T_FP32: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        FP64: tl.constexpr,
+        R0: tl.constexpr,
+        R1: tl.constexpr,
+        R2: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+    ):
+        # The whole backward of a handful of rows in one launch, roles by ticket as in _decode_kernel:
+        #   producers  p < N0:  N chunk p of g and U:  dU[Np, :] = g[:, Np]ᵀ·t,  db[Np] = Σ_m g[:, Np],
+        #                       partial dt_p = g[:, Np]·U[Np, :]                  (U read once)
+        #   reducers   j < N1:  dt[:, Rj] = Σ_{p = 0..N0-1} dt_p[:, Rj]         (fixed order)
+        #   consumers  c < N2:  K tile c:  dx[:, Kc] = dt·V[:, Kc],  dV[:, Kc] = dtᵀ·x[:, Kc]
+        #                       (V and x loaded before the wait: V read once)
+        if SYNC:
+            ticket = tl.atomic_add(cnt_ptr, 1)
+        else:
+            ticket = tl.program_id(0)
+        CAST: tl.constexpr = (UPCAST or T_FP32) and not FP64
+        acc_ty = tl.float64 if FP64 else tl.float32
+        offs_m = tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        offs_r0 = tl.arange(0, R0)
+        offs_r1 = R0 + tl.arange(0, R1 if R1 > 0 else 16)
+        offs_r2 = R0 + R1 + tl.arange(0, R2 if R2 > 0 else 16)
+        if ticket < N0:
+            n_lo = ticket * NC
+            acc0 = tl.zeros((BLOCK_M, R0), dtype=acc_ty)
+            if R1 > 0:
+                acc1 = tl.zeros((BLOCK_M, R1), dtype=acc_ty)
+            if R2 > 0:
+                acc2 = tl.zeros((BLOCK_M, R2), dtype=acc_ty)
+            for n0 in range(n_lo, n_lo + NC, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < N
+                g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                            mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+                if HAS_BIAS:
+                    tl.store(db_ptr + offs_n, tl.sum(g.to(acc_ty), axis=0).to(db_ptr.dtype.element_ty), mask=mask_n)
+                if CAST:
+                    g = g.to(tl.float32)
+                acc0 = _dbwd_producer_piece(g, t_ptr, u_ptr, du_ptr, acc0, offs_m, mask_m, offs_n, mask_n, offs_r0,
+                                            M, R, stride_un, stride_ur, stride_dun, stride_dur,
+                                            NEED_U, CAST, PRECISION)
+                if R1 > 0:
+                    acc1 = _dbwd_producer_piece(g, t_ptr, u_ptr, du_ptr, acc1, offs_m, mask_m, offs_n, mask_n,
+                                                offs_r1, M, R, stride_un, stride_ur, stride_dun, stride_dur,
+                                                NEED_U, CAST, PRECISION)
+                if R2 > 0:
+                    acc2 = _dbwd_producer_piece(g, t_ptr, u_ptr, du_ptr, acc2, offs_m, mask_m, offs_n, mask_n,
+                                                offs_r2, M, R, stride_un, stride_ur, stride_dun, stride_dur,
+                                                NEED_U, CAST, PRECISION)
+            _decode_store_ws(ws_ptr, acc0, ticket, M, R, offs_m, mask_m, offs_r0)
+            if R1 > 0:
+                _decode_store_ws(ws_ptr, acc1, ticket, M, R, offs_m, mask_m, offs_r1)
+            if R2 > 0:
+                _decode_store_ws(ws_ptr, acc2, ticket, M, R, offs_m, mask_m, offs_r2)
+            if SYNC:
+                tl.debug_barrier()
+                tl.atomic_add(cnt_ptr + 1, 1, sem="release")
+        elif ticket < N0 + N1:
+            j = ticket - N0
+            if SYNC:
+                seen = tl.atomic_add(cnt_ptr + 1, 0, sem="acquire")
+                while seen < N0:
+                    seen = tl.atomic_add(cnt_ptr + 1, 0, sem="acquire")
+                tl.debug_barrier()
+            offs_c = j * BLOCK_R + tl.arange(0, BLOCK_R)
+            msk = mask_m[:, None] & (offs_c[None, :] < R)
+            ptrs = ws_ptr + offs_m[:, None] * R + offs_c[None, :]
+            s = tl.load(ptrs, mask=msk, other=0.0, cache_modifier=".cg")
+            for p in range(1, N0):
+                s += tl.load(ptrs + p * M * R, mask=msk, other=0.0, cache_modifier=".cg")
+            tl.store(dt_ptr + offs_m[:, None] * R + offs_c[None, :], s.to(dt_ptr.dtype.element_ty), mask=msk)
+            if SYNC:
+                tl.debug_barrier()
+                tl.atomic_add(cnt_ptr + 2, 1, sem="release")
+        else:
+            c = ticket - N0 - N1
+            offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            # operands first (overlap the producers): V[piece, k-tile] (NEED_X), x[:, k-tile] (NEED_V)
+            v0 = tl.load(v_ptr + offs_r0[:, None] * stride_vr + offs_k[None, :] * stride_vk,
+                         mask=(offs_r0[:, None] < R) & mask_k[None, :] & NEED_X, other=0.0)
+            if CAST:
+                v0 = v0.to(tl.float32)
+            if R1 > 0:
+                v1 = tl.load(v_ptr + offs_r1[:, None] * stride_vr + offs_k[None, :] * stride_vk,
+                             mask=(offs_r1[:, None] < R) & mask_k[None, :] & NEED_X, other=0.0)
+                if CAST:
+                    v1 = v1.to(tl.float32)
+            if R2 > 0:
+                v2 = tl.load(v_ptr + offs_r2[:, None] * stride_vr + offs_k[None, :] * stride_vk,
+                             mask=(offs_r2[:, None] < R) & mask_k[None, :] & NEED_X, other=0.0)
+                if CAST:
+                    v2 = v2.to(tl.float32)
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                         mask=mask_m[:, None] & mask_k[None, :] & NEED_V, other=0.0)
+            if CAST:
+                xt = xt.to(tl.float32)
+            if SYNC:
+                seen = tl.atomic_add(cnt_ptr + 2, 0, sem="acquire")
+                while seen < N1:
+                    seen = tl.atomic_add(cnt_ptr + 2, 0, sem="acquire")
+                tl.debug_barrier()
+            dx = tl.zeros((BLOCK_M, BLOCK_K), dtype=acc_ty)
+            dx = _dbwd_consumer_piece(dt_ptr, v0, xt, dx, dv_ptr, offs_m, mask_m, offs_r0, offs_k, mask_k, M, R,
+                                      stride_dvr, stride_dvk, NEED_X, NEED_V, CAST, PRECISION)
+            if R1 > 0:
+                dx = _dbwd_consumer_piece(dt_ptr, v1, xt, dx, dv_ptr, offs_m, mask_m, offs_r1, offs_k, mask_k, M, R,
+                                          stride_dvr, stride_dvk, NEED_X, NEED_V, CAST, PRECISION)
+            if R2 > 0:
+                dx = _dbwd_consumer_piece(dt_ptr, v2, xt, dx, dv_ptr, offs_m, mask_m, offs_r2, offs_k, mask_k, M, R,
+                                          stride_dvr, stride_dvk, NEED_X, NEED_V, CAST, PRECISION)
+            if NEED_X:
+                tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+                         dx.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+        if SYNC:
+            done = tl.atomic_add(cnt_ptr + 3, 1)
+            if done == N0 + N1 + N2 - 1:
+                tl.atomic_xchg(cnt_ptr, 0)
+                tl.atomic_xchg(cnt_ptr + 1, 0)
+                tl.atomic_xchg(cnt_ptr + 2, 0)
+                tl.atomic_xchg(cnt_ptr + 3, 0)
+
     def _pick_chain(named: dict) -> dict:
         r_pad = sum(int(named.get(k) or 0) for k in ("R0", "R1", "R2"))
         return chain_config(int(named.get("M_BUCKET") or named.get("M") or 1), r_pad)
@@ -672,11 +1124,16 @@ if HAS_TRITON:
         fn=_chain_kernel,
         constexprs=[
             dict(HAS_BIAS=True, STORE_T=True, T_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
-                 R0=32, R1=16, R2=0),
+                 ACT=0, HAS_CB=False, GATE=False, R0=32, R1=16, R2=0),
             dict(HAS_BIAS=False, STORE_T=False, T_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
-                 R0=128, R1=64, R2=0),
+                 ACT=0, HAS_CB=False, GATE=False, R0=128, R1=64, R2=0),
             dict(HAS_BIAS=False, STORE_T=True, T_FP32=True, UPCAST=False, PRECISION="tf32", FP64=False,
-                 R0=64, R1=32, R2=16),
+                 ACT=0, HAS_CB=False, GATE=False, R0=64, R1=32, R2=16),
+            # the nonlinear bottleneck (kernels/lowrank_act.py): forward with cb and σ, backward gated by σ'
+            dict(HAS_BIAS=True, STORE_T=True, T_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
+                 ACT=2, HAS_CB=True, GATE=False, R0=64, R1=32, R2=0),
+            dict(HAS_BIAS=False, STORE_T=True, T_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
+                 ACT=3, HAS_CB=False, GATE=True, R0=64, R1=32, R2=0),
         ],
         space=chain_space,
         unit_args=("stride_ak", "stride_w1k", "stride_w2r", "stride_zn", "stride_tr"),
@@ -691,6 +1148,45 @@ if HAS_TRITON:
         ],
         space=GEMM_SPACE,
         unit_args=("stride_ak", "stride_bk", "stride_cn"),
+    ))
+    _decode_tuned = Tunable(_decode_kernel, DECODE_SPACE, key=["N0", "N1", "N2", "R0", "R1", "R2", "BLOCK_M", "SYNC"],
+                            interpreter=DECODE_INTERP, deterministic=DECODE_FIXED)
+    register_kernel(KernelSpec(
+        name="lowrank.decode",
+        fn=_decode_kernel,
+        pointers={"ws_ptr": "fp32", "cnt_ptr": "i32"},
+        constexprs=[
+            # d = 4096, ratio 0.25 (R = 512) at M <= 16, as on a GPU (SYNC); rank 448 = 256 + 128 + 64
+            dict(HAS_BIAS=True, SYNC=True, T_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
+                 R0=512, R1=0, R2=0, BLOCK_M=16, BLOCK_K=32, BLOCK_R=16, BLOCK_N=32),
+            dict(HAS_BIAS=False, SYNC=True, T_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
+                 R0=256, R1=128, R2=64, BLOCK_M=16, BLOCK_K=32, BLOCK_R=16, BLOCK_N=32),
+            # fp16 (an fp32 intermediate, TF32 second product), 64 rows, rank 112 = 64 + 32 + 16
+            dict(HAS_BIAS=True, SYNC=True, T_FP32=True, UPCAST=False, PRECISION="tf32", FP64=False,
+                 R0=64, R1=32, R2=16, BLOCK_M=64, BLOCK_K=128, BLOCK_R=16, BLOCK_N=64),
+        ],
+        space=DECODE_SPACE,
+        unit_args=("stride_xk", "stride_vk", "stride_ur", "stride_yn"),
+    ))
+    _decode_bwd_tuned = Tunable(_decode_bwd_kernel, DECODE_BWD_SPACE,
+                                key=["N0", "N1", "N2", "R0", "R1", "R2", "BLOCK_M", "SYNC"],
+                                interpreter=DECODE_FIXED, deterministic=DECODE_FIXED)
+    register_kernel(KernelSpec(
+        name="lowrank.decode_bwd",
+        fn=_decode_bwd_kernel,
+        pointers={"ws_ptr": "fp32", "cnt_ptr": "i32"},
+        constexprs=[
+            # d = 4096, ratio 0.25 (R = 512), M <= 16, training (every gradient), as on a GPU (SYNC)
+            dict(NEED_X=True, NEED_U=True, NEED_V=True, HAS_BIAS=True, SYNC=True, T_FP32=False, UPCAST=False,
+                 PRECISION="tf32", FP64=False, R0=512, R1=0, R2=0, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16,
+                 BLOCK_R=16),
+            # fp16 (fp32 intermediates), 64 rows, rank 112 = 64 + 32 + 16, no bias, no dx
+            dict(NEED_X=False, NEED_U=True, NEED_V=True, HAS_BIAS=False, SYNC=True, T_FP32=True, UPCAST=False,
+                 PRECISION="tf32", FP64=False, R0=64, R1=32, R2=16, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64,
+                 BLOCK_R=16),
+        ],
+        space=DECODE_BWD_SPACE,
+        unit_args=("stride_gn", "stride_xk", "stride_ur", "stride_vk", "stride_dxk", "stride_dur", "stride_dvk"),
     ))
     register_kernel(KernelSpec(
         name="lowrank.splitk_reduce",
@@ -833,6 +1329,46 @@ def _chain_launch(name, M, K, N, R, e, te, bias, save_t, dev, dtype="bf16") -> L
     return best
 
 
+def _decode_launch(name, M, K, N, R, e, te, bias, dev, dtype="bf16") -> Optional[Launch]:
+    """The single-launch decode kernel (:func:`decode`): ``x``, ``V``, ``U`` read once; the fp32
+    partials ``N0·M·R·4`` stored and read once; ``t`` stored once and read by every consumer."""
+    tl_ = decode_tiles(M, K, N, R)
+    if tl_ is None:
+        return None
+    x_b, v_b, u_b = M * K * e, R * K * e, N * R * e
+    ws, t, y = tl_["N0"] * M * R * 4, M * R * te, M * N * e
+    t_reads = t * tl_["N2"]
+    bl = N * e if bias else 0
+    dram = x_b + v_b + u_b + ws + _dram(ws, ws, dev) + t + _dram(t_reads, t, dev) + y + bl
+    l2 = x_b + v_b + u_b + 2 * ws + t + t_reads + y + bl
+    bm, rp = tl_["BLOCK_M"], tl_["R_PAD"]
+    issued = 2.0 * bm * rp * (tl_["N0"] * tl_["KC"] + tl_["BLOCK_N"] * tl_["N2"])
+    return Launch(name, tl_["N0"] + tl_["N1"] + tl_["N2"], dram, l2, issued, 2.0 * M * R * (K + N),
+                  bm >= 64, dtype=dtype)
+
+
+def _decode_bwd_launch(name, M, K, N, R, e, te, bias, need_x, need_u, need_v, dev, dtype="bf16") -> Launch:
+    """The one-launch decode backward (:func:`decode_bwd`): ``g``, ``U`` read once by the producers
+    (``t`` re-read per ``N`` step from L2 when ``dU`` is asked for), the fp32 partials of ``dt``
+    stored and read once, ``dt`` read by every consumer, ``V`` / ``x`` read once; ``dU``, ``dV``,
+    ``dx``, ``db`` written once."""
+    tl_ = decode_bwd_tiles(M, K, N, R)
+    steps = tl_["N0"] * tl_["NC"] // tl_["BLOCK_N"]
+    g, u, v, x = M * N * e, N * R * e, R * K * e, M * K * e
+    t, dt, ws = M * R * te, M * R * te, tl_["N0"] * M * R * 4
+    t_reads = t * steps if need_u else 0
+    dt_reads = dt * tl_["N2"]
+    v_l, x_l = (v if need_x else 0), (x if need_v else 0)
+    outs = (x if need_x else 0) + (u if need_u else 0) + (v if need_v else 0) + (N * e if bias else 0)
+    dram = g + u + _dram(t_reads, t, dev) + 2 * ws + dt + _dram(dt_reads, dt, dev) + v_l + x_l + outs
+    l2 = g + u + t_reads + 2 * ws + dt + dt_reads + v_l + x_l + outs
+    bm, rp, bn, bk = tl_["BLOCK_M"], tl_["R_PAD"], tl_["BLOCK_N"], tl_["BLOCK_K"]
+    issued = 2.0 * bm * rp * bn * steps * (2 if need_u else 1) \
+        + 2.0 * bm * rp * bk * tl_["N2"] * (int(need_x) + int(need_v))
+    useful = 2.0 * M * R * (N * (1 + int(need_u)) + K * (int(need_x) + int(need_v)))
+    return Launch(name, tl_["N0"] + tl_["N1"] + tl_["N2"], dram, l2, issued, useful, bm >= 64, dtype=dtype)
+
+
 def _rowsum_launches(name, M, N, e, dev) -> list:
     """``db = Σ_m g`` of ``g (M, N)``: a library ``sum`` (cuBLAS path) is one op of ``M·N·e`` bytes;
     ours is :func:`row_sums` of ``gᵀ`` (split over ``M`` until the launch fills, then the reduce)."""
@@ -848,6 +1384,8 @@ def plan(M: int, K: int, N: int, R: int, path: str, elem: int = 2, save_t: bool 
     """The launches of a forward ``y (M, N) = (x (M, K)·Vᵀ)·Uᵀ (+ b)`` on ``path``, each with its
     programs, DRAM/L2 bytes and FLOPs (:class:`Launch`); ``elem`` bytes per element of x, U, V, y."""
     te = 4 if elem == 2 and dtype == "fp16" else elem
+    if path == "decode" and decode_tiles(M, K, N, R) is not None:
+        return [_decode_launch("decode", M, K, N, R, elem, te, bias, dev, dtype)]
     if path == "fused":
         return [_chain_launch("chain", M, K, N, R, elem, te, bias, save_t, dev, dtype)]
     cublas = path == "torch"
@@ -861,6 +1399,9 @@ def plan_bwd(M: int, K: int, N: int, R: int, path: str, elem: int = 2, has_bias:
     """The launches of the backward (``t`` saved by the forward) on ``path``: ``dt = g·U``,
     ``dx = dt·V`` (one chain launch on ``'fused'``), ``dU = gᵀ·t``, ``db = Σ_m g``, ``dV = dtᵀ·x``."""
     te = 4 if dtype == "fp16" else elem
+    if path == "decode" and (need_x or need_v) and decode_bwd_tiles(M, K, N, R) is not None:
+        return [_decode_bwd_launch("decode_bwd", M, K, N, R, elem, te, has_bias, need_x, need_u, need_v, dev,
+                                   dtype)]
     cub = path == "torch"
     out: list = []
     if need_x and path == "fused":
@@ -888,10 +1429,10 @@ def predicted_seconds(M: int, K: int, N: int, R: int, path: str, elem: int = 2,
     return sum(l.seconds(dev) for l in plan(M, K, N, R, path, elem, dev=dev, **kw))
 
 
-PATHS = ("fused", "two_gemm", "torch")
+PATHS = ("fused", "two_gemm", "torch", "decode")
 
 
-def _forced(R: int) -> Optional[str]:
+def _forced(R: int, M: int = 1, K: int = 1, N: int = 1, direction: str = "fwd") -> Optional[str]:
     forced = os.environ.get("FASTFACTOR_LOWRANK_PATH")
     if not forced:
         return None
@@ -899,6 +1440,9 @@ def _forced(R: int) -> Optional[str]:
         raise ValueError(f"FASTFACTOR_LOWRANK_PATH: expected one of {', '.join(PATHS)}, got {forced!r}")
     if forced == "fused" and padded_rank(R) > FUSED_MAX_R:
         return "two_gemm"
+    tiles = decode_tiles if direction == "fwd" else decode_bwd_tiles
+    if forced == "decode" and tiles(M, K, N, R) is None:
+        return "two_gemm"   # a handful of rows only
     return forced
 
 
@@ -913,9 +1457,12 @@ def chain_recomputes(M: int, N: int, R: int, sms: int = COST_DEVICE.sms) -> bool
     return min(nt, (2 * sms) // mb) > 1
 
 
-def _candidates(R: int, dtype: Optional[torch.dtype], M: int = 0, N: int = 0, sms: int = COST_DEVICE.sms) -> list:
+def _candidates(R: int, dtype: Optional[torch.dtype], M: int = 0, N: int = 0, sms: int = COST_DEVICE.sms,
+                K: int = 0) -> list:
     fused = padded_rank(R) <= FUSED_MAX_R and not chain_recomputes(M, N, R, sms)
     cands = ["two_gemm"] + (["fused"] if fused else [])
+    if K and decode_tiles(M, K, N, R) is not None:
+        cands.append("decode")
     if dtype != torch.float16:
         cands.append("torch")
     return cands
@@ -940,13 +1487,20 @@ def _device_for(sms: Optional[int]) -> _cost.Device:
 
 
 def path_costs(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = None, bias: bool = True,
-               direction: str = "fwd", sms: Optional[int] = None, **need) -> dict:
-    """Predicted seconds of every candidate path (``direction`` ``'fwd'`` or ``'bwd'``)."""
+               direction: str = "fwd", sms: Optional[int] = None, decode: bool = True, **need) -> dict:
+    """Predicted seconds of every candidate path (``direction`` ``'fwd'`` or ``'bwd'``);
+    ``decode=False`` leaves the decode kernels out (a caller without a decode launcher: the
+    nonlinear bottleneck of ``kernels/lowrank_act.py``)."""
     dev = _device_for(sms)
     elem = 4 if dtype == torch.float32 else 2
     dt = _TT.get(dtype, "bf16")
     out = {}
-    cands = _candidates(R, dtype, M, N if direction == "fwd" else K, dev.sms)
+    cands = _candidates(R, dtype, M, N if direction == "fwd" else K, dev.sms, K if direction == "fwd" else 0)
+    if direction != "fwd" and need.pop("t_saved", True) and (need.get("need_x", True) or need.get("need_v", True)) \
+            and decode_bwd_tiles(M, K, N, R) is not None:
+        cands.append("decode")
+    if not decode:
+        cands = [p for p in cands if p != "decode"]
     for p in cands:
         ls = (plan(M, K, N, R, p, elem, dev=dev, bias=bias, dtype=dt) if direction == "fwd"
               else plan_bwd(M, K, N, R, p, elem, bias, dev=dev, dtype=dt, **need))
@@ -955,10 +1509,11 @@ def path_costs(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = No
 
 
 def choose_path(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = None,
-                bias: bool = True, sms: Optional[int] = None) -> str:
+                bias: bool = True, sms: Optional[int] = None, decode: bool = True) -> str:
     """The forward path for ``x (M, K)``, ``V (R, K)``, ``U (N, R)``, chosen by predicted cost.
 
-    Paths: ``'fused'`` (chain kernel, ``t`` in registers; needs ``padded_rank(R) <= 256``),
+    Paths: ``'decode'`` (one launch, producers / reducers / consumers, ``M <= 64``: see
+    :func:`decode`), ``'fused'`` (chain kernel, ``t`` in registers; needs ``padded_rank(R) <= 256``),
     ``'two_gemm'`` (our Triton GEMMs, ``t`` through memory, split-K with a fixed-order reduce when
     the tile grid gives fewer programs than SMs), ``'torch'`` (two cuBLAS products,
     ``torch.mm`` / ``torch.addmm``).
@@ -971,34 +1526,37 @@ def choose_path(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = N
     cuBLAS products ideal (operands moved once, full rate) plus the launch floor. A kernel of ours
     is chosen only where it is predicted strictly faster than the cuBLAS path (never slower than
     the obvious alternative); ties go to cuBLAS. Since the model gives cuBLAS the roofline, our
-    split GEMMs (more launches, the same bytes) never win it; the fused chain wins where the saved
-    round trip of ``t`` and the saved launch outweigh the re-reads of ``V`` from L2 (few columns,
-    many rows: d = 768 at M = 16384). fp16 never takes ``'torch'``: its intermediate is fp32 (range)
+    split GEMMs (more launches, the same bytes) never win it; the decode kernel wins at a handful
+    of rows (one launch instead of two, each factor read once: d = 768-4096 at M <= 16-64), the
+    fused chain where the saved round trip of ``t`` and the saved launch outweigh the re-reads of
+    ``V`` from L2 (few columns, many rows: d = 768 at M = 16384). fp16 never takes ``'torch'``: its intermediate is fp32 (range)
     and cuBLAS has no fp32 x fp16 product. ``sms``: the device's SM count (default the model's 132).
 
-    ``FASTFACTOR_LOWRANK_PATH=fused|two_gemm|torch`` forces a path (``fused`` falls back to
-    ``two_gemm`` where the rank does not fit the registers).
+    ``FASTFACTOR_LOWRANK_PATH=fused|two_gemm|torch|decode`` forces a path (``fused`` and
+    ``decode`` fall back to ``two_gemm`` where they do not apply; the backward of ``decode`` is
+    ``two_gemm``).
     """
-    forced = _forced(R)
+    forced = _forced(R, M, K, N, "fwd")
     if forced:
         return forced
     if min(M, K, N, R) <= 0:
         return "two_gemm"  # nothing to choose: the launchers handle empty products without a kernel
-    return _pick(path_costs(M, K, N, R, dtype, bias, "fwd", sms))
+    return _pick(path_costs(M, K, N, R, dtype, bias, "fwd", sms, decode=decode))
 
 
 def choose_bwd_path(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = None,
                     has_bias: bool = True, need_x: bool = True, need_u: bool = True, need_v: bool = True,
-                    sms: Optional[int] = None) -> str:
+                    sms: Optional[int] = None, t_saved: bool = True, decode: bool = True) -> str:
     """The backward path for the same shapes as :func:`choose_path` (``x (M, K)``, ``U (N, R)``),
-    by the same cost model applied to the backward's launches (:func:`plan_bwd`)."""
-    forced = _forced(R)
+    by the same cost model applied to the backward's launches (:func:`plan_bwd`); ``'decode'``
+    (:func:`decode_bwd`, one launch) needs the forward's saved ``t``."""
+    forced = _forced(R, M, K, N, "bwd")
     if forced:
         return forced
     if min(M, K, N, R) <= 0:
         return "two_gemm"
     return _pick(path_costs(M, K, N, R, dtype, has_bias, "bwd", sms,
-                            need_x=need_x, need_u=need_u, need_v=need_v))
+                            need_x=need_x, need_u=need_u, need_v=need_v, t_saved=t_saved, decode=decode))
 
 
 # ============================================================================================
@@ -1091,11 +1649,18 @@ def chain(
     w2: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     store_t: bool = False,
+    act: int = 0,
+    cb: Optional[torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
 ):
     """``z = (a·w1ᵀ)·w2ᵀ (+ bias)`` with the fused chain kernel; returns ``(z, t or None)``.
 
     a: (M, K), w1: (R, K), w2: (N, R); any strides. Needs ``padded_rank(R) <= FUSED_MAX_R``
     (the rank padded to a multiple of 16, kept as up to three power-of-two register tiles).
+
+    The nonlinear bottleneck (:mod:`kernels.lowrank_act`; ``act`` a code of its ``ACTIVATIONS``):
+    forward ``z = σ(a·w1ᵀ + cb)·w2ᵀ (+ bias)`` with ``t = h = a·w1ᵀ + cb`` (pre-activation);
+    backward with ``gate = h (M, R)``: ``t = dh = (a·w1ᵀ) ⊙ σ'(h)``, ``z = dh·w2ᵀ``.
     """
     M, K = a.shape
     R = w1.shape[0]
@@ -1116,16 +1681,182 @@ def chain(
             t.zero_()
         return z, t
     t_arg = t if t is not None else z
+    g_arg = gate if gate is not None else t_arg
     _chain_tuned[row_block_grid(M, N, a.device)](
         a, w1, w2, bias if bias is not None else z, z, t_arg,
+        cb if cb is not None else z, g_arg,
         M, K, N, R, m_bucket(M),
         a.stride(0), a.stride(1), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
-        z.stride(0), z.stride(1), t_arg.stride(0), t_arg.stride(1),
+        z.stride(0), z.stride(1), t_arg.stride(0), t_arg.stride(1), g_arg.stride(0), g_arg.stride(1),
         HAS_BIAS=bias is not None, STORE_T=store_t, T_FP32=t_dtype != a.dtype,
         UPCAST=upcast_dots(), PRECISION=dot_precision(a.dtype), FP64=a.dtype == torch.float64,
+        ACT=int(act), HAS_CB=cb is not None, GATE=gate is not None,
         R0=pieces[0], R1=pieces[1], R2=pieces[2],
     )
     return z, t
+
+
+#: rows up to which the single-launch decode kernel is a candidate (all rows in one register tile)
+DECODE_MAX_M = 64
+#: largest fp32 accumulator ``BLOCK_M x R_PAD`` of a decode producer: 8 K elements (32 KiB of
+#: registers over 8 warps); at 16 K (R = 1024) the sm_80/sm_90 builds spill (compile-check: 255
+#: registers, 168-360 B of stack), so those shapes stay on the other paths
+DECODE_MAX_ACC = 8192
+#: producers of the decode kernel (K chunks): fewer keep the fp32 partials small
+#: (``N0·M·R·4`` bytes written and read once), more spread the read of ``V`` over more SMs
+DECODE_PRODUCERS = 32
+
+
+def decode_tiles(M: int, K: int, N: int, R: int) -> Optional[dict]:
+    """The decode kernel's tiles and role counts for ``x (M, K)``, ``V (R, K)``, ``U (N, R)``, or
+    None where it does not apply (``M > 64``, or the ``BLOCK_M x R_PAD`` fp32 accumulator over
+    ``DECODE_MAX_ACC`` elements: ``R > 512`` at 16 rows, ``R > 128`` at 64).
+
+    ``BLOCK_M = max(16, next_pow2(M))``; the rank padded to a multiple of 16 as up to three
+    power-of-two pieces (:func:`rank_pieces`, ``R_PAD`` their sum): the accumulator holds every
+    rank, so ``x`` and ``V`` are each read once. ``BLOCK_K`` keeps a ``V`` tile at <= 16 K
+    elements; ``N0 <= 32`` producers of ``KC`` columns each, ``N1 = ceil(R / 16)`` reducers,
+    ``N2 = ceil(N / BLOCK_N)`` consumers holding ``BLOCK_N x R_PAD <= 16 K`` elements of ``U``."""
+    if not (0 < M <= DECODE_MAX_M) or min(K, N, R) <= 0:
+        return None
+    pieces = rank_pieces(R)
+    bm, rp = max(16, next_pow2(M)), sum(pieces)
+    if bm * rp > DECODE_MAX_ACC:
+        return None
+    fit = 1 << ((16384 // rp).bit_length() - 1)   # largest power of two with rp·fit <= 16384
+    bk = max(16, min(128, fit))
+    steps = -(-K // bk)
+    n0 = min(steps, DECODE_PRODUCERS)
+    kc = -(-steps // n0) * bk
+    n0 = -(-K // kc)
+    br = 16
+    bn = max(16, min(64, fit))
+    return dict(BLOCK_M=bm, R0=pieces[0], R1=pieces[1], R2=pieces[2], R_PAD=rp, BLOCK_K=bk, BLOCK_R=br,
+                BLOCK_N=bn, N0=n0, N1=-(-R // br), N2=-(-N // bn), KC=kc)
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    """The decode kernel's four int32 counters for this device and stream: zeroed once, reset to
+    zero by the last program of every launch (launches on one stream run one after another)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None:
+        buf = _COUNTERS[key] = torch.zeros(4, dtype=torch.int32, device=device)
+    return buf
+
+
+def decode(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    save_t: bool = False,
+    sync: Optional[bool] = None,
+):
+    """``y = (x·Vᵀ)·Uᵀ (+ bias)`` for a handful of rows in **one launch**; returns ``(y, t or None)``.
+
+    x: (M, K) with ``M <= 64``, v: (R, K), u: (N, R), any strides. Three roles (see
+    ``_decode_kernel``): ``N0`` producers each multiply one ``K`` chunk of ``x`` and ``V`` into an
+    fp32 partial ``(M, R)``; ``N1`` reducers sum the partials of 16 columns of ``t`` in the fixed
+    order ``p = 0, 1, …`` (bitwise reproducible) and round ``t`` once; ``N2`` consumers each load
+    their rows of ``U`` first, then ``t``, and write ``y``. ``V`` and ``U`` are read from memory
+    once in total; the partials (``N0·M·R·4`` bytes) and ``t`` stay in L2.
+
+    ``sync`` (default: on CUDA): roles from a ticket drawn at program start and waits on counters
+    (one kernel, no grid barrier: a program waits only for programs that started before it).
+    Without it the roles follow the program id, which is correct when programs run in id order
+    (the Triton interpreter); the interpreter tests run both."""
+    M, K = x.shape
+    R, N = v.shape[0], u.shape[0]
+    tiles = decode_tiles(M, K, N, R)
+    if tiles is None:
+        raise ValueError(f"decode: expected 1 <= M <= {DECODE_MAX_M} rows and a rank whose accumulator fits "
+                         f"(BLOCK_M x R_PAD <= {DECODE_MAX_ACC}), got M={M}, R={R}")
+    acc = acc_dtype(x.dtype)
+    inter = intermediate_dtype(x.dtype)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    t = torch.empty((M, R), device=x.device, dtype=inter)
+    ws = torch.empty((tiles["N0"], M, R), device=x.device, dtype=acc)
+    sync = x.is_cuda if sync is None else bool(sync)
+    cnt = _counters(x.device) if sync else ws
+    n0, n1, n2 = tiles["N0"], tiles["N1"], tiles["N2"]
+    _decode_tuned[(n0 + n1 + n2,)](
+        x, v, u, bias if bias is not None else y, y, t, ws, cnt,
+        M, K, N, R, n0, n1, n2, tiles["KC"],
+        x.stride(0), x.stride(1), v.stride(0), v.stride(1), u.stride(0), u.stride(1), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, SYNC=sync, T_FP32=inter != x.dtype,
+        UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype), FP64=x.dtype == torch.float64,
+        R0=tiles["R0"], R1=tiles["R1"], R2=tiles["R2"],
+        BLOCK_M=tiles["BLOCK_M"], BLOCK_K=tiles["BLOCK_K"], BLOCK_R=tiles["BLOCK_R"], BLOCK_N=tiles["BLOCK_N"],
+    )
+    return y, (t if save_t else None)
+
+
+def decode_bwd_tiles(M: int, K: int, N: int, R: int) -> Optional[dict]:
+    """Tiles and role counts of the one-launch decode backward (:func:`decode_bwd`), or None where
+    it does not apply (``M > 64``, ``BLOCK_M x R_PAD > DECODE_MAX_ACC``). ``BLOCK_N`` (producers'
+    ``g``/``U`` step) and ``BLOCK_K`` (consumers' ``x``/``V`` tile) keep a factor tile and its
+    fp32 gradient tile at <= 8 K elements each."""
+    if not (0 < M <= DECODE_MAX_M) or min(K, N, R) <= 0:
+        return None
+    pieces = rank_pieces(R)
+    bm, rp = max(16, next_pow2(M)), sum(pieces)
+    if bm * rp > DECODE_MAX_ACC:
+        return None
+    fit = 1 << ((DECODE_MAX_ACC // rp).bit_length() - 1)
+    bn = bk = max(16, min(64, fit))
+    steps = -(-N // bn)
+    n0 = min(steps, DECODE_PRODUCERS)
+    nc = -(-steps // n0) * bn
+    n0 = -(-N // nc)
+    return dict(BLOCK_M=bm, R0=pieces[0], R1=pieces[1], R2=pieces[2], R_PAD=rp, BLOCK_N=bn, BLOCK_K=bk,
+                BLOCK_R=16, N0=n0, N1=-(-R // 16), N2=-(-K // bk), NC=nc)
+
+
+def decode_bwd(g, x, u, v, t, has_bias: bool, need_x: bool = True, need_u: bool = True, need_v: bool = True,
+               sync: Optional[bool] = None):
+    """The backward of a handful of rows in **one launch**: ``(dx, du, dv, db)`` (None where not
+    asked for). g: (M, N), x: (M, K), u: (N, R), v: (R, K), t: (M, R) the forward's saved
+    ``x·Vᵀ``. Producers take ``N`` chunks (``dU = gᵀ·t`` and ``db`` for their columns, a partial
+    ``dt = g·U``), reducers sum the partials in a fixed order into ``dt`` (rounded as the
+    intermediate), consumers take ``K`` tiles (``dx = dt·V``, ``dV = dtᵀ·x``, their ``V`` and ``x``
+    loaded before the wait). ``U`` and ``V`` are each read once, ``dU`` and ``dV`` written once;
+    bitwise reproducible. ``sync`` as in :func:`decode`."""
+    M, K = x.shape
+    N, R = u.shape
+    tiles = decode_bwd_tiles(M, K, N, R)
+    if tiles is None or t is None:
+        raise ValueError(f"decode_bwd: expected 1 <= M <= {DECODE_MAX_M} rows, a rank whose accumulator fits "
+                         f"and the saved t, got M={M}, R={R}, t={'given' if t is not None else None}")
+    acc = acc_dtype(g.dtype)
+    inter = intermediate_dtype(g.dtype)
+    dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if need_x else None
+    du = torch.empty((N, R), device=x.device, dtype=u.dtype) if need_u else None
+    dv = torch.empty((R, K), device=x.device, dtype=v.dtype) if need_v else None
+    db = torch.empty((N,), device=x.device, dtype=g.dtype) if has_bias else None
+    dt = torch.empty((M, R), device=x.device, dtype=inter)
+    ws = torch.empty((tiles["N0"], M, R), device=x.device, dtype=acc)
+    t = t.contiguous()
+    sync = x.is_cuda if sync is None else bool(sync)
+    cnt = _counters(x.device) if sync else ws
+    ph = lambda a, like: a if a is not None else like
+    dxa, dua, dva = ph(dx, x), ph(du, u), ph(dv, v)
+    n0, n1, n2 = tiles["N0"], tiles["N1"], tiles["N2"]
+    _decode_bwd_tuned[(n0 + n1 + n2,)](
+        g, x, u, v, t, dxa, dua, dva, ph(db, dt), dt, ws, cnt,
+        M, K, N, R, n0, n1, n2, tiles["NC"],
+        g.stride(0), g.stride(1), x.stride(0), x.stride(1), u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+        dxa.stride(0), dxa.stride(1), dua.stride(0), dua.stride(1), dva.stride(0), dva.stride(1),
+        NEED_X=need_x, NEED_U=need_u, NEED_V=need_v, HAS_BIAS=has_bias, SYNC=sync, T_FP32=inter != g.dtype,
+        UPCAST=upcast_dots(), PRECISION=dot_precision(g.dtype), FP64=g.dtype == torch.float64,
+        R0=tiles["R0"], R1=tiles["R1"], R2=tiles["R2"],
+        BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], BLOCK_K=tiles["BLOCK_K"], BLOCK_R=tiles["BLOCK_R"],
+    )
+    return dx, du, dv, db
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype):
@@ -1150,6 +1881,8 @@ def lowrank_fwd(
     M, K = x.shape
     N, R = u.shape
     path = path or choose_path(M, K, N, R, x.dtype, bias is not None, num_sms(x.device))
+    if path == "decode" and min(M, K, N, R) > 0 and decode_tiles(M, K, N, R) is not None:
+        return decode(x, v, u, bias, save_t)
     if path == "fused":
         return chain(x, v, u, bias, store_t=save_t)
     inter = intermediate_dtype(x.dtype)
@@ -1184,7 +1917,8 @@ def lowrank_bwd(
     M, K = x.shape
     N, R = u.shape
     dx = du = dv = db = None
-    path = path or choose_bwd_path(M, K, N, R, g.dtype, has_bias, need_x, need_u, need_v, num_sms(g.device))
+    path = path or choose_bwd_path(M, K, N, R, g.dtype, has_bias, need_x, need_u, need_v, num_sms(g.device),
+                                   t_saved=t is not None)
     if M == 0:
         z = lambda *s, like: torch.zeros(s, device=like.device, dtype=like.dtype)
         return (
@@ -1193,6 +1927,9 @@ def lowrank_bwd(
             z(R, K, like=v) if need_v else None,
             z(N, like=u) if has_bias else None,
         )
+    if (path == "decode" and t is not None and (need_x or need_v) and min(K, N, R) > 0
+            and decode_bwd_tiles(M, K, N, R) is not None):
+        return decode_bwd(g, x, u, v, t, has_bias, need_x, need_u, need_v)
     inter = intermediate_dtype(g.dtype)
     use_mm = path == "torch" and inter == g.dtype and N > 0 and K > 0 and R > 0
     mm = (lambda a, b, out_dtype: _mm(a, b, None, out_dtype)) if use_mm else (

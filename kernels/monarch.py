@@ -386,10 +386,11 @@ WGRAD_SPACE = [
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=256, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
     WGRAD_INTERP,
 ]
-#: widest on-chip h (columns, b·b·r padded) the row-block kernel takes
-ROWS_MAX_WIDTH = 64
+#: widest on-chip h (columns, b·b·r padded) the row-block kernel takes (b = 16 at rank 1)
+ROWS_MAX_WIDTH = 256
 
 
 #: largest b·r whose products the row-block kernel may run on the FMA units (then b·r FMAs per
@@ -422,7 +423,10 @@ def _prune_rows(configs_, named_args, **kwargs):
     BLOCK_K`` for stage 1, ``BLOCK_M x BLOCK_N x b·r`` for stage 2) exceed 64 fp32 registers."""
     get = lambda k: kwargs.get(k, named_args.get(k))
     if not get("FMA"):
-        return configs_
+        # the fp32 h (BLOCK_M x HP) within 64 registers per thread
+        hp = get("HP") or 16
+        kept = [c for c in configs_ if c.kwargs["BLOCK_M"] * hp <= 64 * 32 * c.num_warps]
+        return kept or configs_[-1:]
     qt = get("NBC") * get("RC")
     kept = []
     for c in configs_:
@@ -433,14 +437,25 @@ def _prune_rows(configs_, named_args, **kwargs):
     return kept or configs_[-1:]
 
 
-def rows_space(FMA: bool = False, NBC: int = 1, RC: int = 1, **_) -> list[dict]:
+def rows_space(FMA: bool = False, NBC: int = 1, RC: int = 1, HP: int = 16, **_) -> list[dict]:
     """The row-block kernel's autotune space for a compile variant (:func:`_prune_rows`'s rule)."""
     if not FMA:
-        return ROWS_SPACE
+        return [c for c in ROWS_SPACE if c["BLOCK_M"] * HP <= 2048 * c["num_warps"]]
     qt = NBC * RC
     return [c for c in ROWS_SPACE
             if c["BLOCK_M"] * qt * c["BLOCK_K"] <= 2048 * c["num_warps"]
             and c["BLOCK_M"] * c["BLOCK_N"] * qt <= 2048 * c["num_warps"] and c["BLOCK_N"] % NBC == 0]
+
+
+def _prune_wgrad(configs_, named_args, **kwargs):
+    """Keep the fp32 accumulator (BLOCK_N x HP) within 64 registers per thread."""
+    hp = kwargs.get("HP", named_args.get("HP")) or 16
+    kept = [c for c in configs_ if c.kwargs["BLOCK_N"] * hp <= 64 * 32 * c.num_warps]
+    return kept or configs_[-1:]
+
+
+def wgrad_space(HP: int = 16, **_) -> list[dict]:
+    return [c for c in WGRAD_SPACE if c["BLOCK_N"] * HP <= 2048 * c["num_warps"]]
 
 
 def rows_width(nblocks: int, rank: int) -> int:
@@ -720,6 +735,9 @@ if HAS_TRITON:
         OUT_INTERLEAVED: tl.constexpr, # output feature f = s*NB + p (Monarch y); else p*SB + s
         HP: tl.constexpr,              # columns of the on-chip h: a power of two >= max(16, NB*NB*R)
                                        #   (exactly NBC*NBC*RC with FMA)
+        BLOCKWISE: tl.constexpr,       # stage 1 one unpadded product per input block (contiguous
+                                       #   input blocks, b*r >= 16), placed into h by a 0/1 product
+        QTP: tl.constexpr,             # NB*R padded to a power of two (BLOCKWISE), else 1
         FMA: tl.constexpr,             # both products on the FMA units, only the useful products
                                        #   (small b*r; forward: contiguous input, interleaved output)
         NBC: tl.constexpr,             # NB as a constant (FMA; a power of two), else 1
@@ -775,6 +793,42 @@ if HAS_TRITON:
                 sel = (qt3[None, :] == (q * RC + r_idx)[:, None]).to(h.dtype)  # (t, q'·R + t')
                 h3 += tl.sum(hq[:, :, :, None] * sel[None, None, :, :], axis=2)
             h = tl.reshape(h3, (BLOCK_M, HP))
+        elif BLOCKWISE:
+            # ---- stage 1 block by block (contiguous input blocks, b·r >= 16): the unpadded product
+            # a[:, block q]·F1(q, ·, ·, ·)ᵀ (BLOCK_M × QTP), rounded, then placed at the columns
+            # (p, q, t) by a 0/1 product (exact: one term per column) ----
+            ptb = tl.arange(0, QTP)
+            ptb_p = ptb // R
+            ptb_t = ptb - ptb_p * R
+            valid_pt = ptb < NB * R
+            for q in range(0, NB):
+                if FP64:
+                    hq = tl.zeros((BLOCK_M, QTP), dtype=tl.float64)
+                else:
+                    hq = tl.zeros((BLOCK_M, QTP), dtype=tl.float32)
+                for c0 in range(0, CB, BLOCK_K):
+                    cc = c0 + k_idx
+                    ff = q * CB + cc
+                    mask_f = (cc < CB) & (ff < F_IN)
+                    a = tl.load(a_ptr + offs_m[:, None] * stride_am + ff[None, :] * stride_af,
+                                mask=mask_m[:, None] & mask_f[None, :], other=0.0)
+                    w = tl.load(  # (BLOCK_K, QTP): F1(q, p, t, c-chunk) for every (p, t)
+                        f1_ptr + q * s1q + ptb_p[None, :] * s1p + ptb_t[None, :] * s1t + cc[:, None] * s1c,
+                        mask=mask_f[:, None] & valid_pt[None, :], other=0.0,
+                    )
+                    if UPCAST and not FP64:
+                        a = a.to(tl.float32)
+                        w = w.to(tl.float32)
+                    hq = tl.dot(a, w, hq, input_precision=PRECISION)
+                # column (p, t) of hq goes to column p·NB·R + q·R + t of h
+                dest = ptb_p * (NB * R) + q * R + ptb_t
+                sel = (cols[None, :] == dest[:, None]) & valid_pt[:, None]
+                if FP64:
+                    h = tl.dot(hq, sel.to(tl.float64), h)
+                elif H_FP32 or UPCAST or a_ptr.dtype.element_ty == tl.float32:
+                    h = tl.dot(hq, sel.to(tl.float32), h, input_precision="ieee")
+                else:
+                    h = tl.dot(hq.to(a_ptr.dtype.element_ty), sel.to(a_ptr.dtype.element_ty), h)
         else:
             for f0 in range(0, F_IN, BLOCK_K):
                 ff = f0 + k_idx
@@ -947,7 +1001,7 @@ if HAS_TRITON:
     )
     _wgrad_tuned = Tunable(
         _wgrad_kernel, WGRAD_SPACE, key=["NB", "R", "F", "ROWS", "MIXED", "INTERLEAVED"],
-        interpreter=WGRAD_INTERP, deterministic=WGRAD_FIXED,
+        prune=_prune_wgrad, interpreter=WGRAD_INTERP, deterministic=WGRAD_FIXED,
     )
 
     # ---- compile-tier registration (signatures derived from the kernels' arguments) ----
@@ -984,11 +1038,11 @@ if HAS_TRITON:
         fn=_rows_kernel,
         constexprs=[
             dict(HAS_BIAS=True, STORE_H=False, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
-                 IN_INTERLEAVED=False, OUT_INTERLEAVED=True, HP=16, FMA=True, NBC=4, RC=1),
+                 IN_INTERLEAVED=False, OUT_INTERLEAVED=True, HP=16, BLOCKWISE=False, QTP=1, FMA=True, NBC=4, RC=1),
             dict(HAS_BIAS=False, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
-                 IN_INTERLEAVED=True, OUT_INTERLEAVED=False, HP=16, FMA=False, NBC=1, RC=1),
+                 IN_INTERLEAVED=True, OUT_INTERLEAVED=False, HP=16, BLOCKWISE=False, QTP=1, FMA=False, NBC=1, RC=1),
             dict(HAS_BIAS=True, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
-                 IN_INTERLEAVED=False, OUT_INTERLEAVED=False, HP=64, FMA=False, NBC=1, RC=1),
+                 IN_INTERLEAVED=False, OUT_INTERLEAVED=False, HP=256, BLOCKWISE=True, QTP=16, FMA=False, NBC=1, RC=1),
         ],
         space=rows_space,
         unit_args=_ROWS_UNIT,
@@ -999,7 +1053,7 @@ if HAS_TRITON:
         pointers={"h_ptr": "fp32"},
         constexprs=[
             dict(HAS_BIAS=True, STORE_H=True, H_FP32=True, UPCAST=False, PRECISION="tf32", FP64=False,
-                 IN_INTERLEAVED=False, OUT_INTERLEAVED=True, HP=16, FMA=True, NBC=4, RC=1),
+                 IN_INTERLEAVED=False, OUT_INTERLEAVED=True, HP=16, BLOCKWISE=False, QTP=1, FMA=True, NBC=4, RC=1),
         ],
         space=rows_space,
         dtypes=("fp16",),
@@ -1013,7 +1067,7 @@ if HAS_TRITON:
             dict(ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False, INTERLEAVED=True, HP=16),
             dict(ROWSUM=False, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False, INTERLEAVED=False, HP=64),
         ],
-        space=WGRAD_SPACE,
+        space=wgrad_space,
         unit_args=("sdf", "sos", "soq"),
     ))
     register_kernel(KernelSpec(
@@ -1023,7 +1077,7 @@ if HAS_TRITON:
         constexprs=[
             dict(ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=True, INTERLEAVED=True, HP=16),
         ],
-        space=WGRAD_SPACE,
+        space=wgrad_space,
         dtypes=("fp16",),
         unit_args=("sdf", "sos", "soq"),
     ))
@@ -1082,10 +1136,15 @@ def _path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int =
     w_b = (b * br * kb + b * nb * br) * elem
     rate = SM.rate_for("bf16" if elem == 2 else "fp32", dev)
 
-    def launch(programs, dram, flops, hgmma=True):
+    def launch(programs, dram, flops, hgmma=True, l2=0.0):
+        # l2: bytes of 32-byte sectors passing L2 -> SM beyond the DRAM bytes (scattered stores)
         _, f = SM.fill(programs, dev)
         r_ = rate if hgmma else rate * dev.hmma_fraction
-        return max(dram / dev.hbm_bw, flops / (r_ * f) if flops else 0.0) + dev.launch_s
+        return max(dram / dev.hbm_bw, (dram + l2) / (dev.l2_bw * f),
+                   flops / (r_ * f) if flops else 0.0) + dev.launch_s
+
+    # Monarch's output permutation written by the per-block kernels: one 32-byte sector per element
+    scatter = 32.0 * M * N if strided else 0.0
 
     if path == "rows":
         hp = rows_width(b, r)
@@ -1097,7 +1156,13 @@ def _path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int =
             split = cdiv(tiles, cdiv(tiles, split))
             reread = (split - 1) * x_b if x_b > dev.l2_bytes / 2 else 0
             dram = x_b + y_b + w_b + (h_b if save_h else 0) + reread
-            flops = 2.0 * m_blocks * bm * hp * (Kp * split + Np)
+            rows_ = m_blocks * bm
+            if b * r >= 16:   # stage 1 block by block (unpadded), then placed by a 0/1 product
+                qtp = next_pow2(b * r)
+                stage1 = rows_ * (Kp * qtp + b * qtp * hp)
+            else:             # stage 1 as one packed tile
+                stage1 = rows_ * Kp * hp
+            flops = 2.0 * (stage1 * split + rows_ * Np * hp)
             t = launch(m_blocks * split, dram, flops, hgmma=bm >= 64)
             best = t if best is None else min(best, t)
         return best
@@ -1106,7 +1171,7 @@ def _path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int =
         # over output blocks, the reduction b·r padded to a 64-deep step)
         pad_n, pad_k = max(64, next_pow2(br)), cdiv(br, 64) * 64
         t1 = launch(b * cdiv(M, 128) * cdiv(br, 128), x_b + h_b, 2.0 * M * Kp * pad_n)
-        t2 = launch(b * cdiv(M, 128) * cdiv(nb, 128), h_b + y_b, 2.0 * M * Np * pad_k)
+        t2 = launch(b * cdiv(M, 128) * cdiv(nb, 128), h_b + y_b, 2.0 * M * Np * pad_k, l2=scatter)
         return t1 + t2
     if path == "fused":
         # the chain: one program per (row block, output block, output tile); every output block
@@ -1115,7 +1180,7 @@ def _path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int =
         reads = b * tiles
         dram = x_b * (1 if x_b <= dev.l2_bytes / 2 else reads) + y_b + (h_b if save_h else 0) + w_b
         flops = 2.0 * M * max(16, next_pow2(r)) * b * (Kp * tiles + Np)
-        return launch(cdiv(M, 64) * b * tiles, dram, flops)
+        return launch(cdiv(M, 64) * b * tiles, dram, flops, l2=scatter)
     if path == "torch":
         # monarch_bmm in x's dtype: bmm, the P₁ copy of h, bmm, the P₂ copy of y, the bias add
         ops = [(x_b + w_b / 2 + h_b, 2.0 * M * Kp * br), (2 * h_b, 0), (h_b + w_b / 2 + y_b, 2.0 * M * Np * br),
@@ -1131,7 +1196,7 @@ def rows_supported(nblocks: int, rank: int) -> bool:
 
 
 def choose_path(M: int, K: int, N: int, nblocks: int, rank: int, elem: int = 2, save_h: bool = False,
-                allow_torch: bool = False) -> str:
+                allow_torch: bool = False, strided: bool = True) -> str:
     """The path with the smallest predicted time (:func:`_path_seconds`: bytes and FLOPs, the sol
     model's terms and device), among ``'rows'`` (row-block kernel, ``h`` on chip, ``x`` read
     once; where ``b·b·r <= 64``), ``'fused'`` (the per-output-block chain), ``'two_stage'``
@@ -1151,7 +1216,7 @@ def choose_path(M: int, K: int, N: int, nblocks: int, rank: int, elem: int = 2, 
             return "two_stage"
         return forced
     cands = [p for p in PATHS if (p != "rows" or rows_supported(nblocks, rank)) and (p != "torch" or allow_torch)]
-    return min(cands, key=lambda p: _path_seconds(M, K, N, nblocks, rank, p, elem, elem, save_h))
+    return min(cands, key=lambda p: _path_seconds(M, K, N, nblocks, rank, p, elem, elem, save_h, strided))
 
 
 def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_inter, out_inter):
@@ -1163,6 +1228,7 @@ def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_int
     f2, s2 = second
     h_fp32 = intermediate_dtype(a.dtype) != a.dtype
     fma = rows_fma(NB, R, in_inter, out_inter)
+    blockwise = not fma and not in_inter and NB * R >= 16
     _rows_tuned[row_block_grid(M, F_OUT, a.device)](
         a, f1, f2, bias if bias is not None else z, z, h if h is not None else z,
         M, NB, R, CB, SB, F_IN, F_OUT, m_bucket(M),
@@ -1171,7 +1237,8 @@ def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_int
         HAS_BIAS=bias is not None, STORE_H=h is not None, H_FP32=h_fp32,
         UPCAST=upcast_dots(), PRECISION=dot_precision(a.dtype), FP64=a.dtype == torch.float64,
         IN_INTERLEAVED=in_inter, OUT_INTERLEAVED=out_inter,
-        HP=NB * NB * R if fma else rows_width(NB, R), FMA=fma, NBC=NB if fma else 1, RC=R if fma else 1,
+        HP=NB * NB * R if fma else rows_width(NB, R), BLOCKWISE=blockwise,
+        QTP=next_pow2(NB * R) if blockwise else 1, FMA=fma, NBC=NB if fma else 1, RC=R if fma else 1,
     )
 
 
@@ -1296,7 +1363,7 @@ def monarch_fwd(
     hbuf = torch.empty((M, b * b * r), device=x.device, dtype=inter) if save_h else None
     if M == 0 or N == 0:
         return y, hbuf
-    path = path or choose_path(M, K, N, b, r, x.element_size(), save_h, allow_torch=True)
+    path = path or choose_path(M, K, N, b, r, x.element_size(), save_h, allow_torch=True, strided=strided)
     br = b * r
     if path == "rows" and not rows_supported(b, r):
         path = "fused"
@@ -1384,7 +1451,7 @@ def monarch_bwd(
     sx_m, sx_f = x.stride()
     g_op = lambda sg, si, sk, feat: (g, (sg, si, sk), feat)
     dh = None
-    path = path or choose_path(M, N, K, b, r, g.element_size(), need_w1)
+    path = path or choose_path(M, N, K, b, r, g.element_size(), need_w1, strided=strided)
     if path == "rows" and not rows_supported(b, r):
         path = "fused"
     if need_x or need_w1:

@@ -126,7 +126,7 @@ def test_cuda_lowrank_fp16_intermediate_does_not_overflow():
     t64 = x.double() @ v.double().t()
     y64 = t64 @ u.double().t()
     assert t64.abs().max() > 2 * 65504 and y64.abs().max() < 1000
-    for path in ("fused", "two_gemm"):
+    for path in ("fused", "two_gemm", "decode"):
         os.environ["FASTFACTOR_LOWRANK_PATH"] = path
         try:
             y = lowrank_linear(x, u, v)

@@ -36,7 +36,7 @@ DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPS = ["lowrank", "monarch", "block_lowrank", "sparse24", "dense_sparse"]
 #: env var forcing each family's kernel path, and its values
 PATH_ENV = {
-    "lowrank": ("FASTFACTOR_LOWRANK_PATH", ["fused", "two_gemm"]),
+    "lowrank": ("FASTFACTOR_LOWRANK_PATH", ["fused", "two_gemm", "decode"]),
     "monarch": ("FASTFACTOR_MONARCH_PATH", ["fused", "two_stage"]),
     "block_lowrank": ("FASTFACTOR_MONARCH_PATH", ["fused", "two_stage"]),
     "sparse24": ("FASTFACTOR_SPARSE24_PATH", ["triton"]),

@@ -82,6 +82,15 @@ TILE_MAPS = {
 }
 
 
+#: kernels whose 1-D grid is split into consecutive *roles* (different work per role): ``meta ->
+#: [programs of role 0, of role 1, ...]``; classes are then the first, interior and last program
+#: of each role (``lowrank.decode``: producers, reducers, consumers)
+ROLE_MAPS = {
+    "lowrank.decode": lambda meta: [int(meta["N0"]), int(meta["N1"]), int(meta["N2"])],
+    "lowrank.decode_bwd": lambda meta: [int(meta["N0"]), int(meta["N1"]), int(meta["N2"])],
+}
+
+
 def _edge_class(i: int, n: int) -> int:
     return 0 if i == 0 else (2 if i == n - 1 else 1)
 
@@ -98,6 +107,16 @@ def _axis_classes(n: int) -> dict:
 
 def program_classes(kernel: str, grid: tuple, meta: dict) -> list:
     """``[(pid (x, y, z), count)]`` covering every program of the grid once."""
+    rm = ROLE_MAPS.get(kernel)
+    if rm is not None:
+        sizes = rm(meta)
+        if sum(sizes) != grid[0] or grid[1] * grid[2] != 1:
+            raise ValueError(f"{kernel}: grid {grid}, roles say {sizes}")
+        out, start = [], 0
+        for n in sizes:
+            out += [((start + i, 0, 0), c) for i, c in _axis_classes(n).items()] if n else []
+            start += n
+        return out
     axes = []
     tm = TILE_MAPS.get(kernel)
     for a, n in enumerate(grid):

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gpu
 DEV = "cuda"
 
 
-@pytest.fixture(params=["fused", "two_gemm", "torch"])
+@pytest.fixture(params=["fused", "two_gemm", "torch", "decode"])
 def path(request, monkeypatch):
     monkeypatch.setenv("FASTFACTOR_LOWRANK_PATH", request.param)
     return request.param

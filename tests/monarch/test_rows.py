@@ -104,8 +104,10 @@ def test_choose_path_counts_bytes_and_flops(monkeypatch):
     # memory-bound Monarch (rank 1, 4 and 8 blocks): x read once, h on chip
     assert Mk.choose_path(16384, 4096, 4096, 4, 1) == "rows"
     assert Mk.choose_path(4096, 4096, 4096, 8, 1, save_h=True) == "rows"
-    # h too wide for the row-block kernel (b·b·r > 64): another path
-    assert Mk.choose_path(16384, 4096, 4096, 16, 1) != "rows"
+    # b = 16 at rank 1 (h 256 wide, stage 1 unpadded block by block): still the row-block kernel
+    assert Mk.choose_path(16384, 4096, 4096, 16, 1) == "rows"
+    # h too wide for the row-block kernel (b·b·r > 256): another path
+    assert Mk.choose_path(16384, 4096, 4096, 16, 2) != "rows"
     # the choice is the argmin of the predicted times, the two-bmm path included (forward)
     for shape in [(16384, 4096, 4096, 4, 256), (16, 4096, 4096, 16, 1), (4096, 768, 3072, 2, 1)]:
         p = Mk.choose_path(*shape, allow_torch=True)
@@ -122,7 +124,7 @@ def test_choose_path_counts_bytes_and_flops(monkeypatch):
 def test_choose_path_forced(monkeypatch):
     monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "rows")
     assert Mk.choose_path(64, 64, 64, 4, 1) == "rows"
-    assert Mk.choose_path(64, 64, 64, 16, 1) == "fused"      # h does not fit: falls back
+    assert Mk.choose_path(64, 64, 64, 32, 1) == "fused"      # h does not fit: falls back
     monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "torch")
     assert Mk.choose_path(64, 64, 64, 4, 1, allow_torch=True) == "torch"
     assert Mk.choose_path(64, 64, 64, 4, 1) == "two_stage"   # backward: no torch path
@@ -133,8 +135,8 @@ def test_choose_path_forced(monkeypatch):
 
 def test_rows_width():
     assert Mk.rows_width(4, 1) == 16 and Mk.rows_width(2, 1) == 16 and Mk.rows_width(8, 1) == 64
-    assert Mk.rows_width(3, 2) == 32
-    assert Mk.rows_supported(8, 1) and not Mk.rows_supported(4, 8)
+    assert Mk.rows_width(3, 2) == 32 and Mk.rows_width(16, 1) == 256
+    assert Mk.rows_supported(16, 1) and not Mk.rows_supported(16, 2) and not Mk.rows_supported(4, 32)
 
 
 @pytest.mark.parametrize("shape", [(21, 30, 37, 4, 1), (9, 16, 12, 2, 2)], ids=["b4r1", "b2r2"])
@@ -170,3 +172,22 @@ def test_rows_fma_off_by_default(monkeypatch):
     monkeypatch.setenv("FASTFACTOR_MONARCH_FMA", "1")
     assert Mk.rows_fma(4, 1) and not Mk.rows_fma(3, 1) and not Mk.rows_fma(16, 1)
     assert not Mk.rows_fma(4, 1, in_interleaved=True, out_interleaved=False)
+
+
+@pytest.mark.parametrize("shape", [(9, 70, 50, 16, 1), (5, 27, 33, 3, 6)], ids=["b16r1", "b3r6"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("op", OPS, ids=str)
+def test_rows_blockwise_stage1_vs_float64(triton_cpu, monkeypatch, op, dtype, shape):
+    """b·r >= 16: stage 1 one unpadded product per input block, placed into h by an exact 0/1
+    product (h up to 256 columns per row: b = 16, rank 1)."""
+    monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "rows")
+    M, K, N, b, r = shape
+    assert Mk.rows_supported(b, r)
+    fn, strided = OPS[op]
+    x, w1, w2, bb = make(M, K, N, b, r, dtype)
+    g = torch.randn(M, N).to(dtype)
+    y, grads = grads_of(fn, x, w1, w2, bb, N, g)
+    y64, grads64 = ref64(x, w1, w2, bb, N, strided, g)
+    assert_close_ref(y, y64, dtype, reduction=K, name="y")
+    for name, a, e in zip(["dx", "dw1", "dw2", "db"], grads, grads64):
+        assert_close_ref(a, e, dtype, reduction=max(M, K, N), name=name)
