@@ -153,7 +153,7 @@ def markdown(rows, meta=None) -> str:
         return s + (f" ± {scale * sd:.{nd}f}" if sd is not None else "")
 
     combos = sorted({(v, s, ra) for v, s, ra, _, _ in cells},
-                    key=lambda c: (VARIANTS.index(c[0]) if c[0] in VARIANTS else 99, c[1], c[2]))
+                    key=lambda c: (VARIANTS.index(c[0]) if c[0] in VARIANTS else 99, c[1] != "module", c[1], c[2]))
     out = []
     for v, s, ra in combos:
         for j in ("none", "qkv"):
