@@ -196,3 +196,20 @@ def test_rows_blockwise_stage1_vs_float64(triton_cpu, monkeypatch, op, dtype, sh
     assert_close_ref(y, y64, dtype, reduction=K, name="y")
     for name, a, e in zip(["dx", "dw1", "dw2", "db"], grads, grads64):
         assert_close_ref(a, e, dtype, reduction=max(M, K, N), name=name)
+
+
+def test_rows_opcheck_and_compile_fullgraph(triton_cpu, monkeypatch):
+    """The custom ops on the row-block path: fake/real agreement (opcheck) and one graph under
+    torch.compile (eager backend: the interpreter tier has no inductor GPU codegen)."""
+    from fastfactor.ops.monarch import _monarch_bwd, _monarch_fwd, monarch_linear
+
+    monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "rows")
+    x, w1, w2, bb = (t.detach() for t in make(5, 20, 24, 4, 1, torch.float32))
+    torch.library.opcheck(_monarch_fwd, (x, w1, w2, bb, 24, True, True))
+    torch.library.opcheck(_monarch_fwd, (x, w1, w2, None, 24, False, False))
+    _, h = _monarch_fwd(x, w1, w2, bb, 24, True, True)
+    torch.library.opcheck(_monarch_bwd, (torch.randn(5, 24), x, w1, w2, h, True, True, True, True, True))
+    f = torch.compile(lambda *a: monarch_linear(*a).square().sum(), fullgraph=True, backend="eager")
+    xx = x.clone().requires_grad_()
+    f(xx, w1, w2, bb).backward()
+    assert xx.grad.shape == x.shape and torch.isfinite(xx.grad).all()
