@@ -1402,7 +1402,7 @@ def _wgrad(d, hb, out_shape, out_strides, *, NB, R, SB, interleaved, dtype, rows
     batched = interleaved and NB * R >= 16 and _pow2(NB) and _pow2(R)
     sms = _config.num_sms(d.device)
     # the batched product's tiles are at least 16 rows per block wide (few of them): split earlier
-    split, rows = (wgrad_split(M, F, sms, tile=max(128, 16 * NB), min_tiles=sms // 2) if batched
+    split, rows = (wgrad_split(M, F, sms, tile=max(128, 32 * NB), min_tiles=sms // 2) if batched
                    else wgrad_split(M, F, sms))
     acc = acc_dtype(d.dtype) if split > 1 else dtype
     part = torch.empty((split, *out_shape), device=d.device, dtype=acc)
