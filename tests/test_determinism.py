@@ -270,7 +270,8 @@ def test_sparse24_deterministic_mode_bypasses_the_autotuner(path, monkeypatch, t
                       [x, d, sv, b2])
         return out
 
-    tunables = {"prune": SK._prune24_tuned, "mm": SK._sp_mm_tuned, "dx": SK._sp_dx_tuned,
+    # a handful of rows: the forward and the dense-sparse t = x·Sᵀ run the decode kernel
+    tunables = {"prune": SK._prune24_tuned, "decode": SK._sp_decode_tuned, "dx": SK._sp_dx_tuned,
                 "dvalues": SK._sp_dv_tuned, "ds_chain": SK._ds_chain_tuned, "lowrank.gemm": LK._gemm_tuned}
     used = [n for n in tunables if path == "fused" or n != "ds_chain"]
     _assert_bypass(run, tunables, monkeypatch, used)
