@@ -119,3 +119,12 @@ def test_weight_gradients_fill_the_gpu_on_our_kernels_too(monkeypatch):
     assert ok, figure
     splits = [e for e in row["detail"] if e["phase"] == "bwd" and e["kernel"] == "lowrank.gemm" and e["programs"] >= 132]
     assert len(splits) >= 2   # dU = gᵀ·t and dV = dtᵀ·x, their 16384-row reduction split
+
+
+def test_callers_without_a_decode_launcher_can_leave_it_out(monkeypatch):
+    monkeypatch.delenv("FASTFACTOR_LOWRANK_PATH", raising=False)
+    assert K.choose_path(16, 4096, 4096, 512, torch.bfloat16) == "decode"
+    assert K.choose_path(16, 4096, 4096, 512, torch.bfloat16, decode=False) == "torch"
+    assert K.choose_bwd_path(16, 4096, 4096, 512, torch.bfloat16) == "decode"
+    assert K.choose_bwd_path(16, 4096, 4096, 512, torch.bfloat16, decode=False) == "torch"
+    assert K.choose_bwd_path(16, 4096, 4096, 512, torch.bfloat16, t_saved=False) == "torch"
