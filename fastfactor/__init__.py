@@ -1,9 +1,9 @@
 """fastfactor: Triton kernels and a compression driver for transformers with factorized linears.
 
 Ops: :func:`lowrank_linear`, :func:`monarch_linear`, :func:`block_lowrank_linear`,
-:func:`sparse24_linear`, :func:`dense_sparse_linear`.
+:func:`sparse24_linear`, :func:`dense_sparse_linear`, :func:`lowrank_act_linear` (nonlinear bottleneck).
 Modules: :class:`LowRankLinear`, :class:`MonarchLinear`, :class:`BlockLowRankLinear`,
-:class:`Sparse24Linear`, :class:`DenseSparseLinear`.
+:class:`Sparse24Linear`, :class:`DenseSparseLinear`, :class:`BottleneckLinear`.
 """
 
 import importlib as _importlib
@@ -36,6 +36,7 @@ from .determinism import is_deterministic, set_deterministic  # noqa: E402
 from .formats.sparse24 import Sparse24Weight  # noqa: E402
 from .layers import (  # noqa: E402
     BlockLowRankLinear,
+    BottleneckLinear,
     DenseSparseLinear,
     FactorizedLinear,
     LowRankLinear,
@@ -45,6 +46,7 @@ from .layers import (  # noqa: E402
 from .ops import (  # noqa: E402
     block_lowrank_linear,
     dense_sparse_linear,
+    lowrank_act_linear,
     lowrank_linear,
     monarch_linear,
     sparse24_linear,
@@ -62,6 +64,7 @@ __all__ = [
     "LowRankLinear", "MonarchLinear", "BlockLowRankLinear", "Sparse24Linear", "DenseSparseLinear",
     "FactorizedLinear", "Sparse24Weight", "factorize", "families", "layers", "ops", "profiling",
     "set_deterministic", "is_deterministic", "determinism", "distributed",
+    "lowrank_act_linear", "BottleneckLinear",
     "compress", "train", "CompressionConfig", "CompressionReport", "save_compressed", "load_compressed",
     "factorize_", "factorize_plan", "FactorizationPlan", "merge_and_unload", "api", "hf",
 ]

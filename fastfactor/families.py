@@ -44,9 +44,11 @@ from .kernels import lowrank as _lowrank_kernels
 from .kernels import monarch as _monarch_kernels
 from .kernels import sparse24 as _sparse24_kernels
 from .layers import BlockLowRankLinear, DenseSparseLinear, LowRankLinear, MonarchLinear, Sparse24Linear
+from .layers.bottleneck import BottleneckLinear
 
-#: the statistics an init may ask for (collected by fastfactor.compress.calibration)
-STATISTICS = ("fisher", "gram")
+#: the statistics an init may ask for (collected by fastfactor.compress.calibration); "inputs": a
+#: float32 sample ``(n, in)`` of the module's input rows (non-padding tokens, at most ``ae_tokens``)
+STATISTICS = ("fisher", "gram", "inputs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,6 +357,29 @@ def _dense_sparse_flops(m, tokens):
     return tokens * r * m.in_features + 2 * tokens * m.out_features * r, "M·r·K + 2·M·N·r"
 
 
+# ---- autoencoder bottlenecks (Banaei et al., EACL 2023) -----------------------------------------
+
+def _autoencoder_pca(view, ratio, config, stats):
+    """Closed-form principal subspace of the module's outputs on its calibration inputs, then Adam
+    with held-out early stopping (:func:`fastfactor.factorize.autoencoder.fit_bottleneck`); the form
+    (``config.ae_form``: linear -> ``LowRankLinear``, nonlinear -> ``BottleneckLinear``) and the
+    fitting settings come from the config (``ae_*``; defaults where a config lacks them)."""
+    from .factorize.autoencoder import fit_bottleneck
+
+    r = lowrank_rank_for_ratio(view.in_features, view.out_features, ratio)
+    x = _stat(stats, "inputs", "pca")
+    get = lambda name, default: getattr(config, name, default) if config is not None else default
+    bn = fit_bottleneck(view.weight, view.bias, x, r, form=get("ae_form", "linear"),
+                        act=get("ae_activation", "relu"), steps=get("ae_steps", 200), lr=get("ae_lr", 1e-2),
+                        seed=get("seed", 0))
+    return bn.layer(view.weight.dtype)
+
+
+def _autoencoder_random(in_f, out_f, ratio, dtype, device, bias, opts):
+    r = lowrank_rank_for_ratio(in_f, out_f, ratio)
+    return BottleneckLinear(in_f, out_f, r, act=opts.get("act", "relu"), bias=bias, dtype=dtype, device=device)
+
+
 def _blocks_family(name, layer, unfused, doc):
     """Monarch and block-wise low-rank: the same machinery, strided or contiguous blocks."""
     return Family(
@@ -402,6 +427,16 @@ for _family in (
         unfused="D·(S·x): dense matmul of the expanded 2:4 S, then D",
         ratio_formula="largest r with out·r + r·in/2 + meta <= ratio·in·out",
         doc="dense × 2:4 (DSFormer)",
+    ),
+    Family(
+        "autoencoder", BottleneckLinear,
+        inits=(Init("pca", _autoencoder_pca, ("inputs",),
+                    "output principal subspace, then Adam (held-out early stop); ae_form linear | nonlinear"),),
+        fwd_flops=_lowrank_flops, random_layer=_autoencoder_random,
+        rank_for_ratio=lambda in_f, out_f, ratio, nblocks=None: lowrank_rank_for_ratio(in_f, out_f, ratio),
+        kernels=_lowrank_kernels, defaults=(0.125, 0.25, 0.5), unfused="two matmuls, σ between: σ(x·Vᵀ+c)·Uᵀ",
+        ratio_formula="r = floor(ratio·in·out / (in+out)), >= 1 (U, V; c, b are biases)",
+        doc="autoencoder bottleneck y ≈ D·σ(E·W·x + c) + d: LowRankLinear (linear) or BottleneckLinear",
     ),
 ):
     register_family(_family)

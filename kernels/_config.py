@@ -162,6 +162,15 @@ def num_sms(device: torch.device) -> int:
     return 4
 
 
+def semi_structured_ok(device: torch.device) -> bool:
+    """Whether PyTorch's semi-structured 2:4 GEMM (CUTLASS ``torch._sparse_semi_structured_*``,
+    sparse tensor cores, sm_80+) can run on ``device``. False on CPU (``fastfactor sol`` patches it
+    to True while it records, as it patches :func:`num_sms`)."""
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_sms(index: int) -> int:
     # asked once per device: the grid functions run on every launch

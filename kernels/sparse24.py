@@ -56,7 +56,24 @@ tile goes to ``tl.dot``. Device memory only ever sees the compressed bytes.
   intermediate ``t = x·Sᵀ`` stays in fp32 registers (computed as ``tᵀ = S·xᵀ``, again so the
   expanded tile needs no transpose), is rounded to ``intermediate_dtype`` (see Precision) and
   multiplied by ``D`` tile by tile. ``R_PAD = next_pow2(R) <= 256``; larger ranks take the two-kernel path (``_sp_mm_kernel``
-  for ``t`` then the low-rank family's GEMM for ``t·Dᵀ``).
+  for ``t`` then the low-rank family's GEMM for ``t·Dᵀ``), whose first phase at ``M <= 64`` is
+  the decode kernel (its reduction split over the SMs where that pays).
+* ``_sp_decode_kernel`` (+ ``_sp_splitk_reduce_kernel``): ``y = x·Wᵀ + b`` for ``M <= 64``. Grid
+  (row tiles, K splits) planned per shape by :func:`decode_plan` (a roofline: the compressed
+  weight once from DRAM, ``x`` once per row tile from L2, the fp32 partials and their fixed-order
+  reduction when split); codes read as 32-bit words; configs limited to what fits the registers.
+* ``_sp_expand_kernel`` / ``_sp_compress_kernel``: ``W`` dense once per step for cuBLAS, and the
+  kept entries of a dense ``dW`` from cuBLAS (exact selections).
+
+Codes in the kernels: where ``K % 32 == 0`` and the rows are 4-byte aligned, the launchers pass the
+``uint8`` codes viewed as ``int32`` words (``META32``): one 16-byte vector per row and 128 inputs
+instead of byte loads; the same bytes, no format change.
+
+Paths (:func:`choose_mm_path`, :func:`choose_bwd_path`): Triton has no sparse tensor-core
+instruction, so large-M products go to PyTorch's semi-structured CUTLASS GEMM (forward; fed our
+``values`` as they are and the codes reordered once per mask, :func:`torch24_meta`) or to cuBLAS
+on the weight expanded once (:func:`expand_24`); the backward's kept-value gradient is
+:func:`compress_24` of cuBLAS's ``gᵀ·x``. Ranked by :func:`path_costs` (predicted).
 
 Backward of the dense-sparse product (``g = dL/dy``)::
 
@@ -97,10 +114,12 @@ from ._config import (
     acc_dtype,
     dot_precision,
     m_bucket,
+    next_pow2,
     register_kernel,
     row_block_grid,
     upcast_dots,
 )
+from . import _config, _cost
 from .lowrank import FUSED_MAX_R, _pad_rank, gemm, intermediate_dtype
 
 if HAS_TRITON:
@@ -305,6 +324,65 @@ DV_SPACE = [
     dict(BLOCK_N=128, BLOCK_K=64, BLOCK_M=64, num_warps=4, num_stages=4),
 ]
 
+# decode (M <= 64): BLOCK_N and the split are planned per shape (decode_plan); tuned: BLOCK_K
+DECODE_INTERP = dict(BLOCK_K=32, num_warps=4, num_stages=1)
+DECODE_FIXED = dict(BLOCK_K=256, num_warps=4, num_stages=3)
+DECODE_SPACE = [   # BLOCK_K >= 128 on a GPU (_prune_decode): a row's codes are one 16-byte vector
+    DECODE_INTERP,
+    DECODE_FIXED,
+    dict(BLOCK_K=128, num_warps=4, num_stages=4),
+    dict(BLOCK_K=128, num_warps=8, num_stages=3),
+    dict(BLOCK_K=256, num_warps=8, num_stages=3),
+]
+
+
+def _decode_fits(bn: int, bm: int, bk: int, nw: int) -> bool:
+    """Per-thread footprint of a decode config within the register file: the expanded weight
+    tile, the x tile and the fp32 accumulator (two 16-bit slots an element) at most 112 16-bit
+    elements a thread (calibrated on compile-check's sm_90 builds: 104 builds without spill at
+    N32/M16/K256/w4, 160 spills at N128/M64/K128/w8 and at N64/M64/K256/w8, 192 at N64/M64/K128/w4)."""
+    t = 32 * nw
+    return bn * bk + bk * bm + 2 * bn * bm <= 112 * t
+
+
+def decode_space(BLOCK_N: int, BLOCK_M: int, **_) -> list[dict]:
+    """The decode configs that fit the registers at this row tile and token block."""
+    kept = [c for c in DECODE_SPACE[1:] if _decode_fits(BLOCK_N, BLOCK_M, c["BLOCK_K"], c["num_warps"])]
+    return kept or [DECODE_SPACE[3]]
+
+
+def _prune_decode(configs_, named_args, **kwargs):
+    bn = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
+    bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
+    if _config.is_interpreter():
+        return configs_
+    kept = [c for c in configs_ if c.kwargs["BLOCK_K"] >= 128
+            and _decode_fits(bn, bm, c.kwargs["BLOCK_K"], c.num_warps)]
+    return kept or [c for c in configs_ if c.kwargs["BLOCK_K"] >= 128][-1:] or configs_
+
+
+#: every K split is a multiple of this (the largest BLOCK_K of the space)
+DECODE_K_QUANTUM = 256
+REDUCE_SPACE = [dict(BLOCK=256, num_warps=4, num_stages=1), dict(BLOCK=1024, num_warps=4, num_stages=1)]
+
+
+def _prune_wide(configs_, named_args, **kwargs):
+    """On a GPU, only configs whose rows of codes are 16-byte vectors (``BLOCK_K >= 128``)."""
+    if _config.is_interpreter():
+        return configs_
+    return [c for c in configs_ if c.kwargs["BLOCK_K"] >= 128] or configs_
+
+# expand W once per step / compress dW: BLOCK_R rows x BLOCK_K columns per program (BLOCK_K >= 128:
+# a row's codes are one 16-byte vector of four 32-bit words)
+EXPAND_INTERP = dict(BLOCK_R=16, BLOCK_K=32, num_warps=4, num_stages=1)
+EXPAND_FIXED = dict(BLOCK_R=32, BLOCK_K=256, num_warps=4, num_stages=1)
+EXPAND_SPACE = [   # the interpreter's config is not offered to a GPU (_prune_wide: 4-byte code loads)
+    EXPAND_INTERP,
+    EXPAND_FIXED,
+    dict(BLOCK_R=64, BLOCK_K=128, num_warps=4, num_stages=1),
+    dict(BLOCK_R=16, BLOCK_K=512, num_warps=4, num_stages=1),
+]
+
 # fused dense-sparse: BLOCK_M token rows; the intermediate is R_PAD x BLOCK_M fp32
 DS_INTERP = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=2)
 DS_FIXED = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3)
@@ -340,22 +418,36 @@ if HAS_TRITON:
 
     @triton.jit
     def _load_codes(
-        meta_ptr,    # (R, ceil(K/8)) uint8 codes of the 2:4 matrix
+        meta_ptr,    # (R, ceil(K/8)) uint8 codes of the 2:4 matrix, or (R, K/32) int32 words (META32)
         offs_r,      # (BLOCK_R,) row indices of the tile
         mask_r,      # (BLOCK_R,) row validity
-        k0,          # first input column of the tile (a multiple of 8)
+        k0,          # first input column of the tile (a multiple of BLOCK_K)
         K,
-        stride_mr, stride_mc,
+        stride_mr, stride_mc,   # in elements of meta_ptr's type
         BLOCK_K: tl.constexpr,
+        META32: tl.constexpr,
     ):
-        """``(i0, i1)``, each ``(BLOCK_R, BLOCK_K/4)`` int32, for columns ``k0 .. k0+BLOCK_K``."""
-        offs_g = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-        mask_g = offs_g < K // 4
-        byte = tl.load(
-            meta_ptr + offs_r[:, None] * stride_mr + (offs_g // 2)[None, :] * stride_mc,
-            mask=mask_r[:, None] & mask_g[None, :], other=0,
-        ).to(tl.int32)
-        code = (byte >> ((offs_g % 2) * 4)[None, :]) & 15
+        """``(i0, i1)``, each ``(BLOCK_R, BLOCK_K/4)`` int32, for columns ``k0 .. k0+BLOCK_K``.
+
+        ``META32``: the same bytes read as little-endian 32-bit words (8 codes per word, group
+        ``8w + j`` in bits ``4j .. 4j+3``), one ``(BLOCK_R, BLOCK_K/32)`` vector load, then split
+        in registers; needs ``K % 32 == 0`` and ``BLOCK_K >= 32``."""
+        if META32:
+            offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+            word = tl.load(
+                meta_ptr + offs_r[:, None] * stride_mr + offs_w[None, :] * stride_mc,
+                mask=mask_r[:, None] & (offs_w < K // 32)[None, :], other=0,
+            )
+            shift = (tl.arange(0, 8) * 4)[None, None, :]
+            code = tl.reshape((word[:, :, None] >> shift) & 15, (word.shape[0], BLOCK_K // 4))
+        else:
+            offs_g = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+            mask_g = offs_g < K // 4
+            byte = tl.load(
+                meta_ptr + offs_r[:, None] * stride_mr + (offs_g // 2)[None, :] * stride_mc,
+                mask=mask_r[:, None] & mask_g[None, :], other=0,
+            ).to(tl.int32)
+            code = (byte >> ((offs_g % 2) * 4)[None, :]) & 15
         return code & 3, code >> 2
 
     @triton.jit
@@ -367,6 +459,7 @@ if HAS_TRITON:
         stride_mr, stride_mc,
         BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        META32: tl.constexpr,
     ):
         """The dense tile ``W[offs_r, k0 : k0 + BLOCK_K]`` (``(BLOCK_R, BLOCK_K)``, the values'
         dtype) built on chip from the compressed values and codes."""
@@ -375,7 +468,7 @@ if HAS_TRITON:
             vals_ptr + offs_r[:, None] * stride_vr + offs_v[None, :] * stride_vc,
             mask=mask_r[:, None] & (offs_v[None, :] < K // 2), other=0.0,
         )
-        i0, i1 = _load_codes(meta_ptr, offs_r, mask_r, k0, K, stride_mr, stride_mc, BLOCK_K)
+        i0, i1 = _load_codes(meta_ptr, offs_r, mask_r, k0, K, stride_mr, stride_mc, BLOCK_K, META32)
         v0, v1 = tl.split(tl.reshape(v, (BLOCK_R, BLOCK_K // 4, 2)))
         slot = tl.arange(0, 4)[None, None, :]
         zero = tl.zeros((BLOCK_R, BLOCK_K // 4, 4), dtype=v.dtype)
@@ -467,6 +560,7 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr,
         UPCAST: tl.constexpr,      # upcast dot operands to fp32 (interpreter)
         PRECISION: tl.constexpr,   # tl.dot input_precision for fp32 operands
+        META32: tl.constexpr,      # meta_ptr is the codes as int32 words (see _load_codes)
         BLOCK_N: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -482,7 +576,7 @@ if HAS_TRITON:
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
             w = _expand24(vals_ptr, meta_ptr, offs_n, mask_n, k0, K,
-                          stride_vn, stride_vc, stride_mn, stride_mc, BLOCK_N, BLOCK_K)
+                          stride_vn, stride_vc, stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
             xt = tl.load(  # (BLOCK_K, BLOCK_M) = x[m-tile, k-tile]ᵀ
                 x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
                 mask=mask_m[None, :] & (kk < K)[:, None], other=0.0,
@@ -517,6 +611,7 @@ if HAS_TRITON:
         # --- meta-parameters ---
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
+        META32: tl.constexpr,      # meta_ptr is the codes as int32 words (see _load_codes)
         MIXED: tl.constexpr,       # g and W differ in dtype (fp32 dt x fp16 S): both to fp32
         BLOCK_M: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -538,7 +633,7 @@ if HAS_TRITON:
                 mask=mask_m[:, None] & mask_n[None, :], other=0.0,
             )
             w = _expand24(vals_ptr, meta_ptr, offs_n, mask_n, k0, K,
-                          stride_vn, stride_vc, stride_mn, stride_mc, BLOCK_N, BLOCK_K)
+                          stride_vn, stride_vc, stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
             if UPCAST or MIXED:
                 g = g.to(tl.float32)
                 w = w.to(tl.float32)
@@ -567,6 +662,7 @@ if HAS_TRITON:
         # --- meta-parameters ---
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
+        META32: tl.constexpr,      # meta_ptr is the codes as int32 words (see _load_codes)
         MIXED: tl.constexpr,       # g and x differ in dtype (fp32 dt x fp16 x): both to fp32
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -597,7 +693,7 @@ if HAS_TRITON:
                 x = x.to(tl.float32)
             acc = tl.dot(gt, x, acc, input_precision=PRECISION)
         # keep the entries at the kept positions, in packed order
-        i0, i1 = _load_codes(meta_ptr, offs_n, mask_n, k0, K, stride_mn, stride_mc, BLOCK_K)
+        i0, i1 = _load_codes(meta_ptr, offs_n, mask_n, k0, K, stride_mn, stride_mc, BLOCK_K, META32)
         d3 = tl.reshape(acc, (BLOCK_N, BLOCK_K // 4, 4))
         slot = tl.arange(0, 4)[None, None, :]
         dv0 = tl.sum(tl.where(slot == i0[:, :, None], d3, 0.0), axis=2)
@@ -609,6 +705,156 @@ if HAS_TRITON:
             dv.to(dv_ptr.dtype.element_ty),
             mask=mask_n[:, None] & (offs_v < K // 2)[None, :],
         )
+
+    @triton.jit
+    def _sp_decode_kernel(
+        # --- pointers ---
+        x_ptr,      # (M, K) input rows, M <= BLOCK_M (a handful of tokens)
+        vals_ptr,   # (N, K/2) kept values of the 2:4 weight W (N, K)
+        meta_ptr,   # (N, ceil(K/8)) uint8 codes of W, or (N, K/32) int32 words (META32)
+        bias_ptr,   # (N,) bias; read only when HAS_BIAS and not SPLIT
+        out_ptr,    # SPLIT: (SPLIT_K, M, N) fp32 partial sums; else (M, N) output y
+        # --- dimensions ---
+        M, N, K,
+        K_PER_SPLIT,  # inputs per split (a multiple of every BLOCK_K of the space)
+        # --- strides (in elements) ---
+        stride_xm, stride_xk,
+        stride_vn, stride_vc,
+        stride_mn, stride_mc,
+        stride_os, stride_om, stride_on,
+        # --- meta-parameters ---
+        HAS_BIAS: tl.constexpr,
+        SPLIT: tl.constexpr,       # write fp32 partials (reduced by _sp_splitk_reduce_kernel)
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        META32: tl.constexpr,
+        BLOCK_N: tl.constexpr,     # weight rows per program (the MMA's M side)
+        BLOCK_M: tl.constexpr,     # >= M: every token of the launch
+        BLOCK_K: tl.constexpr,
+    ):
+        """Decode ``yᵀ[n-tile] = W[n-tile, k-split]·x[:, k-split]ᵀ``: the grid is (weight-row tiles,
+        K splits); every program streams its slab of the compressed weight once (16-byte value
+        vectors, 16-byte code words) against all ``M`` tokens, so the launch moves the compressed
+        weight once and is bound by its bytes. With ``SPLIT`` the fp32 partial of each split goes
+        to its own slice of the workspace (no atomics) and a second launch sums the slices in
+        split order: bitwise reproducible."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_n = offs_n < N
+        mask_m = offs_m < M
+        k_begin = pid_s * K_PER_SPLIT
+        k_end = tl.minimum(K, k_begin + K_PER_SPLIT)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)     # yᵀ tile
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            kk = k0 + offs_k
+            w = _expand24(vals_ptr, meta_ptr, offs_n, mask_n, k0, K,
+                          stride_vn, stride_vc, stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
+            xt = tl.load(  # (BLOCK_K, BLOCK_M) = x[:, k-tile]ᵀ, contiguous along k
+                x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
+                mask=mask_m[None, :] & (kk < K)[:, None], other=0.0,
+            )
+            if UPCAST:
+                w = w.to(tl.float32)
+                xt = xt.to(tl.float32)
+            acc = tl.dot(w, xt, acc, input_precision=PRECISION)
+        out = out_ptr + pid_s * stride_os + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
+        if SPLIT:
+            tl.store(out, acc, mask=mask_m[None, :] & mask_n[:, None])
+        else:
+            if HAS_BIAS:
+                acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[None, :] & mask_n[:, None])
+
+    @triton.jit
+    def _sp_splitk_reduce_kernel(
+        # --- pointers ---
+        ws_ptr,     # (SPLIT_K, M, N) fp32 partial sums, contiguous
+        bias_ptr,   # (N,) bias; read only when HAS_BIAS
+        y_ptr,      # (M, N) output
+        # --- dimensions ---
+        M, N, SPLIT_K,
+        # --- strides (in elements) ---
+        stride_ym, stride_yn,
+        # --- meta-parameters ---
+        HAS_BIAS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """``y = Σ_s ws[s] (+ b)``, the splits summed in order 0, 1, ... (deterministic)."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < M * N
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s_ in range(0, SPLIT_K):
+            acc += tl.load(ws_ptr + s_ * M * N + offs, mask=mask, other=0.0)
+        m = offs // N
+        n = offs % N
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + n * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _sp_expand_kernel(
+        # --- pointers ---
+        vals_ptr,   # (R, K/2) kept values of the 2:4 matrix W (R, K)
+        meta_ptr,   # (R, ceil(K/8)) uint8 codes of W, or (R, K/32) int32 words (META32)
+        w_ptr,      # (R, K) output: W dense (zeros at the pruned positions), the values' dtype
+        # --- dimensions ---
+        R, K,
+        # --- strides (in elements) ---
+        stride_vr, stride_vc,
+        stride_mr, stride_mc,
+        stride_wr, stride_wk,
+        # --- meta-parameters ---
+        META32: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """``W = unpack(values, meta)``: once per step, for the cuBLAS path of large M."""
+        offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        k0 = tl.program_id(1) * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_r = offs_r < R
+        w = _expand24(vals_ptr, meta_ptr, offs_r, mask_r, k0, K,
+                      stride_vr, stride_vc, stride_mr, stride_mc, BLOCK_R, BLOCK_K, META32)
+        tl.store(w_ptr + offs_r[:, None] * stride_wr + offs_k[None, :] * stride_wk,
+                 w.to(w_ptr.dtype.element_ty), mask=mask_r[:, None] & (offs_k < K)[None, :])
+
+    @triton.jit
+    def _sp_compress_kernel(
+        # --- pointers ---
+        d_ptr,      # (R, K) dense matrix (e.g. dW = gᵀ·x from cuBLAS)
+        meta_ptr,   # (R, ceil(K/8)) uint8 codes, or (R, K/32) int32 words (META32)
+        v_ptr,      # (R, K/2) output: the entries of d at the kept positions, packed order
+        # --- dimensions ---
+        R, K,
+        # --- strides (in elements) ---
+        stride_dr, stride_dk,
+        stride_mr, stride_mc,
+        stride_vr, stride_vc,
+        # --- meta-parameters ---
+        META32: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """``values = compress_like(d, meta)``: exact selection, no arithmetic."""
+        offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        k0 = tl.program_id(1) * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_r = offs_r < R
+        d = tl.load(d_ptr + offs_r[:, None] * stride_dr + offs_k[None, :] * stride_dk,
+                    mask=mask_r[:, None] & (offs_k < K)[None, :], other=0.0)
+        i0, i1 = _load_codes(meta_ptr, offs_r, mask_r, k0, K, stride_mr, stride_mc, BLOCK_K, META32)
+        d3 = tl.reshape(d, (BLOCK_R, BLOCK_K // 4, 4))
+        slot = tl.arange(0, 4)[None, None, :]
+        zero = tl.zeros((BLOCK_R, BLOCK_K // 4, 4), dtype=d.dtype)
+        v0 = tl.sum(tl.where(slot == i0[:, :, None], d3, zero), axis=2)   # one non-zero term: exact
+        v1 = tl.sum(tl.where(slot == i1[:, :, None], d3, zero), axis=2)
+        v = tl.reshape(tl.join(v0, v1), (BLOCK_R, BLOCK_K // 2))
+        offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        tl.store(v_ptr + offs_r[:, None] * stride_vr + offs_v[None, :] * stride_vc,
+                 v.to(v_ptr.dtype.element_ty), mask=mask_r[:, None] & (offs_v < K // 2)[None, :])
 
     @triton.jit
     def _ds_chain_kernel(
@@ -637,6 +883,7 @@ if HAS_TRITON:
         T_FP32: tl.constexpr,      # keep the intermediate in fp32 (fp16 inputs: range safety)
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
+        META32: tl.constexpr,      # smeta_ptr is the codes as int32 words (see _load_codes)
         R_PAD: tl.constexpr,       # next power of two >= R (>= 16)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -655,7 +902,7 @@ if HAS_TRITON:
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
             s = _expand24(svals_ptr, smeta_ptr, offs_r, mask_r, k0, K,
-                          stride_sr, stride_sc, stride_mr, stride_mc, R_PAD, BLOCK_K)
+                          stride_sr, stride_sc, stride_mr, stride_mc, R_PAD, BLOCK_K, META32)
             xt = tl.load(
                 x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
                 mask=mask_m[None, :] & (kk < K)[:, None], other=0.0,
@@ -715,31 +962,93 @@ if HAS_TRITON:
         prune=_prune_ds, interpreter=DS_INTERP, deterministic=DS_FIXED,
     )
 
+    _sp_decode_tuned = Tunable(_sp_decode_kernel, DECODE_SPACE,
+                               key=["M", "N", "K", "K_PER_SPLIT", "BLOCK_N", "BLOCK_M", "META32"],
+                               prune=_prune_decode, interpreter=DECODE_INTERP, deterministic=DECODE_FIXED)
+    _sp_reduce_tuned = Tunable(_sp_splitk_reduce_kernel, REDUCE_SPACE, key=["M", "N", "SPLIT_K"],
+                               interpreter=REDUCE_SPACE[0], deterministic=REDUCE_SPACE[1])
+    _sp_expand_tuned = Tunable(_sp_expand_kernel, EXPAND_SPACE, key=["R", "K", "META32"], prune=_prune_wide,
+                               interpreter=EXPAND_INTERP, deterministic=EXPAND_FIXED)
+    _sp_compress_tuned = Tunable(_sp_compress_kernel, EXPAND_SPACE, key=["R", "K", "META32"], prune=_prune_wide,
+                                 interpreter=EXPAND_INTERP, deterministic=EXPAND_FIXED)
+
     # ---- compile-tier registration (signatures derived from the kernels' arguments) ----
-    _U8 = "u8"
+    # Every kernel reading codes compiles twice: codes as bytes (u8, any K % 4 == 0) and as
+    # 32-bit words (the launchers' choice when K % 32 == 0 and the rows are 4-byte aligned).
+    _U8, _I32 = "u8", "i32"
     _DOT = dict(UPCAST=False, PRECISION="tf32")
+    _B, _W = dict(META32=False), dict(META32=True)
     register_kernel(KernelSpec(
         name="sparse24.prune", fn=_prune24_kernel, pointers={"mask_ptr": _U8},
         constexprs=[dict(HAS_SCORES=False), dict(HAS_SCORES=True)], space=PRUNE_SPACE,
     ))
     register_kernel(KernelSpec(
-        name="sparse24.mm", fn=_sp_mm_kernel, pointers={"meta_ptr": _U8},
-        constexprs=[dict(HAS_BIAS=True, **_DOT), dict(HAS_BIAS=False, **_DOT)], space=MM_SPACE,
+        name="sparse24.mm", fn=_sp_mm_kernel, pointers={"meta_ptr": _I32},
+        constexprs=[dict(HAS_BIAS=True, **_DOT, **_W), dict(HAS_BIAS=False, **_DOT, **_W)], space=MM_SPACE,
     ))
     register_kernel(KernelSpec(
-        name="sparse24.dx", fn=_sp_dx_kernel, pointers={"meta_ptr": _U8},
-        constexprs=[dict(MIXED=False, **_DOT)], space=DX_SPACE,
+        name="sparse24.mm_u8", fn=_sp_mm_kernel, pointers={"meta_ptr": _U8},
+        constexprs=[dict(HAS_BIAS=True, **_DOT, **_B)], space=MM_SPACE,
     ))
     register_kernel(KernelSpec(
-        name="sparse24.dvalues", fn=_sp_dvalues_kernel, pointers={"meta_ptr": _U8},
-        constexprs=[dict(MIXED=False, **_DOT)], space=DV_SPACE,
+        name="sparse24.dx", fn=_sp_dx_kernel, pointers={"meta_ptr": _I32},
+        constexprs=[dict(MIXED=False, **_DOT, **_W)], space=DX_SPACE,
     ))
     register_kernel(KernelSpec(
-        name="sparse24.ds_chain", fn=_ds_chain_kernel, pointers={"smeta_ptr": _U8},
+        name="sparse24.dx_u8", fn=_sp_dx_kernel, pointers={"meta_ptr": _U8},
+        constexprs=[dict(MIXED=False, **_DOT, **_B)], space=DX_SPACE,
+    ))
+    register_kernel(KernelSpec(
+        name="sparse24.dvalues", fn=_sp_dvalues_kernel, pointers={"meta_ptr": _I32},
+        constexprs=[dict(MIXED=False, **_DOT, **_W)], space=DV_SPACE,
+    ))
+    register_kernel(KernelSpec(
+        name="sparse24.dvalues_u8", fn=_sp_dvalues_kernel, pointers={"meta_ptr": _U8},
+        constexprs=[dict(MIXED=False, **_DOT, **_B)], space=DV_SPACE,
+    ))
+    _DEC = [dict(BLOCK_N=bn, BLOCK_M=bm, **_DOT, **_W, **extra)
+            for bn, bm in ((32, 16), (64, 64), (128, 64))
+            for extra in (dict(HAS_BIAS=True, SPLIT=False), dict(HAS_BIAS=False, SPLIT=True))]
+    register_kernel(KernelSpec(
+        name="sparse24.decode", fn=_sp_decode_kernel, pointers={"meta_ptr": _I32, "out_ptr": "fp32"},
+        constexprs=[c for c in _DEC if c["SPLIT"]], space=decode_space,
+    ))
+    register_kernel(KernelSpec(
+        name="sparse24.decode_y", fn=_sp_decode_kernel, pointers={"meta_ptr": _I32},
+        constexprs=[c for c in _DEC if not c["SPLIT"]], space=decode_space,
+    ))
+    register_kernel(KernelSpec(   # the dense-sparse t = x·Sᵀ of fp16 inputs, kept in fp32
+        name="sparse24.decode_y_fp16", fn=_sp_decode_kernel, pointers={"meta_ptr": _I32, "out_ptr": "fp32"},
+        constexprs=[dict(BLOCK_N=32, BLOCK_M=16, **_DOT, **_W, HAS_BIAS=False, SPLIT=False)],
+        space=decode_space, dtypes=("fp16",),
+    ))
+    register_kernel(KernelSpec(
+        name="sparse24.splitk_reduce", fn=_sp_splitk_reduce_kernel, pointers={"ws_ptr": "fp32"},
+        constexprs=[dict(HAS_BIAS=True), dict(HAS_BIAS=False)], space=REDUCE_SPACE,
+    ))
+    register_kernel(KernelSpec(
+        name="sparse24.expand", fn=_sp_expand_kernel, pointers={"meta_ptr": _I32},
+        constexprs=[dict(_W)], space=EXPAND_SPACE,
+    ))
+    register_kernel(KernelSpec(
+        name="sparse24.expand_u8", fn=_sp_expand_kernel, pointers={"meta_ptr": _U8},
+        constexprs=[dict(_B)], space=EXPAND_SPACE,
+    ))
+    register_kernel(KernelSpec(
+        name="sparse24.compress", fn=_sp_compress_kernel, pointers={"meta_ptr": _I32},
+        constexprs=[dict(_W)], space=EXPAND_SPACE,
+    ))
+    register_kernel(KernelSpec(
+        name="sparse24.ds_chain", fn=_ds_chain_kernel, pointers={"smeta_ptr": _I32},
         constexprs=[
-            dict(HAS_BIAS=True, STORE_T=True, T_FP32=False, R_PAD=64, **_DOT),
-            dict(HAS_BIAS=False, STORE_T=False, T_FP32=False, R_PAD=256, **_DOT),
+            dict(HAS_BIAS=True, STORE_T=True, T_FP32=False, R_PAD=64, **_DOT, **_W),
+            dict(HAS_BIAS=False, STORE_T=False, T_FP32=False, R_PAD=256, **_DOT, **_W),
         ],
+        space=ds_space,
+    ))
+    register_kernel(KernelSpec(
+        name="sparse24.ds_chain_u8", fn=_ds_chain_kernel, pointers={"smeta_ptr": _U8},
+        constexprs=[dict(HAS_BIAS=True, STORE_T=True, T_FP32=False, R_PAD=64, **_DOT, **_B)],
         space=ds_space,
     ))
     # fp16 dense-sparse keeps its intermediate in fp32: the fused forward storing an fp32 t, and
@@ -747,18 +1056,18 @@ if HAS_TRITON:
     # into an fp32 buffer on the two-kernel path differs from sparse24.mm only in its store's cast.)
     register_kernel(KernelSpec(
         name="sparse24.ds_chain_fp16", fn=_ds_chain_kernel,
-        pointers={"smeta_ptr": _U8, "t_ptr": "fp32"},
-        constexprs=[dict(HAS_BIAS=True, STORE_T=True, T_FP32=True, R_PAD=64, **_DOT)],
+        pointers={"smeta_ptr": _I32, "t_ptr": "fp32"},
+        constexprs=[dict(HAS_BIAS=True, STORE_T=True, T_FP32=True, R_PAD=64, **_DOT, **_W)],
         space=ds_space, dtypes=("fp16",),
     ))
     register_kernel(KernelSpec(
-        name="sparse24.dx_fp16", fn=_sp_dx_kernel, pointers={"meta_ptr": _U8, "g_ptr": "fp32"},
-        constexprs=[dict(MIXED=True, **_DOT)], space=DX_SPACE, dtypes=("fp16",),
+        name="sparse24.dx_fp16", fn=_sp_dx_kernel, pointers={"meta_ptr": _I32, "g_ptr": "fp32"},
+        constexprs=[dict(MIXED=True, **_DOT, **_W)], space=DX_SPACE, dtypes=("fp16",),
     ))
     register_kernel(KernelSpec(
         name="sparse24.dvalues_fp16", fn=_sp_dvalues_kernel,
-        pointers={"meta_ptr": _U8, "g_ptr": "fp32"},
-        constexprs=[dict(MIXED=True, **_DOT)], space=DV_SPACE, dtypes=("fp16",),
+        pointers={"meta_ptr": _I32, "g_ptr": "fp32"},
+        constexprs=[dict(MIXED=True, **_DOT, **_W)], space=DV_SPACE, dtypes=("fp16",),
     ))
 
 
@@ -784,6 +1093,135 @@ def prune_24_triton(w: torch.Tensor, scores: Optional[torch.Tensor] = None):
     return out, mask.bool()
 
 
+def _meta_arg(meta: torch.Tensor, k: int):
+    """``(tensor, stride_r, stride_c, META32)`` for a kernel's ``meta_ptr``: the codes as int32
+    words (one 16-byte vector per row and 128 inputs) when ``k % 32 == 0`` and the rows are
+    4-byte aligned, else the bytes as they are."""
+    ok = (
+        k % 32 == 0 and meta.ndim == 2 and meta.shape[1] > 0 and meta.stride(1) == 1
+        and (meta.shape[0] <= 1 or meta.stride(0) % 4 == 0) and meta.storage_offset() % 4 == 0
+    )
+    if ok:
+        w = meta.view(torch.int32)
+        return w, w.stride(0), w.stride(1), True
+    return meta, meta.stride(0), meta.stride(1), False
+
+
+def expand_24(values: torch.Tensor, meta: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Dense ``W (R, K)`` from packed ``values (R, K/2)`` and ``meta`` with one Triton launch
+    (exact: :func:`unpack_24`). The large-M path expands once per step and calls cuBLAS."""
+    R, K = values.shape[0], 2 * values.shape[1]
+    w = torch.empty((R, K), device=values.device, dtype=out_dtype or values.dtype)
+    if R == 0 or K == 0:
+        return w
+    mt, smr, smc, m32 = _meta_arg(meta, K)
+    grid = lambda m_: (triton.cdiv(R, m_["BLOCK_R"]), triton.cdiv(K, m_["BLOCK_K"]))
+    _sp_expand_tuned[grid](
+        values, mt, w, R, K,
+        values.stride(0), values.stride(1), smr, smc, w.stride(0), w.stride(1),
+        META32=m32,
+    )
+    return w
+
+
+def compress_24(dense: torch.Tensor, meta: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The entries of ``dense (R, K)`` at ``meta``'s kept positions, ``(R, K/2)`` (exact:
+    :func:`compress_like`), one Triton launch: the gradient of the kept values from a dense
+    ``dW`` computed by cuBLAS."""
+    R, K = dense.shape
+    v = torch.empty((R, K // 2), device=dense.device, dtype=out_dtype or dense.dtype)
+    if R == 0 or K == 0:
+        return v
+    mt, smr, smc, m32 = _meta_arg(meta, K)
+    grid = lambda m_: (triton.cdiv(R, m_["BLOCK_R"]), triton.cdiv(K, m_["BLOCK_K"]))
+    _sp_compress_tuned[grid](
+        dense, mt, v, R, K,
+        dense.stride(0), dense.stride(1), smr, smc, v.stride(0), v.stride(1),
+        META32=m32,
+    )
+    return v
+
+
+#: L2 -> SM bytes/s of the decode planner's estimate (kernels/_cost.py, the figure sol uses; a lead)
+_L2BW = _cost.DEFAULT.l2_bw
+
+
+def decode_plan(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[int, int]:
+    """``(BLOCK_N, split_k)`` of the decode launch for ``x (M, K)`` against ``W (N, K)``, the
+    cheapest by a roofline estimate (*predicted*, the model ``fastfactor sol`` applies): DRAM
+    moves the compressed weight once, ``x`` and the output (or the fp32 partials and their
+    reduction, one more launch); L2 serves ``x`` once per weight-row tile; programs short of the
+    SMs leave L2 bandwidth idle. Few tokens favour narrow row tiles and no split (no second
+    launch); more tokens favour wide row tiles (fewer re-reads of ``x``) split over ``K`` to
+    fill the SMs."""
+    best = None
+    wbytes = N * K * (elem / 2 + 1 / 8)
+    xbytes, ybytes = elem * M * K, elem * M * N
+    bm = max(16, next_pow2(M))
+    for bn in (16, 32, 64, 128):
+        if not any(_decode_fits(bn, bm, c["BLOCK_K"], c["num_warps"]) for c in DECODE_SPACE[1:]):
+            continue                           # no config of this tile fits the registers
+        nb = -(-N // bn)
+        for sk in (1, 2, 3, 4, 6, 8, 12, 16):
+            kps = -(-(-(-K // sk)) // DECODE_K_QUANTUM) * DECODE_K_QUANTUM
+            if sk > 1 and kps * (sk - 1) >= K:
+                continue                       # an empty split
+            p = nb * sk
+            waves = -(-p // sms)
+            f = min(1.0, p / (waves * sms))
+            ws = 4.0 * sk * M * N if sk > 1 else 0.0
+            out = ws if sk > 1 else ybytes
+            t = max((wbytes + xbytes + out) / _BW, (wbytes + nb * xbytes + out) / (_L2BW * f)) + _LAUNCH
+            if sk > 1:
+                t += (ws + ybytes) / _BW + _LAUNCH
+            if best is None or t < best[0] - 1e-12:
+                best = (t, bn, sk)
+    return best[1], best[2]
+
+
+def sparse24_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                    bias: Optional[torch.Tensor] = None, plan: Optional[tuple] = None,
+                    out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``y = x·Wᵀ + b`` for ``M <= 64`` token rows (:func:`decode_plan`; ``plan`` forces
+    ``(BLOCK_N, split_k)``), in ``out_dtype`` (default ``x``'s). Deterministic: the split
+    partials are summed in a fixed order."""
+    M, K = x.shape
+    N = values.shape[0]
+    if M > DECODE_MAX_M:
+        raise ValueError(f"x: sparse24_decode takes at most {DECODE_MAX_M} rows, got {M}")
+    y = torch.empty((M, N), device=x.device, dtype=out_dtype or x.dtype)
+    if M == 0 or N == 0:
+        return y
+    if K == 0:
+        y.zero_()
+        if bias is not None:
+            y += bias
+        return y
+    bn, sk = plan or decode_plan(M, N, K, _config.num_sms(x.device), x.element_size())
+    kps = -(-(-(-K // sk)) // DECODE_K_QUANTUM) * DECODE_K_QUANTUM
+    sk = -(-K // kps)
+    bm = max(16, next_pow2(M))
+    mt, smr, smc, m32 = _meta_arg(meta, K)
+    split = sk > 1
+    out = torch.empty((sk, M, N), device=x.device, dtype=torch.float32) if split else y
+    so, som, son = (out.stride(0), out.stride(1), out.stride(2)) if split else (0, y.stride(0), y.stride(1))
+    _sp_decode_tuned[(triton.cdiv(N, bn), sk)](
+        x, values, mt, bias if bias is not None else y, out,
+        M, N, K, kps,
+        x.stride(0), x.stride(1), values.stride(0), values.stride(1),
+        smr, smc, so, som, son,
+        HAS_BIAS=bias is not None, SPLIT=split, UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype),
+        META32=m32, BLOCK_N=bn, BLOCK_M=bm,
+    )
+    if split:
+        grid = lambda m_: (triton.cdiv(M * N, m_["BLOCK"]),)
+        _sp_reduce_tuned[grid](
+            out, bias if bias is not None else y, y, M, N, sk, y.stride(0), y.stride(1),
+            HAS_BIAS=bias is not None,
+        )
+    return y
+
+
 def sparse24_mm(
     x: torch.Tensor,
     values: torch.Tensor,
@@ -803,13 +1241,14 @@ def sparse24_mm(
         if bias is not None:
             y += bias
         return y
+    mt, smr, smc, m32 = _meta_arg(meta, K)
     grid = lambda meta_: (triton.cdiv(N, meta_["BLOCK_N"]), triton.cdiv(M, meta_["BLOCK_M"]))
     _sp_mm_tuned[grid](
-        x, values, meta, bias if bias is not None else y, y,
+        x, values, mt, bias if bias is not None else y, y,
         M, N, K, m_bucket(M),
         x.stride(0), x.stride(1), values.stride(0), values.stride(1),
-        meta.stride(0), meta.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype),
+        smr, smc, y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype), META32=m32,
     )
     return y
 
@@ -834,12 +1273,13 @@ def sparse24_dx(
         return dx
     if N == 0:
         return dx.zero_()
+    mt, smr, smc, m32 = _meta_arg(meta, K)
     grid = lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]), triton.cdiv(K, meta_["BLOCK_K"]))
     _sp_dx_tuned[grid](
-        g, values, meta, dx, M, N, K,
+        g, values, mt, dx, M, N, K,
         g.stride(0), g.stride(1), values.stride(0), values.stride(1),
-        meta.stride(0), meta.stride(1), dx.stride(0), dx.stride(1),
-        UPCAST=upcast_dots(), PRECISION=_precision(g, values), MIXED=g.dtype != values.dtype,
+        smr, smc, dx.stride(0), dx.stride(1),
+        UPCAST=upcast_dots(), PRECISION=_precision(g, values), META32=m32, MIXED=g.dtype != values.dtype,
     )
     return dx
 
@@ -857,45 +1297,223 @@ def sparse24_dvalues(
         return dv
     if M == 0:
         return dv.zero_()
+    mt, smr, smc, m32 = _meta_arg(meta, K)
     grid = lambda meta_: (triton.cdiv(N, meta_["BLOCK_N"]), triton.cdiv(K, meta_["BLOCK_K"]))
     _sp_dv_tuned[grid](
-        g, x, meta, dv, M, N, K,
+        g, x, mt, dv, M, N, K,
         g.stride(0), g.stride(1), x.stride(0), x.stride(1),
-        meta.stride(0), meta.stride(1), dv.stride(0), dv.stride(1),
-        UPCAST=upcast_dots(), PRECISION=_precision(g, x), MIXED=g.dtype != x.dtype,
+        smr, smc, dv.stride(0), dv.stride(1),
+        UPCAST=upcast_dots(), PRECISION=_precision(g, x), META32=m32, MIXED=g.dtype != x.dtype,
     )
     return dv
 
 
-#: Provisional (unmeasured) token count from which PyTorch's semi-structured path is preferred
+# ============================================================================================
+# Paths: our kernels, PyTorch's semi-structured GEMM (sparse tensor cores), or expand + cuBLAS
+# ============================================================================================
+
+#: Forward rows up to which the triton kernel (weights expanded on chip, bytes-bound) is taken
+#: without a cost comparison.
+DECODE_MAX_M = 64
+
+#: Kept for compatibility: ``None`` = choose by the cost estimate (:func:`path_costs`); an int
+#: restores the old rule "PyTorch's path from this many rows where eligible"
 #: (``fastfactor.ops.sparse24.SPARSE24_TORCH_MIN_M`` overrides it per process).
-SPARSE24_TORCH_MIN_M = 2048
+SPARSE24_TORCH_MIN_M = None
+
+# figures of the chooser's roofline: the device figures of the model shared with ``fastfactor sol``
+# (kernels/_cost.py: achievable HBM bytes/s, dense bf16 tensor FLOP/s, per-launch floor); a lower
+# bound per path, *predicted*, used only to rank the paths
+_BW, _RATE, _LAUNCH = _cost.DEFAULT.hbm_bw, _cost.DEFAULT.bf16_rate, _cost.DEFAULT.launch_s
+#: share of the tensor-core rate our expand-on-chip Triton kernels are assumed to reach at large M
+#: (the expansion competes with the MMA for issue slots; cuBLAS is taken at the roofline)
+_TRITON_EFF = 0.9
 
 
-def choose_mm_path(M: int, K_in: int, N: int, dtype: torch.dtype, device, torch_min_m: int = SPARSE24_TORCH_MIN_M) -> str:
-    """``'triton'`` (:func:`sparse24_mm`) or ``'torch'`` (PyTorch's semi-structured ``F.linear``,
-    cuSPARSELt / CUTLASS sparse tensor cores) for a forward of ``x (M, K_in)`` against a 2:4
-    ``W (N, K_in)``.
+def _roof(nbytes: float, flops: float, rate: float) -> float:
+    return max(nbytes / _BW, flops / rate) + _LAUNCH
 
-    PyTorch's path is eligible on CUDA for fp16/bf16 with ``N % 32 == 0``, ``K_in % 64 == 0``
-    (its layout's constraints) and is taken from ``torch_min_m`` rows, where its sparse
-    tensor-core GEMM is expected to beat our kernel that expands the weight to dense tiles
-    (provisional threshold: no GPU has measured it). ``FASTFACTOR_SPARSE24_PATH=triton|torch|auto``
-    forces a choice (``torch`` only where eligible).
-    """
-    forced = os.environ.get("FASTFACTOR_SPARSE24_PATH", "auto")
-    if forced not in ("auto", "triton", "torch"):
-        raise ValueError(f"FASTFACTOR_SPARSE24_PATH: expected 'auto', 'triton' or 'torch', got {forced!r}")
-    eligible = (
-        torch.device(device).type == "cuda"
+
+def torch24_eligible(M: int, K_in: int, N: int, dtype: torch.dtype, device) -> bool:
+    """PyTorch's semi-structured (CUTLASS) GEMM runs ``x (M, K_in) · Wᵀ`` for a 2:4 ``W (N, K_in)``:
+    CUDA sm_80+, fp16/bf16, ``N % 32 == 0``, ``K_in % 64 == 0`` (the sparse operand's tile) and
+    ``M % 8 == 0`` (the dense operand's, without padding)."""
+    return (
+        _config.semi_structured_ok(torch.device(device))   # looked up at call time (sol patches it)
         and dtype in (torch.float16, torch.bfloat16)
-        and N % 32 == 0 and K_in % 64 == 0 and N >= 32 and K_in >= 64
+        and N >= 32 and N % 32 == 0 and K_in >= 64 and K_in % 64 == 0 and M >= 8 and M % 8 == 0
     )
-    if not eligible or forced == "triton":
-        return "triton"
-    if forced == "torch":
+
+
+def path_costs(M: int, K_in: int, N: int, dtype: torch.dtype = torch.bfloat16, what: str = "fwd") -> dict:
+    """Predicted seconds (a roofline lower bound, see ``_BW``/``_RATE``) of each way to compute
+    one product with the 2:4 ``W (N, K_in)`` and ``M`` token rows:
+
+    * ``fwd``: ``y = x·Wᵀ`` -> ``triton`` (:func:`sparse24_mm`), ``dense`` (:func:`expand_24` once,
+      then cuBLAS), ``torch`` (PyTorch's semi-structured GEMM: half the products at the dense
+      rate, the compressed weight moved once);
+    * ``dx``: ``dx = g·W`` -> ``triton`` (:func:`sparse24_dx`) or ``dense``;
+    * ``dvalues``: kept entries of ``gᵀ·x`` -> ``triton`` (:func:`sparse24_dvalues`) or ``dense``
+      (cuBLAS ``gᵀ·x`` then :func:`compress_24`).
+    """
+    e = 4 if dtype == torch.float32 else 2
+    rate = _RATE / 2 if dtype == torch.float32 else _RATE
+    NK = float(N) * K_in
+    packed = NK / 2 * e + NK / 8
+    flops = 2.0 * M * N * K_in
+    act = float(e) * M * (K_in + N)
+    expand = _roof(packed + NK * e, 0.0, rate)
+    gemm = _roof(act + NK * e, flops, rate)
+    if what == "fwd":
+        return {
+            "triton": _roof(packed + act, flops, rate * _TRITON_EFF),
+            "dense": expand + gemm,
+            "torch": _roof(packed + act, flops / 2, rate),
+        }
+    if what == "dx":
+        return {"triton": _roof(packed + act, flops, rate * _TRITON_EFF), "dense": expand + gemm}
+    if what == "dvalues":
+        compress = _roof(NK * e + packed, 0.0, rate)
+        return {"triton": _roof(act + packed, flops, rate * _TRITON_EFF), "dense": gemm + compress}
+    raise ValueError(f"what: expected 'fwd', 'dx' or 'dvalues', got {what!r}")
+
+
+def _forced(var: str, allowed: tuple) -> str:
+    v = os.environ.get(var, "auto")
+    if v not in ("auto",) + allowed:
+        raise ValueError(f"{var}: expected one of {('auto',) + allowed}, got {v!r}")
+    return v
+
+
+def choose_mm_path(M: int, K_in: int, N: int, dtype: torch.dtype, device, torch_min_m: Optional[int] = None) -> str:
+    """``'decode'``, ``'triton'``, ``'dense'`` or ``'torch'`` for a forward of ``x (M, K_in)``
+    against a 2:4 ``W (N, K_in)``.
+
+    * ``M <= DECODE_MAX_M``: ``decode`` (:func:`sparse24_decode`: bytes-bound, the compressed
+      weight read once, the reduction split to fill the SMs where that pays);
+    * otherwise the cheapest of :func:`path_costs` ``('fwd')`` among the eligible paths:
+      ``torch`` (PyTorch's semi-structured GEMM on sparse tensor cores, :func:`torch24_eligible`),
+      ``dense`` (expand once, cuBLAS) and ``triton``. The dense path costs the dense GEMM plus one
+      expansion, so it is never chosen where cuBLAS on a dense weight would be faster by more
+      than that one pass over the weight.
+
+    ``torch_min_m`` (an int) restores the old threshold rule for ``torch``.
+    ``FASTFACTOR_SPARSE24_PATH=decode|triton|dense|torch|auto`` forces a choice (``torch`` only
+    where eligible, ``decode`` only for ``M <= DECODE_MAX_M``; else the cost rule).
+    """
+    forced = _forced("FASTFACTOR_SPARSE24_PATH", ("decode", "triton", "dense", "torch"))
+    eligible = torch24_eligible(M, K_in, N, dtype, device)
+    if forced in ("triton", "dense") or (forced == "decode" and M <= DECODE_MAX_M):
+        return forced
+    if forced == "torch" and eligible:
         return "torch"
-    return "torch" if M >= torch_min_m else "triton"
+    if torch_min_m is not None and eligible and M >= torch_min_m:
+        return "torch"
+    if M <= DECODE_MAX_M:
+        return "decode"
+    costs = path_costs(M, K_in, N, dtype, "fwd")
+    if not eligible:
+        costs.pop("torch")
+    return min(costs, key=costs.get)
+
+
+def choose_bwd_path(M: int, K_in: int, N: int, dtype: torch.dtype, what: str) -> str:
+    """``'triton'`` or ``'dense'`` for the backward product ``what`` (``'dx'`` or ``'dvalues'``)
+    of :func:`path_costs`; ``FASTFACTOR_SPARSE24_BWD_PATH=triton|dense|auto`` forces one.
+    (``dx = g·W`` has no sparse-tensor-core path: ``Wᵀ`` is 2:4 along its rows only when the mask
+    happens to be transposable.)"""
+    forced = _forced("FASTFACTOR_SPARSE24_BWD_PATH", ("triton", "dense"))
+    if forced != "auto":
+        return forced
+    if M <= DECODE_MAX_M:
+        return "triton"
+    costs = path_costs(M, K_in, N, dtype, what)
+    return min(costs, key=costs.get)
+
+
+def cutlass_meta(meta: torch.Tensor, rows: int, k: int) -> torch.Tensor:
+    """Our codes ``meta (rows, ceil(k/8))`` in PyTorch's CUTLASS layout: ``(rows, k/16)`` int16,
+    4 codes per word (our byte pair read little-endian), words scattered into CUTLASS's
+    interleaved tile order. Exact; ``rows % 32 == 0``, ``k % 64 == 0``."""
+    from torch.sparse._semi_structured_conversions import _calculate_meta_reordering_scatter_offsets
+
+    m = meta.to(torch.int32)
+    word = m[:, 0::2] | (m[:, 1::2] << 8)                             # 4 codes per 16-bit word
+    word = torch.where(word >= 1 << 15, word - (1 << 16), word).to(torch.int16)
+    ncols = word.shape[1]
+    offsets = _calculate_meta_reordering_scatter_offsets(rows, ncols, torch.int16, meta.device)
+    out = word.new_empty((rows * ncols,))
+    out.scatter_(0, offsets, word.reshape(-1))
+    return out.view(rows, ncols)
+
+
+def torch24_meta(meta: torch.Tensor, rows: int, k: int) -> torch.Tensor:
+    """:func:`cutlass_meta`, cached on the ``meta`` tensor (keyed by its version): the mask is
+    fixed while the values train, so this runs once per mask (at pack time for the modules), never
+    per step. The kept values need no conversion: ``values`` *is* CUTLASS's compressed matrix."""
+    key = (meta._version, meta.data_ptr(), rows, k)
+    hit = getattr(meta, "_fastfactor_cutlass", None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    out = cutlass_meta(meta, rows, k)
+    try:
+        meta._fastfactor_cutlass = (key, out)
+    except (AttributeError, RuntimeError):  # pragma: no cover - tensors refusing attributes
+        pass
+    return out
+
+
+def torch24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``y = x·Wᵀ + b`` on PyTorch's semi-structured GEMM (CUTLASS, sparse tensor cores), from our
+    packed tensors: ``yᵀ = W·xᵀ`` with ``W`` the sparse operand, so ``y (M, N)`` is returned as
+    the transposed view of a contiguous ``(N, M)`` result (strides ``(1, M)``)."""
+    N, K = values.shape[0], 2 * values.shape[1]
+    mc = torch24_meta(meta, N, K)
+    xt = (x if x.stride(-1) == 1 else x.contiguous()).t()
+    v = values if values.is_contiguous() else values.contiguous()
+    if bias is None:
+        yt = torch._sparse_semi_structured_mm(v, mc, xt)
+    else:
+        yt = torch._sparse_semi_structured_addmm(bias, v, mc, xt)
+    return yt.t()
+
+
+def sparse24_forward(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                     bias: Optional[torch.Tensor] = None, path: Optional[str] = None) -> torch.Tensor:
+    """Forward launcher: ``y = x·Wᵀ + b`` by :func:`choose_mm_path` (``path`` forces one)."""
+    M, K = x.shape
+    N = values.shape[0]
+    path = path or choose_mm_path(M, K, N, x.dtype, x.device)
+    if path == "torch":
+        return torch24_linear(x, values, meta, bias)
+    if path == "dense":
+        return torch.nn.functional.linear(x, expand_24(values, meta), bias)
+    if path == "decode" and M <= DECODE_MAX_M:
+        return sparse24_decode(x, values, meta, bias)
+    return sparse24_mm(x, values, meta, bias)
+
+
+def sparse24_backward(g, x, values, meta, need_x: bool, need_values: bool):
+    """Backward launcher: ``(dx, dvalues)`` (``None`` where not needed), each by
+    :func:`choose_bwd_path`: ``dx = g·W`` with ``W`` expanded once and cuBLAS, or
+    :func:`sparse24_dx`; the kept entries of ``gᵀ·x`` from cuBLAS + :func:`compress_24`, or
+    :func:`sparse24_dvalues`. Exact selections either way: the kept values' gradient is the
+    dense gradient at the kept positions, rounded once."""
+    M, N = g.shape
+    K = x.shape[1]
+    dx = dv = None
+    if need_x:
+        if M > 0 and choose_bwd_path(M, K, N, g.dtype, "dx") == "dense":
+            dx = torch.mm(g, expand_24(values, meta, out_dtype=g.dtype))
+        else:
+            dx = sparse24_dx(g, values, meta)
+    if need_values:
+        if M > 0 and choose_bwd_path(M, K, N, g.dtype, "dvalues") == "dense":
+            dv = compress_24(torch.mm(g.t(), x), meta, out_dtype=values.dtype)
+        else:
+            dv = sparse24_dvalues(g, x, meta, out_dtype=values.dtype)
+    return dx, dv
 
 
 def choose_ds_path(M: int, K: int, N: int, R: int) -> str:
@@ -948,16 +1566,26 @@ def ds_chain(
             t.zero_()
         return y, t
     t_arg = t if t is not None else y
+    mt, smr, smc, m32 = _meta_arg(s_meta, K)
     _ds_chain_tuned[row_block_grid(M, N, x.device)](
-        x, s_values, s_meta, d, bias if bias is not None else y, y, t_arg,
+        x, s_values, mt, d, bias if bias is not None else y, y, t_arg,
         M, K, N, R, m_bucket(M),
         x.stride(0), x.stride(1), s_values.stride(0), s_values.stride(1),
-        s_meta.stride(0), s_meta.stride(1), d.stride(0), d.stride(1),
+        smr, smc, d.stride(0), d.stride(1),
         y.stride(0), y.stride(1), t_arg.stride(0), t_arg.stride(1),
         HAS_BIAS=bias is not None, STORE_T=store_t, T_FP32=t_dtype != x.dtype,
-        UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype), R_PAD=r_pad,
+        UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype), META32=m32, R_PAD=r_pad,
     )
     return y, t
+
+
+def _sparse_t(x: torch.Tensor, s_values: torch.Tensor, s_meta: torch.Tensor) -> torch.Tensor:
+    """``t = x·Sᵀ`` in ``intermediate_dtype(x.dtype)``: the decode kernel (the reduction split
+    over the SMs where it pays) for ``M <= DECODE_MAX_M``, else :func:`sparse24_mm`."""
+    inter = intermediate_dtype(x.dtype)
+    if x.shape[0] <= DECODE_MAX_M:
+        return sparse24_decode(x, s_values, s_meta, out_dtype=inter)
+    return sparse24_mm(x, s_values, s_meta, out_dtype=inter)
 
 
 def dense_sparse_fwd(
@@ -976,7 +1604,7 @@ def dense_sparse_fwd(
     path = path or choose_ds_path(M, K, N, R)
     if path == "fused":
         return ds_chain(x, d, s_values, s_meta, bias, store_t=save_t)
-    t = sparse24_mm(x, s_values, s_meta, out_dtype=intermediate_dtype(x.dtype))
+    t = _sparse_t(x, s_values, s_meta)
     y = gemm(t, d.t(), bias=bias, out_dtype=x.dtype)
     return y, (t if save_t else None)
 
@@ -1018,7 +1646,7 @@ def dense_sparse_bwd(
         db = g.sum(0, dtype=torch.float32).to(g.dtype) if has_bias else None
     elif need_d or has_bias:
         if t is None:
-            t = sparse24_mm(x, s_values, s_meta, out_dtype=inter)
+            t = _sparse_t(x, s_values, s_meta)
         dd_, db32 = gemm(g.t(), t, rowsum=True, out_dtype=d.dtype)   # dD = gᵀ·t, db = Σ_m g
         dd = dd_ if need_d else None
         db = db32.to(g.dtype) if has_bias else None

@@ -89,7 +89,7 @@ def test_unknown_method_and_init_name_the_choices():
         C.CompressionConfig(method="monarch", init="svd")
     with pytest.raises(TypeError, match="build: expected a callable"):
         F.Init("x", build=None)
-    with pytest.raises(ValueError, match=r"needs: expected statistics from \('fisher', 'gram'\), got \['hessian'\]"):
+    with pytest.raises(ValueError, match=r"needs: expected statistics from \('fisher', 'gram', 'inputs'\), got \['hessian'\]"):
         F.Init("x", build=lambda *a: None, needs=("hessian",))
     with pytest.raises(TypeError, match="layer: expected a FactorizedLinear subclass"):
         dataclasses.replace(F.FAMILIES["lowrank"], name="bad", layer=nn.Linear)

@@ -61,6 +61,59 @@ def collect_activation_stats(
     return {k: (v[0], v[1]) for k, v in stats.items()}
 
 
+@torch.no_grad()
+def collect_inputs(
+    model: nn.Module, modules: Dict[str, nn.Module], batches: list, forward: Callable, max_rows: int,
+    seed: int = 0,
+) -> Dict[str, torch.Tensor]:
+    """``{name: X (n, in) float32}``: a sample of the input rows each module sees while
+    ``forward(model, batch)`` runs over ``batches`` (what the autoencoder method fits on).
+
+    Rows are tokens. Padding tokens are left out where the batch has an ``attention_mask`` whose
+    size matches the module's row count; each batch contributes at most
+    ``ceil(max_rows / len(batches))`` rows, drawn by a generator seeded with ``seed`` and the batch
+    index, so every module of a batch gets the *same* token positions (a module's outputs and the
+    next module's inputs are samples of the same tokens) and a rerun gets the same sample."""
+    quota = -(-int(max_rows) // max(1, len(batches)))
+    rows: Dict[str, list] = {n: [] for n in modules}
+    current = {}
+
+    def make_hook(name):
+        def hook(mod, args):
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1])
+            keep = current.get(x.shape[0])
+            if keep is None:  # no mask of this size: every row is a candidate
+                g = torch.Generator().manual_seed(current["seed"])
+                keep = torch.randperm(x.shape[0], generator=g)[:quota].sort().values
+                current[x.shape[0]] = keep
+            rows[name].append(x[keep.to(x.device)].to(torch.float32).cpu())
+
+        return hook
+
+    hooks = [mod.register_forward_pre_hook(make_hook(name)) for name, mod in modules.items()]
+    was = model.training
+    model.eval()
+    try:
+        for i, b in enumerate(batches):
+            current.clear()
+            current["seed"] = int(seed) * 1000003 + i
+            mask = b.get("attention_mask") if isinstance(b, dict) else None
+            if isinstance(mask, torch.Tensor):
+                idx = torch.nonzero(mask.reshape(-1) != 0).squeeze(1)
+                g = torch.Generator().manual_seed(current["seed"])
+                current[mask.numel()] = idx[torch.randperm(idx.numel(), generator=g)[:quota]].sort().values
+            forward(model, b)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    missing = [n for n, r in rows.items() if not r]
+    if missing:
+        raise RuntimeError(f"modules: {missing} saw no input during calibration (not used by forward?)")
+    return {n: torch.cat(r)[:max_rows] for n, r in rows.items()}
+
+
 def collect_fisher(
     model: nn.Module, modules: Dict[str, nn.Module], batches: Iterable, loss_fn: Callable
 ) -> Dict[str, torch.Tensor]:

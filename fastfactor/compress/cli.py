@@ -25,7 +25,7 @@ import math
 import os
 import re
 
-from .config import INITS, METHODS, SCHEDULES, STAGE_UNITS
+from .config import AE_FORMS, AE_SCOPES, INITS, METHODS, SCHEDULES, STAGE_UNITS
 
 #: ``--model-class`` shortcuts → transformers auto class
 MODEL_CLASSES = {
@@ -51,6 +51,13 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default=None)
     p.add_argument("--ratio", type=float, default=None, help="fraction of each target's weights kept")
     p.add_argument("--init", default=None, help="; ".join(f"{m}: {'|'.join(v)}" for m, v in INITS.items()))
+    p.add_argument("--ae-form", choices=AE_FORMS, default=None,
+                   help="--method autoencoder: linear (LowRankLinear) or nonlinear (σ on the rank-r intermediate)")
+    p.add_argument("--scope", choices=AE_SCOPES, default=None,
+                   help="--method autoencoder: fit each bottleneck to its module's output (module) or every "
+                        "bottleneck of a transformer block to the block's output (block)")
+    p.add_argument("--ae-activation", default=None, help="σ of --ae-form nonlinear: relu|gelu|silu|tanh|identity")
+    p.add_argument("--ae-steps", type=int, default=None, help="Adam steps of each bottleneck fit (0: closed form)")
     p.add_argument("--schedule", choices=SCHEDULES, default=None)
     p.add_argument("--stage-unit", choices=STAGE_UNITS, default=None)
     p.add_argument("--targets", nargs="+", default=None, help="module name patterns (glob, or re:REGEX)")
@@ -240,7 +247,7 @@ def check_args(args) -> None:
                                 ("--exclude", args.exclude), ("--module-ratio", args.module_ratio)) if v]
         if clash:
             raise ValueError(f"--plan: the plan fixes every module's method and rank; drop {', '.join(clash)}")
-        from ..plan import as_plan
+        from ..plan_data import as_plan
 
         try:
             args.plan_obj = as_plan(args.plan)
@@ -320,6 +327,8 @@ def build_config(args):
         "stage_unit": args.stage_unit, "targets": args.targets, "exclude": args.exclude,
         "final_steps": args.steps, "stage_steps": args.stage_steps, "calib_batches": args.calib_batches,
         "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+        "ae_form": getattr(args, "ae_form", None), "scope": getattr(args, "scope", None),
+        "ae_activation": getattr(args, "ae_activation", None), "ae_steps": getattr(args, "ae_steps", None),
         "joint": getattr(args, "joint", None),
     }
     given = {k: v for k, v in over.items() if v is not None}
@@ -499,7 +508,7 @@ def run(args) -> int:
     cfg = build_config(args)
     plan = getattr(args, "plan_obj", None)
     if plan is not None:
-        from ..plan import check_plan
+        from ..plan_data import check_plan
 
         try:
             check_plan(meta_model(args.model), plan)  # names and shapes, before any weight is read

@@ -50,6 +50,19 @@ joint         modules compressed together (Banaei et al. 2023): group kinds whos
               every module alone. Low-rank methods only (:mod:`fastfactor.compress.joint`)
 train_embeddings  also fine-tune ``nn.Embedding`` tables (default: frozen; they are not
               compressed and their dense gradients dominate the step time of small models)
+ae_form       method ``autoencoder`` (:mod:`fastfactor.factorize.autoencoder`): ``linear`` (a
+              ``LowRankLinear``) or ``nonlinear`` (``BottleneckLinear``, ``σ`` on the rank-r
+              intermediate, on chip)
+scope         method ``autoencoder``: ``module`` (each bottleneck fitted to its own module's
+              outputs) or ``block`` (then every factorized module of a transformer block trained
+              together against the uncompressed block's output, so later modules compensate for
+              earlier ones: :mod:`fastfactor.compress.autoencoder`; needs ``calib_batches >= 2``)
+ae_activation ``σ`` of the nonlinear form: ``relu`` | ``gelu`` (tanh approximation) | ``silu`` |
+              ``tanh`` | ``identity``
+ae_steps, ae_lr, ae_tokens
+              Adam steps (0: the closed-form start only) and *relative* learning rate (each
+              tensor's step is ``ae_lr`` times its RMS) of the bottleneck fits (module and block),
+              and the calibration rows (tokens) sampled per module
 """
 
 from __future__ import annotations
@@ -70,6 +83,8 @@ STAGE_UNITS = ("layer", "block")
 OBJECTIVES = ("auto", "task", "distill", "task+distill")
 DECAYS = ("linear", "cosine", "constant")
 DISTILL_LOSSES = ("auto", "mse", "kl")
+AE_FORMS = ("linear", "nonlinear")
+AE_SCOPES = ("module", "block")
 
 #: ``METHODS``: the family names; ``INITS``: the init names each method accepts, the first its
 #: default (``init="auto"``). Both follow fastfactor.families, so a family or an init registered
@@ -114,6 +129,8 @@ LEGACY_DEFAULTS = {
     "task_weight": 1.0, "distill_weight": 1.0, "hidden_weight": 0.0, "temperature": 2.0, "decay": "linear",
     "stage_lr": None, "stage_warmup_ratio": None, "stage_decay": None, "final_lr": None,
     "final_warmup_ratio": None, "final_decay": None, "dense_reference": False, "joint": [],
+    "ae_form": "linear", "scope": "module", "ae_activation": "relu", "ae_steps": 200, "ae_lr": 1e-2,
+    "ae_tokens": 4096,
 }
 
 
@@ -160,6 +177,12 @@ class CompressionConfig:
     seed: int = 0
     dense_reference: bool = False
     joint: List[str] = field(default_factory=list)
+    ae_form: str = "linear"
+    scope: str = "module"
+    ae_activation: str = "relu"
+    ae_steps: int = 200
+    ae_lr: float = 1e-2
+    ae_tokens: int = 4096
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)
@@ -226,6 +249,27 @@ class CompressionConfig:
         for f in ("train_embeddings", "dense_reference"):
             if not isinstance(getattr(self, f), bool):
                 raise TypeError(f"{f}: expected a bool, got {getattr(self, f)!r}")
+        self._check_autoencoder()
+
+    def _check_autoencoder(self) -> None:
+        """The ``ae_*`` / ``scope`` fields: valid values, and non-default ones only with
+        ``method="autoencoder"`` (elsewhere they would be silently ignored)."""
+        from ..kernels.lowrank_act import ACTIVATIONS
+
+        _choice("ae_form", self.ae_form, AE_FORMS)
+        _choice("scope", self.scope, AE_SCOPES)
+        _choice("ae_activation", self.ae_activation, ACTIVATIONS)
+        _nonneg_int("ae_steps", self.ae_steps)
+        self.ae_lr = _pos_float("ae_lr", self.ae_lr)
+        V.check_positive_int("ae_tokens", self.ae_tokens, minimum=2)
+        if self.method != "autoencoder":
+            for f in ("ae_form", "scope"):
+                if getattr(self, f) != LEGACY_DEFAULTS[f]:
+                    raise ValueError(f"{f}: only method='autoencoder' has this option (expected "
+                                     f"{LEGACY_DEFAULTS[f]!r} with method={self.method!r}), got {getattr(self, f)!r}")
+        elif self.scope == "block" and self.calib_batches < 2:
+            raise ValueError(f"calib_batches: expected >= 2 with scope='block' (one batch is held out to stop "
+                             f"the block fit on), got {self.calib_batches}")
 
     def phase(self, kind: str, index: int = 0) -> dict:
         """The fine-tune of one phase, as keyword arguments of :func:`fastfactor.train.finetune`:

@@ -33,7 +33,7 @@ from .. import _validate, profiling
 from .. import distributed as _dist
 from . import faults
 from . import resume as _resume
-from .calibration import collect_activation_stats, collect_fisher
+from .calibration import collect_activation_stats, collect_fisher, collect_inputs
 from .config import CompressionConfig
 from .joint import find_groups
 from .methods import build_layer, get_method
@@ -140,7 +140,7 @@ def compress(
     t_start = time.perf_counter()
     cfg = _as_config(config if config is not None else CompressionConfig())
     if plan is not None:
-        from ..plan import as_plan, check_plan
+        from ..plan_data import as_plan, check_plan
 
         plan = as_plan(plan)
         check_plan(model, plan)
@@ -149,8 +149,10 @@ def compress(
     run = _Run(model, cfg, data, _resolve_device(model, device), progress=progress, log=log,
                evaluate_stages=evaluate_stages, checkpoint_every=checkpoint_every, parallel=parallel)
     run.plan()
-    if plan is not None:
+    if plan is not None:  # the modules the plan keeps dense count as targets kept whole
         run.report.plan = plan.to_dict()
+        run.planned_dense = sum(m.params for m in plan.modules if m.method == "dense")
+        run.report.target_weight_params_before += run.planned_dense
     run.measure_reference(teacher)
     run.measure_dense_reference()
     run.open_checkpoints(checkpoint_dir, resume)
@@ -289,9 +291,11 @@ class _Run:
             stage=si, name=name, modules=[t.name for t in group], params=0, target_ratio=0.0))
         with profiling.range(f"stage {si}"):
             if resumed is None:  # else its modules are swapped and partly fine-tuned already
+                block_targets = self._ae_block_targets(group)  # autoencoder scope="block" only
                 stats = self.calibrate(group)
                 self.swap(si, group, stats, rec)
                 stats.clear()
+                self._ae_block_fit(group, block_targets, rec)
                 faults.test_fault_hook(si)  # test-only; does nothing unless its env variable is set
                 self.measure_swap(si, rec)
             if self.fine_tunes and cfg.schedule == "staged" and cfg.stage_steps > 0:
@@ -319,6 +323,11 @@ class _Run:
                 fwd = lambda m, b: m(**_inputs(m, b, self.device))
                 for n, (g, _) in collect_activation_stats(self.model, mods, batches, fwd).items():
                     stats[n]["gram"] = g
+            if "inputs" in self.needs:  # a sample of each module's input rows (autoencoder)
+                fwd = lambda m, b: m(**_inputs(m, b, self.device))
+                for n, x in collect_inputs(self.model, mods, batches, fwd, self.cfg.ae_tokens,
+                                           seed=self.cfg.seed).items():
+                    stats[n]["inputs"] = x
             if "fisher" in self.needs:
                 loss_fn = lambda m, b: self.objective.calibration_loss(m, b, self.generator)
                 for n, f in collect_fisher(self.model, mods, batches, loss_fn).items():
@@ -343,6 +352,40 @@ class _Run:
                 set_module(self.model, t.name, new)
                 self.kept[t.name] = new.num_weight_params
                 rec.init_info[t.name] = self.init
+                if self.cfg.method == "autoencoder":  # the report records the form
+                    from .autoencoder import describe
+
+                    rec.init_info[t.name] = describe(self.cfg)
+
+    def _ae_block_targets(self, group: List[Target]) -> Optional[Dict[str, list]]:
+        """Autoencoder ``scope="block"``: the outputs of the stage's blocks before the swap
+        (:mod:`fastfactor.compress.autoencoder`); None for every other run."""
+        if self.cfg.method != "autoencoder" or self.cfg.scope != "block":
+            return None
+        from .autoencoder import block_outputs, stage_blocks
+
+        blocks = {n: get_module(self.model, n) for n in stage_blocks(group)}
+        with profiling.range("calibrate block outputs"):
+            return block_outputs(self.model, blocks, self._calibration_batches(),
+                                 lambda m, b: m(**_inputs(m, b, self.device)))
+
+    def _ae_block_fit(self, group: List[Target], targets: Optional[Dict[str, list]], rec: StageRecord) -> None:
+        """Autoencoder ``scope="block"``: fit each block's factorized modules together against its
+        output (:func:`fastfactor.compress.autoencoder.refine_blocks`); the summary per block goes
+        to ``rec.init_info``."""
+        if targets is None:
+            return
+        from .autoencoder import refine_blocks, stage_blocks
+
+        with profiling.range("block fit"):
+            infos = refine_blocks(self.model, stage_blocks(group), targets, self._calibration_batches(),
+                                  lambda m, b: m(**_inputs(m, b, self.device)), steps=self.cfg.ae_steps,
+                                  lr=self.cfg.ae_lr, log=self.say)
+        for name, info in infos.items():
+            rec.init_info[f"{name} (block fit)"] = (
+                f"held-out MSE {info['heldout_mse_start']:.6g} -> {info['heldout_mse']:.6g}, "
+                f"best step {info['best_step']} of {info['steps_run']}")
+        targets.clear()
 
     def _swap_joint(self, group, stats: Dict[str, dict], rec: StageRecord) -> None:
         """Fit ``group``'s shared factors (:mod:`fastfactor.compress.joint`) and put the leader and
@@ -413,7 +456,7 @@ class _Run:
             last = report.stages[-1]
             report.metrics_after = dict(last.metrics) if last.metrics else self.evaluator(model)
         report.params_after = count_params(model)
-        report.target_weight_params_after = sum(self.kept.values())
+        report.target_weight_params_after = sum(self.kept.values()) + self.planned_dense
         report.seconds = time.perf_counter() - t_start
         model.eval()
         from .. import hf  # config.quantization_config: the model's own save_pretrained reloads compressed
@@ -427,8 +470,11 @@ class _Run:
     def fine_tunes(self) -> bool:
         return self.cfg.schedule != "offline"
 
+    #: weights of the modules a budget plan keeps dense (not targets of the run, but of the plan)
+    planned_dense = 0
+
     def _kept_ratio(self) -> float:
-        return sum(self.kept.values()) / max(1, self.report.target_weight_params_before)
+        return (sum(self.kept.values()) + self.planned_dense) / max(1, self.report.target_weight_params_before)
 
     def _begin_record(self, si: int, fresh: Callable[[], StageRecord]):
         """``(record, start time, resumed)`` of stage ``si``: a fresh record, or the one of a run

@@ -6,6 +6,8 @@
   dense-sparse ``W ≈ D·S`` factorization (``dense_sparse_rank_for_ratio``);
 * :mod:`~fastfactor.factorize.data_aware`: Fisher-weighted SVD, activation-aware (whitened) SVD and
   2:4 importance scores, from the statistics of :mod:`fastfactor.compress.calibration`;
+* :mod:`~fastfactor.factorize.autoencoder`: autoencoder bottlenecks fitted on a layer's outputs
+  (linear and nonlinear forms; Banaei et al., EACL 2023), from calibration inputs;
 * :mod:`~fastfactor.factorize.rank`: the one ``rank=`` / ``ratio=`` contract of every ``from_linear``.
 """
 

@@ -245,29 +245,18 @@ def to_cutlass_layout(w: Sparse24Weight):
 
     Needs ``R % 32 == 0`` and ``K % 64 == 0`` (CUTLASS's fp16/bf16 constraints).
     """
-    from torch.sparse._semi_structured_conversions import (
-        _calculate_meta_reordering_scatter_offsets,
-    )
-
     if w.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(
             f"w: expected float16 or bfloat16 values for PyTorch's 2:4 layout (its fp32 format "
             f"is 1:2), got {str(w.dtype).replace('torch.', '')}"
         )
-    R, K = w.shape
-    if R % 32 or K % 64:
+    R, K_ = w.shape
+    if R % 32 or K_ % 64:
         raise ValueError(
             f"w: expected rows a multiple of 32 and in a multiple of 64 for PyTorch's CUTLASS "
             f"layout, got shape {w.shape}"
         )
-    m = w.meta.to(torch.int32)
-    word = m[:, 0::2] | (m[:, 1::2] << 8)                             # 4 codes per 16-bit word
-    word = torch.where(word >= 1 << 15, word - (1 << 16), word).to(torch.int16)
-    ncols = word.shape[1]
-    offsets = _calculate_meta_reordering_scatter_offsets(R, ncols, torch.int16, w.device)
-    meta = word.new_empty((R * ncols,))
-    meta.scatter_(0, offsets, word.reshape(-1))
-    return w.values.contiguous(), meta.view(R, ncols)
+    return w.values.contiguous(), K.cutlass_meta(w.meta, R, K_)
 
 
 def to_torch_semi_structured(w: Sparse24Weight):

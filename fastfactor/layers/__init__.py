@@ -1,6 +1,7 @@
 """``nn.Module`` stand-ins for ``nn.Linear``, each with ``from_linear`` and ``to_linear``."""
 
 from .base import FactorizedLinear
+from .bottleneck import BottleneckLinear
 from .lowrank import LowRankLinear
 from .monarch import BlockLowRankLinear, MonarchLinear
 from .sparse24 import DenseSparseLinear, Sparse24Linear
@@ -8,5 +9,5 @@ from .joint import JointLowRankLinear, JointMemberLinear, link_joint
 
 __all__ = [
     "FactorizedLinear", "LowRankLinear", "MonarchLinear", "BlockLowRankLinear",
-    "Sparse24Linear", "DenseSparseLinear", "JointLowRankLinear", "JointMemberLinear", "link_joint",
+    "Sparse24Linear", "DenseSparseLinear", "BottleneckLinear", "JointLowRankLinear", "JointMemberLinear", "link_joint",
 ]

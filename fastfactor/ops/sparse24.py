@@ -26,16 +26,25 @@ Registered ops (one opaque node per direction for ``torch.compile``):
 Gradients not asked for come back as empty ``(0,)`` tensors. Dispatch inside: CUDA → Triton;
 CPU → the PyTorch reference (or the Triton interpreter, see ``fastfactor.kernels._config``).
 
-PyTorch's semi-structured path
-------------------------------
-For large token counts PyTorch's own 2:4 kernels (CUTLASS / cuSPARSELt on sparse tensor cores)
-can beat a Triton kernel that expands the weight to a dense tile. :func:`choose_sparse24_path`
-decides; its rule is **provisional, not yet measured**: use PyTorch's path on CUDA for fp16/bf16
-when ``M >= SPARSE24_TORCH_MIN_M`` (2048), the shapes meet its constraints (rows % 32, in % 64),
-no gradient is needed (that path has no backward for our packed format) and we are not inside
-``torch.compile``. ``FASTFACTOR_SPARSE24_PATH=triton|torch|auto`` overrides it, and so does
-assigning ``fastfactor.ops.sparse24.SPARSE24_TORCH_MIN_M``. The converted tensor is cached on the
-``values`` tensor and rebuilt when ``values`` or ``meta`` change (tracked by version counters).
+Paths (CUDA; :func:`choose_sparse24_path`, ``fastfactor.kernels.sparse24``)
+-------------------------------------------------------------------------
+Triton has no sparse tensor-core instruction, so a Triton kernel can only do the dense FLOPs. The
+forward therefore takes one of three paths, ranked by a roofline estimate (*predicted*, not
+measured: ``kernels.sparse24.path_costs``):
+
+* ``triton`` (always for ``M <= 64``): our kernel, the weight expanded on chip, bytes-bound;
+* ``torch``: PyTorch's semi-structured GEMM (CUTLASS, sparse tensor cores: half the products),
+  fed our packed tensors directly (``values`` *is* CUTLASS's compressed matrix; the codes are
+  reordered once per mask and cached, at pack time for the modules). CUDA fp16/bf16 with
+  ``out % 32 == 0``, ``in % 64 == 0``, ``M % 8 == 0``. It returns ``y`` as the transposed view of
+  a contiguous ``yᵀ``. Used in training as well: inside the op, with an exact backward;
+* ``dense``: the weight expanded once (one Triton launch) and cuBLAS.
+
+The backward takes ``triton`` or ``dense`` for ``dx = g·W`` and for the kept entries of
+``gᵀ·x`` (cuBLAS then one selection launch), by the same estimate. ``FASTFACTOR_SPARSE24_PATH=
+triton|dense|torch|auto`` and ``FASTFACTOR_SPARSE24_BWD_PATH=triton|dense|auto`` force a path;
+assigning ``fastfactor.ops.sparse24.SPARSE24_TORCH_MIN_M`` (an int) restores the old threshold
+rule for ``torch``.
 """
 
 from __future__ import annotations
@@ -53,7 +62,7 @@ from ..kernels._config import use_triton
 from ._common import empty as _empty
 from ._common import autocast_operands, fake_grads, grads_or_empty, needs_grad, no_autocast
 
-#: Provisional (unmeasured) token count from which PyTorch's semi-structured path is preferred.
+#: ``None``: the forward path is chosen by cost; an int: PyTorch's path from this many rows.
 SPARSE24_TORCH_MIN_M = K.SPARSE24_TORCH_MIN_M
 
 
@@ -94,14 +103,21 @@ def _sparse24_fwd(
 ) -> torch.Tensor:
     with no_autocast(x):
         if use_triton(x):
-            return K.sparse24_mm(x, values, meta, bias)
+            return K.sparse24_forward(x, values, meta, bias, _fwd_path(x, values))
         with torch.no_grad():
             return K.sparse24_linear_ref(x, values, meta, bias)
 
 
+def _fwd_path(x, values) -> str:
+    return choose_sparse24_path(x.shape[0], x.shape[1], values.shape[0], x.dtype, x.device)
+
+
 @_sparse24_fwd.register_fake
 def _(x, values, meta, bias):
-    return x.new_empty((x.shape[0], values.shape[0]))
+    M, N = x.shape[0], values.shape[0]
+    if x.device.type == "cuda" and _fwd_path(x, values) == "torch":
+        return x.new_empty((N, M)).t()          # PyTorch's 2:4 GEMM computes yᵀ = W·xᵀ
+    return x.new_empty((M, N))
 
 
 @torch.library.custom_op("fastfactor::sparse24_bwd", mutates_args=())
@@ -117,10 +133,7 @@ def _sparse24_bwd(
     with no_autocast(g):
         dx = dv = db = None
         if use_triton(g):
-            if need_x:
-                dx = K.sparse24_dx(g, values, meta)
-            if need_values:
-                dv = K.sparse24_dvalues(g, x, meta, out_dtype=values.dtype)
+            dx, dv = K.sparse24_backward(g, x, values, meta, need_x, need_values)
             if has_bias:
                 db = g.sum(0, dtype=torch.float32).to(g.dtype)
         else:
@@ -194,23 +207,11 @@ def check_sparse24_args(x, values, meta, bias) -> None:
 
 
 def choose_sparse24_path(M: int, K_in: int, N: int, dtype: torch.dtype, device: torch.device) -> str:
-    """``'triton'`` or ``'torch'`` (PyTorch's semi-structured ``F.linear``) for a forward of ``x
-    (M, K_in)`` against a 2:4 ``W (N, K_in)``: :func:`fastfactor.kernels.sparse24.choose_mm_path`
-    (beside the kernels) with this module's :data:`SPARSE24_TORCH_MIN_M`. Provisional rule."""
+    """``'triton'``, ``'dense'`` (expand once + cuBLAS) or ``'torch'`` (PyTorch's semi-structured
+    GEMM on sparse tensor cores) for a forward of ``x (M, K_in)`` against a 2:4 ``W (N, K_in)``:
+    :func:`fastfactor.kernels.sparse24.choose_mm_path` (beside the kernels: a roofline estimate
+    of each path, predicted) with this module's :data:`SPARSE24_TORCH_MIN_M` (``None``: by cost)."""
     return K.choose_mm_path(M, K_in, N, dtype, device, SPARSE24_TORCH_MIN_M)
-
-
-def _torch_semi_structured_cached(values: torch.Tensor, meta: torch.Tensor, shape):
-    key = (values._version, meta._version, values.data_ptr(), meta.data_ptr())
-    cached = getattr(values, "_fastfactor_ss", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    ss = fmt.to_torch_semi_structured(Sparse24Weight(values.detach(), meta, shape))
-    try:
-        values._fastfactor_ss = (key, ss)
-    except (AttributeError, RuntimeError):  # pragma: no cover - tensors that refuse attributes
-        pass
-    return ss
 
 
 def sparse24_linear_packed(
@@ -224,13 +225,6 @@ def sparse24_linear_packed(
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])   # explicit: -1 is ambiguous when in = 0
     n = values.shape[0]
-    if x.is_cuda and not torch.compiler.is_compiling():
-        if not needs_grad(x, values, bias) and choose_sparse24_path(
-            x2.shape[0], x2.shape[1], n, x.dtype, x.device
-        ) == "torch":
-            ss = _torch_semi_structured_cached(values, meta, (n, x2.shape[1]))
-            y = torch.nn.functional.linear(x2, ss, bias)
-            return y.reshape(*lead, n)
     y = _sparse24_fwd(x2, values, meta, bias)
     return y.reshape(*lead, n)
 

@@ -121,10 +121,24 @@ def apply_issue(e: dict, facts: Optional[dict], device: Device) -> dict:
     return e
 
 
+#: PyTorch's semi-structured 2:4 GEMMs (CUTLASS): ``(bias,) packed (N, K/2), meta, dense (K, M)``
+_SEMI = {"_sparse_semi_structured_mm": 0, "_sparse_semi_structured_addmm": 1}
+
+
 def torch_op_time(op, device: Device) -> Optional[dict]:
-    """Predicted seconds of one aten op (None for views and allocations)."""
+    """Predicted seconds of one aten op (None for views and allocations). PyTorch's 2:4 GEMMs
+    (``_sparse_semi_structured_mm``/``addmm``, what our ``torch`` path and ``F.linear`` on a
+    semi-structured tensor call) are modelled by :func:`semi_structured_time`, the torch24
+    baseline's own formula."""
     if op.is_view:
         return None
+    if op.name in _SEMI:
+        first = _SEMI[op.name]
+        (packed, pdt, _), (dense, _, _) = op.inputs[first], op.inputs[first + 2]
+        n, k, m = packed[0], 2 * packed[1], dense[1]
+        t = semi_structured_time(m, k, n, _esize(pdt), bool(first), device)
+        return dict(t, bound="mma" if t["flops"] / device.bf16_rate > t["bytes"] / device.hbm_bw else "dram",
+                    name=op.name)
     ins = [(s, d) for s, d, _ in op.inputs]
     outs = [(s, d) for s, d, _ in op.outputs]
     nbytes = sum(_numel(s) * _esize(d) for s, d in ins + outs)

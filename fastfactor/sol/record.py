@@ -210,6 +210,7 @@ def recording(sms: int = 132):
         _config.Tunable.__getitem__ = _recording_getitem
         stack.callback(setattr, _config.Tunable, "__getitem__", old_getitem)
         _patch_everywhere("num_sms", lambda device: sms, stack)
+        _patch_everywhere("semi_structured_ok", lambda device: True, stack)  # an sm_90 device
         _patch_everywhere("upcast_dots", lambda: False, stack)
         _patch_everywhere("get_cpu_backend", lambda: "triton", stack)
         _patch_everywhere("is_deterministic", lambda: False, stack)

@@ -173,13 +173,18 @@ def test_sparse24_bad_packed_tensors():
 
 
 def test_choose_sparse24_path(monkeypatch):
+    # a CUDA sm_90 device as the chooser sees it (its decision logic runs on any machine)
+    from fastfactor.kernels import _config
+
+    monkeypatch.setattr(_config, "semi_structured_ok", lambda device: device.type == "cuda")
     cuda, cpu, bf16 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16
     monkeypatch.delenv("FASTFACTOR_SPARSE24_PATH", raising=False)
-    assert ops.choose_sparse24_path(16, 4096, 4096, bf16, cuda) == "triton"
+    assert ops.choose_sparse24_path(16, 4096, 4096, bf16, cuda) == "decode"
     assert ops.choose_sparse24_path(4096, 4096, 4096, bf16, cuda) == "torch"
-    assert ops.choose_sparse24_path(4096, 4096, 4096, bf16, cpu) == "triton"
-    assert ops.choose_sparse24_path(4096, 4096, 4096, torch.float32, cuda) == "triton"
-    assert ops.choose_sparse24_path(4096, 4100, 4096, bf16, cuda) == "triton"   # CUTLASS shape limits
+    assert ops.choose_sparse24_path(4096, 4096, 4096, bf16, cpu) != "torch"
+    assert ops.choose_sparse24_path(4096, 4096, 4096, torch.float32, cuda) != "torch"
+    assert ops.choose_sparse24_path(4096, 4100, 4096, bf16, cuda) != "torch"   # CUTLASS shape limits
+    assert ops.choose_sparse24_path(4100, 4096, 4096, bf16, cuda) != "torch"   # M % 8
     monkeypatch.setattr(ops, "SPARSE24_TORCH_MIN_M", 1)
     assert ops.choose_sparse24_path(16, 4096, 4096, bf16, cuda) == "torch"
     monkeypatch.setenv("FASTFACTOR_SPARSE24_PATH", "triton")
