@@ -338,11 +338,11 @@ DECODE_SPACE = [   # BLOCK_K >= 128 on a GPU (_prune_decode): a row's codes are 
 
 def _decode_fits(bn: int, bm: int, bk: int, nw: int) -> bool:
     """Per-thread footprint of a decode config within the register file: the expanded weight
-    tile, the x tile and the fp32 accumulator (two 16-bit slots an element) at most 112 16-bit
+    tile, the x tile and the fp32 accumulator (two 16-bit slots an element) at most 104 16-bit
     elements a thread (calibrated on compile-check's sm_90 builds: 104 builds without spill at
-    N32/M16/K256/w4, 160 spills at N128/M64/K128/w8 and at N64/M64/K256/w8, 192 at N64/M64/K128/w4)."""
+    N32/M16/K256/w4; 112 spilled 16 B at N32/M64/K256/w8, 160 at N128/M64/K128/w8, 192 at N64/M64/K128/w4)."""
     t = 32 * nw
-    return bn * bk + bk * bm + 2 * bn * bm <= 112 * t
+    return bn * bk + bk * bm + 2 * bn * bm <= 104 * t
 
 
 def decode_space(BLOCK_N: int, BLOCK_M: int, **_) -> list[dict]:
@@ -475,6 +475,36 @@ if HAS_TRITON:
         w = tl.where(slot == i0[:, :, None], v0[:, :, None], zero)
         w = tl.where(slot == i1[:, :, None], v1[:, :, None], w)
         return tl.reshape(w, (BLOCK_R, BLOCK_K))
+
+    @triton.jit
+    def _expand24_pairs(
+        vals_ptr,    # (R, K/2) kept values, 16-bit, rows 4-byte aligned: read as int32 pairs
+        meta_ptr,    # codes (see _load_codes)
+        offs_r, mask_r, k0, K,
+        stride_vr,   # row stride of the values in int32 pairs (= elements / 2)
+        stride_mr, stride_mc,
+        BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        META32: tl.constexpr,
+    ):
+        """:func:`_expand24` for 16-bit values read as one int32 per group (``v0 | v1 << 16``,
+        16-byte vectors), each in-group slot formed elementwise on ``(BLOCK_R, BLOCK_K/4)``
+        tensors and the four slots joined innermost: no split of the loaded tile."""
+        offs_g = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+        pair = tl.load(
+            vals_ptr + offs_r[:, None] * stride_vr + offs_g[None, :],
+            mask=mask_r[:, None] & (offs_g < K // 4)[None, :], other=0,
+        )
+        i0, i1 = _load_codes(meta_ptr, offs_r, mask_r, k0, K, stride_mr, stride_mc, BLOCK_K, META32)
+        lo = pair.to(tl.int16)                      # v0's bits (truncation)
+        hi = (pair >> 16).to(tl.int16)              # v1's bits
+        z = tl.zeros_like(lo)
+        s0 = tl.where(i0 == 0, lo, z)
+        s1 = tl.where(i0 == 1, lo, tl.where(i1 == 1, hi, z))
+        s2 = tl.where(i0 == 2, lo, tl.where(i1 == 2, hi, z))
+        s3 = tl.where(i1 == 3, hi, z)
+        w = tl.join(tl.join(s0, s2), tl.join(s1, s3))  # (BLOCK_R, BLOCK_K/4, 2, 2): [a, b] = slot a + 2b
+        return tl.reshape(w, (BLOCK_R, BLOCK_K))        # int16 bits; the caller bitcasts
 
     @triton.jit
     def _prune24_kernel(
@@ -728,6 +758,7 @@ if HAS_TRITON:
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
         META32: tl.constexpr,
+        PAIRS: tl.constexpr,       # vals_ptr is the 16-bit values as int32 pairs (_expand24_pairs)
         BLOCK_N: tl.constexpr,     # weight rows per program (the MMA's M side)
         BLOCK_M: tl.constexpr,     # >= M: every token of the launch
         BLOCK_K: tl.constexpr,
@@ -750,12 +781,17 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)     # yᵀ tile
         for k0 in range(k_begin, k_end, BLOCK_K):
             kk = k0 + offs_k
-            w = _expand24(vals_ptr, meta_ptr, offs_n, mask_n, k0, K,
-                          stride_vn, stride_vc, stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
             xt = tl.load(  # (BLOCK_K, BLOCK_M) = x[:, k-tile]ᵀ, contiguous along k
                 x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
                 mask=mask_m[None, :] & (kk < K)[:, None], other=0.0,
             )
+            if PAIRS:
+                w = _expand24_pairs(vals_ptr, meta_ptr, offs_n, mask_n, k0, K, stride_vn,
+                                    stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
+                w = w.to(xt.dtype, bitcast=True)
+            else:
+                w = _expand24(vals_ptr, meta_ptr, offs_n, mask_n, k0, K,
+                              stride_vn, stride_vc, stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
             if UPCAST:
                 w = w.to(tl.float32)
                 xt = xt.to(tl.float32)
@@ -1006,20 +1042,22 @@ if HAS_TRITON:
         name="sparse24.dvalues_u8", fn=_sp_dvalues_kernel, pointers={"meta_ptr": _U8},
         constexprs=[dict(MIXED=False, **_DOT, **_B)], space=DV_SPACE,
     ))
-    _DEC = [dict(BLOCK_N=bn, BLOCK_M=bm, **_DOT, **_W, **extra)
+    _DEC = [dict(BLOCK_N=bn, BLOCK_M=bm, PAIRS=True, **_DOT, **_W, **extra)
             for bn, bm in ((32, 16), (64, 64), (128, 64))
             for extra in (dict(HAS_BIAS=True, SPLIT=False), dict(HAS_BIAS=False, SPLIT=True))]
     register_kernel(KernelSpec(
-        name="sparse24.decode", fn=_sp_decode_kernel, pointers={"meta_ptr": _I32, "out_ptr": "fp32"},
+        name="sparse24.decode", fn=_sp_decode_kernel,
+        pointers={"meta_ptr": _I32, "vals_ptr": _I32, "out_ptr": "fp32"},
         constexprs=[c for c in _DEC if c["SPLIT"]], space=decode_space,
     ))
     register_kernel(KernelSpec(
-        name="sparse24.decode_y", fn=_sp_decode_kernel, pointers={"meta_ptr": _I32},
+        name="sparse24.decode_y", fn=_sp_decode_kernel, pointers={"meta_ptr": _I32, "vals_ptr": _I32},
         constexprs=[c for c in _DEC if not c["SPLIT"]], space=decode_space,
     ))
     register_kernel(KernelSpec(   # the dense-sparse t = x·Sᵀ of fp16 inputs, kept in fp32
-        name="sparse24.decode_y_fp16", fn=_sp_decode_kernel, pointers={"meta_ptr": _I32, "out_ptr": "fp32"},
-        constexprs=[dict(BLOCK_N=32, BLOCK_M=16, **_DOT, **_W, HAS_BIAS=False, SPLIT=False)],
+        name="sparse24.decode_y_fp16", fn=_sp_decode_kernel,
+        pointers={"meta_ptr": _I32, "vals_ptr": _I32, "out_ptr": "fp32"},
+        constexprs=[dict(BLOCK_N=32, BLOCK_M=16, PAIRS=True, **_DOT, **_W, HAS_BIAS=False, SPLIT=False)],
         space=decode_space, dtypes=("fp16",),
     ))
     register_kernel(KernelSpec(
@@ -1202,16 +1240,19 @@ def sparse24_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     sk = -(-K // kps)
     bm = max(16, next_pow2(M))
     mt, smr, smc, m32 = _meta_arg(meta, K)
+    pairs = (values.element_size() == 2 and values.dtype == x.dtype and values.stride(1) == 1
+             and (values.shape[0] <= 1 or values.stride(0) % 2 == 0) and values.storage_offset() % 2 == 0)
+    vt = values.view(torch.int32) if pairs else values
     split = sk > 1
     out = torch.empty((sk, M, N), device=x.device, dtype=torch.float32) if split else y
     so, som, son = (out.stride(0), out.stride(1), out.stride(2)) if split else (0, y.stride(0), y.stride(1))
     _sp_decode_tuned[(triton.cdiv(N, bn), sk)](
-        x, values, mt, bias if bias is not None else y, out,
+        x, vt, mt, bias if bias is not None else y, out,
         M, N, K, kps,
-        x.stride(0), x.stride(1), values.stride(0), values.stride(1),
+        x.stride(0), x.stride(1), vt.stride(0), vt.stride(1),
         smr, smc, so, som, son,
         HAS_BIAS=bias is not None, SPLIT=split, UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype),
-        META32=m32, BLOCK_N=bn, BLOCK_M=bm,
+        META32=m32, PAIRS=pairs, BLOCK_N=bn, BLOCK_M=bm,
     )
     if split:
         grid = lambda m_: (triton.cdiv(M * N, m_["BLOCK"]),)
