@@ -1411,8 +1411,10 @@ def path_costs(M: int, K_in: int, N: int, dtype: torch.dtype = torch.bfloat16, w
             "dense": expand + gemm,
             "torch": _roof(packed + act, flops / 2, rate),
         }
-    if what == "dx":
-        return {"triton": _roof(packed + act, flops, rate * _TRITON_EFF), "dense": expand + gemm}
+    if what == "dx":   # torch: F.linear(g, Wᵀ) with Wᵀ compressed (a gather per step) + dx made contiguous
+        gather = _roof(2 * packed + NK / 2 * 8, 0.0, rate)
+        return {"triton": _roof(packed + act, flops, rate * _TRITON_EFF), "dense": expand + gemm,
+                "torch": gather + _roof(packed + act, flops / 2, rate) + _roof(2.0 * e * M * K_in, 0.0, rate)}
     if what == "dvalues":
         compress = _roof(NK * e + packed, 0.0, rate)
         return {"triton": _roof(act + packed, flops, rate * _TRITON_EFF), "dense": gemm + compress}
@@ -1458,17 +1460,23 @@ def choose_mm_path(M: int, K_in: int, N: int, dtype: torch.dtype, device, torch_
     return min(costs, key=costs.get)
 
 
-def choose_bwd_path(M: int, K_in: int, N: int, dtype: torch.dtype, what: str) -> str:
-    """``'triton'`` or ``'dense'`` for the backward product ``what`` (``'dx'`` or ``'dvalues'``)
-    of :func:`path_costs`; ``FASTFACTOR_SPARSE24_BWD_PATH=triton|dense|auto`` forces one.
-    (``dx = g·W`` has no sparse-tensor-core path: ``Wᵀ`` is 2:4 along its rows only when the mask
-    happens to be transposable.)"""
-    forced = _forced("FASTFACTOR_SPARSE24_BWD_PATH", ("triton", "dense"))
-    if forced != "auto":
+def choose_bwd_path(M: int, K_in: int, N: int, dtype: torch.dtype, what: str,
+                    transposable_ok: bool = False) -> str:
+    """``'triton'``, ``'dense'`` or (``dx`` only) ``'torch'`` for the backward product ``what``
+    (``'dx'`` or ``'dvalues'``) of :func:`path_costs`; ``FASTFACTOR_SPARSE24_BWD_PATH=triton|
+    dense|torch|auto`` forces one. ``dx = g·W`` runs on sparse tensor cores (``F.linear(g, Wᵀ)``)
+    only when ``Wᵀ`` is 2:4 too (a transposable mask, :func:`transpose_plan`) and PyTorch's path
+    takes the shape: the caller says so with ``transposable_ok``."""
+    forced = _forced("FASTFACTOR_SPARSE24_BWD_PATH", ("triton", "dense", "torch"))
+    if forced in ("triton", "dense"):
         return forced
+    if forced == "torch" and transposable_ok:
+        return "torch"
     if M <= DECODE_MAX_M:
         return "triton"
     costs = path_costs(M, K_in, N, dtype, what)
+    if not transposable_ok:
+        costs.pop("torch", None)
     return min(costs, key=costs.get)
 
 
@@ -1520,6 +1528,52 @@ def torch24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     return yt.t()
 
 
+def transpose_plan(meta: torch.Tensor, rows: int, k: int):
+    """``(perm, meta_t)`` when the 2:4 pattern of ``W (rows, k)`` (the positions its codes name)
+    is 2:4 along the rows as well (a *transposable* mask, as PyTorch's tile pruning and torchao's
+    2:4 training produce), else ``None``. ``Wᵀ`` packed is then ``values_t = cat(values.flatten(),
+    [0])[perm]`` (``(k, rows/2)``, completion slots read the appended zero) with the codes
+    ``meta_t (k, ceil(rows/8))``: one gather per step, the codes once per mask (cached on
+    ``meta``, keyed by its version). Lets ``dx = g·W`` run on sparse tensor cores."""
+    key = (meta._version, meta.data_ptr(), rows, k)
+    hit = getattr(meta, "_fastfactor_transpose", None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    plan = None
+    if rows % 4 == 0 and k % 4 == 0 and rows > 0 and k > 0:
+        i0, i1 = _codes(meta, k)                                        # (rows, k/4)
+        slot = torch.arange(4, device=meta.device)
+        keep = ((slot == i0[..., None]) | (slot == i1[..., None])).reshape(rows, k)
+        kt = keep.t().reshape(k, rows // 4, 4)                          # Wᵀ's groups along rows
+        if not bool((kt.sum(-1) > 2).any()):
+            # flat index into values of every kept entry of W, at its (row, col)
+            src = torch.full((rows, k), rows * k // 2, dtype=torch.int64, device=meta.device)
+            cols = (torch.stack((i0, i1), -1) + 4 * torch.arange(k // 4, device=meta.device)[None, :, None])
+            src.scatter_(1, cols.reshape(rows, k // 2),
+                         torch.arange(rows * k // 2, device=meta.device).reshape(rows, k // 2))
+            key_t = (~kt).to(torch.int64) * 4 + slot                    # kept first, then by index
+            idx = key_t.argsort(dim=-1)[..., :2].sort(dim=-1).values % 4   # (k, rows/4, 2)
+            col_t = idx + 4 * torch.arange(rows // 4, device=meta.device)[None, :, None]
+            perm = src.t().gather(1, col_t.reshape(k, rows // 2)).reshape(-1).to(torch.int32)
+            code = idx[..., 0] | (idx[..., 1] << 2)
+            if code.shape[1] % 2:
+                code = torch.cat((code, code.new_zeros((k, 1))), dim=1)
+            meta_t = (code[:, 0::2] | (code[:, 1::2] << 4)).to(torch.uint8).contiguous()
+            plan = (perm, meta_t)
+    try:
+        meta._fastfactor_transpose = (key, plan)
+    except (AttributeError, RuntimeError):  # pragma: no cover
+        pass
+    return plan
+
+
+def transposed_values(values: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``Wᵀ``'s packed values ``(k, rows/2)`` from ``W``'s (:func:`transpose_plan`)."""
+    flat = torch.cat((values.reshape(-1), values.new_zeros(1)))
+    k = perm.numel() * 2 // values.shape[0]
+    return flat[perm.long()].view(k, values.shape[0] // 2)
+
+
 def sparse24_forward(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                      bias: Optional[torch.Tensor] = None, path: Optional[str] = None) -> torch.Tensor:
     """Forward launcher: ``y = x·Wᵀ + b`` by :func:`choose_mm_path` (``path`` forces one)."""
@@ -1545,7 +1599,13 @@ def sparse24_backward(g, x, values, meta, need_x: bool, need_values: bool):
     K = x.shape[1]
     dx = dv = None
     if need_x:
-        if M > 0 and choose_bwd_path(M, K, N, g.dtype, "dx") == "dense":
+        tp = None
+        if M > 0 and torch24_eligible(M, N, K, g.dtype, g.device) and g.dtype == values.dtype:
+            tp = transpose_plan(meta, N, K)                   # cached per mask
+        path = choose_bwd_path(M, K, N, g.dtype, "dx", tp is not None) if M > 0 else "triton"
+        if path == "torch":                                   # dx = g·W = F.linear(g, Wᵀ), Wᵀ 2:4
+            dx = torch24_linear(g, transposed_values(values, tp[0]), tp[1]).contiguous()
+        elif path == "dense":
             dx = torch.mm(g, expand_24(values, meta, out_dtype=g.dtype))
         else:
             dx = sparse24_dx(g, values, meta)
