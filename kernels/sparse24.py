@@ -1680,11 +1680,17 @@ def ds_chain(
     return y, t
 
 
+#: rows up to which the dense-sparse t = x·Sᵀ runs on the decode kernel
+DS_DECODE_MAX_M = 32
+
+
 def _sparse_t(x: torch.Tensor, s_values: torch.Tensor, s_meta: torch.Tensor) -> torch.Tensor:
     """``t = x·Sᵀ`` in ``intermediate_dtype(x.dtype)``: the decode kernel (the reduction split
-    over the SMs where it pays) for ``M <= DECODE_MAX_M``, else :func:`sparse24_mm`."""
+    over the SMs where it pays) for ``M <= DS_DECODE_MAX_M``, else :func:`sparse24_mm` (at 64
+    rows and a rank of a few hundred to a thousand, sol predicts the tile kernel ahead: its
+    128-row tiles re-read x fewer times than the decode tiles that fit the registers)."""
     inter = intermediate_dtype(x.dtype)
-    if x.shape[0] <= DECODE_MAX_M:
+    if x.shape[0] <= DS_DECODE_MAX_M:
         return sparse24_decode(x, s_values, s_meta, out_dtype=inter)
     return sparse24_mm(x, s_values, s_meta, out_dtype=inter)
 
