@@ -1367,8 +1367,8 @@ SPARSE24_TORCH_MIN_M = None
 # bound per path, *predicted*, used only to rank the paths
 _BW, _RATE, _LAUNCH = _cost.DEFAULT.hbm_bw, _cost.DEFAULT.bf16_rate, _cost.DEFAULT.launch_s
 #: share of the tensor-core rate our expand-on-chip Triton kernels are assumed to reach at large M
-#: (the expansion competes with the MMA for issue slots; cuBLAS is taken at the roofline)
-_TRITON_EFF = 0.9
+#: (HMMA tiles, expansion competing for issue slots: the HMMA share of _cost; cuBLAS at the roofline)
+_TRITON_EFF = _cost.DEFAULT.hmma_fraction
 
 
 def _roof(nbytes: float, flops: float, rate: float) -> float:
