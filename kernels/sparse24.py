@@ -1009,8 +1009,9 @@ if HAS_TRITON:
                                  interpreter=EXPAND_INTERP, deterministic=EXPAND_FIXED)
 
     # ---- compile-tier registration (signatures derived from the kernels' arguments) ----
-    # Every kernel reading codes compiles twice: codes as bytes (u8, any K % 4 == 0) and as
-    # 32-bit words (the launchers' choice when K % 32 == 0 and the rows are 4-byte aligned).
+    # Kernels reading codes compile with the codes as 32-bit words (the launchers' choice when
+    # K % 32 == 0 and the rows are 4-byte aligned); the byte loads (any K % 4 == 0) compile in
+    # mm_u8 and expand_u8 (the same _load_codes branch every kernel shares).
     _U8, _I32 = "u8", "i32"
     _DOT = dict(UPCAST=False, PRECISION="tf32")
     _B, _W = dict(META32=False), dict(META32=True)
@@ -1031,16 +1032,8 @@ if HAS_TRITON:
         constexprs=[dict(MIXED=False, **_DOT, **_W)], space=DX_SPACE,
     ))
     register_kernel(KernelSpec(
-        name="sparse24.dx_u8", fn=_sp_dx_kernel, pointers={"meta_ptr": _U8},
-        constexprs=[dict(MIXED=False, **_DOT, **_B)], space=DX_SPACE,
-    ))
-    register_kernel(KernelSpec(
         name="sparse24.dvalues", fn=_sp_dvalues_kernel, pointers={"meta_ptr": _I32},
         constexprs=[dict(MIXED=False, **_DOT, **_W)], space=DV_SPACE,
-    ))
-    register_kernel(KernelSpec(
-        name="sparse24.dvalues_u8", fn=_sp_dvalues_kernel, pointers={"meta_ptr": _U8},
-        constexprs=[dict(MIXED=False, **_DOT, **_B)], space=DV_SPACE,
     ))
     _DEC = [dict(BLOCK_N=bn, BLOCK_M=bm, PAIRS=True, **_DOT, **_W, **extra)
             for bn, bm in ((32, 16), (64, 64), (128, 64))
@@ -1082,11 +1075,6 @@ if HAS_TRITON:
             dict(HAS_BIAS=True, STORE_T=True, T_FP32=False, R_PAD=64, **_DOT, **_W),
             dict(HAS_BIAS=False, STORE_T=False, T_FP32=False, R_PAD=256, **_DOT, **_W),
         ],
-        space=ds_space,
-    ))
-    register_kernel(KernelSpec(
-        name="sparse24.ds_chain_u8", fn=_ds_chain_kernel, pointers={"smeta_ptr": _U8},
-        constexprs=[dict(HAS_BIAS=True, STORE_T=True, T_FP32=False, R_PAD=64, **_DOT, **_B)],
         space=ds_space,
     ))
     # fp16 dense-sparse keeps its intermediate in fp32: the fused forward storing an fp32 t, and
