@@ -1,11 +1,21 @@
-"""Compress to a budget: per-module low-rank ranks chosen from measured sensitivity.
+"""Compress to a budget: per-module methods and ranks chosen from measured sensitivity, under a
+parameter budget, a (predicted or measured) latency budget, or both.
 
-Three steps, each usable alone:
+Four steps, each usable alone:
 
-1. :func:`sensitivity` — for every target module (the driver's ``select_targets``) and every
-   candidate rank ``r`` on a grid, plus "keep dense", the **score** of that choice:
+1. :func:`candidate_grid` — for every target module (the driver's ``select_targets``), from shapes
+   alone (a meta-device model will do): "keep dense", the low-rank ranks of a ratio grid
+   (:func:`candidate_ranks`), and optionally other families (``methods=``: monarch /
+   block_lowrank at ``nblocks`` x ``other_ratios``, sparse24, dense_sparse), each with its stored
+   weight parameters and, given a latency model (:mod:`fastfactor.plan_latency`: the ``fastfactor
+   sol`` model on a named device at ``M`` tokens, or a ``fastfactor bench`` JSON measured on a GPU),
+   its time. Keeping a module dense costs ``in·out`` parameters; rank ``r`` costs ``r·(in + out)``;
+   settings not smaller than the dense weight are left out.
 
-   * with an activation Gram ``G = XᵀX`` (``(in, in)``, e.g. from
+2. :func:`score_candidates` — the **score** of each choice (cached on disk per module weight and
+   activation Gram, :class:`ScoreCache`):
+
+   * low rank with an activation Gram ``G = XᵀX`` (``(in, in)``, e.g. from
      :func:`fastfactor.compress.calibration.collect_activation_stats`): let ``S`` be its Cholesky
      factor (``S·Sᵀ = G``, :func:`fastfactor.factorize.data_aware.whitening_factor`) and
      ``σ₁ ≥ σ₂ ≥ …`` the singular values of ``W·S`` (``W``: the ``(out, in)`` weight). The best rank-r
@@ -14,32 +24,35 @@ Three steps, each usable alone:
          score(r) = min_{rank(W')≤r} ‖(W − W')·S‖_F² = ‖(W − W')·Xᵀ‖_F² = Σ_{i>r} σᵢ²
 
      i.e. the summed squared output error of the module over the calibration tokens (Eckart–Young
-     on ``W·S``; closed form, one SVD per module, no factor built);
-   * without a Gram (``init="svd"``): the same with ``S = I``, the SVD tail energy of ``W``.
+     on ``W·S``; closed form, one SVD per module, no factor built); without a Gram (``init="svd"``)
+     the same with ``S = I``, the SVD tail energy of ``W``;
+   * the other families: the module factorized with the init the plan will run (:func:`score_init`)
+     and ``‖(W − Ŵ)·S‖_F²`` measured on its ``dense_weight()``;
+   * or (:func:`output_scores`) the change of the model's output over calibration batches when only
+     that module is compressed that way.
 
-   Keeping the module dense scores 0 and costs ``in·out`` parameters; rank ``r`` costs
-   ``r·(in + out)``. Ranks whose factors are not smaller than the dense weight are left out.
+3. :func:`solve` — the choice per module minimizing ``Σ score`` subject to ``Σ params ≤ B_p`` and/or
+   ``Σ seconds ≤ B_t`` (a multiple-choice knapsack), by dynamic programming: 1-D for one budget,
+   2-D for both (each budget alone is solved first; when that optimum meets the other budget it is
+   the optimum of the pair). Costs are counted above each module's cheapest choice. On the exact
+   grid (integer costs over their gcd, when the capacity fits ``max_cells``) the answer is optimal;
+   otherwise every cost is rounded *up* to a grid unit (so no budget is ever exceeded), a second DP
+   with costs rounded *down* gives ``score_lower_bound`` (no plan within the budgets scores less),
+   a greedy pass with the true costs spends what the rounding left, and ``exact`` says whether the
+   answer reaches the bound (proven optimal).
 
-2. :func:`solve` — the choice per module minimizing the total score ``Σ score`` subject to
-   ``Σ params ≤ budget`` (a multiple-choice knapsack), by dynamic programming over a parameter grid
-   of unit ``u``: each choice costs ``⌈params/u⌉`` units, the capacity is ``⌊budget/u⌋`` units. With
-   ``u = gcd`` of every choice's parameter count (``exact=True`` in the result) this is exact; when
-   that grid would exceed ``max_cells`` cells, ``u`` grows and the answer stays feasible (costs are
-   rounded up) but may be slightly sub-optimal (``exact=False``). The realised parameter count never
-   exceeds the budget.
-
-3. :class:`BudgetPlan` — the result as data (per module: name, method, rank, params, score), with a
-   JSON round trip (:meth:`BudgetPlan.save` / :meth:`BudgetPlan.load`), a table, and
-   :meth:`BudgetPlan.to_config`: a :class:`~fastfactor.CompressionConfig` dict whose ``targets`` are the
-   compressed modules and whose ``module_ratios`` give each exactly its planned rank.
-   :func:`apply_plan` executes it (``factorize_`` data-free, or ``compress`` with data).
+4. :class:`BudgetPlan` — the result as data (per module: name, method, rank / blocks, params, score,
+   time, init; the budgets and the latency source), with a JSON round trip (version 2; version 1
+   loads), a table, and :meth:`BudgetPlan.to_configs`: one :class:`~fastfactor.CompressionConfig`
+   dict per method whose ``targets`` are its modules and whose ``module_ratios`` give each exactly
+   its planned setting. ``compress(..., plan=)`` / ``fastfactor compress --plan`` and
+   :func:`apply_plan` execute it.
 
 ``target_params``: a ``float`` in ``(0, 1]`` is a fraction of the targets' dense weight parameters;
-an ``int >= 1`` is an absolute count. Bad budgets (bool, NaN, ≤ 0, a float > 1, below the smallest
-reachable count) raise before any weight is read.
-
-Not (yet) covered: other methods than low-rank (Monarch, 2:4, dense+sparse) in the grid, and a
-latency budget (``target_latency``).
+an ``int >= 1`` is an absolute count. ``target_latency``: a fraction in ``(0, 1]`` of the targets'
+dense time under the latency model (the rest of the model, attention and norms, is not modelled).
+Bad budgets (bool, NaN, ≤ 0, a float > 1, unreachable alone or together) raise before any weight
+is read (:func:`check_budgets`).
 """
 
 from __future__ import annotations
@@ -47,13 +60,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from .plan_data import (PLAN_METHODS, PLAN_VERSION, PREDICTED, BudgetPlan, PlanEntry, _ratio_for,  # noqa: F401
+                        as_plan, check_plan)
 
 #: default grid: the ranks of these ratios (fraction of each module's dense weight parameters kept)
 DEFAULT_RATIOS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -61,8 +76,6 @@ DEFAULT_RATIOS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MAX_CELLS = 200_000
 #: the two-budget DP's cells (parameter cells x latency cells)
 MAX_CELLS_2D = 1_000_000
-PLAN_VERSION = 2
-PREDICTED = "predicted, not measured"
 
 
 @dataclass
@@ -224,11 +237,69 @@ def score_init(method: str, whitened: bool) -> str:
             "dense_sparse": "svd", "monarch": "projection", "block_lowrank": "projection"}[method]
 
 
-def score_candidates(model: nn.Module, candidates: List[ModuleCandidates], grams: Optional[Dict[str, object]] = None
-                     ) -> List[ModuleCandidates]:
+#: bump when a scoring formula changes: cached scores of older versions are not used
+SCORE_VERSION = 1
+
+
+def _fingerprint(weight: torch.Tensor, gram: Optional[torch.Tensor]) -> str:
+    """Content hash of one module's weight and (if any) its activation Gram: the key of its scores
+    in the on-disk cache (same model + same calibration set → same key)."""
+    import hashlib
+
+    h = hashlib.sha256(f"v{SCORE_VERSION}".encode())
+    for t in (weight, gram):
+        if t is None:
+            h.update(b"none")
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bfloat16
+                 else t.float().numpy().tobytes())
+    return h.hexdigest()[:40]
+
+
+def _choice_key(ch: Choice, init: str) -> str:
+    return f"{ch.method}|{ch.rank}|{ch.nblocks}|{init}"
+
+
+class ScoreCache:
+    """Scores per module fingerprint (:func:`_fingerprint`) on disk: ``DIR/scores/KEY.json`` holding
+    the low-rank tail energies and the other methods' scores per (method, rank, nblocks, init).
+    ``directory=None``: ``$FASTFACTOR_PLAN_CACHE`` or ``~/.cache/fastfactor/plan``. ``hits`` /
+    ``misses`` count modules served whole from the cache / scored (at least partly) afresh."""
+
+    def __init__(self, directory: Optional[str] = None):
+        from .plan_latency import cache_dir
+
+        self.dir = os.path.join(directory or cache_dir(), "scores")
+        self.hits = self.misses = 0
+
+    def load(self, key: str) -> dict:
+        try:
+            with open(os.path.join(self.dir, key + ".json")) as f:
+                d = json.load(f)
+            return d if isinstance(d, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def save(self, key: str, entry: dict) -> None:
+        from ._io import atomic_write_text
+
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            atomic_write_text(os.path.join(self.dir, key + ".json"), json.dumps(entry))
+        except OSError:
+            pass
+
+
+def score_candidates(model: nn.Module, candidates: List[ModuleCandidates], grams: Optional[Dict[str, object]] = None,
+                     cache=True) -> List[ModuleCandidates]:
     """Fill every choice's score (module docstring): low-rank in closed form from the singular
     values of ``W·S``; the other methods by factorizing with their scoring init
-    (:func:`score_init`) and measuring ``‖(W − Ŵ)·S‖_F²``. Reads the weights, changes nothing."""
+    (:func:`score_init`) and measuring ``‖(W − Ŵ)·S‖_F²``. Reads the weights, changes nothing.
+    ``cache``: ``True`` (the default on-disk :class:`ScoreCache`), a :class:`ScoreCache`, a
+    directory, or ``False``: scores are reused per (module weight, Gram) fingerprint, so planning
+    the same model and calibration set again at other budgets skips every SVD and factorization."""
     from .compress.config import CompressionConfig
     from .compress.methods import build_layer
     from .compress.targets import dense_view, get_module
@@ -237,27 +308,42 @@ def score_candidates(model: nn.Module, candidates: List[ModuleCandidates], grams
         missing = [c.name for c in candidates if c.name not in grams]
         if missing:
             raise ValueError(f"grams: expected a Gram matrix for every target, missing {missing}")
+    if cache is True:
+        cache = ScoreCache()
+    elif isinstance(cache, (str, os.PathLike)):
+        cache = ScoreCache(os.fspath(cache))
+    elif cache is not False and cache is not None and not isinstance(cache, ScoreCache):
+        raise TypeError(f"cache: expected True/False, a directory or a ScoreCache, got {type(cache).__name__}")
     for c in candidates:
         view = dense_view(get_module(model, c.name), c.name)
         g = None
         if grams is not None:
             g = grams[c.name]
             g = g[0] if isinstance(g, tuple) else g
-        tail = None
+        key = _fingerprint(view.weight, g) if cache else None
+        entry = cache.load(key) if cache else {}
+        dirty = False
+        tail = entry.get("tail")
+        scores = entry.setdefault("choices", {})
         for ch in c.choices:
             if ch.method == "dense":
                 ch.score = 0.0
             elif ch.method == "lowrank":
                 if tail is None:
-                    tail = tail_energies(view.weight, g)
+                    tail = [float(x) for x in tail_energies(view.weight, g)]
+                    entry["tail"], dirty = tail, True
                 ch.score = float(tail[ch.rank])
             else:
                 from .families import get_family
 
                 init = score_init(ch.method, g is not None)
-                entry = PlanEntry(c.name, ch.method, ch.rank, ch.params, 0.0, c.in_features, c.out_features,
-                                  nblocks=ch.nblocks)
-                ratio = _ratio_for(entry, get_family(ch.method))
+                ck = _choice_key(ch, init)
+                if ck in scores:
+                    ch.score = float(scores[ck])
+                    continue
+                entry_ = PlanEntry(c.name, ch.method, ch.rank, ch.params, 0.0, c.in_features, c.out_features,
+                                   nblocks=ch.nblocks)
+                ratio = _ratio_for(entry_, get_family(ch.method))
                 cfg = CompressionConfig(method=ch.method, nblocks=ch.nblocks or 4, init=init)
                 stats = {"gram": g} if g is not None else {}
                 layer = build_layer(ch.method, view, ratio, init, cfg, stats)
@@ -265,12 +351,103 @@ def score_candidates(model: nn.Module, candidates: List[ModuleCandidates], grams
                     raise ValueError(f"module {c.name!r}: {ch.method} built {layer.num_weight_params} weight "
                                      f"parameters, planned {ch.params}")
                 ch.score = _whitened_error(view.weight, layer.dense_weight(), g)
+                scores[ck], dirty = ch.score, True
+        if cache and dirty:
+            cache.misses += 1
+            cache.save(key, entry)
+        elif cache:
+            cache.hits += 1
+    return candidates
+
+
+def _lowrank_reconstructions(weight: torch.Tensor, gram: Optional[torch.Tensor]):
+    """``r -> Ŵ_r`` (float64, ``(out, in)``): the best rank-``r`` approximation of ``weight`` in the
+    whitened norm (what ``init="activation"`` builds; plain SVD without ``gram``), from one SVD."""
+    from .factorize.data_aware import whitening_factor
+
+    w = weight.detach().to(torch.float64)
+    S = None
+    if gram is not None:
+        S, _ = whitening_factor(gram.to(w.device))
+        w = w @ S
+    U, sig, Vh = torch.linalg.svd(w, full_matrices=False)
+
+    def at(r: int) -> torch.Tensor:
+        b = (U[:, :r] * sig[:r]) @ Vh[:r]
+        return b if S is None else torch.linalg.solve(S.t(), b.t()).t()
+
+    return at
+
+
+def output_scores(model: nn.Module, candidates: List[ModuleCandidates], batches: Sequence, forward=None,
+                  grams: Optional[Dict[str, object]] = None) -> List[ModuleCandidates]:
+    """Replace every choice's score by the **change of the model's output** when only that module is
+    compressed that way: ``Σ_batches ‖f(x) − f_dense(x)‖_F²`` with ``f = forward(model, batch)`` (a
+    tensor; default: ``model(**batch)``'s ``logits`` or ``last_hidden_state``). The module's weight
+    is swapped for its reconstruction (low rank: :func:`_lowrank_reconstructions`, whitened when
+    ``grams`` are given; other methods: their scoring init's ``dense_weight()``) and restored; the
+    model is unchanged afterwards. One forward per batch per choice: costlier than the weight
+    scores, and the solver still adds the per-module changes (they interact in the real model)."""
+    from .compress.config import CompressionConfig
+    from .compress.methods import build_layer
+    from .compress.targets import dense_view, get_module
+    from .families import get_family
+
+    if forward is None:
+        def forward(m, b):
+            out = m(**b) if isinstance(b, dict) else m(b)
+            for k in ("logits", "last_hidden_state"):
+                if hasattr(out, k):
+                    return getattr(out, k)
+            return out[0] if isinstance(out, (tuple, list)) else out
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches: expected at least one calibration batch")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ref = [forward(model, b).detach().to(torch.float64) for b in batches]
+            for c in candidates:
+                mod = get_module(model, c.name)
+                view = dense_view(mod, c.name)
+                g = None
+                if grams is not None:
+                    g = grams[c.name]
+                    g = g[0] if isinstance(g, tuple) else g
+                w0 = mod.weight.detach().clone()
+                conv = type(mod).__name__ == "Conv1D"  # GPT-2: weight stored (in, out)
+                recon = None
+                for ch in c.choices:
+                    if ch.method == "dense":
+                        ch.score = 0.0
+                        continue
+                    if ch.method == "lowrank":
+                        recon = recon or _lowrank_reconstructions(view.weight, g)
+                        w_hat = recon(ch.rank)
+                    else:
+                        init = score_init(ch.method, g is not None)
+                        e = PlanEntry(c.name, ch.method, ch.rank, ch.params, 0.0, c.in_features, c.out_features,
+                                      nblocks=ch.nblocks)
+                        cfg = CompressionConfig(method=ch.method, nblocks=ch.nblocks or 4, init=init)
+                        layer = build_layer(ch.method, view, _ratio_for(e, get_family(ch.method)), init, cfg,
+                                            {"gram": g} if g is not None else {})
+                        w_hat = layer.dense_weight().detach()
+                    mod.weight.copy_((w_hat.t() if conv else w_hat).to(w0.dtype))
+                    try:
+                        ch.score = float(sum((forward(model, b).detach().to(torch.float64) - r).pow(2).sum()
+                                             for b, r in zip(batches, ref)))
+                    finally:
+                        mod.weight.copy_(w0)
+    finally:
+        model.train(was_training)
     return candidates
 
 
 def sensitivity(model: nn.Module, config=None, *, grams: Optional[Dict[str, object]] = None,
                 ratios: Sequence[float] = DEFAULT_RATIOS, ranks: Optional[Sequence[int]] = None,
-                targets=None, methods: Sequence[str] = ("lowrank",), latency=None, **grid) -> List[ModuleCandidates]:
+                targets=None, methods: Sequence[str] = ("lowrank",), latency=None, cache=True,
+                **grid) -> List[ModuleCandidates]:
     """Candidates and scores of every target of ``model`` (see the module docstring).
 
     ``config``: a CompressionConfig (or dict / path) whose ``targets`` / ``exclude`` pick the modules
@@ -290,7 +467,7 @@ def sensitivity(model: nn.Module, config=None, *, grams: Optional[Dict[str, obje
         if missing:
             raise ValueError(f"grams: expected a Gram matrix for every target, missing {missing}")
     cands = candidate_grid(model, targets, ratios=ratios, ranks=ranks, methods=methods, latency=latency, **grid)
-    return score_candidates(model, cands, grams)
+    return score_candidates(model, cands, grams, cache=cache)
 
 
 def resolve_budget(target_params, total: int, minimum: int) -> int:
@@ -562,215 +739,6 @@ def solve(candidates: List[ModuleCandidates], target_params=None, target_latency
     return plan
 
 
-@dataclass
-class PlanEntry:
-    name: str
-    method: str  #: "lowrank" or "dense"
-    rank: Optional[int]
-    params: int
-    score: float
-    in_features: int
-    out_features: int
-    seconds: Optional[float] = None  #: under the plan's latency model (None without one)
-    nblocks: Optional[int] = None
-    init: Optional[str] = None  #: the init it was scored with and runs with (None: the plan's ``init``)
-
-
-@dataclass
-class BudgetPlan:
-    """Per-module ranks under a parameter and/or latency budget (see the module docstring)."""
-
-    budget: Optional[int]  #: the absolute parameter budget the plan meets (None: no parameter budget)
-    target_params_dense: int  #: the targets' dense weight parameters
-    exact: bool  #: whether the plan is proven optimal (exact grid, or score == lower bound)
-    modules: List[PlanEntry] = field(default_factory=list)
-    scorer: str = "svd"  #: "whitened" (activation Gram) or "svd"
-    init: str = "svd"  #: the lowrank init matching the scorer ("activation" or "svd")
-    score_lower_bound: Optional[float] = None  #: no plan within the budgets scores less
-    #: the latency budget and its source: fraction, budget_s, dense_s, source, status, device,
-    #: tokens, direction, dtype (None without a latency budget)
-    latency: Optional[dict] = None
-
-    @property
-    def params(self) -> int:
-        return sum(m.params for m in self.modules)
-
-    @property
-    def score(self) -> float:
-        return sum(m.score for m in self.modules)
-
-    @property
-    def kept(self) -> float:
-        return self.params / max(1, self.target_params_dense)
-
-    @property
-    def seconds(self) -> Optional[float]:
-        """The targets' time under the latency model (None when a module has none)."""
-        if any(m.seconds is None for m in self.modules):
-            return None
-        return sum(m.seconds for m in self.modules)
-
-    @property
-    def methods(self) -> List[str]:
-        return sorted({m.method for m in self.modules})
-
-    def to_dict(self) -> dict:
-        d = {"version": PLAN_VERSION, "budget": self.budget, "target_params_dense": self.target_params_dense,
-             "exact": self.exact, "scorer": self.scorer, "init": self.init, "params": self.params,
-             "kept": self.kept, "score": self.score, "score_lower_bound": self.score_lower_bound,
-             "seconds": self.seconds, "latency": self.latency, "modules": [asdict(m) for m in self.modules]}
-        if self.latency and self.seconds is not None:
-            d["latency_fraction"] = self.seconds / self.latency["dense_s"]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BudgetPlan":
-        if not isinstance(d, dict) or "modules" not in d:
-            raise ValueError("plan: expected a dict with 'modules' (a BudgetPlan.to_dict())")
-        if d.get("version", PLAN_VERSION) not in (1, PLAN_VERSION):
-            raise ValueError(f"plan: expected version 1 or {PLAN_VERSION}, got {d.get('version')!r}")
-        fields = set(PlanEntry.__dataclass_fields__)
-        mods = []
-        for m in d["modules"]:
-            if not isinstance(m, dict) or set(m) - fields or not {"name", "method", "params"} <= set(m):
-                raise ValueError(f"plan: expected module entries with fields {sorted(fields)}, got {m!r}")
-            mods.append(PlanEntry(**m))
-        for m in mods:
-            if m.method not in PLAN_METHODS:
-                raise ValueError(f"plan: module {m.name!r}: expected method one of {list(PLAN_METHODS)}, "
-                                 f"got {m.method!r}")
-        lat = d.get("latency")
-        if lat is not None and not (isinstance(lat, dict) and {"budget_s", "dense_s"} <= set(lat)):
-            raise ValueError(f"plan: latency: expected a dict with budget_s and dense_s, got {lat!r}")
-        return cls(budget=None if d["budget"] is None else int(d["budget"]),
-                   target_params_dense=int(d["target_params_dense"]), exact=bool(d["exact"]), modules=mods,
-                   scorer=d.get("scorer", "svd"), init=d.get("init", "svd"),
-                   score_lower_bound=d.get("score_lower_bound"), latency=lat)
-
-    def save(self, path: str) -> None:
-        from ._io import atomic_write_text
-
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
-
-    @classmethod
-    def load(cls, path: str) -> "BudgetPlan":
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"plan: no such file {path!r}")
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"plan: {path}: not valid JSON ({e})") from None
-        try:
-            return cls.from_dict(d)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from None
-
-    def table(self) -> str:
-        from .compress.report import format_table
-
-        lat = self.latency is not None and self.seconds is not None
-        rows = []
-        for m in self.modules:
-            setting = "-" if m.rank is None else str(m.rank)
-            if m.nblocks is not None:
-                setting = f"b{m.nblocks} r{m.rank}"
-            row = [m.name, f"{m.out_features}x{m.in_features}", m.method, setting, f"{m.params:,}",
-                   f"{m.params / (m.in_features * m.out_features):.3f}", f"{m.score:.4g}"]
-            if lat:
-                row.append(f"{m.seconds * 1e6:.2f}")
-            rows.append(row)
-        head = ["module", "out x in", "method", "rank", "params", "kept", f"score ({self.scorer})"]
-        if lat:
-            head.append("us")
-        text = format_table(head, rows) + (
-            f"\n{len(self.modules)} module(s): {self.params:,} of {self.target_params_dense:,} target weight "
-            f"parameters (kept {self.kept:.3f}"
-            + (f"; budget {self.budget:,}" if self.budget is not None else "") + "), "
-            f"predicted score {self.score:.4g}"
-            + ("" if self.exact else f" (coarse grid; no plan scores below {self.score_lower_bound:.4g})"
-               if self.score_lower_bound is not None else " (coarse grid)"))
-        if lat:
-            L = self.latency
-            budget = ("no latency budget" if L.get("budget_s") is None
-                      else f"budget {L['fraction']:g} = {L['budget_s'] * 1e6:.4g} us")
-            text += (f"\ntime of the targets: {self.seconds * 1e6:.4g} us = {self.seconds / L['dense_s']:.3f} of "
-                     f"dense {L['dense_s'] * 1e6:.4g} us ({budget}); "
-                     f"{L.get('status', PREDICTED)}, {L.get('device', '?')}, M={L.get('tokens', '?')} tokens, "
-                     f"{L.get('direction', 'fwd')}, {L.get('dtype', 'bf16')}"
-                     + (f", from {L['file']}" if L.get("file") else ""))
-        return text
-
-    def to_config(self, base=None, single: bool = False) -> Optional[dict]:
-        """A CompressionConfig dict (``base``'s other fields kept) replacing exactly the planned
-        modules, each at its planned setting (through ``module_ratios``; checked); None when every
-        module stays dense (``single=True``: an error then, since a run needs a target). A plan
-        mixing methods has one config per method: :meth:`to_configs`."""
-        cfgs = self.to_configs(base)
-        if len(cfgs) > 1:
-            raise ValueError(f"plan: mixes methods {[k for k in self.methods if k != 'dense']}: one compress run "
-                             "takes one method (fastfactor.plan.apply_plan runs one per method)")
-        if not cfgs and single:
-            raise ValueError("plan: every module stays dense: nothing to compress")
-        return cfgs[0] if cfgs else None
-
-    def to_configs(self, base=None) -> List[dict]:
-        """One CompressionConfig dict per (method, nblocks) of the plan's compressed modules, in
-        plan order of first appearance; each replaces exactly its modules at their planned
-        setting (``module_ratios`` giving each its planned rank; checked)."""
-        from .api import _config
-        from .families import get_family
-
-        base_cfg = _config(base).to_dict()
-        groups: Dict[tuple, List[PlanEntry]] = {}
-        for m in self.modules:
-            if m.method != "dense":
-                groups.setdefault((m.method, m.nblocks, m.init), []).append(m)
-        out = []
-        for (method, nb, planned_init), mods in groups.items():
-            cfg = dict(base_cfg)
-            ratios = {}
-            for m in mods:
-                ratios["re:" + re.escape(m.name)] = _ratio_for(m, get_family(method))
-            init = cfg.get("init", "auto")
-            if cfg.get("method") != method or init == "auto":
-                init = planned_init or (self.init if method == "lowrank" else "auto")
-            cfg.update(method=method, targets=list(ratios), exclude=[], module_ratios=ratios, init=init)
-            if nb is not None:
-                cfg["nblocks"] = nb
-            out.append(cfg)
-        return out
-
-
-PLAN_METHODS = ("dense", "lowrank", "monarch", "block_lowrank", "sparse24", "dense_sparse")
-
-
-def _ratio_for(m: "PlanEntry", fam) -> float:
-    """A ratio whose family formula gives exactly ``m``'s planned setting (checked)."""
-    i, o = m.in_features, m.out_features
-    if fam.rank_for_ratio is None:  # fixed pattern (2:4): the ratio is ignored
-        return 0.5
-    # the planned params over the dense ones, nudged up by half a step: floor() lands on the rank
-    lo, hi = 1.0 / (i * o), 1.0
-    if m.method == "lowrank":
-        q = min(1.0, (m.rank + 0.5) * (i + o) / (i * o))
-    else:
-        q = None
-        # smallest ratio giving the rank: bisection on the (monotone) family formula
-        kw = {} if m.nblocks is None else {"nblocks": m.nblocks}
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            if fam.rank_for_ratio(i, o, mid, **kw) >= m.rank:
-                hi = mid
-            else:
-                lo = mid
-        q = hi
-    kw = {} if m.nblocks is None else {"nblocks": m.nblocks}
-    if fam.rank_for_ratio(i, o, q, **kw) != m.rank:
-        raise ValueError(f"plan: module {m.name!r}: rank {m.rank} has no ratio giving it exactly")
-    return q
-
-
 def _as_latency(latency):
     from .plan_latency import LatencyModel, latency_model
 
@@ -817,7 +785,7 @@ def check_budgets(candidates: List[ModuleCandidates], target_params=None, target
 
 def plan_model(model: nn.Module, target_params=None, config=None, *, target_latency=None, latency=None,
                grams=None, ratios=DEFAULT_RATIOS, ranks=None, methods: Sequence[str] = ("lowrank",),
-               max_cells: int = MAX_CELLS, **grid) -> BudgetPlan:
+               max_cells: int = MAX_CELLS, cache=True, batches=None, forward=None, **grid) -> BudgetPlan:
     """:func:`candidate_grid`, the budgets checked (:func:`check_budgets`) before any weight is
     read, then :func:`score_candidates` and :func:`solve`.
 
@@ -826,7 +794,9 @@ def plan_model(model: nn.Module, target_params=None, config=None, *, target_late
     :class:`~fastfactor.plan_latency.LatencyModel`, or a dict of
     :func:`~fastfactor.plan_latency.latency_model` arguments: ``device``, ``tokens``, ``direction``,
     ``dtype``, ``bench``; default the ``sol`` model on an H200 at 16384 tokens, forward). Either
-    budget or both. ``methods``: the families in the grid besides "dense" (default low-rank only)."""
+    budget or both. ``methods``: the families in the grid besides "dense" (default low-rank only).
+    ``batches`` (with an optional ``forward``): score by the change of the model's output over these
+    calibration batches (:func:`output_scores`, ``scorer="output"``) instead of the weight errors."""
     from .api import _chosen_targets, _config
 
     if not isinstance(model, nn.Module):
@@ -840,10 +810,15 @@ def plan_model(model: nn.Module, target_params=None, config=None, *, target_late
     cands = candidate_grid(model, targets, ratios=ratios, ranks=ranks, methods=methods, latency=lat, **grid)
     info = lat.describe() if lat is not None else None
     check_budgets(cands, target_params, target_latency, info)  # before any weight is touched
-    score_candidates(model, cands, grams)
+    if batches is not None:
+        output_scores(model, cands, batches, forward, grams)
+    else:
+        score_candidates(model, cands, grams, cache=cache)
     plan = solve(cands, target_params, target_latency, max_cells=max_cells, latency_info=info)
     if grams is not None:
         plan.scorer, plan.init = "whitened", "activation"
+    if batches is not None:
+        plan.scorer = "output"
     for m in plan.modules:
         if m.method != "dense":
             m.init = score_init(m.method, grams is not None)
@@ -851,36 +826,6 @@ def plan_model(model: nn.Module, target_params=None, config=None, *, target_late
         dense_s = sum(next(ch.seconds for ch in c.choices if ch.method == "dense") for c in cands)
         plan.latency = dict(info, fraction=None, budget_s=None, dense_s=dense_s)
     return plan
-
-
-def as_plan(plan) -> BudgetPlan:
-    """A :class:`BudgetPlan` from itself, its dict, or a path to its JSON."""
-    if isinstance(plan, BudgetPlan):
-        return plan
-    if isinstance(plan, dict):
-        return BudgetPlan.from_dict(plan)
-    if isinstance(plan, (str, os.PathLike)):
-        return BudgetPlan.load(os.fspath(plan))
-    raise TypeError(f"plan: expected a BudgetPlan, its dict or a path to its JSON, got {type(plan).__name__}")
-
-
-def check_plan(model: nn.Module, plan: BudgetPlan) -> None:
-    """Every planned module is a dense linear of ``model`` with the planned shape (shapes only:
-    a meta-device model will do)."""
-    from .compress.targets import dense_view, get_module, is_supported_linear
-
-    for m in plan.modules:
-        try:
-            mod = get_module(model, m.name)
-        except (AttributeError, KeyError, ValueError) as e:
-            raise ValueError(f"plan: module {m.name!r} not found in {type(model).__name__} ({e})") from None
-        if not is_supported_linear(mod):
-            raise ValueError(f"plan: module {m.name!r}: expected a dense linear layer (an uncompressed model), "
-                             f"got {type(mod).__name__}")
-        shape = tuple(dense_view(mod, m.name).weight.shape)
-        if shape != (m.out_features, m.in_features):
-            raise ValueError(f"plan: module {m.name!r}: expected weight (out, in) = "
-                             f"{(m.out_features, m.in_features)}, got {shape}")
 
 
 def apply_plan(model: nn.Module, plan: BudgetPlan, data=None, config=None) -> nn.Module:
@@ -913,6 +858,6 @@ def apply_plan(model: nn.Module, plan: BudgetPlan, data=None, config=None) -> nn
     return model
 
 
-__all__ = ["Choice", "ModuleCandidates", "PlanEntry", "BudgetPlan", "candidate_ranks", "tail_energies",
-           "candidate_grid", "score_candidates", "sensitivity", "resolve_budget", "resolve_latency",
+__all__ = ["Choice", "ModuleCandidates", "PlanEntry", "BudgetPlan", "PLAN_METHODS", "PLAN_VERSION", "candidate_ranks", "tail_energies",
+           "candidate_grid", "score_candidates", "output_scores", "ScoreCache", "sensitivity", "resolve_budget", "resolve_latency",
            "check_budgets", "solve", "plan_model", "as_plan", "check_plan", "apply_plan"]

@@ -278,6 +278,8 @@ ROWSUM_SPACE = [ROWSUM_INTERP, ROWSUM_FIXED]
 DECODE_INTERP = dict(num_warps=4, num_stages=1)
 DECODE_FIXED = dict(num_warps=8, num_stages=2)
 DECODE_SPACE = [DECODE_INTERP, DECODE_FIXED]
+#: the decode backward: 8 warps only (4 warps spill at R = 512 on sm_90: compile-check)
+DECODE_BWD_SPACE = [DECODE_FIXED]
 
 
 def _chain_fits(block_m: int, block_n: int, block_k: int, num_stages: int, r_pad: int) -> bool:
@@ -882,6 +884,206 @@ if HAS_TRITON:
                 tl.atomic_xchg(cnt_ptr + 2, 0)
                 tl.atomic_xchg(cnt_ptr + 3, 0)
 
+    @triton.jit
+    def _dbwd_producer_piece(g, t_ptr, u_ptr, du_ptr, acc, offs_m, mask_m, offs_n, mask_n, offs_r, M, R,
+                             stride_un, stride_ur, stride_dun, stride_dur,
+                             NEED_U: tl.constexpr, CAST: tl.constexpr, PRECISION: tl.constexpr):
+        # acc (BLOCK_M, RP) += g (BLOCK_M, BLOCK_N) · U[n-tile, piece];  dU[n-tile, piece] = gᵀ·t[:, piece]
+        w = tl.load(u_ptr + offs_n[:, None] * stride_un + offs_r[None, :] * stride_ur,
+                    mask=mask_n[:, None] & (offs_r[None, :] < R), other=0.0)        # (BLOCK_N, RP)
+        if CAST:
+            w = w.to(tl.float32)
+        acc = tl.dot(g, w, acc, input_precision=PRECISION)
+        if NEED_U:
+            tt = tl.load(t_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & (offs_r[None, :] < R),
+                         other=0.0)
+            if CAST:
+                tt = tt.to(tl.float32)
+            du = tl.dot(tl.trans(g), tt, input_precision=PRECISION)                   # (BLOCK_N, RP)
+            tl.store(du_ptr + offs_n[:, None] * stride_dun + offs_r[None, :] * stride_dur,
+                     du.to(du_ptr.dtype.element_ty), mask=mask_n[:, None] & (offs_r[None, :] < R))
+        return acc
+
+    @triton.jit
+    def _dbwd_consumer_piece(dt_ptr, v, xt, dx, dv_ptr, offs_m, mask_m, offs_r, offs_k, mask_k, M, R,
+                             stride_dvr, stride_dvk,
+                             NEED_X: tl.constexpr, NEED_V: tl.constexpr, CAST: tl.constexpr,
+                             PRECISION: tl.constexpr):
+        # dx[:, k-tile] += dt[:, piece]·V[piece, k-tile];  dV[piece, k-tile] = dt[:, piece]ᵀ·x[:, k-tile]
+        d = tl.load(dt_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & (offs_r[None, :] < R),
+                    other=0.0, cache_modifier=".cg")
+        if CAST:
+            d = d.to(tl.float32)
+        if NEED_X:
+            dx = tl.dot(d, v, dx, input_precision=PRECISION)
+        if NEED_V:
+            dv = tl.dot(tl.trans(d), xt, input_precision=PRECISION)                   # (RP, BLOCK_K)
+            tl.store(dv_ptr + offs_r[:, None] * stride_dvr + offs_k[None, :] * stride_dvk,
+                     dv.to(dv_ptr.dtype.element_ty), mask=(offs_r[:, None] < R) & mask_k[None, :])
+        return dx
+
+    @triton.jit
+    def _decode_bwd_kernel(
+        # --- pointers ---
+        g_ptr,     # (M, N) upstream gradient dL/dy, any strides; M <= 64
+        x_ptr,     # (M, K) input
+        u_ptr,     # (N, R) U
+        v_ptr,     # (R, K) V
+        t_ptr,     # (M, R) contiguous saved t = x·Vᵀ (intermediate dtype); read when NEED_U
+        dx_ptr,    # (M, K) out: dx = dt·V             (NEED_X)
+        du_ptr,    # (N, R) out: dU = gᵀ·t             (NEED_U)
+        dv_ptr,    # (R, K) out: dV = dtᵀ·x            (NEED_V)
+        db_ptr,    # (N,)   out: db = Σ_m g            (HAS_BIAS)
+        dt_ptr,    # (M, R) contiguous dt = g·U (intermediate dtype): written by the reducers
+        ws_ptr,    # (N0, M, R) contiguous fp32 partials of dt
+        cnt_ptr,   # (4,) int32 counters (SYNC), as in _decode_kernel
+        # --- dimensions ---
+        M, K, N, R,
+        N0, N1, N2,  # producers (N chunks of NC columns of g), reducers (BLOCK_R columns of dt), consumers (BLOCK_K columns of x)
+        NC,
+        # --- strides (in elements) ---
+        stride_gm, stride_gn,
+        stride_xm, stride_xk,
+        stride_un, stride_ur,
+        stride_vr, stride_vk,
+        stride_dxm, stride_dxk,
+        stride_dun, stride_dur,
+        stride_dvr, stride_dvk,
+        # --- meta-parameters ---
+        NEED_X: tl.constexpr,
+        NEED_U: tl.constexpr,
+        NEED_V: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        SYNC: tl.constexpr,
+        T_FP32: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        FP64: tl.constexpr,
+        R0: tl.constexpr,
+        R1: tl.constexpr,
+        R2: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+    ):
+        # The whole backward of a handful of rows in one launch, roles by ticket as in _decode_kernel:
+        #   producers  p < N0:  N chunk p of g and U:  dU[Np, :] = g[:, Np]ᵀ·t,  db[Np] = Σ_m g[:, Np],
+        #                       partial dt_p = g[:, Np]·U[Np, :]                  (U read once)
+        #   reducers   j < N1:  dt[:, Rj] = Σ_{p = 0..N0-1} dt_p[:, Rj]         (fixed order)
+        #   consumers  c < N2:  K tile c:  dx[:, Kc] = dt·V[:, Kc],  dV[:, Kc] = dtᵀ·x[:, Kc]
+        #                       (V and x loaded before the wait: V read once)
+        if SYNC:
+            ticket = tl.atomic_add(cnt_ptr, 1)
+        else:
+            ticket = tl.program_id(0)
+        CAST: tl.constexpr = (UPCAST or T_FP32) and not FP64
+        acc_ty = tl.float64 if FP64 else tl.float32
+        offs_m = tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        offs_r0 = tl.arange(0, R0)
+        offs_r1 = R0 + tl.arange(0, R1 if R1 > 0 else 16)
+        offs_r2 = R0 + R1 + tl.arange(0, R2 if R2 > 0 else 16)
+        if ticket < N0:
+            n_lo = ticket * NC
+            acc0 = tl.zeros((BLOCK_M, R0), dtype=acc_ty)
+            if R1 > 0:
+                acc1 = tl.zeros((BLOCK_M, R1), dtype=acc_ty)
+            if R2 > 0:
+                acc2 = tl.zeros((BLOCK_M, R2), dtype=acc_ty)
+            for n0 in range(n_lo, n_lo + NC, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < N
+                g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                            mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+                if HAS_BIAS:
+                    tl.store(db_ptr + offs_n, tl.sum(g.to(acc_ty), axis=0).to(db_ptr.dtype.element_ty), mask=mask_n)
+                if CAST:
+                    g = g.to(tl.float32)
+                acc0 = _dbwd_producer_piece(g, t_ptr, u_ptr, du_ptr, acc0, offs_m, mask_m, offs_n, mask_n, offs_r0,
+                                            M, R, stride_un, stride_ur, stride_dun, stride_dur,
+                                            NEED_U, CAST, PRECISION)
+                if R1 > 0:
+                    acc1 = _dbwd_producer_piece(g, t_ptr, u_ptr, du_ptr, acc1, offs_m, mask_m, offs_n, mask_n,
+                                                offs_r1, M, R, stride_un, stride_ur, stride_dun, stride_dur,
+                                                NEED_U, CAST, PRECISION)
+                if R2 > 0:
+                    acc2 = _dbwd_producer_piece(g, t_ptr, u_ptr, du_ptr, acc2, offs_m, mask_m, offs_n, mask_n,
+                                                offs_r2, M, R, stride_un, stride_ur, stride_dun, stride_dur,
+                                                NEED_U, CAST, PRECISION)
+            _decode_store_ws(ws_ptr, acc0, ticket, M, R, offs_m, mask_m, offs_r0)
+            if R1 > 0:
+                _decode_store_ws(ws_ptr, acc1, ticket, M, R, offs_m, mask_m, offs_r1)
+            if R2 > 0:
+                _decode_store_ws(ws_ptr, acc2, ticket, M, R, offs_m, mask_m, offs_r2)
+            if SYNC:
+                tl.debug_barrier()
+                tl.atomic_add(cnt_ptr + 1, 1, sem="release")
+        elif ticket < N0 + N1:
+            j = ticket - N0
+            if SYNC:
+                seen = tl.atomic_add(cnt_ptr + 1, 0, sem="acquire")
+                while seen < N0:
+                    seen = tl.atomic_add(cnt_ptr + 1, 0, sem="acquire")
+                tl.debug_barrier()
+            offs_c = j * BLOCK_R + tl.arange(0, BLOCK_R)
+            msk = mask_m[:, None] & (offs_c[None, :] < R)
+            ptrs = ws_ptr + offs_m[:, None] * R + offs_c[None, :]
+            s = tl.load(ptrs, mask=msk, other=0.0, cache_modifier=".cg")
+            for p in range(1, N0):
+                s += tl.load(ptrs + p * M * R, mask=msk, other=0.0, cache_modifier=".cg")
+            tl.store(dt_ptr + offs_m[:, None] * R + offs_c[None, :], s.to(dt_ptr.dtype.element_ty), mask=msk)
+            if SYNC:
+                tl.debug_barrier()
+                tl.atomic_add(cnt_ptr + 2, 1, sem="release")
+        else:
+            c = ticket - N0 - N1
+            offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            # operands first (overlap the producers): V[piece, k-tile] (NEED_X), x[:, k-tile] (NEED_V)
+            v0 = tl.load(v_ptr + offs_r0[:, None] * stride_vr + offs_k[None, :] * stride_vk,
+                         mask=(offs_r0[:, None] < R) & mask_k[None, :] & NEED_X, other=0.0)
+            if CAST:
+                v0 = v0.to(tl.float32)
+            if R1 > 0:
+                v1 = tl.load(v_ptr + offs_r1[:, None] * stride_vr + offs_k[None, :] * stride_vk,
+                             mask=(offs_r1[:, None] < R) & mask_k[None, :] & NEED_X, other=0.0)
+                if CAST:
+                    v1 = v1.to(tl.float32)
+            if R2 > 0:
+                v2 = tl.load(v_ptr + offs_r2[:, None] * stride_vr + offs_k[None, :] * stride_vk,
+                             mask=(offs_r2[:, None] < R) & mask_k[None, :] & NEED_X, other=0.0)
+                if CAST:
+                    v2 = v2.to(tl.float32)
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                         mask=mask_m[:, None] & mask_k[None, :] & NEED_V, other=0.0)
+            if CAST:
+                xt = xt.to(tl.float32)
+            if SYNC:
+                seen = tl.atomic_add(cnt_ptr + 2, 0, sem="acquire")
+                while seen < N1:
+                    seen = tl.atomic_add(cnt_ptr + 2, 0, sem="acquire")
+                tl.debug_barrier()
+            dx = tl.zeros((BLOCK_M, BLOCK_K), dtype=acc_ty)
+            dx = _dbwd_consumer_piece(dt_ptr, v0, xt, dx, dv_ptr, offs_m, mask_m, offs_r0, offs_k, mask_k, M, R,
+                                      stride_dvr, stride_dvk, NEED_X, NEED_V, CAST, PRECISION)
+            if R1 > 0:
+                dx = _dbwd_consumer_piece(dt_ptr, v1, xt, dx, dv_ptr, offs_m, mask_m, offs_r1, offs_k, mask_k, M, R,
+                                          stride_dvr, stride_dvk, NEED_X, NEED_V, CAST, PRECISION)
+            if R2 > 0:
+                dx = _dbwd_consumer_piece(dt_ptr, v2, xt, dx, dv_ptr, offs_m, mask_m, offs_r2, offs_k, mask_k, M, R,
+                                          stride_dvr, stride_dvk, NEED_X, NEED_V, CAST, PRECISION)
+            if NEED_X:
+                tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+                         dx.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+        if SYNC:
+            done = tl.atomic_add(cnt_ptr + 3, 1)
+            if done == N0 + N1 + N2 - 1:
+                tl.atomic_xchg(cnt_ptr, 0)
+                tl.atomic_xchg(cnt_ptr + 1, 0)
+                tl.atomic_xchg(cnt_ptr + 2, 0)
+                tl.atomic_xchg(cnt_ptr + 3, 0)
+
     def _pick_chain(named: dict) -> dict:
         r_pad = sum(int(named.get(k) or 0) for k in ("R0", "R1", "R2"))
         return chain_config(int(named.get("M_BUCKET") or named.get("M") or 1), r_pad)
@@ -965,6 +1167,26 @@ if HAS_TRITON:
         ],
         space=DECODE_SPACE,
         unit_args=("stride_xk", "stride_vk", "stride_ur", "stride_yn"),
+    ))
+    _decode_bwd_tuned = Tunable(_decode_bwd_kernel, DECODE_BWD_SPACE,
+                                key=["N0", "N1", "N2", "R0", "R1", "R2", "BLOCK_M", "SYNC"],
+                                interpreter=DECODE_FIXED, deterministic=DECODE_FIXED)
+    register_kernel(KernelSpec(
+        name="lowrank.decode_bwd",
+        fn=_decode_bwd_kernel,
+        pointers={"ws_ptr": "fp32", "cnt_ptr": "i32"},
+        constexprs=[
+            # d = 4096, ratio 0.25 (R = 512), M <= 16, training (every gradient), as on a GPU (SYNC)
+            dict(NEED_X=True, NEED_U=True, NEED_V=True, HAS_BIAS=True, SYNC=True, T_FP32=False, UPCAST=False,
+                 PRECISION="tf32", FP64=False, R0=512, R1=0, R2=0, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16,
+                 BLOCK_R=16),
+            # fp16 (fp32 intermediates), 64 rows, rank 112 = 64 + 32 + 16, no bias, no dx
+            dict(NEED_X=False, NEED_U=True, NEED_V=True, HAS_BIAS=False, SYNC=True, T_FP32=True, UPCAST=False,
+                 PRECISION="tf32", FP64=False, R0=64, R1=32, R2=16, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64,
+                 BLOCK_R=16),
+        ],
+        space=DECODE_BWD_SPACE,
+        unit_args=("stride_gn", "stride_xk", "stride_ur", "stride_vk", "stride_dxk", "stride_dur", "stride_dvk"),
     ))
     register_kernel(KernelSpec(
         name="lowrank.splitk_reduce",
@@ -1125,6 +1347,28 @@ def _decode_launch(name, M, K, N, R, e, te, bias, dev, dtype="bf16") -> Optional
                   bm >= 64, dtype=dtype)
 
 
+def _decode_bwd_launch(name, M, K, N, R, e, te, bias, need_x, need_u, need_v, dev, dtype="bf16") -> Launch:
+    """The one-launch decode backward (:func:`decode_bwd`): ``g``, ``U`` read once by the producers
+    (``t`` re-read per ``N`` step from L2 when ``dU`` is asked for), the fp32 partials of ``dt``
+    stored and read once, ``dt`` read by every consumer, ``V`` / ``x`` read once; ``dU``, ``dV``,
+    ``dx``, ``db`` written once."""
+    tl_ = decode_bwd_tiles(M, K, N, R)
+    steps = tl_["N0"] * tl_["NC"] // tl_["BLOCK_N"]
+    g, u, v, x = M * N * e, N * R * e, R * K * e, M * K * e
+    t, dt, ws = M * R * te, M * R * te, tl_["N0"] * M * R * 4
+    t_reads = t * steps if need_u else 0
+    dt_reads = dt * tl_["N2"]
+    v_l, x_l = (v if need_x else 0), (x if need_v else 0)
+    outs = (x if need_x else 0) + (u if need_u else 0) + (v if need_v else 0) + (N * e if bias else 0)
+    dram = g + u + _dram(t_reads, t, dev) + 2 * ws + dt + _dram(dt_reads, dt, dev) + v_l + x_l + outs
+    l2 = g + u + t_reads + 2 * ws + dt + dt_reads + v_l + x_l + outs
+    bm, rp, bn, bk = tl_["BLOCK_M"], tl_["R_PAD"], tl_["BLOCK_N"], tl_["BLOCK_K"]
+    issued = 2.0 * bm * rp * bn * steps * (2 if need_u else 1) \
+        + 2.0 * bm * rp * bk * tl_["N2"] * (int(need_x) + int(need_v))
+    useful = 2.0 * M * R * (N * (1 + int(need_u)) + K * (int(need_x) + int(need_v)))
+    return Launch(name, tl_["N0"] + tl_["N1"] + tl_["N2"], dram, l2, issued, useful, bm >= 64, dtype=dtype)
+
+
 def _rowsum_launches(name, M, N, e, dev) -> list:
     """``db = Σ_m g`` of ``g (M, N)``: a library ``sum`` (cuBLAS path) is one op of ``M·N·e`` bytes;
     ours is :func:`row_sums` of ``gᵀ`` (split over ``M`` until the launch fills, then the reduce)."""
@@ -1155,6 +1399,9 @@ def plan_bwd(M: int, K: int, N: int, R: int, path: str, elem: int = 2, has_bias:
     """The launches of the backward (``t`` saved by the forward) on ``path``: ``dt = g·U``,
     ``dx = dt·V`` (one chain launch on ``'fused'``), ``dU = gᵀ·t``, ``db = Σ_m g``, ``dV = dtᵀ·x``."""
     te = 4 if dtype == "fp16" else elem
+    if path == "decode" and (need_x or need_v) and decode_bwd_tiles(M, K, N, R) is not None:
+        return [_decode_bwd_launch("decode_bwd", M, K, N, R, elem, te, has_bias, need_x, need_u, need_v, dev,
+                                   dtype)]
     cub = path == "torch"
     out: list = []
     if need_x and path == "fused":
@@ -1193,8 +1440,9 @@ def _forced(R: int, M: int = 1, K: int = 1, N: int = 1, direction: str = "fwd") 
         raise ValueError(f"FASTFACTOR_LOWRANK_PATH: expected one of {', '.join(PATHS)}, got {forced!r}")
     if forced == "fused" and padded_rank(R) > FUSED_MAX_R:
         return "two_gemm"
-    if forced == "decode" and (direction != "fwd" or decode_tiles(M, K, N, R) is None):
-        return "two_gemm"   # forward only, a handful of rows
+    tiles = decode_tiles if direction == "fwd" else decode_bwd_tiles
+    if forced == "decode" and tiles(M, K, N, R) is None:
+        return "two_gemm"   # a handful of rows only
     return forced
 
 
@@ -1239,13 +1487,20 @@ def _device_for(sms: Optional[int]) -> _cost.Device:
 
 
 def path_costs(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = None, bias: bool = True,
-               direction: str = "fwd", sms: Optional[int] = None, **need) -> dict:
-    """Predicted seconds of every candidate path (``direction`` ``'fwd'`` or ``'bwd'``)."""
+               direction: str = "fwd", sms: Optional[int] = None, decode: bool = True, **need) -> dict:
+    """Predicted seconds of every candidate path (``direction`` ``'fwd'`` or ``'bwd'``);
+    ``decode=False`` leaves the decode kernels out (a caller without a decode launcher: the
+    nonlinear bottleneck of ``kernels/lowrank_act.py``)."""
     dev = _device_for(sms)
     elem = 4 if dtype == torch.float32 else 2
     dt = _TT.get(dtype, "bf16")
     out = {}
     cands = _candidates(R, dtype, M, N if direction == "fwd" else K, dev.sms, K if direction == "fwd" else 0)
+    if direction != "fwd" and need.pop("t_saved", True) and (need.get("need_x", True) or need.get("need_v", True)) \
+            and decode_bwd_tiles(M, K, N, R) is not None:
+        cands.append("decode")
+    if not decode:
+        cands = [p for p in cands if p != "decode"]
     for p in cands:
         ls = (plan(M, K, N, R, p, elem, dev=dev, bias=bias, dtype=dt) if direction == "fwd"
               else plan_bwd(M, K, N, R, p, elem, bias, dev=dev, dtype=dt, **need))
@@ -1254,7 +1509,7 @@ def path_costs(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = No
 
 
 def choose_path(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = None,
-                bias: bool = True, sms: Optional[int] = None) -> str:
+                bias: bool = True, sms: Optional[int] = None, decode: bool = True) -> str:
     """The forward path for ``x (M, K)``, ``V (R, K)``, ``U (N, R)``, chosen by predicted cost.
 
     Paths: ``'decode'`` (one launch, producers / reducers / consumers, ``M <= 64``: see
@@ -1286,21 +1541,22 @@ def choose_path(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = N
         return forced
     if min(M, K, N, R) <= 0:
         return "two_gemm"  # nothing to choose: the launchers handle empty products without a kernel
-    return _pick(path_costs(M, K, N, R, dtype, bias, "fwd", sms))
+    return _pick(path_costs(M, K, N, R, dtype, bias, "fwd", sms, decode=decode))
 
 
 def choose_bwd_path(M: int, K: int, N: int, R: int, dtype: Optional[torch.dtype] = None,
                     has_bias: bool = True, need_x: bool = True, need_u: bool = True, need_v: bool = True,
-                    sms: Optional[int] = None) -> str:
+                    sms: Optional[int] = None, t_saved: bool = True, decode: bool = True) -> str:
     """The backward path for the same shapes as :func:`choose_path` (``x (M, K)``, ``U (N, R)``),
-    by the same cost model applied to the backward's launches (:func:`plan_bwd`)."""
+    by the same cost model applied to the backward's launches (:func:`plan_bwd`); ``'decode'``
+    (:func:`decode_bwd`, one launch) needs the forward's saved ``t``."""
     forced = _forced(R, M, K, N, "bwd")
     if forced:
         return forced
     if min(M, K, N, R) <= 0:
         return "two_gemm"
     return _pick(path_costs(M, K, N, R, dtype, has_bias, "bwd", sms,
-                            need_x=need_x, need_u=need_u, need_v=need_v))
+                            need_x=need_x, need_u=need_u, need_v=need_v, t_saved=t_saved, decode=decode))
 
 
 # ============================================================================================
@@ -1540,6 +1796,69 @@ def decode(
     return y, (t if save_t else None)
 
 
+def decode_bwd_tiles(M: int, K: int, N: int, R: int) -> Optional[dict]:
+    """Tiles and role counts of the one-launch decode backward (:func:`decode_bwd`), or None where
+    it does not apply (``M > 64``, ``BLOCK_M x R_PAD > DECODE_MAX_ACC``). ``BLOCK_N`` (producers'
+    ``g``/``U`` step) and ``BLOCK_K`` (consumers' ``x``/``V`` tile) keep a factor tile and its
+    fp32 gradient tile at <= 8 K elements each."""
+    if not (0 < M <= DECODE_MAX_M) or min(K, N, R) <= 0:
+        return None
+    pieces = rank_pieces(R)
+    bm, rp = max(16, next_pow2(M)), sum(pieces)
+    if bm * rp > DECODE_MAX_ACC:
+        return None
+    fit = 1 << ((DECODE_MAX_ACC // rp).bit_length() - 1)
+    bn = bk = max(16, min(64, fit))
+    steps = -(-N // bn)
+    n0 = min(steps, DECODE_PRODUCERS)
+    nc = -(-steps // n0) * bn
+    n0 = -(-N // nc)
+    return dict(BLOCK_M=bm, R0=pieces[0], R1=pieces[1], R2=pieces[2], R_PAD=rp, BLOCK_N=bn, BLOCK_K=bk,
+                BLOCK_R=16, N0=n0, N1=-(-R // 16), N2=-(-K // bk), NC=nc)
+
+
+def decode_bwd(g, x, u, v, t, has_bias: bool, need_x: bool = True, need_u: bool = True, need_v: bool = True,
+               sync: Optional[bool] = None):
+    """The backward of a handful of rows in **one launch**: ``(dx, du, dv, db)`` (None where not
+    asked for). g: (M, N), x: (M, K), u: (N, R), v: (R, K), t: (M, R) the forward's saved
+    ``x·Vᵀ``. Producers take ``N`` chunks (``dU = gᵀ·t`` and ``db`` for their columns, a partial
+    ``dt = g·U``), reducers sum the partials in a fixed order into ``dt`` (rounded as the
+    intermediate), consumers take ``K`` tiles (``dx = dt·V``, ``dV = dtᵀ·x``, their ``V`` and ``x``
+    loaded before the wait). ``U`` and ``V`` are each read once, ``dU`` and ``dV`` written once;
+    bitwise reproducible. ``sync`` as in :func:`decode`."""
+    M, K = x.shape
+    N, R = u.shape
+    tiles = decode_bwd_tiles(M, K, N, R)
+    if tiles is None or t is None:
+        raise ValueError(f"decode_bwd: expected 1 <= M <= {DECODE_MAX_M} rows, a rank whose accumulator fits "
+                         f"and the saved t, got M={M}, R={R}, t={'given' if t is not None else None}")
+    acc = acc_dtype(g.dtype)
+    inter = intermediate_dtype(g.dtype)
+    dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if need_x else None
+    du = torch.empty((N, R), device=x.device, dtype=u.dtype) if need_u else None
+    dv = torch.empty((R, K), device=x.device, dtype=v.dtype) if need_v else None
+    db = torch.empty((N,), device=x.device, dtype=g.dtype) if has_bias else None
+    dt = torch.empty((M, R), device=x.device, dtype=inter)
+    ws = torch.empty((tiles["N0"], M, R), device=x.device, dtype=acc)
+    t = t.contiguous()
+    sync = x.is_cuda if sync is None else bool(sync)
+    cnt = _counters(x.device) if sync else ws
+    ph = lambda a, like: a if a is not None else like
+    dxa, dua, dva = ph(dx, x), ph(du, u), ph(dv, v)
+    n0, n1, n2 = tiles["N0"], tiles["N1"], tiles["N2"]
+    _decode_bwd_tuned[(n0 + n1 + n2,)](
+        g, x, u, v, t, dxa, dua, dva, ph(db, dt), dt, ws, cnt,
+        M, K, N, R, n0, n1, n2, tiles["NC"],
+        g.stride(0), g.stride(1), x.stride(0), x.stride(1), u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+        dxa.stride(0), dxa.stride(1), dua.stride(0), dua.stride(1), dva.stride(0), dva.stride(1),
+        NEED_X=need_x, NEED_U=need_u, NEED_V=need_v, HAS_BIAS=has_bias, SYNC=sync, T_FP32=inter != g.dtype,
+        UPCAST=upcast_dots(), PRECISION=dot_precision(g.dtype), FP64=g.dtype == torch.float64,
+        R0=tiles["R0"], R1=tiles["R1"], R2=tiles["R2"],
+        BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], BLOCK_K=tiles["BLOCK_K"], BLOCK_R=tiles["BLOCK_R"],
+    )
+    return dx, du, dv, db
+
+
 def _mm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype):
     """One cuBLAS product (the ``'torch'`` path): ``torch.mm`` / ``torch.addmm`` in the operands'
     dtype (fp32 accumulation inside cuBLAS). fp16 products whose intermediate is fp32 go to the
@@ -1598,7 +1917,8 @@ def lowrank_bwd(
     M, K = x.shape
     N, R = u.shape
     dx = du = dv = db = None
-    path = path or choose_bwd_path(M, K, N, R, g.dtype, has_bias, need_x, need_u, need_v, num_sms(g.device))
+    path = path or choose_bwd_path(M, K, N, R, g.dtype, has_bias, need_x, need_u, need_v, num_sms(g.device),
+                                   t_saved=t is not None)
     if M == 0:
         z = lambda *s, like: torch.zeros(s, device=like.device, dtype=like.dtype)
         return (
@@ -1607,6 +1927,9 @@ def lowrank_bwd(
             z(R, K, like=v) if need_v else None,
             z(N, like=u) if has_bias else None,
         )
+    if (path == "decode" and t is not None and (need_x or need_v) and min(K, N, R) > 0
+            and decode_bwd_tiles(M, K, N, R) is not None):
+        return decode_bwd(g, x, u, v, t, has_bias, need_x, need_u, need_v)
     inter = intermediate_dtype(g.dtype)
     use_mm = path == "torch" and inter == g.dtype and N > 0 and K > 0 and R > 0
     mm = (lambda a, b, out_dtype: _mm(a, b, None, out_dtype)) if use_mm else (

@@ -176,7 +176,7 @@ def lowrank_act_fwd(
     M, K = x.shape
     N, R = u.shape
     code = act_code(act)
-    path = path or L.choose_path(M, K, N, R, x.dtype, bias is not None, num_sms(x.device))
+    path = path or L.choose_path(M, K, N, R, x.dtype, bias is not None, num_sms(x.device), decode=False)
     inter = L.intermediate_dtype(x.dtype)
     if min(M, K, N, R) == 0:  # empty products: the reference's answer, no kernel
         y, h = lowrank_act_ref(x, u, v, bias, cb, act, return_h=True)
@@ -219,7 +219,7 @@ def lowrank_act_bwd(
     if min(M, K, N, R) == 0:
         return lowrank_act_bwd_ref(g, x, u, v, cb, h, act, has_bias, need_x, need_u, need_v, need_cb)
     path = path or L.choose_bwd_path(M, K, N, R, g.dtype, has_bias, need_x, need_u, need_v or need_cb,
-                                     num_sms(g.device))
+                                     num_sms(g.device), decode=False)   # no decode kernel with σ here
     acc = acc_dtype(g.dtype)
     inter = L.intermediate_dtype(g.dtype)
     use_mm = path == "torch" and inter == g.dtype

@@ -13,6 +13,12 @@ from fastfactor.plan import (BudgetPlan, Choice, ModuleCandidates, apply_plan, c
                              sensitivity, solve, tail_energies)
 
 
+@pytest.fixture(autouse=True)
+def _plan_cache(tmp_path, monkeypatch):
+    """Scores and latency costs cached in a fresh folder per test (never the user's cache)."""
+    monkeypatch.setenv("FASTFACTOR_PLAN_CACHE", str(tmp_path / "plan-cache"))
+
+
 def _random_candidates(g, n_modules):
     cands = []
     for m in range(n_modules):

@@ -14,6 +14,12 @@ from fastfactor.compress._tiny import tiny_data, tiny_model
 from fastfactor.plan import BudgetPlan, plan_model
 
 
+@pytest.fixture(autouse=True)
+def _plan_cache(tmp_path, monkeypatch):
+    """Scores and latency costs cached in a fresh folder per test (never the user's cache)."""
+    monkeypatch.setenv("FASTFACTOR_PLAN_CACHE", str(tmp_path / "plan-cache"))
+
+
 def _ranks(model, plan):
     from fastfactor.layers.lowrank import LowRankLinear
 
@@ -33,12 +39,17 @@ def test_compress_executes_plan_and_records_it(schedule):
     from fastfactor import compress
 
     plan = plan_model(tiny_model("bert", seed=2), 0.45)
+    m0 = plan.modules[0]  # one module kept dense: still a target of the plan, counted whole
+    m0.method, m0.rank, m0.params, m0.score = "dense", None, m0.in_features * m0.out_features, 0.0
     model = tiny_model("bert", seed=2)
     cfg = {"schedule": schedule, "stage_steps": 1, "final_steps": 1, "batch_size": 8, "calib_batches": 1}
     model, report = compress(model, cfg, tiny_data(), plan=plan)
     assert _ranks(model, plan) == _expected(plan)
     assert report.plan == plan.to_dict()
-    assert report.target_weight_params_after == plan.params <= plan.budget
+    assert report.target_weight_params_after == plan.params
+    assert report.target_weight_params_before == plan.target_params_dense
+    assert abs(report.target_ratio - plan.kept) < 1e-12
+    assert isinstance(model.get_submodule(m0.name), torch.nn.Linear)
     assert report.to_dict()["plan"]["params"] == plan.params
     qc = model.config.quantization_config
     comp = qc["compression"] if isinstance(qc, dict) else qc.compression

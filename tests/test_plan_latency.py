@@ -18,6 +18,12 @@ from fastfactor.plan_latency import (BenchLatency, LatencyModel, SolLatency, mak
                                      predicted_seconds)
 
 
+@pytest.fixture(autouse=True)
+def _plan_cache(tmp_path, monkeypatch):
+    """Scores and latency costs cached in a fresh folder per test (never the user's cache)."""
+    monkeypatch.setenv("FASTFACTOR_PLAN_CACHE", str(tmp_path / "plan-cache"))
+
+
 class AffineLatency(LatencyModel):
     """A stand-in latency source: ``floor·launches + stored weights / rate`` (launches: 1 dense,
     2 factorized), so small ranks are faster than dense and large ones slower."""
@@ -328,3 +334,82 @@ def test_mixed_whitened_plan_offline_with_data():
         assert getattr(mod, "method", "dense") == m.method or (m.method == "dense" and isinstance(mod, nn.Linear))
         if m.method != "dense":
             assert mod.num_weight_params == m.params
+
+
+def test_score_cache_per_model_and_calibration_set(tmp_path, monkeypatch):
+    """Scores are cached on disk per (module weight, Gram) fingerprint: a second planning of the same
+    model and calibration set reads them (no SVD, no factorization); another calibration set or
+    changed weights are scored afresh."""
+    import fastfactor.plan as P
+    from fastfactor.compress.calibration import collect_activation_stats
+    from fastfactor.compress.targets import select_targets
+    from fastfactor.plan import ScoreCache, candidate_grid, score_candidates
+
+    model = tiny_model("bert", seed=21)
+    targets = select_targets(model)
+    names = [t.name for t in targets]
+    fwd = lambda m, b: m(input_ids=b)  # noqa: E731
+    g1 = collect_activation_stats(model, {n: model.get_submodule(n) for n in names}, [torch.randint(3, 97, (4, 9))], fwd)
+    g2 = collect_activation_stats(model, {n: model.get_submodule(n) for n in names}, [torch.randint(3, 97, (4, 9))], fwd)
+    grid = lambda: candidate_grid(model, targets, methods=("lowrank", "monarch"), other_ratios=(0.5,), nblocks=(2,))  # noqa: E731
+    cache = ScoreCache(str(tmp_path / "c"))
+    first = score_candidates(model, grid(), g1, cache=cache)
+    assert cache.misses > 0 and cache.hits == 0
+    monkeypatch.setattr(P, "tail_energies", lambda *a, **k: pytest.fail("SVD recomputed"))
+    monkeypatch.setattr(P, "_whitened_error", lambda *a, **k: pytest.fail("factorized again"))
+    cache2 = ScoreCache(str(tmp_path / "c"))
+    again = score_candidates(model, grid(), g1, cache=cache2)
+    assert cache2.misses == 0 and cache2.hits > 0
+    assert [[ch.score for ch in c.choices] for c in again] == [[ch.score for ch in c.choices] for c in first]
+    monkeypatch.undo()
+    monkeypatch.setenv("FASTFACTOR_PLAN_CACHE", str(tmp_path / "plan-cache"))
+    cache3 = ScoreCache(str(tmp_path / "c"))
+    other = score_candidates(model, grid(), g2, cache=cache3)  # another calibration set
+    assert cache3.hits == 0 and other[0].choices[1].score != first[0].choices[1].score
+    with torch.no_grad():
+        model.get_submodule(names[0]).weight.mul_(2)
+    cache4 = ScoreCache(str(tmp_path / "c"))
+    score_candidates(model, grid(), g1, cache=cache4)
+    assert cache4.misses > 0 and cache4.hits > 0  # module 0 afresh, the others from the cache
+
+
+def test_output_sensitivity_is_the_model_output_change():
+    """``output_scores``: a choice's score is the change of the model's output when only that module
+    is compressed that way; the model is left unchanged; plans can be solved on these scores."""
+    from fastfactor.compress.calibration import collect_activation_stats
+    from fastfactor.compress.targets import select_targets
+    from fastfactor.layers.lowrank import LowRankLinear
+    from fastfactor.plan import candidate_grid, output_scores
+    from fastfactor.factorize.data_aware import whitened_svd_factors
+
+    model = tiny_model("bert", seed=31)
+    block0 = {"targets": [r"re:encoder\.layer\.0\..*(query|value|dense)$"]}
+    targets = select_targets(model, block0["targets"])
+    names = [t.name for t in targets]
+    batches = [{"input_ids": torch.randint(3, 97, (3, 7))}, {"input_ids": torch.randint(3, 97, (2, 9))}]
+    grams = collect_activation_stats(model, {n: model.get_submodule(n) for n in names}, batches,
+                                     lambda m, b: m(**b))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cands = output_scores(model, candidate_grid(model, targets, methods=("lowrank", "sparse24"), ranks=[2, 5]),
+                          batches, grams=grams)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    ref = [model(**b).last_hidden_state.double() for b in batches]
+    c = cands[2]
+    ch = c.choices[2]  # the second low rank
+    assert ch.method == "lowrank" and ch.rank == 5
+    u, v, _ = whitened_svd_factors(model.get_submodule(c.name).weight.detach().double(), ch.rank, grams[c.name][0])
+    swapped = tiny_model("bert", seed=31)
+    swapped.get_submodule(c.name.rsplit(".", 1)[0]).__setattr__(
+        c.name.rsplit(".", 1)[1], LowRankLinear.from_factors(u.float(), v.float(), model.get_submodule(c.name).bias))
+    with torch.no_grad():
+        direct = sum((swapped(**b).last_hidden_state.double() - r).pow(2).sum() for b, r in zip(batches, ref))
+    assert math.isclose(float(direct), ch.score, rel_tol=1e-3)
+    for c in cands:
+        assert c.choices[0].score == 0 and all(ch.score > 0 for ch in c.choices[1:])
+    plan = solve(cands, 0.5)
+    assert plan.params <= plan.budget
+    again = plan_model(tiny_model("bert", seed=31), 0.5, block0, methods=("lowrank", "sparse24"), ranks=[2, 5],
+                       grams=grams, batches=batches)
+    assert again.scorer == "output" and again.init == "activation"
+    assert [(m.method, m.rank) for m in again.modules] == [(m.method, m.rank) for m in plan.modules]

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from .. import distributed as _dist
 from ..factorize.autoencoder import relative_groups
 from ..layers.base import FactorizedLinear
 
@@ -204,6 +205,7 @@ def refine_blocks(model: nn.Module, block_names: List[str], targets: Dict[str, l
         block = model.get_submodule(name)
         inputs = block_inputs(model, block, batches, forward)
         out[name] = info = fit_block(block, inputs, targets[name], steps=steps, lr=lr)
+        _dist.broadcast_module(block)  # rank 0's fit on every rank (a no-op single-process)
         if log is not None:
             log(f"  block fit {name}: held-out MSE {info['heldout_mse_start']:.4g} -> {info['heldout_mse']:.4g} "
                 f"(best step {info['best_step']} of {info['steps_run']})")

@@ -247,7 +247,7 @@ def check_args(args) -> None:
                                 ("--exclude", args.exclude), ("--module-ratio", args.module_ratio)) if v]
         if clash:
             raise ValueError(f"--plan: the plan fixes every module's method and rank; drop {', '.join(clash)}")
-        from ..plan import as_plan
+        from ..plan_data import as_plan
 
         try:
             args.plan_obj = as_plan(args.plan)
@@ -508,7 +508,7 @@ def run(args) -> int:
     cfg = build_config(args)
     plan = getattr(args, "plan_obj", None)
     if plan is not None:
-        from ..plan import check_plan
+        from ..plan_data import check_plan
 
         try:
             check_plan(meta_model(args.model), plan)  # names and shapes, before any weight is read

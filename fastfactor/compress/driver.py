@@ -140,7 +140,7 @@ def compress(
     t_start = time.perf_counter()
     cfg = _as_config(config if config is not None else CompressionConfig())
     if plan is not None:
-        from ..plan import as_plan, check_plan
+        from ..plan_data import as_plan, check_plan
 
         plan = as_plan(plan)
         check_plan(model, plan)
@@ -149,8 +149,10 @@ def compress(
     run = _Run(model, cfg, data, _resolve_device(model, device), progress=progress, log=log,
                evaluate_stages=evaluate_stages, checkpoint_every=checkpoint_every, parallel=parallel)
     run.plan()
-    if plan is not None:
+    if plan is not None:  # the modules the plan keeps dense count as targets kept whole
         run.report.plan = plan.to_dict()
+        run.planned_dense = sum(m.params for m in plan.modules if m.method == "dense")
+        run.report.target_weight_params_before += run.planned_dense
     run.measure_reference(teacher)
     run.measure_dense_reference()
     run.open_checkpoints(checkpoint_dir, resume)
@@ -454,7 +456,7 @@ class _Run:
             last = report.stages[-1]
             report.metrics_after = dict(last.metrics) if last.metrics else self.evaluator(model)
         report.params_after = count_params(model)
-        report.target_weight_params_after = sum(self.kept.values())
+        report.target_weight_params_after = sum(self.kept.values()) + self.planned_dense
         report.seconds = time.perf_counter() - t_start
         model.eval()
         from .. import hf  # config.quantization_config: the model's own save_pretrained reloads compressed
@@ -468,8 +470,11 @@ class _Run:
     def fine_tunes(self) -> bool:
         return self.cfg.schedule != "offline"
 
+    #: weights of the modules a budget plan keeps dense (not targets of the run, but of the plan)
+    planned_dense = 0
+
     def _kept_ratio(self) -> float:
-        return sum(self.kept.values()) / max(1, self.report.target_weight_params_before)
+        return (sum(self.kept.values()) + self.planned_dense) / max(1, self.report.target_weight_params_before)
 
     def _begin_record(self, si: int, fresh: Callable[[], StageRecord]):
         """``(record, start time, resumed)`` of stage ``si``: a fresh record, or the one of a run

@@ -87,6 +87,7 @@ TILE_MAPS = {
 #: of each role (``lowrank.decode``: producers, reducers, consumers)
 ROLE_MAPS = {
     "lowrank.decode": lambda meta: [int(meta["N0"]), int(meta["N1"]), int(meta["N2"])],
+    "lowrank.decode_bwd": lambda meta: [int(meta["N0"]), int(meta["N1"]), int(meta["N2"])],
 }
 
 

@@ -1,5 +1,5 @@
-"""Tier 1 (cpu): the single-launch decode kernel (``kernels/lowrank.py``: ``decode``,
-``_decode_kernel``) under the Triton interpreter, against float64: odd shapes, strides, every dtype,
+"""Tier 1 (cpu): the single-launch decode kernels (``kernels/lowrank.py``: ``decode`` /
+``_decode_kernel`` for the forward, ``decode_bwd`` / ``_decode_bwd_kernel`` for the backward) under the Triton interpreter, against float64: odd shapes, strides, every dtype,
 one to three rank pieces, both role modes (ticket + counters as on a GPU, program id as in the
 interpreter), the saved intermediate, gradcheck, bitwise determinism, opcheck / torch.compile, the
 exact counts of ``fastfactor sol`` (each factor read once) and its predicted speed."""
@@ -70,6 +70,46 @@ def test_decode_without_bias_and_fp16_intermediate_beyond_range():
     torch.testing.assert_close(y.float(), torch.full((2, 3), 102.4), rtol=2e-3, atol=0)
 
 
+NEEDS = [(True, True, True, True), (False, True, True, False), (True, False, False, True), (True, True, False, False)]
+
+
+@pytest.mark.usefixtures("interp")
+@pytest.mark.parametrize("shape", SHAPES[:2] + SHAPES[3:], ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
+@pytest.mark.parametrize("sync", [False, True], ids=["by-id", "by-ticket"])
+def test_decode_bwd_vs_float64(shape, dtype, sync):
+    M, k, n, r = shape
+    torch.manual_seed(M * k + r)
+    x = torch.randn(M, 2 * k, dtype=dtype)[:, ::2]
+    v = (torch.randn(r, k) / math.sqrt(k)).to(dtype)
+    u = (torch.randn(r, n) / math.sqrt(r)).to(dtype).t()
+    g = torch.randn(n, M, dtype=dtype).t()                          # transposed upstream gradient
+    t = (x.double() @ v.double().t()).to(K.intermediate_dtype(dtype))
+    for need_x, need_u, need_v, bias in NEEDS:
+        dx, du, dv, db = K.decode_bwd(g, x, u, v, t, bias, need_x, need_u, need_v, sync=sync)
+        dt = g.double() @ u.double()
+        want = dict(dx=dt @ v.double() if need_x else None, du=g.double().t() @ t.double() if need_u else None,
+                    dv=dt.t() @ x.double() if need_v else None, db=g.double().sum(0) if bias else None)
+        for name, got, red in (("dx", dx, max(n, r)), ("du", du, M), ("dv", dv, max(M, n)), ("db", db, M)):
+            if want[name] is None:
+                assert got is None, name
+            else:
+                assert got.dtype == dtype, name
+                assert_close_ref(got, want[name], dtype, reduction=red, name=name)
+    if sync:
+        assert K._counters(x.device).tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.usefixtures("interp")
+def test_decode_bwd_by_ticket_and_by_id_bitwise_equal():
+    x, v, u, g = torch.randn(7, 200), torch.randn(40, 200) / 14, torch.randn(90, 40) / 6, torch.randn(7, 90)
+    t = x @ v.t()
+    a = K.decode_bwd(g, x, u, v, t, True, sync=False)
+    for _ in range(2):
+        b = K.decode_bwd(g, x, u, v, t, True, sync=True)
+        assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
 def test_decode_tiles_limits_and_padding():
     assert K.decode_tiles(65, 4096, 4096, 512) is None          # more rows than one tile
     assert K.decode_tiles(16, 4096, 4096, 1024) is None         # accumulator beyond DECODE_MAX_ACC
@@ -81,6 +121,10 @@ def test_decode_tiles_limits_and_padding():
     assert (t["N0"] - 1) * t["KC"] < 515 <= t["N0"] * t["KC"]     # every producer has columns
     with pytest.raises(ValueError, match="decode: expected 1 <= M <= 64"):
         K.decode(torch.randn(65, 8), torch.randn(4, 8), torch.randn(8, 4))
+    assert K.decode_bwd_tiles(16, 4096, 4096, 512)["N2"] * K.decode_bwd_tiles(16, 4096, 4096, 512)["BLOCK_K"] >= 4096
+    assert K.decode_bwd_tiles(16, 4096, 4096, 1024) is None
+    with pytest.raises(ValueError, match="decode_bwd: expected"):
+        K.decode_bwd(torch.randn(2, 8), torch.randn(2, 8), torch.randn(8, 4), torch.randn(4, 8), None, False)
 
 
 @pytest.fixture
@@ -98,7 +142,8 @@ def test_op_on_decode_path_forward_and_grads_vs_float64(dtype):
     v = (torch.randn(7, 150) / math.sqrt(150)).to(dtype)
     b = torch.randn(21, dtype=dtype)
     assert K.choose_path(6, 150, 21, 7, dtype) == "decode"
-    assert K.choose_bwd_path(6, 150, 21, 7, dtype) == "two_gemm"   # forward-only kernel
+    assert K.choose_bwd_path(6, 150, 21, 7, dtype) == "decode"
+    assert K.choose_bwd_path(6, 150, 21, 7, dtype, t_saved=False) == "decode"   # forced; falls back inside
     check_lowrank_vs_float64(x, u, v, b, dtype)
 
 
@@ -152,19 +197,24 @@ def test_counts_full_and_scaled_agree_and_each_factor_is_read_once():
 
     M, k, n, r = 5, 300, 70, 40
     x, v, u, b = torch.empty(M, k), torch.empty(r, k), torch.empty(n, r), torch.empty(n)
+    g, t = torch.empty(M, n), torch.empty(M, r)
     with R.recording(sms=132) as rec:
         K.lowrank_fwd(x, u, v, b, False, path="decode")
-    (launch,) = rec.launches
-    assert launch.kernel == "lowrank.decode"
-    cfg = launch.fixed
-    full, scaled = C.count_launch(launch, cfg, "full"), C.count_launch(launch, cfg, "scaled")
-    for name, t in full.tensors.items():
-        assert scaled.tensors[name].load_bytes == pytest.approx(t.load_bytes), name
-        assert scaled.tensors[name].store_bytes == pytest.approx(t.store_bytes), name
-    assert scaled.dot_flops == pytest.approx(full.dot_flops)
-    for name, size in (("x_ptr", x), ("v_ptr", v), ("u_ptr", u)):
-        assert full.tensors[name].load_bytes == size.numel() * 4
-        assert full.tensors[name].unique_bytes == size.numel() * 4
+        K.lowrank_bwd(g, x, u, v, t, True, path="decode")
+    assert [l.kernel for l in rec.launches] == ["lowrank.decode", "lowrank.decode_bwd"]
+    for launch in rec.launches:
+        cfg = launch.fixed
+        full, scaled = C.count_launch(launch, cfg, "full"), C.count_launch(launch, cfg, "scaled")
+        for name, tc in full.tensors.items():
+            assert scaled.tensors[name].load_bytes == pytest.approx(tc.load_bytes), name
+            assert scaled.tensors[name].store_bytes == pytest.approx(tc.store_bytes), name
+        assert scaled.dot_flops == pytest.approx(full.dot_flops)
+        for name, size in (("x_ptr", x), ("v_ptr", v), ("u_ptr", u)):
+            assert full.tensors[name].load_bytes == size.numel() * 4, (launch.kernel, name)
+            assert full.tensors[name].unique_bytes == size.numel() * 4, (launch.kernel, name)
+        if launch.kernel == "lowrank.decode_bwd":   # each gradient written once
+            for name, size in (("dx_ptr", x), ("du_ptr", u), ("dv_ptr", v)):
+                assert full.tensors[name].store_bytes == size.numel() * 4, name
 
 
 @pytest.mark.perf
@@ -186,6 +236,16 @@ def test_decode_row_predicted_2x_dense_reading_each_factor_once(d, monkeypatch):
     assert row["speedup_vs_dense"] >= 2.0 and row["speedup_vs_unfused"] > 1.0
     assert row["predicted_ms"] / 1e3 == pytest.approx(K.predicted_seconds(16, d, d, d // 8, "decode", 2, H200),
                                                       rel=0.05)
+    # forward + backward: two launches in all, U and V each read once by each
+    row = evaluate_row(RowSpec("lowrank", d, d, 16, 0.25, "fwd+bwd"), H200)
+    assert row["kernels"] == "decode,decode_bwd"
+    for e in row["detail"]:
+        for name in ("v_ptr", "u_ptr"):
+            assert e["tensors"][name]["reread"] == pytest.approx(1.0), (e["kernel"], name)
+    bwd = sum(l.seconds(H200) for l in K.plan_bwd(16, d, d, d // 8, "decode", 2, True, dev=H200))
+    assert row["predicted_ms"] / 1e3 == pytest.approx(
+        K.predicted_seconds(16, d, d, d // 8, "decode", 2, H200) + bwd, rel=0.05)
+    assert row["speedup_vs_unfused"] >= 1.5
 
 
 @pytest.mark.gpu
@@ -216,3 +276,15 @@ def test_gpu_decode_repeated_launches_and_cuda_graph(dtype, M, d, r):
         g.replay()
     torch.cuda.synchronize()
     assert torch.equal(yg, y0)
+    # the backward kernel: float64, bitwise repeatable
+    gy = torch.randn(M, d, device="cuda", dtype=dtype)
+    t = (x.double() @ v.double().t()).to(K.intermediate_dtype(dtype))
+    first = K.decode_bwd(gy, x, u, v, t, True)
+    dt = gy.double() @ u.double()
+    for got, want, red in zip(first, (dt @ v.double(), gy.double().t() @ t.double(), dt.t() @ x.double(),
+                                      gy.double().sum(0)), (d, M, d, M)):
+        assert_close_ref(got, want, dtype, reduction=red)
+    for _ in range(50):
+        assert all(torch.equal(a, b) for a, b in zip(first, K.decode_bwd(gy, x, u, v, t, True)))
+    torch.cuda.synchronize()
+    assert K._counters(x.device).tolist() == [0, 0, 0, 0]

@@ -113,9 +113,20 @@ def test_weight_gradients_fill_the_gpu_on_our_kernels_too(monkeypatch):
     from fastfactor.sol.rows import RowSpec, evaluate_row
 
     monkeypatch.setenv("FASTFACTOR_LOWRANK_PATH", "two_gemm")
-    row = evaluate_row(RowSpec("lowrank", 768, 768, 16384, 0.25, "fwd+bwd"), H200)
+    # the deterministic configs (every autotune candidate is held to the same by _prune_gemm,
+    # test_split_gemm_prune_keeps_the_gpu_filled; counting all of them takes minutes)
+    row = evaluate_row(RowSpec("lowrank", 768, 768, 16384, 0.25, "fwd+bwd"), H200, configs="fixed")
     assert "gemm" in row["kernels"] and "mm" not in row["kernels"].split(",")
     ok, figure, _ = budgets.fill(row, H200)
     assert ok, figure
     splits = [e for e in row["detail"] if e["phase"] == "bwd" and e["kernel"] == "lowrank.gemm" and e["programs"] >= 132]
     assert len(splits) >= 2   # dU = gᵀ·t and dV = dtᵀ·x, their 16384-row reduction split
+
+
+def test_callers_without_a_decode_launcher_can_leave_it_out(monkeypatch):
+    monkeypatch.delenv("FASTFACTOR_LOWRANK_PATH", raising=False)
+    assert K.choose_path(16, 4096, 4096, 512, torch.bfloat16) == "decode"
+    assert K.choose_path(16, 4096, 4096, 512, torch.bfloat16, decode=False) == "torch"
+    assert K.choose_bwd_path(16, 4096, 4096, 512, torch.bfloat16) == "decode"
+    assert K.choose_bwd_path(16, 4096, 4096, 512, torch.bfloat16, decode=False) == "torch"
+    assert K.choose_bwd_path(16, 4096, 4096, 512, torch.bfloat16, t_saved=False) == "torch"

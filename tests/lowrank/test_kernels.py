@@ -55,7 +55,7 @@ def test_kernels_match_reference_path_exactly_in_fp32_structure(path):
 
 def test_large_rank_uses_two_gemm_and_is_correct(monkeypatch):
     assert K.choose_path(8, 300, 280, 270) != "fused"                     # 272 > 256: no registers
-    assert K.choose_path(8, 300, 280, 270, torch.float16) == "two_gemm"   # fp16: no cuBLAS path
+    assert K.choose_path(8, 300, 280, 270, torch.float16) in ("two_gemm", "decode")   # fp16: no cuBLAS
     monkeypatch.setenv("FASTFACTOR_LOWRANK_PATH", "fused")                 # falls back to two_gemm
     x = torch.randn(8, 300)
     u = torch.randn(280, 270) / 16
