@@ -228,7 +228,7 @@ def _assert_bypass(run, tunables, monkeypatch, used):
 
 
 @pytest.mark.parametrize("strided", [True, False], ids=["monarch", "block_lowrank"])
-@pytest.mark.parametrize("path", ["fused", "two_stage"])
+@pytest.mark.parametrize("path", ["fused", "two_stage", "rows"])
 def test_monarch_deterministic_mode_bypasses_the_autotuner(path, strided, monkeypatch, triton_cpu):
     """Forward and every gradient of the Monarch family, both kernel paths, with a recomputed
     ``h`` (only ``w2`` asks for it) as well as a saved one."""
@@ -254,8 +254,9 @@ def test_monarch_deterministic_mode_bypasses_the_autotuner(path, strided, monkey
         )
         return full + [dw2]
 
-    tunables = {"chain": MK._chain_tuned, "bgemm": MK._bgemm_tuned}
-    _assert_bypass(run, tunables, monkeypatch, used=["chain", "bgemm"] if path == "fused" else ["bgemm"])
+    tunables = {"chain": MK._chain_tuned, "bgemm": MK._bgemm_tuned, "rows": MK._rows_tuned, "wgrad": MK._wgrad_tuned}
+    used = {"fused": ["chain", "bgemm"], "two_stage": ["bgemm"], "rows": ["rows", "wgrad"]}[path]
+    _assert_bypass(run, tunables, monkeypatch, used=used)
 
 
 @pytest.mark.parametrize("path", ["fused", "two_kernel"])
