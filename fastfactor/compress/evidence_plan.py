@@ -202,6 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--output-scores", nargs="*", type=float, default=list(RATIOS),
                     help="budgets also planned on output-change scores (offline and staged)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--merge", nargs="*", default=[], help="also take the rows of these evidence_plan.json files")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the .md and .png from the JSON, run nothing")
     args = ap.parse_args(argv)
     args.cache = args.cache or args.out
     import torch
@@ -222,6 +224,12 @@ def main(argv=None) -> int:
             old = json.load(f)
         done = {_key(r): r for r in old["rows"]}
         meta = old["meta"]
+    for extra in args.merge:
+        with open(extra) as f:
+            other = json.load(f)
+        for r in other["rows"]:
+            done.setdefault(_key(r), r)
+        meta.setdefault("dense", {}).update(other["meta"].get("dense", {}))
 
     def save():
         meta.update(args={k: v for k, v in vars(args).items()}, latency=dict(LATENCY, status=PREDICTED),
@@ -230,7 +238,7 @@ def main(argv=None) -> int:
 
     lat = SolLatency(**LATENCY)
     t_all = time.perf_counter()
-    for task in args.tasks:
+    for task in ([] if args.report_only else args.tasks):
         model, data, teacher, metric, objective, dense = setup_task(task, args)
         meta["dense"][task] = dense
         common = dict(method="lowrank", init="activation", stage_unit="block", calib_batches=args.calib_batches,
@@ -325,7 +333,8 @@ def main(argv=None) -> int:
                   f"time {row['latency_fraction']:.3f} ({row['seconds']:.0f}s)", flush=True)
             save()
         del model, teacher
-    save()
+    if not args.report_only or args.merge:
+        save()
     rows = list(done.values())
     md = markdown(rows, meta)
     atomic_write_text(os.path.join(args.out, "evidence_plan.md"), md + "\n")
