@@ -306,8 +306,11 @@ def main(argv=None) -> int:
                     if q not in uniform_frac:
                         print(f"  skip {task} {sched} latency {q}: no uniform row yet", flush=True)
                         continue
-                    # a uniform model slower than dense: the planned one gets the dense time (still <= uniform's)
-                    row["latency_budget"] = min(1.0, uniform_frac[q])
+                    if uniform_frac[q] >= 1:  # the dense model itself meets it: nothing to plan
+                        print(f"  skip {task} {sched} latency {q}: uniform predicted at {uniform_frac[q]:.3f} "
+                              "of dense (>= 1)", flush=True)
+                        continue
+                    row["latency_budget"] = uniform_frac[q]
                     plan = plan_for(kind, q, row["latency_budget"])
                 else:
                     plan = plan_for(kind, q)
