@@ -117,6 +117,10 @@ def recompute_latency(rows, lat) -> None:
     worst = 0.0
     for r in rows:
         ranks = r.get("ranks") or {t.name: rank_for_ratio(t.in_features, t.out_features, r["q"]) for t in targets}
+        ranks = {(n[len("bert."):] if n.startswith("bert.") else n): v for n, v in ranks.items()}  # the classifier
+        missing = [t.name for t in targets if t.name not in ranks]
+        if missing:
+            raise ValueError(f"row {_key(r)}: no rank for {missing[:3]}...")
         specs = [make_spec("dense", t.in_features, t.out_features) if ranks.get(t.name) is None else
                  make_spec("lowrank", t.in_features, t.out_features, rank=ranks[t.name]) for t in targets]
         frac = sum(lat.costs(specs)) / sum(dense)
