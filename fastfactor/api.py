@@ -163,6 +163,11 @@ class FactorizationPlan:
         from .compress.report import format_table
 
         def cfg(r):
+            fc = r.factor_config
+            if "inner_config" in fc:  # the leader of modules compressed together
+                inner = ", ".join(f"{k}={v}" for k, v in fc["inner_config"].items()
+                                  if k not in ("in_features", "out_features", "bias"))
+                return f"joint {'+'.join(fc['names'])} -> {fc['inner_class']}({inner}), splits={fc['splits']}"
             return ", ".join(f"{k}={v}" for k, v in r.factor_config.items()
                              if k not in ("in_features", "out_features", "bias"))
 

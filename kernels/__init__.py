@@ -6,6 +6,8 @@ Each family module holds its kernels, their launchers, the path chooser between 
 backward (``*_ref``, the CPU path and the test oracles):
 
 * ``lowrank``: fused low-rank chain ``y = (x·Vᵀ)·Uᵀ + b`` and the strided GEMM;
+* ``lowrank_act``: the nonlinear bottleneck ``y = σ(x·Vᵀ + c)·Uᵀ + b`` on those kernels (the chain's
+  ``ACT`` / ``HAS_CB`` / ``GATE`` constexprs), its references and launchers;
 * ``monarch``: block-diagonal Monarch / block-wise low-rank (fused chain, batched GEMM);
 * ``sparse24``: 2:4 pruning, 2:4 sparse linear and the fused dense-sparse chain, reading the
   packed layout whose container (``Sparse24Weight``), packing, pruning API and conversion to

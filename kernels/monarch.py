@@ -66,6 +66,11 @@ the (small, cache-resident) factors and every access to ``x``, ``y``, ``g``, ``d
 contiguous vector. ``dx`` runs the same kernel with ``g`` as the input (Monarch: interleaved input
 features ``f = s·b + l``, permuted on chip by the same packing). The packing issues ``HP/(b·r)``
 times the useful tensor FLOPs (4x at ``b = 4, r = 1``), free while the op is bound by memory.
+Where ``b·r >= 16`` and the input blocks are contiguous (the forward), stage 1 is instead one
+unpadded product per input block, placed into ``h`` by an exact 0/1 product (``BLOCKWISE``);
+with power-of-two ``b`` and ``r`` the interleaved sides (the Monarch forward's stage 2, ``dx``'s
+stage 1, ``dw2``) are batched products over the ``b`` blocks, the tile reshaped and permuted on
+chip (``BATCHED``/``BATCHED2``): no padding, no scattered access.
 An FMA formulation of the forward (only the useful multiply-adds, ``FASTFACTOR_MONARCH_FMA=1``;
 see :data:`ROWS_FMA_MAX_BR` for why it is off) exists for small power-of-two ``b·r``. When the
 row blocks alone underfill the GPU, grid axis 1 splits the output tiles
@@ -73,7 +78,9 @@ row blocks alone underfill the GPU, grid axis 1 splits the output tiles
 
 ``_wgrad_kernel`` (the row-block path's ``dw1``, ``dw2`` and ``db``): one packed product per
 feature tile, ``Σ_m d[m, f]·h[m, col]`` (``d = x`` with ``dh`` for ``dw1``, ``d = g`` with the saved
-``h`` for ``dw2``), keeping the block-diagonal pairs ``block(f) = p(col)``. Reductions longer than
+``h`` for ``dw2``), keeping the block-diagonal pairs ``block(f) = p(col)``; for contiguous blocks
+with ``b·r >= 16`` each program's features lie in one block ``p`` and it reads only ``p``'s ``b·r``
+columns of the intermediate (an unpadded product). Reductions longer than
 4096 rows are split over fixed row ranges (:func:`wgrad_split`, from the shape and SM count only)
 into fp32 partials summed over the splits by ``torch.sum``: no atomics, bitwise reproducible.
 
@@ -376,6 +383,12 @@ ROWS_SPACE = [
     dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
+    # wide input steps (the batched stage 1 takes >= 16 offsets of each of the b blocks)
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, num_warps=8, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=256, num_warps=4, num_stages=2),
+    # wide output tiles (the batched stage 2 writes >= 16 rows of each of the b blocks)
+    dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=256, BLOCK_K=128, num_warps=4, num_stages=2),
     ROWS_INTERP,
 ]
 #: the weight-gradient kernel (a packed product over a split of the rows, fixed-order partials)
@@ -387,6 +400,7 @@ WGRAD_SPACE = [
     dict(BLOCK_M=64, BLOCK_N=256, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=512, num_warps=8, num_stages=2),
     WGRAD_INTERP,
 ]
 #: widest on-chip h (columns, b·b·r padded) the row-block kernel takes (b = 16 at rank 1)
@@ -423,9 +437,11 @@ def _prune_rows(configs_, named_args, **kwargs):
     BLOCK_K`` for stage 1, ``BLOCK_M x BLOCK_N x b·r`` for stage 2) exceed 64 fp32 registers."""
     get = lambda k: kwargs.get(k, named_args.get(k))
     if not get("FMA"):
-        # the fp32 h (BLOCK_M x HP) within 64 registers per thread
+        # the fp32 h (BLOCK_M x HP) within 64 registers per thread; BATCHED: >= 16 offsets per block
         hp = get("HP") or 16
-        kept = [c for c in configs_ if c.kwargs["BLOCK_M"] * hp <= 64 * 32 * c.num_warps]
+        kept = [c for c in configs_ if c.kwargs["BLOCK_M"] * hp <= 64 * 32 * c.num_warps
+                and (not get("BATCHED") or c.kwargs["BLOCK_K"] >= 16 * get("NBC"))
+                and (not get("BATCHED2") or c.kwargs["BLOCK_N"] >= 16 * get("NBC"))]
         return kept or configs_[-1:]
     qt = get("NBC") * get("RC")
     kept = []
@@ -437,10 +453,12 @@ def _prune_rows(configs_, named_args, **kwargs):
     return kept or configs_[-1:]
 
 
-def rows_space(FMA: bool = False, NBC: int = 1, RC: int = 1, HP: int = 16, **_) -> list[dict]:
+def rows_space(FMA: bool = False, NBC: int = 1, RC: int = 1, HP: int = 16, BATCHED: bool = False,
+               BATCHED2: bool = False, **_) -> list[dict]:
     """The row-block kernel's autotune space for a compile variant (:func:`_prune_rows`'s rule)."""
     if not FMA:
-        return [c for c in ROWS_SPACE if c["BLOCK_M"] * HP <= 2048 * c["num_warps"]]
+        return [c for c in ROWS_SPACE if c["BLOCK_M"] * HP <= 2048 * c["num_warps"]
+                and (not BATCHED or c["BLOCK_K"] >= 16 * NBC) and (not BATCHED2 or c["BLOCK_N"] >= 16 * NBC)]
     qt = NBC * RC
     return [c for c in ROWS_SPACE
             if c["BLOCK_M"] * qt * c["BLOCK_K"] <= 2048 * c["num_warps"]
@@ -449,12 +467,20 @@ def rows_space(FMA: bool = False, NBC: int = 1, RC: int = 1, HP: int = 16, **_) 
 
 def _prune_wgrad(configs_, named_args, **kwargs):
     """Keep the fp32 accumulator (BLOCK_N x HP) within 64 registers per thread."""
-    hp = kwargs.get("HP", named_args.get("HP")) or 16
+    get = lambda k: kwargs.get(k, named_args.get(k))
+    hp = get("HP") or 16
+    if get("BATCHED"):  # per block: BLOCK_N / NB >= 16 rows of the batched product
+        nbc = get("NBC")
+        kept = [c for c in configs_ if c.kwargs["BLOCK_N"] >= 16 * nbc
+                and c.kwargs["BLOCK_N"] * hp // nbc <= 64 * 32 * c.num_warps]
+        return kept or configs_[-1:]
     kept = [c for c in configs_ if c.kwargs["BLOCK_N"] * hp <= 64 * 32 * c.num_warps]
     return kept or configs_[-1:]
 
 
-def wgrad_space(HP: int = 16, **_) -> list[dict]:
+def wgrad_space(HP: int = 16, BATCHED: bool = False, NBC: int = 1, **_) -> list[dict]:
+    if BATCHED:
+        return [c for c in WGRAD_SPACE if c["BLOCK_N"] >= 16 * NBC and c["BLOCK_N"] * HP // NBC <= 2048 * c["num_warps"]]
     return [c for c in WGRAD_SPACE if c["BLOCK_N"] * HP <= 2048 * c["num_warps"]]
 
 
@@ -738,10 +764,14 @@ if HAS_TRITON:
         BLOCKWISE: tl.constexpr,       # stage 1 one unpadded product per input block (contiguous
                                        #   input blocks, b*r >= 16), placed into h by a 0/1 product
         QTP: tl.constexpr,             # NB*R padded to a power of two (BLOCKWISE), else 1
+        BATCHED: tl.constexpr,         # stage 1 from interleaved input (Monarch g), power-of-two
+                                       #   NB*R >= 16: one batched product over the NB input blocks
+        BATCHED2: tl.constexpr,        # stage 2 to interleaved output (Monarch y), power-of-two
+                                       #   NB*R >= 16: one batched product over the NB output blocks
         FMA: tl.constexpr,             # both products on the FMA units, only the useful products
                                        #   (small b*r; forward: contiguous input, interleaved output)
-        NBC: tl.constexpr,             # NB as a constant (FMA; a power of two), else 1
-        RC: tl.constexpr,              # R as a constant (FMA; a power of two), else 1
+        NBC: tl.constexpr,             # NB as a constant (FMA, BATCHED; a power of two), else 1
+        RC: tl.constexpr,              # R as a constant (FMA, BATCHED; a power of two), else 1
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,         # output features per tile (contiguous)
         BLOCK_K: tl.constexpr,         # input features per step (contiguous)
@@ -793,6 +823,34 @@ if HAS_TRITON:
                 sel = (qt3[None, :] == (q * RC + r_idx)[:, None]).to(h.dtype)  # (t, q'·R + t')
                 h3 += tl.sum(hq[:, :, :, None] * sel[None, None, :, :], axis=2)
             h = tl.reshape(h3, (BLOCK_M, HP))
+        elif BATCHED:
+            # ---- stage 1 from interleaved features f = c·NB + q: the contiguous tile of BLOCK_K
+            # features is BLOCK_K/NB offsets c of every block q, permuted on chip to [q, m, c] and
+            # multiplied per block (unpadded): acc3[q, m, (p, t)] += a[q, m, c]·F1(q, p, t, c) ----
+            BC: tl.constexpr = BLOCK_K // NBC
+            c_idx = tl.arange(0, BC)
+            q_b = tl.arange(0, NBC)
+            pt_b = tl.arange(0, QTC)
+            ptb_p = pt_b // RC
+            ptb_t = pt_b - ptb_p * RC
+            acc3 = tl.zeros((NBC, BLOCK_M, QTC), dtype=h.dtype)
+            for c0 in range(0, CB, BC):
+                ff = c0 * NB + k_idx
+                a = tl.load(a_ptr + offs_m[:, None] * stride_am + ff[None, :] * stride_af,
+                            mask=mask_m[:, None] & (ff < F_IN)[None, :], other=0.0)
+                a3 = tl.permute(tl.reshape(a, (BLOCK_M, BC, NBC)), (2, 0, 1))
+                cc = c0 + c_idx
+                w = tl.load(  # (NBC, BC, QTC)
+                    f1_ptr + q_b[:, None, None] * s1q + cc[None, :, None] * s1c
+                    + ptb_p[None, None, :] * s1p + ptb_t[None, None, :] * s1t,
+                    mask=(cc < CB)[None, :, None], other=0.0,
+                )
+                if UPCAST and not FP64:
+                    a3 = a3.to(tl.float32)
+                    w = w.to(tl.float32)
+                acc3 = tl.dot(a3, w, acc3, input_precision=PRECISION)
+            # acc3[q, m, (p, t)] -> h[m, (p, q, t)]
+            h = tl.reshape(tl.permute(tl.reshape(acc3, (NBC, BLOCK_M, NBC, RC)), (1, 2, 0, 3)), (BLOCK_M, HP))
         elif BLOCKWISE:
             # ---- stage 1 block by block (contiguous input blocks, b·r >= 16): the unpadded product
             # a[:, block q]·F1(q, ·, ·, ·)ᵀ (BLOCK_M × QTP), rounded, then placed at the columns
@@ -876,10 +934,29 @@ if HAS_TRITON:
         t_i = qt3 - q_i * RC
         if FMA:
             h3_lo = tl.reshape(h_lo, (BLOCK_M, NBC, QTC)).to(h.dtype)
+        if BATCHED2:
+            hb_lo = tl.permute(tl.reshape(h_lo, (BLOCK_M, NBC, QTC)), (1, 0, 2))   # [p, m, (q, t)]
         for o0 in range(o_lo, o_hi, BLOCK_N):
             fo = o0 + n_idx
             mask_o = fo < o_hi
-            if FMA:
+            if BATCHED2:
+                # the tile is BS output rows s of every block p (f = s·NB + p): per block p,
+                # z[p, m, s] = h[m, (p, ·)]·F2(p, s, ·)ᵀ (unpadded), then [m, s, p] flattened
+                s_o3 = o0 // NBC + s_idx
+                w3 = tl.load(  # (NBC, QTC, BS)
+                    f2_ptr + p_idx[:, None, None] * s2p + s_o3[None, None, :] * s2s
+                    + q_i[None, :, None] * s2q + t_i[None, :, None] * s2t,
+                    mask=(s_o3 < SB)[None, None, :], other=0.0,
+                )
+                if (UPCAST or H_FP32) and not FP64:
+                    w3 = w3.to(tl.float32)
+                if FP64:
+                    z3 = tl.zeros((NBC, BLOCK_M, BS), dtype=tl.float64)
+                else:
+                    z3 = tl.zeros((NBC, BLOCK_M, BS), dtype=tl.float32)
+                z3 = tl.dot(hb_lo, w3, z3, input_precision=PRECISION)
+                acc = tl.reshape(tl.permute(z3, (1, 2, 0)), (BLOCK_M, BLOCK_N))
+            elif FMA:
                 # the tile is BS output rows s of every block p (f = s·NB + p): z3[m, s, p] =
                 # Σ_{q,t} h[m, p, q, t]·F2(p, s, q, t) on the FMA units, then flattened (P₂ on chip)
                 s_o3 = o0 // NBC + s_idx
@@ -937,31 +1014,52 @@ if HAS_TRITON:
         FP64: tl.constexpr,
         MIXED: tl.constexpr,         # d and h differ in dtype (fp32 intermediate x fp16): both to fp32
         INTERLEAVED: tl.constexpr,   # feature f = s*NB + p (Monarch g); else p*SB + s
-        HP: tl.constexpr,
+        BLOCKWISE: tl.constexpr,     # contiguous blocks, b*r >= 16: each program's features lie in
+                                     #   one block p and it reads only h's columns of p (unpadded)
+        HP: tl.constexpr,            # h columns per product (NB*NB*R padded; NB*R padded if BLOCKWISE)
+        BATCHED: tl.constexpr,       # interleaved features, power-of-two NB*R >= 16: one batched
+                                     #   product over the NB blocks (unpadded; P₂ permuted on chip)
+        NBC: tl.constexpr,           # NB as a constant (BATCHED), else 1
         BLOCK_M: tl.constexpr,       # rows per step of the reduction
         BLOCK_N: tl.constexpr,       # data features per program
     ):
         pid_f = tl.program_id(0)
         split = tl.program_id(1)
-        ff = pid_f * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_f = ff < F
-        mask_w = ff < NB * SB
-        if INTERLEAVED:
-            p_f = ff % NB
-            s_f = ff // NB
-        else:
-            p_f = ff // SB
-            s_f = ff - p_f * SB
-        cols = tl.arange(0, HP)
         QT = NB * R
-        p_h = cols // QT
-        qt_h = cols - p_h * QT
-        valid_h = cols < NB * QT
+        cols = tl.arange(0, HP)
+        if BLOCKWISE:
+            tpb = tl.cdiv(SB, BLOCK_N)
+            p_blk = pid_f // tpb
+            s_f = (pid_f - p_blk * tpb) * BLOCK_N + tl.arange(0, BLOCK_N)
+            ff = p_blk * SB + s_f
+            mask_w = s_f < SB
+            mask_f = mask_w & (ff < F)
+            p_f = p_blk + s_f * 0
+            p_h = p_blk + cols * 0
+            qt_h = cols
+            valid_h = cols < QT
+            h_off = p_blk * QT
+        else:
+            ff = pid_f * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_f = ff < F
+            mask_w = ff < NB * SB
+            if INTERLEAVED:
+                p_f = ff % NB
+                s_f = ff // NB
+            else:
+                p_f = ff // SB
+                s_f = ff - p_f * SB
+            p_h = cols // QT
+            qt_h = cols - p_h * QT
+            valid_h = cols < NB * QT
+            h_off = 0
         if FP64:
             acc = tl.zeros((BLOCK_N, HP), dtype=tl.float64)
+            acc3 = tl.zeros((NBC, BLOCK_N // NBC, HP // NBC), dtype=tl.float64)
             rs = tl.zeros((BLOCK_N,), dtype=tl.float64)
         else:
             acc = tl.zeros((BLOCK_N, HP), dtype=tl.float32)
+            acc3 = tl.zeros((NBC, BLOCK_N // NBC, HP // NBC), dtype=tl.float32)
             rs = tl.zeros((BLOCK_N,), dtype=tl.float32)
         m_lo = split * ROWS
         m_hi = tl.minimum(M, m_lo + ROWS)
@@ -971,18 +1069,32 @@ if HAS_TRITON:
             mask_r = mm < m_hi
             d = tl.load(d_ptr + mm[:, None] * sdm + ff[None, :] * sdf,
                         mask=mask_r[:, None] & mask_f[None, :], other=0.0)
-            hh = tl.load(h_ptr + mm[:, None] * shm + cols[None, :],
+            hh = tl.load(h_ptr + mm[:, None] * shm + h_off + cols[None, :],
                          mask=mask_r[:, None] & valid_h[None, :], other=0.0)
             if ROWSUM:
                 rs += tl.sum(d.to(rs.dtype), axis=0)
             if (UPCAST or MIXED) and not FP64:
                 d = d.to(tl.float32)
                 hh = hh.to(tl.float32)
-            acc = tl.dot(tl.trans(d), hh, acc, input_precision=PRECISION)
-        # the packed product holds every (feature, column) pair; the block-diagonal ones are kept
-        tl.store(out_ptr + split * so + p_f[:, None] * sop + s_f[:, None] * sos + qt_h[None, :] * soq,
-                 acc.to(out_ptr.dtype.element_ty),
-                 mask=mask_w[:, None] & valid_h[None, :] & (p_h[None, :] == p_f[:, None]))
+            if BATCHED:
+                # d[m, s·NB + p] -> [p, s, m]; h[m, p·QT + qt] -> [p, m, qt]
+                d3 = tl.permute(tl.reshape(d, (BLOCK_M, BLOCK_N // NBC, NBC)), (2, 1, 0))
+                h3 = tl.permute(tl.reshape(hh, (BLOCK_M, NBC, HP // NBC)), (1, 0, 2))
+                acc3 = tl.dot(d3, h3, acc3, input_precision=PRECISION)
+            else:
+                acc = tl.dot(tl.trans(d), hh, acc, input_precision=PRECISION)
+        if BATCHED:
+            pb = tl.arange(0, NBC)
+            sb = pid_f * (BLOCK_N // NBC) + tl.arange(0, BLOCK_N // NBC)
+            qb = tl.arange(0, HP // NBC)
+            tl.store(out_ptr + split * so + pb[:, None, None] * sop + sb[None, :, None] * sos + qb[None, None, :] * soq,
+                     acc3.to(out_ptr.dtype.element_ty),
+                     mask=(sb[None, :, None] * NB + pb[:, None, None] < NB * SB) & (qb[None, None, :] < QT))
+        else:
+            # the packed product holds every (feature, column) pair; the block-diagonal ones are kept
+            tl.store(out_ptr + split * so + p_f[:, None] * sop + s_f[:, None] * sos + qt_h[None, :] * soq,
+                     acc.to(out_ptr.dtype.element_ty),
+                     mask=mask_w[:, None] & valid_h[None, :] & (p_h[None, :] == p_f[:, None]))
         if ROWSUM:
             tl.store(rowsum_ptr + split * F + ff, rs.to(rowsum_ptr.dtype.element_ty), mask=mask_f)
 
@@ -1038,11 +1150,17 @@ if HAS_TRITON:
         fn=_rows_kernel,
         constexprs=[
             dict(HAS_BIAS=True, STORE_H=False, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
-                 IN_INTERLEAVED=False, OUT_INTERLEAVED=True, HP=16, BLOCKWISE=False, QTP=1, FMA=True, NBC=4, RC=1),
+                 IN_INTERLEAVED=False, OUT_INTERLEAVED=True, HP=16, BLOCKWISE=False, QTP=1, BATCHED=False, BATCHED2=False, FMA=True, NBC=4, RC=1),
             dict(HAS_BIAS=False, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
-                 IN_INTERLEAVED=True, OUT_INTERLEAVED=False, HP=16, BLOCKWISE=False, QTP=1, FMA=False, NBC=1, RC=1),
+                 IN_INTERLEAVED=True, OUT_INTERLEAVED=False, HP=16, BLOCKWISE=False, QTP=1, BATCHED=False, BATCHED2=False, FMA=False, NBC=1, RC=1),
             dict(HAS_BIAS=True, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
-                 IN_INTERLEAVED=False, OUT_INTERLEAVED=False, HP=256, BLOCKWISE=True, QTP=16, FMA=False, NBC=1, RC=1),
+                 IN_INTERLEAVED=False, OUT_INTERLEAVED=False, HP=256, BLOCKWISE=True, QTP=16, BATCHED=False, BATCHED2=False, FMA=False, NBC=1, RC=1),
+            dict(HAS_BIAS=False, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
+                 IN_INTERLEAVED=True, OUT_INTERLEAVED=False, HP=256, BLOCKWISE=False, QTP=1, BATCHED=True,
+                 BATCHED2=False, FMA=False, NBC=16, RC=1),
+            dict(HAS_BIAS=True, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
+                 IN_INTERLEAVED=False, OUT_INTERLEAVED=True, HP=256, BLOCKWISE=True, QTP=16, BATCHED=False,
+                 BATCHED2=True, FMA=False, NBC=16, RC=1),
         ],
         space=rows_space,
         unit_args=_ROWS_UNIT,
@@ -1053,7 +1171,7 @@ if HAS_TRITON:
         pointers={"h_ptr": "fp32"},
         constexprs=[
             dict(HAS_BIAS=True, STORE_H=True, H_FP32=True, UPCAST=False, PRECISION="tf32", FP64=False,
-                 IN_INTERLEAVED=False, OUT_INTERLEAVED=True, HP=16, BLOCKWISE=False, QTP=1, FMA=True, NBC=4, RC=1),
+                 IN_INTERLEAVED=False, OUT_INTERLEAVED=True, HP=16, BLOCKWISE=False, QTP=1, BATCHED=False, BATCHED2=False, FMA=True, NBC=4, RC=1),
         ],
         space=rows_space,
         dtypes=("fp16",),
@@ -1064,8 +1182,14 @@ if HAS_TRITON:
         fn=_wgrad_kernel,
         pointers={"out_ptr": "fp32", "rowsum_ptr": "fp32"},
         constexprs=[
-            dict(ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False, INTERLEAVED=True, HP=16),
-            dict(ROWSUM=False, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False, INTERLEAVED=False, HP=64),
+            dict(ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False, INTERLEAVED=True,
+                 BLOCKWISE=False, HP=16, BATCHED=False, NBC=1),
+            dict(ROWSUM=False, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False, INTERLEAVED=False,
+                 BLOCKWISE=False, HP=64, BATCHED=False, NBC=1),
+            dict(ROWSUM=False, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False, INTERLEAVED=False,
+                 BLOCKWISE=True, HP=16, BATCHED=False, NBC=1),
+            dict(ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False, INTERLEAVED=True,
+                 BLOCKWISE=False, HP=256, BATCHED=True, NBC=16),
         ],
         space=wgrad_space,
         unit_args=("sdf", "sos", "soq"),
@@ -1075,7 +1199,8 @@ if HAS_TRITON:
         fn=_wgrad_kernel,
         pointers={"h_ptr": "fp32", "out_ptr": "fp32", "rowsum_ptr": "fp32"},
         constexprs=[
-            dict(ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=True, INTERLEAVED=True, HP=16),
+            dict(ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=True, INTERLEAVED=True,
+                 BLOCKWISE=False, HP=16, BATCHED=False, NBC=1),
         ],
         space=wgrad_space,
         dtypes=("fp16",),
@@ -1229,6 +1354,8 @@ def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_int
     h_fp32 = intermediate_dtype(a.dtype) != a.dtype
     fma = rows_fma(NB, R, in_inter, out_inter)
     blockwise = not fma and not in_inter and NB * R >= 16
+    batched = in_inter and NB * R >= 16 and _pow2(NB) and _pow2(R)
+    batched2 = out_inter and not fma and NB * R >= 16 and _pow2(NB) and _pow2(R)
     _rows_tuned[row_block_grid(M, F_OUT, a.device)](
         a, f1, f2, bias if bias is not None else z, z, h if h is not None else z,
         M, NB, R, CB, SB, F_IN, F_OUT, m_bucket(M),
@@ -1238,7 +1365,8 @@ def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_int
         UPCAST=upcast_dots(), PRECISION=dot_precision(a.dtype), FP64=a.dtype == torch.float64,
         IN_INTERLEAVED=in_inter, OUT_INTERLEAVED=out_inter,
         HP=NB * NB * R if fma else rows_width(NB, R), BLOCKWISE=blockwise,
-        QTP=next_pow2(NB * R) if blockwise else 1, FMA=fma, NBC=NB if fma else 1, RC=R if fma else 1,
+        QTP=next_pow2(NB * R) if blockwise else 1, BATCHED=batched, BATCHED2=batched2, FMA=fma,
+        NBC=NB if fma or batched or batched2 else 1, RC=R if fma or batched or batched2 else 1,
     )
 
 
@@ -1246,17 +1374,17 @@ def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_int
 WGRAD_MIN_ROWS = 256
 
 
-def wgrad_split(M: int, F: int, sms: int) -> tuple[int, int]:
+def wgrad_split(M: int, F: int, sms: int, tile: int = 128, min_tiles: int = 0) -> tuple[int, int]:
     """``(splits, rows per split)`` of a weight gradient's ``M``-long reduction. Up to
-    :data:`WGRAD_MIN_ROWS` x 16 rows one program takes the whole reduction (the kernel then writes
-    the gradient itself); longer ones are split for about two programs per SM over 128-wide feature
-    tiles, each split at least :data:`WGRAD_MIN_ROWS` rows. Depends only on the shape and the SM
-    count, so a rerun on the same device sums the same partials in the same order (bitwise
-    reproducible)."""
+    :data:`WGRAD_MIN_ROWS` x 16 rows, when there are at least ``min_tiles`` feature tiles of
+    ``tile`` features, one program takes the whole reduction (the kernel then writes the gradient
+    itself); otherwise the rows are split for about two programs per SM, each split at least
+    :data:`WGRAD_MIN_ROWS` rows. Depends only on the shape and the SM count, so a rerun on the
+    same device sums the same partials in the same order (bitwise reproducible)."""
     M = max(M, 1)
-    if M <= 16 * WGRAD_MIN_ROWS:
+    tiles = cdiv(max(F, 1), tile)
+    if M <= 16 * WGRAD_MIN_ROWS and tiles >= min_tiles:
         return 1, M
-    tiles = cdiv(max(F, 1), 128)
     want = max(1, cdiv(2 * sms, tiles))
     rows = max(WGRAD_MIN_ROWS, cdiv(M, want))
     return cdiv(M, rows), rows
@@ -1269,20 +1397,29 @@ def _wgrad(d, hb, out_shape, out_strides, *, NB, R, SB, interleaved, dtype, rows
     writes the results in ``dtype`` (and ``d``'s) directly; several: fp32 partials summed over
     the splits by ``torch.sum`` (a fixed order) and cast. Returns ``(out, rowsum or None)``."""
     M, F = d.shape
-    split, rows = wgrad_split(M, F, _config.num_sms(d.device))
+    FW = NB * SB
+    blockwise = not interleaved and NB * R >= 16
+    batched = interleaved and NB * R >= 16 and _pow2(NB) and _pow2(R)
+    sms = _config.num_sms(d.device)
+    # the batched product's tiles are at least 16 rows per block wide (few of them): split earlier
+    split, rows = (wgrad_split(M, F, sms, tile=max(128, 32 * NB), min_tiles=sms // 2) if batched
+                   else wgrad_split(M, F, sms))
     acc = acc_dtype(d.dtype) if split > 1 else dtype
     part = torch.empty((split, *out_shape), device=d.device, dtype=acc)
     rs_dt = acc_dtype(d.dtype) if split > 1 else d.dtype
     rs = torch.empty((split, F), device=d.device, dtype=rs_dt) if rowsum else part
-    FW = NB * SB
-    grid = lambda meta: (triton.cdiv(FW, meta["BLOCK_N"]), split)
+    if blockwise:
+        grid = lambda meta: (NB * triton.cdiv(SB, meta["BLOCK_N"]), split)
+    else:
+        grid = lambda meta: (triton.cdiv(FW, meta["BLOCK_N"]), split)
     _wgrad_tuned[grid](
         d, hb, part, rs,
         M, NB, R, SB, F, rows,
         d.stride(0), d.stride(1), hb.stride(0), part.stride(0), *out_strides,
         ROWSUM=rowsum, UPCAST=upcast_dots(), PRECISION=dot_precision(d.dtype),
         FP64=d.dtype == torch.float64, MIXED=d.dtype != hb.dtype, INTERLEAVED=interleaved,
-        HP=rows_width(NB, R),
+        BLOCKWISE=blockwise, HP=next_pow2(NB * R) if blockwise else rows_width(NB, R),
+        BATCHED=batched, NBC=NB if batched else 1,
     )
     if split == 1:
         return part[0], (rs[0] if rowsum else None)

@@ -338,11 +338,11 @@ DECODE_SPACE = [   # BLOCK_K >= 128 on a GPU (_prune_decode): a row's codes are 
 
 def _decode_fits(bn: int, bm: int, bk: int, nw: int) -> bool:
     """Per-thread footprint of a decode config within the register file: the expanded weight
-    tile, the x tile and the fp32 accumulator (two 16-bit slots an element) at most 112 16-bit
+    tile, the x tile and the fp32 accumulator (two 16-bit slots an element) at most 104 16-bit
     elements a thread (calibrated on compile-check's sm_90 builds: 104 builds without spill at
-    N32/M16/K256/w4, 160 spills at N128/M64/K128/w8 and at N64/M64/K256/w8, 192 at N64/M64/K128/w4)."""
+    N32/M16/K256/w4; 112 spilled 16 B at N32/M64/K256/w8, 160 at N128/M64/K128/w8, 192 at N64/M64/K128/w4)."""
     t = 32 * nw
-    return bn * bk + bk * bm + 2 * bn * bm <= 112 * t
+    return bn * bk + bk * bm + 2 * bn * bm <= 104 * t
 
 
 def decode_space(BLOCK_N: int, BLOCK_M: int, **_) -> list[dict]:
@@ -475,6 +475,36 @@ if HAS_TRITON:
         w = tl.where(slot == i0[:, :, None], v0[:, :, None], zero)
         w = tl.where(slot == i1[:, :, None], v1[:, :, None], w)
         return tl.reshape(w, (BLOCK_R, BLOCK_K))
+
+    @triton.jit
+    def _expand24_pairs(
+        vals_ptr,    # (R, K/2) kept values, 16-bit, rows 4-byte aligned: read as int32 pairs
+        meta_ptr,    # codes (see _load_codes)
+        offs_r, mask_r, k0, K,
+        stride_vr,   # row stride of the values in int32 pairs (= elements / 2)
+        stride_mr, stride_mc,
+        BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        META32: tl.constexpr,
+    ):
+        """:func:`_expand24` for 16-bit values read as one int32 per group (``v0 | v1 << 16``,
+        16-byte vectors), each in-group slot formed elementwise on ``(BLOCK_R, BLOCK_K/4)``
+        tensors and the four slots joined innermost: no split of the loaded tile."""
+        offs_g = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+        pair = tl.load(
+            vals_ptr + offs_r[:, None] * stride_vr + offs_g[None, :],
+            mask=mask_r[:, None] & (offs_g < K // 4)[None, :], other=0,
+        )
+        i0, i1 = _load_codes(meta_ptr, offs_r, mask_r, k0, K, stride_mr, stride_mc, BLOCK_K, META32)
+        lo = pair.to(tl.int16)                      # v0's bits (truncation)
+        hi = (pair >> 16).to(tl.int16)              # v1's bits
+        z = tl.zeros_like(lo)
+        s0 = tl.where(i0 == 0, lo, z)
+        s1 = tl.where(i0 == 1, lo, tl.where(i1 == 1, hi, z))
+        s2 = tl.where(i0 == 2, lo, tl.where(i1 == 2, hi, z))
+        s3 = tl.where(i1 == 3, hi, z)
+        w = tl.join(tl.join(s0, s2), tl.join(s1, s3))  # (BLOCK_R, BLOCK_K/4, 2, 2): [a, b] = slot a + 2b
+        return tl.reshape(w, (BLOCK_R, BLOCK_K))        # int16 bits; the caller bitcasts
 
     @triton.jit
     def _prune24_kernel(
@@ -728,6 +758,7 @@ if HAS_TRITON:
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
         META32: tl.constexpr,
+        PAIRS: tl.constexpr,       # vals_ptr is the 16-bit values as int32 pairs (_expand24_pairs)
         BLOCK_N: tl.constexpr,     # weight rows per program (the MMA's M side)
         BLOCK_M: tl.constexpr,     # >= M: every token of the launch
         BLOCK_K: tl.constexpr,
@@ -750,12 +781,17 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)     # yᵀ tile
         for k0 in range(k_begin, k_end, BLOCK_K):
             kk = k0 + offs_k
-            w = _expand24(vals_ptr, meta_ptr, offs_n, mask_n, k0, K,
-                          stride_vn, stride_vc, stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
             xt = tl.load(  # (BLOCK_K, BLOCK_M) = x[:, k-tile]ᵀ, contiguous along k
                 x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
                 mask=mask_m[None, :] & (kk < K)[:, None], other=0.0,
             )
+            if PAIRS:
+                w = _expand24_pairs(vals_ptr, meta_ptr, offs_n, mask_n, k0, K, stride_vn,
+                                    stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
+                w = w.to(xt.dtype, bitcast=True)
+            else:
+                w = _expand24(vals_ptr, meta_ptr, offs_n, mask_n, k0, K,
+                              stride_vn, stride_vc, stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
             if UPCAST:
                 w = w.to(tl.float32)
                 xt = xt.to(tl.float32)
@@ -973,8 +1009,9 @@ if HAS_TRITON:
                                  interpreter=EXPAND_INTERP, deterministic=EXPAND_FIXED)
 
     # ---- compile-tier registration (signatures derived from the kernels' arguments) ----
-    # Every kernel reading codes compiles twice: codes as bytes (u8, any K % 4 == 0) and as
-    # 32-bit words (the launchers' choice when K % 32 == 0 and the rows are 4-byte aligned).
+    # Kernels reading codes compile with the codes as 32-bit words (the launchers' choice when
+    # K % 32 == 0 and the rows are 4-byte aligned); the byte loads (any K % 4 == 0) compile in
+    # mm_u8 and expand_u8 (the same _load_codes branch every kernel shares).
     _U8, _I32 = "u8", "i32"
     _DOT = dict(UPCAST=False, PRECISION="tf32")
     _B, _W = dict(META32=False), dict(META32=True)
@@ -995,31 +1032,25 @@ if HAS_TRITON:
         constexprs=[dict(MIXED=False, **_DOT, **_W)], space=DX_SPACE,
     ))
     register_kernel(KernelSpec(
-        name="sparse24.dx_u8", fn=_sp_dx_kernel, pointers={"meta_ptr": _U8},
-        constexprs=[dict(MIXED=False, **_DOT, **_B)], space=DX_SPACE,
-    ))
-    register_kernel(KernelSpec(
         name="sparse24.dvalues", fn=_sp_dvalues_kernel, pointers={"meta_ptr": _I32},
         constexprs=[dict(MIXED=False, **_DOT, **_W)], space=DV_SPACE,
     ))
-    register_kernel(KernelSpec(
-        name="sparse24.dvalues_u8", fn=_sp_dvalues_kernel, pointers={"meta_ptr": _U8},
-        constexprs=[dict(MIXED=False, **_DOT, **_B)], space=DV_SPACE,
-    ))
-    _DEC = [dict(BLOCK_N=bn, BLOCK_M=bm, **_DOT, **_W, **extra)
+    _DEC = [dict(BLOCK_N=bn, BLOCK_M=bm, PAIRS=True, **_DOT, **_W, **extra)
             for bn, bm in ((32, 16), (64, 64), (128, 64))
             for extra in (dict(HAS_BIAS=True, SPLIT=False), dict(HAS_BIAS=False, SPLIT=True))]
     register_kernel(KernelSpec(
-        name="sparse24.decode", fn=_sp_decode_kernel, pointers={"meta_ptr": _I32, "out_ptr": "fp32"},
+        name="sparse24.decode", fn=_sp_decode_kernel,
+        pointers={"meta_ptr": _I32, "vals_ptr": _I32, "out_ptr": "fp32"},
         constexprs=[c for c in _DEC if c["SPLIT"]], space=decode_space,
     ))
     register_kernel(KernelSpec(
-        name="sparse24.decode_y", fn=_sp_decode_kernel, pointers={"meta_ptr": _I32},
+        name="sparse24.decode_y", fn=_sp_decode_kernel, pointers={"meta_ptr": _I32, "vals_ptr": _I32},
         constexprs=[c for c in _DEC if not c["SPLIT"]], space=decode_space,
     ))
     register_kernel(KernelSpec(   # the dense-sparse t = x·Sᵀ of fp16 inputs, kept in fp32
-        name="sparse24.decode_y_fp16", fn=_sp_decode_kernel, pointers={"meta_ptr": _I32, "out_ptr": "fp32"},
-        constexprs=[dict(BLOCK_N=32, BLOCK_M=16, **_DOT, **_W, HAS_BIAS=False, SPLIT=False)],
+        name="sparse24.decode_y_fp16", fn=_sp_decode_kernel,
+        pointers={"meta_ptr": _I32, "vals_ptr": _I32, "out_ptr": "fp32"},
+        constexprs=[dict(BLOCK_N=32, BLOCK_M=16, PAIRS=True, **_DOT, **_W, HAS_BIAS=False, SPLIT=False)],
         space=decode_space, dtypes=("fp16",),
     ))
     register_kernel(KernelSpec(
@@ -1044,11 +1075,6 @@ if HAS_TRITON:
             dict(HAS_BIAS=True, STORE_T=True, T_FP32=False, R_PAD=64, **_DOT, **_W),
             dict(HAS_BIAS=False, STORE_T=False, T_FP32=False, R_PAD=256, **_DOT, **_W),
         ],
-        space=ds_space,
-    ))
-    register_kernel(KernelSpec(
-        name="sparse24.ds_chain_u8", fn=_ds_chain_kernel, pointers={"smeta_ptr": _U8},
-        constexprs=[dict(HAS_BIAS=True, STORE_T=True, T_FP32=False, R_PAD=64, **_DOT, **_B)],
         space=ds_space,
     ))
     # fp16 dense-sparse keeps its intermediate in fp32: the fused forward storing an fp32 t, and
@@ -1202,16 +1228,19 @@ def sparse24_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     sk = -(-K // kps)
     bm = max(16, next_pow2(M))
     mt, smr, smc, m32 = _meta_arg(meta, K)
+    pairs = (values.element_size() == 2 and values.dtype == x.dtype and values.stride(1) == 1
+             and (values.shape[0] <= 1 or values.stride(0) % 2 == 0) and values.storage_offset() % 2 == 0)
+    vt = values.view(torch.int32) if pairs else values
     split = sk > 1
     out = torch.empty((sk, M, N), device=x.device, dtype=torch.float32) if split else y
     so, som, son = (out.stride(0), out.stride(1), out.stride(2)) if split else (0, y.stride(0), y.stride(1))
     _sp_decode_tuned[(triton.cdiv(N, bn), sk)](
-        x, values, mt, bias if bias is not None else y, out,
+        x, vt, mt, bias if bias is not None else y, out,
         M, N, K, kps,
-        x.stride(0), x.stride(1), values.stride(0), values.stride(1),
+        x.stride(0), x.stride(1), vt.stride(0), vt.stride(1),
         smr, smc, so, som, son,
         HAS_BIAS=bias is not None, SPLIT=split, UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype),
-        META32=m32, BLOCK_N=bn, BLOCK_M=bm,
+        META32=m32, PAIRS=pairs, BLOCK_N=bn, BLOCK_M=bm,
     )
     if split:
         grid = lambda m_: (triton.cdiv(M * N, m_["BLOCK"]),)
@@ -1326,8 +1355,8 @@ SPARSE24_TORCH_MIN_M = None
 # bound per path, *predicted*, used only to rank the paths
 _BW, _RATE, _LAUNCH = _cost.DEFAULT.hbm_bw, _cost.DEFAULT.bf16_rate, _cost.DEFAULT.launch_s
 #: share of the tensor-core rate our expand-on-chip Triton kernels are assumed to reach at large M
-#: (the expansion competes with the MMA for issue slots; cuBLAS is taken at the roofline)
-_TRITON_EFF = 0.9
+#: (HMMA tiles, expansion competing for issue slots: the HMMA share of _cost; cuBLAS at the roofline)
+_TRITON_EFF = _cost.DEFAULT.hmma_fraction
 
 
 def _roof(nbytes: float, flops: float, rate: float) -> float:
@@ -1370,8 +1399,10 @@ def path_costs(M: int, K_in: int, N: int, dtype: torch.dtype = torch.bfloat16, w
             "dense": expand + gemm,
             "torch": _roof(packed + act, flops / 2, rate),
         }
-    if what == "dx":
-        return {"triton": _roof(packed + act, flops, rate * _TRITON_EFF), "dense": expand + gemm}
+    if what == "dx":   # torch: F.linear(g, Wᵀ) with Wᵀ compressed (a gather per step) + dx made contiguous
+        gather = _roof(2 * packed + NK / 2 * 8, 0.0, rate)
+        return {"triton": _roof(packed + act, flops, rate * _TRITON_EFF), "dense": expand + gemm,
+                "torch": gather + _roof(packed + act, flops / 2, rate) + _roof(2.0 * e * M * K_in, 0.0, rate)}
     if what == "dvalues":
         compress = _roof(NK * e + packed, 0.0, rate)
         return {"triton": _roof(act + packed, flops, rate * _TRITON_EFF), "dense": gemm + compress}
@@ -1417,17 +1448,23 @@ def choose_mm_path(M: int, K_in: int, N: int, dtype: torch.dtype, device, torch_
     return min(costs, key=costs.get)
 
 
-def choose_bwd_path(M: int, K_in: int, N: int, dtype: torch.dtype, what: str) -> str:
-    """``'triton'`` or ``'dense'`` for the backward product ``what`` (``'dx'`` or ``'dvalues'``)
-    of :func:`path_costs`; ``FASTFACTOR_SPARSE24_BWD_PATH=triton|dense|auto`` forces one.
-    (``dx = g·W`` has no sparse-tensor-core path: ``Wᵀ`` is 2:4 along its rows only when the mask
-    happens to be transposable.)"""
-    forced = _forced("FASTFACTOR_SPARSE24_BWD_PATH", ("triton", "dense"))
-    if forced != "auto":
+def choose_bwd_path(M: int, K_in: int, N: int, dtype: torch.dtype, what: str,
+                    transposable_ok: bool = False) -> str:
+    """``'triton'``, ``'dense'`` or (``dx`` only) ``'torch'`` for the backward product ``what``
+    (``'dx'`` or ``'dvalues'``) of :func:`path_costs`; ``FASTFACTOR_SPARSE24_BWD_PATH=triton|
+    dense|torch|auto`` forces one. ``dx = g·W`` runs on sparse tensor cores (``F.linear(g, Wᵀ)``)
+    only when ``Wᵀ`` is 2:4 too (a transposable mask, :func:`transpose_plan`) and PyTorch's path
+    takes the shape: the caller says so with ``transposable_ok``."""
+    forced = _forced("FASTFACTOR_SPARSE24_BWD_PATH", ("triton", "dense", "torch"))
+    if forced in ("triton", "dense"):
         return forced
+    if forced == "torch" and transposable_ok:
+        return "torch"
     if M <= DECODE_MAX_M:
         return "triton"
     costs = path_costs(M, K_in, N, dtype, what)
+    if not transposable_ok:
+        costs.pop("torch", None)
     return min(costs, key=costs.get)
 
 
@@ -1479,6 +1516,52 @@ def torch24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     return yt.t()
 
 
+def transpose_plan(meta: torch.Tensor, rows: int, k: int):
+    """``(perm, meta_t)`` when the 2:4 pattern of ``W (rows, k)`` (the positions its codes name)
+    is 2:4 along the rows as well (a *transposable* mask, as PyTorch's tile pruning and torchao's
+    2:4 training produce), else ``None``. ``Wᵀ`` packed is then ``values_t = cat(values.flatten(),
+    [0])[perm]`` (``(k, rows/2)``, completion slots read the appended zero) with the codes
+    ``meta_t (k, ceil(rows/8))``: one gather per step, the codes once per mask (cached on
+    ``meta``, keyed by its version). Lets ``dx = g·W`` run on sparse tensor cores."""
+    key = (meta._version, meta.data_ptr(), rows, k)
+    hit = getattr(meta, "_fastfactor_transpose", None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    plan = None
+    if rows % 4 == 0 and k % 4 == 0 and rows > 0 and k > 0:
+        i0, i1 = _codes(meta, k)                                        # (rows, k/4)
+        slot = torch.arange(4, device=meta.device)
+        keep = ((slot == i0[..., None]) | (slot == i1[..., None])).reshape(rows, k)
+        kt = keep.t().reshape(k, rows // 4, 4)                          # Wᵀ's groups along rows
+        if not bool((kt.sum(-1) > 2).any()):
+            # flat index into values of every kept entry of W, at its (row, col)
+            src = torch.full((rows, k), rows * k // 2, dtype=torch.int64, device=meta.device)
+            cols = (torch.stack((i0, i1), -1) + 4 * torch.arange(k // 4, device=meta.device)[None, :, None])
+            src.scatter_(1, cols.reshape(rows, k // 2),
+                         torch.arange(rows * k // 2, device=meta.device).reshape(rows, k // 2))
+            key_t = (~kt).to(torch.int64) * 4 + slot                    # kept first, then by index
+            idx = key_t.argsort(dim=-1)[..., :2].sort(dim=-1).values % 4   # (k, rows/4, 2)
+            col_t = idx + 4 * torch.arange(rows // 4, device=meta.device)[None, :, None]
+            perm = src.t().gather(1, col_t.reshape(k, rows // 2)).reshape(-1).to(torch.int32)
+            code = idx[..., 0] | (idx[..., 1] << 2)
+            if code.shape[1] % 2:
+                code = torch.cat((code, code.new_zeros((k, 1))), dim=1)
+            meta_t = (code[:, 0::2] | (code[:, 1::2] << 4)).to(torch.uint8).contiguous()
+            plan = (perm, meta_t)
+    try:
+        meta._fastfactor_transpose = (key, plan)
+    except (AttributeError, RuntimeError):  # pragma: no cover
+        pass
+    return plan
+
+
+def transposed_values(values: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``Wᵀ``'s packed values ``(k, rows/2)`` from ``W``'s (:func:`transpose_plan`)."""
+    flat = torch.cat((values.reshape(-1), values.new_zeros(1)))
+    k = perm.numel() * 2 // values.shape[0]
+    return flat[perm.long()].view(k, values.shape[0] // 2)
+
+
 def sparse24_forward(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                      bias: Optional[torch.Tensor] = None, path: Optional[str] = None) -> torch.Tensor:
     """Forward launcher: ``y = x·Wᵀ + b`` by :func:`choose_mm_path` (``path`` forces one)."""
@@ -1504,7 +1587,13 @@ def sparse24_backward(g, x, values, meta, need_x: bool, need_values: bool):
     K = x.shape[1]
     dx = dv = None
     if need_x:
-        if M > 0 and choose_bwd_path(M, K, N, g.dtype, "dx") == "dense":
+        tp = None
+        if M > 0 and torch24_eligible(M, N, K, g.dtype, g.device) and g.dtype == values.dtype:
+            tp = transpose_plan(meta, N, K)                   # cached per mask
+        path = choose_bwd_path(M, K, N, g.dtype, "dx", tp is not None) if M > 0 else "triton"
+        if path == "torch":                                   # dx = g·W = F.linear(g, Wᵀ), Wᵀ 2:4
+            dx = torch24_linear(g, transposed_values(values, tp[0]), tp[1]).contiguous()
+        elif path == "dense":
             dx = torch.mm(g, expand_24(values, meta, out_dtype=g.dtype))
         else:
             dx = sparse24_dx(g, values, meta)
@@ -1579,11 +1668,17 @@ def ds_chain(
     return y, t
 
 
+#: rows up to which the dense-sparse t = x·Sᵀ runs on the decode kernel
+DS_DECODE_MAX_M = 32
+
+
 def _sparse_t(x: torch.Tensor, s_values: torch.Tensor, s_meta: torch.Tensor) -> torch.Tensor:
     """``t = x·Sᵀ`` in ``intermediate_dtype(x.dtype)``: the decode kernel (the reduction split
-    over the SMs where it pays) for ``M <= DECODE_MAX_M``, else :func:`sparse24_mm`."""
+    over the SMs where it pays) for ``M <= DS_DECODE_MAX_M``, else :func:`sparse24_mm` (at 64
+    rows and a rank of a few hundred to a thousand, sol predicts the tile kernel ahead: its
+    128-row tiles re-read x fewer times than the decode tiles that fit the registers)."""
     inter = intermediate_dtype(x.dtype)
-    if x.shape[0] <= DECODE_MAX_M:
+    if x.shape[0] <= DS_DECODE_MAX_M:
         return sparse24_decode(x, s_values, s_meta, out_dtype=inter)
     return sparse24_mm(x, s_values, s_meta, out_dtype=inter)
 

@@ -37,8 +37,8 @@ OPS = ["lowrank", "monarch", "block_lowrank", "sparse24", "dense_sparse"]
 #: env var forcing each family's kernel path, and its values
 PATH_ENV = {
     "lowrank": ("FASTFACTOR_LOWRANK_PATH", ["fused", "two_gemm", "decode"]),
-    "monarch": ("FASTFACTOR_MONARCH_PATH", ["fused", "two_stage"]),
-    "block_lowrank": ("FASTFACTOR_MONARCH_PATH", ["fused", "two_stage"]),
+    "monarch": ("FASTFACTOR_MONARCH_PATH", ["fused", "two_stage", "rows"]),
+    "block_lowrank": ("FASTFACTOR_MONARCH_PATH", ["fused", "two_stage", "rows"]),
     "sparse24": ("FASTFACTOR_SPARSE24_PATH", ["triton"]),
     "dense_sparse": ("FASTFACTOR_DS_PATH", ["fused", "two_kernel"]),
 }

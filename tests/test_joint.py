@@ -169,6 +169,20 @@ def test_members_match_float64_and_one_launch_per_group(dtype):
     assert all(mod._cache is None for mod in m.modules() if isinstance(mod, JointLowRankLinear))
 
 
+def test_interpreter_tier_matches_float64(triton_cpu):
+    """The group's one launch through the Triton kernels (interpreted), odd sizes, against float64."""
+    torch.manual_seed(8)
+    m = Model(d=21, outs=(21, 9, 11))
+    _joint(m)
+    a = m.layers[0]
+    x = torch.randn(2, 7, 21)
+    lead = a.query
+    u, v, b = (t.detach().double() for t in (lead.inner.u, lead.inner.v, lead.inner.bias))
+    ref = torch.split((x.double() @ v.t()) @ u.t() + b, lead.splits, -1)
+    for got, want in zip((a.query(x), a.key(x), a.value(x)), ref):
+        assert torch.allclose(got.double(), want, atol=1e-4)
+
+
 def test_gradients_match_float64():
     torch.manual_seed(4)
     m = Model()
@@ -452,3 +466,33 @@ def test_plan_matches_the_joint_swap(family, kinds):
     fastfactor.factorize_(m, cfg)
     real = {n: (type(x).__name__, x.factor_config(), x.num_weight_params) for n, x in compressed_modules(m)}
     assert {r.name: (r.layer_class, r.factor_config, r.params_after) for r in plan.rows} == real
+
+
+@pytest.mark.parametrize("form", ["linear", "nonlinear"])
+def test_joint_autoencoder(tmp_path, form):
+    """The autoencoder's bottleneck fitted on the group's stacked outputs (shared input), one launch
+    per group, save / load bitwise."""
+    if "autoencoder" not in fastfactor.families.FAMILIES:
+        pytest.skip("method 'autoencoder' is not registered in this build")
+    m = tiny_model("llama")
+    cfg = dict(method="autoencoder", ae_form=form, ratio=0.5, schedule="offline", calib_batches=2, batch_size=8,
+               joint=["qkv", "mlp"], ae_steps=10)
+    _, rep = fastfactor.compress(m, cfg, tiny_data())
+    leads = [x for x in m.modules() if isinstance(x, JointLowRankLinear)]
+    assert len(leads) == 4 and len(rep.joint_groups) == 4
+    want = "LowRankLinear" if form == "linear" else "BottleneckLinear"
+    assert all(type(x.inner).__name__ == want for x in leads)
+    sep = fastfactor.compress(tiny_model("llama"), dict(cfg, joint=[]), tiny_data())[1]
+    assert rep.target_weight_params_after <= sep.target_weight_params_after
+    ids = torch.randint(3, 97, (2, 9))
+    with torch.no_grad():
+        y = _out(m, ids)
+    calls = _count_inner_calls(m)
+    with torch.no_grad():
+        _out(m, ids)
+    assert calls["calls"] == 4
+    for x in leads:
+        del x.inner.forward
+    fastfactor.save_compressed(m, tmp_path / "ae")
+    with torch.no_grad():
+        assert torch.equal(_out(fastfactor.load_compressed(tmp_path / "ae"), ids), y)

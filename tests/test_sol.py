@@ -147,7 +147,9 @@ def test_evaluate_row_and_budgets():
     assert row["status"] == "predicted, not measured"
     assert row["predicted_ms"] > 0 and row["dense_ms"] > 0 and row["unfused_ms"] > 0
     assert row["useful_flops"] == 2 * 32 * 4 * 1 * (256 + 256)  # 2·M·b·r·(K + N), rank 1
-    assert row["issued_flops"] >= 16 * row["useful_flops"] / 2  # rank 1 padded to the 16-wide dot
+    # the row-block kernel packs the b = 4 rank-1 blocks into one 16-wide dot: 16 / (b·r) = 4x,
+    # and at 32 rows its output tiles are split over 2 programs that each redo stage 1: 6x
+    assert 4 * row["useful_flops"] <= row["issued_flops"] <= 6 * row["useful_flops"]
     for name in ("reread", "fill", "access", "flops"):
         ok, fig, tgt = B.check(name, row, H200)
         assert isinstance(ok, bool) and fig and tgt

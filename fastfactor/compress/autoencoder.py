@@ -14,8 +14,9 @@ model order:
    included) and learns to compensate for them: :func:`block_inputs`;
 3. **fit** — every parameter of the factorized modules inside the block (``U``, ``V``, the
    nonlinear form's ``c``, the biases; a joint module's shared factors alike) is trained with Adam
-   on ``mean‖block(args, kwargs) − Y_b‖²`` over the held-in batches (one step per pass, full
-   batch), the held-out batches (``max(1, round(calib_batches / 4))``, the last ones) measured
+   (relative learning rate ``ae_lr``) on ``mean‖block(args, kwargs) − Y_b‖²``, one held-in batch
+   per step in a fixed cyclic order (a step costs one block forward and backward); the held-out
+   batches (``max(1, round(calib_batches / 4))``, the last ones) are measured
    every ``EVAL_EVERY`` steps; the best held-out state, the module-scope start included, is kept
    and training stops after ``PATIENCE`` evaluations without improvement or ``ae_steps`` steps.
    Later modules of the block thus compensate for the earlier ones' errors. Dropout is off.
@@ -31,6 +32,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from .. import distributed as _dist
 from ..factorize.autoencoder import relative_groups
 from ..layers.base import FactorizedLinear
 
@@ -169,8 +171,8 @@ def fit_block(block: nn.Module, inputs: List[tuple], targets: List[torch.Tensor]
             bad = 0
             for step in range(1, steps + 1):
                 opt.zero_grad(set_to_none=True)
-                with torch.enable_grad():
-                    loss_on(held_in).backward()
+                with torch.enable_grad():  # one held-in batch per step, in a fixed cyclic order
+                    loss_on([held_in[(step - 1) % len(held_in)]]).backward()
                 opt.step()
                 info["steps_run"] = step
                 if step % eval_every == 0 or step == steps:
@@ -204,6 +206,7 @@ def refine_blocks(model: nn.Module, block_names: List[str], targets: Dict[str, l
         block = model.get_submodule(name)
         inputs = block_inputs(model, block, batches, forward)
         out[name] = info = fit_block(block, inputs, targets[name], steps=steps, lr=lr)
+        _dist.broadcast_module(block)  # rank 0's fit on every rank (a no-op single-process)
         if log is not None:
             log(f"  block fit {name}: held-out MSE {info['heldout_mse_start']:.4g} -> {info['heldout_mse']:.4g} "
                 f"(best step {info['best_step']} of {info['steps_run']})")

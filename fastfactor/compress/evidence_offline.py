@@ -109,7 +109,8 @@ def run_row(model, data, task: str, variant: str, joint: str, scope: str, ratio:
     m = rep.metrics_after
     row = dict(task=task, variant=variant, joint=joint, scope=scope, ratio=ratio, seed=seed,
                kept=rep.target_ratio, params=rep.params_after, params_before=rep.params_before,
-               compress_s=wall - et.seconds, wall_s=wall, joint_groups=len(rep.joint_groups))
+               compress_s=wall - et.seconds, wall_s=wall, joint_groups=len(rep.joint_groups),
+               ae_steps=cfg.to_dict().get("ae_steps") if variant.startswith("ae-") else None)
     if task == "classification":
         row.update(accuracy=m.get("accuracy"), accuracy_before=rep.metrics_before.get("accuracy"))
     else:
@@ -162,7 +163,8 @@ def markdown(rows, meta=None) -> str:
             any_rows = cells.get(f) or cells.get(c)
             secs = _mean([r["compress_s"] for r in (cells.get(f, []) + cells.get(c, []))])
             seeds = sorted({r["seed"] for r in any_rows})
-            out.append([v, s, f"{ra:.1f}", j, f"{any_rows[0]['kept']:.3f}", cell(f, "cosine"), cell(f, "spearman"),
+            steps = sorted({r.get("ae_steps") for r in any_rows if r.get("ae_steps")})
+            out.append([v, s + (f" ({'/'.join(map(str, steps))} steps)" if steps else ""), f"{ra:.1f}", j, f"{any_rows[0]['kept']:.3f}", cell(f, "cosine"), cell(f, "spearman"),
                         cell(c, "accuracy", 100, 1), ",".join(map(str, seeds)), f"{secs:.0f}"])
     head = ["variant", "scope", "ratio", "joint", "kept", "cosine (fidelity)", "pairwise Spearman",
             "accuracy %", "seeds", "compress s"]

@@ -84,10 +84,10 @@ class BottleneckLinear(FactorizedLinear):
     @classmethod
     def from_linear(cls, linear: nn.Module, rank: Optional[int] = None, ratio: Optional[float] = None,
                     act: str = "relu") -> "BottleneckLinear":
-        """A data-free start: the truncated SVD ``W ≈ U·V`` as encoder/decoder with the shift that
-        keeps ``σ`` near its linear range is not known without data, so this is the identity-form
-        bottleneck of the SVD (exact for ``act="identity"``); fit with
-        :func:`fastfactor.factorize.autoencoder.fit_bottleneck` for the nonlinear forms."""
+        """A data-free start: the truncated-SVD factors ``W ≈ U·V`` with ``c = 0`` (the SVD itself
+        for ``act="identity"``). Without data the shift that keeps ``σ`` in its near-linear range is
+        unknown, so for a nonlinear ``act`` this is only a shape-correct start: fit with
+        :func:`fastfactor.factorize.autoencoder.fit_bottleneck` (the ``autoencoder`` method)."""
         from .lowrank import LowRankLinear
 
         lr = LowRankLinear.from_linear(linear, rank=rank, ratio=ratio)

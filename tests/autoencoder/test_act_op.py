@@ -145,3 +145,15 @@ def test_bad_input_named():
         lowrank_act_linear(x, u, v, b, [0.0] * 5, act="relu")
     with pytest.raises(ValueError, match="x"):
         lowrank_act_linear(x[..., :4], u, v, b, c)
+
+
+def test_compile_fullgraph_cpu():
+    """BottleneckLinear under torch.compile(fullgraph=True): one opaque op forward and backward."""
+    from fastfactor.layers import BottleneckLinear
+
+    m = BottleneckLinear(19, 23, 5, act="gelu")
+    x = torch.randn(3, 4, 19, requires_grad=True)
+    y = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, m(x))
+    assert m.u.grad is not None and m.cb.grad is not None and x.grad is not None

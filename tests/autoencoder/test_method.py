@@ -66,9 +66,10 @@ def test_block_scope_improves_the_block_fit_and_reports_it():
     assert changed and all(any(k.startswith(n + ".") for n in _fac(model_b)) for k in changed)
 
 
-def test_block_scope_nonlinear_llama_and_bert():
-    for family in ("llama", "bert"):
-        model, rep = _run(family, ae_form="nonlinear", scope="block", ae_activation="silu", calib_batches=2)
+def test_block_scope_nonlinear_llama():
+    for family in ("llama",):  # (BERT and GPT-2 blocks: test_cli.py, test_save_load_round_trip_bit_exact)
+        model, rep = _run(family, ae_form="nonlinear", scope="block", ae_activation="silu", calib_batches=2,
+                          ae_steps=2)
         assert all(type(m) is BottleneckLinear for m in _fac(model).values())
         assert sum(k.endswith("(block fit)") for k in rep.stages[0].init_info) == 2
 
@@ -119,7 +120,7 @@ def test_resume_after_a_kill_in_a_stage_is_bitwise(tmp_path, monkeypatch):
     """Staged by block, block scope, nonlinear: a fault in stage 1 (after its calibration and
     swap) resumes from stage 0's checkpoint and recomputes stage 1's calibration and fits bit for bit."""
     cfg = dict(ae_form="nonlinear", scope="block", schedule="staged", stage_unit="block", stage_steps=0,
-               final_steps=1, calib_batches=2)
+               final_steps=0, calib_batches=2)
     m_ref, r_ref = _run("bert", **cfg)
     ck = tmp_path / "ck"
     monkeypatch.setenv(CK.TEST_FAULT_ENV, "1:raise")

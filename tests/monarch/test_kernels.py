@@ -174,9 +174,12 @@ def test_kernels_inference_saves_nothing(triton_cpu):
 
 def test_choose_path_rules(monkeypatch):
     monkeypatch.delenv("FASTFACTOR_MONARCH_PATH", raising=False)
-    assert Mk.choose_path(16, 4096, 4096, 4, 1) == "fused"           # few rows
-    assert Mk.choose_path(16384, 3072, 768, 4, 48) == "fused"        # nb = 192: one tile
-    assert Mk.choose_path(16384, 4096, 4096, 2, 1) == "two_stage"    # nb = 2048: 8 tiles
+    # by predicted time (bytes and FLOPs, sol's device; tests/monarch/test_rows.py has the model)
+    assert Mk.choose_path(16, 4096, 4096, 4, 1) == "rows"            # few rows, h 16 wide
+    assert Mk.choose_path(16, 4096, 4096, 16, 1) == "fused"          # few rows, h 256 wide
+    assert Mk.choose_path(16384, 3072, 768, 4, 48) == "two_stage"    # h 768 wide: not on chip
+    assert Mk.choose_path(16384, 3072, 768, 4, 48, allow_torch=True) == "torch"  # forward: the bmm
+    assert Mk.choose_path(16384, 4096, 4096, 2, 1) == "rows"         # x read once
     monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "bogus")
-    with pytest.raises(ValueError, match="FASTFACTOR_MONARCH_PATH: expected 'fused' or 'two_stage', got 'bogus'"):
+    with pytest.raises(ValueError, match="FASTFACTOR_MONARCH_PATH: expected one of rows, fused, two_stage, torch, got 'bogus'"):
         Mk.choose_path(16, 8, 8, 2, 1)

@@ -34,7 +34,7 @@ def test_rows_split_weight_gradients_vs_float64(triton_cpu, monkeypatch, op, dty
     nblocks = 4 does not divide (padded features), rank 2."""
     monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "rows")
     monkeypatch.setattr(Mk, "WGRAD_MIN_ROWS", 1)
-    monkeypatch.setattr(Mk, "wgrad_split", lambda M, F, sms: (Mk.cdiv(M, 16), 16))
+    monkeypatch.setattr(Mk, "wgrad_split", lambda M, F, sms, **kw: (Mk.cdiv(M, 16), 16))
     fn, strided = OPS[op]
     M, K, N, b, r = 45, 30, 21, 4, 2
     x, w1, w2, bb = make(M, K, N, b, r, dtype)
@@ -58,7 +58,7 @@ def test_wgrad_split_policy():
 @pytest.mark.parametrize("op", OPS, ids=str)
 def test_rows_bitwise_deterministic(triton_cpu, monkeypatch, op):
     monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "rows")
-    monkeypatch.setattr(Mk, "wgrad_split", lambda M, F, sms: (Mk.cdiv(M, 8), 8))
+    monkeypatch.setattr(Mk, "wgrad_split", lambda M, F, sms, **kw: (Mk.cdiv(M, 8), 8))
     fn, _ = OPS[op]
     M, K, N, b, r = 19, 12, 16, 4, 1
     outs = []
@@ -75,7 +75,7 @@ def test_rows_bitwise_deterministic(triton_cpu, monkeypatch, op):
 def test_rows_gradcheck_float64(triton_cpu, monkeypatch, op):
     """float64 gradcheck through the interpreted row-block kernels (FP64 variant), splits on."""
     monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "rows")
-    monkeypatch.setattr(Mk, "wgrad_split", lambda M, F, sms: (Mk.cdiv(M, 4), 4))
+    monkeypatch.setattr(Mk, "wgrad_split", lambda M, F, sms, **kw: (Mk.cdiv(M, 4), 4))
     fn, _ = OPS[op]
     M, K, N, b, r = 7, 10, 9, 2, 2
     x, w1, w2, bb = make(M, K, N, b, r, torch.float64, seed=5)
@@ -174,13 +174,18 @@ def test_rows_fma_off_by_default(monkeypatch):
     assert not Mk.rows_fma(4, 1, in_interleaved=True, out_interleaved=False)
 
 
-@pytest.mark.parametrize("shape", [(9, 70, 50, 16, 1), (5, 27, 33, 3, 6)], ids=["b16r1", "b3r6"])
+@pytest.mark.parametrize("shape", [(9, 70, 50, 16, 1), (6, 30, 21, 4, 4), (5, 27, 33, 3, 6)],
+                         ids=["b16r1", "b4r4", "b3r6"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("op", OPS, ids=str)
 def test_rows_blockwise_stage1_vs_float64(triton_cpu, monkeypatch, op, dtype, shape):
     """b·r >= 16: stage 1 one unpadded product per input block, placed into h by an exact 0/1
-    product (h up to 256 columns per row: b = 16, rank 1)."""
+    product (h up to 256 columns per row: b = 16, rank 1); the contiguous-block weight gradients
+    block by block (unpadded), over split row ranges; for power-of-two b and r the interleaved
+    (Monarch) sides as batched products over the blocks: the forward's stage 2, dx's stage 1 and
+    dw2 (b3r6 takes the packed fallbacks)."""
     monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "rows")
+    monkeypatch.setattr(Mk, "wgrad_split", lambda M, F, sms, **kw: (Mk.cdiv(M, 4), 4))
     M, K, N, b, r = shape
     assert Mk.rows_supported(b, r)
     fn, strided = OPS[op]
@@ -191,3 +196,20 @@ def test_rows_blockwise_stage1_vs_float64(triton_cpu, monkeypatch, op, dtype, sh
     assert_close_ref(y, y64, dtype, reduction=K, name="y")
     for name, a, e in zip(["dx", "dw1", "dw2", "db"], grads, grads64):
         assert_close_ref(a, e, dtype, reduction=max(M, K, N), name=name)
+
+
+def test_rows_opcheck_and_compile_fullgraph(triton_cpu, monkeypatch):
+    """The custom ops on the row-block path: fake/real agreement (opcheck) and one graph under
+    torch.compile (eager backend: the interpreter tier has no inductor GPU codegen)."""
+    from fastfactor.ops.monarch import _monarch_bwd, _monarch_fwd, monarch_linear
+
+    monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "rows")
+    x, w1, w2, bb = (t.detach() for t in make(5, 20, 24, 4, 1, torch.float32))
+    torch.library.opcheck(_monarch_fwd, (x, w1, w2, bb, 24, True, True))
+    torch.library.opcheck(_monarch_fwd, (x, w1, w2, None, 24, False, False))
+    _, h = _monarch_fwd(x, w1, w2, bb, 24, True, True)
+    torch.library.opcheck(_monarch_bwd, (torch.randn(5, 24), x, w1, w2, h, True, True, True, True, True))
+    f = torch.compile(lambda *a: monarch_linear(*a).square().sum(), fullgraph=True, backend="eager")
+    xx = x.clone().requires_grad_()
+    f(xx, w1, w2, bb).backward()
+    assert xx.grad.shape == x.shape and torch.isfinite(xx.grad).all()

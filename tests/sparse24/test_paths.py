@@ -163,3 +163,48 @@ def test_path_choice_by_cost(monkeypatch):
 def test_cpu_never_takes_the_torch_path():
     assert not K.torch24_eligible(4096, 4096, 4096, torch.bfloat16, torch.device("cpu"))
     assert K.choose_mm_path(16384, 4096, 4096, torch.bfloat16, torch.device("cpu")) != "torch"
+
+
+def _transposable(rows, k, seed=0):
+    """A 2:4 weight whose pattern is 2:4 along the rows too: in every 4x4 tile, two entries per
+    row and per column (a row/column permutation of a block pattern), as a transposable pruning
+    (PyTorch's tile pruning, torchao's 2:4 training) produces."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    mask = torch.zeros(rows, k, dtype=torch.bool)
+    for r in range(0, rows, 4):
+        for c in range(0, k, 4):
+            pr, pc = torch.randperm(4, generator=g), torch.randperm(4, generator=g)
+            mask[r:r + 4, c:c + 4] = base[pr][:, pc]
+    return pack_24(torch.randn(rows, k, generator=g) * mask, mask)
+
+
+def test_transpose_plan_packs_w_transposed_exactly():
+    w = _transposable(32, 64)
+    perm, meta_t = K.transpose_plan(w.meta, 32, 64)
+    vt = K.transposed_values(w.values, perm)
+    assert vt.shape == (64, 16) and meta_t.shape == (64, 4)
+    assert torch.equal(K.unpack_24(vt, meta_t, 32), w.to_dense().t())
+    assert K.transpose_plan(w.meta, 32, 64)[0] is perm                  # cached per mask
+    assert K.transpose_plan(_packed(32, 64, seed=7).meta, 32, 64) is None   # a row-wise mask
+
+
+def test_dx_on_sparse_tensor_cores_with_a_transposable_mask(monkeypatch, triton_cpu):
+    calls = _cutlass_gemm_on_cpu(monkeypatch)
+    monkeypatch.setattr(K, "torch24_eligible", lambda *a: True)
+    monkeypatch.setenv("FASTFACTOR_SPARSE24_PATH", "dense")
+    monkeypatch.setenv("FASTFACTOR_SPARSE24_BWD_PATH", "torch")
+    bf = torch.bfloat16
+    w = _transposable(64, 64, seed=1)
+    values = w.values.to(bf).requires_grad_(True)
+    x = torch.randn(16, 64).to(bf).requires_grad_(True)
+    y = ops.sparse24_linear(x, Sparse24Weight(values, w.meta, w.shape))
+    g = torch.randn(16, 64).to(bf)
+    y.backward(g)
+    assert calls, "dx did not take PyTorch's 2:4 GEMM"
+    assert x.grad.is_contiguous()
+    assert_close_ref(x.grad, g.double() @ w.to_dense().double(), bf, reduction=64, name="dx")
+    assert K.choose_bwd_path(16384, 4096, 4096, bf, "dx", transposable_ok=True) == "torch"
+    monkeypatch.delenv("FASTFACTOR_SPARSE24_BWD_PATH")
+    assert K.choose_bwd_path(16384, 4096, 4096, bf, "dx", transposable_ok=True) == "torch"
+    assert K.choose_bwd_path(16384, 4096, 4096, bf, "dx") != "torch"
