@@ -102,6 +102,34 @@ def grams_for(model, data, cfg):
     return collect_activation_stats(model, mods, batches, lambda m, b: m(**_inputs(m, b, "cpu"))), targets
 
 
+def recompute_latency(rows, lat) -> None:
+    """Each row's predicted time again, from the ranks it realised (uniform: ``rank_for_ratio(q)``),
+    with the kernels of this checkout (the sol model follows the op code, which may have changed
+    between runs); the run's own figure is kept as ``latency_fraction_run``."""
+    from ..factorize.svd import rank_for_ratio
+    from ..plan_latency import make_spec
+    from .cli import meta_model
+    from .demo import minilm_path
+    from .targets import select_targets
+
+    targets = select_targets(meta_model(minilm_path()))
+    dense = lat.costs([make_spec("dense", t.in_features, t.out_features) for t in targets])
+    worst = 0.0
+    for r in rows:
+        ranks = r.get("ranks") or {t.name: rank_for_ratio(t.in_features, t.out_features, r["q"]) for t in targets}
+        ranks = {(n[len("bert."):] if n.startswith("bert.") else n): v for n, v in ranks.items()}  # the classifier
+        missing = [t.name for t in targets if t.name not in ranks]
+        if missing:
+            raise ValueError(f"row {_key(r)}: no rank for {missing[:3]}...")
+        specs = [make_spec("dense", t.in_features, t.out_features) if ranks.get(t.name) is None else
+                 make_spec("lowrank", t.in_features, t.out_features, rank=ranks[t.name]) for t in targets]
+        frac = sum(lat.costs(specs)) / sum(dense)
+        r.setdefault("latency_fraction_run", r["latency_fraction"])
+        worst = max(worst, abs(frac - r["latency_fraction_run"]))
+        r["latency_fraction"] = frac
+    print(f"recomputed predicted times: largest change {worst:.2e} (fraction of dense)")
+
+
 def _out(o):
     for k in ("logits", "last_hidden_state"):
         if hasattr(o, k):
@@ -202,6 +230,10 @@ def main(argv=None) -> int:
     ap.add_argument("--output-scores", nargs="*", type=float, default=list(RATIOS),
                     help="budgets also planned on output-change scores (offline and staged)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--merge", nargs="*", default=[], help="also take the rows of these evidence_plan.json files")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the .md and .png from the JSON, run nothing")
+    ap.add_argument("--recompute-latency", action="store_true",
+                    help="recompute every row's predicted time from its ranks with the current kernels")
     args = ap.parse_args(argv)
     args.cache = args.cache or args.out
     import torch
@@ -222,6 +254,12 @@ def main(argv=None) -> int:
             old = json.load(f)
         done = {_key(r): r for r in old["rows"]}
         meta = old["meta"]
+    for extra in args.merge:
+        with open(extra) as f:
+            other = json.load(f)
+        for r in other["rows"]:
+            done.setdefault(_key(r), r)
+        meta.setdefault("dense", {}).update(other["meta"].get("dense", {}))
 
     def save():
         meta.update(args={k: v for k, v in vars(args).items()}, latency=dict(LATENCY, status=PREDICTED),
@@ -230,7 +268,7 @@ def main(argv=None) -> int:
 
     lat = SolLatency(**LATENCY)
     t_all = time.perf_counter()
-    for task in args.tasks:
+    for task in ([] if args.report_only else args.tasks):
         model, data, teacher, metric, objective, dense = setup_task(task, args)
         meta["dense"][task] = dense
         common = dict(method="lowrank", init="activation", stage_unit="block", calib_batches=args.calib_batches,
@@ -298,8 +336,11 @@ def main(argv=None) -> int:
                     if q not in uniform_frac:
                         print(f"  skip {task} {sched} latency {q}: no uniform row yet", flush=True)
                         continue
-                    # a uniform model slower than dense: the planned one gets the dense time (still <= uniform's)
-                    row["latency_budget"] = min(1.0, uniform_frac[q])
+                    if uniform_frac[q] >= 1:  # the dense model itself meets it: nothing to plan
+                        print(f"  skip {task} {sched} latency {q}: uniform predicted at {uniform_frac[q]:.3f} "
+                              "of dense (>= 1)", flush=True)
+                        continue
+                    row["latency_budget"] = uniform_frac[q]
                     plan = plan_for(kind, q, row["latency_budget"])
                 else:
                     plan = plan_for(kind, q)
@@ -325,7 +366,10 @@ def main(argv=None) -> int:
                   f"time {row['latency_fraction']:.3f} ({row['seconds']:.0f}s)", flush=True)
             save()
         del model, teacher
-    save()
+    if args.recompute_latency:
+        recompute_latency(list(done.values()), lat)
+    if not args.report_only or args.merge or args.recompute_latency:
+        save()
     rows = list(done.values())
     md = markdown(rows, meta)
     atomic_write_text(os.path.join(args.out, "evidence_plan.md"), md + "\n")
