@@ -1173,7 +1173,12 @@ _L2BW = _cost.DEFAULT.l2_bw
 
 
 def decode_plan(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[int, int]:
-    """``(BLOCK_N, split_k)`` of the decode launch for ``x (M, K)`` against ``W (N, K)``, the
+    """``(BLOCK_N, split_k)`` of the decode launch (see :func:`decode_plan_cost`)."""
+    return decode_plan_cost(M, N, K, sms, elem)[1:]
+
+
+def decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[float, int, int]:
+    """``(seconds, BLOCK_N, split_k)`` of the decode launch for ``x (M, K)`` against ``W (N, K)``, the
     cheapest by a roofline estimate (*predicted*, the model ``fastfactor sol`` applies): DRAM
     moves the compressed weight once, ``x`` and the output (or the fp32 partials and their
     reduction, one more launch); L2 serves ``x`` once per weight-row tile; programs short of the
@@ -1202,7 +1207,7 @@ def decode_plan(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[int, i
                 t += (ws + ybytes) / _BW + _LAUNCH
             if best is None or t < best[0] - 1e-12:
                 best = (t, bn, sk)
-    return best[1], best[2]
+    return best
 
 
 def sparse24_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
@@ -1421,7 +1426,9 @@ def choose_mm_path(M: int, K_in: int, N: int, dtype: torch.dtype, device, torch_
     against a 2:4 ``W (N, K_in)``.
 
     * ``M <= DECODE_MAX_M``: ``decode`` (:func:`sparse24_decode`: bytes-bound, the compressed
-      weight read once, the reduction split to fill the SMs where that pays);
+      weight read once, the reduction split to fill the SMs where that pays), unless ``torch`` is
+      eligible and predicted faster (:func:`decode_plan_cost` against :func:`path_costs`: from
+      ~32 rows the split's second launch costs more than PyTorch's one);
     * otherwise the cheapest of :func:`path_costs` ``('fwd')`` among the eligible paths:
       ``torch`` (PyTorch's semi-structured GEMM on sparse tensor cores, :func:`torch24_eligible`),
       ``dense`` (expand once, cuBLAS) and ``triton``. The dense path costs the dense GEMM plus one
@@ -1441,6 +1448,15 @@ def choose_mm_path(M: int, K_in: int, N: int, dtype: torch.dtype, device, torch_
     if torch_min_m is not None and eligible and M >= torch_min_m:
         return "torch"
     if M <= DECODE_MAX_M:
+        # PyTorch's semi-structured GEMM where it is predicted faster than our decode launch(es)
+        # (from ~32 rows the decode kernel's split adds a second launch): never slower than it.
+        if eligible and forced != "decode":
+            e = 4 if dtype == torch.float32 else 2
+            dev = torch.device(device)
+            sms = _config.num_sms(dev) if torch.cuda.is_available() else _cost.DEFAULT.sms
+            t_decode = decode_plan_cost(M, N, K_in, sms, e)[0]
+            if path_costs(M, K_in, N, dtype, "fwd")["torch"] < t_decode:
+                return "torch"
         return "decode"
     costs = path_costs(M, K_in, N, dtype, "fwd")
     if not eligible:

@@ -138,8 +138,21 @@ def test_path_choice_by_cost(monkeypatch):
     monkeypatch.setattr(_config, "semi_structured_ok", lambda device: device.type == "cuda")
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
     for M in (16, 64):
-        assert K.choose_mm_path(M, 4096, 4096, bf16, cuda) == "decode"
         assert K.choose_bwd_path(M, 4096, 4096, bf16, "dx") == "triton"
+    # decode sizes: our decode launch unless PyTorch's one launch is predicted faster (from the
+    # split's second launch on); never PyTorch where it is not eligible (M % 8)
+    assert K.choose_mm_path(16, 4096, 4096, bf16, cuda) == "decode"
+    assert K.choose_mm_path(64, 4096, 4096, bf16, cuda) == "torch"
+    assert K.choose_mm_path(60, 4096, 4096, bf16, cuda) == "decode"
+    for M in range(8, K.DECODE_MAX_M + 1, 8):
+        for n, k in ((4096, 4096), (3072, 768), (768, 3072)):
+            t_dec = K.decode_plan_cost(M, n, k, 132)[0]
+            t_torch = K.path_costs(M, k, n, bf16, "fwd")["torch"]
+            want = "torch" if t_torch < t_dec else "decode"
+            assert K.choose_mm_path(M, k, n, bf16, cuda) == want, (M, n, k)
+    monkeypatch.setenv("FASTFACTOR_SPARSE24_PATH", "decode")
+    assert K.choose_mm_path(64, 4096, 4096, bf16, cuda) == "decode"
+    monkeypatch.delenv("FASTFACTOR_SPARSE24_PATH")
     assert K.choose_mm_path(16384, 4096, 4096, bf16, cuda) == "torch"
     assert K.choose_mm_path(16384, 4096, 4096, torch.float32, cuda) in ("dense", "triton")
     for M in (128, 1024, 16384):
@@ -208,3 +221,19 @@ def test_dx_on_sparse_tensor_cores_with_a_transposable_mask(monkeypatch, triton_
     monkeypatch.delenv("FASTFACTOR_SPARSE24_BWD_PATH")
     assert K.choose_bwd_path(16384, 4096, 4096, bf, "dx", transposable_ok=True) == "torch"
     assert K.choose_bwd_path(16384, 4096, 4096, bf, "dx") != "torch"
+
+
+def test_sol_records_the_semi_structured_path_on_small_shapes():
+    """PyTorch's semi-structured GEMM has no CPU kernel: ``fastfactor sol`` records it (its shape,
+    not its values) even where the recorder would otherwise compute a small op for real."""
+    from fastfactor.kernels._config import is_interpreter
+
+    if not is_interpreter():
+        pytest.skip("counting needs TRITON_INTERPRET=1")
+    from fastfactor.sol.device import H200
+    from fastfactor.sol.rows import RowSpec, evaluate_row
+
+    row = evaluate_row(RowSpec("sparse24", 768, 3072, 64, None, "fwd"), H200, configs="fixed")
+    assert row["status"] == "predicted, not measured", row.get("error")
+    assert "_sparse_semi_structured_addmm" in row["kernels"]
+    assert row["speedup_vs_dense"] >= 1.0
