@@ -405,6 +405,10 @@ WGRAD_SPACE = [
 ]
 #: widest on-chip h (columns, b·b·r padded) the row-block kernel takes (b = 16 at rank 1)
 ROWS_MAX_WIDTH = 256
+#: largest packed second-stage factor tile (HP x BLOCK_N elements) a row-block config may stage:
+#: HP = 256 with BLOCK_N = 256 asks 180 KB (sm_80) / 304 KB (sm_90) of shared memory, over the
+#: per-block limit (compile-check); 256 x 128 fits
+ROWS_MAX_W2_TILE = 256 * 128
 
 
 #: largest b·r whose products the row-block kernel may run on the FMA units (then b·r FMAs per
@@ -440,6 +444,7 @@ def _prune_rows(configs_, named_args, **kwargs):
         # the fp32 h (BLOCK_M x HP) within 64 registers per thread; BATCHED: >= 16 offsets per block
         hp = get("HP") or 16
         kept = [c for c in configs_ if c.kwargs["BLOCK_M"] * hp <= 64 * 32 * c.num_warps
+                and hp * c.kwargs["BLOCK_N"] <= ROWS_MAX_W2_TILE
                 and (not get("BATCHED") or c.kwargs["BLOCK_K"] >= 16 * get("NBC"))
                 and (not get("BATCHED2") or c.kwargs["BLOCK_N"] >= 16 * get("NBC"))]
         return kept or configs_[-1:]
@@ -458,6 +463,7 @@ def rows_space(FMA: bool = False, NBC: int = 1, RC: int = 1, HP: int = 16, BATCH
     """The row-block kernel's autotune space for a compile variant (:func:`_prune_rows`'s rule)."""
     if not FMA:
         return [c for c in ROWS_SPACE if c["BLOCK_M"] * HP <= 2048 * c["num_warps"]
+                and HP * c["BLOCK_N"] <= ROWS_MAX_W2_TILE
                 and (not BATCHED or c["BLOCK_K"] >= 16 * NBC) and (not BATCHED2 or c["BLOCK_N"] >= 16 * NBC)]
     qt = NBC * RC
     return [c for c in ROWS_SPACE
