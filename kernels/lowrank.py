@@ -720,6 +720,30 @@ if HAS_TRITON:
         tl.store(ws_ptr + pid_s * M + offs_m, tl.sum(acc, axis=1), mask=mask_m)
 
     @triton.jit
+    def _role_signal(cnt_ptr):
+        """Publish this program's stores (made before the call) to the programs waiting on ``cnt_ptr``."""
+        tl.debug_barrier()
+        tl.atomic_add(cnt_ptr, 1, sem="release")
+
+    @triton.jit
+    def _role_wait(cnt_ptr, n):
+        """Spin until ``n`` programs have signalled ``cnt_ptr``; their stores are then visible."""
+        seen = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+        while seen < n:
+            seen = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+        tl.debug_barrier()
+
+    @triton.jit
+    def _roles_done(cnt_ptr, programs):
+        """The last of ``programs`` programs out resets the four counters for the next launch."""
+        done = tl.atomic_add(cnt_ptr + 3, 1)
+        if done == programs - 1:
+            tl.atomic_xchg(cnt_ptr, 0)
+            tl.atomic_xchg(cnt_ptr + 1, 0)
+            tl.atomic_xchg(cnt_ptr + 2, 0)
+            tl.atomic_xchg(cnt_ptr + 3, 0)
+
+    @triton.jit
     def _decode_store_ws(ws_ptr, acc, p, M, R, offs_m, mask_m, offs_r):
         tl.store(ws_ptr + p * M * R + offs_m[:, None] * R + offs_r[None, :], acc,
                  mask=mask_m[:, None] & (offs_r[None, :] < R))
@@ -821,16 +845,12 @@ if HAS_TRITON:
             if R2 > 0:
                 _decode_store_ws(ws_ptr, acc2, ticket, M, R, offs_m, mask_m, offs_r2)
             if SYNC:
-                tl.debug_barrier()
-                tl.atomic_add(cnt_ptr + 1, 1, sem="release")
+                _role_signal(cnt_ptr + 1)
         elif ticket < N0 + N1:
             # ---- reducer: BLOCK_R columns of t, the N0 partials summed in the order p = 0, 1, ... ----
             j = ticket - N0
             if SYNC:
-                seen = tl.atomic_add(cnt_ptr + 1, 0, sem="acquire")
-                while seen < N0:
-                    seen = tl.atomic_add(cnt_ptr + 1, 0, sem="acquire")
-                tl.debug_barrier()
+                _role_wait(cnt_ptr + 1, N0)
             offs_c = j * BLOCK_R + tl.arange(0, BLOCK_R)
             msk = mask_m[:, None] & (offs_c[None, :] < R)
             ptrs = ws_ptr + offs_m[:, None] * R + offs_c[None, :]
@@ -839,8 +859,7 @@ if HAS_TRITON:
                 s += tl.load(ptrs + p * M * R, mask=msk, other=0.0, cache_modifier=".cg")
             tl.store(t_ptr + offs_m[:, None] * R + offs_c[None, :], s.to(t_ptr.dtype.element_ty), mask=msk)
             if SYNC:
-                tl.debug_barrier()
-                tl.atomic_add(cnt_ptr + 2, 1, sem="release")
+                _role_signal(cnt_ptr + 2)
         else:
             # ---- consumer: BLOCK_N rows of U (loaded first: overlaps the producers), then t ----
             c = ticket - N0 - N1
@@ -859,10 +878,7 @@ if HAS_TRITON:
                 if CAST:
                     w2 = w2.to(tl.float32)
             if SYNC:
-                seen = tl.atomic_add(cnt_ptr + 2, 0, sem="acquire")
-                while seen < N1:
-                    seen = tl.atomic_add(cnt_ptr + 2, 0, sem="acquire")
-                tl.debug_barrier()
+                _role_wait(cnt_ptr + 2, N1)
             z = tl.dot(_decode_load_t(t_ptr, M, R, offs_m, mask_m, offs_r0, CAST), w0, input_precision=PRECISION)
             if R1 > 0:
                 z = tl.dot(_decode_load_t(t_ptr, M, R, offs_m, mask_m, offs_r1, CAST), w1, z,
@@ -877,12 +893,7 @@ if HAS_TRITON:
                      z.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
         if SYNC:
             # the last program out resets the counters for the next launch on this stream
-            done = tl.atomic_add(cnt_ptr + 3, 1)
-            if done == N0 + N1 + N2 - 1:
-                tl.atomic_xchg(cnt_ptr, 0)
-                tl.atomic_xchg(cnt_ptr + 1, 0)
-                tl.atomic_xchg(cnt_ptr + 2, 0)
-                tl.atomic_xchg(cnt_ptr + 3, 0)
+            _roles_done(cnt_ptr, N0 + N1 + N2)
 
     @triton.jit
     def _dbwd_producer_piece(g, t_ptr, u_ptr, du_ptr, acc, offs_m, mask_m, offs_n, mask_n, offs_r, M, R,
@@ -1017,15 +1028,11 @@ if HAS_TRITON:
             if R2 > 0:
                 _decode_store_ws(ws_ptr, acc2, ticket, M, R, offs_m, mask_m, offs_r2)
             if SYNC:
-                tl.debug_barrier()
-                tl.atomic_add(cnt_ptr + 1, 1, sem="release")
+                _role_signal(cnt_ptr + 1)
         elif ticket < N0 + N1:
             j = ticket - N0
             if SYNC:
-                seen = tl.atomic_add(cnt_ptr + 1, 0, sem="acquire")
-                while seen < N0:
-                    seen = tl.atomic_add(cnt_ptr + 1, 0, sem="acquire")
-                tl.debug_barrier()
+                _role_wait(cnt_ptr + 1, N0)
             offs_c = j * BLOCK_R + tl.arange(0, BLOCK_R)
             msk = mask_m[:, None] & (offs_c[None, :] < R)
             ptrs = ws_ptr + offs_m[:, None] * R + offs_c[None, :]
@@ -1034,8 +1041,7 @@ if HAS_TRITON:
                 s += tl.load(ptrs + p * M * R, mask=msk, other=0.0, cache_modifier=".cg")
             tl.store(dt_ptr + offs_m[:, None] * R + offs_c[None, :], s.to(dt_ptr.dtype.element_ty), mask=msk)
             if SYNC:
-                tl.debug_barrier()
-                tl.atomic_add(cnt_ptr + 2, 1, sem="release")
+                _role_signal(cnt_ptr + 2)
         else:
             c = ticket - N0 - N1
             offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -1060,10 +1066,7 @@ if HAS_TRITON:
             if CAST:
                 xt = xt.to(tl.float32)
             if SYNC:
-                seen = tl.atomic_add(cnt_ptr + 2, 0, sem="acquire")
-                while seen < N1:
-                    seen = tl.atomic_add(cnt_ptr + 2, 0, sem="acquire")
-                tl.debug_barrier()
+                _role_wait(cnt_ptr + 2, N1)
             dx = tl.zeros((BLOCK_M, BLOCK_K), dtype=acc_ty)
             dx = _dbwd_consumer_piece(dt_ptr, v0, xt, dx, dv_ptr, offs_m, mask_m, offs_r0, offs_k, mask_k, M, R,
                                       stride_dvr, stride_dvk, NEED_X, NEED_V, CAST, PRECISION)
@@ -1077,12 +1080,7 @@ if HAS_TRITON:
                 tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
                          dx.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
         if SYNC:
-            done = tl.atomic_add(cnt_ptr + 3, 1)
-            if done == N0 + N1 + N2 - 1:
-                tl.atomic_xchg(cnt_ptr, 0)
-                tl.atomic_xchg(cnt_ptr + 1, 0)
-                tl.atomic_xchg(cnt_ptr + 2, 0)
-                tl.atomic_xchg(cnt_ptr + 3, 0)
+            _roles_done(cnt_ptr, N0 + N1 + N2)
 
     def _pick_chain(named: dict) -> dict:
         r_pad = sum(int(named.get(k) or 0) for k in ("R0", "R1", "R2"))
