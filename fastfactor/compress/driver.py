@@ -213,6 +213,7 @@ class _Run:
             train_embeddings=cfg.train_embeddings, parallel=parallel,
         )
         self.objective = self.evaluator = None
+        self.fits = None  #: the fit cache of the stage being calibrated (autoencoder; fastfactor.compress.fitcache)
         self.generator = torch.Generator().manual_seed(cfg.seed)  #: the calibration losses' generator
         model.to(device)
         torch.manual_seed(cfg.seed)
@@ -291,11 +292,15 @@ class _Run:
             stage=si, name=name, modules=[t.name for t in group], params=0, target_ratio=0.0))
         with profiling.range(f"stage {si}"):
             if resumed is None:  # else its modules are swapped and partly fine-tuned already
+                # the autoencoder's finished fits of this stage are cached one by one, so a run
+                # killed here keeps them (fastfactor.compress.fitcache); None for other methods
+                self.fits = self.session.fit_cache(si) if self.cfg.method == "autoencoder" else None
                 block_targets = self._ae_block_targets(group)  # autoencoder scope="block" only
-                stats = self.calibrate(group)
+                stats = self.calibrate([t for t in group if not self._fit_cached(t)])
                 self.swap(si, group, stats, rec)
                 stats.clear()
                 self._ae_block_fit(group, block_targets, rec)
+                self.fits = None
                 faults.test_fault_hook(si)  # test-only; does nothing unless its env variable is set
                 self.measure_swap(si, rec)
             if self.fine_tunes and cfg.schedule == "staged" and cfg.stage_steps > 0:
@@ -348,14 +353,26 @@ class _Run:
                     self._swap_joint(group, stats, rec)
                 continue
             with profiling.range(f"factorize {t.name}"):
-                new = self._factorize(t, stats.get(t.name))
+                cached = self._fit_cached(t) and self.fits.load_module(t.name, get_module(self.model, t.name))
+                if cached:  # fitted before the run was interrupted
+                    new, info = cached
+                    _dist.broadcast_module(new)  # rank 0's factors everywhere, as after a fit
+                else:
+                    new = self._factorize(t, stats.get(t.name))
+                    info = self.init
+                    if self.cfg.method == "autoencoder":  # the report records the form
+                        from .autoencoder import describe
+
+                        info = describe(self.cfg)
                 set_module(self.model, t.name, new)
                 self.kept[t.name] = new.num_weight_params
-                rec.init_info[t.name] = self.init
-                if self.cfg.method == "autoencoder":  # the report records the form
-                    from .autoencoder import describe
+                rec.init_info[t.name] = info
+                if not cached and self.fits is not None:
+                    self.fits.save_module(t.name, new, info)
 
-                    rec.init_info[t.name] = describe(self.cfg)
+    def _fit_cached(self, t: Target) -> bool:
+        """Target ``t``'s fit is in this stage's fit cache (never for a member of a joint group)."""
+        return self.fits is not None and t.name not in self.group_of and self.fits.has("module", t.name)
 
     def _ae_block_targets(self, group: List[Target]) -> Optional[Dict[str, list]]:
         """Autoencoder ``scope="block"``: the outputs of the stage's blocks before the swap
@@ -380,7 +397,7 @@ class _Run:
         with profiling.range("block fit"):
             infos = refine_blocks(self.model, stage_blocks(group), targets, self._calibration_batches(),
                                   lambda m, b: m(**_inputs(m, b, self.device)), steps=self.cfg.ae_steps,
-                                  lr=self.cfg.ae_lr, log=self.say)
+                                  lr=self.cfg.ae_lr, log=self.say, cache=self.fits)
         for name, info in infos.items():
             rec.init_info[f"{name} (block fit)"] = (
                 f"held-out MSE {info['heldout_mse_start']:.6g} -> {info['heldout_mse']:.6g}, "
