@@ -353,8 +353,8 @@ class _Run:
                     self._swap_joint(group, stats, rec)
                 continue
             with profiling.range(f"factorize {t.name}"):
-                cached = self._fit_cached(t) and self.fits.load_module(t.name, get_module(self.model, t.name))
-                if cached:  # fitted before the run was interrupted
+                cached = self.fits.load_module(t.name, get_module(self.model, t.name)) if self._fit_cached(t) else None
+                if cached is not None:  # fitted before the run was interrupted
                     new, info = cached
                     _dist.broadcast_module(new)  # rank 0's factors everywhere, as after a fit
                 else:
@@ -367,12 +367,15 @@ class _Run:
                 set_module(self.model, t.name, new)
                 self.kept[t.name] = new.num_weight_params
                 rec.init_info[t.name] = info
-                if not cached and self.fits is not None:
+                if cached is None and self.fits is not None:
                     self.fits.save_module(t.name, new, info)
 
     def _fit_cached(self, t: Target) -> bool:
-        """Target ``t``'s fit is in this stage's fit cache (never for a member of a joint group)."""
-        return self.fits is not None and t.name not in self.group_of and self.fits.has("module", t.name)
+        """Target ``t``'s fit (its joint group's, for a member) is in this stage's fit cache."""
+        if self.fits is None:
+            return False
+        group = self.group_of.get(t.name)
+        return self.fits.has("group", group.names[0]) if group is not None else self.fits.has("module", t.name)
 
     def _ae_block_targets(self, group: List[Target]) -> Optional[Dict[str, list]]:
         """Autoencoder ``scope="block"``: the outputs of the stage's blocks before the swap
@@ -410,15 +413,23 @@ class _Run:
         from .joint import build_group
 
         with profiling.range(f"factorize joint {'+'.join(group.children)}"):
-            new = build_group(self.model, group, {t.name: t for t in self.targets}, self.cfg.method, self.init,
-                              self.cfg, stats)
+            info = f"{self.init} (joint {group.kind}: {'+'.join(group.children)})"
+            new = None
+            if self.fits is not None and self.fits.has("group", group.names[0]):  # fitted before an interrupt
+                new = self.fits.load_group(list(group.names), {n: get_module(self.model, n) for n in group.names})
+            cached = new is not None
+            if not cached:
+                new = build_group(self.model, group, {t.name: t for t in self.targets}, self.cfg.method, self.init,
+                                  self.cfg, stats)
             leader = new[group.names[0]]
             _dist.broadcast_module(leader)  # rank 0's factors everywhere (a no-op single-process)
             for n, m in new.items():
                 m.train(get_module(self.model, n).training)
                 set_module(self.model, n, m)
                 self.kept[n] = m.num_weight_params
-                rec.init_info[n] = f"{self.init} (joint {group.kind}: {'+'.join(group.children)})"
+                rec.init_info[n] = info
+            if not cached and self.fits is not None:
+                self.fits.save_group(new, info)
 
     def measure_swap(self, si: int, rec: StageRecord) -> None:
         """Parameters, weights kept and (when evaluated) the metrics right after stage ``si``'s swap."""

@@ -10,6 +10,8 @@ writes, while stage ``N`` is being calibrated, one file per finished fit into
 * ``module-<name>.safetensors`` — a target's fitted layer (``scope="module"``, and the start of
   ``scope="block"``): its tensors, and as metadata its layer class, ``factor_config`` and the line
   the report records for it;
+* ``group-<leader>.safetensors`` — modules compressed together (``joint``): the leader's and the
+  members' tensors and, per module, its class and ``factor_config``;
 * ``block-<name>.safetensors`` — a transformer block after its block fit (``scope="block"``):
   every factorized parameter inside it (by name within the block) and the fit's summary.
 
@@ -29,8 +31,7 @@ so skipping a finished one changes nothing that follows: the result is bitwise t
 uninterrupted run. The directory is removed once the stage's own checkpoint is written.
 
 Only rank 0 writes; every rank reads (a shared filesystem, as for stage checkpoints), and rank 0's
-factors are broadcast after a load as after a fit. Modules compressed together (``joint``) are
-fitted as one group and are not cached: a resumed stage refits them.
+factors are broadcast after a load as after a fit.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ FITS_KIND = "fastfactor-fit-cache"
 FITS_INDEX = "fits.json"
 _FITS_RE = re.compile(r"^fits-(\d{4,})$")
 _META_KEY = "fastfactor"
-_UNIT_KINDS = ("module", "block")
+_UNIT_KINDS = ("module", "group", "block")
 
 
 def fits_dirname(stage: int) -> str:
@@ -240,6 +241,55 @@ class FitCache:
         """Cache target ``name``'s fitted layer (rank 0; a no-op without a checkpoint directory)."""
         self._store("module", name, dict(module.state_dict()),
                     {"class": type(module).__name__, "factor_config": module.factor_config(), "info": info})
+
+    # -- modules compressed together ----------------------------------------------------------
+
+    def load_group(self, names: List[str], like: Dict[str, nn.Module]) -> Optional[Dict[str, nn.Module]]:
+        """``{name: module}`` of the joint group led by ``names[0]`` (leader, then its members,
+        linked) when its fit is cached, else None. ``like``: the modules they replace (device, mode)."""
+        got = self._read("group", names[0])
+        if got is None:
+            return None
+        tensors, meta = got
+        from ..layers.joint import JointMemberLinear
+        from .methods import layer_classes
+
+        path = os.path.join(self.root, _unit_filename("group", names[0]))
+        entries = meta.get("modules") or []
+        if [e.get("name") for e in entries] != list(names):
+            raise ValueError(f"{path}: holds the group {[e.get('name') for e in entries]}, expected {list(names)}")
+        out: Dict[str, nn.Module] = {}
+        for i, e in enumerate(entries):
+            cls = layer_classes().get(e.get("class"))
+            if cls is None:
+                raise ValueError(f"{path}: layer class {e.get('class')!r} is not available in this build")
+            sd = {k.partition(".")[2]: t for k, t in tensors.items() if k.partition(".")[0] == str(i)}
+            try:
+                with torch.device("meta"):
+                    m = cls(**e["factor_config"])
+                missing, unexpected = m.load_state_dict(sd, strict=False, assign=True)
+            except (TypeError, ValueError, RuntimeError, KeyError) as err:
+                raise ValueError(f"{path}: the cached tensors of {e.get('name')!r} do not fit a {e.get('class')} "
+                                 f"({err})") from err
+            if missing or unexpected:
+                raise ValueError(f"{path}: {e.get('name')!r}: missing {missing[:6]}, unexpected {unexpected[:6]}")
+            old = like[e["name"]]
+            m = m.to(next((t.device for t in old.parameters()), torch.device("cpu")))
+            m.train(old.training)
+            out[e["name"]] = m
+        leader = out[names[0]]
+        for m in out.values():
+            if isinstance(m, JointMemberLinear):
+                m.link(leader)
+        self.loaded.append(f"group:{names[0]}")
+        return out
+
+    def save_group(self, modules: Dict[str, nn.Module], info: str) -> None:
+        """Cache a joint group's fitted modules (``{name: module}``, the leader first; rank 0)."""
+        tensors = {f"{i}.{k}": t for i, m in enumerate(modules.values()) for k, t in m.state_dict().items()}
+        entries = [{"name": n, "class": type(m).__name__, "factor_config": m.factor_config()}
+                   for n, m in modules.items()]
+        self._store("group", next(iter(modules)), tensors, {"modules": entries, "info": info})
 
     # -- blocks -------------------------------------------------------------------------------
 

@@ -234,3 +234,37 @@ def test_without_checkpoint_dir_nothing_is_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     C.compress(tiny_model("gpt2", intermediate=36), _cfg(), tiny_data())
     assert os.listdir(tmp_path) == []
+
+
+def test_joint_groups_are_cached_and_relinked(tmp_path, monkeypatch, counts):
+    """LLaMA with q/k/v and gate/up compressed together: interrupted after the first group; the
+    resume loads that group (leader and linked members), fits the rest, and matches bitwise."""
+    from fastfactor.compress import joint as J
+    from fastfactor.layers.joint import JointMemberLinear
+
+    built = []
+    build_group = J.build_group
+
+    def counting(model, group, *a, **kw):
+        built.append(group.names[0])
+        return build_group(model, group, *a, **kw)
+
+    monkeypatch.setattr(J, "build_group", counting)
+    cfg = _cfg(joint=["qkv", "mlp"])
+    m_ref, r_ref = C.compress(tiny_model("llama", intermediate=36), cfg, tiny_data())
+    n_groups, n_alone = len(built), len(counts["module"])
+    assert n_groups == 4 and n_alone == 4  # 2 layers x (qkv, gate/up); o_proj and down_proj alone
+    ck = tmp_path / "ck"
+    _interrupt(monkeypatch, "llama", cfg, ck, 1)
+    assert [n for n in os.listdir(ck / FC.fits_dirname(0)) if n.startswith("group-")] == [
+        f"group-{built[0]}.safetensors"]
+    built.clear(), counts["module"].clear()
+    m_res, r_res = C.compress(tiny_model("llama", intermediate=36), cfg, tiny_data(), checkpoint_dir=ck, resume=ck)
+    assert len(built) == n_groups - 1 and len(counts["module"]) == n_alone
+    members = [m for m in m_res.modules() if isinstance(m, JointMemberLinear)]
+    assert members and all(m._joint for m in members)
+    _same_state(m_ref, m_res)
+    assert _strip(r_ref) == _strip(r_res)
+    x = torch.randint(3, 97, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(m_ref(input_ids=x).logits, m_res(input_ids=x).logits)
