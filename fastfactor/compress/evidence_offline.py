@@ -24,7 +24,8 @@ Time: ``compress_s`` is the wall time of :func:`fastfactor.compress` minus the t
 evaluations (metrics before and after): calibration + factorization (+ autoencoder training).
 
 Rows are appended to ``OUT/evidence_offline.json`` as they finish (a rerun skips rows already
-there; every setting is in the row's key) and ``OUT/evidence_offline.md`` is rewritten at the end.
+there; every setting, the autoencoder's step count included, is in the row's key) and the table in
+``OUT/evidence_offline.md`` is rewritten at the end (between its markers: the prose around is kept).
 
 ``nice -n 10 python -m fastfactor.compress.evidence_offline --out docs [--threads 1] [--seeds 0 1]``
 """
@@ -190,6 +191,20 @@ def markdown(rows, meta=None) -> str:
     return txt
 
 
+TABLE_BEGIN, TABLE_END = "<!-- evidence_offline table: generated -->", "<!-- /evidence_offline table -->"
+
+
+def with_table(text: str, table: str) -> str:
+    """``text`` (the markdown file) with the generated ``table`` between the markers
+    :data:`TABLE_BEGIN` / :data:`TABLE_END`; the prose around them is kept. Without markers the
+    file becomes the table alone."""
+    block = f"{TABLE_BEGIN}\n{table}\n{TABLE_END}"
+    i, j = text.find(TABLE_BEGIN), text.find(TABLE_END)
+    if i < 0 or j < i:
+        return block + "\n"
+    return text[:i] + block + text[j + len(TABLE_END):]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastfactor.compress.evidence_offline",
                                  description=__doc__.split("\n\n")[0])
@@ -289,7 +304,8 @@ def main(argv=None) -> int:
                             save()
     save()
     md = markdown(list(done.values()), meta)
-    atomic_write_text(os.path.join(args.out, "evidence_offline.md"), md + "\n")
+    mpath = os.path.join(args.out, "evidence_offline.md")
+    atomic_write_text(mpath, with_table(open(mpath).read() if os.path.isfile(mpath) else "", md))
     print(md)
     print(f"total {time.perf_counter() - t_all:.0f}s")
     return 0
