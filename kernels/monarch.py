@@ -71,8 +71,14 @@ unpadded product per input block, placed into ``h`` by an exact 0/1 product (``B
 with power-of-two ``b`` and ``r`` the interleaved sides (the Monarch forward's stage 2, ``dx``'s
 stage 1, ``dw2``) are batched products over the ``b`` blocks, the tile reshaped and permuted on
 chip (``BATCHED``/``BATCHED2``): no padding, no scattered access.
-An FMA formulation of the forward (only the useful multiply-adds, ``FASTFACTOR_MONARCH_FMA=1``;
-see :data:`ROWS_FMA_MAX_BR` for why it is off) exists for small power-of-two ``b·r``. When the
+An FMA build of the forward (only the useful multiply-adds) exists for small power-of-two ``b·r``
+(``b·r <= 8``): stage 1 keeps ``b·r`` elementwise fp32 accumulators ``acc[m, c] += x[m, c]·w1[q, (p,
+t), c]`` in the layout ``x`` is loaded in and reduces them over ``c`` once per input block (``h`` is
+``b·b·r`` values per row); stage 2 writes each output tile as ``b·r`` rank-1 updates
+``z[m, s, p] += h[m, p, j]·w2[p, s, j]`` with no reduction. It issues no tensor-core FLOPs; it is
+taken where its predicted time, instruction issue included (:data:`ROWS_FMA_ISSUE`, a
+per-instruction model from its SASS), is at most the tensor-core build's (:func:`rows_fma`;
+``FASTFACTOR_MONARCH_FMA=0``/``1`` forces it). When the
 row blocks alone underfill the GPU, grid axis 1 splits the output tiles
 (:func:`kernels._config.row_block_grid`), each split recomputing stage 1.
 
@@ -85,9 +91,11 @@ columns of the intermediate (an unpadded product). Reductions longer than
 into fp32 partials summed over the splits by ``torch.sum``: no atomics, bitwise reproducible.
 
 Which path
-    :func:`choose_path` predicts each path's time from bytes moved and tensor FLOPs issued with
-    the device figures and rates of ``fastfactor sol`` (:func:`_path_seconds`) and takes the
-    fastest; the forward may also take ``'torch'`` (two ``bmm`` with the permutes).
+    :func:`choose_path` predicts each path's time from bytes moved, tensor FLOPs issued and (FMA
+    build) instructions issued with the device figures and rates of ``fastfactor sol``
+    (:func:`_path_seconds`; the backward's ``dx`` and weight gradients together by
+    :func:`_bwd_path_seconds`) and takes the fastest; the forward may also take ``'torch'`` (two
+    ``bmm`` with the permutes).
 
 The older kernels serve the other shapes (``h`` wider than 64 columns per row):
 
@@ -166,7 +174,7 @@ from ._config import (
     row_block_grid,
     upcast_dots,
 )
-from . import _config
+from . import _config, _cost
 from .lowrank import intermediate_dtype
 
 if HAS_TRITON:
@@ -383,6 +391,10 @@ ROWS_SPACE = [
     dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
+    # (FMA builds only, _ROWS_FMA_ONLY: b·r = 8 within 64 registers, 8 warps)
+    dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
     # wide input steps (the batched stage 1 takes >= 16 offsets of each of the b blocks)
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=256, num_warps=4, num_stages=2),
@@ -391,6 +403,14 @@ ROWS_SPACE = [
     dict(BLOCK_M=32, BLOCK_N=256, BLOCK_K=128, num_warps=4, num_stages=2),
     ROWS_INTERP,
 ]
+#: configs only the FMA builds take (the tensor-core builds keep the space they were checked with)
+_ROWS_FMA_ONLY = [ROWS_SPACE[i] for i in (8, 9, 10)]
+
+
+def _fma_only(c) -> bool:
+    return any(c == f for f in _ROWS_FMA_ONLY)
+
+
 #: the weight-gradient kernel (a packed product over a split of the rows, fixed-order partials)
 WGRAD_INTERP = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
 WGRAD_FIXED = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)
@@ -413,12 +433,13 @@ ROWS_MAX_W2_TILE = 256 * 128
 
 #: largest b·r whose products the row-block kernel may run on the FMA units (then b·r FMAs per
 #: input and per output element; a 16-wide tensor-core tile issues 16/(b·r) times the useful FLOPs).
-#: Off unless ``FASTFACTOR_MONARCH_FMA=1``: its sm_90 build (b = 4, r = 1, M16,N128,K128) spends
-#: ~1050 instructions per input block on cross-lane reductions (SHFL) and ~450 per output tile, about
-#: 98 M warp-instructions at M = 16384, i.e. ~94 µs of issue against the ~65 µs the tensor-core
-#: formulation is predicted at (hand count from the SASS loop split; sol's issue term counts the
-#: main loop once here, since these loops have no tl.dot reduction), so it is slower until its
-#: reductions are restructured.
+#: The FMA build is taken where predicted at least as fast as the tensor-core one (:func:`rows_fma`).
+#: History: its first build reduced across lanes inside its loops (sm_90 SASS, b = 4, r = 1,
+#: M16,N128,K128: ~1050 instructions per input block, 448 of them SHFL, and ~450 per output tile,
+#: ~94 µs of issue at 4096², M = 16384 against ~65 µs predicted for the tensor-core build); the
+#: present one accumulates elementwise in x's own layout and reduces once per input block (~230
+#: instructions), and writes each output tile as b·r rank-1 updates (~166 instructions, no
+#: reduction): 46.5 M warp-instructions there, ~46 µs of issue under the ~62 µs of DRAM time.
 ROWS_FMA_MAX_BR = 8
 
 
@@ -426,14 +447,77 @@ def _pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
-def rows_fma(nblocks: int, rank: int, in_interleaved: bool = False, out_interleaved: bool = True) -> bool:
-    """Whether the row-block kernel computes both products on the FMA units (only the useful
-    multiply-adds) instead of padded tensor-core tiles: with ``FASTFACTOR_MONARCH_FMA=1`` (see
-    :data:`ROWS_FMA_MAX_BR`), for the Monarch forward (contiguous input blocks, interleaved output)
-    with power-of-two ``b`` and ``r`` and ``b·r <= ROWS_FMA_MAX_BR``."""
-    return (os.environ.get("FASTFACTOR_MONARCH_FMA") == "1"
-            and not in_interleaved and out_interleaved and _pow2(nblocks) and _pow2(rank)
+def _rows_fma_eligible(nblocks: int, rank: int, in_interleaved: bool, out_interleaved: bool) -> bool:
+    return (not in_interleaved and out_interleaved and _pow2(nblocks) and _pow2(rank)
             and nblocks * rank <= ROWS_FMA_MAX_BR)
+
+
+def rows_fma(nblocks: int, rank: int, in_interleaved: bool = False, out_interleaved: bool = True,
+             M: Optional[int] = None, K: Optional[int] = None, N: Optional[int] = None, elem: int = 2,
+             save_h: bool = False) -> bool:
+    """Whether the row-block kernel computes both products on the FMA units (only the useful
+    multiply-adds) instead of padded tensor-core tiles. Only the Monarch forward (contiguous input
+    blocks, interleaved output) with power-of-two ``b`` and ``r`` and ``b·r <= ROWS_FMA_MAX_BR`` has
+    the FMA build; there it is taken where its predicted time (:func:`_path_seconds`, with its
+    instruction issue from :data:`ROWS_FMA_ISSUE`) is at most the tensor-core build's, for the
+    shape ``(M, K, N)`` (no shape given: off). ``FASTFACTOR_MONARCH_FMA=1`` / ``0`` forces it on /
+    off where it exists."""
+    if not _rows_fma_eligible(nblocks, rank, in_interleaved, out_interleaved):
+        return False
+    env = os.environ.get("FASTFACTOR_MONARCH_FMA")
+    if env in ("0", "1"):
+        return env == "1"
+    if M is None or K is None or N is None:
+        return False
+    t = lambda p: _path_seconds(M, K, N, nblocks, rank, p, elem, elem, save_h, True)
+    return t("rows_fma") <= t("rows_mma")
+
+
+#: Per-instruction model of the FMA build of the row-block kernel (``rows_fma_warp_instructions``),
+#: warp-instructions issued per warp, from its sm_90 SASS (``fastfactor sol --sass``; builds of
+#: b·r = 2, 4, 8 at 4096², M16-64 x N64-128 x K64-128 tiles, 4 and 8 warps, the largest figure seen
+#: per b·r): per stage-1 multiply-add of a thread (x and the factor converted, the address
+#: arithmetic; the loop's instructions / its FFMAs: 2.4-2.8 at b·r <= 4, 3.6 at 8), per input
+#: block (the one reduction over the block's features and the placement; 207-266), per stage-2
+#: multiply-add (2.3-2.8) and per output tile (store, bias), and per program (the rest).
+#: tests/monarch/test_fma.py checks the model against the compiled loops.
+ROWS_FMA_ISSUE = dict(stage1={1: 2.8, 2: 2.8, 4: 2.8, 8: 3.7}, block={1: 210, 2: 210, 4: 230, 8: 270},
+                      stage2=2.6, tile=15, program=300)
+
+
+def rows_fma_warp_instructions(NB: int, R: int, CB: int, F_OUT: int, BLOCK_M: int, BLOCK_N: int,
+                               BLOCK_K: int, num_warps: int, split: int = 1):
+    """``(warp-instructions of one program, loop trips)`` of the FMA build (the model of
+    :data:`ROWS_FMA_ISSUE`; **predicted**). One program owns ``BLOCK_M`` rows: for each of the
+    ``NB`` input blocks ``ceil(CB / BLOCK_K)`` steps of ``BLOCK_M·BLOCK_K·b·r / threads``
+    multiply-adds per thread, then its share of the output tiles (``split`` programs share a row
+    block's tiles), ``BLOCK_M·BLOCK_N·b·r / threads`` multiply-adds per thread each. The trips are
+    those of the build's three loops in address order: input blocks, steps inside a block (nested),
+    output tiles."""
+    qt = NB * R
+    m = ROWS_FMA_ISSUE
+    threads = 32 * num_warps
+    f1 = BLOCK_M * BLOCK_K * qt / threads
+    f2 = BLOCK_M * BLOCK_N * qt / threads
+    trips = cdiv(CB, BLOCK_K)
+    tiles = cdiv(cdiv(F_OUT, BLOCK_N), max(1, split))
+    key = min(8, next_pow2(qt))
+    per_warp = (m["program"] + NB * (m["block"][key] + trips * m["stage1"][key] * f1)
+                + tiles * (m["stage2"] * f2 + m["tile"]))
+    return num_warps * per_warp, [NB, trips, tiles]
+
+
+def _rows_issue_model(ints: dict, constexprs: dict, config: dict, grid) -> Optional[tuple]:
+    """:data:`kernels._cost.ISSUE_MODELS` entry of the row-block kernel: its FMA build only."""
+    if not constexprs.get("FMA"):
+        return None
+    return rows_fma_warp_instructions(
+        int(ints["NB"]), int(ints["R"]), int(ints["CB"]), int(ints["F_OUT"]), config["BLOCK_M"],
+        config["BLOCK_N"], config["BLOCK_K"], config.get("num_warps", 4), int(grid[1]) if len(grid) > 1 else 1)
+
+
+_cost.ISSUE_MODELS["monarch.rows"] = _rows_issue_model
+_cost.ISSUE_MODELS["monarch.rows_fp16"] = _rows_issue_model
 
 
 def _prune_rows(configs_, named_args, **kwargs):
@@ -443,7 +527,8 @@ def _prune_rows(configs_, named_args, **kwargs):
     if not get("FMA"):
         # the fp32 h (BLOCK_M x HP) within 64 registers per thread; BATCHED: >= 16 offsets per block
         hp = get("HP") or 16
-        kept = [c for c in configs_ if c.kwargs["BLOCK_M"] * hp <= 64 * 32 * c.num_warps
+        kept = [c for c in configs_ if not _fma_only(dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
+                and c.kwargs["BLOCK_M"] * hp <= 64 * 32 * c.num_warps
                 and hp * c.kwargs["BLOCK_N"] <= ROWS_MAX_W2_TILE
                 and (not get("BATCHED") or c.kwargs["BLOCK_K"] >= 16 * get("NBC"))
                 and (not get("BATCHED2") or c.kwargs["BLOCK_N"] >= 16 * get("NBC"))]
@@ -462,7 +547,7 @@ def rows_space(FMA: bool = False, NBC: int = 1, RC: int = 1, HP: int = 16, BATCH
                BATCHED2: bool = False, **_) -> list[dict]:
     """The row-block kernel's autotune space for a compile variant (:func:`_prune_rows`'s rule)."""
     if not FMA:
-        return [c for c in ROWS_SPACE if c["BLOCK_M"] * HP <= 2048 * c["num_warps"]
+        return [c for c in ROWS_SPACE if not _fma_only(c) and c["BLOCK_M"] * HP <= 2048 * c["num_warps"]
                 and HP * c["BLOCK_N"] <= ROWS_MAX_W2_TILE
                 and (not BATCHED or c["BLOCK_K"] >= 16 * NBC) and (not BATCHED2 or c["BLOCK_N"] >= 16 * NBC)]
     qt = NBC * RC
@@ -1323,38 +1408,55 @@ def _path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int =
     w_b = (b * br * kb + b * nb * br) * elem
     rate = SM.rate_for("bf16" if elem == 2 else "fp32", dev)
 
-    def launch(programs, dram, flops, hgmma=True, l2=0.0):
-        # l2: bytes of 32-byte sectors passing L2 -> SM beyond the DRAM bytes (scattered stores)
+    def launch(programs, dram, flops, hgmma=True, l2=0.0, issue=0.0):
+        # l2: bytes of 32-byte sectors passing L2 -> SM beyond the DRAM bytes (scattered stores);
+        # issue: warp-instructions of the launch (FMA builds: ROWS_FMA_ISSUE)
         _, f = SM.fill(programs, dev)
         r_ = rate if hgmma else rate * dev.hmma_fraction
         return max(dram / dev.hbm_bw, (dram + l2) / (dev.l2_bw * f),
-                   flops / (r_ * f) if flops else 0.0) + dev.launch_s
+                   flops / (r_ * f) if flops else 0.0,
+                   _cost.issue_seconds(issue, dev, f) if issue else 0.0) + dev.launch_s
 
     # Monarch's output permutation written by the per-block kernels: one 32-byte sector per element
     scatter = 32.0 * M * N if strided else 0.0
 
-    if path == "rows":
+    if path in ("rows", "rows_mma", "rows_fma"):
         hp = rows_width(b, r)
         best = None
-        for bm in (16, 32, 64, 128):
-            m_blocks = cdiv(M, bm)
-            tiles = cdiv(N, 128)
-            split = max(1, min(tiles, (2 * dev.sms) // m_blocks))
-            split = cdiv(tiles, cdiv(tiles, split))
-            reread = (split - 1) * x_b if x_b > dev.l2_bytes / 2 else 0
-            dram = x_b + y_b + w_b + (h_b if save_h else 0) + reread
-            # every split reads its row block of x and the first factor again (from L2 at least)
-            l2 = (split - 1) * x_b - reread + (m_blocks * split - 1) * b * br * kb * elem
-            rows_ = m_blocks * bm
-            if b * r >= 16:   # stage 1 block by block (unpadded), then placed by a 0/1 product
-                qtp = next_pow2(b * r)
-                stage1 = rows_ * (Kp * qtp + b * qtp * hp)
-            else:             # stage 1 as one packed tile
-                stage1 = rows_ * Kp * hp
-            flops = 2.0 * (stage1 * split + rows_ * Np * hp)
-            t = launch(m_blocks * split, dram, flops, hgmma=bm >= 64, l2=l2)
-            best = t if best is None else min(best, t)
-        return best
+        if path != "rows_fma":
+            for bm in (16, 32, 64, 128):
+                m_blocks = cdiv(M, bm)
+                tiles = cdiv(N, 128)
+                split = max(1, min(tiles, (2 * dev.sms) // m_blocks))
+                split = cdiv(tiles, cdiv(tiles, split))
+                reread = (split - 1) * x_b if x_b > dev.l2_bytes / 2 else 0
+                dram = x_b + y_b + w_b + (h_b if save_h else 0) + reread
+                # every split reads its row block of x and the first factor again (from L2 at least)
+                l2 = (split - 1) * x_b - reread + (m_blocks * split - 1) * b * br * kb * elem
+                rows_ = m_blocks * bm
+                if b * r >= 16:   # stage 1 block by block (unpadded), then placed by a 0/1 product
+                    qtp = next_pow2(b * r)
+                    stage1 = rows_ * (Kp * qtp + b * qtp * hp)
+                else:             # stage 1 as one packed tile
+                    stage1 = rows_ * Kp * hp
+                flops = 2.0 * (stage1 * split + rows_ * Np * hp)
+                t = launch(m_blocks * split, dram, flops, hgmma=bm >= 64, l2=l2)
+                best = t if best is None else min(best, t)
+        if path != "rows_mma" and strided and _rows_fma_eligible(b, r, False, True):
+            # the FMA build: no tensor-core FLOPs, its instruction issue by ROWS_FMA_ISSUE
+            for c in rows_space(FMA=True, NBC=b, RC=r):
+                bm, bn = c["BLOCK_M"], c["BLOCK_N"]
+                m_blocks = cdiv(M, bm)
+                tiles = cdiv(N, bn)
+                split = max(1, min(tiles, (2 * dev.sms) // m_blocks))
+                split = cdiv(tiles, cdiv(tiles, split))
+                reread = (split - 1) * x_b if x_b > dev.l2_bytes / 2 else 0
+                dram = x_b + y_b + w_b + (h_b if save_h else 0) + reread
+                l2 = (split - 1) * x_b - reread + (m_blocks * split - 1) * w_b
+                w, _ = rows_fma_warp_instructions(b, r, kb, N, bm, bn, c["BLOCK_K"], c["num_warps"], split)
+                t = launch(m_blocks * split, dram, 0.0, l2=l2, issue=w * m_blocks * split)
+                best = t if best is None else min(best, t)
+        return best if best is not None else float("inf")
     if path == "two_stage":
         # stage 1 (batched over input blocks, 64-wide column tiles at least), stage 2 (batched
         # over output blocks, the reduction b·r padded to a 64-deep step)
@@ -1472,6 +1574,8 @@ def choose_path(M: int, K: int, N: int, nblocks: int, rank: int, elem: int = 2, 
     (``h`` through memory) and, with ``allow_torch`` (the forward), ``'torch'`` (two ``bmm`` with
     the permutes). ``FASTFACTOR_MONARCH_PATH=rows|fused|two_stage|torch`` forces a path (``rows``
     falls back to ``fused`` where ``h`` does not fit on chip; ``torch`` applies to the forward).
+    With ``backward=True`` (``M``, ``K``, ``N`` then the backward's: ``K`` = ``g``'s width) the
+    paths are priced by :func:`_bwd_path_seconds` (``dx`` and the weight gradients together).
     """
     forced = os.environ.get("FASTFACTOR_MONARCH_PATH")
     if forced:
@@ -1500,7 +1604,8 @@ def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_int
     f1, s1 = first
     f2, s2 = second
     h_fp32 = intermediate_dtype(a.dtype) != a.dtype
-    fma = rows_fma(NB, R, in_inter, out_inter)
+    fma = rows_fma(NB, R, in_inter, out_inter, M=M, K=F_IN, N=F_OUT, elem=a.element_size(),
+                   save_h=h is not None)
     blockwise = not fma and not in_inter and NB * R >= 16
     batched = in_inter and NB * R >= 16 and _pow2(NB) and _pow2(R)
     batched2 = out_inter and not fma and NB * R >= 16 and _pow2(NB) and _pow2(R)

@@ -5,7 +5,7 @@ paths that exist for the shape, and the model's terms move the way the launches 
 
 import pytest
 
-import kernels.monarch as Mk
+from fastfactor.kernels import monarch as Mk
 
 SHAPES = [(768, 3072), (3072, 768), (4096, 4096), (1000, 600)]
 
