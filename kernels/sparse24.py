@@ -394,24 +394,36 @@ DS_SPACE = [
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
+    # within DS_TILE_ELEMS at R_PAD = 128 / 256
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
 ]
 
 
+#: elements per thread of the fused kernel's three register tiles, the fp32 intermediate
+#: ``R_PAD x BLOCK_M``, the expanded ``S`` tile ``R_PAD x BLOCK_K`` and the ``D`` tile
+#: ``BLOCK_N x R_PAD``: configs above it spill on sm_80 / sm_90 (compile-check: 224-1240 B of stack
+#: from 224 elements per thread, e.g. R_PAD = 128 with 16x128x128 at 4 warps; none at <= 160)
+DS_TILE_ELEMS = 160
+
+
+def _ds_fits(bm: int, bn: int, bk: int, nw: int, r_pad: int) -> bool:
+    return (bm * r_pad <= 16384 and bk * r_pad <= 16384
+            and (bm + bn + bk) * r_pad <= DS_TILE_ELEMS * 32 * nw)
+
+
 def ds_space(R_PAD: int, **_) -> list[dict]:
-    """Configs of the fused dense-sparse kernel within its register budget: the fp32
-    intermediate ``R_PAD x BLOCK_M`` and the expanded ``R_PAD x BLOCK_K`` tile."""
-    return [
-        c for c in DS_SPACE
-        if c["BLOCK_M"] * R_PAD <= 16384 and c["BLOCK_K"] * R_PAD <= 16384
-    ]
+    """Configs of the fused dense-sparse kernel within its register budget (``DS_TILE_ELEMS``):
+    the fp32 intermediate ``R_PAD x BLOCK_M``, the expanded ``R_PAD x BLOCK_K`` tile and the
+    ``BLOCK_N x R_PAD`` tile of ``D``."""
+    return [c for c in DS_SPACE if _ds_fits(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], R_PAD)]
 
 
 def _prune_ds(configs_, named_args, **kwargs):
     r_pad = kwargs.get("R_PAD", named_args.get("R_PAD"))
-    kept = [
-        c for c in configs_
-        if c.kwargs["BLOCK_M"] * r_pad <= 16384 and c.kwargs["BLOCK_K"] * r_pad <= 16384
-    ]
+    kept = [c for c in configs_
+            if _ds_fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, r_pad)]
     return kept or configs_[:1]
 
 
@@ -1074,6 +1086,7 @@ if HAS_TRITON:
         name="sparse24.ds_chain", fn=_ds_chain_kernel, pointers={"smeta_ptr": _I32},
         constexprs=[
             dict(HAS_BIAS=True, STORE_T=True, T_FP32=False, R_PAD=64, **_DOT, **_W),
+            dict(HAS_BIAS=True, STORE_T=False, T_FP32=False, R_PAD=128, **_DOT, **_W),
             dict(HAS_BIAS=False, STORE_T=False, T_FP32=False, R_PAD=256, **_DOT, **_W),
         ],
         space=ds_space,
@@ -1771,7 +1784,9 @@ def ds_chain_seconds(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias:
         dram = (_cost.dram_bytes(x_load, x_size, x_size, 0, dev) + _cost.dram_bytes(s_load, s_size, s_size, 0, dev)
                 + _cost.dram_bytes(d_load, d_size, d_size, 0, dev) + y + t
                 + _cost.dram_bytes(bl, N * e, N * e, 0, dev))
-        l2 = x_load + s_load + d_load + y + t + bl
+        # the codes of a (row, BLOCK_K) step are BLOCK_K/8 contiguous bytes: a 32-byte sector each
+        meta_sectors = R * cd(K, 8) * P * (32.0 / min(32, bk // 8) - 1.0)
+        l2 = x_load + s_load + d_load + y + t + bl + meta_sectors
         issued = 2.0 * bm * rp * (cd(K, bk) * bk + tpp * bn) * P
         hg = min(rp, bn) >= 64 and c["num_warps"] % 4 == 0
         s = _cost.kernel_seconds(dram, l2, issued, P, dev, hg, dt)["seconds"]
