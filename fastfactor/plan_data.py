@@ -63,6 +63,9 @@ class BudgetPlan:
     #: the latency budget and its source: fraction, budget_s, dense_s, source, status, device,
     #: tokens, direction, dtype (None without a latency budget)
     latency: Optional[dict] = None
+    #: the calibration data the scores were measured on (data name, batches, batch_size, seed,
+    #: tokens, scorer, digest of the batches), or None (data-free scores)
+    calibration: Optional[dict] = None
 
     @property
     def params(self) -> int:
@@ -91,7 +94,8 @@ class BudgetPlan:
         d = {"version": PLAN_VERSION, "budget": self.budget, "target_params_dense": self.target_params_dense,
              "exact": self.exact, "scorer": self.scorer, "init": self.init, "params": self.params,
              "kept": self.kept, "score": self.score, "score_lower_bound": self.score_lower_bound,
-             "seconds": self.seconds, "latency": self.latency, "modules": [asdict(m) for m in self.modules]}
+             "seconds": self.seconds, "latency": self.latency, "calibration": self.calibration,
+             "modules": [asdict(m) for m in self.modules]}
         if self.latency and self.seconds is not None:
             d["latency_fraction"] = self.seconds / self.latency["dense_s"]
         return d
@@ -118,7 +122,7 @@ class BudgetPlan:
         return cls(budget=None if d["budget"] is None else int(d["budget"]),
                    target_params_dense=int(d["target_params_dense"]), exact=bool(d["exact"]), modules=mods,
                    scorer=d.get("scorer", "svd"), init=d.get("init", "svd"),
-                   score_lower_bound=d.get("score_lower_bound"), latency=lat)
+                   score_lower_bound=d.get("score_lower_bound"), latency=lat, calibration=d.get("calibration"))
 
     def save(self, path: str) -> None:
         from ._io import atomic_write_text
@@ -163,6 +167,11 @@ class BudgetPlan:
             f"predicted score {self.score:.4g}"
             + ("" if self.exact else f" (coarse grid; no plan scores below {self.score_lower_bound:.4g})"
                if self.score_lower_bound is not None else " (coarse grid)"))
+        if self.calibration:
+            c = self.calibration
+            text += (f"\nscores ({c.get('scorer', self.scorer)}) measured on {c.get('data', 'data')}: "
+                     f"{c.get('batches')} batch(es) of {c.get('batch_size')} (seed {c.get('seed')}), "
+                     f"{c.get('tokens')} tokens, digest {c.get('digest')}")
         if lat:
             L = self.latency
             budget = ("no latency budget" if L.get("budget_s") is None
