@@ -1019,10 +1019,10 @@ def plan_model(model: nn.Module, target_params=None, config=None, *, target_late
 
 def apply_plan(model: nn.Module, plan: BudgetPlan, data=None, config=None) -> nn.Module:
     """Execute ``plan`` on ``model`` in place: ``factorize_`` (data-free inits) or, with ``data``,
-    ``fastfactor.compress`` with ``config``'s schedule (staged / offline / all_at_once); returns
-    the model. Every planned module must be a target of the model with the planned shape. A plan
-    mixing methods runs one ``factorize_`` per method, or with data one offline ``compress`` per
-    method (each method's statistics gathered on the model the previous ones left)."""
+    one ``fastfactor.compress`` run with ``config``'s schedule (staged / offline / all_at_once);
+    returns the model. Every planned module must be a target of the model with the planned shape.
+    Without data a plan mixing methods runs one ``factorize_`` per method; with data one run
+    factorizes each module with its own method (:meth:`BudgetPlan.run_config`)."""
     from .api import factorize_
 
     plan = as_plan(plan)
@@ -1036,14 +1036,7 @@ def apply_plan(model: nn.Module, plan: BudgetPlan, data=None, config=None) -> nn
         return model
     from .compress.driver import compress
 
-    if len(cfgs) > 1 and cfgs[0]["schedule"] != "offline":
-        raise ValueError(f"plan: mixes methods {plan.methods}: with data it runs one offline compress() per "
-                         f"method (schedule='offline'), got schedule={cfgs[0]['schedule']!r}")
-    if len(cfgs) == 1:
-        compress(model, config, data, plan=plan)
-        return model
-    for cfg in cfgs:
-        compress(model, cfg, data)
+    compress(model, config, data, plan=plan)
     return model
 
 

@@ -187,19 +187,23 @@ class BudgetPlan:
         """A CompressionConfig dict (``base``'s other fields kept) replacing exactly the planned
         modules, each at its planned setting (through ``module_ratios``; checked); None when every
         module stays dense (``single=True``: an error then, since a run needs a target). A plan
-        mixing methods has one config per method: :meth:`to_configs`."""
+        mixing methods has one config per method (:meth:`to_configs`) and runs in one
+        ``compress`` through :meth:`run_config`."""
         cfgs = self.to_configs(base)
         if len(cfgs) > 1:
-            raise ValueError(f"plan: mixes methods {[k for k in self.methods if k != 'dense']}: one compress run "
-                             "takes one method (fastfactor.plan.apply_plan runs one per method)")
+            raise ValueError(f"plan: mixes methods {[k for k in self.methods if k != 'dense']}: one config per "
+                             "method (to_configs); compress(plan=) runs them in one run (run_config)")
         if not cfgs and single:
             raise ValueError("plan: every module stays dense: nothing to compress")
         return cfgs[0] if cfgs else None
 
     def to_configs(self, base=None) -> List[dict]:
-        """One CompressionConfig dict per (method, nblocks) of the plan's compressed modules, in
-        plan order of first appearance; each replaces exactly its modules at their planned
+        """One CompressionConfig dict per (method, nblocks, init) of the plan's compressed modules,
+        in plan order of first appearance; each replaces exactly its modules at their planned
         setting (``module_ratios`` giving each its planned rank; checked)."""
+        return [cfg for cfg, _ in self._groups(base)]
+
+    def _groups(self, base=None) -> List[tuple]:
         from .families import get_family
 
         base_cfg = _base_config(base)
@@ -219,8 +223,35 @@ class BudgetPlan:
             cfg.update(method=method, targets=list(ratios), exclude=[], module_ratios=ratios, init=init)
             if nb is not None:
                 cfg["nblocks"] = nb
-            out.append(cfg)
+            out.append((cfg, [m.name for m in mods]))
         return out
+
+    def run_config(self, base=None):
+        """What one ``compress`` run of this plan needs: ``(config, per_module)``.
+
+        ``config`` (a CompressionConfig dict, ``base``'s schedule and training settings kept)
+        targets every planned compressed module at its planned ratio; ``per_module`` is ``{}`` for a
+        plan of one (method, nblocks, init), else ``{module name: its group's config dict}``: the
+        driver factorizes each module with its own method, init and block count, in one run (one
+        calibration per stage gathering every statistic its modules' inits need). A plan keeping
+        every module dense is an error (a run needs a target); so is ``joint`` with mixed methods."""
+        groups = self._groups(base)
+        if not groups:
+            raise ValueError("plan: every module stays dense: nothing to compress")
+        if len(groups) == 1:
+            return groups[0][0], {}
+        run = dict(groups[0][0])
+        if run.get("joint"):
+            raise ValueError(f"joint: a plan mixing methods ({', '.join(sorted({g[0]['method'] for g in groups}))}) "
+                             f"runs every module alone; got joint={run['joint']!r}")
+        targets, ratios, per = [], {}, {}
+        for cfg, names in groups:
+            targets += cfg["targets"]
+            ratios.update(cfg["module_ratios"])
+            for n in names:
+                per[n] = cfg
+        run.update(targets=targets, module_ratios=ratios)
+        return run, per
 
 
 PLAN_METHODS = ("dense", "lowrank", "monarch", "block_lowrank", "sparse24", "dense_sparse")
