@@ -193,8 +193,8 @@ def _check_arguments(model, cfg: CompressionConfig, data, parallel, checkpoint_e
         spec.layer_class()  # clear NotImplementedError now if the layer family is absent
         needs = spec.needs.get(c.resolved_init, ())
         if data is None and (needs or c.schedule != "offline"):
-            why = (f"init {c.resolved_init!r} of {c.method} needs calibration data" if needs
-                   else f"schedule {c.schedule!r} fine-tunes")
+            why = (f"init {c.resolved_init!r} needs calibration data" + (f" ({c.method})" if c is not cfg else "")
+                   if needs else f"schedule {c.schedule!r} fine-tunes")
             raise ValueError(f"data: expected a TaskData ({why}), got None")
     if parallel not in PARALLEL:
         raise ValueError(f"parallel: expected one of {PARALLEL}, got {parallel!r}")
