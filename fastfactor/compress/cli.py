@@ -171,7 +171,8 @@ def _interrupt_hint(args) -> str:
     out = getattr(args, "out", None) or "OUT"
     return (
         f"interrupted. The checkpoints written so far are in {os.path.join(out, 'checkpoints')}: rerun the same "
-        "command with --resume to continue from the last one (with no checkpoint yet, rerun it with --overwrite)"
+        "command with --resume to continue from the last one (the autoencoder's finished fits included; with no "
+        "checkpoint yet, rerun it with --overwrite)"
     )
 
 

@@ -231,6 +231,7 @@ class _Run:
             train_embeddings=cfg.train_embeddings, parallel=parallel,
         )
         self.objective = self.evaluator = None
+        self.fits = None  #: the fit cache of the stage being calibrated (autoencoder; fastfactor.compress.fitcache)
         self.generator = torch.Generator().manual_seed(cfg.seed)  #: the calibration losses' generator
         model.to(device)
         torch.manual_seed(cfg.seed)
@@ -317,11 +318,15 @@ class _Run:
             stage=si, name=name, modules=[t.name for t in group], params=0, target_ratio=0.0))
         with profiling.range(f"stage {si}"):
             if resumed is None:  # else its modules are swapped and partly fine-tuned already
+                # the autoencoder's finished fits of this stage are cached one by one, so a run
+                # killed here keeps them (fastfactor.compress.fitcache); None for other methods
+                self.fits = self.session.fit_cache(si) if self.cfg.method == "autoencoder" else None
                 block_targets = self._ae_block_targets(group)  # autoencoder scope="block" only
-                stats = self.calibrate(group)
+                stats = self.calibrate([t for t in group if not self._fit_cached(t)])
                 self.swap(si, group, stats, rec)
                 stats.clear()
                 self._ae_block_fit(group, block_targets, rec)
+                self.fits = None
                 faults.test_fault_hook(si)  # test-only; does nothing unless its env variable is set
                 self.measure_swap(si, rec)
             if self.fine_tunes and cfg.schedule == "staged" and cfg.stage_steps > 0:
@@ -390,15 +395,30 @@ class _Run:
                     self._swap_joint(group, stats, rec)
                 continue
             with profiling.range(f"factorize {t.name}"):
-                new = self._factorize(t, stats.get(t.name))
+                cached = self.fits.load_module(t.name, get_module(self.model, t.name)) if self._fit_cached(t) else None
+                if cached is not None:  # fitted before the run was interrupted
+                    new, info = cached
+                    _dist.broadcast_module(new)  # rank 0's factors everywhere, as after a fit
+                else:
+                    new = self._factorize(t, stats.get(t.name))
+                    c = self.module_cfgs.get(t.name)
+                    info = self.init if c is None else f"{c.method} {c.resolved_init}"
+                    if self.cfg.method == "autoencoder":  # the report records the form
+                        from .autoencoder import describe
+
+                        info = describe(self.cfg)
                 set_module(self.model, t.name, new)
                 self.kept[t.name] = new.num_weight_params
-                c = self.module_cfgs.get(t.name)
-                rec.init_info[t.name] = self.init if c is None else f"{c.method} {c.resolved_init}"
-                if self.cfg.method == "autoencoder":  # the report records the form
-                    from .autoencoder import describe
+                rec.init_info[t.name] = info
+                if cached is None and self.fits is not None:
+                    self.fits.save_module(t.name, new, info)
 
-                    rec.init_info[t.name] = describe(self.cfg)
+    def _fit_cached(self, t: Target) -> bool:
+        """Target ``t``'s fit (its joint group's, for a member) is in this stage's fit cache."""
+        if self.fits is None:
+            return False
+        group = self.group_of.get(t.name)
+        return self.fits.has("group", group.names[0]) if group is not None else self.fits.has("module", t.name)
 
     def _ae_block_targets(self, group: List[Target]) -> Optional[Dict[str, list]]:
         """Autoencoder ``scope="block"``: the outputs of the stage's blocks before the swap
@@ -423,7 +443,7 @@ class _Run:
         with profiling.range("block fit"):
             infos = refine_blocks(self.model, stage_blocks(group), targets, self._calibration_batches(),
                                   lambda m, b: m(**_inputs(m, b, self.device)), steps=self.cfg.ae_steps,
-                                  lr=self.cfg.ae_lr, log=self.say)
+                                  lr=self.cfg.ae_lr, log=self.say, cache=self.fits)
         for name, info in infos.items():
             rec.init_info[f"{name} (block fit)"] = (
                 f"held-out MSE {info['heldout_mse_start']:.6g} -> {info['heldout_mse']:.6g}, "
@@ -436,15 +456,23 @@ class _Run:
         from .joint import build_group
 
         with profiling.range(f"factorize joint {'+'.join(group.children)}"):
-            new = build_group(self.model, group, {t.name: t for t in self.targets}, self.cfg.method, self.init,
-                              self.cfg, stats)
+            info = f"{self.init} (joint {group.kind}: {'+'.join(group.children)})"
+            new = None
+            if self.fits is not None and self.fits.has("group", group.names[0]):  # fitted before an interrupt
+                new = self.fits.load_group(list(group.names), {n: get_module(self.model, n) for n in group.names})
+            cached = new is not None
+            if not cached:
+                new = build_group(self.model, group, {t.name: t for t in self.targets}, self.cfg.method, self.init,
+                                  self.cfg, stats)
             leader = new[group.names[0]]
             _dist.broadcast_module(leader)  # rank 0's factors everywhere (a no-op single-process)
             for n, m in new.items():
                 m.train(get_module(self.model, n).training)
                 set_module(self.model, n, m)
                 self.kept[n] = m.num_weight_params
-                rec.init_info[n] = f"{self.init} (joint {group.kind}: {'+'.join(group.children)})"
+                rec.init_info[n] = info
+            if not cached and self.fits is not None:
+                self.fits.save_group(new, info)
 
     def measure_swap(self, si: int, rec: StageRecord) -> None:
         """Parameters, weights kept and (when evaluated) the metrics right after stage ``si``'s swap."""

@@ -328,7 +328,9 @@ def remove_checkpoints(directory) -> None:
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         return
-    for p in list_checkpoints(directory):
+    from .fitcache import list_fits
+
+    for p in list_checkpoints(directory) + list_fits(directory):  # fits: the autoencoder's cached fits
         shutil.rmtree(p)
     _io.remove_stale_temporaries(directory)
     try:
@@ -348,7 +350,10 @@ def output_in_use(out) -> List[str]:
         if name.startswith(_io.TMP_PREFIX):
             continue
         if name == CHECKPOINTS and not list_checkpoints(os.path.join(out, name)):
-            continue
+            from .fitcache import list_fits
+
+            if not list_fits(os.path.join(out, name)):  # nor cached fits of an interrupted first stage
+                continue
         used.append(name)
     return used
 
