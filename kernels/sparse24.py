@@ -55,9 +55,12 @@ tile goes to ``tl.dot``. Device memory only ever sees the compressed bytes.
   fused like the low-rank chain (``fastfactor.kernels.lowrank``): the ``(BLOCK_M, R)``
   intermediate ``t = x·Sᵀ`` stays in fp32 registers (computed as ``tᵀ = S·xᵀ``, again so the
   expanded tile needs no transpose), is rounded to ``intermediate_dtype`` (see Precision) and
-  multiplied by ``D`` tile by tile. ``R_PAD = next_pow2(R) <= 256``; larger ranks take the two-kernel path (``_sp_mm_kernel``
-  for ``t`` then the low-rank family's GEMM for ``t·Dᵀ``), whose first phase at ``M <= 64`` is
-  the decode kernel (its reduction split over the SMs where that pays).
+  multiplied by ``D`` tile by tile. ``R_PAD = next_pow2(R) <= 256``, configs within a register
+  budget (``DS_TILE_ELEMS``: no spills on sm_80 / sm_90). The dispatcher (:func:`choose_ds_path`)
+  takes it only where predicted >= 5 % faster than the library path (``t = x·Sᵀ`` by sparse24's
+  own dispatch, ``t·Dᵀ`` on cuBLAS); larger ranks always take the library path (figures why in
+  the dense-sparse section below). The two-kernel path (``_sp_mm_kernel`` / the decode kernel
+  for ``t``, then the low-rank family's Triton GEMM) remains for fp16 and when forced.
 * ``_sp_decode_kernel`` (+ ``_sp_splitk_reduce_kernel``): ``y = x·Wᵀ + b`` for ``M <= 64``. Grid
   (row tiles, K splits) planned per shape by :func:`decode_plan` (a roofline: the compressed
   weight once from DRAM, ``x`` once per row tile from L2, the fp32 partials and their fixed-order
@@ -75,12 +78,14 @@ instruction, so large-M products go to PyTorch's semi-structured CUTLASS GEMM (f
 on the weight expanded once (:func:`expand_24`); the backward's kept-value gradient is
 :func:`compress_24` of cuBLAS's ``gᵀ·x``. Ranked by :func:`path_costs` (predicted).
 
-Backward of the dense-sparse product (``g = dL/dy``)::
+Backward of the dense-sparse product (``g = dL/dy``), library path (bf16 / fp32) / two-kernel path::
 
-    dt  = g·D                     (M, R)   low-rank GEMM, rounded to intermediate_dtype
-    dx  = dt·S                    (M, K)   _sp_dx_kernel
-    dD  = gᵀ·t                    (N, R)   low-rank GEMM (db = Σ_m g fused as its row sums)
-    dSv = kept entries of dtᵀ·x   (R, K/2) _sp_dvalues_kernel
+    dt  = g·D                     (M, R)   cuBLAS / low-rank GEMM, rounded to intermediate_dtype
+    dx  = dt·S                    (M, K)   S expanded once + cuBLAS, PyTorch's 2:4 GEMM on Sᵀ
+                                           (transposable mask), or _sp_dx_kernel at M <= 64
+    dD  = gᵀ·t                    (N, R)   cuBLAS (db = Σ_m g a library sum) / low-rank GEMM
+    dSv = kept entries of dtᵀ·x   (R, K/2) compress_24(cuBLAS dtᵀ·x), or _sp_dvalues_kernel at
+                                           M <= 64: an exact selection either way
 
 Precision
     All dots accumulate in fp32; fp32 operands use TF32 only when PyTorch's own
