@@ -1758,16 +1758,18 @@ def _gemm_seconds(M: int, N: int, K: int, ea: int, eb: int, ec: int, bias: bool,
 
 
 def ds_chain_seconds(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias: bool = True,
-                     save_t: bool = False, sms: Optional[int] = None) -> Optional[float]:
+                     save_t: bool = False, sms: Optional[int] = None, any_rank: bool = False) -> Optional[float]:
     """Predicted seconds of :func:`ds_chain` at its best fitting config (``None`` above the rank
-    limit), counted from the shapes the way ``fastfactor sol`` counts the launch: grid
+    limit; ``any_rank``: the same kernel at any rank with every config of ``DS_SPACE``, the
+    intermediate in shared memory, registers ignored: a lower bound for extending the fusion past
+    rank 256), counted from the shapes the way ``fastfactor sol`` counts the launch: grid
     (:func:`row_block_grid`) ``mb = ceil(M/BLOCK_M)`` row blocks x ``split`` shares of the ``N``
     tiles; every program streams the packed ``S`` (values + codes) and its ``x`` rows, each row
     block all of ``D``; ``y`` (and ``t``) stored once; issued FLOPs on the padded tiles (``R_PAD``
     rows, the first product once per program), HGMMA when the smaller dot M (``min(R_PAD,
     BLOCK_N)``) is >= 64 with 4k warps; then ``kernels/_cost.py`` ``kernel_seconds``."""
     rp = _pad_rank(R)
-    if rp > FUSED_MAX_R:
+    if rp > FUSED_MAX_R and not any_rank:
         return None
     dev = _cost.DEFAULT if not sms or sms == _cost.DEFAULT.sms else dataclasses.replace(_cost.DEFAULT, sms=int(sms))
     e = _ds_elem(dtype)
@@ -1775,7 +1777,7 @@ def ds_chain_seconds(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias:
     dt = {torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, "bf16")
     cd = lambda a, b: -(-a // b)
     best = None
-    for c in ds_space(rp):
+    for c in (DS_SPACE if any_rank else ds_space(rp)):
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
         mb, nt = cd(M, bm), cd(N, bn)
         split = max(1, min(nt, (2 * dev.sms) // mb))
@@ -1796,6 +1798,37 @@ def ds_chain_seconds(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias:
         hg = min(rp, bn) >= 64 and c["num_warps"] % 4 == 0
         s = _cost.kernel_seconds(dram, l2, issued, P, dev, hg, dt)["seconds"]
         best = s if best is None else min(best, s)
+    return best
+
+
+def ds_two_phase_seconds(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias: bool = True,
+                         sms: Optional[int] = None) -> float:
+    """Lower bound (the same model) of the two-phase path with a split reduction for a handful
+    of rows and any rank, *not built*: phase 1 writes the fp32 partials of ``t = x·Sᵀ`` over
+    ``split`` K chunks (row tiles of ``S`` x splits; ``S`` once from DRAM, ``x`` once per row tile
+    from L2); phase 2 (one program per ``BLOCK_N`` columns of ``y``) sums the partials in a fixed
+    order, rounds ``t`` and multiplies by its ``D`` tile, adding the bias: every program reads all
+    partials (from L2). Best over row tiles 16-128, splits 1-16, ``BLOCK_N`` 32-128. Against the
+    library path it saves at most the launch that reduces the decode kernel's partials, and pays
+    the partials' re-reads in phase 2 (cuBLAS reads ``t`` once)."""
+    dev = _cost.DEFAULT if not sms or sms == _cost.DEFAULT.sms else dataclasses.replace(_cost.DEFAULT, sms=int(sms))
+    e = _ds_elem(dtype)
+    dt = {torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, "bf16")
+    cd = lambda a, b: -(-a // b)
+    s_b, x_b, y_b, d_b = R * K * (e / 2 + 1 / 8), float(e) * M * K, float(e) * M * N, float(N) * R * e
+    bl = N * e if bias else 0.0
+    best = None
+    for bn1 in (16, 32, 64, 128):
+        nb = cd(R, bn1)
+        for sk in (1, 2, 3, 4, 6, 8, 12, 16):
+            ws = 4.0 * sk * M * R
+            t1 = _cost.kernel_seconds(s_b + x_b + ws, s_b + nb * x_b + ws, 2.0 * max(16, M) * R * K,
+                                      nb * sk, dev, False, dt)["seconds"]
+            for bn2 in (32, 64, 128):
+                p2 = cd(N, bn2)
+                t2 = _cost.kernel_seconds(ws + d_b + y_b + bl, p2 * ws + d_b + y_b + p2 * bl,
+                                          2.0 * max(16, M) * R * N, p2, dev, False, dt)["seconds"]
+                best = t1 + t2 if best is None else min(best, t1 + t2)
     return best
 
 
