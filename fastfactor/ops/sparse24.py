@@ -313,10 +313,15 @@ def _ds_setup(ctx, inputs, output):
     x, d, s_values, s_meta, bias, save_t = inputs
     _, t = output
     ctx.has_bias = bias is not None
+    # the saved intermediate t is an output of the op but never differentiated: no zero-filled
+    # gradient for it (an M x R memset launch per backward otherwise)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, d, s_values, s_meta, t)
 
 
 def _ds_backward(ctx, g, _gt):
+    if g is None:
+        return None, None, None, None, None, None
     x, d, s_values, s_meta, t = ctx.saved_tensors
     need_x, need_d, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     need_b = ctx.has_bias and ctx.needs_input_grad[4]
@@ -377,10 +382,14 @@ def dense_sparse_linear(
         bias: ``(out,)`` or None.
 
     Returns:
-        ``(..., out)`` in ``x``'s dtype. The ``(rows, r)`` intermediate stays on chip for
-        ``r <= 256`` (fused kernel); it is rounded to the input dtype as a two-matmul path does,
-        except for fp16 inputs, where it stays fp32 (``x·Sᵀ`` may exceed fp16's range while
-        ``y`` fits; the second product then runs as TF32).
+        ``(..., out)`` in ``x``'s dtype. The path is chosen by predicted cost
+        (``fastfactor.kernels.sparse24.choose_ds_path``): the ``(rows, r)`` intermediate stays
+        on chip (fused kernel, ``r <= 256``) where that is predicted >= 5 % faster, else ``x·Sᵀ``
+        runs on sparse24's own path (PyTorch's 2:4 GEMM, ``S`` zero-padded to 32 rows where
+        needed; the decode kernel at a handful of rows; or ``S`` expanded once + cuBLAS) and
+        ``t·Dᵀ`` on cuBLAS. The intermediate is rounded to the input dtype as a two-matmul path
+        does, except for fp16 inputs, where it stays fp32 (``x·Sᵀ`` may exceed fp16's range while
+        ``y`` fits; the second product then runs as TF32, on our kernels).
 
     Gradients: ``x``, ``d``, ``s.values`` (kept entries only) and ``bias``.
     """
