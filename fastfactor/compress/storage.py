@@ -228,7 +228,10 @@ def _expected_tensors(model: nn.Module, manifest: dict, classes: Dict[str, type]
                 f"which this build does not know (known: {sorted(classes)})"
             )
         try:
-            with torch.device("meta"):
+            try:
+                with torch.device("meta"):
+                    probe = cls(**entry["factor_config"])
+            except (RuntimeError, NotImplementedError):  # a constructor that computes (2:4 packing): on the CPU
                 probe = cls(**entry["factor_config"])
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"{mpath}: module {name!r}: factor_config {entry.get('factor_config')!r} is invalid ({e})") from e
