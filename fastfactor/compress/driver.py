@@ -320,7 +320,8 @@ class _Run:
             if resumed is None:  # else its modules are swapped and partly fine-tuned already
                 # the autoencoder's finished fits of this stage are cached one by one, so a run
                 # killed here keeps them (fastfactor.compress.fitcache); None for other methods
-                self.fits = self.session.fit_cache(si) if self.cfg.method == "autoencoder" else None
+                ae = any(self._cfg_of(t.name).method == "autoencoder" for t in group)  # a plan may mix methods
+                self.fits = self.session.fit_cache(si) if ae else None
                 block_targets = self._ae_block_targets(group)  # autoencoder scope="block" only
                 stats = self.calibrate([t for t in group if not self._fit_cached(t)])
                 self.swap(si, group, stats, rec)
@@ -410,7 +411,7 @@ class _Run:
                 set_module(self.model, t.name, new)
                 self.kept[t.name] = new.num_weight_params
                 rec.init_info[t.name] = info
-                if cached is None and self.fits is not None:
+                if cached is None and self.fits is not None and self._cfg_of(t.name).method == "autoencoder":
                     self.fits.save_module(t.name, new, info)
 
     def _fit_cached(self, t: Target) -> bool:
@@ -471,7 +472,7 @@ class _Run:
                 set_module(self.model, n, m)
                 self.kept[n] = m.num_weight_params
                 rec.init_info[n] = info
-            if not cached and self.fits is not None:
+            if not cached and self.fits is not None and self._cfg_of(group.names[0]).method == "autoencoder":
                 self.fits.save_group(new, info)
 
     def measure_swap(self, si: int, rec: StageRecord) -> None:
