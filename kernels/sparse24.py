@@ -58,10 +58,13 @@ tile goes to ``tl.dot``. Device memory only ever sees the compressed bytes.
   multiplied by ``D`` tile by tile. ``R_PAD = next_pow2(R) <= 256``; larger ranks take the two-kernel path (``_sp_mm_kernel``
   for ``t`` then the low-rank family's GEMM for ``t·Dᵀ``), whose first phase at ``M <= 64`` is
   the decode kernel (its reduction split over the SMs where that pays).
-* ``_sp_decode_kernel`` (+ ``_sp_splitk_reduce_kernel``): ``y = x·Wᵀ + b`` for ``M <= 64``. Grid
-  (row tiles, K splits) planned per shape by :func:`decode_plan` (a roofline: the compressed
-  weight once from DRAM, ``x`` once per row tile from L2, the fp32 partials and their fixed-order
-  reduction when split); codes read as 32-bit words; configs limited to what fits the registers.
+* ``_sp_decode_kernel``: ``y = x·Wᵀ + b`` for ``M <= 64`` in **one launch**. Programs = (row
+  tiles x K splits) planned per shape by :func:`decode_plan` (the model ``fastfactor sol``
+  applies: the compressed weight once from DRAM, ``x`` once per row tile from L2, with a split the
+  fp32 partials stored and read back from L2); with a split each tile's last program to arrive
+  (an int32 counter per tile: no atomics on data) sums the partials in the fixed order
+  ``s = 0, 1, …``: bitwise reproducible, no second launch; codes read as 32-bit words; configs
+  limited to what fits the registers.
 * ``_sp_expand_kernel`` / ``_sp_compress_kernel``: ``W`` dense once per step for cuBLAS, and the
   kept entries of a dense ``dW`` from cuBLAS (exact selections).
 
@@ -345,9 +348,15 @@ def _decode_fits(bn: int, bm: int, bk: int, nw: int) -> bool:
     return bn * bk + bk * bm + 2 * bn * bm <= 104 * t
 
 
+def _decode_ok(bn: int, bm: int, bk: int, nw: int) -> bool:
+    """:func:`_decode_fits`, and 8 warps only for weight tiles of at least 8192 elements (the split
+    build at N32/M16/K128/w8 spilled 8 B on sm_90 at 80 registers: too little work per warp)."""
+    return _decode_fits(bn, bm, bk, nw) and (nw <= 4 or bn * bk >= 8192)
+
+
 def decode_space(BLOCK_N: int, BLOCK_M: int, **_) -> list[dict]:
     """The decode configs that fit the registers at this row tile and token block."""
-    kept = [c for c in DECODE_SPACE[1:] if _decode_fits(BLOCK_N, BLOCK_M, c["BLOCK_K"], c["num_warps"])]
+    kept = [c for c in DECODE_SPACE[1:] if _decode_ok(BLOCK_N, BLOCK_M, c["BLOCK_K"], c["num_warps"])]
     return kept or [DECODE_SPACE[3]]
 
 
@@ -357,13 +366,12 @@ def _prune_decode(configs_, named_args, **kwargs):
     if _config.is_interpreter():
         return configs_
     kept = [c for c in configs_ if c.kwargs["BLOCK_K"] >= 128
-            and _decode_fits(bn, bm, c.kwargs["BLOCK_K"], c.num_warps)]
+            and _decode_ok(bn, bm, c.kwargs["BLOCK_K"], c.num_warps)]
     return kept or [c for c in configs_ if c.kwargs["BLOCK_K"] >= 128][-1:] or configs_
 
 
 #: every K split is a multiple of this (the largest BLOCK_K of the space)
 DECODE_K_QUANTUM = 256
-REDUCE_SPACE = [dict(BLOCK=256, num_warps=4, num_stages=1), dict(BLOCK=1024, num_warps=4, num_stages=1)]
 
 
 def _prune_wide(configs_, named_args, **kwargs):
@@ -742,19 +750,24 @@ if HAS_TRITON:
         x_ptr,      # (M, K) input rows, M <= BLOCK_M (a handful of tokens)
         vals_ptr,   # (N, K/2) kept values of the 2:4 weight W (N, K)
         meta_ptr,   # (N, ceil(K/8)) uint8 codes of W, or (N, K/32) int32 words (META32)
-        bias_ptr,   # (N,) bias; read only when HAS_BIAS and not SPLIT
-        out_ptr,    # SPLIT: (SPLIT_K, M, N) fp32 partial sums; else (M, N) output y
+        bias_ptr,   # (N,) bias; read only when HAS_BIAS
+        out_ptr,    # (M, N) output y
+        ws_ptr,     # SPLIT: (SPLIT_K, M, N) fp32 partial sums (workspace); else unused
+        cnt_ptr,    # SPLIT and SYNC: (N_TILES,) int32 arrival counters, zero between launches
         # --- dimensions ---
         M, N, K,
         K_PER_SPLIT,  # inputs per split (a multiple of every BLOCK_K of the space)
+        SPLIT_K,      # K splits per row tile (programs = N_TILES · SPLIT_K)
         # --- strides (in elements) ---
         stride_xm, stride_xk,
         stride_vn, stride_vc,
         stride_mn, stride_mc,
-        stride_os, stride_om, stride_on,
+        stride_om, stride_on,
         # --- meta-parameters ---
         HAS_BIAS: tl.constexpr,
-        SPLIT: tl.constexpr,       # write fp32 partials (reduced by _sp_splitk_reduce_kernel)
+        SPLIT: tl.constexpr,       # SPLIT_K > 1: partials + the fixed-order reduction in this launch
+        SYNC: tl.constexpr,        # the reducer of a tile is its last program to arrive (counter; GPU);
+                                   # else its last split (the interpreter runs programs in id order)
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
         META32: tl.constexpr,
@@ -763,14 +776,19 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,     # >= M: every token of the launch
         BLOCK_K: tl.constexpr,
     ):
-        """Decode ``yᵀ[n-tile] = W[n-tile, k-split]·x[:, k-split]ᵀ``: the grid is (weight-row tiles,
-        K splits); every program streams its slab of the compressed weight once (16-byte value
-        vectors, 16-byte code words) against all ``M`` tokens, so the launch moves the compressed
-        weight once and is bound by its bytes. With ``SPLIT`` the fp32 partial of each split goes
-        to its own slice of the workspace (no atomics) and a second launch sums the slices in
-        split order: bitwise reproducible."""
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
+        """Decode ``yᵀ[n-tile] = W[n-tile, k-split]·x[:, k-split]ᵀ`` in **one launch**. Program
+        ``p`` owns row tile ``p // SPLIT_K`` and K split ``p % SPLIT_K``; it streams its slab of the
+        compressed weight once (16-byte value vectors, 16-byte code words) against all ``M`` tokens,
+        so the launch moves the compressed weight once and ``x`` once per row tile.
+
+        With ``SPLIT`` each program stores its fp32 partial in its own slice of the workspace (no
+        atomics on data) and arrives on its tile's counter; the tile's last arrival sums the
+        ``SPLIT_K`` slices in the order ``s = 0, 1, …`` (its own from registers: the same bits it
+        stored), adds the bias, stores ``y`` and resets the counter: bitwise reproducible whichever
+        program arrives last, and no program ever waits."""
+        pid = tl.program_id(0)
+        pid_n = pid // SPLIT_K
+        pid_s = pid % SPLIT_K
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, BLOCK_K)
@@ -796,39 +814,33 @@ if HAS_TRITON:
                 w = w.to(tl.float32)
                 xt = xt.to(tl.float32)
             acc = tl.dot(w, xt, acc, input_precision=PRECISION)
-        out = out_ptr + pid_s * stride_os + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
+        mask_y = mask_m[None, :] & mask_n[:, None]
+        out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
         if SPLIT:
-            tl.store(out, acc, mask=mask_m[None, :] & mask_n[:, None])
+            part = offs_m[None, :] * N + offs_n[:, None]          # (M, N) slice, contiguous along n
+            tl.store(ws_ptr + pid_s * M * N + part, acc, mask=mask_y)
+            if SYNC:
+                tl.debug_barrier()                                   # every thread's partial stored
+                arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+                last = arrived == SPLIT_K - 1
+            else:
+                last = pid_s == SPLIT_K - 1
+            if last:
+                tot = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                for s_ in range(0, SPLIT_K):                       # fixed order: bitwise reproducible
+                    mine = (offs_n * 0 + s_) == pid_s                   # (BLOCK_N,): this split is ours
+                    other = tl.load(ws_ptr + s_ * M * N + part, mask=mask_y & (~mine)[:, None], other=0.0,
+                                    cache_modifier=".cg")
+                    tot += tl.where(mine[:, None], acc, other)
+                if HAS_BIAS:
+                    tot = tot + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+                tl.store(out, tot.to(out_ptr.dtype.element_ty), mask=mask_y)
+                if SYNC:
+                    tl.atomic_xchg(cnt_ptr + pid_n, 0)             # ready for the next launch
         else:
             if HAS_BIAS:
                 acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[None, :] & mask_n[:, None])
-
-    @triton.jit
-    def _sp_splitk_reduce_kernel(
-        # --- pointers ---
-        ws_ptr,     # (SPLIT_K, M, N) fp32 partial sums, contiguous
-        bias_ptr,   # (N,) bias; read only when HAS_BIAS
-        y_ptr,      # (M, N) output
-        # --- dimensions ---
-        M, N, SPLIT_K,
-        # --- strides (in elements) ---
-        stride_ym, stride_yn,
-        # --- meta-parameters ---
-        HAS_BIAS: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        """``y = Σ_s ws[s] (+ b)``, the splits summed in order 0, 1, ... (deterministic)."""
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < M * N
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s_ in range(0, SPLIT_K):
-            acc += tl.load(ws_ptr + s_ * M * N + offs, mask=mask, other=0.0)
-        m = offs // N
-        n = offs % N
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * stride_ym + n * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_y)
 
     @triton.jit
     def _sp_expand_kernel(
@@ -999,10 +1011,8 @@ if HAS_TRITON:
     )
 
     _sp_decode_tuned = Tunable(_sp_decode_kernel, DECODE_SPACE,
-                               key=["M", "N", "K", "K_PER_SPLIT", "BLOCK_N", "BLOCK_M", "META32"],
+                               key=["M", "N", "K", "K_PER_SPLIT", "SPLIT_K", "BLOCK_N", "BLOCK_M", "META32"],
                                prune=_prune_decode, interpreter=DECODE_INTERP, deterministic=DECODE_FIXED)
-    _sp_reduce_tuned = Tunable(_sp_splitk_reduce_kernel, REDUCE_SPACE, key=["M", "N", "SPLIT_K"],
-                               interpreter=REDUCE_SPACE[0], deterministic=REDUCE_SPACE[1])
     _sp_expand_tuned = Tunable(_sp_expand_kernel, EXPAND_SPACE, key=["R", "K", "META32"], prune=_prune_wide,
                                interpreter=EXPAND_INTERP, deterministic=EXPAND_FIXED)
     _sp_compress_tuned = Tunable(_sp_compress_kernel, EXPAND_SPACE, key=["R", "K", "META32"], prune=_prune_wide,
@@ -1036,26 +1046,22 @@ if HAS_TRITON:
         constexprs=[dict(MIXED=False, **_DOT, **_W)], space=DV_SPACE,
     ))
     _DEC = [dict(BLOCK_N=bn, BLOCK_M=bm, PAIRS=True, **_DOT, **_W, **extra)
-            for bn, bm in ((32, 16), (64, 64), (128, 64))
-            for extra in (dict(HAS_BIAS=True, SPLIT=False), dict(HAS_BIAS=False, SPLIT=True))]
+            for bn, bm in ((32, 16), (64, 16), (128, 16), (64, 64), (128, 64))
+            for extra in (dict(HAS_BIAS=True, SPLIT=False, SYNC=False), dict(HAS_BIAS=True, SPLIT=True, SYNC=True))]
+    _DEC_PTRS = {"meta_ptr": _I32, "vals_ptr": _I32, "ws_ptr": "fp32", "cnt_ptr": "i32"}
     register_kernel(KernelSpec(
-        name="sparse24.decode", fn=_sp_decode_kernel,
-        pointers={"meta_ptr": _I32, "vals_ptr": _I32, "out_ptr": "fp32"},
+        name="sparse24.decode", fn=_sp_decode_kernel, pointers=_DEC_PTRS,
         constexprs=[c for c in _DEC if c["SPLIT"]], space=decode_space,
     ))
     register_kernel(KernelSpec(
-        name="sparse24.decode_y", fn=_sp_decode_kernel, pointers={"meta_ptr": _I32, "vals_ptr": _I32},
+        name="sparse24.decode_y", fn=_sp_decode_kernel, pointers=_DEC_PTRS,
         constexprs=[c for c in _DEC if not c["SPLIT"]], space=decode_space,
     ))
     register_kernel(KernelSpec(   # the dense-sparse t = x·Sᵀ of fp16 inputs, kept in fp32
         name="sparse24.decode_y_fp16", fn=_sp_decode_kernel,
-        pointers={"meta_ptr": _I32, "vals_ptr": _I32, "out_ptr": "fp32"},
-        constexprs=[dict(BLOCK_N=32, BLOCK_M=16, PAIRS=True, **_DOT, **_W, HAS_BIAS=False, SPLIT=False)],
+        pointers={**_DEC_PTRS, "out_ptr": "fp32"},
+        constexprs=[dict(BLOCK_N=32, BLOCK_M=16, PAIRS=True, **_DOT, **_W, HAS_BIAS=False, SPLIT=True, SYNC=True)],
         space=decode_space, dtypes=("fp16",),
-    ))
-    register_kernel(KernelSpec(
-        name="sparse24.splitk_reduce", fn=_sp_splitk_reduce_kernel, pointers={"ws_ptr": "fp32"},
-        constexprs=[dict(HAS_BIAS=True), dict(HAS_BIAS=False)], space=REDUCE_SPACE,
     ))
     register_kernel(KernelSpec(
         name="sparse24.expand", fn=_sp_expand_kernel, pointers={"meta_ptr": _I32},
@@ -1177,45 +1183,81 @@ def decode_plan(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[int, i
     return decode_plan_cost(M, N, K, sms, elem)[1:]
 
 
+#: row tiles the decode planner considers (a config of each must fit the registers: _decode_fits)
+DECODE_TILES = (16, 32, 64, 128)
+#: K splits it considers
+DECODE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
+
+
+def _decode_kps(K: int, sk: int) -> int:
+    """Inputs per split: ``ceil(K / sk)`` rounded up to :data:`DECODE_K_QUANTUM`."""
+    return -(-(-(-K // sk)) // DECODE_K_QUANTUM) * DECODE_K_QUANTUM
+
+
+def decode_launch_bytes(M: int, N: int, K: int, bn: int, sk: int, elem: int = 2) -> dict:
+    """Bytes of one decode launch with row tile ``bn`` and ``sk`` K splits (``_sp_decode_kernel``):
+    ``dram`` (the compressed weight, ``x`` and the bias once, ``y``, and with a split the fp32
+    partials stored — their reads are L2 hits, written moments before in the same launch) and
+    ``l2`` (every load and store through L2: ``x`` once per row tile, the partials stored and the
+    ``sk - 1`` other slices read back by each tile's reducer). The bias (``N`` elements) is left
+    out, as in :func:`path_costs`, so that the two compare like for like."""
+    wbytes = N * K * (elem / 2 + 1 / 8)
+    xbytes, ybytes, bbytes = elem * M * K, elem * M * N, 0.0
+    nb = -(-N // bn)
+    ws = 4.0 * sk * M * N if sk > 1 else 0.0
+    back = ws * (sk - 1) / sk if sk > 1 else 0.0
+    return dict(dram=wbytes + xbytes + ybytes + bbytes + ws,
+                l2=wbytes + nb * xbytes + ybytes + bbytes + ws + back,
+                x_reread=(nb - 1) * xbytes, programs=nb * sk, tiles=nb)
+
+
 def decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[float, int, int]:
     """``(seconds, BLOCK_N, split_k)`` of the decode launch for ``x (M, K)`` against ``W (N, K)``, the
-    cheapest by a roofline estimate (*predicted*, the model ``fastfactor sol`` applies): DRAM
-    moves the compressed weight once, ``x`` and the output (or the fp32 partials and their
-    reduction, one more launch); L2 serves ``x`` once per weight-row tile; programs short of the
-    SMs leave L2 bandwidth idle. Few tokens favour narrow row tiles and no split (no second
-    launch); more tokens favour wide row tiles (fewer re-reads of ``x``) split over ``K`` to
-    fill the SMs."""
+    cheapest by the model ``fastfactor sol`` applies (*predicted*; ``kernels/_cost.py``)::
+
+        t = max(DRAM bytes / HBM, L2 bytes / (L2 bandwidth · fill)) + launch floor
+
+    with the bytes of :func:`decode_launch_bytes`. One launch whatever the split (the reduction
+    is in the kernel). Wide row tiles read ``x`` fewer times from L2 but need K splits to fill the
+    SMs, whose fp32 partials cost DRAM bytes (``sk·M·N·4``); the planner weighs the two."""
     best = None
-    wbytes = N * K * (elem / 2 + 1 / 8)
-    xbytes, ybytes = elem * M * K, elem * M * N
     bm = max(16, next_pow2(M))
-    for bn in (16, 32, 64, 128):
-        if not any(_decode_fits(bn, bm, c["BLOCK_K"], c["num_warps"]) for c in DECODE_SPACE[1:]):
+    for bn in DECODE_TILES:
+        if not any(_decode_ok(bn, bm, c["BLOCK_K"], c["num_warps"]) for c in DECODE_SPACE[1:]):
             continue                           # no config of this tile fits the registers
-        nb = -(-N // bn)
-        for sk in (1, 2, 3, 4, 6, 8, 12, 16):
-            kps = -(-(-(-K // sk)) // DECODE_K_QUANTUM) * DECODE_K_QUANTUM
+        for sk in DECODE_SPLITS:
+            kps = _decode_kps(K, sk)
             if sk > 1 and kps * (sk - 1) >= K:
                 continue                       # an empty split
-            p = nb * sk
-            waves = -(-p // sms)
-            f = min(1.0, p / (waves * sms))
-            ws = 4.0 * sk * M * N if sk > 1 else 0.0
-            out = ws if sk > 1 else ybytes
-            t = max((wbytes + xbytes + out) / _BW, (wbytes + nb * xbytes + out) / (_L2BW * f)) + _LAUNCH
-            if sk > 1:
-                t += (ws + ybytes) / _BW + _LAUNCH
+            b = decode_launch_bytes(M, N, K, bn, sk, elem)
+            p = b["programs"]
+            f = min(1.0, p / (-(-p // sms) * sms))   # busy fraction (_cost.fill, 1 program per SM)
+            t = max(b["dram"] / _BW, b["l2"] / (_L2BW * f)) + _LAUNCH
             if best is None or t < best[0] - 1e-12:
                 best = (t, bn, sk)
     return best
 
 
+_DECODE_COUNTERS: dict = {}
+
+
+def _decode_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least ``n`` int32 arrival counters of the split decode for this device and stream: zeroed
+    when made, reset to zero by each tile's reducer (launches on one stream run one after another)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _DECODE_COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _DECODE_COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
 def sparse24_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                     bias: Optional[torch.Tensor] = None, plan: Optional[tuple] = None,
                     out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """``y = x·Wᵀ + b`` for ``M <= 64`` token rows (:func:`decode_plan`; ``plan`` forces
-    ``(BLOCK_N, split_k)``), in ``out_dtype`` (default ``x``'s). Deterministic: the split
-    partials are summed in a fixed order."""
+    """``y = x·Wᵀ + b`` for ``M <= 64`` token rows in one launch (:func:`decode_plan`; ``plan``
+    forces ``(BLOCK_N, split_k)``), in ``out_dtype`` (default ``x``'s). Deterministic: the split
+    partials are summed in a fixed order by each row tile's last program."""
     M, K = x.shape
     N = values.shape[0]
     if M > DECODE_MAX_M:
@@ -1229,7 +1271,7 @@ def sparse24_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
             y += bias
         return y
     bn, sk = plan or decode_plan(M, N, K, _config.num_sms(x.device), x.element_size())
-    kps = -(-(-(-K // sk)) // DECODE_K_QUANTUM) * DECODE_K_QUANTUM
+    kps = _decode_kps(K, sk)
     sk = -(-K // kps)
     bm = max(16, next_pow2(M))
     mt, smr, smc, m32 = _meta_arg(meta, K)
@@ -1237,22 +1279,18 @@ def sparse24_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
              and (values.shape[0] <= 1 or values.stride(0) % 2 == 0) and values.storage_offset() % 2 == 0)
     vt = values.view(torch.int32) if pairs else values
     split = sk > 1
-    out = torch.empty((sk, M, N), device=x.device, dtype=torch.float32) if split else y
-    so, som, son = (out.stride(0), out.stride(1), out.stride(2)) if split else (0, y.stride(0), y.stride(1))
-    _sp_decode_tuned[(triton.cdiv(N, bn), sk)](
-        x, vt, mt, bias if bias is not None else y, out,
-        M, N, K, kps,
+    nb = triton.cdiv(N, bn)
+    sync = split and x.is_cuda     # the interpreter runs programs in id order: the last split reduces
+    ws = torch.empty((sk, M, N), device=x.device, dtype=torch.float32) if split else y
+    cnt = _decode_counters(x.device, nb) if sync else ws
+    _sp_decode_tuned[(nb * sk,)](
+        x, vt, mt, bias if bias is not None else y, y, ws, cnt,
+        M, N, K, kps, sk,
         x.stride(0), x.stride(1), vt.stride(0), vt.stride(1),
-        smr, smc, so, som, son,
-        HAS_BIAS=bias is not None, SPLIT=split, UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype),
+        smr, smc, y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, SPLIT=split, SYNC=sync, UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype),
         META32=m32, PAIRS=pairs, BLOCK_N=bn, BLOCK_M=bm,
     )
-    if split:
-        grid = lambda m_: (triton.cdiv(M * N, m_["BLOCK"]),)
-        _sp_reduce_tuned[grid](
-            out, bias if bias is not None else y, y, M, N, sk, y.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None,
-        )
     return y
 
 

@@ -57,9 +57,11 @@ def test_counter_atomics_only_in_the_decode_kernels():
         text = f.read_text()
         for m in re.finditer(r"\batomic_\w+\s*\(\s*(\w+)", text):
             hits.append((f.name, m.group(1)))
-    assert {h for h in hits} <= {("lowrank.py", "cnt_ptr")}, hits
+    assert {h for h in hits} <= {("lowrank.py", "cnt_ptr"), ("sparse24.py", "cnt_ptr")}, hits
     src = (KERNELS_DIR / "lowrank.py").read_text()
     assert "cnt_ptr,   # (4,) int32 counters" in src
+    src = (KERNELS_DIR / "sparse24.py").read_text()   # the split 2:4 decode's arrival counters
+    assert "cnt_ptr,    # SPLIT and SYNC: (N_TILES,) int32 arrival counters" in src
 
 
 def test_flag_follows_set_deterministic_and_torch_switch():
