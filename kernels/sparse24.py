@@ -317,6 +317,37 @@ DX_SPACE = [
     dict(BLOCK_M=128, BLOCK_K=256, BLOCK_N=32, num_warps=8, num_stages=3),
 ]
 
+# dx at decode sizes (M <= 64): BLOCK_K (dx columns) and the N split planned (dx_decode_plan);
+# tuned: BLOCK_N, the reduction step over weight rows
+DXD_INTERP = dict(BLOCK_N=32, num_warps=4, num_stages=1)
+DXD_FIXED = dict(BLOCK_N=64, num_warps=4, num_stages=3)
+DXD_SPACE = [
+    DXD_INTERP,
+    DXD_FIXED,
+    dict(BLOCK_N=128, num_warps=4, num_stages=3),
+    dict(BLOCK_N=64, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, num_warps=8, num_stages=3),
+]
+#: every N split is a multiple of this (the largest BLOCK_N of the space)
+DXD_N_QUANTUM = 128
+
+
+def dxd_space(BLOCK_K: int, BLOCK_M: int, **_) -> list[dict]:
+    """dx-decode configs within the register budget of :func:`_decode_ok` (expanded tile
+    ``BLOCK_N x BLOCK_K``, ``g`` tile ``BLOCK_M x BLOCK_N``, fp32 ``BLOCK_M x BLOCK_K``)."""
+    kept = [c for c in DXD_SPACE[1:] if _decode_ok(BLOCK_K, BLOCK_M, c["BLOCK_N"], c["num_warps"])]
+    return kept or [DXD_SPACE[1]]
+
+
+def _prune_dx_decode(configs_, named_args, **kwargs):
+    bk = kwargs.get("BLOCK_K", named_args.get("BLOCK_K"))
+    bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
+    if _config.is_interpreter():
+        return configs_
+    kept = [c for c in configs_ if c.kwargs["BLOCK_N"] >= 64 and _decode_ok(bk, bm, c.kwargs["BLOCK_N"], c.num_warps)]
+    return kept or [c for c in configs_ if c.kwargs["BLOCK_N"] >= 64][:1] or configs_
+
+
 # dvalues = kept(gᵀ·x): BLOCK_N x BLOCK_K dense tile, reduction over BLOCK_M token rows
 DV_INTERP = dict(BLOCK_N=16, BLOCK_K=32, BLOCK_M=16, num_warps=4, num_stages=2)
 DV_FIXED = dict(BLOCK_N=64, BLOCK_K=128, BLOCK_M=64, num_warps=4, num_stages=3)
@@ -683,6 +714,94 @@ if HAS_TRITON:
         )
 
     @triton.jit
+    def _sp_dx_decode_kernel(
+        # --- pointers ---
+        g_ptr,      # (M, N) upstream gradient, M <= BLOCK_M (a handful of tokens)
+        vals_ptr,   # (N, K/2) kept values of the 2:4 weight W (N, K) (int32 pairs when PAIRS)
+        meta_ptr,   # (N, ceil(K/8)) uint8 codes of W, or (N, K/32) int32 words (META32)
+        dx_ptr,     # (M, K) output dx = g·W
+        ws_ptr,     # SPLIT: (SPLIT_N, M, K) fp32 partial sums (workspace); else unused
+        cnt_ptr,    # SPLIT and SYNC: (K_TILES,) int32 arrival counters, zero between launches
+        # --- dimensions ---
+        M, N, K,
+        N_PER_SPLIT,  # weight rows per split (a multiple of every BLOCK_N of the space)
+        SPLIT_N,      # N splits per column tile (programs = K_TILES · SPLIT_N)
+        # --- strides (in elements) ---
+        stride_gm, stride_gn,
+        stride_vn, stride_vc,
+        stride_mn, stride_mc,
+        stride_dm, stride_dk,
+        # --- meta-parameters ---
+        SPLIT: tl.constexpr,
+        SYNC: tl.constexpr,        # as in _sp_decode_kernel
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        META32: tl.constexpr,
+        PAIRS: tl.constexpr,
+        MIXED: tl.constexpr,       # g fp32 against 16-bit W (the dense-sparse dt): both to fp32
+        BLOCK_M: tl.constexpr,     # >= M: every token of the launch
+        BLOCK_K: tl.constexpr,     # dx columns per program (planned)
+        BLOCK_N: tl.constexpr,     # weight rows per step of the reduction (tuned)
+    ):
+        """``dx[:, k-tile] = Σ_{n in split} g[:, n]·W[n, k-tile]`` for a few tokens in one launch:
+        program ``p`` owns column tile ``p // SPLIT_N`` and weight-row split ``p % SPLIT_N``; it
+        streams its slab of the compressed weight once against all ``M`` rows of ``g``. The split
+        partials are reduced in the same launch by each tile's last arrival, in the fixed order
+        ``s = 0, 1, …`` (as :func:`_sp_decode_kernel`): bitwise reproducible."""
+        pid = tl.program_id(0)
+        pid_k = pid // SPLIT_N
+        pid_s = pid % SPLIT_N
+        offs_m = tl.arange(0, BLOCK_M)
+        k0 = pid_k * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_k = offs_k < K
+        n_begin = pid_s * N_PER_SPLIT
+        n_end = tl.minimum(N, n_begin + N_PER_SPLIT)
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for n0 in range(n_begin, n_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            g = tl.load(
+                g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                mask=mask_m[:, None] & mask_n[None, :], other=0.0,
+            )
+            if PAIRS:
+                w = _expand24_pairs(vals_ptr, meta_ptr, offs_n, mask_n, k0, K, stride_vn,
+                                    stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
+                w = w.to(g.dtype, bitcast=True)
+            else:
+                w = _expand24(vals_ptr, meta_ptr, offs_n, mask_n, k0, K,
+                              stride_vn, stride_vc, stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
+            if UPCAST or MIXED:
+                g = g.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(g, w, acc, input_precision=PRECISION)
+        mask_o = mask_m[:, None] & mask_k[None, :]
+        out = dx_ptr + offs_m[:, None] * stride_dm + offs_k[None, :] * stride_dk
+        if SPLIT:
+            part = offs_m[:, None] * K + offs_k[None, :]          # (M, K) slice, contiguous along k
+            tl.store(ws_ptr + pid_s * M * K + part, acc, mask=mask_o)
+            if SYNC:
+                tl.debug_barrier()
+                arrived = tl.atomic_add(cnt_ptr + pid_k, 1, sem="acq_rel")
+                last = arrived == SPLIT_N - 1
+            else:
+                last = pid_s == SPLIT_N - 1
+            if last:
+                tot = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+                for s_ in range(0, SPLIT_N):                       # fixed order: bitwise reproducible
+                    mine = (offs_k * 0 + s_) == pid_s
+                    other = tl.load(ws_ptr + s_ * M * K + part, mask=mask_o & (~mine)[None, :], other=0.0,
+                                    cache_modifier=".cg")
+                    tot += tl.where(mine[None, :], acc, other)
+                tl.store(out, tot.to(dx_ptr.dtype.element_ty), mask=mask_o)
+                if SYNC:
+                    tl.atomic_xchg(cnt_ptr + pid_k, 0)
+        else:
+            tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=mask_o)
+
+    @triton.jit
     def _sp_dvalues_kernel(
         # --- pointers ---
         g_ptr,      # (M, N) upstream gradient of the rows of W·xᵀ (dy, or dt for dense-sparse;
@@ -1000,6 +1119,9 @@ if HAS_TRITON:
                              interpreter=PRUNE_INTERP, deterministic=PRUNE_FIXED)
     _sp_mm_tuned = Tunable(_sp_mm_kernel, MM_SPACE, key=["M_BUCKET", "N", "K"],
                            interpreter=MM_INTERP, deterministic=MM_FIXED)
+    _sp_dx_decode_tuned = Tunable(_sp_dx_decode_kernel, DXD_SPACE,
+                                  key=["M", "N", "K", "N_PER_SPLIT", "SPLIT_N", "BLOCK_K", "BLOCK_M", "META32"],
+                                  prune=_prune_dx_decode, interpreter=DXD_INTERP, deterministic=DXD_FIXED)
     _sp_dx_tuned = Tunable(_sp_dx_kernel, DX_SPACE, key=["M", "N", "K", "MIXED"],
                            interpreter=DX_INTERP, deterministic=DX_FIXED)
     _sp_dv_tuned = Tunable(_sp_dvalues_kernel, DV_SPACE, key=["M", "N", "K", "MIXED"],
@@ -1040,6 +1162,13 @@ if HAS_TRITON:
     register_kernel(KernelSpec(
         name="sparse24.dx", fn=_sp_dx_kernel, pointers={"meta_ptr": _I32},
         constexprs=[dict(MIXED=False, **_DOT, **_W)], space=DX_SPACE,
+    ))
+    register_kernel(KernelSpec(
+        name="sparse24.dx_decode", fn=_sp_dx_decode_kernel,
+        pointers={"meta_ptr": _I32, "vals_ptr": _I32, "ws_ptr": "fp32", "cnt_ptr": "i32"},
+        constexprs=[dict(BLOCK_K=bk, BLOCK_M=bm, PAIRS=True, MIXED=False, **_DOT, **_W, SPLIT=sp, SYNC=sp)
+                    for bk, bm in ((32, 16), (64, 16), (128, 16), (256, 16), (64, 64)) for sp in (False, True)],
+        space=dxd_space,
     ))
     register_kernel(KernelSpec(
         name="sparse24.dvalues", fn=_sp_dvalues_kernel, pointers={"meta_ptr": _I32},
@@ -1333,6 +1462,89 @@ def _precision(a: torch.Tensor, b: torch.Tensor) -> str:
     return dot_precision(a.dtype)
 
 
+#: dx column tiles the dx-decode planner considers
+DXD_TILES = (32, 64, 128, 256)
+
+
+def _dxd_nps(N: int, sk: int) -> int:
+    return -(-(-(-N // sk)) // DXD_N_QUANTUM) * DXD_N_QUANTUM
+
+
+def dx_decode_launch_bytes(M: int, N: int, K: int, bk: int, sk: int, elem: int = 2) -> dict:
+    """Bytes of one dx-decode launch (``_sp_dx_decode_kernel``) with ``bk`` dx columns per program
+    and ``sk`` splits of the weight rows: as :func:`decode_launch_bytes` with the roles of ``x``
+    and ``y`` taken by ``g (M, N)``, read once per column tile, and ``dx (M, K)``."""
+    wbytes = N * K * (elem / 2 + 1 / 8)
+    gbytes, dxbytes = elem * M * N, elem * M * K
+    nb = -(-K // bk)
+    # each weight row is read in pieces of bk columns: bk·elem/2 bytes of values and bk/8 of codes
+    # per piece, each at least one 32-byte sector through L2
+    w_l2 = N * nb * (max(32.0, bk * elem / 2) + max(32.0, bk / 8))
+    ws = 4.0 * sk * M * K if sk > 1 else 0.0
+    back = ws * (sk - 1) / sk if sk > 1 else 0.0
+    return dict(dram=wbytes + gbytes + dxbytes + ws, l2=w_l2 + nb * gbytes + dxbytes + ws + back,
+                g_reread=(nb - 1) * gbytes, programs=nb * sk, tiles=nb)
+
+
+def dx_decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[float, int, int]:
+    """``(seconds, BLOCK_K, split)`` of the dx-decode launch, the cheapest by the model of
+    :func:`decode_plan_cost` on :func:`dx_decode_launch_bytes` (*predicted*)."""
+    best = None
+    bm = max(16, next_pow2(M))
+    for bk in DXD_TILES:
+        if not any(_decode_ok(bk, bm, c["BLOCK_N"], c["num_warps"]) for c in DXD_SPACE[1:]):
+            continue
+        for sk in DECODE_SPLITS:
+            nps = _dxd_nps(N, sk)
+            if sk > 1 and nps * (sk - 1) >= N:
+                continue
+            b = dx_decode_launch_bytes(M, N, K, bk, sk, elem)
+            p = b["programs"]
+            f = min(1.0, p / (-(-p // sms) * sms))
+            t = max(b["dram"] / _BW, b["l2"] / (_L2BW * f)) + _LAUNCH
+            if best is None or t < best[0] - 1e-12:
+                best = (t, bk, sk)
+    return best
+
+
+def sparse24_dx_decode(g: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                       out_dtype: Optional[torch.dtype] = None, plan: Optional[tuple] = None) -> torch.Tensor:
+    """``dx = g·W`` for ``M <= 64`` rows of ``g (M, N)`` in one launch (:func:`dx_decode_plan_cost`;
+    ``plan`` forces ``(BLOCK_K, split)``); deterministic (fixed-order reduction of the splits)."""
+    M, N = g.shape
+    K = 2 * values.shape[1]
+    if M > DECODE_MAX_M:
+        raise ValueError(f"g: sparse24_dx_decode takes at most {DECODE_MAX_M} rows, got {M}")
+    dx = torch.empty((M, K), device=g.device, dtype=out_dtype or g.dtype)
+    if M == 0 or K == 0:
+        return dx
+    if N == 0:
+        return dx.zero_()
+    e = 4 if g.dtype == torch.float32 else 2
+    bk, sk = plan or dx_decode_plan_cost(M, N, K, _config.num_sms(g.device), e)[1:]
+    nps = _dxd_nps(N, sk)
+    sk = -(-N // nps)
+    bm = max(16, next_pow2(M))
+    mt, smr, smc, m32 = _meta_arg(meta, K)
+    pairs = (values.element_size() == 2 and values.dtype == g.dtype and values.stride(1) == 1
+             and (values.shape[0] <= 1 or values.stride(0) % 2 == 0) and values.storage_offset() % 2 == 0)
+    vt = values.view(torch.int32) if pairs else values
+    split = sk > 1
+    nb = triton.cdiv(K, bk)
+    sync = split and g.is_cuda
+    ws = torch.empty((sk, M, K), device=g.device, dtype=torch.float32) if split else dx
+    cnt = _decode_counters(g.device, nb) if sync else ws
+    _sp_dx_decode_tuned[(nb * sk,)](
+        g, vt, mt, dx, ws, cnt,
+        M, N, K, nps, sk,
+        g.stride(0), g.stride(1), vt.stride(0), vt.stride(1),
+        smr, smc, dx.stride(0), dx.stride(1),
+        SPLIT=split, SYNC=sync, UPCAST=upcast_dots(), PRECISION=_precision(g, values),
+        META32=m32, PAIRS=pairs, MIXED=g.dtype != values.dtype, BLOCK_M=bm, BLOCK_K=bk,
+    )
+    return dx
+
+
 def sparse24_dx(
     g: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, out_dtype: Optional[torch.dtype] = None
 ) -> torch.Tensor:
@@ -1345,6 +1557,8 @@ def sparse24_dx(
         return dx
     if N == 0:
         return dx.zero_()
+    if M <= DECODE_MAX_M:      # a handful of rows: the weight streamed once, split to fill the SMs
+        return sparse24_dx_decode(g, values, meta, out_dtype)
     mt, smr, smc, m32 = _meta_arg(meta, K)
     grid = lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]), triton.cdiv(K, meta_["BLOCK_K"]))
     _sp_dx_tuned[grid](

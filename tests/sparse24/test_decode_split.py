@@ -118,3 +118,83 @@ def test_sol_counts_of_the_split_decode_scaled_equal_full():
     expect = sum(tc.store_bytes if n.startswith("ws_ptr") else
                  (min(tc.unique_bytes, tc.load_bytes) + tc.store_bytes) for n, tc in scaled.tensors.items())
     assert t["dram_bytes"] == pytest.approx(expect)
+
+
+# ---- dx = g·W at decode sizes (_sp_dx_decode_kernel) ----
+
+def _dx_ref64(g, values, meta):
+    return g.double() @ K.unpack_24(values.double(), meta, 2 * values.shape[1])
+
+
+@pytest.mark.parametrize("m,n,k,plan,dtype", [
+    (16, 384, 256, (64, 3), torch.float32),     # 4 column tiles x 3 splits of 128 rows
+    (5, 200, 96, (32, 2), torch.bfloat16),      # masked rows, a short last split, codes as words
+    (16, 130, 44, (32, 1), torch.float32),      # K = 44: codes as bytes, masked last column tile
+    (33, 256, 512, (128, 2), torch.float16),
+])
+def test_dx_decode_matches_float64(triton_cpu, m, n, k, plan, dtype):
+    torch.manual_seed(m + k)
+    w = pack_24(prune_24(torch.randn(n, k) / n ** 0.5))
+    values, meta = w.values.to(dtype), w.meta
+    g = torch.randn(m, n).to(dtype)
+    dx = K.sparse24_dx_decode(g, values, meta, plan=plan)
+    assert dx.dtype == dtype and dx.shape == (m, k)
+    assert_close_ref(dx, _dx_ref64(g, values, meta), dtype, reduction=n)
+    assert torch.equal(dx, K.sparse24_dx_decode(g, values, meta, plan=plan))
+    # the public entry takes it at decode sizes
+    assert torch.equal(K.sparse24_dx(g, values, meta), K.sparse24_dx_decode(g, values, meta))
+
+
+def test_dx_decode_mixed_fp32_g_against_fp16_weight(triton_cpu):
+    torch.manual_seed(1)
+    w = pack_24(prune_24(torch.randn(256, 128) / 16))
+    values = w.values.half()
+    g = torch.randn(8, 256)                                  # the dense-sparse dt, kept in fp32
+    dx = K.sparse24_dx(g, values, w.meta, out_dtype=torch.float16)
+    assert dx.dtype == torch.float16
+    assert_close_ref(dx, _dx_ref64(g, values, w.meta), torch.float16, reduction=256)
+
+
+def test_dx_decode_counter_path_bitwise_and_reset(triton_cpu):
+    torch.manual_seed(2)
+    m, n, k, bk, sk = 16, 384, 256, 64, 3
+    w = pack_24(prune_24(torch.randn(n, k)))
+    g = torch.randn(m, n)
+    mt, smr, smc, m32 = K._meta_arg(w.meta, k)
+    outs = []
+    nb = k // bk
+    for sync in (False, True):
+        dx = torch.empty(m, k)
+        ws = torch.empty(sk, m, k)
+        cnt = torch.zeros(nb, dtype=torch.int32)
+        K._sp_dx_decode_tuned[(nb * sk,)](
+            g, w.values, mt, dx, ws, cnt if sync else ws, m, n, k, K._dxd_nps(n, sk), sk,
+            g.stride(0), g.stride(1), w.values.stride(0), w.values.stride(1), smr, smc, dx.stride(0), dx.stride(1),
+            SPLIT=True, SYNC=sync, UPCAST=True, PRECISION="ieee", META32=m32, PAIRS=False, MIXED=False,
+            BLOCK_M=16, BLOCK_K=bk,
+        )
+        outs.append(dx)
+        assert int(cnt.abs().sum()) == 0
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_dx_planner_and_sol_counts():
+    from fastfactor.sol import count as C
+    from fastfactor.sol import record as R
+
+    t, bk, sk = K.dx_decode_plan_cost(16, 3072, 768, 132)
+    b = K.dx_decode_launch_bytes(16, 3072, 768, bk, sk)
+    assert b["programs"] >= 66 and t < 2 * K._LAUNCH   # fills the SMs, one launch
+    torch.manual_seed(3)
+    w = pack_24(prune_24(torch.randn(384, 256)))
+    g = torch.randn(16, 384).bfloat16()
+    with R.recording() as rec:
+        K.sparse24_dx_decode(g, w.values.bfloat16(), w.meta, plan=(64, 3))
+    (launch,) = rec.launches
+    assert launch.kernel == "sparse24.dx_decode"
+    cfg = launch.candidates[0]
+    full, scaled = C.count_launch(launch, cfg, "full"), C.count_launch(launch, cfg, "scaled")
+    assert scaled.programs == full.programs == 4 * 3
+    for name in full.tensors:
+        for f in ("load_bytes", "store_bytes", "load_sectors", "store_sectors", "unique_bytes"):
+            assert getattr(scaled.tensors[name], f) == getattr(full.tensors[name], f), (name, f)
