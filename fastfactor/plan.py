@@ -362,7 +362,9 @@ def score_candidates(model: nn.Module, candidates: List[ModuleCandidates], grams
 
 def _lowrank_reconstructions(weight: torch.Tensor, gram: Optional[torch.Tensor]):
     """``r -> Ŵ_r`` (float64, ``(out, in)``): the best rank-``r`` approximation of ``weight`` in the
-    whitened norm (what ``init="activation"`` builds; plain SVD without ``gram``), from one SVD."""
+    whitened norm (what ``init="activation"`` builds; plain SVD without ``gram``), from one SVD:
+    ``Ŵ_r = U_r·Σ_r·V_rᵀ·S⁻¹`` with ``W·S = U·Σ·Vᵀ`` (``S⁻¹`` applied once to ``Vᵀ``, so each rank
+    costs one ``(out, r)·(r, in)`` product)."""
     from .factorize.data_aware import whitening_factor
 
     w = weight.detach().to(torch.float64)
@@ -371,43 +373,125 @@ def _lowrank_reconstructions(weight: torch.Tensor, gram: Optional[torch.Tensor])
         S, _ = whitening_factor(gram.to(w.device))
         w = w @ S
     U, sig, Vh = torch.linalg.svd(w, full_matrices=False)
+    if S is not None:  # Vᵀ·S⁻¹ = (S⁻ᵀ·V)ᵀ: one solve for every rank
+        Vh = torch.linalg.solve(S.t(), Vh.t()).t()
 
     def at(r: int) -> torch.Tensor:
-        b = (U[:, :r] * sig[:r]) @ Vh[:r]
-        return b if S is None else torch.linalg.solve(S.t(), b.t()).t()
+        return (U[:, :r] * sig[:r]) @ Vh[:r]
 
     return at
 
 
+#: bump when the output-score formula changes: cached output scores of older versions are not used
+OUTPUT_SCORE_VERSION = 1
+
+
+def _tensor_digest(h, t) -> None:
+    t = t.detach().to("cpu").contiguous()
+    h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+
+
+def _batch_digest(h, b) -> None:
+    if isinstance(b, torch.Tensor):
+        _tensor_digest(h, b)
+    elif isinstance(b, dict):
+        for k in sorted(b):
+            h.update(str(k).encode())
+            _batch_digest(h, b[k])
+    elif isinstance(b, (list, tuple)):
+        h.update(f"seq{len(b)}".encode())
+        for x in b:
+            _batch_digest(h, x)
+    else:
+        h.update(repr(b).encode())
+
+
+def forward_key(forward) -> str:
+    """A stable name of a forward callable for the output-score cache key: ``"default"`` for
+    None, else its module, qualified name and code (bytecode and constants)."""
+    if forward is None:
+        return "default"
+    code = getattr(forward, "__code__", None)
+    parts = [getattr(forward, "__module__", ""), getattr(forward, "__qualname__", type(forward).__qualname__)]
+    if code is not None:
+        parts += [code.co_code.hex(), repr(code.co_consts), repr(code.co_names)]
+    return "|".join(map(str, parts))
+
+
+def output_cache_key(model: nn.Module, batches: Sequence, forward=None, grams=None) -> str:
+    """The key of :func:`output_scores`' on-disk cache: a hash of the whole model's state (every
+    parameter and buffer: the output change depends on every layer), the calibration batches'
+    contents, the Grams (they fix the whitened reconstructions) and the forward (:func:`forward_key`).
+    Other calibration data, another seed's batches, or another model give another key."""
+    import hashlib
+
+    h = hashlib.sha256(f"output-v{OUTPUT_SCORE_VERSION}".encode())
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        _tensor_digest(h, v)
+    h.update(f"batches{len(batches)}".encode())
+    for b in batches:
+        _batch_digest(h, b)
+    for name in sorted(grams or {}):
+        g = grams[name]
+        h.update(name.encode())
+        _tensor_digest(h, g[0] if isinstance(g, tuple) else g)
+    h.update(forward_key(forward).encode())
+    return h.hexdigest()[:40]
+
+
+def _as_cache(cache):
+    if cache is True:
+        return ScoreCache()
+    if isinstance(cache, (str, os.PathLike)):
+        return ScoreCache(os.fspath(cache))
+    if cache is False or cache is None or isinstance(cache, ScoreCache):
+        return cache or None
+    raise TypeError(f"cache: expected True/False, a directory or a ScoreCache, got {type(cache).__name__}")
+
+
 def output_scores(model: nn.Module, candidates: List[ModuleCandidates], batches: Sequence, forward=None,
-                  grams: Optional[Dict[str, object]] = None) -> List[ModuleCandidates]:
+                  grams: Optional[Dict[str, object]] = None, cache=False) -> List[ModuleCandidates]:
     """Replace every choice's score by the **change of the model's output** when only that module is
     compressed that way: ``Σ_batches ‖f(x) − f_dense(x)‖_F²`` with ``f = forward(model, batch)`` (a
     tensor; default: ``model(**batch)``'s ``logits`` or ``last_hidden_state``). The module's weight
     is swapped for its reconstruction (low rank: :func:`_lowrank_reconstructions`, whitened when
     ``grams`` are given; other methods: their scoring init's ``dense_weight()``) and restored; the
     model is unchanged afterwards. One forward per batch per choice: costlier than the weight
-    scores, and the solver still adds the per-module changes (they interact in the real model)."""
+    scores, and the solver still adds the per-module changes (they interact in the real model).
+
+    ``cache`` (``True``, a directory or a :class:`ScoreCache`; default off): scores stored on disk
+    under :func:`output_cache_key` (model state + calibration batches + Grams + forward), one entry
+    per module and choice, written after every module (a cut-off run keeps what it scored)."""
     from .compress.config import CompressionConfig
     from .compress.methods import build_layer
     from .compress.targets import dense_view, get_module
     from .families import get_family
 
+    cache = _as_cache(cache)
     if forward is None:
+        fwd_key = None
+
         def forward(m, b):
             out = m(**b) if isinstance(b, dict) else m(b)
             for k in ("logits", "last_hidden_state"):
                 if hasattr(out, k):
                     return getattr(out, k)
             return out[0] if isinstance(out, (tuple, list)) else out
+    else:
+        fwd_key = forward
     batches = list(batches)
     if not batches:
         raise ValueError("batches: expected at least one calibration batch")
+    key = output_cache_key(model, batches, fwd_key, grams) if cache else None
+    entry = cache.load("out-" + key) if cache else {}
+    stored = entry.setdefault("choices", {})
     was_training = model.training
     model.eval()
+    ref = None
     try:
         with torch.no_grad():
-            ref = [forward(model, b).detach().to(torch.float64) for b in batches]
             for c in candidates:
                 mod = get_module(model, c.name)
                 view = dense_view(mod, c.name)
@@ -418,15 +502,22 @@ def output_scores(model: nn.Module, candidates: List[ModuleCandidates], batches:
                 w0 = mod.weight.detach().clone()
                 conv = type(mod).__name__ == "Conv1D"  # GPT-2: weight stored (in, out)
                 recon = None
+                dirty = False
                 for ch in c.choices:
                     if ch.method == "dense":
                         ch.score = 0.0
                         continue
+                    init = score_init(ch.method, g is not None)
+                    ck = c.name + "|" + _choice_key(ch, init)
+                    if ck in stored:
+                        ch.score = float(stored[ck])
+                        continue
+                    if ref is None:
+                        ref = [forward(model, b).detach().to(torch.float64) for b in batches]
                     if ch.method == "lowrank":
                         recon = recon or _lowrank_reconstructions(view.weight, g)
                         w_hat = recon(ch.rank)
                     else:
-                        init = score_init(ch.method, g is not None)
                         e = PlanEntry(c.name, ch.method, ch.rank, ch.params, 0.0, c.in_features, c.out_features,
                                       nblocks=ch.nblocks)
                         cfg = CompressionConfig(method=ch.method, nblocks=ch.nblocks or 4, init=init)
@@ -439,6 +530,14 @@ def output_scores(model: nn.Module, candidates: List[ModuleCandidates], batches:
                                              for b, r in zip(batches, ref)))
                     finally:
                         mod.weight.copy_(w0)
+                    stored[ck], dirty = ch.score, True
+                if cache and dirty:
+                    cache.save("out-" + key, entry)
+        if cache:
+            if ref is None:
+                cache.hits += 1
+            else:
+                cache.misses += 1
     finally:
         model.train(was_training)
     return candidates
@@ -783,11 +882,72 @@ def check_budgets(candidates: List[ModuleCandidates], target_params=None, target
                     f"fastest candidate plan takes {fastest.score * 1e6:.4g} us > {bt * 1e6:.4g} us")
 
 
+SCORERS = ("svd", "whitened", "output")
+
+
+def calibration_batches(data, config=None) -> list:
+    """The calibration batches a :func:`fastfactor.compress` run with ``config`` draws first from
+    ``data`` (a :class:`~fastfactor.train.TaskData`): ``calib_batches`` batches of ``batch_size``
+    training rows, shuffled with ``seed + 7`` (the driver's order), so a plan is scored on the
+    tokens the run itself calibrates on."""
+    from .api import _config
+    from .train.data import TaskData, iterate
+
+    if not isinstance(data, TaskData):
+        raise TypeError(f"data: expected a fastfactor.train.TaskData, got {type(data).__name__}")
+    cfg = _config(config)
+    n = max(1, cfg.calib_batches)
+    it = iterate(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed + 7)
+    return [b for _, b in zip(range(n), it)]
+
+
+def calibration_grams(model: nn.Module, names: Sequence[str], batches: Sequence, device=None) -> Dict[str, tuple]:
+    """``{name: (G, tokens)}``: the input Gram ``XᵀX`` (float64, ``(in, in)``) of each module
+    ``names`` of ``model`` over ``batches`` (dicts of model inputs), as the driver collects them."""
+    from .compress.calibration import collect_activation_stats
+    from .compress.targets import get_module
+    from .train.loop import model_inputs
+
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    mods = {n: get_module(model, n) for n in names}
+    return collect_activation_stats(model, mods, batches, lambda m, b: m(**model_inputs(m, b, device)))
+
+
+def _data_forward(device):
+    from .train.loop import model_inputs
+
+    def forward(m, b):
+        out = m(**model_inputs(m, b, device))
+        for k in ("logits", "last_hidden_state"):
+            if hasattr(out, k):
+                return getattr(out, k)
+        return out[0] if isinstance(out, (tuple, list)) else out
+    return forward
+
+
+def _calibration_record(data, config, batches, scorer: str) -> dict:
+    import hashlib
+
+    from .api import _config
+
+    cfg = _config(config)
+    h = hashlib.sha256()
+    for b in batches:
+        _batch_digest(h, {k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else int(b["input_ids"].numel())
+                 for b in batches)
+    return {"data": getattr(data, "name", "data"), "batches": len(batches), "batch_size": cfg.batch_size,
+            "seed": cfg.seed, "tokens": tokens, "scorer": scorer, "digest": h.hexdigest()[:16]}
+
+
 def plan_model(model: nn.Module, target_params=None, config=None, *, target_latency=None, latency=None,
                grams=None, ratios=DEFAULT_RATIOS, ranks=None, methods: Sequence[str] = ("lowrank",),
-               max_cells: int = MAX_CELLS, cache=True, batches=None, forward=None, **grid) -> BudgetPlan:
+               max_cells: int = MAX_CELLS, cache=True, batches=None, forward=None, data=None,
+               scorer: Optional[str] = None, **grid) -> BudgetPlan:
     """:func:`candidate_grid`, the budgets checked (:func:`check_budgets`) before any weight is
-    read, then :func:`score_candidates` and :func:`solve`.
+    read, then :func:`score_candidates` (or :func:`output_scores`) and :func:`solve`.
 
     ``target_params``: a fraction of the targets' weight parameters or a count; ``target_latency``:
     a fraction in ``(0, 1]`` of the targets' dense time under ``latency`` (a
@@ -795,33 +955,62 @@ def plan_model(model: nn.Module, target_params=None, config=None, *, target_late
     :func:`~fastfactor.plan_latency.latency_model` arguments: ``device``, ``tokens``, ``direction``,
     ``dtype``, ``bench``; default the ``sol`` model on an H200 at 16384 tokens, forward). Either
     budget or both. ``methods``: the families in the grid besides "dense" (default low-rank only).
-    ``batches`` (with an optional ``forward``): score by the change of the model's output over these
-    calibration batches (:func:`output_scores`, ``scorer="output"``) instead of the weight errors."""
+
+    The scores (``scorer``): ``"svd"`` (no data: tail energies of the weights), ``"whitened"``
+    (activation-weighted errors from the Grams ``grams``, or from ``data``), ``"output"`` (the
+    change of the model's output over calibration batches: :func:`output_scores`).
+    ``data`` (a :class:`~fastfactor.train.TaskData`): the calibration batches are those a
+    ``compress`` run with ``config`` draws (:func:`calibration_batches`: ``calib_batches``,
+    ``batch_size``, ``seed``), the Grams are measured on them (default scorer ``"whitened"``), and
+    the plan records them (``plan.calibration``: data name, batches, tokens, a digest). ``batches``
+    (with an optional ``forward``): score by the output change over these batches instead.
+    Scores are cached on disk (``cache``) under keys that include the calibration data (the Grams'
+    contents; for output scores the batches and the whole model)."""
     from .api import _chosen_targets, _config
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if scorer is not None and scorer not in SCORERS:
+        raise ValueError(f"scorer: expected one of {list(SCORERS)}, got {scorer!r}")
+    if scorer is None:
+        scorer = "output" if batches is not None else "whitened" if (grams is not None or data is not None) else "svd"
+    if scorer == "output" and batches is None and data is None:
+        raise ValueError("scorer: 'output' needs calibration data (data= or batches=), got neither")
+    if scorer == "whitened" and grams is None and data is None:
+        raise ValueError("scorer: 'whitened' needs activation Grams (grams=) or calibration data (data=), got neither")
+    if data is not None and batches is not None:
+        raise ValueError("data / batches: expected one source of calibration batches, got both")
     if target_params is None and target_latency is None:
         raise ValueError("target_params / target_latency: expected at least one budget, got neither")
     if target_latency is not None:  # the value alone, before any time is computed
         resolve_latency(target_latency)
-    targets = _chosen_targets(model, _config(config), None)
+    cfg = _config(config)
+    targets = _chosen_targets(model, cfg, None)
     lat = _as_latency(latency) if (target_latency is not None or latency is not None) else None
     cands = candidate_grid(model, targets, ratios=ratios, ranks=ranks, methods=methods, latency=lat, **grid)
     info = lat.describe() if lat is not None else None
     check_budgets(cands, target_params, target_latency, info)  # before any weight is touched
-    if batches is not None:
-        output_scores(model, cands, batches, forward, grams)
+    calib = None
+    if data is not None:
+        batches = calibration_batches(data, cfg)
+        calib = _calibration_record(data, cfg, batches, scorer)
+        p = next(model.parameters(), None)
+        dev = p.device if p is not None else torch.device("cpu")
+        if grams is None and scorer != "svd":
+            grams = calibration_grams(model, [t.name for t in targets], batches, dev)
+        if forward is None:
+            forward = _data_forward(dev)
+    if scorer == "output":
+        output_scores(model, cands, batches, forward, grams, cache=cache)
     else:
-        score_candidates(model, cands, grams, cache=cache)
+        score_candidates(model, cands, grams if scorer == "whitened" else None, cache=cache)
     plan = solve(cands, target_params, target_latency, max_cells=max_cells, latency_info=info)
-    if grams is not None:
-        plan.scorer, plan.init = "whitened", "activation"
-    if batches is not None:
-        plan.scorer = "output"
+    whitened = grams is not None and scorer != "svd"
+    plan.scorer, plan.init = scorer, "activation" if whitened else "svd"
+    plan.calibration = calib
     for m in plan.modules:
         if m.method != "dense":
-            m.init = score_init(m.method, grams is not None)
+            m.init = score_init(m.method, whitened)
     if lat is not None and plan.latency is None:  # a parameter budget: still report the predicted time
         dense_s = sum(next(ch.seconds for ch in c.choices if ch.method == "dense") for c in cands)
         plan.latency = dict(info, fraction=None, budget_s=None, dense_s=dense_s)
@@ -830,10 +1019,10 @@ def plan_model(model: nn.Module, target_params=None, config=None, *, target_late
 
 def apply_plan(model: nn.Module, plan: BudgetPlan, data=None, config=None) -> nn.Module:
     """Execute ``plan`` on ``model`` in place: ``factorize_`` (data-free inits) or, with ``data``,
-    ``fastfactor.compress`` with ``config``'s schedule (staged / offline / all_at_once); returns
-    the model. Every planned module must be a target of the model with the planned shape. A plan
-    mixing methods runs one ``factorize_`` per method, or with data one offline ``compress`` per
-    method (each method's statistics gathered on the model the previous ones left)."""
+    one ``fastfactor.compress`` run with ``config``'s schedule (staged / offline / all_at_once);
+    returns the model. Every planned module must be a target of the model with the planned shape.
+    Without data a plan mixing methods runs one ``factorize_`` per method; with data one run
+    factorizes each module with its own method (:meth:`BudgetPlan.run_config`)."""
     from .api import factorize_
 
     plan = as_plan(plan)
@@ -847,17 +1036,11 @@ def apply_plan(model: nn.Module, plan: BudgetPlan, data=None, config=None) -> nn
         return model
     from .compress.driver import compress
 
-    if len(cfgs) > 1 and cfgs[0]["schedule"] != "offline":
-        raise ValueError(f"plan: mixes methods {plan.methods}: with data it runs one offline compress() per "
-                         f"method (schedule='offline'), got schedule={cfgs[0]['schedule']!r}")
-    if len(cfgs) == 1:
-        compress(model, config, data, plan=plan)
-        return model
-    for cfg in cfgs:
-        compress(model, cfg, data)
+    compress(model, config, data, plan=plan)
     return model
 
 
 __all__ = ["Choice", "ModuleCandidates", "PlanEntry", "BudgetPlan", "PLAN_METHODS", "PLAN_VERSION", "candidate_ranks", "tail_energies",
            "candidate_grid", "score_candidates", "output_scores", "ScoreCache", "sensitivity", "resolve_budget", "resolve_latency",
-           "check_budgets", "solve", "plan_model", "as_plan", "check_plan", "apply_plan"]
+           "check_budgets", "solve", "plan_model", "as_plan", "check_plan", "apply_plan", "calibration_batches",
+           "calibration_grams", "output_cache_key", "SCORERS"]

@@ -1,11 +1,20 @@
 """``fastfactor plan``: per-module methods and ranks under a parameter and/or latency budget
 (:mod:`fastfactor.plan`).
 
-Data-free (SVD tail-energy scores; other methods scored by factorizing). The budgets are checked on
-the model built from ``config.json`` on the meta device before any weight is read (the latency of
-every candidate depends on shapes only); then the weights are loaded, scored, and the plan is
-printed and (``--out``) written as JSON, which ``fastfactor compress --plan`` and
-:func:`fastfactor.plan.apply_plan` execute.
+Without data the scores are data-free (SVD tail energies; other methods scored by factorizing).
+With calibration data — the same options as ``fastfactor compress``: ``--task`` or
+``--train-file`` (``--text-fields``, ``--label-field``, ``--max-length``, ``--max-train``) and
+``--calib-batches`` / ``--batch-size`` / ``--seed`` — the sensitivity is measured on the batches a
+``compress`` run with those options calibrates on: activation-weighted errors (``--scores
+whitened``, the default with data) or the change of the model's output when only that module is
+compressed (``--scores output``: one forward per batch per candidate). The scores are cached on
+disk under keys that include the calibration data (``$FASTFACTOR_PLAN_CACHE``), and the plan records
+which data it was measured on (``calibration``: name, batches, tokens, digest).
+
+The budgets are checked on the model built from ``config.json`` on the meta device before any
+weight or data is read (the latency of every candidate depends on shapes only); then the weights
+(and data) are loaded, scored, and the plan is printed and (``--out``) written as JSON, which
+``fastfactor compress --plan`` and :func:`fastfactor.plan.apply_plan` execute.
 
 ``--target-latency F``: the targets' time at most ``F`` times their dense time, predicted by the
 ``fastfactor sol`` model on ``--device`` for ``--tokens`` rows per call (``--direction fwd`` for
@@ -17,6 +26,7 @@ Examples::
     fastfactor plan --model DIR --target-params 0.5 --out plan.json
     fastfactor plan --model DIR --target-latency 0.7 --tokens 16384 --device h200 --out plan.json
     fastfactor plan --model DIR --target-params 0.5 --target-latency 0.9 --methods lowrank,sparse24
+    fastfactor plan --model DIR --target-params 0.4 --train-file train.csv --scores output --out plan.json
 """
 
 from __future__ import annotations
@@ -59,6 +69,24 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ranks", nargs="+", type=int, default=None,
                    help="candidate ranks (default: the ranks of ratios 0.05 ... 0.9 per module)")
     p.add_argument("--out", default=None, help="write the plan as JSON here")
+    d = p.add_argument_group("calibration data (as fastfactor compress; without them the scores are data-free)")
+    src = d.add_mutually_exclusive_group()
+    src.add_argument("--task", default=None, help="GLUE task name (needs the hub or its cache)")
+    src.add_argument("--train-file", default=None, help="local .csv/.tsv/.json/.jsonl/.parquet")
+    d.add_argument("--text-fields", nargs="+", default=None, help="text column(s) (one, or two for pairs)")
+    d.add_argument("--label-field", default=None, help="label column (not used for scoring; kept out of the text)")
+    d.add_argument("--max-length", type=int, default=None,
+                   help="tokens per example (default 128, or the model's position table if shorter)")
+    d.add_argument("--max-train", type=int, default=None)
+    d.add_argument("--calib-batches", type=int, default=None, help="calibration batches (default: compress's, 4)")
+    d.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: compress's, 16)")
+    d.add_argument("--seed", type=int, default=None, help="the run's seed: which batches calibrate (default 0)")
+    d.add_argument("--scores", choices=("whitened", "output"), default=None,
+                   help="with data: activation-weighted errors (whitened, default) or the model's output change "
+                        "when only that module is compressed (output)")
+    d.add_argument("--model-class", default="auto",
+                   help="the model class to load (as compress: auto = config.json's architectures, base, "
+                        "sequence-classification, causal-lm, masked-lm, or a transformers class name)")
     p.set_defaults(func=run)
     return p
 
@@ -71,6 +99,66 @@ def _opt(e: Exception) -> Exception:
     return type(e)(msg)
 
 
+def _check_data_args(args) -> bool:
+    """The calibration options, before anything is read: True when data were given."""
+    from .compress.cli import MODEL_CLASSES
+    from .train.data import check_data_file
+
+    for opt, v, lo in (("--max-length", args.max_length, 1), ("--max-train", args.max_train, 1),
+                       ("--calib-batches", args.calib_batches, 1), ("--batch-size", args.batch_size, 1),
+                       ("--seed", args.seed, 0)):
+        if v is not None and v < lo:
+            raise ValueError(f"{opt}: expected an int >= {lo}, got {v}")
+    has = bool(args.task or args.train_file)
+    if args.train_file is not None:
+        check_data_file(args.train_file, "--train-file")
+    if not has:
+        given = [o for o, v in (("--scores", args.scores), ("--text-fields", args.text_fields),
+                                ("--label-field", args.label_field), ("--max-length", args.max_length),
+                                ("--max-train", args.max_train), ("--calib-batches", args.calib_batches),
+                                ("--batch-size", args.batch_size), ("--seed", args.seed)) if v is not None]
+        if given:
+            raise ValueError(f"{given[0]}: calibration options need data (--task or --train-file), got none")
+    if args.model_class not in MODEL_CLASSES:
+        import re
+
+        import transformers
+
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", args.model_class) or not hasattr(transformers, args.model_class):
+            raise ValueError(f"--model-class: expected one of {list(MODEL_CLASSES)} or a transformers class name, "
+                             f"got {args.model_class!r}")
+    return has
+
+
+def _load_data(args, config):
+    """The calibration data of ``--task`` / ``--train-file`` (unlabelled: only the inputs are used)."""
+    import transformers
+
+    from .compress.cli import max_positions
+    from .train.data import load_task_data
+
+    limit = max_positions(config)
+    if args.max_length is None:
+        args.max_length = min(128, limit) if limit is not None else 128
+    elif limit is not None and args.max_length > limit:
+        raise ValueError(f"--max-length: expected at most {limit} (the model's position table), got {args.max_length}")
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(args.model)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"--model: no tokenizer could be loaded from {args.model!r} ({type(e).__name__}: {e})") from None
+    try:
+        return load_task_data(tok, task=args.task, train_file=args.train_file, text_fields=args.text_fields,
+                              label_field=args.label_field or "label", max_length=args.max_length,
+                              max_train=args.max_train, unlabelled=True, seed=args.seed or 0)
+    except ValueError as e:
+        msg = str(e)
+        for field, opt in (("label_field:", "--label-field:"), ("text_fields:", "--text-fields:"),
+                           ("train_file:", "--train-file:")):
+            if msg.startswith(field):
+                msg = opt + msg[len(field):]
+        raise ValueError(msg) from None
+
+
 def run(args) -> int:
     import transformers
 
@@ -79,6 +167,7 @@ def run(args) -> int:
     from .plan import candidate_grid, check_budgets, plan_model, resolve_latency
     from .plan_latency import latency_model
 
+    has_data = _check_data_args(args)
     if args.target_params is None and args.target_latency is None:
         raise ValueError("--target-params / --target-latency: expected at least one budget")
     budget = None if args.target_params is None else parse_budget(args.target_params)
@@ -93,7 +182,8 @@ def run(args) -> int:
     if args.out and os.path.isdir(args.out):
         raise ValueError(f"--out: expected a file path, got the directory {args.out!r}")
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    cfg = {k: v for k, v in (("targets", args.targets), ("exclude", args.exclude)) if v is not None}
+    cfg = {k: v for k, v in (("targets", args.targets), ("exclude", args.exclude), ("calib_batches", args.calib_batches),
+                             ("batch_size", args.batch_size), ("seed", args.seed)) if v is not None}
     try:
         if lat_budget is not None:
             resolve_latency(lat_budget)  # the value, before any time is computed
@@ -107,10 +197,19 @@ def run(args) -> int:
     except (TypeError, ValueError) as e:
         raise _opt(e) from None
     config = transformers.AutoConfig.from_pretrained(args.model)
-    archs = getattr(config, "architectures", None) or []
-    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), transformers.AutoModel)
-    model = cls.from_pretrained(args.model).eval()
+    data = _load_data(args, config) if has_data else None
+    if args.model_class == "auto":
+        archs = getattr(config, "architectures", None) or []
+        cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), transformers.AutoModel)
+        model = cls.from_pretrained(args.model)
+    else:
+        from .compress.cli import load_hf_model
+
+        model, _ = load_hf_model(args.model, args.model_class, config=config, tokenizer=False, log=lambda s: None)
+    model.eval()
     kw = {} if args.ranks is None else {"ranks": args.ranks}
+    if data is not None:
+        kw.update(data=data, scorer=args.scores or "whitened")
     plan = plan_model(model, budget, cfg, target_latency=lat_budget, latency=lat, methods=methods, **kw)
     what = ", ".join(x for x in (f"parameters {args.target_params}" if budget is not None else "",
                                  f"latency {args.target_latency}" if lat_budget is not None else "") if x)

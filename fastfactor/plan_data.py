@@ -63,6 +63,9 @@ class BudgetPlan:
     #: the latency budget and its source: fraction, budget_s, dense_s, source, status, device,
     #: tokens, direction, dtype (None without a latency budget)
     latency: Optional[dict] = None
+    #: the calibration data the scores were measured on (data name, batches, batch_size, seed,
+    #: tokens, scorer, digest of the batches), or None (data-free scores)
+    calibration: Optional[dict] = None
 
     @property
     def params(self) -> int:
@@ -91,7 +94,8 @@ class BudgetPlan:
         d = {"version": PLAN_VERSION, "budget": self.budget, "target_params_dense": self.target_params_dense,
              "exact": self.exact, "scorer": self.scorer, "init": self.init, "params": self.params,
              "kept": self.kept, "score": self.score, "score_lower_bound": self.score_lower_bound,
-             "seconds": self.seconds, "latency": self.latency, "modules": [asdict(m) for m in self.modules]}
+             "seconds": self.seconds, "latency": self.latency, "calibration": self.calibration,
+             "modules": [asdict(m) for m in self.modules]}
         if self.latency and self.seconds is not None:
             d["latency_fraction"] = self.seconds / self.latency["dense_s"]
         return d
@@ -118,7 +122,7 @@ class BudgetPlan:
         return cls(budget=None if d["budget"] is None else int(d["budget"]),
                    target_params_dense=int(d["target_params_dense"]), exact=bool(d["exact"]), modules=mods,
                    scorer=d.get("scorer", "svd"), init=d.get("init", "svd"),
-                   score_lower_bound=d.get("score_lower_bound"), latency=lat)
+                   score_lower_bound=d.get("score_lower_bound"), latency=lat, calibration=d.get("calibration"))
 
     def save(self, path: str) -> None:
         from ._io import atomic_write_text
@@ -163,6 +167,11 @@ class BudgetPlan:
             f"predicted score {self.score:.4g}"
             + ("" if self.exact else f" (coarse grid; no plan scores below {self.score_lower_bound:.4g})"
                if self.score_lower_bound is not None else " (coarse grid)"))
+        if self.calibration:
+            c = self.calibration
+            text += (f"\nscores ({c.get('scorer', self.scorer)}) measured on {c.get('data', 'data')}: "
+                     f"{c.get('batches')} batch(es) of {c.get('batch_size')} (seed {c.get('seed')}), "
+                     f"{c.get('tokens')} tokens, digest {c.get('digest')}")
         if lat:
             L = self.latency
             budget = ("no latency budget" if L.get("budget_s") is None
@@ -178,19 +187,23 @@ class BudgetPlan:
         """A CompressionConfig dict (``base``'s other fields kept) replacing exactly the planned
         modules, each at its planned setting (through ``module_ratios``; checked); None when every
         module stays dense (``single=True``: an error then, since a run needs a target). A plan
-        mixing methods has one config per method: :meth:`to_configs`."""
+        mixing methods has one config per method (:meth:`to_configs`) and runs in one
+        ``compress`` through :meth:`run_config`."""
         cfgs = self.to_configs(base)
         if len(cfgs) > 1:
-            raise ValueError(f"plan: mixes methods {[k for k in self.methods if k != 'dense']}: one compress run "
-                             "takes one method (fastfactor.plan.apply_plan runs one per method)")
+            raise ValueError(f"plan: mixes methods {[k for k in self.methods if k != 'dense']}: one config per "
+                             "method (to_configs); compress(plan=) runs them in one run (run_config)")
         if not cfgs and single:
             raise ValueError("plan: every module stays dense: nothing to compress")
         return cfgs[0] if cfgs else None
 
     def to_configs(self, base=None) -> List[dict]:
-        """One CompressionConfig dict per (method, nblocks) of the plan's compressed modules, in
-        plan order of first appearance; each replaces exactly its modules at their planned
+        """One CompressionConfig dict per (method, nblocks, init) of the plan's compressed modules,
+        in plan order of first appearance; each replaces exactly its modules at their planned
         setting (``module_ratios`` giving each its planned rank; checked)."""
+        return [cfg for cfg, _ in self._groups(base)]
+
+    def _groups(self, base=None) -> List[tuple]:
         from .families import get_family
 
         base_cfg = _base_config(base)
@@ -210,8 +223,35 @@ class BudgetPlan:
             cfg.update(method=method, targets=list(ratios), exclude=[], module_ratios=ratios, init=init)
             if nb is not None:
                 cfg["nblocks"] = nb
-            out.append(cfg)
+            out.append((cfg, [m.name for m in mods]))
         return out
+
+    def run_config(self, base=None):
+        """What one ``compress`` run of this plan needs: ``(config, per_module)``.
+
+        ``config`` (a CompressionConfig dict, ``base``'s schedule and training settings kept)
+        targets every planned compressed module at its planned ratio; ``per_module`` is ``{}`` for a
+        plan of one (method, nblocks, init), else ``{module name: its group's config dict}``: the
+        driver factorizes each module with its own method, init and block count, in one run (one
+        calibration per stage gathering every statistic its modules' inits need). A plan keeping
+        every module dense is an error (a run needs a target); so is ``joint`` with mixed methods."""
+        groups = self._groups(base)
+        if not groups:
+            raise ValueError("plan: every module stays dense: nothing to compress")
+        if len(groups) == 1:
+            return groups[0][0], {}
+        run = dict(groups[0][0])
+        if run.get("joint"):
+            raise ValueError(f"joint: a plan mixing methods ({', '.join(sorted({g[0]['method'] for g in groups}))}) "
+                             f"runs every module alone; got joint={run['joint']!r}")
+        targets, ratios, per = [], {}, {}
+        for cfg, names in groups:
+            targets += cfg["targets"]
+            ratios.update(cfg["module_ratios"])
+            for n in names:
+                per[n] = cfg
+        run.update(targets=targets, module_ratios=ratios)
+        return run, per
 
 
 PLAN_METHODS = ("dense", "lowrank", "monarch", "block_lowrank", "sparse24", "dense_sparse")

@@ -105,6 +105,7 @@ Performance notes are design intent, not measurements: no GPU has run these kern
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional
 
@@ -1873,24 +1874,212 @@ def sparse24_backward(g, x, values, meta, need_x: bool, need_values: bool):
     return dx, dv
 
 
-def choose_ds_path(M: int, K: int, N: int, R: int) -> str:
-    """``'fused'`` or ``'two_kernel'`` for a dense-sparse forward of this shape.
+# ============================================================================================
+# Dense-sparse: paths chosen by the shared cost model
+# ============================================================================================
+#
+# y = (x·Sᵀ)·Dᵀ + b, x (M, K), S (R, K) 2:4, D (N, R). Paths:
+#
+# * ``library``: t = x·Sᵀ by sparse24's own dispatch (:func:`choose_mm_path` on ``S``: PyTorch's
+#   semi-structured CUTLASS GEMM where eligible, the decode kernel at a handful of rows, else
+#   expand once + cuBLAS), or ``torch_pad``: ``S`` padded with zero rows to a multiple of 32 so
+#   that PyTorch's GEMM takes it (codes padded once per mask, values per call); then
+#   ``y = F.linear(t, D, b)`` (cuBLAS). Backward: ``dt = g·D``, ``dD = gᵀ·t`` on cuBLAS, ``db`` a
+#   library sum, ``dx = dt·S`` and ``dSv = kept(dtᵀ·x)`` by :func:`sparse24_backward` (its own
+#   cost dispatch; the kept values' gradient is the exact selection of the dense one).
+# * ``fused``: :func:`ds_chain`, ``t`` in registers (``R_PAD <= 256``), one launch.
+# * ``two_kernel``: our sparse24 kernels and the low-rank family's Triton GEMM (forced only, and
+#   fp16, whose fp32 intermediate cuBLAS cannot take: there is no fp32 x fp16 GEMM).
+#
+# The library path is priced by the model ``fastfactor sol`` applies (kernels/_cost.py: cuBLAS and
+# PyTorch's 2:4 GEMM ideal, our launches by their bytes/FLOPs and fill); the fused kernel is taken
+# only where predicted at least 5 % faster (DS_MARGIN), so a dense-sparse layer is never predicted
+# slower than its two-library-products alternative. The two-kernel path is not a candidate: in
+# that model our GEMMs (the same bytes and FLOPs, more launches) never beat ideal cuBLAS.
 
-    The fused kernel needs ``next_pow2(R) <= 256`` (the intermediate lives in registers). Within
-    that, it wins where traffic and launches dominate (few rows); at many rows the two
-    compute-bound products prefer their own larger tiles. The ``M <= 2048`` threshold mirrors the
-    low-rank family and is provisional until measured; ``FASTFACTOR_DS_PATH=fused|two_kernel``
-    forces a path (fused falls back to two_kernel above the rank limit).
-    """
+DS_PATHS = ("library", "fused", "two_kernel")
+
+#: the fused kernel is chosen only when predicted at least this much faster (``t_fused <=
+#: DS_MARGIN·t_library``): the analytic counts of :func:`ds_chain_seconds` and the interpreter's of
+#: ``fastfactor sol`` agree to some per cent (tests/sparse24/test_ds_dispatch.py), not exactly
+DS_MARGIN = 0.95
+
+#: the padded rank multiple PyTorch's semi-structured GEMM takes for the sparse operand's rows
+_TORCH24_ROWS = 32
+
+
+def _ds_elem(dtype) -> int:
+    return 4 if dtype == torch.float32 else 2
+
+
+def _ds_sms(device) -> int:
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return _config.num_sms(dev)
+    return _cost.DEFAULT.sms
+
+
+def ds_library_ok(dtype) -> bool:
+    """The library path takes bf16 and fp32 (the intermediate in the input dtype); fp16 keeps its
+    intermediate in fp32 (range), which cuBLAS cannot multiply with an fp16 operand."""
+    return dtype in (torch.bfloat16, torch.float32)
+
+
+def _s_path_seconds(M: int, K: int, R: int, dtype, path: str, sms: int) -> float:
+    """Predicted seconds of ``t = x·Sᵀ`` on sparse24's ``path`` (the figures its chooser ranks by)."""
+    if path == "decode":
+        return decode_plan_cost(M, R, K, sms, _ds_elem(dtype))[0]
+    return path_costs(M, K, R, dtype, "fwd")[path]
+
+
+def _pad_seconds(R: int, K: int, dtype) -> float:
+    """The per-call copy of ``S``'s values into the zero-padded buffer of ``torch_pad``."""
+    r32 = -(-R // _TORCH24_ROWS) * _TORCH24_ROWS
+    e = _ds_elem(dtype)
+    return _roof(float(R + r32) * (K // 2) * e, 0.0, _RATE)
+
+
+def _library_only(costs: dict, torch_ok: bool) -> str:
+    """The cheaper of ``dense`` (expand once + cuBLAS) and ``torch`` (where ``torch_ok``) in
+    sparse24's ``costs``: the dense-sparse library path keeps the products of ``S`` on library
+    GEMMs above the decode sizes. (sparse24's roofline prices its Triton GEMMs at 0.6 of the
+    tensor rate with every operand moved once; the exact counts ``fastfactor sol`` models add
+    their L2 re-reads: at 768x3072, rank 168, M = 16384 it chose ``dvalues`` at 11.4 us
+    predicted where sol counts 55.7 us, and the row fell to 0.87x its unfused path.)"""
+    keep = {p: c for p, c in costs.items() if p == "dense" or (p == "torch" and torch_ok)}
+    return min(keep, key=keep.get)
+
+
+def ds_bwd_sparse_paths(M: int, K: int, R: int, dtype, transposable_ok: bool = False) -> tuple:
+    """``(dx path, dvalues path)`` of the dense-sparse library backward's products with ``S (R,
+    K)`` (``dx = dt·S``, ``dSv = kept(dtᵀ·x)``): sparse24's :func:`choose_bwd_path`, its Triton
+    kernels kept only at decode sizes (``M <= DECODE_MAX_M``) or where
+    ``FASTFACTOR_SPARSE24_BWD_PATH`` forces them; above, the cheaper library path
+    (:func:`_library_only`)."""
+    forced = _forced("FASTFACTOR_SPARSE24_BWD_PATH", ("triton", "dense", "torch")) != "auto"
+    out = []
+    for what, tok in (("dx", transposable_ok), ("dvalues", False)):
+        p = choose_bwd_path(M, K, R, dtype, what, tok)
+        if p == "triton" and not forced and M > DECODE_MAX_M:
+            p = _library_only(path_costs(M, K, R, dtype, what), tok)
+        out.append(p)
+    return tuple(out)
+
+
+def ds_s_plan(M: int, K: int, R: int, dtype, device) -> tuple:
+    """``(path, predicted seconds)`` of the dense-sparse ``t = x·Sᵀ`` (``S (R, K)``): sparse24's
+    own choice (:func:`choose_mm_path`) and its cost, or ``'torch_pad'`` (``S`` zero-padded to
+    ``ceil(R/32)·32`` rows so that PyTorch's semi-structured GEMM takes it) where that is eligible
+    and predicted faster, the per-call copy of the values included."""
+    path = choose_mm_path(M, K, R, dtype, device)
+    forced = _forced("FASTFACTOR_SPARSE24_PATH", ("decode", "triton", "dense", "torch")) != "auto"
+    if path == "triton" and not forced:
+        path = _library_only(path_costs(M, K, R, dtype, "fwd"), torch24_eligible(M, K, R, dtype, device))
+    cost = _s_path_seconds(M, K, R, dtype, path, _ds_sms(device))
+    r32 = -(-R // _TORCH24_ROWS) * _TORCH24_ROWS
+    if not forced and path != "torch" and r32 != R and torch24_eligible(M, K, r32, dtype, device):
+        pad = path_costs(M, K, r32, dtype, "fwd")["torch"] + _pad_seconds(R, K, dtype)
+        if pad < cost:
+            return "torch_pad", pad
+    return path, cost
+
+
+def _gemm_seconds(M: int, N: int, K: int, ea: int, eb: int, ec: int, bias: bool, dtype) -> float:
+    """A cuBLAS product ``(M, K)·(K, N)`` at the roofline (kernels/_cost.py ``library_seconds``)."""
+    nbytes = float(M) * K * ea + float(K) * N * eb + float(M) * N * ec + (N * ec if bias else 0)
+    dt = "fp32" if dtype == torch.float32 else "bf16"
+    return _cost.library_seconds(nbytes, 2.0 * M * N * K, _cost.DEFAULT, dt)["seconds"]
+
+
+def ds_chain_seconds(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias: bool = True,
+                     save_t: bool = False, sms: Optional[int] = None) -> Optional[float]:
+    """Predicted seconds of :func:`ds_chain` at its best fitting config (``None`` above the rank
+    limit), counted from the shapes the way ``fastfactor sol`` counts the launch: grid
+    (:func:`row_block_grid`) ``mb = ceil(M/BLOCK_M)`` row blocks x ``split`` shares of the ``N``
+    tiles; every program streams the packed ``S`` (values + codes) and its ``x`` rows, each row
+    block all of ``D``; ``y`` (and ``t``) stored once; issued FLOPs on the padded tiles (``R_PAD``
+    rows, the first product once per program), HGMMA when the smaller dot M (``min(R_PAD,
+    BLOCK_N)``) is >= 64 with 4k warps; then ``kernels/_cost.py`` ``kernel_seconds``."""
+    rp = _pad_rank(R)
+    if rp > FUSED_MAX_R:
+        return None
+    dev = _cost.DEFAULT if not sms or sms == _cost.DEFAULT.sms else dataclasses.replace(_cost.DEFAULT, sms=int(sms))
+    e = _ds_elem(dtype)
+    te = 4 if dtype == torch.float16 else e
+    dt = {torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, "bf16")
+    cd = lambda a, b: -(-a // b)
+    best = None
+    for c in ds_space(rp):
+        bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+        mb, nt = cd(M, bm), cd(N, bn)
+        split = max(1, min(nt, (2 * dev.sms) // mb))
+        split = cd(nt, cd(nt, split))
+        tpp = cd(nt, split)
+        P = mb * split
+        x_size, s_size, d_size = float(M) * K * e, R * (K // 2) * e + R * cd(K, 8), float(N) * R * e
+        x_load, s_load, d_load = x_size * split, s_size * P, d_size * mb
+        y, t = float(M) * N * e, (float(M) * R * te if save_t else 0.0)
+        bl = N * e * mb if bias else 0.0
+        dram = (_cost.dram_bytes(x_load, x_size, x_size, 0, dev) + _cost.dram_bytes(s_load, s_size, s_size, 0, dev)
+                + _cost.dram_bytes(d_load, d_size, d_size, 0, dev) + y + t
+                + _cost.dram_bytes(bl, N * e, N * e, 0, dev))
+        l2 = x_load + s_load + d_load + y + t + bl
+        issued = 2.0 * bm * rp * (cd(K, bk) * bk + tpp * bn) * P
+        hg = min(rp, bn) >= 64 and c["num_warps"] % 4 == 0
+        s = _cost.kernel_seconds(dram, l2, issued, P, dev, hg, dt)["seconds"]
+        best = s if best is None else min(best, s)
+    return best
+
+
+def _default_device(device):
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def ds_path_costs(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, device=None, bias: bool = True,
+                  save_t: bool = False) -> dict:
+    """Predicted forward seconds of each candidate path: ``library`` (:func:`ds_s_plan` + the
+    cuBLAS ``t·Dᵀ``) where the dtype allows it, ``fused`` where the rank fits. ``device``: where
+    the product runs (PyTorch's 2:4 GEMM only on CUDA; default the current CUDA device, else CPU)."""
+    device = _default_device(device)
+    out = {}
+    if ds_library_ok(dtype):
+        e = _ds_elem(dtype)
+        out["library"] = ds_s_plan(M, K, R, dtype, device)[1] + _gemm_seconds(M, N, R, e, e, e, bias, dtype)
+    fused = ds_chain_seconds(M, K, N, R, dtype, bias, save_t, _ds_sms(device))
+    if fused is not None:
+        out["fused"] = fused
+    return out
+
+
+def choose_ds_path(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, device=None, bias: bool = True,
+                   save_t: bool = False) -> str:
+    """``'library'``, ``'fused'`` or ``'two_kernel'`` for a dense-sparse forward of this shape
+    (block comment above): by :func:`ds_path_costs`, the fused kernel only where predicted at
+    least 5 % faster than the library path (``DS_MARGIN``); fp16 (no library path) takes the
+    fused kernel where its rank fits, else ``two_kernel``.
+
+    ``FASTFACTOR_DS_PATH=fused|two_kernel|library`` forces a path (``fused`` falls back to
+    ``two_kernel`` above the rank limit, ``library`` to ``two_kernel`` for fp16)."""
     forced = os.environ.get("FASTFACTOR_DS_PATH")
     fits = _pad_rank(R) <= FUSED_MAX_R
     if forced:
-        if forced not in ("fused", "two_kernel"):
-            raise ValueError(f"FASTFACTOR_DS_PATH: expected 'fused' or 'two_kernel', got {forced!r}")
-        return forced if fits else "two_kernel"
-    if not fits:
-        return "two_kernel"
-    return "fused" if M <= 2048 else "two_kernel"
+        if forced not in DS_PATHS:
+            raise ValueError(f"FASTFACTOR_DS_PATH: expected one of {', '.join(DS_PATHS)}, got {forced!r}")
+        if forced == "fused" and not fits:
+            return "two_kernel"
+        if forced == "library" and not ds_library_ok(dtype):
+            return "two_kernel"
+        return forced
+    if min(M, K, N, R) <= 0:
+        return "library" if ds_library_ok(dtype) else "two_kernel"
+    costs = ds_path_costs(M, K, N, R, dtype, device, bias, save_t)
+    if "library" not in costs:
+        return "fused" if fits else "two_kernel"
+    if "fused" in costs and costs["fused"] <= DS_MARGIN * costs["library"]:
+        return "fused"
+    return "library"
 
 
 def ds_chain(
@@ -1936,19 +2125,65 @@ def ds_chain(
     return y, t
 
 
-#: rows up to which the dense-sparse t = x·Sᵀ runs on the decode kernel
+#: rows up to which the two-kernel path's t = x·Sᵀ runs on the decode kernel
 DS_DECODE_MAX_M = 32
 
 
 def _sparse_t(x: torch.Tensor, s_values: torch.Tensor, s_meta: torch.Tensor) -> torch.Tensor:
-    """``t = x·Sᵀ`` in ``intermediate_dtype(x.dtype)``: the decode kernel (the reduction split
-    over the SMs where it pays) for ``M <= DS_DECODE_MAX_M``, else :func:`sparse24_mm` (at 64
-    rows and a rank of a few hundred to a thousand, sol predicts the tile kernel ahead: its
-    128-row tiles re-read x fewer times than the decode tiles that fit the registers)."""
+    """The two-kernel path's ``t = x·Sᵀ`` in ``intermediate_dtype(x.dtype)``: the decode kernel
+    (the reduction split over the SMs where it pays) for ``M <= DS_DECODE_MAX_M``, else
+    :func:`sparse24_mm`."""
     inter = intermediate_dtype(x.dtype)
     if x.shape[0] <= DS_DECODE_MAX_M:
         return sparse24_decode(x, s_values, s_meta, out_dtype=inter)
     return sparse24_mm(x, s_values, s_meta, out_dtype=inter)
+
+
+def padded_meta_24(meta: torch.Tensor, rows: int, k: int, to_rows: int) -> torch.Tensor:
+    """``meta (rows, ceil(k/8))`` with ``to_rows - rows`` rows of the code ``0b0100`` (entries 0
+    and 1 of each group) appended: the codes of ``S`` padded with zero rows. Cached on ``meta``
+    (keyed by its version), so the CUTLASS reordering of the padded codes (:func:`torch24_meta`,
+    cached on the padded tensor) runs once per mask."""
+    key = (meta._version, meta.data_ptr(), rows, k, to_rows)
+    hit = getattr(meta, "_fastfactor_pad", None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    out = torch.cat((meta, meta.new_full((to_rows - rows, meta.shape[1]), 0x44)))
+    try:
+        meta._fastfactor_pad = (key, out)
+    except (AttributeError, RuntimeError):  # pragma: no cover
+        pass
+    return out
+
+
+def torch24_meta_padded(meta: torch.Tensor, rows: int, k: int) -> torch.Tensor:
+    """The CUTLASS codes of ``S`` zero-padded to a multiple of 32 rows (once per mask)."""
+    r32 = -(-rows // _TORCH24_ROWS) * _TORCH24_ROWS
+    return torch24_meta(padded_meta_24(meta, rows, k, r32), r32, k)
+
+
+def _torch24_padded(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """``t = x·Sᵀ`` on PyTorch's semi-structured GEMM with ``S (R, K)`` padded by zero rows to
+    ``R32 = ceil(R/32)·32``: the values copied into a zero-padded buffer (one copy per call; the
+    padded rows contribute exact zeros), the codes padded and reordered once per mask. Returns the
+    ``(M, R)`` view of the ``(M, R32)`` result (strides ``(1, M)``: cuBLAS takes it as is)."""
+    R, K = values.shape[0], 2 * values.shape[1]
+    r32 = -(-R // _TORCH24_ROWS) * _TORCH24_ROWS
+    mc = torch24_meta_padded(meta, R, K)
+    vp = torch.nn.functional.pad(values, (0, 0, 0, r32 - R))   # one copy, zero rows appended
+    xt = (x if x.stride(-1) == 1 else x.contiguous()).t()
+    return torch._sparse_semi_structured_mm(vp, mc, xt).t()[:, :R]
+
+
+def _ds_t(x: torch.Tensor, s_values: torch.Tensor, s_meta: torch.Tensor, s_path: Optional[str] = None):
+    """The library path's ``t = x·Sᵀ`` (x's dtype: bf16 / fp32) on ``s_path`` (default
+    :func:`ds_s_plan`'s)."""
+    M, K = x.shape
+    R = s_values.shape[0]
+    s_path = s_path or ds_s_plan(M, K, R, x.dtype, x.device)[0]
+    if s_path == "torch_pad":
+        return _torch24_padded(x, s_values, s_meta)
+    return sparse24_forward(x, s_values, s_meta, None, path=s_path)
 
 
 def dense_sparse_fwd(
@@ -1961,15 +2196,63 @@ def dense_sparse_fwd(
     path: Optional[str] = None,
 ):
     """Forward launcher: ``(y, t or None)`` for ``x (M, K)``, ``d (N, R)``, packed ``S (R, K)``;
-    ``t`` in ``intermediate_dtype(x.dtype)`` (fp32 for fp16 inputs)."""
+    ``t`` in ``intermediate_dtype(x.dtype)`` (fp32 for fp16 inputs). ``path``: one of
+    :data:`DS_PATHS` (default :func:`choose_ds_path`)."""
     M, K = x.shape
     N, R = d.shape
-    path = path or choose_ds_path(M, K, N, R)
+    path = path or choose_ds_path(M, K, N, R, x.dtype, x.device, bias is not None, save_t)
+    if path == "library" and not ds_library_ok(x.dtype):
+        path = "two_kernel"
     if path == "fused":
         return ds_chain(x, d, s_values, s_meta, bias, store_t=save_t)
+    if path == "library":
+        if M == 0 or R == 0 or K == 0:
+            t = x.new_zeros((M, R))
+        else:
+            t = _ds_t(x, s_values, s_meta)
+        y = torch.nn.functional.linear(t, d, bias)                 # cuBLAS
+        return y, (t if save_t else None)
     t = _sparse_t(x, s_values, s_meta)
     y = gemm(t, d.t(), bias=bias, out_dtype=x.dtype)
     return y, (t if save_t else None)
+
+
+def _ds_sparse_bwd(dt, x, s_values, s_meta, need_x: bool, need_s: bool):
+    """``(dx, dSv)`` of the library backward: ``dx = dt·S`` and the kept entries of ``dtᵀ·x``
+    (exact selections of the dense gradient) on :func:`ds_bwd_sparse_paths`' choices."""
+    M, R = dt.shape
+    K = x.shape[1]
+    dx = dv = None
+    tp = None
+    if need_x and torch24_eligible(M, R, K, dt.dtype, dt.device) and dt.dtype == s_values.dtype:
+        tp = transpose_plan(s_meta, R, K)                         # cached per mask
+    px, pv = ds_bwd_sparse_paths(M, K, R, dt.dtype, tp is not None)
+    if need_x:
+        if px == "torch" and tp is not None:                      # dx = F.linear(dt, Sᵀ), Sᵀ 2:4
+            dx = torch24_linear(dt, transposed_values(s_values, tp[0]), tp[1]).contiguous()
+        elif px == "dense":
+            dx = torch.mm(dt, expand_24(s_values, s_meta, out_dtype=dt.dtype))
+        else:
+            dx = sparse24_dx(dt, s_values, s_meta)
+    if need_s:
+        if pv == "dense":
+            dv = compress_24(torch.mm(dt.t(), x), s_meta, out_dtype=s_values.dtype)
+        else:
+            dv = sparse24_dvalues(dt, x, s_meta, out_dtype=s_values.dtype)
+    return dx, dv
+
+
+def ds_bwd_path(dtype) -> str:
+    """The backward's path: ``library`` (cuBLAS for ``dt``, ``dD``; :func:`sparse24_backward`'s
+    cost dispatch for ``dx`` and the kept values' gradient) for bf16 / fp32; ``two_kernel`` for
+    fp16 (fp32 ``dt``) or when ``FASTFACTOR_DS_PATH=two_kernel`` (or ``fused``: the fused
+    forward's backward has always been the two-kernel one) forces it."""
+    forced = os.environ.get("FASTFACTOR_DS_PATH")
+    if forced and forced not in DS_PATHS:
+        raise ValueError(f"FASTFACTOR_DS_PATH: expected one of {', '.join(DS_PATHS)}, got {forced!r}")
+    if forced in ("two_kernel", "fused") or not ds_library_ok(dtype):
+        return "two_kernel"
+    return "library"
 
 
 def dense_sparse_bwd(
@@ -1983,9 +2266,11 @@ def dense_sparse_bwd(
     need_x: bool = True,
     need_d: bool = True,
     need_s: bool = True,
+    path: Optional[str] = None,
 ):
     """Backward launcher: ``(dx, dd, ds_values, db)`` (``None`` where not needed). ``t`` (saved by
-    the forward or None) and ``dt = g·D`` are in ``intermediate_dtype(x.dtype)``."""
+    the forward or None) and ``dt = g·D`` are in ``intermediate_dtype(x.dtype)``. ``path``:
+    ``'library'`` or ``'two_kernel'`` (default :func:`ds_bwd_path`)."""
     M, K = x.shape
     N, R = d.shape
     inter = intermediate_dtype(x.dtype)
@@ -1998,6 +2283,18 @@ def dense_sparse_bwd(
             z(R, K // 2, like=s_values) if need_s else None,
             z(N, like=d) if has_bias else None,
         )
+    path = path or ds_bwd_path(x.dtype)
+    if path == "library" and ds_library_ok(x.dtype) and R > 0 and K > 0:
+        if need_x or need_s:
+            dt = torch.mm(g, d)                                       # dt = g·D (M, R), cuBLAS
+            dx, ds = _ds_sparse_bwd(dt, x, s_values, s_meta, need_x, need_s)
+        if need_d:
+            if t is None:
+                t = _ds_t(x, s_values, s_meta)
+            dd = torch.mm(g.t(), t)                                   # dD = gᵀ·t, cuBLAS
+        if has_bias:
+            db = g.sum(0)                                             # fp32 accumulation, one rounding
+        return dx, dd, ds, db
     if need_x or need_s:
         dt = gemm(g, d, out_dtype=inter)                              # dt = g·D (M, R)
         if need_x:

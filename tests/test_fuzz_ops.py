@@ -40,7 +40,7 @@ PATH_ENV = {
     "monarch": ("FASTFACTOR_MONARCH_PATH", ["fused", "two_stage", "rows"]),
     "block_lowrank": ("FASTFACTOR_MONARCH_PATH", ["fused", "two_stage", "rows"]),
     "sparse24": ("FASTFACTOR_SPARSE24_PATH", ["triton"]),
-    "dense_sparse": ("FASTFACTOR_DS_PATH", ["fused", "two_kernel"]),
+    "dense_sparse": ("FASTFACTOR_DS_PATH", ["fused", "two_kernel", "library"]),
 }
 EXAMPLES_RUN = {}
 

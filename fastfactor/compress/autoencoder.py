@@ -198,15 +198,22 @@ def fit_block(block: nn.Module, inputs: List[tuple], targets: List[torch.Tensor]
 
 
 def refine_blocks(model: nn.Module, block_names: List[str], targets: Dict[str, list], batches: list, forward, *,
-                  steps: int, lr: float, log=None) -> Dict[str, Dict[str, float]]:
+                  steps: int, lr: float, log=None, cache=None) -> Dict[str, Dict[str, float]]:
     """Step 2 and 3 of the module docstring for each of ``block_names`` in order; returns each
-    block's :func:`fit_block` summary."""
+    block's :func:`fit_block` summary. ``cache``: a :class:`fastfactor.compress.fitcache.FitCache`;
+    a block it holds is loaded instead of fitted, and each block fitted is written to it."""
     out = {}
     for name in block_names:
         block = model.get_submodule(name)
-        inputs = block_inputs(model, block, batches, forward)
-        out[name] = info = fit_block(block, inputs, targets[name], steps=steps, lr=lr)
+        info = cache.load_block(name, block) if cache is not None else None  # fitted before an interrupt
+        fitted = info is None
+        if fitted:
+            inputs = block_inputs(model, block, batches, forward)
+            info = fit_block(block, inputs, targets[name], steps=steps, lr=lr)
+        out[name] = info
         _dist.broadcast_module(block)  # rank 0's fit on every rank (a no-op single-process)
+        if fitted and cache is not None:
+            cache.save_block(name, block, info)
         if log is not None:
             log(f"  block fit {name}: held-out MSE {info['heldout_mse_start']:.4g} -> {info['heldout_mse']:.4g} "
                 f"(best step {info['best_step']} of {info['steps_run']})")

@@ -171,7 +171,8 @@ def _interrupt_hint(args) -> str:
     out = getattr(args, "out", None) or "OUT"
     return (
         f"interrupted. The checkpoints written so far are in {os.path.join(out, 'checkpoints')}: rerun the same "
-        "command with --resume to continue from the last one (with no checkpoint yet, rerun it with --overwrite)"
+        "command with --resume to continue from the last one (the autoencoder's finished fits included; with no "
+        "checkpoint yet, rerun it with --overwrite)"
     )
 
 
@@ -302,10 +303,18 @@ def dry_run(args, cfg) -> int:
     model = meta_model(args.model)
     if getattr(args, "plan_obj", None) is not None:
         print(f"budget plan {args.plan}:\n{args.plan_obj.table()}\n")
-    plan = factorize_plan(model, cfg)
-    print(f"plan for {args.model} ({type(model).__name__}): method {cfg.method}, ratio {cfg.ratio}"
-          + (f", module ratios {cfg.module_ratios}" if cfg.module_ratios else ""))
-    print(plan.table())
+    budget = getattr(args, "plan_obj", None)
+    groups = budget.to_configs(cfg) if budget is not None else []
+    if len(groups) > 1:  # a plan mixing methods: one table per method, all run in one compress
+        for g in groups:
+            plan = factorize_plan(model, g)
+            print(f"plan for {args.model} ({type(model).__name__}): method {g['method']} ({len(plan.rows)} module(s))")
+            print(plan.table())
+    else:
+        plan = factorize_plan(model, cfg)
+        print(f"plan for {args.model} ({type(model).__name__}): method {cfg.method}, ratio {cfg.ratio}"
+              + (f", module ratios {cfg.module_ratios}" if cfg.module_ratios else ""))
+        print(plan.table())
     print("dry run: no weight was read and nothing was written")
     return 0
 
@@ -340,7 +349,7 @@ def build_config(args):
         d["objective"] = "distill"
     try:
         if getattr(args, "plan_obj", None) is not None:
-            d = args.plan_obj.to_config(CompressionConfig.from_dict(d), single=True)
+            d = args.plan_obj.run_config(CompressionConfig.from_dict(d))[0]
         return CompressionConfig.from_dict(d)
     except (TypeError, ValueError) as e:
         msg = str(e)
@@ -519,7 +528,11 @@ def run(args) -> int:
     if not args.out:
         raise ValueError("--out: expected an output directory (required unless --dry-run)")
     if args.task is None and args.train_file is None:
-        if cfg.schedule != "offline" or cfg.resolved_init not in ("svd", "projection", "magnitude", "svd_als"):
+        from .config import CompressionConfig
+
+        inits = {cfg.resolved_init} | {CompressionConfig.from_dict(g).resolved_init
+                                       for g in (plan.to_configs(cfg) if plan is not None else [])}
+        if cfg.schedule != "offline" or not inits <= {"svd", "projection", "magnitude", "svd_als"}:
             raise SystemExit("fastfactor compress: give --task or --train-file (data are needed to fine-tune/calibrate)")
     if args.eval_file and not args.train_file:
         raise SystemExit("fastfactor compress: --eval-file needs --train-file")

@@ -139,18 +139,30 @@ def compress(
     """
     t_start = time.perf_counter()
     cfg = _as_config(config if config is not None else CompressionConfig())
+    module_cfgs: Dict[str, CompressionConfig] = {}
     if plan is not None:
         from ..plan_data import as_plan, check_plan
 
         plan = as_plan(plan)
         check_plan(model, plan)
-        cfg = _as_config(plan.to_config(cfg, single=True))
-    _check_arguments(model, cfg, data, parallel, checkpoint_every, checkpoint_dir)
+        run_d, per = plan.run_config(cfg)
+        cfg = _as_config(run_d)
+        built = {}
+        for n, d in per.items():  # a plan mixing methods: each module its own method, init, blocks
+            key = id(d)
+            if key not in built:
+                built[key] = _as_config(d)
+            module_cfgs[n] = built[key]
+    _check_arguments(model, cfg, data, parallel, checkpoint_every, checkpoint_dir, module_cfgs)
     run = _Run(model, cfg, data, _resolve_device(model, device), progress=progress, log=log,
-               evaluate_stages=evaluate_stages, checkpoint_every=checkpoint_every, parallel=parallel)
+               evaluate_stages=evaluate_stages, checkpoint_every=checkpoint_every, parallel=parallel,
+               module_cfgs=module_cfgs)
     run.plan()
     if plan is not None:  # the modules the plan keeps dense count as targets kept whole
         run.report.plan = plan.to_dict()
+        for t in run.report.targets:  # each module's method and init (a plan may mix them)
+            c = run._cfg_of(t["name"])
+            t.update(method=c.method, init=c.resolved_init)
         run.planned_dense = sum(m.params for m in plan.modules if m.method == "dense")
         run.report.target_weight_params_before += run.planned_dense
     run.measure_reference(teacher)
@@ -164,7 +176,8 @@ def compress(
     return model, run.finish(t_start)
 
 
-def _check_arguments(model, cfg: CompressionConfig, data, parallel, checkpoint_every, checkpoint_dir) -> None:
+def _check_arguments(model, cfg: CompressionConfig, data, parallel, checkpoint_every, checkpoint_dir,
+                     module_cfgs: Optional[Dict[str, CompressionConfig]] = None) -> None:
     """Every argument error of :func:`compress`, before anything is touched."""
     from ..train.loop import PARALLEL
 
@@ -175,12 +188,14 @@ def _check_arguments(model, cfg: CompressionConfig, data, parallel, checkpoint_e
 
         if not isinstance(data, TaskData):
             raise TypeError(f"data: expected a fastfactor.train.TaskData or None, got {type(data).__name__}")
-    spec = get_method(cfg.method)
-    spec.layer_class()  # clear NotImplementedError now if the layer family is absent
-    needs = spec.needs.get(cfg.resolved_init, ())
-    if data is None and (needs or cfg.schedule != "offline"):
-        why = f"init {cfg.resolved_init!r} needs calibration data" if needs else f"schedule {cfg.schedule!r} fine-tunes"
-        raise ValueError(f"data: expected a TaskData ({why}), got None")
+    for c in [cfg, *{id(c): c for c in (module_cfgs or {}).values()}.values()]:
+        spec = get_method(c.method)
+        spec.layer_class()  # clear NotImplementedError now if the layer family is absent
+        needs = spec.needs.get(c.resolved_init, ())
+        if data is None and (needs or c.schedule != "offline"):
+            why = (f"init {c.resolved_init!r} needs calibration data" + (f" ({c.method})" if c is not cfg else "")
+                   if needs else f"schedule {c.schedule!r} fine-tunes")
+            raise ValueError(f"data: expected a TaskData ({why}), got None")
     if parallel not in PARALLEL:
         raise ValueError(f"parallel: expected one of {PARALLEL}, got {parallel!r}")
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
@@ -202,10 +217,13 @@ class _Run:
     and its steps, as methods in the order :func:`compress` calls them."""
 
     def __init__(self, model: nn.Module, cfg: CompressionConfig, data, device: torch.device, *, progress: bool,
-                 log: Optional[Callable[[str], None]], evaluate_stages: bool, checkpoint_every: int, parallel: str):
+                 log: Optional[Callable[[str], None]], evaluate_stages: bool, checkpoint_every: int, parallel: str,
+                 module_cfgs: Optional[Dict[str, CompressionConfig]] = None):
         self.model, self.cfg, self.data, self.device = model, cfg, data, device
         self.init = cfg.resolved_init
         self.needs = get_method(cfg.method).needs.get(self.init, ())  #: statistics the init needs
+        #: a plan mixing methods: each target's own config (method, init, nblocks); empty otherwise
+        self.module_cfgs = dict(module_cfgs or {})
         self.evaluate_stages, self.checkpoint_every = evaluate_stages, checkpoint_every
         #: every fine-tune's arguments but the phase's own (steps, seed, lr, warm-up, decay: ``cfg.phase``)
         self.train_kw = dict(
@@ -213,6 +231,7 @@ class _Run:
             train_embeddings=cfg.train_embeddings, parallel=parallel,
         )
         self.objective = self.evaluator = None
+        self.fits = None  #: the fit cache of the stage being calibrated (autoencoder; fastfactor.compress.fitcache)
         self.generator = torch.Generator().manual_seed(cfg.seed)  #: the calibration losses' generator
         model.to(device)
         torch.manual_seed(cfg.seed)
@@ -272,12 +291,20 @@ class _Run:
     def open_checkpoints(self, checkpoint_dir, resume) -> None:
         """Start checkpointing and, with ``resume``, restore the newest checkpoint (model, report,
         kept weights, RNG states; see :func:`fastfactor.compress.resume.begin`)."""
-        self.session = _resume.begin(self.model, self.cfg.to_dict(), self.data, self.report, self.kept, self.stages,
+        self.session = _resume.begin(self.model, self.run_record(), self.data, self.report, self.kept, self.stages,
                                      self.generator, checkpoint_dir=checkpoint_dir, resume=resume, device=self.device)
         s = self.session
         if s.resumed_from is not None:
             where = f", at step {s.partial['step']} of stage {s.start}'s fine-tune" if s.partial else ""
             self.say(f"resumed from {s.resumed_from}: {s.start} of {len(self.stages)} stage(s) done{where}")
+
+    def run_record(self) -> dict:
+        """The config a checkpoint records and a resume must match: the run's config, plus for a
+        plan mixing methods each module's ``[method, init, nblocks]`` (so another plan is refused)."""
+        d = self.cfg.to_dict()
+        if self.module_cfgs:
+            d["module_methods"] = {n: [c.method, c.resolved_init, c.nblocks] for n, c in self.module_cfgs.items()}
+        return d
 
     # -- one stage: calibrate -> swap -> fine-tune -> record -> checkpoint ----------------------------
 
@@ -291,11 +318,15 @@ class _Run:
             stage=si, name=name, modules=[t.name for t in group], params=0, target_ratio=0.0))
         with profiling.range(f"stage {si}"):
             if resumed is None:  # else its modules are swapped and partly fine-tuned already
+                # the autoencoder's finished fits of this stage are cached one by one, so a run
+                # killed here keeps them (fastfactor.compress.fitcache); None for other methods
+                self.fits = self.session.fit_cache(si) if self.cfg.method == "autoencoder" else None
                 block_targets = self._ae_block_targets(group)  # autoencoder scope="block" only
-                stats = self.calibrate(group)
+                stats = self.calibrate([t for t in group if not self._fit_cached(t)])
                 self.swap(si, group, stats, rec)
                 stats.clear()
                 self._ae_block_fit(group, block_targets, rec)
+                self.fits = None
                 faults.test_fault_hook(si)  # test-only; does nothing unless its env variable is set
                 self.measure_swap(si, rec)
             if self.fine_tunes and cfg.schedule == "staged" and cfg.stage_steps > 0:
@@ -314,25 +345,41 @@ class _Run:
         ``"fisher"`` (squared-gradient sums), on ``calib_batches`` training batches through the
         current (partly compressed, already fine-tuned) model. Empty entries when it needs none."""
         stats: Dict[str, dict] = {t.name: {} for t in group}
-        if not self.needs:
+        needs = {t.name: self._needs(t.name) for t in group}
+        if not any(needs.values()):
             return stats
-        mods = {t.name: get_module(self.model, t.name) for t in group}
         with profiling.range("calibrate"):
             batches = self._calibration_batches()
-            if "gram" in self.needs:
+
+            def mods_needing(what):
+                return {t.name: get_module(self.model, t.name) for t in group if what in needs[t.name]}
+            mods = mods_needing("gram")
+            if mods:
                 fwd = lambda m, b: m(**_inputs(m, b, self.device))
                 for n, (g, _) in collect_activation_stats(self.model, mods, batches, fwd).items():
                     stats[n]["gram"] = g
-            if "inputs" in self.needs:  # a sample of each module's input rows (autoencoder)
+            mods = mods_needing("inputs")
+            if mods:  # a sample of each module's input rows (autoencoder)
                 fwd = lambda m, b: m(**_inputs(m, b, self.device))
                 for n, x in collect_inputs(self.model, mods, batches, fwd, self.cfg.ae_tokens,
                                            seed=self.cfg.seed).items():
                     stats[n]["inputs"] = x
-            if "fisher" in self.needs:
+            mods = mods_needing("fisher")
+            if mods:
                 loss_fn = lambda m, b: self.objective.calibration_loss(m, b, self.generator)
                 for n, f in collect_fisher(self.model, mods, batches, loss_fn).items():
                     stats[n]["fisher"] = f
         return stats
+
+    def _cfg_of(self, name: str) -> CompressionConfig:
+        """The config target ``name`` is factorized with (its own in a plan mixing methods)."""
+        return self.module_cfgs.get(name, self.cfg)
+
+    def _needs(self, name: str) -> tuple:
+        c = self.module_cfgs.get(name)
+        if c is None:
+            return self.needs
+        return get_method(c.method).needs.get(c.resolved_init, ())
 
     def swap(self, si: int, group: List[Target], stats: Dict[str, dict], rec: StageRecord) -> None:
         """Replace every module of ``group`` by its factorized layer (rank 0's factors on every rank)."""
@@ -348,14 +395,30 @@ class _Run:
                     self._swap_joint(group, stats, rec)
                 continue
             with profiling.range(f"factorize {t.name}"):
-                new = self._factorize(t, stats.get(t.name))
+                cached = self.fits.load_module(t.name, get_module(self.model, t.name)) if self._fit_cached(t) else None
+                if cached is not None:  # fitted before the run was interrupted
+                    new, info = cached
+                    _dist.broadcast_module(new)  # rank 0's factors everywhere, as after a fit
+                else:
+                    new = self._factorize(t, stats.get(t.name))
+                    c = self.module_cfgs.get(t.name)
+                    info = self.init if c is None else f"{c.method} {c.resolved_init}"
+                    if self.cfg.method == "autoencoder":  # the report records the form
+                        from .autoencoder import describe
+
+                        info = describe(self.cfg)
                 set_module(self.model, t.name, new)
                 self.kept[t.name] = new.num_weight_params
-                rec.init_info[t.name] = self.init
-                if self.cfg.method == "autoencoder":  # the report records the form
-                    from .autoencoder import describe
+                rec.init_info[t.name] = info
+                if cached is None and self.fits is not None:
+                    self.fits.save_module(t.name, new, info)
 
-                    rec.init_info[t.name] = describe(self.cfg)
+    def _fit_cached(self, t: Target) -> bool:
+        """Target ``t``'s fit (its joint group's, for a member) is in this stage's fit cache."""
+        if self.fits is None:
+            return False
+        group = self.group_of.get(t.name)
+        return self.fits.has("group", group.names[0]) if group is not None else self.fits.has("module", t.name)
 
     def _ae_block_targets(self, group: List[Target]) -> Optional[Dict[str, list]]:
         """Autoencoder ``scope="block"``: the outputs of the stage's blocks before the swap
@@ -380,7 +443,7 @@ class _Run:
         with profiling.range("block fit"):
             infos = refine_blocks(self.model, stage_blocks(group), targets, self._calibration_batches(),
                                   lambda m, b: m(**_inputs(m, b, self.device)), steps=self.cfg.ae_steps,
-                                  lr=self.cfg.ae_lr, log=self.say)
+                                  lr=self.cfg.ae_lr, log=self.say, cache=self.fits)
         for name, info in infos.items():
             rec.init_info[f"{name} (block fit)"] = (
                 f"held-out MSE {info['heldout_mse_start']:.6g} -> {info['heldout_mse']:.6g}, "
@@ -393,15 +456,23 @@ class _Run:
         from .joint import build_group
 
         with profiling.range(f"factorize joint {'+'.join(group.children)}"):
-            new = build_group(self.model, group, {t.name: t for t in self.targets}, self.cfg.method, self.init,
-                              self.cfg, stats)
+            info = f"{self.init} (joint {group.kind}: {'+'.join(group.children)})"
+            new = None
+            if self.fits is not None and self.fits.has("group", group.names[0]):  # fitted before an interrupt
+                new = self.fits.load_group(list(group.names), {n: get_module(self.model, n) for n in group.names})
+            cached = new is not None
+            if not cached:
+                new = build_group(self.model, group, {t.name: t for t in self.targets}, self.cfg.method, self.init,
+                                  self.cfg, stats)
             leader = new[group.names[0]]
             _dist.broadcast_module(leader)  # rank 0's factors everywhere (a no-op single-process)
             for n, m in new.items():
                 m.train(get_module(self.model, n).training)
                 set_module(self.model, n, m)
                 self.kept[n] = m.num_weight_params
-                rec.init_info[n] = f"{self.init} (joint {group.kind}: {'+'.join(group.children)})"
+                rec.init_info[n] = info
+            if not cached and self.fits is not None:
+                self.fits.save_group(new, info)
 
     def measure_swap(self, si: int, rec: StageRecord) -> None:
         """Parameters, weights kept and (when evaluated) the metrics right after stage ``si``'s swap."""
@@ -496,8 +567,9 @@ class _Run:
         old = get_module(self.model, t.name)
         view = dense_view(old, t.name)
         _validate.check_finite(f"{t.name}.weight", view.weight)
+        c = self._cfg_of(t.name)
         try:
-            new = build_layer(self.cfg.method, view, t.ratio, self.init, self.cfg, stats)
+            new = build_layer(c.method, view, t.ratio, c.resolved_init, c, stats)
         except (ValueError, TypeError) as e:
             raise type(e)(f"module {t.name!r}: {e}") from e
         new.train(old.training)
@@ -528,6 +600,9 @@ def compression_record(cfg: CompressionConfig, report: CompressionReport) -> dic
     d = cfg.to_dict()
     if report.plan is not None:
         d["plan"] = report.plan
+        methods = sorted({m["method"] for m in report.plan.get("modules", []) if m.get("method") != "dense"})
+        if len(methods) > 1:  # a plan mixing methods: ``method`` above is only the first one's
+            d["methods"] = methods
     return d
 
 

@@ -61,7 +61,21 @@ def variant_config(variant: str, scope: str = "module", ae_steps=None) -> dict:
 
 
 def _key(r) -> str:
-    return "|".join(str(r.get(k)) for k in ("task", "variant", "joint", "scope", "ratio", "seed"))
+    """A row's identity: every setting, the autoencoder's step count included (rows at different
+    step counts are different cells; a row without ``ae_steps`` is a non-autoencoder row)."""
+    return "|".join(str(r.get(k)) for k in ("task", "variant", "joint", "scope", "ratio", "seed", "ae_steps"))
+
+
+def resolved_ae_steps(variant: str, ae_steps=None):
+    """The autoencoder step count a run of ``variant`` uses (the config default when not given);
+    None for the factorizations."""
+    if not variant.startswith("ae-"):
+        return None
+    if ae_steps is not None:
+        return int(ae_steps)
+    from .config import CompressionConfig
+
+    return CompressionConfig().ae_steps
 
 
 class _EvalTimer:
@@ -139,7 +153,7 @@ def markdown(rows, meta=None) -> str:
 
     cells = {}
     for r in rows:
-        cells.setdefault((r["variant"], r["scope"], r["ratio"], r["joint"], r["task"]), []).append(r)
+        cells.setdefault((r["variant"], (r["scope"], r.get("ae_steps")), r["ratio"], r["joint"], r["task"]), []).append(r)
 
     def cell(key, field, scale=1.0, nd=4):
         rs = cells.get(key)
@@ -153,7 +167,8 @@ def markdown(rows, meta=None) -> str:
         return s + (f" ± {scale * sd:.{nd}f}" if sd is not None else "")
 
     combos = sorted({(v, s, ra) for v, s, ra, _, _ in cells},
-                    key=lambda c: (VARIANTS.index(c[0]) if c[0] in VARIANTS else 99, c[1] != "module", c[1], c[2]))
+                    key=lambda c: (VARIANTS.index(c[0]) if c[0] in VARIANTS else 99, c[1][0] != "module", c[1][0],
+                                   -(c[1][1] or 0), c[2]))
     out = []
     for v, s, ra in combos:
         for j in ("none", "qkv"):
@@ -163,8 +178,8 @@ def markdown(rows, meta=None) -> str:
             any_rows = cells.get(f) or cells.get(c)
             secs = _mean([r["compress_s"] for r in (cells.get(f, []) + cells.get(c, []))])
             seeds = sorted({r["seed"] for r in any_rows})
-            steps = sorted({r.get("ae_steps") for r in any_rows if r.get("ae_steps")})
-            out.append([v, s + (f" ({'/'.join(map(str, steps))} steps)" if steps else ""), f"{ra:.1f}", j, f"{any_rows[0]['kept']:.3f}", cell(f, "cosine"), cell(f, "spearman"),
+            scope, steps = s
+            out.append([v, scope + (f" ({steps} steps)" if steps else ""), f"{ra:.1f}", j, f"{any_rows[0]['kept']:.3f}", cell(f, "cosine"), cell(f, "spearman"),
                         cell(c, "accuracy", 100, 1), ",".join(map(str, seeds)), f"{secs:.0f}"])
     head = ["variant", "scope", "ratio", "joint", "kept", "cosine (fidelity)", "pairwise Spearman",
             "accuracy %", "seeds", "compress s"]
@@ -260,7 +275,8 @@ def main(argv=None) -> int:
                 for scope in (args.scopes if variant.startswith("ae-") else ["module"]):
                     for joint in args.joint:
                         for task in args.tasks:
-                            key = dict(task=task, variant=variant, joint=joint, scope=scope, ratio=ratio, seed=seed)
+                            key = dict(task=task, variant=variant, joint=joint, scope=scope, ratio=ratio, seed=seed,
+                                       ae_steps=resolved_ae_steps(variant, args.ae_steps))
                             if _key(key) in done:
                                 continue
                             row = run_row(models[task], datas[task], task, variant, joint, scope, ratio, seed,

@@ -53,7 +53,8 @@ PREDICTED = "predicted, not measured"
 
 
 def _key(r):
-    return f"{r['task']}|{r['schedule']}|{r['budget_kind']}|{r['q']}|{r['alloc']}"
+    seed = r.get("seed", 0)
+    return f"{r['task']}|{r['schedule']}|{r['budget_kind']}|{r['q']}|{r['alloc']}" + (f"|s{seed}" if seed else "")
 
 
 def setup_task(task, args):
@@ -128,6 +129,12 @@ def recompute_latency(rows, lat) -> None:
         worst = max(worst, abs(frac - r["latency_fraction_run"]))
         r["latency_fraction"] = frac
     print(f"recomputed predicted times: largest change {worst:.2e} (fraction of dense)")
+
+
+def _evidence_forward(m, b):
+    from .driver import _inputs
+
+    return _out(m(**_inputs(m, b, "cpu")))
 
 
 def _out(o):
@@ -229,6 +236,11 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-batches", type=int, default=2)
     ap.add_argument("--output-scores", nargs="*", type=float, default=list(RATIOS),
                     help="budgets also planned on output-change scores (offline and staged)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the compression runs' seed (calibration batches, fine-tuning order; the dense base and "
+                         "the data stay those of seed 0)")
+    ap.add_argument("--jobs", nargs="*", default=None, metavar="SCHED:KIND:Q:ALLOC",
+                    help="run only these cells (e.g. staged:params:0.3:planned-output), in this order")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--merge", nargs="*", default=[], help="also take the rows of these evidence_plan.json files")
     ap.add_argument("--report-only", action="store_true", help="rewrite the .md and .png from the JSON, run nothing")
@@ -272,7 +284,7 @@ def main(argv=None) -> int:
         model, data, teacher, metric, objective, dense = setup_task(task, args)
         meta["dense"][task] = dense
         common = dict(method="lowrank", init="activation", stage_unit="block", calib_batches=args.calib_batches,
-                      batch_size=16, objective=objective, seed=0)
+                      batch_size=16, objective=objective, seed=args.seed)
         if task == "fidelity":
             common["distill_loss"] = "mse"
         probe = CompressionConfig(schedule="offline", **common)
@@ -302,10 +314,15 @@ def main(argv=None) -> int:
                          (sched, "latency", q, "planned")]
         for q in args.output_scores:
             jobs += [(sched, "params", q, "planned-output") for sched in args.schedules]
+        if args.jobs is not None:
+            want = [tuple(j.split(":")) for j in args.jobs]
+            jobs = [(s_, k_, float(q_), a_) for s_, k_, q_, a_ in want]
         cands_out = None
         uniform_frac = {}
         for sched, kind, q, alloc in jobs:
             row = dict(task=task, schedule=sched, budget_kind=kind, q=q, alloc=alloc, metric=metric)
+            if args.seed:
+                row["seed"] = args.seed
             if _key(row) in done:
                 if alloc == "uniform":
                     uniform_frac[q] = done[_key(row)]["latency_fraction"]
@@ -323,8 +340,8 @@ def main(argv=None) -> int:
                     t1 = time.perf_counter()
                     it = iterate(data.train, probe.batch_size, shuffle=True, seed=probe.seed + 7)
                     batches = [b for _, b in zip(range(probe.calib_batches), it)]
-                    cands_out = output_scores(model, copy.deepcopy(cands), batches,
-                                              lambda m, b: _out(m(**_inputs(m, b, "cpu"))), grams)
+                    cands_out = output_scores(model, copy.deepcopy(cands), batches, _evidence_forward, grams,
+                                              cache=os.path.join(args.cache, "plan-scores"))
                     print(f"{task}: output scores {time.perf_counter() - t1:.0f}s", flush=True)
                 plan = solve(cands_out, q)
                 plan.scorer, plan.init = "output", "activation"

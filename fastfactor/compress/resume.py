@@ -250,16 +250,32 @@ class Session:
 
     def __init__(self, writer: Optional[StageCheckpointer], start: int = 0, final_done: bool = False,
                  generator: Optional[torch.Generator] = None, resumed_from: Optional[str] = None,
-                 partial: Optional[dict] = None):
+                 partial: Optional[dict] = None, fits_dir: Optional[str] = None, config: Optional[dict] = None,
+                 fingerprint: Optional[dict] = None):
         self.writer, self.start, self.final_done = writer, start, final_done
         self.generator, self.resumed_from = generator, resumed_from
         #: resuming inside stage ``start``'s fine-tune: ``{"step", "record", "seconds", "train_state"}``
         self.partial = partial
+        #: where the stages' fit caches are (:mod:`fastfactor.compress.fitcache`): the checkpoint
+        #: directory, or the one resumed from; None: no fit cache
+        self.fits_dir, self.config, self.fingerprint = fits_dir, config, fingerprint
+
+    def fit_cache(self, stage: int):
+        """Stage ``stage``'s :class:`~fastfactor.compress.fitcache.FitCache` (disabled without a
+        checkpoint directory; read-only when resuming without one)."""
+        from .fitcache import FitCache
+
+        return FitCache(self.fits_dir, stage, self.config or {}, self.fingerprint or {},
+                        write=self.writer is not None)
 
     def save(self, stage: int, model, report, kept, final: bool = False) -> Optional[str]:
         if self.writer is None:
             return None
-        return self.writer.save(stage, model, report, kept, self.generator, final=final)
+        path = self.writer.save(stage, model, report, kept, self.generator, final=final)
+        from .fitcache import remove_fits
+
+        remove_fits(self.writer.directory, stage)  # the stage checkpoint holds what they held
+        return path
 
     def save_step(self, stage: int, step: int, model, report, kept, record: dict, seconds: float,
                   train_state: dict) -> Optional[str]:
@@ -303,16 +319,30 @@ def begin(model: nn.Module, config: dict, data, report, kept: Dict[str, int], st
         checkpoint_dir = os.path.abspath(os.fspath(checkpoint_dir))
         if D.is_main_process():
             os.makedirs(checkpoint_dir, exist_ok=True)
-        existing = list_checkpoints(checkpoint_dir)
+        from .fitcache import list_fits
+
+        existing = list_checkpoints(checkpoint_dir) + list_fits(checkpoint_dir)
         if existing and resume is None:
             raise ValueError(
                 f"checkpoint_dir: {checkpoint_dir} already holds checkpoints of another run "
                 f"({os.path.basename(existing[-1])}); pass resume= to continue it, or choose an empty directory"
             )
         writer = StageCheckpointer(checkpoint_dir, config, fingerprint, len(stages))
+    fits_kw = dict(config=config, fingerprint=fingerprint,
+                   fits_dir=writer.directory if writer is not None else _fits_dir_of(resume))
     if resume is None:
-        return Session(writer, generator=generator)
-    path = resolve_resume(resume)
+        return Session(writer, generator=generator, **fits_kw)
+    try:
+        path = resolve_resume(resume)
+    except ValueError:
+        # no finished stage yet: a run killed in its first stage's calibration resumes from the
+        # fits it cached (fastfactor.compress.fitcache), from the start of stage 0
+        from .fitcache import fits_dirname, list_fits
+
+        first = os.path.join(fits_kw["fits_dir"] or "", fits_dirname(0))
+        if fits_kw["fits_dir"] is None or first not in list_fits(fits_kw["fits_dir"]):
+            raise
+        return Session(writer, generator=generator, resumed_from=first, **fits_kw)
     state = read_checkpoint(path)
     check_compatible(state, config, fingerprint, len(stages), D.get_world_size())
     partial = state.get("in_progress")
@@ -337,7 +367,22 @@ def begin(model: nn.Module, config: dict, data, report, kept: Dict[str, int], st
     if partial is not None:
         partial = dict(partial, train_state=state["train_state"])
     return Session(writer, start=done, final_done=final_done, generator=generator,
-                   resumed_from=path, partial=partial)
+                   resumed_from=path, partial=partial, **fits_kw)
+
+
+def _fits_dir_of(resume) -> Optional[str]:
+    """The checkpoints directory of ``resume`` (a run's output directory, its checkpoints directory
+    or one stage directory): where that run's fit caches are; None when there is none."""
+    if resume is None:
+        return None
+    from .fitcache import list_fits
+    from .storage import CHECKPOINTS
+
+    path = os.path.abspath(os.fspath(resume))
+    for d in (os.path.join(path, CHECKPOINTS), path, os.path.dirname(path)):
+        if list_checkpoints(d) or list_fits(d):
+            return d
+    return None
 
 
 __all__ = [

@@ -228,7 +228,10 @@ def _expected_tensors(model: nn.Module, manifest: dict, classes: Dict[str, type]
                 f"which this build does not know (known: {sorted(classes)})"
             )
         try:
-            with torch.device("meta"):
+            try:
+                with torch.device("meta"):
+                    probe = cls(**entry["factor_config"])
+            except (RuntimeError, NotImplementedError):  # a constructor that computes (2:4 packing): on the CPU
                 probe = cls(**entry["factor_config"])
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"{mpath}: module {name!r}: factor_config {entry.get('factor_config')!r} is invalid ({e})") from e
@@ -325,7 +328,9 @@ def remove_checkpoints(directory) -> None:
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         return
-    for p in list_checkpoints(directory):
+    from .fitcache import list_fits
+
+    for p in list_checkpoints(directory) + list_fits(directory):  # fits: the autoencoder's cached fits
         shutil.rmtree(p)
     _io.remove_stale_temporaries(directory)
     try:
@@ -345,7 +350,10 @@ def output_in_use(out) -> List[str]:
         if name.startswith(_io.TMP_PREFIX):
             continue
         if name == CHECKPOINTS and not list_checkpoints(os.path.join(out, name)):
-            continue
+            from .fitcache import list_fits
+
+            if not list_fits(os.path.join(out, name)):  # nor cached fits of an interrupted first stage
+                continue
         used.append(name)
     return used
 

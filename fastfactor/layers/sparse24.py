@@ -43,7 +43,7 @@ from ..factorize.sparse24 import (
     resolve_dense_sparse_rank,
 )
 from ..kernels._config import acc_dtype
-from ..kernels.sparse24 import torch24_meta, transpose_plan
+from ..kernels.sparse24 import torch24_meta, torch24_meta_padded, transpose_plan
 from ..formats.sparse24 import Sparse24Weight, mask_24, meta_cols, pack_24, prune_24, unpack_24
 from ..ops.lowrank import lowrank_linear
 from ..ops.sparse24 import dense_sparse_linear_packed, sparse24_linear_packed, ste_24
@@ -87,6 +87,10 @@ class _Sparse24Mixin:
             torch24_meta(getattr(self, p + "meta"), rows, k)
             if rows % 64 == 0:
                 transpose_plan(getattr(self, p + "meta"), rows, k)
+        elif p == "s_" and k % 64 == 0 and w.meta.device.type != "meta":
+            # dense-sparse S of a rank that is not a multiple of 32: its codes zero-padded to one
+            # for PyTorch's 2:4 GEMM (``torch24_meta_padded``), converted once per mask
+            torch24_meta_padded(getattr(self, p + "meta"), rows, k)
         self.mask_training = False
 
     def _set_dense(self, dense: torch.Tensor) -> None:

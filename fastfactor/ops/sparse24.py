@@ -313,10 +313,15 @@ def _ds_setup(ctx, inputs, output):
     x, d, s_values, s_meta, bias, save_t = inputs
     _, t = output
     ctx.has_bias = bias is not None
+    # the saved intermediate t is an output of the op but never differentiated: no zero-filled
+    # gradient for it (an M x R memset launch per backward otherwise)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, d, s_values, s_meta, t)
 
 
 def _ds_backward(ctx, g, _gt):
+    if g is None:
+        return None, None, None, None, None, None
     x, d, s_values, s_meta, t = ctx.saved_tensors
     need_x, need_d, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     need_b = ctx.has_bias and ctx.needs_input_grad[4]

@@ -154,8 +154,12 @@ def torch_op_time(op, device: Device) -> Optional[dict]:
         mats = [s for s, _ in ins if len(s) >= 2]
         if len(mats) >= 2:
             a, b = mats[-2], mats[-1]
-            batch = _numel(a[:-2]) if len(a) > 2 else 1
-            flops = 2.0 * batch * a[-2] * a[-1] * b[-1]
+            if op.name == "linear":   # F.linear(x (..., K), w (N, K), b): w is (out, in), not (K, N)
+                a, b = mats[0], mats[1]
+                flops = 2.0 * _numel(a[:-1]) * a[-1] * b[0]
+            else:
+                batch = _numel(a[:-2]) if len(a) > 2 else 1
+                flops = 2.0 * batch * a[-2] * a[-1] * b[-1]
     if nbytes == 0 and flops == 0:
         return None
     dt = "fp32" if any(d == torch.float32 for _, d in ins) else "bf16"

@@ -243,13 +243,21 @@ def test_dense_sparse_two_kernel_path(triton_cpu, monkeypatch, dtype):
 
 
 def test_choose_ds_path(monkeypatch):
+    """Forced paths and their fallbacks (the cost rule: tests/sparse24/test_ds_dispatch.py)."""
     monkeypatch.delenv("FASTFACTOR_DS_PATH", raising=False)
-    assert K.choose_ds_path(16, 4096, 4096, 256) == "fused"
-    assert K.choose_ds_path(16, 4096, 4096, 257) == "two_kernel"
-    assert K.choose_ds_path(8192, 4096, 4096, 64) == "two_kernel"
+    cpu, fp16 = torch.device("cpu"), torch.float16
+    assert K.choose_ds_path(16, 4096, 4096, 257, device=cpu) == "library"      # above the fused rank limit
+    assert K.choose_ds_path(16, 4096, 4096, 257, fp16, cpu) == "two_kernel"    # fp16: no library path
+    assert K.choose_ds_path(16, 4096, 4096, 256, fp16, cpu) == "fused"
     monkeypatch.setenv("FASTFACTOR_DS_PATH", "fused")
-    assert K.choose_ds_path(8192, 4096, 4096, 64) == "fused"
-    assert K.choose_ds_path(16, 4096, 4096, 600) == "two_kernel"
+    assert K.choose_ds_path(8192, 4096, 4096, 64, device=cpu) == "fused"
+    assert K.choose_ds_path(16, 4096, 4096, 600, device=cpu) == "two_kernel"
+    monkeypatch.setenv("FASTFACTOR_DS_PATH", "library")
+    assert K.choose_ds_path(16, 4096, 4096, 64, device=cpu) == "library"
+    assert K.choose_ds_path(16, 4096, 4096, 64, fp16, cpu) == "two_kernel"
+    monkeypatch.setenv("FASTFACTOR_DS_PATH", "nope")
+    with pytest.raises(ValueError, match="FASTFACTOR_DS_PATH"):
+        K.choose_ds_path(16, 4096, 4096, 64, device=cpu)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
