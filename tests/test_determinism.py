@@ -289,8 +289,8 @@ def test_sparse24_deterministic_mode_bypasses_the_autotuner(path, monkeypatch, t
                       [x, d, sv, b2])
         return out
 
-    # a handful of rows: the forward and the dense-sparse t = x·Sᵀ run the decode kernel
-    tunables = {"prune": SK._prune24_tuned, "decode": SK._sp_decode_tuned, "dx": SK._sp_dx_tuned,
+    # a handful of rows: the forward, the dense-sparse t = x·Sᵀ and dx run the decode kernels
+    tunables = {"prune": SK._prune24_tuned, "decode": SK._sp_decode_tuned, "dx": SK._sp_dx_decode_tuned,
                 "dvalues": SK._sp_dv_tuned, "ds_chain": SK._ds_chain_tuned, "lowrank.gemm": LK._gemm_tuned}
     used = [n for n in tunables if path == "fused" or n != "ds_chain"]
     _assert_bypass(run, tunables, monkeypatch, used)
