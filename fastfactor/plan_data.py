@@ -87,6 +87,15 @@ class BudgetPlan:
         return sum(m.seconds for m in self.modules)
 
     @property
+    def model_latency_fraction(self) -> Optional[float]:
+        """The whole model's predicted time over its dense time (None without the whole-model
+        parts: a bench latency source, or no latency model): ``(fixed + plan) / model dense``."""
+        w = (self.latency or {}).get("whole_model")
+        if not w or self.seconds is None:
+            return None
+        return (w["fixed_s"] + self.seconds) / w["model_dense_s"]
+
+    @property
     def methods(self) -> List[str]:
         return sorted({m.method for m in self.modules})
 
@@ -98,6 +107,8 @@ class BudgetPlan:
              "modules": [asdict(m) for m in self.modules]}
         if self.latency and self.seconds is not None:
             d["latency_fraction"] = self.seconds / self.latency["dense_s"]
+        if self.model_latency_fraction is not None:
+            d["model_latency_fraction"] = self.model_latency_fraction
         return d
 
     @classmethod
@@ -181,6 +192,18 @@ class BudgetPlan:
                      f"{L.get('status', PREDICTED)}, {L.get('device', '?')}, M={L.get('tokens', '?')} tokens, "
                      f"{L.get('direction', 'fwd')}, {L.get('dtype', 'bf16')}"
                      + (f", from {L['file']}" if L.get("file") else ""))
+            W = L.get("whole_model")
+            if W:
+                tot = W["fixed_s"] + self.seconds
+                text += (f"\nwhole model: {tot * 1e6:.4g} us = {self.model_latency_fraction:.3f} of dense "
+                         f"{W['model_dense_s'] * 1e6:.4g} us"
+                         + (f" (budget {L['fraction_model']:g} of the whole model)" if L.get("scope") == "model" else
+                            " (the budget is over the targets)")
+                         + f": targets {self.seconds * 1e6:.4g}, {W['other_linears']} other linear(s) "
+                         f"{W['other_linears_s'] * 1e6:.4g}, attention {W['attention_s'] * 1e6:.4g}, elementwise "
+                         f"{W['elementwise_s'] * 1e6:.4g}, embeddings {W['embeddings_s'] * 1e6:.4g} us at seq_len "
+                         f"{W['seq_len']} (attention and the rest: a stated model, fastfactor.plan_latency.REST_MODEL); "
+                         f"{L.get('status', PREDICTED)}")
         return text
 
     def to_config(self, base=None, single: bool = False) -> Optional[dict]:
