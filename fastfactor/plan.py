@@ -45,12 +45,14 @@ Four steps, each usable alone:
    time, init; the budgets and the latency source), with a JSON round trip (version 2; version 1
    loads), a table, and :meth:`BudgetPlan.to_configs`: one :class:`~fastfactor.CompressionConfig`
    dict per method whose ``targets`` are its modules and whose ``module_ratios`` give each exactly
-   its planned setting. ``compress(..., plan=)`` / ``fastfactor compress --plan`` and
-   :func:`apply_plan` execute it.
+   its planned setting; :meth:`BudgetPlan.run_config` the one run of a plan mixing methods.
+   ``compress(..., plan=)`` / ``fastfactor compress --plan`` and :func:`apply_plan` execute it.
 
 ``target_params``: a ``float`` in ``(0, 1]`` is a fraction of the targets' dense weight parameters;
 an ``int >= 1`` is an absolute count. ``target_latency``: a fraction in ``(0, 1]`` of the targets'
-dense time under the latency model (the rest of the model, attention and norms, is not modelled).
+dense time under the latency model, or with ``latency_scope="model"`` of the whole model's
+(:func:`whole_model_latency`: the other linears, the attention core and the rest under the stated
+model of :func:`fastfactor.plan_latency.rest_seconds`); the whole-model fraction is reported either way.
 Bad budgets (bool, NaN, ≤ 0, a float > 1, unreachable alone or together) raise before any weight
 is read (:func:`check_budgets`).
 """
