@@ -1135,7 +1135,9 @@ def apply_plan(model: nn.Module, plan: BudgetPlan, data=None, config=None) -> nn
     factorizes each module with its own method (:meth:`BudgetPlan.run_config`)."""
     from .api import factorize_
 
-    plan = as_plan(plan)
+    from .plan_data import fit_names
+
+    plan = fit_names(model, as_plan(plan))
     check_plan(model, plan)
     cfgs = plan.to_configs(config)
     if not cfgs:

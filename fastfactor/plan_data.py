@@ -317,6 +317,32 @@ def as_plan(plan) -> BudgetPlan:
     raise TypeError(f"plan: expected a BudgetPlan, its dict or a path to its JSON, got {type(plan).__name__}")
 
 
+def fit_names(model: nn.Module, plan: BudgetPlan) -> BudgetPlan:
+    """``plan`` with its module names moved under (or out of) the model's base-model prefix when
+    that is what makes them names of ``model``: a plan made on a base model (``encoder.layer.0...``
+    of ``BertModel``) executed on the same model with a task head (``bert.encoder.layer.0...`` of
+    ``BertForSequenceClassification``), or the reverse. A copy when a name changed, else ``plan``."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    names = {n for n, _ in model.named_modules()}
+    if not prefix or all(m.name in names for m in plan.modules):
+        return plan
+    moved = []
+    for m in plan.modules:
+        n = m.name
+        if n not in names:
+            if prefix + "." + n in names:
+                n = prefix + "." + n
+            elif n.startswith(prefix + ".") and n[len(prefix) + 1:] in names:
+                n = n[len(prefix) + 1:]
+        moved.append(n)
+    if moved == [m.name for m in plan.modules] or any(n not in names for n in moved):
+        return plan  # nothing to move, or not this model's modules either way (check_plan says which)
+    out = BudgetPlan.from_dict(plan.to_dict())
+    for m, n in zip(out.modules, moved):
+        m.name = n
+    return out
+
+
 def check_plan(model: nn.Module, plan: BudgetPlan) -> None:
     """Every planned module is a dense linear of ``model`` with the planned shape (shapes only:
     a meta-device model will do)."""
@@ -336,4 +362,4 @@ def check_plan(model: nn.Module, plan: BudgetPlan) -> None:
                              f"{(m.out_features, m.in_features)}, got {shape}")
 
 
-__all__ = ["PlanEntry", "BudgetPlan", "PLAN_METHODS", "PLAN_VERSION", "as_plan", "check_plan"]
+__all__ = ["PlanEntry", "BudgetPlan", "PLAN_METHODS", "PLAN_VERSION", "as_plan", "check_plan", "fit_names"]
