@@ -55,9 +55,12 @@ tile goes to ``tl.dot``. Device memory only ever sees the compressed bytes.
   fused like the low-rank chain (``fastfactor.kernels.lowrank``): the ``(BLOCK_M, R)``
   intermediate ``t = x·Sᵀ`` stays in fp32 registers (computed as ``tᵀ = S·xᵀ``, again so the
   expanded tile needs no transpose), is rounded to ``intermediate_dtype`` (see Precision) and
-  multiplied by ``D`` tile by tile. ``R_PAD = next_pow2(R) <= 256``; larger ranks take the two-kernel path (``_sp_mm_kernel``
-  for ``t`` then the low-rank family's GEMM for ``t·Dᵀ``), whose first phase at ``M <= 64`` is
-  the decode kernel (its reduction split over the SMs where that pays).
+  multiplied by ``D`` tile by tile. ``R_PAD = next_pow2(R) <= 256``, configs within a register
+  budget (``DS_TILE_ELEMS``: no spills on sm_80 / sm_90). The dispatcher (:func:`choose_ds_path`)
+  takes it only where predicted >= 5 % faster than the library path (``t = x·Sᵀ`` by sparse24's
+  own dispatch, ``t·Dᵀ`` on cuBLAS); larger ranks always take the library path (figures why in
+  the dense-sparse section below). The two-kernel path (``_sp_mm_kernel`` / the decode kernel
+  for ``t``, then the low-rank family's Triton GEMM) remains for fp16 and when forced.
 * ``_sp_decode_kernel`` (+ ``_sp_splitk_reduce_kernel``): ``y = x·Wᵀ + b`` for ``M <= 64``. Grid
   (row tiles, K splits) planned per shape by :func:`decode_plan` (a roofline: the compressed
   weight once from DRAM, ``x`` once per row tile from L2, the fp32 partials and their fixed-order
@@ -75,12 +78,14 @@ instruction, so large-M products go to PyTorch's semi-structured CUTLASS GEMM (f
 on the weight expanded once (:func:`expand_24`); the backward's kept-value gradient is
 :func:`compress_24` of cuBLAS's ``gᵀ·x``. Ranked by :func:`path_costs` (predicted).
 
-Backward of the dense-sparse product (``g = dL/dy``)::
+Backward of the dense-sparse product (``g = dL/dy``), library path (bf16 / fp32) / two-kernel path::
 
-    dt  = g·D                     (M, R)   low-rank GEMM, rounded to intermediate_dtype
-    dx  = dt·S                    (M, K)   _sp_dx_kernel
-    dD  = gᵀ·t                    (N, R)   low-rank GEMM (db = Σ_m g fused as its row sums)
-    dSv = kept entries of dtᵀ·x   (R, K/2) _sp_dvalues_kernel
+    dt  = g·D                     (M, R)   cuBLAS / low-rank GEMM, rounded to intermediate_dtype
+    dx  = dt·S                    (M, K)   S expanded once + cuBLAS, PyTorch's 2:4 GEMM on Sᵀ
+                                           (transposable mask), or _sp_dx_kernel at M <= 64
+    dD  = gᵀ·t                    (N, R)   cuBLAS (db = Σ_m g a library sum) / low-rank GEMM
+    dSv = kept entries of dtᵀ·x   (R, K/2) compress_24(cuBLAS dtᵀ·x), or _sp_dvalues_kernel at
+                                           M <= 64: an exact selection either way
 
 Precision
     All dots accumulate in fp32; fp32 operands use TF32 only when PyTorch's own
@@ -394,24 +399,36 @@ DS_SPACE = [
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
+    # within DS_TILE_ELEMS at R_PAD = 128 / 256
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
 ]
 
 
+#: elements per thread of the fused kernel's three register tiles, the fp32 intermediate
+#: ``R_PAD x BLOCK_M``, the expanded ``S`` tile ``R_PAD x BLOCK_K`` and the ``D`` tile
+#: ``BLOCK_N x R_PAD``: configs above it spill on sm_80 / sm_90 (compile-check: 224-1240 B of stack
+#: from 224 elements per thread, e.g. R_PAD = 128 with 16x128x128 at 4 warps; none at <= 160)
+DS_TILE_ELEMS = 160
+
+
+def _ds_fits(bm: int, bn: int, bk: int, nw: int, r_pad: int) -> bool:
+    return (bm * r_pad <= 16384 and bk * r_pad <= 16384
+            and (bm + bn + bk) * r_pad <= DS_TILE_ELEMS * 32 * nw)
+
+
 def ds_space(R_PAD: int, **_) -> list[dict]:
-    """Configs of the fused dense-sparse kernel within its register budget: the fp32
-    intermediate ``R_PAD x BLOCK_M`` and the expanded ``R_PAD x BLOCK_K`` tile."""
-    return [
-        c for c in DS_SPACE
-        if c["BLOCK_M"] * R_PAD <= 16384 and c["BLOCK_K"] * R_PAD <= 16384
-    ]
+    """Configs of the fused dense-sparse kernel within its register budget (``DS_TILE_ELEMS``):
+    the fp32 intermediate ``R_PAD x BLOCK_M``, the expanded ``R_PAD x BLOCK_K`` tile and the
+    ``BLOCK_N x R_PAD`` tile of ``D``."""
+    return [c for c in DS_SPACE if _ds_fits(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], R_PAD)]
 
 
 def _prune_ds(configs_, named_args, **kwargs):
     r_pad = kwargs.get("R_PAD", named_args.get("R_PAD"))
-    kept = [
-        c for c in configs_
-        if c.kwargs["BLOCK_M"] * r_pad <= 16384 and c.kwargs["BLOCK_K"] * r_pad <= 16384
-    ]
+    kept = [c for c in configs_
+            if _ds_fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, r_pad)]
     return kept or configs_[:1]
 
 
@@ -1074,6 +1091,7 @@ if HAS_TRITON:
         name="sparse24.ds_chain", fn=_ds_chain_kernel, pointers={"smeta_ptr": _I32},
         constexprs=[
             dict(HAS_BIAS=True, STORE_T=True, T_FP32=False, R_PAD=64, **_DOT, **_W),
+            dict(HAS_BIAS=True, STORE_T=False, T_FP32=False, R_PAD=128, **_DOT, **_W),
             dict(HAS_BIAS=False, STORE_T=False, T_FP32=False, R_PAD=256, **_DOT, **_W),
         ],
         space=ds_space,
@@ -1740,16 +1758,18 @@ def _gemm_seconds(M: int, N: int, K: int, ea: int, eb: int, ec: int, bias: bool,
 
 
 def ds_chain_seconds(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias: bool = True,
-                     save_t: bool = False, sms: Optional[int] = None) -> Optional[float]:
+                     save_t: bool = False, sms: Optional[int] = None, any_rank: bool = False) -> Optional[float]:
     """Predicted seconds of :func:`ds_chain` at its best fitting config (``None`` above the rank
-    limit), counted from the shapes the way ``fastfactor sol`` counts the launch: grid
+    limit; ``any_rank``: the same kernel at any rank with every config of ``DS_SPACE``, the
+    intermediate in shared memory, registers ignored: a lower bound for extending the fusion past
+    rank 256), counted from the shapes the way ``fastfactor sol`` counts the launch: grid
     (:func:`row_block_grid`) ``mb = ceil(M/BLOCK_M)`` row blocks x ``split`` shares of the ``N``
     tiles; every program streams the packed ``S`` (values + codes) and its ``x`` rows, each row
     block all of ``D``; ``y`` (and ``t``) stored once; issued FLOPs on the padded tiles (``R_PAD``
     rows, the first product once per program), HGMMA when the smaller dot M (``min(R_PAD,
     BLOCK_N)``) is >= 64 with 4k warps; then ``kernels/_cost.py`` ``kernel_seconds``."""
     rp = _pad_rank(R)
-    if rp > FUSED_MAX_R:
+    if rp > FUSED_MAX_R and not any_rank:
         return None
     dev = _cost.DEFAULT if not sms or sms == _cost.DEFAULT.sms else dataclasses.replace(_cost.DEFAULT, sms=int(sms))
     e = _ds_elem(dtype)
@@ -1757,7 +1777,7 @@ def ds_chain_seconds(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias:
     dt = {torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, "bf16")
     cd = lambda a, b: -(-a // b)
     best = None
-    for c in ds_space(rp):
+    for c in (DS_SPACE if any_rank else ds_space(rp)):
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
         mb, nt = cd(M, bm), cd(N, bn)
         split = max(1, min(nt, (2 * dev.sms) // mb))
@@ -1771,11 +1791,44 @@ def ds_chain_seconds(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias:
         dram = (_cost.dram_bytes(x_load, x_size, x_size, 0, dev) + _cost.dram_bytes(s_load, s_size, s_size, 0, dev)
                 + _cost.dram_bytes(d_load, d_size, d_size, 0, dev) + y + t
                 + _cost.dram_bytes(bl, N * e, N * e, 0, dev))
-        l2 = x_load + s_load + d_load + y + t + bl
+        # the codes of a (row, BLOCK_K) step are BLOCK_K/8 contiguous bytes: a 32-byte sector each
+        meta_sectors = R * cd(K, 8) * P * (32.0 / min(32, bk // 8) - 1.0)
+        l2 = x_load + s_load + d_load + y + t + bl + meta_sectors
         issued = 2.0 * bm * rp * (cd(K, bk) * bk + tpp * bn) * P
         hg = min(rp, bn) >= 64 and c["num_warps"] % 4 == 0
         s = _cost.kernel_seconds(dram, l2, issued, P, dev, hg, dt)["seconds"]
         best = s if best is None else min(best, s)
+    return best
+
+
+def ds_two_phase_seconds(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias: bool = True,
+                         sms: Optional[int] = None) -> float:
+    """Lower bound (the same model) of the two-phase path with a split reduction for a handful
+    of rows and any rank, *not built*: phase 1 writes the fp32 partials of ``t = x·Sᵀ`` over
+    ``split`` K chunks (row tiles of ``S`` x splits; ``S`` once from DRAM, ``x`` once per row tile
+    from L2); phase 2 (one program per ``BLOCK_N`` columns of ``y``) sums the partials in a fixed
+    order, rounds ``t`` and multiplies by its ``D`` tile, adding the bias: every program reads all
+    partials (from L2). Best over row tiles 16-128, splits 1-16, ``BLOCK_N`` 32-128. Against the
+    library path it saves at most the launch that reduces the decode kernel's partials, and pays
+    the partials' re-reads in phase 2 (cuBLAS reads ``t`` once)."""
+    dev = _cost.DEFAULT if not sms or sms == _cost.DEFAULT.sms else dataclasses.replace(_cost.DEFAULT, sms=int(sms))
+    e = _ds_elem(dtype)
+    dt = {torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, "bf16")
+    cd = lambda a, b: -(-a // b)
+    s_b, x_b, y_b, d_b = R * K * (e / 2 + 1 / 8), float(e) * M * K, float(e) * M * N, float(N) * R * e
+    bl = N * e if bias else 0.0
+    best = None
+    for bn1 in (16, 32, 64, 128):
+        nb = cd(R, bn1)
+        for sk in (1, 2, 3, 4, 6, 8, 12, 16):
+            ws = 4.0 * sk * M * R
+            t1 = _cost.kernel_seconds(s_b + x_b + ws, s_b + nb * x_b + ws, 2.0 * max(16, M) * R * K,
+                                      nb * sk, dev, False, dt)["seconds"]
+            for bn2 in (32, 64, 128):
+                p2 = cd(N, bn2)
+                t2 = _cost.kernel_seconds(ws + d_b + y_b + bl, p2 * ws + d_b + y_b + p2 * bl,
+                                          2.0 * max(16, M) * R * N, p2, dev, False, dt)["seconds"]
+                best = t1 + t2 if best is None else min(best, t1 + t2)
     return best
 
 

@@ -382,10 +382,14 @@ def dense_sparse_linear(
         bias: ``(out,)`` or None.
 
     Returns:
-        ``(..., out)`` in ``x``'s dtype. The ``(rows, r)`` intermediate stays on chip for
-        ``r <= 256`` (fused kernel); it is rounded to the input dtype as a two-matmul path does,
-        except for fp16 inputs, where it stays fp32 (``x·Sᵀ`` may exceed fp16's range while
-        ``y`` fits; the second product then runs as TF32).
+        ``(..., out)`` in ``x``'s dtype. The path is chosen by predicted cost
+        (``fastfactor.kernels.sparse24.choose_ds_path``): the ``(rows, r)`` intermediate stays
+        on chip (fused kernel, ``r <= 256``) where that is predicted >= 5 % faster, else ``x·Sᵀ``
+        runs on sparse24's own path (PyTorch's 2:4 GEMM, ``S`` zero-padded to 32 rows where
+        needed; the decode kernel at a handful of rows; or ``S`` expanded once + cuBLAS) and
+        ``t·Dᵀ`` on cuBLAS. The intermediate is rounded to the input dtype as a two-matmul path
+        does, except for fp16 inputs, where it stays fp32 (``x·Sᵀ`` may exceed fp16's range while
+        ``y`` fits; the second product then runs as TF32, on our kernels).
 
     Gradients: ``x``, ``d``, ``s.values`` (kept entries only) and ``bias``.
     """

@@ -243,7 +243,8 @@ def test_module_pads_the_codes_at_pack_time():
 
 @pytest.mark.perf
 @pytest.mark.skipif(not _config.is_interpreter(), reason="counting needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("k,n,M,ratio,path", [(768, 3072, 64, 0.25, "fused"), (768, 3072, 16384, 0.25, "library"),
+@pytest.mark.parametrize("k,n,M,ratio,path", [(768, 768, 4096, 0.1, "fused"), (768, 3072, 64, 0.25, "library"),
+                                              (768, 3072, 16384, 0.25, "library"),
                                               (4096, 4096, 16384, 0.25, "library")])
 def test_dispatcher_and_sol_agree(k, n, M, ratio, path, monkeypatch):
     """The forward's analytic prediction and ``fastfactor sol``'s, from the exact interpreter
