@@ -1868,7 +1868,10 @@ def ds_path_costs(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, device=N
     out = {}
     if ds_library_ok(dtype):
         e = _ds_elem(dtype)
-        out["library"] = ds_s_plan(M, K, R, dtype, device)[1] + _gemm_seconds(M, N, R, e, e, e, bias, dtype)
+        s_path, s_cost = ds_s_plan(M, K, R, dtype, device)
+        out["library"] = s_cost + _gemm_seconds(M, N, R, e, e, e, bias, dtype)
+        if save_t and s_path in ("torch", "torch_pad"):   # PyTorch's t (transposed) made contiguous
+            out["library"] += _roof(2.0 * M * R * e, 0.0, _RATE)
     fused = ds_chain_seconds(M, K, N, R, dtype, bias, save_t, _ds_sms(device))
     if fused is not None:
         out["fused"] = fused
