@@ -123,15 +123,19 @@ def dram_bytes(load_bytes: float, unique_bytes: float, size_bytes: float, store_
 
 
 def kernel_seconds(dram: float, l2: float, dot_flops: float, programs: int, device: Device,
-                   hgmma: bool, dtype: str = "bf16", ctas_per_sm: int = 1) -> dict:
+                   hgmma: bool, dtype: str = "bf16", ctas_per_sm: int = 1,
+                   issue_instructions: float = 0.0) -> dict:
     """Predicted seconds of one launch of ours from its DRAM bytes, L2 bytes (32 x sectors), issued
-    dot FLOPs and programs, with each term (module docstring)."""
+    dot FLOPs and programs, with each term (module docstring); ``issue_instructions`` (warp-
+    instructions of the whole launch, from an :data:`ISSUE_MODELS` model) adds the issue term."""
     waves, f = fill(programs, device, ctas_per_sm)
     terms = {
         "dram": dram / device.hbm_bw,
         "l2": l2 / (device.l2_bw * f),
         "mma": dot_flops / (rate_for(dtype, device, hgmma) * f) if dot_flops else 0.0,
     }
+    if issue_instructions:
+        terms["issue"] = issue_seconds(issue_instructions, device, f)
     bound = max(terms, key=terms.get)
     return dict(seconds=terms[bound] + device.launch_s, bound=bound, terms=terms, waves=waves, fill=f)
 
@@ -141,3 +145,23 @@ def library_seconds(nbytes: float, flops: float, device: Device, dtype: str = "b
     t_mem = nbytes / device.hbm_bw
     t_mma = flops / rate_for(dtype, device) if flops else 0.0
     return dict(seconds=max(t_mem, t_mma) + device.launch_s, bound="mma" if t_mma > t_mem else "dram")
+
+
+# --------------------------------------------------------------------------------------------
+# instruction issue of kernels without tensor-core products (stated per-instruction models)
+# --------------------------------------------------------------------------------------------
+
+#: ``kernel name -> fn(ints, constexprs, config, grid) -> (warp-instructions per program, loop
+#: trips) or None``: kernels whose products run on the FMA units register a per-instruction model
+#: (calibrated on their compiled SASS, stated where they register it). ``fastfactor sol`` adds its
+#: issue term to such launches even without ``--sass``; ``loop trips`` (one per backward-branch
+#: loop of the SASS, in address order) let ``--sass`` count the compiled loops with their real trip
+#: counts. The dispatchers price the same launches with the same functions.
+ISSUE_MODELS: dict = {}
+
+
+def issue_seconds(warp_instructions: float, device: Device, fill_fraction: float = 1.0) -> float:
+    """Seconds to issue ``warp_instructions`` on ``device`` (4 schedulers x 1 warp-instruction per
+    clock per SM, busy fraction ``fill_fraction``)."""
+    rate = device.sms * device.issue_slots_per_sm * device.clock_hz * max(fill_fraction, 1e-9)
+    return warp_instructions / rate

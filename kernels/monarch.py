@@ -71,8 +71,14 @@ unpadded product per input block, placed into ``h`` by an exact 0/1 product (``B
 with power-of-two ``b`` and ``r`` the interleaved sides (the Monarch forward's stage 2, ``dx``'s
 stage 1, ``dw2``) are batched products over the ``b`` blocks, the tile reshaped and permuted on
 chip (``BATCHED``/``BATCHED2``): no padding, no scattered access.
-An FMA formulation of the forward (only the useful multiply-adds, ``FASTFACTOR_MONARCH_FMA=1``;
-see :data:`ROWS_FMA_MAX_BR` for why it is off) exists for small power-of-two ``b·r``. When the
+An FMA build of the forward (only the useful multiply-adds) exists for small power-of-two ``b·r``
+(``b·r <= 8``): stage 1 keeps ``b·r`` elementwise fp32 accumulators ``acc[m, c] += x[m, c]·w1[q, (p,
+t), c]`` in the layout ``x`` is loaded in and reduces them over ``c`` once per input block (``h`` is
+``b·b·r`` values per row); stage 2 writes each output tile as ``b·r`` rank-1 updates
+``z[m, s, p] += h[m, p, j]·w2[p, s, j]`` with no reduction. It issues no tensor-core FLOPs; it is
+taken where its predicted time, instruction issue included (:data:`ROWS_FMA_ISSUE`, a
+per-instruction model from its SASS), is at most the tensor-core build's (:func:`rows_fma`;
+``FASTFACTOR_MONARCH_FMA=0``/``1`` forces it). When the
 row blocks alone underfill the GPU, grid axis 1 splits the output tiles
 (:func:`kernels._config.row_block_grid`), each split recomputing stage 1.
 
@@ -85,9 +91,11 @@ columns of the intermediate (an unpadded product). Reductions longer than
 into fp32 partials summed over the splits by ``torch.sum``: no atomics, bitwise reproducible.
 
 Which path
-    :func:`choose_path` predicts each path's time from bytes moved and tensor FLOPs issued with
-    the device figures and rates of ``fastfactor sol`` (:func:`_path_seconds`) and takes the
-    fastest; the forward may also take ``'torch'`` (two ``bmm`` with the permutes).
+    :func:`choose_path` predicts each path's time from bytes moved, tensor FLOPs issued and (FMA
+    build) instructions issued with the device figures and rates of ``fastfactor sol``
+    (:func:`_path_seconds`; the backward's ``dx`` and weight gradients together by
+    :func:`_bwd_path_seconds`) and takes the fastest; the forward may also take ``'torch'`` (two
+    ``bmm`` with the permutes).
 
 The older kernels serve the other shapes (``h`` wider than 64 columns per row):
 
@@ -166,7 +174,7 @@ from ._config import (
     row_block_grid,
     upcast_dots,
 )
-from . import _config
+from . import _config, _cost
 from .lowrank import intermediate_dtype
 
 if HAS_TRITON:
@@ -383,6 +391,10 @@ ROWS_SPACE = [
     dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
+    # (FMA builds only, _ROWS_FMA_ONLY: b·r = 8 within 64 registers, 8 warps)
+    dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
     # wide input steps (the batched stage 1 takes >= 16 offsets of each of the b blocks)
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=256, num_warps=4, num_stages=2),
@@ -391,6 +403,14 @@ ROWS_SPACE = [
     dict(BLOCK_M=32, BLOCK_N=256, BLOCK_K=128, num_warps=4, num_stages=2),
     ROWS_INTERP,
 ]
+#: configs only the FMA builds take (the tensor-core builds keep the space they were checked with)
+_ROWS_FMA_ONLY = [ROWS_SPACE[i] for i in (8, 9, 10)]
+
+
+def _fma_only(c) -> bool:
+    return any(c == f for f in _ROWS_FMA_ONLY)
+
+
 #: the weight-gradient kernel (a packed product over a split of the rows, fixed-order partials)
 WGRAD_INTERP = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
 WGRAD_FIXED = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)
@@ -413,12 +433,13 @@ ROWS_MAX_W2_TILE = 256 * 128
 
 #: largest b·r whose products the row-block kernel may run on the FMA units (then b·r FMAs per
 #: input and per output element; a 16-wide tensor-core tile issues 16/(b·r) times the useful FLOPs).
-#: Off unless ``FASTFACTOR_MONARCH_FMA=1``: its sm_90 build (b = 4, r = 1, M16,N128,K128) spends
-#: ~1050 instructions per input block on cross-lane reductions (SHFL) and ~450 per output tile, about
-#: 98 M warp-instructions at M = 16384, i.e. ~94 µs of issue against the ~65 µs the tensor-core
-#: formulation is predicted at (hand count from the SASS loop split; sol's issue term counts the
-#: main loop once here, since these loops have no tl.dot reduction), so it is slower until its
-#: reductions are restructured.
+#: The FMA build is taken where predicted at least as fast as the tensor-core one (:func:`rows_fma`).
+#: History: its first build reduced across lanes inside its loops (sm_90 SASS, b = 4, r = 1,
+#: M16,N128,K128: ~1050 instructions per input block, 448 of them SHFL, and ~450 per output tile,
+#: ~94 µs of issue at 4096², M = 16384 against ~65 µs predicted for the tensor-core build); the
+#: present one accumulates elementwise in x's own layout and reduces once per input block (~230
+#: instructions), and writes each output tile as b·r rank-1 updates (~166 instructions, no
+#: reduction): 46.5 M warp-instructions there, ~46 µs of issue under the ~62 µs of DRAM time.
 ROWS_FMA_MAX_BR = 8
 
 
@@ -426,14 +447,77 @@ def _pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
-def rows_fma(nblocks: int, rank: int, in_interleaved: bool = False, out_interleaved: bool = True) -> bool:
-    """Whether the row-block kernel computes both products on the FMA units (only the useful
-    multiply-adds) instead of padded tensor-core tiles: with ``FASTFACTOR_MONARCH_FMA=1`` (see
-    :data:`ROWS_FMA_MAX_BR`), for the Monarch forward (contiguous input blocks, interleaved output)
-    with power-of-two ``b`` and ``r`` and ``b·r <= ROWS_FMA_MAX_BR``."""
-    return (os.environ.get("FASTFACTOR_MONARCH_FMA") == "1"
-            and not in_interleaved and out_interleaved and _pow2(nblocks) and _pow2(rank)
+def _rows_fma_eligible(nblocks: int, rank: int, in_interleaved: bool, out_interleaved: bool) -> bool:
+    return (not in_interleaved and out_interleaved and _pow2(nblocks) and _pow2(rank)
             and nblocks * rank <= ROWS_FMA_MAX_BR)
+
+
+def rows_fma(nblocks: int, rank: int, in_interleaved: bool = False, out_interleaved: bool = True,
+             M: Optional[int] = None, K: Optional[int] = None, N: Optional[int] = None, elem: int = 2,
+             save_h: bool = False) -> bool:
+    """Whether the row-block kernel computes both products on the FMA units (only the useful
+    multiply-adds) instead of padded tensor-core tiles. Only the Monarch forward (contiguous input
+    blocks, interleaved output) with power-of-two ``b`` and ``r`` and ``b·r <= ROWS_FMA_MAX_BR`` has
+    the FMA build; there it is taken where its predicted time (:func:`_path_seconds`, with its
+    instruction issue from :data:`ROWS_FMA_ISSUE`) is at most the tensor-core build's, for the
+    shape ``(M, K, N)`` (no shape given: off). ``FASTFACTOR_MONARCH_FMA=1`` / ``0`` forces it on /
+    off where it exists."""
+    if not _rows_fma_eligible(nblocks, rank, in_interleaved, out_interleaved):
+        return False
+    env = os.environ.get("FASTFACTOR_MONARCH_FMA")
+    if env in ("0", "1"):
+        return env == "1"
+    if M is None or K is None or N is None:
+        return False
+    t = lambda p: _path_seconds(M, K, N, nblocks, rank, p, elem, elem, save_h, True)
+    return t("rows_fma") <= t("rows_mma")
+
+
+#: Per-instruction model of the FMA build of the row-block kernel (``rows_fma_warp_instructions``),
+#: warp-instructions issued per warp, from its sm_90 SASS (``fastfactor sol --sass``; builds of
+#: b·r = 2, 4, 8 at 4096², M16-64 x N64-128 x K64-128 tiles, 4 and 8 warps, the largest figure seen
+#: per b·r): per stage-1 multiply-add of a thread (x and the factor converted, the address
+#: arithmetic; the loop's instructions / its FFMAs: 2.4-2.8 at b·r <= 4, 3.6 at 8), per input
+#: block (the one reduction over the block's features and the placement; 207-266), per stage-2
+#: multiply-add (2.3-2.8) and per output tile (store, bias), and per program (the rest).
+#: tests/monarch/test_fma.py checks the model against the compiled loops.
+ROWS_FMA_ISSUE = dict(stage1={1: 2.8, 2: 2.8, 4: 2.8, 8: 3.7}, block={1: 210, 2: 210, 4: 230, 8: 270},
+                      stage2=2.6, tile=15, program=300)
+
+
+def rows_fma_warp_instructions(NB: int, R: int, CB: int, F_OUT: int, BLOCK_M: int, BLOCK_N: int,
+                               BLOCK_K: int, num_warps: int, split: int = 1):
+    """``(warp-instructions of one program, loop trips)`` of the FMA build (the model of
+    :data:`ROWS_FMA_ISSUE`; **predicted**). One program owns ``BLOCK_M`` rows: for each of the
+    ``NB`` input blocks ``ceil(CB / BLOCK_K)`` steps of ``BLOCK_M·BLOCK_K·b·r / threads``
+    multiply-adds per thread, then its share of the output tiles (``split`` programs share a row
+    block's tiles), ``BLOCK_M·BLOCK_N·b·r / threads`` multiply-adds per thread each. The trips are
+    those of the build's three loops in address order: input blocks, steps inside a block (nested),
+    output tiles."""
+    qt = NB * R
+    m = ROWS_FMA_ISSUE
+    threads = 32 * num_warps
+    f1 = BLOCK_M * BLOCK_K * qt / threads
+    f2 = BLOCK_M * BLOCK_N * qt / threads
+    trips = cdiv(CB, BLOCK_K)
+    tiles = cdiv(cdiv(F_OUT, BLOCK_N), max(1, split))
+    key = min(8, next_pow2(qt))
+    per_warp = (m["program"] + NB * (m["block"][key] + trips * m["stage1"][key] * f1)
+                + tiles * (m["stage2"] * f2 + m["tile"]))
+    return num_warps * per_warp, [NB, trips, tiles]
+
+
+def _rows_issue_model(ints: dict, constexprs: dict, config: dict, grid) -> Optional[tuple]:
+    """:data:`kernels._cost.ISSUE_MODELS` entry of the row-block kernel: its FMA build only."""
+    if not constexprs.get("FMA"):
+        return None
+    return rows_fma_warp_instructions(
+        int(ints["NB"]), int(ints["R"]), int(ints["CB"]), int(ints["F_OUT"]), config["BLOCK_M"],
+        config["BLOCK_N"], config["BLOCK_K"], config.get("num_warps", 4), int(grid[1]) if len(grid) > 1 else 1)
+
+
+_cost.ISSUE_MODELS["monarch.rows"] = _rows_issue_model
+_cost.ISSUE_MODELS["monarch.rows_fp16"] = _rows_issue_model
 
 
 def _prune_rows(configs_, named_args, **kwargs):
@@ -443,7 +527,8 @@ def _prune_rows(configs_, named_args, **kwargs):
     if not get("FMA"):
         # the fp32 h (BLOCK_M x HP) within 64 registers per thread; BATCHED: >= 16 offsets per block
         hp = get("HP") or 16
-        kept = [c for c in configs_ if c.kwargs["BLOCK_M"] * hp <= 64 * 32 * c.num_warps
+        kept = [c for c in configs_ if not _fma_only(dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
+                and c.kwargs["BLOCK_M"] * hp <= 64 * 32 * c.num_warps
                 and hp * c.kwargs["BLOCK_N"] <= ROWS_MAX_W2_TILE
                 and (not get("BATCHED") or c.kwargs["BLOCK_K"] >= 16 * get("NBC"))
                 and (not get("BATCHED2") or c.kwargs["BLOCK_N"] >= 16 * get("NBC"))]
@@ -462,7 +547,7 @@ def rows_space(FMA: bool = False, NBC: int = 1, RC: int = 1, HP: int = 16, BATCH
                BATCHED2: bool = False, **_) -> list[dict]:
     """The row-block kernel's autotune space for a compile variant (:func:`_prune_rows`'s rule)."""
     if not FMA:
-        return [c for c in ROWS_SPACE if c["BLOCK_M"] * HP <= 2048 * c["num_warps"]
+        return [c for c in ROWS_SPACE if not _fma_only(c) and c["BLOCK_M"] * HP <= 2048 * c["num_warps"]
                 and HP * c["BLOCK_N"] <= ROWS_MAX_W2_TILE
                 and (not BATCHED or c["BLOCK_K"] >= 16 * NBC) and (not BATCHED2 or c["BLOCK_N"] >= 16 * NBC)]
     qt = NBC * RC
@@ -735,6 +820,34 @@ if HAS_TRITON:
                 tl.store(rowsum_ptr + fa_i, rsum.to(rowsum_ptr.dtype.element_ty), mask=mask_i & (fa_i < FA_LIM))
 
     @triton.jit
+    def _split_last(t, N: tl.constexpr):
+        """The ``N`` (1, 2, 4 or 8) slices ``t[..., j]`` of a tensor whose last axis has size ``N``,
+        as an 8-tuple (unused entries repeat slice 0): ``tl.split`` halves, no reduction, no data
+        movement once the axis is held by one thread."""
+        if N == 1:
+            t0 = tl.reshape(t, t.shape[:-1])
+            return t0, t0, t0, t0, t0, t0, t0, t0
+        elif N == 2:
+            t0, t1 = tl.split(t)
+            return t0, t1, t0, t0, t0, t0, t0, t0
+        elif N == 4:
+            # j = 2·i + k: the first split takes k, the second i
+            e, o = tl.split(tl.reshape(t, t.shape[:-1] + (2, 2)))
+            t0, t2 = tl.split(e)
+            t1, t3 = tl.split(o)
+            return t0, t1, t2, t3, t0, t0, t0, t0
+        else:
+            # j = 4·i + 2·k + l
+            e, o = tl.split(tl.reshape(t, t.shape[:-1] + (2, 2, 2)))   # l
+            ee, eo = tl.split(e)                                        # k (l = 0)
+            oe, oo = tl.split(o)                                        # k (l = 1)
+            t0, t4 = tl.split(ee)
+            t2, t6 = tl.split(eo)
+            t1, t5 = tl.split(oe)
+            t3, t7 = tl.split(oo)
+            return t0, t1, t2, t3, t4, t5, t6, t7
+
+    @triton.jit
     def _rows_kernel(
         # --- pointers ---
         a_ptr,     # (M, F_IN) input rows: x (forward) or g = dL/dy (backward dx)
@@ -806,29 +919,46 @@ if HAS_TRITON:
         QTC: tl.constexpr = NBC * RC
         qt3 = tl.arange(0, QTC)
         if FMA:
-            # ---- stage 1 on the FMA units, block by block: acc3[m, (p, t), c] += a[m, c]·F1(q, p, t, c)
-            # over the input block q, reduced once per block, placed at the columns (p, q, ·) ----
-            pt_p = qt3 // RC
-            pt_t = qt3 - pt_p * RC
-            r_idx = tl.arange(0, RC)
-            h3 = tl.zeros((BLOCK_M, NBC, QTC), dtype=h.dtype)
+            # ---- stage 1 on the FMA units, block by block, in the layout x is loaded in: QTC 2-D
+            # accumulators acc_i[m, c] += a[m, c]·F1(q, p, t, c) (i = p·R + t) over the input block
+            # q, elementwise (no reduction in the loop); one reduction over c per block, the result
+            # kept as the QTC slices hs[j][m, p] = h[m, (p, j)] of h's columns j = (q, t) ----
+            p_k = tl.arange(0, NBC)
+            hs = ()
+            for j in tl.static_range(QTC):
+                hs = hs + (tl.zeros((BLOCK_M, NBC), dtype=h.dtype),)
             for q in range(0, NB):
-                acc3 = tl.zeros((BLOCK_M, QTC, BLOCK_K), dtype=h.dtype)
+                accs = ()
+                for i in tl.static_range(QTC):
+                    accs = accs + (tl.zeros((BLOCK_M, BLOCK_K), dtype=h.dtype),)
                 for c0 in range(0, CB, BLOCK_K):
                     cc = c0 + k_idx
                     ff = q * CB + cc
                     mask_f = (cc < CB) & (ff < F_IN)
                     a = tl.load(a_ptr + offs_m[:, None] * stride_am + ff[None, :] * stride_af,
-                                mask=mask_m[:, None] & mask_f[None, :], other=0.0)
-                    w = tl.load(  # (QTC, BLOCK_K): rows (p, t) of F1(q, ·, ·, c-chunk)
-                        f1_ptr + q * s1q + pt_p[:, None] * s1p + pt_t[:, None] * s1t + cc[None, :] * s1c,
-                        mask=mask_f[None, :], other=0.0,
-                    )
-                    acc3 += a.to(h.dtype)[:, None, :] * w.to(h.dtype)[None, :, :]
-                hq = tl.reshape(tl.sum(acc3, axis=2), (BLOCK_M, NBC, RC))   # [m, p, t]
-                sel = (qt3[None, :] == (q * RC + r_idx)[:, None]).to(h.dtype)  # (t, q'·R + t')
-                h3 += tl.sum(hq[:, :, :, None] * sel[None, None, :, :], axis=2)
-            h = tl.reshape(h3, (BLOCK_M, HP))
+                                mask=mask_m[:, None] & mask_f[None, :], other=0.0).to(h.dtype)
+                    upd = ()
+                    for i in tl.static_range(QTC):
+                        w = tl.load(f1_ptr + q * s1q + (i // RC) * s1p + (i % RC) * s1t + cc * s1c,
+                                    mask=mask_f, other=0.0).to(h.dtype)
+                        upd = upd + (accs[i] + a * w[None, :],)
+                    accs = upd
+                hcol = ()   # hcol[t][m, p] = Σ_c acc_{p·R+t}[m, c]
+                for t in tl.static_range(RC):
+                    col = tl.zeros((BLOCK_M, NBC), dtype=h.dtype)
+                    for pp in tl.static_range(NBC):
+                        col = tl.where(p_k[None, :] == pp, tl.sum(accs[pp * RC + t], axis=1)[:, None], col)
+                    hcol = hcol + (col,)
+                upd = ()
+                for j in tl.static_range(QTC):
+                    upd = upd + (tl.where(q == j // RC, hcol[j % RC], hs[j]),)
+                hs = upd
+            if STORE_H:
+                # h[m, (p, j)] for the store (training): the slices placed by a 0/1 product
+                h3 = tl.zeros((BLOCK_M, NBC, QTC), dtype=h.dtype)
+                for j in tl.static_range(QTC):
+                    h3 += hs[j][:, :, None] * (qt3 == j).to(h.dtype)[None, None, :]
+                h = tl.reshape(h3, (BLOCK_M, HP))
         elif BATCHED:
             # ---- stage 1 from interleaved features f = c·NB + q: the contiguous tile of BLOCK_K
             # features is BLOCK_K/NB offsets c of every block q, permuted on chip to [q, m, c] and
@@ -939,7 +1069,14 @@ if HAS_TRITON:
         q_i = qt3 // RC
         t_i = qt3 - q_i * RC
         if FMA:
-            h3_lo = tl.reshape(h_lo, (BLOCK_M, NBC, QTC)).to(h.dtype)
+            # the slices hs[j] = h[:, (·, j)], rounded as h_lo is: stage 2 is QTC rank-1 updates
+            # of the output tile, no reduction
+            hs_lo = ()
+            for j in tl.static_range(QTC):
+                if H_FP32:
+                    hs_lo = hs_lo + (hs[j],)
+                else:
+                    hs_lo = hs_lo + (hs[j].to(z_ptr.dtype.element_ty).to(h.dtype),)
         if BATCHED2:
             hb_lo = tl.permute(tl.reshape(h_lo, (BLOCK_M, NBC, QTC)), (1, 0, 2))   # [p, m, (q, t)]
         for o0 in range(o_lo, o_hi, BLOCK_N):
@@ -970,8 +1107,12 @@ if HAS_TRITON:
                     f2_ptr + p_idx[None, :, None] * s2p + s_o3[:, None, None] * s2s
                     + q_i[None, None, :] * s2q + t_i[None, None, :] * s2t,
                     mask=(s_o3 < SB)[:, None, None], other=0.0,
-                )
-                z3 = tl.sum(h3_lo[:, None, :, :] * w3.to(h.dtype)[None, :, :, :], axis=3)
+                ).to(h.dtype)
+                ws = _split_last(w3, QTC)
+                # z3[m, s, p] = Σ_j h[m, p, j]·F2(p, s, j): outer-product updates, no reduction
+                z3 = hs_lo[0][:, None, :] * ws[0][None, :, :]
+                for j in tl.static_range(1, QTC):
+                    z3 += hs_lo[j][:, None, :] * ws[j][None, :, :]
                 acc = tl.reshape(z3, (BLOCK_M, BLOCK_N))
             else:
                 if OUT_INTERLEAVED:
@@ -1267,36 +1408,55 @@ def _path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int =
     w_b = (b * br * kb + b * nb * br) * elem
     rate = SM.rate_for("bf16" if elem == 2 else "fp32", dev)
 
-    def launch(programs, dram, flops, hgmma=True, l2=0.0):
-        # l2: bytes of 32-byte sectors passing L2 -> SM beyond the DRAM bytes (scattered stores)
+    def launch(programs, dram, flops, hgmma=True, l2=0.0, issue=0.0):
+        # l2: bytes of 32-byte sectors passing L2 -> SM beyond the DRAM bytes (scattered stores);
+        # issue: warp-instructions of the launch (FMA builds: ROWS_FMA_ISSUE)
         _, f = SM.fill(programs, dev)
         r_ = rate if hgmma else rate * dev.hmma_fraction
         return max(dram / dev.hbm_bw, (dram + l2) / (dev.l2_bw * f),
-                   flops / (r_ * f) if flops else 0.0) + dev.launch_s
+                   flops / (r_ * f) if flops else 0.0,
+                   _cost.issue_seconds(issue, dev, f) if issue else 0.0) + dev.launch_s
 
     # Monarch's output permutation written by the per-block kernels: one 32-byte sector per element
     scatter = 32.0 * M * N if strided else 0.0
 
-    if path == "rows":
+    if path in ("rows", "rows_mma", "rows_fma"):
         hp = rows_width(b, r)
         best = None
-        for bm in (16, 32, 64, 128):
-            m_blocks = cdiv(M, bm)
-            tiles = cdiv(N, 128)
-            split = max(1, min(tiles, (2 * dev.sms) // m_blocks))
-            split = cdiv(tiles, cdiv(tiles, split))
-            reread = (split - 1) * x_b if x_b > dev.l2_bytes / 2 else 0
-            dram = x_b + y_b + w_b + (h_b if save_h else 0) + reread
-            rows_ = m_blocks * bm
-            if b * r >= 16:   # stage 1 block by block (unpadded), then placed by a 0/1 product
-                qtp = next_pow2(b * r)
-                stage1 = rows_ * (Kp * qtp + b * qtp * hp)
-            else:             # stage 1 as one packed tile
-                stage1 = rows_ * Kp * hp
-            flops = 2.0 * (stage1 * split + rows_ * Np * hp)
-            t = launch(m_blocks * split, dram, flops, hgmma=bm >= 64)
-            best = t if best is None else min(best, t)
-        return best
+        if path != "rows_fma":
+            for bm in (16, 32, 64, 128):
+                m_blocks = cdiv(M, bm)
+                tiles = cdiv(N, 128)
+                split = max(1, min(tiles, (2 * dev.sms) // m_blocks))
+                split = cdiv(tiles, cdiv(tiles, split))
+                reread = (split - 1) * x_b if x_b > dev.l2_bytes / 2 else 0
+                dram = x_b + y_b + w_b + (h_b if save_h else 0) + reread
+                # every split reads its row block of x and the first factor again (from L2 at least)
+                l2 = (split - 1) * x_b - reread + (m_blocks * split - 1) * b * br * kb * elem
+                rows_ = m_blocks * bm
+                if b * r >= 16:   # stage 1 block by block (unpadded), then placed by a 0/1 product
+                    qtp = next_pow2(b * r)
+                    stage1 = rows_ * (Kp * qtp + b * qtp * hp)
+                else:             # stage 1 as one packed tile
+                    stage1 = rows_ * Kp * hp
+                flops = 2.0 * (stage1 * split + rows_ * Np * hp)
+                t = launch(m_blocks * split, dram, flops, hgmma=bm >= 64, l2=l2)
+                best = t if best is None else min(best, t)
+        if path != "rows_mma" and strided and _rows_fma_eligible(b, r, False, True):
+            # the FMA build: no tensor-core FLOPs, its instruction issue by ROWS_FMA_ISSUE
+            for c in rows_space(FMA=True, NBC=b, RC=r):
+                bm, bn = c["BLOCK_M"], c["BLOCK_N"]
+                m_blocks = cdiv(M, bm)
+                tiles = cdiv(N, bn)
+                split = max(1, min(tiles, (2 * dev.sms) // m_blocks))
+                split = cdiv(tiles, cdiv(tiles, split))
+                reread = (split - 1) * x_b if x_b > dev.l2_bytes / 2 else 0
+                dram = x_b + y_b + w_b + (h_b if save_h else 0) + reread
+                l2 = (split - 1) * x_b - reread + (m_blocks * split - 1) * w_b
+                w, _ = rows_fma_warp_instructions(b, r, kb, N, bm, bn, c["BLOCK_K"], c["num_warps"], split)
+                t = launch(m_blocks * split, dram, 0.0, l2=l2, issue=w * m_blocks * split)
+                best = t if best is None else min(best, t)
+        return best if best is not None else float("inf")
     if path == "two_stage":
         # stage 1 (batched over input blocks, 64-wide column tiles at least), stage 2 (batched
         # over output blocks, the reduction b·r padded to a 64-deep step)
@@ -1307,17 +1467,97 @@ def _path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int =
     if path == "fused":
         # the chain: one program per (row block, output block, output tile); every output block
         # re-reads its row block of x, from DRAM when x does not fit in half the L2
-        tiles = cdiv(nb, 128)
-        reads = b * tiles
-        dram = x_b * (1 if x_b <= dev.l2_bytes / 2 else reads) + y_b + (h_b if save_h else 0) + w_b
-        flops = 2.0 * M * max(16, next_pow2(r)) * b * (Kp * tiles + Np)
-        return launch(cdiv(M, 64) * b * tiles, dram, flops, l2=scatter)
+        best = None
+        for c in CHAIN_SPACE:   # the autotuner's candidates (its prune: BLOCK_N <= max(64, nb))
+            bm, bn = c["BLOCK_M"], c["BLOCK_N"]
+            if bn > max(64, next_pow2(nb)) or c["BLOCK_R"] > max(16, next_pow2(r)):
+                continue
+            tiles = cdiv(nb, bn)
+            reads = b * tiles
+            dram = x_b * (1 if x_b <= dev.l2_bytes / 2 else reads) + y_b + (h_b if save_h else 0) + w_b
+            flops = 2.0 * cdiv(M, bm) * bm * max(16, next_pow2(r)) * b * (Kp * tiles + tiles * bn)
+            rereads = x_b * (reads - 1) if x_b <= dev.l2_bytes / 2 else 0.0   # from L2
+            t = launch(cdiv(M, bm) * b * tiles, dram, flops, hgmma=bm >= 64, l2=scatter + rereads)
+            best = t if best is None else min(best, t)
+        return best
     if path == "torch":
         # monarch_bmm in x's dtype: bmm, the P₁ copy of h, bmm, the P₂ copy of y, the bias add
         ops = [(x_b + w_b / 2 + h_b, 2.0 * M * Kp * br), (2 * h_b, 0), (h_b + w_b / 2 + y_b, 2.0 * M * Np * br),
                (2 * y_b, 0), (2 * y_b, 0)]
         return sum(max(nbytes / dev.hbm_bw, fl / rate) + dev.launch_s for nbytes, fl in ops)
     raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+
+
+def _bwd_path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int = 2,
+                      inter: int = 2, need_w1: bool = True, strided: bool = True, dev=None) -> float:
+    """Predicted seconds of the backward of ``path`` (``dx``, ``dw1``, ``dw2`` and ``db``; ``K``,
+    ``N`` the layer's in/out features), with the terms of :func:`_path_seconds`: ``'rows'`` is the
+    row-block kernel read backwards (``g`` gathered on chip, contiguous ``dx``, ``dh`` stored) and
+    the two packed weight-gradient launches (their fixed-order partial sums when the rows are
+    split); ``'fused'`` the chain read backwards (``g`` gathered through ``P₂``: one 32-byte
+    sector per element for Monarch, per output block re-read) and two batched GEMMs over the
+    rows; ``'two_stage'`` four batched GEMMs. **Predicted, not measured.**"""
+    from fastfactor.sol import model as SM
+    from fastfactor.sol.device import H200
+
+    dev = dev or H200
+    kb, nb = cdiv(K, b), cdiv(N, b)
+    Kp, Np, br = b * kb, b * nb, b * r
+    hw = b * br
+    x_b, g_b, h_b = M * K * elem, M * N * elem, M * hw * inter
+    w_b = (b * br * kb + b * nb * br) * elem
+    rate = SM.rate_for("bf16" if elem == 2 else "fp32", dev)
+
+    def launch(programs, dram, flops, hgmma=True, l2=0.0):
+        _, f = SM.fill(programs, dev)
+        r_ = rate if hgmma else rate * dev.hmma_fraction
+        return max(dram / dev.hbm_bw, (dram + l2) / (dev.l2_bw * f),
+                   flops / (r_ * f) if flops else 0.0) + dev.launch_s
+
+    def wgrad(F, SB, blockwise_ok):
+        # one packed product per feature tile over fixed splits of the rows (_wgrad)
+        blockwise = blockwise_ok and br >= 16
+        batched = not blockwise_ok and br >= 16 and _pow2(b) and _pow2(r)
+        hp = next_pow2(br) if blockwise else (br if batched else rows_width(b, r))
+        best = None
+        for bn in (64, 128, 256):
+            tiles = b * cdiv(SB, bn) if blockwise else cdiv(F, bn)
+            split, _ = wgrad_split(M, F, dev.sms, tile=bn)
+            t = launch(tiles * split, M * F * elem + M * hw * inter + F * br * (4 if split > 1 else elem),
+                       2.0 * M * F * hp, hgmma=False)
+            if split > 1:   # the partials summed by torch.sum (and cast)
+                t += dev.launch_s + (split + 1) * F * br * 4 / dev.hbm_bw
+            best = t if best is None else min(best, t)
+        return best
+
+    if path == "rows":
+        t = _path_seconds(M, N, K, b, r, "rows", elem, inter, save_h=need_w1, strided=False, dev=dev)
+        if need_w1:
+            t += wgrad(K, kb, True)
+        return t + wgrad(N, nb, not strided)
+    # dw1 = Σ_m dh·x (b groups of br x kb), dw2 = Σ_m g'·h (b groups of nb x br): one program owns
+    # a tile of the gradient and the whole M-long reduction
+    pad = max(16, next_pow2(br))
+    t_w = 0.0
+    if need_w1:
+        t_w += launch(b * cdiv(br, 64) * cdiv(kb, 64), x_b + h_b, 2.0 * M * b * pad * kb, hgmma=False)
+    t_w += launch(b * cdiv(nb, 64) * cdiv(br, 64), g_b + h_b, 2.0 * M * b * nb * pad, hgmma=False,
+                  l2=32.0 * M * N if strided else 0.0)
+    if path == "fused":
+        tiles = cdiv(kb, 128)
+        reads = b * tiles
+        dram = g_b * (1 if g_b <= dev.l2_bytes / 2 else reads) + x_b + h_b + w_b
+        # every program reads its whole row block of g: sector-wide elements when gathered (Monarch)
+        gather = (32.0 * M * N if strided else g_b) * reads
+        flops = 2.0 * M * max(16, next_pow2(r)) * b * (Np * tiles + Kp)
+        return launch(cdiv(M, 64) * b * tiles, dram, flops, l2=gather) + t_w
+    if path == "two_stage":
+        pad_n, pad_k = max(64, next_pow2(br)), cdiv(br, 64) * 64
+        t1 = launch(b * cdiv(M, 128) * cdiv(br, 128), g_b + h_b, 2.0 * M * Np * pad_n,
+                    l2=32.0 * M * N if strided else 0.0)
+        t2 = launch(b * cdiv(M, 128) * cdiv(kb, 128), h_b + x_b, 2.0 * M * Kp * pad_k)
+        return t1 + t2 + t_w
+    raise ValueError(f"path: expected one of rows, fused, two_stage, got {path!r}")
 
 
 def rows_supported(nblocks: int, rank: int) -> bool:
@@ -1327,13 +1567,15 @@ def rows_supported(nblocks: int, rank: int) -> bool:
 
 
 def choose_path(M: int, K: int, N: int, nblocks: int, rank: int, elem: int = 2, save_h: bool = False,
-                allow_torch: bool = False, strided: bool = True) -> str:
+                allow_torch: bool = False, strided: bool = True, backward: bool = False) -> str:
     """The path with the smallest predicted time (:func:`_path_seconds`: bytes and FLOPs, the sol
     model's terms and device), among ``'rows'`` (row-block kernel, ``h`` on chip, ``x`` read
     once; where ``b·b·r <= 64``), ``'fused'`` (the per-output-block chain), ``'two_stage'``
     (``h`` through memory) and, with ``allow_torch`` (the forward), ``'torch'`` (two ``bmm`` with
     the permutes). ``FASTFACTOR_MONARCH_PATH=rows|fused|two_stage|torch`` forces a path (``rows``
     falls back to ``fused`` where ``h`` does not fit on chip; ``torch`` applies to the forward).
+    With ``backward=True`` (``M``, ``K``, ``N`` then the backward's: ``K`` = ``g``'s width) the
+    paths are priced by :func:`_bwd_path_seconds` (``dx`` and the weight gradients together).
     """
     forced = os.environ.get("FASTFACTOR_MONARCH_PATH")
     if forced:
@@ -1347,6 +1589,10 @@ def choose_path(M: int, K: int, N: int, nblocks: int, rank: int, elem: int = 2, 
             return "two_stage"
         return forced
     cands = [p for p in PATHS if (p != "rows" or rows_supported(nblocks, rank)) and (p != "torch" or allow_torch)]
+    if backward:
+        # (M, K, N) are the backward's: K = out_features (g's width), N = in_features (dx's)
+        cands = [p for p in cands if p != "torch"]
+        return min(cands, key=lambda p: _bwd_path_seconds(M, N, K, nblocks, rank, p, elem, elem, save_h, strided))
     return min(cands, key=lambda p: _path_seconds(M, K, N, nblocks, rank, p, elem, elem, save_h, strided))
 
 
@@ -1358,7 +1604,8 @@ def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_int
     f1, s1 = first
     f2, s2 = second
     h_fp32 = intermediate_dtype(a.dtype) != a.dtype
-    fma = rows_fma(NB, R, in_inter, out_inter)
+    fma = rows_fma(NB, R, in_inter, out_inter, M=M, K=F_IN, N=F_OUT, elem=a.element_size(),
+                   save_h=h is not None)
     blockwise = not fma and not in_inter and NB * R >= 16
     batched = in_inter and NB * R >= 16 and _pow2(NB) and _pow2(R)
     batched2 = out_inter and not fma and NB * R >= 16 and _pow2(NB) and _pow2(R)
@@ -1506,7 +1753,9 @@ def monarch_fwd(
     hbuf = torch.empty((M, b * b * r), device=x.device, dtype=inter) if save_h else None
     if M == 0 or N == 0:
         return y, hbuf
-    path = path or choose_path(M, K, N, b, r, x.element_size(), save_h, allow_torch=True, strided=strided)
+    # priced as a training forward (h saved) with or without save_h, so that y does not depend
+    # on the grad mode (the inference forward takes the training forward's path)
+    path = path or choose_path(M, K, N, b, r, x.element_size(), True, allow_torch=True, strided=strided)
     br = b * r
     if path == "rows" and not rows_supported(b, r):
         path = "fused"
@@ -1594,7 +1843,7 @@ def monarch_bwd(
     sx_m, sx_f = x.stride()
     g_op = lambda sg, si, sk, feat: (g, (sg, si, sk), feat)
     dh = None
-    path = path or choose_path(M, N, K, b, r, g.element_size(), need_w1, strided=strided)
+    path = path or choose_path(M, N, K, b, r, g.element_size(), need_w1, strided=strided, backward=True)
     if path == "rows" and not rows_supported(b, r):
         path = "fused"
     if need_x or need_w1:

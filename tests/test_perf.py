@@ -23,7 +23,6 @@ from fastfactor.sol import tier  # noqa: E402
 BACKLOG = {
     'reread-sparse24-4096-M16-fwd': 'sparse24.decode(fwd).x_ptr read 128.0x its size (target <= 1.25x)',
     'reread-dense_sparse-4096-M16-fwd': 'sparse24.decode(fwd).x_ptr read 41.0x its size (target <= 1.25x)',
-    'flops-monarch-4096-M16384-fwd': 'issued/useful = 4.00: the row-block kernel packs the b=4 rank-1 blocks into 16-wide dots; its FMA formulation (FASTFACTOR_MONARCH_FMA=1, 0 tensor FLOPs) is slower on its SASS (target <= 1.33)',
     'speedup-dense1.5x-sparse24-4096-M16-fwd': '1.49x vs dense (predicted) (target >= 1.5x vs dense)',
     'speedup-dense1.5x-sparse24-4096-M64-fwd': '1.48x vs dense (predicted; PyTorch semi-structured GEMM chosen over the split decode, 0.87x) (target >= 1.5x vs dense)',
 }

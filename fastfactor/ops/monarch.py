@@ -118,10 +118,15 @@ def _setup_context(ctx, inputs, output):
     _, h = output
     ctx.has_bias = bias is not None
     ctx.strided = strided
+    # the saved intermediate h is an output of the op but never differentiated: no zero-filled
+    # gradient for it (an M x b·b·r memset launch per backward otherwise)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, w1, w2, h)
 
 
 def _backward(ctx, g, _gh):
+    if g is None:
+        return None, None, None, None, None, None, None
     x, w1, w2, h = ctx.saved_tensors
     need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
     need_b = ctx.has_bias and ctx.needs_input_grad[3]

@@ -144,6 +144,13 @@ def _detail(row: dict) -> str:
         it = e.get("issue") or {}
         if it.get("seconds") is None:
             out.append(f"        issue: {it.get('note', 'not computed')}")
+        elif "loop" not in it:   # a stated per-instruction model (no SASS read)
+            out.append(f"        issue: {it['warp_instructions']:.3g} warp-instr = {e['programs']} programs x "
+                       f"{it['per_warp'] * e['config'].get('num_warps', 4):.0f} per program, loop trips "
+                       f"{it['trips']} ({it['note']})")
+        elif isinstance(it["trips"], list):   # every SASS loop at its trip count
+            out.append(f"        issue: {it['warp_instructions']:.3g} warp-instr = {e['programs']} programs x "
+                       f"{it['warps']} warps x {it['per_warp']} ({it['note']})")
         else:
             out.append(f"        issue: {it['warp_instructions']:.3g} warp-instr = {e['programs']} programs x "
                        f"{it['warps']} warps x ({it['outside']} + {it['loop']} x {it['trips']}) ({it['note']})")

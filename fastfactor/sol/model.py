@@ -65,8 +65,10 @@ fill = _cost.fill
 
 
 def launch_time(count, device: Device, num_warps: int = 4, dtype: str = "bf16",
-                ctas_per_sm: int = 1, hgmma: Optional[bool] = None) -> dict:
-    """Predicted seconds of one counted launch, with each term (see the module docstring)."""
+                ctas_per_sm: int = 1, hgmma: Optional[bool] = None, issue_instructions: float = 0.0) -> dict:
+    """Predicted seconds of one counted launch, with each term (see the module docstring);
+    ``issue_instructions``: the launch's warp-instructions from the kernel's stated
+    per-instruction model (:data:`kernels._cost.ISSUE_MODELS`), an issue term."""
     dram = 0.0
     sectors = 0.0
     for tc in count.tensors.values():
@@ -76,11 +78,31 @@ def launch_time(count, device: Device, num_warps: int = 4, dtype: str = "bf16",
     if hgmma is None:
         hgmma = count.dot_m >= 64 and num_warps % 4 == 0
     t = _cost.kernel_seconds(dram, 32.0 * sectors, count.dot_flops, count.programs, device, bool(hgmma),
-                             dtype, ctas_per_sm)
+                             dtype, ctas_per_sm, issue_instructions)
     return dict(t, dram_bytes=dram, l2_bytes=32.0 * sectors, hgmma=bool(hgmma))
 
 
 NO_SASS = "issue term not computed: no SASS facts for this launch (no build read; run with --sass)"
+STATED_MODEL = ("issue term from the kernel's stated per-instruction model (kernels._cost.ISSUE_MODELS); "
+                "--sass counts the compiled loops instead")
+
+
+def nested_loop_instructions(facts: dict, trips: list) -> Optional[int]:
+    """Per-warp instructions of a build whose loops (``facts['loops']``: ``[start, end, own
+    instructions]``, address order) run ``trips[i]`` times per entry, nested loops multiplied by
+    their enclosing loops' trips; None when the build has another number of loops."""
+    loops = facts.get("loops")
+    if loops is None or len(loops) != len(trips):
+        return None
+    total = int(facts["loop_instructions"]) + int(facts["outside_instructions"])
+    per_warp = total - sum(int(l[2]) for l in loops)
+    for i, (lo, hi, own) in enumerate(loops):
+        n = trips[i]
+        for j, (lo2, hi2, _) in enumerate(loops):
+            if j != i and lo2 <= lo and hi <= hi2:
+                n *= trips[j]
+        per_warp += int(own) * n
+    return per_warp
 
 
 def issue_term(e: dict, facts: Optional[dict], device: Device) -> dict:
@@ -94,6 +116,15 @@ def issue_term(e: dict, facts: Optional[dict], device: Device) -> dict:
     warps = int(cfg.get("num_warps", 4))
     step = cfg.get("BLOCK_K") or cfg.get("BLOCK_R")
     loop, outside = int(facts["loop_instructions"]), int(facts["outside_instructions"])
+    if e.get("issue_model"):
+        # a kernel with a stated loop structure (FMA builds): every compiled loop at its trip count
+        per_warp = nested_loop_instructions(facts, e["issue_model"])
+        if per_warp is not None:
+            w = float(e["programs"]) * warps * per_warp
+            rate = device.sms * device.issue_slots_per_sm * device.clock_hz * e["fill"]
+            return dict(seconds=w / rate, warp_instructions=w, per_warp=per_warp, loop=loop, outside=outside,
+                        trips=e["issue_model"], warps=warps,
+                        note=f"every SASS loop at its trips {e['issue_model']} (nested loops multiplied)")
     if loop and step and e.get("reduction"):
         trips = math.ceil(e["reduction"] / step)
         note = f"trips = ceil({e['reduction']} / {step})"

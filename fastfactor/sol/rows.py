@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..bench.families import FAMILIES, flops_for, param_label
-from ..kernels import _config
+from ..kernels import _config, _cost
 from . import count as C
 from . import model
 from . import record as R
@@ -164,13 +164,17 @@ def evaluate_launch(launch, device: Device, configs: str = "all") -> dict:
     (what an ideal autotuner picks). ``configs='fixed'``: only the deterministic-mode config."""
     cands = launch.candidates if configs == "all" else [launch.fixed]
     dt = _dtype_of(launch)
+    ints = {k: v for k, v in launch.args.items() if not isinstance(v, torch.Tensor)}
+    imodel = _cost.ISSUE_MODELS.get(launch.kernel)
     per = []
     for cfg in cands:
         lc = cached_count(launch, cfg)
-        t = model.launch_time(lc, device, num_warps=cfg.get("num_warps", 4), dtype=dt)
-        per.append((t["seconds"], cfg, lc, t))
+        im = imodel(ints, launch.constexprs, cfg, lc.grid) if imodel else None
+        t = model.launch_time(lc, device, num_warps=cfg.get("num_warps", 4), dtype=dt,
+                              issue_instructions=im[0] * lc.programs if im else 0.0)
+        per.append((t["seconds"], cfg, lc, t, im))
     per.sort(key=lambda p: p[0])
-    sec, cfg, lc, t = per[0]
+    sec, cfg, lc, t, im = per[0]
     tensors = {}
     for name, tc in lc.tensors.items():
         tensors[name] = dict(size=tc.size_bytes, load=tc.load_bytes, store=tc.store_bytes,
@@ -182,10 +186,14 @@ def evaluate_launch(launch, device: Device, configs: str = "all") -> dict:
         grid=list(lc.grid), programs=lc.programs, reduction=lc.reduction, dot_m=lc.dot_m,
         dot_flops=lc.dot_flops, seconds=sec, bound=t["bound"], terms=t["terms"], waves=t["waves"],
         fill=t["fill"], hgmma=t["hgmma"], dram_bytes=t["dram_bytes"], l2_bytes=t["l2_bytes"],
-        tensors=tensors, candidates=len(cands), issue=dict(seconds=None, note=model.NO_SASS),
+        tensors=tensors, candidates=len(cands),
+        issue=(dict(seconds=t["terms"]["issue"], warp_instructions=im[0] * lc.programs, per_warp=im[0] / cfg.get("num_warps", 4),
+                    trips=im[1], note=model.STATED_MODEL) if im else dict(seconds=None, note=model.NO_SASS)),
+        issue_model=im[1] if im else None,
         specialization={k: v for k, v in launch.specialization().items() if v in ("1", "D")},
         signature=launch.signature(), constexprs={k: v for k, v in launch.constexprs.items()},
-        all_configs=[dict(config=_cfg_label(c), seconds=s, bound=tt["bound"]) for s, c, _, tt in per],
+        source_hash=_source_hash(launch.fn),   # keys the SASS cache (fastfactor.sol.sass.jobs_for)
+        all_configs=[dict(config=_cfg_label(c), seconds=s, bound=tt["bound"]) for s, c, _, tt, _ in per],
     )
 
 

@@ -67,8 +67,14 @@ def loop_split(sass: str) -> dict:
         if key is None or k > key:
             best, key = (lo, hi), k
     n_loop = key[1] if key else 0
+    # every loop, address order, with its own instructions (those of loops nested in it excluded)
+    spans = sorted(set(loops))
+    own = []
+    for lo, hi in spans:
+        inner = [(a, b) for a, b in spans if (a, b) != (lo, hi) and lo <= a and b <= hi]
+        own.append([lo, hi, sum(1 for a, t in real if lo <= a <= hi and not any(x <= a <= y for x, y in inner))])
     return dict(loop_instructions=n_loop, outside_instructions=len(real) - n_loop,
-                loop_range=[best[0], best[1]] if best else None)
+                loop_range=[best[0], best[1]] if best else None, loops=own)
 
 
 def occupancy(regs: int, smem: int, num_warps: int, regs_per_sm: int = 65536,
