@@ -1934,6 +1934,27 @@ def sparse24_backward(g, x, values, meta, need_x: bool, need_values: bool, need_
 # only where predicted at least 5 % faster (DS_MARGIN), so a dense-sparse layer is never predicted
 # slower than its two-library-products alternative. The two-kernel path is not a candidate: in
 # that model our GEMMs (the same bytes and FLOPs, more launches) never beat ideal cuBLAS.
+#
+# Ranks above 256 take the library path: neither the fusion extended past rank 256 (the
+# intermediate in shared memory, :func:`ds_chain_seconds` with ``any_rank``) nor a two-phase path
+# with a split reduction at a handful of rows (:func:`ds_two_phase_seconds`) is predicted faster
+# (H200, bf16, predicted; library with sparse24's one-launch decode kernel):
+#
+#   shape, rank     M       library   two-phase   fused (any rank)
+#   4096², 655      16      7.1 us    8.5 us      56 us
+#   4096², 655      64      8.3       15.2        56
+#   4096², 655      16384   177       -           361
+#   4096², 1310     16      9.0       10.6        108
+#   4096², 1310     64      10.1      20.2        108
+#   768x3072, 336   16      5.7       6.3         8.9
+#   768x3072, 336   64      6.2       8.4         8.9
+#
+# At a handful of rows the fused grid must split the N tiles over the SMs, each split re-reading
+# all of S (the fusion's cost grows with the rank); the two-phase path saves no launch over the
+# one-launch decode + cuBLAS, and its second phase re-reads the fp32 partials once per N tile where
+# cuBLAS reads t once. At many rows both products are compute-bound and PyTorch's 2:4 GEMM halves
+# the first one's FLOPs, which no Triton kernel can (tests/sparse24/test_ds_dispatch.py checks
+# these comparisons).
 
 DS_PATHS = ("library", "fused", "two_kernel")
 
@@ -2119,7 +2140,10 @@ def ds_path_costs(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, device=N
     out = {}
     if ds_library_ok(dtype):
         e = _ds_elem(dtype)
-        out["library"] = ds_s_plan(M, K, R, dtype, device)[1] + _gemm_seconds(M, N, R, e, e, e, bias, dtype)
+        s_path, s_cost = ds_s_plan(M, K, R, dtype, device)
+        out["library"] = s_cost + _gemm_seconds(M, N, R, e, e, e, bias, dtype)
+        if save_t and s_path in ("torch", "torch_pad"):   # PyTorch's t (transposed) made contiguous
+            out["library"] += _roof(2.0 * M * R * e, 0.0, _RATE)
     fused = ds_chain_seconds(M, K, N, R, dtype, bias, save_t, _ds_sms(device))
     if fused is not None:
         out["fused"] = fused
@@ -2284,6 +2308,10 @@ def dense_sparse_fwd(
         else:
             t = _ds_t(x, s_values, s_meta)
         y = torch.nn.functional.linear(t, d, bias)                 # cuBLAS
+        if save_t and not t.is_contiguous():
+            # PyTorch's 2:4 GEMM returns t as the transposed view of (R32, M): the op's saved t
+            # is contiguous (M, R) like its fake tensor's (torch.compile, opcheck)
+            t = t.contiguous()
         return y, (t if save_t else None)
     t = _sparse_t(x, s_values, s_meta)
     y = gemm(t, d.t(), bias=bias, out_dtype=x.dtype)
