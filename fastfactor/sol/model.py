@@ -28,7 +28,8 @@ model states (nested loops multiplied, :func:`nested_loop_instructions`).
 
 DRAM bytes (the stated L2 model): a tensor read by the launch costs its unique bytes once; its
 re-reads come from L2 when it fits in half the L2, else from DRAM (every requested byte). Stores
-cost their bytes. HGMMA (wgmma) is assumed for dots whose M tile is at least 64 with a multiple of 4
+cost their bytes. A workspace the launch writes and then reads back itself (split partials summed
+in the same launch, ``kernels._cost.IN_LAUNCH_WORKSPACE``) costs its stores only: the reads hit L2. HGMMA (wgmma) is assumed for dots whose M tile is at least 64 with a multiple of 4
 warps (Triton's rule), HMMA otherwise.
 
 A plain PyTorch op (dense ``F.linear``, the unfused path), recorded by
@@ -75,8 +76,12 @@ def launch_time(count, device: Device, num_warps: int = 4, dtype: str = "bf16",
     per-instruction model (:data:`kernels._cost.ISSUE_MODELS`), an issue term."""
     dram = 0.0
     sectors = 0.0
-    for tc in count.tensors.values():
+    ws = _cost.IN_LAUNCH_WORKSPACE.get(count.kernel, ())
+    for name, tc in count.tensors.items():
         sectors += tc.load_sectors + tc.store_sectors
+        if name.split("/")[0] in ws and tc.size_bytes <= device.l2_bytes / 2:
+            dram += tc.store_bytes      # read back in the same launch: L2 hits
+            continue
         uniq = tc.unique_bytes if tc.unique_bytes is not None else min(tc.load_bytes, tc.size_bytes)
         dram += _cost.dram_bytes(tc.load_bytes, uniq, tc.size_bytes, tc.store_bytes, device)
     if hgmma is None:

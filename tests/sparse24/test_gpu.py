@@ -47,12 +47,18 @@ def test_sparse24_linear_cuda(shape, dtype):
     assert_close_ref(b.grad, b64.grad, dtype, reduction=M, name="dbias")
 
 
-@pytest.mark.parametrize("path", ["fused", "two_kernel"])
+@pytest.mark.parametrize("path", ["fused", "two_kernel", "library", "auto"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
-@pytest.mark.parametrize("shape", [(16, 4096, 4096, 256), (4096, 768, 3072, 168), (37, 4096, 4096, 655)],
+@pytest.mark.parametrize("shape", [(16, 4096, 4096, 256), (4096, 768, 3072, 168), (37, 4096, 4096, 655),
+                                   (1024, 4096, 4096, 655)],
                          ids=lambda s: f"M{s[0]}-K{s[1]}-N{s[2]}-R{s[3]}")
 def test_dense_sparse_linear_cuda(shape, dtype, path, monkeypatch):
-    monkeypatch.setenv("FASTFACTOR_DS_PATH", path)
+    """Every path; ``auto`` / ``library`` at M = 1024, rank 655 run PyTorch's 2:4 GEMM on S
+    zero-padded to 672 rows (bf16/fp16 where eligible)."""
+    if path == "auto":
+        monkeypatch.delenv("FASTFACTOR_DS_PATH", raising=False)
+    else:
+        monkeypatch.setenv("FASTFACTOR_DS_PATH", path)
     M, Kd, N, R = shape
     x = torch.randn(M, Kd, device=DEV, dtype=dtype, requires_grad=True)
     s = sparse_weight(R, Kd, dtype)
