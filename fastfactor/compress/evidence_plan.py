@@ -29,7 +29,14 @@ Rows go to ``OUT/evidence_plan.json`` as they finish (a rerun skips rows already
 ``OUT/evidence_plan.md`` and ``OUT/evidence_plan.png`` (matplotlib; skipped with a message
 without it) are rewritten.
 
-``python -m fastfactor.compress.evidence_plan --out docs --cache /tmp/evplan [--threads 1]``
+``--seed S`` runs the compression with another seed (calibration batches, fine-tuning order; the
+data, the dense base and the evaluation stay seed 0's), its rows keyed by the seed; ``--jobs`` runs
+only the named cells; ``--merge`` takes other runs' rows; the report aggregates the seeds (each
+seed's planned − uniform, their mean, how many the plan wins) and, with ``--recompute-latency``,
+adds the whole model's predicted fraction (:func:`fastfactor.plan_latency.rest_seconds`). The
+output scores are cached on disk (``CACHE/plan-scores``), so a cut-off run does not score again.
+
+``python -m fastfactor.compress.evidence_plan --out docs --cache /tmp/evplan [--threads 1] [--seed 1]``
 """
 
 from __future__ import annotations
