@@ -738,6 +738,7 @@ if HAS_TRITON:
         vals_ptr,   # (N, K/2) kept values of the 2:4 weight W (N, K) (int32 pairs when PAIRS)
         meta_ptr,   # (N, ceil(K/8)) uint8 codes of W, or (N, K/32) int32 words (META32)
         dx_ptr,     # (M, K) output dx = g·W
+        db_ptr,     # HAS_DB: (N,) output db = Σ_m g[m, :] (the bias gradient), by column tile 0
         ws_ptr,     # SPLIT: (SPLIT_N, M, K) fp32 partial sums (workspace); else unused
         cnt_ptr,    # SPLIT and SYNC: (K_TILES,) int32 arrival counters, zero between launches
         # --- dimensions ---
@@ -750,6 +751,7 @@ if HAS_TRITON:
         stride_mn, stride_mc,
         stride_dm, stride_dk,
         # --- meta-parameters ---
+        HAS_DB: tl.constexpr,      # also the bias gradient (g's column sums, fp32, fixed order)
         SPLIT: tl.constexpr,
         SYNC: tl.constexpr,        # as in _sp_decode_kernel
         UPCAST: tl.constexpr,
@@ -784,6 +786,10 @@ if HAS_TRITON:
                 g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
                 mask=mask_m[:, None] & mask_n[None, :], other=0.0,
             )
+            if HAS_DB:
+                if pid_k == 0:     # each weight row's g column read here anyway: db once per row
+                    tl.store(db_ptr + offs_n, tl.sum(g.to(tl.float32), axis=0).to(db_ptr.dtype.element_ty),
+                             mask=mask_n)
             if PAIRS:
                 w = _expand24_pairs(vals_ptr, meta_ptr, offs_n, mask_n, k0, K, stride_vn,
                                     stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
@@ -1184,7 +1190,7 @@ if HAS_TRITON:
     register_kernel(KernelSpec(
         name="sparse24.dx_decode", fn=_sp_dx_decode_kernel,
         pointers={"meta_ptr": _I32, "vals_ptr": _I32, "ws_ptr": "fp32", "cnt_ptr": "i32"},
-        constexprs=[dict(BLOCK_K=bk, BLOCK_M=bm, PAIRS=True, MIXED=False, **_DOT, **_W, SPLIT=sp, SYNC=sp)
+        constexprs=[dict(BLOCK_K=bk, BLOCK_M=bm, PAIRS=True, MIXED=False, **_DOT, **_W, HAS_DB=sp, SPLIT=sp, SYNC=sp)
                     for bk, bm in ((32, 16), (64, 16), (128, 16), (256, 16), (64, 64)) for sp in (False, True)],
         space=dxd_space,
     ))
@@ -1527,18 +1533,23 @@ def dx_decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2) -> tupl
 
 
 def sparse24_dx_decode(g: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                       out_dtype: Optional[torch.dtype] = None, plan: Optional[tuple] = None) -> torch.Tensor:
+                       out_dtype: Optional[torch.dtype] = None, plan: Optional[tuple] = None,
+                       db: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``dx = g·W`` for ``M <= 64`` rows of ``g (M, N)`` in one launch (:func:`dx_decode_plan_cost`;
-    ``plan`` forces ``(BLOCK_K, split)``); deterministic (fixed-order reduction of the splits)."""
+    ``plan`` forces ``(BLOCK_K, split)``); deterministic (fixed-order reduction of the splits).
+    ``db``: an ``(N,)`` contiguous tensor that receives ``Σ_m g[m, :]`` (summed in fp32, rounded
+    once), the bias gradient, computed in the same launch (no separate reduction)."""
     M, N = g.shape
     K = 2 * values.shape[1]
     if M > DECODE_MAX_M:
         raise ValueError(f"g: sparse24_dx_decode takes at most {DECODE_MAX_M} rows, got {M}")
     dx = torch.empty((M, K), device=g.device, dtype=out_dtype or g.dtype)
-    if M == 0 or K == 0:
-        return dx
-    if N == 0:
-        return dx.zero_()
+    if db is not None and (db.shape != (N,) or not db.is_contiguous()):
+        raise ValueError(f"db: expected a contiguous ({N},) tensor, got {tuple(db.shape)}")
+    if M == 0 or K == 0 or N == 0:
+        if db is not None:
+            db.copy_(g.sum(0, dtype=torch.float32))
+        return dx if M == 0 or K == 0 else dx.zero_()
     e = 4 if g.dtype == torch.float32 else 2
     bk, sk = plan or dx_decode_plan_cost(M, N, K, _config.num_sms(g.device), e)[1:]
     nps = _dxd_nps(N, sk)
@@ -1554,11 +1565,11 @@ def sparse24_dx_decode(g: torch.Tensor, values: torch.Tensor, meta: torch.Tensor
     ws = torch.empty((sk, M, K), device=g.device, dtype=torch.float32) if split else dx
     cnt = _decode_counters(g.device, nb) if sync else ws
     _sp_dx_decode_tuned[(nb * sk,)](
-        g, vt, mt, dx, ws, cnt,
+        g, vt, mt, dx, db if db is not None else dx, ws, cnt,
         M, N, K, nps, sk,
         g.stride(0), g.stride(1), vt.stride(0), vt.stride(1),
         smr, smc, dx.stride(0), dx.stride(1),
-        SPLIT=split, SYNC=sync, UPCAST=upcast_dots(), PRECISION=_precision(g, values),
+        HAS_DB=db is not None, SPLIT=split, SYNC=sync, UPCAST=upcast_dots(), PRECISION=_precision(g, values),
         META32=m32, PAIRS=pairs, MIXED=g.dtype != values.dtype, BLOCK_M=bm, BLOCK_K=bk,
     )
     return dx
@@ -1864,15 +1875,19 @@ def sparse24_forward(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     return sparse24_mm(x, values, meta, bias)
 
 
-def sparse24_backward(g, x, values, meta, need_x: bool, need_values: bool):
+def sparse24_backward(g, x, values, meta, need_x: bool, need_values: bool, need_bias: bool = False):
     """Backward launcher: ``(dx, dvalues)`` (``None`` where not needed), each by
     :func:`choose_bwd_path`: ``dx = g·W`` with ``W`` expanded once and cuBLAS, or
     :func:`sparse24_dx`; the kept entries of ``gᵀ·x`` from cuBLAS + :func:`compress_24`, or
     :func:`sparse24_dvalues`. Exact selections either way: the kept values' gradient is the
-    dense gradient at the kept positions, rounded once."""
+    dense gradient at the kept positions, rounded once.
+
+    ``need_bias``: returns ``(dx, dvalues, db)`` with ``db = Σ_m g[m, :]`` (fp32 sum rounded
+    once to ``g``'s dtype); at decode sizes it comes out of the dx launch itself
+    (:func:`sparse24_dx_decode`), else from one reduction."""
     M, N = g.shape
     K = x.shape[1]
-    dx = dv = None
+    dx = dv = db = None
     if need_x:
         tp = None
         if M > 0 and torch24_eligible(M, N, K, g.dtype, g.device) and g.dtype == values.dtype:
@@ -1882,14 +1897,19 @@ def sparse24_backward(g, x, values, meta, need_x: bool, need_values: bool):
             dx = torch24_linear(g, transposed_values(values, tp[0]), tp[1]).contiguous()
         elif path == "dense":
             dx = torch.mm(g, expand_24(values, meta, out_dtype=g.dtype))
+        elif need_bias and 0 < M <= DECODE_MAX_M:             # db out of the same launch
+            db = torch.empty(N, device=g.device, dtype=g.dtype)
+            dx = sparse24_dx_decode(g, values, meta, db=db)
         else:
             dx = sparse24_dx(g, values, meta)
+    if need_bias and db is None:
+        db = g.sum(0, dtype=torch.float32).to(g.dtype)
     if need_values:
         if M > 0 and choose_bwd_path(M, K, N, g.dtype, "dvalues") == "dense":
             dv = compress_24(torch.mm(g.t(), x), meta, out_dtype=values.dtype)
         else:
             dv = sparse24_dvalues(g, x, meta, out_dtype=values.dtype)
-    return dx, dv
+    return (dx, dv, db) if need_bias else (dx, dv)
 
 
 # ============================================================================================

@@ -87,6 +87,10 @@ def launch_time(count, device: Device, num_warps: int = 4, dtype: str = "bf16",
     return dict(t, dram_bytes=dram, l2_bytes=32.0 * sectors, hgmma=bool(hgmma))
 
 
+#: kernels whose main loop steps by another tuned block than ``BLOCK_K`` (the 2:4 dx-decode reduces
+#: over weight rows, ``BLOCK_N`` per step)
+REDUCTION_STEP = {"sparse24.dx_decode": "BLOCK_N"}
+
 NO_SASS = "issue term not computed: no SASS facts for this launch (no build read; run with --sass)"
 STATED_MODEL = ("issue term from the kernel's stated per-instruction model (kernels._cost.ISSUE_MODELS); "
                 "--sass counts the compiled loops instead")
@@ -119,7 +123,7 @@ def issue_term(e: dict, facts: Optional[dict], device: Device) -> dict:
         return dict(seconds=None, note=NO_SASS + (f" (build failed: {why})" if why else ""))
     cfg = e["config"]
     warps = int(cfg.get("num_warps", 4))
-    step = cfg.get("BLOCK_K") or cfg.get("BLOCK_R")
+    step = cfg.get(REDUCTION_STEP.get(e.get("kernel"), "BLOCK_K")) or cfg.get("BLOCK_R")
     loop, outside = int(facts["loop_instructions"]), int(facts["outside_instructions"])
     if e.get("issue_model"):
         # a kernel with a stated loop structure (FMA builds): every compiled loop at its trip count

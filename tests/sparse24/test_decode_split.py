@@ -168,9 +168,9 @@ def test_dx_decode_counter_path_bitwise_and_reset(triton_cpu):
         ws = torch.empty(sk, m, k)
         cnt = torch.zeros(nb, dtype=torch.int32)
         K._sp_dx_decode_tuned[(nb * sk,)](
-            g, w.values, mt, dx, ws, cnt if sync else ws, m, n, k, K._dxd_nps(n, sk), sk,
+            g, w.values, mt, dx, dx, ws, cnt if sync else ws, m, n, k, K._dxd_nps(n, sk), sk,
             g.stride(0), g.stride(1), w.values.stride(0), w.values.stride(1), smr, smc, dx.stride(0), dx.stride(1),
-            SPLIT=True, SYNC=sync, UPCAST=True, PRECISION="ieee", META32=m32, PAIRS=False, MIXED=False,
+            HAS_DB=False, SPLIT=True, SYNC=sync, UPCAST=True, PRECISION="ieee", META32=m32, PAIRS=False, MIXED=False,
             BLOCK_M=16, BLOCK_K=bk,
         )
         outs.append(dx)
@@ -198,3 +198,43 @@ def test_dx_planner_and_sol_counts():
     for name in full.tensors:
         for f in ("load_bytes", "store_bytes", "load_sectors", "store_sectors", "unique_bytes"):
             assert getattr(scaled.tensors[name], f) == getattr(full.tensors[name], f), (name, f)
+
+
+@pytest.mark.parametrize("m,n,k,plan,dtype", [(16, 384, 256, (64, 3), torch.float32),
+                                             (7, 200, 96, (32, 2), torch.bfloat16)])
+def test_dx_decode_bias_gradient_in_the_same_launch(triton_cpu, m, n, k, plan, dtype):
+    torch.manual_seed(m)
+    w = pack_24(prune_24(torch.randn(n, k) / n ** 0.5))
+    values, meta = w.values.to(dtype), w.meta
+    g = torch.randn(m, n).to(dtype)
+    db = torch.empty(n, dtype=dtype)
+    dx = K.sparse24_dx_decode(g, values, meta, plan=plan, db=db)
+    assert torch.equal(dx, K.sparse24_dx_decode(g, values, meta, plan=plan))   # db changes nothing else
+    assert_close_ref(db, g.double().sum(0), dtype, reduction=m, name="db")
+    db2 = torch.empty(n, dtype=dtype)
+    K.sparse24_dx_decode(g, values, meta, plan=plan, db=db2)
+    assert torch.equal(db, db2)
+    with pytest.raises(ValueError, match="db"):
+        K.sparse24_dx_decode(g, values, meta, db=torch.empty(n + 1, dtype=dtype))
+
+
+def test_backward_takes_db_from_the_dx_launch(triton_cpu, monkeypatch):
+    from fastfactor.formats.sparse24 import Sparse24Weight
+    from fastfactor.ops.sparse24 import sparse24_linear
+
+    monkeypatch.delenv("FASTFACTOR_SPARSE24_BWD_PATH", raising=False)
+    torch.manual_seed(5)
+    w = pack_24(prune_24(torch.randn(48, 64) / 8))
+    x = torch.randn(6, 64, requires_grad=True)
+    values = w.values.clone().requires_grad_(True)
+    b = torch.randn(48, requires_grad=True)
+    seen = []
+    real = K.sparse24_dx_decode
+    monkeypatch.setattr(K, "sparse24_dx_decode", lambda *a, **kw: seen.append(kw.get("db") is not None) or real(*a, **kw))
+    y = sparse24_linear(x, Sparse24Weight(values, w.meta, w.shape), b)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert seen == [True]
+    assert_close_ref(b.grad, g.double().sum(0), torch.float32, reduction=6, name="db")
+    dx64 = g.double() @ K.unpack_24(values.detach().double(), w.meta, 64)
+    assert_close_ref(x.grad, dx64, torch.float32, reduction=48, name="dx")

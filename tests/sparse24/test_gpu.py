@@ -121,3 +121,33 @@ def test_torch_semi_structured_conversion_and_dispatch(monkeypatch):
     with torch.no_grad():
         y_triton = sparse24_linear(x, w)
     assert_close_ref(y_torch, y_triton.double(), torch.float16, reduction=512, name="torch vs triton")
+
+
+@pytest.mark.parametrize("plan", [(32, 1), (128, 4), (64, 3)])
+def test_split_decode_repeated_launches_and_cuda_graph(plan):
+    """The one-launch split decode and dx-decode on hardware (arrival counters, the last arrival
+    reduces): bitwise equal over repeated launches and under CUDA-graph replay, counters back to
+    zero, against float64."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 4096, device=DEV, dtype=torch.bfloat16)
+    w = sparse_weight(1024, 4096, torch.bfloat16, requires_grad=False)
+    b = torch.randn(1024, device=DEV, dtype=torch.bfloat16)
+    ref = K.sparse24_decode(x, w.values, w.meta, b, plan=plan)
+    y64 = x.double() @ K.unpack_24(w.values.double(), w.meta, 4096).t() + b.double()
+    assert_close_ref(ref, y64, torch.bfloat16, reduction=4096)
+    g = torch.randn(16, 1024, device=DEV, dtype=torch.bfloat16)
+    dref = K.sparse24_dx_decode(g, w.values, w.meta, plan=(64, 4))
+    assert_close_ref(dref, g.double() @ K.unpack_24(w.values.double(), w.meta, 4096), torch.bfloat16,
+                     reduction=1024)
+    for _ in range(20):
+        assert torch.equal(K.sparse24_decode(x, w.values, w.meta, b, plan=plan), ref)
+        assert torch.equal(K.sparse24_dx_decode(g, w.values, w.meta, plan=(64, 4)), dref)
+    torch.cuda.synchronize()
+    assert all(int(c.abs().sum()) == 0 for c in K._DECODE_COUNTERS.values())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        yg = K.sparse24_decode(x, w.values, w.meta, b, plan=plan)
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(yg, ref)
