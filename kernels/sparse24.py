@@ -2025,19 +2025,32 @@ def ds_bwd_sparse_paths(M: int, K: int, R: int, dtype, transposable_ok: bool = F
     return tuple(out)
 
 
-def ds_s_plan(M: int, K: int, R: int, dtype, device) -> tuple:
+def _t_copy_seconds(M: int, R: int, dtype) -> float:
+    """The contiguous copy of a saved ``t`` that PyTorch's 2:4 GEMM returned transposed."""
+    return _roof(2.0 * M * R * _ds_elem(dtype), 0.0, _RATE)
+
+
+def ds_s_plan(M: int, K: int, R: int, dtype, device, save_t: bool = False) -> tuple:
     """``(path, predicted seconds)`` of the dense-sparse ``t = x·Sᵀ`` (``S (R, K)``): sparse24's
     own choice (:func:`choose_mm_path`) and its cost, or ``'torch_pad'`` (``S`` zero-padded to
     ``ceil(R/32)·32`` rows so that PyTorch's semi-structured GEMM takes it) where that is eligible
-    and predicted faster, the per-call copy of the values included."""
+    and predicted faster, the per-call copy of the values included. ``save_t``: ``t`` is kept for
+    the backward, so PyTorch's transposed result costs a contiguous copy (:func:`_t_copy_seconds`)
+    and expanding ``S`` once + cuBLAS is taken where that makes it cheaper."""
     path = choose_mm_path(M, K, R, dtype, device)
     forced = _forced("FASTFACTOR_SPARSE24_PATH", ("decode", "triton", "dense", "torch")) != "auto"
+    pc = path_costs(M, K, R, dtype, "fwd")
     if path == "triton" and not forced:
-        path = _library_only(path_costs(M, K, R, dtype, "fwd"), torch24_eligible(M, K, R, dtype, device))
-    cost = _s_path_seconds(M, K, R, dtype, path, _ds_sms(device))
+        path = _library_only(pc, torch24_eligible(M, K, R, dtype, device))
+    copy = _t_copy_seconds(M, R, dtype) if save_t else 0.0
+    cost = _s_path_seconds(M, K, R, dtype, path, _ds_sms(device)) + (copy if path == "torch" else 0.0)
+    if forced:
+        return path, cost
+    if path == "torch" and save_t and pc["dense"] < cost:
+        path, cost = "dense", pc["dense"]
     r32 = -(-R // _TORCH24_ROWS) * _TORCH24_ROWS
-    if not forced and path != "torch" and r32 != R and torch24_eligible(M, K, r32, dtype, device):
-        pad = path_costs(M, K, r32, dtype, "fwd")["torch"] + _pad_seconds(R, K, dtype)
+    if path != "torch" and r32 != R and torch24_eligible(M, K, r32, dtype, device):
+        pad = path_costs(M, K, r32, dtype, "fwd")["torch"] + _pad_seconds(R, K, dtype) + copy
         if pad < cost:
             return "torch_pad", pad
     return path, cost
@@ -2140,10 +2153,7 @@ def ds_path_costs(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, device=N
     out = {}
     if ds_library_ok(dtype):
         e = _ds_elem(dtype)
-        s_path, s_cost = ds_s_plan(M, K, R, dtype, device)
-        out["library"] = s_cost + _gemm_seconds(M, N, R, e, e, e, bias, dtype)
-        if save_t and s_path in ("torch", "torch_pad"):   # PyTorch's t (transposed) made contiguous
-            out["library"] += _roof(2.0 * M * R * e, 0.0, _RATE)
+        out["library"] = ds_s_plan(M, K, R, dtype, device, save_t)[1] + _gemm_seconds(M, N, R, e, e, e, bias, dtype)
     fused = ds_chain_seconds(M, K, N, R, dtype, bias, save_t, _ds_sms(device))
     if fused is not None:
         out["fused"] = fused
@@ -2272,12 +2282,11 @@ def _torch24_padded(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -
     return torch._sparse_semi_structured_mm(vp, mc, xt).t()[:, :R]
 
 
-def _ds_t(x: torch.Tensor, s_values: torch.Tensor, s_meta: torch.Tensor, s_path: Optional[str] = None):
-    """The library path's ``t = x·Sᵀ`` (x's dtype: bf16 / fp32) on ``s_path`` (default
-    :func:`ds_s_plan`'s)."""
+def _ds_t(x: torch.Tensor, s_values: torch.Tensor, s_meta: torch.Tensor, save_t: bool = False):
+    """The library path's ``t = x·Sᵀ`` (x's dtype: bf16 / fp32) on :func:`ds_s_plan`'s path."""
     M, K = x.shape
     R = s_values.shape[0]
-    s_path = s_path or ds_s_plan(M, K, R, x.dtype, x.device)[0]
+    s_path = ds_s_plan(M, K, R, x.dtype, x.device, save_t)[0]
     if s_path == "torch_pad":
         return _torch24_padded(x, s_values, s_meta)
     return sparse24_forward(x, s_values, s_meta, None, path=s_path)
@@ -2306,7 +2315,7 @@ def dense_sparse_fwd(
         if M == 0 or R == 0 or K == 0:
             t = x.new_zeros((M, R))
         else:
-            t = _ds_t(x, s_values, s_meta)
+            t = _ds_t(x, s_values, s_meta, save_t)
         y = torch.nn.functional.linear(t, d, bias)                 # cuBLAS
         if save_t and not t.is_contiguous():
             # PyTorch's 2:4 GEMM returns t as the transposed view of (R32, M): the op's saved t

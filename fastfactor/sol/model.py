@@ -20,7 +20,11 @@ term, instruction issue::
 
 with ``loop`` and ``outside`` the static SASS instructions of one warp in / out of the main loop
 (:func:`fastfactor.sol.sass.loop_split`): an estimate (branches skipped in the epilogue still count).
-Without SASS facts the issue term is left out and the launch says so (``issue['note']``).
+Without SASS facts the issue term is left out and the launch says so (``issue['note']``), except
+for kernels that register a stated per-instruction model (``kernels._cost.ISSUE_MODELS``: builds
+whose products run on the FMA units, where issue can bound the launch): their term is always
+there, and with ``--sass`` it is recounted from the compiled loops, each at the trip count the
+model states (nested loops multiplied, :func:`nested_loop_instructions`).
 
 DRAM bytes (the stated L2 model): a tensor read by the launch costs its unique bytes once; its
 re-reads come from L2 when it fits in half the L2, else from DRAM (every requested byte). Stores

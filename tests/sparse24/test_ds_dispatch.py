@@ -220,7 +220,7 @@ def test_padded_semi_structured_path_matches_float64(triton_cpu, monkeypatch):
     the gradients, the codes are padded and reordered once per mask."""
     calls = _cutlass_gemm_on_cpu(monkeypatch)
     monkeypatch.setenv("FASTFACTOR_DS_PATH", "library")
-    monkeypatch.setattr(K, "ds_s_plan", lambda M, k, R, dtype, device: ("torch_pad", 0.0))
+    monkeypatch.setattr(K, "ds_s_plan", lambda *a, **kw: ("torch_pad", 0.0))
     s, values = _check(96, 128, 48, 40, BF16, True, seed=5)
     assert calls and calls[0] == (64, 64)
     m1 = K.torch24_meta_padded(s.meta, 40, 128)
@@ -286,7 +286,7 @@ def test_padded_path_opcheck(triton_cpu, monkeypatch):
     ``t`` is contiguous although PyTorch's GEMM returns it transposed)."""
     _cutlass_gemm_on_cpu(monkeypatch)
     monkeypatch.setenv("FASTFACTOR_DS_PATH", "library")
-    monkeypatch.setattr(K, "ds_s_plan", lambda M, k, R, dtype, device: ("torch_pad", 0.0))
+    monkeypatch.setattr(K, "ds_s_plan", lambda *a, **kw: ("torch_pad", 0.0))
     s = _s(40, 128, BF16, seed=6)
     x = torch.randn(64, 128).to(BF16)
     d = torch.randn(48, 40).to(BF16).requires_grad_(True)
@@ -295,3 +295,19 @@ def test_padded_path_opcheck(triton_cpu, monkeypatch):
         # that Inductor cannot register as an extern kernel)
         torch.library.opcheck(torch.ops.fastfactor.dense_sparse_fwd.default, (x, d, s.values, s.meta, None, save_t),
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_saved_t_prices_the_copy_of_pytorchs_transposed_result(on_gpu_model):
+    """With ``t`` saved for the backward, PyTorch's 2:4 paths pay its contiguous copy: the plan
+    costs it and takes expand + cuBLAS where that makes it the cheaper one."""
+    for k, n in SHAPES:
+        for R in _ranks(k, n):
+            for M in (128, 4096, 16384):
+                p0, c0 = K.ds_s_plan(M, k, R, BF16, CUDA)
+                p1, c1 = K.ds_s_plan(M, k, R, BF16, CUDA, save_t=True)
+                assert c1 >= c0 - 1e-12
+                if p1 in ("torch", "torch_pad"):
+                    assert c1 > c0 or p0 != p1
+                    assert c1 <= K.path_costs(M, k, R, BF16, "fwd")["dense"] * (1 + 1e-9)
+                if p0 == p1 and p0 in ("torch", "torch_pad"):
+                    assert c1 == pytest.approx(c0 + K._t_copy_seconds(M, R, BF16))
