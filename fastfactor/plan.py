@@ -45,12 +45,14 @@ Four steps, each usable alone:
    time, init; the budgets and the latency source), with a JSON round trip (version 2; version 1
    loads), a table, and :meth:`BudgetPlan.to_configs`: one :class:`~fastfactor.CompressionConfig`
    dict per method whose ``targets`` are its modules and whose ``module_ratios`` give each exactly
-   its planned setting. ``compress(..., plan=)`` / ``fastfactor compress --plan`` and
-   :func:`apply_plan` execute it.
+   its planned setting; :meth:`BudgetPlan.run_config` the one run of a plan mixing methods.
+   ``compress(..., plan=)`` / ``fastfactor compress --plan`` and :func:`apply_plan` execute it.
 
 ``target_params``: a ``float`` in ``(0, 1]`` is a fraction of the targets' dense weight parameters;
 an ``int >= 1`` is an absolute count. ``target_latency``: a fraction in ``(0, 1]`` of the targets'
-dense time under the latency model (the rest of the model, attention and norms, is not modelled).
+dense time under the latency model, or with ``latency_scope="model"`` of the whole model's
+(:func:`whole_model_latency`: the other linears, the attention core and the rest under the stated
+model of :func:`fastfactor.plan_latency.rest_seconds`); the whole-model fraction is reported either way.
 Bad budgets (bool, NaN, ≤ 0, a float > 1, unreachable alone or together) raise before any weight
 is read (:func:`check_budgets`).
 """
@@ -882,6 +884,59 @@ def check_budgets(candidates: List[ModuleCandidates], target_params=None, target
                     f"fastest candidate plan takes {fastest.score * 1e6:.4g} us > {bt * 1e6:.4g} us")
 
 
+LATENCY_SCOPES = ("targets", "model")
+
+
+def whole_model_latency(model: nn.Module, candidates: List[ModuleCandidates], latency, seq_len=None) -> dict:
+    """The whole model's predicted time around the targets (shapes only): ``other_linears_s`` (every
+    linear layer that is not a target, kept dense), the rest (attention core, norms, activations,
+    residual adds, embeddings: :func:`fastfactor.plan_latency.rest_seconds`, a stated model),
+    ``fixed_s`` (their sum: what no plan changes), ``targets_dense_s`` and ``model_dense_s``."""
+    from .plan_latency import linear_specs, rest_seconds
+
+    specs = linear_specs(model)
+    names = {c.name for c in candidates}
+    other = {n: sp for n, sp in specs.items() if n not in names}
+    secs = latency.costs(list(other.values())) if other else []
+    if any(t is None for t in secs):
+        raise ValueError("latency: some non-target linear layers have no time under this latency source")
+    rest = rest_seconds(model, latency, seq_len)
+    rest.pop("model")
+    targets_dense = sum(next(ch.seconds for ch in c.choices if ch.method == "dense") for c in candidates)
+    other_s = float(sum(secs))
+    fixed = other_s + rest["rest_s"]
+    return dict(rest, other_linears=len(other), other_linears_s=other_s, fixed_s=fixed,
+                targets_dense_s=targets_dense, model_dense_s=fixed + targets_dense)
+
+
+def scoped_latency(target_latency, scope: str, whole: Optional[dict], candidates: List[ModuleCandidates]):
+    """``target_latency`` as the fraction of the *targets'* dense time the solver takes.
+
+    ``scope="targets"``: unchanged. ``scope="model"``: ``target_latency`` is a fraction ``f`` of the
+    whole model's predicted dense time ``T``; the rest of the model (``whole['fixed_s']``: other
+    linears, attention, elementwise, embeddings) takes ``F`` whatever the plan, so the targets get
+    ``f·T − F``: the fraction ``(f·T − F) / T_targets`` (at most 1). Unreachable (the rest plus the
+    fastest plan of the targets above ``f·T``) raises, naming each part."""
+    if scope not in LATENCY_SCOPES:
+        raise ValueError(f"latency_scope: expected one of {list(LATENCY_SCOPES)}, got {scope!r}")
+    if target_latency is None or scope == "targets":
+        return target_latency
+    resolve_latency(target_latency)
+    f = float(target_latency)
+    budget = f * whole["model_dense_s"]
+    fastest = sum(min(ch.seconds for ch in c.choices) for c in candidates)
+    if whole["fixed_s"] + fastest > budget * (1 + 1e-12):
+        raise ValueError(
+            f"target_latency: budget {f:g} x the whole model's {whole['model_dense_s'] * 1e6:.4g} us = "
+            f"{budget * 1e6:.4g} us is unreachable: the rest of the model takes {whole['fixed_s'] * 1e6:.4g} us "
+            f"(attention {whole['attention_s'] * 1e6:.4g}, elementwise {whole['elementwise_s'] * 1e6:.4g}, "
+            f"embeddings {whole['embeddings_s'] * 1e6:.4g}, {whole['other_linears']} other linear(s) "
+            f"{whole['other_linears_s'] * 1e6:.4g}) and the fastest plan of the targets {fastest * 1e6:.4g} us: "
+            f"at least {(whole['fixed_s'] + fastest) / whole['model_dense_s']:.3f} of the whole model "
+            f"({PREDICTED}, seq_len {whole['seq_len']})")
+    return min(1.0, (budget - whole["fixed_s"]) / whole["targets_dense_s"])
+
+
 SCORERS = ("svd", "whitened", "output")
 
 
@@ -945,7 +1000,8 @@ def _calibration_record(data, config, batches, scorer: str) -> dict:
 def plan_model(model: nn.Module, target_params=None, config=None, *, target_latency=None, latency=None,
                grams=None, ratios=DEFAULT_RATIOS, ranks=None, methods: Sequence[str] = ("lowrank",),
                max_cells: int = MAX_CELLS, cache=True, batches=None, forward=None, data=None,
-               scorer: Optional[str] = None, **grid) -> BudgetPlan:
+               scorer: Optional[str] = None, latency_scope: str = "targets", seq_len: Optional[int] = None,
+               **grid) -> BudgetPlan:
     """:func:`candidate_grid`, the budgets checked (:func:`check_budgets`) before any weight is
     read, then :func:`score_candidates` (or :func:`output_scores`) and :func:`solve`.
 
@@ -965,7 +1021,14 @@ def plan_model(model: nn.Module, target_params=None, config=None, *, target_late
     the plan records them (``plan.calibration``: data name, batches, tokens, a digest). ``batches``
     (with an optional ``forward``): score by the output change over these batches instead.
     Scores are cached on disk (``cache``) under keys that include the calibration data (the Grams'
-    contents; for output scores the batches and the whole model)."""
+    contents; for output scores the batches and the whole model).
+
+    ``latency_scope``: ``"targets"`` (``target_latency`` is a fraction of the targets' dense time)
+    or ``"model"`` (a fraction of the whole model's predicted time: every linear, the attention
+    core, norms, activations and embeddings under the stated model of
+    :func:`fastfactor.plan_latency.rest_seconds`, at ``seq_len`` keys per query; the sol model
+    only). With the sol model the plan reports the whole-model fraction either way
+    (``plan.model_latency_fraction``)."""
     from .api import _chosen_targets, _config
 
     if not isinstance(model, nn.Module):
@@ -984,11 +1047,16 @@ def plan_model(model: nn.Module, target_params=None, config=None, *, target_late
         raise ValueError("target_params / target_latency: expected at least one budget, got neither")
     if target_latency is not None:  # the value alone, before any time is computed
         resolve_latency(target_latency)
+    if latency_scope not in LATENCY_SCOPES:
+        raise ValueError(f"latency_scope: expected one of {list(LATENCY_SCOPES)}, got {latency_scope!r}")
     cfg = _config(config)
     targets = _chosen_targets(model, cfg, None)
     lat = _as_latency(latency) if (target_latency is not None or latency is not None) else None
     cands = candidate_grid(model, targets, ratios=ratios, ranks=ranks, methods=methods, latency=lat, **grid)
     info = lat.describe() if lat is not None else None
+    whole = _whole_or_none(model, cands, lat, latency_scope, seq_len)
+    asked = target_latency
+    target_latency = scoped_latency(target_latency, latency_scope, whole, cands)
     check_budgets(cands, target_params, target_latency, info)  # before any weight is touched
     calib = None
     if data is not None:
@@ -1011,10 +1079,52 @@ def plan_model(model: nn.Module, target_params=None, config=None, *, target_late
     for m in plan.modules:
         if m.method != "dense":
             m.init = score_init(m.method, whitened)
-    if lat is not None and plan.latency is None:  # a parameter budget: still report the predicted time
+    finish_latency(plan, cands, info, whole, latency_scope, asked)
+    return plan
+
+
+def _whole_or_none(model, cands, lat, scope: str, seq_len):
+    """:func:`whole_model_latency` with the sol model (a bench file: only for ``scope="model"``,
+    where it raises); None without a latency model."""
+    from .plan_latency import SolLatency
+
+    if lat is None:
+        if scope == "model":
+            raise ValueError("latency_scope: 'model' needs a latency model (latency=), got none")
+        return None
+    if scope == "model":
+        return whole_model_latency(model, cands, lat, seq_len)
+    if isinstance(lat, SolLatency) or hasattr(getattr(lat, "device", None), "hbm_bw"):
+        try:
+            return whole_model_latency(model, cands, lat, seq_len)
+        except ValueError:  # no transformer config (a plain module): the targets' time only
+            if seq_len is not None:
+                raise
+            return None
+    return None
+
+
+def finish_latency(plan: BudgetPlan, cands, info, whole, scope: str, asked) -> None:
+    """The plan's latency record: the targets' budget and dense time (a parameter budget: no
+    budget, the time still reported), the scope, and with ``whole`` the whole model's parts."""
+    if info is None:
+        return
+    if plan.latency is None:
         dense_s = sum(next(ch.seconds for ch in c.choices if ch.method == "dense") for c in cands)
         plan.latency = dict(info, fraction=None, budget_s=None, dense_s=dense_s)
-    return plan
+    plan.latency["scope"] = scope
+    if whole is not None:
+        plan.latency["whole_model"] = {k: v for k, v in whole.items()}
+        plan.latency["rest_model"] = _rest_model_text()
+    if scope == "model":
+        plan.latency["fraction_model"] = float(asked)
+        plan.latency["budget_model_s"] = float(asked) * whole["model_dense_s"]
+
+
+def _rest_model_text() -> str:
+    from .plan_latency import REST_MODEL
+
+    return REST_MODEL
 
 
 def apply_plan(model: nn.Module, plan: BudgetPlan, data=None, config=None) -> nn.Module:
@@ -1025,7 +1135,9 @@ def apply_plan(model: nn.Module, plan: BudgetPlan, data=None, config=None) -> nn
     factorizes each module with its own method (:meth:`BudgetPlan.run_config`)."""
     from .api import factorize_
 
-    plan = as_plan(plan)
+    from .plan_data import fit_names
+
+    plan = fit_names(model, as_plan(plan))
     check_plan(model, plan)
     cfgs = plan.to_configs(config)
     if not cfgs:
@@ -1043,4 +1155,5 @@ def apply_plan(model: nn.Module, plan: BudgetPlan, data=None, config=None) -> nn
 __all__ = ["Choice", "ModuleCandidates", "PlanEntry", "BudgetPlan", "PLAN_METHODS", "PLAN_VERSION", "candidate_ranks", "tail_energies",
            "candidate_grid", "score_candidates", "output_scores", "ScoreCache", "sensitivity", "resolve_budget", "resolve_latency",
            "check_budgets", "solve", "plan_model", "as_plan", "check_plan", "apply_plan", "calibration_batches",
-           "calibration_grams", "output_cache_key", "SCORERS"]
+           "calibration_grams", "output_cache_key", "SCORERS", "LATENCY_SCOPES", "whole_model_latency",
+           "scoped_latency"]

@@ -56,6 +56,12 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                    help="fraction (0, 1] of the targets' weight parameters (e.g. 0.5) or an int count")
     p.add_argument("--target-latency", default=None,
                    help="fraction (0, 1] of the targets' dense time (sol model, or --bench measurements)")
+    p.add_argument("--latency-scope", default="targets", choices=("targets", "model"),
+                   help="--target-latency as a fraction of the targets' dense time (targets) or of the whole "
+                        "model's (model: every linear, the attention core, norms, activations, embeddings; "
+                        "the sol model only). The whole-model fraction is reported either way")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="keys per query of the attention model (default min(512, position table, --tokens))")
     p.add_argument("--tokens", type=int, default=16384, help="rows per call for the latency model (default 16384)")
     p.add_argument("--device", default="h200", choices=("h200", "h100"), help="device of the sol model")
     p.add_argument("--direction", default="fwd", choices=("fwd", "fwd+bwd"))
@@ -93,7 +99,8 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
 
 def _opt(e: Exception) -> Exception:
     msg = str(e).replace("target_params", "--target-params").replace("target_latency", "--target-latency")
-    for field in ("methods", "tokens", "bench", "device", "direction", "dtype"):
+    msg = msg.replace("latency_scope", "--latency-scope").replace("seq_len", "--seq-len")
+    for field in ("methods", "tokens", "bench", "device", "direction", "dtype", "latency_scope", "seq_len"):
         if msg.startswith(field + ":"):
             msg = "--" + msg
     return type(e)(msg)
@@ -164,7 +171,7 @@ def run(args) -> int:
 
     from .api import _chosen_targets, _config
     from .compress.cli import meta_model
-    from .plan import candidate_grid, check_budgets, plan_model, resolve_latency
+    from .plan import _whole_or_none, candidate_grid, check_budgets, plan_model, resolve_latency, scoped_latency
     from .plan_latency import latency_model
 
     has_data = _check_data_args(args)
@@ -193,7 +200,13 @@ def run(args) -> int:
         meta = meta_model(args.model)  # shapes only: the budgets are checked before any weight is read
         targets = _chosen_targets(meta, _config(cfg), None)
         cands = candidate_grid(meta, targets, ranks=args.ranks, methods=methods, latency=lat)
-        check_budgets(cands, budget, lat_budget, lat.describe() if lat is not None else None)
+        if args.seq_len is not None and args.seq_len < 1:
+            raise ValueError(f"seq_len: expected an int >= 1 (keys per query), got {args.seq_len}")
+        if args.latency_scope == "model" and lat_budget is None:
+            raise ValueError("latency_scope: 'model' scopes --target-latency, which was not given")
+        whole = _whole_or_none(meta, cands, lat, args.latency_scope, args.seq_len) if lat is not None else None
+        eff = scoped_latency(lat_budget, args.latency_scope, whole, cands)
+        check_budgets(cands, budget, eff, lat.describe() if lat is not None else None)
     except (TypeError, ValueError) as e:
         raise _opt(e) from None
     config = transformers.AutoConfig.from_pretrained(args.model)
@@ -210,7 +223,8 @@ def run(args) -> int:
     kw = {} if args.ranks is None else {"ranks": args.ranks}
     if data is not None:
         kw.update(data=data, scorer=args.scores or "whitened")
-    plan = plan_model(model, budget, cfg, target_latency=lat_budget, latency=lat, methods=methods, **kw)
+    plan = plan_model(model, budget, cfg, target_latency=lat_budget, latency=lat, methods=methods,
+                      latency_scope=args.latency_scope, seq_len=args.seq_len, **kw)
     what = ", ".join(x for x in (f"parameters {args.target_params}" if budget is not None else "",
                                  f"latency {args.target_latency}" if lat_budget is not None else "") if x)
     print(f"plan for {args.model} ({type(model).__name__}), budget: {what}:")

@@ -87,6 +87,15 @@ class BudgetPlan:
         return sum(m.seconds for m in self.modules)
 
     @property
+    def model_latency_fraction(self) -> Optional[float]:
+        """The whole model's predicted time over its dense time (None without the whole-model
+        parts: a bench latency source, or no latency model): ``(fixed + plan) / model dense``."""
+        w = (self.latency or {}).get("whole_model")
+        if not w or self.seconds is None:
+            return None
+        return (w["fixed_s"] + self.seconds) / w["model_dense_s"]
+
+    @property
     def methods(self) -> List[str]:
         return sorted({m.method for m in self.modules})
 
@@ -98,6 +107,8 @@ class BudgetPlan:
              "modules": [asdict(m) for m in self.modules]}
         if self.latency and self.seconds is not None:
             d["latency_fraction"] = self.seconds / self.latency["dense_s"]
+        if self.model_latency_fraction is not None:
+            d["model_latency_fraction"] = self.model_latency_fraction
         return d
 
     @classmethod
@@ -181,6 +192,18 @@ class BudgetPlan:
                      f"{L.get('status', PREDICTED)}, {L.get('device', '?')}, M={L.get('tokens', '?')} tokens, "
                      f"{L.get('direction', 'fwd')}, {L.get('dtype', 'bf16')}"
                      + (f", from {L['file']}" if L.get("file") else ""))
+            W = L.get("whole_model")
+            if W:
+                tot = W["fixed_s"] + self.seconds
+                text += (f"\nwhole model: {tot * 1e6:.4g} us = {self.model_latency_fraction:.3f} of dense "
+                         f"{W['model_dense_s'] * 1e6:.4g} us"
+                         + (f" (budget {L['fraction_model']:g} of the whole model)" if L.get("scope") == "model" else
+                            " (the budget is over the targets)")
+                         + f": targets {self.seconds * 1e6:.4g}, {W['other_linears']} other linear(s) "
+                         f"{W['other_linears_s'] * 1e6:.4g}, attention {W['attention_s'] * 1e6:.4g}, elementwise "
+                         f"{W['elementwise_s'] * 1e6:.4g}, embeddings {W['embeddings_s'] * 1e6:.4g} us at seq_len "
+                         f"{W['seq_len']} (attention and the rest: a stated model, fastfactor.plan_latency.REST_MODEL); "
+                         f"{L.get('status', PREDICTED)}")
         return text
 
     def to_config(self, base=None, single: bool = False) -> Optional[dict]:
@@ -294,6 +317,32 @@ def as_plan(plan) -> BudgetPlan:
     raise TypeError(f"plan: expected a BudgetPlan, its dict or a path to its JSON, got {type(plan).__name__}")
 
 
+def fit_names(model: nn.Module, plan: BudgetPlan) -> BudgetPlan:
+    """``plan`` with its module names moved under (or out of) the model's base-model prefix when
+    that is what makes them names of ``model``: a plan made on a base model (``encoder.layer.0...``
+    of ``BertModel``) executed on the same model with a task head (``bert.encoder.layer.0...`` of
+    ``BertForSequenceClassification``), or the reverse. A copy when a name changed, else ``plan``."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    names = {n for n, _ in model.named_modules()}
+    if not prefix or all(m.name in names for m in plan.modules):
+        return plan
+    moved = []
+    for m in plan.modules:
+        n = m.name
+        if n not in names:
+            if prefix + "." + n in names:
+                n = prefix + "." + n
+            elif n.startswith(prefix + ".") and n[len(prefix) + 1:] in names:
+                n = n[len(prefix) + 1:]
+        moved.append(n)
+    if moved == [m.name for m in plan.modules] or any(n not in names for n in moved):
+        return plan  # nothing to move, or not this model's modules either way (check_plan says which)
+    out = BudgetPlan.from_dict(plan.to_dict())
+    for m, n in zip(out.modules, moved):
+        m.name = n
+    return out
+
+
 def check_plan(model: nn.Module, plan: BudgetPlan) -> None:
     """Every planned module is a dense linear of ``model`` with the planned shape (shapes only:
     a meta-device model will do)."""
@@ -313,4 +362,4 @@ def check_plan(model: nn.Module, plan: BudgetPlan) -> None:
                              f"{(m.out_features, m.in_features)}, got {shape}")
 
 
-__all__ = ["PlanEntry", "BudgetPlan", "PLAN_METHODS", "PLAN_VERSION", "as_plan", "check_plan"]
+__all__ = ["PlanEntry", "BudgetPlan", "PLAN_METHODS", "PLAN_VERSION", "as_plan", "check_plan", "fit_names"]

@@ -355,6 +355,118 @@ def predicted_seconds(model: nn.Module, names: Sequence[str], latency: LatencyMo
     return dict(zip(names, latency.costs(specs)))
 
 
+# --- the whole model ------------------------------------------------------------------------
+
+#: the stated model of what is not a linear layer (see :func:`rest_seconds`)
+REST_MODEL = (
+    "attention core per block: Q·Kᵀ and P·V as one fused (flash-attention style) op, 4·M·L·d FLOPs "
+    "(M tokens, L = seq_len keys per query, d = hidden; no causal halving), Q, K, V read and O written "
+    "once (4·M·d elements); elementwise per block: 2 norms (read + write M·d each), the activation "
+    "(read + write M·ff), 2 residual adds (read 2·M·d, write M·d each), one launch each; embeddings: "
+    "a gather + position add + norm (6·M·d elements, 3 launches). Each op at the roofline "
+    "(max(bytes / HBM, FLOPs / matrix rate)) plus the launch floor. fwd+bwd: attention 3.5x the "
+    "forward FLOPs (recompute + 4 backward GEMMs) and 3x its bytes (Q, K, V, O, dO read, dQ, dK, dV "
+    "written), elementwise and embeddings 3x the forward bytes and 2x the launches")
+
+
+def _config_dims(model: nn.Module):
+    """``(blocks, hidden, intermediate, max positions or None)`` of a transformer, from its config
+    (else its block list, :func:`fastfactor.compress.targets.find_blocks`)."""
+    from .compress.targets import find_blocks
+
+    cfg = getattr(model, "config", None)
+
+    def first(*names):
+        for n in names:
+            v = getattr(cfg, n, None) if cfg is not None else None
+            if isinstance(v, int) and v > 0:
+                return v
+        return None
+    # the config's layer count (a compressed model's blocks may hold no dense linear any more)
+    blocks = first("num_hidden_layers", "n_layer", "num_layers") or len(find_blocks(model))
+    d = first("hidden_size", "n_embd", "d_model", "dim")
+    if cfg is None or d is None or blocks == 0:
+        raise ValueError(f"model: the whole-model latency needs a transformer with a config (hidden size) and "
+                         f"blocks; {type(model).__name__} has config={cfg is not None}, hidden={d}, "
+                         f"blocks={blocks} (use the targets' latency instead)")
+    ff = first("intermediate_size", "n_inner", "ffn_dim", "d_ff") or 4 * d
+    pos = first("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+    return blocks, d, ff, pos
+
+
+def default_seq_len(model: nn.Module, tokens: int) -> int:
+    """The sequence length of the attention model when none is given: ``min(512, the model's
+    position table, tokens)``."""
+    _, _, _, pos = _config_dims(model)
+    return int(min(512, pos or 512, tokens))
+
+
+def rest_seconds(model: nn.Module, latency: "LatencyModel", seq_len: Optional[int] = None) -> dict:
+    """Predicted seconds of everything of ``model`` but its linear layers, under the stated model
+    :data:`REST_MODEL` at ``latency``'s device, tokens (``M``), direction and dtype: ``{"attention_s",
+    "elementwise_s", "embeddings_s", "rest_s", "seq_len", "blocks", "hidden", "intermediate",
+    "model"}``. Shapes only (a meta-device model will do). Needs the ``sol`` model
+    (:class:`SolLatency`): a bench file measures linears only."""
+    from .kernels._cost import library_seconds
+
+    dev = getattr(latency, "device", None)
+    if not all(hasattr(dev, a) for a in ("hbm_bw", "launch_s")) or not all(
+            hasattr(latency, a) for a in ("tokens", "direction", "dtype")):
+        raise ValueError("latency_scope: the whole-model time needs the sol model's device figures (a bench file "
+                         f"holds linear layers only), got {type(latency).__name__}; use latency_scope='targets'")
+    blocks, d, ff, pos = _config_dims(model)
+    M = latency.tokens
+    L = default_seq_len(model, M) if seq_len is None else seq_len
+    if isinstance(L, bool) or not isinstance(L, int) or L < 1:
+        raise ValueError(f"seq_len: expected an int >= 1 (keys per query), got {seq_len!r}")
+    if pos is not None and L > pos:
+        raise ValueError(f"seq_len: expected at most {pos} (the model's position table), got {L}")
+    e = torch.empty((), dtype=_DT[latency.dtype]).element_size()
+    dt = latency.dtype
+    bwd = latency.direction != "fwd"
+    fl = 4.0 * M * L * d * (3.5 if bwd else 1.0)
+    by = 4.0 * M * d * e * (3.0 if bwd else 1.0)
+    att = library_seconds(by, fl, dev, dt)["seconds"] + (dev.launch_s if bwd else 0.0)  # fwd + bwd: two launches
+    ew_bytes = M * e * (2 * 2 * d + 2 * ff + 2 * 3 * d) * (3.0 if bwd else 1.0)
+    ew_launch = 5 * (2 if bwd else 1)
+    ew = ew_bytes / dev.hbm_bw + ew_launch * dev.launch_s
+    emb_bytes = 6.0 * M * d * e * (3.0 if bwd else 1.0)
+    emb = emb_bytes / dev.hbm_bw + 3 * (2 if bwd else 1) * dev.launch_s
+    return {"attention_s": blocks * att, "elementwise_s": blocks * ew, "embeddings_s": emb,
+            "rest_s": blocks * (att + ew) + emb, "seq_len": L, "blocks": blocks, "hidden": d, "intermediate": ff,
+            "model": REST_MODEL}
+
+
+def linear_specs(model: nn.Module) -> Dict[str, dict]:
+    """``{name: spec}`` of every linear layer of ``model`` as it is now: each outermost factorized
+    layer and each dense ``nn.Linear`` / ``Conv1D`` (heads and poolers included)."""
+    from .compress.targets import is_supported_linear
+    from .layers.base import FactorizedLinear
+
+    out: Dict[str, dict] = {}
+    skip: List[str] = []
+    for name, mod in model.named_modules():
+        if any(name.startswith(p + ".") for p in skip):
+            continue
+        if isinstance(mod, FactorizedLinear) or is_supported_linear(mod):
+            out[name] = module_spec(mod)
+            skip.append(name)
+    return out
+
+
+def model_seconds(model: nn.Module, latency: "LatencyModel", seq_len: Optional[int] = None) -> dict:
+    """The whole model's predicted time as it is now: every linear layer (:func:`linear_specs`
+    under ``latency``) plus the rest (:func:`rest_seconds`). Returns :func:`rest_seconds`' entries
+    and ``{"linears": {name: s}, "linears_s", "total_s"}``."""
+    specs = linear_specs(model)
+    secs = latency.costs(list(specs.values()))
+    if any(t is None for t in secs):
+        raise ValueError("latency: some linear layers of the model have no time under this latency source")
+    lin = dict(zip(specs, (float(t) for t in secs)))
+    rest = rest_seconds(model, latency, seq_len)
+    return dict(rest, linears=lin, linears_s=sum(lin.values()), total_s=sum(lin.values()) + rest["rest_s"])
+
+
 def _main() -> int:
     """Child process of :meth:`SolLatency._compute`: JSON request on stdin, costs on stdout."""
     from .sol.device import get_device

@@ -157,6 +157,7 @@ Precision
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -394,17 +395,18 @@ ROWS_SPACE = [
     # (FMA builds only, _ROWS_FMA_ONLY: b·r = 8 within 64 registers, 8 warps)
     dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
-    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
     # wide input steps (the batched stage 1 takes >= 16 offsets of each of the b blocks)
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=256, num_warps=4, num_stages=2),
     # wide output tiles (the batched stage 2 writes >= 16 rows of each of the b blocks)
     dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=256, BLOCK_K=128, num_warps=4, num_stages=2),
+    # both products batched (Monarch dx at b·r = 16: >= 16 offsets of each block on both sides)
+    dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=256, num_warps=4, num_stages=2),
     ROWS_INTERP,
 ]
 #: configs only the FMA builds take (the tensor-core builds keep the space they were checked with)
-_ROWS_FMA_ONLY = [ROWS_SPACE[i] for i in (8, 9, 10)]
+_ROWS_FMA_ONLY = [ROWS_SPACE[i] for i in (8, 9)]
 
 
 def _fma_only(c) -> bool:
@@ -527,9 +529,11 @@ def _prune_rows(configs_, named_args, **kwargs):
     if not get("FMA"):
         # the fp32 h (BLOCK_M x HP) within 64 registers per thread; BATCHED: >= 16 offsets per block
         hp = get("HP") or 16
+        # the second factor's tile: (HP x BLOCK_N) packed, (b·r x BLOCK_N) batched
+        w2h = get("NBC") * get("RC") if get("BATCHED2") else hp
         kept = [c for c in configs_ if not _fma_only(dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
                 and c.kwargs["BLOCK_M"] * hp <= 64 * 32 * c.num_warps
-                and hp * c.kwargs["BLOCK_N"] <= ROWS_MAX_W2_TILE
+                and w2h * c.kwargs["BLOCK_N"] <= ROWS_MAX_W2_TILE
                 and (not get("BATCHED") or c.kwargs["BLOCK_K"] >= 16 * get("NBC"))
                 and (not get("BATCHED2") or c.kwargs["BLOCK_N"] >= 16 * get("NBC"))]
         return kept or configs_[-1:]
@@ -547,8 +551,9 @@ def rows_space(FMA: bool = False, NBC: int = 1, RC: int = 1, HP: int = 16, BATCH
                BATCHED2: bool = False, **_) -> list[dict]:
     """The row-block kernel's autotune space for a compile variant (:func:`_prune_rows`'s rule)."""
     if not FMA:
+        w2h = NBC * RC if BATCHED2 else HP
         return [c for c in ROWS_SPACE if not _fma_only(c) and c["BLOCK_M"] * HP <= 2048 * c["num_warps"]
-                and HP * c["BLOCK_N"] <= ROWS_MAX_W2_TILE
+                and w2h * c["BLOCK_N"] <= ROWS_MAX_W2_TILE
                 and (not BATCHED or c["BLOCK_K"] >= 16 * NBC) and (not BATCHED2 or c["BLOCK_N"] >= 16 * NBC)]
     qt = NBC * RC
     return [c for c in ROWS_SPACE
@@ -1060,9 +1065,16 @@ if HAS_TRITON:
         # grid axis 1 splits the output tiles (only when the row blocks alone underfill the GPU;
         # kernels._config.row_block_grid): each split recomputes stage 1 for its rows
         n_idx = tl.arange(0, BLOCK_N)
-        per = tl.cdiv(tl.cdiv(F_OUT, BLOCK_N), tl.num_programs(1))
+        # the batched product into contiguous output blocks walks "virtual" features v = s·NB + p
+        # (as the interleaved output does) and stores each tile as NB runs of BS features
+        CONTIG2: tl.constexpr = BATCHED2 and not OUT_INTERLEAVED
+        if CONTIG2:
+            F_V = NB * SB
+        else:
+            F_V = F_OUT
+        per = tl.cdiv(tl.cdiv(F_V, BLOCK_N), tl.num_programs(1))
         o_lo = pid_o * per * BLOCK_N
-        o_hi = tl.minimum(F_OUT, o_lo + per * BLOCK_N)
+        o_hi = tl.minimum(F_V, o_lo + per * BLOCK_N)
         BS: tl.constexpr = BLOCK_N // NBC
         s_idx = tl.arange(0, BS)
         p_idx = tl.arange(0, NBC)
@@ -1098,7 +1110,8 @@ if HAS_TRITON:
                 else:
                     z3 = tl.zeros((NBC, BLOCK_M, BS), dtype=tl.float32)
                 z3 = tl.dot(hb_lo, w3, z3, input_precision=PRECISION)
-                acc = tl.reshape(tl.permute(z3, (1, 2, 0)), (BLOCK_M, BLOCK_N))
+                if not CONTIG2:
+                    acc = tl.reshape(tl.permute(z3, (1, 2, 0)), (BLOCK_M, BLOCK_N))
             elif FMA:
                 # the tile is BS output rows s of every block p (f = s·NB + p): z3[m, s, p] =
                 # Σ_{q,t} h[m, p, q, t]·F2(p, s, q, t) on the FMA units, then flattened (P₂ on chip)
@@ -1132,11 +1145,21 @@ if HAS_TRITON:
                 else:
                     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 acc = tl.dot(h_lo, w, acc, input_precision=PRECISION)
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + fo, mask=mask_o, other=0.0).to(acc.dtype)
-                acc = acc + bias[None, :]
-            tl.store(z_ptr + offs_m[:, None] * stride_zm + fo[None, :] * stride_zf,
-                     acc.to(z_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_o[None, :])
+            if CONTIG2:
+                # contiguous output blocks: feature p·SB + s, NB runs of BS contiguous features
+                f3 = p_idx[:, None] * SB + s_o3[None, :]                  # (NBC, BS)
+                m3 = (s_o3 < SB)[None, :] & (f3 < F_OUT)
+                if HAS_BIAS:
+                    bias3 = tl.load(bias_ptr + f3, mask=m3, other=0.0).to(z3.dtype)
+                    z3 = z3 + bias3[:, None, :]
+                tl.store(z_ptr + offs_m[None, :, None] * stride_zm + f3[:, None, :] * stride_zf,
+                         z3.to(z_ptr.dtype.element_ty), mask=mask_m[None, :, None] & m3[:, None, :])
+            else:
+                if HAS_BIAS:
+                    bias = tl.load(bias_ptr + fo, mask=mask_o, other=0.0).to(acc.dtype)
+                    acc = acc + bias[None, :]
+                tl.store(z_ptr + offs_m[:, None] * stride_zm + fo[None, :] * stride_zf,
+                         acc.to(z_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_o[None, :])
 
     @triton.jit
     def _wgrad_kernel(
@@ -1154,6 +1177,7 @@ if HAS_TRITON:
         ROWS,        # rows per split (a multiple of BLOCK_M): split s owns rows [s*ROWS, (s+1)*ROWS)
         # --- strides (in elements) ---
         sdm, sdf, shm, so, sop, sos, soq,
+        srs,         # split stride of rowsum_ptr (the partials share one buffer with out's: one sum)
         # --- meta-parameters ---
         ROWSUM: tl.constexpr,
         UPCAST: tl.constexpr,
@@ -1243,7 +1267,7 @@ if HAS_TRITON:
                      acc.to(out_ptr.dtype.element_ty),
                      mask=mask_w[:, None] & valid_h[None, :] & (p_h[None, :] == p_f[:, None]))
         if ROWSUM:
-            tl.store(rowsum_ptr + split * F + ff, rs.to(rowsum_ptr.dtype.element_ty), mask=mask_f)
+            tl.store(rowsum_ptr + split * srs + ff, rs.to(rowsum_ptr.dtype.element_ty), mask=mask_f)
 
     # autotuned launchers; in deterministic mode they run one fixed config (kernels._config.Tunable)
     _chain_tuned = Tunable(
@@ -1307,6 +1331,14 @@ if HAS_TRITON:
                  BATCHED2=False, FMA=False, NBC=16, RC=1),
             dict(HAS_BIAS=True, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
                  IN_INTERLEAVED=False, OUT_INTERLEAVED=True, HP=256, BLOCKWISE=True, QTP=16, BATCHED=False,
+                 BATCHED2=True, FMA=False, NBC=16, RC=1),
+            # the batched second product into contiguous output blocks: Monarch dx (both sides
+            # batched) and the block-wise low-rank forward
+            dict(HAS_BIAS=False, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
+                 IN_INTERLEAVED=True, OUT_INTERLEAVED=False, HP=256, BLOCKWISE=False, QTP=1, BATCHED=True,
+                 BATCHED2=True, FMA=False, NBC=16, RC=1),
+            dict(HAS_BIAS=True, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
+                 IN_INTERLEAVED=False, OUT_INTERLEAVED=False, HP=256, BLOCKWISE=True, QTP=16, BATCHED=False,
                  BATCHED2=True, FMA=False, NBC=16, RC=1),
         ],
         space=rows_space,
@@ -1439,7 +1471,9 @@ def _path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int =
                     stage1 = rows_ * (Kp * qtp + b * qtp * hp)
                 else:             # stage 1 as one packed tile
                     stage1 = rows_ * Kp * hp
-                flops = 2.0 * (stage1 * split + rows_ * Np * hp)
+                # stage 2 batched over the output blocks (unpadded) where b·r >= 16, powers of two
+                w2 = b * r if b * r >= 16 and _pow2(b) and _pow2(r) else hp
+                flops = 2.0 * (stage1 * split + rows_ * Np * w2)
                 t = launch(m_blocks * split, dram, flops, hgmma=bm >= 64, l2=l2)
                 best = t if best is None else min(best, t)
         if path != "rows_mma" and strided and _rows_fma_eligible(b, r, False, True):
@@ -1608,7 +1642,7 @@ def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_int
                    save_h=h is not None)
     blockwise = not fma and not in_inter and NB * R >= 16
     batched = in_inter and NB * R >= 16 and _pow2(NB) and _pow2(R)
-    batched2 = out_inter and not fma and NB * R >= 16 and _pow2(NB) and _pow2(R)
+    batched2 = not fma and NB * R >= 16 and _pow2(NB) and _pow2(R)
     _rows_tuned[row_block_grid(M, F_OUT, a.device)](
         a, f1, f2, bias if bias is not None else z, z, h if h is not None else z,
         M, NB, R, CB, SB, F_IN, F_OUT, m_bucket(M),
@@ -1658,9 +1692,17 @@ def _wgrad(d, hb, out_shape, out_strides, *, NB, R, SB, interleaved, dtype, rows
     split, rows = (wgrad_split(M, F, sms, tile=max(128, 32 * NB), min_tiles=sms // 2) if batched
                    else wgrad_split(M, F, sms))
     acc = acc_dtype(d.dtype) if split > 1 else dtype
-    part = torch.empty((split, *out_shape), device=d.device, dtype=acc)
-    rs_dt = acc_dtype(d.dtype) if split > 1 else d.dtype
-    rs = torch.empty((split, F), device=d.device, dtype=rs_dt) if rowsum else part
+    P = math.prod(out_shape)
+    if split > 1 and rowsum:
+        # the gradient's and the row sums' partials side by side in one buffer: one sum over the
+        # splits (one launch) for both
+        buf = torch.empty((split, P + F), device=d.device, dtype=acc)
+        part, rs = buf[:, :P].view(split, *out_shape), buf[:, P:]
+    else:
+        buf = None
+        part = torch.empty((split, *out_shape), device=d.device, dtype=acc)
+        rs_dt = acc_dtype(d.dtype) if split > 1 else d.dtype
+        rs = torch.empty((split, F), device=d.device, dtype=rs_dt) if rowsum else part
     if blockwise:
         grid = lambda meta: (NB * triton.cdiv(SB, meta["BLOCK_N"]), split)
     else:
@@ -1668,7 +1710,7 @@ def _wgrad(d, hb, out_shape, out_strides, *, NB, R, SB, interleaved, dtype, rows
     _wgrad_tuned[grid](
         d, hb, part, rs,
         M, NB, R, SB, F, rows,
-        d.stride(0), d.stride(1), hb.stride(0), part.stride(0), *out_strides,
+        d.stride(0), d.stride(1), hb.stride(0), part.stride(0), *out_strides, rs.stride(0),
         ROWSUM=rowsum, UPCAST=upcast_dots(), PRECISION=dot_precision(d.dtype),
         FP64=d.dtype == torch.float64, MIXED=d.dtype != hb.dtype, INTERLEAVED=interleaved,
         BLOCKWISE=blockwise, HP=next_pow2(NB * R) if blockwise else rows_width(NB, R),
@@ -1677,6 +1719,10 @@ def _wgrad(d, hb, out_shape, out_strides, *, NB, R, SB, interleaved, dtype, rows
     if split == 1:
         return part[0], (rs[0] if rowsum else None)
     # (torch.sum(dtype=...) would round the partials first)
+    if buf is not None:
+        total = buf.sum(0)
+        # (the two results must not share storage: the op's outputs may not alias)
+        return total[:P].view(out_shape).to(dtype), total[P:].to(d.dtype, copy=True)
     return part.sum(0).to(dtype), (rs.sum(0).to(d.dtype) if rowsum else None)
 
 

@@ -61,10 +61,13 @@ tile goes to ``tl.dot``. Device memory only ever sees the compressed bytes.
   own dispatch, ``t·Dᵀ`` on cuBLAS); larger ranks always take the library path (figures why in
   the dense-sparse section below). The two-kernel path (``_sp_mm_kernel`` / the decode kernel
   for ``t``, then the low-rank family's Triton GEMM) remains for fp16 and when forced.
-* ``_sp_decode_kernel`` (+ ``_sp_splitk_reduce_kernel``): ``y = x·Wᵀ + b`` for ``M <= 64``. Grid
-  (row tiles, K splits) planned per shape by :func:`decode_plan` (a roofline: the compressed
-  weight once from DRAM, ``x`` once per row tile from L2, the fp32 partials and their fixed-order
-  reduction when split); codes read as 32-bit words; configs limited to what fits the registers.
+* ``_sp_decode_kernel``: ``y = x·Wᵀ + b`` for ``M <= 64`` in **one launch**. Programs = (row
+  tiles x K splits) planned per shape by :func:`decode_plan` (the model ``fastfactor sol``
+  applies: the compressed weight once from DRAM, ``x`` once per row tile from L2, with a split the
+  fp32 partials stored and read back from L2); with a split each tile's last program to arrive
+  (an int32 counter per tile: no atomics on data) sums the partials in the fixed order
+  ``s = 0, 1, …``: bitwise reproducible, no second launch; codes read as 32-bit words; configs
+  limited to what fits the registers.
 * ``_sp_expand_kernel`` / ``_sp_compress_kernel``: ``W`` dense once per step for cuBLAS, and the
   kept entries of a dense ``dW`` from cuBLAS (exact selections).
 
@@ -82,7 +85,7 @@ Backward of the dense-sparse product (``g = dL/dy``), library path (bf16 / fp32)
 
     dt  = g·D                     (M, R)   cuBLAS / low-rank GEMM, rounded to intermediate_dtype
     dx  = dt·S                    (M, K)   S expanded once + cuBLAS, PyTorch's 2:4 GEMM on Sᵀ
-                                           (transposable mask), or _sp_dx_kernel at M <= 64
+                                           (transposable mask), or _sp_dx_decode_kernel at M <= 64
     dD  = gᵀ·t                    (N, R)   cuBLAS (db = Σ_m g a library sum) / low-rank GEMM
     dSv = kept entries of dtᵀ·x   (R, K/2) compress_24(cuBLAS dtᵀ·x), or _sp_dvalues_kernel at
                                            M <= 64: an exact selection either way
@@ -320,6 +323,37 @@ DX_SPACE = [
     dict(BLOCK_M=128, BLOCK_K=256, BLOCK_N=32, num_warps=8, num_stages=3),
 ]
 
+# dx at decode sizes (M <= 64): BLOCK_K (dx columns) and the N split planned (dx_decode_plan);
+# tuned: BLOCK_N, the reduction step over weight rows
+DXD_INTERP = dict(BLOCK_N=32, num_warps=4, num_stages=1)
+DXD_FIXED = dict(BLOCK_N=64, num_warps=4, num_stages=3)
+DXD_SPACE = [
+    DXD_INTERP,
+    DXD_FIXED,
+    dict(BLOCK_N=128, num_warps=4, num_stages=3),
+    dict(BLOCK_N=64, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, num_warps=8, num_stages=3),
+]
+#: every N split is a multiple of this (the largest BLOCK_N of the space)
+DXD_N_QUANTUM = 128
+
+
+def dxd_space(BLOCK_K: int, BLOCK_M: int, **_) -> list[dict]:
+    """dx-decode configs within the register budget of :func:`_decode_ok` (expanded tile
+    ``BLOCK_N x BLOCK_K``, ``g`` tile ``BLOCK_M x BLOCK_N``, fp32 ``BLOCK_M x BLOCK_K``)."""
+    kept = [c for c in DXD_SPACE[1:] if _decode_ok(BLOCK_K, BLOCK_M, c["BLOCK_N"], c["num_warps"])]
+    return kept or [DXD_SPACE[1]]
+
+
+def _prune_dx_decode(configs_, named_args, **kwargs):
+    bk = kwargs.get("BLOCK_K", named_args.get("BLOCK_K"))
+    bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
+    if _config.is_interpreter():
+        return configs_
+    kept = [c for c in configs_ if c.kwargs["BLOCK_N"] >= 64 and _decode_ok(bk, bm, c.kwargs["BLOCK_N"], c.num_warps)]
+    return kept or [c for c in configs_ if c.kwargs["BLOCK_N"] >= 64][:1] or configs_
+
+
 # dvalues = kept(gᵀ·x): BLOCK_N x BLOCK_K dense tile, reduction over BLOCK_M token rows
 DV_INTERP = dict(BLOCK_N=16, BLOCK_K=32, BLOCK_M=16, num_warps=4, num_stages=2)
 DV_FIXED = dict(BLOCK_N=64, BLOCK_K=128, BLOCK_M=64, num_warps=4, num_stages=3)
@@ -351,9 +385,15 @@ def _decode_fits(bn: int, bm: int, bk: int, nw: int) -> bool:
     return bn * bk + bk * bm + 2 * bn * bm <= 104 * t
 
 
+def _decode_ok(bn: int, bm: int, bk: int, nw: int) -> bool:
+    """:func:`_decode_fits`, and 8 warps only for weight tiles of at least 8192 elements (the split
+    build at N32/M16/K128/w8 spilled 8 B on sm_90 at 80 registers: too little work per warp)."""
+    return _decode_fits(bn, bm, bk, nw) and (nw <= 4 or bn * bk >= 8192)
+
+
 def decode_space(BLOCK_N: int, BLOCK_M: int, **_) -> list[dict]:
     """The decode configs that fit the registers at this row tile and token block."""
-    kept = [c for c in DECODE_SPACE[1:] if _decode_fits(BLOCK_N, BLOCK_M, c["BLOCK_K"], c["num_warps"])]
+    kept = [c for c in DECODE_SPACE[1:] if _decode_ok(BLOCK_N, BLOCK_M, c["BLOCK_K"], c["num_warps"])]
     return kept or [DECODE_SPACE[3]]
 
 
@@ -363,13 +403,12 @@ def _prune_decode(configs_, named_args, **kwargs):
     if _config.is_interpreter():
         return configs_
     kept = [c for c in configs_ if c.kwargs["BLOCK_K"] >= 128
-            and _decode_fits(bn, bm, c.kwargs["BLOCK_K"], c.num_warps)]
+            and _decode_ok(bn, bm, c.kwargs["BLOCK_K"], c.num_warps)]
     return kept or [c for c in configs_ if c.kwargs["BLOCK_K"] >= 128][-1:] or configs_
 
 
 #: every K split is a multiple of this (the largest BLOCK_K of the space)
 DECODE_K_QUANTUM = 256
-REDUCE_SPACE = [dict(BLOCK=256, num_warps=4, num_stages=1), dict(BLOCK=1024, num_warps=4, num_stages=1)]
 
 
 def _prune_wide(configs_, named_args, **kwargs):
@@ -693,6 +732,100 @@ if HAS_TRITON:
         )
 
     @triton.jit
+    def _sp_dx_decode_kernel(
+        # --- pointers ---
+        g_ptr,      # (M, N) upstream gradient, M <= BLOCK_M (a handful of tokens)
+        vals_ptr,   # (N, K/2) kept values of the 2:4 weight W (N, K) (int32 pairs when PAIRS)
+        meta_ptr,   # (N, ceil(K/8)) uint8 codes of W, or (N, K/32) int32 words (META32)
+        dx_ptr,     # (M, K) output dx = g·W
+        db_ptr,     # HAS_DB: (N,) output db = Σ_m g[m, :] (the bias gradient), by column tile 0
+        ws_ptr,     # SPLIT: (SPLIT_N, M, K) fp32 partial sums (workspace); else unused
+        cnt_ptr,    # SPLIT and SYNC: (K_TILES,) int32 arrival counters, zero between launches
+        # --- dimensions ---
+        M, N, K,
+        N_PER_SPLIT,  # weight rows per split (a multiple of every BLOCK_N of the space)
+        SPLIT_N,      # N splits per column tile (programs = K_TILES · SPLIT_N)
+        # --- strides (in elements) ---
+        stride_gm, stride_gn,
+        stride_vn, stride_vc,
+        stride_mn, stride_mc,
+        stride_dm, stride_dk,
+        # --- meta-parameters ---
+        HAS_DB: tl.constexpr,      # also the bias gradient (g's column sums, fp32, fixed order)
+        SPLIT: tl.constexpr,
+        SYNC: tl.constexpr,        # as in _sp_decode_kernel
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        META32: tl.constexpr,
+        PAIRS: tl.constexpr,
+        MIXED: tl.constexpr,       # g fp32 against 16-bit W (the dense-sparse dt): both to fp32
+        BLOCK_M: tl.constexpr,     # >= M: every token of the launch
+        BLOCK_K: tl.constexpr,     # dx columns per program (planned)
+        BLOCK_N: tl.constexpr,     # weight rows per step of the reduction (tuned)
+    ):
+        """``dx[:, k-tile] = Σ_{n in split} g[:, n]·W[n, k-tile]`` for a few tokens in one launch:
+        program ``p`` owns column tile ``p // SPLIT_N`` and weight-row split ``p % SPLIT_N``; it
+        streams its slab of the compressed weight once against all ``M`` rows of ``g``. The split
+        partials are reduced in the same launch by each tile's last arrival, in the fixed order
+        ``s = 0, 1, …`` (as :func:`_sp_decode_kernel`): bitwise reproducible."""
+        pid = tl.program_id(0)
+        pid_k = pid // SPLIT_N
+        pid_s = pid % SPLIT_N
+        offs_m = tl.arange(0, BLOCK_M)
+        k0 = pid_k * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_k = offs_k < K
+        n_begin = pid_s * N_PER_SPLIT
+        n_end = tl.minimum(N, n_begin + N_PER_SPLIT)
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for n0 in range(n_begin, n_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            g = tl.load(
+                g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                mask=mask_m[:, None] & mask_n[None, :], other=0.0,
+            )
+            if HAS_DB:
+                if pid_k == 0:     # each weight row's g column read here anyway: db once per row
+                    tl.store(db_ptr + offs_n, tl.sum(g.to(tl.float32), axis=0).to(db_ptr.dtype.element_ty),
+                             mask=mask_n)
+            if PAIRS:
+                w = _expand24_pairs(vals_ptr, meta_ptr, offs_n, mask_n, k0, K, stride_vn,
+                                    stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
+                w = w.to(g.dtype, bitcast=True)
+            else:
+                w = _expand24(vals_ptr, meta_ptr, offs_n, mask_n, k0, K,
+                              stride_vn, stride_vc, stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
+            if UPCAST or MIXED:
+                g = g.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(g, w, acc, input_precision=PRECISION)
+        mask_o = mask_m[:, None] & mask_k[None, :]
+        out = dx_ptr + offs_m[:, None] * stride_dm + offs_k[None, :] * stride_dk
+        if SPLIT:
+            part = offs_m[:, None] * K + offs_k[None, :]          # (M, K) slice, contiguous along k
+            tl.store(ws_ptr + pid_s * M * K + part, acc, mask=mask_o)
+            if SYNC:
+                tl.debug_barrier()
+                arrived = tl.atomic_add(cnt_ptr + pid_k, 1, sem="acq_rel")
+                last = arrived == SPLIT_N - 1
+            else:
+                last = pid_s == SPLIT_N - 1
+            if last:
+                tot = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+                for s_ in range(0, SPLIT_N):                       # fixed order: bitwise reproducible
+                    mine = (offs_k * 0 + s_) == pid_s
+                    other = tl.load(ws_ptr + s_ * M * K + part, mask=mask_o & (~mine)[None, :], other=0.0,
+                                    cache_modifier=".cg")
+                    tot += tl.where(mine[None, :], acc, other)
+                tl.store(out, tot.to(dx_ptr.dtype.element_ty), mask=mask_o)
+                if SYNC:
+                    tl.atomic_xchg(cnt_ptr + pid_k, 0)
+        else:
+            tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=mask_o)
+
+    @triton.jit
     def _sp_dvalues_kernel(
         # --- pointers ---
         g_ptr,      # (M, N) upstream gradient of the rows of W·xᵀ (dy, or dt for dense-sparse;
@@ -760,19 +893,24 @@ if HAS_TRITON:
         x_ptr,      # (M, K) input rows, M <= BLOCK_M (a handful of tokens)
         vals_ptr,   # (N, K/2) kept values of the 2:4 weight W (N, K)
         meta_ptr,   # (N, ceil(K/8)) uint8 codes of W, or (N, K/32) int32 words (META32)
-        bias_ptr,   # (N,) bias; read only when HAS_BIAS and not SPLIT
-        out_ptr,    # SPLIT: (SPLIT_K, M, N) fp32 partial sums; else (M, N) output y
+        bias_ptr,   # (N,) bias; read only when HAS_BIAS
+        out_ptr,    # (M, N) output y
+        ws_ptr,     # SPLIT: (SPLIT_K, M, N) fp32 partial sums (workspace); else unused
+        cnt_ptr,    # SPLIT and SYNC: (N_TILES,) int32 arrival counters, zero between launches
         # --- dimensions ---
         M, N, K,
         K_PER_SPLIT,  # inputs per split (a multiple of every BLOCK_K of the space)
+        SPLIT_K,      # K splits per row tile (programs = N_TILES · SPLIT_K)
         # --- strides (in elements) ---
         stride_xm, stride_xk,
         stride_vn, stride_vc,
         stride_mn, stride_mc,
-        stride_os, stride_om, stride_on,
+        stride_om, stride_on,
         # --- meta-parameters ---
         HAS_BIAS: tl.constexpr,
-        SPLIT: tl.constexpr,       # write fp32 partials (reduced by _sp_splitk_reduce_kernel)
+        SPLIT: tl.constexpr,       # SPLIT_K > 1: partials + the fixed-order reduction in this launch
+        SYNC: tl.constexpr,        # the reducer of a tile is its last program to arrive (counter; GPU);
+                                   # else its last split (the interpreter runs programs in id order)
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
         META32: tl.constexpr,
@@ -781,14 +919,19 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,     # >= M: every token of the launch
         BLOCK_K: tl.constexpr,
     ):
-        """Decode ``yᵀ[n-tile] = W[n-tile, k-split]·x[:, k-split]ᵀ``: the grid is (weight-row tiles,
-        K splits); every program streams its slab of the compressed weight once (16-byte value
-        vectors, 16-byte code words) against all ``M`` tokens, so the launch moves the compressed
-        weight once and is bound by its bytes. With ``SPLIT`` the fp32 partial of each split goes
-        to its own slice of the workspace (no atomics) and a second launch sums the slices in
-        split order: bitwise reproducible."""
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
+        """Decode ``yᵀ[n-tile] = W[n-tile, k-split]·x[:, k-split]ᵀ`` in **one launch**. Program
+        ``p`` owns row tile ``p // SPLIT_K`` and K split ``p % SPLIT_K``; it streams its slab of the
+        compressed weight once (16-byte value vectors, 16-byte code words) against all ``M`` tokens,
+        so the launch moves the compressed weight once and ``x`` once per row tile.
+
+        With ``SPLIT`` each program stores its fp32 partial in its own slice of the workspace (no
+        atomics on data) and arrives on its tile's counter; the tile's last arrival sums the
+        ``SPLIT_K`` slices in the order ``s = 0, 1, …`` (its own from registers: the same bits it
+        stored), adds the bias, stores ``y`` and resets the counter: bitwise reproducible whichever
+        program arrives last, and no program ever waits."""
+        pid = tl.program_id(0)
+        pid_n = pid // SPLIT_K
+        pid_s = pid % SPLIT_K
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, BLOCK_K)
@@ -814,39 +957,33 @@ if HAS_TRITON:
                 w = w.to(tl.float32)
                 xt = xt.to(tl.float32)
             acc = tl.dot(w, xt, acc, input_precision=PRECISION)
-        out = out_ptr + pid_s * stride_os + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
+        mask_y = mask_m[None, :] & mask_n[:, None]
+        out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
         if SPLIT:
-            tl.store(out, acc, mask=mask_m[None, :] & mask_n[:, None])
+            part = offs_m[None, :] * N + offs_n[:, None]          # (M, N) slice, contiguous along n
+            tl.store(ws_ptr + pid_s * M * N + part, acc, mask=mask_y)
+            if SYNC:
+                tl.debug_barrier()                                   # every thread's partial stored
+                arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+                last = arrived == SPLIT_K - 1
+            else:
+                last = pid_s == SPLIT_K - 1
+            if last:
+                tot = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                for s_ in range(0, SPLIT_K):                       # fixed order: bitwise reproducible
+                    mine = (offs_n * 0 + s_) == pid_s                   # (BLOCK_N,): this split is ours
+                    other = tl.load(ws_ptr + s_ * M * N + part, mask=mask_y & (~mine)[:, None], other=0.0,
+                                    cache_modifier=".cg")
+                    tot += tl.where(mine[:, None], acc, other)
+                if HAS_BIAS:
+                    tot = tot + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+                tl.store(out, tot.to(out_ptr.dtype.element_ty), mask=mask_y)
+                if SYNC:
+                    tl.atomic_xchg(cnt_ptr + pid_n, 0)             # ready for the next launch
         else:
             if HAS_BIAS:
                 acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[None, :] & mask_n[:, None])
-
-    @triton.jit
-    def _sp_splitk_reduce_kernel(
-        # --- pointers ---
-        ws_ptr,     # (SPLIT_K, M, N) fp32 partial sums, contiguous
-        bias_ptr,   # (N,) bias; read only when HAS_BIAS
-        y_ptr,      # (M, N) output
-        # --- dimensions ---
-        M, N, SPLIT_K,
-        # --- strides (in elements) ---
-        stride_ym, stride_yn,
-        # --- meta-parameters ---
-        HAS_BIAS: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        """``y = Σ_s ws[s] (+ b)``, the splits summed in order 0, 1, ... (deterministic)."""
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < M * N
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s_ in range(0, SPLIT_K):
-            acc += tl.load(ws_ptr + s_ * M * N + offs, mask=mask, other=0.0)
-        m = offs // N
-        n = offs % N
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * stride_ym + n * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_y)
 
     @triton.jit
     def _sp_expand_kernel(
@@ -1006,6 +1143,9 @@ if HAS_TRITON:
                              interpreter=PRUNE_INTERP, deterministic=PRUNE_FIXED)
     _sp_mm_tuned = Tunable(_sp_mm_kernel, MM_SPACE, key=["M_BUCKET", "N", "K"],
                            interpreter=MM_INTERP, deterministic=MM_FIXED)
+    _sp_dx_decode_tuned = Tunable(_sp_dx_decode_kernel, DXD_SPACE,
+                                  key=["M", "N", "K", "N_PER_SPLIT", "SPLIT_N", "BLOCK_K", "BLOCK_M", "META32"],
+                                  prune=_prune_dx_decode, interpreter=DXD_INTERP, deterministic=DXD_FIXED)
     _sp_dx_tuned = Tunable(_sp_dx_kernel, DX_SPACE, key=["M", "N", "K", "MIXED"],
                            interpreter=DX_INTERP, deterministic=DX_FIXED)
     _sp_dv_tuned = Tunable(_sp_dvalues_kernel, DV_SPACE, key=["M", "N", "K", "MIXED"],
@@ -1017,10 +1157,8 @@ if HAS_TRITON:
     )
 
     _sp_decode_tuned = Tunable(_sp_decode_kernel, DECODE_SPACE,
-                               key=["M", "N", "K", "K_PER_SPLIT", "BLOCK_N", "BLOCK_M", "META32"],
+                               key=["M", "N", "K", "K_PER_SPLIT", "SPLIT_K", "BLOCK_N", "BLOCK_M", "META32"],
                                prune=_prune_decode, interpreter=DECODE_INTERP, deterministic=DECODE_FIXED)
-    _sp_reduce_tuned = Tunable(_sp_splitk_reduce_kernel, REDUCE_SPACE, key=["M", "N", "SPLIT_K"],
-                               interpreter=REDUCE_SPACE[0], deterministic=REDUCE_SPACE[1])
     _sp_expand_tuned = Tunable(_sp_expand_kernel, EXPAND_SPACE, key=["R", "K", "META32"], prune=_prune_wide,
                                interpreter=EXPAND_INTERP, deterministic=EXPAND_FIXED)
     _sp_compress_tuned = Tunable(_sp_compress_kernel, EXPAND_SPACE, key=["R", "K", "META32"], prune=_prune_wide,
@@ -1050,30 +1188,33 @@ if HAS_TRITON:
         constexprs=[dict(MIXED=False, **_DOT, **_W)], space=DX_SPACE,
     ))
     register_kernel(KernelSpec(
+        name="sparse24.dx_decode", fn=_sp_dx_decode_kernel,
+        pointers={"meta_ptr": _I32, "vals_ptr": _I32, "ws_ptr": "fp32", "cnt_ptr": "i32"},
+        constexprs=[dict(BLOCK_K=bk, BLOCK_M=bm, PAIRS=True, MIXED=False, **_DOT, **_W, HAS_DB=sp, SPLIT=sp, SYNC=sp)
+                    for bk, bm in ((32, 16), (64, 16), (128, 16), (256, 16), (64, 64)) for sp in (False, True)],
+        space=dxd_space,
+    ))
+    register_kernel(KernelSpec(
         name="sparse24.dvalues", fn=_sp_dvalues_kernel, pointers={"meta_ptr": _I32},
         constexprs=[dict(MIXED=False, **_DOT, **_W)], space=DV_SPACE,
     ))
     _DEC = [dict(BLOCK_N=bn, BLOCK_M=bm, PAIRS=True, **_DOT, **_W, **extra)
-            for bn, bm in ((32, 16), (64, 64), (128, 64))
-            for extra in (dict(HAS_BIAS=True, SPLIT=False), dict(HAS_BIAS=False, SPLIT=True))]
+            for bn, bm in ((32, 16), (64, 16), (128, 16), (64, 64), (128, 64))
+            for extra in (dict(HAS_BIAS=True, SPLIT=False, SYNC=False), dict(HAS_BIAS=True, SPLIT=True, SYNC=True))]
+    _DEC_PTRS = {"meta_ptr": _I32, "vals_ptr": _I32, "ws_ptr": "fp32", "cnt_ptr": "i32"}
     register_kernel(KernelSpec(
-        name="sparse24.decode", fn=_sp_decode_kernel,
-        pointers={"meta_ptr": _I32, "vals_ptr": _I32, "out_ptr": "fp32"},
+        name="sparse24.decode", fn=_sp_decode_kernel, pointers=_DEC_PTRS,
         constexprs=[c for c in _DEC if c["SPLIT"]], space=decode_space,
     ))
     register_kernel(KernelSpec(
-        name="sparse24.decode_y", fn=_sp_decode_kernel, pointers={"meta_ptr": _I32, "vals_ptr": _I32},
+        name="sparse24.decode_y", fn=_sp_decode_kernel, pointers=_DEC_PTRS,
         constexprs=[c for c in _DEC if not c["SPLIT"]], space=decode_space,
     ))
     register_kernel(KernelSpec(   # the dense-sparse t = x·Sᵀ of fp16 inputs, kept in fp32
         name="sparse24.decode_y_fp16", fn=_sp_decode_kernel,
-        pointers={"meta_ptr": _I32, "vals_ptr": _I32, "out_ptr": "fp32"},
-        constexprs=[dict(BLOCK_N=32, BLOCK_M=16, PAIRS=True, **_DOT, **_W, HAS_BIAS=False, SPLIT=False)],
+        pointers={**_DEC_PTRS, "out_ptr": "fp32"},
+        constexprs=[dict(BLOCK_N=32, BLOCK_M=16, PAIRS=True, **_DOT, **_W, HAS_BIAS=False, SPLIT=True, SYNC=True)],
         space=decode_space, dtypes=("fp16",),
-    ))
-    register_kernel(KernelSpec(
-        name="sparse24.splitk_reduce", fn=_sp_splitk_reduce_kernel, pointers={"ws_ptr": "fp32"},
-        constexprs=[dict(HAS_BIAS=True), dict(HAS_BIAS=False)], space=REDUCE_SPACE,
     ))
     register_kernel(KernelSpec(
         name="sparse24.expand", fn=_sp_expand_kernel, pointers={"meta_ptr": _I32},
@@ -1196,45 +1337,81 @@ def decode_plan(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[int, i
     return decode_plan_cost(M, N, K, sms, elem)[1:]
 
 
+#: row tiles the decode planner considers (a config of each must fit the registers: _decode_fits)
+DECODE_TILES = (16, 32, 64, 128)
+#: K splits it considers
+DECODE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
+
+
+def _decode_kps(K: int, sk: int) -> int:
+    """Inputs per split: ``ceil(K / sk)`` rounded up to :data:`DECODE_K_QUANTUM`."""
+    return -(-(-(-K // sk)) // DECODE_K_QUANTUM) * DECODE_K_QUANTUM
+
+
+def decode_launch_bytes(M: int, N: int, K: int, bn: int, sk: int, elem: int = 2) -> dict:
+    """Bytes of one decode launch with row tile ``bn`` and ``sk`` K splits (``_sp_decode_kernel``):
+    ``dram`` (the compressed weight, ``x`` and the bias once, ``y``, and with a split the fp32
+    partials stored — their reads are L2 hits, written moments before in the same launch) and
+    ``l2`` (every load and store through L2: ``x`` once per row tile, the partials stored and the
+    ``sk - 1`` other slices read back by each tile's reducer). The bias (``N`` elements) is left
+    out, as in :func:`path_costs`, so that the two compare like for like."""
+    wbytes = N * K * (elem / 2 + 1 / 8)
+    xbytes, ybytes, bbytes = elem * M * K, elem * M * N, 0.0
+    nb = -(-N // bn)
+    ws = 4.0 * sk * M * N if sk > 1 else 0.0
+    back = ws * (sk - 1) / sk if sk > 1 else 0.0
+    return dict(dram=wbytes + xbytes + ybytes + bbytes + ws,
+                l2=wbytes + nb * xbytes + ybytes + bbytes + ws + back,
+                x_reread=(nb - 1) * xbytes, programs=nb * sk, tiles=nb)
+
+
 def decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[float, int, int]:
     """``(seconds, BLOCK_N, split_k)`` of the decode launch for ``x (M, K)`` against ``W (N, K)``, the
-    cheapest by a roofline estimate (*predicted*, the model ``fastfactor sol`` applies): DRAM
-    moves the compressed weight once, ``x`` and the output (or the fp32 partials and their
-    reduction, one more launch); L2 serves ``x`` once per weight-row tile; programs short of the
-    SMs leave L2 bandwidth idle. Few tokens favour narrow row tiles and no split (no second
-    launch); more tokens favour wide row tiles (fewer re-reads of ``x``) split over ``K`` to
-    fill the SMs."""
+    cheapest by the model ``fastfactor sol`` applies (*predicted*; ``kernels/_cost.py``)::
+
+        t = max(DRAM bytes / HBM, L2 bytes / (L2 bandwidth · fill)) + launch floor
+
+    with the bytes of :func:`decode_launch_bytes`. One launch whatever the split (the reduction
+    is in the kernel). Wide row tiles read ``x`` fewer times from L2 but need K splits to fill the
+    SMs, whose fp32 partials cost DRAM bytes (``sk·M·N·4``); the planner weighs the two."""
     best = None
-    wbytes = N * K * (elem / 2 + 1 / 8)
-    xbytes, ybytes = elem * M * K, elem * M * N
     bm = max(16, next_pow2(M))
-    for bn in (16, 32, 64, 128):
-        if not any(_decode_fits(bn, bm, c["BLOCK_K"], c["num_warps"]) for c in DECODE_SPACE[1:]):
+    for bn in DECODE_TILES:
+        if not any(_decode_ok(bn, bm, c["BLOCK_K"], c["num_warps"]) for c in DECODE_SPACE[1:]):
             continue                           # no config of this tile fits the registers
-        nb = -(-N // bn)
-        for sk in (1, 2, 3, 4, 6, 8, 12, 16):
-            kps = -(-(-(-K // sk)) // DECODE_K_QUANTUM) * DECODE_K_QUANTUM
+        for sk in DECODE_SPLITS:
+            kps = _decode_kps(K, sk)
             if sk > 1 and kps * (sk - 1) >= K:
                 continue                       # an empty split
-            p = nb * sk
-            waves = -(-p // sms)
-            f = min(1.0, p / (waves * sms))
-            ws = 4.0 * sk * M * N if sk > 1 else 0.0
-            out = ws if sk > 1 else ybytes
-            t = max((wbytes + xbytes + out) / _BW, (wbytes + nb * xbytes + out) / (_L2BW * f)) + _LAUNCH
-            if sk > 1:
-                t += (ws + ybytes) / _BW + _LAUNCH
+            b = decode_launch_bytes(M, N, K, bn, sk, elem)
+            p = b["programs"]
+            f = min(1.0, p / (-(-p // sms) * sms))   # busy fraction (_cost.fill, 1 program per SM)
+            t = max(b["dram"] / _BW, b["l2"] / (_L2BW * f)) + _LAUNCH
             if best is None or t < best[0] - 1e-12:
                 best = (t, bn, sk)
     return best
 
 
+_DECODE_COUNTERS: dict = {}
+
+
+def _decode_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least ``n`` int32 arrival counters of the split decode for this device and stream: zeroed
+    when made, reset to zero by each tile's reducer (launches on one stream run one after another)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _DECODE_COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _DECODE_COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
 def sparse24_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                     bias: Optional[torch.Tensor] = None, plan: Optional[tuple] = None,
                     out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """``y = x·Wᵀ + b`` for ``M <= 64`` token rows (:func:`decode_plan`; ``plan`` forces
-    ``(BLOCK_N, split_k)``), in ``out_dtype`` (default ``x``'s). Deterministic: the split
-    partials are summed in a fixed order."""
+    """``y = x·Wᵀ + b`` for ``M <= 64`` token rows in one launch (:func:`decode_plan`; ``plan``
+    forces ``(BLOCK_N, split_k)``), in ``out_dtype`` (default ``x``'s). Deterministic: the split
+    partials are summed in a fixed order by each row tile's last program."""
     M, K = x.shape
     N = values.shape[0]
     if M > DECODE_MAX_M:
@@ -1248,7 +1425,7 @@ def sparse24_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
             y += bias
         return y
     bn, sk = plan or decode_plan(M, N, K, _config.num_sms(x.device), x.element_size())
-    kps = -(-(-(-K // sk)) // DECODE_K_QUANTUM) * DECODE_K_QUANTUM
+    kps = _decode_kps(K, sk)
     sk = -(-K // kps)
     bm = max(16, next_pow2(M))
     mt, smr, smc, m32 = _meta_arg(meta, K)
@@ -1256,22 +1433,18 @@ def sparse24_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
              and (values.shape[0] <= 1 or values.stride(0) % 2 == 0) and values.storage_offset() % 2 == 0)
     vt = values.view(torch.int32) if pairs else values
     split = sk > 1
-    out = torch.empty((sk, M, N), device=x.device, dtype=torch.float32) if split else y
-    so, som, son = (out.stride(0), out.stride(1), out.stride(2)) if split else (0, y.stride(0), y.stride(1))
-    _sp_decode_tuned[(triton.cdiv(N, bn), sk)](
-        x, vt, mt, bias if bias is not None else y, out,
-        M, N, K, kps,
+    nb = triton.cdiv(N, bn)
+    sync = split and x.is_cuda     # the interpreter runs programs in id order: the last split reduces
+    ws = torch.empty((sk, M, N), device=x.device, dtype=torch.float32) if split else y
+    cnt = _decode_counters(x.device, nb) if sync else ws
+    _sp_decode_tuned[(nb * sk,)](
+        x, vt, mt, bias if bias is not None else y, y, ws, cnt,
+        M, N, K, kps, sk,
         x.stride(0), x.stride(1), vt.stride(0), vt.stride(1),
-        smr, smc, so, som, son,
-        HAS_BIAS=bias is not None, SPLIT=split, UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype),
+        smr, smc, y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, SPLIT=split, SYNC=sync, UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype),
         META32=m32, PAIRS=pairs, BLOCK_N=bn, BLOCK_M=bm,
     )
-    if split:
-        grid = lambda m_: (triton.cdiv(M * N, m_["BLOCK"]),)
-        _sp_reduce_tuned[grid](
-            out, bias if bias is not None else y, y, M, N, sk, y.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None,
-        )
     return y
 
 
@@ -1314,6 +1487,94 @@ def _precision(a: torch.Tensor, b: torch.Tensor) -> str:
     return dot_precision(a.dtype)
 
 
+#: dx column tiles the dx-decode planner considers
+DXD_TILES = (32, 64, 128, 256)
+
+
+def _dxd_nps(N: int, sk: int) -> int:
+    return -(-(-(-N // sk)) // DXD_N_QUANTUM) * DXD_N_QUANTUM
+
+
+def dx_decode_launch_bytes(M: int, N: int, K: int, bk: int, sk: int, elem: int = 2) -> dict:
+    """Bytes of one dx-decode launch (``_sp_dx_decode_kernel``) with ``bk`` dx columns per program
+    and ``sk`` splits of the weight rows: as :func:`decode_launch_bytes` with the roles of ``x``
+    and ``y`` taken by ``g (M, N)``, read once per column tile, and ``dx (M, K)``."""
+    wbytes = N * K * (elem / 2 + 1 / 8)
+    gbytes, dxbytes = elem * M * N, elem * M * K
+    nb = -(-K // bk)
+    # each weight row is read in pieces of bk columns: bk·elem/2 bytes of values and bk/8 of codes
+    # per piece, each at least one 32-byte sector through L2
+    w_l2 = N * nb * (max(32.0, bk * elem / 2) + max(32.0, bk / 8))
+    ws = 4.0 * sk * M * K if sk > 1 else 0.0
+    back = ws * (sk - 1) / sk if sk > 1 else 0.0
+    return dict(dram=wbytes + gbytes + dxbytes + ws, l2=w_l2 + nb * gbytes + dxbytes + ws + back,
+                g_reread=(nb - 1) * gbytes, programs=nb * sk, tiles=nb)
+
+
+def dx_decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[float, int, int]:
+    """``(seconds, BLOCK_K, split)`` of the dx-decode launch, the cheapest by the model of
+    :func:`decode_plan_cost` on :func:`dx_decode_launch_bytes` (*predicted*)."""
+    best = None
+    bm = max(16, next_pow2(M))
+    for bk in DXD_TILES:
+        if not any(_decode_ok(bk, bm, c["BLOCK_N"], c["num_warps"]) for c in DXD_SPACE[1:]):
+            continue
+        for sk in DECODE_SPLITS:
+            nps = _dxd_nps(N, sk)
+            if sk > 1 and nps * (sk - 1) >= N:
+                continue
+            b = dx_decode_launch_bytes(M, N, K, bk, sk, elem)
+            p = b["programs"]
+            f = min(1.0, p / (-(-p // sms) * sms))
+            t = max(b["dram"] / _BW, b["l2"] / (_L2BW * f)) + _LAUNCH
+            if best is None or t < best[0] - 1e-12:
+                best = (t, bk, sk)
+    return best
+
+
+def sparse24_dx_decode(g: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                       out_dtype: Optional[torch.dtype] = None, plan: Optional[tuple] = None,
+                       db: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``dx = g·W`` for ``M <= 64`` rows of ``g (M, N)`` in one launch (:func:`dx_decode_plan_cost`;
+    ``plan`` forces ``(BLOCK_K, split)``); deterministic (fixed-order reduction of the splits).
+    ``db``: an ``(N,)`` contiguous tensor that receives ``Σ_m g[m, :]`` (summed in fp32, rounded
+    once), the bias gradient, computed in the same launch (no separate reduction)."""
+    M, N = g.shape
+    K = 2 * values.shape[1]
+    if M > DECODE_MAX_M:
+        raise ValueError(f"g: sparse24_dx_decode takes at most {DECODE_MAX_M} rows, got {M}")
+    dx = torch.empty((M, K), device=g.device, dtype=out_dtype or g.dtype)
+    if db is not None and (db.shape != (N,) or not db.is_contiguous()):
+        raise ValueError(f"db: expected a contiguous ({N},) tensor, got {tuple(db.shape)}")
+    if M == 0 or K == 0 or N == 0:
+        if db is not None:
+            db.copy_(g.sum(0, dtype=torch.float32))
+        return dx if M == 0 or K == 0 else dx.zero_()
+    e = 4 if g.dtype == torch.float32 else 2
+    bk, sk = plan or dx_decode_plan_cost(M, N, K, _config.num_sms(g.device), e)[1:]
+    nps = _dxd_nps(N, sk)
+    sk = -(-N // nps)
+    bm = max(16, next_pow2(M))
+    mt, smr, smc, m32 = _meta_arg(meta, K)
+    pairs = (values.element_size() == 2 and values.dtype == g.dtype and values.stride(1) == 1
+             and (values.shape[0] <= 1 or values.stride(0) % 2 == 0) and values.storage_offset() % 2 == 0)
+    vt = values.view(torch.int32) if pairs else values
+    split = sk > 1
+    nb = triton.cdiv(K, bk)
+    sync = split and g.is_cuda
+    ws = torch.empty((sk, M, K), device=g.device, dtype=torch.float32) if split else dx
+    cnt = _decode_counters(g.device, nb) if sync else ws
+    _sp_dx_decode_tuned[(nb * sk,)](
+        g, vt, mt, dx, db if db is not None else dx, ws, cnt,
+        M, N, K, nps, sk,
+        g.stride(0), g.stride(1), vt.stride(0), vt.stride(1),
+        smr, smc, dx.stride(0), dx.stride(1),
+        HAS_DB=db is not None, SPLIT=split, SYNC=sync, UPCAST=upcast_dots(), PRECISION=_precision(g, values),
+        META32=m32, PAIRS=pairs, MIXED=g.dtype != values.dtype, BLOCK_M=bm, BLOCK_K=bk,
+    )
+    return dx
+
+
 def sparse24_dx(
     g: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, out_dtype: Optional[torch.dtype] = None
 ) -> torch.Tensor:
@@ -1326,6 +1587,8 @@ def sparse24_dx(
         return dx
     if N == 0:
         return dx.zero_()
+    if M <= DECODE_MAX_M:      # a handful of rows: the weight streamed once, split to fill the SMs
+        return sparse24_dx_decode(g, values, meta, out_dtype)
     mt, smr, smc, m32 = _meta_arg(meta, K)
     grid = lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]), triton.cdiv(K, meta_["BLOCK_K"]))
     _sp_dx_tuned[grid](
@@ -1612,15 +1875,19 @@ def sparse24_forward(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     return sparse24_mm(x, values, meta, bias)
 
 
-def sparse24_backward(g, x, values, meta, need_x: bool, need_values: bool):
+def sparse24_backward(g, x, values, meta, need_x: bool, need_values: bool, need_bias: bool = False):
     """Backward launcher: ``(dx, dvalues)`` (``None`` where not needed), each by
     :func:`choose_bwd_path`: ``dx = g·W`` with ``W`` expanded once and cuBLAS, or
     :func:`sparse24_dx`; the kept entries of ``gᵀ·x`` from cuBLAS + :func:`compress_24`, or
     :func:`sparse24_dvalues`. Exact selections either way: the kept values' gradient is the
-    dense gradient at the kept positions, rounded once."""
+    dense gradient at the kept positions, rounded once.
+
+    ``need_bias``: returns ``(dx, dvalues, db)`` with ``db = Σ_m g[m, :]`` (fp32 sum rounded
+    once to ``g``'s dtype); at decode sizes it comes out of the dx launch itself
+    (:func:`sparse24_dx_decode`), else from one reduction."""
     M, N = g.shape
     K = x.shape[1]
-    dx = dv = None
+    dx = dv = db = None
     if need_x:
         tp = None
         if M > 0 and torch24_eligible(M, N, K, g.dtype, g.device) and g.dtype == values.dtype:
@@ -1630,14 +1897,19 @@ def sparse24_backward(g, x, values, meta, need_x: bool, need_values: bool):
             dx = torch24_linear(g, transposed_values(values, tp[0]), tp[1]).contiguous()
         elif path == "dense":
             dx = torch.mm(g, expand_24(values, meta, out_dtype=g.dtype))
+        elif need_bias and 0 < M <= DECODE_MAX_M:             # db out of the same launch
+            db = torch.empty(N, device=g.device, dtype=g.dtype)
+            dx = sparse24_dx_decode(g, values, meta, db=db)
         else:
             dx = sparse24_dx(g, values, meta)
+    if need_bias and db is None:
+        db = g.sum(0, dtype=torch.float32).to(g.dtype)
     if need_values:
         if M > 0 and choose_bwd_path(M, K, N, g.dtype, "dvalues") == "dense":
             dv = compress_24(torch.mm(g.t(), x), meta, out_dtype=values.dtype)
         else:
             dv = sparse24_dvalues(g, x, meta, out_dtype=values.dtype)
-    return dx, dv
+    return (dx, dv, db) if need_bias else (dx, dv)
 
 
 # ============================================================================================
@@ -1662,6 +1934,27 @@ def sparse24_backward(g, x, values, meta, need_x: bool, need_values: bool):
 # only where predicted at least 5 % faster (DS_MARGIN), so a dense-sparse layer is never predicted
 # slower than its two-library-products alternative. The two-kernel path is not a candidate: in
 # that model our GEMMs (the same bytes and FLOPs, more launches) never beat ideal cuBLAS.
+#
+# Ranks above 256 take the library path: neither the fusion extended past rank 256 (the
+# intermediate in shared memory, :func:`ds_chain_seconds` with ``any_rank``) nor a two-phase path
+# with a split reduction at a handful of rows (:func:`ds_two_phase_seconds`) is predicted faster
+# (H200, bf16, predicted; library with sparse24's one-launch decode kernel):
+#
+#   shape, rank     M       library   two-phase   fused (any rank)
+#   4096², 655      16      7.1 us    8.5 us      56 us
+#   4096², 655      64      8.3       15.2        56
+#   4096², 655      16384   177       -           361
+#   4096², 1310     16      9.0       10.6        108
+#   4096², 1310     64      10.1      20.2        108
+#   768x3072, 336   16      5.7       6.3         8.9
+#   768x3072, 336   64      6.2       8.4         8.9
+#
+# At a handful of rows the fused grid must split the N tiles over the SMs, each split re-reading
+# all of S (the fusion's cost grows with the rank); the two-phase path saves no launch over the
+# one-launch decode + cuBLAS, and its second phase re-reads the fp32 partials once per N tile where
+# cuBLAS reads t once. At many rows both products are compute-bound and PyTorch's 2:4 GEMM halves
+# the first one's FLOPs, which no Triton kernel can (tests/sparse24/test_ds_dispatch.py checks
+# these comparisons).
 
 DS_PATHS = ("library", "fused", "two_kernel")
 
@@ -1732,19 +2025,32 @@ def ds_bwd_sparse_paths(M: int, K: int, R: int, dtype, transposable_ok: bool = F
     return tuple(out)
 
 
-def ds_s_plan(M: int, K: int, R: int, dtype, device) -> tuple:
+def _t_copy_seconds(M: int, R: int, dtype) -> float:
+    """The contiguous copy of a saved ``t`` that PyTorch's 2:4 GEMM returned transposed."""
+    return _roof(2.0 * M * R * _ds_elem(dtype), 0.0, _RATE)
+
+
+def ds_s_plan(M: int, K: int, R: int, dtype, device, save_t: bool = False) -> tuple:
     """``(path, predicted seconds)`` of the dense-sparse ``t = x·Sᵀ`` (``S (R, K)``): sparse24's
     own choice (:func:`choose_mm_path`) and its cost, or ``'torch_pad'`` (``S`` zero-padded to
     ``ceil(R/32)·32`` rows so that PyTorch's semi-structured GEMM takes it) where that is eligible
-    and predicted faster, the per-call copy of the values included."""
+    and predicted faster, the per-call copy of the values included. ``save_t``: ``t`` is kept for
+    the backward, so PyTorch's transposed result costs a contiguous copy (:func:`_t_copy_seconds`)
+    and expanding ``S`` once + cuBLAS is taken where that makes it cheaper."""
     path = choose_mm_path(M, K, R, dtype, device)
     forced = _forced("FASTFACTOR_SPARSE24_PATH", ("decode", "triton", "dense", "torch")) != "auto"
+    pc = path_costs(M, K, R, dtype, "fwd")
     if path == "triton" and not forced:
-        path = _library_only(path_costs(M, K, R, dtype, "fwd"), torch24_eligible(M, K, R, dtype, device))
-    cost = _s_path_seconds(M, K, R, dtype, path, _ds_sms(device))
+        path = _library_only(pc, torch24_eligible(M, K, R, dtype, device))
+    copy = _t_copy_seconds(M, R, dtype) if save_t else 0.0
+    cost = _s_path_seconds(M, K, R, dtype, path, _ds_sms(device)) + (copy if path == "torch" else 0.0)
+    if forced:
+        return path, cost
+    if path == "torch" and save_t and pc["dense"] < cost:
+        path, cost = "dense", pc["dense"]
     r32 = -(-R // _TORCH24_ROWS) * _TORCH24_ROWS
-    if not forced and path != "torch" and r32 != R and torch24_eligible(M, K, r32, dtype, device):
-        pad = path_costs(M, K, r32, dtype, "fwd")["torch"] + _pad_seconds(R, K, dtype)
+    if path != "torch" and r32 != R and torch24_eligible(M, K, r32, dtype, device):
+        pad = path_costs(M, K, r32, dtype, "fwd")["torch"] + _pad_seconds(R, K, dtype) + copy
         if pad < cost:
             return "torch_pad", pad
     return path, cost
@@ -1847,7 +2153,7 @@ def ds_path_costs(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, device=N
     out = {}
     if ds_library_ok(dtype):
         e = _ds_elem(dtype)
-        out["library"] = ds_s_plan(M, K, R, dtype, device)[1] + _gemm_seconds(M, N, R, e, e, e, bias, dtype)
+        out["library"] = ds_s_plan(M, K, R, dtype, device, save_t)[1] + _gemm_seconds(M, N, R, e, e, e, bias, dtype)
     fused = ds_chain_seconds(M, K, N, R, dtype, bias, save_t, _ds_sms(device))
     if fused is not None:
         out["fused"] = fused
@@ -1976,12 +2282,11 @@ def _torch24_padded(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -
     return torch._sparse_semi_structured_mm(vp, mc, xt).t()[:, :R]
 
 
-def _ds_t(x: torch.Tensor, s_values: torch.Tensor, s_meta: torch.Tensor, s_path: Optional[str] = None):
-    """The library path's ``t = x·Sᵀ`` (x's dtype: bf16 / fp32) on ``s_path`` (default
-    :func:`ds_s_plan`'s)."""
+def _ds_t(x: torch.Tensor, s_values: torch.Tensor, s_meta: torch.Tensor, save_t: bool = False):
+    """The library path's ``t = x·Sᵀ`` (x's dtype: bf16 / fp32) on :func:`ds_s_plan`'s path."""
     M, K = x.shape
     R = s_values.shape[0]
-    s_path = s_path or ds_s_plan(M, K, R, x.dtype, x.device)[0]
+    s_path = ds_s_plan(M, K, R, x.dtype, x.device, save_t)[0]
     if s_path == "torch_pad":
         return _torch24_padded(x, s_values, s_meta)
     return sparse24_forward(x, s_values, s_meta, None, path=s_path)
@@ -2010,8 +2315,12 @@ def dense_sparse_fwd(
         if M == 0 or R == 0 or K == 0:
             t = x.new_zeros((M, R))
         else:
-            t = _ds_t(x, s_values, s_meta)
+            t = _ds_t(x, s_values, s_meta, save_t)
         y = torch.nn.functional.linear(t, d, bias)                 # cuBLAS
+        if save_t and not t.is_contiguous():
+            # PyTorch's 2:4 GEMM returns t as the transposed view of (R32, M): the op's saved t
+            # is contiguous (M, R) like its fake tensor's (torch.compile, opcheck)
+            t = t.contiguous()
         return y, (t if save_t else None)
     t = _sparse_t(x, s_values, s_meta)
     y = gemm(t, d.t(), bias=bias, out_dtype=x.dtype)

@@ -57,9 +57,11 @@ def test_counter_atomics_only_in_the_decode_kernels():
         text = f.read_text()
         for m in re.finditer(r"\batomic_\w+\s*\(\s*(\w+)", text):
             hits.append((f.name, m.group(1)))
-    assert {h for h in hits} <= {("lowrank.py", "cnt_ptr")}, hits
+    assert {h for h in hits} <= {("lowrank.py", "cnt_ptr"), ("sparse24.py", "cnt_ptr")}, hits
     src = (KERNELS_DIR / "lowrank.py").read_text()
     assert "cnt_ptr,   # (4,) int32 counters" in src
+    src = (KERNELS_DIR / "sparse24.py").read_text()   # the split 2:4 decode's arrival counters
+    assert "cnt_ptr,    # SPLIT and SYNC: (N_TILES,) int32 arrival counters" in src
 
 
 def test_flag_follows_set_deterministic_and_torch_switch():
@@ -287,8 +289,8 @@ def test_sparse24_deterministic_mode_bypasses_the_autotuner(path, monkeypatch, t
                       [x, d, sv, b2])
         return out
 
-    # a handful of rows: the forward and the dense-sparse t = x·Sᵀ run the decode kernel
-    tunables = {"prune": SK._prune24_tuned, "decode": SK._sp_decode_tuned, "dx": SK._sp_dx_tuned,
+    # a handful of rows: the forward, the dense-sparse t = x·Sᵀ and dx run the decode kernels
+    tunables = {"prune": SK._prune24_tuned, "decode": SK._sp_decode_tuned, "dx": SK._sp_dx_decode_tuned,
                 "dvalues": SK._sp_dv_tuned, "ds_chain": SK._ds_chain_tuned, "lowrank.gemm": LK._gemm_tuned}
     used = [n for n in tunables if path == "fused" or n != "ds_chain"]
     _assert_bypass(run, tunables, monkeypatch, used)

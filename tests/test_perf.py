@@ -21,10 +21,10 @@ from fastfactor.sol import tier  # noqa: E402
 
 #: today's misses: case id -> the figures found (predicted on an H200 at commit of this file)
 BACKLOG = {
-    'reread-sparse24-4096-M16-fwd': 'sparse24.decode(fwd).x_ptr read 128.0x its size (target <= 1.25x)',
-    'reread-dense_sparse-4096-M16-fwd': 'sparse24.decode(fwd).x_ptr read 41.0x its size (target <= 1.25x)',
-    'speedup-dense1.5x-sparse24-4096-M16-fwd': '1.49x vs dense (predicted) (target >= 1.5x vs dense)',
-    'speedup-dense1.5x-sparse24-4096-M64-fwd': '1.48x vs dense (predicted; PyTorch semi-structured GEMM chosen over the split decode, 0.87x) (target >= 1.5x vs dense)',
+    'reread-sparse24-4096-M16-fwd': 'sparse24.decode(fwd).x_ptr re-read 16.65 MB beyond its first read (128x) = 87 % of the launch DRAM bytes (target <= 25 %); the planner takes the narrow no-split plan (32 rows x 1, at the DRAM floor, 6.95 us) over the wide plan that passes (128 rows x 4 splits: 20 %) because the latter stores 1 MB of fp32 partials: 7.20 us predicted; the narrow plan hides its re-reads under DRAM only while L2 -> SM >= ~8 TB/s (a lead, unmeasured)',
+    'reread-dense_sparse-4096-M16-fwd': 'sparse24.decode(fwd).x_ptr re-read 2.62 MB beyond its first read (21x) = 77 % of the launch DRAM bytes (target <= 25 %); the decode of S (655 rows) in one launch, 32 rows x 6 splits, the cheapest predicted plan',
+    'speedup-dense1.5x-sparse24-4096-M16-fwd': '1.49x vs dense (predicted): the decode launch is at the DRAM floor of the packed format (values + 4-bit codes per group + x + y = 19.1 MB over 4.3 TB/s + the 2.5 us floor = 6.95 us); no launch of this format exceeds 1.491x: 1.5x needs <= 3.66 bits of metadata per group (e.g. a 3-bit pattern index: 1.52x) (target >= 1.5x vs dense)',
+    'speedup-dense1.5x-sparse24-4096-M64-fwd': '1.48x vs dense (predicted; PyTorch semi-structured GEMM 7.14 us, our one-launch decode 8.93 us): with this format no single launch exceeds 1.479x at M=64 (19.9 MB + 2.5 us) (target >= 1.5x vs dense)',
 }
 
 _ROWS: dict = {}

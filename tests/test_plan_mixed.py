@@ -214,3 +214,27 @@ def test_cli_mixed_plan_kill_resume_and_refuse_another(saved_model, tmp_path, mo
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
+
+
+def test_a_base_models_plan_runs_on_the_model_with_a_task_head():
+    """A plan made on ``BertModel`` (``encoder.layer...``) executes on the same weights inside
+    ``BertForSequenceClassification`` (``bert.encoder.layer...``), and the reverse."""
+    from fastfactor import compress
+
+    base = tiny_model("bert", seed=8)
+    plan = mixed_plan(base)
+    cls = tiny_model("bert_cls", seed=8)
+    m2, rep = compress(cls, {"schedule": "offline"}, None, plan=plan)
+    for m in plan.modules:
+        mod = m2.get_submodule("bert." + m.name)
+        assert getattr(mod, "method", "dense") == m.method
+        if m.method in ("lowrank", "monarch", "block_lowrank", "dense_sparse"):
+            assert mod.rank == m.rank
+    assert rep.plan["modules"][0]["name"].startswith("bert.")
+    back = mixed_plan(tiny_model("bert_cls", seed=8))
+    m3, _ = compress(tiny_model("bert", seed=8), {"schedule": "offline"}, None, plan=back)
+    assert all(getattr(m3.get_submodule(m.name[len("bert."):]), "method", "dense") == m.method for m in back.modules)
+    bad = mixed_plan(base)
+    bad.modules[0].name = "nope.layer"
+    with pytest.raises(ValueError, match="plan: module 'nope.layer' not found"):
+        compress(tiny_model("bert_cls", seed=8), {"schedule": "offline"}, None, plan=bad)

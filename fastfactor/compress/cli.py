@@ -517,10 +517,11 @@ def run(args) -> int:
     cfg = build_config(args)
     plan = getattr(args, "plan_obj", None)
     if plan is not None:
-        from ..plan_data import check_plan
+        from ..plan_data import check_plan, fit_names
 
         try:
-            check_plan(meta_model(args.model), plan)  # names and shapes, before any weight is read
+            meta = meta_model(args.model)
+            check_plan(meta, fit_names(meta, plan))  # names and shapes, before any weight is read
         except ValueError as e:
             raise ValueError(f"--plan: {e}") from None
     if args.dry_run:

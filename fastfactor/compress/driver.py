@@ -141,9 +141,9 @@ def compress(
     cfg = _as_config(config if config is not None else CompressionConfig())
     module_cfgs: Dict[str, CompressionConfig] = {}
     if plan is not None:
-        from ..plan_data import as_plan, check_plan
+        from ..plan_data import as_plan, check_plan, fit_names
 
-        plan = as_plan(plan)
+        plan = fit_names(model, as_plan(plan))  # a base model's plan on the model with a task head
         check_plan(model, plan)
         run_d, per = plan.run_config(cfg)
         cfg = _as_config(run_d)

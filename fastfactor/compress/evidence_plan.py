@@ -29,7 +29,14 @@ Rows go to ``OUT/evidence_plan.json`` as they finish (a rerun skips rows already
 ``OUT/evidence_plan.md`` and ``OUT/evidence_plan.png`` (matplotlib; skipped with a message
 without it) are rewritten.
 
-``python -m fastfactor.compress.evidence_plan --out docs --cache /tmp/evplan [--threads 1]``
+``--seed S`` runs the compression with another seed (calibration batches, fine-tuning order; the
+data, the dense base and the evaluation stay seed 0's), its rows keyed by the seed; ``--jobs`` runs
+only the named cells; ``--merge`` takes other runs' rows; the report aggregates the seeds (each
+seed's planned − uniform, their mean, how many the plan wins) and, with ``--recompute-latency``,
+adds the whole model's predicted fraction (:func:`fastfactor.plan_latency.rest_seconds`). The
+output scores are cached on disk (``CACHE/plan-scores``), so a cut-off run does not score again.
+
+``python -m fastfactor.compress.evidence_plan --out docs --cache /tmp/evplan [--threads 1] [--seed 1]``
 """
 
 from __future__ import annotations
@@ -103,17 +110,43 @@ def grams_for(model, data, cfg):
     return collect_activation_stats(model, mods, batches, lambda m, b: m(**_inputs(m, b, "cpu"))), targets
 
 
+def _meta_model(task):
+    """The model of ``task`` on the meta device (shapes only): MiniLM (fidelity) or MiniLM with a
+    3-class classification head (family)."""
+    import torch
+    import transformers
+
+    from .demo import minilm_path
+
+    cfg = transformers.AutoConfig.from_pretrained(minilm_path())
+    with torch.device("meta"):
+        if task == "family":
+            cfg.num_labels = 3
+            return transformers.BertForSequenceClassification(cfg)
+        return transformers.BertModel(cfg)
+
+
 def recompute_latency(rows, lat) -> None:
     """Each row's predicted time again, from the ranks it realised (uniform: ``rank_for_ratio(q)``),
     with the kernels of this checkout (the sol model follows the op code, which may have changed
-    between runs); the run's own figure is kept as ``latency_fraction_run``."""
+    between runs); the run's own figure is kept as ``latency_fraction_run``. Also the whole
+    model's predicted fraction (``model_fraction``): every linear (the pooler and, for the family
+    task, the classifier kept dense), the attention core and the rest under the stated model of
+    :func:`fastfactor.plan_latency.rest_seconds` (seq_len 512)."""
     from ..factorize.svd import rank_for_ratio
-    from ..plan_latency import make_spec
-    from .cli import meta_model
-    from .demo import minilm_path
+    from ..plan_latency import linear_specs, make_spec, rest_seconds
     from .targets import select_targets
 
-    targets = select_targets(meta_model(minilm_path()))
+    fixed = {}
+    targets = None
+    for task in TASKS:
+        meta = _meta_model(task)
+        tg = select_targets(meta)
+        names = {t.name for t in tg}
+        other = [sp for n, sp in linear_specs(meta).items() if n not in names]
+        fixed[task] = sum(lat.costs(other)) + rest_seconds(meta, lat)["rest_s"]
+        if task == "fidelity":
+            targets = tg
     dense = lat.costs([make_spec("dense", t.in_features, t.out_features) for t in targets])
     worst = 0.0
     for r in rows:
@@ -124,10 +157,12 @@ def recompute_latency(rows, lat) -> None:
             raise ValueError(f"row {_key(r)}: no rank for {missing[:3]}...")
         specs = [make_spec("dense", t.in_features, t.out_features) if ranks.get(t.name) is None else
                  make_spec("lowrank", t.in_features, t.out_features, rank=ranks[t.name]) for t in targets]
-        frac = sum(lat.costs(specs)) / sum(dense)
+        t_targets = sum(lat.costs(specs))
+        frac = t_targets / sum(dense)
         r.setdefault("latency_fraction_run", r["latency_fraction"])
         worst = max(worst, abs(frac - r["latency_fraction_run"]))
         r["latency_fraction"] = frac
+        r["model_fraction"] = (fixed[r["task"]] + t_targets) / (fixed[r["task"]] + sum(dense))
     print(f"recomputed predicted times: largest change {worst:.2e} (fraction of dense)")
 
 
@@ -144,39 +179,84 @@ def _out(o):
     return o[0]
 
 
-def markdown(rows, meta) -> str:
-    from .driver import format_table
+def _fmt(m, v):
+    return f"{100 * v:.1f}" if m == "accuracy" else f"{v:.4f}"
 
-    out = []
+
+def _fmt_d(m, v):
+    return f"{100 * v:+.1f}" if m == "accuracy" else f"{v:+.4f}"
+
+
+def comparisons(rows):
+    """Planned against uniform, per (task, schedule, budget kind, scorer, q): the seeds where both
+    ran, each seed's difference, their mean and spread."""
     by = {_key(r): r for r in rows}
+    out = []
     for task in TASKS:
         for sched in SCHEDULES:
             for kind in ("params", "latency"):
                 for q, alloc in sorted({(r["q"], r["alloc"]) for r in rows if r["task"] == task
                                         and r["budget_kind"] == kind and r["alloc"] != "uniform"}):
-                    u = by.get(f"{task}|{sched}|params|{q}|uniform")
-                    p = by.get(f"{task}|{sched}|{kind}|{q}|{alloc}")
-                    if not (u and p):
+                    pairs = []
+                    for seed in sorted({r.get("seed", 0) for r in rows}):
+                        sfx = f"|s{seed}" if seed else ""
+                        u = by.get(f"{task}|{sched}|params|{q}|uniform{sfx}")
+                        p = by.get(f"{task}|{sched}|{kind}|{q}|{alloc}{sfx}")
+                        if u and p:
+                            pairs.append((seed, u, p))
+                    if not pairs:
                         continue
-                    m = u["metric"]
-                    scorer = "output" if alloc == "planned-output" else "whitened"
-                    out.append([task, sched, kind, scorer, f"{q:.1f}", m, f"{u['kept']:.3f}", f"{u['latency_fraction']:.3f}",
-                                f"{100 * u['value']:.1f}" if m == "accuracy" else f"{u['value']:.4f}",
-                                f"{p['kept']:.3f}", f"{p['latency_fraction']:.3f}",
-                                f"{100 * p['value']:.1f}" if m == "accuracy" else f"{p['value']:.4f}",
-                                f"{100 * (p['value'] - u['value']):+.1f}" if m == "accuracy"
-                                else f"{p['value'] - u['value']:+.4f}", str(p.get("dense_modules", "-"))])
-    head = ["task", "schedule", "equal", "scores", "q", "metric", "uniform kept", "uniform time*", "uniform",
-            "planned kept", "planned time*", "planned", "planned − uniform", "planned: dense modules"]
+                    diffs = [p["value"] - u["value"] for _, u, p in pairs]
+                    out.append(dict(task=task, schedule=sched, kind=kind, q=q, alloc=alloc, metric=pairs[0][1]["metric"],
+                                    scorer="output" if alloc == "planned-output" else "whitened",
+                                    seeds=[s for s, _, _ in pairs], diffs=diffs,
+                                    uniform=sum(u["value"] for _, u, _ in pairs) / len(pairs),
+                                    planned=sum(p["value"] for _, _, p in pairs) / len(pairs),
+                                    mean=sum(diffs) / len(diffs), lo=min(diffs), hi=max(diffs),
+                                    wins=sum(d > 0 for d in diffs), u_row=pairs[0][1], p_row=pairs[0][2]))
+    return out
+
+
+def markdown(rows, meta) -> str:
+    from .driver import format_table
+
+    comps = comparisons(rows)
+    summ = []
+    for c in comps:
+        m = c["metric"]
+        u, p = c["u_row"], c["p_row"]
+        mf = lambda r: f"{r['model_fraction']:.3f}" if "model_fraction" in r else "-"  # noqa: E731
+        summ.append([c["task"], c["schedule"], c["kind"], c["scorer"], f"{c['q']:.1f}", m,
+                     ",".join(map(str, c["seeds"])), _fmt(m, c["uniform"]), _fmt(m, c["planned"]),
+                     " / ".join(_fmt_d(m, d) for d in c["diffs"]), _fmt_d(m, c["mean"]),
+                     f"{c['wins']}/{len(c['diffs'])}", f"{p['kept']:.3f}",
+                     f"{u['latency_fraction']:.3f} / {p['latency_fraction']:.3f}", f"{mf(u)} / {mf(p)}"])
+    head = ["task", "schedule", "equal", "scores", "q", "metric", "seeds", "uniform (mean)", "planned (mean)",
+            "planned − uniform per seed", "mean", "planned wins", "planned kept", "targets' time* u / p",
+            "whole model* u / p"]
+    full = []
+    for r in sorted(rows, key=lambda r: (TASKS.index(r["task"]), r["schedule"], r["budget_kind"], r["q"],
+                                         r["alloc"], r.get("seed", 0))):
+        m = r["metric"]
+        full.append([r["task"], r["schedule"], r["budget_kind"], r["alloc"], f"{r['q']:.1f}", r.get("seed", 0),
+                     _fmt(m, r["value"]), f"{r['kept']:.3f}", f"{r['latency_fraction']:.3f}",
+                     f"{r['model_fraction']:.3f}" if "model_fraction" in r else "-",
+                     str(r.get("dense_modules", "-"))])
+    fhead = ["task", "schedule", "equal", "alloc", "q", "seed", "value", "kept", "targets' time*", "whole model*",
+             "dense modules"]
     dense = ", ".join(f"{t}: {v:.4g}" for t, v in meta.get("dense", {}).items())
-    return ("`*` time: the 36 targets' time as a fraction of dense, **" + PREDICTED + "** by the `fastfactor sol` "
-            f"model ({LATENCY['device'].upper()}, {LATENCY['tokens']} tokens, {LATENCY['direction']}, "
-            f"{LATENCY['dtype']}). Equal = params: planned under `target_params=q`; equal = latency: planned "
-            "under `target_latency` = the uniform model's predicted time at ratio q (at most 1). Scores: whitened = "
-            "per-module activation-weighted error (closed form); output = change of the model's output "
-            "(logits / last hidden state) on the calibration batches when only that module is compressed. "
-            "Dense: " + dense + "\n\n"
-            + format_table(head, out))
+    return ("`*` time: **" + PREDICTED + "** by the `fastfactor sol` model "
+            f"({LATENCY['device'].upper()}, {LATENCY['tokens']} tokens, {LATENCY['direction']}, {LATENCY['dtype']}), "
+            "as a fraction of the dense time: of the 36 targets, and of the whole model (every linear, the "
+            "attention core at seq_len 512, norms, activations, residual adds, embeddings: the stated model of "
+            "`fastfactor.plan_latency.REST_MODEL`). Equal = params: planned under `target_params=q`; equal = "
+            "latency: planned under `target_latency` = the uniform model's predicted targets' time at ratio q. "
+            "Scores: whitened = per-module activation-weighted error (closed form); output = change of the "
+            "model's output (logits / last hidden state) on the calibration batches when only that module is "
+            "compressed. Seeds: the compression run's seed (calibration batches, fine-tuning order); the data, "
+            "the dense base and the evaluation are seed 0's. Dense: " + dense + "\n\n"
+            "## Planned against uniform (per seed, mean, wins)\n\n" + format_table(head, summ)
+            + "\n\n## Every run\n\n" + format_table(fhead, full))
 
 
 def plot(rows, path) -> str:
@@ -199,21 +279,29 @@ def plot(rows, path) -> str:
                     if alloc == "planned-output" and j == 1:
                         continue
                     want = "params" if alloc == "uniform" else kind
-                    pts = sorted((r[x], r["value"]) for r in rows if r["task"] == task and r["schedule"] == sched
-                                 and r["alloc"] == alloc and r["budget_kind"] == want)
+                    sel = [r for r in rows if r["task"] == task and r["schedule"] == sched and r["alloc"] == alloc
+                           and r["budget_kind"] == want]
+                    pts = []
+                    for q in sorted({r["q"] for r in sel}):
+                        rs = [r for r in sel if r["q"] == q]
+                        vs = [r["value"] for r in rs]
+                        pts.append((sum(r[x] for r in rs) / len(rs), sum(vs) / len(vs), min(vs), max(vs)))
                     if pts:
                         scale = 100 if task == "family" else 1
                         what = alloc if alloc == "uniform" else (
                             f"planned ({'target_params' if j == 0 else 'target_latency'}"
                             f"{', output scores' if alloc == 'planned-output' else ''})")
-                        ax.plot([a for a, _ in pts], [b * scale for _, b in pts], ls, marker="o", color=color,
-                                label=f"{what}, {sched}")
+                        ys = [b * scale for _, b, _, _ in pts]
+                        err = [[(b - lo) * scale for _, b, lo, _ in pts], [(hi - b) * scale for _, b, _, hi in pts]]
+                        ax.errorbar([a for a, _, _, _ in pts], ys, yerr=err, fmt="o" + ls, color=color, capsize=3,
+                                    label=f"{what}, {sched}")
             ax.set_xlabel(label)
             ax.set_ylabel("held-out accuracy (%)" if task == "family" else "embedding cosine to dense")
-            ax.set_title(f"{task}: score vs {'parameters' if j == 0 else 'predicted time'}")
+            ax.set_title(f"{task}: score vs {'parameters' if j == 0 else 'predicted time'} (mean, min-max over seeds)",
+                         fontsize=9)
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
+                ax.legend(fontsize=6)
     fig.suptitle("all-MiniLM-L6-v2, activation-aware low rank: uniform vs planned per-module ranks")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -133,9 +133,10 @@ def _sparse24_bwd(
     with no_autocast(g):
         dx = dv = db = None
         if use_triton(g):
-            dx, dv = K.sparse24_backward(g, x, values, meta, need_x, need_values)
-            if has_bias:
-                db = g.sum(0, dtype=torch.float32).to(g.dtype)
+            if has_bias:   # at decode sizes db comes out of the dx launch
+                dx, dv, db = K.sparse24_backward(g, x, values, meta, need_x, need_values, need_bias=True)
+            else:
+                dx, dv = K.sparse24_backward(g, x, values, meta, need_x, need_values)
         else:
             dx, dv, db = K.sparse24_bwd_ref(g, x, values, meta, has_bias, need_x, need_values)
     return grads_or_empty(g, dx, dv, db)

@@ -82,6 +82,22 @@ TILE_MAPS = {
 }
 
 
+def _tiles_by_split(n_arg: str, split_arg: str, block: str) -> Callable:
+    """Axis 0 flattening ``(row tile, K split)`` split-minor: ``tile = pid // SPLIT_K`` (the 2:4
+    decode kernel; the last split of each tile is its reducer under the interpreter)."""
+
+    def tiles(meta):
+        nn = _cdiv(meta[n_arg], meta[block])
+        ns = int(meta[split_arg])
+        return (nn, ns), lambda pid: (pid // ns, pid % ns)
+
+    return tiles
+
+
+TILE_MAPS["sparse24.decode"] = _tiles_by_split("N", "SPLIT_K", "BLOCK_N")
+TILE_MAPS["sparse24.dx_decode"] = _tiles_by_split("K", "SPLIT_N", "BLOCK_K")
+
+
 #: kernels whose 1-D grid is split into consecutive *roles* (different work per role): ``meta ->
 #: [programs of role 0, of role 1, ...]``; classes are then the first, interior and last program
 #: of each role (``lowrank.decode``: producers, reducers, consumers)

@@ -20,11 +20,16 @@ term, instruction issue::
 
 with ``loop`` and ``outside`` the static SASS instructions of one warp in / out of the main loop
 (:func:`fastfactor.sol.sass.loop_split`): an estimate (branches skipped in the epilogue still count).
-Without SASS facts the issue term is left out and the launch says so (``issue['note']``).
+Without SASS facts the issue term is left out and the launch says so (``issue['note']``), except
+for kernels that register a stated per-instruction model (``kernels._cost.ISSUE_MODELS``: builds
+whose products run on the FMA units, where issue can bound the launch): their term is always
+there, and with ``--sass`` it is recounted from the compiled loops, each at the trip count the
+model states (nested loops multiplied, :func:`nested_loop_instructions`).
 
 DRAM bytes (the stated L2 model): a tensor read by the launch costs its unique bytes once; its
 re-reads come from L2 when it fits in half the L2, else from DRAM (every requested byte). Stores
-cost their bytes. HGMMA (wgmma) is assumed for dots whose M tile is at least 64 with a multiple of 4
+cost their bytes. A workspace the launch writes and then reads back itself (split partials summed
+in the same launch, ``kernels._cost.IN_LAUNCH_WORKSPACE``) costs its stores only: the reads hit L2. HGMMA (wgmma) is assumed for dots whose M tile is at least 64 with a multiple of 4
 warps (Triton's rule), HMMA otherwise.
 
 A plain PyTorch op (dense ``F.linear``, the unfused path), recorded by
@@ -71,8 +76,12 @@ def launch_time(count, device: Device, num_warps: int = 4, dtype: str = "bf16",
     per-instruction model (:data:`kernels._cost.ISSUE_MODELS`), an issue term."""
     dram = 0.0
     sectors = 0.0
-    for tc in count.tensors.values():
+    ws = _cost.IN_LAUNCH_WORKSPACE.get(count.kernel, ())
+    for name, tc in count.tensors.items():
         sectors += tc.load_sectors + tc.store_sectors
+        if name.split("/")[0] in ws and tc.size_bytes <= device.l2_bytes / 2:
+            dram += tc.store_bytes      # read back in the same launch: L2 hits
+            continue
         uniq = tc.unique_bytes if tc.unique_bytes is not None else min(tc.load_bytes, tc.size_bytes)
         dram += _cost.dram_bytes(tc.load_bytes, uniq, tc.size_bytes, tc.store_bytes, device)
     if hgmma is None:
@@ -81,6 +90,10 @@ def launch_time(count, device: Device, num_warps: int = 4, dtype: str = "bf16",
                              dtype, ctas_per_sm, issue_instructions)
     return dict(t, dram_bytes=dram, l2_bytes=32.0 * sectors, hgmma=bool(hgmma))
 
+
+#: kernels whose main loop steps by another tuned block than ``BLOCK_K`` (the 2:4 dx-decode reduces
+#: over weight rows, ``BLOCK_N`` per step)
+REDUCTION_STEP = {"sparse24.dx_decode": "BLOCK_N"}
 
 NO_SASS = "issue term not computed: no SASS facts for this launch (no build read; run with --sass)"
 STATED_MODEL = ("issue term from the kernel's stated per-instruction model (kernels._cost.ISSUE_MODELS); "
@@ -114,7 +127,7 @@ def issue_term(e: dict, facts: Optional[dict], device: Device) -> dict:
         return dict(seconds=None, note=NO_SASS + (f" (build failed: {why})" if why else ""))
     cfg = e["config"]
     warps = int(cfg.get("num_warps", 4))
-    step = cfg.get("BLOCK_K") or cfg.get("BLOCK_R")
+    step = cfg.get(REDUCTION_STEP.get(e.get("kernel"), "BLOCK_K")) or cfg.get("BLOCK_R")
     loop, outside = int(facts["loop_instructions"]), int(facts["outside_instructions"])
     if e.get("issue_model"):
         # a kernel with a stated loop structure (FMA builds): every compiled loop at its trip count

@@ -252,7 +252,7 @@ class _OurPathRecorder(TorchDispatchMode):
         outs = []
         tree_map(lambda t: outs.append(t) if isinstance(t, torch.Tensor) else None, meta_out)
         base = func.overloadpacket.__name__.rstrip("_") if hasattr(func, "overloadpacket") else str(func)
-        view = bool(getattr(func, "is_view", False)) or base in _FREE
+        view = (bool(getattr(func, "is_view", False)) or base in _FREE) and not _copies(base, ins)
         self.rec.torch_ops.append(TorchOp(
             base, [(tuple(t.shape), t.dtype, tuple(t.stride())) for t in ins],
             [(tuple(t.shape), t.dtype, tuple(t.stride())) for t in outs], view, self.rec.phase))
@@ -336,6 +336,18 @@ _FREE = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh"
          "new_empty_strided", "set_", "resize_", "unflatten", "flatten", "narrow"}
 
 
+def _copies(base: str, ins: list) -> bool:
+    """``contiguous`` carries an alias annotation (it returns its input when that is contiguous)
+    but copies a strided input: that copy moves data and is recorded as an op."""
+    if base != "contiguous" or not ins:
+        return False
+    t = ins[0]
+    if isinstance(t, torch.Tensor):
+        return not t.is_contiguous()
+    shape, _, stride = t
+    return not torch.empty_strided(shape, stride, device="meta").is_contiguous()
+
+
 class _OpRecorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -352,7 +364,8 @@ class _OpRecorder(TorchDispatchMode):
         tree_map(lambda t: outs.append((tuple(t.shape), t.dtype, tuple(t.stride())))
                  if isinstance(t, torch.Tensor) else None, out)
         base = func.overloadpacket.__name__.rstrip("_") if hasattr(func, "overloadpacket") else str(func)
-        view = bool(getattr(func, "is_view", False)) or base in _FREE or base.rstrip("_") in _FREE
+        view = (bool(getattr(func, "is_view", False)) or base in _FREE or base.rstrip("_") in _FREE) \
+            and not _copies(base, [t for t in ins])
         self.ops.append(TorchOp(base, ins, outs, view, self.phase))
 
         def to_cpu(t):

@@ -220,7 +220,7 @@ def test_padded_semi_structured_path_matches_float64(triton_cpu, monkeypatch):
     the gradients, the codes are padded and reordered once per mask."""
     calls = _cutlass_gemm_on_cpu(monkeypatch)
     monkeypatch.setenv("FASTFACTOR_DS_PATH", "library")
-    monkeypatch.setattr(K, "ds_s_plan", lambda M, k, R, dtype, device: ("torch_pad", 0.0))
+    monkeypatch.setattr(K, "ds_s_plan", lambda *a, **kw: ("torch_pad", 0.0))
     s, values = _check(96, 128, 48, 40, BF16, True, seed=5)
     assert calls and calls[0] == (64, 64)
     m1 = K.torch24_meta_padded(s.meta, 40, 128)
@@ -263,3 +263,51 @@ def test_dispatcher_and_sol_agree(k, n, M, ratio, path, monkeypatch):
     sol = row["predicted_ms"] / 1e3
     assert 0.8 <= sol / ours <= 1.25, (sol, ours, row["kernels"])
     assert row["speedup_vs_unfused"] >= 1.0
+
+
+def test_rank_above_256_library_path_is_justified(on_gpu_model):
+    """Neither the fusion extended past rank 256 (intermediate in shared memory) nor a two-phase
+    split-reduction path at a handful of rows is predicted >= 5 % faster than the library path
+    (the figures in kernels/sparse24.py's dense-sparse block)."""
+    for k, n in ((4096, 4096), (768, 3072), (3072, 768)):
+        for ratio in (0.25, 0.5):
+            R = dense_sparse_rank_for_ratio(k, n, ratio)
+            if K._pad_rank(R) <= K.FUSED_MAX_R:
+                continue
+            for M in (8, 16, 32, 64, 4096, 16384):
+                lib = K.ds_path_costs(M, k, n, R, BF16, CUDA)["library"]
+                assert K.ds_chain_seconds(M, k, n, R, any_rank=True) > K.DS_MARGIN * lib, (k, n, R, M)
+                if M <= K.DECODE_MAX_M:
+                    assert K.ds_two_phase_seconds(M, k, n, R) > K.DS_MARGIN * lib, (k, n, R, M)
+
+
+def test_padded_path_opcheck(triton_cpu, monkeypatch):
+    """The op on the ``torch_pad`` path: its outputs' metadata match the fake tensors' (the saved
+    ``t`` is contiguous although PyTorch's GEMM returns it transposed)."""
+    _cutlass_gemm_on_cpu(monkeypatch)
+    monkeypatch.setenv("FASTFACTOR_DS_PATH", "library")
+    monkeypatch.setattr(K, "ds_s_plan", lambda *a, **kw: ("torch_pad", 0.0))
+    s = _s(40, 128, BF16, seed=6)
+    x = torch.randn(64, 128).to(BF16)
+    d = torch.randn(48, 40).to(BF16).requires_grad_(True)
+    for save_t in (True, False):
+        # (aot_dispatch is left out: the CPU stand-in of PyTorch's GEMM is a Python function
+        # that Inductor cannot register as an extern kernel)
+        torch.library.opcheck(torch.ops.fastfactor.dense_sparse_fwd.default, (x, d, s.values, s.meta, None, save_t),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_saved_t_prices_the_copy_of_pytorchs_transposed_result(on_gpu_model):
+    """With ``t`` saved for the backward, PyTorch's 2:4 paths pay its contiguous copy: the plan
+    costs it and takes expand + cuBLAS where that makes it the cheaper one."""
+    for k, n in SHAPES:
+        for R in _ranks(k, n):
+            for M in (128, 4096, 16384):
+                p0, c0 = K.ds_s_plan(M, k, R, BF16, CUDA)
+                p1, c1 = K.ds_s_plan(M, k, R, BF16, CUDA, save_t=True)
+                assert c1 >= c0 - 1e-12
+                if p1 in ("torch", "torch_pad"):
+                    assert c1 > c0 or p0 != p1
+                    assert c1 <= K.path_costs(M, k, R, BF16, "fwd")["dense"] * (1 + 1e-9)
+                if p0 == p1 and p0 in ("torch", "torch_pad"):
+                    assert c1 == pytest.approx(c0 + K._t_copy_seconds(M, R, BF16))

@@ -47,12 +47,18 @@ def test_sparse24_linear_cuda(shape, dtype):
     assert_close_ref(b.grad, b64.grad, dtype, reduction=M, name="dbias")
 
 
-@pytest.mark.parametrize("path", ["fused", "two_kernel"])
+@pytest.mark.parametrize("path", ["fused", "two_kernel", "library", "auto"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
-@pytest.mark.parametrize("shape", [(16, 4096, 4096, 256), (4096, 768, 3072, 168), (37, 4096, 4096, 655)],
+@pytest.mark.parametrize("shape", [(16, 4096, 4096, 256), (4096, 768, 3072, 168), (37, 4096, 4096, 655),
+                                   (1024, 4096, 4096, 655)],
                          ids=lambda s: f"M{s[0]}-K{s[1]}-N{s[2]}-R{s[3]}")
 def test_dense_sparse_linear_cuda(shape, dtype, path, monkeypatch):
-    monkeypatch.setenv("FASTFACTOR_DS_PATH", path)
+    """Every path; ``auto`` / ``library`` at M = 1024, rank 655 run PyTorch's 2:4 GEMM on S
+    zero-padded to 672 rows (bf16/fp16 where eligible)."""
+    if path == "auto":
+        monkeypatch.delenv("FASTFACTOR_DS_PATH", raising=False)
+    else:
+        monkeypatch.setenv("FASTFACTOR_DS_PATH", path)
     M, Kd, N, R = shape
     x = torch.randn(M, Kd, device=DEV, dtype=dtype, requires_grad=True)
     s = sparse_weight(R, Kd, dtype)
@@ -115,3 +121,33 @@ def test_torch_semi_structured_conversion_and_dispatch(monkeypatch):
     with torch.no_grad():
         y_triton = sparse24_linear(x, w)
     assert_close_ref(y_torch, y_triton.double(), torch.float16, reduction=512, name="torch vs triton")
+
+
+@pytest.mark.parametrize("plan", [(32, 1), (128, 4), (64, 3)])
+def test_split_decode_repeated_launches_and_cuda_graph(plan):
+    """The one-launch split decode and dx-decode on hardware (arrival counters, the last arrival
+    reduces): bitwise equal over repeated launches and under CUDA-graph replay, counters back to
+    zero, against float64."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 4096, device=DEV, dtype=torch.bfloat16)
+    w = sparse_weight(1024, 4096, torch.bfloat16, requires_grad=False)
+    b = torch.randn(1024, device=DEV, dtype=torch.bfloat16)
+    ref = K.sparse24_decode(x, w.values, w.meta, b, plan=plan)
+    y64 = x.double() @ K.unpack_24(w.values.double(), w.meta, 4096).t() + b.double()
+    assert_close_ref(ref, y64, torch.bfloat16, reduction=4096)
+    g = torch.randn(16, 1024, device=DEV, dtype=torch.bfloat16)
+    dref = K.sparse24_dx_decode(g, w.values, w.meta, plan=(64, 4))
+    assert_close_ref(dref, g.double() @ K.unpack_24(w.values.double(), w.meta, 4096), torch.bfloat16,
+                     reduction=1024)
+    for _ in range(20):
+        assert torch.equal(K.sparse24_decode(x, w.values, w.meta, b, plan=plan), ref)
+        assert torch.equal(K.sparse24_dx_decode(g, w.values, w.meta, plan=(64, 4)), dref)
+    torch.cuda.synchronize()
+    assert all(int(c.abs().sum()) == 0 for c in K._DECODE_COUNTERS.values())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        yg = K.sparse24_decode(x, w.values, w.meta, b, plan=plan)
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(yg, ref)

@@ -1,0 +1,240 @@
+"""Tier 1 (cpu): the one-launch split 2:4 decode (fp32 partials reduced in the same launch by each
+row tile's last program): float64 oracle, the counter path (SYNC) against the id-order path
+bitwise, counters reset, the planner against the byte model, and sol's counts of the launch
+(scaled per program class == every program)."""
+
+import pytest
+import torch
+
+from conftest import assert_close_ref
+from fastfactor.formats.sparse24 import pack_24, prune_24
+from fastfactor.kernels import _config
+from fastfactor.kernels import sparse24 as K
+
+
+def _case(m, n, k, dtype, seed=0):
+    torch.manual_seed(seed)
+    w = pack_24(prune_24(torch.randn(n, k) / k ** 0.5))
+    return torch.randn(m, k).to(dtype), w.values.to(dtype), w.meta, torch.randn(n).to(dtype)
+
+
+def _ref64(x, values, meta, b):
+    y = x.double() @ K.unpack_24(values.double(), meta, 2 * values.shape[1]).t()
+    return y + b.double() if b is not None else y
+
+
+def _launch(x, values, meta, b, bn, sk, sync, cnt=None):
+    """The kernel launched by hand (as sparse24_decode does), ``SYNC`` chosen by the test."""
+    M, Kd = x.shape
+    N = values.shape[0]
+    kps = K._decode_kps(Kd, sk)
+    assert -(-Kd // kps) == sk
+    mt, smr, smc, m32 = K._meta_arg(meta, Kd)
+    y = torch.empty(M, N, dtype=x.dtype)
+    ws = torch.empty(sk, M, N, dtype=torch.float32)
+    nb = -(-N // bn)
+    cnt = torch.zeros(nb, dtype=torch.int32) if cnt is None else cnt
+    K._sp_decode_tuned[(nb * sk,)](
+        x, values, mt, b if b is not None else y, y, ws, cnt if sync else ws,
+        M, N, Kd, kps, sk, x.stride(0), x.stride(1), values.stride(0), values.stride(1),
+        smr, smc, y.stride(0), y.stride(1),
+        HAS_BIAS=b is not None, SPLIT=sk > 1, SYNC=sync, UPCAST=True, PRECISION="ieee",
+        META32=m32, PAIRS=False, BLOCK_N=bn, BLOCK_M=max(16, _config.next_pow2(M)),
+    )
+    return y, cnt
+
+
+@pytest.mark.parametrize("m,n,k,bn,sk,bias", [
+    (16, 96, 768, 32, 3, True),      # 3 tiles x 3 splits
+    (5, 70, 512, 64, 2, False),      # a masked last row tile, 5 tokens
+    (16, 128, 768, 128, 3, True),    # the wide tile: one row tile, 3 splits
+])
+def test_counter_path_matches_id_order_bitwise_and_resets(triton_cpu, m, n, k, bn, sk, bias):
+    x, values, meta, b = _case(m, n, k, torch.float32, seed=m + n)
+    b = b if bias else None
+    y_id, _ = _launch(x, values, meta, b, bn, sk, sync=False)
+    y_cnt, cnt = _launch(x, values, meta, b, bn, sk, sync=True)
+    assert torch.equal(y_id, y_cnt)
+    assert int(cnt.abs().sum()) == 0, "the reducers reset their counters"
+    y_again, _ = _launch(x, values, meta, b, bn, sk, sync=True, cnt=cnt)   # reused counters
+    assert torch.equal(y_again, y_id)
+    assert_close_ref(y_id, _ref64(x, values, meta, b), torch.float32, reduction=k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wide_split_plans_match_float64(triton_cpu, dtype):
+    x, values, meta, b = _case(16, 128, 512, dtype, seed=7)
+    ref = _ref64(x, values, meta, b)
+    outs = [K.sparse24_decode(x, values, meta, b, plan=p) for p in ((128, 2), (64, 2), (32, 1))]
+    for y in outs:
+        assert_close_ref(y, ref, dtype, reduction=512)
+    assert torch.equal(outs[0], K.sparse24_decode(x, values, meta, b, plan=(128, 2)))
+    # fp32 output of a 16-bit product (the dense-sparse intermediate)
+    y32 = K.sparse24_decode(x, values, meta, None, plan=(128, 2), out_dtype=torch.float32)
+    assert y32.dtype == torch.float32
+    assert_close_ref(y32, _ref64(x, values, meta, None), dtype, reduction=512)
+
+
+def test_planner_is_the_byte_model():
+    # one launch whatever the split: the plan is the cheapest of decode_launch_bytes under the model
+    BW, L2, LA = K._BW, K._L2BW, K._LAUNCH
+    for m, n, k in ((16, 4096, 4096), (64, 4096, 4096), (16, 1024, 4096), (32, 3072, 768)):
+        t, bn, sk = K.decode_plan_cost(m, n, k, 132)
+        b = K.decode_launch_bytes(m, n, k, bn, sk)
+        p = b["programs"]
+        f = min(1.0, p / (-(-p // 132) * 132))
+        assert t == pytest.approx(max(b["dram"] / BW, b["l2"] / (L2 * f)) + LA)
+        # no launch floor for a reduction: the split costs its partials' bytes only
+        assert t < 2 * LA + b["dram"] / BW
+    # x re-reads against partials: a wide tile reads x 4x less from L2 and stores fp32 partials
+    narrow, wide = K.decode_launch_bytes(16, 4096, 4096, 32, 1), K.decode_launch_bytes(16, 4096, 4096, 128, 4)
+    assert narrow["x_reread"] == 127 * 16 * 4096 * 2 and wide["x_reread"] == 31 * 16 * 4096 * 2
+    assert wide["dram"] - narrow["dram"] == 4 * 16 * 4096 * 4
+
+
+def test_sol_counts_of_the_split_decode_scaled_equal_full():
+    from fastfactor.sol import count as C
+    from fastfactor.sol import record as R
+
+    x, values, meta, b = _case(16, 96, 768, torch.bfloat16, seed=2)
+    with R.recording() as rec:
+        K.sparse24_decode(x, values, meta, b, plan=(32, 3))
+    (launch,) = rec.launches
+    assert launch.kernel == "sparse24.decode"
+    cfg = launch.candidates[0]
+    full = C.count_launch(launch, cfg, "full")
+    scaled = C.count_launch(launch, cfg, "scaled")
+    assert scaled.programs == full.programs == 3 * 3
+    for name in full.tensors:
+        for f in ("load_bytes", "store_bytes", "load_sectors", "store_sectors", "unique_bytes"):
+            assert getattr(scaled.tensors[name], f) == getattr(full.tensors[name], f), (name, f)
+    ws = next(v for n, v in full.tensors.items() if n.startswith("ws_ptr"))
+    assert ws.store_bytes == 3 * 16 * 96 * 4 and ws.load_bytes == 2 * 16 * 96 * 4
+    # the model: the workspace read back in the launch costs its stores only in DRAM bytes
+    from fastfactor.sol import model
+    from fastfactor.sol.device import H200
+
+    t = model.launch_time(scaled, H200)
+    expect = sum(tc.store_bytes if n.startswith("ws_ptr") else
+                 (min(tc.unique_bytes, tc.load_bytes) + tc.store_bytes) for n, tc in scaled.tensors.items())
+    assert t["dram_bytes"] == pytest.approx(expect)
+
+
+# ---- dx = g·W at decode sizes (_sp_dx_decode_kernel) ----
+
+def _dx_ref64(g, values, meta):
+    return g.double() @ K.unpack_24(values.double(), meta, 2 * values.shape[1])
+
+
+@pytest.mark.parametrize("m,n,k,plan,dtype", [
+    (16, 384, 256, (64, 3), torch.float32),     # 4 column tiles x 3 splits of 128 rows
+    (5, 200, 96, (32, 2), torch.bfloat16),      # masked rows, a short last split, codes as words
+    (16, 130, 44, (32, 1), torch.float32),      # K = 44: codes as bytes, masked last column tile
+    (33, 256, 256, (128, 2), torch.float16),
+])
+def test_dx_decode_matches_float64(triton_cpu, m, n, k, plan, dtype):
+    torch.manual_seed(m + k)
+    w = pack_24(prune_24(torch.randn(n, k) / n ** 0.5))
+    values, meta = w.values.to(dtype), w.meta
+    g = torch.randn(m, n).to(dtype)
+    dx = K.sparse24_dx_decode(g, values, meta, plan=plan)
+    assert dx.dtype == dtype and dx.shape == (m, k)
+    assert_close_ref(dx, _dx_ref64(g, values, meta), dtype, reduction=n)
+    if k == 96:    # bitwise repeatable; the public entry takes it at decode sizes
+        assert torch.equal(dx, K.sparse24_dx_decode(g, values, meta, plan=plan))
+        assert torch.equal(K.sparse24_dx(g, values, meta), K.sparse24_dx_decode(g, values, meta))
+
+
+def test_dx_decode_mixed_fp32_g_against_fp16_weight(triton_cpu):
+    torch.manual_seed(1)
+    w = pack_24(prune_24(torch.randn(256, 128) / 16))
+    values = w.values.half()
+    g = torch.randn(8, 256)                                  # the dense-sparse dt, kept in fp32
+    dx = K.sparse24_dx(g, values, w.meta, out_dtype=torch.float16)
+    assert dx.dtype == torch.float16
+    assert_close_ref(dx, _dx_ref64(g, values, w.meta), torch.float16, reduction=256)
+
+
+def test_dx_decode_counter_path_bitwise_and_reset(triton_cpu):
+    torch.manual_seed(2)
+    m, n, k, bk, sk = 16, 384, 256, 64, 3
+    w = pack_24(prune_24(torch.randn(n, k)))
+    g = torch.randn(m, n)
+    mt, smr, smc, m32 = K._meta_arg(w.meta, k)
+    outs = []
+    nb = k // bk
+    for sync in (False, True):
+        dx = torch.empty(m, k)
+        ws = torch.empty(sk, m, k)
+        cnt = torch.zeros(nb, dtype=torch.int32)
+        K._sp_dx_decode_tuned[(nb * sk,)](
+            g, w.values, mt, dx, dx, ws, cnt if sync else ws, m, n, k, K._dxd_nps(n, sk), sk,
+            g.stride(0), g.stride(1), w.values.stride(0), w.values.stride(1), smr, smc, dx.stride(0), dx.stride(1),
+            HAS_DB=False, SPLIT=True, SYNC=sync, UPCAST=True, PRECISION="ieee", META32=m32, PAIRS=False, MIXED=False,
+            BLOCK_M=16, BLOCK_K=bk,
+        )
+        outs.append(dx)
+        assert int(cnt.abs().sum()) == 0
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_dx_planner_and_sol_counts():
+    from fastfactor.sol import count as C
+    from fastfactor.sol import record as R
+
+    t, bk, sk = K.dx_decode_plan_cost(16, 3072, 768, 132)
+    b = K.dx_decode_launch_bytes(16, 3072, 768, bk, sk)
+    assert b["programs"] >= 66 and t < 2 * K._LAUNCH   # fills the SMs, one launch
+    torch.manual_seed(3)
+    w = pack_24(prune_24(torch.randn(384, 256)))
+    g = torch.randn(16, 384).bfloat16()
+    with R.recording() as rec:
+        K.sparse24_dx_decode(g, w.values.bfloat16(), w.meta, plan=(64, 3))
+    (launch,) = rec.launches
+    assert launch.kernel == "sparse24.dx_decode"
+    cfg = launch.candidates[0]
+    full, scaled = C.count_launch(launch, cfg, "full"), C.count_launch(launch, cfg, "scaled")
+    assert scaled.programs == full.programs == 4 * 3
+    for name in full.tensors:
+        for f in ("load_bytes", "store_bytes", "load_sectors", "store_sectors", "unique_bytes"):
+            assert getattr(scaled.tensors[name], f) == getattr(full.tensors[name], f), (name, f)
+
+
+@pytest.mark.parametrize("m,n,k,plan,dtype", [(16, 384, 128, (64, 3), torch.float32),
+                                             (7, 200, 96, (32, 2), torch.bfloat16)])
+def test_dx_decode_bias_gradient_in_the_same_launch(triton_cpu, m, n, k, plan, dtype):
+    torch.manual_seed(m)
+    w = pack_24(prune_24(torch.randn(n, k) / n ** 0.5))
+    values, meta = w.values.to(dtype), w.meta
+    g = torch.randn(m, n).to(dtype)
+    db = torch.empty(n, dtype=dtype)
+    dx = K.sparse24_dx_decode(g, values, meta, plan=plan, db=db)
+    assert torch.equal(dx, K.sparse24_dx_decode(g, values, meta, plan=plan))   # db changes nothing else
+    assert_close_ref(db, g.double().sum(0), dtype, reduction=m, name="db")
+    db2 = torch.empty(n, dtype=dtype)
+    K.sparse24_dx_decode(g, values, meta, plan=plan, db=db2)
+    assert torch.equal(db, db2)
+    with pytest.raises(ValueError, match="db"):
+        K.sparse24_dx_decode(g, values, meta, db=torch.empty(n + 1, dtype=dtype))
+
+
+def test_backward_takes_db_from_the_dx_launch(triton_cpu, monkeypatch):
+    from fastfactor.formats.sparse24 import Sparse24Weight
+    from fastfactor.ops.sparse24 import sparse24_linear
+
+    monkeypatch.delenv("FASTFACTOR_SPARSE24_BWD_PATH", raising=False)
+    torch.manual_seed(5)
+    w = pack_24(prune_24(torch.randn(48, 64) / 8))
+    x = torch.randn(6, 64, requires_grad=True)
+    values = w.values.clone().requires_grad_(True)
+    b = torch.randn(48, requires_grad=True)
+    seen = []
+    real = K.sparse24_dx_decode
+    monkeypatch.setattr(K, "sparse24_dx_decode", lambda *a, **kw: seen.append(kw.get("db") is not None) or real(*a, **kw))
+    y = sparse24_linear(x, Sparse24Weight(values, w.meta, w.shape), b)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert seen == [True]
+    assert_close_ref(b.grad, g.double().sum(0), torch.float32, reduction=6, name="db")
+    dx64 = g.double() @ K.unpack_24(values.detach().double(), w.meta, 64)
+    assert_close_ref(x.grad, dx64, torch.float32, reduction=48, name="dx")
