@@ -17,6 +17,8 @@ from fastfactor.plan import (BudgetPlan, Choice, ModuleCandidates, apply_plan, c
 from fastfactor.plan_latency import (BenchLatency, LatencyModel, SolLatency, make_spec, module_spec,
                                      predicted_seconds)
 
+from plan_stubs import affine_costs  # tests/plan_stubs.py
+
 
 @pytest.fixture(autouse=True)
 def _plan_cache(tmp_path, monkeypatch):
@@ -32,17 +34,8 @@ class AffineLatency(LatencyModel):
         self.floor, self.rate, self.calls = floor, rate, 0
 
     def costs(self, specs):
-        from fastfactor.plan_latency import build_layer
-
         self.calls += 1
-        out = []
-        for s in specs:
-            if s["method"] == "dense":
-                out.append(self.floor + s["in_features"] * s["out_features"] / self.rate)
-            else:
-                p = build_layer(s, torch.float32, torch.device("meta")).num_weight_params
-                out.append(2 * self.floor + p / self.rate)
-        return out
+        return affine_costs(specs, self.floor, self.rate)
 
     def describe(self):
         return {"source": "affine (test)", "status": "test model", "device": "none", "tokens": 1,

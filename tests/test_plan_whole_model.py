@@ -14,9 +14,11 @@ from torch import nn
 from fastfactor.cli import main
 from fastfactor.compress._tiny import tiny_model
 from fastfactor.plan import BudgetPlan, apply_plan, plan_model
-from fastfactor.plan_latency import (REST_MODEL, LatencyModel, SolLatency, build_layer, default_seq_len, linear_specs,
+from fastfactor.plan_latency import (REST_MODEL, LatencyModel, SolLatency, default_seq_len, linear_specs,
                                      model_seconds, rest_seconds)
 from fastfactor.sol.device import get_device
+
+from plan_stubs import affine_costs  # tests/plan_stubs.py
 
 
 @pytest.fixture(autouse=True)
@@ -35,14 +37,7 @@ class DeviceAffine(LatencyModel):
         self.floor, self.rate = floor, rate
 
     def costs(self, specs):
-        out = []
-        for s in specs:
-            if s["method"] == "dense":
-                out.append(self.floor + s["in_features"] * s["out_features"] / self.rate)
-            else:
-                p = build_layer(s, torch.float32, torch.device("meta")).num_weight_params
-                out.append(2 * self.floor + p / self.rate)
-        return out
+        return affine_costs(specs, self.floor, self.rate)
 
     def describe(self):
         return {"source": "affine (test)", "status": "test model", "device": "H200", "tokens": self.tokens,
