@@ -88,8 +88,9 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: compress's, 16)")
     d.add_argument("--seed", type=int, default=None, help="the run's seed: which batches calibrate (default 0)")
     d.add_argument("--scores", choices=("whitened", "output"), default=None,
-                   help="with data: activation-weighted errors (whitened, default) or the model's output change "
-                        "when only that module is compressed (output)")
+                   help="with data: activation-weighted errors (whitened, default: closed form, fast) or the model's "
+                        "output change when only that module is compressed (output: one forward per candidate; "
+                        "at equal parameters it beat the uniform ratio where whitened lost, README evidence)")
     d.add_argument("--model-class", default="auto",
                    help="the model class to load (as compress: auto = config.json's architectures, base, "
                         "sequence-classification, causal-lm, masked-lm, or a transformers class name)")
@@ -229,6 +230,12 @@ def run(args) -> int:
                                  f"latency {args.target_latency}" if lat_budget is not None else "") if x)
     print(f"plan for {args.model} ({type(model).__name__}), budget: {what}:")
     print(plan.table())
+    if budget is not None and lat_budget is None and (data is None or (args.scores or "whitened") == "whitened"):
+        # docs/evidence_plan.md: at equal parameters on MiniLM the whitened-score plan lost to the
+        # uniform ratio in every seed (cosine -0.12 to -0.15); output-change scores won (+0.025)
+        print("note: a parameter budget planned from per-module (whitened) errors lost to the uniform ratio in "
+              "the README's evidence (MiniLM); --scores output (with calibration data) measures each module's "
+              "effect on the model's output and won there")
     if args.out:
         plan.save(args.out)
         print(f"wrote {args.out}")

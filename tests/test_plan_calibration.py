@@ -111,6 +111,8 @@ def test_cli_plan_with_train_file(saved_model, tmp_path, capsys, scores):
     assert main(args) == 0
     text = capsys.readouterr().out
     assert f"scores ({scores}) measured on" in text
+    # the evidence's caveat on whitened scores at equal parameters, only where it applies
+    assert ("lost to the uniform ratio" in text) == (scores == "whitened")
     plan = BudgetPlan.load(str(out))
     assert plan.scorer == scores and plan.init == "activation"
     assert plan.calibration["batches"] == 2 and plan.calibration["batch_size"] == 8
