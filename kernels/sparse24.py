@@ -341,17 +341,11 @@ DXD_N_QUANTUM = 128
 def dxd_space(BLOCK_K: int, BLOCK_M: int, **_) -> list[dict]:
     """dx-decode configs within the register budget of :func:`_decode_ok` (expanded tile
     ``BLOCK_N x BLOCK_K``, ``g`` tile ``BLOCK_M x BLOCK_N``, fp32 ``BLOCK_M x BLOCK_K``)."""
-    kept = [c for c in DXD_SPACE[1:] if _decode_ok(BLOCK_K, BLOCK_M, c["BLOCK_N"], c["num_warps"])]
-    return kept or [DXD_SPACE[1]]
+    return _fitting_space(DXD_SPACE, BLOCK_K, BLOCK_M, "BLOCK_N") or [DXD_SPACE[1]]
 
 
 def _prune_dx_decode(configs_, named_args, **kwargs):
-    bk = kwargs.get("BLOCK_K", named_args.get("BLOCK_K"))
-    bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
-    if _config.is_interpreter():
-        return configs_
-    kept = [c for c in configs_ if c.kwargs["BLOCK_N"] >= 64 and _decode_ok(bk, bm, c.kwargs["BLOCK_N"], c.num_warps)]
-    return kept or [c for c in configs_ if c.kwargs["BLOCK_N"] >= 64][:1] or configs_
+    return _prune_fitting(configs_, named_args, kwargs, "BLOCK_K", "BLOCK_N", 64, last=False)
 
 
 # dvalues = kept(gᵀ·x): BLOCK_N x BLOCK_K dense tile, reduction over BLOCK_M token rows
@@ -391,20 +385,33 @@ def _decode_ok(bn: int, bm: int, bk: int, nw: int) -> bool:
     return _decode_fits(bn, bm, bk, nw) and (nw <= 4 or bn * bk >= 8192)
 
 
-def decode_space(BLOCK_N: int, BLOCK_M: int, **_) -> list[dict]:
-    """The decode configs that fit the registers at this row tile and token block."""
-    kept = [c for c in DECODE_SPACE[1:] if _decode_ok(BLOCK_N, BLOCK_M, c["BLOCK_K"], c["num_warps"])]
-    return kept or [DECODE_SPACE[3]]
+def _fitting_space(space: list, fixed: int, bm: int, tuned: str) -> list[dict]:
+    """The GPU configs of a decode-family ``space`` (its first entry is the interpreter's) whose
+    tiles fit :func:`_decode_ok`: ``fixed`` is the planned tile side passed first, ``tuned`` the
+    config key passed third (decode: BLOCK_N, BLOCK_K; dx-decode: BLOCK_K, BLOCK_N)."""
+    return [c for c in space[1:] if _decode_ok(fixed, bm, c[tuned], c["num_warps"])]
 
 
-def _prune_decode(configs_, named_args, **kwargs):
-    bn = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
+def _prune_fitting(configs_, named_args, kwargs, fixed: str, tuned: str, least: int, last: bool):
+    """Autotuner prune of a decode-family kernel: on a GPU only configs with ``tuned >= least``
+    (16-byte code rows / wide g loads) that fit the registers; if none fits, the last (``last``) or
+    first such config."""
+    f = kwargs.get(fixed, named_args.get(fixed))
     bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
     if _config.is_interpreter():
         return configs_
-    kept = [c for c in configs_ if c.kwargs["BLOCK_K"] >= 128
-            and _decode_ok(bn, bm, c.kwargs["BLOCK_K"], c.num_warps)]
-    return kept or [c for c in configs_ if c.kwargs["BLOCK_K"] >= 128][-1:] or configs_
+    wide = [c for c in configs_ if c.kwargs[tuned] >= least]
+    kept = [c for c in wide if _decode_ok(f, bm, c.kwargs[tuned], c.num_warps)]
+    return kept or (wide[-1:] if last else wide[:1]) or configs_
+
+
+def decode_space(BLOCK_N: int, BLOCK_M: int, **_) -> list[dict]:
+    """The decode configs that fit the registers at this row tile and token block."""
+    return _fitting_space(DECODE_SPACE, BLOCK_N, BLOCK_M, "BLOCK_K") or [DECODE_SPACE[3]]
+
+
+def _prune_decode(configs_, named_args, **kwargs):
+    return _prune_fitting(configs_, named_args, kwargs, "BLOCK_N", "BLOCK_K", 128, last=True)
 
 
 #: every K split is a multiple of this (the largest BLOCK_K of the space)
