@@ -60,6 +60,9 @@ class Device:
     # NVIDIA H100/H200 datasheets list max boost 1980 MHz; nvidia-smi -q "Max Clocks SM 1980 MHz")
     issue_slots_per_sm: int = 4
     clock_hz: float = 1.98e9
+    # low end of the L2 -> SM lead's range: the planners that trade L2 re-reads against DRAM bytes
+    # choose plans that hold up there too (robust_pick); replace both with the measured figure
+    l2_bw_low: float = 5.5e12
     sources: tuple = ()
 
 
@@ -73,6 +76,7 @@ H200 = Device(
         "bf16 790 TFLOP/s: 8192^3 torch.matmul on random data measured there (769-798; datasheet ~990 dense)",
         "tf32: half the bf16 rate (datasheet ratio)",
         "L2->SM 9 TB/s: lead (microbenchmarks report 5.5-7 TB/s on H100 PCIe, 114 SMs, lower clocks); to be measured",
+        "L2->SM low end 5.5 TB/s: the lowest of those microbenchmark figures, unscaled (plans are picked to hold up there)",
         "HMMA 0.6 of HGMMA: lead (mma.sync on Hopper); launch 2.5 us: CUDA-graph replay floor, lead",
         "issue: 4 schedulers/SM x 1 warp-instr/clk (Hopper whitepaper, SM processing blocks); "
         "clock 1.98 GHz max SM boost (H200 datasheet / nvidia-smi max clocks), not measured here",
@@ -87,7 +91,7 @@ H100 = Device(
         "SMs 132, L2 50 MiB, HBM3 3.35 TB/s, bf16 ~990 TFLOP/s dense: NVIDIA H100 SXM datasheet / Hopper whitepaper",
         "HBM 3.0 TB/s: 90 % of the datasheet, the measured/datasheet ratio of the H200 here",
         "bf16 790 TFLOP/s: same chip and clocks as the H200 measured here",
-        "L2->SM 9 TB/s, HMMA 0.6, launch 2.5 us: leads, as for the H200",
+        "L2->SM 9 TB/s (low end 5.5), HMMA 0.6, launch 2.5 us: leads, as for the H200",
         "issue: 4 schedulers/SM x 1 warp-instr/clk at 1.98 GHz max boost (Hopper whitepaper, H100 SXM datasheet)",
     ),
 )
@@ -144,6 +148,25 @@ def kernel_seconds(dram: float, l2: float, dot_flops: float, programs: int, devi
         terms["issue"] = issue_seconds(issue_instructions, device, f)
     bound = max(terms, key=terms.get)
     return dict(seconds=terms[bound] + device.launch_s, bound=bound, terms=terms, waves=waves, fill=f)
+
+
+def robust_pick(candidates):
+    """The plan to launch when plans trade L2 traffic against DRAM bytes and the L2 -> SM figure is
+    a lead (:attr:`Device.l2_bw`, unmeasured). ``candidates``: ``(t_nominal, t_low, plan)`` with each
+    plan's predicted seconds at the nominal L2 bandwidth and at the low end of its range
+    (:attr:`Device.l2_bw_low`). Returns the candidate whose worst ratio to the best plan at either
+    figure is least (minimax regret), ties to the faster at the nominal figure, then to the first::
+
+        pick = argmin_p max(t_nom(p) / min t_nom, t_low(p) / min t_low)
+
+    A plan that wins by 3 % at 9 TB/s and loses by 25 % at 5.5 TB/s is not taken over one that is
+    3 % slower at 9 and the fastest at 5.5: the first GPU measurement decides between them."""
+    cands = list(candidates)
+    if not cands:
+        raise ValueError("candidates: expected at least one plan, got none")
+    best_nom = min(c[0] for c in cands)
+    best_low = min(c[1] for c in cands)
+    return min(cands, key=lambda c: (round(max(c[0] / best_nom, c[1] / best_low), 9), c[0]))
 
 
 def library_seconds(nbytes: float, flops: float, device: Device, dtype: str = "bf16") -> dict:

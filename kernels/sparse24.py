@@ -1335,8 +1335,10 @@ def compress_24(dense: torch.Tensor, meta: torch.Tensor, out_dtype: Optional[tor
     return v
 
 
-#: L2 -> SM bytes/s of the decode planner's estimate (kernels/_cost.py, the figure sol uses; a lead)
+#: L2 -> SM bytes/s of the decode planners' estimate (kernels/_cost.py, the figure sol uses; a lead)
+#: and the low end of its range, where the chosen plan must hold up too (:func:`_cost.robust_pick`)
 _L2BW = _cost.DEFAULT.l2_bw
+_L2BW_LOW = _cost.DEFAULT.l2_bw_low
 
 
 def decode_plan(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[int, int]:
@@ -1348,6 +1350,53 @@ def decode_plan(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[int, i
 DECODE_TILES = (16, 32, 64, 128)
 #: K splits it considers
 DECODE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
+
+#: Per-instruction model of the decode kernel (``_sp_decode_kernel``), fitted by least squares to the
+#: sm_90 SASS of its register-fitting builds (22: M 16 / 64, BLOCK_N 16-128, BLOCK_K 128 / 256, 4 / 8
+#: warps, with and without the split; every main loop within 9 % of the fit). Per warp and K step:
+#: ``elem`` per expanded weight element of a thread (the code shifts, compares and selects, the
+#: 16-bit packing and the shared-memory round trip to the MMA layout), ``wgmma_elem`` more where the
+#: tile takes wgmma (``BLOCK_N >= 64``), ``x_elem`` per ``x`` element, ``step`` per step; outside the
+#: loop ``program`` per warp (``program_split`` with the split), and the reducer's loop
+#: ``red + red_elem`` per accumulator element of a thread, ``SPLIT_K`` trips in one program of
+#: ``SPLIT_K`` (one per program on average). *Predicted*: the model of the compiled code, not a
+#: measurement; tests/sparse24/test_decode_issue.py compares it with fresh builds.
+DECODE_ISSUE = dict(elem=5.05, wgmma_elem=1.6, x_elem=0.78, step=88, program=300, program_split=520,
+                    red=30, red_elem=4.5)
+
+
+def decode_warp_instructions(BLOCK_N: int, BLOCK_M: int, BLOCK_K: int, num_warps: int,
+                             k_per_program: int, split: bool) -> tuple[float, list]:
+    """``(warp-instructions of one decode program, loop trips)`` by :data:`DECODE_ISSUE`: the main
+    loop ``ceil(k_per_program / BLOCK_K)`` times, then (``split``) the reducer's loop once on
+    average. The trips are the build's loops in address order (``fastfactor sol --sass``)."""
+    m = DECODE_ISSUE
+    t = 32 * num_warps
+    e = BLOCK_N * BLOCK_K / t
+    loop = m["elem"] * e + (m["wgmma_elem"] * e if BLOCK_N >= 64 else 0.0) + m["x_elem"] * BLOCK_M * BLOCK_K / t + m["step"]
+    trips = max(1, -(-k_per_program // BLOCK_K))
+    per_warp = trips * loop + (m["program_split"] + m["red"] + m["red_elem"] * BLOCK_N * BLOCK_M / t
+                               if split else m["program"])
+    return num_warps * per_warp, [trips, 1] if split else [trips]
+
+
+def _decode_issue_model(ints: dict, constexprs: dict, config: dict, grid) -> Optional[tuple]:
+    """:data:`kernels._cost.ISSUE_MODELS` entry of the decode kernel (:func:`decode_warp_instructions`)."""
+    kps = min(int(ints["K"]), int(ints["K_PER_SPLIT"]))
+    return decode_warp_instructions(int(constexprs["BLOCK_N"]), int(constexprs["BLOCK_M"]), int(config["BLOCK_K"]),
+                                    int(config.get("num_warps", 4)), kps, bool(constexprs.get("SPLIT")))
+
+
+_cost.ISSUE_MODELS["sparse24.decode"] = _decode_issue_model
+
+
+def _issue_s(warp_instructions: float, programs: int, fill_fraction: float) -> float:
+    return _cost.issue_seconds(warp_instructions * programs, _cost.DEFAULT, fill_fraction)
+
+
+def _plan_times(dram: float, l2: float, issue: float, f: float) -> tuple[float, float]:
+    """``(seconds at the nominal L2 figure, seconds at its low end)`` of one planned launch."""
+    return tuple(max(dram / _BW, l2 / (bw * f), issue) + _LAUNCH for bw in (_L2BW, _L2BW_LOW))
 
 
 def _decode_kps(K: int, sk: int) -> int:
@@ -1372,19 +1421,19 @@ def decode_launch_bytes(M: int, N: int, K: int, bn: int, sk: int, elem: int = 2)
                 x_reread=(nb - 1) * xbytes, programs=nb * sk, tiles=nb)
 
 
-def decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[float, int, int]:
-    """``(seconds, BLOCK_N, split_k)`` of the decode launch for ``x (M, K)`` against ``W (N, K)``, the
-    cheapest by the model ``fastfactor sol`` applies (*predicted*; ``kernels/_cost.py``)::
+def decode_plans(M: int, N: int, K: int, sms: int, elem: int = 2) -> list:
+    """Every plan the decode planner weighs: ``(t_nominal, t_low, (BLOCK_N, split_k))`` with the
+    predicted seconds of the launch at the nominal L2 figure and at the low end of its range::
 
-        t = max(DRAM bytes / HBM, L2 bytes / (L2 bandwidth · fill)) + launch floor
+        t = max(DRAM bytes / HBM, L2 bytes / (L2 bandwidth · fill), issue) + launch floor
 
-    with the bytes of :func:`decode_launch_bytes`. One launch whatever the split (the reduction
-    is in the kernel). Wide row tiles read ``x`` fewer times from L2 but need K splits to fill the
-    SMs, whose fp32 partials cost DRAM bytes (``sk·M·N·4``); the planner weighs the two."""
-    best = None
+    bytes from :func:`decode_launch_bytes`, issue from :data:`DECODE_ISSUE` with the register-
+    fitting config that issues least (one launch whatever the split: the reduction is in it)."""
+    plans = []
     bm = max(16, next_pow2(M))
     for bn in DECODE_TILES:
-        if not any(_decode_ok(bn, bm, c["BLOCK_K"], c["num_warps"]) for c in DECODE_SPACE[1:]):
+        cfgs = [c for c in DECODE_SPACE[1:] if _decode_ok(bn, bm, c["BLOCK_K"], c["num_warps"])]
+        if not cfgs:
             continue                           # no config of this tile fits the registers
         for sk in DECODE_SPLITS:
             kps = _decode_kps(K, sk)
@@ -1393,10 +1442,21 @@ def decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[f
             b = decode_launch_bytes(M, N, K, bn, sk, elem)
             p = b["programs"]
             f = min(1.0, p / (-(-p // sms) * sms))   # busy fraction (_cost.fill, 1 program per SM)
-            t = max(b["dram"] / _BW, b["l2"] / (_L2BW * f)) + _LAUNCH
-            if best is None or t < best[0] - 1e-12:
-                best = (t, bn, sk)
-    return best
+            wi = min(decode_warp_instructions(bn, bm, c["BLOCK_K"], c["num_warps"], min(K, kps), sk > 1)[0]
+                     for c in cfgs)
+            plans.append(_plan_times(b["dram"], b["l2"], _issue_s(wi, p, f), f) + ((bn, sk),))
+    return plans
+
+
+def decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[float, int, int]:
+    """``(seconds, BLOCK_N, split_k)`` of the decode launch for ``x (M, K)`` against ``W (N, K)``:
+    of :func:`decode_plans`, the one :func:`kernels._cost.robust_pick` takes (*predicted*; seconds
+    at the nominal L2 figure, what ``fastfactor sol`` reports). Wide row tiles read ``x`` fewer
+    times from L2 but need K splits to fill the SMs, whose fp32 partials cost DRAM bytes
+    (``sk·M·N·4``); narrow tiles without a split are cheapest at 9 TB/s of L2 but L2-bound below
+    ~8 TB/s, so the pick weighs both ends of the unmeasured L2 figure."""
+    t_nom, _, (bn, sk) = _cost.robust_pick(decode_plans(M, N, K, sms, elem))
+    return t_nom, bn, sk
 
 
 _DECODE_COUNTERS: dict = {}
@@ -1518,13 +1578,47 @@ def dx_decode_launch_bytes(M: int, N: int, K: int, bk: int, sk: int, elem: int =
                 g_reread=(nb - 1) * gbytes, programs=nb * sk, tiles=nb)
 
 
-def dx_decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[float, int, int]:
-    """``(seconds, BLOCK_K, split)`` of the dx-decode launch, the cheapest by the model of
-    :func:`decode_plan_cost` on :func:`dx_decode_launch_bytes` (*predicted*)."""
-    best = None
+#: Per-instruction model of the dx-decode kernel (``_sp_dx_decode_kernel``), fitted to the sm_90 SASS
+#: of 11 register-fitting split builds (M 16 / 64, BLOCK_K 32-256, BLOCK_N 64 / 128, 4 / 8 warps;
+#: every main loop within 9 %), as :data:`DECODE_ISSUE`: per warp and step of ``BLOCK_N`` weight
+#: rows, ``elem`` per expanded weight element of a thread (the expanded tile is the dot's right
+#: operand: more layout work than the forward's), ``g_elem`` per ``g`` element, ``step``; outside
+#: the loop ``program + program_acc`` per accumulator element of a thread (builds without the split
+#: are taken at the same figure: an overestimate of ~150), the reducer's loop ``red + red_acc`` per
+#: accumulator element, once per program on average.
+DXD_ISSUE = dict(elem=5.8, g_elem=5.1, step=131, program=340, program_acc=12.5, red=11, red_acc=5.4)
+
+
+def dx_decode_warp_instructions(BLOCK_K: int, BLOCK_M: int, BLOCK_N: int, num_warps: int,
+                                n_per_program: int, split: bool) -> tuple[float, list]:
+    """``(warp-instructions of one dx-decode program, loop trips)`` by :data:`DXD_ISSUE`."""
+    m = DXD_ISSUE
+    t = 32 * num_warps
+    acc = BLOCK_M * BLOCK_K / t
+    loop = m["elem"] * BLOCK_N * BLOCK_K / t + m["g_elem"] * BLOCK_M * BLOCK_N / t + m["step"]
+    trips = max(1, -(-n_per_program // BLOCK_N))
+    per_warp = trips * loop + m["program"] + m["program_acc"] * acc + (m["red"] + m["red_acc"] * acc if split else 0.0)
+    return num_warps * per_warp, [trips, 1] if split else [trips]
+
+
+def _dx_decode_issue_model(ints: dict, constexprs: dict, config: dict, grid) -> Optional[tuple]:
+    """:data:`kernels._cost.ISSUE_MODELS` entry of the dx-decode kernel (:func:`dx_decode_warp_instructions`)."""
+    nps = min(int(ints["N"]), int(ints["N_PER_SPLIT"]))
+    return dx_decode_warp_instructions(int(constexprs["BLOCK_K"]), int(constexprs["BLOCK_M"]), int(config["BLOCK_N"]),
+                                       int(config.get("num_warps", 4)), nps, bool(constexprs.get("SPLIT")))
+
+
+_cost.ISSUE_MODELS["sparse24.dx_decode"] = _dx_decode_issue_model
+
+
+def dx_decode_plans(M: int, N: int, K: int, sms: int, elem: int = 2) -> list:
+    """Every dx-decode plan: ``(t_nominal, t_low, (BLOCK_K, split))`` by the model of
+    :func:`decode_plans` on :func:`dx_decode_launch_bytes` and :data:`DXD_ISSUE`."""
+    plans = []
     bm = max(16, next_pow2(M))
     for bk in DXD_TILES:
-        if not any(_decode_ok(bk, bm, c["BLOCK_N"], c["num_warps"]) for c in DXD_SPACE[1:]):
+        cfgs = [c for c in DXD_SPACE[1:] if _decode_ok(bk, bm, c["BLOCK_N"], c["num_warps"])]
+        if not cfgs:
             continue
         for sk in DECODE_SPLITS:
             nps = _dxd_nps(N, sk)
@@ -1533,10 +1627,17 @@ def dx_decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2) -> tupl
             b = dx_decode_launch_bytes(M, N, K, bk, sk, elem)
             p = b["programs"]
             f = min(1.0, p / (-(-p // sms) * sms))
-            t = max(b["dram"] / _BW, b["l2"] / (_L2BW * f)) + _LAUNCH
-            if best is None or t < best[0] - 1e-12:
-                best = (t, bk, sk)
-    return best
+            wi = min(dx_decode_warp_instructions(bk, bm, c["BLOCK_N"], c["num_warps"], min(N, nps), sk > 1)[0]
+                     for c in cfgs)
+            plans.append(_plan_times(b["dram"], b["l2"], _issue_s(wi, p, f), f) + ((bk, sk),))
+    return plans
+
+
+def dx_decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[float, int, int]:
+    """``(seconds, BLOCK_K, split)`` of the dx-decode launch: of :func:`dx_decode_plans`, the one
+    :func:`kernels._cost.robust_pick` takes (*predicted*, seconds at the nominal L2 figure)."""
+    t_nom, _, (bk, sk) = _cost.robust_pick(dx_decode_plans(M, N, K, sms, elem))
+    return t_nom, bk, sk
 
 
 def sparse24_dx_decode(g: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,

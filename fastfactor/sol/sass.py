@@ -136,11 +136,29 @@ def _key(job: dict) -> str:
     return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def gpu_build(e: dict) -> tuple:
+    """``(constexprs, signature)`` of the build a GPU runs for a launch recorded under the
+    interpreter: a split decode's tiles are reduced by their last arrival on an int32 counter
+    (``SYNC``) only on a GPU; the interpreter runs programs in order and passes no counters."""
+    cx, sig = dict(e["constexprs"]), dict(e["signature"])
+    if cx.get("SPLIT") and "SYNC" in cx:
+        cx["SYNC"] = True
+        if "cnt_ptr" in sig:
+            sig["cnt_ptr"] = "*i32"
+    return cx, sig
+
+
 def jobs_for(detail: list, arch: int = 90) -> list:
-    """Compile jobs for the chosen configs of a row's launches (``evaluate_row(...)['detail']``)."""
-    return [dict(kernel=e["kernel"], signature=e["signature"], constexprs=e["constexprs"],
-                 specialization=e["specialization"], config=e["config"], arch=arch, src=e.get("source_hash", ""))
-            for e in detail if e.get("signature")]
+    """Compile jobs for the chosen configs of a row's launches (``evaluate_row(...)['detail']``), as
+    a GPU would build them (:func:`gpu_build`)."""
+    jobs = []
+    for e in detail:
+        if not e.get("signature"):
+            continue
+        cx, sig = gpu_build(e)
+        jobs.append(dict(kernel=e["kernel"], signature=sig, constexprs=cx, specialization=e["specialization"],
+                         config=e["config"], arch=arch, src=e.get("source_hash", "")))
+    return jobs
 
 
 def read_launches(jobs: list, cache_dir: Optional[str] = None, timeout: int = 1200) -> list:

@@ -75,21 +75,96 @@ def test_wide_split_plans_match_float64(triton_cpu, dtype):
     assert_close_ref(y32, _ref64(x, values, meta, None), dtype, reduction=512)
 
 
-def test_planner_is_the_byte_model():
-    # one launch whatever the split: the plan is the cheapest of decode_launch_bytes under the model
-    BW, L2, LA = K._BW, K._L2BW, K._LAUNCH
+def _plan_terms(m, n, k, bn, sk):
+    """The decode model's terms for one plan, recomputed from its parts."""
+    b = K.decode_launch_bytes(m, n, k, bn, sk)
+    p = b["programs"]
+    f = min(1.0, p / (-(-p // 132) * 132))
+    bm = max(16, K.next_pow2(m))
+    kps = min(k, K._decode_kps(k, sk))
+    wi = min(K.decode_warp_instructions(bn, bm, c["BLOCK_K"], c["num_warps"], kps, sk > 1)[0]
+             for c in K.DECODE_SPACE[1:] if K._decode_ok(bn, bm, c["BLOCK_K"], c["num_warps"]))
+    issue = wi * p / (132 * 4 * 1.98e9 * f)
+    return b, f, issue
+
+
+def test_planner_is_the_byte_and_issue_model():
+    # one launch whatever the split: every plan priced by its bytes and its issue, at the nominal L2
+    # figure and at the low end of its range; the pick is robust_pick's
+    from fastfactor.kernels import _cost
+
+    BW, L2, L2LOW, LA = K._BW, K._L2BW, K._L2BW_LOW, K._LAUNCH
+    assert L2LOW < L2
     for m, n, k in ((16, 4096, 4096), (64, 4096, 4096), (16, 1024, 4096), (32, 3072, 768)):
+        plans = K.decode_plans(m, n, k, 132)
+        assert len({p[2] for p in plans}) == len(plans) >= 4
+        for tn, tl, (bn, sk) in plans:
+            b, f, issue = _plan_terms(m, n, k, bn, sk)
+            assert tn == pytest.approx(max(b["dram"] / BW, b["l2"] / (L2 * f), issue) + LA)
+            assert tl == pytest.approx(max(b["dram"] / BW, b["l2"] / (L2LOW * f), issue) + LA)
+            assert tl >= tn
         t, bn, sk = K.decode_plan_cost(m, n, k, 132)
-        b = K.decode_launch_bytes(m, n, k, bn, sk)
-        p = b["programs"]
-        f = min(1.0, p / (-(-p // 132) * 132))
-        assert t == pytest.approx(max(b["dram"] / BW, b["l2"] / (L2 * f)) + LA)
+        pick = _cost.robust_pick(plans)
+        assert (t, bn, sk) == (pick[0], *pick[2])
         # no launch floor for a reduction: the split costs its partials' bytes only
-        assert t < 2 * LA + b["dram"] / BW
+        assert t < 2 * LA + K.decode_launch_bytes(m, n, k, bn, sk)["dram"] / BW
     # x re-reads against partials: a wide tile reads x 4x less from L2 and stores fp32 partials
     narrow, wide = K.decode_launch_bytes(16, 4096, 4096, 32, 1), K.decode_launch_bytes(16, 4096, 4096, 128, 4)
     assert narrow["x_reread"] == 127 * 16 * 4096 * 2 and wide["x_reread"] == 31 * 16 * 4096 * 2
     assert wide["dram"] - narrow["dram"] == 4 * 16 * 4096 * 4
+
+
+def test_plan_holds_up_at_the_low_end_of_the_l2_figure():
+    """4096², 16 tokens: the narrow plan (32 rows, no split) is the fastest at 9 TB/s of L2 only
+    while its 128 reads of x hide under the DRAM time; at 5.5 TB/s it is L2-bound, ~26 % slower
+    than the wide plan (128 rows x 4 splits), which is ~5 % slower at 9 TB/s: the wide plan is taken
+    (least worst-case regret), and x is re-read 20 % of the launch's DRAM bytes, not 87 %."""
+    plans = {p[2]: p[:2] for p in K.decode_plans(16, 4096, 4096, 132)}
+    narrow, wide = plans[(32, 1)], plans[(128, 4)]
+    assert narrow[0] == min(p[0] for p in plans.values())          # fastest at the nominal figure
+    assert wide[1] == min(p[1] for p in plans.values())            # fastest at the low end
+    assert 1.2 < narrow[1] / wide[1] < 1.35 and 1.0 < wide[0] / narrow[0] < 1.08
+    assert K.decode_plan(16, 4096, 4096, 132) == (128, 4)
+    b = K.decode_launch_bytes(16, 4096, 4096, 128, 4)
+    assert b["x_reread"] / b["dram"] < 0.25
+    # where both figures agree the planner takes that plan (a small S of the dense-sparse product)
+    small = K.decode_plans(16, 655, 4096, 132)
+    best = min(small)
+    assert best[1] == min(p[1] for p in small) and K.decode_plan(16, 655, 4096, 132) == best[2]
+
+
+def test_robust_pick_rule():
+    from fastfactor.kernels._cost import robust_pick
+
+    # (t_nominal, t_low, plan): b loses 3 % at the nominal figure and wins 25 % at the low end
+    a, b, c = (1.00, 1.25, "a"), (1.03, 1.00, "b"), (1.50, 1.50, "c")
+    assert robust_pick([a, b, c])[2] == "b"
+    assert robust_pick([a, c])[2] == "a"
+    # equal worst-case regret: the faster at the nominal figure, then the first
+    assert robust_pick([(1.0, 1.1, "x"), (1.1, 1.0, "y")])[2] == "x"
+    assert robust_pick([(1.0, 1.0, "p"), (1.0, 1.0, "q")])[2] == "p"
+    with pytest.raises(ValueError, match="candidates"):
+        robust_pick([])
+
+
+def test_dx_plan_is_the_byte_and_issue_model():
+    from fastfactor.kernels import _cost
+
+    for m, n, k in ((16, 4096, 4096), (16, 3072, 768), (64, 4096, 4096)):
+        plans = K.dx_decode_plans(m, n, k, 132)
+        bm = max(16, K.next_pow2(m))
+        for tn, tl, (bk, sk) in plans:
+            b = K.dx_decode_launch_bytes(m, n, k, bk, sk)
+            p = b["programs"]
+            f = min(1.0, p / (-(-p // 132) * 132))
+            nps = min(n, K._dxd_nps(n, sk))
+            wi = min(K.dx_decode_warp_instructions(bk, bm, c["BLOCK_N"], c["num_warps"], nps, sk > 1)[0]
+                     for c in K.DXD_SPACE[1:] if K._decode_ok(bk, bm, c["BLOCK_N"], c["num_warps"]))
+            issue = wi * p / (132 * 4 * 1.98e9 * f)
+            assert tn == pytest.approx(max(b["dram"] / K._BW, b["l2"] / (K._L2BW * f), issue) + K._LAUNCH)
+            assert tl == pytest.approx(max(b["dram"] / K._BW, b["l2"] / (K._L2BW_LOW * f), issue) + K._LAUNCH)
+        pick = _cost.robust_pick(plans)
+        assert K.dx_decode_plan_cost(m, n, k, 132) == (pick[0], *pick[2])
 
 
 def test_sol_counts_of_the_split_decode_scaled_equal_full():

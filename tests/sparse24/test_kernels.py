@@ -179,7 +179,8 @@ def test_choose_sparse24_path(monkeypatch):
     monkeypatch.setattr(_config, "semi_structured_ok", lambda device: device.type == "cuda")
     cuda, cpu, bf16 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16
     monkeypatch.delenv("FASTFACTOR_SPARSE24_PATH", raising=False)
-    assert ops.choose_sparse24_path(16, 4096, 4096, bf16, cuda) == "decode"
+    assert ops.choose_sparse24_path(12, 4096, 4096, bf16, cuda) == "decode"    # M % 8: not PyTorch's
+    assert ops.choose_sparse24_path(1, 4096, 4096, bf16, cuda) == "decode"
     assert ops.choose_sparse24_path(4096, 4096, 4096, bf16, cuda) == "torch"
     assert ops.choose_sparse24_path(4096, 4096, 4096, bf16, cpu) != "torch"
     assert ops.choose_sparse24_path(4096, 4096, 4096, torch.float32, cuda) != "torch"
