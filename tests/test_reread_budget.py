@@ -55,6 +55,10 @@ def test_large_operand_keeps_the_125x_rule():
 
 def test_compute_bound_launch_and_small_tensors_are_exempt():
     assert B.reread(_row(_launch(bound="mma", x_ptr=(X, 128 * X))), H200)[0]
+    # a streaming launch bound by its instruction issue is not exempt: its re-reads cost L2
+    # bandwidth as soon as its issue is cut
+    ok, fig, _ = B.reread(_row(_launch(bound="issue", x_ptr=(X, 128 * X))), H200)
+    assert not ok and "87 %" in fig
     small = 32 * 1024          # under the 64 KiB streamed threshold
     assert B.reread(_row(_launch(x_ptr=(small, 1000 * small))), H200)[0]
 

@@ -4,7 +4,7 @@ Each budget looks at one evaluated row (:func:`fastfactor.sol.rows.evaluate_row`
 ``(ok, figure, target)``: the figure found and what the budget asks, as text for the backlog table.
 Figures are exact counts or **predicted, not measured** times.
 
-* ``reread``: in a launch that is predicted memory-bound (and in any launch for an operand that
+* ``reread``: in a launch that is predicted memory- or issue-bound (and in any launch for an operand that
   does not fit in half the L2, whose re-reads then come from DRAM), a streamed operand (at least
   64 KiB) is loaded at most 1.25x its size — except an *L2-resident* operand (at most 1/8 of the
   L2) of a memory-bound launch, whose re-read bytes beyond its first read must be at most 25 % of
@@ -52,7 +52,9 @@ def reread(row: dict, device, limit: float = 1.25, share: float = L2_REREAD_SHAR
     87 %: it fails.)"""
     worst = None   # (excess over the limit, figure text)
     for e in row["detail"]:
-        mem_bound = e["bound"] in ("dram", "l2")
+        # exempt only launches bound by their tensor-core FLOPs: a streaming launch bound by
+        # instruction issue still pays its re-reads in L2 bandwidth once its issue is cut
+        mem_bound = e["bound"] in ("dram", "l2", "issue")
         dram = float(e.get("dram_bytes") or 0.0)
         for name, t in e["tensors"].items():
             if not t["load"] or t["size"] < STREAMED or not t["reread"]:
