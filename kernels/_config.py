@@ -43,6 +43,18 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     HAS_TRITON = False
 
 
+#: ``constexpr name -> {value a GPU build takes: the interpreter's equivalent}``: builds that differ
+#: only in instructions the interpreter cannot run (inline assembly), with the same loads, stores
+#: and dots. ``fastfactor sol`` counts a recorded GPU launch by running the equivalent.
+INTERPRETER_EQUIVALENT: dict = {}
+
+
+def interpreter_constexprs(constexprs: dict) -> dict:
+    """``constexprs`` with every GPU-only value replaced by its :data:`INTERPRETER_EQUIVALENT`."""
+    return {k: INTERPRETER_EQUIVALENT.get(k, {}).get(v, v) if isinstance(v, (int, bool, str)) else v
+            for k, v in constexprs.items()}
+
+
 def is_interpreter() -> bool:
     """True when Triton kernels defined in this process run under the interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -478,7 +478,31 @@ def _prune_ds(configs_, named_args, **kwargs):
     return kept or configs_[:1]
 
 
+#: The byte-permute expansion (``_expand24_prmt``): the 3-bit pattern index ``(c ^ c >> 1) & 7`` of a
+#: canonical code ``c = i0 | i1 << 2`` (``i0 < i1``) -> the source of each in-group slot: 0 = the
+#: first kept value, 1 = the second, 2 = zero. The six canonical codes take indices 1-6; 0 and 7
+#: (no canonical code) expand to zeros.
+PRMT_PATTERNS = {6: (0, 1, 2, 2), 4: (0, 2, 1, 2), 2: (0, 2, 2, 1), 5: (2, 0, 1, 2), 3: (2, 0, 2, 1),
+                 1: (2, 2, 0, 1), 0: (2, 2, 2, 2), 7: (2, 2, 2, 2)}
+
+
+def _prmt_tables() -> tuple:
+    """Per slot ``k``, the 8-byte lookup table ``(bytes 0-3, bytes 4-7)`` indexed by the pattern
+    index: the ``prmt`` selector byte of that slot (two nibbles: its low and high byte), ``0x10``
+    (bytes 0-1 of the pair: the first value), ``0x32`` (bytes 2-3: the second), ``0x54`` (bytes 4-5
+    of the zero operand)."""
+    byte = lambda src: 0x10 + 0x22 * src
+    return tuple((sum(byte(PRMT_PATTERNS[i][k]) << 8 * i for i in range(4)),
+                  sum(byte(PRMT_PATTERNS[i][k]) << 8 * (i - 4) for i in range(4, 8))) for k in range(4))
+
+
+PRMT_TABLES = _prmt_tables()
+
 if HAS_TRITON:
+    _PT0L, _PT0H = tl.constexpr(PRMT_TABLES[0][0]), tl.constexpr(PRMT_TABLES[0][1])
+    _PT1L, _PT1H = tl.constexpr(PRMT_TABLES[1][0]), tl.constexpr(PRMT_TABLES[1][1])
+    _PT2L, _PT2H = tl.constexpr(PRMT_TABLES[2][0]), tl.constexpr(PRMT_TABLES[2][1])
+    _PT3L, _PT3H = tl.constexpr(PRMT_TABLES[3][0]), tl.constexpr(PRMT_TABLES[3][1])
 
     @triton.jit
     def _load_codes(
@@ -569,6 +593,75 @@ if HAS_TRITON:
         s3 = tl.where(i1 == 3, hi, z)
         w = tl.join(tl.join(s0, s2), tl.join(s1, s3))  # (BLOCK_R, BLOCK_K/4, 2, 2): [a, b] = slot a + 2b
         return tl.reshape(w, (BLOCK_R, BLOCK_K))        # int16 bits; the caller bitcasts
+
+    @triton.jit
+    def _prmt(a, b, sel, ASM: tl.constexpr):
+        """PTX ``prmt.b32 d, a, b, sel`` (default mode), elementwise on int32 tensors: byte ``i`` of
+        ``d`` is byte ``sel[4i+2 : 4i]`` of the 8 bytes ``{b, a}`` (``a`` = bytes 0-3). ``ASM``: the
+        instruction itself (a GPU build); else the same selection in integer ops (the interpreter:
+        no inline assembly there). The sign-replicate bit ``sel[4i+3]`` is never set by the callers
+        (the emulation does not model it; ``tests/sparse24/test_prmt.py`` checks the tables)."""
+        if ASM:
+            return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            out = tl.zeros_like(sel)
+            for i in tl.static_range(4):
+                nib = (sel >> (4 * i)) & 7
+                src = tl.where(nib < 4, a, b)
+                out |= ((src >> ((nib & 3) * 8)) & 0xFF) << (8 * i)
+            return out
+
+    @triton.jit
+    def _expand24_prmt(
+        vals_ptr,    # (R, K/2) kept values, 16-bit, rows 4-byte aligned: read as int32 pairs
+        meta_ptr,    # (R, K/32) int32 code words (META32 only)
+        offs_r, mask_r, k0, K,
+        stride_vr,   # row stride of the values in int32 pairs (= elements / 2)
+        stride_mr, stride_mc,
+        BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        ASM: tl.constexpr,
+    ):
+        """:func:`_expand24_pairs` by byte permutes: each group's two output words (slots 0-1 and
+        2-3, two 16-bit entries each) are ``prmt(pair, 0, sel)``, ``sel`` looked up from the group's
+        code, four groups per lookup. Per group 5 ``prmt`` (a share of the four table lookups, two
+        selector assemblies, two expansions; sm_90 SASS of the main loop: 0.155-0.178 instructions
+        per weight against 0.217-0.236 for the compare-and-select form).
+
+        The code ``c = i0 | i1 << 2`` becomes a 3-bit pattern index ``(c ^ c >> 1) & 7`` (the six
+        canonical codes ``i0 < i1`` map to 1-6; eight groups at once on a code word). Table ``k``
+        (:data:`PRMT_TABLES`) gives, per index, the selector byte of slot ``k``: ``0x10`` for
+        ``v0`` (bytes 0-1 of the pair), ``0x32`` for ``v1`` (bytes 2-3), ``0x54`` for zero (bytes
+        4-5 of the zero operand). Codes that are not canonical (``i0 >= i1``: not produced by
+        :func:`pack_24`; ``Sparse24Weight.validate`` finds them) expand differently from the
+        compare-and-select form."""
+        offs_g = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+        pair = tl.load(
+            vals_ptr + offs_r[:, None] * stride_vr + offs_g[None, :],
+            mask=mask_r[:, None] & (offs_g < K // 4)[None, :], other=0,
+        )
+        offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        word = tl.load(
+            meta_ptr + offs_r[:, None] * stride_mr + offs_w[None, :] * stride_mc,
+            mask=mask_r[:, None] & (offs_w < K // 32)[None, :], other=0,
+        )
+        idx = (word ^ (word >> 1)) & 0x77777777                          # 8 pattern indices a word
+        idx = tl.reshape(tl.join(idx, idx >> 16), (BLOCK_R, BLOCK_K // 16))  # 4 a half-word
+        zero = tl.zeros_like(idx)
+        s0 = _prmt(zero + _PT0L, zero + _PT0H, idx, ASM)       # byte j: slot 0's selector byte, group j
+        s1 = _prmt(zero + _PT1L, zero + _PT1H, idx, ASM)
+        s2 = _prmt(zero + _PT2L, zero + _PT2H, idx, ASM)
+        s3 = _prmt(zero + _PT3L, zero + _PT3H, idx, ASM)
+        z3 = tl.zeros((BLOCK_R, BLOCK_K // 16, 4), dtype=tl.int32)
+        jsel = (tl.arange(0, 4) * 0x11 + 0x40)[None, None, :] + z3        # byte j of a, byte j of b
+        sel_a = tl.reshape(_prmt(s0[:, :, None] + z3, s1[:, :, None] + z3, jsel, ASM), (BLOCK_R, BLOCK_K // 4))
+        sel_b = tl.reshape(_prmt(s2[:, :, None] + z3, s3[:, :, None] + z3, jsel, ASM), (BLOCK_R, BLOCK_K // 4))
+        zp = tl.zeros_like(pair)
+        out_a = _prmt(pair, zp, sel_a, ASM)                              # slots 0, 1
+        out_b = _prmt(pair, zp, sel_b, ASM)                              # slots 2, 3
+        w = tl.reshape(tl.join(out_a, out_b), (BLOCK_R, BLOCK_K // 2))   # 2 entries a word, in order
+        return tl.reshape(tl.join(w.to(tl.int16), (w >> 16).to(tl.int16)), (BLOCK_R, BLOCK_K))
 
     @triton.jit
     def _prune24_kernel(
@@ -765,6 +858,7 @@ if HAS_TRITON:
         PRECISION: tl.constexpr,
         META32: tl.constexpr,
         PAIRS: tl.constexpr,
+        PRMT: tl.constexpr,        # with PAIRS and META32: 1 byte-permute expansion (emulated), 2 (prmt.b32)
         MIXED: tl.constexpr,       # g fp32 against 16-bit W (the dense-sparse dt): both to fp32
         BLOCK_M: tl.constexpr,     # >= M: every token of the launch
         BLOCK_K: tl.constexpr,     # dx columns per program (planned)
@@ -798,8 +892,12 @@ if HAS_TRITON:
                     tl.store(db_ptr + offs_n, tl.sum(g.to(tl.float32), axis=0).to(db_ptr.dtype.element_ty),
                              mask=mask_n)
             if PAIRS:
-                w = _expand24_pairs(vals_ptr, meta_ptr, offs_n, mask_n, k0, K, stride_vn,
-                                    stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
+                if PRMT > 0:
+                    w = _expand24_prmt(vals_ptr, meta_ptr, offs_n, mask_n, k0, K, stride_vn,
+                                       stride_mn, stride_mc, BLOCK_N, BLOCK_K, PRMT == 2)
+                else:
+                    w = _expand24_pairs(vals_ptr, meta_ptr, offs_n, mask_n, k0, K, stride_vn,
+                                        stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
                 w = w.to(g.dtype, bitcast=True)
             else:
                 w = _expand24(vals_ptr, meta_ptr, offs_n, mask_n, k0, K,
@@ -922,6 +1020,7 @@ if HAS_TRITON:
         PRECISION: tl.constexpr,
         META32: tl.constexpr,
         PAIRS: tl.constexpr,       # vals_ptr is the 16-bit values as int32 pairs (_expand24_pairs)
+        PRMT: tl.constexpr,        # with PAIRS and META32: 1 byte-permute expansion (emulated), 2 (prmt.b32)
         BLOCK_N: tl.constexpr,     # weight rows per program (the MMA's M side)
         BLOCK_M: tl.constexpr,     # >= M: every token of the launch
         BLOCK_K: tl.constexpr,
@@ -954,8 +1053,12 @@ if HAS_TRITON:
                 mask=mask_m[None, :] & (kk < K)[:, None], other=0.0,
             )
             if PAIRS:
-                w = _expand24_pairs(vals_ptr, meta_ptr, offs_n, mask_n, k0, K, stride_vn,
-                                    stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
+                if PRMT > 0:
+                    w = _expand24_prmt(vals_ptr, meta_ptr, offs_n, mask_n, k0, K, stride_vn,
+                                       stride_mn, stride_mc, BLOCK_N, BLOCK_K, PRMT == 2)
+                else:
+                    w = _expand24_pairs(vals_ptr, meta_ptr, offs_n, mask_n, k0, K, stride_vn,
+                                        stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
                 w = w.to(xt.dtype, bitcast=True)
             else:
                 w = _expand24(vals_ptr, meta_ptr, offs_n, mask_n, k0, K,
@@ -1197,7 +1300,7 @@ if HAS_TRITON:
     register_kernel(KernelSpec(
         name="sparse24.dx_decode", fn=_sp_dx_decode_kernel,
         pointers={"meta_ptr": _I32, "vals_ptr": _I32, "ws_ptr": "fp32", "cnt_ptr": "i32"},
-        constexprs=[dict(BLOCK_K=bk, BLOCK_M=bm, PAIRS=True, MIXED=False, **_DOT, **_W, HAS_DB=sp, SPLIT=sp, SYNC=sp)
+        constexprs=[dict(BLOCK_K=bk, BLOCK_M=bm, PAIRS=True, PRMT=2, MIXED=False, **_DOT, **_W, HAS_DB=sp, SPLIT=sp, SYNC=sp)
                     for bk, bm in ((32, 16), (64, 16), (128, 16), (256, 16), (64, 64)) for sp in (False, True)],
         space=dxd_space,
     ))
@@ -1205,7 +1308,7 @@ if HAS_TRITON:
         name="sparse24.dvalues", fn=_sp_dvalues_kernel, pointers={"meta_ptr": _I32},
         constexprs=[dict(MIXED=False, **_DOT, **_W)], space=DV_SPACE,
     ))
-    _DEC = [dict(BLOCK_N=bn, BLOCK_M=bm, PAIRS=True, **_DOT, **_W, **extra)
+    _DEC = [dict(BLOCK_N=bn, BLOCK_M=bm, PAIRS=True, PRMT=2, **_DOT, **_W, **extra)
             for bn, bm in ((32, 16), (64, 16), (128, 16), (64, 64), (128, 64))
             for extra in (dict(HAS_BIAS=True, SPLIT=False, SYNC=False), dict(HAS_BIAS=True, SPLIT=True, SYNC=True))]
     _DEC_PTRS = {"meta_ptr": _I32, "vals_ptr": _I32, "ws_ptr": "fp32", "cnt_ptr": "i32"}
@@ -1220,7 +1323,7 @@ if HAS_TRITON:
     register_kernel(KernelSpec(   # the dense-sparse t = x·Sᵀ of fp16 inputs, kept in fp32
         name="sparse24.decode_y_fp16", fn=_sp_decode_kernel,
         pointers={**_DEC_PTRS, "out_ptr": "fp32"},
-        constexprs=[dict(BLOCK_N=32, BLOCK_M=16, PAIRS=True, **_DOT, **_W, HAS_BIAS=False, SPLIT=True, SYNC=True)],
+        constexprs=[dict(BLOCK_N=32, BLOCK_M=16, PAIRS=True, PRMT=2, **_DOT, **_W, HAS_BIAS=False, SPLIT=True, SYNC=True)],
         space=decode_space, dtypes=("fp16",),
     ))
     register_kernel(KernelSpec(
@@ -1459,6 +1562,20 @@ def decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[f
     return t_nom, bn, sk
 
 
+_config.INTERPRETER_EQUIVALENT["PRMT"] = {2: 1}     # prmt.b32 -> the same selection in integer ops
+
+
+def prmt_mode(ok: bool) -> int:
+    """The decode kernels' expansion (their ``PRMT`` constexpr): 2 = byte permutes (``prmt.b32``,
+    :func:`_expand24_prmt`) on a GPU, 1 = the same computation in integer ops under the interpreter
+    (which has no inline assembly), 0 = compare-and-select (:func:`_expand24_pairs`), taken where
+    ``ok`` is false (codes not read as 32-bit words, values not read as pairs) or
+    ``FASTFACTOR_SPARSE24_PRMT=0``."""
+    if not ok or _forced("FASTFACTOR_SPARSE24_PRMT", ("0", "1")) == "0":
+        return 0
+    return 1 if _config.is_interpreter() else 2
+
+
 _DECODE_COUNTERS: dict = {}
 
 
@@ -1510,7 +1627,7 @@ def sparse24_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
         x.stride(0), x.stride(1), vt.stride(0), vt.stride(1),
         smr, smc, y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, SPLIT=split, SYNC=sync, UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype),
-        META32=m32, PAIRS=pairs, BLOCK_N=bn, BLOCK_M=bm,
+        META32=m32, PAIRS=pairs, PRMT=prmt_mode(m32 and pairs), BLOCK_N=bn, BLOCK_M=bm,
     )
     return y
 
@@ -1678,7 +1795,7 @@ def sparse24_dx_decode(g: torch.Tensor, values: torch.Tensor, meta: torch.Tensor
         g.stride(0), g.stride(1), vt.stride(0), vt.stride(1),
         smr, smc, dx.stride(0), dx.stride(1),
         HAS_DB=db is not None, SPLIT=split, SYNC=sync, UPCAST=upcast_dots(), PRECISION=_precision(g, values),
-        META32=m32, PAIRS=pairs, MIXED=g.dtype != values.dtype, BLOCK_M=bm, BLOCK_K=bk,
+        META32=m32, PAIRS=pairs, PRMT=prmt_mode(m32 and pairs), MIXED=g.dtype != values.dtype, BLOCK_M=bm, BLOCK_K=bk,
     )
     return dx
 

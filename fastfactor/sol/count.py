@@ -35,6 +35,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..kernels import _config
+
 
 def _cdiv(a: int, b: int) -> int:
     return -(-int(a) // int(b))
@@ -344,7 +346,7 @@ def run_programs(launch, cfg: dict, pids, counter: _Counter, grid, sample_loops:
     fn = _interpreted(launch.fn)
     rewritten = fn.rewrite()
     ex = I.GridExecutor(rewritten, fn.arg_names, grid)
-    kw = {**launch.args, **launch.constexprs}
+    kw = {**launch.args, **_config.interpreter_constexprs(launch.constexprs)}
     kw.update({k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")})
     b = I.interpreter_builder
     orig = (b.create_masked_load, b.create_masked_store, b.create_dot)

@@ -39,7 +39,7 @@ def _launch(x, values, meta, b, bn, sk, sync, cnt=None):
         M, N, Kd, kps, sk, x.stride(0), x.stride(1), values.stride(0), values.stride(1),
         smr, smc, y.stride(0), y.stride(1),
         HAS_BIAS=b is not None, SPLIT=sk > 1, SYNC=sync, UPCAST=True, PRECISION="ieee",
-        META32=m32, PAIRS=False, BLOCK_N=bn, BLOCK_M=max(16, _config.next_pow2(M)),
+        META32=m32, PAIRS=False, PRMT=0, BLOCK_N=bn, BLOCK_M=max(16, _config.next_pow2(M)),
     )
     return y, cnt
 
@@ -245,7 +245,7 @@ def test_dx_decode_counter_path_bitwise_and_reset(triton_cpu):
         K._sp_dx_decode_tuned[(nb * sk,)](
             g, w.values, mt, dx, dx, ws, cnt if sync else ws, m, n, k, K._dxd_nps(n, sk), sk,
             g.stride(0), g.stride(1), w.values.stride(0), w.values.stride(1), smr, smc, dx.stride(0), dx.stride(1),
-            HAS_DB=False, SPLIT=True, SYNC=sync, UPCAST=True, PRECISION="ieee", META32=m32, PAIRS=False, MIXED=False,
+            HAS_DB=False, SPLIT=True, SYNC=sync, UPCAST=True, PRECISION="ieee", META32=m32, PAIRS=False, PRMT=0, MIXED=False,
             BLOCK_M=16, BLOCK_K=bk,
         )
         outs.append(dx)
