@@ -498,7 +498,14 @@ def _prmt_tables() -> tuple:
 
 PRMT_TABLES = _prmt_tables()
 
+#: the forward decode takes the byte permutes on a GPU from this many weights per tile (``BLOCK_N·
+#: BLOCK_K``): below it the lookups' fixed share costs more than the selects saved (sm_90 SASS of the
+#: main loop, PRMT / compare-and-select: 16x256 1.10, 32x128 0.96, 32x256 0.82-1.11, 64x128 0.66-0.80,
+#: 128x128 0.66); the dx-decode takes them at every tile (0.85-0.99)
+PRMT_MIN_TILE = 8192
+
 if HAS_TRITON:
+    _PRMT_MIN_TILE = tl.constexpr(PRMT_MIN_TILE)
     _PT0L, _PT0H = tl.constexpr(PRMT_TABLES[0][0]), tl.constexpr(PRMT_TABLES[0][1])
     _PT1L, _PT1H = tl.constexpr(PRMT_TABLES[1][0]), tl.constexpr(PRMT_TABLES[1][1])
     _PT2L, _PT2H = tl.constexpr(PRMT_TABLES[2][0]), tl.constexpr(PRMT_TABLES[2][1])
@@ -1020,7 +1027,8 @@ if HAS_TRITON:
         PRECISION: tl.constexpr,
         META32: tl.constexpr,
         PAIRS: tl.constexpr,       # vals_ptr is the 16-bit values as int32 pairs (_expand24_pairs)
-        PRMT: tl.constexpr,        # with PAIRS and META32: 1 byte-permute expansion (emulated), 2 (prmt.b32)
+        PRMT: tl.constexpr,        # with PAIRS and META32: 1 byte-permute expansion (emulated), 2 (prmt.b32,
+                                   # tiles of at least PRMT_MIN_TILE weights; compare-and-select below)
         BLOCK_N: tl.constexpr,     # weight rows per program (the MMA's M side)
         BLOCK_M: tl.constexpr,     # >= M: every token of the launch
         BLOCK_K: tl.constexpr,
@@ -1053,7 +1061,7 @@ if HAS_TRITON:
                 mask=mask_m[None, :] & (kk < K)[:, None], other=0.0,
             )
             if PAIRS:
-                if PRMT > 0:
+                if PRMT == 1 or (PRMT == 2 and BLOCK_N * BLOCK_K >= _PRMT_MIN_TILE):
                     w = _expand24_prmt(vals_ptr, meta_ptr, offs_n, mask_n, k0, K, stride_vn,
                                        stride_mn, stride_mc, BLOCK_N, BLOCK_K, PRMT == 2)
                 else:
@@ -1455,28 +1463,35 @@ DECODE_TILES = (16, 32, 64, 128)
 DECODE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
 
 #: Per-instruction model of the decode kernel (``_sp_decode_kernel``), fitted by least squares to the
-#: sm_90 SASS of its register-fitting builds (22: M 16 / 64, BLOCK_N 16-128, BLOCK_K 128 / 256, 4 / 8
-#: warps, with and without the split; every main loop within 9 % of the fit). Per warp and K step:
-#: ``elem`` per expanded weight element of a thread (the code shifts, compares and selects, the
-#: 16-bit packing and the shared-memory round trip to the MMA layout), ``wgmma_elem`` more where the
-#: tile takes wgmma (``BLOCK_N >= 64``), ``x_elem`` per ``x`` element, ``step`` per step; outside the
-#: loop ``program`` per warp (``program_split`` with the split), and the reducer's loop
-#: ``red + red_elem`` per accumulator element of a thread, ``SPLIT_K`` trips in one program of
-#: ``SPLIT_K`` (one per program on average). *Predicted*: the model of the compiled code, not a
-#: measurement; tests/sparse24/test_decode_issue.py compares it with fresh builds.
-DECODE_ISSUE = dict(elem=5.05, wgmma_elem=1.6, x_elem=0.78, step=88, program=300, program_split=520,
-                    red=30, red_elem=4.5)
+#: sm_90 SASS of its register-fitting builds (M 16 / 64, BLOCK_N 16-128, BLOCK_K 128 / 256, 4 / 8
+#: warps, with and without the split): per warp and K step, for each expansion (``prmt``: tiles of at
+#: least :data:`PRMT_MIN_TILE` weights, 14 builds, every main loop within 12 % of the fit scaled by
+#: 1.05; ``select``: the compare-and-select form below it, 22 builds, within 9 %): ``elem`` per
+#: expanded weight element of a thread, ``wgmma_elem`` more where the tile takes wgmma (``BLOCK_N >=
+#: 64``), ``x_elem`` per ``x`` element, ``step`` per step; outside the loop ``program`` per warp
+#: (``program_split`` with the split), and the reducer's loop ``red + red_elem`` per accumulator
+#: element of a thread, ``SPLIT_K`` trips in one program of ``SPLIT_K`` (one per program on average).
+#: *Predicted*: the model of the compiled code, not a measurement (tests/sparse24/test_decode_issue.py
+#: compares it with fresh builds).
+DECODE_ISSUE = dict(select=dict(elem=5.05, wgmma_elem=1.6, x_elem=0.78, step=88),
+                    prmt=dict(elem=2.5, wgmma_elem=0.0, x_elem=0.66, step=205),
+                    program=300, program_split=520, red=30, red_elem=4.5)
 
 
 def decode_warp_instructions(BLOCK_N: int, BLOCK_M: int, BLOCK_K: int, num_warps: int,
-                             k_per_program: int, split: bool) -> tuple[float, list]:
+                             k_per_program: int, split: bool, prmt: Optional[bool] = None) -> tuple[float, list]:
     """``(warp-instructions of one decode program, loop trips)`` by :data:`DECODE_ISSUE`: the main
     loop ``ceil(k_per_program / BLOCK_K)`` times, then (``split``) the reducer's loop once on
-    average. The trips are the build's loops in address order (``fastfactor sol --sass``)."""
+    average. The trips are the build's loops in address order (``fastfactor sol --sass``).
+    ``prmt``: the expansion a GPU build takes (default: byte permutes from :data:`PRMT_MIN_TILE`
+    weights per tile unless ``FASTFACTOR_SPARSE24_PRMT=0``)."""
     m = DECODE_ISSUE
+    if prmt is None:
+        prmt = prmt_mode(True) > 0 and BLOCK_N * BLOCK_K >= PRMT_MIN_TILE
+    f = m["prmt" if prmt else "select"]
     t = 32 * num_warps
     e = BLOCK_N * BLOCK_K / t
-    loop = m["elem"] * e + (m["wgmma_elem"] * e if BLOCK_N >= 64 else 0.0) + m["x_elem"] * BLOCK_M * BLOCK_K / t + m["step"]
+    loop = f["elem"] * e + (f["wgmma_elem"] * e if BLOCK_N >= 64 else 0.0) + f["x_elem"] * BLOCK_M * BLOCK_K / t + f["step"]
     trips = max(1, -(-k_per_program // BLOCK_K))
     per_warp = trips * loop + (m["program_split"] + m["red"] + m["red_elem"] * BLOCK_N * BLOCK_M / t
                                if split else m["program"])
@@ -1486,8 +1501,10 @@ def decode_warp_instructions(BLOCK_N: int, BLOCK_M: int, BLOCK_K: int, num_warps
 def _decode_issue_model(ints: dict, constexprs: dict, config: dict, grid) -> Optional[tuple]:
     """:data:`kernels._cost.ISSUE_MODELS` entry of the decode kernel (:func:`decode_warp_instructions`)."""
     kps = min(int(ints["K"]), int(ints["K_PER_SPLIT"]))
-    return decode_warp_instructions(int(constexprs["BLOCK_N"]), int(constexprs["BLOCK_M"]), int(config["BLOCK_K"]),
-                                    int(config.get("num_warps", 4)), kps, bool(constexprs.get("SPLIT")))
+    bn, bk = int(constexprs["BLOCK_N"]), int(config["BLOCK_K"])
+    return decode_warp_instructions(bn, int(constexprs["BLOCK_M"]), bk, int(config.get("num_warps", 4)), kps,
+                                    bool(constexprs.get("SPLIT")),
+                                    prmt=int(constexprs.get("PRMT", 0)) > 0 and bn * bk >= PRMT_MIN_TILE)
 
 
 _cost.ISSUE_MODELS["sparse24.decode"] = _decode_issue_model
@@ -1696,23 +1713,26 @@ def dx_decode_launch_bytes(M: int, N: int, K: int, bk: int, sk: int, elem: int =
 
 
 #: Per-instruction model of the dx-decode kernel (``_sp_dx_decode_kernel``), fitted to the sm_90 SASS
-#: of 11 register-fitting split builds (M 16 / 64, BLOCK_K 32-256, BLOCK_N 64 / 128, 4 / 8 warps;
-#: every main loop within 9 %), as :data:`DECODE_ISSUE`: per warp and step of ``BLOCK_N`` weight
-#: rows, ``elem`` per expanded weight element of a thread (the expanded tile is the dot's right
-#: operand: more layout work than the forward's), ``g_elem`` per ``g`` element, ``step``; outside
-#: the loop ``program + program_acc`` per accumulator element of a thread (builds without the split
-#: are taken at the same figure: an overestimate of ~150), the reducer's loop ``red + red_acc`` per
-#: accumulator element, once per program on average.
-DXD_ISSUE = dict(elem=5.8, g_elem=5.1, step=131, program=340, program_acc=12.5, red=11, red_acc=5.4)
+#: of 11 register-fitting split builds (M 16 / 64, BLOCK_K 32-256, BLOCK_N 64 / 128, 4 / 8 warps),
+#: as :data:`DECODE_ISSUE`, per warp and step of ``BLOCK_N`` weight rows: ``elem`` per expanded
+#: weight element of a thread (the expanded tile is the dot's right operand), ``g_elem`` per ``g``
+#: element, ``step``; outside the loop ``program + program_acc`` per accumulator element of a thread
+#: (builds without the split are taken at the same figure: an overestimate of ~150), the reducer's
+#: loop ``red + red_acc`` per accumulator element, once per program on average. ``prmt``: the
+#: byte-permute expansion (every main loop within 8 %); ``select``: compare-and-select (9 %).
+DXD_ISSUE = dict(select=dict(elem=5.8, g_elem=5.1, step=131), prmt=dict(elem=3.9, g_elem=3.6, step=176),
+                 program=350, program_acc=12.5, red=11, red_acc=5.4)
 
 
 def dx_decode_warp_instructions(BLOCK_K: int, BLOCK_M: int, BLOCK_N: int, num_warps: int,
-                                n_per_program: int, split: bool) -> tuple[float, list]:
-    """``(warp-instructions of one dx-decode program, loop trips)`` by :data:`DXD_ISSUE`."""
+                                n_per_program: int, split: bool, prmt: Optional[bool] = None) -> tuple[float, list]:
+    """``(warp-instructions of one dx-decode program, loop trips)`` by :data:`DXD_ISSUE` (``prmt``:
+    the expansion; default: byte permutes unless ``FASTFACTOR_SPARSE24_PRMT=0``)."""
     m = DXD_ISSUE
+    f = m["prmt" if (prmt_mode(True) > 0 if prmt is None else prmt) else "select"]
     t = 32 * num_warps
     acc = BLOCK_M * BLOCK_K / t
-    loop = m["elem"] * BLOCK_N * BLOCK_K / t + m["g_elem"] * BLOCK_M * BLOCK_N / t + m["step"]
+    loop = f["elem"] * BLOCK_N * BLOCK_K / t + f["g_elem"] * BLOCK_M * BLOCK_N / t + f["step"]
     trips = max(1, -(-n_per_program // BLOCK_N))
     per_warp = trips * loop + m["program"] + m["program_acc"] * acc + (m["red"] + m["red_acc"] * acc if split else 0.0)
     return num_warps * per_warp, [trips, 1] if split else [trips]
@@ -1722,7 +1742,8 @@ def _dx_decode_issue_model(ints: dict, constexprs: dict, config: dict, grid) -> 
     """:data:`kernels._cost.ISSUE_MODELS` entry of the dx-decode kernel (:func:`dx_decode_warp_instructions`)."""
     nps = min(int(ints["N"]), int(ints["N_PER_SPLIT"]))
     return dx_decode_warp_instructions(int(constexprs["BLOCK_K"]), int(constexprs["BLOCK_M"]), int(config["BLOCK_N"]),
-                                       int(config.get("num_warps", 4)), nps, bool(constexprs.get("SPLIT")))
+                                       int(config.get("num_warps", 4)), nps, bool(constexprs.get("SPLIT")),
+                                       prmt=int(constexprs.get("PRMT", 0)) > 0)
 
 
 _cost.ISSUE_MODELS["sparse24.dx_decode"] = _dx_decode_issue_model
