@@ -381,8 +381,10 @@ def _decode_fits(bn: int, bm: int, bk: int, nw: int) -> bool:
 
 def _decode_ok(bn: int, bm: int, bk: int, nw: int) -> bool:
     """:func:`_decode_fits`, and 8 warps only for weight tiles of at least 8192 elements (the split
-    build at N32/M16/K128/w8 spilled 8 B on sm_90 at 80 registers: too little work per warp)."""
-    return _decode_fits(bn, bm, bk, nw) and (nw <= 4 or bn * bk >= 8192)
+    build at N32/M16/K128/w8 spilled 8 B on sm_90 at 80 registers: too little work per warp) and
+    steps of at most 128 (the byte-permute builds at K256/w8 spilled: N32 88-136 B on sm_90
+    generic, N64 8 B on sm_80)."""
+    return _decode_fits(bn, bm, bk, nw) and (nw <= 4 or (bn * bk >= 8192 and bk <= 128))
 
 
 def _fitting_space(space: list, fixed: int, bm: int, tuned: str) -> list[dict]:
@@ -987,10 +989,12 @@ if HAS_TRITON:
             acc = tl.dot(gt, x, acc, input_precision=PRECISION)
         # keep the entries at the kept positions, in packed order
         i0, i1 = _load_codes(meta_ptr, offs_n, mask_n, k0, K, stride_mn, stride_mc, BLOCK_K, META32)
-        d3 = tl.reshape(acc, (BLOCK_N, BLOCK_K // 4, 4))
-        slot = tl.arange(0, 4)[None, None, :]
-        dv0 = tl.sum(tl.where(slot == i0[:, :, None], d3, 0.0), axis=2)
-        dv1 = tl.sum(tl.where(slot == i1[:, :, None], d3, 0.0), axis=2)
+        # slots 0..3 of each group (canonical codes: i0 in 0..2, i1 in 1..3), two selects per value
+        q0, q1 = tl.split(tl.reshape(acc, (BLOCK_N, BLOCK_K // 4, 2, 2)))   # slots (0, 2), (1, 3)
+        w0, w2 = tl.split(q0)
+        w1, w3 = tl.split(q1)
+        dv0 = tl.where(i0 == 0, w0, tl.where(i0 == 1, w1, w2))
+        dv1 = tl.where(i1 == 3, w3, tl.where(i1 == 2, w2, w1))
         dv = tl.reshape(tl.join(dv0, dv1), (BLOCK_N, BLOCK_K // 2))
         offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         tl.store(
