@@ -19,6 +19,9 @@ A kernel launch of ours with ``P`` programs on ``S`` SMs (``c`` programs residen
 DRAM bytes (the L2 model): a tensor read by the launch costs its unique bytes once when it fits in
 half the L2, else every byte requested; stores cost their bytes (:func:`dram_bytes`).
 
+Plans that trade L2 traffic against DRAM bytes (the 2:4 decode kernels' row tiles and splits) are
+priced at the nominal L2 figure and at the low end of its range and chosen by :func:`robust_pick`.
+
 A library GEMM (cuBLAS ``mm``/``addmm``) is modelled as ideal: ``max(bytes / HBM, FLOPs / matrix
 rate) + launch floor`` with every operand moved once; any other library op moving data costs its
 bytes over HBM plus the launch floor (:func:`library_seconds`).

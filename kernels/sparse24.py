@@ -49,8 +49,8 @@ tile goes to ``tl.dot``. Device memory only ever sees the compressed bytes.
 * ``_sp_dx_kernel``: ``dx = g·W`` (the weight tile is the right operand as is).
 * ``_sp_dvalues_kernel``: the gradient of the kept values: the dense tile ``dW = gᵀ·x`` is
   accumulated in fp32, then its entries at the kept positions are selected with the same codes
-  and stored compressed. It spends the dense ``2·M·R·K`` FLOPs (a tensor-core GEMM) and writes
-  only ``R·K/2`` values.
+  (two selects per kept value) and stored compressed. It spends the dense ``2·M·R·K`` FLOPs (a
+  tensor-core GEMM) and writes only ``R·K/2`` values.
 * ``_ds_chain_kernel``: dense-sparse ``y = (x·Sᵀ)·Dᵀ + b`` with ``S (R, K)`` 2:4 and ``D (N, R)``,
   fused like the low-rank chain (``fastfactor.kernels.lowrank``): the ``(BLOCK_M, R)``
   intermediate ``t = x·Sᵀ`` stays in fp32 registers (computed as ``tᵀ = S·xᵀ``, again so the
@@ -64,10 +64,22 @@ tile goes to ``tl.dot``. Device memory only ever sees the compressed bytes.
 * ``_sp_decode_kernel``: ``y = x·Wᵀ + b`` for ``M <= 64`` in **one launch**. Programs = (row
   tiles x K splits) planned per shape by :func:`decode_plan` (the model ``fastfactor sol``
   applies: the compressed weight once from DRAM, ``x`` once per row tile from L2, with a split the
-  fp32 partials stored and read back from L2); with a split each tile's last program to arrive
-  (an int32 counter per tile: no atomics on data) sums the partials in the fixed order
-  ``s = 0, 1, …``: bitwise reproducible, no second launch; codes read as 32-bit words; configs
-  limited to what fits the registers.
+  fp32 partials stored and read back from L2, and the instruction issue of the compiled loop,
+  :data:`DECODE_ISSUE`); of the plans, the one that holds up at both ends of the unmeasured L2
+  bandwidth (:func:`kernels._cost.robust_pick`: at 4096², 16 tokens, 128 rows x 4 splits, ``x``
+  read 32x, over 32 rows x 1, ``x`` read 128x and L2-bound below ~8 TB/s). With a split each
+  tile's last program to arrive (an int32 counter per tile: no atomics on data) sums the partials
+  in the fixed order ``s = 0, 1, …``: bitwise reproducible, no second launch; codes read as
+  32-bit words; configs limited to what fits the registers. The dx-decode kernel
+  (``_sp_dx_decode_kernel``, ``dx = g·W``) is planned the same way (:data:`DXD_ISSUE`).
+* The expansion in the decode kernels (``PRMT``, :func:`prmt_mode`): on a GPU each group's two
+  output words are byte permutes (``prmt.b32``, inline assembly) of its kept-value pair, with
+  selectors looked up from the codes four groups at a time (:func:`_expand24_prmt`,
+  :data:`PRMT_TABLES`); under the interpreter the same selection in integer ops (no inline
+  assembly there); compare-and-select (:func:`_expand24_pairs`) for forward tiles under
+  :data:`PRMT_MIN_TILE` weights, or with ``FASTFACTOR_SPARSE24_PRMT=0``. sm_90 main loops:
+  0.155-0.18 instructions per weight on the tiles the planner takes (0.22-0.25 before). Both
+  need canonical codes (``i0 < i1``, what :func:`pack_24` writes).
 * ``_sp_expand_kernel`` / ``_sp_compress_kernel``: ``W`` dense once per step for cuBLAS, and the
   kept entries of a dense ``dW`` from cuBLAS (exact selections).
 
@@ -356,7 +368,30 @@ DV_SPACE = [
     DV_FIXED,
     dict(BLOCK_N=128, BLOCK_K=128, BLOCK_M=32, num_warps=8, num_stages=3),
     dict(BLOCK_N=128, BLOCK_K=64, BLOCK_M=64, num_warps=4, num_stages=4),
+    # a few tokens (the decode-size backward): wide weight tiles, so that each program's fixed
+    # share (the kept-entry selection, the stores) spreads over more weights (DV_ISSUE)
+    dict(BLOCK_N=64, BLOCK_K=256, BLOCK_M=16, num_warps=4, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_K=256, BLOCK_M=16, num_warps=8, num_stages=3),
 ]
+
+#: Per-instruction model of the kept-value gradient kernel (``_sp_dvalues_kernel``), fitted to the
+#: sm_90 SASS of 7 builds at 4096², 16 tokens (BLOCK_N 64-128, BLOCK_K 64-256, BLOCK_M 16-64, 4 / 8
+#: warps; every build within 10 %), per warp: ``program + acc`` per dense-tile element of a thread
+#: (the selection of the kept entries, the stores) ``+ opnd`` per operand element of a thread (the
+#: first loads), and per step of ``BLOCK_M`` tokens ``step + step_opnd`` per operand element.
+#: At 16 tokens the fixed share dominates: 0.43 instructions per weight at 64x128 tiles, 0.25 at
+#: 128x256 (the issue time 7.1 -> 3.9 us at 4096², against 4.45 us of DRAM bytes).
+DV_ISSUE = dict(program=128, acc=5.95, opnd=2.12, step=31, step_opnd=1.5)
+
+
+def dvalues_warp_instructions(BLOCK_N: int, BLOCK_K: int, BLOCK_M: int, num_warps: int, M: int) -> tuple[float, list]:
+    """``(warp-instructions of one dvalues program, loop trips)`` by :data:`DV_ISSUE`."""
+    m = DV_ISSUE
+    t = 32 * num_warps
+    opnd = BLOCK_M * (BLOCK_N + BLOCK_K) / t
+    trips = max(1, -(-M // BLOCK_M))
+    per_warp = m["program"] + m["acc"] * BLOCK_N * BLOCK_K / t + m["opnd"] * opnd + trips * (m["step"] + m["step_opnd"] * opnd)
+    return num_warps * per_warp, [trips]
 
 # decode (M <= 64): BLOCK_N and the split are planned per shape (decode_plan); tuned: BLOCK_K
 DECODE_INTERP = dict(BLOCK_K=32, num_warps=4, num_stages=1)
@@ -1512,6 +1547,8 @@ def _decode_issue_model(ints: dict, constexprs: dict, config: dict, grid) -> Opt
 
 
 _cost.ISSUE_MODELS["sparse24.decode"] = _decode_issue_model
+_cost.ISSUE_MODELS["sparse24.dvalues"] = lambda ints, constexprs, config, grid: dvalues_warp_instructions(
+    int(config["BLOCK_N"]), int(config["BLOCK_K"]), int(config["BLOCK_M"]), int(config.get("num_warps", 4)), int(ints["M"]))
 
 
 def _issue_s(warp_instructions: float, programs: int, fill_fraction: float) -> float:
