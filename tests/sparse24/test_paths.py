@@ -140,7 +140,7 @@ def test_path_choice_by_cost(monkeypatch):
     for M in (16, 64):
         assert K.choose_bwd_path(M, 4096, 4096, bf16, "dx") == "triton"
     # decode sizes: our decode launch unless PyTorch's one launch is predicted faster (at 16 tokens
-    # on 4096²: its ideal 6.96 us against our decode's 7.29, the plan that holds up at the low end
+    # on 4096²: its ideal 6.95 us against our decode's 7.19, the plan that holds up at the low end
     # of the L2 figure); never PyTorch where it is not eligible (M % 8)
     assert K.choose_mm_path(16, 4096, 4096, bf16, cuda) == "torch"
     assert K.choose_mm_path(1, 4096, 4096, bf16, cuda) == "decode"
