@@ -141,3 +141,33 @@ def test_prmt_mode(monkeypatch):
         K.prmt_mode(True)
     # sol counts a GPU launch (PRMT=2) by running the interpreter's equivalent
     assert _config.interpreter_constexprs(dict(PRMT=2, BLOCK_N=32, SPLIT=True)) == dict(PRMT=1, BLOCK_N=32, SPLIT=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("M", [1, 12, 16, 64])
+@pytest.mark.parametrize("plan", [None, (32, 1), (64, 2), (128, 4)])
+def test_prmt_on_cuda_equals_compare_select_bitwise(monkeypatch, M, plan):
+    """The inline-assembly build (prmt.b32) against compare-and-select, bitwise, on the GPU: the
+    forward decode at each plan (tiles of 8192+ weights take the permutes) and the dx-decode."""
+    monkeypatch.delenv("FASTFACTOR_SPARSE24_PRMT", raising=False)
+    g = torch.Generator(device="cuda").manual_seed(M)
+    N = Kd = 4096
+    p = pack_24(prune_24(torch.randn(N, Kd, device="cuda", generator=g).to(torch.bfloat16)))
+    x = torch.randn(M, Kd, device="cuda", generator=g).to(torch.bfloat16)
+    gy = torch.randn(M, N, device="cuda", generator=g).to(torch.bfloat16)
+    b = torch.randn(N, device="cuda", generator=g).to(torch.bfloat16)
+    assert K.prmt_mode(True) == 2
+    y2 = K.sparse24_decode(x, p.values, p.meta, b, plan=plan)
+    dx2 = K.sparse24_dx_decode(gy, p.values, p.meta)
+    monkeypatch.setenv("FASTFACTOR_SPARSE24_PRMT", "0")
+    y0 = K.sparse24_decode(x, p.values, p.meta, b, plan=plan)
+    dx0 = K.sparse24_dx_decode(gy, p.values, p.meta)
+    torch.cuda.synchronize()
+    assert torch.equal(y2.view(torch.int16), y0.view(torch.int16))
+    assert torch.equal(dx2.view(torch.int16), dx0.view(torch.int16))
+    w64 = K.unpack_24(p.values.double(), p.meta, Kd)
+    ref = x.double() @ w64.t() + b.double()
+    torch.testing.assert_close(y2.double(), ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
+    dref = gy.double() @ w64
+    torch.testing.assert_close(dx2.double(), dref, rtol=0.02, atol=0.02 * dref.abs().max().item())
