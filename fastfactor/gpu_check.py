@@ -8,18 +8,30 @@ offline GPU image (``PYTHONPATH=$PWD python3 -m fastfactor.gpu_check --out $OUT`
 2. the predictions of ``fastfactor sol`` for the perf tier's rows, computed meanwhile on the CPU
    (a child process under the Triton interpreter, using the committed counts cache when present);
 3. the GPU correctness tier (``pytest -m gpu``), as much as fits in its share of the budget;
-4. every sol row timed on the GPU — ours, dense ``F.linear`` and the unfused PyTorch path — with
+4. the 2:4 decode variants (issue 15; :func:`time_decode_variants`, ``--variants-s``, default 50 s):
+   at W 4096x4096 bf16 and 16, 12 and 1 tokens, our decode kernel with the planner's pick and the
+   plans (BLOCK_N, split_k) = (32, 1), (64, 2), (128, 4), each with byte permutes (PRMT) and with
+   compare-and-select (``FASTFACTOR_SPARSE24_PRMT=0``), next to PyTorch's 2:4 GEMM (16 tokens),
+   dense ``F.linear`` and the planner's predicted times; the dx decode PRMT on / off at 16 tokens.
+   It decides the plan policy (``kernels._cost.robust_pick`` vs the narrow plan the 9 TB/s L2 lead
+   favours) and the PRMT default;
+5. every sol row timed on the GPU — ours, dense ``F.linear`` and the unfused PyTorch path — with
    CUDA-graph medians over inputs rotated past the L2 (``fastfactor.bench.timing``);
-5. ``gpu-check.json``, ``gpu-check.csv`` and ``gpu-check.md`` (measured / predicted per row, ready
-   to paste into BENCHMARKS.md) under ``--out``.
+6. ``gpu-check.json``, ``gpu-check.csv`` and ``gpu-check.md`` (measured / predicted per row, ready
+   to paste into BENCHMARKS.md) under ``--out``; the decode variants under ``decode_variants`` in the
+   JSON and a section of their own in the Markdown (measured µs, predicted µs, one summary line per
+   token count).
 
 ``--dry`` runs the same script on the CPU with tiny shapes and a short budget (the reference
-paths timed by the CPU timer), so CI checks the script end to end; its figures mean nothing.
+paths timed by the CPU timer; the decode variants tiny, the reference standing in for the kernels),
+so CI checks the script end to end; its figures mean nothing. tests/test_gpu_check_variants.py runs
+the decode variants through the interpreted kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import json
@@ -155,6 +167,231 @@ def time_row(spec, device, dry: bool) -> dict:
     return res
 
 
+# --------------------------------------------------------------------------------------------
+# Decode variants (issue 15): the two choices of the 2:4 decode kernels the CPU model cannot settle
+# --------------------------------------------------------------------------------------------
+
+#: W (out, in) of the section; token counts, 16 first (the shape the choices were made at; 12: a
+#: count PyTorch's 2:4 GEMM does not take; 1: one token); plans (BLOCK_N, split_k) forced besides
+#: the planner's pick: narrow without a split (fastest at the 9 TB/s L2 lead) to wide with four
+VARIANT_W = (4096, 4096)
+VARIANT_TOKENS = (16, 12, 1)
+VARIANT_PLANS = ((32, 1), (64, 2), (128, 4))
+#: dry: tiny, through the interpreted kernels when the interpreter is on (the test), else the
+#: reference as a stand-in (the CLI's --dry, where only the script itself is checked)
+DRY_VARIANT_W = (32, 512)
+DRY_VARIANT_TOKENS = (16,)
+DRY_VARIANT_PLANS = ((32, 1),)
+#: the section's default time (``--variants-s``); skipped when less than VARIANT_MIN_S of the budget is left
+VARIANT_S = 50.0
+VARIANT_MIN_S = 10.0
+PRMT_ENV = "FASTFACTOR_SPARSE24_PRMT"
+
+
+@contextlib.contextmanager
+def _prmt_env(on: bool):
+    """The 2:4 expansion of the launches inside: byte permutes (``PRMT_ENV`` unset, the default) or
+    compare-and-select (``PRMT_ENV=0``). The launchers read the variable at each launch."""
+    old = os.environ.pop(PRMT_ENV, None)
+    if not on:
+        os.environ[PRMT_ENV] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop(PRMT_ENV, None)
+        if old is not None:
+            os.environ[PRMT_ENV] = old
+
+
+def _config_str(c) -> str:
+    kw = ",".join(f"{k}={v}" for k, v in sorted(getattr(c, "kwargs", {}).items()))
+    return f"{kw},w{getattr(c, 'num_warps', '?')},s{getattr(c, 'num_stages', '?')}"
+
+
+@contextlib.contextmanager
+def _own_tuning(tunable, picked: list):
+    """Autotune afresh inside, then put the process's earlier tunings back. Triton specializes the
+    binary on every constexpr value (PRMT=2 and PRMT=0 are two compiles), but the autotune key of
+    the decode kernels (``kernels._config.Tunable`` -> ``triton.autotune(key=[...])``: the shape,
+    the plan and the argument dtypes) does not hold PRMT: without this the second expansion would
+    launch the config tuned for the first. ``picked`` receives the configs tuned inside."""
+    at = getattr(tunable, "tuned", None)
+    cache = getattr(at, "cache", None)
+    if not isinstance(cache, dict):
+        yield
+        return
+    saved = dict(cache)
+    cache.clear()
+    disk = getattr(at, "cache_results", False)
+    if disk:  # the on-disk tuning cache (TRITON_CACHE_AUTOTUNING=1) has the same key
+        at.cache_results = False
+    try:
+        yield
+        picked.extend(_config_str(c) for c in cache.values())
+    finally:
+        cache.clear()
+        cache.update(saved)
+        if disk:
+            at.cache_results = disk
+
+
+def time_decode_variants(device, dry: bool, seconds: float = VARIANT_S) -> dict:
+    """Time the variants of the 2:4 decode kernels at ``W (N, K) = VARIANT_W`` bf16 with bias, in
+    at most about ``seconds`` (a variant not started by then is reported as skipped):
+
+    * ``decode``: ``y = x·Wᵀ + b`` for ``M`` in ``VARIANT_TOKENS`` by :func:`sparse24_decode` with
+      the planner's pick and each of ``VARIANT_PLANS`` — *decides the plan policy* (is the narrow
+      plan faster at every M, i.e. is the L2 lead right, or does the robust pick hold up?) — each
+      with byte permutes and with compare-and-select — *decides the PRMT default*;
+    * ``torch24``: PyTorch's 2:4 GEMM where it takes ``M`` (``M % 8 == 0``), what ``choose_mm_path``
+      takes at 16 tokens on an ideal roofline — *decides whether it should*; ``dense``: ``F.linear``;
+    * ``dx_decode``: ``dx = g·W`` (with ``db``) at the first ``M``, PRMT on / off; ``dense_dx``: ``g @ W``.
+
+    Each decode row carries the planner's prediction for its plan (``decode_plans``: ``pred_us`` at
+    the nominal L2 -> SM figure, ``pred_low_us`` at its low end; *predicted*) next to the measured
+    CUDA-graph median (``measured_us``, rotated inputs: ``fastfactor.bench.timing``), and its output
+    is checked against fp32 (``rel_err``, an ``error`` above 2e-2)."""
+    import torch
+    import torch.nn.functional as F
+
+    from .bench.timing import rotation_count, time_calls
+    from .formats.sparse24 import pack_24, prune_24
+    from .kernels import _config, _cost
+    from .kernels import sparse24 as K
+
+    t0 = time.time()
+    t_end = t0 + seconds
+    N, Kin = DRY_VARIANT_W if dry else VARIANT_W
+    tokens, plans = (DRY_VARIANT_TOKENS, DRY_VARIANT_PLANS) if dry else (VARIANT_TOKENS, VARIANT_PLANS)
+    dt = torch.bfloat16
+    w = pack_24(prune_24(torch.randn(N, Kin, device=device, dtype=dt)))
+    wd = w.to_dense()
+    bias = torch.randn(N, device=device, dtype=dt)
+    kernels = _config.use_triton(wd)  # a GPU, or the interpreter (the test)
+    if kernels:
+        decode = lambda x, v, m, plan: K.sparse24_decode(x, v, m, bias, plan=plan)
+        dx_decode = lambda g, v, m, db: K.sparse24_dx_decode(g, v, m, db=db)
+    else:  # dry without the interpreter: the reference stands in (the figures mean nothing)
+        decode = lambda x, v, m, plan: K.sparse24_linear_ref(x, v, m, bias)
+        dx_decode = lambda g, v, m, db: (db.copy_(g.sum(0)), g @ K.unpack_24(v, m, Kin))[1]
+    n = 1 if dry else rotation_count(w.num_bytes() + 2 * max(tokens) * (Kin + N), device)
+    packed = [(w.values.clone(), w.meta.clone()) for _ in range(n)]
+    dense = [wd.clone() for _ in range(n)]
+    sms = _config.num_sms(device)
+    kw = dict(warmup_ms=1, rep_ms=1, min_runs=1) if dry else dict(warmup_ms=10, rep_ms=50)
+    rows = []
+
+    def run(row, calls, ref, tunable=None):
+        """Check the first call against ``ref``, then time the calls into ``row`` (µs)."""
+        rows.append(row)
+        if time.time() > t_end:
+            row["note"] = "skipped: time budget"
+            return
+        picked = []
+        try:
+            with _own_tuning(tunable, picked):
+                out = calls[0]().float()
+                row["rel_err"] = float((out - ref).abs().max() / (1 + ref.abs().max()))
+                t = time_calls(calls, device, **kw)
+            row.update(measured_us=t.ms * 1e3, timing=t.mode, note=t.note or None)
+            if picked:
+                row["config"] = picked[0]
+            if not row["rel_err"] <= 2e-2:
+                row["error"] = f"wrong result: max error {row['rel_err']:.3g} of the fp32 reference's scale"
+        except Exception as e:  # noqa: BLE001 - a failing variant is reported, the others go on
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        print("  variant " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in row.items() if v is not None), flush=True)
+
+    for M in tokens:
+        xs = [torch.randn(M, Kin, device=device, dtype=dt) for _ in range(n)]
+        ref = F.linear(xs[0].float(), wd.float(), bias.float())
+        for on in (True, False):
+            with _prmt_env(on):
+                prmt = K.prmt_mode(True)  # the PRMT constexpr of the launches: 2 prmt.b32, 1 interpreted, 0 select
+                pick = K.decode_plan(M, N, Kin, sms)
+                pred = {p: (a, b) for a, b, p in K.decode_plans(M, N, Kin, sms)}  # issue model of this PRMT
+                for plan in dict.fromkeys((pick,) + tuple(plans)):
+                    a, b = pred.get(plan, (None, None))
+                    row = dict(op="decode", tokens=M, plan=f"{plan[0]}x{plan[1]}", pick=plan == pick, prmt=prmt,
+                               pred_us=a and a * 1e6, pred_low_us=b and b * 1e6)
+                    run(row, [lambda x=x, v=v, m=m, plan=plan: decode(x, v, m, plan)
+                              for x, (v, m) in zip(xs, packed)], ref, K._sp_decode_tuned)
+        if K.torch24_eligible(M, Kin, N, dt, device):
+            run(dict(op="torch24", tokens=M), [lambda x=x, v=v, m=m: K.torch24_linear(x, v, m, bias)
+                                               for x, (v, m) in zip(xs, packed)], ref)
+        run(dict(op="dense", tokens=M), [lambda x=x, wi=wi: F.linear(x, wi, bias) for x, wi in zip(xs, dense)], ref)
+        if M != tokens[0]:
+            continue
+        gs = [torch.randn(M, N, device=device, dtype=dt) for _ in range(n)]
+        db = torch.empty(N, device=device, dtype=dt)
+        dref = gs[0].float() @ wd.float()
+        for on in (True, False):
+            with _prmt_env(on):
+                prmt = K.prmt_mode(True)
+                t_nom, bk, sk = K.dx_decode_plan_cost(M, N, Kin, sms)
+                low = {p: b for _, b, p in K.dx_decode_plans(M, N, Kin, sms)}.get((bk, sk))
+                row = dict(op="dx_decode", tokens=M, plan=f"{bk}x{sk}", pick=True, prmt=prmt,
+                           pred_us=t_nom * 1e6, pred_low_us=low and low * 1e6)
+                run(row, [lambda g=g, v=v, m=m: dx_decode(g, v, m, db) for g, (v, m) in zip(gs, packed)],
+                    dref, K._sp_dx_decode_tuned)
+        run(dict(op="dense_dx", tokens=M), [lambda g=g, wi=wi: g @ wi for g, wi in zip(gs, dense)], dref)
+
+    dev = _cost.DEFAULT
+    return dict(shape=f"W {N}x{Kin} bf16 2:4, bias", sms=sms, rotated_copies=n,
+                seconds=round(time.time() - t0, 1),
+                impl="kernels" if kernels else "reference stand-in (dry run without the interpreter)",
+                predicted=f"{PREDICTED}: kernels/sparse24.decode_plans / dx_decode_plans, {dev.name} model, "
+                          f"L2 -> SM {dev.l2_bw / 1e12:g} TB/s (pred_us, a lead) and {dev.l2_bw_low / 1e12:g} TB/s "
+                          "(pred_low_us)",
+                rows=rows, summary=_variant_summary(rows))
+
+
+def _variant_summary(rows: list) -> list:
+    """One line per token count: what the decode-variant timings decide (measured figures)."""
+    out = []
+    for M in dict.fromkeys(r["tokens"] for r in rows):
+        got = {(r["op"], r.get("plan"), r.get("prmt")): r for r in rows if r["tokens"] == M and r.get("measured_us")}
+        dec = [r for (op, _, _), r in got.items() if op == "decode"]
+        if not dec:
+            continue
+        best = min(dec, key=lambda r: r["measured_us"])
+        on = max(r["prmt"] for r in dec)
+        pick = next((r for r in dec if r["pick"] and r["prmt"] == on), None)
+        pbest = min((r for r in dec if r.get("pred_us") and r["prmt"] == on), key=lambda r: r["pred_us"], default=None)
+        line = f"M={M}: fastest decode {best['plan']} PRMT={best['prmt']} {best['measured_us']:.2f} us"
+        if pbest is not None:
+            line += f" (fastest predicted at the L2 lead: {pbest['plan']})"
+        if pick is not None:
+            line += f"; the planner's pick {pick['plan']} {pick['measured_us'] / best['measured_us']:.2f}x the fastest"
+        ratios = [got[("decode", r["plan"], 0)]["measured_us"] / r["measured_us"]
+                  for r in dec if r["prmt"] == on and on and ("decode", r["plan"], 0) in got]
+        if ratios:
+            line += f"; select / prmt time {min(ratios):.2f}-{max(ratios):.2f} over the plans"
+        for op in ("torch24", "dense"):
+            if (op, None, None) in got and pick is not None:
+                line += f"; {op} {got[(op, None, None)]['measured_us'] / pick['measured_us']:.2f}x the pick's time"
+        out.append(line)
+    return out
+
+
+def _variants_md(variants: dict, fmt) -> str:
+    """The decode-variant section of ``gpu-check.md``."""
+    text = "\n## 2:4 decode variants (issue 15: plan policy, PRMT default)\n\n"
+    if "rows" not in variants:
+        return text + f"Not run: {variants.get('skipped') or variants.get('error')}\n"
+    text += (f"{variants['shape']}, {variants['impl']}, {variants['sms']} SMs. `measured_us`: median µs "
+             f"(`timing`: cuda_graph where capture worked; {variants['rotated_copies']} rotated copies); "
+             f"`pred_us` / `pred_low_us`: {variants['predicted']}. plan: BLOCK_N x split_k (dx: BLOCK_K x split_n); prmt: the PRMT "
+             "constexpr (2 byte permutes, 1 the same in integer ops (interpreter), 0 compare-and-select).\n\n")
+    cols = ["op", "tokens", "plan", "pick", "prmt", "measured_us", "pred_us", "pred_low_us", "timing", "config",
+            "rel_err", "note", "error"]
+    text += "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    for r in variants["rows"]:
+        text += "| " + " | ".join(fmt(r.get(c)) for c in cols) + " |\n"
+    return text + "\n" + "".join(f"- {line}\n" for line in variants["summary"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastfactor.gpu_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,6 +400,8 @@ def main(argv=None) -> int:
     p.add_argument("--dry", action="store_true", help="CPU, tiny shapes, short budget: checks the script itself")
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (default 480; dry 240)")
     p.add_argument("--no-tests", action="store_true", help="skip the GPU correctness tier")
+    p.add_argument("--variants-s", type=float, default=VARIANT_S,
+                   help=f"seconds for the 2:4 decode-variant timings (default {VARIANT_S:g}; 0 skips them)")
     p.add_argument("--device", default=None, help="model device for the predictions: h200 or h100 (default from the GPU name)")
     args = p.parse_args(argv)
 
@@ -195,6 +434,20 @@ def main(argv=None) -> int:
     print("ceilings: " + ", ".join(f"{k}={v:.3g}" for k, v in ceilings.items()), flush=True)
     tests = {"skipped": "--no-tests"} if args.no_tests else run_gpu_tests(0.3 * budget, args.out, args.dry)
     print(f"gpu tests: {tests}", flush=True)
+
+    # the 2:4 decode variants (plan policy, PRMT default): before the rows, within 85 % of the budget
+    left = min(args.variants_s, 0.85 * budget - (time.time() - t_start))
+    if args.variants_s <= 0:
+        variants = {"skipped": "--variants-s 0"}
+    elif left < VARIANT_MIN_S:
+        variants = {"skipped": f"time budget ({max(0.0, left):.0f} s left)"}
+    else:
+        try:
+            variants = time_decode_variants(device, args.dry, left)
+        except Exception as e:  # noqa: BLE001 - reported; the rows still run
+            variants = {"error": f"{type(e).__name__}: {e}"[:500]}
+    for line in variants.get("summary", [variants.get("skipped") or variants.get("error")]):
+        print(f"decode variants: {line}", flush=True)
 
     measured = {}
     for key, spec in rows.items():
@@ -250,7 +503,7 @@ def main(argv=None) -> int:
                 predictions=PREDICTED, seconds=round(time.time() - t_start, 1))
     base = os.path.join(args.out, "gpu-check")
     with open(base + ".json", "w") as f:
-        json.dump(dict(meta=meta, rows=table), f, indent=1, default=str)
+        json.dump(dict(meta=meta, rows=table, decode_variants=variants), f, indent=1, default=str)
     cols = ["row", "ours_ms", "ours_pred_ms", "dense_ms", "dense_pred_ms", "unfused_ms", "unfused_pred_ms",
             "speedup_vs_dense", "pred_speedup_vs_dense", "speedup_vs_unfused", "pred_speedup_vs_unfused", "error"]
     with open(base + ".csv", "w", newline="") as f:
@@ -266,9 +519,11 @@ def main(argv=None) -> int:
         f.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
         for r in table:
             f.write("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |\n")
+        f.write(_variants_md(variants, fmt))
     print(open(base + ".md").read())
     print(f"gpu-check: wrote {base}.json/.csv/.md in {meta['seconds']} s")
-    ok = all(not r["error"] for r in table)
+    ok = all(not r["error"] for r in table) and not variants.get("error") and \
+        not any(r.get("error") for r in variants.get("rows", []))
     return 0 if ok else 1
 
 

@@ -1,5 +1,6 @@
 """``python -m fastfactor.gpu_check --dry``: the GPU command's script, end to end on the CPU (tiny
-shapes); what it writes has one row per sol row with measured and predicted figures."""
+shapes); what it writes has one row per sol row with measured and predicted figures, and the 2:4
+decode-variant section (tests/test_gpu_check_variants.py runs it through the interpreted kernels)."""
 
 import json
 import os
@@ -22,8 +23,13 @@ def test_gpu_check_dry(tmp_path):
         assert not r["error"], r
         for f in ("ours", "dense", "unfused"):
             assert r[f"{f}_ms"] > 0 and r[f"{f}_pred_ms"] > 0, (f, r)
+    v = d["decode_variants"]   # the 2:4 decode variants (the reference stands in without the interpreter)
+    assert v["rows"] and not any(r.get("error") for r in v["rows"]), v
+    assert {r["op"] for r in v["rows"]} >= {"decode", "dense", "dx_decode", "dense_dx"}
+    assert all(r["measured_us"] > 0 for r in v["rows"]) and all(r["pred_us"] > 0 for r in v["rows"] if r["op"] == "decode")
     md = (out / "gpu-check.md").read_text()
     assert "DRY RUN" in md and "| row |" in md
+    assert "## 2:4 decode variants" in md and "| op | tokens | plan |" in md
     assert (out / "gpu-check.csv").read_text().count("\n") == 5
 
 
