@@ -1996,8 +1996,9 @@ def choose_mm_path(M: int, K_in: int, N: int, dtype: torch.dtype, device, torch_
 
     * ``M <= DECODE_MAX_M``: ``decode`` (:func:`sparse24_decode`: bytes-bound, the compressed
       weight read once, the reduction split to fill the SMs where that pays), unless ``torch`` is
-      eligible and predicted faster (:func:`decode_plan_cost` against :func:`path_costs`: from
-      ~32 rows the split's second launch costs more than PyTorch's one);
+      eligible and predicted faster (:func:`decode_plan_cost`, the plan that holds up at the low
+      end of the L2 figure, against :func:`path_costs`' ideal roofline of PyTorch's GEMM: at 4096²
+      it takes every ``M % 8 == 0`` batch; our decode keeps the others, e.g. 1 or 12 tokens);
     * otherwise the cheapest of :func:`path_costs` ``('fwd')`` among the eligible paths:
       ``torch`` (PyTorch's semi-structured GEMM on sparse tensor cores, :func:`torch24_eligible`),
       ``dense`` (expand once, cuBLAS) and ``triton``. The dense path costs the dense GEMM plus one
@@ -2018,7 +2019,7 @@ def choose_mm_path(M: int, K_in: int, N: int, dtype: torch.dtype, device, torch_
         return "torch"
     if M <= DECODE_MAX_M:
         # PyTorch's semi-structured GEMM where it is predicted faster than our decode launch(es)
-        # (from ~32 rows the decode kernel's split adds a second launch): never slower than it.
+        # (priced as an ideal library): never slower than it.
         if eligible and forced != "decode":
             e = 4 if dtype == torch.float32 else 2
             dev = torch.device(device)
