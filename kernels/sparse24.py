@@ -350,14 +350,27 @@ DXD_SPACE = [
 DXD_N_QUANTUM = 128
 
 
+def _dxd_ok(bk: int, bm: int, bn: int, nw: int) -> bool:
+    """Register fit of a dx-decode config (``BLOCK_K`` dx columns, ``BLOCK_M`` tokens, ``BLOCK_N``
+    weight rows a step): the expanded ``BLOCK_N x BLOCK_K`` tile, the ``g`` tile ``BLOCK_M x
+    BLOCK_N`` and the fp32 ``BLOCK_M x BLOCK_K`` accumulator (two slots an element) at most 144
+    16-bit elements a thread, and 8 warps only for weight tiles of at least 8192 elements.
+    Calibrated on the byte-permute builds of compile-check (102 builds, sm_90 / sm_80, aligned and
+    generic): none spills at or under 144 (K256/M32/N64/w8: 136 a thread, 168 registers);
+    K128/M64/N128/w8 (160 a thread) spilled 48 B in the generic sm_90 build, K128/M64/N64/w4 (224)
+    88-104 B. (The forward's :func:`_decode_ok` keeps 104: its compare-and-select tiles spilled
+    from 112.)"""
+    t = 32 * nw
+    return bk * bn + bn * bm + 2 * bk * bm <= 144 * t and (nw <= 4 or bk * bn >= 8192)
+
+
 def dxd_space(BLOCK_K: int, BLOCK_M: int, **_) -> list[dict]:
-    """dx-decode configs within the register budget of :func:`_decode_ok` (expanded tile
-    ``BLOCK_N x BLOCK_K``, ``g`` tile ``BLOCK_M x BLOCK_N``, fp32 ``BLOCK_M x BLOCK_K``)."""
-    return _fitting_space(DXD_SPACE, BLOCK_K, BLOCK_M, "BLOCK_N") or [DXD_SPACE[1]]
+    """dx-decode configs within the register budget of :func:`_dxd_ok`."""
+    return _fitting_space(DXD_SPACE, BLOCK_K, BLOCK_M, "BLOCK_N", _dxd_ok) or [DXD_SPACE[1]]
 
 
 def _prune_dx_decode(configs_, named_args, **kwargs):
-    return _prune_fitting(configs_, named_args, kwargs, "BLOCK_K", "BLOCK_N", 64, last=False)
+    return _prune_fitting(configs_, named_args, kwargs, "BLOCK_K", "BLOCK_N", 64, last=False, ok=_dxd_ok)
 
 
 # dvalues = kept(gᵀ·x): BLOCK_N x BLOCK_K dense tile, reduction over BLOCK_M token rows
@@ -422,23 +435,26 @@ def _decode_ok(bn: int, bm: int, bk: int, nw: int) -> bool:
     return _decode_fits(bn, bm, bk, nw) and (nw <= 4 or (bn * bk >= 8192 and bk <= 128))
 
 
-def _fitting_space(space: list, fixed: int, bm: int, tuned: str) -> list[dict]:
+def _fitting_space(space: list, fixed: int, bm: int, tuned: str, ok=None) -> list[dict]:
     """The GPU configs of a decode-family ``space`` (its first entry is the interpreter's) whose
-    tiles fit :func:`_decode_ok`: ``fixed`` is the planned tile side passed first, ``tuned`` the
-    config key passed third (decode: BLOCK_N, BLOCK_K; dx-decode: BLOCK_K, BLOCK_N)."""
-    return [c for c in space[1:] if _decode_ok(fixed, bm, c[tuned], c["num_warps"])]
+    tiles fit ``ok`` (:func:`_decode_ok`, or :func:`_dxd_ok`): ``fixed`` is the planned tile side
+    passed first, ``tuned`` the config key passed third (decode: BLOCK_N, BLOCK_K; dx-decode:
+    BLOCK_K, BLOCK_N)."""
+    ok = ok or _decode_ok
+    return [c for c in space[1:] if ok(fixed, bm, c[tuned], c["num_warps"])]
 
 
-def _prune_fitting(configs_, named_args, kwargs, fixed: str, tuned: str, least: int, last: bool):
+def _prune_fitting(configs_, named_args, kwargs, fixed: str, tuned: str, least: int, last: bool, ok=None):
     """Autotuner prune of a decode-family kernel: on a GPU only configs with ``tuned >= least``
-    (16-byte code rows / wide g loads) that fit the registers; if none fits, the last (``last``) or
-    first such config."""
+    (16-byte code rows / wide g loads) that fit the registers (``ok``, default
+    :func:`_decode_ok`); if none fits, the last (``last``) or first such config."""
+    ok = ok or _decode_ok
     f = kwargs.get(fixed, named_args.get(fixed))
     bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
     if _config.is_interpreter():
         return configs_
     wide = [c for c in configs_ if c.kwargs[tuned] >= least]
-    kept = [c for c in wide if _decode_ok(f, bm, c.kwargs[tuned], c.num_warps)]
+    kept = [c for c in wide if ok(f, bm, c.kwargs[tuned], c.num_warps)]
     return kept or (wide[-1:] if last else wide[:1]) or configs_
 
 
@@ -1348,7 +1364,8 @@ if HAS_TRITON:
         name="sparse24.dx_decode", fn=_sp_dx_decode_kernel,
         pointers={"meta_ptr": _I32, "vals_ptr": _I32, "ws_ptr": "fp32", "cnt_ptr": "i32"},
         constexprs=[dict(BLOCK_K=bk, BLOCK_M=bm, PAIRS=True, PRMT=2, MIXED=False, **_DOT, **_W, HAS_DB=sp, SPLIT=sp, SYNC=sp)
-                    for bk, bm in ((32, 16), (64, 16), (128, 16), (256, 16), (64, 64)) for sp in (False, True)],
+                    for bk, bm in ((32, 16), (64, 16), (128, 16), (256, 16), (128, 32), (256, 32), (64, 64), (128, 64))
+                    for sp in (False, True)],
         space=dxd_space,
     ))
     register_kernel(KernelSpec(
@@ -1796,7 +1813,7 @@ def dx_decode_plans(M: int, N: int, K: int, sms: int, elem: int = 2) -> list:
     plans = []
     bm = max(16, next_pow2(M))
     for bk in DXD_TILES:
-        cfgs = [c for c in DXD_SPACE[1:] if _decode_ok(bk, bm, c["BLOCK_N"], c["num_warps"])]
+        cfgs = [c for c in DXD_SPACE[1:] if _dxd_ok(bk, bm, c["BLOCK_N"], c["num_warps"])]
         if not cfgs:
             continue
         for sk in DECODE_SPLITS:

@@ -159,7 +159,7 @@ def test_dx_plan_is_the_byte_and_issue_model():
             f = min(1.0, p / (-(-p // 132) * 132))
             nps = min(n, K._dxd_nps(n, sk))
             wi = min(K.dx_decode_warp_instructions(bk, bm, c["BLOCK_N"], c["num_warps"], nps, sk > 1)[0]
-                     for c in K.DXD_SPACE[1:] if K._decode_ok(bk, bm, c["BLOCK_N"], c["num_warps"]))
+                     for c in K.DXD_SPACE[1:] if K._dxd_ok(bk, bm, c["BLOCK_N"], c["num_warps"]))
             issue = wi * p / (132 * 4 * 1.98e9 * f)
             assert tn == pytest.approx(max(b["dram"] / K._BW, b["l2"] / (K._L2BW * f), issue) + K._LAUNCH)
             assert tl == pytest.approx(max(b["dram"] / K._BW, b["l2"] / (K._L2BW_LOW * f), issue) + K._LAUNCH)
