@@ -123,6 +123,7 @@ Performance notes are design intent, not measurements: no GPU has run these kern
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Optional
 
@@ -724,6 +725,36 @@ if HAS_TRITON:
         return tl.reshape(tl.join(w.to(tl.int16), (w >> 16).to(tl.int16)), (BLOCK_R, BLOCK_K))
 
     @triton.jit
+    def _expand24_tile(
+        vals_ptr,    # (R, K/2) kept values (int32 pairs when PAIRS)
+        meta_ptr,    # codes (see _load_codes)
+        offs_r, mask_r, k0, K,
+        stride_vr, stride_vc,   # of vals_ptr's elements (pairs when PAIRS)
+        stride_mr, stride_mc,
+        like,        # a tensor of the other dot operand: the expanded tile takes its dtype
+        BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        META32: tl.constexpr,
+        PAIRS: tl.constexpr,
+        USE_PRMT: tl.constexpr,  # with PAIRS: byte permutes (_expand24_prmt), else compare-and-select
+        ASM: tl.constexpr,       # the permutes as prmt.b32 (a GPU build)
+    ):
+        """The dense tile ``W[offs_r, k0 : k0 + BLOCK_K]`` of the decode kernels, by the expansion
+        their constexprs choose."""
+        if PAIRS:
+            if USE_PRMT:
+                w = _expand24_prmt(vals_ptr, meta_ptr, offs_r, mask_r, k0, K, stride_vr,
+                                   stride_mr, stride_mc, BLOCK_R, BLOCK_K, ASM)
+            else:
+                w = _expand24_pairs(vals_ptr, meta_ptr, offs_r, mask_r, k0, K, stride_vr,
+                                    stride_mr, stride_mc, BLOCK_R, BLOCK_K, META32)
+            w = w.to(like.dtype, bitcast=True)
+        else:
+            w = _expand24(vals_ptr, meta_ptr, offs_r, mask_r, k0, K,
+                          stride_vr, stride_vc, stride_mr, stride_mc, BLOCK_R, BLOCK_K, META32)
+        return w
+
+    @triton.jit
     def _prune24_kernel(
         # --- pointers ---
         w_ptr,      # (R, K) weight to prune
@@ -951,17 +982,8 @@ if HAS_TRITON:
                 if pid_k == 0:     # each weight row's g column read here anyway: db once per row
                     tl.store(db_ptr + offs_n, tl.sum(g.to(tl.float32), axis=0).to(db_ptr.dtype.element_ty),
                              mask=mask_n)
-            if PAIRS:
-                if PRMT > 0:
-                    w = _expand24_prmt(vals_ptr, meta_ptr, offs_n, mask_n, k0, K, stride_vn,
-                                       stride_mn, stride_mc, BLOCK_N, BLOCK_K, PRMT == 2)
-                else:
-                    w = _expand24_pairs(vals_ptr, meta_ptr, offs_n, mask_n, k0, K, stride_vn,
-                                        stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
-                w = w.to(g.dtype, bitcast=True)
-            else:
-                w = _expand24(vals_ptr, meta_ptr, offs_n, mask_n, k0, K,
-                              stride_vn, stride_vc, stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
+            w = _expand24_tile(vals_ptr, meta_ptr, offs_n, mask_n, k0, K, stride_vn, stride_vc, stride_mn,
+                               stride_mc, g, BLOCK_N, BLOCK_K, META32, PAIRS, PRMT > 0, PRMT == 2)
             if UPCAST or MIXED:
                 g = g.to(tl.float32)
                 w = w.to(tl.float32)
@@ -1115,17 +1137,9 @@ if HAS_TRITON:
                 x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
                 mask=mask_m[None, :] & (kk < K)[:, None], other=0.0,
             )
-            if PAIRS:
-                if PRMT == 1 or (PRMT == 2 and BLOCK_N * BLOCK_K >= _PRMT_MIN_TILE):
-                    w = _expand24_prmt(vals_ptr, meta_ptr, offs_n, mask_n, k0, K, stride_vn,
-                                       stride_mn, stride_mc, BLOCK_N, BLOCK_K, PRMT == 2)
-                else:
-                    w = _expand24_pairs(vals_ptr, meta_ptr, offs_n, mask_n, k0, K, stride_vn,
-                                        stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
-                w = w.to(xt.dtype, bitcast=True)
-            else:
-                w = _expand24(vals_ptr, meta_ptr, offs_n, mask_n, k0, K,
-                              stride_vn, stride_vc, stride_mn, stride_mc, BLOCK_N, BLOCK_K, META32)
+            w = _expand24_tile(vals_ptr, meta_ptr, offs_n, mask_n, k0, K, stride_vn, stride_vc, stride_mn,
+                               stride_mc, xt, BLOCK_N, BLOCK_K, META32, PAIRS,
+                               PRMT == 1 or (PRMT == 2 and BLOCK_N * BLOCK_K >= _PRMT_MIN_TILE), PRMT == 2)
             if UPCAST:
                 w = w.to(tl.float32)
                 xt = xt.to(tl.float32)
@@ -1599,14 +1613,16 @@ def decode_launch_bytes(M: int, N: int, K: int, bn: int, sk: int, elem: int = 2)
                 x_reread=(nb - 1) * xbytes, programs=nb * sk, tiles=nb)
 
 
-def decode_plans(M: int, N: int, K: int, sms: int, elem: int = 2) -> list:
+def decode_plans(M: int, N: int, K: int, sms: int, elem: int = 2, prmt: Optional[bool] = None) -> list:
     """Every plan the decode planner weighs: ``(t_nominal, t_low, (BLOCK_N, split_k))`` with the
     predicted seconds of the launch at the nominal L2 figure and at the low end of its range::
 
         t = max(DRAM bytes / HBM, L2 bytes / (L2 bandwidth · fill), issue) + launch floor
 
     bytes from :func:`decode_launch_bytes`, issue from :data:`DECODE_ISSUE` with the register-
-    fitting config that issues least (one launch whatever the split: the reduction is in it)."""
+    fitting config that issues least (one launch whatever the split: the reduction is in it).
+    ``prmt``: whether a GPU build takes byte permutes (default: :func:`prmt_mode`)."""
+    prmt = prmt_mode(True) > 0 if prmt is None else prmt
     plans = []
     bm = max(16, next_pow2(M))
     for bn in DECODE_TILES:
@@ -1620,7 +1636,8 @@ def decode_plans(M: int, N: int, K: int, sms: int, elem: int = 2) -> list:
             b = decode_launch_bytes(M, N, K, bn, sk, elem)
             p = b["programs"]
             f = min(1.0, p / (-(-p // sms) * sms))   # busy fraction (_cost.fill, 1 program per SM)
-            wi = min(decode_warp_instructions(bn, bm, c["BLOCK_K"], c["num_warps"], min(K, kps), sk > 1)[0]
+            wi = min(decode_warp_instructions(bn, bm, c["BLOCK_K"], c["num_warps"], min(K, kps), sk > 1,
+                                              prmt=prmt and bn * c["BLOCK_K"] >= PRMT_MIN_TILE)[0]
                      for c in cfgs)
             plans.append(_plan_times(b["dram"], b["l2"], _issue_s(wi, p, f), f) + ((bn, sk),))
     return plans
@@ -1632,8 +1649,14 @@ def decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[f
     at the nominal L2 figure, what ``fastfactor sol`` reports). Wide row tiles read ``x`` fewer
     times from L2 but need K splits to fill the SMs, whose fp32 partials cost DRAM bytes
     (``sk·M·N·4``); narrow tiles without a split are cheapest at 9 TB/s of L2 but L2-bound below
-    ~8 TB/s, so the pick weighs both ends of the unmeasured L2 figure."""
-    t_nom, _, (bn, sk) = _cost.robust_pick(decode_plans(M, N, K, sms, elem))
+    ~8 TB/s, so the pick weighs both ends of the unmeasured L2 figure. Cached per shape and
+    expansion (the launcher asks at every launch)."""
+    return _decode_pick(int(M), int(N), int(K), int(sms), int(elem), prmt_mode(True) > 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_pick(M: int, N: int, K: int, sms: int, elem: int, prmt: bool) -> tuple[float, int, int]:
+    t_nom, _, (bn, sk) = _cost.robust_pick(decode_plans(M, N, K, sms, elem, prmt))
     return t_nom, bn, sk
 
 
@@ -1807,9 +1830,10 @@ def _dx_decode_issue_model(ints: dict, constexprs: dict, config: dict, grid) -> 
 _cost.ISSUE_MODELS["sparse24.dx_decode"] = _dx_decode_issue_model
 
 
-def dx_decode_plans(M: int, N: int, K: int, sms: int, elem: int = 2) -> list:
+def dx_decode_plans(M: int, N: int, K: int, sms: int, elem: int = 2, prmt: Optional[bool] = None) -> list:
     """Every dx-decode plan: ``(t_nominal, t_low, (BLOCK_K, split))`` by the model of
     :func:`decode_plans` on :func:`dx_decode_launch_bytes` and :data:`DXD_ISSUE`."""
+    prmt = prmt_mode(True) > 0 if prmt is None else prmt
     plans = []
     bm = max(16, next_pow2(M))
     for bk in DXD_TILES:
@@ -1823,7 +1847,8 @@ def dx_decode_plans(M: int, N: int, K: int, sms: int, elem: int = 2) -> list:
             b = dx_decode_launch_bytes(M, N, K, bk, sk, elem)
             p = b["programs"]
             f = min(1.0, p / (-(-p // sms) * sms))
-            wi = min(dx_decode_warp_instructions(bk, bm, c["BLOCK_N"], c["num_warps"], min(N, nps), sk > 1)[0]
+            wi = min(dx_decode_warp_instructions(bk, bm, c["BLOCK_N"], c["num_warps"], min(N, nps), sk > 1,
+                                                 prmt=prmt)[0]
                      for c in cfgs)
             plans.append(_plan_times(b["dram"], b["l2"], _issue_s(wi, p, f), f) + ((bk, sk),))
     return plans
@@ -1831,8 +1856,14 @@ def dx_decode_plans(M: int, N: int, K: int, sms: int, elem: int = 2) -> list:
 
 def dx_decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[float, int, int]:
     """``(seconds, BLOCK_K, split)`` of the dx-decode launch: of :func:`dx_decode_plans`, the one
-    :func:`kernels._cost.robust_pick` takes (*predicted*, seconds at the nominal L2 figure)."""
-    t_nom, _, (bk, sk) = _cost.robust_pick(dx_decode_plans(M, N, K, sms, elem))
+    :func:`kernels._cost.robust_pick` takes (*predicted*, seconds at the nominal L2 figure; cached
+    as :func:`decode_plan_cost`)."""
+    return _dx_decode_pick(int(M), int(N), int(K), int(sms), int(elem), prmt_mode(True) > 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def _dx_decode_pick(M: int, N: int, K: int, sms: int, elem: int, prmt: bool) -> tuple[float, int, int]:
+    t_nom, _, (bk, sk) = _cost.robust_pick(dx_decode_plans(M, N, K, sms, elem, prmt))
     return t_nom, bk, sk
 
 
