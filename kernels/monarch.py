@@ -1316,30 +1316,28 @@ if HAS_TRITON:
     # the row-block kernels: forward (x -> y, interleaved output for Monarch, contiguous for
     # block-wise low-rank) and backward dx (g -> dx, interleaved input for Monarch)
     _ROWS_UNIT = ("stride_af", "stride_zf", "s1c", "s2t")
+    def _rows_variant(**kw):
+        """A compiled variant of the row-block kernel: these defaults (no bias, h stored, tf32, blocked
+        layouts, HP 16, one block a tile, nothing batched, the tensor-core build) and ``kw``."""
+        d = dict(HAS_BIAS=False, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
+                 IN_INTERLEAVED=False, OUT_INTERLEAVED=False, HP=16, BLOCKWISE=False, QTP=1, BATCHED=False,
+                 BATCHED2=False, FMA=False, NBC=1, RC=1)
+        d.update(kw)
+        return d
+
     register_kernel(KernelSpec(
         name="monarch.rows",
         fn=_rows_kernel,
         constexprs=[
-            dict(HAS_BIAS=True, STORE_H=False, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
-                 IN_INTERLEAVED=False, OUT_INTERLEAVED=True, HP=16, BLOCKWISE=False, QTP=1, BATCHED=False, BATCHED2=False, FMA=True, NBC=4, RC=1),
-            dict(HAS_BIAS=False, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
-                 IN_INTERLEAVED=True, OUT_INTERLEAVED=False, HP=16, BLOCKWISE=False, QTP=1, BATCHED=False, BATCHED2=False, FMA=False, NBC=1, RC=1),
-            dict(HAS_BIAS=True, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
-                 IN_INTERLEAVED=False, OUT_INTERLEAVED=False, HP=256, BLOCKWISE=True, QTP=16, BATCHED=False, BATCHED2=False, FMA=False, NBC=1, RC=1),
-            dict(HAS_BIAS=False, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
-                 IN_INTERLEAVED=True, OUT_INTERLEAVED=False, HP=256, BLOCKWISE=False, QTP=1, BATCHED=True,
-                 BATCHED2=False, FMA=False, NBC=16, RC=1),
-            dict(HAS_BIAS=True, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
-                 IN_INTERLEAVED=False, OUT_INTERLEAVED=True, HP=256, BLOCKWISE=True, QTP=16, BATCHED=False,
-                 BATCHED2=True, FMA=False, NBC=16, RC=1),
+            _rows_variant(HAS_BIAS=True, STORE_H=False, OUT_INTERLEAVED=True, HP=16, FMA=True, NBC=4),
+            _rows_variant(STORE_H=True, IN_INTERLEAVED=True),
+            _rows_variant(HAS_BIAS=True, HP=256, BLOCKWISE=True, QTP=16),
+            _rows_variant(IN_INTERLEAVED=True, HP=256, BATCHED=True, NBC=16),
+            _rows_variant(HAS_BIAS=True, OUT_INTERLEAVED=True, HP=256, BLOCKWISE=True, QTP=16, BATCHED2=True, NBC=16),
             # the batched second product into contiguous output blocks: Monarch dx (both sides
             # batched) and the block-wise low-rank forward
-            dict(HAS_BIAS=False, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
-                 IN_INTERLEAVED=True, OUT_INTERLEAVED=False, HP=256, BLOCKWISE=False, QTP=1, BATCHED=True,
-                 BATCHED2=True, FMA=False, NBC=16, RC=1),
-            dict(HAS_BIAS=True, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
-                 IN_INTERLEAVED=False, OUT_INTERLEAVED=False, HP=256, BLOCKWISE=True, QTP=16, BATCHED=False,
-                 BATCHED2=True, FMA=False, NBC=16, RC=1),
+            _rows_variant(IN_INTERLEAVED=True, HP=256, BATCHED=True, BATCHED2=True, NBC=16),
+            _rows_variant(HAS_BIAS=True, HP=256, BLOCKWISE=True, QTP=16, BATCHED2=True, NBC=16),
         ],
         space=rows_space,
         unit_args=_ROWS_UNIT,

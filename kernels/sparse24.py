@@ -725,6 +725,50 @@ if HAS_TRITON:
         return tl.reshape(tl.join(w.to(tl.int16), (w >> 16).to(tl.int16)), (BLOCK_R, BLOCK_K))
 
     @triton.jit
+    def _split_arrive(
+        acc,         # this program's fp32 partial of its output tile
+        ws_ptr,      # (N_SPLIT, ...) fp32 workspace, one slice of slice_elems per split
+        part,        # offsets of the tile inside a slice
+        mask,        # validity of the tile's elements
+        slice_elems, pid_s,
+        cnt_ptr,     # SYNC: int32 arrival counters, one per tile, zero between launches
+        tile, N_SPLIT,
+        SYNC: tl.constexpr,
+    ):
+        """Store the partial in slice ``pid_s`` and arrive on the tile's counter; True for the tile's
+        last program to arrive (``SYNC``; else its last split: the interpreter runs programs in id
+        order). No atomics on data, and no program ever waits."""
+        tl.store(ws_ptr + pid_s * slice_elems + part, acc, mask=mask)
+        if SYNC:
+            tl.debug_barrier()                                   # every thread's partial stored
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+            last = arrived == N_SPLIT - 1
+        else:
+            last = pid_s == N_SPLIT - 1
+        return last
+
+    @triton.jit
+    def _split_total(acc, ws_ptr, part, mask, slice_elems, pid_s, N_SPLIT,
+                     offs,                  # the tile's offsets along AXIS (any 1-D vector of that length)
+                     AXIS: tl.constexpr):
+        """In the tile's last arrival (:func:`_split_arrive`): the sum of the ``N_SPLIT`` partials in
+        the order ``s = 0, 1, …``, its own from registers (the bits it stored): bitwise the same
+        whichever program arrives last (the caller stores it, then resets the tile's counter). (The split
+        test is a vector along ``AXIS`` broadcast over the tile: scalar masks or a branch per split
+        cost registers, and the generic sm_90 builds spilled.)"""
+        tot = tl.zeros(acc.shape, dtype=tl.float32)
+        for s_ in range(0, N_SPLIT):                             # fixed order: bitwise reproducible
+            mine = (offs * 0 + s_) == pid_s                      # this split is ours
+            if AXIS == 0:
+                mine2 = mine[:, None]
+            else:
+                mine2 = mine[None, :]
+            other = tl.load(ws_ptr + s_ * slice_elems + part, mask=mask & ~mine2, other=0.0,
+                            cache_modifier=".cg")
+            tot += tl.where(mine2, acc, other)
+        return tot
+
+    @triton.jit
     def _expand24_tile(
         vals_ptr,    # (R, K/2) kept values (int32 pairs when PAIRS)
         meta_ptr,    # codes (see _load_codes)
@@ -992,23 +1036,12 @@ if HAS_TRITON:
         out = dx_ptr + offs_m[:, None] * stride_dm + offs_k[None, :] * stride_dk
         if SPLIT:
             part = offs_m[:, None] * K + offs_k[None, :]          # (M, K) slice, contiguous along k
-            tl.store(ws_ptr + pid_s * M * K + part, acc, mask=mask_o)
-            if SYNC:
-                tl.debug_barrier()
-                arrived = tl.atomic_add(cnt_ptr + pid_k, 1, sem="acq_rel")
-                last = arrived == SPLIT_N - 1
-            else:
-                last = pid_s == SPLIT_N - 1
+            last = _split_arrive(acc, ws_ptr, part, mask_o, M * K, pid_s, cnt_ptr, pid_k, SPLIT_N, SYNC)
             if last:
-                tot = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-                for s_ in range(0, SPLIT_N):                       # fixed order: bitwise reproducible
-                    mine = (offs_k * 0 + s_) == pid_s
-                    other = tl.load(ws_ptr + s_ * M * K + part, mask=mask_o & (~mine)[None, :], other=0.0,
-                                    cache_modifier=".cg")
-                    tot += tl.where(mine[None, :], acc, other)
+                tot = _split_total(acc, ws_ptr, part, mask_o, M * K, pid_s, SPLIT_N, offs_k, 1)
                 tl.store(out, tot.to(dx_ptr.dtype.element_ty), mask=mask_o)
                 if SYNC:
-                    tl.atomic_xchg(cnt_ptr + pid_k, 0)
+                    tl.atomic_xchg(cnt_ptr + pid_k, 0)             # ready for the next launch
         else:
             tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=mask_o)
 
@@ -1148,20 +1181,9 @@ if HAS_TRITON:
         out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
         if SPLIT:
             part = offs_m[None, :] * N + offs_n[:, None]          # (M, N) slice, contiguous along n
-            tl.store(ws_ptr + pid_s * M * N + part, acc, mask=mask_y)
-            if SYNC:
-                tl.debug_barrier()                                   # every thread's partial stored
-                arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-                last = arrived == SPLIT_K - 1
-            else:
-                last = pid_s == SPLIT_K - 1
+            last = _split_arrive(acc, ws_ptr, part, mask_y, M * N, pid_s, cnt_ptr, pid_n, SPLIT_K, SYNC)
             if last:
-                tot = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-                for s_ in range(0, SPLIT_K):                       # fixed order: bitwise reproducible
-                    mine = (offs_n * 0 + s_) == pid_s                   # (BLOCK_N,): this split is ours
-                    other = tl.load(ws_ptr + s_ * M * N + part, mask=mask_y & (~mine)[:, None], other=0.0,
-                                    cache_modifier=".cg")
-                    tot += tl.where(mine[:, None], acc, other)
+                tot = _split_total(acc, ws_ptr, part, mask_y, M * N, pid_s, SPLIT_K, offs_n, 0)
                 if HAS_BIAS:
                     tot = tot + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
                 tl.store(out, tot.to(out_ptr.dtype.element_ty), mask=mask_y)
@@ -1677,6 +1699,25 @@ def prmt_mode(ok: bool) -> int:
 _DECODE_COUNTERS: dict = {}
 
 
+def _split_buffers(sk: int, tiles: int, out: torch.Tensor) -> tuple:
+    """``(SPLIT, SYNC, workspace, counters)`` of a one-launch split decode writing ``out (M, n)``
+    with ``sk`` splits over ``tiles`` output tiles: fp32 partials ``(sk, M, n)``, and on a GPU the
+    tiles' arrival counters (the interpreter runs programs in id order: the last split reduces)."""
+    split = sk > 1
+    sync = split and out.is_cuda
+    ws = torch.empty((sk, *out.shape), device=out.device, dtype=torch.float32) if split else out
+    return split, sync, ws, (_decode_counters(out.device, tiles) if sync else ws)
+
+
+def _values_arg(values: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """``(values as the decode kernels read them, PAIRS)``: 16-bit kept values of ``dtype`` with
+    unit column stride and 4-byte aligned rows as one int32 pair per group (``PAIRS``), else as
+    they are."""
+    pairs = (values.element_size() == 2 and values.dtype == dtype and values.stride(1) == 1
+             and (values.shape[0] <= 1 or values.stride(0) % 2 == 0) and values.storage_offset() % 2 == 0)
+    return (values.view(torch.int32) if pairs else values), pairs
+
+
 def _decode_counters(device: torch.device, n: int) -> torch.Tensor:
     """At least ``n`` int32 arrival counters of the split decode for this device and stream: zeroed
     when made, reset to zero by each tile's reducer (launches on one stream run one after another)."""
@@ -1711,14 +1752,9 @@ def sparse24_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     sk = -(-K // kps)
     bm = max(16, next_pow2(M))
     mt, smr, smc, m32 = _meta_arg(meta, K)
-    pairs = (values.element_size() == 2 and values.dtype == x.dtype and values.stride(1) == 1
-             and (values.shape[0] <= 1 or values.stride(0) % 2 == 0) and values.storage_offset() % 2 == 0)
-    vt = values.view(torch.int32) if pairs else values
-    split = sk > 1
+    vt, pairs = _values_arg(values, x.dtype)
     nb = triton.cdiv(N, bn)
-    sync = split and x.is_cuda     # the interpreter runs programs in id order: the last split reduces
-    ws = torch.empty((sk, M, N), device=x.device, dtype=torch.float32) if split else y
-    cnt = _decode_counters(x.device, nb) if sync else ws
+    split, sync, ws, cnt = _split_buffers(sk, nb, y)
     _sp_decode_tuned[(nb * sk,)](
         x, vt, mt, bias if bias is not None else y, y, ws, cnt,
         M, N, K, kps, sk,
@@ -1891,14 +1927,9 @@ def sparse24_dx_decode(g: torch.Tensor, values: torch.Tensor, meta: torch.Tensor
     sk = -(-N // nps)
     bm = max(16, next_pow2(M))
     mt, smr, smc, m32 = _meta_arg(meta, K)
-    pairs = (values.element_size() == 2 and values.dtype == g.dtype and values.stride(1) == 1
-             and (values.shape[0] <= 1 or values.stride(0) % 2 == 0) and values.storage_offset() % 2 == 0)
-    vt = values.view(torch.int32) if pairs else values
-    split = sk > 1
+    vt, pairs = _values_arg(values, g.dtype)
     nb = triton.cdiv(K, bk)
-    sync = split and g.is_cuda
-    ws = torch.empty((sk, M, K), device=g.device, dtype=torch.float32) if split else dx
-    cnt = _decode_counters(g.device, nb) if sync else ws
+    split, sync, ws, cnt = _split_buffers(sk, nb, dx)
     _sp_dx_decode_tuned[(nb * sk,)](
         g, vt, mt, dx, db if db is not None else dx, ws, cnt,
         M, N, K, nps, sk,
