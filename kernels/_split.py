@@ -53,12 +53,12 @@ if HAS_TRITON:
     def _split_total(acc, ws_ptr, part, mask, slice_elems, pid_s, N_SPLIT,
                      offs,                  # the tile's offsets along AXIS (any 1-D vector of that length)
                      AXIS: tl.constexpr):
-        """In the tile's last arrival (:func:`_split_arrive`): the sum of the ``N_SPLIT`` partials in
-        the order ``s = 0, 1, …``, its own from registers (the bits it stored): bitwise the same
+        """In the tile's last arrival (:func:`_split_arrive`): the sum of the ``N_SPLIT`` partials (in
+        ``acc``'s dtype, the workspace's) in the order ``s = 0, 1, …``, its own from registers (the bits it stored): bitwise the same
         whichever program arrives last (the caller stores it, then resets the tile's counter). (The split
         test is a vector along ``AXIS`` broadcast over the tile: scalar masks or a branch per split
         cost registers, and the generic sm_90 builds spilled.)"""
-        tot = tl.zeros(acc.shape, dtype=tl.float32)
+        tot = tl.zeros(acc.shape, dtype=acc.dtype)
         for s_ in range(0, N_SPLIT):                             # fixed order: bitwise reproducible
             mine = (offs * 0 + s_) == pid_s                      # this split is ours
             if AXIS == 0:
