@@ -581,15 +581,34 @@ def rows_space(FMA: bool = False, NBC: int = 1, RC: int = 1, HP: int = 16, BATCH
             and c["BLOCK_M"] * c["BLOCK_N"] * qt <= 2048 * c["num_warps"] and c["BLOCK_N"] % NBC == 0]
 
 
+def _rows_ks_tile_ok(bm: int, bn: int, hp: int) -> bool:
+    """Tiles the split stage 1 plans with: ``BLOCK_M x HP <= 1024`` fp32 values of ``h``,
+    ``BLOCK_M x BLOCK_N <= 4096`` and ``BLOCK_N = 128`` only up to ``HP = 32``; with
+    :func:`_prune_rows_ks` (``HP x BLOCK_K <= 1024 x warps``) no build spills (compile-check,
+    sm_80/sm_90, aligned and generic; the generic builds of the wider tiles spill, split or not)."""
+    return bm * hp <= 1024 and bm * bn <= 4096 and (bn <= 64 or hp <= 32)
+
+
+def _rows_ks_cfg_ok(hp: int, cfg: dict) -> bool:
+    return hp * cfg["BLOCK_K"] <= 1024 * cfg["num_warps"]
+
+
+def _prune_rows_ks(configs_, named_args, **kwargs):
+    """The split stage 1's configs within :func:`_rows_ks_cfg_ok`."""
+    hp = kwargs.get("HP", named_args.get("HP")) or 16
+    kept = [c for c in configs_ if _rows_ks_cfg_ok(hp, dict(c.kwargs, num_warps=c.num_warps))]
+    return kept or configs_[-1:]
+
+
 def rows_ks_space(HP: int = 16, **_) -> list[dict]:
-    """The compile tier's configs of the split stage 1 (:func:`rows_ksplit_plan`'s tiles, every
-    tuned config at 16 rows and the fixed one at the others), within :func:`_prune_rows`'s rule."""
+    """The compile tier's configs of the split stage 1 (:func:`rows_ksplit_plan`'s tiles with every
+    tuned config at 16 rows and the first one kept at the others)."""
     out = []
     for bm in (16, 32, 64):
         for bn in (64, 128):
-            for c in (ROWS_KS_SPACE if bm == 16 else ROWS_KS_SPACE[:1]):
-                if bm * HP <= 2048 * c["num_warps"] and HP * bn <= ROWS_MAX_W2_TILE:
-                    out.append(dict(BLOCK_M=bm, BLOCK_N=bn, **c))
+            if _rows_ks_tile_ok(bm, bn, HP):
+                cs = [c for c in ROWS_KS_SPACE if _rows_ks_cfg_ok(HP, c)]
+                out += [dict(BLOCK_M=bm, BLOCK_N=bn, **c) for c in (cs if bm == 16 else cs[:1])]
     return out
 
 
@@ -943,8 +962,6 @@ if HAS_TRITON:
     ):
         pid_m = tl.program_id(0)
         pid_o = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        KS = tl.num_programs(2)
         tl.static_assert(not KSPLIT or not (FMA or BLOCKWISE or BATCHED),
                          "KSPLIT splits the packed stage 1 only")
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -1074,9 +1091,13 @@ if HAS_TRITON:
                 else:
                     h = tl.dot(hq.to(a_ptr.dtype.element_ty), sel.to(a_ptr.dtype.element_ty), h)
         else:
-            # KSPLIT: this program's K_PER input features (whole steps), a partial sum of h
-            k_lo = pid_k * K_PER
-            for f0 in range(k_lo, tl.minimum(F_IN, k_lo + K_PER), BLOCK_K):
+            if KSPLIT:   # this program's K_PER input features (whole steps): a partial sum of h
+                k_lo = tl.program_id(2) * K_PER
+                k_hi = tl.minimum(F_IN, k_lo + K_PER)
+            else:
+                k_lo = 0
+                k_hi = F_IN
+            for f0 in range(k_lo, k_hi, BLOCK_K):
                 ff = f0 + k_idx
                 mask_f = ff < F_IN
                 if IN_INTERLEAVED:
@@ -1096,10 +1117,11 @@ if HAS_TRITON:
                     w = w.to(tl.float32)
                 h = tl.dot(a, w, h, input_precision=PRECISION)
 
-        last = pid_k == KS - 1
         if KSPLIT:
             # the KS partials of this row block's h: the last to arrive sums them in a fixed order
             # (bitwise the same whoever is last) and alone goes on to stage 2
+            pid_k = tl.program_id(2)
+            KS = tl.num_programs(2)
             OS = tl.num_programs(1)
             tile = pid_m * OS + pid_o
             part = (pid_o * M + offs_m[:, None]) * HP + cols[None, :]
@@ -1112,7 +1134,10 @@ if HAS_TRITON:
         else:
             h_lo = h.to(z_ptr.dtype.element_ty)   # rounded like a two-matmul path
         if STORE_H:
-            if (pid_o == 0) & last:
+            store_h = pid_o == 0
+            if KSPLIT:
+                store_h = store_h & last
+            if store_h:
                 tl.store(h_ptr + offs_m[:, None] * shm + cols[None, :], h_lo.to(h_ptr.dtype.element_ty),
                          mask=mask_m[:, None] & valid_h[None, :])
         if (UPCAST or H_FP32) and not FP64:
@@ -1350,7 +1375,7 @@ if HAS_TRITON:
         _rows_kernel, ROWS_KS_SPACE,
         key=["M_BUCKET", "NB", "R", "F_IN", "F_OUT", "K_PER", "STORE_H", "H_FP32", "IN_INTERLEAVED",
              "OUT_INTERLEAVED", "BLOCK_M", "BLOCK_N"],
-        interpreter=ROWS_KS_INTERP, deterministic=ROWS_KS_FIXED,
+        prune=_prune_rows_ks, interpreter=ROWS_KS_INTERP, deterministic=ROWS_KS_FIXED,
     )
     _wgrad_tuned = Tunable(
         _wgrad_kernel, WGRAD_SPACE, key=["NB", "R", "F", "ROWS", "MIXED", "INTERLEAVED"],
@@ -1547,6 +1572,8 @@ def rows_ksplit_plan(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inte
         mb = cdiv(M, bm)
         rows_ = mb * bm
         for bn in (64, 128):
+            if not _rows_ks_tile_ok(bm, bn, hp):
+                continue
             tiles = cdiv(N, bn)
             for os_ in sorted({cdiv(tiles, cdiv(tiles, s_)) for s_ in range(1, tiles + 1)}):
                 for ks in (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64):
