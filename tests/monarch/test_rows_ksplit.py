@@ -119,3 +119,15 @@ def test_env_switch(monkeypatch):
     monkeypatch.setenv("FASTFACTOR_MONARCH_KSPLIT", "yes")
     with pytest.raises(ValueError, match="FASTFACTOR_MONARCH_KSPLIT"):
         Mk.rows_ksplit(16, 3072, 768, 4, 1, sms=132)
+
+
+def test_sass_builds_the_gpu_variant():
+    """`fastfactor sol --sass` compiles a recorded split stage 1 as a GPU runs it: the last arrival
+    chosen by int32 counters (SYNC), not the interpreter's program order."""
+    from fastfactor.sol.sass import gpu_build
+
+    e = dict(constexprs=dict(KSPLIT=True, SYNC=False, HP=16), signature={"cnt_ptr": "*bf16", "a_ptr": "*bf16"})
+    cx, sig = gpu_build(e)
+    assert cx["SYNC"] is True and sig["cnt_ptr"] == "*i32" and sig["a_ptr"] == "*bf16"
+    cx, _ = gpu_build(dict(constexprs=dict(KSPLIT=False, SYNC=False), signature={}))
+    assert cx["SYNC"] is False
