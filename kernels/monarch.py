@@ -431,10 +431,11 @@ def _fma_only(c) -> bool:
 #: ``BLOCK_K`` here), so the grid and the workspace do not depend on the config.
 ROWS_KS_INTERP = dict(BLOCK_K=16, num_warps=4, num_stages=1)
 ROWS_KS_FIXED = dict(BLOCK_K=128, num_warps=4, num_stages=3)
-ROWS_KS_SPACE = [
+ROWS_KS_SPACE = [   # (the interpreter's config last; a GPU never takes it: _prune_rows_ks)
     ROWS_KS_FIXED,
     dict(BLOCK_K=64, num_warps=4, num_stages=4),
     dict(BLOCK_K=128, num_warps=8, num_stages=3),
+    ROWS_KS_INTERP,
 ]
 #: input features per split are a multiple of this on a GPU (the interpreter's: 16)
 ROWS_KS_QUANTUM = 128
@@ -597,11 +598,14 @@ def _rows_ks_tile_ok(bm: int, bn: int, hp: int) -> bool:
 
 
 def _rows_ks_cfg_ok(hp: int, cfg: dict) -> bool:
-    return hp * cfg["BLOCK_K"] <= 1024 * cfg["num_warps"]
+    return hp * cfg["BLOCK_K"] <= 1024 * cfg["num_warps"] and cfg["BLOCK_K"] >= 64
 
 
 def _prune_rows_ks(configs_, named_args, **kwargs):
-    """The split stage 1's configs within :func:`_rows_ks_cfg_ok`."""
+    """The split stage 1's configs within :func:`_rows_ks_cfg_ok` (the interpreter's 16-wide steps
+    only under the interpreter)."""
+    if _config.is_interpreter():
+        return configs_
     hp = kwargs.get("HP", named_args.get("HP")) or 16
     kept = [c for c in configs_ if _rows_ks_cfg_ok(hp, dict(c.kwargs, num_warps=c.num_warps))]
     return kept or configs_[-1:]
