@@ -82,13 +82,18 @@ per-instruction model from its SASS), is at most the tensor-core build's (:func:
 row blocks alone underfill the GPU, grid axis 1 splits the output tiles
 (:func:`kernels._config.row_block_grid`), each split recomputing stage 1.
 
-``_wgrad_kernel`` (the row-block path's ``dw1``, ``dw2`` and ``db``): one packed product per
+``_wgrad_pair_kernel`` (the row-block path's ``dw1``, ``dw2`` and ``db``, ONE launch): grid axis
+0 is ``dw1``'s feature tiles followed by ``dw2``'s, axis 1 the row splits; every program runs the
+shared body ``_wgrad_tile`` with its side's pointers and constexprs: one packed product per
 feature tile, ``Σ_m d[m, f]·h[m, col]`` (``d = x`` with ``dh`` for ``dw1``, ``d = g`` with the saved
-``h`` for ``dw2``), keeping the block-diagonal pairs ``block(f) = p(col)``; for contiguous blocks
-with ``b·r >= 16`` each program's features lie in one block ``p`` and it reads only ``p``'s ``b·r``
-columns of the intermediate (an unpadded product). Reductions longer than
-4096 rows are split over fixed row ranges (:func:`wgrad_split`, from the shape and SM count only)
-into fp32 partials summed over the splits by ``torch.sum``: no atomics, bitwise reproducible.
+``h`` for ``dw2``, whose programs also take ``db = Σ_m g``), keeping the block-diagonal pairs
+``block(f) = p(col)``; for contiguous blocks with ``b·r >= 16`` each program's features lie in one
+block ``p`` and it reads only ``p``'s ``b·r`` columns of the intermediate (an unpadded product).
+Reductions longer than 4096 rows are split over fixed row ranges (:func:`wgrad_split`, per side,
+from the shape and SM count only) into fp32 partials; the split sides' partials share one buffer
+(a side split less often pads its extra rows with ``-0.0``, the exact identity of the sum) summed
+over the splits by one ``torch.sum``: no atomics, bitwise reproducible, and bitwise the results of
+one ``_wgrad_kernel`` launch per side (the same body; it serves a lone ``dw1`` or ``dw2``).
 
 Which path
     :func:`choose_path` predicts each path's time from bytes moved, tensor FLOPs issued and (FMA
@@ -578,14 +583,20 @@ def _prune_wgrad(configs_, named_args, **kwargs):
     return kept or configs_[-1:]
 
 
+def _wgrad_pair_fits(cfg: dict, num_warps: int, hp_a: int, hp_b: int, batched: bool, nbc: int) -> bool:
+    """Both sides of the one-launch weight gradients fit (:func:`_wgrad_fits`); with a batched
+    side, ``BLOCK_N <= 256`` (512 spills on sm_90 with the blockwise side beside it: compile-check)."""
+    return (_wgrad_fits(cfg, num_warps, hp_a) and _wgrad_fits(cfg, num_warps, hp_b, batched, nbc)
+            and (not batched or cfg["BLOCK_N"] <= 256))
+
+
 def _prune_wgrad_pair(configs_, named_args, **kwargs):
-    """The configs both sides of the one-launch weight gradients keep (:func:`_prune_wgrad`'s rule
-    for each); the interpreter's config alone when none does."""
+    """The configs both sides of the one-launch weight gradients keep (:func:`_wgrad_pair_fits`);
+    the interpreter's config alone when none does."""
     get = lambda k: kwargs.get(k, named_args.get(k))
     hp_a, hp_b = get("HP_A") or 16, get("HP_B") or 16
     batched, nbc = bool(get("BATCHED_B")), get("NBC_B") or 1
-    kept = [c for c in configs_ if _wgrad_fits(c.kwargs, c.num_warps, hp_a)
-            and _wgrad_fits(c.kwargs, c.num_warps, hp_b, batched, nbc)]
+    kept = [c for c in configs_ if _wgrad_pair_fits(c.kwargs, c.num_warps, hp_a, hp_b, batched, nbc)]
     return kept or configs_[-1:]
 
 
@@ -594,8 +605,7 @@ def wgrad_space(HP: int = 16, BATCHED: bool = False, NBC: int = 1, **_) -> list[
 
 
 def wgrad_pair_space(HP_A: int = 16, HP_B: int = 16, BATCHED_B: bool = False, NBC_B: int = 1, **_) -> list[dict]:
-    return [c for c in WGRAD_SPACE if _wgrad_fits(c, c["num_warps"], HP_A)
-            and _wgrad_fits(c, c["num_warps"], HP_B, BATCHED_B, NBC_B)]
+    return [c for c in WGRAD_SPACE if _wgrad_pair_fits(c, c["num_warps"], HP_A, HP_B, BATCHED_B, NBC_B)]
 
 
 def rows_width(nblocks: int, rank: int) -> int:
@@ -1192,10 +1202,10 @@ if HAS_TRITON:
         M, NB, R, SB,
         F,           # data features (loads); features in [F, NB*SB) are padding, written as zeros
         ROWS,        # rows per split (a multiple of BLOCK_M): split s owns rows [s*ROWS, (s+1)*ROWS)
-        SPLITS,      # splits with rows (cdiv(M, ROWS)); splits in [SPLITS, NOUT) write -0.0 (the
-                     #   identity of the partial sum: padding of a buffer shared with a side
-                     #   split more often), splits >= NOUT write nothing
-        NOUT,        # split rows of out_ptr / rowsum_ptr this side owns
+        SPLITS,      # splits with rows (cdiv(M, ROWS)); with PAD, splits in [SPLITS, NOUT) write
+                     #   -0.0 (the identity of the partial sum: padding of a buffer shared with a
+                     #   side split more often) and splits >= NOUT write nothing
+        NOUT,        # split rows of out_ptr / rowsum_ptr this side owns (used with PAD)
         # --- strides (in elements) ---
         sdm, sdf, shm, so, sop, sos, soq,
         srs,         # split stride of rowsum_ptr
@@ -1206,85 +1216,99 @@ if HAS_TRITON:
         ROWSUM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, FP64: tl.constexpr,
         MIXED: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCKWISE: tl.constexpr, HP: tl.constexpr,
         BATCHED: tl.constexpr, NBC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PAD: tl.constexpr,           # the grid has more splits than this side (SPLITS, NOUT used);
+                                     #   without it, the exact code of the one-gradient kernel
     ):
         """One program of a weight gradient: feature tile ``pid_f``, rows of split ``split``, the
         packed product ``Σ_m d[m, f]·h[m, col]`` kept on the block-diagonal pairs (the body of
         :func:`_wgrad_kernel`, called once per side by :func:`_wgrad_pair_kernel`)."""
-        if split < NOUT:
-            QT = NB * R
-            cols = tl.arange(0, HP)
-            if BLOCKWISE:
-                tpb = tl.cdiv(SB, BLOCK_N)
-                p_blk = pid_f // tpb
-                s_f = (pid_f - p_blk * tpb) * BLOCK_N + tl.arange(0, BLOCK_N)
-                ff = p_blk * SB + s_f
-                mask_w = s_f < SB
-                mask_f = mask_w & (ff < F)
-                p_f = p_blk + s_f * 0
-                p_h = p_blk + cols * 0
-                qt_h = cols
-                valid_h = cols < QT
-                h_off = p_blk * QT
+        QT = NB * R
+        cols = tl.arange(0, HP)
+        if BLOCKWISE:
+            tpb = tl.cdiv(SB, BLOCK_N)
+            p_blk = pid_f // tpb
+            s_f = (pid_f - p_blk * tpb) * BLOCK_N + tl.arange(0, BLOCK_N)
+            ff = p_blk * SB + s_f
+            mask_w = s_f < SB
+            mask_f = mask_w & (ff < F)
+            p_f = p_blk + s_f * 0
+            p_h = p_blk + cols * 0
+            qt_h = cols
+            valid_h = cols < QT
+            h_off = p_blk * QT
+        else:
+            ff = pid_f * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_f = ff < F
+            mask_w = ff < NB * SB
+            if INTERLEAVED:
+                p_f = ff % NB
+                s_f = ff // NB
             else:
-                ff = pid_f * BLOCK_N + tl.arange(0, BLOCK_N)
-                mask_f = ff < F
-                mask_w = ff < NB * SB
-                if INTERLEAVED:
-                    p_f = ff % NB
-                    s_f = ff // NB
-                else:
-                    p_f = ff // SB
-                    s_f = ff - p_f * SB
-                p_h = cols // QT
-                qt_h = cols - p_h * QT
-                valid_h = cols < NB * QT
-                h_off = 0
-            if FP64:
-                acc = tl.zeros((BLOCK_N, HP), dtype=tl.float64)
-                acc3 = tl.zeros((NBC, BLOCK_N // NBC, HP // NBC), dtype=tl.float64)
-                rs = tl.zeros((BLOCK_N,), dtype=tl.float64)
-            else:
-                acc = tl.zeros((BLOCK_N, HP), dtype=tl.float32)
-                acc3 = tl.zeros((NBC, BLOCK_N // NBC, HP // NBC), dtype=tl.float32)
-                rs = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            m_lo = split * ROWS
-            m_hi = tl.minimum(M, m_lo + ROWS)   # <= m_lo for a padding split: no step
-            r_idx = tl.arange(0, BLOCK_M)
-            for m0 in range(m_lo, m_hi, BLOCK_M):
-                mm = m0 + r_idx
-                mask_r = mm < m_hi
-                d = tl.load(d_ptr + mm[:, None] * sdm + ff[None, :] * sdf,
-                            mask=mask_r[:, None] & mask_f[None, :], other=0.0)
-                hh = tl.load(h_ptr + mm[:, None] * shm + h_off + cols[None, :],
-                             mask=mask_r[:, None] & valid_h[None, :], other=0.0)
-                if ROWSUM:
-                    rs += tl.sum(d.to(rs.dtype), axis=0)
-                if (UPCAST or MIXED) and not FP64:
-                    d = d.to(tl.float32)
-                    hh = hh.to(tl.float32)
-                if BATCHED:
-                    # d[m, s·NB + p] -> [p, s, m]; h[m, p·QT + qt] -> [p, m, qt]
-                    d3 = tl.permute(tl.reshape(d, (BLOCK_M, BLOCK_N // NBC, NBC)), (2, 1, 0))
-                    h3 = tl.permute(tl.reshape(hh, (BLOCK_M, NBC, HP // NBC)), (1, 0, 2))
-                    acc3 = tl.dot(d3, h3, acc3, input_precision=PRECISION)
-                else:
-                    acc = tl.dot(tl.trans(d), hh, acc, input_precision=PRECISION)
-            # a padding split stores -0.0 (x + -0.0 == x bitwise for every x): 1 or -1, exact
-            sign = 1 - 2 * (split >= SPLITS).to(tl.int32)
-            if BATCHED:
-                pb = tl.arange(0, NBC)
-                sb = pid_f * (BLOCK_N // NBC) + tl.arange(0, BLOCK_N // NBC)
-                qb = tl.arange(0, HP // NBC)
-                tl.store(out_ptr + split * so + pb[:, None, None] * sop + sb[None, :, None] * sos + qb[None, None, :] * soq,
-                         (acc3 * sign).to(out_ptr.dtype.element_ty),
-                         mask=(sb[None, :, None] * NB + pb[:, None, None] < NB * SB) & (qb[None, None, :] < QT))
-            else:
-                # the packed product holds every (feature, column) pair; the block-diagonal ones are kept
-                tl.store(out_ptr + split * so + p_f[:, None] * sop + s_f[:, None] * sos + qt_h[None, :] * soq,
-                         (acc * sign).to(out_ptr.dtype.element_ty),
-                         mask=mask_w[:, None] & valid_h[None, :] & (p_h[None, :] == p_f[:, None]))
+                p_f = ff // SB
+                s_f = ff - p_f * SB
+            p_h = cols // QT
+            qt_h = cols - p_h * QT
+            valid_h = cols < NB * QT
+            h_off = 0
+        if FP64:
+            acc = tl.zeros((BLOCK_N, HP), dtype=tl.float64)
+            acc3 = tl.zeros((NBC, BLOCK_N // NBC, HP // NBC), dtype=tl.float64)
+            rs = tl.zeros((BLOCK_N,), dtype=tl.float64)
+        else:
+            acc = tl.zeros((BLOCK_N, HP), dtype=tl.float32)
+            acc3 = tl.zeros((NBC, BLOCK_N // NBC, HP // NBC), dtype=tl.float32)
+            rs = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        m_lo = split * ROWS
+        m_hi = tl.minimum(M, m_lo + ROWS)   # <= m_lo past the side's splits: no step
+        r_idx = tl.arange(0, BLOCK_M)
+        for m0 in range(m_lo, m_hi, BLOCK_M):
+            mm = m0 + r_idx
+            mask_r = mm < m_hi
+            d = tl.load(d_ptr + mm[:, None] * sdm + ff[None, :] * sdf,
+                        mask=mask_r[:, None] & mask_f[None, :], other=0.0)
+            hh = tl.load(h_ptr + mm[:, None] * shm + h_off + cols[None, :],
+                         mask=mask_r[:, None] & valid_h[None, :], other=0.0)
             if ROWSUM:
-                tl.store(rowsum_ptr + split * srs + ff, (rs * sign).to(rowsum_ptr.dtype.element_ty), mask=mask_f)
+                rs += tl.sum(d.to(rs.dtype), axis=0)
+            if (UPCAST or MIXED) and not FP64:
+                d = d.to(tl.float32)
+                hh = hh.to(tl.float32)
+            if BATCHED:
+                # d[m, s·NB + p] -> [p, s, m]; h[m, p·QT + qt] -> [p, m, qt]
+                d3 = tl.permute(tl.reshape(d, (BLOCK_M, BLOCK_N // NBC, NBC)), (2, 1, 0))
+                h3 = tl.permute(tl.reshape(hh, (BLOCK_M, NBC, HP // NBC)), (1, 0, 2))
+                acc3 = tl.dot(d3, h3, acc3, input_precision=PRECISION)
+            else:
+                acc = tl.dot(tl.trans(d), hh, acc, input_precision=PRECISION)
+        if PAD:
+            # a padding split stores -0.0 (x + -0.0 == x bitwise for every x): 1 or -1, exact;
+            # splits past the side's output rows store nothing (split < NOUT as full-shape
+            # compares: the interpreter rejects a scalar & a block)
+            sign = 1 - 2 * (split >= SPLITS).to(tl.int32)
+            acc = acc * sign
+            acc3 = acc3 * sign
+            rs = rs * sign
+            live = split + tl.zeros((BLOCK_N,), tl.int32) < NOUT
+            live2 = split + tl.zeros((BLOCK_N, HP), tl.int32) < NOUT
+            live3 = split + tl.zeros((NBC, BLOCK_N // NBC, HP // NBC), tl.int32) < NOUT
+        else:
+            live = True   # (x & True folds away: the code of the one-gradient kernel)
+            live2 = True
+            live3 = True
+        if BATCHED:
+            pb = tl.arange(0, NBC)
+            sb = pid_f * (BLOCK_N // NBC) + tl.arange(0, BLOCK_N // NBC)
+            qb = tl.arange(0, HP // NBC)
+            tl.store(out_ptr + split * so + pb[:, None, None] * sop + sb[None, :, None] * sos + qb[None, None, :] * soq,
+                     acc3.to(out_ptr.dtype.element_ty),
+                     mask=(sb[None, :, None] * NB + pb[:, None, None] < NB * SB) & (qb[None, None, :] < QT) & live3)
+        else:
+            # the packed product holds every (feature, column) pair; the block-diagonal ones are kept
+            tl.store(out_ptr + split * so + p_f[:, None] * sop + s_f[:, None] * sos + qt_h[None, :] * soq,
+                     acc.to(out_ptr.dtype.element_ty),
+                     mask=mask_w[:, None] & valid_h[None, :] & (p_h[None, :] == p_f[:, None]) & live2)
+        if ROWSUM:
+            tl.store(rowsum_ptr + split * srs + ff, rs.to(rowsum_ptr.dtype.element_ty), mask=mask_f & live)
 
     @triton.jit
     def _wgrad_kernel(
@@ -1324,7 +1348,7 @@ if HAS_TRITON:
         _wgrad_tile(d_ptr, h_ptr, out_ptr, rowsum_ptr, M, NB, R, SB, F, ROWS, splits, splits,
                     sdm, sdf, shm, so, sop, sos, soq, srs, tl.program_id(0), tl.program_id(1),
                     ROWSUM, UPCAST, PRECISION, FP64, MIXED, INTERLEAVED, BLOCKWISE, HP, BATCHED, NBC,
-                    BLOCK_M, BLOCK_N)
+                    BLOCK_M, BLOCK_N, False)
 
     @triton.jit
     def _wgrad_pair_kernel(
@@ -1365,6 +1389,8 @@ if HAS_TRITON:
         HP_B: tl.constexpr,
         BATCHED_B: tl.constexpr,
         NBC_B: tl.constexpr,
+        PAD: tl.constexpr,           # the sides' split counts differ: the grid's extra splits pad
+                                     #   (a partial side: -0.0) or idle (a one-split side)
         BLOCK_M: tl.constexpr,       # rows per step of the reduction (both sides)
         BLOCK_N: tl.constexpr,       # data features per program (both sides)
     ):
@@ -1382,12 +1408,12 @@ if HAS_TRITON:
             _wgrad_tile(xa_ptr, ha_ptr, oa_ptr, oa_ptr, M, NB, R, SB_A, F_A, ROWS_A, SPLITS_A, NOUT_A,
                         sdm_a, sdf_a, shm_a, so_a, sop_a, sos_a, soq_a, 0, pid, split,
                         False, UPCAST, PRECISION, FP64, MIXED_A, False, BLOCKWISE_A, HP_A, False, 1,
-                        BLOCK_M, BLOCK_N)
+                        BLOCK_M, BLOCK_N, PAD)
         else:
             _wgrad_tile(gb_ptr, hb_ptr, ob_ptr, rowsum_ptr, M, NB, R, SB_B, F_B, ROWS_B, SPLITS_B, NOUT_B,
                         sdm_b, sdf_b, shm_b, so_b, sop_b, sos_b, soq_b, srs, pid - tiles_a, split,
                         ROWSUM, UPCAST, PRECISION, FP64, MIXED_B, INTERLEAVED_B, BLOCKWISE_B, HP_B,
-                        BATCHED_B, NBC_B, BLOCK_M, BLOCK_N)
+                        BATCHED_B, NBC_B, BLOCK_M, BLOCK_N, PAD)
 
     # autotuned launchers; in deterministic mode they run one fixed config (kernels._config.Tunable)
     _chain_tuned = Tunable(
@@ -1518,7 +1544,7 @@ if HAS_TRITON:
         h 16 columns, Monarch side B with the bias) and ``kw``."""
         d = dict(UPCAST=False, PRECISION="tf32", FP64=False, MIXED_A=False, BLOCKWISE_A=False, HP_A=16,
                  ROWSUM=True, MIXED_B=False, INTERLEAVED_B=True, BLOCKWISE_B=False, HP_B=16,
-                 BATCHED_B=False, NBC_B=1)
+                 BATCHED_B=False, NBC_B=1, PAD=False)
         d.update(kw)
         return d
 
@@ -1532,6 +1558,9 @@ if HAS_TRITON:
             _wgrad_pair_variant(BLOCKWISE_A=True, HP_A=16, ROWSUM=False, INTERLEAVED_B=False,
                                 BLOCKWISE_B=True, HP_B=16),
             _wgrad_pair_variant(BLOCKWISE_A=True, HP_A=16, HP_B=256, BATCHED_B=True, NBC_B=16),
+            # the sides split unequally (long reductions, K != N): padded / idle extra splits
+            _wgrad_pair_variant(PAD=True),
+            _wgrad_pair_variant(BLOCKWISE_A=True, HP_A=16, HP_B=256, BATCHED_B=True, NBC_B=16, PAD=True),
         ],
         space=wgrad_pair_space,
         unit_args=_WGRAD_PAIR_UNIT,
@@ -1688,9 +1717,9 @@ def _bwd_path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: i
     ``N`` the layer's in/out features), with the terms of :func:`_path_seconds`: ``'rows'`` is the
     row-block kernel read backwards (``g`` gathered on chip, contiguous ``dx``, ``dh`` stored) and
     ONE packed weight-gradient launch for ``dw1`` and ``dw2`` (+ ``db``) (:func:`_wgrad_pair`;
-    one fixed-order partial sum when the rows are split); ``'fused'`` the chain read backwards (``g`` gathered through ``P₂``: one 32-byte
-    sector per element for Monarch, per output block re-read) and two batched GEMMs over the
-    rows; ``'two_stage'`` four batched GEMMs. **Predicted, not measured.**"""
+    one fixed-order partial sum when the rows are split); ``'fused'`` the chain read backwards
+    (``g`` gathered through ``P₂``: one 32-byte sector per element for Monarch, per output block
+    re-read) and two batched GEMMs over the rows; ``'two_stage'`` four batched GEMMs. **Predicted, not measured.**"""
     from fastfactor.sol import model as SM
     from fastfactor.sol.device import H200
 
@@ -1997,7 +2026,7 @@ def _wgrad_pair(x, dh, g, hbuf, *, NB, R, kb, nb, strided, w1_dtype, w2_dtype, r
         UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype), FP64=x.dtype == torch.float64,
         MIXED_A=a["MIXED"], BLOCKWISE_A=a["BLOCKWISE"], HP_A=a["HP"],
         ROWSUM=rowsum, MIXED_B=b["MIXED"], INTERLEAVED_B=strided, BLOCKWISE_B=b["BLOCKWISE"],
-        HP_B=b["HP"], BATCHED_B=b["BATCHED"], NBC_B=b["NBC"],
+        HP_B=b["HP"], BATCHED_B=b["BATCHED"], NBC_B=b["NBC"], PAD=a["split"] != b["split"],
     )
     (dw1, _), (dw2, db) = _wgrad_results([a, b], views, buf, layout)
     return dw1, dw2, db

@@ -199,3 +199,38 @@ def test_bwd_pricing_counts_one_wgrad_launch(monkeypatch, M, strided, splits):
         dx_launches = round((Mk._path_seconds(M, N, K, b, r, "rows", save_h=need_w1, strided=False, dev=slow)
                              - Mk._path_seconds(M, N, K, b, r, "rows", save_h=need_w1, strided=False, dev=H200)) / 1e-3)
         assert round((t1 - t0) / 1e-3) == dx_launches + 1 + int(splits)
+
+
+@pytest.mark.parametrize("splits", ["unequal", "dw2_only", "none"])
+def test_sol_counts_the_pair_launch(triton_cpu, monkeypatch, splits):
+    """``fastfactor sol`` counts the one launch by classes of programs (``ROLE_MAPS_2D``: each
+    side's tiles; its real, padding and idle splits): the scaled count equals the full one, x and
+    g are each loaded exactly once, and the padding splits store their -0.0 rows."""
+    from fastfactor.sol import count as C
+    from fastfactor.sol import record as R
+
+    monkeypatch.setattr(Mk, "wgrad_split", _split_rule(splits, K_))
+    b, r = SHAPES["br16"]
+    x, w1, w2, g = _inputs(M_, K_, N_, b, r, torch.float32, seed=6)
+    h = torch.empty(M_, b * b * r)
+    with R.recording(sms=132) as rec:
+        Mk.monarch_bwd(g, x, w1, w2, h, True, True, path="rows")
+    (launch,) = [l for l in rec.launches if l.kernel == "monarch.wgrad_pair"]
+    cfg = launch.fixed
+    full, scaled = C.count_launch(launch, cfg, "full"), C.count_launch(launch, cfg, "scaled")
+    assert scaled.classes < full.classes or full.classes <= 4
+    for name, tc in full.tensors.items():
+        assert scaled.tensors[name].load_bytes == pytest.approx(tc.load_bytes), name
+        assert scaled.tensors[name].store_bytes == pytest.approx(tc.store_bytes), name
+    assert scaled.dot_flops == pytest.approx(full.dot_flops)
+    assert full.tensors["xa_ptr"].load_bytes == x.numel() * 4
+    assert full.tensors["gb_ptr"].load_bytes == g.numel() * 4
+    # every output row the launch owns is written once: a split side's nout rows of partials
+    # (its padding rows included), a one-split side's result once (the counter attributes the
+    # stores into one shared buffer by address, not by view: compare the sum)
+    sa = _split_rule(splits, K_)(M_, K_, 132)[0]
+    sb = _split_rule(splits, K_)(M_, N_, 132)[0]
+    nout = max(sa, sb)
+    rows_of = lambda s: nout if s > 1 else 1
+    stored = sum(full.tensors[n].store_bytes for n in ("oa_ptr", "ob_ptr", "rowsum_ptr") if n in full.tensors)
+    assert stored == (rows_of(sa) * w1.numel() + rows_of(sb) * (w2.numel() + N_)) * 4
