@@ -122,7 +122,8 @@ def fill(programs: int, device: Device, ctas_per_sm: int = 1) -> tuple[int, floa
 #: ``kernel -> workspace arguments`` a launch writes and then reads back itself (fp32 split
 #: partials summed by a program of the same launch): those reads are L2 hits (the bytes were
 #: written moments before and fit the L2), so only the stores cost DRAM bytes
-IN_LAUNCH_WORKSPACE = {"sparse24.decode": ("ws_ptr",), "sparse24.dx_decode": ("ws_ptr",)}
+IN_LAUNCH_WORKSPACE = {"sparse24.decode": ("ws_ptr",), "sparse24.dx_decode": ("ws_ptr",),
+                       "monarch.rows": ("ws_ptr",), "monarch.rows_fp16": ("ws_ptr",)}
 
 
 def dram_bytes(load_bytes: float, unique_bytes: float, size_bytes: float, store_bytes: float,

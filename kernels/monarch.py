@@ -162,6 +162,8 @@ Precision
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
 from typing import Optional
@@ -181,11 +183,14 @@ from ._config import (
     upcast_dots,
 )
 from . import _config, _cost
+from ._split import split_buffers
 from .lowrank import intermediate_dtype
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from ._split import _split_arrive, _split_total
 
 #: "no split" value of the bgemm's column split (larger than any dimension)
 _NO_SPLIT = 1 << 30
@@ -418,6 +423,21 @@ def _fma_only(c) -> bool:
     return any(c == f for f in _ROWS_FMA_ONLY)
 
 
+#: the row-block kernel with stage 1's reduction split (``KSPLIT``, few rows): the plan
+#: (:func:`rows_ksplit_plan`) fixes ``BLOCK_M``, ``BLOCK_N`` and the grid; these configs tune the
+#: rest. Every split is a whole number of ``ROWS_KS_QUANTUM`` input features (a multiple of every
+#: ``BLOCK_K`` here), so the grid and the workspace do not depend on the config.
+ROWS_KS_INTERP = dict(BLOCK_K=16, num_warps=4, num_stages=1)
+ROWS_KS_FIXED = dict(BLOCK_K=128, num_warps=4, num_stages=3)
+ROWS_KS_SPACE = [
+    ROWS_KS_FIXED,
+    dict(BLOCK_K=64, num_warps=4, num_stages=4),
+    dict(BLOCK_K=128, num_warps=8, num_stages=3),
+]
+#: input features per split are a multiple of this on a GPU (the interpreter's: 16)
+ROWS_KS_QUANTUM = 128
+
+
 #: the weight-gradient kernel (a packed product over a split of the rows, fixed-order partials)
 WGRAD_INTERP = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
 WGRAD_FIXED = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)
@@ -564,6 +584,37 @@ def rows_space(FMA: bool = False, NBC: int = 1, RC: int = 1, HP: int = 16, BATCH
     return [c for c in ROWS_SPACE
             if c["BLOCK_M"] * qt * c["BLOCK_K"] <= 2048 * c["num_warps"]
             and c["BLOCK_M"] * c["BLOCK_N"] * qt <= 2048 * c["num_warps"] and c["BLOCK_N"] % NBC == 0]
+
+
+def _rows_ks_tile_ok(bm: int, bn: int, hp: int) -> bool:
+    """Tiles the split stage 1 plans with: ``BLOCK_M x HP <= 1024`` fp32 values of ``h``,
+    ``BLOCK_M x BLOCK_N <= 4096`` and ``BLOCK_N = 128`` only up to ``HP = 32``; with
+    :func:`_prune_rows_ks` (``HP x BLOCK_K <= 1024 x warps``) no build spills (compile-check,
+    sm_80/sm_90, aligned and generic; the generic builds of the wider tiles spill, split or not)."""
+    return bm * hp <= 1024 and bm * bn <= 4096 and (bn <= 64 or hp <= 32)
+
+
+def _rows_ks_cfg_ok(hp: int, cfg: dict) -> bool:
+    return hp * cfg["BLOCK_K"] <= 1024 * cfg["num_warps"]
+
+
+def _prune_rows_ks(configs_, named_args, **kwargs):
+    """The split stage 1's configs within :func:`_rows_ks_cfg_ok`."""
+    hp = kwargs.get("HP", named_args.get("HP")) or 16
+    kept = [c for c in configs_ if _rows_ks_cfg_ok(hp, dict(c.kwargs, num_warps=c.num_warps))]
+    return kept or configs_[-1:]
+
+
+def rows_ks_space(HP: int = 16, **_) -> list[dict]:
+    """The compile tier's configs of the split stage 1 (:func:`rows_ksplit_plan`'s tiles with every
+    tuned config at 16 rows and the first one kept at the others)."""
+    out = []
+    for bm in (16, 32, 64):
+        for bn in (64, 128):
+            if _rows_ks_tile_ok(bm, bn, HP):
+                cs = [c for c in ROWS_KS_SPACE if _rows_ks_cfg_ok(HP, c)]
+                out += [dict(BLOCK_M=bm, BLOCK_N=bn, **c) for c in (cs if bm == 16 else cs[:1])]
+    return out
 
 
 def _wgrad_fits(cfg: dict, num_warps: int, hp: int, batched: bool = False, nbc: int = 1) -> bool:
@@ -892,11 +943,16 @@ if HAS_TRITON:
         z_ptr,     # (M, F_OUT) output: y (forward) or dx (backward)
         h_ptr,     # (M, NB*NB*R) intermediate, column p*NB*R + q*R + t (hbuf[m, l, j, t] forward,
                    #   dh[m, j, l, t] backward); written when STORE_H by the programs of split 0
+        ws_ptr,    # KSPLIT: (KS, OS, M, HP) partials of h (fp32; fp64 when FP64), element
+                   #   (k, o, m, c) at ((k*OS + o)*M + m)*HP + c; KS, OS = grid axes 2, 1
+        cnt_ptr,   # KSPLIT and SYNC: int32 arrival counters, one per (row block, output split)
+                   #   at pid_m*OS + pid_o, zero between launches
         # --- dimensions ---
         M, NB, R,
         CB,        # input block size (kb forward, nb backward)
         SB,        # output block size (nb forward, kb backward)
         F_IN, F_OUT,
+        K_PER,     # input features per stage-1 split (KSPLIT: a multiple of BLOCK_K; else F_IN)
         M_BUCKET,  # autotune key only
         # --- strides (in elements) ---
         stride_am, stride_af, stride_zm, stride_zf, shm,
@@ -924,12 +980,18 @@ if HAS_TRITON:
                                        #   (small b*r; forward: contiguous input, interleaved output)
         NBC: tl.constexpr,             # NB as a constant (FMA, BATCHED; a power of two), else 1
         RC: tl.constexpr,              # R as a constant (FMA, BATCHED; a power of two), else 1
+        KSPLIT: tl.constexpr,          # stage 1's reduction split over grid axis 2 (the packed
+                                       #   stage 1 only): partials summed by the last arrival
+        SYNC: tl.constexpr,            # KSPLIT on a GPU: the reducer is the last program to arrive
+                                       #   (counter); else the last split (interpreter order)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,         # output features per tile (contiguous)
         BLOCK_K: tl.constexpr,         # input features per step (contiguous)
     ):
         pid_m = tl.program_id(0)
         pid_o = tl.program_id(1)
+        tl.static_assert(not KSPLIT or not (FMA or BLOCKWISE or BATCHED),
+                         "KSPLIT splits the packed stage 1 only")
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         # the columns of h: p = output block, q = input block, t = rank index
@@ -1057,7 +1119,13 @@ if HAS_TRITON:
                 else:
                     h = tl.dot(hq.to(a_ptr.dtype.element_ty), sel.to(a_ptr.dtype.element_ty), h)
         else:
-            for f0 in range(0, F_IN, BLOCK_K):
+            if KSPLIT:   # this program's K_PER input features (whole steps): a partial sum of h
+                k_lo = tl.program_id(2) * K_PER
+                k_hi = tl.minimum(F_IN, k_lo + K_PER)
+            else:
+                k_lo = 0
+                k_hi = F_IN
+            for f0 in range(k_lo, k_hi, BLOCK_K):
                 ff = f0 + k_idx
                 mask_f = ff < F_IN
                 if IN_INTERLEAVED:
@@ -1077,12 +1145,27 @@ if HAS_TRITON:
                     w = w.to(tl.float32)
                 h = tl.dot(a, w, h, input_precision=PRECISION)
 
+        if KSPLIT:
+            # the KS partials of this row block's h: the last to arrive sums them in a fixed order
+            # (bitwise the same whoever is last) and alone goes on to stage 2
+            pid_k = tl.program_id(2)
+            KS = tl.num_programs(2)
+            OS = tl.num_programs(1)
+            tile = pid_m * OS + pid_o
+            part = (pid_o * M + offs_m[:, None]) * HP + cols[None, :]
+            mask_p = mask_m[:, None] & (cols < HP)[None, :]
+            last = _split_arrive(h, ws_ptr, part, mask_p, OS * M * HP, pid_k, cnt_ptr, tile, KS, SYNC)
+            if last:
+                h = _split_total(h, ws_ptr, part, mask_p, OS * M * HP, pid_k, KS, cols, 1)
         if H_FP32:
             h_lo = h                              # fp32: h may exceed fp16's range
         else:
             h_lo = h.to(z_ptr.dtype.element_ty)   # rounded like a two-matmul path
         if STORE_H:
-            if pid_o == 0:
+            store_h = pid_o == 0
+            if KSPLIT:
+                store_h = store_h & last
+            if store_h:
                 tl.store(h_ptr + offs_m[:, None] * shm + cols[None, :], h_lo.to(h_ptr.dtype.element_ty),
                          mask=mask_m[:, None] & valid_h[None, :])
         if (UPCAST or H_FP32) and not FP64:
@@ -1103,6 +1186,8 @@ if HAS_TRITON:
         per = tl.cdiv(tl.cdiv(F_V, BLOCK_N), tl.num_programs(1))
         o_lo = pid_o * per * BLOCK_N
         o_hi = tl.minimum(F_V, o_lo + per * BLOCK_N)
+        if KSPLIT:
+            o_hi = tl.where(last, o_hi, o_lo)     # only the reducer writes the output tiles
         BS: tl.constexpr = BLOCK_N // NBC
         s_idx = tl.arange(0, BS)
         p_idx = tl.arange(0, NBC)
@@ -1188,6 +1273,9 @@ if HAS_TRITON:
                     acc = acc + bias[None, :]
                 tl.store(z_ptr + offs_m[:, None] * stride_zm + fo[None, :] * stride_zf,
                          acc.to(z_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_o[None, :])
+        if KSPLIT and SYNC:
+            if last:
+                tl.atomic_xchg(cnt_ptr + tile, 0)       # ready for the next launch
 
     @triton.jit
     def _wgrad_tile(
@@ -1428,6 +1516,13 @@ if HAS_TRITON:
         key=["M_BUCKET", "NB", "R", "F_IN", "F_OUT", "STORE_H", "H_FP32", "IN_INTERLEAVED", "OUT_INTERLEAVED"],
         prune=_prune_rows, interpreter=ROWS_INTERP, deterministic=ROWS_FIXED, pick=_pick_rows,
     )
+    # the split stage 1 (few rows): the plan fixes BLOCK_M, BLOCK_N and the grid (rows_ksplit)
+    _rows_ks_tuned = Tunable(
+        _rows_kernel, ROWS_KS_SPACE,
+        key=["M_BUCKET", "NB", "R", "F_IN", "F_OUT", "K_PER", "STORE_H", "H_FP32", "IN_INTERLEAVED",
+             "OUT_INTERLEAVED", "BLOCK_M", "BLOCK_N"],
+        prune=_prune_rows_ks, interpreter=ROWS_KS_INTERP, deterministic=ROWS_KS_FIXED,
+    )
     _wgrad_tuned = Tunable(
         _wgrad_kernel, WGRAD_SPACE, key=["NB", "R", "F", "ROWS", "MIXED", "INTERLEAVED"],
         prune=_prune_wgrad, interpreter=WGRAD_INTERP, deterministic=WGRAD_FIXED,
@@ -1472,9 +1567,11 @@ if HAS_TRITON:
         layouts, HP 16, one block a tile, nothing batched, the tensor-core build) and ``kw``."""
         d = dict(HAS_BIAS=False, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
                  IN_INTERLEAVED=False, OUT_INTERLEAVED=False, HP=16, BLOCKWISE=False, QTP=1, BATCHED=False,
-                 BATCHED2=False, FMA=False, NBC=1, RC=1)
+                 BATCHED2=False, FMA=False, NBC=1, RC=1, KSPLIT=False, SYNC=False)
         d.update(kw)
         return d
+
+    _ROWS_PTRS = {"ws_ptr": "fp32", "cnt_ptr": "i32"}
 
     register_kernel(KernelSpec(
         name="monarch.rows",
@@ -1492,14 +1589,27 @@ if HAS_TRITON:
         ],
         space=rows_space,
         unit_args=_ROWS_UNIT,
+        pointers=_ROWS_PTRS,
+    ))
+    register_kernel(KernelSpec(
+        name="monarch.rows_ksplit",
+        fn=_rows_kernel,
+        constexprs=[
+            # stage 1 split (few rows), as a GPU runs it (arrival counters): the Monarch forward at
+            # inference (b = 4, r = 1) and dx at b = 8 (interleaved input, h stored for dw1)
+            _rows_variant(HAS_BIAS=True, STORE_H=False, OUT_INTERLEAVED=True, HP=16, KSPLIT=True, SYNC=True),
+            _rows_variant(STORE_H=True, IN_INTERLEAVED=True, HP=64, KSPLIT=True, SYNC=True),
+        ],
+        space=rows_ks_space,
+        unit_args=_ROWS_UNIT,
+        pointers=_ROWS_PTRS,
     ))
     register_kernel(KernelSpec(
         name="monarch.rows_fp16",
         fn=_rows_kernel,
-        pointers={"h_ptr": "fp32"},
+        pointers={"h_ptr": "fp32", **_ROWS_PTRS},
         constexprs=[
-            dict(HAS_BIAS=True, STORE_H=True, H_FP32=True, UPCAST=False, PRECISION="tf32", FP64=False,
-                 IN_INTERLEAVED=False, OUT_INTERLEAVED=True, HP=16, BLOCKWISE=False, QTP=1, BATCHED=False, BATCHED2=False, FMA=True, NBC=4, RC=1),
+            _rows_variant(HAS_BIAS=True, H_FP32=True, OUT_INTERLEAVED=True, FMA=True, NBC=4),
         ],
         space=rows_space,
         dtypes=("fp16",),
@@ -1609,6 +1719,78 @@ if HAS_TRITON:
 PATHS = ("rows", "fused", "two_stage", "torch")
 
 
+def rows_ksplit_ok(nblocks: int, rank: int) -> bool:
+    """The row-block kernel can split stage 1's reduction (``KSPLIT``) where stage 1 is the packed
+    product (``b·r < 16``; not the per-block or batched products, which loop over blocks)."""
+    return nblocks * rank < 16 and rows_supported(nblocks, rank)
+
+
+@functools.lru_cache(maxsize=4096)
+def rows_ksplit_plan(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inter: int = 2,
+                     save_h: bool = False, sms: Optional[int] = None,
+                     quantum: int = ROWS_KS_QUANTUM) -> tuple[float, Optional[tuple]]:
+    """``(predicted seconds, (BLOCK_M, BLOCK_N, OS, KS, K_PER))`` of the best row-block launch with
+    stage 1's reduction split (``(inf, None)`` where there is none): ``m_blocks x OS x KS``
+    programs, program ``(m, o, k)`` computes the partial ``h`` of its rows over the input features
+    ``[k·K_PER, (k+1)·K_PER)``, stores it (fp32, ``BLOCK_M x HP``) and arrives on the counter of
+    ``(m, o)``; the last to arrive sums the ``KS`` partials in a fixed order and writes the output
+    tiles of split ``o`` (:mod:`kernels._split`). For a few rows over a wide input (``3072 → 768``
+    at 16 tokens the unsplit kernel has 6 programs, each reading all of ``x``), the reads spread
+    over ``KS`` times more programs.
+
+    Priced with the terms of :func:`_path_seconds` (DRAM bytes: the operands once, the partials'
+    stores; L2: ``x`` re-read per output split, the first factor per ``(m, o)``, the partials read
+    back), plus, since the reducers run after their tiles' last partial, the reducer's own bytes
+    (the other partials, its output tiles, their second-factor gathers) at one SM's share of the
+    L2 bandwidth. **Predicted, not measured.**"""
+    from fastfactor.sol.device import H200
+
+    dev = H200 if sms is None or sms == H200.sms else dataclasses.replace(H200, sms=sms)
+    if not rows_ksplit_ok(b, r) or M <= 0 or K <= 0 or N <= 0:
+        return float("inf"), None
+    kb, nb = cdiv(K, b), cdiv(N, b)
+    Kp, Np, br = b * kb, b * nb, b * r
+    hp = rows_width(b, r)
+    x_b, y_b, h_b = M * K * elem, M * N * elem, M * b * br * inter
+    w1_b = b * br * kb * elem
+    w_b = w1_b + b * nb * br * elem
+    steps = cdiv(K, quantum)
+    per_sm = dev.l2_bw / dev.sms
+    best = (float("inf"), None)
+    for bm in (16, 32, 64):
+        if bm > max(16, next_pow2(M)):
+            break
+        mb = cdiv(M, bm)
+        rows_ = mb * bm
+        for bn in (64, 128):
+            if not _rows_ks_tile_ok(bm, bn, hp):
+                continue
+            tiles = cdiv(N, bn)
+            for os_ in sorted({cdiv(tiles, cdiv(tiles, s_)) for s_ in range(1, tiles + 1)}):
+                for ks in (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64):
+                    if ks > steps:
+                        break
+                    k_per = cdiv(steps, ks) * quantum
+                    ks_eff = cdiv(K, k_per)
+                    programs = mb * os_ * ks_eff
+                    if ks_eff < 2 or programs > 4 * dev.sms:
+                        continue
+                    part = ks_eff * os_ * rows_ * hp * 4
+                    reread = (os_ - 1) * x_b if x_b > dev.l2_bytes / 2 else 0
+                    dram = x_b + y_b + w_b + (h_b if save_h else 0) + part + reread
+                    l2 = ((os_ - 1) * x_b - reread + (mb * os_ - 1) * w1_b
+                          + (ks_eff - 1) * os_ * rows_ * hp * 4)
+                    flops = 2.0 * (rows_ * Kp * hp * os_ + rows_ * Np * hp)
+                    k = _cost.kernel_seconds(dram, dram + l2, flops, programs, dev, hgmma=bm >= 64,
+                                             dtype="bf16" if elem == 2 else "fp32")
+                    per_tiles = cdiv(tiles, os_)
+                    tail = ((ks_eff - 1) * bm * hp * 4 + per_tiles * bn * (bm * elem + hp * elem)) / per_sm
+                    t = k["seconds"] + tail
+                    if t < best[0]:
+                        best = (t, (bm, bn, os_, ks_eff, k_per))
+    return best
+
+
 def _path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int = 2,
                   inter: int = 2, save_h: bool = False, strided: bool = True, dev=None) -> float:
     """Predicted forward seconds of ``path`` on ``dev`` (default: the H200 of ``fastfactor sol``),
@@ -1641,7 +1823,8 @@ def _path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int =
     # Monarch's output permutation written by the per-block kernels: one 32-byte sector per element
     scatter = 32.0 * M * N if strided else 0.0
 
-    if path in ("rows", "rows_mma", "rows_fma"):
+    if path in ("rows", "rows_mma", "rows_fma", "rows_unsplit"):
+        # rows_mma: the tensor-core builds (stage 1 split or not); rows_unsplit: without the split
         hp = rows_width(b, r)
         best = None
         if path != "rows_fma":
@@ -1665,7 +1848,10 @@ def _path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int =
                 flops = 2.0 * (stage1 * split + rows_ * Np * w2)
                 t = launch(m_blocks * split, dram, flops, hgmma=bm >= 64, l2=l2)
                 best = t if best is None else min(best, t)
-        if path != "rows_mma" and strided and _rows_fma_eligible(b, r, False, True):
+            # the split of stage 1's reduction (few rows, wide input)
+            if path != "rows_unsplit":
+                best = min(best, rows_ksplit_plan(M, K, N, b, r, elem, inter, save_h, dev.sms)[0])
+        if path in ("rows", "rows_fma") and strided and _rows_fma_eligible(b, r, False, True):
             # the FMA build: no tensor-core FLOPs, its instruction issue by ROWS_FMA_ISSUE
             for c in rows_space(FMA=True, NBC=b, RC=r):
                 bm, bn = c["BLOCK_M"], c["BLOCK_N"]
@@ -1841,18 +2027,55 @@ def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_int
     blockwise = not fma and not in_inter and NB * R >= 16
     batched = in_inter and NB * R >= 16 and _pow2(NB) and _pow2(R)
     batched2 = not fma and NB * R >= 16 and _pow2(NB) and _pow2(R)
-    _rows_tuned[row_block_grid(M, F_OUT, a.device)](
-        a, f1, f2, bias if bias is not None else z, z, h if h is not None else z,
-        M, NB, R, CB, SB, F_IN, F_OUT, m_bucket(M),
-        a.stride(0), a.stride(1), z.stride(0), z.stride(1), h.stride(0) if h is not None else 0,
-        *s1, *s2,
+    hp = NB * NB * R if fma else rows_width(NB, R)
+    plan = None if fma else rows_ksplit(M, F_IN, F_OUT, NB, R, a.element_size(),
+                                        h.element_size() if h is not None else a.element_size(),
+                                        h is not None, _config.num_sms(a.device))
+    consts = dict(
         HAS_BIAS=bias is not None, STORE_H=h is not None, H_FP32=h_fp32,
         UPCAST=upcast_dots(), PRECISION=dot_precision(a.dtype), FP64=a.dtype == torch.float64,
         IN_INTERLEAVED=in_inter, OUT_INTERLEAVED=out_inter,
-        HP=NB * NB * R if fma else rows_width(NB, R), BLOCKWISE=blockwise,
+        HP=hp, BLOCKWISE=blockwise,
         QTP=next_pow2(NB * R) if blockwise else 1, BATCHED=batched, BATCHED2=batched2, FMA=fma,
         NBC=NB if fma or batched or batched2 else 1, RC=R if fma or batched or batched2 else 1,
     )
+    args = lambda ws, cnt, k_per: (
+        a, f1, f2, bias if bias is not None else z, z, h if h is not None else z, ws, cnt,
+        M, NB, R, CB, SB, F_IN, F_OUT, k_per, m_bucket(M),
+        a.stride(0), a.stride(1), z.stride(0), z.stride(1), h.stride(0) if h is not None else 0,
+        *s1, *s2,
+    )
+    if plan is None:
+        _rows_tuned[row_block_grid(M, F_OUT, a.device)](*args(z, z, F_IN), KSPLIT=False, SYNC=False, **consts)
+        return
+    bm, bn, os_, ks, k_per = plan
+    mb = cdiv(M, bm)
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    _, sync, ws, cnt = split_buffers(ks, mb * os_, (os_, M, hp), a.device, z)
+    ws = ws.to(acc) if ws.dtype != acc else ws
+    _rows_ks_tuned[(mb, os_, ks)](*args(ws, cnt, k_per), KSPLIT=True, SYNC=sync, BLOCK_M=bm, BLOCK_N=bn, **consts)
+
+
+def rows_ksplit(M: int, F_IN: int, F_OUT: int, NB: int, R: int, elem: int = 2, inter: int = 2,
+                save_h: bool = False, sms: int = 132) -> Optional[tuple]:
+    """The plan ``(BLOCK_M, BLOCK_N, OS, KS, K_PER)`` of :func:`rows_ksplit_plan` where the row-block
+    kernel takes it: where stage 1 can be split and the plan is predicted faster than the unsplit
+    launch; else None. ``FASTFACTOR_MONARCH_KSPLIT=0`` never splits, ``=1`` splits wherever a plan
+    exists (tests)."""
+    env = os.environ.get("FASTFACTOR_MONARCH_KSPLIT")
+    if env not in (None, "", "0", "1"):
+        raise ValueError(f"FASTFACTOR_MONARCH_KSPLIT: expected 0 or 1, got {env!r}")
+    if env == "0" or not rows_ksplit_ok(NB, R):
+        return None
+    quantum = 16 if _config.is_interpreter() else ROWS_KS_QUANTUM
+    t, plan = rows_ksplit_plan(M, F_IN, F_OUT, NB, R, elem, inter, save_h, sms, quantum)
+    if plan is None or env == "1":
+        return plan
+    from fastfactor.sol.device import H200
+
+    dev = H200 if sms == H200.sms else dataclasses.replace(H200, sms=sms)
+    unsplit = _path_seconds(M, F_IN, F_OUT, NB, R, "rows_unsplit", elem, inter, save_h, dev=dev)
+    return plan if t < unsplit else None
 
 
 #: fewest rows one split of a weight-gradient reduction takes (tests lower it to exercise splits)

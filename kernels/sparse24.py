@@ -142,11 +142,14 @@ from ._config import (
     upcast_dots,
 )
 from . import _config, _cost
+from ._split import COUNTERS as _DECODE_COUNTERS, split_buffers
 from .lowrank import FUSED_MAX_R, _pad_rank, gemm, intermediate_dtype
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from ._split import _split_arrive, _split_total
 
 
 # ============================================================================================
@@ -723,50 +726,6 @@ if HAS_TRITON:
         out_b = _prmt(pair, zp, sel_b, ASM)                              # slots 2, 3
         w = tl.reshape(tl.join(out_a, out_b), (BLOCK_R, BLOCK_K // 2))   # 2 entries a word, in order
         return tl.reshape(tl.join(w.to(tl.int16), (w >> 16).to(tl.int16)), (BLOCK_R, BLOCK_K))
-
-    @triton.jit
-    def _split_arrive(
-        acc,         # this program's fp32 partial of its output tile
-        ws_ptr,      # (N_SPLIT, ...) fp32 workspace, one slice of slice_elems per split
-        part,        # offsets of the tile inside a slice
-        mask,        # validity of the tile's elements
-        slice_elems, pid_s,
-        cnt_ptr,     # SYNC: int32 arrival counters, one per tile, zero between launches
-        tile, N_SPLIT,
-        SYNC: tl.constexpr,
-    ):
-        """Store the partial in slice ``pid_s`` and arrive on the tile's counter; True for the tile's
-        last program to arrive (``SYNC``; else its last split: the interpreter runs programs in id
-        order). No atomics on data, and no program ever waits."""
-        tl.store(ws_ptr + pid_s * slice_elems + part, acc, mask=mask)
-        if SYNC:
-            tl.debug_barrier()                                   # every thread's partial stored
-            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-            last = arrived == N_SPLIT - 1
-        else:
-            last = pid_s == N_SPLIT - 1
-        return last
-
-    @triton.jit
-    def _split_total(acc, ws_ptr, part, mask, slice_elems, pid_s, N_SPLIT,
-                     offs,                  # the tile's offsets along AXIS (any 1-D vector of that length)
-                     AXIS: tl.constexpr):
-        """In the tile's last arrival (:func:`_split_arrive`): the sum of the ``N_SPLIT`` partials in
-        the order ``s = 0, 1, …``, its own from registers (the bits it stored): bitwise the same
-        whichever program arrives last (the caller stores it, then resets the tile's counter). (The split
-        test is a vector along ``AXIS`` broadcast over the tile: scalar masks or a branch per split
-        cost registers, and the generic sm_90 builds spilled.)"""
-        tot = tl.zeros(acc.shape, dtype=tl.float32)
-        for s_ in range(0, N_SPLIT):                             # fixed order: bitwise reproducible
-            mine = (offs * 0 + s_) == pid_s                      # this split is ours
-            if AXIS == 0:
-                mine2 = mine[:, None]
-            else:
-                mine2 = mine[None, :]
-            other = tl.load(ws_ptr + s_ * slice_elems + part, mask=mask & ~mine2, other=0.0,
-                            cache_modifier=".cg")
-            tot += tl.where(mine2, acc, other)
-        return tot
 
     @triton.jit
     def _expand24_tile(
@@ -1696,17 +1655,10 @@ def prmt_mode(ok: bool) -> int:
     return 1 if _config.is_interpreter() else 2
 
 
-_DECODE_COUNTERS: dict = {}
-
-
 def _split_buffers(sk: int, tiles: int, out: torch.Tensor) -> tuple:
     """``(SPLIT, SYNC, workspace, counters)`` of a one-launch split decode writing ``out (M, n)``
-    with ``sk`` splits over ``tiles`` output tiles: fp32 partials ``(sk, M, n)``, and on a GPU the
-    tiles' arrival counters (the interpreter runs programs in id order: the last split reduces)."""
-    split = sk > 1
-    sync = split and out.is_cuda
-    ws = torch.empty((sk, *out.shape), device=out.device, dtype=torch.float32) if split else out
-    return split, sync, ws, (_decode_counters(out.device, tiles) if sync else ws)
+    with ``sk`` splits over ``tiles`` output tiles (:func:`kernels._split.split_buffers`)."""
+    return split_buffers(sk, tiles, tuple(out.shape), out.device, out)
 
 
 def _values_arg(values: torch.Tensor, dtype: torch.dtype) -> tuple:
@@ -1716,17 +1668,6 @@ def _values_arg(values: torch.Tensor, dtype: torch.dtype) -> tuple:
     pairs = (values.element_size() == 2 and values.dtype == dtype and values.stride(1) == 1
              and (values.shape[0] <= 1 or values.stride(0) % 2 == 0) and values.storage_offset() % 2 == 0)
     return (values.view(torch.int32) if pairs else values), pairs
-
-
-def _decode_counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least ``n`` int32 arrival counters of the split decode for this device and stream: zeroed
-    when made, reset to zero by each tile's reducer (launches on one stream run one after another)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _DECODE_COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _DECODE_COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return buf
 
 
 def sparse24_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
