@@ -16,7 +16,9 @@ offline GPU image (``PYTHONPATH=$PWD python3 -m fastfactor.gpu_check --out $OUT`
    It decides the plan policy (``kernels._cost.robust_pick`` vs the narrow plan the 9 TB/s L2 lead
    favours) and the PRMT default;
 5. every sol row timed on the GPU — ours, dense ``F.linear`` and the unfused PyTorch path — with
-   CUDA-graph medians over inputs rotated past the L2 (``fastfactor.bench.timing``);
+   CUDA-graph medians over inputs rotated past the L2 (``fastfactor.bench.timing``); the rows of
+   :data:`ROW_ALTERNATIVES` also with a dispatch switch (column ``alternatives``: the Monarch split
+   stage 1 off at 3072 -> 768, 16 tokens);
 6. ``gpu-check.json``, ``gpu-check.csv`` and ``gpu-check.md`` (measured / predicted per row, ready
    to paste into BENCHMARKS.md) under ``--out``; the decode variants under ``decode_variants`` in the
    JSON and a section of their own in the Markdown (measured µs, predicted µs, one summary line per
@@ -131,8 +133,33 @@ def run_gpu_tests(budget_s: float, out_dir: str, dry: bool) -> dict:
     return {"returncode": rc, "seconds": round(time.time() - t0, 1), "summary": tail[0], "log": log}
 
 
-def time_row(spec, device, dry: bool) -> dict:
-    """Measured ms of ours, dense and unfused for one sol row (bench's timing and rotation)."""
+#: rows whose "ours" is timed again under a dispatch switch (``label -> environment``), so the first
+#: GPU says whether a choice the model made holds: the Monarch row-block kernel's split stage 1
+#: (issue 15) against the same kernel unsplit (``FASTFACTOR_MONARCH_KSPLIT=0``)
+ROW_ALTERNATIVES = {
+    "monarch-3072x768-M16-fwd": {"ksplit_off": {"FASTFACTOR_MONARCH_KSPLIT": "0"}},
+    "monarch-dry-fwd": {"ksplit_off": {"FASTFACTOR_MONARCH_KSPLIT": "0"}},
+}
+
+
+@contextlib.contextmanager
+def _env(values: dict):
+    """The environment variables ``values`` set inside (the launchers read them at each launch)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def time_row(spec, device, dry: bool, alternatives: Optional[dict] = None) -> dict:
+    """Measured ms of ours, dense and unfused for one sol row (bench's timing and rotation); with
+    ``alternatives`` (``label -> environment``) also ``ours`` under each (``ours_<label>_ms``)."""
     import torch
     import torch.nn.functional as F
 
@@ -156,6 +183,10 @@ def time_row(spec, device, dry: bool) -> dict:
     res = {}
     res["ours_ms"] = time_calls([make_call(m, x, g, list(m.parameters()), spec.direction)
                                  for m, x, g in zip(mods, xs, gs)], device, **kw).ms
+    for label, env in (alternatives or {}).items():
+        with _env(env):
+            res[f"ours_{label}_ms"] = time_calls([make_call(m, x, g, list(m.parameters()), spec.direction)
+                                                  for m, x, g in zip(mods, xs, gs)], device, **kw).ms
     res["unfused_ms"] = time_calls([make_call(m.forward_unfused, x, g, list(m.parameters()), spec.direction)
                                     for m, x, g in zip(mods, xs, gs)], device, **kw).ms
     calls = []
@@ -455,7 +486,7 @@ def main(argv=None) -> int:
             measured[key] = {"error": "skipped: time budget"}
             continue
         try:
-            measured[key] = time_row(spec, device, args.dry)
+            measured[key] = time_row(spec, device, args.dry, ROW_ALTERNATIVES.get(key))
         except Exception as e:  # noqa: BLE001 - a failing row is reported, the check goes on
             measured[key] = {"error": f"{type(e).__name__}: {e}"}
         print(f"  {key}: {measured[key]}", flush=True)
@@ -491,6 +522,11 @@ def main(argv=None) -> int:
         if pr.get("predicted_ms"):
             r["pred_speedup_vs_dense"] = pr["dense_ms"] / pr["predicted_ms"] if pr.get("dense_ms") else None
             r["pred_speedup_vs_unfused"] = pr["unfused_ms"] / pr["predicted_ms"] if pr.get("unfused_ms") else None
+        alts = {k[len("ours_"):-len("_ms")]: v for k, v in m.items()
+                if k.startswith("ours_") and k.endswith("_ms") and k != "ours_ms"}
+        if alts:
+            r["alternatives"] = "; ".join(f"{k} {v:.4g} ms ({v / m['ours_ms']:.2f}x ours)" if m.get("ours_ms") else
+                                          f"{k} {v:.4g} ms" for k, v in alts.items())
         r["error"] = m.get("error") or pr.get("error")
         table.append(r)
 
@@ -505,7 +541,8 @@ def main(argv=None) -> int:
     with open(base + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=table, decode_variants=variants), f, indent=1, default=str)
     cols = ["row", "ours_ms", "ours_pred_ms", "dense_ms", "dense_pred_ms", "unfused_ms", "unfused_pred_ms",
-            "speedup_vs_dense", "pred_speedup_vs_dense", "speedup_vs_unfused", "pred_speedup_vs_unfused", "error"]
+            "speedup_vs_dense", "pred_speedup_vs_dense", "speedup_vs_unfused", "pred_speedup_vs_unfused",
+            "alternatives", "error"]
     with open(base + ".csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["device", "commit", "dry"] + cols)

@@ -80,7 +80,14 @@ taken where its predicted time, instruction issue included (:data:`ROWS_FMA_ISSU
 per-instruction model from its SASS), is at most the tensor-core build's (:func:`rows_fma`;
 ``FASTFACTOR_MONARCH_FMA=0``/``1`` forces it). When the
 row blocks alone underfill the GPU, grid axis 1 splits the output tiles
-(:func:`kernels._config.row_block_grid`), each split recomputing stage 1.
+(:func:`kernels._config.row_block_grid`), each split recomputing stage 1. For a few rows over a
+wide input (``3072 → 768`` at 16 tokens: six programs, each reading all of ``x``) grid axis 2 also
+splits stage 1's reduction (``KSPLIT``, the packed stage 1 where ``b·r < 16``): program ``(m, o,
+k)`` stores its fp32 partial of ``h`` over ``K_PER`` input features and the last of the ``KS``
+programs of ``(m, o)`` to arrive sums them in a fixed order (:mod:`kernels._split`: bitwise
+reproducible, no atomics on data, no waiting) and writes the output tiles of split ``o``; the plan
+``(BLOCK_M, BLOCK_N, OS, KS)`` is :func:`rows_ksplit_plan`'s, taken where predicted faster
+(``FASTFACTOR_MONARCH_KSPLIT=0``/``1`` forces it off/on).
 
 ``_wgrad_pair_kernel`` (the row-block path's ``dw1``, ``dw2`` and ``db``, ONE launch): grid axis
 0 is ``dw1``'s feature tiles followed by ``dw2``'s, axis 1 the row splits; every program runs the

@@ -51,13 +51,21 @@ def test_no_atomics_in_any_kernel():
 
 def test_counter_atomics_only_in_the_decode_kernels():
     """Every ``atomic_*`` call of the kernels acts on ``cnt_ptr``, and ``cnt_ptr`` is only ever a
-    counter (never a tensor whose values are summed): the decode kernels' int32 counters."""
+    counter (never a tensor whose values are summed): the int32 arrival counters of the one-launch
+    split reductions (kernels/_split.py: the 2:4 decode kernels, the Monarch split stage 1) and the
+    low-rank kernel's."""
     hits = []
     for f in sorted(KERNELS_DIR.glob("*.py")):
         text = f.read_text()
         for m in re.finditer(r"\batomic_\w+\s*\(\s*(\w+)", text):
             hits.append((f.name, m.group(1)))
-    assert {h for h in hits} <= {("lowrank.py", "cnt_ptr"), ("sparse24.py", "cnt_ptr")}, hits
+    assert {h for h in hits} <= {("lowrank.py", "cnt_ptr"), ("sparse24.py", "cnt_ptr"), ("_split.py", "cnt_ptr"),
+                                 ("monarch.py", "cnt_ptr")}, hits
+    assert ("_split.py", "cnt_ptr") in hits
+    src = (KERNELS_DIR / "_split.py").read_text()
+    assert "cnt_ptr,     # SYNC: int32 arrival counters, one per tile" in src
+    src = (KERNELS_DIR / "monarch.py").read_text()   # the split stage 1's arrival counters
+    assert "cnt_ptr,   # KSPLIT and SYNC: int32 arrival counters" in src
     src = (KERNELS_DIR / "lowrank.py").read_text()
     assert "cnt_ptr,   # (4,) int32 counters" in src
     src = (KERNELS_DIR / "sparse24.py").read_text()   # the split 2:4 decode's arrival counters

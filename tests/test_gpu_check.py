@@ -23,6 +23,8 @@ def test_gpu_check_dry(tmp_path):
         assert not r["error"], r
         for f in ("ours", "dense", "unfused"):
             assert r[f"{f}_ms"] > 0 and r[f"{f}_pred_ms"] > 0, (f, r)
+    (mon,) = [r for r in d["rows"] if r["row"] == "monarch-dry-fwd"]   # timed again with the split off
+    assert "ksplit_off" in mon["alternatives"] and " ms (" in mon["alternatives"]
     v = d["decode_variants"]   # the 2:4 decode variants (the reference stands in without the interpreter)
     assert v["rows"] and not any(r.get("error") for r in v["rows"]), v
     assert {r["op"] for r in v["rows"]} >= {"decode", "dense", "dx_decode", "dense_dx"}

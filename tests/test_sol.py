@@ -138,11 +138,13 @@ def test_model_terms():
     assert abs(t["seconds"] - want) / want < 1e-9
 
 
-def test_evaluate_row_and_budgets():
+def test_evaluate_row_and_budgets(monkeypatch):
+    from fastfactor.kernels import monarch as Mk
     from fastfactor.sol import budgets as B
     from fastfactor.sol.device import H200
     from fastfactor.sol.rows import RowSpec, evaluate_row
 
+    monkeypatch.setenv("FASTFACTOR_MONARCH_KSPLIT", "0")
     row = evaluate_row(RowSpec("monarch", 256, 256, 32, 4, "fwd"), H200, configs="fixed")
     assert row["status"] == "predicted, not measured"
     assert row["predicted_ms"] > 0 and row["dense_ms"] > 0 and row["unfused_ms"] > 0
@@ -150,6 +152,14 @@ def test_evaluate_row_and_budgets():
     # the row-block kernel packs the b = 4 rank-1 blocks into one 16-wide dot: 16 / (b·r) = 4x,
     # and at 32 rows its output tiles are split over 2 programs that each redo stage 1: 6x
     assert 4 * row["useful_flops"] <= row["issued_flops"] <= 6 * row["useful_flops"]
+    # with stage 1's reduction split as well (the planner's choice at this size): the OS output
+    # splits still redo stage 1, each over KS programs, and nothing else is added
+    monkeypatch.delenv("FASTFACTOR_MONARCH_KSPLIT")
+    split = evaluate_row(RowSpec("monarch", 256, 256, 32, 4, "fwd"), H200, configs="fixed")
+    bm, bn, os_, ks, _ = Mk.rows_ksplit(32, 256, 256, 4, 1, sms=H200.sms)
+    rows_ = Mk.cdiv(32, bm) * bm
+    assert split["issued_flops"] == 2 * rows_ * 256 * 16 * (os_ + 1)
+    assert split["predicted_ms"] < row["predicted_ms"]
     for name in ("reread", "fill", "access", "flops"):
         ok, fig, tgt = B.check(name, row, H200)
         assert isinstance(ok, bool) and fig and tgt
