@@ -91,7 +91,8 @@ reproducible, no atomics on data, no waiting) and writes the output tiles of spl
 
 ``_wgrad_pair_kernel`` (the row-block path's ``dw1``, ``dw2`` and ``db``, ONE launch): grid axis
 0 is ``dw1``'s feature tiles followed by ``dw2``'s, axis 1 the row splits; every program runs the
-shared body ``_wgrad_tile`` with its side's pointers and constexprs: one packed product per
+shared body ``_wgrad_tile`` (a called, not inlined, device function there: the two sides'
+registers do not add up) with its side's pointers and constexprs: one packed product per
 feature tile, ``Σ_m d[m, f]·h[m, col]`` (``d = x`` with ``dh`` for ``dw1``, ``d = g`` with the saved
 ``h`` for ``dw2``, whose programs also take ``db = Σ_m g``), keeping the block-diagonal pairs
 ``block(f) = p(col)``; for contiguous blocks with ``b·r >= 16`` each program's features lie in one
@@ -1405,6 +1406,12 @@ if HAS_TRITON:
         if ROWSUM:
             tl.store(rowsum_ptr + split * srs + ff, rs.to(rowsum_ptr.dtype.element_ty), mask=mask_f & live)
 
+    #: the same body as a separate device function (not inlined): the pair kernel calls it once per
+    #: side, so each side's registers are allocated on their own (inlined, the two sides' live
+    #: ranges add up: 255 registers and 288 bytes of spill at 4096², nblocks 8, 16384 rows on
+    #: sm_90; called, 199 and none, the same loads and tensor-core instructions)
+    _wgrad_tile_call = triton.jit(_wgrad_tile.fn, noinline=True)
+
     @triton.jit
     def _wgrad_kernel(
         # --- pointers ---
@@ -1491,8 +1498,9 @@ if HAS_TRITON:
     ):
         """``dw1`` and ``dw2`` (+ ``db``) in one launch: grid axis 0 is side A's feature tiles
         followed by side B's, axis 1 the row splits (the larger of the two sides' counts); each
-        program runs :func:`_wgrad_tile` with its side's pointers and constexprs, so each side
-        computes what :func:`_wgrad_kernel` computes for it alone, in the same order."""
+        program runs :func:`_wgrad_tile` (as the called device function ``_wgrad_tile_call``) with
+        its side's pointers and constexprs, so each side computes what :func:`_wgrad_kernel`
+        computes for it alone, in the same order."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         if BLOCKWISE_A:
@@ -1500,12 +1508,12 @@ if HAS_TRITON:
         else:
             tiles_a = tl.cdiv(NB * SB_A, BLOCK_N)
         if pid < tiles_a:
-            _wgrad_tile(xa_ptr, ha_ptr, oa_ptr, oa_ptr, M, NB, R, SB_A, F_A, ROWS_A, SPLITS_A, NOUT_A,
+            _wgrad_tile_call(xa_ptr, ha_ptr, oa_ptr, oa_ptr, M, NB, R, SB_A, F_A, ROWS_A, SPLITS_A, NOUT_A,
                         sdm_a, sdf_a, shm_a, so_a, sop_a, sos_a, soq_a, 0, pid, split,
                         False, UPCAST, PRECISION, FP64, MIXED_A, False, BLOCKWISE_A, HP_A, False, 1,
                         BLOCK_M, BLOCK_N, PAD)
         else:
-            _wgrad_tile(gb_ptr, hb_ptr, ob_ptr, rowsum_ptr, M, NB, R, SB_B, F_B, ROWS_B, SPLITS_B, NOUT_B,
+            _wgrad_tile_call(gb_ptr, hb_ptr, ob_ptr, rowsum_ptr, M, NB, R, SB_B, F_B, ROWS_B, SPLITS_B, NOUT_B,
                         sdm_b, sdf_b, shm_b, so_b, sop_b, sos_b, soq_b, srs, pid - tiles_a, split,
                         ROWSUM, UPCAST, PRECISION, FP64, MIXED_B, INTERLEAVED_B, BLOCKWISE_B, HP_B,
                         BATCHED_B, NBC_B, BLOCK_M, BLOCK_N, PAD)
