@@ -2483,7 +2483,7 @@ def monarch_bwd(
         # db = Σ_m g. Both weight gradients: one launch (_wgrad_pair); one of them: _wgrad.
         if need_w2 and hbuf is None:
             _, hbuf = monarch_fwd(x, w1, w2, None, N, strided, save_h=True, path="rows")
-        if need_w1 and need_w2:
+        if need_w1 and need_w2 and x.dtype == g.dtype:   # (one dtype: one PRECISION / FP64 for both)
             dw1, dw2, db = _wgrad_pair(x, dh, g, hbuf, NB=b, R=r, kb=kb, nb=nb, strided=strided,
                                        w1_dtype=w1.dtype, w2_dtype=w2.dtype, rowsum=has_bias)
             return dx, dw1, dw2, db
