@@ -89,13 +89,19 @@ reproducible, no atomics on data, no waiting) and writes the output tiles of spl
 ``(BLOCK_M, BLOCK_N, OS, KS)`` is :func:`rows_ksplit_plan`'s, taken where predicted faster
 (``FASTFACTOR_MONARCH_KSPLIT=0``/``1`` forces it off/on).
 
-``_wgrad_kernel`` (the row-block path's ``dw1``, ``dw2`` and ``db``): one packed product per
+``_wgrad_pair_kernel`` (the row-block path's ``dw1``, ``dw2`` and ``db``, ONE launch): grid axis
+0 is ``dw1``'s feature tiles followed by ``dw2``'s, axis 1 the row splits; every program runs the
+shared body ``_wgrad_tile`` (a called, not inlined, device function there: the two sides'
+registers do not add up) with its side's pointers and constexprs: one packed product per
 feature tile, ``Σ_m d[m, f]·h[m, col]`` (``d = x`` with ``dh`` for ``dw1``, ``d = g`` with the saved
-``h`` for ``dw2``), keeping the block-diagonal pairs ``block(f) = p(col)``; for contiguous blocks
-with ``b·r >= 16`` each program's features lie in one block ``p`` and it reads only ``p``'s ``b·r``
-columns of the intermediate (an unpadded product). Reductions longer than
-4096 rows are split over fixed row ranges (:func:`wgrad_split`, from the shape and SM count only)
-into fp32 partials summed over the splits by ``torch.sum``: no atomics, bitwise reproducible.
+``h`` for ``dw2``, whose programs also take ``db = Σ_m g``), keeping the block-diagonal pairs
+``block(f) = p(col)``; for contiguous blocks with ``b·r >= 16`` each program's features lie in one
+block ``p`` and it reads only ``p``'s ``b·r`` columns of the intermediate (an unpadded product).
+Reductions longer than 4096 rows are split over fixed row ranges (:func:`wgrad_split`, per side,
+from the shape and SM count only) into fp32 partials; the split sides' partials share one buffer
+(a side split less often pads its extra rows with ``-0.0``, the exact identity of the sum) summed
+over the splits by one ``torch.sum``: no atomics, bitwise reproducible, and bitwise the results of
+one ``_wgrad_kernel`` launch per side (the same body; it serves a lone ``dw1`` or ``dw2``).
 
 Which path
     :func:`choose_path` predicts each path's time from bytes moved, tensor FLOPs issued and (FMA
@@ -623,23 +629,46 @@ def rows_ks_space(HP: int = 16, **_) -> list[dict]:
     return out
 
 
+def _wgrad_fits(cfg: dict, num_warps: int, hp: int, batched: bool = False, nbc: int = 1) -> bool:
+    """The weight-gradient accumulator (``BLOCK_N x HP`` fp32; per block when batched, whose
+    product then takes at least 16 rows per block) within 64 registers per thread."""
+    if batched:
+        return cfg["BLOCK_N"] >= 16 * nbc and cfg["BLOCK_N"] * hp // nbc <= 64 * 32 * num_warps
+    return cfg["BLOCK_N"] * hp <= 64 * 32 * num_warps
+
+
 def _prune_wgrad(configs_, named_args, **kwargs):
     """Keep the fp32 accumulator (BLOCK_N x HP) within 64 registers per thread."""
     get = lambda k: kwargs.get(k, named_args.get(k))
-    hp = get("HP") or 16
-    if get("BATCHED"):  # per block: BLOCK_N / NB >= 16 rows of the batched product
-        nbc = get("NBC")
-        kept = [c for c in configs_ if c.kwargs["BLOCK_N"] >= 16 * nbc
-                and c.kwargs["BLOCK_N"] * hp // nbc <= 64 * 32 * c.num_warps]
-        return kept or configs_[-1:]
-    kept = [c for c in configs_ if c.kwargs["BLOCK_N"] * hp <= 64 * 32 * c.num_warps]
+    hp, batched = get("HP") or 16, bool(get("BATCHED"))
+    nbc = get("NBC") or 1
+    kept = [c for c in configs_ if _wgrad_fits(c.kwargs, c.num_warps, hp, batched, nbc)]
+    return kept or configs_[-1:]
+
+
+def _wgrad_pair_fits(cfg: dict, num_warps: int, hp_a: int, hp_b: int, batched: bool, nbc: int) -> bool:
+    """Both sides of the one-launch weight gradients fit (:func:`_wgrad_fits`); with a batched
+    side, ``BLOCK_N <= 256`` (512 spills on sm_90 with the blockwise side beside it: compile-check)."""
+    return (_wgrad_fits(cfg, num_warps, hp_a) and _wgrad_fits(cfg, num_warps, hp_b, batched, nbc)
+            and (not batched or cfg["BLOCK_N"] <= 256))
+
+
+def _prune_wgrad_pair(configs_, named_args, **kwargs):
+    """The configs both sides of the one-launch weight gradients keep (:func:`_wgrad_pair_fits`);
+    the interpreter's config alone when none does."""
+    get = lambda k: kwargs.get(k, named_args.get(k))
+    hp_a, hp_b = get("HP_A") or 16, get("HP_B") or 16
+    batched, nbc = bool(get("BATCHED_B")), get("NBC_B") or 1
+    kept = [c for c in configs_ if _wgrad_pair_fits(c.kwargs, c.num_warps, hp_a, hp_b, batched, nbc)]
     return kept or configs_[-1:]
 
 
 def wgrad_space(HP: int = 16, BATCHED: bool = False, NBC: int = 1, **_) -> list[dict]:
-    if BATCHED:
-        return [c for c in WGRAD_SPACE if c["BLOCK_N"] >= 16 * NBC and c["BLOCK_N"] * HP // NBC <= 2048 * c["num_warps"]]
-    return [c for c in WGRAD_SPACE if c["BLOCK_N"] * HP <= 2048 * c["num_warps"]]
+    return [c for c in WGRAD_SPACE if _wgrad_fits(c, c["num_warps"], HP, BATCHED, NBC)]
+
+
+def wgrad_pair_space(HP_A: int = 16, HP_B: int = 16, BATCHED_B: bool = False, NBC_B: int = 1, **_) -> list[dict]:
+    return [c for c in WGRAD_SPACE if _wgrad_pair_fits(c, c["num_warps"], HP_A, HP_B, BATCHED_B, NBC_B)]
 
 
 def rows_width(nblocks: int, rank: int) -> int:
@@ -1261,40 +1290,38 @@ if HAS_TRITON:
                 tl.atomic_xchg(cnt_ptr + tile, 0)       # ready for the next launch
 
     @triton.jit
-    def _wgrad_kernel(
-        # --- pointers ---
+    def _wgrad_tile(
+        # --- pointers (one side of a weight gradient) ---
         d_ptr,       # (M, F) data rows: g (dw2, db) or x (dw1)
         h_ptr,       # (M, NB*NB*R) intermediate: hbuf (dw2) or dh (dw1), column p*NB*R + qt
                      #   where p is the block of the data feature it pairs with
-        out_ptr,     # partials (fp32; the factor's dtype when there is one split): element (split, p, s, qt) at
+        out_ptr,     # the gradient, or its fp32 partials when split: element (split, p, s, qt) at
                      #   split*so + p*sop + s*sos + qt*soq
         rowsum_ptr,  # (SPLIT, F) Σ_m d[m, f] over the split's rows; written when ROWSUM
         # --- dimensions ---
         M, NB, R, SB,
         F,           # data features (loads); features in [F, NB*SB) are padding, written as zeros
-
         ROWS,        # rows per split (a multiple of BLOCK_M): split s owns rows [s*ROWS, (s+1)*ROWS)
+        SPLITS,      # splits with rows (cdiv(M, ROWS)); with PAD, splits in [SPLITS, NOUT) write
+                     #   -0.0 (the identity of the partial sum: padding of a buffer shared with a
+                     #   side split more often) and splits >= NOUT write nothing
+        NOUT,        # split rows of out_ptr / rowsum_ptr this side owns (used with PAD)
         # --- strides (in elements) ---
         sdm, sdf, shm, so, sop, sos, soq,
-        srs,         # split stride of rowsum_ptr (the partials share one buffer with out's: one sum)
-        # --- meta-parameters ---
-        ROWSUM: tl.constexpr,
-        UPCAST: tl.constexpr,
-        PRECISION: tl.constexpr,
-        FP64: tl.constexpr,
-        MIXED: tl.constexpr,         # d and h differ in dtype (fp32 intermediate x fp16): both to fp32
-        INTERLEAVED: tl.constexpr,   # feature f = s*NB + p (Monarch g); else p*SB + s
-        BLOCKWISE: tl.constexpr,     # contiguous blocks, b*r >= 16: each program's features lie in
-                                     #   one block p and it reads only h's columns of p (unpadded)
-        HP: tl.constexpr,            # h columns per product (NB*NB*R padded; NB*R padded if BLOCKWISE)
-        BATCHED: tl.constexpr,       # interleaved features, power-of-two NB*R >= 16: one batched
-                                     #   product over the NB blocks (unpadded; P₂ permuted on chip)
-        NBC: tl.constexpr,           # NB as a constant (BATCHED), else 1
-        BLOCK_M: tl.constexpr,       # rows per step of the reduction
-        BLOCK_N: tl.constexpr,       # data features per program
+        srs,         # split stride of rowsum_ptr
+        # --- this program ---
+        pid_f,       # feature tile (grid axis 0 of this side)
+        split,       # row split (grid axis 1)
+        # --- meta-parameters (see _wgrad_kernel) ---
+        ROWSUM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, FP64: tl.constexpr,
+        MIXED: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCKWISE: tl.constexpr, HP: tl.constexpr,
+        BATCHED: tl.constexpr, NBC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PAD: tl.constexpr,           # the grid has more splits than this side (SPLITS, NOUT used);
+                                     #   without it, the exact code of the one-gradient kernel
     ):
-        pid_f = tl.program_id(0)
-        split = tl.program_id(1)
+        """One program of a weight gradient: feature tile ``pid_f``, rows of split ``split``, the
+        packed product ``Σ_m d[m, f]·h[m, col]`` kept on the block-diagonal pairs (the body of
+        :func:`_wgrad_kernel`, called once per side by :func:`_wgrad_pair_kernel`)."""
         QT = NB * R
         cols = tl.arange(0, HP)
         if BLOCKWISE:
@@ -1332,7 +1359,7 @@ if HAS_TRITON:
             acc3 = tl.zeros((NBC, BLOCK_N // NBC, HP // NBC), dtype=tl.float32)
             rs = tl.zeros((BLOCK_N,), dtype=tl.float32)
         m_lo = split * ROWS
-        m_hi = tl.minimum(M, m_lo + ROWS)
+        m_hi = tl.minimum(M, m_lo + ROWS)   # <= m_lo past the side's splits: no step
         r_idx = tl.arange(0, BLOCK_M)
         for m0 in range(m_lo, m_hi, BLOCK_M):
             mm = m0 + r_idx
@@ -1353,20 +1380,147 @@ if HAS_TRITON:
                 acc3 = tl.dot(d3, h3, acc3, input_precision=PRECISION)
             else:
                 acc = tl.dot(tl.trans(d), hh, acc, input_precision=PRECISION)
+        if PAD:
+            # a padding split stores -0.0 (x + -0.0 == x bitwise for every x): 1 or -1, exact;
+            # splits past the side's output rows store nothing (split < NOUT as full-shape
+            # compares: the interpreter rejects a scalar & a block)
+            sign = 1 - 2 * (split >= SPLITS).to(tl.int32)
+            acc = acc * sign
+            acc3 = acc3 * sign
+            rs = rs * sign
+            live = split + tl.zeros((BLOCK_N,), tl.int32) < NOUT
+            live2 = split + tl.zeros((BLOCK_N, HP), tl.int32) < NOUT
+            live3 = split + tl.zeros((NBC, BLOCK_N // NBC, HP // NBC), tl.int32) < NOUT
+        else:
+            live = True   # (x & True folds away: the code of the one-gradient kernel)
+            live2 = True
+            live3 = True
         if BATCHED:
             pb = tl.arange(0, NBC)
             sb = pid_f * (BLOCK_N // NBC) + tl.arange(0, BLOCK_N // NBC)
             qb = tl.arange(0, HP // NBC)
             tl.store(out_ptr + split * so + pb[:, None, None] * sop + sb[None, :, None] * sos + qb[None, None, :] * soq,
                      acc3.to(out_ptr.dtype.element_ty),
-                     mask=(sb[None, :, None] * NB + pb[:, None, None] < NB * SB) & (qb[None, None, :] < QT))
+                     mask=(sb[None, :, None] * NB + pb[:, None, None] < NB * SB) & (qb[None, None, :] < QT) & live3)
         else:
             # the packed product holds every (feature, column) pair; the block-diagonal ones are kept
             tl.store(out_ptr + split * so + p_f[:, None] * sop + s_f[:, None] * sos + qt_h[None, :] * soq,
                      acc.to(out_ptr.dtype.element_ty),
-                     mask=mask_w[:, None] & valid_h[None, :] & (p_h[None, :] == p_f[:, None]))
+                     mask=mask_w[:, None] & valid_h[None, :] & (p_h[None, :] == p_f[:, None]) & live2)
         if ROWSUM:
-            tl.store(rowsum_ptr + split * srs + ff, rs.to(rowsum_ptr.dtype.element_ty), mask=mask_f)
+            tl.store(rowsum_ptr + split * srs + ff, rs.to(rowsum_ptr.dtype.element_ty), mask=mask_f & live)
+
+    #: the same body as a separate device function (not inlined): the pair kernel calls it once per
+    #: side, so each side's registers are allocated on their own (inlined, the two sides' live
+    #: ranges add up: 255 registers and 288 bytes of spill at 4096², nblocks 8, 16384 rows on
+    #: sm_90; called, 199 and none, the same loads and tensor-core instructions)
+    _wgrad_tile_call = triton.jit(_wgrad_tile.fn, noinline=True)
+
+    @triton.jit
+    def _wgrad_kernel(
+        # --- pointers ---
+        d_ptr,       # (M, F) data rows: g (dw2, db) or x (dw1)
+        h_ptr,       # (M, NB*NB*R) intermediate: hbuf (dw2) or dh (dw1), column p*NB*R + qt
+                     #   where p is the block of the data feature it pairs with
+        out_ptr,     # partials (fp32; the factor's dtype when there is one split): element (split, p, s, qt) at
+                     #   split*so + p*sop + s*sos + qt*soq
+        rowsum_ptr,  # (SPLIT, F) Σ_m d[m, f] over the split's rows; written when ROWSUM
+        # --- dimensions ---
+        M, NB, R, SB,
+        F,           # data features (loads); features in [F, NB*SB) are padding, written as zeros
+
+        ROWS,        # rows per split (a multiple of BLOCK_M): split s owns rows [s*ROWS, (s+1)*ROWS)
+        # --- strides (in elements) ---
+        sdm, sdf, shm, so, sop, sos, soq,
+        srs,         # split stride of rowsum_ptr (the partials share one buffer with out's: one sum)
+        # --- meta-parameters ---
+        ROWSUM: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        FP64: tl.constexpr,
+        MIXED: tl.constexpr,         # d and h differ in dtype (fp32 intermediate x fp16): both to fp32
+        INTERLEAVED: tl.constexpr,   # feature f = s*NB + p (Monarch g); else p*SB + s
+        BLOCKWISE: tl.constexpr,     # contiguous blocks, b*r >= 16: each program's features lie in
+                                     #   one block p and it reads only h's columns of p (unpadded)
+        HP: tl.constexpr,            # h columns per product (NB*NB*R padded; NB*R padded if BLOCKWISE)
+        BATCHED: tl.constexpr,       # interleaved features, power-of-two NB*R >= 16: one batched
+                                     #   product over the NB blocks (unpadded; P₂ permuted on chip)
+        NBC: tl.constexpr,           # NB as a constant (BATCHED), else 1
+        BLOCK_M: tl.constexpr,       # rows per step of the reduction
+        BLOCK_N: tl.constexpr,       # data features per program
+    ):
+        """One weight gradient: grid (feature tiles, row splits), every split real."""
+        splits = tl.num_programs(1)
+        _wgrad_tile(d_ptr, h_ptr, out_ptr, rowsum_ptr, M, NB, R, SB, F, ROWS, splits, splits,
+                    sdm, sdf, shm, so, sop, sos, soq, srs, tl.program_id(0), tl.program_id(1),
+                    ROWSUM, UPCAST, PRECISION, FP64, MIXED, INTERLEAVED, BLOCKWISE, HP, BATCHED, NBC,
+                    BLOCK_M, BLOCK_N, False)
+
+    @triton.jit
+    def _wgrad_pair_kernel(
+        # --- pointers, side A: dw1[j, l·r + t, c] = Σ_m dh[m, j, l, t]·x[m, j·kb + c] ---
+        xa_ptr,      # (M, K) x, the data rows of dw1 (contiguous input blocks: f = j*kb + c)
+        ha_ptr,      # (M, NB*NB*R) dh[m, j, l, t] (column j*NB*R + l*R + t)
+        oa_ptr,      # dw1 (b, b·r, kb) (one split: written directly in its dtype) or its fp32
+                     #   partials (split, j, c, l·r + t) at split*so_a + j*sop_a + c*sos_a + p*soq_a
+        # --- pointers, side B: dw2[l, s, q] = Σ_m g[m, o(l, s)]·h[m, l, q], db = Σ_m g ---
+        gb_ptr,      # (M, N) g, the data rows of dw2 (Monarch: interleaved, f = s*NB + l)
+        hb_ptr,      # (M, NB*NB*R) hbuf[m, l, j, t] saved by the forward (column l*NB*R + q)
+        ob_ptr,      # dw2 (b, nb, b·r) or its fp32 partials, addressed as oa_ptr with the *_b strides
+        rowsum_ptr,  # db (N,) (one split of side B) or its fp32 partials (split, N); when ROWSUM
+        # --- dimensions ---
+        M, NB, R,
+        SB_A, F_A,   # side A: kb, K
+        ROWS_A,      # rows per split of side A
+        SPLITS_A,    # splits of side A with rows; NOUT_A the split rows of oa_ptr (see _wgrad_tile)
+        NOUT_A,
+        SB_B, F_B, ROWS_B, SPLITS_B, NOUT_B,   # side B: nb, N and the same
+        # --- strides (in elements) ---
+        sdm_a, sdf_a, shm_a, so_a, sop_a, sos_a, soq_a,
+        sdm_b, sdf_b, shm_b, so_b, sop_b, sos_b, soq_b,
+        srs,         # split stride of rowsum_ptr
+        # --- meta-parameters, shared ---
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        FP64: tl.constexpr,
+        # --- side A (contiguous blocks: never interleaved, batched or summed by rows) ---
+        MIXED_A: tl.constexpr,
+        BLOCKWISE_A: tl.constexpr,
+        HP_A: tl.constexpr,
+        # --- side B ---
+        ROWSUM: tl.constexpr,
+        MIXED_B: tl.constexpr,
+        INTERLEAVED_B: tl.constexpr,
+        BLOCKWISE_B: tl.constexpr,
+        HP_B: tl.constexpr,
+        BATCHED_B: tl.constexpr,
+        NBC_B: tl.constexpr,
+        PAD: tl.constexpr,           # the sides' split counts differ: the grid's extra splits pad
+                                     #   (a partial side: -0.0) or idle (a one-split side)
+        BLOCK_M: tl.constexpr,       # rows per step of the reduction (both sides)
+        BLOCK_N: tl.constexpr,       # data features per program (both sides)
+    ):
+        """``dw1`` and ``dw2`` (+ ``db``) in one launch: grid axis 0 is side A's feature tiles
+        followed by side B's, axis 1 the row splits (the larger of the two sides' counts); each
+        program runs :func:`_wgrad_tile` (as the called device function ``_wgrad_tile_call``) with
+        its side's pointers and constexprs, so each side computes what :func:`_wgrad_kernel`
+        computes for it alone, in the same order."""
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        if BLOCKWISE_A:
+            tiles_a = NB * tl.cdiv(SB_A, BLOCK_N)
+        else:
+            tiles_a = tl.cdiv(NB * SB_A, BLOCK_N)
+        if pid < tiles_a:
+            _wgrad_tile_call(xa_ptr, ha_ptr, oa_ptr, oa_ptr, M, NB, R, SB_A, F_A, ROWS_A, SPLITS_A, NOUT_A,
+                        sdm_a, sdf_a, shm_a, so_a, sop_a, sos_a, soq_a, 0, pid, split,
+                        False, UPCAST, PRECISION, FP64, MIXED_A, False, BLOCKWISE_A, HP_A, False, 1,
+                        BLOCK_M, BLOCK_N, PAD)
+        else:
+            _wgrad_tile_call(gb_ptr, hb_ptr, ob_ptr, rowsum_ptr, M, NB, R, SB_B, F_B, ROWS_B, SPLITS_B, NOUT_B,
+                        sdm_b, sdf_b, shm_b, so_b, sop_b, sos_b, soq_b, srs, pid - tiles_a, split,
+                        ROWSUM, UPCAST, PRECISION, FP64, MIXED_B, INTERLEAVED_B, BLOCKWISE_B, HP_B,
+                        BATCHED_B, NBC_B, BLOCK_M, BLOCK_N, PAD)
 
     # autotuned launchers; in deterministic mode they run one fixed config (kernels._config.Tunable)
     _chain_tuned = Tunable(
@@ -1391,6 +1545,11 @@ if HAS_TRITON:
     _wgrad_tuned = Tunable(
         _wgrad_kernel, WGRAD_SPACE, key=["NB", "R", "F", "ROWS", "MIXED", "INTERLEAVED"],
         prune=_prune_wgrad, interpreter=WGRAD_INTERP, deterministic=WGRAD_FIXED,
+    )
+    _wgrad_pair_tuned = Tunable(
+        _wgrad_pair_kernel, WGRAD_SPACE,
+        key=["NB", "R", "F_A", "F_B", "ROWS_A", "ROWS_B", "MIXED_B", "INTERLEAVED_B"],
+        prune=_prune_wgrad_pair, interpreter=WGRAD_INTERP, deterministic=WGRAD_FIXED,
     )
 
     # ---- compile-tier registration (signatures derived from the kernels' arguments) ----
@@ -1503,6 +1662,46 @@ if HAS_TRITON:
         space=wgrad_space,
         dtypes=("fp16",),
         unit_args=("sdf", "sos", "soq"),
+    ))
+    # dw1 and dw2 (+ db) in one launch (the row-block backward): side A contiguous blocks
+    # (blockwise at b·r >= 16), side B Monarch (interleaved, batched at power-of-two b·r >= 16) or
+    # block-wise low-rank (contiguous)
+    _WGRAD_PAIR_UNIT = ("sdf_a", "sos_a", "soq_b", "sdf_b")
+
+    def _wgrad_pair_variant(**kw):
+        """A compiled variant of the one-launch weight gradients: these defaults (tf32, b·r < 16,
+        h 16 columns, Monarch side B with the bias) and ``kw``."""
+        d = dict(UPCAST=False, PRECISION="tf32", FP64=False, MIXED_A=False, BLOCKWISE_A=False, HP_A=16,
+                 ROWSUM=True, MIXED_B=False, INTERLEAVED_B=True, BLOCKWISE_B=False, HP_B=16,
+                 BATCHED_B=False, NBC_B=1, PAD=False)
+        d.update(kw)
+        return d
+
+    register_kernel(KernelSpec(
+        name="monarch.wgrad_pair",
+        fn=_wgrad_pair_kernel,
+        pointers={"oa_ptr": "fp32", "ob_ptr": "fp32", "rowsum_ptr": "fp32"},
+        constexprs=[
+            _wgrad_pair_variant(),
+            _wgrad_pair_variant(HP_A=64, HP_B=64, ROWSUM=False, INTERLEAVED_B=False),
+            _wgrad_pair_variant(BLOCKWISE_A=True, HP_A=16, ROWSUM=False, INTERLEAVED_B=False,
+                                BLOCKWISE_B=True, HP_B=16),
+            _wgrad_pair_variant(BLOCKWISE_A=True, HP_A=16, HP_B=256, BATCHED_B=True, NBC_B=16),
+            # the sides split unequally (long reductions, K != N): padded / idle extra splits
+            _wgrad_pair_variant(PAD=True),
+            _wgrad_pair_variant(BLOCKWISE_A=True, HP_A=16, HP_B=256, BATCHED_B=True, NBC_B=16, PAD=True),
+        ],
+        space=wgrad_pair_space,
+        unit_args=_WGRAD_PAIR_UNIT,
+    ))
+    register_kernel(KernelSpec(
+        name="monarch.wgrad_pair_fp16",
+        fn=_wgrad_pair_kernel,
+        pointers={"ha_ptr": "fp32", "hb_ptr": "fp32", "oa_ptr": "fp32", "ob_ptr": "fp32", "rowsum_ptr": "fp32"},
+        constexprs=[_wgrad_pair_variant(MIXED_A=True, MIXED_B=True)],
+        space=wgrad_pair_space,
+        dtypes=("fp16",),
+        unit_args=_WGRAD_PAIR_UNIT,
     ))
     # fp16 inputs keep the intermediate in fp32: the fused chain with H_FP32 storing an fp32 h,
     # and the batched GEMM with MIXED operands, fp32 A against fp16 B (stage 2 h·w2, dx = dh·w1,
@@ -1722,10 +1921,10 @@ def _bwd_path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: i
     """Predicted seconds of the backward of ``path`` (``dx``, ``dw1``, ``dw2`` and ``db``; ``K``,
     ``N`` the layer's in/out features), with the terms of :func:`_path_seconds`: ``'rows'`` is the
     row-block kernel read backwards (``g`` gathered on chip, contiguous ``dx``, ``dh`` stored) and
-    the two packed weight-gradient launches (their fixed-order partial sums when the rows are
-    split); ``'fused'`` the chain read backwards (``g`` gathered through ``P₂``: one 32-byte
-    sector per element for Monarch, per output block re-read) and two batched GEMMs over the
-    rows; ``'two_stage'`` four batched GEMMs. **Predicted, not measured.**"""
+    ONE packed weight-gradient launch for ``dw1`` and ``dw2`` (+ ``db``) (:func:`_wgrad_pair`;
+    one fixed-order partial sum when the rows are split); ``'fused'`` the chain read backwards
+    (``g`` gathered through ``P₂``: one 32-byte sector per element for Monarch, per output block
+    re-read) and two batched GEMMs over the rows; ``'two_stage'`` four batched GEMMs. **Predicted, not measured.**"""
     from fastfactor.sol import model as SM
     from fastfactor.sol.device import H200
 
@@ -1743,27 +1942,36 @@ def _bwd_path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: i
         return max(dram / dev.hbm_bw, (dram + l2) / (dev.l2_bw * f),
                    flops / (r_ * f) if flops else 0.0) + dev.launch_s
 
-    def wgrad(F, SB, blockwise_ok):
-        # one packed product per feature tile over fixed splits of the rows (_wgrad)
-        blockwise = blockwise_ok and br >= 16
-        batched = not blockwise_ok and br >= 16 and _pow2(b) and _pow2(r)
-        hp = next_pow2(br) if blockwise else (br if batched else rows_width(b, r))
+    def wgrad(sides):
+        # the weight gradients in one launch (_wgrad_pair; _wgrad for one side): one packed product
+        # per feature tile over each side's fixed splits of the rows (wgrad_side_split), grid axis
+        # 1 the larger split count; the split sides' fp32 partials summed by one torch.sum (and cast)
+        plans = []
+        for F, SB, interleaved in sides:
+            blockwise = not interleaved and br >= 16
+            batched = interleaved and br >= 16 and _pow2(b) and _pow2(r)
+            hp = next_pow2(br) if blockwise else rows_width(b, r)
+            split, _ = wgrad_side_split(M, F, b, r, interleaved, dev.sms)
+            plans.append((F, SB, blockwise, hp, split))
+        nout = max(p[4] for p in plans)
         best = None
         for bn in (64, 128, 256):
-            tiles = b * cdiv(SB, bn) if blockwise else cdiv(F, bn)
-            split, _ = wgrad_split(M, F, dev.sms, tile=bn)
-            t = launch(tiles * split, M * F * elem + M * hw * inter + F * br * (4 if split > 1 else elem),
-                       2.0 * M * F * hp, hgmma=False)
-            if split > 1:   # the partials summed by torch.sum (and cast)
-                t += dev.launch_s + (split + 1) * F * br * 4 / dev.hbm_bw
+            programs = dram = flops = 0
+            for F, SB, blockwise, hp, split in plans:
+                programs += (b * cdiv(SB, bn) if blockwise else cdiv(F, bn)) * nout
+                out = F * br * (4 * nout if split > 1 else elem)
+                dram += M * F * elem + M * hw * inter + out
+                flops += 2.0 * M * F * hp
+            t = launch(programs, dram, flops, hgmma=False)
+            parts = sum(F * br for F, _, _, _, split in plans if split > 1)
+            if parts:   # the partials summed by one torch.sum (and cast)
+                t += dev.launch_s + (nout + 1) * parts * 4 / dev.hbm_bw
             best = t if best is None else min(best, t)
         return best
 
     if path == "rows":
         t = _path_seconds(M, N, K, b, r, "rows", elem, inter, save_h=need_w1, strided=False, dev=dev)
-        if need_w1:
-            t += wgrad(K, kb, True)
-        return t + wgrad(N, nb, not strided)
+        return t + wgrad(([(K, kb, False)] if need_w1 else []) + [(N, nb, strided)])
     # dw1 = Σ_m dh·x (b groups of br x kb), dw2 = Σ_m g'·h (b groups of nb x br): one program owns
     # a tile of the gradient and the whole M-long reduction
     pad = max(16, next_pow2(br))
@@ -1909,53 +2117,161 @@ def wgrad_split(M: int, F: int, sms: int, tile: int = 128, min_tiles: int = 0) -
     return cdiv(M, rows), rows
 
 
+def wgrad_side_split(M: int, F: int, NB: int, R: int, interleaved: bool, sms: int) -> tuple[int, int]:
+    """``(splits, rows per split)`` of one weight gradient of the row-block backward (``F`` data
+    features; ``interleaved``: Monarch's ``dw2``): :func:`wgrad_split`, with the batched product's
+    wider tiles (at least 16 rows per block, few of them) splitting earlier."""
+    if interleaved and NB * R >= 16 and _pow2(NB) and _pow2(R):
+        return wgrad_split(M, F, sms, tile=max(128, 32 * NB), min_tiles=sms // 2)
+    return wgrad_split(M, F, sms)
+
+
+def _wgrad_plan(d, hb, out_shape, out_strides, *, NB, R, SB, interleaved, dtype, rowsum=False):
+    """How one weight gradient runs (shared by :func:`_wgrad` and :func:`_wgrad_pair`): the
+    kernel's constexprs for this side, its row splits (:func:`wgrad_split`), and its feature tiles
+    as a function of ``BLOCK_N``. The gradient is ``out[p, s, qt]`` (``out_strides = (sop, sos,
+    soq)`` into a contiguous tensor of ``out_shape`` in ``dtype``) and, with ``rowsum``, ``Σ_m d``
+    in ``d``'s dtype."""
+    M, F = d.shape
+    blockwise = not interleaved and NB * R >= 16
+    batched = interleaved and NB * R >= 16 and _pow2(NB) and _pow2(R)
+    split, rows = wgrad_side_split(M, F, NB, R, interleaved, _config.num_sms(d.device))
+    if blockwise:
+        tiles = lambda bn: NB * triton.cdiv(SB, bn)
+    else:
+        tiles = lambda bn: triton.cdiv(NB * SB, bn)
+    return dict(d=d, hb=hb, M=M, F=F, SB=SB, out_shape=tuple(out_shape), out_strides=tuple(out_strides),
+                dtype=dtype, rowsum=rowsum, split=split, rows=rows, tiles=tiles,
+                MIXED=d.dtype != hb.dtype, INTERLEAVED=interleaved, BLOCKWISE=blockwise,
+                HP=next_pow2(NB * R) if blockwise else rows_width(NB, R), BATCHED=batched,
+                NBC=NB if batched else 1)
+
+
+def _wgrad_outputs(plans, nout):
+    """Output tensors of the weight-gradient sides ``plans`` launched over ``nout`` split rows.
+    A side split once writes its results in their dtypes directly; the sides split more often
+    write fp32 partials (``nout`` rows each, the rows past a side's own splits padded with
+    ``-0.0`` by the kernel) side by side in ONE buffer, so one ``torch.sum`` (a fixed order)
+    reduces them all. Returns ``(per side (part, rs), buf, [(side, offset, size, is_rowsum)])``."""
+    dev = plans[0]["d"].device
+    parted = [p for p in plans if p["split"] > 1]
+    sizes = []
+    for i, p in enumerate(plans):
+        if p["split"] > 1:
+            sizes.append((i, math.prod(p["out_shape"]), False))
+            if p["rowsum"]:
+                sizes.append((i, p["F"], True))
+    buf, layout, off = None, [], 0
+    if parted:
+        acc = acc_dtype(parted[0]["d"].dtype)
+        buf = torch.empty((nout, sum(n for _, n, _ in sizes)), device=dev, dtype=acc)
+        for i, n, is_rs in sizes:
+            layout.append((i, off, n, is_rs))
+            off += n
+    views = []
+    for i, p in enumerate(plans):
+        if p["split"] > 1:
+            (_, o, n, _), = [e for e in layout if e[0] == i and not e[3]]
+            part = buf[:, o:o + n].view(nout, *p["out_shape"])
+            if p["rowsum"]:
+                (_, o, n, _), = [e for e in layout if e[0] == i and e[3]]
+                rs = buf[:, o:o + n]
+            else:
+                rs = part
+        else:
+            part = torch.empty((1, *p["out_shape"]), device=dev, dtype=p["dtype"])
+            rs = torch.empty((1, p["F"]), device=dev, dtype=p["d"].dtype) if p["rowsum"] else part
+        views.append((part, rs))
+    return views, buf, layout
+
+
+def _wgrad_results(plans, views, buf, layout):
+    """``(gradient, rowsum or None)`` per side from :func:`_wgrad_outputs`' tensors after the
+    launch: the one-split sides as written, the partials summed over the splits by ONE
+    ``torch.sum`` and cast (``torch.sum(dtype=...)`` would round the partials first). The results
+    never share storage (the op's outputs may not alias)."""
+    total = buf.sum(0) if buf is not None else None
+    out, first = [], True
+    for i, (p, (part, rs)) in enumerate(zip(plans, views)):
+        if p["split"] == 1:
+            out.append((part[0], rs[0] if p["rowsum"] else None))
+            continue
+        res = []
+        for is_rs in (False, True):
+            if is_rs and not p["rowsum"]:
+                res.append(None)
+                continue
+            (_, o, n, _), = [e for e in layout if e[0] == i and e[3] == is_rs]
+            t = total[o:o + n]
+            t = t.to(p["d"].dtype, copy=not first) if is_rs else t.view(p["out_shape"]).to(p["dtype"], copy=not first)
+            first = False
+            res.append(t)
+        out.append(tuple(res))
+    return out
+
+
 def _wgrad(d, hb, out_shape, out_strides, *, NB, R, SB, interleaved, dtype, rowsum=False):
     """``Σ_m`` of the packed product ``d[m, f]·hb[m, col]`` kept on the block-diagonal pairs,
     written as ``out[p, s, qt]`` (``out_strides = (sop, sos, soq)`` into a contiguous tensor of
     ``out_shape``); with ``rowsum`` also ``Σ_m d`` (the bias gradient). One split: the kernel
     writes the results in ``dtype`` (and ``d``'s) directly; several: fp32 partials summed over
-    the splits by ``torch.sum`` (a fixed order) and cast. Returns ``(out, rowsum or None)``."""
-    M, F = d.shape
-    FW = NB * SB
-    blockwise = not interleaved and NB * R >= 16
-    batched = interleaved and NB * R >= 16 and _pow2(NB) and _pow2(R)
-    sms = _config.num_sms(d.device)
-    # the batched product's tiles are at least 16 rows per block wide (few of them): split earlier
-    split, rows = (wgrad_split(M, F, sms, tile=max(128, 32 * NB), min_tiles=sms // 2) if batched
-                   else wgrad_split(M, F, sms))
-    acc = acc_dtype(d.dtype) if split > 1 else dtype
-    P = math.prod(out_shape)
-    if split > 1 and rowsum:
-        # the gradient's and the row sums' partials side by side in one buffer: one sum over the
-        # splits (one launch) for both
-        buf = torch.empty((split, P + F), device=d.device, dtype=acc)
-        part, rs = buf[:, :P].view(split, *out_shape), buf[:, P:]
-    else:
-        buf = None
-        part = torch.empty((split, *out_shape), device=d.device, dtype=acc)
-        rs_dt = acc_dtype(d.dtype) if split > 1 else d.dtype
-        rs = torch.empty((split, F), device=d.device, dtype=rs_dt) if rowsum else part
-    if blockwise:
-        grid = lambda meta: (NB * triton.cdiv(SB, meta["BLOCK_N"]), split)
-    else:
-        grid = lambda meta: (triton.cdiv(FW, meta["BLOCK_N"]), split)
+    the splits by ``torch.sum`` (a fixed order) and cast. Returns ``(out, rowsum or None)``.
+    (The row-block backward launches both weight gradients at once: :func:`_wgrad_pair`.)"""
+    p = _wgrad_plan(d, hb, out_shape, out_strides, NB=NB, R=R, SB=SB, interleaved=interleaved,
+                    dtype=dtype, rowsum=rowsum)
+    split = p["split"]
+    views, buf, layout = _wgrad_outputs([p], split)
+    part, rs = views[0]
+    grid = lambda meta: (p["tiles"](meta["BLOCK_N"]), split)
     _wgrad_tuned[grid](
         d, hb, part, rs,
-        M, NB, R, SB, F, rows,
+        p["M"], NB, R, SB, p["F"], p["rows"],
         d.stride(0), d.stride(1), hb.stride(0), part.stride(0), *out_strides, rs.stride(0),
         ROWSUM=rowsum, UPCAST=upcast_dots(), PRECISION=dot_precision(d.dtype),
-        FP64=d.dtype == torch.float64, MIXED=d.dtype != hb.dtype, INTERLEAVED=interleaved,
-        BLOCKWISE=blockwise, HP=next_pow2(NB * R) if blockwise else rows_width(NB, R),
-        BATCHED=batched, NBC=NB if batched else 1,
+        FP64=d.dtype == torch.float64, MIXED=p["MIXED"], INTERLEAVED=interleaved,
+        BLOCKWISE=p["BLOCKWISE"], HP=p["HP"], BATCHED=p["BATCHED"], NBC=p["NBC"],
     )
-    if split == 1:
-        return part[0], (rs[0] if rowsum else None)
-    # (torch.sum(dtype=...) would round the partials first)
-    if buf is not None:
-        total = buf.sum(0)
-        # (the two results must not share storage: the op's outputs may not alias)
-        return total[:P].view(out_shape).to(dtype), total[P:].to(d.dtype, copy=True)
-    return part.sum(0).to(dtype), (rs.sum(0).to(d.dtype) if rowsum else None)
+    return _wgrad_results([p], views, buf, layout)[0]
+
+
+def _wgrad_pair(x, dh, g, hbuf, *, NB, R, kb, nb, strided, w1_dtype, w2_dtype, rowsum):
+    """``dw1``, ``dw2`` and ``db`` of the row-block backward in ONE launch of
+    :func:`_wgrad_pair_kernel` (shapes as in the module docstring; ``x (M, K)``, ``dh (M, b·b·r)``
+    in the layout ``dh[m, j, l, t]``, ``g (M, N)``, ``hbuf (M, b·b·r)`` as ``h[m, l, j, t]``)::
+
+        dw1[j, l·r + t, c] = Σ_m dh[m, j, l, t] · x[m, j·kb + c]      (side A, w1's dtype)
+        dw2[l, s, q]       = Σ_m g[m, o(l, s)] · h[m, l, q]          (side B, w2's dtype)
+        db[n]              = Σ_m g[m, n]                            (side B, with ``rowsum``)
+
+    Each side keeps the constexprs, row splits and per-tile reduction order that :func:`_wgrad`
+    gives it alone (the same bits under one config; the launch takes one config for both sides,
+    the first both sides' prune keeps); split sides put their fp32 partials into one buffer
+    reduced by one ``torch.sum``. Returns ``(dw1, dw2, db or None)``."""
+    a = _wgrad_plan(x, dh, (NB, NB * R, kb), (NB * R * kb, 1, kb), NB=NB, R=R, SB=kb,
+                    interleaved=False, dtype=w1_dtype)
+    b = _wgrad_plan(g, hbuf, (NB, nb, NB * R), (nb * NB * R, NB * R, 1), NB=NB, R=R, SB=nb,
+                    interleaved=strided, dtype=w2_dtype, rowsum=rowsum)
+    nout = max(a["split"], b["split"])
+    views, buf, layout = _wgrad_outputs([a, b], nout)
+    (pa, _), (pb, rs) = views
+    # a one-split side owns one row of its output (its programs of later splits write nothing)
+    na, nb_ = (nout if a["split"] > 1 else 1), (nout if b["split"] > 1 else 1)
+    grid = lambda meta: (a["tiles"](meta["BLOCK_N"]) + b["tiles"](meta["BLOCK_N"]), nout)
+    _wgrad_pair_tuned[grid](
+        x, dh, pa, g, hbuf, pb, rs,
+        a["M"], NB, R,
+        kb, a["F"], a["rows"], a["split"], na,
+        nb, b["F"], b["rows"], b["split"], nb_,
+        x.stride(0), x.stride(1), dh.stride(0), pa.stride(0), *a["out_strides"],
+        g.stride(0), g.stride(1), hbuf.stride(0), pb.stride(0), *b["out_strides"],
+        rs.stride(0),
+        UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype), FP64=x.dtype == torch.float64,
+        MIXED_A=a["MIXED"], BLOCKWISE_A=a["BLOCKWISE"], HP_A=a["HP"],
+        ROWSUM=rowsum, MIXED_B=b["MIXED"], INTERLEAVED_B=strided, BLOCKWISE_B=b["BLOCKWISE"],
+        HP_B=b["HP"], BATCHED_B=b["BATCHED"], NBC_B=b["NBC"], PAD=a["split"] != b["split"],
+    )
+    (dw1, _), (dw2, db) = _wgrad_results([a, b], views, buf, layout)
+    return dw1, dw2, db
 
 
 def _bgemm(G, I, J, KR, a, b, c, bias=None, rowsum=None):
@@ -2167,14 +2483,18 @@ def monarch_bwd(
             )
     if path == "rows":
         # the weight gradients as packed products over fixed splits of the rows (no atomics):
-        # dw1[j, p, c] = Σ_m dh[m, j, p]·x[m, j·kb + c]
+        # dw1[j, p, c] = Σ_m dh[m, j, p]·x[m, j·kb + c]; dw2[l, s, q] = Σ_m g[m, o(l, s)]·h[m, l, q];
+        # db = Σ_m g. Both weight gradients: one launch (_wgrad_pair); one of them: _wgrad.
+        if need_w2 and hbuf is None:
+            _, hbuf = monarch_fwd(x, w1, w2, None, N, strided, save_h=True, path="rows")
+        if need_w1 and need_w2 and x.dtype == g.dtype:   # (one dtype: one PRECISION / FP64 for both)
+            dw1, dw2, db = _wgrad_pair(x, dh, g, hbuf, NB=b, R=r, kb=kb, nb=nb, strided=strided,
+                                       w1_dtype=w1.dtype, w2_dtype=w2.dtype, rowsum=has_bias)
+            return dx, dw1, dw2, db
         if need_w1:
             dw1, _ = _wgrad(x, dh, (b, br, kb), (br * kb, 1, kb), NB=b, R=r, SB=kb,
                             interleaved=False, dtype=w1.dtype)
-        # dw2[l, s, q] = Σ_m g[m, o(l, s)]·h[m, l, q]; db = Σ_m g
         if need_w2:
-            if hbuf is None:
-                _, hbuf = monarch_fwd(x, w1, w2, None, N, strided, save_h=True, path="rows")
             dw2, db = _wgrad(g, hbuf, (b, nb, br), (nb * br, br, 1), NB=b, R=r, SB=nb,
                              interleaved=strided, dtype=w2.dtype, rowsum=has_bias)
         elif has_bias:

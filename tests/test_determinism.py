@@ -264,8 +264,9 @@ def test_monarch_deterministic_mode_bypasses_the_autotuner(path, strided, monkey
         )
         return full + [dw2]
 
-    tunables = {"chain": MK._chain_tuned, "bgemm": MK._bgemm_tuned, "rows": MK._rows_tuned, "wgrad": MK._wgrad_tuned}
-    used = {"fused": ["chain", "bgemm"], "two_stage": ["bgemm"], "rows": ["rows", "wgrad"]}[path]
+    tunables = {"chain": MK._chain_tuned, "bgemm": MK._bgemm_tuned, "rows": MK._rows_tuned, "wgrad": MK._wgrad_tuned,
+                "wgrad_pair": MK._wgrad_pair_tuned}
+    used = {"fused": ["chain", "bgemm"], "two_stage": ["bgemm"], "rows": ["rows", "wgrad", "wgrad_pair"]}[path]
     _assert_bypass(run, tunables, monkeypatch, used=used)
 
 

@@ -109,6 +109,29 @@ ROLE_MAPS = {
 }
 
 
+def _wgrad_pair_roles(meta) -> list:
+    """The one-launch Monarch weight gradients (``monarch.wgrad_pair``): axis 0 holds dw1's feature
+    tiles then dw2's; on axis 1 each side has its splits with rows, then (``PAD``) its padding
+    splits (stores of -0.0, no loads), then idle splits (a one-split side beside a split one)."""
+    bn, nb = int(meta["BLOCK_N"]), int(meta["NB"])
+    roles = []
+    for side in ("A", "B"):
+        sb = int(meta[f"SB_{side}"])
+        tiles = nb * _cdiv(sb, bn) if meta[f"BLOCKWISE_{side}"] else _cdiv(nb * sb, bn)
+        splits, nout = int(meta[f"SPLITS_{side}"]), int(meta[f"NOUT_{side}"])
+        roles.append((tiles, [splits, nout - splits] if meta["PAD"] else [splits]))
+    return roles
+
+
+#: kernels whose 2-D grid holds different work per region: ``meta -> [(programs of an axis-0 role,
+#: [sizes of its consecutive axis-1 roles]), ...]`` (axis-1 programs past the listed roles form one
+#: more role); classes are the first, interior and last program of each role on each axis
+ROLE_MAPS_2D = {
+    "monarch.wgrad_pair": _wgrad_pair_roles,
+    "monarch.wgrad_pair_fp16": _wgrad_pair_roles,
+}
+
+
 def _edge_class(i: int, n: int) -> int:
     return 0 if i == 0 else (2 if i == n - 1 else 1)
 
@@ -134,6 +157,22 @@ def program_classes(kernel: str, grid: tuple, meta: dict) -> list:
         for n in sizes:
             out += [((start + i, 0, 0), c) for i, c in _axis_classes(n).items()] if n else []
             start += n
+        return out
+    rm2 = ROLE_MAPS_2D.get(kernel)
+    if rm2 is not None:
+        roles = rm2(meta)
+        if sum(n for n, _ in roles) != grid[0] or grid[2] != 1:
+            raise ValueError(f"{kernel}: grid {grid}, roles say {roles}")
+        out, x0 = [], 0
+        for n, ys in roles:
+            ys = [m for m in ys + [grid[1] - sum(ys)] if m > 0]
+            y0 = 0
+            for m in ys:
+                for x, cx in _axis_classes(n).items():
+                    for y, cy in _axis_classes(m).items():
+                        out.append(((x0 + x, y0 + y, 0), cx * cy))
+                y0 += m
+            x0 += n
         return out
     axes = []
     tm = TILE_MAPS.get(kernel)
