@@ -595,16 +595,22 @@ def rows_space(FMA: bool = False, NBC: int = 1, RC: int = 1, HP: int = 16, BATCH
             and c["BLOCK_M"] * c["BLOCK_N"] * qt <= 2048 * c["num_warps"] and c["BLOCK_N"] % NBC == 0]
 
 
-def _rows_ks_tile_ok(bm: int, bn: int, hp: int) -> bool:
-    """Tiles the split stage 1 plans with: ``BLOCK_M x HP <= 1024`` fp32 values of ``h``,
-    ``BLOCK_M x BLOCK_N <= 4096`` and ``BLOCK_N = 128`` only up to ``HP = 32``; with
-    :func:`_prune_rows_ks` (``HP x BLOCK_K <= 1024 x warps``) no build spills (compile-check,
-    sm_80/sm_90, aligned and generic; the generic builds of the wider tiles spill, split or not)."""
+def _rows_ks_tile_ok(bm: int, bn: int, hp: int, blockwise: bool = False) -> bool:
+    """Tiles the split stage 1 plans with. The packed stage 1: ``BLOCK_M x HP <= 1024`` fp32 values
+    of ``h``, ``BLOCK_M x BLOCK_N <= 4096`` and ``BLOCK_N = 128`` only up to ``HP = 32``; the
+    per-block stage 1 (``BLOCKWISE``, ``HP`` up to 256): 16 x 64 (16 x 128 spilled in a generic
+    sm_90 build). With :func:`_rows_ks_cfg_ok` no
+    build spills (compile-check ``monarch.rows_ksplit``, sm_80/sm_90, aligned and generic; the
+    generic builds of wider packed tiles spill, split or not)."""
+    if blockwise:
+        return bm == 16 and bn == 64
     return bm * hp <= 1024 and bm * bn <= 4096 and (bn <= 64 or hp <= 32)
 
 
-def _rows_ks_cfg_ok(hp: int, cfg: dict) -> bool:
-    return hp * cfg["BLOCK_K"] <= 1024 * cfg["num_warps"] and cfg["BLOCK_K"] >= 64
+def _rows_ks_cfg_ok(hp: int, cfg: dict, blockwise: bool = False) -> bool:
+    if cfg["BLOCK_K"] < 64:
+        return False
+    return blockwise or hp * cfg["BLOCK_K"] <= 1024 * cfg["num_warps"]
 
 
 def _prune_rows_ks(configs_, named_args, **kwargs):
@@ -612,19 +618,20 @@ def _prune_rows_ks(configs_, named_args, **kwargs):
     only under the interpreter)."""
     if _config.is_interpreter():
         return configs_
-    hp = kwargs.get("HP", named_args.get("HP")) or 16
-    kept = [c for c in configs_ if _rows_ks_cfg_ok(hp, dict(c.kwargs, num_warps=c.num_warps))]
+    get = lambda k: kwargs.get(k, named_args.get(k))
+    hp, bw = get("HP") or 16, bool(get("BLOCKWISE"))
+    kept = [c for c in configs_ if _rows_ks_cfg_ok(hp, dict(c.kwargs, num_warps=c.num_warps), bw)]
     return kept or configs_[-1:]
 
 
-def rows_ks_space(HP: int = 16, **_) -> list[dict]:
+def rows_ks_space(HP: int = 16, BLOCKWISE: bool = False, **_) -> list[dict]:
     """The compile tier's configs of the split stage 1 (:func:`rows_ksplit_plan`'s tiles with every
     tuned config at 16 rows and the first one kept at the others)."""
     out = []
     for bm in (16, 32, 64):
         for bn in (64, 128):
-            if _rows_ks_tile_ok(bm, bn, HP):
-                cs = [c for c in ROWS_KS_SPACE if _rows_ks_cfg_ok(HP, c)]
+            if _rows_ks_tile_ok(bm, bn, HP, BLOCKWISE):
+                cs = [c for c in ROWS_KS_SPACE if _rows_ks_cfg_ok(HP, c, BLOCKWISE)]
                 out += [dict(BLOCK_M=bm, BLOCK_N=bn, **c) for c in (cs if bm == 16 else cs[:1])]
     return out
 
@@ -992,8 +999,8 @@ if HAS_TRITON:
                                        #   (small b*r; forward: contiguous input, interleaved output)
         NBC: tl.constexpr,             # NB as a constant (FMA, BATCHED; a power of two), else 1
         RC: tl.constexpr,              # R as a constant (FMA, BATCHED; a power of two), else 1
-        KSPLIT: tl.constexpr,          # stage 1's reduction split over grid axis 2 (the packed
-                                       #   stage 1 only): partials summed by the last arrival
+        KSPLIT: tl.constexpr,          # stage 1's reduction split over grid axis 2 (the packed and
+                                       #   the per-block stage 1): partials summed by the last arrival
         SYNC: tl.constexpr,            # KSPLIT on a GPU: the reducer is the last program to arrive
                                        #   (counter); else the last split (interpreter order)
         BLOCK_M: tl.constexpr,
@@ -1002,8 +1009,8 @@ if HAS_TRITON:
     ):
         pid_m = tl.program_id(0)
         pid_o = tl.program_id(1)
-        tl.static_assert(not KSPLIT or not (FMA or BLOCKWISE or BATCHED),
-                         "KSPLIT splits the packed stage 1 only")
+        tl.static_assert(not KSPLIT or not (FMA or BATCHED),
+                         "KSPLIT splits the packed and the per-block stage 1 only")
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         # the columns of h: p = output block, q = input block, t = rank index
@@ -1102,15 +1109,29 @@ if HAS_TRITON:
             ptb_p = ptb // R
             ptb_t = ptb - ptb_p * R
             valid_pt = ptb < NB * R
-            for q in range(0, NB):
+            if KSPLIT:   # this program's K_PER input features: the blocks they meet, in part
+                k_lo = tl.program_id(2) * K_PER
+                k_hi = tl.minimum(F_IN, k_lo + K_PER)
+                q_lo = k_lo // CB
+                q_hi = tl.cdiv(k_hi, CB)
+            else:
+                q_lo = 0
+                q_hi = NB
+            for q in range(q_lo, q_hi):
                 if FP64:
                     hq = tl.zeros((BLOCK_M, QTP), dtype=tl.float64)
                 else:
                     hq = tl.zeros((BLOCK_M, QTP), dtype=tl.float32)
-                for c0 in range(0, CB, BLOCK_K):
+                if KSPLIT:
+                    c_lo = tl.maximum(k_lo - q * CB, 0)
+                    c_hi = tl.minimum(k_hi - q * CB, CB)
+                else:
+                    c_lo = 0
+                    c_hi = CB
+                for c0 in range(c_lo, c_hi, BLOCK_K):
                     cc = c0 + k_idx
                     ff = q * CB + cc
-                    mask_f = (cc < CB) & (ff < F_IN)
+                    mask_f = (cc < c_hi) & (ff < F_IN)
                     a = tl.load(a_ptr + offs_m[:, None] * stride_am + ff[None, :] * stride_af,
                                 mask=mask_m[:, None] & mask_f[None, :], other=0.0)
                     w = tl.load(  # (BLOCK_K, QTP): F1(q, p, t, c-chunk) for every (p, t)
@@ -1618,6 +1639,9 @@ if HAS_TRITON:
             # inference (b = 4, r = 1) and dx at b = 8 (interleaved input, h stored for dw1)
             _rows_variant(HAS_BIAS=True, STORE_H=False, OUT_INTERLEAVED=True, HP=16, KSPLIT=True, SYNC=True),
             _rows_variant(STORE_H=True, IN_INTERLEAVED=True, HP=64, KSPLIT=True, SYNC=True),
+            # the per-block stage 1 (b = 16, r = 1): the Monarch forward, h stored for training
+            _rows_variant(HAS_BIAS=True, OUT_INTERLEAVED=True, HP=256, BLOCKWISE=True, QTP=16, BATCHED2=True,
+                          NBC=16, KSPLIT=True, SYNC=True),
         ],
         space=rows_ks_space,
         unit_args=_ROWS_UNIT,
@@ -1738,16 +1762,19 @@ if HAS_TRITON:
 PATHS = ("rows", "fused", "two_stage", "torch")
 
 
-def rows_ksplit_ok(nblocks: int, rank: int) -> bool:
+def rows_ksplit_ok(nblocks: int, rank: int, in_interleaved: bool = False) -> bool:
     """The row-block kernel can split stage 1's reduction (``KSPLIT``) where stage 1 is the packed
-    product (``b·r < 16``; not the per-block or batched products, which loop over blocks)."""
-    return nblocks * rank < 16 and rows_supported(nblocks, rank)
+    product (``b·r < 16``) or the per-block one (contiguous input blocks, ``BLOCKWISE``); not the
+    batched product over interleaved input features (Monarch ``dx`` at power-of-two ``b·r >=
+    16``)."""
+    batched = in_interleaved and nblocks * rank >= 16 and _pow2(nblocks) and _pow2(rank)
+    return rows_supported(nblocks, rank) and not batched
 
 
 @functools.lru_cache(maxsize=4096)
 def rows_ksplit_plan(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inter: int = 2,
                      save_h: bool = False, sms: Optional[int] = None,
-                     quantum: int = ROWS_KS_QUANTUM) -> tuple[float, Optional[tuple]]:
+                     quantum: int = ROWS_KS_QUANTUM, in_interleaved: bool = False) -> tuple[float, Optional[tuple]]:
     """``(predicted seconds, (BLOCK_M, BLOCK_N, OS, KS, K_PER))`` of the best row-block launch with
     stage 1's reduction split (``(inf, None)`` where there is none): ``m_blocks x OS x KS``
     programs, program ``(m, o, k)`` computes the partial ``h`` of its rows over the input features
@@ -1765,7 +1792,7 @@ def rows_ksplit_plan(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inte
     from fastfactor.sol.device import H200
 
     dev = H200 if sms is None or sms == H200.sms else dataclasses.replace(H200, sms=sms)
-    if not rows_ksplit_ok(b, r) or M <= 0 or K <= 0 or N <= 0:
+    if not rows_ksplit_ok(b, r, in_interleaved) or M <= 0 or K <= 0 or N <= 0:
         return float("inf"), None
     kb, nb = cdiv(K, b), cdiv(N, b)
     Kp, Np, br = b * kb, b * nb, b * r
@@ -1776,13 +1803,16 @@ def rows_ksplit_plan(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inte
     steps = cdiv(K, quantum)
     per_sm = dev.l2_bw / dev.sms
     best = (float("inf"), None)
+    blockwise = b * r >= 16                      # stage 1 per input block (contiguous input)
+    qtp = next_pow2(b * r)
+    w2 = b * r if blockwise and _pow2(b) and _pow2(r) else hp   # stage 2 batched (unpadded)
     for bm in (16, 32, 64):
         if bm > max(16, next_pow2(M)):
             break
         mb = cdiv(M, bm)
         rows_ = mb * bm
         for bn in (64, 128):
-            if not _rows_ks_tile_ok(bm, bn, hp):
+            if not _rows_ks_tile_ok(bm, bn, hp, blockwise):
                 continue
             tiles = cdiv(N, bn)
             for os_ in sorted({cdiv(tiles, cdiv(tiles, s_)) for s_ in range(1, tiles + 1)}):
@@ -1799,11 +1829,15 @@ def rows_ksplit_plan(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inte
                     dram = x_b + y_b + w_b + (h_b if save_h else 0) + part + reread
                     l2 = ((os_ - 1) * x_b - reread + (mb * os_ - 1) * w1_b
                           + (ks_eff - 1) * os_ * rows_ * hp * 4)
-                    flops = 2.0 * (rows_ * Kp * hp * os_ + rows_ * Np * hp)
+                    if blockwise:   # per block met: its product, then its 0/1 placement
+                        stage1 = rows_ * (Kp * qtp + min(b + ks_eff, b * ks_eff) * qtp * hp)
+                    else:
+                        stage1 = rows_ * Kp * hp
+                    flops = 2.0 * (stage1 * os_ + rows_ * Np * w2)
                     k = _cost.kernel_seconds(dram, dram + l2, flops, programs, dev, hgmma=bm >= 64,
                                              dtype="bf16" if elem == 2 else "fp32")
                     per_tiles = cdiv(tiles, os_)
-                    tail = ((ks_eff - 1) * bm * hp * 4 + per_tiles * bn * (bm * elem + hp * elem)) / per_sm
+                    tail = ((ks_eff - 1) * bm * hp * 4 + per_tiles * bn * (bm + w2) * elem) / per_sm
                     t = k["seconds"] + tail
                     if t < best[0]:
                         best = (t, (bm, bn, os_, ks_eff, k_per))
@@ -1811,7 +1845,8 @@ def rows_ksplit_plan(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inte
 
 
 def _path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int = 2,
-                  inter: int = 2, save_h: bool = False, strided: bool = True, dev=None) -> float:
+                  inter: int = 2, save_h: bool = False, strided: bool = True, dev=None,
+                  in_interleaved: bool = False) -> float:
     """Predicted forward seconds of ``path`` on ``dev`` (default: the H200 of ``fastfactor sol``),
     counting bytes moved *and* tensor FLOPs issued (tile padding included), each launch
     ``max(DRAM bytes / HBM, issued FLOPs / (rate · fill)) + launch floor`` with the device
@@ -1869,7 +1904,8 @@ def _path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int =
                 best = t if best is None else min(best, t)
             # the split of stage 1's reduction (few rows, wide input)
             if path != "rows_unsplit":
-                best = min(best, rows_ksplit_plan(M, K, N, b, r, elem, inter, save_h, dev.sms)[0])
+                best = min(best, rows_ksplit_plan(M, K, N, b, r, elem, inter, save_h, dev.sms,
+                                                  in_interleaved=in_interleaved)[0])
         if path in ("rows", "rows_fma") and strided and _rows_fma_eligible(b, r, False, True):
             # the FMA build: no tensor-core FLOPs, its instruction issue by ROWS_FMA_ISSUE
             for c in rows_space(FMA=True, NBC=b, RC=r):
@@ -1970,7 +2006,8 @@ def _bwd_path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: i
         return best
 
     if path == "rows":
-        t = _path_seconds(M, N, K, b, r, "rows", elem, inter, save_h=need_w1, strided=False, dev=dev)
+        t = _path_seconds(M, N, K, b, r, "rows", elem, inter, save_h=need_w1, strided=False, dev=dev,
+                          in_interleaved=strided)
         return t + wgrad(([(K, kb, False)] if need_w1 else []) + [(N, nb, strided)])
     # dw1 = Σ_m dh·x (b groups of br x kb), dw2 = Σ_m g'·h (b groups of nb x br): one program owns
     # a tile of the gradient and the whole M-long reduction
@@ -2049,7 +2086,7 @@ def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_int
     hp = NB * NB * R if fma else rows_width(NB, R)
     plan = None if fma else rows_ksplit(M, F_IN, F_OUT, NB, R, a.element_size(),
                                         h.element_size() if h is not None else a.element_size(),
-                                        h is not None, _config.num_sms(a.device))
+                                        h is not None, _config.num_sms(a.device), in_inter)
     consts = dict(
         HAS_BIAS=bias is not None, STORE_H=h is not None, H_FP32=h_fp32,
         UPCAST=upcast_dots(), PRECISION=dot_precision(a.dtype), FP64=a.dtype == torch.float64,
@@ -2076,7 +2113,7 @@ def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_int
 
 
 def rows_ksplit(M: int, F_IN: int, F_OUT: int, NB: int, R: int, elem: int = 2, inter: int = 2,
-                save_h: bool = False, sms: int = 132) -> Optional[tuple]:
+                save_h: bool = False, sms: int = 132, in_interleaved: bool = False) -> Optional[tuple]:
     """The plan ``(BLOCK_M, BLOCK_N, OS, KS, K_PER)`` of :func:`rows_ksplit_plan` where the row-block
     kernel takes it: where stage 1 can be split and the plan is predicted faster than the unsplit
     launch; else None. ``FASTFACTOR_MONARCH_KSPLIT=0`` never splits, ``=1`` splits wherever a plan
@@ -2084,16 +2121,17 @@ def rows_ksplit(M: int, F_IN: int, F_OUT: int, NB: int, R: int, elem: int = 2, i
     env = os.environ.get("FASTFACTOR_MONARCH_KSPLIT")
     if env not in (None, "", "0", "1"):
         raise ValueError(f"FASTFACTOR_MONARCH_KSPLIT: expected 0 or 1, got {env!r}")
-    if env == "0" or not rows_ksplit_ok(NB, R):
+    if env == "0" or not rows_ksplit_ok(NB, R, in_interleaved):
         return None
     quantum = 16 if _config.is_interpreter() else ROWS_KS_QUANTUM
-    t, plan = rows_ksplit_plan(M, F_IN, F_OUT, NB, R, elem, inter, save_h, sms, quantum)
+    t, plan = rows_ksplit_plan(M, F_IN, F_OUT, NB, R, elem, inter, save_h, sms, quantum, in_interleaved)
     if plan is None or env == "1":
         return plan
     from fastfactor.sol.device import H200
 
     dev = H200 if sms == H200.sms else dataclasses.replace(H200, sms=sms)
-    unsplit = _path_seconds(M, F_IN, F_OUT, NB, R, "rows_unsplit", elem, inter, save_h, dev=dev)
+    unsplit = _path_seconds(M, F_IN, F_OUT, NB, R, "rows_unsplit", elem, inter, save_h, dev=dev,
+                            in_interleaved=in_interleaved)
     return plan if t < unsplit else None
 
 

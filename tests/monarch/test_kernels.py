@@ -176,7 +176,10 @@ def test_choose_path_rules(monkeypatch):
     monkeypatch.delenv("FASTFACTOR_MONARCH_PATH", raising=False)
     # by predicted time (bytes and FLOPs, sol's device; tests/monarch/test_rows.py has the model)
     assert Mk.choose_path(16, 4096, 4096, 4, 1) == "rows"            # few rows, h 16 wide
-    assert Mk.choose_path(16, 4096, 4096, 16, 1) == "fused"          # few rows, h 256 wide
+    # few rows, h 256 wide: the row-block kernel only with stage 1 split over programs
+    assert Mk.choose_path(16, 4096, 4096, 16, 1) == "rows"
+    assert Mk._path_seconds(16, 4096, 4096, 16, 1, "rows") < Mk._path_seconds(16, 4096, 4096, 16, 1, "fused") \
+        < Mk._path_seconds(16, 4096, 4096, 16, 1, "rows_unsplit")
     assert Mk.choose_path(16384, 3072, 768, 4, 48) == "two_stage"    # h 768 wide: not on chip
     assert Mk.choose_path(16384, 3072, 768, 4, 48, allow_torch=True) == "torch"  # forward: the bmm
     assert Mk.choose_path(16384, 4096, 4096, 2, 1) == "rows"         # x read once

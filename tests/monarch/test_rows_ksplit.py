@@ -41,14 +41,17 @@ def spy(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("op", OPS, ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_ksplit_forward_and_dx_vs_float64(triton_cpu, monkeypatch, spy, op, dtype, bias):
+@pytest.mark.parametrize("b,r", [(4, 1), (4, 4)], ids=["packed-b4r1", "blockwise-b4r4"])
+def test_ksplit_forward_and_dx_vs_float64(triton_cpu, monkeypatch, spy, op, dtype, bias, b, r):
     """Odd sizes (nblocks 4 divides neither 203 nor 37), 19 rows (two row blocks, masked rows),
-    a strided (non-contiguous) x, the split forced: 203 input features in 13 steps of 16."""
+    a strided (non-contiguous) x, the split forced: 203 input features in 13 steps of 16. With
+    b·r = 16 stage 1 runs block by block (input blocks of 51 features: splits start and end
+    inside blocks)."""
     monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "rows")
     monkeypatch.setenv("FASTFACTOR_MONARCH_KSPLIT", "1")
     monkeypatch.setenv("FASTFACTOR_MONARCH_FMA", "0")
     fn, strided = OPS[op]
-    M, K, N, b, r = 19, 203, 37, 4, 1
+    M, K, N = 19, 203, 37
     x, w1, w2, bb = make(M, K, N, b, r, dtype)
     xs = torch.randn(K, M).to(dtype).t().requires_grad_()      # column-major x
     with torch.no_grad():
@@ -109,8 +112,11 @@ def test_plan_taken_where_predicted_faster():
     assert Mk._path_seconds(16, 3072, 768, 4, 1, "rows") == pytest.approx(min(t, unsplit))
     # many rows: the row blocks fill the GPU alone, no split is taken
     assert Mk.rows_ksplit(16384, 3072, 768, 4, 1, sms=132) is None
-    # stage 1 per block (b·r >= 16) has no split
-    assert not Mk.rows_ksplit_ok(4, 4) and Mk.rows_ksplit_plan(16, 3072, 768, 4, 4) == (float("inf"), None)
+    # stage 1 per block (b·r >= 16, contiguous input) splits too; the batched stage 1 of Monarch's
+    # dx (interleaved input, power-of-two b·r >= 16) does not
+    assert Mk.rows_ksplit_ok(4, 4) and Mk.rows_ksplit_plan(16, 3072, 768, 4, 4)[1] is not None
+    assert not Mk.rows_ksplit_ok(4, 4, True) and Mk.rows_ksplit_plan(16, 3072, 768, 4, 4, in_interleaved=True) == (float("inf"), None)
+    assert Mk.rows_ksplit_ok(3, 8, True)   # not a power of two: the generic stage 1
 
 
 def test_env_switch(monkeypatch):
