@@ -75,6 +75,32 @@ def monarch_ops():
     return {"monarch": (monarch_linear, True), "blr": (block_lowrank_linear, False)}
 
 
+def monarch_factors(M, K, N, b, r, dtype, seed=0):
+    """``[x (M, K), w1, w2, bias (N,)]`` of a Monarch / block-low-rank layer, random (scaled like an
+    initialised layer), in ``dtype``, each requiring grad."""
+    from fastfactor.kernels import monarch as Mk
+
+    g = torch.Generator().manual_seed(seed)
+    s1, s2 = Mk.factor_shapes(K, N, b, r)
+    x = torch.randn(M, K, generator=g)
+    w1 = torch.randn(*s1, generator=g) / Mk.cdiv(K, b) ** 0.5
+    w2 = torch.randn(*s2, generator=g) / (b * r) ** 0.5
+    bb = torch.randn(N, generator=g)
+    return [t.to(dtype).requires_grad_() for t in (x, w1, w2, bb)]
+
+
+class CountLaunches:
+    """Stands in for a launcher (a ``Tunable`` or an autotuner: anything indexed by a grid) and
+    counts the launches made through it."""
+
+    def __init__(self, inner):
+        self.inner, self.n = inner, 0
+
+    def __getitem__(self, grid):
+        self.n += 1
+        return self.inner[grid]
+
+
 def monarch_shape_id(shape) -> str:
     """Readable id of a Monarch test shape ``(M, K, N, nblocks, rank)``."""
     m, k, n, b, r = shape

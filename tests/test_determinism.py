@@ -26,6 +26,7 @@ import sys
 
 import pytest
 import torch
+from conftest import CountLaunches
 from test_fuzz_ops import OPS, backend, has_op, make_case, op_variants
 
 from fastfactor import determinism as D
@@ -202,17 +203,6 @@ def _grads(fn, leaves):
     return [y.detach()] + list(torch.autograd.grad(y, leaves, g))
 
 
-class _Count:
-    """Wraps a family's ``triton.autotune`` object and counts the launches through it."""
-
-    def __init__(self, inner):
-        self.inner, self.n = inner, 0
-
-    def __getitem__(self, grid):
-        self.n += 1
-        return self.inner[grid]
-
-
 def _assert_bypass(run, tunables, monkeypatch, used):
     """Every launcher is a ``Tunable``; ``run()`` launches each of ``used`` through its autotuner
     outside deterministic mode, gives the same bits with every autotuner replaced by
@@ -222,7 +212,7 @@ def _assert_bypass(run, tunables, monkeypatch, used):
     assert all(isinstance(t, Tunable) for t in tunables.values()), {k: type(t).__name__ for k, t in tunables.items()}
     counters = {}
     for name, t in tunables.items():
-        counters[name] = _Count(t.tuned)
+        counters[name] = CountLaunches(t.tuned)
         monkeypatch.setattr(t, "tuned", counters[name])
     first = run()
     assert all(counters[name].n > 0 for name in used), {k: c.n for k, c in counters.items()}

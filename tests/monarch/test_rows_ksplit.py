@@ -6,21 +6,14 @@ plan (:func:`kernels.monarch.rows_ksplit_plan`) taken where the model predicts i
 import pytest
 import torch
 
-from conftest import assert_close_ref, monarch_ops, monarch_ref64, monarch_ref64_grads as ref64
+from conftest import assert_close_ref, monarch_factors, monarch_ops, monarch_ref64, monarch_ref64_grads as ref64
 from fastfactor.kernels import _config, monarch as Mk
 
 OPS = monarch_ops()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def make(M, K, N, b, r, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    s1, s2 = Mk.factor_shapes(K, N, b, r)
-    x = torch.randn(M, K, generator=g)
-    w1 = torch.randn(*s1, generator=g) / Mk.cdiv(K, b) ** 0.5
-    w2 = torch.randn(*s2, generator=g) / (b * r) ** 0.5
-    bb = torch.randn(N, generator=g)
-    return [t.to(dtype).requires_grad_() for t in (x, w1, w2, bb)]
+make = monarch_factors
 
 
 @pytest.fixture

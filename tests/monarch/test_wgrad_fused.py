@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import assert_close_ref
+from conftest import CountLaunches, assert_close_ref
 from fastfactor.kernels import monarch as Mk
 
 #: (b, r): b·r = 8 (packed product, HP = 32) and b·r = 16 (dw1 blockwise; Monarch dw2 batched)
@@ -38,17 +38,6 @@ def _two_launch(x, dh, g, hbuf, *, NB, R, kb, nb, strided, w1_dtype, w2_dtype, r
     dw2, db = Mk._wgrad(g, hbuf, (NB, nb, NB * R), (nb * NB * R, NB * R, 1), NB=NB, R=R, SB=nb,
                         interleaved=strided, dtype=w2_dtype, rowsum=rowsum)
     return dw1, dw2, db
-
-
-class _Launches:
-    """Counts the launches of a Tunable (wraps its ``__getitem__``)."""
-
-    def __init__(self, tunable):
-        self.t, self.n = tunable, 0
-
-    def __getitem__(self, grid):
-        self.n += 1
-        return self.t[grid]
 
 
 class _Sums(TorchDispatchMode):
@@ -80,7 +69,7 @@ def _bwd(x, w1, w2, g, strided, has_bias, need_w1, N, fused=True):
     the single weight-gradient kernels and the ``aten.sum`` calls of the backward."""
     _, h = Mk.monarch_fwd(x, w1, w2, None, N, strided, save_h=True, path="rows")
     saved = (Mk._wgrad_pair, Mk._wgrad_pair_tuned, Mk._wgrad_tuned)
-    pair, single = _Launches(Mk._wgrad_pair_tuned), _Launches(Mk._wgrad_tuned)
+    pair, single = CountLaunches(Mk._wgrad_pair_tuned), CountLaunches(Mk._wgrad_tuned)
     try:
         if not fused:
             Mk._wgrad_pair = _two_launch
