@@ -82,7 +82,8 @@ per-instruction model from its SASS), is at most the tensor-core build's (:func:
 row blocks alone underfill the GPU, grid axis 1 splits the output tiles
 (:func:`kernels._config.row_block_grid`), each split recomputing stage 1. For a few rows over a
 wide input (``3072 → 768`` at 16 tokens: six programs, each reading all of ``x``) grid axis 2 also
-splits stage 1's reduction (``KSPLIT``, the packed stage 1 where ``b·r < 16``): program ``(m, o,
+splits stage 1's reduction (``KSPLIT``: the packed stage 1 where ``b·r < 16``, and the per-block
+one over contiguous input blocks, each split taking the blocks its features meet): program ``(m, o,
 k)`` stores its fp32 partial of ``h`` over ``K_PER`` input features and the last of the ``KS``
 programs of ``(m, o)`` to arrive sums them in a fixed order (:mod:`kernels._split`: bitwise
 reproducible, no atomics on data, no waiting) and writes the output tiles of split ``o``; the plan
