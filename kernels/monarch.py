@@ -1803,6 +1803,8 @@ def rows_ksplit_plan(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inte
     w_b = w1_b + b * nb * br * elem
     steps = cdiv(K, quantum)
     per_sm = dev.l2_bw / dev.sms
+    dt = "bf16" if elem == 2 else "fp32"
+    rates = {hg: _cost.rate_for(dt, dev, hg) for hg in (False, True)}
     best = (float("inf"), None)
     blockwise = b * r >= 16                      # stage 1 per input block (contiguous input)
     qtp = next_pow2(b * r)
@@ -1835,11 +1837,12 @@ def rows_ksplit_plan(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inte
                     else:
                         stage1 = rows_ * Kp * hp
                     flops = 2.0 * (stage1 * os_ + rows_ * Np * w2)
-                    k = _cost.kernel_seconds(dram, dram + l2, flops, programs, dev, hgmma=bm >= 64,
-                                             dtype="bf16" if elem == 2 else "fp32")
+                    # kernels._cost.kernel_seconds' terms, inline (thousands of plans a new shape)
+                    f = _cost.fill(programs, dev)[1]
+                    rate = rates[bm >= 64]
                     per_tiles = cdiv(tiles, os_)
                     tail = ((ks_eff - 1) * bm * hp * 4 + per_tiles * bn * (bm + w2) * elem) / per_sm
-                    t = k["seconds"] + tail
+                    t = max(dram / dev.hbm_bw, (dram + l2) / (dev.l2_bw * f), flops / (rate * f)) + dev.launch_s + tail
                     if t < best[0]:
                         best = (t, (bm, bn, os_, ks_eff, k_per))
     return best
