@@ -506,6 +506,12 @@ def rows_fma(nblocks: int, rank: int, in_interleaved: bool = False, out_interlea
         return env == "1"
     if M is None or K is None or N is None:
         return False
+    return _fma_faster(M, K, N, nblocks, rank, elem, save_h)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fma_faster(M: int, K: int, N: int, nblocks: int, rank: int, elem: int, save_h: bool) -> bool:
+    """:func:`rows_fma`'s model decision, cached per shape (the launcher asks at every launch)."""
     t = lambda p: _path_seconds(M, K, N, nblocks, rank, p, elem, elem, save_h, True)
     return t("rows_fma") <= t("rows_mma")
 
@@ -2128,8 +2134,15 @@ def rows_ksplit(M: int, F_IN: int, F_OUT: int, NB: int, R: int, elem: int = 2, i
     if env == "0" or not rows_ksplit_ok(NB, R, in_interleaved):
         return None
     quantum = 16 if _config.is_interpreter() else ROWS_KS_QUANTUM
+    return _ksplit_pick(M, F_IN, F_OUT, NB, R, elem, inter, save_h, sms, quantum, in_interleaved, env == "1")
+
+
+@functools.lru_cache(maxsize=4096)
+def _ksplit_pick(M: int, F_IN: int, F_OUT: int, NB: int, R: int, elem: int, inter: int, save_h: bool,
+                 sms: int, quantum: int, in_interleaved: bool, force: bool) -> Optional[tuple]:
+    """:func:`rows_ksplit`'s model decision, cached per shape (the launcher asks at every launch)."""
     t, plan = rows_ksplit_plan(M, F_IN, F_OUT, NB, R, elem, inter, save_h, sms, quantum, in_interleaved)
-    if plan is None or env == "1":
+    if plan is None or force:
         return plan
     from fastfactor.sol.device import H200
 

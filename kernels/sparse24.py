@@ -629,6 +629,21 @@ if HAS_TRITON:
         return tl.reshape(w, (BLOCK_R, BLOCK_K))
 
     @triton.jit
+    def _load_pairs(
+        vals_ptr,    # (R, K/2) kept values, 16-bit, rows 4-byte aligned: read as int32 pairs
+        offs_r, mask_r, k0, K,
+        stride_vr,   # row stride of the values in int32 pairs (= elements / 2)
+        BLOCK_K: tl.constexpr,
+    ):
+        """The ``(BLOCK_R, BLOCK_K/4)`` int32 pairs ``v0 | v1 << 16`` of the groups of columns
+        ``k0 : k0 + BLOCK_K`` (16-byte vectors), zero outside the matrix."""
+        offs_g = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+        return tl.load(
+            vals_ptr + offs_r[:, None] * stride_vr + offs_g[None, :],
+            mask=mask_r[:, None] & (offs_g < K // 4)[None, :], other=0,
+        )
+
+    @triton.jit
     def _expand24_pairs(
         vals_ptr,    # (R, K/2) kept values, 16-bit, rows 4-byte aligned: read as int32 pairs
         meta_ptr,    # codes (see _load_codes)
@@ -642,11 +657,7 @@ if HAS_TRITON:
         """:func:`_expand24` for 16-bit values read as one int32 per group (``v0 | v1 << 16``,
         16-byte vectors), each in-group slot formed elementwise on ``(BLOCK_R, BLOCK_K/4)``
         tensors and the four slots joined innermost: no split of the loaded tile."""
-        offs_g = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-        pair = tl.load(
-            vals_ptr + offs_r[:, None] * stride_vr + offs_g[None, :],
-            mask=mask_r[:, None] & (offs_g < K // 4)[None, :], other=0,
-        )
+        pair = _load_pairs(vals_ptr, offs_r, mask_r, k0, K, stride_vr, BLOCK_K)
         i0, i1 = _load_codes(meta_ptr, offs_r, mask_r, k0, K, stride_mr, stride_mc, BLOCK_K, META32)
         lo = pair.to(tl.int16)                      # v0's bits (truncation)
         hi = (pair >> 16).to(tl.int16)              # v1's bits
@@ -700,11 +711,7 @@ if HAS_TRITON:
         4-5 of the zero operand). Codes that are not canonical (``i0 >= i1``: not produced by
         :func:`pack_24`; ``Sparse24Weight.validate`` finds them) expand differently from the
         compare-and-select form."""
-        offs_g = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-        pair = tl.load(
-            vals_ptr + offs_r[:, None] * stride_vr + offs_g[None, :],
-            mask=mask_r[:, None] & (offs_g < K // 4)[None, :], other=0,
-        )
+        pair = _load_pairs(vals_ptr, offs_r, mask_r, k0, K, stride_vr, BLOCK_K)
         offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         word = tl.load(
             meta_ptr + offs_r[:, None] * stride_mr + offs_w[None, :] * stride_mc,
