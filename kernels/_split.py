@@ -70,6 +70,17 @@ if HAS_TRITON:
             tot += tl.where(mine2, acc, other)
         return tot
 
+    @triton.jit
+    def _split_sum(ws_ptr, part, mask, slice_elems, N_SPLIT, like):
+        """In a tile's last arrival (:func:`_split_arrive`): the sum of all ``N_SPLIT`` partials,
+        its own included, read back from the workspace (the bits it stored) in the order ``s = 0,
+        1, …``, in ``like``'s shape and dtype: bitwise the same whichever program arrives last. For
+        tiles of any rank (:func:`_split_total` keeps its own partial in registers, 2-D tiles)."""
+        tot = tl.zeros(like.shape, dtype=like.dtype)
+        for s_ in range(0, N_SPLIT):                             # fixed order: bitwise reproducible
+            tot += tl.load(ws_ptr + s_ * slice_elems + part, mask=mask, other=0.0, cache_modifier=".cg")
+        return tot
+
 
 #: ``(device, stream) -> int32 counters`` of the one-launch split reductions
 COUNTERS: dict = {}

@@ -99,10 +99,11 @@ feature tile, ``Σ_m d[m, f]·h[m, col]`` (``d = x`` with ``dh`` for ``dw1``, ``
 ``block(f) = p(col)``; for contiguous blocks with ``b·r >= 16`` each program's features lie in one
 block ``p`` and it reads only ``p``'s ``b·r`` columns of the intermediate (an unpadded product).
 Reductions longer than 4096 rows are split over fixed row ranges (:func:`wgrad_split`, per side,
-from the shape and SM count only) into fp32 partials; the split sides' partials share one buffer
-(a side split less often pads its extra rows with ``-0.0``, the exact identity of the sum) summed
-over the splits by one ``torch.sum``: no atomics, bitwise reproducible, and bitwise the results of
-one ``_wgrad_kernel`` launch per side (the same body; it serves a lone ``dw1`` or ``dw2``).
+from the shape and SM count only) into fp32 partials, summed in the same launch by each feature
+tile's last program to arrive, in the fixed order of the splits (:mod:`kernels._split`; a side
+split less often than the other leaves its extra programs idle): no second launch, no atomics on
+data, bitwise reproducible, and bitwise the results of one ``_wgrad_kernel`` launch per side (the
+same body; it serves a lone ``dw1`` or ``dw2``).
 
 Which path
     :func:`choose_path` predicts each path's time from bytes moved, tensor FLOPs issued and (FMA
@@ -192,14 +193,14 @@ from ._config import (
     upcast_dots,
 )
 from . import _config, _cost
-from ._split import split_buffers
+from ._split import split_buffers, split_counters
 from .lowrank import intermediate_dtype
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._split import _split_arrive, _split_total
+    from ._split import _split_arrive, _split_sum, _split_total
 
 #: "no split" value of the bgemm's column split (larger than any dimension)
 _NO_SPLIT = 1 << 30
@@ -460,6 +461,8 @@ WGRAD_SPACE = [
     dict(BLOCK_M=64, BLOCK_N=512, num_warps=8, num_stages=2),
     WGRAD_INTERP,
 ]
+#: narrowest feature tile of the space: the most tiles (arrival counters) a launch can have
+WGRAD_MIN_BN = min(c["BLOCK_N"] for c in WGRAD_SPACE)
 #: widest on-chip h (columns, b·b·r padded) the row-block kernel takes (b = 16 at rank 1)
 ROWS_MAX_WIDTH = 256
 #: largest packed second-stage factor tile (HP x BLOCK_N elements) a row-block config may stage:
@@ -1323,29 +1326,32 @@ if HAS_TRITON:
         d_ptr,       # (M, F) data rows: g (dw2, db) or x (dw1)
         h_ptr,       # (M, NB*NB*R) intermediate: hbuf (dw2) or dh (dw1), column p*NB*R + qt
                      #   where p is the block of the data feature it pairs with
-        out_ptr,     # the gradient, or its fp32 partials when split: element (split, p, s, qt) at
-                     #   split*so + p*sop + s*sos + qt*soq
-        rowsum_ptr,  # (SPLIT, F) Σ_m d[m, f] over the split's rows; written when ROWSUM
+        out_ptr,     # the gradient in its dtype: element (p, s, qt) at p*sop + s*sos + qt*soq
+        rowsum_ptr,  # (F,) Σ_m d[m, f] in d's dtype; written when ROWSUM
+        ws_ptr,      # SPLIT: (SPLITS, ...) fp32 partials of the gradient, split stride so (the
+                     #   workspace: written, then read back by the tile's last program)
+        wrs_ptr,     # SPLIT and ROWSUM: (SPLITS, F) fp32 partials of the row sums, split stride srs
+        cnt_ptr,     # SPLIT and SYNC: int32 arrival counters, one per feature tile of the launch
         # --- dimensions ---
         M, NB, R, SB,
         F,           # data features (loads); features in [F, NB*SB) are padding, written as zeros
         ROWS,        # rows per split (a multiple of BLOCK_M): split s owns rows [s*ROWS, (s+1)*ROWS)
-        SPLITS,      # splits with rows (cdiv(M, ROWS)); with PAD, splits in [SPLITS, NOUT) write
-                     #   -0.0 (the identity of the partial sum: padding of a buffer shared with a
-                     #   side split more often) and splits >= NOUT write nothing
-        NOUT,        # split rows of out_ptr / rowsum_ptr this side owns (used with PAD)
+        SPLITS,      # splits with rows (cdiv(M, ROWS)); programs of later splits (a grid shared
+                     #   with a side split more often) do nothing
         # --- strides (in elements) ---
         sdm, sdf, shm, so, sop, sos, soq,
-        srs,         # split stride of rowsum_ptr
+        srs,         # split stride of wrs_ptr
         # --- this program ---
         pid_f,       # feature tile (grid axis 0 of this side)
         split,       # row split (grid axis 1)
+        tile,        # its arrival counter (the feature tile's index in the launch)
         # --- meta-parameters (see _wgrad_kernel) ---
         ROWSUM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, FP64: tl.constexpr,
         MIXED: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCKWISE: tl.constexpr, HP: tl.constexpr,
         BATCHED: tl.constexpr, NBC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        PAD: tl.constexpr,           # the grid has more splits than this side (SPLITS, NOUT used);
-                                     #   without it, the exact code of the one-gradient kernel
+        SPLIT: tl.constexpr,         # SPLITS > 1: partials + the fixed-order sum in this launch
+        SYNC: tl.constexpr,          # the tile's reducer is its last program to arrive (counter;
+                                     #   GPU); else its last split (the interpreter's id order)
     ):
         """One program of a weight gradient: feature tile ``pid_f``, rows of split ``split``, the
         packed product ``Σ_m d[m, f]·h[m, col]`` kept on the block-diagonal pairs (the body of
@@ -1408,35 +1414,35 @@ if HAS_TRITON:
                 acc3 = tl.dot(d3, h3, acc3, input_precision=PRECISION)
             else:
                 acc = tl.dot(tl.trans(d), hh, acc, input_precision=PRECISION)
-        if PAD:
-            # a padding split stores -0.0 (x + -0.0 == x bitwise for every x): 1 or -1, exact;
-            # splits past the side's output rows store nothing (split < NOUT as full-shape
-            # compares: the interpreter rejects a scalar & a block)
-            sign = 1 - 2 * (split >= SPLITS).to(tl.int32)
-            acc = acc * sign
-            acc3 = acc3 * sign
-            rs = rs * sign
-            live = split + tl.zeros((BLOCK_N,), tl.int32) < NOUT
-            live2 = split + tl.zeros((BLOCK_N, HP), tl.int32) < NOUT
-            live3 = split + tl.zeros((NBC, BLOCK_N // NBC, HP // NBC), tl.int32) < NOUT
-        else:
-            live = True   # (x & True folds away: the code of the one-gradient kernel)
-            live2 = True
-            live3 = True
-        if BATCHED:
-            pb = tl.arange(0, NBC)
-            sb = pid_f * (BLOCK_N // NBC) + tl.arange(0, BLOCK_N // NBC)
-            qb = tl.arange(0, HP // NBC)
-            tl.store(out_ptr + split * so + pb[:, None, None] * sop + sb[None, :, None] * sos + qb[None, None, :] * soq,
-                     acc3.to(out_ptr.dtype.element_ty),
-                     mask=(sb[None, :, None] * NB + pb[:, None, None] < NB * SB) & (qb[None, None, :] < QT) & live3)
-        else:
-            # the packed product holds every (feature, column) pair; the block-diagonal ones are kept
-            tl.store(out_ptr + split * so + p_f[:, None] * sop + s_f[:, None] * sos + qt_h[None, :] * soq,
-                     acc.to(out_ptr.dtype.element_ty),
-                     mask=mask_w[:, None] & valid_h[None, :] & (p_h[None, :] == p_f[:, None]) & live2)
-        if ROWSUM:
-            tl.store(rowsum_ptr + split * srs + ff, rs.to(rowsum_ptr.dtype.element_ty), mask=mask_f & live)
+        if split < SPLITS:           # (later splits of a shared grid: no rows, nothing to write)
+            if BATCHED:
+                pb = tl.arange(0, NBC)
+                sb = pid_f * (BLOCK_N // NBC) + tl.arange(0, BLOCK_N // NBC)
+                qb = tl.arange(0, HP // NBC)
+                part = pb[:, None, None] * sop + sb[None, :, None] * sos + qb[None, None, :] * soq
+                keep = (sb[None, :, None] * NB + pb[:, None, None] < NB * SB) & (qb[None, None, :] < QT)
+                val = acc3
+            else:
+                # the packed product holds every (feature, column) pair; the block-diagonal ones are kept
+                part = p_f[:, None] * sop + s_f[:, None] * sos + qt_h[None, :] * soq
+                keep = mask_w[:, None] & valid_h[None, :] & (p_h[None, :] == p_f[:, None])
+                val = acc
+            if SPLIT:
+                if ROWSUM:
+                    tl.store(wrs_ptr + split * srs + ff, rs, mask=mask_f)
+                last = _split_arrive(val, ws_ptr, part, keep, so, split, cnt_ptr, tile, SPLITS, SYNC)
+                if last:
+                    val = _split_sum(ws_ptr, part, keep, so, SPLITS, val)
+                    tl.store(out_ptr + part, val.to(out_ptr.dtype.element_ty), mask=keep)
+                    if ROWSUM:
+                        rs = _split_sum(wrs_ptr, ff, mask_f, srs, SPLITS, rs)
+                        tl.store(rowsum_ptr + ff, rs.to(rowsum_ptr.dtype.element_ty), mask=mask_f)
+                    if SYNC:
+                        tl.atomic_xchg(cnt_ptr + tile, 0)            # ready for the next launch
+            else:
+                tl.store(out_ptr + part, val.to(out_ptr.dtype.element_ty), mask=keep)
+                if ROWSUM:
+                    tl.store(rowsum_ptr + ff, rs.to(rowsum_ptr.dtype.element_ty), mask=mask_f)
 
     #: the same body as a separate device function (not inlined): the pair kernel calls it once per
     #: side, so each side's registers are allocated on their own (inlined, the two sides' live
@@ -1450,17 +1456,18 @@ if HAS_TRITON:
         d_ptr,       # (M, F) data rows: g (dw2, db) or x (dw1)
         h_ptr,       # (M, NB*NB*R) intermediate: hbuf (dw2) or dh (dw1), column p*NB*R + qt
                      #   where p is the block of the data feature it pairs with
-        out_ptr,     # partials (fp32; the factor's dtype when there is one split): element (split, p, s, qt) at
-                     #   split*so + p*sop + s*sos + qt*soq
-        rowsum_ptr,  # (SPLIT, F) Σ_m d[m, f] over the split's rows; written when ROWSUM
+        out_ptr,     # the gradient in its dtype: element (p, s, qt) at p*sop + s*sos + qt*soq
+        rowsum_ptr,  # (F,) Σ_m d[m, f] in d's dtype; written when ROWSUM
+        ws_ptr,      # SPLIT: (splits, ...) fp32 partials of the gradient, split stride so
+        wrs_ptr,     # SPLIT and ROWSUM: (splits, F) fp32 partials of the row sums, split stride srs
+        cnt_ptr,     # SPLIT and SYNC: int32 arrival counters, one per feature tile
         # --- dimensions ---
         M, NB, R, SB,
         F,           # data features (loads); features in [F, NB*SB) are padding, written as zeros
-
         ROWS,        # rows per split (a multiple of BLOCK_M): split s owns rows [s*ROWS, (s+1)*ROWS)
         # --- strides (in elements) ---
         sdm, sdf, shm, so, sop, sos, soq,
-        srs,         # split stride of rowsum_ptr (the partials share one buffer with out's: one sum)
+        srs,         # split stride of wrs_ptr
         # --- meta-parameters ---
         ROWSUM: tl.constexpr,
         UPCAST: tl.constexpr,
@@ -1474,47 +1481,55 @@ if HAS_TRITON:
         BATCHED: tl.constexpr,       # interleaved features, power-of-two NB*R >= 16: one batched
                                      #   product over the NB blocks (unpadded; P₂ permuted on chip)
         NBC: tl.constexpr,           # NB as a constant (BATCHED), else 1
+        SPLIT: tl.constexpr,         # the rows are split (grid axis 1 > 1): in-launch fixed-order sum
+        SYNC: tl.constexpr,          # with SPLIT: arrival counters (a GPU; see _wgrad_tile)
         BLOCK_M: tl.constexpr,       # rows per step of the reduction
         BLOCK_N: tl.constexpr,       # data features per program
     ):
-        """One weight gradient: grid (feature tiles, row splits), every split real."""
-        splits = tl.num_programs(1)
-        _wgrad_tile(d_ptr, h_ptr, out_ptr, rowsum_ptr, M, NB, R, SB, F, ROWS, splits, splits,
-                    sdm, sdf, shm, so, sop, sos, soq, srs, tl.program_id(0), tl.program_id(1),
+        """One weight gradient: grid (feature tiles, row splits), every split real; with ``SPLIT``
+        each tile's last program to arrive sums the splits' partials (:mod:`kernels._split`)."""
+        _wgrad_tile(d_ptr, h_ptr, out_ptr, rowsum_ptr, ws_ptr, wrs_ptr, cnt_ptr, M, NB, R, SB, F, ROWS,
+                    tl.num_programs(1), sdm, sdf, shm, so, sop, sos, soq, srs,
+                    tl.program_id(0), tl.program_id(1), tl.program_id(0),
                     ROWSUM, UPCAST, PRECISION, FP64, MIXED, INTERLEAVED, BLOCKWISE, HP, BATCHED, NBC,
-                    BLOCK_M, BLOCK_N, False)
+                    BLOCK_M, BLOCK_N, SPLIT, SYNC)
 
     @triton.jit
     def _wgrad_pair_kernel(
         # --- pointers, side A: dw1[j, l·r + t, c] = Σ_m dh[m, j, l, t]·x[m, j·kb + c] ---
         xa_ptr,      # (M, K) x, the data rows of dw1 (contiguous input blocks: f = j*kb + c)
         ha_ptr,      # (M, NB*NB*R) dh[m, j, l, t] (column j*NB*R + l*R + t)
-        oa_ptr,      # dw1 (b, b·r, kb) (one split: written directly in its dtype) or its fp32
-                     #   partials (split, j, c, l·r + t) at split*so_a + j*sop_a + c*sos_a + p*soq_a
+        oa_ptr,      # dw1 (b, b·r, kb) in its dtype: element (j, c, l·r + t) at j*sop_a + c*sos_a + p*soq_a
+        wsa_ptr,     # SPLIT_A: (SPLITS_A, b, b·r, kb) fp32 partials of dw1, split stride so_a
         # --- pointers, side B: dw2[l, s, q] = Σ_m g[m, o(l, s)]·h[m, l, q], db = Σ_m g ---
         gb_ptr,      # (M, N) g, the data rows of dw2 (Monarch: interleaved, f = s*NB + l)
         hb_ptr,      # (M, NB*NB*R) hbuf[m, l, j, t] saved by the forward (column l*NB*R + q)
-        ob_ptr,      # dw2 (b, nb, b·r) or its fp32 partials, addressed as oa_ptr with the *_b strides
-        rowsum_ptr,  # db (N,) (one split of side B) or its fp32 partials (split, N); when ROWSUM
+        ob_ptr,      # dw2 (b, nb, b·r) in its dtype, addressed as oa_ptr with the *_b strides
+        rowsum_ptr,  # db (N,) in g's dtype; when ROWSUM
+        wsb_ptr,     # SPLIT_B: (SPLITS_B, b, nb, b·r) fp32 partials of dw2, split stride so_b
+        wrs_ptr,     # SPLIT_B and ROWSUM: (SPLITS_B, N) fp32 partials of db, split stride srs
+        cnt_ptr,     # SYNC: int32 arrival counters, one per feature tile (both sides' tiles)
         # --- dimensions ---
         M, NB, R,
         SB_A, F_A,   # side A: kb, K
         ROWS_A,      # rows per split of side A
-        SPLITS_A,    # splits of side A with rows; NOUT_A the split rows of oa_ptr (see _wgrad_tile)
-        NOUT_A,
-        SB_B, F_B, ROWS_B, SPLITS_B, NOUT_B,   # side B: nb, N and the same
+        SPLITS_A,    # splits of side A (grid axis 1 is the larger count: the other side's later
+                     #   splits do nothing)
+        SB_B, F_B, ROWS_B, SPLITS_B,   # side B: nb, N and the same
         # --- strides (in elements) ---
         sdm_a, sdf_a, shm_a, so_a, sop_a, sos_a, soq_a,
         sdm_b, sdf_b, shm_b, so_b, sop_b, sos_b, soq_b,
-        srs,         # split stride of rowsum_ptr
+        srs,         # split stride of wrs_ptr
         # --- meta-parameters, shared ---
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
         FP64: tl.constexpr,
+        SYNC: tl.constexpr,          # a split side's reducer is its tile's last arrival (counters; GPU)
         # --- side A (contiguous blocks: never interleaved, batched or summed by rows) ---
         MIXED_A: tl.constexpr,
         BLOCKWISE_A: tl.constexpr,
         HP_A: tl.constexpr,
+        SPLIT_A: tl.constexpr,       # SPLITS_A > 1: partials summed in this launch
         # --- side B ---
         ROWSUM: tl.constexpr,
         MIXED_B: tl.constexpr,
@@ -1523,8 +1538,7 @@ if HAS_TRITON:
         HP_B: tl.constexpr,
         BATCHED_B: tl.constexpr,
         NBC_B: tl.constexpr,
-        PAD: tl.constexpr,           # the sides' split counts differ: the grid's extra splits pad
-                                     #   (a partial side: -0.0) or idle (a one-split side)
+        SPLIT_B: tl.constexpr,       # SPLITS_B > 1
         BLOCK_M: tl.constexpr,       # rows per step of the reduction (both sides)
         BLOCK_N: tl.constexpr,       # data features per program (both sides)
     ):
@@ -1532,7 +1546,8 @@ if HAS_TRITON:
         followed by side B's, axis 1 the row splits (the larger of the two sides' counts); each
         program runs :func:`_wgrad_tile` (as the called device function ``_wgrad_tile_call``) with
         its side's pointers and constexprs, so each side computes what :func:`_wgrad_kernel`
-        computes for it alone, in the same order."""
+        computes for it alone, in the same order (its split partials summed by each tile's last
+        program: no second launch)."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
         if BLOCKWISE_A:
@@ -1540,15 +1555,17 @@ if HAS_TRITON:
         else:
             tiles_a = tl.cdiv(NB * SB_A, BLOCK_N)
         if pid < tiles_a:
-            _wgrad_tile_call(xa_ptr, ha_ptr, oa_ptr, oa_ptr, M, NB, R, SB_A, F_A, ROWS_A, SPLITS_A, NOUT_A,
-                        sdm_a, sdf_a, shm_a, so_a, sop_a, sos_a, soq_a, 0, pid, split,
-                        False, UPCAST, PRECISION, FP64, MIXED_A, False, BLOCKWISE_A, HP_A, False, 1,
-                        BLOCK_M, BLOCK_N, PAD)
+            _wgrad_tile_call(xa_ptr, ha_ptr, oa_ptr, oa_ptr, wsa_ptr, wsa_ptr, cnt_ptr,
+                             M, NB, R, SB_A, F_A, ROWS_A, SPLITS_A,
+                             sdm_a, sdf_a, shm_a, so_a, sop_a, sos_a, soq_a, 0, pid, split, pid,
+                             False, UPCAST, PRECISION, FP64, MIXED_A, False, BLOCKWISE_A, HP_A, False, 1,
+                             BLOCK_M, BLOCK_N, SPLIT_A, SYNC)
         else:
-            _wgrad_tile_call(gb_ptr, hb_ptr, ob_ptr, rowsum_ptr, M, NB, R, SB_B, F_B, ROWS_B, SPLITS_B, NOUT_B,
-                        sdm_b, sdf_b, shm_b, so_b, sop_b, sos_b, soq_b, srs, pid - tiles_a, split,
-                        ROWSUM, UPCAST, PRECISION, FP64, MIXED_B, INTERLEAVED_B, BLOCKWISE_B, HP_B,
-                        BATCHED_B, NBC_B, BLOCK_M, BLOCK_N, PAD)
+            _wgrad_tile_call(gb_ptr, hb_ptr, ob_ptr, rowsum_ptr, wsb_ptr, wrs_ptr, cnt_ptr,
+                             M, NB, R, SB_B, F_B, ROWS_B, SPLITS_B,
+                             sdm_b, sdf_b, shm_b, so_b, sop_b, sos_b, soq_b, srs, pid - tiles_a, split, pid,
+                             ROWSUM, UPCAST, PRECISION, FP64, MIXED_B, INTERLEAVED_B, BLOCKWISE_B, HP_B,
+                             BATCHED_B, NBC_B, BLOCK_M, BLOCK_N, SPLIT_B, SYNC)
 
     # autotuned launchers; in deterministic mode they run one fixed config (kernels._config.Tunable)
     _chain_tuned = Tunable(
@@ -1665,19 +1682,28 @@ if HAS_TRITON:
         dtypes=("fp16",),
         unit_args=_ROWS_UNIT,
     ))
+    _WGRAD_PTRS = {"ws_ptr": "fp32", "wrs_ptr": "fp32", "cnt_ptr": "i32"}
+
+    def _wgrad_variant(**kw):
+        """A compiled variant of one weight gradient: these defaults (tf32, Monarch dw2 with the
+        bias, b·r < 16, rows not split) and ``kw``."""
+        d = dict(ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False, INTERLEAVED=True,
+                 BLOCKWISE=False, HP=16, BATCHED=False, NBC=1, SPLIT=False, SYNC=False)
+        d.update(kw)
+        return d
+
     register_kernel(KernelSpec(
         name="monarch.wgrad",
         fn=_wgrad_kernel,
-        pointers={"out_ptr": "fp32", "rowsum_ptr": "fp32"},
+        pointers=_WGRAD_PTRS,
         constexprs=[
-            dict(ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False, INTERLEAVED=True,
-                 BLOCKWISE=False, HP=16, BATCHED=False, NBC=1),
-            dict(ROWSUM=False, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False, INTERLEAVED=False,
-                 BLOCKWISE=False, HP=64, BATCHED=False, NBC=1),
-            dict(ROWSUM=False, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False, INTERLEAVED=False,
-                 BLOCKWISE=True, HP=16, BATCHED=False, NBC=1),
-            dict(ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False, INTERLEAVED=True,
-                 BLOCKWISE=False, HP=256, BATCHED=True, NBC=16),
+            _wgrad_variant(),
+            _wgrad_variant(ROWSUM=False, INTERLEAVED=False, HP=64),
+            _wgrad_variant(ROWSUM=False, INTERLEAVED=False, BLOCKWISE=True),
+            _wgrad_variant(HP=256, BATCHED=True, NBC=16),
+            # long reductions: the rows split, summed in the launch as a GPU runs it (counters)
+            _wgrad_variant(SPLIT=True, SYNC=True),
+            _wgrad_variant(HP=256, BATCHED=True, NBC=16, SPLIT=True, SYNC=True),
         ],
         space=wgrad_space,
         unit_args=("sdf", "sos", "soq"),
@@ -1685,11 +1711,8 @@ if HAS_TRITON:
     register_kernel(KernelSpec(
         name="monarch.wgrad_fp16",
         fn=_wgrad_kernel,
-        pointers={"h_ptr": "fp32", "out_ptr": "fp32", "rowsum_ptr": "fp32"},
-        constexprs=[
-            dict(ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=True, INTERLEAVED=True,
-                 BLOCKWISE=False, HP=16, BATCHED=False, NBC=1),
-        ],
+        pointers={"h_ptr": "fp32", **_WGRAD_PTRS},
+        constexprs=[_wgrad_variant(MIXED=True), _wgrad_variant(MIXED=True, SPLIT=True, SYNC=True)],
         space=wgrad_space,
         dtypes=("fp16",),
         unit_args=("sdf", "sos", "soq"),
@@ -1698,29 +1721,34 @@ if HAS_TRITON:
     # (blockwise at b·r >= 16), side B Monarch (interleaved, batched at power-of-two b·r >= 16) or
     # block-wise low-rank (contiguous)
     _WGRAD_PAIR_UNIT = ("sdf_a", "sos_a", "soq_b", "sdf_b")
+    _WGRAD_PAIR_PTRS = {"wsa_ptr": "fp32", "wsb_ptr": "fp32", "wrs_ptr": "fp32", "cnt_ptr": "i32"}
 
     def _wgrad_pair_variant(**kw):
         """A compiled variant of the one-launch weight gradients: these defaults (tf32, b·r < 16,
-        h 16 columns, Monarch side B with the bias) and ``kw``."""
-        d = dict(UPCAST=False, PRECISION="tf32", FP64=False, MIXED_A=False, BLOCKWISE_A=False, HP_A=16,
-                 ROWSUM=True, MIXED_B=False, INTERLEAVED_B=True, BLOCKWISE_B=False, HP_B=16,
-                 BATCHED_B=False, NBC_B=1, PAD=False)
+        h 16 columns, Monarch side B with the bias, rows not split) and ``kw``."""
+        d = dict(UPCAST=False, PRECISION="tf32", FP64=False, SYNC=False, MIXED_A=False, BLOCKWISE_A=False,
+                 HP_A=16, SPLIT_A=False, ROWSUM=True, MIXED_B=False, INTERLEAVED_B=True, BLOCKWISE_B=False,
+                 HP_B=16, BATCHED_B=False, NBC_B=1, SPLIT_B=False)
         d.update(kw)
         return d
 
     register_kernel(KernelSpec(
         name="monarch.wgrad_pair",
         fn=_wgrad_pair_kernel,
-        pointers={"oa_ptr": "fp32", "ob_ptr": "fp32", "rowsum_ptr": "fp32"},
+        pointers=_WGRAD_PAIR_PTRS,
         constexprs=[
             _wgrad_pair_variant(),
             _wgrad_pair_variant(HP_A=64, HP_B=64, ROWSUM=False, INTERLEAVED_B=False),
             _wgrad_pair_variant(BLOCKWISE_A=True, HP_A=16, ROWSUM=False, INTERLEAVED_B=False,
                                 BLOCKWISE_B=True, HP_B=16),
             _wgrad_pair_variant(BLOCKWISE_A=True, HP_A=16, HP_B=256, BATCHED_B=True, NBC_B=16),
-            # the sides split unequally (long reductions, K != N): padded / idle extra splits
-            _wgrad_pair_variant(PAD=True),
-            _wgrad_pair_variant(BLOCKWISE_A=True, HP_A=16, HP_B=256, BATCHED_B=True, NBC_B=16, PAD=True),
+            # long reductions: both sides' rows split (or one side's), summed in the launch as a
+            # GPU runs it (arrival counters)
+            _wgrad_pair_variant(SYNC=True, SPLIT_A=True, SPLIT_B=True),
+            _wgrad_pair_variant(BLOCKWISE_A=True, HP_A=16, HP_B=256, BATCHED_B=True, NBC_B=16, SYNC=True,
+                                SPLIT_A=True, SPLIT_B=True),
+            _wgrad_pair_variant(BLOCKWISE_A=True, HP_A=16, ROWSUM=False, INTERLEAVED_B=False,
+                                BLOCKWISE_B=True, HP_B=16, SYNC=True, SPLIT_A=True, SPLIT_B=True),
         ],
         space=wgrad_pair_space,
         unit_args=_WGRAD_PAIR_UNIT,
@@ -1728,8 +1756,9 @@ if HAS_TRITON:
     register_kernel(KernelSpec(
         name="monarch.wgrad_pair_fp16",
         fn=_wgrad_pair_kernel,
-        pointers={"ha_ptr": "fp32", "hb_ptr": "fp32", "oa_ptr": "fp32", "ob_ptr": "fp32", "rowsum_ptr": "fp32"},
-        constexprs=[_wgrad_pair_variant(MIXED_A=True, MIXED_B=True)],
+        pointers={"ha_ptr": "fp32", "hb_ptr": "fp32", **_WGRAD_PAIR_PTRS},
+        constexprs=[_wgrad_pair_variant(MIXED_A=True, MIXED_B=True),
+                    _wgrad_pair_variant(MIXED_A=True, MIXED_B=True, SYNC=True, SPLIT_A=True, SPLIT_B=True)],
         space=wgrad_pair_space,
         dtypes=("fp16",),
         unit_args=_WGRAD_PAIR_UNIT,
@@ -1968,7 +1997,7 @@ def _bwd_path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: i
     ``N`` the layer's in/out features), with the terms of :func:`_path_seconds`: ``'rows'`` is the
     row-block kernel read backwards (``g`` gathered on chip, contiguous ``dx``, ``dh`` stored) and
     ONE packed weight-gradient launch for ``dw1`` and ``dw2`` (+ ``db``) (:func:`_wgrad_pair`;
-    one fixed-order partial sum when the rows are split); ``'fused'`` the chain read backwards
+    the split partials summed in that launch); ``'fused'`` the chain read backwards
     (``g`` gathered through ``P₂``: one 32-byte sector per element for Monarch, per output block
     re-read) and two batched GEMMs over the rows; ``'two_stage'`` four batched GEMMs. **Predicted, not measured.**"""
     from fastfactor.sol import model as SM
@@ -1991,7 +2020,8 @@ def _bwd_path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: i
     def wgrad(sides):
         # the weight gradients in one launch (_wgrad_pair; _wgrad for one side): one packed product
         # per feature tile over each side's fixed splits of the rows (wgrad_side_split), grid axis
-        # 1 the larger split count; the split sides' fp32 partials summed by one torch.sum (and cast)
+        # 1 the larger split count; a split side's fp32 partials stored (DRAM) and summed by each
+        # tile's last program in the same launch (their reads are L2 hits)
         plans = []
         for F, SB, interleaved in sides:
             blockwise = not interleaved and br >= 16
@@ -2005,13 +2035,10 @@ def _bwd_path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: i
             programs = dram = flops = 0
             for F, SB, blockwise, hp, split in plans:
                 programs += (b * cdiv(SB, bn) if blockwise else cdiv(F, bn)) * nout
-                out = F * br * (4 * nout if split > 1 else elem)
+                out = F * br * (4 * split + elem if split > 1 else elem)
                 dram += M * F * elem + M * hw * inter + out
                 flops += 2.0 * M * F * hp
             t = launch(programs, dram, flops, hgmma=False)
-            parts = sum(F * br for F, _, _, _, split in plans if split > 1)
-            if parts:   # the partials summed by one torch.sum (and cast)
-                t += dev.launch_s + (nout + 1) * parts * 4 / dev.hbm_bw
             best = t if best is None else min(best, t)
         return best
 
@@ -2202,91 +2229,55 @@ def _wgrad_plan(d, hb, out_shape, out_strides, *, NB, R, SB, interleaved, dtype,
                 NBC=NB if batched else 1)
 
 
-def _wgrad_outputs(plans, nout):
-    """Output tensors of the weight-gradient sides ``plans`` launched over ``nout`` split rows.
-    A side split once writes its results in their dtypes directly; the sides split more often
-    write fp32 partials (``nout`` rows each, the rows past a side's own splits padded with
-    ``-0.0`` by the kernel) side by side in ONE buffer, so one ``torch.sum`` (a fixed order)
-    reduces them all. Returns ``(per side (part, rs), buf, [(side, offset, size, is_rowsum)])``."""
-    dev = plans[0]["d"].device
-    parted = [p for p in plans if p["split"] > 1]
-    sizes = []
-    for i, p in enumerate(plans):
-        if p["split"] > 1:
-            sizes.append((i, math.prod(p["out_shape"]), False))
-            if p["rowsum"]:
-                sizes.append((i, p["F"], True))
-    buf, layout, off = None, [], 0
-    if parted:
-        acc = acc_dtype(parted[0]["d"].dtype)
-        buf = torch.empty((nout, sum(n for _, n, _ in sizes)), device=dev, dtype=acc)
-        for i, n, is_rs in sizes:
-            layout.append((i, off, n, is_rs))
-            off += n
-    views = []
-    for i, p in enumerate(plans):
-        if p["split"] > 1:
-            (_, o, n, _), = [e for e in layout if e[0] == i and not e[3]]
-            part = buf[:, o:o + n].view(nout, *p["out_shape"])
-            if p["rowsum"]:
-                (_, o, n, _), = [e for e in layout if e[0] == i and e[3]]
-                rs = buf[:, o:o + n]
-            else:
-                rs = part
-        else:
-            part = torch.empty((1, *p["out_shape"]), device=dev, dtype=p["dtype"])
-            rs = torch.empty((1, p["F"]), device=dev, dtype=p["d"].dtype) if p["rowsum"] else part
-        views.append((part, rs))
-    return views, buf, layout
+def _wgrad_buffers(p):
+    """``(out, rowsum, ws, wrs)`` of one weight-gradient side :func:`_wgrad_plan`: the gradient in
+    its dtype and (``rowsum``) ``Σ_m d`` in ``d``'s, which the kernel writes itself (one split: the
+    program of each tile; several: each tile's last program to arrive, from the splits' partials
+    in ``ws (splits, *out_shape)`` and ``wrs (splits, F)``, the accumulator dtype, summed in a
+    fixed order). Separate tensors (the op's outputs may not alias); a side not split passes its
+    outputs for the unused workspaces."""
+    d = p["d"]
+    out = torch.empty(p["out_shape"], device=d.device, dtype=p["dtype"])
+    rs = torch.empty(p["F"], device=d.device, dtype=d.dtype) if p["rowsum"] else out
+    if p["split"] == 1:
+        return out, rs, out, rs
+    acc = acc_dtype(d.dtype)
+    ws = torch.empty((p["split"], *p["out_shape"]), device=d.device, dtype=acc)
+    wrs = torch.empty((p["split"], p["F"]), device=d.device, dtype=acc) if p["rowsum"] else ws
+    return out, rs, ws, wrs
 
 
-def _wgrad_results(plans, views, buf, layout):
-    """``(gradient, rowsum or None)`` per side from :func:`_wgrad_outputs`' tensors after the
-    launch: the one-split sides as written, the partials summed over the splits by ONE
-    ``torch.sum`` and cast (``torch.sum(dtype=...)`` would round the partials first). The results
-    never share storage (the op's outputs may not alias)."""
-    total = buf.sum(0) if buf is not None else None
-    out, first = [], True
-    for i, (p, (part, rs)) in enumerate(zip(plans, views)):
-        if p["split"] == 1:
-            out.append((part[0], rs[0] if p["rowsum"] else None))
-            continue
-        res = []
-        for is_rs in (False, True):
-            if is_rs and not p["rowsum"]:
-                res.append(None)
-                continue
-            (_, o, n, _), = [e for e in layout if e[0] == i and e[3] == is_rs]
-            t = total[o:o + n]
-            t = t.to(p["d"].dtype, copy=not first) if is_rs else t.view(p["out_shape"]).to(p["dtype"], copy=not first)
-            first = False
-            res.append(t)
-        out.append(tuple(res))
-    return out
+def _wgrad_sync(plans, tiles: int, like: torch.Tensor) -> tuple:
+    """``(SYNC, counters)``: arrival counters for ``tiles`` feature tiles when a side's rows are
+    split on a GPU (the interpreter runs programs in id order: the last split reduces)."""
+    sync = like.device.type == "cuda" and any(p["split"] > 1 for p in plans)
+    return sync, (split_counters(like.device, tiles) if sync else like)
 
 
 def _wgrad(d, hb, out_shape, out_strides, *, NB, R, SB, interleaved, dtype, rowsum=False):
     """``Σ_m`` of the packed product ``d[m, f]·hb[m, col]`` kept on the block-diagonal pairs,
     written as ``out[p, s, qt]`` (``out_strides = (sop, sos, soq)`` into a contiguous tensor of
-    ``out_shape``); with ``rowsum`` also ``Σ_m d`` (the bias gradient). One split: the kernel
-    writes the results in ``dtype`` (and ``d``'s) directly; several: fp32 partials summed over
-    the splits by ``torch.sum`` (a fixed order) and cast. Returns ``(out, rowsum or None)``.
-    (The row-block backward launches both weight gradients at once: :func:`_wgrad_pair`.)"""
+    ``out_shape``) in ``dtype``; with ``rowsum`` also ``Σ_m d`` (the bias gradient), in ``d``'s.
+    One launch: with the rows split, each feature tile's last program sums the splits' fp32
+    partials in a fixed order (:mod:`kernels._split`; bitwise reproducible). Returns ``(out,
+    rowsum or None)``. (The row-block backward launches both weight gradients at once:
+    :func:`_wgrad_pair`.)"""
     p = _wgrad_plan(d, hb, out_shape, out_strides, NB=NB, R=R, SB=SB, interleaved=interleaved,
                     dtype=dtype, rowsum=rowsum)
     split = p["split"]
-    views, buf, layout = _wgrad_outputs([p], split)
-    part, rs = views[0]
+    out, rs, ws, wrs = _wgrad_buffers(p)
+    sync, cnt = _wgrad_sync([p], p["tiles"](WGRAD_MIN_BN), out)
     grid = lambda meta: (p["tiles"](meta["BLOCK_N"]), split)
     _wgrad_tuned[grid](
-        d, hb, part, rs,
+        d, hb, out, rs, ws, wrs, cnt,
         p["M"], NB, R, SB, p["F"], p["rows"],
-        d.stride(0), d.stride(1), hb.stride(0), part.stride(0), *out_strides, rs.stride(0),
+        d.stride(0), d.stride(1), hb.stride(0), ws.stride(0), *out_strides, wrs.stride(0),
         ROWSUM=rowsum, UPCAST=upcast_dots(), PRECISION=dot_precision(d.dtype),
         FP64=d.dtype == torch.float64, MIXED=p["MIXED"], INTERLEAVED=interleaved,
         BLOCKWISE=p["BLOCKWISE"], HP=p["HP"], BATCHED=p["BATCHED"], NBC=p["NBC"],
+        SPLIT=split > 1, SYNC=sync,
     )
-    return _wgrad_results([p], views, buf, layout)[0]
+    return out, (rs if rowsum else None)
 
 
 def _wgrad_pair(x, dh, g, hbuf, *, NB, R, kb, nb, strided, w1_dtype, w2_dtype, rowsum):
@@ -2300,33 +2291,30 @@ def _wgrad_pair(x, dh, g, hbuf, *, NB, R, kb, nb, strided, w1_dtype, w2_dtype, r
 
     Each side keeps the constexprs, row splits and per-tile reduction order that :func:`_wgrad`
     gives it alone (the same bits under one config; the launch takes one config for both sides,
-    the first both sides' prune keeps); split sides put their fp32 partials into one buffer
-    reduced by one ``torch.sum``. Returns ``(dw1, dw2, db or None)``."""
+    the first both sides' prune keeps); a split side's partials are summed in the launch by each
+    tile's last program (no second launch, no padding). Returns ``(dw1, dw2, db or None)``."""
     a = _wgrad_plan(x, dh, (NB, NB * R, kb), (NB * R * kb, 1, kb), NB=NB, R=R, SB=kb,
                     interleaved=False, dtype=w1_dtype)
     b = _wgrad_plan(g, hbuf, (NB, nb, NB * R), (nb * NB * R, NB * R, 1), NB=NB, R=R, SB=nb,
                     interleaved=strided, dtype=w2_dtype, rowsum=rowsum)
-    nout = max(a["split"], b["split"])
-    views, buf, layout = _wgrad_outputs([a, b], nout)
-    (pa, _), (pb, rs) = views
-    # a one-split side owns one row of its output (its programs of later splits write nothing)
-    na, nb_ = (nout if a["split"] > 1 else 1), (nout if b["split"] > 1 else 1)
-    grid = lambda meta: (a["tiles"](meta["BLOCK_N"]) + b["tiles"](meta["BLOCK_N"]), nout)
+    oa, _, wsa, _ = _wgrad_buffers(a)
+    ob, rs, wsb, wrs = _wgrad_buffers(b)
+    sync, cnt = _wgrad_sync([a, b], a["tiles"](WGRAD_MIN_BN) + b["tiles"](WGRAD_MIN_BN), oa)
+    grid = lambda meta: (a["tiles"](meta["BLOCK_N"]) + b["tiles"](meta["BLOCK_N"]), max(a["split"], b["split"]))
     _wgrad_pair_tuned[grid](
-        x, dh, pa, g, hbuf, pb, rs,
+        x, dh, oa, wsa, g, hbuf, ob, rs, wsb, wrs, cnt,
         a["M"], NB, R,
-        kb, a["F"], a["rows"], a["split"], na,
-        nb, b["F"], b["rows"], b["split"], nb_,
-        x.stride(0), x.stride(1), dh.stride(0), pa.stride(0), *a["out_strides"],
-        g.stride(0), g.stride(1), hbuf.stride(0), pb.stride(0), *b["out_strides"],
-        rs.stride(0),
-        UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype), FP64=x.dtype == torch.float64,
-        MIXED_A=a["MIXED"], BLOCKWISE_A=a["BLOCKWISE"], HP_A=a["HP"],
+        kb, a["F"], a["rows"], a["split"],
+        nb, b["F"], b["rows"], b["split"],
+        x.stride(0), x.stride(1), dh.stride(0), wsa.stride(0), *a["out_strides"],
+        g.stride(0), g.stride(1), hbuf.stride(0), wsb.stride(0), *b["out_strides"],
+        wrs.stride(0),
+        UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype), FP64=x.dtype == torch.float64, SYNC=sync,
+        MIXED_A=a["MIXED"], BLOCKWISE_A=a["BLOCKWISE"], HP_A=a["HP"], SPLIT_A=a["split"] > 1,
         ROWSUM=rowsum, MIXED_B=b["MIXED"], INTERLEAVED_B=strided, BLOCKWISE_B=b["BLOCKWISE"],
-        HP_B=b["HP"], BATCHED_B=b["BATCHED"], NBC_B=b["NBC"], PAD=a["split"] != b["split"],
+        HP_B=b["HP"], BATCHED_B=b["BATCHED"], NBC_B=b["NBC"], SPLIT_B=b["split"] > 1,
     )
-    (dw1, _), (dw2, db) = _wgrad_results([a, b], views, buf, layout)
-    return dw1, dw2, db
+    return oa, ob, (rs if rowsum else None)
 
 
 def _bgemm(G, I, J, KR, a, b, c, bias=None, rowsum=None):

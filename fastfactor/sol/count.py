@@ -111,15 +111,15 @@ ROLE_MAPS = {
 
 def _wgrad_pair_roles(meta) -> list:
     """The one-launch Monarch weight gradients (``monarch.wgrad_pair``): axis 0 holds dw1's feature
-    tiles then dw2's; on axis 1 each side has its splits with rows, then (``PAD``) its padding
-    splits (stores of -0.0, no loads), then idle splits (a one-split side beside a split one)."""
+    tiles then dw2's; on axis 1 each side has its splits with rows (the last of them sums a split
+    side's partials in the interpreter's id order), then idle splits (a side split less often than
+    the other)."""
     bn, nb = int(meta["BLOCK_N"]), int(meta["NB"])
     roles = []
     for side in ("A", "B"):
         sb = int(meta[f"SB_{side}"])
         tiles = nb * _cdiv(sb, bn) if meta[f"BLOCKWISE_{side}"] else _cdiv(nb * sb, bn)
-        splits, nout = int(meta[f"SPLITS_{side}"]), int(meta[f"NOUT_{side}"])
-        roles.append((tiles, [splits, nout - splits] if meta["PAD"] else [splits]))
+        roles.append((tiles, [int(meta[f"SPLITS_{side}"])]))
     return roles
 
 

@@ -1,8 +1,9 @@
 """Tier 1 (cpu): the row-block backward's weight gradients in ONE launch (``_wgrad_pair_kernel``:
 ``dw1`` and ``dw2`` (+ ``db``) together) under the interpreter: float64 references, bitwise
 equality with the previous two-launch path (``_wgrad`` twice), row splits (equal, unequal, one
-side only: the padded shared partial buffer and its one ``torch.sum``), the launch count, and the
-pricing's launch count (``_bwd_path_seconds``)."""
+side only: each side's fp32 partials summed in the launch by each feature tile's last program, no
+``torch.sum`` and no padding), the launch count, and the pricing's launch count
+(``_bwd_path_seconds``)."""
 
 import dataclasses
 
@@ -16,7 +17,7 @@ from fastfactor.kernels import monarch as Mk
 #: (b, r): b·r = 8 (packed product, HP = 32) and b·r = 16 (dw1 blockwise; Monarch dw2 batched)
 SHAPES = {"br8": (4, 2), "br16": (4, 4)}
 #: row splits per side, keyed by the side's feature count: none; both sides split, unequally
-#: (the side split less often is padded with -0.0); only dw2 split; only dw1 split
+#: (the side split less often leaves programs idle); only dw2 split; only dw1 split
 SPLITS = ["none", "unequal", "dw2_only", "dw1_only"]
 M_, K_, N_ = 29, 30, 21          # K, N not divisible by b = 4 (padded features)
 
@@ -98,18 +99,19 @@ def _cases():
 @pytest.mark.parametrize("dtype,strided,shape,splits", _cases())
 def test_wgrad_pair_vs_float64_and_two_launches(triton_cpu, monkeypatch, dtype, strided, shape, splits):
     """dw1, dw2, db of the one launch: against float64 (``monarch_bwd_ref``), bitwise equal to
-    the two ``_wgrad`` launches, one wgrad launch and at most one ``torch.sum``."""
+    the two ``_wgrad`` launches, one wgrad launch and no ``torch.sum`` (the splits are summed in
+    the launch)."""
     b, r = SHAPES[shape]
     x, w1, w2, g = _inputs(M_, K_, N_, b, r, dtype, seed=10 * SPLITS.index(splits) + list(SHAPES).index(shape))
     monkeypatch.setattr(Mk, "wgrad_split", _split_rule(splits, K_))
     res = {fused: _bwd(x, w1, w2, g, strided, True, True, N_, fused=fused) for fused in (True, False)}
     (dx, dw1, dw2, db), pair_n, single_n, sums = res[True]
     assert (pair_n, single_n) == (1, 0)
-    assert sums == (0 if splits == "none" else 1)
-    # the previous path: two launches, one sum per split side
+    assert sums == 0
+    # the previous path: two launches, each summing its own splits
     _, pair_old, single_old, sums_old = res[False]
     assert (pair_old, single_old) == (0, 2)
-    assert sums_old == {"none": 0, "unequal": 2, "dw2_only": 1, "dw1_only": 1}[splits]
+    assert sums_old == 0
     for name, a, e in zip(["dx", "dw1", "dw2", "db"], (dx, dw1, dw2, db), res[False][0]):
         assert a.dtype == e.dtype and a.shape == e.shape
         assert torch.equal(a, e), f"{name} differs from the two-launch path"
@@ -151,7 +153,7 @@ def test_wgrad_pair_real_split_policy(triton_cpu, monkeypatch, strided):
     assert sa > 1 and sb > 1
     x, w1, w2, g = _inputs(M, K, N, b, r, torch.float32, seed=2)
     out, pair_n, _, sums = _bwd(x, w1, w2, g, strided, True, True, N)
-    assert pair_n == 1 and sums == 1
+    assert pair_n == 1 and sums == 0
     old, *_ = _bwd(x, w1, w2, g, strided, True, True, N, fused=False)
     ref = Mk.monarch_bwd_ref(g.double(), x.double(), w1.double(), w2.double(), None, strided)
     for name, a, o, e in zip(["dx", "dw1", "dw2", "db"], out, old, ref):
@@ -160,8 +162,8 @@ def test_wgrad_pair_real_split_policy(triton_cpu, monkeypatch, strided):
 
 
 def test_wgrad_pair_outputs_do_not_alias(triton_cpu, monkeypatch):
-    """fp32 with both sides split: the three results come out of one summed buffer, as
-    separate tensors (the custom op's outputs may not alias)."""
+    """fp32 with both sides split: the three results are separate tensors (the custom op's
+    outputs may not alias)."""
     b, r = SHAPES["br8"]
     x, w1, w2, g = _inputs(M_, K_, N_, b, r, torch.float32, seed=4)
     monkeypatch.setattr(Mk, "wgrad_split", _split_rule("unequal", K_))
@@ -174,7 +176,7 @@ def test_wgrad_pair_outputs_do_not_alias(triton_cpu, monkeypatch):
 @pytest.mark.parametrize("strided", [True, False], ids=["monarch", "block_lowrank"])
 def test_bwd_pricing_counts_one_wgrad_launch(monkeypatch, M, strided, splits):
     """``_bwd_path_seconds('rows')`` grows by exactly one floor per launch it prices: dx (the
-    row-block kernel) + ONE weight-gradient launch, + one partial sum when the rows split."""
+    row-block kernel) + ONE weight-gradient launch, split or not (the partials are summed in it)."""
     from fastfactor.sol.device import H200
 
     monkeypatch.delenv("FASTFACTOR_MONARCH_PATH", raising=False)
@@ -187,14 +189,15 @@ def test_bwd_pricing_counts_one_wgrad_launch(monkeypatch, M, strided, splits):
         t1 = Mk._bwd_path_seconds(M, K, N, b, r, "rows", need_w1=need_w1, strided=strided, dev=slow)
         dx_launches = round((Mk._path_seconds(M, N, K, b, r, "rows", save_h=need_w1, strided=False, dev=slow)
                              - Mk._path_seconds(M, N, K, b, r, "rows", save_h=need_w1, strided=False, dev=H200)) / 1e-3)
-        assert round((t1 - t0) / 1e-3) == dx_launches + 1 + int(splits)
+        assert round((t1 - t0) / 1e-3) == dx_launches + 1
 
 
 @pytest.mark.parametrize("splits", ["unequal", "dw2_only", "none"])
 def test_sol_counts_the_pair_launch(triton_cpu, monkeypatch, splits):
     """``fastfactor sol`` counts the one launch by classes of programs (``ROLE_MAPS_2D``: each
-    side's tiles; its real, padding and idle splits): the scaled count equals the full one, x and
-    g are each loaded exactly once, and the padding splits store their -0.0 rows."""
+    side's tiles; its splits with rows and its idle ones): the scaled count equals the full one,
+    x and g are each loaded exactly once, and each split side stores exactly its splits' partials
+    (no padding) and its result once."""
     from fastfactor.sol import count as C
     from fastfactor.sol import record as R
 
@@ -214,12 +217,18 @@ def test_sol_counts_the_pair_launch(triton_cpu, monkeypatch, splits):
     assert scaled.dot_flops == pytest.approx(full.dot_flops)
     assert full.tensors["xa_ptr"].load_bytes == x.numel() * 4
     assert full.tensors["gb_ptr"].load_bytes == g.numel() * 4
-    # every output row the launch owns is written once: a split side's nout rows of partials
-    # (its padding rows included), a one-split side's result once (the counter attributes the
-    # stores into one shared buffer by address, not by view: compare the sum)
+    # each split side stores exactly its splits' partials (no padding, no shared buffer) and
+    # each result once (a split side's by its tiles' reducers)
     sa = _split_rule(splits, K_)(M_, K_, 132)[0]
     sb = _split_rule(splits, K_)(M_, N_, 132)[0]
-    nout = max(sa, sb)
-    rows_of = lambda s: nout if s > 1 else 1
-    stored = sum(full.tensors[n].store_bytes for n in ("oa_ptr", "ob_ptr", "rowsum_ptr") if n in full.tensors)
-    assert stored == (rows_of(sa) * w1.numel() + rows_of(sb) * (w2.numel() + N_)) * 4
+    t = {n.split("/")[0]: tc for n, tc in full.tensors.items()}
+    w1_bytes, w2_bytes = w1.numel() * 4, w2.numel() * 4
+    assert t["oa_ptr"].store_bytes == w1_bytes and t["ob_ptr"].store_bytes == w2_bytes
+    assert t["rowsum_ptr"].store_bytes == N_ * 4
+    if sa > 1:
+        assert t["wsa_ptr"].store_bytes == sa * w1_bytes
+    if sb > 1:
+        assert t["wsb_ptr"].store_bytes == sb * w2_bytes
+        assert t["wrs_ptr"].store_bytes == sb * N_ * 4
+    assert sum(tc.store_bytes for tc in t.values()) == (w1_bytes * (1 + sa * (sa > 1)) + (w2_bytes + N_ * 4)
+                                                         * (1 + sb * (sb > 1)))
