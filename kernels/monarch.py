@@ -1414,20 +1414,20 @@ if HAS_TRITON:
                 acc3 = tl.dot(d3, h3, acc3, input_precision=PRECISION)
             else:
                 acc = tl.dot(tl.trans(d), hh, acc, input_precision=PRECISION)
-        if split < SPLITS:           # (later splits of a shared grid: no rows, nothing to write)
-            if BATCHED:
-                pb = tl.arange(0, NBC)
-                sb = pid_f * (BLOCK_N // NBC) + tl.arange(0, BLOCK_N // NBC)
-                qb = tl.arange(0, HP // NBC)
-                part = pb[:, None, None] * sop + sb[None, :, None] * sos + qb[None, None, :] * soq
-                keep = (sb[None, :, None] * NB + pb[:, None, None] < NB * SB) & (qb[None, None, :] < QT)
-                val = acc3
-            else:
-                # the packed product holds every (feature, column) pair; the block-diagonal ones are kept
-                part = p_f[:, None] * sop + s_f[:, None] * sos + qt_h[None, :] * soq
-                keep = mask_w[:, None] & valid_h[None, :] & (p_h[None, :] == p_f[:, None])
-                val = acc
-            if SPLIT:
+        if BATCHED:
+            pb = tl.arange(0, NBC)
+            sb = pid_f * (BLOCK_N // NBC) + tl.arange(0, BLOCK_N // NBC)
+            qb = tl.arange(0, HP // NBC)
+            part = pb[:, None, None] * sop + sb[None, :, None] * sos + qb[None, None, :] * soq
+            keep = (sb[None, :, None] * NB + pb[:, None, None] < NB * SB) & (qb[None, None, :] < QT)
+            val = acc3
+        else:
+            # the packed product holds every (feature, column) pair; the block-diagonal ones are kept
+            part = p_f[:, None] * sop + s_f[:, None] * sos + qt_h[None, :] * soq
+            keep = mask_w[:, None] & valid_h[None, :] & (p_h[None, :] == p_f[:, None])
+            val = acc
+        if SPLIT:
+            if split < SPLITS:       # (later splits of a grid shared with a side split more often: idle)
                 if ROWSUM:
                     tl.store(wrs_ptr + split * srs + ff, rs, mask=mask_f)
                 last = _split_arrive(val, ws_ptr, part, keep, so, split, cnt_ptr, tile, SPLITS, SYNC)
@@ -1439,10 +1439,14 @@ if HAS_TRITON:
                         tl.store(rowsum_ptr + ff, rs.to(rowsum_ptr.dtype.element_ty), mask=mask_f)
                     if SYNC:
                         tl.atomic_xchg(cnt_ptr + tile, 0)            # ready for the next launch
-            else:
-                tl.store(out_ptr + part, val.to(out_ptr.dtype.element_ty), mask=keep)
-                if ROWSUM:
-                    tl.store(rowsum_ptr + ff, rs.to(rowsum_ptr.dtype.element_ty), mask=mask_f)
+        else:
+            # split 0 writes; the later splits of a shared grid have no rows and write nothing (a
+            # full-shape compare: the interpreter rejects a scalar & a block)
+            live = (split + tl.zeros(keep.shape, tl.int32)) == 0
+            tl.store(out_ptr + part, val.to(out_ptr.dtype.element_ty), mask=keep & live)
+            if ROWSUM:
+                tl.store(rowsum_ptr + ff, rs.to(rowsum_ptr.dtype.element_ty),
+                         mask=mask_f & ((split + tl.zeros(ff.shape, tl.int32)) == 0))
 
     #: the same body as a separate device function (not inlined): the pair kernel calls it once per
     #: side, so each side's registers are allocated on their own (inlined, the two sides' live
