@@ -139,9 +139,11 @@ def _key(job: dict) -> str:
 def gpu_build(e: dict) -> tuple:
     """``(constexprs, signature)`` of the build a GPU runs for a launch recorded under the
     interpreter: a split decode's tiles (and the Monarch row-block kernel's split stage 1,
-    ``KSPLIT``) are reduced by their last arrival on an int32 counter (``SYNC``) only on a GPU; the interpreter runs programs in order and passes no counters."""
+    ``KSPLIT``, and its weight gradients' row splits, ``SPLIT_A``/``SPLIT_B``) are reduced by their
+    last arrival on an int32 counter (``SYNC``) only on a GPU; the interpreter runs programs in
+    order and passes no counters."""
     cx, sig = dict(e["constexprs"]), dict(e["signature"])
-    if (cx.get("SPLIT") or cx.get("KSPLIT")) and "SYNC" in cx:
+    if any(cx.get(k) for k in ("SPLIT", "KSPLIT", "SPLIT_A", "SPLIT_B")) and "SYNC" in cx:
         cx["SYNC"] = True
         if "cnt_ptr" in sig:
             sig["cnt_ptr"] = "*i32"

@@ -27,6 +27,8 @@ ROWS = {
     "monarch-3072x768-M16-fwd": RowSpec("monarch", 3072, 768, 16, 4, "fwd"),
     # training at a handful of tokens: dw1, dw2 and db in one launch
     "monarch-3072x768-M16-fwdbwd": RowSpec("monarch", 3072, 768, 16, 4, "fwd+bwd"),
+    # training over a wide input at 16 blocks: the weight gradients' row splits summed in their launch
+    "block_lowrank-3072x768-nb16-M16384-fwdbwd": RowSpec("block_lowrank", 3072, 768, 16384, 16, "fwd+bwd"),
     "sparse24-4096-M16-fwd": RowSpec(tokens=16, direction="fwd", **S4096),
     "sparse24-4096-M64-fwd": RowSpec(tokens=64, direction="fwd", **S4096),
     # a batch PyTorch's 2:4 GEMM does not take (M % 8): our decode kernel runs
@@ -70,6 +72,7 @@ CASES = (
        # a compressed layer no slower than the dense one it replaces, at a handful of tokens too
        ("monarch-3072x768-M16-fwd", "speedup", {"vs": "dense", "target": 1.2}),
        ("monarch-3072x768-M16-fwdbwd", "speedup", {"vs": "dense", "target": 1.5}),
+       ("block_lowrank-3072x768-nb16-M16384-fwdbwd", "speedup", {"vs": "unfused", "target": 2.0}),
        ("sparse24-4096-M16-fwd", "speedup", {"vs": "dense", "target": 1.5}),
        ("sparse24-4096-M64-fwd", "speedup", {"vs": "dense", "target": 1.5}),
        ("sparse24-4096-M16384-fwd", "speedup", {"vs": "torch24", "target": 1.0})]

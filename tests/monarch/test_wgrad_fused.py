@@ -85,7 +85,7 @@ def _bwd(x, w1, w2, g, strided, has_bias, need_w1, N, fused=True):
 def _cases():
     """Every dtype x family x shape with unequal splits (the padded shared buffer); the other split
     modes in bf16 at b·r = 16 (blockwise dw1, batched Monarch dw2)."""
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
     out = []
     for fam, strided in (("monarch", True), ("block_lowrank", False)):
         for shape in SHAPES:
@@ -232,3 +232,24 @@ def test_sol_counts_the_pair_launch(triton_cpu, monkeypatch, splits):
         assert t["wrs_ptr"].store_bytes == sb * N_ * 4
     assert sum(tc.store_bytes for tc in t.values()) == (w1_bytes * (1 + sa * (sa > 1)) + (w2_bytes + N_ * 4)
                                                          * (1 + sb * (sb > 1)))
+
+
+def test_sass_builds_the_gpu_variant(triton_cpu, monkeypatch):
+    """``fastfactor sol --sass`` compiles a recorded split weight-gradient launch as a GPU runs
+    it: each tile's reducer chosen by int32 arrival counters (``SYNC``), not the interpreter's
+    program order; an unsplit launch keeps ``SYNC`` off."""
+    from fastfactor.sol import record as R
+    from fastfactor.sol.sass import gpu_build
+
+    b, r = SHAPES["br16"]
+    x, w1, w2, g = _inputs(M_, K_, N_, b, r, torch.float32, seed=7)
+    h = torch.empty(M_, b * b * r)
+    for splits, sync in (("dw2_only", True), ("none", False)):
+        monkeypatch.setattr(Mk, "wgrad_split", _split_rule(splits, K_))
+        with R.recording(sms=132) as rec:
+            Mk.monarch_bwd(g, x, w1, w2, h, True, True, path="rows")
+        (launch,) = [l for l in rec.launches if l.kernel == "monarch.wgrad_pair"]
+        assert launch.constexprs["SYNC"] is False                # the interpreter: program order
+        sig = {"cnt_ptr": "*fp32", "xa_ptr": "*fp32"}
+        cx, sig = gpu_build(dict(constexprs=launch.constexprs, signature=sig))
+        assert cx["SYNC"] is sync and (sig["cnt_ptr"] == "*i32") is sync
