@@ -448,6 +448,19 @@ ROWS_KS_SPACE = [   # (the interpreter's config last; a GPU never takes it: _pru
 #: input features per split are a multiple of this on a GPU (the interpreter's: 16)
 ROWS_KS_QUANTUM = 128
 
+#: the backward dx launch that also takes dw2's partials (DW2): its row blocks are the partials'
+#: rows, so BLOCK_M is fixed (:func:`rows_dw2_block_m`) and the space tunes the rest
+ROWS_DW2_BLOCK_M = 64
+ROWS_DW2_INTERP = dict(BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+ROWS_DW2_FIXED = dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+ROWS_DW2_SPACE = [   # (the interpreter's config last; a GPU never takes it: _prune_rows_dw2)
+    ROWS_DW2_FIXED,
+    dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    ROWS_DW2_INTERP,
+]
+
 
 #: the weight-gradient kernel (a packed product over a split of the rows, fixed-order partials)
 WGRAD_INTERP = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
@@ -632,6 +645,30 @@ def _prune_rows_ks(configs_, named_args, **kwargs):
     hp, bw = get("HP") or 16, bool(get("BLOCKWISE"))
     kept = [c for c in configs_ if _rows_ks_cfg_ok(hp, dict(c.kwargs, num_warps=c.num_warps), bw)]
     return kept or configs_[-1:]
+
+
+def rows_dw2_block_m() -> int:
+    """Rows per program (and per dw2 partial) of the DW2 dx launch: :data:`ROWS_DW2_BLOCK_M` on a
+    GPU, 16 under the interpreter (its config's tile)."""
+    return 16 if _config.is_interpreter() else ROWS_DW2_BLOCK_M
+
+
+def _prune_rows_dw2(configs_, named_args, **kwargs):
+    """The DW2 launch's configs whose fp32 ``h`` (``BLOCK_M x HP``, and the saved ``h`` beside it)
+    and second-factor tile fit as in :func:`_prune_rows` (the interpreter's only under it)."""
+    if _config.is_interpreter():
+        return configs_
+    get = lambda k: kwargs.get(k, named_args.get(k))
+    hp, bm = get("HP") or 16, get("BLOCK_M") or ROWS_DW2_BLOCK_M
+    kept = [c for c in configs_ if c.kwargs["BLOCK_K"] >= 64 and 2 * bm * hp <= 64 * 32 * c.num_warps
+            and hp * c.kwargs["BLOCK_N"] <= ROWS_MAX_W2_TILE]
+    return kept or configs_[:1]
+
+
+def rows_dw2_space(HP: int = 16, **_) -> list[dict]:
+    """The compile tier's configs of the DW2 dx launch (its fixed row tile, the tuned rest)."""
+    return [dict(BLOCK_M=ROWS_DW2_BLOCK_M, **c) for c in ROWS_DW2_SPACE[:-1]
+            if 2 * ROWS_DW2_BLOCK_M * HP <= 64 * 32 * c["num_warps"] and HP * c["BLOCK_N"] <= ROWS_MAX_W2_TILE]
 
 
 def rows_ks_space(HP: int = 16, BLOCKWISE: bool = False, **_) -> list[dict]:
@@ -976,6 +1013,12 @@ if HAS_TRITON:
                    #   (k, o, m, c) at ((k*OS + o)*M + m)*HP + c; KS, OS = grid axes 2, 1
         cnt_ptr,   # KSPLIT and SYNC: int32 arrival counters, one per (row block, output split)
                    #   at pid_m*OS + pid_o, zero between launches
+        hs_ptr,    # DW2 (backward dx): (M, NB*NB*R) the forward's saved h, column l*NB*R + q
+                   #   (hbuf[m, l, q]), read once per program
+        pw_ptr,    # DW2: fp32 (fp64 with FP64) partials of dw2 per row block: element
+                   #   (pid_m, l, s, q) at pid_m*spw + l*spw_l + s*spw_s + q, q < NB*R
+        prs_ptr,   # DW2 and DB2: partials of db = Σ_m g per row block, element (pid_m, f) at
+                   #   pid_m*sprs + f
         # --- dimensions ---
         M, NB, R,
         CB,        # input block size (kb forward, nb backward)
@@ -985,6 +1028,9 @@ if HAS_TRITON:
         M_BUCKET,  # autotune key only
         # --- strides (in elements) ---
         stride_am, stride_af, stride_zm, stride_zf, shm,
+        shs,       # row stride of hs_ptr
+        spw, spw_l, spw_s,   # strides of pw_ptr (row block, block l, position s)
+        sprs,      # row-block stride of prs_ptr
         s1q, s1p, s1t, s1c,
         s2p, s2s, s2q, s2t,
         # --- meta-parameters ---
@@ -1013,6 +1059,9 @@ if HAS_TRITON:
                                        #   the per-block stage 1): partials summed by the last arrival
         SYNC: tl.constexpr,            # KSPLIT on a GPU: the reducer is the last program to arrive
                                        #   (counter); else the last split (interpreter order)
+        DW2: tl.constexpr,             # backward dx, packed stage 1: also dw2's partial of this row
+                                       #   block from the g tiles it loads (g read once for dx and dw2)
+        DB2: tl.constexpr,             # with DW2: also db's partial (Σ_m g over the row block)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,         # output features per tile (contiguous)
         BLOCK_K: tl.constexpr,         # input features per step (contiguous)
@@ -1021,6 +1070,8 @@ if HAS_TRITON:
         pid_o = tl.program_id(1)
         tl.static_assert(not KSPLIT or not (FMA or BATCHED),
                          "KSPLIT splits the packed and the per-block stage 1 only")
+        tl.static_assert(not DW2 or not (FMA or BATCHED or BLOCKWISE or KSPLIT),
+                         "DW2 rides on the packed, unsplit stage 1")
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         # the columns of h: p = output block, q = input block, t = rank index
@@ -1168,6 +1219,17 @@ if HAS_TRITON:
             else:
                 k_lo = 0
                 k_hi = F_IN
+                if DW2:
+                    k_hi = NB * CB   # the padding features too: their dw2 partials are zeros
+            if DW2:
+                # the forward's h of this row block, once; only output split 0 writes the partials
+                # (a full-shape compare: the interpreter rejects a scalar & a block)
+                hs = tl.load(hs_ptr + offs_m[:, None] * shs + cols[None, :],
+                             mask=mask_m[:, None] & valid_h[None, :], other=0.0)
+                if (UPCAST or H_FP32) and not FP64:
+                    hs = hs.to(tl.float32)
+                live_w = (pid_o + tl.zeros((BLOCK_K, HP), dtype=tl.int32)) == 0
+                live_b = (pid_o + tl.zeros((BLOCK_K,), dtype=tl.int32)) == 0
             for f0 in range(k_lo, k_hi, BLOCK_K):
                 ff = f0 + k_idx
                 mask_f = ff < F_IN
@@ -1186,6 +1248,20 @@ if HAS_TRITON:
                 if UPCAST and not FP64:
                     a = a.to(tl.float32)
                     w = w.to(tl.float32)
+                if DW2:
+                    # dw2[l, s, q] over this row block = Σ_m g[m, f(l, s)]·h[m, l, q]: the packed
+                    # product gᵀ·h (BLOCK_K x HP) kept on its block-diagonal pairs (column block l
+                    # = the feature's block q_f), stored as this row block's partial
+                    a2 = a
+                    if H_FP32 and not FP64:
+                        a2 = a.to(tl.float32)                # with the fp32 h of fp16 inputs
+                    d2 = tl.dot(tl.trans(a2), hs, input_precision=PRECISION)
+                    keep = (ff < NB * CB)[:, None] & valid_h[None, :] & (p_h[None, :] == q_f[:, None]) & live_w
+                    tl.store(pw_ptr + pid_m * spw + q_f[:, None] * spw_l + c_f[:, None] * spw_s + qt_h[None, :],
+                             d2.to(pw_ptr.dtype.element_ty), mask=keep)
+                    if DB2:
+                        tl.store(prs_ptr + pid_m * sprs + ff, tl.sum(a2.to(h.dtype), axis=0).to(prs_ptr.dtype.element_ty),
+                                 mask=mask_f & live_b)
                 h = tl.dot(a, w, h, input_precision=PRECISION)
 
         if KSPLIT:
@@ -1591,6 +1667,12 @@ if HAS_TRITON:
              "OUT_INTERLEAVED", "BLOCK_M", "BLOCK_N"],
         prune=_prune_rows_ks, interpreter=ROWS_KS_INTERP, deterministic=ROWS_KS_FIXED,
     )
+    # the dx launch that also takes dw2's partials: BLOCK_M fixed by the launcher (rows_dw2_block_m)
+    _rows_dw2_tuned = Tunable(
+        _rows_kernel, ROWS_DW2_SPACE,
+        key=["M_BUCKET", "NB", "R", "F_IN", "F_OUT", "STORE_H", "H_FP32", "IN_INTERLEAVED", "DB2", "BLOCK_M"],
+        prune=_prune_rows_dw2, interpreter=ROWS_DW2_INTERP, deterministic=ROWS_DW2_FIXED,
+    )
     _wgrad_tuned = Tunable(
         _wgrad_kernel, WGRAD_SPACE, key=["NB", "R", "F", "ROWS", "MIXED", "INTERLEAVED"],
         prune=_prune_wgrad, interpreter=WGRAD_INTERP, deterministic=WGRAD_FIXED,
@@ -1635,11 +1717,11 @@ if HAS_TRITON:
         layouts, HP 16, one block a tile, nothing batched, the tensor-core build) and ``kw``."""
         d = dict(HAS_BIAS=False, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
                  IN_INTERLEAVED=False, OUT_INTERLEAVED=False, HP=16, BLOCKWISE=False, QTP=1, BATCHED=False,
-                 BATCHED2=False, FMA=False, NBC=1, RC=1, KSPLIT=False, SYNC=False)
+                 BATCHED2=False, FMA=False, NBC=1, RC=1, KSPLIT=False, SYNC=False, DW2=False, DB2=False)
         d.update(kw)
         return d
 
-    _ROWS_PTRS = {"ws_ptr": "fp32", "cnt_ptr": "i32"}
+    _ROWS_PTRS = {"ws_ptr": "fp32", "cnt_ptr": "i32", "pw_ptr": "fp32", "prs_ptr": "fp32"}
 
     register_kernel(KernelSpec(
         name="monarch.rows",
@@ -1672,6 +1754,20 @@ if HAS_TRITON:
                           NBC=16, KSPLIT=True, SYNC=True),
         ],
         space=rows_ks_space,
+        unit_args=_ROWS_UNIT,
+        pointers=_ROWS_PTRS,
+    ))
+    register_kernel(KernelSpec(
+        name="monarch.rows_dw2",
+        fn=_rows_kernel,
+        constexprs=[
+            # the backward dx that also takes dw2's (and db's) partials per row block: Monarch
+            # (interleaved g) at b·r = 4 and 8, block-wise low-rank (contiguous g) at b·r = 4
+            _rows_variant(IN_INTERLEAVED=True, DW2=True, DB2=True),
+            _rows_variant(IN_INTERLEAVED=True, HP=64, DW2=True, DB2=True),
+            _rows_variant(DW2=True, DB2=False),
+        ],
+        space=rows_dw2_space,
         unit_args=_ROWS_UNIT,
         pointers=_ROWS_PTRS,
     ))
@@ -1996,14 +2092,18 @@ def _path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int =
 
 
 def _bwd_path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int = 2,
-                      inter: int = 2, need_w1: bool = True, strided: bool = True, dev=None) -> float:
+                      inter: int = 2, need_w1: bool = True, strided: bool = True, dev=None,
+                      dw2: Optional[bool] = None) -> float:
     """Predicted seconds of the backward of ``path`` (``dx``, ``dw1``, ``dw2`` and ``db``; ``K``,
     ``N`` the layer's in/out features), with the terms of :func:`_path_seconds`: ``'rows'`` is the
     row-block kernel read backwards (``g`` gathered on chip, contiguous ``dx``, ``dh`` stored) and
     ONE packed weight-gradient launch for ``dw1`` and ``dw2`` (+ ``db``) (:func:`_wgrad_pair`;
     the split partials summed in that launch); ``'fused'`` the chain read backwards
     (``g`` gathered through ``P₂``: one 32-byte sector per element for Monarch, per output block
-    re-read) and two batched GEMMs over the rows; ``'two_stage'`` four batched GEMMs. **Predicted, not measured.**"""
+    re-read) and two batched GEMMs over the rows; ``'two_stage'`` four batched GEMMs. ``dw2``
+    (``'rows'``): the ``dx`` launch also stores ``dw2``'s and ``db``'s partials per row block
+    (``g`` read once; :func:`rows_dw2`), summed by one ``torch.sum``, and the weight-gradient
+    launch takes ``dw1`` alone; None: as the launcher decides. **Predicted, not measured.**"""
     from fastfactor.sol import model as SM
     from fastfactor.sol.device import H200
 
@@ -2049,6 +2149,14 @@ def _bwd_path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: i
     if path == "rows":
         t = _path_seconds(M, N, K, b, r, "rows", elem, inter, save_h=need_w1, strided=False, dev=dev,
                           in_interleaved=strided)
+        if dw2 is None:
+            dw2 = rows_dw2(M, K, N, b, r, elem, inter, need_w1, strided, dev.sms)
+        if dw2:
+            # the partials (fp32, dw2's b·r per feature + db's one) stored by the dx launch (its
+            # bytes add to a DRAM-bound launch), then read once by one torch.sum
+            part = cdiv(M, ROWS_DW2_BLOCK_M) * N * (br + 1) * 4.0
+            t += part / dev.hbm_bw + dev.launch_s + part / dev.hbm_bw
+            return t + (wgrad([(K, kb, False)]) if need_w1 else 0.0)
         return t + wgrad(([(K, kb, False)] if need_w1 else []) + [(N, nb, strided)])
     # dw1 = Σ_m dh·x (b groups of br x kb), dw2 = Σ_m g'·h (b groups of nb x br): one program owns
     # a tile of the gradient and the whole M-long reduction
@@ -2111,11 +2219,14 @@ def choose_path(M: int, K: int, N: int, nblocks: int, rank: int, elem: int = 2, 
     return min(cands, key=lambda p: _path_seconds(M, K, N, nblocks, rank, p, elem, elem, save_h, strided))
 
 
-def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_inter, out_inter):
+def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_inter, out_inter, dw2=None):
     """Launch the row-block kernel. ``first = (tensor, (s_q, s_p, s_t, s_c))``, ``second =
     (tensor, (s_p, s_s, s_q, s_t))``, ``h`` an ``(M, NB·NB·R)`` buffer (unit column stride) or
     None; ``in_inter``/``out_inter``: the input/output feature maps are interleaved
-    (``f = c·NB + q``) rather than contiguous blocks (``f = q·CB + c``)."""
+    (``f = c·NB + q``) rather than contiguous blocks (``f = q·CB + c``). ``dw2 = (hs, pw, prs)``
+    (the backward ``dx`` with the packed stage 1, :func:`rows_dw2_ok`): the launch also stores
+    dw2's partial of each row block of :func:`rows_dw2_block_m` rows into ``pw (blocks, NB, CB,
+    NB·R)`` from the forward's saved ``hs``, and with ``prs (blocks, F_IN)`` db's."""
     f1, s1 = first
     f2, s2 = second
     h_fp32 = intermediate_dtype(a.dtype) != a.dtype
@@ -2136,21 +2247,34 @@ def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_int
         QTP=next_pow2(NB * R) if blockwise else 1, BATCHED=batched, BATCHED2=batched2, FMA=fma,
         NBC=NB if fma or batched or batched2 else 1, RC=R if fma or batched or batched2 else 1,
     )
+    hs, pw, prs = dw2 if dw2 is not None else (z, z, None)
     args = lambda ws, cnt, k_per: (
         a, f1, f2, bias if bias is not None else z, z, h if h is not None else z, ws, cnt,
+        hs, pw, prs if prs is not None else pw,
         M, NB, R, CB, SB, F_IN, F_OUT, k_per, m_bucket(M),
         a.stride(0), a.stride(1), z.stride(0), z.stride(1), h.stride(0) if h is not None else 0,
+        hs.stride(0), *(pw.stride()[:3] if dw2 is not None else (0, 0, 0)),
+        prs.stride(0) if prs is not None else 0,
         *s1, *s2,
     )
+    if dw2 is not None:
+        if fma or blockwise or batched or plan is not None:
+            raise ValueError("dw2: the DW2 dx launch takes the packed, unsplit stage 1 (rows_dw2_ok)")
+        _rows_dw2_tuned[row_block_grid(M, F_OUT, a.device)](
+            *args(z, z, F_IN), KSPLIT=False, SYNC=False, DW2=True, DB2=prs is not None,
+            BLOCK_M=rows_dw2_block_m(), **consts)
+        return
     if plan is None:
-        _rows_tuned[row_block_grid(M, F_OUT, a.device)](*args(z, z, F_IN), KSPLIT=False, SYNC=False, **consts)
+        _rows_tuned[row_block_grid(M, F_OUT, a.device)](*args(z, z, F_IN), KSPLIT=False, SYNC=False,
+                                                        DW2=False, DB2=False, **consts)
         return
     bm, bn, os_, ks, k_per = plan
     mb = cdiv(M, bm)
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     _, sync, ws, cnt = split_buffers(ks, mb * os_, (os_, M, hp), a.device, z)
     ws = ws.to(acc) if ws.dtype != acc else ws
-    _rows_ks_tuned[(mb, os_, ks)](*args(ws, cnt, k_per), KSPLIT=True, SYNC=sync, BLOCK_M=bm, BLOCK_N=bn, **consts)
+    _rows_ks_tuned[(mb, os_, ks)](*args(ws, cnt, k_per), KSPLIT=True, SYNC=sync, DW2=False, DB2=False,
+                                  BLOCK_M=bm, BLOCK_N=bn, **consts)
 
 
 def rows_ksplit(M: int, F_IN: int, F_OUT: int, NB: int, R: int, elem: int = 2, inter: int = 2,
@@ -2181,6 +2305,46 @@ def _ksplit_pick(M: int, F_IN: int, F_OUT: int, NB: int, R: int, elem: int, inte
     unsplit = _path_seconds(M, F_IN, F_OUT, NB, R, "rows_unsplit", elem, inter, save_h, dev=dev,
                             in_interleaved=in_interleaved)
     return plan if t < unsplit else None
+
+
+def rows_dw2_ok(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inter: int = 2, need_w1: bool = True,
+                strided: bool = True, sms: int = 132) -> bool:
+    """Whether the backward's ``dx`` launch (the row-block kernel on ``g``) runs the packed, unsplit
+    stage 1 that can also take ``dw2``'s partials (``DW2``): ``b·r < 16`` (not the per-block or
+    batched stage 1), not the FMA build, no split stage 1 (few rows)."""
+    if b * r >= 16:
+        return False
+    if rows_fma(b, r, strided, False, M=M, K=N, N=K, elem=elem, save_h=need_w1):
+        return False
+    return rows_ksplit(M, N, K, b, r, elem, inter, need_w1, sms, strided) is None
+
+
+def rows_dw2(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inter: int = 2, need_w1: bool = True,
+             strided: bool = True, sms: int = 132) -> bool:
+    """Whether the row-block backward computes ``dw2`` (and ``db``) in the ``dx`` launch, from the
+    ``g`` tiles that launch loads anyway, as fp32 partials per row block summed by one
+    ``torch.sum``, instead of in the weight-gradient launch (which then reads ``g`` a second
+    time): where :func:`rows_dw2_ok` and predicted faster (:func:`_bwd_path_seconds`; many rows:
+    ``g`` is ``M·N`` elements, the partials ``M/64·N·(b·r + 1)`` floats). ``K``, ``N``: the layer's
+    in/out features. ``FASTFACTOR_MONARCH_DW2=0`` / ``1`` forces it off / on (where it exists)."""
+    env = os.environ.get("FASTFACTOR_MONARCH_DW2")
+    if env not in (None, "", "0", "1"):
+        raise ValueError(f"FASTFACTOR_MONARCH_DW2: expected 0 or 1, got {env!r}")
+    if env == "0" or not rows_dw2_ok(M, K, N, b, r, elem, inter, need_w1, strided, sms):
+        return False
+    return env == "1" or _dw2_faster(M, K, N, b, r, elem, inter, need_w1, strided, sms)
+
+
+@functools.lru_cache(maxsize=4096)
+def _dw2_faster(M: int, K: int, N: int, b: int, r: int, elem: int, inter: int, need_w1: bool, strided: bool,
+                sms: int) -> bool:
+    """:func:`rows_dw2`'s model decision, cached per shape (the launcher asks at every backward)."""
+    from fastfactor.sol.device import H200
+
+    dev = H200 if sms == H200.sms else dataclasses.replace(H200, sms=sms)
+    kw = dict(elem=elem, inter=inter, need_w1=need_w1, strided=strided, dev=dev)
+    return (_bwd_path_seconds(M, K, N, b, r, "rows", dw2=True, **kw)
+            < _bwd_path_seconds(M, K, N, b, r, "rows", dw2=False, **kw))
 
 
 #: fewest rows one split of a weight-gradient reduction takes (tests lower it to exercise splits)
@@ -2487,11 +2651,23 @@ def monarch_bwd(
     path = path or choose_path(M, N, K, b, r, g.element_size(), need_w1, strided=strided, backward=True)
     if path == "rows" and not rows_supported(b, r):
         path = "fused"
+    parts = None   # (buffer, dw2 elements): dw2 (+ db) partials per row block from the dx launch
     if need_x or need_w1:
         dh = torch.empty((M, b * br), device=g.device, dtype=intermediate_dtype(g.dtype))  # dh[m, j, l, t]
         if need_x:
             dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
             if path == "rows":
+                dw2_args = None
+                if (need_w2 and hbuf is not None and x.dtype == g.dtype
+                        and rows_dw2(M, K, N, b, r, g.element_size(), dh.element_size(), need_w1, strided,
+                                     _config.num_sms(g.device))):
+                    # g read once: the dx launch also stores dw2's (and db's) partial of each row
+                    # block, one buffer (blocks, b·nb·br [+ N]) for one fixed-order torch.sum
+                    nw2 = b * nb * br
+                    buf = torch.empty((cdiv(M, rows_dw2_block_m()), nw2 + (N if has_bias else 0)),
+                                      device=g.device, dtype=acc_dtype(g.dtype))
+                    dw2_args = (hbuf, buf[:, :nw2].view(-1, b, nb, br), buf[:, nw2:] if has_bias else None)
+                    parts = (buf, nw2)
                 # dx = the chain read backwards: g (gathered through P₂ on chip) is the input
                 _rows(
                     g,
@@ -2499,6 +2675,7 @@ def monarch_bwd(
                     (w1, (w1.stride(0), w1.stride(2), r * w1.stride(1), w1.stride(1))),
                     None, dx, dh if need_w1 else None,
                     M=M, NB=b, R=r, CB=nb, SB=kb, F_IN=N, F_OUT=K, in_inter=strided, out_inter=False,
+                    dw2=dw2_args,
                 )
             elif path == "fused":
                 _chain(
@@ -2532,6 +2709,18 @@ def monarch_bwd(
         # the weight gradients as packed products over fixed splits of the rows (no atomics):
         # dw1[j, p, c] = Σ_m dh[m, j, p]·x[m, j·kb + c]; dw2[l, s, q] = Σ_m g[m, o(l, s)]·h[m, l, q];
         # db = Σ_m g. Both weight gradients: one launch (_wgrad_pair); one of them: _wgrad.
+        if parts is not None:
+            # dw2 and db from the dx launch's partials: one sum over the row blocks (a fixed
+            # order), each result cast on its own (the op's outputs may not alias)
+            buf, nw2 = parts
+            tot = buf.sum(0)
+            dw2 = tot[:nw2].view(b, nb, br).to(w2.dtype, copy=True)
+            if has_bias:
+                db = tot[nw2:].to(g.dtype, copy=True)
+            if need_w1:
+                dw1, _ = _wgrad(x, dh, (b, br, kb), (br * kb, 1, kb), NB=b, R=r, SB=kb,
+                                interleaved=False, dtype=w1.dtype)
+            return dx, dw1, dw2, db
         if need_w2 and hbuf is None:
             _, hbuf = monarch_fwd(x, w1, w2, None, N, strided, save_h=True, path="rows")
         if need_w1 and need_w2 and x.dtype == g.dtype:   # (one dtype: one PRECISION / FP64 for both)
