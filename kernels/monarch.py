@@ -2260,7 +2260,8 @@ def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_int
     if dw2 is not None:
         if fma or blockwise or batched or plan is not None:
             raise ValueError("dw2: the DW2 dx launch takes the packed, unsplit stage 1 (rows_dw2_ok)")
-        _rows_dw2_tuned[row_block_grid(M, F_OUT, a.device)](
+        # one program a row block, every output tile (no output splits: one partial per row block)
+        _rows_dw2_tuned[lambda meta: (cdiv(M, meta["BLOCK_M"]), 1)](
             *args(z, z, F_IN), KSPLIT=False, SYNC=False, DW2=True, DB2=prs is not None,
             BLOCK_M=rows_dw2_block_m(), **consts)
         return
@@ -2324,8 +2325,9 @@ def rows_dw2(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inter: int =
     """Whether the row-block backward computes ``dw2`` (and ``db``) in the ``dx`` launch, from the
     ``g`` tiles that launch loads anyway, as fp32 partials per row block summed by one
     ``torch.sum``, instead of in the weight-gradient launch (which then reads ``g`` a second
-    time): where :func:`rows_dw2_ok` and predicted faster (:func:`_bwd_path_seconds`; many rows:
-    ``g`` is ``M·N`` elements, the partials ``M/64·N·(b·r + 1)`` floats). ``K``, ``N``: the layer's
+    time): where :func:`rows_dw2_ok`, its row blocks fill the SMs, and predicted faster
+    (:func:`_bwd_path_seconds`; many rows: ``g`` is ``M·N`` elements, the partials
+    ``M/64·N·(b·r + 1)`` floats). ``K``, ``N``: the layer's
     in/out features. ``FASTFACTOR_MONARCH_DW2=0`` / ``1`` forces it off / on (where it exists)."""
     env = os.environ.get("FASTFACTOR_MONARCH_DW2")
     if env not in (None, "", "0", "1"):
@@ -2341,6 +2343,8 @@ def _dw2_faster(M: int, K: int, N: int, b: int, r: int, elem: int, inter: int, n
     """:func:`rows_dw2`'s model decision, cached per shape (the launcher asks at every backward)."""
     from fastfactor.sol.device import H200
 
+    if cdiv(M, ROWS_DW2_BLOCK_M) < sms:
+        return False   # its row blocks alone must fill the SMs (the DW2 launch never splits outputs)
     dev = H200 if sms == H200.sms else dataclasses.replace(H200, sms=sms)
     kw = dict(elem=elem, inter=inter, need_w1=need_w1, strided=strided, dev=dev)
     return (_bwd_path_seconds(M, K, N, b, r, "rows", dw2=True, **kw)
