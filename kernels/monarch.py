@@ -105,6 +105,14 @@ split less often than the other leaves its extra programs idle): no second launc
 data, bitwise reproducible, and bitwise the results of one ``_wgrad_kernel`` launch per side (the
 same body; it serves a lone ``dw1`` or ``dw2``).
 
+At many rows (its row blocks fill the SMs; :func:`rows_dw2`) the backward reads ``g`` once: the
+``dx`` launch (packed stage 1, ``DW2``) also multiplies each ``g`` tile it loads by its row block's
+saved ``h`` (loaded once a program), ``gᵀ·h`` kept on the block-diagonal pairs, and stores the
+row block's fp32 partial of ``dw2`` (and of ``db = Σ_m g``) into one buffer ``(row blocks, b·nb·b·r
+[+ N])``; one ``torch.sum`` over the row blocks (a fixed order) gives ``dw2`` and ``db``, and the
+weight-gradient launch takes ``dw1`` alone (``_wgrad_kernel``). ``FASTFACTOR_MONARCH_DW2=0``/``1``
+forces it off/on.
+
 Which path
     :func:`choose_path` predicts each path's time from bytes moved, tensor FLOPs issued and (FMA
     build) instructions issued with the device figures and rates of ``fastfactor sol``
@@ -452,11 +460,12 @@ ROWS_KS_QUANTUM = 128
 #: rows, so BLOCK_M is fixed (:func:`rows_dw2_block_m`) and the space tunes the rest
 ROWS_DW2_BLOCK_M = 64
 ROWS_DW2_INTERP = dict(BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
-ROWS_DW2_FIXED = dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+ROWS_DW2_FIXED = dict(BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
+#: 8 warps: the saved h, the dw2 product and stage 1 side by side spilled with 4 (compile-check,
+#: generic sm_90 builds: 56-1728 bytes at 64 x 128 and 128-wide steps); BLOCK_N = 128 only at
+#: HP = 16 (488 bytes at HP = 64)
 ROWS_DW2_SPACE = [   # (the interpreter's config last; a GPU never takes it: _prune_rows_dw2)
     ROWS_DW2_FIXED,
-    dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
-    dict(BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
     dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
     ROWS_DW2_INTERP,
 ]
@@ -660,15 +669,19 @@ def _prune_rows_dw2(configs_, named_args, **kwargs):
         return configs_
     get = lambda k: kwargs.get(k, named_args.get(k))
     hp, bm = get("HP") or 16, get("BLOCK_M") or ROWS_DW2_BLOCK_M
-    kept = [c for c in configs_ if c.kwargs["BLOCK_K"] >= 64 and 2 * bm * hp <= 64 * 32 * c.num_warps
-            and hp * c.kwargs["BLOCK_N"] <= ROWS_MAX_W2_TILE]
+    kept = [c for c in configs_ if _rows_dw2_cfg_ok(bm, hp, dict(c.kwargs, num_warps=c.num_warps))]
     return kept or configs_[:1]
+
+
+def _rows_dw2_cfg_ok(bm: int, hp: int, cfg: dict) -> bool:
+    return (cfg["BLOCK_K"] >= 64 and 2 * bm * hp <= 64 * 32 * cfg["num_warps"]
+            and (cfg["BLOCK_N"] <= 64 or hp <= 16) and hp * cfg["BLOCK_N"] <= ROWS_MAX_W2_TILE)
 
 
 def rows_dw2_space(HP: int = 16, **_) -> list[dict]:
     """The compile tier's configs of the DW2 dx launch (its fixed row tile, the tuned rest)."""
     return [dict(BLOCK_M=ROWS_DW2_BLOCK_M, **c) for c in ROWS_DW2_SPACE[:-1]
-            if 2 * ROWS_DW2_BLOCK_M * HP <= 64 * 32 * c["num_warps"] and HP * c["BLOCK_N"] <= ROWS_MAX_W2_TILE]
+            if _rows_dw2_cfg_ok(ROWS_DW2_BLOCK_M, HP, c)]
 
 
 def rows_ks_space(HP: int = 16, BLOCKWISE: bool = False, **_) -> list[dict]:
