@@ -185,8 +185,9 @@ def test_bwd_pricing_counts_one_wgrad_launch(monkeypatch, M, strided, splits):
     assert (Mk.wgrad_side_split(M, K, b, r, False, H200.sms)[0] > 1) == splits
     slow = dataclasses.replace(H200, launch_s=H200.launch_s + 1e-3)
     for need_w1 in (True, False):
-        t0 = Mk._bwd_path_seconds(M, K, N, b, r, "rows", need_w1=need_w1, strided=strided, dev=H200)
-        t1 = Mk._bwd_path_seconds(M, K, N, b, r, "rows", need_w1=need_w1, strided=strided, dev=slow)
+        # (dw2=False: the pair launch; dw2 and db from the dx launch are test_dw2_in_dx's)
+        t0 = Mk._bwd_path_seconds(M, K, N, b, r, "rows", need_w1=need_w1, strided=strided, dev=H200, dw2=False)
+        t1 = Mk._bwd_path_seconds(M, K, N, b, r, "rows", need_w1=need_w1, strided=strided, dev=slow, dw2=False)
         dx_launches = round((Mk._path_seconds(M, N, K, b, r, "rows", save_h=need_w1, strided=False, dev=slow)
                              - Mk._path_seconds(M, N, K, b, r, "rows", save_h=need_w1, strided=False, dev=H200)) / 1e-3)
         assert round((t1 - t0) / 1e-3) == dx_launches + 1
