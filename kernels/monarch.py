@@ -1410,6 +1410,24 @@ if HAS_TRITON:
                 tl.atomic_xchg(cnt_ptr + tile, 0)       # ready for the next launch
 
     @triton.jit
+    def _wgrad_layout(pid_f, p_f, s_f, qt_h, p_h, mask_w, valid_h, NB, SB, QT, sop, sos, soq,
+                      BATCHED: tl.constexpr, NBC: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr):
+        """``(offsets, mask)`` of a weight-gradient tile in the gradient's layout (element ``(p, s,
+        qt)`` at ``p*sop + s*sos + qt*soq``): the batched product's ``(NBC, BLOCK_N/NBC, HP/NBC)``
+        tile, or the packed product's ``(BLOCK_N, HP)`` kept on its block-diagonal pairs."""
+        if BATCHED:
+            pb = tl.arange(0, NBC)
+            sb = pid_f * (BLOCK_N // NBC) + tl.arange(0, BLOCK_N // NBC)
+            qb = tl.arange(0, HP // NBC)
+            part = pb[:, None, None] * sop + sb[None, :, None] * sos + qb[None, None, :] * soq
+            keep = (sb[None, :, None] * NB + pb[:, None, None] < NB * SB) & (qb[None, None, :] < QT)
+        else:
+            # the packed product holds every (feature, column) pair; the block-diagonal ones are kept
+            part = p_f[:, None] * sop + s_f[:, None] * sos + qt_h[None, :] * soq
+            keep = mask_w[:, None] & valid_h[None, :] & (p_h[None, :] == p_f[:, None])
+        return part, keep
+
+    @triton.jit
     def _wgrad_tile(
         # --- pointers (one side of a weight gradient) ---
         d_ptr,       # (M, F) data rows: g (dw2, db) or x (dw1)
@@ -1441,6 +1459,10 @@ if HAS_TRITON:
         SPLIT: tl.constexpr,         # SPLITS > 1: partials + the fixed-order sum in this launch
         SYNC: tl.constexpr,          # the tile's reducer is its last program to arrive (counter;
                                      #   GPU); else its last split (the interpreter's id order)
+        REDUCE: tl.constexpr,        # the rows are partials already: d_ptr holds M row-block
+                                     #   partials of the gradient in its layout (row stride sdm), h_ptr
+                                     #   those of the row sums (row stride shm); the split's rows
+                                     #   are summed in order (dw2 and db from the DW2 dx launch)
     ):
         """One program of a weight gradient: feature tile ``pid_f``, rows of split ``split``, the
         packed product ``Σ_m d[m, f]·h[m, col]`` kept on the block-diagonal pairs (the body of
@@ -1483,6 +1505,15 @@ if HAS_TRITON:
             rs = tl.zeros((BLOCK_N,), dtype=tl.float32)
         m_lo = split * ROWS
         m_hi = tl.minimum(M, m_lo + ROWS)   # <= m_lo past the side's splits: no step
+        if REDUCE:
+            tl.static_assert(not BATCHED, "REDUCE sums partials of the packed layout")
+            part, keep = _wgrad_layout(pid_f, p_f, s_f, qt_h, p_h, mask_w, valid_h, NB, SB, QT, sop, sos, soq,
+                                       BATCHED, NBC, HP, BLOCK_N)
+            for i in range(m_lo, m_hi):     # fixed order: bitwise reproducible
+                acc += tl.load(d_ptr + i * sdm + part, mask=keep, other=0.0)
+                if ROWSUM:
+                    rs += tl.load(h_ptr + i * shm + ff, mask=mask_f, other=0.0)
+            m_hi = m_lo                     # (no rows for the product loop)
         r_idx = tl.arange(0, BLOCK_M)
         for m0 in range(m_lo, m_hi, BLOCK_M):
             mm = m0 + r_idx
@@ -1503,17 +1534,11 @@ if HAS_TRITON:
                 acc3 = tl.dot(d3, h3, acc3, input_precision=PRECISION)
             else:
                 acc = tl.dot(tl.trans(d), hh, acc, input_precision=PRECISION)
+        part, keep = _wgrad_layout(pid_f, p_f, s_f, qt_h, p_h, mask_w, valid_h, NB, SB, QT, sop, sos, soq,
+                                   BATCHED, NBC, HP, BLOCK_N)
         if BATCHED:
-            pb = tl.arange(0, NBC)
-            sb = pid_f * (BLOCK_N // NBC) + tl.arange(0, BLOCK_N // NBC)
-            qb = tl.arange(0, HP // NBC)
-            part = pb[:, None, None] * sop + sb[None, :, None] * sos + qb[None, None, :] * soq
-            keep = (sb[None, :, None] * NB + pb[:, None, None] < NB * SB) & (qb[None, None, :] < QT)
             val = acc3
         else:
-            # the packed product holds every (feature, column) pair; the block-diagonal ones are kept
-            part = p_f[:, None] * sop + s_f[:, None] * sos + qt_h[None, :] * soq
-            keep = mask_w[:, None] & valid_h[None, :] & (p_h[None, :] == p_f[:, None])
             val = acc
         if SPLIT:
             if split < SPLITS:       # (later splits of a grid shared with a side split more often: idle)
@@ -1576,6 +1601,7 @@ if HAS_TRITON:
         NBC: tl.constexpr,           # NB as a constant (BATCHED), else 1
         SPLIT: tl.constexpr,         # the rows are split (grid axis 1 > 1): in-launch fixed-order sum
         SYNC: tl.constexpr,          # with SPLIT: arrival counters (a GPU; see _wgrad_tile)
+        REDUCE: tl.constexpr,        # d_ptr / h_ptr are M row-block partials to sum (see _wgrad_tile)
         BLOCK_M: tl.constexpr,       # rows per step of the reduction
         BLOCK_N: tl.constexpr,       # data features per program
     ):
@@ -1585,7 +1611,7 @@ if HAS_TRITON:
                     tl.num_programs(1), sdm, sdf, shm, so, sop, sos, soq, srs,
                     tl.program_id(0), tl.program_id(1), tl.program_id(0),
                     ROWSUM, UPCAST, PRECISION, FP64, MIXED, INTERLEAVED, BLOCKWISE, HP, BATCHED, NBC,
-                    BLOCK_M, BLOCK_N, SPLIT, SYNC)
+                    BLOCK_M, BLOCK_N, SPLIT, SYNC, REDUCE)
 
     @triton.jit
     def _wgrad_pair_kernel(
@@ -1595,8 +1621,10 @@ if HAS_TRITON:
         oa_ptr,      # dw1 (b, b·r, kb) in its dtype: element (j, c, l·r + t) at j*sop_a + c*sos_a + p*soq_a
         wsa_ptr,     # SPLIT_A: (SPLITS_A, b, b·r, kb) fp32 partials of dw1, split stride so_a
         # --- pointers, side B: dw2[l, s, q] = Σ_m g[m, o(l, s)]·h[m, l, q], db = Σ_m g ---
-        gb_ptr,      # (M, N) g, the data rows of dw2 (Monarch: interleaved, f = s*NB + l)
-        hb_ptr,      # (M, NB*NB*R) hbuf[m, l, j, t] saved by the forward (column l*NB*R + q)
+        gb_ptr,      # (M, N) g, the data rows of dw2 (Monarch: interleaved, f = s*NB + l); with
+                     #   REDUCE_B the (MB, b, nb, b·r) row-block partials of dw2 (row stride sdm_b)
+        hb_ptr,      # (M, NB*NB*R) hbuf[m, l, j, t] saved by the forward (column l*NB*R + q); with
+                     #   REDUCE_B the (MB, N) row-block partials of db (row stride shm_b)
         ob_ptr,      # dw2 (b, nb, b·r) in its dtype, addressed as oa_ptr with the *_b strides
         rowsum_ptr,  # db (N,) in g's dtype; when ROWSUM
         wsb_ptr,     # SPLIT_B: (SPLITS_B, b, nb, b·r) fp32 partials of dw2, split stride so_b
@@ -1609,6 +1637,7 @@ if HAS_TRITON:
         SPLITS_A,    # splits of side A (grid axis 1 is the larger count: the other side's later
                      #   splits do nothing)
         SB_B, F_B, ROWS_B, SPLITS_B,   # side B: nb, N and the same
+        MB,          # rows of side B's reduction: M, or the row blocks of its partials (REDUCE_B)
         # --- strides (in elements) ---
         sdm_a, sdf_a, shm_a, so_a, sop_a, sos_a, soq_a,
         sdm_b, sdf_b, shm_b, so_b, sop_b, sos_b, soq_b,
@@ -1632,6 +1661,7 @@ if HAS_TRITON:
         BATCHED_B: tl.constexpr,
         NBC_B: tl.constexpr,
         SPLIT_B: tl.constexpr,       # SPLITS_B > 1
+        REDUCE_B: tl.constexpr,      # dw2 and db summed from the DW2 dx launch's row-block partials
         BLOCK_M: tl.constexpr,       # rows per step of the reduction (both sides)
         BLOCK_N: tl.constexpr,       # data features per program (both sides)
     ):
@@ -1652,13 +1682,13 @@ if HAS_TRITON:
                              M, NB, R, SB_A, F_A, ROWS_A, SPLITS_A,
                              sdm_a, sdf_a, shm_a, so_a, sop_a, sos_a, soq_a, 0, pid, split, pid,
                              False, UPCAST, PRECISION, FP64, MIXED_A, False, BLOCKWISE_A, HP_A, False, 1,
-                             BLOCK_M, BLOCK_N, SPLIT_A, SYNC)
+                             BLOCK_M, BLOCK_N, SPLIT_A, SYNC, False)
         else:
             _wgrad_tile_call(gb_ptr, hb_ptr, ob_ptr, rowsum_ptr, wsb_ptr, wrs_ptr, cnt_ptr,
-                             M, NB, R, SB_B, F_B, ROWS_B, SPLITS_B,
+                             MB, NB, R, SB_B, F_B, ROWS_B, SPLITS_B,
                              sdm_b, sdf_b, shm_b, so_b, sop_b, sos_b, soq_b, srs, pid - tiles_a, split, pid,
                              ROWSUM, UPCAST, PRECISION, FP64, MIXED_B, INTERLEAVED_B, BLOCKWISE_B, HP_B,
-                             BATCHED_B, NBC_B, BLOCK_M, BLOCK_N, SPLIT_B, SYNC)
+                             BATCHED_B, NBC_B, BLOCK_M, BLOCK_N, SPLIT_B, SYNC, REDUCE_B)
 
     # autotuned launchers; in deterministic mode they run one fixed config (kernels._config.Tunable)
     _chain_tuned = Tunable(
@@ -1801,7 +1831,7 @@ if HAS_TRITON:
         """A compiled variant of one weight gradient: these defaults (tf32, Monarch dw2 with the
         bias, b·r < 16, rows not split) and ``kw``."""
         d = dict(ROWSUM=True, UPCAST=False, PRECISION="tf32", FP64=False, MIXED=False, INTERLEAVED=True,
-                 BLOCKWISE=False, HP=16, BATCHED=False, NBC=1, SPLIT=False, SYNC=False)
+                 BLOCKWISE=False, HP=16, BATCHED=False, NBC=1, SPLIT=False, SYNC=False, REDUCE=False)
         d.update(kw)
         return d
 
@@ -1830,6 +1860,17 @@ if HAS_TRITON:
         dtypes=("fp16",),
         unit_args=("sdf", "sos", "soq"),
     ))
+    # dw2 (+ db) summed from the DW2 dx launch's fp32 row-block partials (chunks of blocks, then
+    # the chunks in the launch): Monarch with the bias, block-wise low-rank without
+    register_kernel(KernelSpec(
+        name="monarch.wgrad_reduce",
+        fn=_wgrad_kernel,
+        pointers={"d_ptr": "fp32", "h_ptr": "fp32", **_WGRAD_PTRS},
+        constexprs=[_wgrad_variant(REDUCE=True, SPLIT=True, SYNC=True),
+                    _wgrad_variant(ROWSUM=False, INTERLEAVED=False, REDUCE=True, SPLIT=True, SYNC=True)],
+        space=wgrad_space,
+        unit_args=("sdf", "sos", "soq"),
+    ))
     # dw1 and dw2 (+ db) in one launch (the row-block backward): side A contiguous blocks
     # (blockwise at b·r >= 16), side B Monarch (interleaved, batched at power-of-two b·r >= 16) or
     # block-wise low-rank (contiguous)
@@ -1841,7 +1882,7 @@ if HAS_TRITON:
         h 16 columns, Monarch side B with the bias, rows not split) and ``kw``."""
         d = dict(UPCAST=False, PRECISION="tf32", FP64=False, SYNC=False, MIXED_A=False, BLOCKWISE_A=False,
                  HP_A=16, SPLIT_A=False, ROWSUM=True, MIXED_B=False, INTERLEAVED_B=True, BLOCKWISE_B=False,
-                 HP_B=16, BATCHED_B=False, NBC_B=1, SPLIT_B=False)
+                 HP_B=16, BATCHED_B=False, NBC_B=1, SPLIT_B=False, REDUCE_B=False)
         d.update(kw)
         return d
 
@@ -1862,6 +1903,20 @@ if HAS_TRITON:
                                 SPLIT_A=True, SPLIT_B=True),
             _wgrad_pair_variant(BLOCKWISE_A=True, HP_A=16, ROWSUM=False, INTERLEAVED_B=False,
                                 BLOCKWISE_B=True, HP_B=16, SYNC=True, SPLIT_A=True, SPLIT_B=True),
+        ],
+        space=wgrad_pair_space,
+        unit_args=_WGRAD_PAIR_UNIT,
+    ))
+    register_kernel(KernelSpec(
+        name="monarch.wgrad_pair_reduce",
+        fn=_wgrad_pair_kernel,
+        pointers={"gb_ptr": "fp32", "hb_ptr": "fp32", **_WGRAD_PAIR_PTRS},
+        constexprs=[
+            # dw1 beside the sum of the DW2 dx launch's row-block partials of dw2 (+ db)
+            _wgrad_pair_variant(SYNC=True, SPLIT_A=True, SPLIT_B=True, REDUCE_B=True),
+            _wgrad_pair_variant(HP_A=64, HP_B=64, SYNC=True, SPLIT_A=True, SPLIT_B=True, REDUCE_B=True),
+            _wgrad_pair_variant(ROWSUM=False, INTERLEAVED_B=False, SYNC=True, SPLIT_A=True, SPLIT_B=True,
+                                REDUCE_B=True),
         ],
         space=wgrad_pair_space,
         unit_args=_WGRAD_PAIR_UNIT,
@@ -2134,27 +2189,33 @@ def _bwd_path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: i
         return max(dram / dev.hbm_bw, (dram + l2) / (dev.l2_bw * f),
                    flops / (r_ * f) if flops else 0.0) + dev.launch_s
 
-    def wgrad(sides):
+    def wgrad(sides, parts=0.0):
         # the weight gradients in one launch (_wgrad_pair; _wgrad for one side): one packed product
         # per feature tile over each side's fixed splits of the rows (wgrad_side_split), grid axis
         # 1 the larger split count; a split side's fp32 partials stored (DRAM) and summed by each
         # tile's last program in the same launch (their reads are L2 hits)
+        # (interleaved None: the side sums the DW2 dx launch's row-block partials, `parts` bytes,
+        # in chunks of blocks for about two programs per SM: _wgrad_reduce_plan)
         plans = []
         for F, SB, interleaved in sides:
-            blockwise = not interleaved and br >= 16
-            batched = interleaved and br >= 16 and _pow2(b) and _pow2(r)
+            reduce = interleaved is None
+            blockwise = not reduce and not interleaved and br >= 16
             hp = next_pow2(br) if blockwise else rows_width(b, r)
-            split, _ = wgrad_side_split(M, F, b, r, interleaved, dev.sms)
-            plans.append((F, SB, blockwise, hp, split))
+            if reduce:
+                blocks = cdiv(M, ROWS_DW2_BLOCK_M)
+                split = cdiv(blocks, cdiv(blocks, min(blocks, max(1, cdiv(2 * dev.sms, cdiv(F, 128))))))
+            else:
+                split, _ = wgrad_side_split(M, F, b, r, interleaved, dev.sms)
+            plans.append((F, SB, blockwise, hp, split, reduce))
         nout = max(p[4] for p in plans)
         best = None
         for bn in (64, 128, 256):
             programs = dram = flops = 0
-            for F, SB, blockwise, hp, split in plans:
+            for F, SB, blockwise, hp, split, reduce in plans:
                 programs += (b * cdiv(SB, bn) if blockwise else cdiv(F, bn)) * nout
                 out = F * br * (4 * split + elem if split > 1 else elem)
-                dram += M * F * elem + M * hw * inter + out
-                flops += 2.0 * M * F * hp
+                dram += out + (parts if reduce else M * F * elem + M * hw * inter)
+                flops += 0.0 if reduce else 2.0 * M * F * hp
             t = launch(programs, dram, flops, hgmma=False)
             best = t if best is None else min(best, t)
         return best
@@ -2166,10 +2227,9 @@ def _bwd_path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: i
             dw2 = rows_dw2(M, K, N, b, r, elem, inter, need_w1, strided, dev.sms)
         if dw2:
             # the partials (fp32, dw2's b·r per feature + db's one) stored by the dx launch (its
-            # bytes add to a DRAM-bound launch), then read once by one torch.sum
+            # bytes add to a DRAM-bound launch) and read once by the weight-gradient launch
             part = cdiv(M, ROWS_DW2_BLOCK_M) * N * (br + 1) * 4.0
-            t += part / dev.hbm_bw + dev.launch_s + part / dev.hbm_bw
-            return t + (wgrad([(K, kb, False)]) if need_w1 else 0.0)
+            return t + part / dev.hbm_bw + wgrad(([(K, kb, False)] if need_w1 else []) + [(N, nb, None)], part)
         return t + wgrad(([(K, kb, False)] if need_w1 else []) + [(N, nb, strided)])
     # dw1 = Σ_m dh·x (b groups of br x kb), dw2 = Σ_m g'·h (b groups of nb x br): one program owns
     # a tile of the gradient and the whole M-long reduction
@@ -2423,13 +2483,27 @@ def _wgrad_buffers(p):
     outputs for the unused workspaces."""
     d = p["d"]
     out = torch.empty(p["out_shape"], device=d.device, dtype=p["dtype"])
-    rs = torch.empty(p["F"], device=d.device, dtype=d.dtype) if p["rowsum"] else out
+    rs = torch.empty(p["F"], device=d.device, dtype=p.get("rs_dtype", d.dtype)) if p["rowsum"] else out
     if p["split"] == 1:
         return out, rs, out, rs
     acc = acc_dtype(d.dtype)
     ws = torch.empty((p["split"], *p["out_shape"]), device=d.device, dtype=acc)
     wrs = torch.empty((p["split"], p["F"]), device=d.device, dtype=acc) if p["rowsum"] else ws
     return out, rs, ws, wrs
+
+
+def _wgrad_reduce_plan(p, parts, sms: int):
+    """Side plan ``p`` (:func:`_wgrad_plan`, the packed layout) turned into the sum of the row-block
+    partials ``parts = (pw (blocks, elements of the gradient), prs (blocks, F) or None)`` the DW2
+    ``dx`` launch wrote (``REDUCE``): ``pw`` and ``prs`` take the places of the data and the
+    intermediate, the blocks the place of the rows, split in chunks for about two programs per SM
+    (each tile's chunks then summed in the launch like row splits)."""
+    pw, prs = parts
+    blocks = pw.shape[0]
+    chunks = min(blocks, max(1, cdiv(2 * sms, p["tiles"](128))))
+    rows = cdiv(blocks, chunks)
+    return dict(p, d=pw, hb=prs if prs is not None else pw, M=blocks, rows=rows, split=cdiv(blocks, rows),
+                MIXED=False, rs_dtype=p["d"].dtype)
 
 
 def _wgrad_sync(plans, tiles: int, like: torch.Tensor) -> tuple:
@@ -2439,16 +2513,20 @@ def _wgrad_sync(plans, tiles: int, like: torch.Tensor) -> tuple:
     return sync, (split_counters(like.device, tiles) if sync else like)
 
 
-def _wgrad(d, hb, out_shape, out_strides, *, NB, R, SB, interleaved, dtype, rowsum=False):
+def _wgrad(d, hb, out_shape, out_strides, *, NB, R, SB, interleaved, dtype, rowsum=False, parts=None):
     """``Σ_m`` of the packed product ``d[m, f]·hb[m, col]`` kept on the block-diagonal pairs,
     written as ``out[p, s, qt]`` (``out_strides = (sop, sos, soq)`` into a contiguous tensor of
     ``out_shape``) in ``dtype``; with ``rowsum`` also ``Σ_m d`` (the bias gradient), in ``d``'s.
     One launch: with the rows split, each feature tile's last program sums the splits' fp32
     partials in a fixed order (:mod:`kernels._split`; bitwise reproducible). Returns ``(out,
     rowsum or None)``. (The row-block backward launches both weight gradients at once:
-    :func:`_wgrad_pair`.)"""
+    :func:`_wgrad_pair`.) ``parts``: sum the DW2 ``dx`` launch's row-block partials instead
+    (:func:`_wgrad_reduce_plan`; ``d`` and ``hb`` are then only the shapes' source)."""
     p = _wgrad_plan(d, hb, out_shape, out_strides, NB=NB, R=R, SB=SB, interleaved=interleaved,
                     dtype=dtype, rowsum=rowsum)
+    if parts is not None:
+        p = _wgrad_reduce_plan(p, parts, _config.num_sms(d.device))
+        d, hb = p["d"], p["hb"]
     split = p["split"]
     out, rs, ws, wrs = _wgrad_buffers(p)
     sync, cnt = _wgrad_sync([p], p["tiles"](WGRAD_MIN_BN), out)
@@ -2460,12 +2538,12 @@ def _wgrad(d, hb, out_shape, out_strides, *, NB, R, SB, interleaved, dtype, rows
         ROWSUM=rowsum, UPCAST=upcast_dots(), PRECISION=dot_precision(d.dtype),
         FP64=d.dtype == torch.float64, MIXED=p["MIXED"], INTERLEAVED=interleaved,
         BLOCKWISE=p["BLOCKWISE"], HP=p["HP"], BATCHED=p["BATCHED"], NBC=p["NBC"],
-        SPLIT=split > 1, SYNC=sync,
+        SPLIT=split > 1, SYNC=sync, REDUCE=parts is not None,
     )
     return out, (rs if rowsum else None)
 
 
-def _wgrad_pair(x, dh, g, hbuf, *, NB, R, kb, nb, strided, w1_dtype, w2_dtype, rowsum):
+def _wgrad_pair(x, dh, g, hbuf, *, NB, R, kb, nb, strided, w1_dtype, w2_dtype, rowsum, parts=None):
     """``dw1``, ``dw2`` and ``db`` of the row-block backward in ONE launch of
     :func:`_wgrad_pair_kernel` (shapes as in the module docstring; ``x (M, K)``, ``dh (M, b·b·r)``
     in the layout ``dh[m, j, l, t]``, ``g (M, N)``, ``hbuf (M, b·b·r)`` as ``h[m, l, j, t]``)::
@@ -2477,27 +2555,33 @@ def _wgrad_pair(x, dh, g, hbuf, *, NB, R, kb, nb, strided, w1_dtype, w2_dtype, r
     Each side keeps the constexprs, row splits and per-tile reduction order that :func:`_wgrad`
     gives it alone (the same bits under one config; the launch takes one config for both sides,
     the first both sides' prune keeps); a split side's partials are summed in the launch by each
-    tile's last program (no second launch, no padding). Returns ``(dw1, dw2, db or None)``."""
+    tile's last program (no second launch, no padding). ``parts``: side B sums the DW2 ``dx``
+    launch's row-block partials of ``dw2`` and ``db`` instead (``REDUCE_B``, :func:`_wgrad_reduce_plan`:
+    ``g`` and ``hbuf`` are not read). Returns ``(dw1, dw2, db or None)``."""
     a = _wgrad_plan(x, dh, (NB, NB * R, kb), (NB * R * kb, 1, kb), NB=NB, R=R, SB=kb,
                     interleaved=False, dtype=w1_dtype)
     b = _wgrad_plan(g, hbuf, (NB, nb, NB * R), (nb * NB * R, NB * R, 1), NB=NB, R=R, SB=nb,
                     interleaved=strided, dtype=w2_dtype, rowsum=rowsum)
+    if parts is not None:
+        b = _wgrad_reduce_plan(b, parts, _config.num_sms(g.device))
+    gb, hb = b["d"], b["hb"]
     oa, _, wsa, _ = _wgrad_buffers(a)
     ob, rs, wsb, wrs = _wgrad_buffers(b)
     sync, cnt = _wgrad_sync([a, b], a["tiles"](WGRAD_MIN_BN) + b["tiles"](WGRAD_MIN_BN), oa)
     grid = lambda meta: (a["tiles"](meta["BLOCK_N"]) + b["tiles"](meta["BLOCK_N"]), max(a["split"], b["split"]))
     _wgrad_pair_tuned[grid](
-        x, dh, oa, wsa, g, hbuf, ob, rs, wsb, wrs, cnt,
+        x, dh, oa, wsa, gb, hb, ob, rs, wsb, wrs, cnt,
         a["M"], NB, R,
         kb, a["F"], a["rows"], a["split"],
-        nb, b["F"], b["rows"], b["split"],
+        nb, b["F"], b["rows"], b["split"], b["M"],
         x.stride(0), x.stride(1), dh.stride(0), wsa.stride(0), *a["out_strides"],
-        g.stride(0), g.stride(1), hbuf.stride(0), wsb.stride(0), *b["out_strides"],
+        gb.stride(0), gb.stride(1), hb.stride(0), wsb.stride(0), *b["out_strides"],
         wrs.stride(0),
         UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype), FP64=x.dtype == torch.float64, SYNC=sync,
         MIXED_A=a["MIXED"], BLOCKWISE_A=a["BLOCKWISE"], HP_A=a["HP"], SPLIT_A=a["split"] > 1,
         ROWSUM=rowsum, MIXED_B=b["MIXED"], INTERLEAVED_B=strided, BLOCKWISE_B=b["BLOCKWISE"],
         HP_B=b["HP"], BATCHED_B=b["BATCHED"], NBC_B=b["NBC"], SPLIT_B=b["split"] > 1,
+        REDUCE_B=parts is not None,
     )
     return oa, ob, (rs if rowsum else None)
 
@@ -2727,16 +2811,15 @@ def monarch_bwd(
         # dw1[j, p, c] = Σ_m dh[m, j, p]·x[m, j·kb + c]; dw2[l, s, q] = Σ_m g[m, o(l, s)]·h[m, l, q];
         # db = Σ_m g. Both weight gradients: one launch (_wgrad_pair); one of them: _wgrad.
         if parts is not None:
-            # dw2 and db from the dx launch's partials: one sum over the row blocks (a fixed
-            # order), each result cast on its own (the op's outputs may not alias)
+            # dw2 and db: the dx launch's row-block partials, summed in the weight-gradient launch
+            # (with dw1: the pair's side B; else alone), in a fixed order
             buf, nw2 = parts
-            tot = buf.sum(0)
-            dw2 = tot[:nw2].view(b, nb, br).to(w2.dtype, copy=True)
-            if has_bias:
-                db = tot[nw2:].to(g.dtype, copy=True)
+            parts = (buf[:, :nw2], buf[:, nw2:] if has_bias else None)
             if need_w1:
-                dw1, _ = _wgrad(x, dh, (b, br, kb), (br * kb, 1, kb), NB=b, R=r, SB=kb,
-                                interleaved=False, dtype=w1.dtype)
+                return (dx,) + _wgrad_pair(x, dh, g, hbuf, NB=b, R=r, kb=kb, nb=nb, strided=strided,
+                                           w1_dtype=w1.dtype, w2_dtype=w2.dtype, rowsum=has_bias, parts=parts)
+            dw2, db = _wgrad(g, hbuf, (b, nb, br), (nb * br, br, 1), NB=b, R=r, SB=nb,
+                             interleaved=strided, dtype=w2.dtype, rowsum=has_bias, parts=parts)
             return dx, dw1, dw2, db
         if need_w2 and hbuf is None:
             _, hbuf = monarch_fwd(x, w1, w2, None, N, strided, save_h=True, path="rows")
