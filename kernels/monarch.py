@@ -109,9 +109,10 @@ At many rows (its row blocks fill the SMs; :func:`rows_dw2`) the backward reads 
 ``dx`` launch (packed stage 1, ``DW2``) also multiplies each ``g`` tile it loads by its row block's
 saved ``h`` (loaded once a program), ``gᵀ·h`` kept on the block-diagonal pairs, and stores the
 row block's fp32 partial of ``dw2`` (and of ``db = Σ_m g``) into one buffer ``(row blocks, b·nb·b·r
-[+ N])``; one ``torch.sum`` over the row blocks (a fixed order) gives ``dw2`` and ``db``, and the
-weight-gradient launch takes ``dw1`` alone (``_wgrad_kernel``). ``FASTFACTOR_MONARCH_DW2=0``/``1``
-forces it off/on.
+[+ N])``; the weight-gradient launch then sums them (``REDUCE``: its ``dw2`` side reads the
+partials in place of ``g`` and ``h``, chunks of row blocks per program, the chunks summed in the
+launch like row splits; fixed orders) beside ``dw1``. ``FASTFACTOR_MONARCH_DW2=0``/``1`` forces it
+off/on.
 
 Which path
     :func:`choose_path` predicts each path's time from bytes moved, tensor FLOPs issued and (FMA
@@ -2170,8 +2171,8 @@ def _bwd_path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: i
     (``g`` gathered through ``P₂``: one 32-byte sector per element for Monarch, per output block
     re-read) and two batched GEMMs over the rows; ``'two_stage'`` four batched GEMMs. ``dw2``
     (``'rows'``): the ``dx`` launch also stores ``dw2``'s and ``db``'s partials per row block
-    (``g`` read once; :func:`rows_dw2`), summed by one ``torch.sum``, and the weight-gradient
-    launch takes ``dw1`` alone; None: as the launcher decides. **Predicted, not measured.**"""
+    (``g`` read once; :func:`rows_dw2`), summed by the weight-gradient launch beside ``dw1``
+    instead of reading ``g`` again; None: as the launcher decides. **Predicted, not measured.**"""
     from fastfactor.sol import model as SM
     from fastfactor.sol.device import H200
 
@@ -2396,9 +2397,9 @@ def rows_dw2_ok(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inter: in
 def rows_dw2(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inter: int = 2, need_w1: bool = True,
              strided: bool = True, sms: int = 132) -> bool:
     """Whether the row-block backward computes ``dw2`` (and ``db``) in the ``dx`` launch, from the
-    ``g`` tiles that launch loads anyway, as fp32 partials per row block summed by one
-    ``torch.sum``, instead of in the weight-gradient launch (which then reads ``g`` a second
-    time): where :func:`rows_dw2_ok`, its row blocks fill the SMs, and predicted faster
+    ``g`` tiles that launch loads anyway, as fp32 partials per row block that the weight-gradient
+    launch sums, instead of as a product in that launch (which then reads ``g`` a second time):
+    where :func:`rows_dw2_ok`, its row blocks fill the SMs, and predicted faster
     (:func:`_bwd_path_seconds`; many rows: ``g`` is ``M·N`` elements, the partials
     ``M/64·N·(b·r + 1)`` floats). ``K``, ``N``: the layer's
     in/out features. ``FASTFACTOR_MONARCH_DW2=0`` / ``1`` forces it off / on (where it exists)."""
@@ -2763,7 +2764,7 @@ def monarch_bwd(
                         and rows_dw2(M, K, N, b, r, g.element_size(), dh.element_size(), need_w1, strided,
                                      _config.num_sms(g.device))):
                     # g read once: the dx launch also stores dw2's (and db's) partial of each row
-                    # block, one buffer (blocks, b·nb·br [+ N]) for one fixed-order torch.sum
+                    # block, one buffer (blocks, b·nb·br [+ N]) the weight-gradient launch sums
                     nw2 = b * nb * br
                     buf = torch.empty((cdiv(M, rows_dw2_block_m()), nw2 + (N if has_bias else 0)),
                                       device=g.device, dtype=acc_dtype(g.dtype))
