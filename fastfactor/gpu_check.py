@@ -18,7 +18,8 @@ offline GPU image (``PYTHONPATH=$PWD python3 -m fastfactor.gpu_check --out $OUT`
 5. every sol row timed on the GPU — ours, dense ``F.linear`` and the unfused PyTorch path — with
    CUDA-graph medians over inputs rotated past the L2 (``fastfactor.bench.timing``); the rows of
    :data:`ROW_ALTERNATIVES` also with a dispatch switch (column ``alternatives``: the Monarch split
-   stage 1 off at 3072 -> 768, 16 tokens);
+   stage 1 off at 3072 -> 768, 16 tokens; the Monarch backward's dw2 from the dx launch off at
+   16384 tokens);
 6. ``gpu-check.json``, ``gpu-check.csv`` and ``gpu-check.md`` (measured / predicted per row, ready
    to paste into BENCHMARKS.md) under ``--out``; the decode variants under ``decode_variants`` in the
    JSON and a section of their own in the Markdown (measured µs, predicted µs, one summary line per
@@ -135,9 +136,13 @@ def run_gpu_tests(budget_s: float, out_dir: str, dry: bool) -> dict:
 
 #: rows whose "ours" is timed again under a dispatch switch (``label -> environment``), so the first
 #: GPU says whether a choice the model made holds: the Monarch row-block kernel's split stage 1
-#: (issue 15) against the same kernel unsplit (``FASTFACTOR_MONARCH_KSPLIT=0``)
+#: (issue 15) against the same kernel unsplit (``FASTFACTOR_MONARCH_KSPLIT=0``), and the backward
+#: reading ``g`` once (dw2 / db from the dx launch) against the pair launch reading it again
+#: (``FASTFACTOR_MONARCH_DW2=0``)
 ROW_ALTERNATIVES = {
     "monarch-3072x768-M16-fwd": {"ksplit_off": {"FASTFACTOR_MONARCH_KSPLIT": "0"}},
+    "monarch-768x3072-M16384-fwdbwd": {"dw2_off": {"FASTFACTOR_MONARCH_DW2": "0"}},
+    "monarch-3072x768-M16384-fwdbwd": {"dw2_off": {"FASTFACTOR_MONARCH_DW2": "0"}},
     "monarch-dry-fwd": {"ksplit_off": {"FASTFACTOR_MONARCH_KSPLIT": "0"}},
 }
 

@@ -41,7 +41,7 @@ def ref64(x, w1, w2, bb, N, strided, g):
     return y.detach(), torch.autograd.grad(y, leaves, g.double())
 
 
-@pytest.mark.parametrize("path", ["fused", "two_stage"])
+@pytest.mark.parametrize("path", ["rows", "fused", "two_stage"])
 @pytest.mark.parametrize("dtype", DT.values(), ids=DT.keys())
 @pytest.mark.parametrize("op", OPS, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
@@ -102,3 +102,49 @@ def test_cuda_module_bf16():
     y = m(x)
     assert_close_ref(y.reshape(-1, 3072), m.forward_unfused(x).reshape(-1, 3072).double(),
                      torch.bfloat16, reduction=768)
+
+
+def _grads_vs_float64(op, M, K, N, b, r, dtype):
+    """Forward and every gradient of ``op`` on CUDA against float64; the gradients returned."""
+    fn, strided = OPS[op]
+    x, w1, w2, bb = make(M, K, N, b, r, dtype)
+    y = fn(x, w1, w2, bb)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w1, w2, bb), g)
+    y64, grads64 = ref64(x, w1, w2, bb, N, strided, g)
+    tol_dtype = torch.bfloat16 if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else dtype
+    assert_close_ref(y, y64, tol_dtype, reduction=max(K, b * r), name="y")
+    for name, a, e in zip(("dx", "dw1", "dw2", "db"), grads, grads64):
+        assert_close_ref(a, e, tol_dtype, reduction=max(M, K, N), name=name)
+    return (x, w1, w2, bb), g, grads
+
+
+@pytest.mark.parametrize("dw2", ["1", "0"], ids=["dw2_in_dx", "pair"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("op", OPS, ids=str)
+@pytest.mark.parametrize("shape", [(16384, 768, 3072, 4, 1), (16384, 3072, 768, 8, 1)], ids=monarch_shape_id)
+def test_cuda_row_block_training_at_many_rows(shape, op, dtype, dw2, monkeypatch):
+    """The row-block backward at 16384 rows as a GPU runs it: the weight gradients' row splits
+    summed in their launch by arrival counters, and dw2 / db from the dx launch's row-block
+    partials (DW2, summed by the weight-gradient launch) or from the pair launch; against float64,
+    and bitwise the same on a second run (fixed-order sums whoever arrives last)."""
+    monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "rows")
+    monkeypatch.setenv("FASTFACTOR_MONARCH_DW2", dw2)
+    M, K, N, b, r = shape
+    leaves, g, grads = _grads_vs_float64(op, M, K, N, b, r, dtype)
+    fn, _ = OPS[op]
+    again = torch.autograd.grad(fn(*leaves), leaves, g)
+    for name, a, a2 in zip(("dx", "dw1", "dw2", "db"), grads, again):
+        assert torch.equal(a, a2), f"{name}: not bitwise reproducible"
+
+
+@pytest.mark.parametrize("op", OPS, ids=str)
+@pytest.mark.parametrize("shape", [(16, 3072, 768, 4, 1), (12, 4096, 4096, 16, 1)], ids=monarch_shape_id)
+def test_cuda_row_block_split_stage1(shape, op, monkeypatch):
+    """The row-block kernel's split stage 1 at a few rows over a wide input (forced on), as a GPU
+    runs it (arrival counters), forward and backward against float64."""
+    monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "rows")
+    monkeypatch.setenv("FASTFACTOR_MONARCH_KSPLIT", "1")
+    M, K, N, b, r = shape
+    _grads_vs_float64(op, M, K, N, b, r, torch.bfloat16)
+
