@@ -460,6 +460,8 @@ ROWS_KS_QUANTUM = 128
 #: the backward dx launch that also takes dw2's partials (DW2): its row blocks are the partials'
 #: rows, so BLOCK_M is fixed (:func:`rows_dw2_block_m`) and the space tunes the rest
 ROWS_DW2_BLOCK_M = 64
+#: most rows of the one-launch backward (dx, dw1, dw2, db at one row block: :func:`rows_one_launch`)
+ROWS_ONE_LAUNCH_MAX_M = 64
 ROWS_DW2_INTERP = dict(BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
 ROWS_DW2_FIXED = dict(BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
 #: 8 warps: the saved h, the dw2 product and stage 1 side by side spilled with 4 (compile-check,
@@ -1033,6 +1035,8 @@ if HAS_TRITON:
                    #   (pid_m, l, s, q) at pid_m*spw + l*spw_l + s*spw_s + q, q < NB*R
         prs_ptr,   # DW2 and DB2: partials of db = Σ_m g per row block, element (pid_m, f) at
                    #   pid_m*sprs + f
+        x1_ptr,    # DW1: (M, F_OUT) the layer's input x (backward dx at one row block)
+        w1g_ptr,   # DW1: dw1 (b, b·r, kb) in w1's dtype, element (j, q, c) at j*sw1p + q*sw1q + c*sw1c
         # --- dimensions ---
         M, NB, R,
         CB,        # input block size (kb forward, nb backward)
@@ -1045,6 +1049,8 @@ if HAS_TRITON:
         shs,       # row stride of hs_ptr
         spw, spw_l, spw_s,   # strides of pw_ptr (row block, block l, position s)
         sprs,      # row-block stride of prs_ptr
+        sx1m, sx1f,          # strides of x1_ptr
+        sw1p, sw1q, sw1c,    # strides of w1g_ptr
         s1q, s1p, s1t, s1c,
         s2p, s2s, s2q, s2t,
         # --- meta-parameters ---
@@ -1076,6 +1082,9 @@ if HAS_TRITON:
         DW2: tl.constexpr,             # backward dx, packed stage 1: also dw2's partial of this row
                                        #   block from the g tiles it loads (g read once for dx and dw2)
         DB2: tl.constexpr,             # with DW2: also db's partial (Σ_m g over the row block)
+        DW1: tl.constexpr,             # backward dx at ONE row block (M <= BLOCK_M): stage 2 also
+                                       #   writes dw1 = x_tileᵀ·dh per output tile (with DW2 storing
+                                       #   dw2 and db whole: the backward in one launch)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,         # output features per tile (contiguous)
         BLOCK_K: tl.constexpr,         # input features per step (contiguous)
@@ -1084,8 +1093,9 @@ if HAS_TRITON:
         pid_o = tl.program_id(1)
         tl.static_assert(not KSPLIT or not (FMA or BATCHED),
                          "KSPLIT splits the packed and the per-block stage 1 only")
-        tl.static_assert(not DW2 or not (FMA or BATCHED or BLOCKWISE or KSPLIT),
-                         "DW2 rides on the packed, unsplit stage 1")
+        tl.static_assert(not DW2 or not (FMA or BATCHED or BLOCKWISE),
+                         "DW2 rides on the packed stage 1")
+        tl.static_assert(not DW1 or not (FMA or BATCHED2), "DW1 rides on the packed stage 2")
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         # the columns of h: p = output block, q = input block, t = rank index
@@ -1230,6 +1240,8 @@ if HAS_TRITON:
             if KSPLIT:   # this program's K_PER input features (whole steps): a partial sum of h
                 k_lo = tl.program_id(2) * K_PER
                 k_hi = tl.minimum(F_IN, k_lo + K_PER)
+                if DW2:  # the last split walks the padding features too: their dw2 entries are zeros
+                    k_hi = tl.where(tl.program_id(2) == tl.num_programs(2) - 1, NB * CB, k_hi)
             else:
                 k_lo = 0
                 k_hi = F_IN
@@ -1312,8 +1324,8 @@ if HAS_TRITON:
         # the batched product into contiguous output blocks walks "virtual" features v = s·NB + p
         # (as the interleaved output does) and stores each tile as NB runs of BS features
         CONTIG2: tl.constexpr = BATCHED2 and not OUT_INTERLEAVED
-        if CONTIG2:
-            F_V = NB * SB
+        if CONTIG2 or DW1:
+            F_V = NB * SB    # (DW1: dw1's padding features too, zeros; dx stores stop at F_OUT)
         else:
             F_V = F_OUT
         per = tl.cdiv(tl.cdiv(F_V, BLOCK_N), tl.num_programs(1))
@@ -1391,6 +1403,18 @@ if HAS_TRITON:
                 else:
                     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 acc = tl.dot(h_lo, w, acc, input_precision=PRECISION)
+                if DW1:
+                    # dw1[j, (l, t), c] = Σ_m dh[m, (j, l, t)]·x[m, f(j, c)]: the tile's x (the
+                    # output features' inputs) times the rounded dh, kept on the block-diagonal
+                    # pairs (column block p = the feature's block); one row block: the whole sum
+                    xt = tl.load(x1_ptr + offs_m[:, None] * sx1m + fo[None, :] * sx1f,
+                                 mask=mask_m[:, None] & (fo < F_OUT)[None, :], other=0.0)
+                    if (UPCAST or H_FP32) and not FP64:
+                        xt = xt.to(tl.float32)
+                    d1 = tl.dot(tl.trans(xt), h_lo, input_precision=PRECISION)   # (BLOCK_N, HP)
+                    keep1 = mask_o[:, None] & valid_h[None, :] & (p_h[None, :] == p_o[:, None])
+                    tl.store(w1g_ptr + p_o[:, None] * sw1p + qt_h[None, :] * sw1q + s_o[:, None] * sw1c,
+                             d1.to(w1g_ptr.dtype.element_ty), mask=keep1)
             if CONTIG2:
                 # contiguous output blocks: feature p·SB + s, NB runs of BS contiguous features
                 f3 = p_idx[:, None] * SB + s_o3[None, :]                  # (NBC, BS)
@@ -1404,8 +1428,11 @@ if HAS_TRITON:
                 if HAS_BIAS:
                     bias = tl.load(bias_ptr + fo, mask=mask_o, other=0.0).to(acc.dtype)
                     acc = acc + bias[None, :]
+                mask_z = mask_o
+                if DW1:
+                    mask_z = mask_o & (fo < F_OUT)
                 tl.store(z_ptr + offs_m[:, None] * stride_zm + fo[None, :] * stride_zf,
-                         acc.to(z_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_o[None, :])
+                         acc.to(z_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_z[None, :])
         if KSPLIT and SYNC:
             if last:
                 tl.atomic_xchg(cnt_ptr + tile, 0)       # ready for the next launch
@@ -1761,7 +1788,8 @@ if HAS_TRITON:
         layouts, HP 16, one block a tile, nothing batched, the tensor-core build) and ``kw``."""
         d = dict(HAS_BIAS=False, STORE_H=True, H_FP32=False, UPCAST=False, PRECISION="tf32", FP64=False,
                  IN_INTERLEAVED=False, OUT_INTERLEAVED=False, HP=16, BLOCKWISE=False, QTP=1, BATCHED=False,
-                 BATCHED2=False, FMA=False, NBC=1, RC=1, KSPLIT=False, SYNC=False, DW2=False, DB2=False)
+                 BATCHED2=False, FMA=False, NBC=1, RC=1, KSPLIT=False, SYNC=False, DW2=False, DB2=False,
+                 DW1=False)
         d.update(kw)
         return d
 
@@ -1793,6 +1821,9 @@ if HAS_TRITON:
             # inference (b = 4, r = 1) and dx at b = 8 (interleaved input, h stored for dw1)
             _rows_variant(HAS_BIAS=True, STORE_H=False, OUT_INTERLEAVED=True, HP=16, KSPLIT=True, SYNC=True),
             _rows_variant(STORE_H=True, IN_INTERLEAVED=True, HP=64, KSPLIT=True, SYNC=True),
+            # the whole backward at one row block over a wide g (3072 -> 768's dx at 16 tokens)
+            _rows_variant(STORE_H=False, IN_INTERLEAVED=True, HP=16, KSPLIT=True, SYNC=True, DW2=True, DB2=True,
+                          DW1=True),
             # the per-block stage 1 (b = 16, r = 1): the Monarch forward, h stored for training
             _rows_variant(HAS_BIAS=True, OUT_INTERLEAVED=True, HP=256, BLOCKWISE=True, QTP=16, BATCHED2=True,
                           NBC=16, KSPLIT=True, SYNC=True),
@@ -1810,6 +1841,9 @@ if HAS_TRITON:
             _rows_variant(IN_INTERLEAVED=True, DW2=True, DB2=True),
             _rows_variant(IN_INTERLEAVED=True, HP=64, DW2=True, DB2=True),
             _rows_variant(DW2=True, DB2=False),
+            # the whole backward at one row block (dw1 from stage 2, dw2 and db whole; no dh)
+            _rows_variant(STORE_H=False, IN_INTERLEAVED=True, DW2=True, DB2=True, DW1=True),
+            _rows_variant(STORE_H=False, HP=64, DW2=True, DB2=False, DW1=True),
         ],
         space=rows_dw2_space,
         unit_args=_ROWS_UNIT,
@@ -2224,6 +2258,11 @@ def _bwd_path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: i
     if path == "rows":
         t = _path_seconds(M, N, K, b, r, "rows", elem, inter, save_h=need_w1, strided=False, dev=dev,
                           in_interleaved=strided)
+        if dw2 is None and need_w1 and rows_one_launch(M, K, N, b, r, elem, inter, strided, dev.sms):
+            # the whole backward in the dx launch: x and the weight gradients move, dh does not
+            t = _path_seconds(M, N, K, b, r, "rows", elem, inter, save_h=False, strided=False, dev=dev,
+                              in_interleaved=strided)
+            return t + (M * K * elem + w_b + N * elem) / dev.hbm_bw
         if dw2 is None:
             dw2 = rows_dw2(M, K, N, b, r, elem, inter, need_w1, strided, dev.sms)
         if dw2:
@@ -2293,14 +2332,18 @@ def choose_path(M: int, K: int, N: int, nblocks: int, rank: int, elem: int = 2, 
     return min(cands, key=lambda p: _path_seconds(M, K, N, nblocks, rank, p, elem, elem, save_h, strided))
 
 
-def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_inter, out_inter, dw2=None):
+def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_inter, out_inter, dw2=None,
+          dw1=None):
     """Launch the row-block kernel. ``first = (tensor, (s_q, s_p, s_t, s_c))``, ``second =
     (tensor, (s_p, s_s, s_q, s_t))``, ``h`` an ``(M, NB·NB·R)`` buffer (unit column stride) or
     None; ``in_inter``/``out_inter``: the input/output feature maps are interleaved
     (``f = c·NB + q``) rather than contiguous blocks (``f = q·CB + c``). ``dw2 = (hs, pw, prs)``
     (the backward ``dx`` with the packed stage 1, :func:`rows_dw2_ok`): the launch also stores
     dw2's partial of each row block of :func:`rows_dw2_block_m` rows into ``pw (blocks, NB, CB,
-    NB·R)`` from the forward's saved ``hs``, and with ``prs (blocks, F_IN)`` db's."""
+    NB·R)`` from the forward's saved ``hs``, and with ``prs (blocks, F_IN)`` db's. ``dw1 = (x,
+    w1g)`` with ``dw2`` (one row block, ``M <=`` :data:`ROWS_ONE_LAUNCH_MAX_M`): the whole
+    backward in this launch, ``pw``/``prs`` then ``dw2``/``db`` themselves (one block) and stage 2
+    writing ``dw1`` into ``w1g``."""
     f1, s1 = first
     f2, s2 = second
     h_fp32 = intermediate_dtype(a.dtype) != a.dtype
@@ -2322,34 +2365,46 @@ def _rows(a, first, second, bias, z, h, *, M, NB, R, CB, SB, F_IN, F_OUT, in_int
         NBC=NB if fma or batched or batched2 else 1, RC=R if fma or batched or batched2 else 1,
     )
     hs, pw, prs = dw2 if dw2 is not None else (z, z, None)
+    x1, w1g = dw1 if dw1 is not None else (z, z)
+    w1s = w1g.stride() if dw1 is not None else (0, 0, 0)
     args = lambda ws, cnt, k_per: (
         a, f1, f2, bias if bias is not None else z, z, h if h is not None else z, ws, cnt,
-        hs, pw, prs if prs is not None else pw,
+        hs, pw, prs if prs is not None else pw, x1, w1g,
         M, NB, R, CB, SB, F_IN, F_OUT, k_per, m_bucket(M),
         a.stride(0), a.stride(1), z.stride(0), z.stride(1), h.stride(0) if h is not None else 0,
         hs.stride(0), *(pw.stride()[:3] if dw2 is not None else (0, 0, 0)),
         prs.stride(0) if prs is not None else 0,
+        x1.stride(0), x1.stride(1), w1s[0], w1s[1], w1s[2],
         *s1, *s2,
     )
-    if dw2 is not None:
-        if fma or blockwise or batched or plan is not None:
-            raise ValueError("dw2: the DW2 dx launch takes the packed, unsplit stage 1 (rows_dw2_ok)")
-        # one program a row block, every output tile (no output splits: one partial per row block)
-        _rows_dw2_tuned[lambda meta: (cdiv(M, meta["BLOCK_M"]), 1)](
-            *args(z, z, F_IN), KSPLIT=False, SYNC=False, DW2=True, DB2=prs is not None,
-            BLOCK_M=rows_dw2_block_m(), **consts)
+    extra = dict(DW2=dw2 is not None, DB2=prs is not None, DW1=dw1 is not None)
+    if dw2 is not None and (fma or blockwise or batched):
+        raise ValueError("dw2: the DW2 dx launch takes the packed stage 1 (rows_dw2_ok)")
+    if dw1 is not None and (dw2 is None or M > ROWS_ONE_LAUNCH_MAX_M or batched2 or fma):
+        raise ValueError(f"dw1: the one-launch backward takes one row block of at most "
+                         f"{ROWS_ONE_LAUNCH_MAX_M} rows and the packed stages, got M={M}")
+    if dw2 is not None and plan is None:
+        if dw1 is not None:
+            # one row block (the block's tile holds every row): output splits as usual
+            grid, bm = row_block_grid(M, F_OUT, a.device), max(16, next_pow2(M))
+        else:
+            # one program a row block, every output tile (no output splits: one partial per block)
+            grid, bm = (lambda meta: (cdiv(M, meta["BLOCK_M"]), 1)), rows_dw2_block_m()
+        _rows_dw2_tuned[grid](*args(z, z, F_IN), KSPLIT=False, SYNC=False, BLOCK_M=bm, **extra, **consts)
         return
     if plan is None:
         _rows_tuned[row_block_grid(M, F_OUT, a.device)](*args(z, z, F_IN), KSPLIT=False, SYNC=False,
-                                                        DW2=False, DB2=False, **consts)
+                                                        **extra, **consts)
         return
     bm, bn, os_, ks, k_per = plan
     mb = cdiv(M, bm)
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     _, sync, ws, cnt = split_buffers(ks, mb * os_, (os_, M, hp), a.device, z)
     ws = ws.to(acc) if ws.dtype != acc else ws
-    _rows_ks_tuned[(mb, os_, ks)](*args(ws, cnt, k_per), KSPLIT=True, SYNC=sync, DW2=False, DB2=False,
-                                  BLOCK_M=bm, BLOCK_N=bn, **consts)
+    if dw2 is not None and (dw1 is None or mb != 1):
+        raise ValueError("dw2: with the split stage 1 only the one-launch backward (one row block)")
+    _rows_ks_tuned[(mb, os_, ks)](*args(ws, cnt, k_per), KSPLIT=True, SYNC=sync, BLOCK_M=bm, BLOCK_N=bn,
+                                  **extra, **consts)
 
 
 def rows_ksplit(M: int, F_IN: int, F_OUT: int, NB: int, R: int, elem: int = 2, inter: int = 2,
@@ -2392,6 +2447,25 @@ def rows_dw2_ok(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inter: in
     if rows_fma(b, r, strided, False, M=M, K=N, N=K, elem=elem, save_h=need_w1):
         return False
     return rows_ksplit(M, N, K, b, r, elem, inter, need_w1, sms, strided) is None
+
+
+def rows_one_launch(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inter: int = 2, strided: bool = True,
+                    sms: int = 132) -> bool:
+    """Whether the row-block backward (``dx``, ``dw1``, ``dw2``, ``db``) runs as ONE launch: at
+    one row block (``M <=`` :data:`ROWS_ONE_LAUNCH_MAX_M`) the ``dx`` launch holds every row, so
+    its stage 1 stores ``dw2`` and ``db`` whole from the ``g`` tiles and the saved ``h``
+    (``DW2``) and its stage 2 writes ``dw1`` from ``x`` tiles and the rounded ``dh`` (``DW1``): no
+    weight-gradient launch, ``dh`` never stored. Where the ``dx`` launch has the packed stages
+    (``b·r < 16``) and, if its stage 1 is split (few rows over a wide ``g``), one row block.
+    It moves what the pair launch moved less ``dh``, and saves a launch: taken wherever it exists
+    unless ``FASTFACTOR_MONARCH_DW2=0``."""
+    env = os.environ.get("FASTFACTOR_MONARCH_DW2")
+    if env not in (None, "", "0", "1"):
+        raise ValueError(f"FASTFACTOR_MONARCH_DW2: expected 0 or 1, got {env!r}")
+    if env == "0" or M > ROWS_ONE_LAUNCH_MAX_M or b * r >= 16:
+        return False
+    plan = rows_ksplit(M, N, K, b, r, elem, inter, False, sms, strided)
+    return plan is None or cdiv(M, plan[0]) == 1
 
 
 def rows_dw2(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inter: int = 2, need_w1: bool = True,
@@ -2754,6 +2828,24 @@ def monarch_bwd(
     if path == "rows" and not rows_supported(b, r):
         path = "fused"
     parts = None   # (buffer, dw2 elements): dw2 (+ db) partials per row block from the dx launch
+    if (path == "rows" and need_x and need_w1 and need_w2 and hbuf is not None and x.dtype == g.dtype
+            and rows_one_launch(M, K, N, b, r, g.element_size(), intermediate_dtype(g.dtype).itemsize,
+                                strided, _config.num_sms(g.device))):
+        # one row block: the whole backward in the dx launch (DW2 with the block's dw2 and db
+        # whole, DW1 for dw1 from x); no dh, no weight-gradient launch
+        dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
+        dw1 = torch.empty((b, br, kb), device=x.device, dtype=w1.dtype)
+        dw2 = torch.empty((b, nb, br), device=x.device, dtype=w2.dtype)
+        db = torch.empty((N,), device=g.device, dtype=g.dtype) if has_bias else None
+        _rows(
+            g,
+            (w2, (w2.stride(0), r * w2.stride(2), w2.stride(2), w2.stride(1))),
+            (w1, (w1.stride(0), w1.stride(2), r * w1.stride(1), w1.stride(1))),
+            None, dx, None,
+            M=M, NB=b, R=r, CB=nb, SB=kb, F_IN=N, F_OUT=K, in_inter=strided, out_inter=False,
+            dw2=(hbuf, dw2.view(1, b, nb, br), db.view(1, N) if has_bias else None), dw1=(x, dw1),
+        )
+        return dx, dw1, dw2, db
     if need_x or need_w1:
         dh = torch.empty((M, b * br), device=g.device, dtype=intermediate_dtype(g.dtype))  # dh[m, j, l, t]
         if need_x:

@@ -37,6 +37,7 @@ def _bwd(x, w1, w2, g, strided, has_bias, need_w1, dw2):
 
     try:
         mp.setattr(torch, "empty", poisoned)
+        mp.setattr(Mk, "ROWS_ONE_LAUNCH_MAX_M", 0)   # these few rows: the row-block partials' form
         mp.setenv("FASTFACTOR_MONARCH_DW2", dw2)
         Mk._rows_dw2_tuned, Mk._wgrad_pair_tuned, Mk._wgrad_tuned = counts
         out = Mk.monarch_bwd(g, x, w1, w2, h, strided, has_bias, need_w1=need_w1, path="rows")
