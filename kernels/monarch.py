@@ -460,8 +460,9 @@ ROWS_KS_QUANTUM = 128
 #: the backward dx launch that also takes dw2's partials (DW2): its row blocks are the partials'
 #: rows, so BLOCK_M is fixed (:func:`rows_dw2_block_m`) and the space tunes the rest
 ROWS_DW2_BLOCK_M = 64
-#: most rows of the one-launch backward (dx, dw1, dw2, db at one row block: :func:`rows_one_launch`)
-ROWS_ONE_LAUNCH_MAX_M = 64
+#: most rows of the one-launch backward (dx, dw1, dw2, db at one row block: :func:`rows_one_launch`;
+#: its 64-row builds spilled in compile-check's generic sm_90 specializations, 80-224 bytes)
+ROWS_ONE_LAUNCH_MAX_M = 32
 ROWS_DW2_INTERP = dict(BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
 ROWS_DW2_FIXED = dict(BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
 #: 8 warps: the saved h, the dw2 product and stage 1 side by side spilled with 4 (compile-check,
@@ -681,17 +682,19 @@ def _rows_dw2_cfg_ok(bm: int, hp: int, cfg: dict) -> bool:
             and (cfg["BLOCK_N"] <= 64 or hp <= 16) and hp * cfg["BLOCK_N"] <= ROWS_MAX_W2_TILE)
 
 
-def rows_dw2_space(HP: int = 16, **_) -> list[dict]:
-    """The compile tier's configs of the DW2 dx launch (its fixed row tile, the tuned rest)."""
-    return [dict(BLOCK_M=ROWS_DW2_BLOCK_M, **c) for c in ROWS_DW2_SPACE[:-1]
-            if _rows_dw2_cfg_ok(ROWS_DW2_BLOCK_M, HP, c)]
+def rows_dw2_space(HP: int = 16, DW1: bool = False, **_) -> list[dict]:
+    """The compile tier's configs of the DW2 dx launch (its fixed row tile, the tuned rest; the
+    one-launch backward's row tiles for ``DW1``)."""
+    bms = (16, ROWS_ONE_LAUNCH_MAX_M) if DW1 else (ROWS_DW2_BLOCK_M,)
+    return [dict(BLOCK_M=bm, **c) for bm in bms for c in ROWS_DW2_SPACE[:-1] if _rows_dw2_cfg_ok(bm, HP, c)]
 
 
-def rows_ks_space(HP: int = 16, BLOCKWISE: bool = False, **_) -> list[dict]:
+def rows_ks_space(HP: int = 16, BLOCKWISE: bool = False, DW1: bool = False, **_) -> list[dict]:
     """The compile tier's configs of the split stage 1 (:func:`rows_ksplit_plan`'s tiles with every
-    tuned config at 16 rows and the first one kept at the others)."""
+    tuned config at 16 rows and the first one kept at the others; the one-launch backward
+    (``DW1``) only at 16 rows, where :func:`rows_one_launch` takes it)."""
     out = []
-    for bm in (16, 32, 64):
+    for bm in ((16,) if DW1 else (16, 32, 64)):
         for bn in (64, 128):
             if _rows_ks_tile_ok(bm, bn, HP, BLOCKWISE):
                 cs = [c for c in ROWS_KS_SPACE if _rows_ks_cfg_ok(HP, c, BLOCKWISE)]
@@ -2456,7 +2459,8 @@ def rows_one_launch(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inter
     its stage 1 stores ``dw2`` and ``db`` whole from the ``g`` tiles and the saved ``h``
     (``DW2``) and its stage 2 writes ``dw1`` from ``x`` tiles and the rounded ``dh`` (``DW1``): no
     weight-gradient launch, ``dh`` never stored. Where the ``dx`` launch has the packed stages
-    (``b·r < 16``) and, if its stage 1 is split (few rows over a wide ``g``), one row block.
+    (``b·r < 16``) and, if its stage 1 is split (few rows over a wide ``g``), one 16-row block
+    (wider split tiles spilled in compile-check's generic sm_90 builds).
     It moves what the pair launch moved less ``dh``, and saves a launch: taken wherever it exists
     unless ``FASTFACTOR_MONARCH_DW2=0``."""
     env = os.environ.get("FASTFACTOR_MONARCH_DW2")
@@ -2465,7 +2469,7 @@ def rows_one_launch(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inter
     if env == "0" or M > ROWS_ONE_LAUNCH_MAX_M or b * r >= 16:
         return False
     plan = rows_ksplit(M, N, K, b, r, elem, inter, False, sms, strided)
-    return plan is None or cdiv(M, plan[0]) == 1
+    return plan is None or (plan[0] == 16 and M <= 16)   # (a split stage 1: its 16-row tile only)
 
 
 def rows_dw2(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inter: int = 2, need_w1: bool = True,

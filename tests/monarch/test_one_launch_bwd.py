@@ -1,4 +1,4 @@
-"""Tier 1 (cpu): the row-block backward in ONE launch at one row block (``M <= 64``;
+"""Tier 1 (cpu): the row-block backward in ONE launch at one row block (``M <= 32``;
 :func:`kernels.monarch.rows_one_launch`): the ``dx`` launch stores ``dw2`` and ``db`` whole from
 its ``g`` tiles and the saved ``h`` (``DW2``) and ``dw1`` from ``x`` tiles in stage 2 (``DW1``),
 unsplit or with its stage 1 split over a wide ``g`` (``KSPLIT``). Float64 references for every
@@ -134,13 +134,13 @@ def test_not_taken_without_both_weight_gradients(triton_cpu, need_w1, need_w2):
 
 
 def test_one_launch_rules(monkeypatch):
-    """Taken at one row block of at most 64 rows with the packed stages, unless switched off."""
+    """Taken at one row block of at most 32 rows with the packed stages, unless switched off."""
     monkeypatch.delenv("FASTFACTOR_MONARCH_DW2", raising=False)
     monkeypatch.delenv("FASTFACTOR_MONARCH_KSPLIT", raising=False)
     assert Mk.rows_one_launch(16, 3072, 768, 4, 1)
     assert Mk.rows_one_launch(16, 768, 3072, 4, 1)
     assert Mk.rows_one_launch(16, 4096, 4096, 8, 1)
-    assert not Mk.rows_one_launch(65, 768, 3072, 4, 1)
+    assert not Mk.rows_one_launch(33, 768, 3072, 4, 1)
     assert not Mk.rows_one_launch(16, 768, 3072, 16, 1)                # b·r = 16: no packed stage 1
     monkeypatch.setenv("FASTFACTOR_MONARCH_DW2", "0")
     assert not Mk.rows_one_launch(16, 3072, 768, 4, 1)
