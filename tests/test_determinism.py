@@ -255,8 +255,10 @@ def test_monarch_deterministic_mode_bypasses_the_autotuner(path, strided, monkey
         return full + [dw2]
 
     tunables = {"chain": MK._chain_tuned, "bgemm": MK._bgemm_tuned, "rows": MK._rows_tuned, "wgrad": MK._wgrad_tuned,
-                "wgrad_pair": MK._wgrad_pair_tuned}
-    used = {"fused": ["chain", "bgemm"], "two_stage": ["bgemm"], "rows": ["rows", "wgrad", "wgrad_pair"]}[path]
+                "wgrad_pair": MK._wgrad_pair_tuned, "rows_dw2": MK._rows_dw2_tuned, "rows_ks": MK._rows_ks_tuned}
+    # rows: the full backward at these 7 rows is the one-launch form (rows_dw2); the dw2-only one
+    # recomputes h by the row-block forward, then one weight-gradient launch
+    used = {"fused": ["chain", "bgemm"], "two_stage": ["bgemm"], "rows": ["rows", "rows_dw2", "wgrad"]}[path]
     _assert_bypass(run, tunables, monkeypatch, used=used)
 
 

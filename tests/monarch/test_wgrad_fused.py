@@ -69,16 +69,17 @@ def _bwd(x, w1, w2, g, strided, has_bias, need_w1, N, fused=True):
     the previous two-launch weight gradients. Returns the results, the launches of the pair and
     the single weight-gradient kernels and the ``aten.sum`` calls of the backward."""
     _, h = Mk.monarch_fwd(x, w1, w2, None, N, strided, save_h=True, path="rows")
-    saved = (Mk._wgrad_pair, Mk._wgrad_pair_tuned, Mk._wgrad_tuned)
+    saved = (Mk._wgrad_pair, Mk._wgrad_pair_tuned, Mk._wgrad_tuned, Mk.ROWS_ONE_LAUNCH_MAX_M)
     pair, single = CountLaunches(Mk._wgrad_pair_tuned), CountLaunches(Mk._wgrad_tuned)
     try:
         if not fused:
             Mk._wgrad_pair = _two_launch
         Mk._wgrad_pair_tuned, Mk._wgrad_tuned = pair, single
+        Mk.ROWS_ONE_LAUNCH_MAX_M = 0      # these few rows: the weight-gradient launch (test_one_launch_bwd)
         with _Sums() as sums:
             out = Mk.monarch_bwd(g, x, w1, w2, h, strided, has_bias, need_w1=need_w1, path="rows")
     finally:
-        Mk._wgrad_pair, Mk._wgrad_pair_tuned, Mk._wgrad_tuned = saved
+        Mk._wgrad_pair, Mk._wgrad_pair_tuned, Mk._wgrad_tuned, Mk.ROWS_ONE_LAUNCH_MAX_M = saved
     return out, pair.n, single.n, sums.n
 
 
@@ -203,6 +204,7 @@ def test_sol_counts_the_pair_launch(triton_cpu, monkeypatch, splits):
     from fastfactor.sol import record as R
 
     monkeypatch.setattr(Mk, "wgrad_split", _split_rule(splits, K_))
+    monkeypatch.setattr(Mk, "ROWS_ONE_LAUNCH_MAX_M", 0)
     b, r = SHAPES["br16"]
     x, w1, w2, g = _inputs(M_, K_, N_, b, r, torch.float32, seed=6)
     h = torch.empty(M_, b * b * r)
@@ -242,6 +244,7 @@ def test_sass_builds_the_gpu_variant(triton_cpu, monkeypatch):
     from fastfactor.sol import record as R
     from fastfactor.sol.sass import gpu_build
 
+    monkeypatch.setattr(Mk, "ROWS_ONE_LAUNCH_MAX_M", 0)
     b, r = SHAPES["br16"]
     x, w1, w2, g = _inputs(M_, K_, N_, b, r, torch.float32, seed=7)
     h = torch.empty(M_, b * b * r)
