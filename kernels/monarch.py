@@ -112,7 +112,11 @@ row block's fp32 partial of ``dw2`` (and of ``db = Σ_m g``) into one buffer ``(
 [+ N])``; the weight-gradient launch then sums them (``REDUCE``: its ``dw2`` side reads the
 partials in place of ``g`` and ``h``, chunks of row blocks per program, the chunks summed in the
 launch like row splits; fixed orders) beside ``dw1``. ``FASTFACTOR_MONARCH_DW2=0``/``1`` forces it
-off/on.
+off/on. At one row block (``M <=`` :data:`ROWS_ONE_LAUNCH_MAX_M`; :func:`rows_one_launch`) the
+whole backward is that one launch: the block's ``dw2`` and ``db`` are whole, stored in their
+dtypes, and stage 2 also writes ``dw1 = x_tileᵀ·dh`` for each output tile it computes (``DW1``;
+``dh`` rounded as the pair launch would read it, never stored); with the split stage 1 the last
+split also walks ``dw2``'s padding features.
 
 Which path
     :func:`choose_path` predicts each path's time from bytes moved, tensor FLOPs issued and (FMA

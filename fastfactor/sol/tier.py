@@ -25,7 +25,7 @@ ROWS = {
     "monarch-768x3072-M16-fwd": RowSpec("monarch", 768, 3072, 16, 4, "fwd"),
     # few rows over a wide input: the row-block kernel with stage 1 split over programs
     "monarch-3072x768-M16-fwd": RowSpec("monarch", 3072, 768, 16, 4, "fwd"),
-    # training at a handful of tokens: dw1, dw2 and db in one launch
+    # training at a handful of tokens: the whole backward (dx, dw1, dw2, db) in one launch
     "monarch-3072x768-M16-fwdbwd": RowSpec("monarch", 3072, 768, 16, 4, "fwd+bwd"),
     # training at many rows: g read once (dw2 and db from the dx launch's row-block partials)
     "monarch-768x3072-M16384-fwdbwd": RowSpec("monarch", 768, 3072, 16384, 4, "fwd+bwd"),
@@ -74,7 +74,7 @@ CASES = (
        ("monarch-4096-M4096-fwdbwd", "speedup", {"vs": "unfused", "target": 2.0}),
        # a compressed layer no slower than the dense one it replaces, at a handful of tokens too
        ("monarch-3072x768-M16-fwd", "speedup", {"vs": "dense", "target": 1.2}),
-       ("monarch-3072x768-M16-fwdbwd", "speedup", {"vs": "dense", "target": 1.5}),
+       ("monarch-3072x768-M16-fwdbwd", "speedup", {"vs": "dense", "target": 2.0}),
        ("block_lowrank-3072x768-nb16-M16384-fwdbwd", "speedup", {"vs": "unfused", "target": 2.0}),
        ("monarch-768x3072-M16384-fwdbwd", "speedup", {"vs": "unfused", "target": 2.8}),
        ("monarch-3072x768-M16384-fwdbwd", "speedup", {"vs": "unfused", "target": 2.0}),
