@@ -89,6 +89,22 @@ def monarch_factors(M, K, N, b, r, dtype, seed=0):
     return [t.to(dtype).requires_grad_() for t in (x, w1, w2, bb)]
 
 
+def assert_monarch_grads(out, x, w1, w2, g, strided, dtype, need_w1=True, need_w2=True, has_bias=True):
+    """``out = (dx, dw1, dw2, db)`` of ``monarch_bwd`` against the float64 reference (a gradient
+    not asked for is None)."""
+    from fastfactor.kernels import monarch as Mk
+
+    M, K = x.shape
+    N = g.shape[1]
+    ref = Mk.monarch_bwd_ref(g.double(), x.double(), w1.double(), w2.double(), None, strided,
+                             need_w1=need_w1, need_w2=need_w2, has_bias=has_bias)
+    for name, a, e in zip(["dx", "dw1", "dw2", "db"], out, ref):
+        if e is None:
+            assert a is None, name
+            continue
+        assert_close_ref(a, e, dtype, reduction=max(M, K, N), name=name)
+
+
 class CountLaunches:
     """Stands in for a launcher (a ``Tunable`` or an autotuner: anything indexed by a grid) and
     counts the launches made through it."""

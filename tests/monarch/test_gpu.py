@@ -41,25 +41,29 @@ def ref64(x, w1, w2, bb, N, strided, g):
     return y.detach(), torch.autograd.grad(y, leaves, g.double())
 
 
-@pytest.mark.parametrize("path", ["rows", "fused", "two_stage"])
-@pytest.mark.parametrize("dtype", DT.values(), ids=DT.keys())
-@pytest.mark.parametrize("op", OPS, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_cuda_vs_float64(shape, op, dtype, path, monkeypatch):
-    monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", path)
-    M, K, N, b, r = shape
+def _grads_vs_float64(op, M, K, N, b, r, dtype):
+    """Forward and every gradient of ``op`` on CUDA against float64; the gradients returned."""
     fn, strided = OPS[op]
     x, w1, w2, bb = make(M, K, N, b, r, dtype)
     y = fn(x, w1, w2, bb)
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, (x, w1, w2, bb), g)
     y64, grads64 = ref64(x, w1, w2, bb, N, strided, g)
-    red = max(K, b * r)
     # fp32 inputs may run their dots in TF32 (PyTorch's switch): compare them at bf16-like tolerance
     tol_dtype = torch.bfloat16 if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else dtype
-    assert_close_ref(y, y64, tol_dtype, reduction=red, name="y")
+    assert_close_ref(y, y64, tol_dtype, reduction=max(K, b * r), name="y")
     for name, a, e in zip(("dx", "dw1", "dw2", "db"), grads, grads64):
-        assert_close_ref(a, e, tol_dtype, reduction=max(M, red, N), name=name)
+        assert_close_ref(a, e, tol_dtype, reduction=max(M, K, N, b * r), name=name)
+    return (x, w1, w2, bb), g, grads
+
+
+@pytest.mark.parametrize("path", ["rows", "fused", "two_stage"])
+@pytest.mark.parametrize("dtype", DT.values(), ids=DT.keys())
+@pytest.mark.parametrize("op", OPS, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_cuda_vs_float64(shape, op, dtype, path, monkeypatch):
+    monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", path)
+    _grads_vs_float64(op, *shape, dtype)
 
 
 @pytest.mark.parametrize("op", OPS, ids=str)
@@ -104,19 +108,17 @@ def test_cuda_module_bf16():
                      torch.bfloat16, reduction=768)
 
 
-def _grads_vs_float64(op, M, K, N, b, r, dtype):
-    """Forward and every gradient of ``op`` on CUDA against float64; the gradients returned."""
-    fn, strided = OPS[op]
-    x, w1, w2, bb = make(M, K, N, b, r, dtype)
-    y = fn(x, w1, w2, bb)
-    g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, (x, w1, w2, bb), g)
-    y64, grads64 = ref64(x, w1, w2, bb, N, strided, g)
-    tol_dtype = torch.bfloat16 if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else dtype
-    assert_close_ref(y, y64, tol_dtype, reduction=max(K, b * r), name="y")
-    for name, a, e in zip(("dx", "dw1", "dw2", "db"), grads, grads64):
-        assert_close_ref(a, e, tol_dtype, reduction=max(M, K, N), name=name)
-    return (x, w1, w2, bb), g, grads
+def _rows_training_twice(shape, op, dtype, dw2, monkeypatch):
+    """The row-block path's forward and gradients with ``FASTFACTOR_MONARCH_DW2`` = ``dw2``
+    against float64, and bitwise the same on a second run."""
+    monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "rows")
+    monkeypatch.setenv("FASTFACTOR_MONARCH_DW2", dw2)
+    M, K, N, b, r = shape
+    leaves, g, grads = _grads_vs_float64(op, M, K, N, b, r, dtype)
+    fn, _ = OPS[op]
+    again = torch.autograd.grad(fn(*leaves), leaves, g)
+    for name, a, a2 in zip(("dx", "dw1", "dw2", "db"), grads, again):
+        assert torch.equal(a, a2), f"{name}: not bitwise reproducible"
 
 
 @pytest.mark.parametrize("dw2", ["1", "0"], ids=["dw2_in_dx", "pair"])
@@ -128,14 +130,7 @@ def test_cuda_row_block_training_at_many_rows(shape, op, dtype, dw2, monkeypatch
     summed in their launch by arrival counters, and dw2 / db from the dx launch's row-block
     partials (DW2, summed by the weight-gradient launch) or from the pair launch; against float64,
     and bitwise the same on a second run (fixed-order sums whoever arrives last)."""
-    monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "rows")
-    monkeypatch.setenv("FASTFACTOR_MONARCH_DW2", dw2)
-    M, K, N, b, r = shape
-    leaves, g, grads = _grads_vs_float64(op, M, K, N, b, r, dtype)
-    fn, _ = OPS[op]
-    again = torch.autograd.grad(fn(*leaves), leaves, g)
-    for name, a, a2 in zip(("dx", "dw1", "dw2", "db"), grads, again):
-        assert torch.equal(a, a2), f"{name}: not bitwise reproducible"
+    _rows_training_twice(shape, op, dtype, dw2, monkeypatch)
 
 
 @pytest.mark.parametrize("op", OPS, ids=str)
@@ -149,7 +144,6 @@ def test_cuda_row_block_split_stage1(shape, op, monkeypatch):
     _grads_vs_float64(op, M, K, N, b, r, torch.bfloat16)
 
 
-
 @pytest.mark.parametrize("one", ["1", "0"], ids=["one_launch", "dx_and_pair"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("op", OPS, ids=str)
@@ -159,11 +153,4 @@ def test_cuda_row_block_training_at_few_rows(shape, op, dtype, one, monkeypatch)
     """The row-block backward at one row block: in ONE launch (dw2, db whole from stage 1, dw1
     from stage 2) or as the dx launch and the pair launch; against float64 and bitwise the same
     on a second run."""
-    monkeypatch.setenv("FASTFACTOR_MONARCH_PATH", "rows")
-    monkeypatch.setenv("FASTFACTOR_MONARCH_DW2", one)
-    M, K, N, b, r = shape
-    leaves, g, grads = _grads_vs_float64(op, M, K, N, b, r, dtype)
-    fn, _ = OPS[op]
-    again = torch.autograd.grad(fn(*leaves), leaves, g)
-    for name, a, a2 in zip(("dx", "dw1", "dw2", "db"), grads, again):
-        assert torch.equal(a, a2), f"{name}: not bitwise reproducible"
+    _rows_training_twice(shape, op, dtype, one, monkeypatch)
