@@ -1569,8 +1569,9 @@ if HAS_TRITON:
                 acc3 = tl.dot(d3, h3, acc3, input_precision=PRECISION)
             else:
                 acc = tl.dot(tl.trans(d), hh, acc, input_precision=PRECISION)
-        part, keep = _wgrad_layout(pid_f, p_f, s_f, qt_h, p_h, mask_w, valid_h, NB, SB, QT, sop, sos, soq,
-                                   BATCHED, NBC, HP, BLOCK_N)
+        if not REDUCE:               # (REDUCE has it from before its loop)
+            part, keep = _wgrad_layout(pid_f, p_f, s_f, qt_h, p_h, mask_w, valid_h, NB, SB, QT, sop, sos, soq,
+                                       BATCHED, NBC, HP, BLOCK_N)
         if BATCHED:
             val = acc3
         else:
@@ -2836,6 +2837,9 @@ def monarch_bwd(
     if path == "rows" and not rows_supported(b, r):
         path = "fused"
     parts = None   # (buffer, dw2 elements): dw2 (+ db) partials per row block from the dx launch
+    # the factors as the chain read backwards takes them (dx launches: g is the input)
+    f1_bwd = (w2, (w2.stride(0), r * w2.stride(2), w2.stride(2), w2.stride(1)))
+    f2_bwd = (w1, (w1.stride(0), w1.stride(2), r * w1.stride(1), w1.stride(1)))
     if (path == "rows" and need_x and need_w1 and need_w2 and hbuf is not None and x.dtype == g.dtype
             and rows_one_launch(M, K, N, b, r, g.element_size(), intermediate_dtype(g.dtype).itemsize,
                                 strided, _config.num_sms(g.device))):
@@ -2847,8 +2851,7 @@ def monarch_bwd(
         db = torch.empty((N,), device=g.device, dtype=g.dtype) if has_bias else None
         _rows(
             g,
-            (w2, (w2.stride(0), r * w2.stride(2), w2.stride(2), w2.stride(1))),
-            (w1, (w1.stride(0), w1.stride(2), r * w1.stride(1), w1.stride(1))),
+            f1_bwd, f2_bwd,
             None, dx, None,
             M=M, NB=b, R=r, CB=nb, SB=kb, F_IN=N, F_OUT=K, in_inter=strided, out_inter=False,
             dw2=(hbuf, dw2.view(1, b, nb, br), db.view(1, N) if has_bias else None), dw1=(x, dw1),
@@ -2873,8 +2876,7 @@ def monarch_bwd(
                 # dx = the chain read backwards: g (gathered through P₂ on chip) is the input
                 _rows(
                     g,
-                    (w2, (w2.stride(0), r * w2.stride(2), w2.stride(2), w2.stride(1))),
-                    (w1, (w1.stride(0), w1.stride(2), r * w1.stride(1), w1.stride(1))),
+                    f1_bwd, f2_bwd,
                     None, dx, dh if need_w1 else None,
                     M=M, NB=b, R=r, CB=nb, SB=kb, F_IN=N, F_OUT=K, in_inter=strided, out_inter=False,
                     dw2=dw2_args,
@@ -2882,8 +2884,7 @@ def monarch_bwd(
             elif path == "fused":
                 _chain(
                     g,
-                    (w2, (w2.stride(0), r * w2.stride(2), w2.stride(2), w2.stride(1))),
-                    (w1, (w1.stride(0), w1.stride(2), r * w1.stride(1), w1.stride(1))),
+                    f1_bwd, f2_bwd,
                     None, dx,
                     (dh, (dh.stride(0), r, br, 1)),
                     M=M, NB=b, R=r, CB=nb, SB=kb, F_IN=N, F_OUT=K, imap=(OL, OS), omap=(kb, 1),
