@@ -77,9 +77,12 @@ tile goes to ``tl.dot``. Device memory only ever sees the compressed bytes.
   selectors looked up from the codes four groups at a time (:func:`_expand24_prmt`,
   :data:`PRMT_TABLES`); under the interpreter the same selection in integer ops (no inline
   assembly there); compare-and-select (:func:`_expand24_pairs`) for forward tiles under
-  :data:`PRMT_MIN_TILE` weights, or with ``FASTFACTOR_SPARSE24_PRMT=0``. sm_90 main loops:
-  0.155-0.18 instructions per weight on the tiles the planner takes (0.22-0.25 before). Both
-  need canonical codes (``i0 < i1``, what :func:`pack_24` writes).
+  :data:`PRMT_MIN_TILE` weights, or with ``FASTFACTOR_SPARSE24_PRMT=0``. The forward decode's
+  loads drop their masks where every tile is whole (``EVEN``, :func:`decode_even`). sm_90 main
+  loops of the forward decode: 0.107-0.137 instructions per weight on the byte-permute tiles the
+  planner takes with whole tiles (128x128 at 8 warps: 0.126, 259 a warp and step; 0.153 with
+  masks; 0.163 before the selectors were formed in the pairs' layout, 0.22-0.25 with
+  compare-and-select). Both need canonical codes (``i0 < i1``, what :func:`pack_24` writes).
 * ``_sp_expand_kernel`` / ``_sp_compress_kernel``: ``W`` dense once per step for cuBLAS, and the
   kept entries of a dense ``dW`` from cuBLAS (exact selections).
 
@@ -578,6 +581,7 @@ if HAS_TRITON:
         stride_mr, stride_mc,   # in elements of meta_ptr's type
         BLOCK_K: tl.constexpr,
         META32: tl.constexpr,
+        EVEN: tl.constexpr,   # every row of the tile and columns k0 .. k0+BLOCK_K in the matrix: no masks
     ):
         """``(i0, i1)``, each ``(BLOCK_R, BLOCK_K/4)`` int32, for columns ``k0 .. k0+BLOCK_K``.
 
@@ -586,19 +590,20 @@ if HAS_TRITON:
         in registers; needs ``K % 32 == 0`` and ``BLOCK_K >= 32``."""
         if META32:
             offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-            word = tl.load(
-                meta_ptr + offs_r[:, None] * stride_mr + offs_w[None, :] * stride_mc,
-                mask=mask_r[:, None] & (offs_w < K // 32)[None, :], other=0,
-            )
+            wptr = meta_ptr + offs_r[:, None] * stride_mr + offs_w[None, :] * stride_mc
+            if EVEN:
+                word = tl.load(wptr)
+            else:
+                word = tl.load(wptr, mask=mask_r[:, None] & (offs_w < K // 32)[None, :], other=0)
             shift = (tl.arange(0, 8) * 4)[None, None, :]
             code = tl.reshape((word[:, :, None] >> shift) & 15, (word.shape[0], BLOCK_K // 4))
         else:
             offs_g = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-            mask_g = offs_g < K // 4
-            byte = tl.load(
-                meta_ptr + offs_r[:, None] * stride_mr + (offs_g // 2)[None, :] * stride_mc,
-                mask=mask_r[:, None] & mask_g[None, :], other=0,
-            ).to(tl.int32)
+            bptr = meta_ptr + offs_r[:, None] * stride_mr + (offs_g // 2)[None, :] * stride_mc
+            if EVEN:
+                byte = tl.load(bptr).to(tl.int32)
+            else:
+                byte = tl.load(bptr, mask=mask_r[:, None] & (offs_g < K // 4)[None, :], other=0).to(tl.int32)
             code = (byte >> ((offs_g % 2) * 4)[None, :]) & 15
         return code & 3, code >> 2
 
@@ -620,7 +625,7 @@ if HAS_TRITON:
             vals_ptr + offs_r[:, None] * stride_vr + offs_v[None, :] * stride_vc,
             mask=mask_r[:, None] & (offs_v[None, :] < K // 2), other=0.0,
         )
-        i0, i1 = _load_codes(meta_ptr, offs_r, mask_r, k0, K, stride_mr, stride_mc, BLOCK_K, META32)
+        i0, i1 = _load_codes(meta_ptr, offs_r, mask_r, k0, K, stride_mr, stride_mc, BLOCK_K, META32, False)
         v0, v1 = tl.split(tl.reshape(v, (BLOCK_R, BLOCK_K // 4, 2)))
         slot = tl.arange(0, 4)[None, None, :]
         zero = tl.zeros((BLOCK_R, BLOCK_K // 4, 4), dtype=v.dtype)
@@ -634,14 +639,15 @@ if HAS_TRITON:
         offs_r, mask_r, k0, K,
         stride_vr,   # row stride of the values in int32 pairs (= elements / 2)
         BLOCK_K: tl.constexpr,
+        EVEN: tl.constexpr,   # the whole tile in the matrix: no masks
     ):
         """The ``(BLOCK_R, BLOCK_K/4)`` int32 pairs ``v0 | v1 << 16`` of the groups of columns
         ``k0 : k0 + BLOCK_K`` (16-byte vectors), zero outside the matrix."""
         offs_g = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-        return tl.load(
-            vals_ptr + offs_r[:, None] * stride_vr + offs_g[None, :],
-            mask=mask_r[:, None] & (offs_g < K // 4)[None, :], other=0,
-        )
+        ptr = vals_ptr + offs_r[:, None] * stride_vr + offs_g[None, :]
+        if EVEN:
+            return tl.load(ptr)
+        return tl.load(ptr, mask=mask_r[:, None] & (offs_g < K // 4)[None, :], other=0)
 
     @triton.jit
     def _expand24_pairs(
@@ -653,12 +659,13 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr,
         META32: tl.constexpr,
+        EVEN: tl.constexpr,   # the whole tile in the matrix: no masks
     ):
         """:func:`_expand24` for 16-bit values read as one int32 per group (``v0 | v1 << 16``,
         16-byte vectors), each in-group slot formed elementwise on ``(BLOCK_R, BLOCK_K/4)``
         tensors and the four slots joined innermost: no split of the loaded tile."""
-        pair = _load_pairs(vals_ptr, offs_r, mask_r, k0, K, stride_vr, BLOCK_K)
-        i0, i1 = _load_codes(meta_ptr, offs_r, mask_r, k0, K, stride_mr, stride_mc, BLOCK_K, META32)
+        pair = _load_pairs(vals_ptr, offs_r, mask_r, k0, K, stride_vr, BLOCK_K, EVEN)
+        i0, i1 = _load_codes(meta_ptr, offs_r, mask_r, k0, K, stride_mr, stride_mc, BLOCK_K, META32, EVEN)
         lo = pair.to(tl.int16)                      # v0's bits (truncation)
         hi = (pair >> 16).to(tl.int16)              # v1's bits
         z = tl.zeros_like(lo)
@@ -697,12 +704,24 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr,
         ASM: tl.constexpr,
+        EVEN: tl.constexpr,   # the whole tile in the matrix: no masks
     ):
         """:func:`_expand24_pairs` by byte permutes: each group's two output words (slots 0-1 and
         2-3, two 16-bit entries each) are ``prmt(pair, 0, sel)``, ``sel`` looked up from the group's
         code, four groups per lookup. Per group 5 ``prmt`` (a share of the four table lookups, two
-        selector assemblies, two expansions; sm_90 SASS of the main loop: 0.155-0.178 instructions
-        per weight against 0.217-0.236 for the compare-and-select form).
+        selector assemblies, two expansions; sm_90 SASS of the forward decode's main loop:
+        0.107-0.137 instructions per weight with whole tiles, against 0.217-0.236 for the
+        compare-and-select form).
+
+        Layout (what keeps the loop free of shared-memory round trips): the code words are
+        broadcast to their two half-words (a new axis, ``(R, K/32, 2)``, not ``join``, whose new
+        axis Triton keeps in one thread) and the selectors built on ``(R, K/32, 2, 4)``, so each
+        thread forms the selectors of the four groups whose 16-byte value vector it loaded; a
+        ``join``/``reshape`` to ``(R, K/16)`` first made Triton move the four looked-up words
+        through shared memory (8 ``BAR`` a step). The tables' low words come through
+        ``tl.where(K > 0, table, 0)``: a value the compiler cannot fold, so ptxas keeps four
+        registers instead of re-materializing a constant before every lookup (16 instructions a
+        step at 128x128, 8 warps; ``K > 0`` always holds in a launch).
 
         The code ``c = i0 | i1 << 2`` becomes a 3-bit pattern index ``(c ^ c >> 1) & 7`` (the six
         canonical codes ``i0 < i1`` map to 1-6; eight groups at once on a code word). Table ``k``
@@ -711,23 +730,25 @@ if HAS_TRITON:
         4-5 of the zero operand). Codes that are not canonical (``i0 >= i1``: not produced by
         :func:`pack_24`; ``Sparse24Weight.validate`` finds them) expand differently from the
         compare-and-select form."""
-        pair = _load_pairs(vals_ptr, offs_r, mask_r, k0, K, stride_vr, BLOCK_K)
+        pair = _load_pairs(vals_ptr, offs_r, mask_r, k0, K, stride_vr, BLOCK_K, EVEN)
         offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-        word = tl.load(
-            meta_ptr + offs_r[:, None] * stride_mr + offs_w[None, :] * stride_mc,
-            mask=mask_r[:, None] & (offs_w < K // 32)[None, :], other=0,
-        )
-        idx = (word ^ (word >> 1)) & 0x77777777                          # 8 pattern indices a word
-        idx = tl.reshape(tl.join(idx, idx >> 16), (BLOCK_R, BLOCK_K // 16))  # 4 a half-word
+        wptr = meta_ptr + offs_r[:, None] * stride_mr + offs_w[None, :] * stride_mc
+        if EVEN:
+            word = tl.load(wptr)
+        else:
+            word = tl.load(wptr, mask=mask_r[:, None] & (offs_w < K // 32)[None, :], other=0)
+        half = word[:, :, None] >> (tl.arange(0, 2) * 16)[None, None, :]  # (R, K/32, 2): 4 groups each
+        idx = (half ^ (half >> 1)) & 0x7777                               # 4 pattern indices
         zero = tl.zeros_like(idx)
-        s0 = _prmt(zero + _PT0L, zero + _PT0H, idx, ASM)       # byte j: slot 0's selector byte, group j
-        s1 = _prmt(zero + _PT1L, zero + _PT1H, idx, ASM)
-        s2 = _prmt(zero + _PT2L, zero + _PT2H, idx, ASM)
-        s3 = _prmt(zero + _PT3L, zero + _PT3H, idx, ASM)
-        z3 = tl.zeros((BLOCK_R, BLOCK_K // 16, 4), dtype=tl.int32)
-        jsel = (tl.arange(0, 4) * 0x11 + 0x40)[None, None, :] + z3        # byte j of a, byte j of b
-        sel_a = tl.reshape(_prmt(s0[:, :, None] + z3, s1[:, :, None] + z3, jsel, ASM), (BLOCK_R, BLOCK_K // 4))
-        sel_b = tl.reshape(_prmt(s2[:, :, None] + z3, s3[:, :, None] + z3, jsel, ASM), (BLOCK_R, BLOCK_K // 4))
+        live = K > 0                                       # always true: keeps the tables in registers
+        s0 = _prmt(zero + tl.where(live, _PT0L, 0), zero + _PT0H, idx, ASM)  # byte j: slot 0's selector, group j
+        s1 = _prmt(zero + tl.where(live, _PT1L, 0), zero + _PT1H, idx, ASM)
+        s2 = _prmt(zero + tl.where(live, _PT2L, 0), zero + _PT2H, idx, ASM)
+        s3 = _prmt(zero + tl.where(live, _PT3L, 0), zero + _PT3H, idx, ASM)
+        z4 = tl.zeros((BLOCK_R, BLOCK_K // 32, 2, 4), dtype=tl.int32)
+        jsel = (tl.arange(0, 4) * 0x11 + 0x40)[None, None, None, :] + z4  # byte j of a, byte j of b
+        sel_a = tl.reshape(_prmt(s0[:, :, :, None] + z4, s1[:, :, :, None] + z4, jsel, ASM), (BLOCK_R, BLOCK_K // 4))
+        sel_b = tl.reshape(_prmt(s2[:, :, :, None] + z4, s3[:, :, :, None] + z4, jsel, ASM), (BLOCK_R, BLOCK_K // 4))
         zp = tl.zeros_like(pair)
         out_a = _prmt(pair, zp, sel_a, ASM)                              # slots 0, 1
         out_b = _prmt(pair, zp, sel_b, ASM)                              # slots 2, 3
@@ -748,16 +769,17 @@ if HAS_TRITON:
         PAIRS: tl.constexpr,
         USE_PRMT: tl.constexpr,  # with PAIRS: byte permutes (_expand24_prmt), else compare-and-select
         ASM: tl.constexpr,       # the permutes as prmt.b32 (a GPU build)
+        EVEN: tl.constexpr,      # the whole tile in the matrix: loads without masks
     ):
         """The dense tile ``W[offs_r, k0 : k0 + BLOCK_K]`` of the decode kernels, by the expansion
         their constexprs choose."""
         if PAIRS:
             if USE_PRMT:
                 w = _expand24_prmt(vals_ptr, meta_ptr, offs_r, mask_r, k0, K, stride_vr,
-                                   stride_mr, stride_mc, BLOCK_R, BLOCK_K, ASM)
+                                   stride_mr, stride_mc, BLOCK_R, BLOCK_K, ASM, EVEN)
             else:
                 w = _expand24_pairs(vals_ptr, meta_ptr, offs_r, mask_r, k0, K, stride_vr,
-                                    stride_mr, stride_mc, BLOCK_R, BLOCK_K, META32)
+                                    stride_mr, stride_mc, BLOCK_R, BLOCK_K, META32, EVEN)
             w = w.to(like.dtype, bitcast=True)
         else:
             w = _expand24(vals_ptr, meta_ptr, offs_r, mask_r, k0, K,
@@ -993,7 +1015,7 @@ if HAS_TRITON:
                     tl.store(db_ptr + offs_n, tl.sum(g.to(tl.float32), axis=0).to(db_ptr.dtype.element_ty),
                              mask=mask_n)
             w = _expand24_tile(vals_ptr, meta_ptr, offs_n, mask_n, k0, K, stride_vn, stride_vc, stride_mn,
-                               stride_mc, g, BLOCK_N, BLOCK_K, META32, PAIRS, PRMT > 0, PRMT == 2)
+                               stride_mc, g, BLOCK_N, BLOCK_K, META32, PAIRS, PRMT > 0, PRMT == 2, False)
             if UPCAST or MIXED:
                 g = g.to(tl.float32)
                 w = w.to(tl.float32)
@@ -1060,7 +1082,7 @@ if HAS_TRITON:
                 x = x.to(tl.float32)
             acc = tl.dot(gt, x, acc, input_precision=PRECISION)
         # keep the entries at the kept positions, in packed order
-        i0, i1 = _load_codes(meta_ptr, offs_n, mask_n, k0, K, stride_mn, stride_mc, BLOCK_K, META32)
+        i0, i1 = _load_codes(meta_ptr, offs_n, mask_n, k0, K, stride_mn, stride_mc, BLOCK_K, META32, False)
         # slots 0..3 of each group (canonical codes: i0 in 0..2, i1 in 1..3), two selects per value
         q0, q1 = tl.split(tl.reshape(acc, (BLOCK_N, BLOCK_K // 4, 2, 2)))   # slots (0, 2), (1, 3)
         w0, w2 = tl.split(q0)
@@ -1105,6 +1127,8 @@ if HAS_TRITON:
         PAIRS: tl.constexpr,       # vals_ptr is the 16-bit values as int32 pairs (_expand24_pairs)
         PRMT: tl.constexpr,        # with PAIRS and META32: 1 byte-permute expansion (emulated), 2 (prmt.b32,
                                    # tiles of at least PRMT_MIN_TILE weights; compare-and-select below)
+        EVEN: tl.constexpr,        # N % BLOCK_N == 0 and K % DECODE_K_QUANTUM == 0: the weight's loads
+                                   # and x's columns without masks (every BLOCK_K of the space divides it)
         BLOCK_N: tl.constexpr,     # weight rows per program (the MMA's M side)
         BLOCK_M: tl.constexpr,     # >= M: every token of the launch
         BLOCK_K: tl.constexpr,
@@ -1132,13 +1156,14 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)     # yᵀ tile
         for k0 in range(k_begin, k_end, BLOCK_K):
             kk = k0 + offs_k
-            xt = tl.load(  # (BLOCK_K, BLOCK_M) = x[:, k-tile]ᵀ, contiguous along k
-                x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
-                mask=mask_m[None, :] & (kk < K)[:, None], other=0.0,
-            )
+            xptr = x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk  # x[:, k-tile]ᵀ (BLOCK_K, BLOCK_M)
+            if EVEN:
+                xt = tl.load(xptr, mask=mask_m[None, :], other=0.0)
+            else:
+                xt = tl.load(xptr, mask=mask_m[None, :] & (kk < K)[:, None], other=0.0)
             w = _expand24_tile(vals_ptr, meta_ptr, offs_n, mask_n, k0, K, stride_vn, stride_vc, stride_mn,
                                stride_mc, xt, BLOCK_N, BLOCK_K, META32, PAIRS,
-                               PRMT == 1 or (PRMT == 2 and BLOCK_N * BLOCK_K >= _PRMT_MIN_TILE), PRMT == 2)
+                               PRMT == 1 or (PRMT == 2 and BLOCK_N * BLOCK_K >= _PRMT_MIN_TILE), PRMT == 2, EVEN)
             if UPCAST:
                 w = w.to(tl.float32)
                 xt = xt.to(tl.float32)
@@ -1211,7 +1236,7 @@ if HAS_TRITON:
         mask_r = offs_r < R
         d = tl.load(d_ptr + offs_r[:, None] * stride_dr + offs_k[None, :] * stride_dk,
                     mask=mask_r[:, None] & (offs_k < K)[None, :], other=0.0)
-        i0, i1 = _load_codes(meta_ptr, offs_r, mask_r, k0, K, stride_mr, stride_mc, BLOCK_K, META32)
+        i0, i1 = _load_codes(meta_ptr, offs_r, mask_r, k0, K, stride_mr, stride_mc, BLOCK_K, META32, False)
         d3 = tl.reshape(d, (BLOCK_R, BLOCK_K // 4, 4))
         slot = tl.arange(0, 4)[None, None, :]
         zero = tl.zeros((BLOCK_R, BLOCK_K // 4, 4), dtype=d.dtype)
@@ -1374,7 +1399,7 @@ if HAS_TRITON:
         name="sparse24.dvalues", fn=_sp_dvalues_kernel, pointers={"meta_ptr": _I32},
         constexprs=[dict(MIXED=False, **_DOT, **_W)], space=DV_SPACE,
     ))
-    _DEC = [dict(BLOCK_N=bn, BLOCK_M=bm, PAIRS=True, PRMT=2, **_DOT, **_W, **extra)
+    _DEC = [dict(BLOCK_N=bn, BLOCK_M=bm, PAIRS=True, PRMT=2, **_DOT, **_W, **extra, EVEN=True)
             for bn, bm in ((32, 16), (64, 16), (128, 16), (64, 64), (128, 64))
             for extra in (dict(HAS_BIAS=True, SPLIT=False, SYNC=False), dict(HAS_BIAS=True, SPLIT=True, SYNC=True))]
     _DEC_PTRS = {"meta_ptr": _I32, "vals_ptr": _I32, "ws_ptr": "fp32", "cnt_ptr": "i32"}
@@ -1386,10 +1411,15 @@ if HAS_TRITON:
         name="sparse24.decode_y", fn=_sp_decode_kernel, pointers=_DEC_PTRS,
         constexprs=[c for c in _DEC if not c["SPLIT"]], space=decode_space,
     ))
+    register_kernel(KernelSpec(   # a partial row tile or K not a multiple of 256: the masked loads
+        name="sparse24.decode_masked", fn=_sp_decode_kernel, pointers=_DEC_PTRS,
+        constexprs=[dict(c, EVEN=False) for c in _DEC if c["SPLIT"] and c["BLOCK_N"] in (32, 128)], space=decode_space,
+    ))
     register_kernel(KernelSpec(   # the dense-sparse t = x·Sᵀ of fp16 inputs, kept in fp32
         name="sparse24.decode_y_fp16", fn=_sp_decode_kernel,
         pointers={**_DEC_PTRS, "out_ptr": "fp32"},
-        constexprs=[dict(BLOCK_N=32, BLOCK_M=16, PAIRS=True, PRMT=2, **_DOT, **_W, HAS_BIAS=False, SPLIT=True, SYNC=True)],
+        constexprs=[dict(BLOCK_N=32, BLOCK_M=16, PAIRS=True, PRMT=2, **_DOT, **_W, HAS_BIAS=False, SPLIT=True, SYNC=True,
+                         EVEN=False)],
         space=decode_space, dtypes=("fp16",),
     ))
     register_kernel(KernelSpec(
@@ -1521,38 +1551,53 @@ DECODE_TILES = (16, 32, 64, 128)
 DECODE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
 
 #: Per-instruction model of the decode kernel (``_sp_decode_kernel``), fitted by least squares to the
-#: sm_90 SASS of its register-fitting builds (M 16 / 64, BLOCK_N 16-128, BLOCK_K 128 / 256, 4 / 8
-#: warps, with and without the split): per warp and K step, for each expansion (``prmt``: tiles of at
-#: least :data:`PRMT_MIN_TILE` weights, 14 builds, every main loop within 12 % of the fit scaled by
-#: 1.05; ``select``: the compare-and-select form below it, 22 builds, within 9 %): ``elem`` per
-#: expanded weight element of a thread, ``wgmma_elem`` more where the tile takes wgmma (``BLOCK_N >=
-#: 64``), ``x_elem`` per ``x`` element, ``step`` per step; outside the loop ``program`` per warp
-#: (``program_split`` with the split), and the reducer's loop ``red + red_elem`` per accumulator
-#: element of a thread, ``SPLIT_K`` trips in one program of ``SPLIT_K`` (one per program on average).
-#: *Predicted*: the model of the compiled code, not a measurement (tests/sparse24/test_decode_issue.py
-#: compares it with fresh builds).
-DECODE_ISSUE = dict(select=dict(elem=5.05, wgmma_elem=1.6, x_elem=0.78, step=88),
-                    prmt=dict(elem=2.5, wgmma_elem=0.0, x_elem=0.66, step=205),
-                    program=300, program_split=520, red=30, red_elem=4.5)
+#: sm_90 SASS of its 26 register-fitting builds (M 16 / 32 / 64, BLOCK_N 16-128, BLOCK_K 128 / 256,
+#: 4 / 8 warps, with and without the split), once with whole tiles (``whole``: ``EVEN``, loads without
+#: masks) and once with masked loads (``masked``): per warp and K step, for each expansion (``prmt``:
+#: tiles of at least :data:`PRMT_MIN_TILE` weights, 12 builds, every main loop within 5 % (whole) /
+#: 8 % (masked) of the fit; ``select``: the compare-and-select form below it, 14 builds, within 6 %):
+#: ``elem`` per expanded weight element of a thread, ``wgmma_elem`` added where the tile takes wgmma
+#: (``BLOCK_N >= 64``; negative: the wide tiles' fixed costs spread thinner), ``x_elem`` per ``x``
+#: element, ``step`` per step; outside the loop ``program`` per warp (``program_split`` with the
+#: split), and the reducer's loop ``red + red_elem`` per accumulator element of a thread, ``SPLIT_K``
+#: trips in one program of ``SPLIT_K`` (one per program on average). *Predicted*: the model of the
+#: compiled code, not a measurement (tests/sparse24/test_decode_issue.py compares it with fresh builds).
+DECODE_ISSUE = dict(
+    whole=dict(select=dict(elem=5.83, wgmma_elem=0.0, x_elem=1.38, step=28),
+               prmt=dict(elem=2.37, wgmma_elem=-0.78, x_elem=0.20, step=167),
+               program=291, program_split=474),
+    masked=dict(select=dict(elem=5.61, wgmma_elem=0.0, x_elem=1.44, step=56),
+                prmt=dict(elem=2.81, wgmma_elem=-0.72, x_elem=0.09, step=173),
+                program=362, program_split=548),
+    red=16, red_elem=5.15)
+
+
+def decode_even(N: int, K: int, BLOCK_N: int) -> bool:
+    """The decode kernel's ``EVEN``: whole row tiles and ``K`` a multiple of every split and step
+    (:data:`DECODE_K_QUANTUM`), so its loads need no masks."""
+    return N % BLOCK_N == 0 and K % DECODE_K_QUANTUM == 0
 
 
 def decode_warp_instructions(BLOCK_N: int, BLOCK_M: int, BLOCK_K: int, num_warps: int,
-                             k_per_program: int, split: bool, prmt: Optional[bool] = None) -> tuple[float, list]:
+                             k_per_program: int, split: bool, prmt: Optional[bool] = None,
+                             even: bool = True) -> tuple[float, list]:
     """``(warp-instructions of one decode program, loop trips)`` by :data:`DECODE_ISSUE`: the main
     loop ``ceil(k_per_program / BLOCK_K)`` times, then (``split``) the reducer's loop once on
     average. The trips are the build's loops in address order (``fastfactor sol --sass``).
     ``prmt``: the expansion a GPU build takes (default: byte permutes from :data:`PRMT_MIN_TILE`
-    weights per tile unless ``FASTFACTOR_SPARSE24_PRMT=0``)."""
+    weights per tile unless ``FASTFACTOR_SPARSE24_PRMT=0``); ``even``: whole tiles
+    (:func:`decode_even`), else the masked loads' figures."""
     m = DECODE_ISSUE
     if prmt is None:
         prmt = prmt_mode(True) > 0 and BLOCK_N * BLOCK_K >= PRMT_MIN_TILE
-    f = m["prmt" if prmt else "select"]
+    v = m["whole" if even else "masked"]
+    f = v["prmt" if prmt else "select"]
     t = 32 * num_warps
     e = BLOCK_N * BLOCK_K / t
     loop = f["elem"] * e + (f["wgmma_elem"] * e if BLOCK_N >= 64 else 0.0) + f["x_elem"] * BLOCK_M * BLOCK_K / t + f["step"]
     trips = max(1, -(-k_per_program // BLOCK_K))
-    per_warp = trips * loop + (m["program_split"] + m["red"] + m["red_elem"] * BLOCK_N * BLOCK_M / t
-                               if split else m["program"])
+    per_warp = trips * loop + (v["program_split"] + m["red"] + m["red_elem"] * BLOCK_N * BLOCK_M / t
+                               if split else v["program"])
     return num_warps * per_warp, [trips, 1] if split else [trips]
 
 
@@ -1562,7 +1607,8 @@ def _decode_issue_model(ints: dict, constexprs: dict, config: dict, grid) -> Opt
     bn, bk = int(constexprs["BLOCK_N"]), int(config["BLOCK_K"])
     return decode_warp_instructions(bn, int(constexprs["BLOCK_M"]), bk, int(config.get("num_warps", 4)), kps,
                                     bool(constexprs.get("SPLIT")),
-                                    prmt=int(constexprs.get("PRMT", 0)) > 0 and bn * bk >= PRMT_MIN_TILE)
+                                    prmt=int(constexprs.get("PRMT", 0)) > 0 and bn * bk >= PRMT_MIN_TILE,
+                                    even=bool(constexprs.get("EVEN")))
 
 
 _cost.ISSUE_MODELS["sparse24.decode"] = _decode_issue_model
@@ -1625,7 +1671,8 @@ def decode_plans(M: int, N: int, K: int, sms: int, elem: int = 2, prmt: Optional
             p = b["programs"]
             f = min(1.0, p / (-(-p // sms) * sms))   # busy fraction (_cost.fill, 1 program per SM)
             wi = min(decode_warp_instructions(bn, bm, c["BLOCK_K"], c["num_warps"], min(K, kps), sk > 1,
-                                              prmt=prmt and bn * c["BLOCK_K"] >= PRMT_MIN_TILE)[0]
+                                              prmt=prmt and bn * c["BLOCK_K"] >= PRMT_MIN_TILE,
+                                              even=decode_even(N, K, bn))[0]
                      for c in cfgs)
             plans.append(_plan_times(b["dram"], b["l2"], _issue_s(wi, p, f), f) + ((bn, sk),))
     return plans
@@ -1709,7 +1756,8 @@ def sparse24_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
         x.stride(0), x.stride(1), vt.stride(0), vt.stride(1),
         smr, smc, y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, SPLIT=split, SYNC=sync, UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype),
-        META32=m32, PAIRS=pairs, PRMT=prmt_mode(m32 and pairs), BLOCK_N=bn, BLOCK_M=bm,
+        META32=m32, PAIRS=pairs, PRMT=prmt_mode(m32 and pairs), EVEN=decode_even(N, K, bn),
+        BLOCK_N=bn, BLOCK_M=bm,
     )
     return y
 

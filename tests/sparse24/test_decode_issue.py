@@ -59,5 +59,10 @@ def test_issue_models_shape():
     # what sol registers: the recorded constexprs decide the expansion
     im = K._cost.ISSUE_MODELS["sparse24.decode"]
     ints = dict(K=4096, K_PER_SPLIT=1024)
-    assert im(ints, dict(BLOCK_N=128, BLOCK_M=16, SPLIT=True, PRMT=2), dict(BLOCK_K=128, num_warps=8), (128,)) == (w, trips)
-    assert im(ints, dict(BLOCK_N=128, BLOCK_M=16, SPLIT=True, PRMT=0), dict(BLOCK_K=128, num_warps=8), (128,))[0] > w
+    cx, cfg = dict(BLOCK_N=128, BLOCK_M=16, SPLIT=True), dict(BLOCK_K=128, num_warps=8)
+    assert im(ints, dict(cx, PRMT=2, EVEN=True), cfg, (128,)) == (w, trips)
+    assert im(ints, dict(cx, PRMT=0, EVEN=True), cfg, (128,))[0] > w
+    # masked loads (a partial tile somewhere: EVEN false) issue more than whole tiles
+    masked = im(ints, dict(cx, PRMT=2, EVEN=False), cfg, (128,))
+    assert masked == K.decode_warp_instructions(128, 16, 128, 8, 1024, True, prmt=True, even=False) and masked[0] > w
+    assert K.decode_even(4096, 4096, 128) and not K.decode_even(4000, 4096, 128) and not K.decode_even(4096, 4000, 128)

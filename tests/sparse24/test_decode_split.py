@@ -39,7 +39,8 @@ def _launch(x, values, meta, b, bn, sk, sync, cnt=None):
         M, N, Kd, kps, sk, x.stride(0), x.stride(1), values.stride(0), values.stride(1),
         smr, smc, y.stride(0), y.stride(1),
         HAS_BIAS=b is not None, SPLIT=sk > 1, SYNC=sync, UPCAST=True, PRECISION="ieee",
-        META32=m32, PAIRS=False, PRMT=0, BLOCK_N=bn, BLOCK_M=max(16, _config.next_pow2(M)),
+        META32=m32, PAIRS=False, PRMT=0, EVEN=K.decode_even(N, Kd, bn),
+        BLOCK_N=bn, BLOCK_M=max(16, _config.next_pow2(M)),
     )
     return y, cnt
 
