@@ -531,6 +531,44 @@ def ds_space(R_PAD: int, **_) -> list[dict]:
     return [c for c in DS_SPACE if _ds_fits(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], R_PAD)]
 
 
+#: the rank-split dense-sparse kernel (``_ds_rank_split_kernel``): ``BLOCK_R``, ``BLOCK_N`` and
+#: ``BLOCK_M`` are planned per shape (:func:`ds_rank_split_plan`), the reduction step tuned
+RS_INTERP = dict(BLOCK_K=32, num_warps=4, num_stages=1)
+RS_FIXED = dict(BLOCK_K=128, num_warps=4, num_stages=3)
+RS_SPACE = [
+    RS_INTERP,
+    RS_FIXED,
+    dict(BLOCK_K=256, num_warps=4, num_stages=3),
+    dict(BLOCK_K=128, num_warps=8, num_stages=3),
+]
+#: rank chunks and column tiles the rank-split planner weighs
+RS_CHUNKS = (16, 32, 64)
+RS_TILES = (32, 64, 128, 256)
+
+
+def _rs_fits(br: int, bn: int, bm: int, bk: int, nw: int) -> bool:
+    """Register footprint of a rank-split config, 16-bit slots a thread (as :func:`_decode_fits`):
+    stage 1 holds the expanded ``S`` tile, the ``x`` tile and the fp32 chunk of ``t``; stage 2 the
+    ``D`` tile, ``t`` and the fp32 partial of ``y``; the larger of the two within 104 a thread."""
+    one = br * bk + bk * bm + 2 * br * bm
+    two = bn * br + br * bm + 2 * bn * bm
+    return max(one, two) <= 104 * 32 * nw
+
+
+def rs_space(BLOCK_R: int, BLOCK_N: int, BLOCK_M: int, **_) -> list[dict]:
+    """The GPU configs of the rank-split kernel that fit the registers at this plan."""
+    return [c for c in RS_SPACE[1:] if _rs_fits(BLOCK_R, BLOCK_N, BLOCK_M, c["BLOCK_K"], c["num_warps"])]
+
+
+def _prune_rs(configs_, named_args, **kwargs):
+    if _config.is_interpreter():
+        return configs_
+    get = lambda k: kwargs.get(k, named_args.get(k))
+    br, bn, bm = get("BLOCK_R"), get("BLOCK_N"), get("BLOCK_M")
+    kept = [c for c in configs_ if c.kwargs["BLOCK_K"] >= 128 and _rs_fits(br, bn, bm, c.kwargs["BLOCK_K"], c.num_warps)]
+    return kept or configs_[1:2] or configs_
+
+
 def _prune_ds(configs_, named_args, **kwargs):
     r_pad = kwargs.get("R_PAD", named_args.get("R_PAD"))
     kept = [c for c in configs_
@@ -1338,6 +1376,122 @@ if HAS_TRITON:
                 mask=mask_m[None, :] & mask_n[:, None],
             )
 
+    @triton.jit
+    def _ds_rank_split_kernel(
+        # --- pointers ---
+        x_ptr,      # (M, K) input rows, M <= BLOCK_M (a handful of tokens)
+        svals_ptr,  # (R, K/2) kept values of the 2:4 factor S (R, K) (int32 pairs when PAIRS)
+        smeta_ptr,  # (R, ceil(K/8)) uint8 codes of S, or (R, K/32) int32 words (META32)
+        d_ptr,      # (N, R) dense factor D
+        bias_ptr,   # (N,) bias; read only when HAS_BIAS
+        y_ptr,      # (M, N) output y = (x·Sᵀ)·Dᵀ + b
+        t_ptr,      # (M, R) intermediate x·Sᵀ (fp32 when T_FP32); written only when STORE_T, by the
+                    #   programs of column tile 0
+        ws_ptr,     # SPLIT: (SPLITS, M, N) fp32 partials of y, one slice per rank chunk (workspace)
+        cnt_ptr,    # SPLIT and SYNC: (N_TILES,) int32 arrival counters, zero between launches
+        # --- dimensions ---
+        M, K, N, R,
+        SPLITS,     # rank chunks of BLOCK_R (programs = N_TILES · SPLITS)
+        # --- strides (in elements) ---
+        stride_xm, stride_xk,
+        stride_sr, stride_sc,
+        stride_mr, stride_mc,
+        stride_dn, stride_dr,
+        stride_ym, stride_yn,
+        stride_tm, stride_tr,
+        # --- meta-parameters ---
+        HAS_BIAS: tl.constexpr,
+        STORE_T: tl.constexpr,
+        T_FP32: tl.constexpr,      # keep the intermediate in fp32 (fp16 inputs: range safety)
+        SPLIT: tl.constexpr,       # SPLITS > 1: partials + the fixed-order reduction in this launch
+        SYNC: tl.constexpr,        # as in _sp_decode_kernel
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        META32: tl.constexpr,
+        PAIRS: tl.constexpr,
+        PRMT: tl.constexpr,        # as in _sp_decode_kernel
+        D_VEC: tl.constexpr,       # D's rows start on 16 bytes (unit column stride, row stride and R multiples
+                                   # of 8 elements, base aligned): its tile loads as 16-byte vectors (Triton
+                                   # itself only sees integers divisible by 16; a rank such as 168 is not)
+        BLOCK_R: tl.constexpr,     # rank chunk: rows of S (and columns of D) per program (planned)
+        BLOCK_N: tl.constexpr,     # columns of y per program (planned)
+        BLOCK_M: tl.constexpr,     # >= M: every token of the launch
+        BLOCK_K: tl.constexpr,     # reduction step of the first product (tuned)
+    ):
+        """Dense-sparse ``y = (x·Sᵀ)·Dᵀ + b`` for a few tokens in **one launch**, split over the rank:
+        ``y = Σ_c (x·S_cᵀ)·D_cᵀ`` over chunks ``c`` of ``BLOCK_R`` rows of ``S``. Program ``p``
+        owns column tile ``p // SPLITS`` of ``y`` and chunk ``p % SPLITS``: it forms its chunk of
+        ``t = x·Sᵀ`` whole (every ``K``, so ``t`` is rounded exactly as a two-matmul path rounds
+        it), multiplies it by its ``(BLOCK_N, BLOCK_R)`` tile of ``D`` and stores the fp32 partial;
+        the tile's last arrival sums the ``SPLITS`` partials in the order ``c = 0, 1, …`` (as
+        :func:`_sp_decode_kernel`), adds the bias and stores ``y``. ``S`` is read once per column
+        tile (from L2 after the first), ``D`` once, ``t`` never leaves the chip: the launch the
+        decode kernel and cuBLAS's ``t·Dᵀ`` make two of."""
+        pid = tl.program_id(0)
+        pid_n = pid // SPLITS
+        pid_c = pid % SPLITS
+        offs_r = pid_c * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_r = offs_r < R
+        mask_m = offs_m < M
+
+        # ---- stage 1: this chunk of tᵀ = S_c·xᵀ, (BLOCK_R, BLOCK_M), fp32 ----
+        tt = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            xt = tl.load(  # (BLOCK_K, BLOCK_M) = x[:, k-tile]ᵀ, contiguous along k
+                x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
+                mask=mask_m[None, :] & (kk < K)[:, None], other=0.0,
+            )
+            s = _expand24_tile(svals_ptr, smeta_ptr, offs_r, mask_r, k0, K, stride_sr, stride_sc, stride_mr,
+                               stride_mc, xt, BLOCK_R, BLOCK_K, META32, PAIRS,
+                               PRMT == 1 or (PRMT == 2 and BLOCK_R * BLOCK_K >= _PRMT_MIN_TILE), PRMT == 2, False)
+            if UPCAST:
+                s = s.to(tl.float32)
+                xt = xt.to(tl.float32)
+            tt = tl.dot(s, xt, tt, input_precision=PRECISION)
+        if T_FP32:
+            t = tt                              # fp32: x·Sᵀ may exceed fp16's range
+        else:
+            t = tt.to(y_ptr.dtype.element_ty)   # rounded like a two-matmul path
+        if STORE_T:
+            if pid_n == 0:
+                tl.store(t_ptr + offs_m[None, :] * stride_tm + offs_r[:, None] * stride_tr,
+                         t.to(t_ptr.dtype.element_ty), mask=mask_m[None, :] & mask_r[:, None])
+        if UPCAST:
+            t = t.to(tl.float32)
+
+        # ---- stage 2: this chunk's share of yᵀ[n-tile] = D[n-tile, c]·t_c ----
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        if D_VEC:     # row offsets multiples of 8; the rank mask constant over 8 columns (R % 8 == 0)
+            rows = tl.multiple_of(offs_n * stride_dn, 8)
+            d = tl.load(d_ptr + rows[:, None] + offs_r[None, :],
+                        mask=mask_n[:, None] & ((offs_r // 8) * 8 < R)[None, :], other=0.0)
+        else:
+            d = tl.load(d_ptr + offs_n[:, None] * stride_dn + offs_r[None, :] * stride_dr,
+                        mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        if UPCAST or T_FP32:  # T_FP32: TF32 dot on the fp32 intermediate
+            d = d.to(tl.float32)
+        acc = tl.dot(d, t, input_precision=PRECISION)        # (BLOCK_N, BLOCK_M) fp32
+        mask_y = mask_m[None, :] & mask_n[:, None]
+        out = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
+        if SPLIT:
+            part = offs_m[None, :] * N + offs_n[:, None]          # (M, N) slice, contiguous along n
+            last = _split_arrive(acc, ws_ptr, part, mask_y, M * N, pid_c, cnt_ptr, pid_n, SPLITS, SYNC)
+            if last:
+                tot = _split_total(acc, ws_ptr, part, mask_y, M * N, pid_c, SPLITS, offs_n, 0)
+                if HAS_BIAS:
+                    tot = tot + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+                tl.store(out, tot.to(y_ptr.dtype.element_ty), mask=mask_y)
+                if SYNC:
+                    tl.atomic_xchg(cnt_ptr + pid_n, 0)             # ready for the next launch
+        else:
+            if HAS_BIAS:
+                acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+
     # autotuned launchers; in deterministic mode they run one fixed config (kernels._config.Tunable)
     _prune24_tuned = Tunable(_prune24_kernel, PRUNE_SPACE, key=["R", "G"],
                              interpreter=PRUNE_INTERP, deterministic=PRUNE_FIXED)
@@ -1354,6 +1508,12 @@ if HAS_TRITON:
         _ds_chain_kernel, DS_SPACE,
         key=["M_BUCKET", "K", "N", "R_PAD", "STORE_T", "T_FP32"],
         prune=_prune_ds, interpreter=DS_INTERP, deterministic=DS_FIXED,
+    )
+
+    _ds_rank_split_tuned = Tunable(
+        _ds_rank_split_kernel, RS_SPACE,
+        key=["M", "K", "N", "R", "SPLITS", "BLOCK_R", "BLOCK_N", "BLOCK_M", "STORE_T", "T_FP32", "META32"],
+        prune=_prune_rs, interpreter=RS_INTERP, deterministic=RS_FIXED,
     )
 
     _sp_decode_tuned = Tunable(_sp_decode_kernel, DECODE_SPACE,
@@ -1451,6 +1611,18 @@ if HAS_TRITON:
         pointers={"smeta_ptr": _I32, "t_ptr": "fp32"},
         constexprs=[dict(HAS_BIAS=True, STORE_T=True, T_FP32=True, R_PAD=64, **_DOT, **_W)],
         space=ds_space, dtypes=("fp16",),
+    ))
+    register_kernel(KernelSpec(
+        name="sparse24.ds_rank_split", fn=_ds_rank_split_kernel,
+        pointers={"smeta_ptr": _I32, "svals_ptr": _I32, "ws_ptr": "fp32", "cnt_ptr": "i32"},
+        constexprs=[dict(BLOCK_R=br, BLOCK_N=bn, BLOCK_M=bm, PAIRS=True, PRMT=2, **_DOT, **_W, HAS_BIAS=True,
+                         STORE_T=st, T_FP32=False, SPLIT=True, SYNC=True, D_VEC=True)
+                    for br, bn, bm, st in ((16, 256, 16, False), (16, 64, 16, False), (32, 128, 16, True),
+                                           (32, 256, 16, False), (64, 64, 16, False), (16, 64, 64, True),
+                                           (32, 64, 64, False))]
+                   + [dict(BLOCK_R=16, BLOCK_N=128, BLOCK_M=16, PAIRS=True, PRMT=2, **_DOT, **_W, HAS_BIAS=True,
+                           STORE_T=False, T_FP32=False, SPLIT=True, SYNC=True, D_VEC=False)],
+        space=rs_space,
     ))
     register_kernel(KernelSpec(
         name="sparse24.dx_fp16", fn=_sp_dx_kernel, pointers={"meta_ptr": _I32, "g_ptr": "fp32"},
@@ -2319,7 +2491,7 @@ def sparse24_backward(g, x, values, meta, need_x: bool, need_values: bool, need_
 # the first one's FLOPs, which no Triton kernel can (tests/sparse24/test_ds_dispatch.py checks
 # these comparisons).
 
-DS_PATHS = ("library", "fused", "two_kernel")
+DS_PATHS = ("library", "fused", "rank_split", "two_kernel")
 
 #: the fused kernel is chosen only when predicted at least this much faster (``t_fused <=
 #: DS_MARGIN·t_library``): the analytic counts of :func:`ds_chain_seconds` and the interpreter's of
@@ -2501,6 +2673,78 @@ def ds_two_phase_seconds(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, b
     return best
 
 
+def ds_rank_split_plans(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias: bool = True,
+                        save_t: bool = False, sms: Optional[int] = None) -> list:
+    """Every plan of the rank-split launch (:func:`ds_rank_split`) at ``M <= DECODE_MAX_M`` tokens:
+    ``(t_nominal, t_low, (BLOCK_R, BLOCK_N))``, seconds at the nominal L2 figure and at its low end,
+    counted from the shapes as ``fastfactor sol`` counts the launch (*predicted*)::
+
+        t = max(DRAM bytes / HBM, L2 bytes / (L2 bandwidth · fill), tensor FLOPs / rate, issue) + floor
+
+    ``ch = ceil(R / BLOCK_R)`` chunks x ``nt = ceil(N / BLOCK_N)`` column tiles = programs. DRAM:
+    ``S`` (values + codes), ``D``, ``x``, ``y``, the bias and ``t`` (``save_t``) once, the fp32
+    partials stored (``ch·M·N·4`` with more than one chunk; their reads are L2 hits, written moments
+    before in the same launch). L2: ``S`` once per column tile, ``x`` once per program, the partials
+    stored and the other ``ch - 1`` read back by each tile's reducer. Issue: the first product's
+    loop by the decode kernel's model (:data:`DECODE_ISSUE`, masked loads: it is the same loop
+    over ``BLOCK_R`` rows), the fitting config that issues least."""
+    dev = _cost.DEFAULT if not sms or sms == _cost.DEFAULT.sms else dataclasses.replace(_cost.DEFAULT, sms=int(sms))
+    low = dataclasses.replace(dev, l2_bw=dev.l2_bw_low)
+    e = _ds_elem(dtype)
+    te = 4 if dtype == torch.float16 else e
+    dt = {torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, "bf16")
+    cd = lambda a, b: -(-a // b)
+    bm = max(16, next_pow2(M))
+    s_b, d_b = R * K * (e / 2 + 1 / 8), float(N) * R * e
+    x_b, y_b, t_b, b_b = float(e) * M * K, float(e) * M * N, (float(te) * M * R if save_t else 0.0), (N * e if bias else 0.0)
+    prmt = prmt_mode(True) > 0
+    plans = []
+    for br in RS_CHUNKS:
+        ch = cd(R, br)
+        if ch > 1 and br > R:
+            continue
+        for bn in RS_TILES:
+            cfgs = rs_space(br, bn, bm)
+            if not cfgs:
+                continue
+            nt = cd(N, bn)
+            P = ch * nt
+            ws = 4.0 * ch * M * N if ch > 1 else 0.0
+            dram = s_b + d_b + x_b + y_b + t_b + b_b + ws
+            l2 = nt * s_b + d_b + P * x_b + y_b + t_b + b_b + ws + ws * (ch - 1) / ch
+            flops = 2.0 * bm * (br * cd(K, 128) * 128 + bn * br) * P
+            f = min(1.0, P / (cd(P, dev.sms) * dev.sms))
+            wi = min(decode_warp_instructions(br, bm, c["BLOCK_K"], c["num_warps"], K, ch > 1,
+                                              prmt=prmt and br * c["BLOCK_K"] >= PRMT_MIN_TILE, even=False)[0]
+                     for c in cfgs)
+            issue = _issue_s(wi, P, f)
+            hg = br >= 64
+            times = tuple(max(_cost.kernel_seconds(dram, l2, flops, P, d, hg, dt)["seconds"], issue + d.launch_s)
+                          for d in (dev, low))
+            plans.append(times + ((br, bn),))
+    return plans
+
+
+def ds_rank_split_cost(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias: bool = True,
+                       save_t: bool = False, sms: Optional[int] = None) -> Optional[tuple]:
+    """``(seconds, BLOCK_R, BLOCK_N)`` of the rank-split launch: of :func:`ds_rank_split_plans`, the
+    one :func:`kernels._cost.robust_pick` takes (seconds at the nominal L2 figure); ``None`` above
+    ``DECODE_MAX_M`` tokens (a handful of rows only: its ``x`` is read by every program)."""
+    if M > DECODE_MAX_M or min(M, K, N, R) <= 0:
+        return None
+    return _rs_pick(int(M), int(K), int(N), int(R), dtype, bool(bias), bool(save_t), sms and int(sms),
+                    prmt_mode(True) > 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def _rs_pick(M, K, N, R, dtype, bias, save_t, sms, prmt) -> Optional[tuple]:
+    plans = ds_rank_split_plans(M, K, N, R, dtype, bias, save_t, sms)
+    if not plans:
+        return None
+    t_nom, _, (br, bn) = _cost.robust_pick(plans)
+    return t_nom, br, bn
+
+
 def _default_device(device):
     if device is not None:
         return torch.device(device)
@@ -2520,18 +2764,24 @@ def ds_path_costs(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, device=N
     fused = ds_chain_seconds(M, K, N, R, dtype, bias, save_t, _ds_sms(device))
     if fused is not None:
         out["fused"] = fused
+    rs = ds_rank_split_cost(M, K, N, R, dtype, bias, save_t, _ds_sms(device))
+    if rs is not None:
+        out["rank_split"] = rs[0]
     return out
 
 
 def choose_ds_path(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, device=None, bias: bool = True,
                    save_t: bool = False) -> str:
-    """``'library'``, ``'fused'`` or ``'two_kernel'`` for a dense-sparse forward of this shape
-    (block comment above): by :func:`ds_path_costs`, the fused kernel only where predicted at
+    """``'library'``, ``'fused'``, ``'rank_split'`` or ``'two_kernel'`` for a dense-sparse forward of
+    this shape (block comment above): by :func:`ds_path_costs`, one of our kernels (the cheaper of
+    the fused and, at ``M <= DECODE_MAX_M`` tokens, the rank-split launch) only where predicted at
     least 5 % faster than the library path (``DS_MARGIN``); fp16 (no library path) takes the
-    fused kernel where its rank fits, else ``two_kernel``.
+    fused kernel where its rank fits, else ``two_kernel`` (the rank split only when forced: no
+    price of the two-kernel path to weigh it against).
 
-    ``FASTFACTOR_DS_PATH=fused|two_kernel|library`` forces a path (``fused`` falls back to
-    ``two_kernel`` above the rank limit, ``library`` to ``two_kernel`` for fp16)."""
+    ``FASTFACTOR_DS_PATH=fused|rank_split|two_kernel|library`` forces a path (``fused`` falls
+    back to ``two_kernel`` above the rank limit, ``rank_split`` to ``library`` above
+    ``DECODE_MAX_M`` tokens, ``library`` to ``two_kernel`` for fp16)."""
     forced = os.environ.get("FASTFACTOR_DS_PATH")
     fits = _pad_rank(R) <= FUSED_MAX_R
     if forced:
@@ -2539,6 +2789,8 @@ def choose_ds_path(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, device=
             raise ValueError(f"FASTFACTOR_DS_PATH: expected one of {', '.join(DS_PATHS)}, got {forced!r}")
         if forced == "fused" and not fits:
             return "two_kernel"
+        if forced == "rank_split" and M > DECODE_MAX_M:
+            forced = "library"
         if forced == "library" and not ds_library_ok(dtype):
             return "two_kernel"
         return forced
@@ -2547,9 +2799,8 @@ def choose_ds_path(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, device=
     costs = ds_path_costs(M, K, N, R, dtype, device, bias, save_t)
     if "library" not in costs:
         return "fused" if fits else "two_kernel"
-    if "fused" in costs and costs["fused"] <= DS_MARGIN * costs["library"]:
-        return "fused"
-    return "library"
+    ours = {p: c for p, c in costs.items() if p in ("fused", "rank_split") and c <= DS_MARGIN * costs["library"]}
+    return min(ours, key=ours.get) if ours else "library"
 
 
 def ds_chain(
@@ -2655,6 +2906,59 @@ def _ds_t(x: torch.Tensor, s_values: torch.Tensor, s_meta: torch.Tensor, save_t:
     return sparse24_forward(x, s_values, s_meta, None, path=s_path)
 
 
+def ds_rank_split(
+    x: torch.Tensor,
+    d: torch.Tensor,
+    s_values: torch.Tensor,
+    s_meta: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    store_t: bool = False,
+    plan: Optional[tuple] = None,
+):
+    """``(y, t or None)``: ``y = (x·Sᵀ)·Dᵀ + b`` for ``M <= DECODE_MAX_M`` token rows in one launch
+    split over the rank (:func:`_ds_rank_split_kernel`; ``plan`` forces ``(BLOCK_R, BLOCK_N)``,
+    default :func:`ds_rank_split_cost`); ``x (M, K)``, ``d (N, R)``, packed ``S (R, K)``; ``t`` in
+    ``intermediate_dtype(x.dtype)`` (fp32 for fp16 inputs). Deterministic: the chunks' partials are
+    summed in a fixed order by each column tile's last program."""
+    M, K = x.shape
+    N, R = d.shape
+    if M > DECODE_MAX_M:
+        raise ValueError(f"x: ds_rank_split takes at most {DECODE_MAX_M} rows, got {M}")
+    t_dtype = intermediate_dtype(x.dtype)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    t = torch.empty((M, R), device=x.device, dtype=t_dtype) if store_t else None
+    if M == 0 or N == 0 or K == 0 or R == 0:
+        y.zero_()
+        if bias is not None and M > 0:
+            y += bias
+        if t is not None:
+            t.zero_()
+        return y, t
+    if plan is None:
+        _, br, bn = ds_rank_split_cost(M, K, N, R, x.dtype, bias is not None, store_t, _config.num_sms(x.device))
+    else:
+        br, bn = plan
+    bm = max(16, next_pow2(M))
+    ch, nt = triton.cdiv(R, br), triton.cdiv(N, bn)
+    mt, smr, smc, m32 = _meta_arg(s_meta, K)
+    vt, pairs = _values_arg(s_values, x.dtype)
+    split, sync, ws, cnt = split_buffers(ch, nt, (M, N), x.device, y)
+    t_arg = t if t is not None else y
+    _ds_rank_split_tuned[(nt * ch,)](
+        x, vt, mt, d, bias if bias is not None else y, y, t_arg, ws, cnt,
+        M, K, N, R, ch,
+        x.stride(0), x.stride(1), vt.stride(0), vt.stride(1), smr, smc,
+        d.stride(0), d.stride(1), y.stride(0), y.stride(1), t_arg.stride(0), t_arg.stride(1),
+        HAS_BIAS=bias is not None, STORE_T=store_t, T_FP32=t_dtype != x.dtype,
+        SPLIT=split, SYNC=sync, UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype),
+        META32=m32, PAIRS=pairs, PRMT=prmt_mode(m32 and pairs),
+        D_VEC=(d.stride(1) == 1 and d.stride(0) % 8 == 0 and R % 8 == 0 and d.element_size() == 2
+               and d.data_ptr() % 16 == 0),
+        BLOCK_R=br, BLOCK_N=bn, BLOCK_M=bm,
+    )
+    return y, t
+
+
 def dense_sparse_fwd(
     x: torch.Tensor,
     d: torch.Tensor,
@@ -2674,6 +2978,8 @@ def dense_sparse_fwd(
         path = "two_kernel"
     if path == "fused":
         return ds_chain(x, d, s_values, s_meta, bias, store_t=save_t)
+    if path == "rank_split":
+        return ds_rank_split(x, d, s_values, s_meta, bias, store_t=save_t)
     if path == "library":
         if M == 0 or R == 0 or K == 0:
             t = x.new_zeros((M, R))
