@@ -58,8 +58,15 @@ tile goes to ``tl.dot``. Device memory only ever sees the compressed bytes.
   multiplied by ``D`` tile by tile. ``R_PAD = next_pow2(R) <= 256``, configs within a register
   budget (``DS_TILE_ELEMS``: no spills on sm_80 / sm_90). The dispatcher (:func:`choose_ds_path`)
   takes it only where predicted >= 5 % faster than the library path (``t = x·Sᵀ`` by sparse24's
-  own dispatch, ``t·Dᵀ`` on cuBLAS); larger ranks always take the library path (figures why in
-  the dense-sparse section below). The two-kernel path (``_sp_mm_kernel`` / the decode kernel
+  own dispatch, ``t·Dᵀ`` on cuBLAS); larger ranks take the library path or, at a handful of
+  tokens, the rank split (figures why in the dense-sparse section below).
+* ``_ds_rank_split_kernel``: dense-sparse at ``M <= 64`` tokens, any rank, in **one launch**:
+  ``y = Σ_c (x·S_cᵀ)·D_cᵀ`` over chunks of ``BLOCK_R`` rows of ``S``; program = (column tile of
+  ``y``, chunk), its chunk of ``t`` formed whole (so rounded as a two-matmul path rounds it), its
+  fp32 partial of ``y`` summed with the other chunks' by the tile's last arrival (fixed order, as
+  the decode kernel). Planned per shape (:func:`ds_rank_split_plans`); taken where predicted >= 5 %
+  faster than the library path's two launches: the BERT-size layers at a handful of tokens (every
+  program reads ``x`` and each column tile all of ``S``, so at ``K = 4096`` it loses). The two-kernel path (``_sp_mm_kernel`` / the decode kernel
   for ``t``, then the low-rank family's Triton GEMM) remains for fp16 and when forced.
 * ``_sp_decode_kernel``: ``y = x·Wᵀ + b`` for ``M <= 64`` in **one launch**. Programs = (row
   tiles x K splits) planned per shape by :func:`decode_plan` (the model ``fastfactor sol``
@@ -2470,10 +2477,18 @@ def sparse24_backward(g, x, values, meta, need_x: bool, need_values: bool, need_
 # slower than its two-library-products alternative. The two-kernel path is not a candidate: in
 # that model our GEMMs (the same bytes and FLOPs, more launches) never beat ideal cuBLAS.
 #
-# Ranks above 256 take the library path: neither the fusion extended past rank 256 (the
-# intermediate in shared memory, :func:`ds_chain_seconds` with ``any_rank``) nor a two-phase path
-# with a split reduction at a handful of rows (:func:`ds_two_phase_seconds`) is predicted faster
-# (H200, bf16, predicted; library with sparse24's one-launch decode kernel):
+# * ``rank_split``: :func:`ds_rank_split`, ``M <= 64`` tokens, any rank, one launch (each program a
+#   chunk of ``t`` whole and its share of ``y``, the chunks' partials summed in the launch). Priced
+#   by :func:`ds_rank_split_plans` and taken like ``fused`` (at least 5 % faster than the library
+#   path; the cheaper of the two where both are). H200, bf16, predicted (library / rank split):
+#   768x3072 rank 168, 16 tokens 5.70 / 3.64 us (dense cuBLAS 3.63), 1 token 5.68 / 3.22;
+#   rank 336, 16 tokens 5.89 / 4.03; 3072x768 rank 472, 8 tokens 5.79 / 4.50; at 64 tokens or at
+#   4096² (every program reads x, each column tile all of S) the library path stays.
+#
+# Beyond the rank split, ranks above 256 take the library path: neither the fusion extended past
+# rank 256 (the intermediate in shared memory, :func:`ds_chain_seconds` with ``any_rank``) nor a
+# two-launch path with a split reduction at a handful of rows (:func:`ds_two_phase_seconds`) is
+# predicted faster (H200, bf16, predicted; library with sparse24's one-launch decode kernel):
 #
 #   shape, rank     M       library   two-phase   fused (any rank)
 #   4096², 655      16      7.1 us    8.5 us      56 us

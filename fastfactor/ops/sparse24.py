@@ -385,7 +385,8 @@ def dense_sparse_linear(
     Returns:
         ``(..., out)`` in ``x``'s dtype. The path is chosen by predicted cost
         (``fastfactor.kernels.sparse24.choose_ds_path``): the ``(rows, r)`` intermediate stays
-        on chip (fused kernel, ``r <= 256``) where that is predicted >= 5 % faster, else ``x·Sᵀ``
+        on chip (fused kernel, ``r <= 256``; or, at ``<= 64`` rows and any rank, the rank-split
+        launch, each program a chunk of it) where that is predicted >= 5 % faster, else ``x·Sᵀ``
         runs on sparse24's own path (PyTorch's 2:4 GEMM, ``S`` zero-padded to 32 rows where
         needed; the decode kernel at a handful of rows; or ``S`` expanded once + cuBLAS) and
         ``t·Dᵀ`` on cuBLAS. The intermediate is rounded to the input dtype as a two-matmul path
