@@ -227,3 +227,13 @@ def test_plan_prices_bytes_and_fill():
     # a rank within one chunk: no partials, so only S, D, x, y and the bias move
     one = {p: (a, b) for a, b, p in K.ds_rank_split_plans(16, 768, 3072, 16)}
     assert (16, 256) in one
+
+
+def test_fixed_config_on_a_gpu_fits_the_plan(monkeypatch):
+    """Deterministic mode on a GPU launches the first GPU config the prune keeps: a step of at
+    least 128 inputs (16-byte code rows) within the register budget of the planned tiles."""
+    monkeypatch.setattr(_config, "is_interpreter", lambda: False)
+    for br, bn, bm in ((16, 256, 16), (64, 64, 16), (32, 64, 64)):
+        cfg = K._ds_rank_split_tuned.fixed_config(dict(BLOCK_R=br, BLOCK_N=bn, BLOCK_M=bm))
+        assert cfg.kwargs["BLOCK_K"] >= 128 and K._rs_fits(br, bn, bm, cfg.kwargs["BLOCK_K"], cfg.num_warps)
+        assert cfg.kwargs in [{k: v for k, v in c.items() if k.startswith("BLOCK")} for c in K.rs_space(br, bn, bm)]
