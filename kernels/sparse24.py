@@ -1143,6 +1143,41 @@ if HAS_TRITON:
         )
 
     @triton.jit
+    def _store_split_yt(
+        acc,         # (BLOCK_N, BLOCK_M) fp32: this program's yᵀ tile, or its split's partial of it
+        out_ptr,     # (M, N) output y
+        bias_ptr,    # (N,) bias; read only when HAS_BIAS
+        ws_ptr,      # SPLIT: (N_SPLIT, M, N) fp32 partials (workspace)
+        cnt_ptr,     # SPLIT and SYNC: int32 arrival counters, one per column tile
+        offs_m, offs_n, mask_m, mask_n, M, N,
+        stride_om, stride_on,
+        pid_s, tile, N_SPLIT,
+        HAS_BIAS: tl.constexpr,
+        SPLIT: tl.constexpr,
+        SYNC: tl.constexpr,
+    ):
+        """The decode kernels' epilogue: ``y[:, n-tile] = accᵀ (+ b)``; with ``SPLIT`` the partial
+        goes to split ``pid_s``'s slice and the tile's last arrival sums the ``N_SPLIT`` slices in
+        the order ``s = 0, 1, …`` (:func:`_split_arrive`, :func:`_split_total`), adds the bias,
+        stores ``y`` and resets the tile's counter."""
+        mask_y = mask_m[None, :] & mask_n[:, None]
+        out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
+        if SPLIT:
+            part = offs_m[None, :] * N + offs_n[:, None]          # (M, N) slice, contiguous along n
+            last = _split_arrive(acc, ws_ptr, part, mask_y, M * N, pid_s, cnt_ptr, tile, N_SPLIT, SYNC)
+            if last:
+                tot = _split_total(acc, ws_ptr, part, mask_y, M * N, pid_s, N_SPLIT, offs_n, 0)
+                if HAS_BIAS:
+                    tot = tot + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+                tl.store(out, tot.to(out_ptr.dtype.element_ty), mask=mask_y)
+                if SYNC:
+                    tl.atomic_xchg(cnt_ptr + tile, 0)              # ready for the next launch
+        else:
+            if HAS_BIAS:
+                acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_y)
+
+    @triton.jit
     def _sp_decode_kernel(
         # --- pointers ---
         x_ptr,      # (M, K) input rows, M <= BLOCK_M (a handful of tokens)
@@ -1213,22 +1248,8 @@ if HAS_TRITON:
                 w = w.to(tl.float32)
                 xt = xt.to(tl.float32)
             acc = tl.dot(w, xt, acc, input_precision=PRECISION)
-        mask_y = mask_m[None, :] & mask_n[:, None]
-        out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
-        if SPLIT:
-            part = offs_m[None, :] * N + offs_n[:, None]          # (M, N) slice, contiguous along n
-            last = _split_arrive(acc, ws_ptr, part, mask_y, M * N, pid_s, cnt_ptr, pid_n, SPLIT_K, SYNC)
-            if last:
-                tot = _split_total(acc, ws_ptr, part, mask_y, M * N, pid_s, SPLIT_K, offs_n, 0)
-                if HAS_BIAS:
-                    tot = tot + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-                tl.store(out, tot.to(out_ptr.dtype.element_ty), mask=mask_y)
-                if SYNC:
-                    tl.atomic_xchg(cnt_ptr + pid_n, 0)             # ready for the next launch
-        else:
-            if HAS_BIAS:
-                acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_y)
+        _store_split_yt(acc, out_ptr, bias_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
+                        stride_om, stride_on, pid_s, pid_n, SPLIT_K, HAS_BIAS, SPLIT, SYNC)
 
     @triton.jit
     def _sp_expand_kernel(
@@ -1293,6 +1314,31 @@ if HAS_TRITON:
                  v.to(v_ptr.dtype.element_ty), mask=mask_r[:, None] & (offs_v < K // 2)[None, :])
 
     @triton.jit
+    def _ds_intermediate(
+        tt,          # (R rows, BLOCK_M) fp32: tᵀ = S·xᵀ of this program's rows of S
+        y_ptr,       # the output (its dtype rounds t)
+        t_ptr,       # (M, R) intermediate; written only when STORE_T, by the programs with pid_n == 0
+        offs_m, offs_r, mask_m, mask_r, stride_tm, stride_tr, pid_n,
+        STORE_T: tl.constexpr,
+        T_FP32: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        """The dense-sparse kernels' ``t``: rounded to ``y``'s dtype as a two-matmul path rounds it
+        (kept fp32 with ``T_FP32``: for fp16 inputs ``x·Sᵀ`` may exceed fp16's range), stored for the
+        backward by column tile 0 (``STORE_T``), fp32 again with ``UPCAST``."""
+        if T_FP32:
+            t = tt
+        else:
+            t = tt.to(y_ptr.dtype.element_ty)
+        if STORE_T:
+            if pid_n == 0:
+                tl.store(t_ptr + offs_m[None, :] * stride_tm + offs_r[:, None] * stride_tr,
+                         t.to(t_ptr.dtype.element_ty), mask=mask_m[None, :] & mask_r[:, None])
+        if UPCAST:
+            t = t.to(tl.float32)
+        return t
+
+    @triton.jit
     def _ds_chain_kernel(
         # --- pointers ---
         x_ptr,      # (M, K) input rows
@@ -1348,18 +1394,8 @@ if HAS_TRITON:
                 xt = xt.to(tl.float32)
             tt = tl.dot(s, xt, tt, input_precision=PRECISION)
 
-        if T_FP32:
-            t = tt                              # fp32: x·Sᵀ may exceed fp16's range
-        else:
-            t = tt.to(y_ptr.dtype.element_ty)   # rounded like a two-matmul path
-        if STORE_T:
-            if pid_n == 0:
-                tl.store(
-                    t_ptr + offs_m[None, :] * stride_tm + offs_r[:, None] * stride_tr,
-                    t.to(t_ptr.dtype.element_ty), mask=mask_m[None, :] & mask_r[:, None],
-                )
-        if UPCAST:
-            t = t.to(tl.float32)
+        t = _ds_intermediate(tt, y_ptr, t_ptr, offs_m, offs_r, mask_m, mask_r, stride_tm, stride_tr, pid_n,
+                             STORE_T, T_FP32, UPCAST)
 
         # ---- stage 2: yᵀ[n-tile, :] = D[n-tile, :]·tᵀ (+ bias) ----
         tiles_per_prog = tl.cdiv(tl.cdiv(N, BLOCK_N), tl.num_programs(1))
@@ -1458,16 +1494,8 @@ if HAS_TRITON:
                 s = s.to(tl.float32)
                 xt = xt.to(tl.float32)
             tt = tl.dot(s, xt, tt, input_precision=PRECISION)
-        if T_FP32:
-            t = tt                              # fp32: x·Sᵀ may exceed fp16's range
-        else:
-            t = tt.to(y_ptr.dtype.element_ty)   # rounded like a two-matmul path
-        if STORE_T:
-            if pid_n == 0:
-                tl.store(t_ptr + offs_m[None, :] * stride_tm + offs_r[:, None] * stride_tr,
-                         t.to(t_ptr.dtype.element_ty), mask=mask_m[None, :] & mask_r[:, None])
-        if UPCAST:
-            t = t.to(tl.float32)
+        t = _ds_intermediate(tt, y_ptr, t_ptr, offs_m, offs_r, mask_m, mask_r, stride_tm, stride_tr, pid_n,
+                             STORE_T, T_FP32, UPCAST)
 
         # ---- stage 2: this chunk's share of yᵀ[n-tile] = D[n-tile, c]·t_c ----
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -1482,22 +1510,8 @@ if HAS_TRITON:
         if UPCAST or T_FP32:  # T_FP32: TF32 dot on the fp32 intermediate
             d = d.to(tl.float32)
         acc = tl.dot(d, t, input_precision=PRECISION)        # (BLOCK_N, BLOCK_M) fp32
-        mask_y = mask_m[None, :] & mask_n[:, None]
-        out = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
-        if SPLIT:
-            part = offs_m[None, :] * N + offs_n[:, None]          # (M, N) slice, contiguous along n
-            last = _split_arrive(acc, ws_ptr, part, mask_y, M * N, pid_c, cnt_ptr, pid_n, SPLITS, SYNC)
-            if last:
-                tot = _split_total(acc, ws_ptr, part, mask_y, M * N, pid_c, SPLITS, offs_n, 0)
-                if HAS_BIAS:
-                    tot = tot + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-                tl.store(out, tot.to(y_ptr.dtype.element_ty), mask=mask_y)
-                if SYNC:
-                    tl.atomic_xchg(cnt_ptr + pid_n, 0)             # ready for the next launch
-        else:
-            if HAS_BIAS:
-                acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+        _store_split_yt(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
+                        stride_ym, stride_yn, pid_c, pid_n, SPLITS, HAS_BIAS, SPLIT, SYNC)
 
     # autotuned launchers; in deterministic mode they run one fixed config (kernels._config.Tunable)
     _prune24_tuned = Tunable(_prune24_kernel, PRUNE_SPACE, key=["R", "G"],

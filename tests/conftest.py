@@ -6,6 +6,7 @@ to the PyTorch reference unless a test asks for the interpreted kernels with the
 fixture (or ``fastfactor.kernels._config.cpu_backend("triton")``).
 """
 
+import contextlib
 import math
 import os
 
@@ -103,6 +104,48 @@ def assert_monarch_grads(out, x, w1, w2, g, strided, dtype, need_w1=True, need_w
             assert a is None, name
             continue
         assert_close_ref(a, e, dtype, reduction=max(M, K, N), name=name)
+
+
+class KwargSpy:
+    """Stands in for a ``Tunable`` launcher and records one keyword argument (a constexpr the
+    launcher chose) of each launch in ``seen``, then launches through the real one."""
+
+    def __init__(self, tunable, key, seen):
+        self.tunable, self.tuned, self.key, self.seen = tunable, tunable.tuned, key, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(kwargs[self.key])
+            return self.tunable[grid](*args, **kwargs)
+        return launch
+
+
+@contextlib.contextmanager
+def nan_filled_empty():
+    """``torch.empty`` returns float tensors filled with NaN for the duration: an element a launch
+    never writes shows in its output."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = poisoned
+    try:
+        yield
+    finally:
+        torch.empty = empty
+
+
+@pytest.fixture
+def on_gpu_model(monkeypatch):
+    """Price the 2:4 and dense-sparse paths as on an H200 (PyTorch's 2:4 GEMM available on 'cuda'),
+    no forced paths."""
+    from fastfactor.kernels import _config
+
+    for var in ("FASTFACTOR_DS_PATH", "FASTFACTOR_SPARSE24_PATH", "FASTFACTOR_SPARSE24_BWD_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(_config, "semi_structured_ok", lambda device: device.type == "cuda")
 
 
 class CountLaunches:

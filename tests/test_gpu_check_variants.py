@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from conftest import KwargSpy
 from fastfactor import gpu_check as gc
 from fastfactor.kernels import _config
 from fastfactor.kernels import sparse24 as K
@@ -15,24 +16,11 @@ needs_kernels = pytest.mark.skipif(not (torch.cuda.is_available() or _config.is_
                                    reason="needs a GPU or TRITON_INTERPRET=1 (tests/conftest.py)")
 
 
-class _Spy:
-    """Stands in for a Tunable launcher and records the PRMT constexpr of each launch."""
-
-    def __init__(self, tunable, seen):
-        self.tunable, self.tuned, self.seen = tunable, tunable.tuned, seen
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.seen.append(kwargs["PRMT"])
-            return self.tunable[grid](*args, **kwargs)
-        return launch
-
-
 @needs_kernels
 def test_decode_variants_launch_each_expansion(monkeypatch):
     seen = {"decode": [], "dx": []}
-    monkeypatch.setattr(K, "_sp_decode_tuned", _Spy(K._sp_decode_tuned, seen["decode"]))
-    monkeypatch.setattr(K, "_sp_dx_decode_tuned", _Spy(K._sp_dx_decode_tuned, seen["dx"]))
+    monkeypatch.setattr(K, "_sp_decode_tuned", KwargSpy(K._sp_decode_tuned, "PRMT", seen["decode"]))
+    monkeypatch.setattr(K, "_sp_dx_decode_tuned", KwargSpy(K._sp_dx_decode_tuned, "PRMT", seen["dx"]))
     monkeypatch.setenv(gc.PRMT_ENV, "auto")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with _config.cpu_backend("triton"):

@@ -26,14 +26,6 @@ SHAPES = [(4096, 4096), (768, 3072), (3072, 768)]
 TOKENS = (8, 16, 24, 32, 48, 64, 128, 1024, 4096, 16384)
 
 
-@pytest.fixture
-def on_gpu_model(monkeypatch):
-    """Price as on an H200 (PyTorch's 2:4 GEMM available on 'cuda'), no forced paths."""
-    for var in ("FASTFACTOR_DS_PATH", "FASTFACTOR_SPARSE24_PATH", "FASTFACTOR_SPARSE24_BWD_PATH"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(_config, "semi_structured_ok", lambda device: device.type == "cuda")
-
-
 def _ranks(k, n):
     return sorted({dense_sparse_rank_for_ratio(k, n, r) for r in (0.125, 0.25, 0.5)} | {64, 96, 256})
 

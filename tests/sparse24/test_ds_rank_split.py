@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_close_ref
+from conftest import KwargSpy, assert_close_ref, nan_filled_empty
 from fastfactor.formats.sparse24 import Sparse24Weight, pack_24, prune_24
 from fastfactor.kernels import _config
 from fastfactor.kernels import sparse24 as K
@@ -41,23 +41,6 @@ def _ref64(x, d, values, meta, b, k):
     return y64, t64
 
 
-def _poisoned_run(fn):
-    """``fn()`` with every fresh float buffer of ``torch.empty`` filled with NaN: an element the
-    launch never writes shows."""
-    mp = pytest.MonkeyPatch()
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    try:
-        mp.setattr(torch, "empty", poisoned)
-        return fn()
-    finally:
-        mp.undo()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("M,k,n,R,plan,bias,store_t,strided", [
     (5, 256, 96, 40, (16, 32), True, True, False),     # 3 chunks (the last partial) x 3 column tiles
@@ -69,7 +52,8 @@ def _poisoned_run(fn):
 def test_matches_float64(triton_cpu, dtype, M, k, n, R, plan, bias, store_t, strided):
     x, d, values, meta, b = _case(M, k, n, R, dtype, seed=M + n + R, strided=strided)
     b = b if bias else None
-    y, t = _poisoned_run(lambda: K.ds_rank_split(x, d, values, meta, b, store_t=store_t, plan=plan))
+    with nan_filled_empty():
+        y, t = K.ds_rank_split(x, d, values, meta, b, store_t=store_t, plan=plan)
     y64, t64 = _ref64(x, d, values, meta, b, k)
     assert y.dtype == dtype and y.shape == (M, n)
     assert_close_ref(y, y64, dtype, reduction=k + R, name="y")
@@ -84,18 +68,7 @@ def test_vector_loads_of_d_take_the_same_values(triton_cpu, monkeypatch):
     """``D_VEC`` (``D``'s rows on 16 bytes: its tile as 16-byte vectors on a GPU) is taken exactly
     when the row stride and the rank are multiples of 8 and gives the bits of the strided form."""
     seen = []
-    real = K._ds_rank_split_tuned
-
-    class Spy:
-        tuned = real.tuned
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append(kwargs["D_VEC"])
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(K, "_ds_rank_split_tuned", Spy())
+    monkeypatch.setattr(K, "_ds_rank_split_tuned", KwargSpy(K._ds_rank_split_tuned, "D_VEC", seen))
     for R, stride, want in ((48, 48, True), (48, 56, True), (44, 44, False), (48, 52, False)):
         x, _, values, meta, b = _case(4, 256, 40, R, BF16, seed=R)
         d = torch.randn(40, stride).to(BF16)[:, :R]
@@ -188,13 +161,6 @@ def test_op_on_the_rank_split_path_forward_and_backward(triton_cpu, monkeypatch,
     for got, ref, red, name in ((x.grad, leaves[0].grad, n + R, "dx"), (d.grad, leaves[1].grad, M * k, "dD"),
                                 (vals.grad, leaves[2].grad, M * n, "dS"), (b.grad, leaves[3].grad, M, "db")):
         assert_close_ref(got, ref, dtype, reduction=red, name=name)
-
-
-@pytest.fixture
-def on_gpu_model(monkeypatch):
-    for var in ("FASTFACTOR_DS_PATH", "FASTFACTOR_SPARSE24_PATH", "FASTFACTOR_SPARSE24_BWD_PATH"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(_config, "semi_structured_ok", lambda device: device.type == "cuda")
 
 
 def test_dispatch(on_gpu_model, monkeypatch):

@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 
+from conftest import KwargSpy
 from fastfactor.formats.sparse24 import pack_24, prune_24
 from fastfactor.kernels import _config
 from fastfactor.kernels import sparse24 as K
@@ -173,19 +174,6 @@ def test_prmt_on_cuda_equals_compare_select_bitwise(monkeypatch, M, plan):
     torch.testing.assert_close(dx2.double(), dref, rtol=0.02, atol=0.02 * dref.abs().max().item())
 
 
-class _EvenSpy:
-    """Stands in for a decode Tunable and records each launch's ``EVEN`` constexpr."""
-
-    def __init__(self, tunable, seen):
-        self.tunable, self.tuned, self.seen = tunable, tunable.tuned, seen
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.seen.append(kwargs["EVEN"])
-            return self.tunable[grid](*args, **kwargs)
-        return launch
-
-
 @pytest.mark.parametrize("M,N,Kd,plan,even", [
     (16, 96, 768, (32, 3), True),      # whole row tiles, K a multiple of 256: the loads unmasked
     (4, 96, 768, (64, 2), False),      # a partial last row tile (96 = 64 + 32)
@@ -195,7 +183,7 @@ def test_decode_unmasked_loads_only_on_whole_tiles(triton_cpu, monkeypatch, M, N
     """``EVEN`` (the weight's and x's loads without masks) is set exactly when every tile is whole,
     and both forms match float64 and each other's expansion bit for bit."""
     seen = []
-    monkeypatch.setattr(K, "_sp_decode_tuned", _EvenSpy(K._sp_decode_tuned, seen))
+    monkeypatch.setattr(K, "_sp_decode_tuned", KwargSpy(K._sp_decode_tuned, "EVEN", seen))
     x, values, meta = _case(M, N, Kd, torch.bfloat16, seed=N + Kd)
     b = torch.randn(N).to(torch.bfloat16)
     y = K.sparse24_decode(x, values, meta, b, plan=plan)
