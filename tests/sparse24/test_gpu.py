@@ -47,10 +47,10 @@ def test_sparse24_linear_cuda(shape, dtype):
     assert_close_ref(b.grad, b64.grad, dtype, reduction=M, name="dbias")
 
 
-@pytest.mark.parametrize("path", ["fused", "two_kernel", "library", "auto"])
+@pytest.mark.parametrize("path", ["fused", "two_kernel", "library", "rank_split", "auto"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
 @pytest.mark.parametrize("shape", [(16, 4096, 4096, 256), (4096, 768, 3072, 168), (37, 4096, 4096, 655),
-                                   (1024, 4096, 4096, 655)],
+                                   (1024, 4096, 4096, 655), (16, 768, 3072, 168), (5, 3072, 768, 472)],
                          ids=lambda s: f"M{s[0]}-K{s[1]}-N{s[2]}-R{s[3]}")
 def test_dense_sparse_linear_cuda(shape, dtype, path, monkeypatch):
     """Every path; ``auto`` / ``library`` at M = 1024, rank 655 run PyTorch's 2:4 GEMM on S
@@ -147,6 +147,32 @@ def test_split_decode_repeated_launches_and_cuda_graph(plan):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         yg = K.sparse24_decode(x, w.values, w.meta, b, plan=plan)
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(yg, ref)
+
+
+@pytest.mark.parametrize("plan", [(16, 256), (32, 128), (64, 64)])
+def test_rank_split_repeated_launches_and_cuda_graph(plan):
+    """The rank-split dense-sparse launch on hardware (arrival counters, the last arrival sums the
+    chunks): bitwise equal over repeated launches and under CUDA-graph replay, counters back to
+    zero, against float64."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 768, device=DEV, dtype=torch.bfloat16)
+    s = sparse_weight(168, 768, torch.bfloat16, requires_grad=False)
+    d = (torch.randn(3072, 168, device=DEV) / 168 ** 0.5).to(torch.bfloat16)
+    b = torch.randn(3072, device=DEV, dtype=torch.bfloat16)
+    ref, t = K.ds_rank_split(x, d, s.values, s.meta, b, store_t=True, plan=plan)
+    y64 = K.dense_sparse_linear_ref(x.double(), d.double(), s.values.double(), s.meta, b.double())
+    assert_close_ref(ref, y64, torch.bfloat16, reduction=768 + 168)
+    for _ in range(20):
+        assert torch.equal(K.ds_rank_split(x, d, s.values, s.meta, b, plan=plan)[0], ref)
+    torch.cuda.synchronize()
+    assert all(int(c.abs().sum()) == 0 for c in K._DECODE_COUNTERS.values())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        yg = K.ds_rank_split(x, d, s.values, s.meta, b, plan=plan)[0]
     for _ in range(5):
         graph.replay()
         torch.cuda.synchronize()
