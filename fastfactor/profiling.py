@@ -268,8 +268,38 @@ def annotate_modules(
     return _Handles(handles, names)
 
 
+#: the kernel families a layer of each method launches (the Nsight scripts' per-family filter):
+#: dense-sparse runs the 2:4 kernels and, on its two-kernel path, the low-rank family's GEMM
+METHOD_FAMILIES = {"lowrank": ("lowrank",), "monarch": ("monarch",), "block_lowrank": ("monarch",),
+                   "sparse24": ("sparse24",), "dense_sparse": ("sparse24", "lowrank")}
+
+
+def kernel_names(method: Optional[str] = None) -> list[str]:
+    """Function names of the project's Triton kernels, as Nsight lists them (``_rows_kernel``, ...),
+    read from the compile tier's registry (``fastfactor.kernels._config.KERNELS``): every kernel, or
+    those a layer of ``method`` launches (:data:`METHOD_FAMILIES`). ``profiling/common.sh`` builds
+    ncu's ``--kernel-name regex:`` filter from it, so a new kernel is never filtered out."""
+    from .kernels import _config, lowrank, monarch, sparse24  # noqa: F401  (registers every kernel)
+
+    if method is not None and method not in METHOD_FAMILIES:
+        raise ValueError(f"method: expected one of {sorted(METHOD_FAMILIES)}, got {method!r}")
+    families = METHOD_FAMILIES[method] if method else None
+    names = set()
+    for key, spec in _config.KERNELS.items():
+        if families is None or key.split(".")[0] in families:
+            fn = spec.fn
+            names.add(getattr(fn, "__name__", None) or fn.fn.__name__)
+    return sorted(names)
+
+
+def kernel_regex(method: Optional[str] = None) -> str:
+    """:func:`kernel_names` as the alternation ncu's ``--kernel-name regex:`` takes."""
+    return "|".join(kernel_names(method))
+
+
 __all__ = [
     "DOMAIN", "BACKENDS", "backend", "enabled", "available_backends", "set_backend", "use_backend",
     "qualified", "push", "pop", "mark", "range", "capture", "annotate", "annotate_modules",
+    "METHOD_FAMILIES", "kernel_names", "kernel_regex",
 ]
 del builtins

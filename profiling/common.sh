@@ -13,18 +13,16 @@ fi
 OUT="${OUT:-$ROOT/profiling/results/nsight}"
 mkdir -p "$OUT"
 
-# Every Triton kernel of the project (function names in kernels/*.py).
-FF_KERNELS='_chain_kernel|_gemm_kernel|_bgemm_kernel|_sp_mm_kernel|_sp_dx_kernel|_sp_dvalues_kernel|_ds_chain_kernel|_prune24_kernel'
+# Every Triton kernel of the project: the function names of the compile tier's registry
+# (fastfactor.profiling.kernel_names), so a kernel added later is never filtered out; the list
+# below only where fastfactor does not import.
+FF_KERNELS_STATIC='_bgemm_kernel|_chain_kernel|_decode_bwd_kernel|_decode_kernel|_ds_chain_kernel|_ds_rank_split_kernel|_gemm_kernel|_prune24_kernel|_rows_kernel|_rowsum_kernel|_sp_compress_kernel|_sp_decode_kernel|_sp_dvalues_kernel|_sp_dx_decode_kernel|_sp_dx_kernel|_sp_expand_kernel|_sp_mm_kernel|_splitk_reduce_kernel|_wgrad_kernel|_wgrad_pair_kernel'
+FF_KERNELS="$("$PY" -c "from fastfactor import profiling; print(profiling.kernel_regex())" 2>/dev/null || echo "$FF_KERNELS_STATIC")"
 
-# The kernels of one family (the others would only add noise to a per-family summary).
+# The kernels a layer of one method launches (the others would only add noise to a per-family
+# summary); every kernel for a method fastfactor does not name.
 family_kernels() {
-  case "$1" in
-    lowrank)                 echo '_chain_kernel|_gemm_kernel' ;;
-    monarch|block_lowrank)   echo '_chain_kernel|_bgemm_kernel' ;;
-    sparse24)                echo '_sp_mm_kernel|_sp_dx_kernel|_sp_dvalues_kernel' ;;
-    dense_sparse)            echo '_ds_chain_kernel|_sp_mm_kernel|_sp_dx_kernel|_sp_dvalues_kernel|_gemm_kernel' ;;
-    *)                       echo "$FF_KERNELS" ;;
-  esac
+  "$PY" -c "from fastfactor import profiling; print(profiling.kernel_regex('$1'))" 2>/dev/null || echo "$FF_KERNELS"
 }
 
 # How an NVTX push/pop range of fastfactor.profiling is named for ncu's --nvtx-include: with the

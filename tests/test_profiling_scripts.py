@@ -58,7 +58,8 @@ def test_ncu_kernel_command_line_filters_by_nvtx_and_kernel_name(tmp_path):
     out = _dry("ncu_kernel.sh", "lowrank", "4096x4096", "4096", "0.25", "fwd", tmp_path=tmp_path)
     line = [s for s in out.splitlines() if s.startswith("+ ncu --profile-from-start off")][0]
     assert f"--nvtx --nvtx-include {profiling.qualified('kernel')}/" in line
-    assert "--kernel-name regex:_chain_kernel|_gemm_kernel" in line
+    assert f"--kernel-name regex:{profiling.kernel_regex('lowrank')}" in line
+    assert "_decode_kernel" in profiling.kernel_regex("lowrank")      # the few-token launches too
     assert "dram__throughput.avg.pct_of_peak_sustained_elapsed" in line
     assert "--section SpeedOfLight" in line and "--export" in line
     assert "ncu --import" in out
@@ -90,3 +91,24 @@ def test_driver_train_case_emits_step_and_layer_ranges(recorder, capsys):
     steps = [p for p in recorder.pushed if p == "train_step"]
     layers = [p for p in recorder.pushed if p.startswith("lowrank.fwd:encoder.layer.")]
     assert len(steps) == 2 and len(layers) == 2 * 12 and recorder.depth == 0
+
+
+def test_kernel_filters_name_every_registered_kernel():
+    """ncu's kernel-name filters come from the registry: every ``@triton.jit`` kernel function of
+    ``kernels/*.py`` (names ending in ``_kernel``) is in the full filter and in its family's, and the
+    static fallback of ``profiling/common.sh`` lists the same names."""
+    import re
+
+    defined = set()
+    for path in (ROOT / "kernels").glob("*.py"):
+        src = path.read_text()
+        defined |= set(re.findall(r"@triton\.jit\s+def (\w+_kernel)\(", src))
+    assert defined and set(profiling.kernel_names()) == defined
+    fam = {m: set(profiling.kernel_names(m)) for m in profiling.METHOD_FAMILIES}
+    assert {"_rows_kernel", "_wgrad_pair_kernel"} <= fam["monarch"] == fam["block_lowrank"]
+    assert {"_sp_decode_kernel", "_ds_rank_split_kernel", "_gemm_kernel"} <= fam["dense_sparse"]
+    assert "_rows_kernel" not in fam["lowrank"] and "_sp_decode_kernel" not in fam["monarch"]
+    static = re.search(r"FF_KERNELS_STATIC='([^']*)'", (PROF / "common.sh").read_text()).group(1)
+    assert static == profiling.kernel_regex()
+    with pytest.raises(ValueError, match="method: expected one of"):
+        profiling.kernel_names("dense")
