@@ -139,14 +139,23 @@ def test_split_decode_repeated_launches_and_cuda_graph(plan):
     dref = K.sparse24_dx_decode(g, w.values, w.meta, plan=(64, 4))
     assert_close_ref(dref, g.double() @ K.unpack_24(w.values.double(), w.meta, 4096), torch.bfloat16,
                      reduction=1024)
+    _assert_reruns_and_graph_bitwise(lambda: K.sparse24_decode(x, w.values, w.meta, b, plan=plan), ref,
+                                     lambda: K.sparse24_dx_decode(g, w.values, w.meta, plan=(64, 4)), dref)
+
+
+def _assert_reruns_and_graph_bitwise(fn, ref, fn2=None, ref2=None):
+    """``fn()`` (and ``fn2()``) equal to ``ref`` (``ref2``) bit for bit over 20 launches, the split
+    kernels' arrival counters back to zero after them, and ``fn()`` captured in a CUDA graph equal
+    to ``ref`` over 5 replays."""
     for _ in range(20):
-        assert torch.equal(K.sparse24_decode(x, w.values, w.meta, b, plan=plan), ref)
-        assert torch.equal(K.sparse24_dx_decode(g, w.values, w.meta, plan=(64, 4)), dref)
+        assert torch.equal(fn(), ref)
+        if fn2 is not None:
+            assert torch.equal(fn2(), ref2)
     torch.cuda.synchronize()
     assert all(int(c.abs().sum()) == 0 for c in K._DECODE_COUNTERS.values())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        yg = K.sparse24_decode(x, w.values, w.meta, b, plan=plan)
+        yg = fn()
     for _ in range(5):
         graph.replay()
         torch.cuda.synchronize()
@@ -166,14 +175,6 @@ def test_rank_split_repeated_launches_and_cuda_graph(plan):
     ref, t = K.ds_rank_split(x, d, s.values, s.meta, b, store_t=True, plan=plan)
     y64 = K.dense_sparse_linear_ref(x.double(), d.double(), s.values.double(), s.meta, b.double())
     assert_close_ref(ref, y64, torch.bfloat16, reduction=768 + 168)
-    for _ in range(20):
-        assert torch.equal(K.ds_rank_split(x, d, s.values, s.meta, b, plan=plan)[0], ref)
-    torch.cuda.synchronize()
-    assert all(int(c.abs().sum()) == 0 for c in K._DECODE_COUNTERS.values())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        yg = K.ds_rank_split(x, d, s.values, s.meta, b, plan=plan)[0]
-    for _ in range(5):
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(yg, ref)
+    assert_close_ref(t, x.double() @ K.unpack_24(s.values.double(), s.meta, 768).t(), torch.bfloat16,
+                     reduction=768, name="t")
+    _assert_reruns_and_graph_bitwise(lambda: K.ds_rank_split(x, d, s.values, s.meta, b, plan=plan)[0], ref)
