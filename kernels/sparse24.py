@@ -568,6 +568,10 @@ def rs_space(BLOCK_R: int, BLOCK_N: int, BLOCK_M: int, **_) -> list[dict]:
 
 
 def _prune_rs(configs_, named_args, **kwargs):
+    """Autotuner prune of the rank-split kernel: on a GPU the configs with 16-byte code rows
+    (``BLOCK_K >= 128``) that fit the registers at the planned tiles (:func:`_rs_fits`); if none
+    does (the planner only plans tiles some config fits), :data:`RS_FIXED` (``configs_[1]``: the
+    space's first GPU entry)."""
     if _config.is_interpreter():
         return configs_
     get = lambda k: kwargs.get(k, named_args.get(k))
@@ -2730,8 +2734,6 @@ def ds_rank_split_plans(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bi
     plans = []
     for br in RS_CHUNKS:
         ch = cd(R, br)
-        if ch > 1 and br > R:
-            continue
         for bn in RS_TILES:
             cfgs = rs_space(br, bn, bm)
             if not cfgs:
