@@ -580,6 +580,50 @@ def _prune_rs(configs_, named_args, **kwargs):
     return kept or configs_[1:2] or configs_
 
 
+#: the dense-sparse backward's dense-factor launch (``_ds_bwd_dense_kernel``): ``BLOCK_R``,
+#: ``BLOCK_M`` and the column splits are planned per shape (:func:`ds_bwd_dense_plans`), the column
+#: step ``BLOCK_N`` tuned
+BD_INTERP = dict(BLOCK_N=16, num_warps=4, num_stages=1)
+BD_FIXED = dict(BLOCK_N=64, num_warps=4, num_stages=3)
+BD_SPACE = [
+    BD_INTERP,
+    BD_FIXED,
+    dict(BLOCK_N=32, num_warps=4, num_stages=3),
+    dict(BLOCK_N=128, num_warps=4, num_stages=3),
+    dict(BLOCK_N=32, num_warps=8, num_stages=3),
+    dict(BLOCK_N=64, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, num_warps=8, num_stages=3),
+]
+#: rank chunks and column splits the planner weighs; columns per split: multiples of BD_N_QUANTUM
+#: (so of every BLOCK_N of the space)
+BD_CHUNKS = (16, 32, 64, 128)
+BD_SPLITS = (1, 2, 4, 8, 16, 32)
+BD_N_QUANTUM = 128
+
+
+def _bd_fits(br: int, bn: int, bm: int, nw: int) -> bool:
+    """Register footprint of a dense-factor backward config, 16-bit slots a thread (as
+    :func:`_rs_fits`): the fp32 ``dD`` tile, the ``D`` tile, the fp32 partial of ``dtᵀ``, the ``g``
+    tile and the chunk of ``t``, within 104 a thread."""
+    return 2 * bn * br + bn * br + 2 * br * bm + bn * bm + bm * br <= 104 * 32 * nw
+
+
+def bd_space(BLOCK_R: int, BLOCK_M: int, **_) -> list[dict]:
+    """The GPU configs of the dense-factor backward that fit the registers at this plan."""
+    return [c for c in BD_SPACE[1:] if _bd_fits(BLOCK_R, c["BLOCK_N"], BLOCK_M, c["num_warps"])]
+
+
+def _prune_bd(configs_, named_args, **kwargs):
+    """Autotuner prune of the dense-factor backward: on a GPU the configs that fit the registers at
+    the planned tiles (:func:`_bd_fits`); if none does, :data:`BD_FIXED` (``configs_[1]``)."""
+    if _config.is_interpreter():
+        return configs_
+    get = lambda k: kwargs.get(k, named_args.get(k))
+    br, bm = get("BLOCK_R"), get("BLOCK_M")
+    kept = [c for c in configs_ if _bd_fits(br, c.kwargs["BLOCK_N"], bm, c.num_warps)]
+    return kept or configs_[1:2] or configs_
+
+
 def _prune_ds(configs_, named_args, **kwargs):
     r_pad = kwargs.get("R_PAD", named_args.get("R_PAD"))
     kept = [c for c in configs_
@@ -1517,6 +1561,99 @@ if HAS_TRITON:
         _store_split_yt(acc, y_ptr, bias_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
                         stride_ym, stride_yn, pid_c, pid_n, SPLITS, HAS_BIAS, SPLIT, SYNC)
 
+    @triton.jit
+    def _ds_bwd_dense_kernel(
+        # --- pointers ---
+        g_ptr,      # (M, N) output gradient, M <= BLOCK_M (a handful of tokens)
+        d_ptr,      # (N, R) dense factor D; read only when NEED_DT
+        t_ptr,      # (M, R) the forward's intermediate t = x·Sᵀ; read only when NEED_DD
+        dd_ptr,     # (N, R) output dD = gᵀ·t; written only when NEED_DD
+        db_ptr,     # (N,) output db = Σ_m g; written only when HAS_BIAS, by the programs of rank chunk 0
+        dt_ptr,     # (M, R) output dt = g·D; written only when NEED_DT (with SPLIT by each chunk's last arrival)
+        ws_ptr,     # SPLIT: (SPLITS, M, R) fp32 partials of dt, one slice per column range (workspace)
+        cnt_ptr,    # SPLIT and SYNC: (CHUNKS,) int32 arrival counters, zero between launches
+        # --- dimensions ---
+        M, N, R,
+        N_PER_SPLIT,  # columns of g per split (a multiple of BD_N_QUANTUM, so of every BLOCK_N)
+        SPLITS,       # column ranges per rank chunk (programs = CHUNKS · SPLITS)
+        # --- strides (in elements) ---
+        stride_gm, stride_gn,
+        stride_dn, stride_dr,
+        stride_tm, stride_tr,
+        stride_ddn, stride_ddr,
+        stride_dtm, stride_dtr,
+        # --- meta-parameters ---
+        HAS_BIAS: tl.constexpr,
+        NEED_DT: tl.constexpr,
+        NEED_DD: tl.constexpr,
+        SPLIT: tl.constexpr,       # SPLITS > 1: partials of dt + the fixed-order reduction in this launch
+        SYNC: tl.constexpr,        # as in _sp_decode_kernel
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        D_VEC: tl.constexpr,       # D's and dD's rows start on 16 bytes (as in _ds_rank_split_kernel)
+        BLOCK_R: tl.constexpr,     # rank chunk: columns of D, dD, t and dt per program (planned)
+        BLOCK_M: tl.constexpr,     # >= M: every token of the launch
+        BLOCK_N: tl.constexpr,     # column step over g and rows of D (tuned)
+    ):
+        """The dense factor's side of the dense-sparse backward for a few tokens in **one launch**:
+        ``dD = gᵀ·t`` (N, R), ``db = Σ_m g`` (N,) and ``dt = g·D`` (M, R), which cuBLAS and a
+        reduction make three launches of. Program ``p`` owns rank chunk ``p // SPLITS`` (columns
+        ``c`` of ``D``) and column range ``p % SPLITS`` of ``g``: it walks its range ``BLOCK_N``
+        columns at a time, storing ``dD[n, c] = g[:, n]ᵀ·t[:, c]`` (each output once, the reduction
+        over the ``M`` tokens whole) and accumulating ``dt[:, c]ᵀ += D[n, c]ᵀ·g[:, n]ᵀ`` in fp32; with
+        ``SPLIT`` the chunk's last arrival sums the ``SPLITS`` partials in the order ``s = 0, 1, …``
+        (:func:`_store_split_yt`: bitwise reproducible) and stores ``dt``. ``g`` and ``D`` are read
+        once from DRAM (``g`` once per chunk from L2), every output written once."""
+        pid = tl.program_id(0)
+        pid_c = pid // SPLITS
+        pid_s = pid % SPLITS
+        offs_r = pid_c * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs_m = tl.arange(0, BLOCK_M)
+        mask_r = offs_r < R
+        mask_m = offs_m < M
+        if D_VEC:     # the rank mask constant over 8 columns (R % 8 == 0)
+            mask_rv = (offs_r // 8) * 8 < R
+        else:
+            mask_rv = mask_r
+        if NEED_DD:
+            tc = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,   # (BLOCK_M, BLOCK_R)
+                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            if UPCAST:
+                tc = tc.to(tl.float32)
+        dtt = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)       # dtᵀ[c, :], this range's share
+        n_begin = pid_s * N_PER_SPLIT
+        n_end = tl.minimum(N, n_begin + N_PER_SPLIT)
+        for n0 in range(n_begin, n_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < n_end
+            gt = tl.load(g_ptr + offs_n[:, None] * stride_gn + offs_m[None, :] * stride_gm,   # (BLOCK_N, BLOCK_M) = gᵀ
+                         mask=mask_n[:, None] & mask_m[None, :], other=0.0)
+            if HAS_BIAS:
+                if pid_c == 0:
+                    tl.store(db_ptr + offs_n, tl.sum(gt.to(tl.float32), axis=1).to(db_ptr.dtype.element_ty),
+                             mask=mask_n)
+            if UPCAST:
+                gt = gt.to(tl.float32)
+            if D_VEC:
+                rows_d = tl.multiple_of(offs_n * stride_dn, 8)
+                rows_dd = tl.multiple_of(offs_n * stride_ddn, 8)
+            else:
+                rows_d = offs_n * stride_dn
+                rows_dd = offs_n * stride_ddn
+            if NEED_DD:
+                ddc = tl.dot(gt, tc, input_precision=PRECISION)   # (BLOCK_N, BLOCK_R) fp32
+                tl.store(dd_ptr + rows_dd[:, None] + offs_r[None, :] * stride_ddr, ddc.to(dd_ptr.dtype.element_ty),
+                         mask=mask_n[:, None] & mask_rv[None, :])
+            if NEED_DT:
+                d = tl.load(d_ptr + rows_d[:, None] + offs_r[None, :] * stride_dr,               # (BLOCK_N, BLOCK_R)
+                            mask=mask_n[:, None] & mask_rv[None, :], other=0.0)
+                if UPCAST:
+                    d = d.to(tl.float32)
+                dtt = tl.dot(tl.trans(d), gt, dtt, input_precision=PRECISION)
+        if NEED_DT:
+            _store_split_yt(dtt, dt_ptr, dt_ptr, ws_ptr, cnt_ptr, offs_m, offs_r, mask_m, mask_r, M, R,
+                            stride_dtm, stride_dtr, pid_s, pid_c, SPLITS, False, SPLIT, SYNC)
+
     # autotuned launchers; in deterministic mode they run one fixed config (kernels._config.Tunable)
     _prune24_tuned = Tunable(_prune24_kernel, PRUNE_SPACE, key=["R", "G"],
                              interpreter=PRUNE_INTERP, deterministic=PRUNE_FIXED)
@@ -1539,6 +1676,12 @@ if HAS_TRITON:
         _ds_rank_split_kernel, RS_SPACE,
         key=["M", "K", "N", "R", "SPLITS", "BLOCK_R", "BLOCK_N", "BLOCK_M", "STORE_T", "T_FP32", "META32"],
         prune=_prune_rs, interpreter=RS_INTERP, deterministic=RS_FIXED,
+    )
+
+    _ds_bwd_dense_tuned = Tunable(
+        _ds_bwd_dense_kernel, BD_SPACE,
+        key=["M", "N", "R", "N_PER_SPLIT", "SPLITS", "BLOCK_R", "BLOCK_M", "NEED_DT", "NEED_DD", "HAS_BIAS"],
+        prune=_prune_bd, interpreter=BD_INTERP, deterministic=BD_FIXED,
     )
 
     _sp_decode_tuned = Tunable(_sp_decode_kernel, DECODE_SPACE,
@@ -1648,6 +1791,19 @@ if HAS_TRITON:
                    + [dict(BLOCK_R=16, BLOCK_N=128, BLOCK_M=16, PAIRS=True, PRMT=2, **_DOT, **_W, HAS_BIAS=True,
                            STORE_T=False, T_FP32=False, SPLIT=True, SYNC=True, D_VEC=False)],
         space=rs_space,
+    ))
+    register_kernel(KernelSpec(
+        name="sparse24.ds_bwd_dense", fn=_ds_bwd_dense_kernel, pointers={"ws_ptr": "fp32", "cnt_ptr": "i32"},
+        constexprs=[dict(BLOCK_R=br, BLOCK_M=bm, HAS_BIAS=hb, NEED_DT=True, NEED_DD=True, SPLIT=sp, SYNC=sp,
+                         D_VEC=dv, **_DOT)
+                    for br, bm, hb, sp, dv in ((16, 16, True, True, True), (32, 16, True, True, False),
+                                               (64, 16, False, True, True), (128, 16, True, False, True),
+                                               (32, 64, True, True, True), (64, 64, True, False, False))]
+                   + [dict(BLOCK_R=32, BLOCK_M=16, HAS_BIAS=False, NEED_DT=True, NEED_DD=False, SPLIT=True,
+                           SYNC=True, D_VEC=True, **_DOT),
+                      dict(BLOCK_R=64, BLOCK_M=16, HAS_BIAS=True, NEED_DT=False, NEED_DD=True, SPLIT=False,
+                           SYNC=False, D_VEC=True, **_DOT)],
+        space=bd_space,
     ))
     register_kernel(KernelSpec(
         name="sparse24.dx_fp16", fn=_sp_dx_kernel, pointers={"meta_ptr": _I32, "g_ptr": "fp32"},
@@ -2776,6 +2932,105 @@ def _rs_pick(M, K, N, R, dtype, bias, save_t, sms, prmt) -> Optional[tuple]:
     return t_nom, br, bn
 
 
+def _bd_nps(N: int, sk: int) -> int:
+    """Columns of ``g`` per split: ``ceil(N / sk)`` rounded up to :data:`BD_N_QUANTUM`."""
+    return -(-(-(-N // sk)) // BD_N_QUANTUM) * BD_N_QUANTUM
+
+
+def ds_bwd_dense_plans(M: int, N: int, R: int, dtype=torch.bfloat16, need_dt: bool = True, need_dd: bool = True,
+                       bias: bool = True, sms: Optional[int] = None) -> list:
+    """Every plan of the dense-factor backward launch (:func:`ds_bwd_dense`) at ``M <=
+    DECODE_MAX_M`` tokens: ``(t_nominal, t_low, (BLOCK_R, splits))``, seconds at the nominal L2
+    figure and at its low end, counted from the shapes as ``fastfactor sol`` counts the launch
+    (*predicted*; the terms of :func:`ds_rank_split_plans`, no issue term: a tensor-core loop).
+
+    ``ch = ceil(R / BLOCK_R)`` chunks x ``sk`` column splits = programs. DRAM: ``g`` once, ``D``
+    (``need_dt``), ``t`` and ``dD`` (``need_dd``), ``db`` (``bias``), ``dt`` and with a split its
+    fp32 partials stored (``sk·M·R·4`` with ``need_dt``; read back from L2 by each chunk's reducer). L2: ``g`` once
+    per chunk, ``t``'s chunk once per program, the rest once, the partials stored and the other
+    ``sk - 1`` read back. Issued tensor FLOPs: ``2·BLOCK_M·BLOCK_R`` per column and product."""
+    dev = _cost.DEFAULT if not sms or sms == _cost.DEFAULT.sms else dataclasses.replace(_cost.DEFAULT, sms=int(sms))
+    low = dataclasses.replace(dev, l2_bw=dev.l2_bw_low)
+    e = _ds_elem(dtype)
+    dt = "fp32" if dtype == torch.float32 else "bf16"
+    cd = lambda a, b: -(-a // b)
+    bm = max(16, next_pow2(M))
+    g_b = float(e) * M * N
+    d_b = float(e) * N * R if need_dt else 0.0
+    t_b = float(e) * M * R if need_dd else 0.0
+    dd_b = float(e) * N * R if need_dd else 0.0
+    db_b = float(e) * N if bias else 0.0
+    dt_b = float(e) * M * R if need_dt else 0.0
+    products = int(need_dt) + int(need_dd)
+    plans = []
+    for br in BD_CHUNKS:
+        ch = cd(R, br)
+        if br > 16 and cd(R, br // 2) == ch:
+            continue                           # a wider chunk than the rank needs
+        if not bd_space(br, bm):
+            continue
+        for sk in BD_SPLITS:
+            nps = _bd_nps(N, sk)
+            if sk > 1 and nps * (sk - 1) >= N:
+                continue                       # an empty split
+            P = ch * sk
+            ws = 4.0 * sk * M * R if sk > 1 and need_dt else 0.0
+            dram = g_b + d_b + t_b + dd_b + db_b + dt_b + ws
+            l2 = ch * g_b + d_b + sk * t_b + dd_b + db_b + dt_b + ws + ws * (sk - 1) / sk
+            flops = 2.0 * bm * br * ch * cd(N, BD_N_QUANTUM) * BD_N_QUANTUM * products
+            times = tuple(_cost.kernel_seconds(dram, l2, flops, P, d, False, dt)["seconds"] for d in (dev, low))
+            plans.append(times + ((br, sk),))
+    return plans
+
+
+def ds_bwd_dense_cost(M: int, N: int, R: int, dtype=torch.bfloat16, need_dt: bool = True, need_dd: bool = True,
+                      bias: bool = True, sms: Optional[int] = None) -> Optional[tuple]:
+    """``(seconds, BLOCK_R, splits)`` of the dense-factor backward launch: of
+    :func:`ds_bwd_dense_plans`, the one :func:`kernels._cost.robust_pick` takes (seconds at the
+    nominal L2 figure); ``None`` above ``DECODE_MAX_M`` tokens, for empty shapes or nothing asked."""
+    if M > DECODE_MAX_M or min(M, N, R) <= 0 or not (need_dt or need_dd or bias):
+        return None
+    return _bd_pick(int(M), int(N), int(R), dtype, bool(need_dt), bool(need_dd), bool(bias), sms and int(sms))
+
+
+@functools.lru_cache(maxsize=4096)
+def _bd_pick(M, N, R, dtype, need_dt, need_dd, bias, sms) -> Optional[tuple]:
+    plans = ds_bwd_dense_plans(M, N, R, dtype, need_dt, need_dd, bias, sms)
+    if not plans:
+        return None
+    t_nom, _, (br, sk) = _cost.robust_pick(plans)
+    return t_nom, br, sk
+
+
+def ds_bwd_dense_library_seconds(M: int, N: int, R: int, dtype=torch.bfloat16, need_dt: bool = True,
+                                 need_dd: bool = True, bias: bool = True) -> float:
+    """Predicted seconds of the library backward's dense side: cuBLAS ``dt = g·D`` and ``dD = gᵀ·t``
+    at the roofline and ``g.sum(0)`` (each its own launch), as :func:`dense_sparse_bwd` runs them."""
+    e = _ds_elem(dtype)
+    out = 0.0
+    if need_dt:
+        out += _gemm_seconds(M, R, N, e, e, e, False, dtype)
+    if need_dd:
+        out += _gemm_seconds(N, R, M, e, e, e, False, dtype)
+    if bias:
+        out += _cost.library_seconds(float(e) * (M * N + N), 0.0, _cost.DEFAULT)["seconds"]
+    return out
+
+
+def ds_bwd_dense_ok(M: int, N: int, R: int, dtype, need_dt: bool, need_dd: bool, bias: bool, device=None) -> bool:
+    """Whether the library backward's dense side runs as one launch of ours (:func:`ds_bwd_dense`):
+    at ``M <= DECODE_MAX_M`` tokens of bf16 / fp32 where predicted at least 5 % faster than cuBLAS's
+    two products and the sum (``DS_MARGIN``). ``FASTFACTOR_DS_BWD_DENSE=0`` keeps the library's
+    launches, ``=1`` takes ours wherever it applies."""
+    forced = _forced("FASTFACTOR_DS_BWD_DENSE", ("0", "1"))
+    if not ds_library_ok(dtype) or forced == "0":
+        return False
+    c = ds_bwd_dense_cost(M, N, R, dtype, need_dt, need_dd, bias, _ds_sms(device) if device is not None else None)
+    if c is None:
+        return False
+    return forced == "1" or c[0] <= DS_MARGIN * ds_bwd_dense_library_seconds(M, N, R, dtype, need_dt, need_dd, bias)
+
+
 def _default_device(device):
     if device is not None:
         return torch.device(device)
@@ -2990,6 +3245,58 @@ def ds_rank_split(
     return y, t
 
 
+def ds_bwd_dense(g: torch.Tensor, d: torch.Tensor, t: Optional[torch.Tensor], need_dt: bool = True,
+                 need_dd: bool = True, has_bias: bool = True, plan: Optional[tuple] = None) -> tuple:
+    """``(dt, dD, db)`` (``None`` where not asked) of the dense-sparse backward's dense side for
+    ``M <= DECODE_MAX_M`` token rows in one launch (:func:`_ds_bwd_dense_kernel`): ``dt = g·D``
+    (M, R) in ``g``'s dtype, ``dD = gᵀ·t`` (N, R) in ``d``'s, ``db = Σ_m g`` (N,) in ``g``'s, each
+    rounded once from fp32. ``g (M, N)``, ``d (N, R)``, ``t (M, R)`` (read only for ``dD``); bf16 or
+    fp32 (the library path's dtypes: the intermediate in the input dtype). ``plan`` forces
+    ``(BLOCK_R, splits)``, default :func:`ds_bwd_dense_cost`. Deterministic: ``dt``'s column-range
+    partials are summed in a fixed order by each rank chunk's last program."""
+    M, N = g.shape
+    R = d.shape[1]
+    if M > DECODE_MAX_M:
+        raise ValueError(f"g: ds_bwd_dense takes at most {DECODE_MAX_M} rows, got {M}")
+    if not ds_library_ok(g.dtype) or d.dtype != g.dtype or (need_dd and (t is None or t.dtype != g.dtype)):
+        raise ValueError(f"ds_bwd_dense: expected g, d{' and t' if need_dd else ''} all bf16 or all fp32, got "
+                         f"g {g.dtype}, d {d.dtype}{', t ' + str(None if t is None else t.dtype) if need_dd else ''}")
+    dt = torch.empty((M, R), device=g.device, dtype=g.dtype) if need_dt else None
+    dd = torch.empty((N, R), device=g.device, dtype=d.dtype) if need_dd else None
+    db = torch.empty((N,), device=g.device, dtype=g.dtype) if has_bias else None
+    if M == 0 or N == 0 or R == 0:
+        for o in (dt, dd, db):
+            if o is not None:
+                o.zero_()
+        if db is not None and M > 0:
+            db.copy_(g.sum(0, dtype=torch.float32))
+        return dt, dd, db
+    if plan is None:
+        c = ds_bwd_dense_cost(M, N, R, g.dtype, need_dt, need_dd, has_bias, _config.num_sms(g.device))
+        br, sk = (c[1], c[2]) if c is not None else (32, 1)
+    else:
+        br, sk = plan
+    bm = max(16, next_pow2(M))
+    ch = triton.cdiv(R, br)
+    nps = _bd_nps(N, sk)
+    sk = triton.cdiv(N, nps)                   # no empty split
+    split, sync, ws, cnt = split_buffers(sk if need_dt else 1, ch, (M, R), g.device, g)
+    t_arg = t if need_dd else g
+    dt_arg, dd_arg = (dt if need_dt else g), (dd if need_dd else d)
+    vec = lambda a: a.stride(1) == 1 and a.stride(0) % 8 == 0 and a.data_ptr() % 16 == 0
+    _ds_bwd_dense_tuned[(ch * sk,)](
+        g, d, t_arg, dd_arg, db if has_bias else g, dt_arg, ws, cnt,
+        M, N, R, nps, sk,
+        g.stride(0), g.stride(1), d.stride(0), d.stride(1), t_arg.stride(0), t_arg.stride(1),
+        dd_arg.stride(0), dd_arg.stride(1), dt_arg.stride(0), dt_arg.stride(1),
+        HAS_BIAS=has_bias, NEED_DT=need_dt, NEED_DD=need_dd, SPLIT=split, SYNC=sync,
+        UPCAST=upcast_dots(), PRECISION=dot_precision(g.dtype),
+        D_VEC=(R % 8 == 0 and g.element_size() == 2 and (not need_dt or vec(d)) and (not need_dd or vec(dd))),
+        BLOCK_R=br, BLOCK_M=bm,
+    )
+    return dt, dd, db
+
+
 def dense_sparse_fwd(
     x: torch.Tensor,
     d: torch.Tensor,
@@ -3080,7 +3387,9 @@ def dense_sparse_bwd(
 ):
     """Backward launcher: ``(dx, dd, ds_values, db)`` (``None`` where not needed). ``t`` (saved by
     the forward or None) and ``dt = g·D`` are in ``intermediate_dtype(x.dtype)``. ``path``:
-    ``'library'`` or ``'two_kernel'`` (default :func:`ds_bwd_path`)."""
+    ``'library'`` or ``'two_kernel'`` (default :func:`ds_bwd_path`). On the library path at a
+    handful of tokens ``dt``, ``dD`` and ``db`` come from one launch of ours where predicted faster
+    than cuBLAS's two products and the sum (:func:`ds_bwd_dense_ok`, :func:`ds_bwd_dense`)."""
     M, K = x.shape
     N, R = d.shape
     inter = intermediate_dtype(x.dtype)
@@ -3095,6 +3404,15 @@ def dense_sparse_bwd(
         )
     path = path or ds_bwd_path(x.dtype)
     if path == "library" and ds_library_ok(x.dtype) and R > 0 and K > 0:
+        need_dt = need_x or need_s
+        if (g.dtype == d.dtype == x.dtype and (t is None or t.dtype == x.dtype)
+                and ds_bwd_dense_ok(M, N, R, x.dtype, need_dt, need_d, has_bias, x.device)):
+            if need_d and t is None:
+                t = _ds_t(x, s_values, s_meta)
+            dt, dd, db = ds_bwd_dense(g, d, t, need_dt, need_d, has_bias)   # dt, dD, db: one launch
+            if need_dt:
+                dx, ds = _ds_sparse_bwd(dt, x, s_values, s_meta, need_x, need_s)
+            return dx, dd, ds, db
         if need_x or need_s:
             dt = torch.mm(g, d)                                       # dt = g·D (M, R), cuBLAS
             dx, ds = _ds_sparse_bwd(dt, x, s_values, s_meta, need_x, need_s)

@@ -143,7 +143,8 @@ def on_gpu_model(monkeypatch):
     no forced paths."""
     from fastfactor.kernels import _config
 
-    for var in ("FASTFACTOR_DS_PATH", "FASTFACTOR_SPARSE24_PATH", "FASTFACTOR_SPARSE24_BWD_PATH"):
+    for var in ("FASTFACTOR_DS_PATH", "FASTFACTOR_SPARSE24_PATH", "FASTFACTOR_SPARSE24_BWD_PATH",
+                "FASTFACTOR_DS_BWD_DENSE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(_config, "semi_structured_ok", lambda device: device.type == "cuda")
 
