@@ -43,6 +43,39 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     HAS_TRITON = False
 
 
+def _interpreter_index_compat() -> bool:
+    """Make Triton's interpreter turn a scalar into a Python int as Triton 3.9's does.
+
+    Triton 3.6's interpreter (the GPU image's: ``fastfactor sol`` counts launches with it, in
+    gpu-check too) converts a scalar tensor to an int by ``int(data)`` of its one-element 1-D
+    array, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python
+    scalars"): every loop whose bounds are computed from kernel arguments fails. Triton 3.9 squeezes
+    the array first; this does the same where the installed interpreter does not. Returns whether
+    it patched."""
+    if not HAS_TRITON:
+        return False
+    try:
+        import inspect
+
+        from triton.runtime import interpreter as _interp
+        orig = _interp._patch_lang_tensor
+        if getattr(orig, "_fastfactor_compat", False) or "squeeze" in inspect.getsource(orig):
+            return False
+    except (ImportError, AttributeError, OSError, TypeError):  # another interpreter layout: leave it
+        return False
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._fastfactor_compat = True
+    _interp._patch_lang_tensor = patched
+    return True
+
+
+_interpreter_index_compat()
+
+
 #: ``constexpr name -> {value a GPU build takes: the interpreter's equivalent}``: builds that differ
 #: only in instructions the interpreter cannot run (inline assembly), with the same loads, stores
 #: and dots. ``fastfactor sol`` counts a recorded GPU launch by running the equivalent.

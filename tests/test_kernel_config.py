@@ -105,3 +105,44 @@ def test_m_bucket_and_acc_dtype():
     assert [C.m_bucket(m) for m in (0, 1, 5, 64, 1 << 20)] == [1, 1, 8, 64, 1 << 16]
     assert C.acc_dtype(torch.float64) == torch.float64
     assert all(C.acc_dtype(d) == torch.float32 for d in (torch.float32, torch.float16, torch.bfloat16))
+
+
+def test_interpreter_index_compat_squeezes_one_element_scalars(monkeypatch):
+    """Triton 3.6's interpreter (the GPU image's) turns a scalar into an int by ``int()`` of a
+    one-element 1-D array, which NumPy >= 2.4 refuses; the shim in ``kernels._config`` replaces its
+    ``__index__`` by the squeezing form of Triton 3.9, once, and leaves an interpreter that squeezes."""
+    import numpy as np
+
+    pytest.importorskip("triton")
+    from triton.runtime import interpreter as I
+
+    from fastfactor.kernels import _config
+
+    class Scope:
+        def __init__(self):
+            self.attrs = {}
+
+        def set_attr(self, obj, name, value):
+            self.attrs[name] = value
+
+    def old_style(tensor, scope):                  # Triton 3.6's form
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+    class Handle:
+        data = np.array([7], dtype=np.int32)        # how the interpreter holds a scalar
+
+    class T:
+        handle = Handle()
+
+    monkeypatch.setattr(I, "_patch_lang_tensor", old_style)
+    assert _config._interpreter_index_compat() is True
+    scope = Scope()
+    I._patch_lang_tensor(object, scope)
+    assert scope.attrs["__index__"](T()) == 7 and isinstance(scope.attrs["__index__"](T()), int)
+    assert _config._interpreter_index_compat() is False          # already patched: once only
+
+    def new_style(tensor, scope):                   # Triton 3.9's form: left alone
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    monkeypatch.setattr(I, "_patch_lang_tensor", new_style)
+    assert _config._interpreter_index_compat() is False and I._patch_lang_tensor is new_style

@@ -392,13 +392,15 @@ def run_programs(launch, cfg: dict, pids, counter: _Counter, grid, sample_loops:
     b = I.interpreter_builder
     orig = (b.create_masked_load, b.create_masked_store, b.create_dot)
 
-    def load(ptrs, mask, other, cache, vol):
+    # the cache / eviction / volatile arguments after these differ between Triton versions (3.6:
+    # cache modifier, eviction policy, volatile; 3.9: cache policy, volatile): passed on as given
+    def load(ptrs, mask, other, *rest):
         counter.access("load", ptrs, mask)
-        return orig[0](ptrs, mask, other, cache, vol)
+        return orig[0](ptrs, mask, other, *rest)
 
-    def store(ptrs, value, mask, cache):
+    def store(ptrs, value, mask, *rest):
         counter.access("store", ptrs, mask)
-        return orig[1](ptrs, value, mask, cache)
+        return orig[1](ptrs, value, mask, *rest)
 
     def dot(a, bb, d, prec, imp):
         # counted, not computed: values never steer addresses in these kernels, and the
