@@ -19,8 +19,8 @@ offline GPU image (``PYTHONPATH=$PWD python3 -m fastfactor.gpu_check --out $OUT`
    CUDA-graph medians over inputs rotated past the L2 (``fastfactor.bench.timing``); the rows of
    :data:`ROW_ALTERNATIVES` also with a dispatch switch (column ``alternatives``: the Monarch split
    stage 1 off at 3072 -> 768, 16 tokens; the Monarch backward's dw2 from the dx launch off at
-   16384 tokens; the dense-sparse library path in place of the rank split at 768 -> 3072, 16
-   tokens, and cuBLAS's dt, dD and the sum of g in place of the backward's one dense-side launch
+   16384 tokens; the dense-sparse library path and the rank split in place of the two-role launch
+   at 768 -> 3072, 16 tokens, and cuBLAS's dt, dD and the sum of g in place of the backward's one dense-side launch
    there);
 6. ``gpu-check.json``, ``gpu-check.csv`` and ``gpu-check.md`` (measured / predicted per row, ready
    to paste into BENCHMARKS.md) under ``--out``; the decode variants under ``decode_variants`` in the
@@ -146,7 +146,8 @@ ROW_ALTERNATIVES = {
     "monarch-768x3072-M16384-fwdbwd": {"dw2_off": {"FASTFACTOR_MONARCH_DW2": "0"}},
     "monarch-3072x768-M16384-fwdbwd": {"dw2_off": {"FASTFACTOR_MONARCH_DW2": "0"}},
     "monarch-dry-fwd": {"ksplit_off": {"FASTFACTOR_MONARCH_KSPLIT": "0"}},
-    "dense_sparse-768x3072-M16-fwd": {"library": {"FASTFACTOR_DS_PATH": "library"}},
+    "dense_sparse-768x3072-M16-fwd": {"library": {"FASTFACTOR_DS_PATH": "library"},
+                                      "rank_split": {"FASTFACTOR_DS_PATH": "rank_split"}},
     "dense_sparse-768x3072-M16-fwdbwd": {"library_bwd": {"FASTFACTOR_DS_BWD_DENSE": "0"}},
 }
 

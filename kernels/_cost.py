@@ -123,7 +123,7 @@ def fill(programs: int, device: Device, ctas_per_sm: int = 1) -> tuple[int, floa
 #: partials summed by a program of the same launch): those reads are L2 hits (the bytes were
 #: written moments before and fit the L2), so only the stores cost DRAM bytes
 IN_LAUNCH_WORKSPACE = {"sparse24.decode": ("ws_ptr",), "sparse24.dx_decode": ("ws_ptr",),
-                       "sparse24.ds_rank_split": ("ws_ptr",), "sparse24.ds_bwd_dense": ("ws_ptr",),
+                       "sparse24.ds_rank_split": ("ws_ptr",), "sparse24.ds_bwd_dense": ("ws_ptr",), "sparse24.ds_roles": ("t_ptr",),
                        "monarch.rows": ("ws_ptr",), "monarch.rows_fp16": ("ws_ptr",)}
 
 
@@ -192,6 +192,13 @@ def library_seconds(nbytes: float, flops: float, device: Device, dtype: str = "b
 #: loop of the SASS, in address order) let ``--sass`` count the compiled loops with their real trip
 #: counts. The dispatchers price the same launches with the same functions.
 ISSUE_MODELS: dict = {}
+
+#: ``kernel name -> fn(ints, constexprs, config, device, dtype) -> seconds or None``: launches whose
+#: programs take roles that run in sequence (consumers wait for producers) register the seconds of
+#: their phases in sequence (a stated model, each phase at the share of the device its programs
+#: occupy); ``fastfactor sol`` adds it as a term of such launches (``phases``), the dispatchers
+#: price the same launches with the same functions.
+PHASE_MODELS: dict = {}
 
 
 def issue_seconds(warp_instructions: float, device: Device, fill_fraction: float = 1.0) -> float:

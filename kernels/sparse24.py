@@ -152,7 +152,7 @@ from ._config import (
     upcast_dots,
 )
 from . import _config, _cost
-from ._split import COUNTERS as _DECODE_COUNTERS, split_buffers
+from ._split import COUNTERS as _DECODE_COUNTERS, split_buffers, split_counters
 from .lowrank import FUSED_MAX_R, _pad_rank, gemm, intermediate_dtype
 
 if HAS_TRITON:
@@ -160,6 +160,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from ._split import _split_arrive, _split_total
+    from .lowrank import _role_signal, _role_wait, _roles_done   # ticket-ordered roles (one-launch phases)
 
 
 # ============================================================================================
@@ -1654,6 +1655,106 @@ if HAS_TRITON:
             _store_split_yt(dtt, dt_ptr, dt_ptr, ws_ptr, cnt_ptr, offs_m, offs_r, mask_m, mask_r, M, R,
                             stride_dtm, stride_dtr, pid_s, pid_c, SPLITS, False, SPLIT, SYNC)
 
+    @triton.jit
+    def _ds_roles_kernel(
+        # --- pointers ---
+        x_ptr,      # (M, K) input rows, M <= BLOCK_M (a handful of tokens)
+        svals_ptr,  # (R, K/2) kept values of the 2:4 factor S (R, K) (int32 pairs when PAIRS)
+        smeta_ptr,  # (R, ceil(K/8)) uint8 codes of S, or (R, K/32) int32 words (META32)
+        d_ptr,      # (N, R) dense factor D
+        bias_ptr,   # (N,) bias; read only when HAS_BIAS
+        y_ptr,      # (M, N) output y = (x·Sᵀ)·Dᵀ + b
+        t_ptr,      # (M, R) contiguous intermediate t = x·Sᵀ (fp32 when T_FP32, else y's dtype): written by
+                    #   the producers, read by the consumers (and kept as the forward's saved t)
+        cnt_ptr,    # SYNC: (4,) int32 counters (tickets, producers done, -, programs out), zero between launches
+        # --- dimensions ---
+        M, K, N, R,
+        N0, N1,     # programs per role: producers (BLOCK_R rows of S each), consumers (BLOCK_N columns of y each)
+        # --- strides (in elements) ---
+        stride_xm, stride_xk,
+        stride_sr, stride_sc,
+        stride_mr, stride_mc,
+        stride_dn, stride_dr,
+        stride_ym, stride_yn,
+        # --- meta-parameters ---
+        HAS_BIAS: tl.constexpr,
+        T_FP32: tl.constexpr,      # the intermediate in fp32 (fp16 inputs: range safety)
+        SYNC: tl.constexpr,        # roles by ticket + waits on counters (GPU); else roles by program id,
+                                   # the programs running in id order (the interpreter)
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        META32: tl.constexpr,
+        PAIRS: tl.constexpr,
+        PRMT: tl.constexpr,        # as in _sp_decode_kernel
+        BLOCK_R: tl.constexpr,     # rows of S per producer, and the consumers' step over the rank (planned)
+        BLOCK_N: tl.constexpr,     # columns of y per consumer (planned)
+        BLOCK_M: tl.constexpr,     # >= M: every token of the launch
+        BLOCK_K: tl.constexpr,     # the producers' reduction step (tuned)
+    ):
+        """Dense-sparse ``y = (x·Sᵀ)·Dᵀ + b`` for a few tokens in **one launch, two roles**:
+
+        * producers ``p < N0``: ``t[:, Rp] = x·S[Rp, :]ᵀ`` over all of ``K`` (``BLOCK_R`` rows of
+          ``S``; rounded as the two-matmul path rounds ``t``), stored to ``t``;
+        * consumers ``c < N1``: wait for every producer, then ``y[:, Nc] = t·D[Nc, :]ᵀ (+ b)``.
+
+        A program takes its role from a ticket drawn when it starts (as :func:`lowrank._decode_kernel`),
+        so it only waits for programs that started before it: no deadlock whatever the residency,
+        no atomics on data. ``S`` and ``x`` are read by the producers only (``x`` once per
+        producer), ``D`` once, ``t`` stays in L2: the decode launch and cuBLAS's ``t·Dᵀ`` in one."""
+        if SYNC:
+            ticket = tl.atomic_add(cnt_ptr, 1)
+        else:
+            ticket = tl.program_id(0)
+        offs_m = tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        if ticket < N0:
+            # ---- producer: BLOCK_R rows of S against every K: this chunk of tᵀ, (BLOCK_R, BLOCK_M) ----
+            offs_r = ticket * BLOCK_R + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            offs_k = tl.arange(0, BLOCK_K)
+            tt = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + offs_k
+                xt = tl.load(  # (BLOCK_K, BLOCK_M) = x[:, k-tile]ᵀ, contiguous along k
+                    x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
+                    mask=mask_m[None, :] & (kk < K)[:, None], other=0.0,
+                )
+                s = _expand24_tile(svals_ptr, smeta_ptr, offs_r, mask_r, k0, K, stride_sr, stride_sc, stride_mr,
+                                   stride_mc, xt, BLOCK_R, BLOCK_K, META32, PAIRS,
+                                   PRMT == 1 or (PRMT == 2 and BLOCK_R * BLOCK_K >= _PRMT_MIN_TILE), PRMT == 2, False)
+                if UPCAST:
+                    s = s.to(tl.float32)
+                    xt = xt.to(tl.float32)
+                tt = tl.dot(s, xt, tt, input_precision=PRECISION)
+            tl.store(t_ptr + offs_m[None, :] * R + offs_r[:, None], tt.to(t_ptr.dtype.element_ty),
+                     mask=mask_m[None, :] & mask_r[:, None])
+            if SYNC:
+                _role_signal(cnt_ptr + 1)
+        else:
+            # ---- consumer: BLOCK_N columns of y, t·D[n-tile, :]ᵀ over the rank BLOCK_R at a time ----
+            offs_n = (ticket - N0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            if SYNC:
+                _role_wait(cnt_ptr + 1, N0)
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)      # yᵀ tile
+            for r0 in range(0, R, BLOCK_R):
+                offs_c = r0 + tl.arange(0, BLOCK_R)
+                mask_c = offs_c < R
+                d = tl.load(d_ptr + offs_n[:, None] * stride_dn + offs_c[None, :] * stride_dr,   # (BLOCK_N, BLOCK_R)
+                            mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+                tc = tl.load(t_ptr + offs_m[None, :] * R + offs_c[:, None],                    # (BLOCK_R, BLOCK_M) = tᵀ
+                             mask=mask_m[None, :] & mask_c[:, None], other=0.0, cache_modifier=".cg")
+                if UPCAST or T_FP32:  # T_FP32: TF32 dot on the fp32 intermediate
+                    d = d.to(tl.float32)
+                    tc = tc.to(tl.float32)
+                acc = tl.dot(d, tc, acc, input_precision=PRECISION)
+            if HAS_BIAS:
+                acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+                     mask=mask_m[None, :] & mask_n[:, None])
+        if SYNC:
+            _roles_done(cnt_ptr, N0 + N1)
+
     # autotuned launchers; in deterministic mode they run one fixed config (kernels._config.Tunable)
     _prune24_tuned = Tunable(_prune24_kernel, PRUNE_SPACE, key=["R", "G"],
                              interpreter=PRUNE_INTERP, deterministic=PRUNE_FIXED)
@@ -1682,6 +1783,12 @@ if HAS_TRITON:
         _ds_bwd_dense_kernel, BD_SPACE,
         key=["M", "N", "R", "N_PER_SPLIT", "SPLITS", "BLOCK_R", "BLOCK_M", "NEED_DT", "NEED_DD", "HAS_BIAS"],
         prune=_prune_bd, interpreter=BD_INTERP, deterministic=BD_FIXED,
+    )
+
+    _ds_roles_tuned = Tunable(
+        _ds_roles_kernel, RS_SPACE,
+        key=["M", "K", "N", "R", "N0", "N1", "BLOCK_R", "BLOCK_N", "BLOCK_M", "T_FP32", "META32"],
+        prune=_prune_rs, interpreter=RS_INTERP, deterministic=RS_FIXED,
     )
 
     _sp_decode_tuned = Tunable(_sp_decode_kernel, DECODE_SPACE,
@@ -1790,6 +1897,15 @@ if HAS_TRITON:
                                            (32, 64, 64, False))]
                    + [dict(BLOCK_R=16, BLOCK_N=128, BLOCK_M=16, PAIRS=True, PRMT=2, **_DOT, **_W, HAS_BIAS=True,
                            STORE_T=False, T_FP32=False, SPLIT=True, SYNC=True, D_VEC=False)],
+        space=rs_space,
+    ))
+    register_kernel(KernelSpec(
+        name="sparse24.ds_roles", fn=_ds_roles_kernel,
+        pointers={"smeta_ptr": _I32, "svals_ptr": _I32, "cnt_ptr": "i32"},
+        constexprs=[dict(BLOCK_R=br, BLOCK_N=bn, BLOCK_M=bm, PAIRS=True, PRMT=2, **_DOT, **_W, HAS_BIAS=hb,
+                         T_FP32=False, SYNC=True)
+                    for br, bn, bm, hb in ((16, 32, 16, True), (16, 64, 16, False), (32, 32, 16, True),
+                                           (64, 32, 16, True), (16, 32, 64, True), (32, 64, 64, False))],
         space=rs_space,
     ))
     register_kernel(KernelSpec(
@@ -2658,6 +2774,14 @@ def sparse24_backward(g, x, values, meta, need_x: bool, need_values: bool, need_
 #   768x3072 rank 168, 16 tokens 5.70 / 3.64 us (dense cuBLAS 3.63), 1 token 5.68 / 3.22;
 #   rank 336, 16 tokens 5.89 / 4.03; 3072x768 rank 472, 8 tokens 5.79 / 4.50; at 64 tokens or at
 #   4096² (every program reads x, each column tile all of S) the library path stays.
+# * ``roles``: :func:`ds_roles`, ``M <= 64`` tokens, any rank, one launch of two roles (producers
+#   form t chunk by chunk over all of K, consumers wait for them by ticket order and multiply t by
+#   their tile of D). Priced by :func:`ds_roles_plans` with the phases in sequence
+#   (:func:`roles_phase_seconds`: each phase at its programs' share of the device) and taken like
+#   the others. H200, bf16, predicted (library / rank split / roles): 768x3072 rank 168, 16 tokens
+#   5.70 / 3.64 / 3.47 us (dense cuBLAS 3.63), 64 tokens 5.99 / 7.76 / 4.70; rank 336, 64 tokens
+#   6.24 / 8.27 / 5.18; over 3072- and 4096-wide inputs each producer's slab of S is long and the
+#   rank split or the library path stays.
 #
 # Beyond the rank split, ranks above 256 take the library path: neither the fusion extended past
 # rank 256 (the intermediate in shared memory, :func:`ds_chain_seconds` with ``any_rank``) nor a
@@ -2680,7 +2804,7 @@ def sparse24_backward(g, x, values, meta, need_x: bool, need_values: bool, need_
 # the first one's FLOPs, which no Triton kernel can (tests/sparse24/test_ds_dispatch.py checks
 # these comparisons).
 
-DS_PATHS = ("library", "fused", "rank_split", "two_kernel")
+DS_PATHS = ("library", "fused", "rank_split", "roles", "two_kernel")
 
 #: the fused kernel is chosen only when predicted at least this much faster (``t_fused <=
 #: DS_MARGIN·t_library``): the analytic counts of :func:`ds_chain_seconds` and the interpreter's of
@@ -2932,6 +3056,114 @@ def _rs_pick(M, K, N, R, dtype, bias, save_t, sms, prmt) -> Optional[tuple]:
     return t_nom, br, bn
 
 
+def ds_roles_plans(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias: bool = True,
+                   save_t: bool = False, sms: Optional[int] = None) -> list:
+    """Every plan of the two-role launch (:func:`ds_roles`) at ``M <= DECODE_MAX_M`` tokens:
+    ``(t_nominal, t_low, (BLOCK_R, BLOCK_N))``, seconds at the nominal L2 figure and at its low
+    end, counted from the shapes as ``fastfactor sol`` counts the launch (*predicted*; the terms of
+    :func:`ds_rank_split_plans`).
+
+    ``n0 = ceil(R / BLOCK_R)`` producers + ``n1 = ceil(N / BLOCK_N)`` consumers = programs. DRAM:
+    ``S``, ``x``, ``D``, ``y``, the bias and ``t`` (stored by the producers; the consumers' reads
+    of it are L2 hits, written moments before in the same launch) once. L2: ``x`` once per
+    producer, ``t`` once per consumer, the rest once. Issue: the producers' loop by the decode
+    kernel's model (:data:`DECODE_ISSUE`, masked loads), the fitting config that issues least.
+
+    The consumers wait for the last producer, so the two phases also run in sequence: a fifth
+    term, ``phase(producers) + phase(consumers)``, each phase's bytes (and the producers' issue)
+    at the share of the device its programs occupy (``n / SMs`` of HBM, L2 and issue: a program
+    draws no more than its SM's share, conservative where the others idle). ``fastfactor sol``
+    prices the launch without it (its generic terms); the dispatcher takes the larger."""
+    dev = _cost.DEFAULT if not sms or sms == _cost.DEFAULT.sms else dataclasses.replace(_cost.DEFAULT, sms=int(sms))
+    low = dataclasses.replace(dev, l2_bw=dev.l2_bw_low)
+    e = _ds_elem(dtype)
+    te = 4 if dtype == torch.float16 else e
+    dt = {torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, "bf16")
+    cd = lambda a, b: -(-a // b)
+    bm = max(16, next_pow2(M))
+    s_b, d_b = R * K * (e / 2 + 1 / 8), float(N) * R * e
+    x_b, y_b, t_b, b_b = float(e) * M * K, float(e) * M * N, float(te) * M * R, (N * e if bias else 0.0)
+    prmt = prmt_mode(True) > 0
+    plans = []
+    for br in RS_CHUNKS:
+        n0 = cd(R, br)
+        for bn in RS_TILES:
+            cfgs = rs_space(br, bn, bm)
+            if not cfgs:
+                continue
+            n1 = cd(N, bn)
+            P = n0 + n1
+            dram = s_b + d_b + x_b + y_b + t_b + b_b
+            l2 = s_b + d_b + n0 * x_b + y_b + t_b * (1 + n1) + b_b
+            flops = 2.0 * bm * (br * cd(K, 128) * 128 * n0 + bn * n0 * br * n1)
+            f = min(1.0, P / (cd(P, dev.sms) * dev.sms))
+            wi = min(decode_warp_instructions(br, bm, c["BLOCK_K"], c["num_warps"], K, False,
+                                              prmt=prmt and br * c["BLOCK_K"] >= PRMT_MIN_TILE, even=False)[0]
+                     for c in cfgs)
+            issue = _issue_s(wi, n0, f)
+            times = tuple(max(_cost.kernel_seconds(dram, l2, flops, P, d, False, dt)["seconds"], issue + d.launch_s,
+                              roles_phase_seconds(d, M, K, N, R, br, bn, e, te, bias, wi) + d.launch_s)
+                          for d in (dev, low))
+            plans.append(times + ((br, bn),))
+    return plans
+
+
+def roles_phase_seconds(dev, M: int, K: int, N: int, R: int, BLOCK_R: int, BLOCK_N: int, elem: int, t_elem: int,
+                        bias: bool, producer_warp_instructions: float) -> float:
+    """Seconds of the two-role launch's phases in sequence (:func:`ds_roles_plans`; its
+    :data:`kernels._cost.PHASE_MODELS` entry): the producers (``S`` once, ``x`` once each, ``t``
+    stored, their issue: ``producer_warp_instructions`` each), then the consumers (``D``, ``y``
+    and the bias once, ``t`` once each), each phase's DRAM and L2 bytes and issue at the share of
+    the device its programs' SMs hold (``n / SMs``)."""
+    cd = lambda a, b: -(-a // b)
+    n0, n1 = cd(R, BLOCK_R), cd(N, BLOCK_N)
+    s_b, x_b, t_b = R * K * (elem / 2 + 1 / 8), float(elem) * M * K, float(t_elem) * M * R
+    rest = float(N) * R * elem + float(elem) * M * N + (N * elem if bias else 0.0)
+
+    def phase(n, dram, l2, issue=0.0):
+        share = min(1.0, n / dev.sms)
+        return max(dram / (dev.hbm_bw * share), l2 / (dev.l2_bw * share),
+                   _cost.issue_seconds(issue * n, dev, share) if issue else 0.0)
+    return (phase(n0, s_b + x_b + t_b, s_b + n0 * x_b + t_b, producer_warp_instructions)
+            + phase(n1, rest, rest + n1 * t_b))
+
+
+def _roles_phase_model(ints: dict, constexprs: dict, config: dict, device, dtype: str) -> Optional[float]:
+    """:data:`kernels._cost.PHASE_MODELS` entry of the two-role launch (:func:`roles_phase_seconds`)."""
+    e = 4 if dtype == "fp32" else 2
+    te = 4 if constexprs.get("T_FP32") else e
+    br, bn, bm = int(constexprs["BLOCK_R"]), int(constexprs["BLOCK_N"]), int(constexprs["BLOCK_M"])
+    bk, nw = int(config["BLOCK_K"]), int(config.get("num_warps", 4))
+    K = int(ints["K"])
+    wi = decode_warp_instructions(br, bm, bk, nw, K, False,
+                                  prmt=int(constexprs.get("PRMT", 0)) > 0 and br * bk >= PRMT_MIN_TILE, even=False)[0]
+    return roles_phase_seconds(device, int(ints["M"]), K, int(ints["N"]), int(ints["R"]), br, bn, e, te,
+                               bool(constexprs.get("HAS_BIAS")), wi)
+
+
+_cost.PHASE_MODELS["sparse24.ds_roles"] = _roles_phase_model
+
+
+def ds_roles_cost(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias: bool = True,
+                  save_t: bool = False, sms: Optional[int] = None) -> Optional[tuple]:
+    """``(seconds, BLOCK_R, BLOCK_N)`` of the two-role launch: of :func:`ds_roles_plans`, the one
+    :func:`kernels._cost.robust_pick` takes (seconds at the nominal L2 figure); ``None`` above
+    ``DECODE_MAX_M`` tokens or for empty shapes."""
+    if M > DECODE_MAX_M or min(M, K, N, R) <= 0:
+        return None
+    return _roles_pick(int(M), int(K), int(N), int(R), dtype, bool(bias), bool(save_t), sms and int(sms),
+                       prmt_mode(True) > 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def _roles_pick(M, K, N, R, dtype, bias, save_t, sms, prmt) -> Optional[tuple]:
+    plans = ds_roles_plans(M, K, N, R, dtype, bias, save_t, sms)
+    if not plans:
+        return None
+    t_nom, _, (br, bn) = _cost.robust_pick(plans)
+    return t_nom, br, bn
+
+
 def _bd_nps(N: int, sk: int) -> int:
     """Columns of ``g`` per split: ``ceil(N / sk)`` rounded up to :data:`BD_N_QUANTUM`."""
     return -(-(-(-N // sk)) // BD_N_QUANTUM) * BD_N_QUANTUM
@@ -3053,6 +3285,9 @@ def ds_path_costs(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, device=N
     rs = ds_rank_split_cost(M, K, N, R, dtype, bias, save_t, _ds_sms(device))
     if rs is not None:
         out["rank_split"] = rs[0]
+    ro = ds_roles_cost(M, K, N, R, dtype, bias, save_t, _ds_sms(device))
+    if ro is not None:
+        out["roles"] = ro[0]
     return out
 
 
@@ -3075,7 +3310,7 @@ def choose_ds_path(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, device=
             raise ValueError(f"FASTFACTOR_DS_PATH: expected one of {', '.join(DS_PATHS)}, got {forced!r}")
         if forced == "fused" and not fits:
             return "two_kernel"
-        if forced == "rank_split" and M > DECODE_MAX_M:
+        if forced in ("rank_split", "roles") and M > DECODE_MAX_M:
             forced = "library"
         if forced == "library" and not ds_library_ok(dtype):
             return "two_kernel"
@@ -3085,7 +3320,8 @@ def choose_ds_path(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, device=
     costs = ds_path_costs(M, K, N, R, dtype, device, bias, save_t)
     if "library" not in costs:
         return "fused" if fits else "two_kernel"
-    ours = {p: c for p, c in costs.items() if p in ("fused", "rank_split") and c <= DS_MARGIN * costs["library"]}
+    ours = {p: c for p, c in costs.items() if p in ("fused", "rank_split", "roles")
+            and c <= DS_MARGIN * costs["library"]}
     return min(ours, key=ours.get) if ours else "library"
 
 
@@ -3245,6 +3481,55 @@ def ds_rank_split(
     return y, t
 
 
+def ds_roles(
+    x: torch.Tensor,
+    d: torch.Tensor,
+    s_values: torch.Tensor,
+    s_meta: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    store_t: bool = False,
+    plan: Optional[tuple] = None,
+):
+    """``(y, t or None)``: ``y = (x·Sᵀ)·Dᵀ + b`` for ``M <= DECODE_MAX_M`` token rows in one launch
+    of two roles (:func:`_ds_roles_kernel`: producers form ``t``, consumers multiply it by ``D``;
+    ``plan`` forces ``(BLOCK_R, BLOCK_N)``, default :func:`ds_roles_cost`); ``x (M, K)``,
+    ``d (N, R)``, packed ``S (R, K)``; ``t`` in ``intermediate_dtype(x.dtype)``."""
+    M, K = x.shape
+    N, R = d.shape
+    if M > DECODE_MAX_M:
+        raise ValueError(f"x: ds_roles takes at most {DECODE_MAX_M} rows, got {M}")
+    t_dtype = intermediate_dtype(x.dtype)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    t = torch.empty((M, R), device=x.device, dtype=t_dtype)
+    if M == 0 or N == 0 or K == 0 or R == 0:
+        y.zero_()
+        if bias is not None and M > 0:
+            y += bias
+        t.zero_()
+        return y, (t if store_t else None)
+    if plan is None:
+        _, br, bn = ds_roles_cost(M, K, N, R, x.dtype, bias is not None, store_t, _config.num_sms(x.device))
+    else:
+        br, bn = plan
+    bm = max(16, next_pow2(M))
+    n0, n1 = triton.cdiv(R, br), triton.cdiv(N, bn)
+    mt, smr, smc, m32 = _meta_arg(s_meta, K)
+    vt, pairs = _values_arg(s_values, x.dtype)
+    sync = x.device.type == "cuda"
+    cnt = split_counters(x.device, 4) if sync else t
+    _ds_roles_tuned[(n0 + n1,)](
+        x, vt, mt, d, bias if bias is not None else y, y, t, cnt,
+        M, K, N, R, n0, n1,
+        x.stride(0), x.stride(1), vt.stride(0), vt.stride(1), smr, smc,
+        d.stride(0), d.stride(1), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, T_FP32=t_dtype != x.dtype, SYNC=sync,
+        UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype),
+        META32=m32, PAIRS=pairs, PRMT=prmt_mode(m32 and pairs),
+        BLOCK_R=br, BLOCK_N=bn, BLOCK_M=bm,
+    )
+    return y, (t if store_t else None)
+
+
 def ds_bwd_dense(g: torch.Tensor, d: torch.Tensor, t: Optional[torch.Tensor], need_dt: bool = True,
                  need_dd: bool = True, has_bias: bool = True, plan: Optional[tuple] = None) -> tuple:
     """``(dt, dD, db)`` (``None`` where not asked) of the dense-sparse backward's dense side for
@@ -3318,6 +3603,8 @@ def dense_sparse_fwd(
         return ds_chain(x, d, s_values, s_meta, bias, store_t=save_t)
     if path == "rank_split":
         return ds_rank_split(x, d, s_values, s_meta, bias, store_t=save_t)
+    if path == "roles":
+        return ds_roles(x, d, s_values, s_meta, bias, store_t=save_t)
     if path == "library":
         if M == 0 or R == 0 or K == 0:
             t = x.new_zeros((M, R))

@@ -262,12 +262,12 @@ def test_monarch_deterministic_mode_bypasses_the_autotuner(path, strided, monkey
     _assert_bypass(run, tunables, monkeypatch, used=used)
 
 
-@pytest.mark.parametrize("path", ["fused", "two_kernel", "rank_split"])
+@pytest.mark.parametrize("path", ["fused", "two_kernel", "rank_split", "roles"])
 def test_sparse24_deterministic_mode_bypasses_the_autotuner(path, monkeypatch, triton_cpu):
-    """2:4 pruning, ``sparse24_linear`` and ``dense_sparse_linear`` (its fused, two-kernel and
-    rank-split forwards; the two-kernel path and backward also use the low-rank family's GEMM,
-    the rank split's backward is the library one, its dense side one launch of ours at these 7
-    rows) forward and every gradient."""
+    """2:4 pruning, ``sparse24_linear`` and ``dense_sparse_linear`` (its fused, two-kernel,
+    rank-split and two-role forwards; the two-kernel path and backward also use the low-rank family's GEMM,
+    the rank split's and the two roles' backward is the library one, its dense side one launch of
+    ours at these 7 rows) forward and every gradient."""
     from fastfactor.kernels import lowrank as LK
     from fastfactor.kernels import sparse24 as SK
     from fastfactor.ops.sparse24 import dense_sparse_linear, pack_24, prune_24, sparse24_linear
@@ -295,9 +295,10 @@ def test_sparse24_deterministic_mode_bypasses_the_autotuner(path, monkeypatch, t
     # a handful of rows: the forward, the dense-sparse t = x·Sᵀ and dx run the decode kernels
     tunables = {"prune": SK._prune24_tuned, "decode": SK._sp_decode_tuned, "dx": SK._sp_dx_decode_tuned,
                 "dvalues": SK._sp_dv_tuned, "ds_chain": SK._ds_chain_tuned, "lowrank.gemm": LK._gemm_tuned,
-                "ds_rank_split": SK._ds_rank_split_tuned, "ds_bwd_dense": SK._ds_bwd_dense_tuned}
-    only = {"ds_chain": ("fused",), "ds_rank_split": ("rank_split",), "ds_bwd_dense": ("rank_split",),
-            "lowrank.gemm": ("fused", "two_kernel")}
+                "ds_rank_split": SK._ds_rank_split_tuned, "ds_bwd_dense": SK._ds_bwd_dense_tuned,
+                "ds_roles": SK._ds_roles_tuned}
+    only = {"ds_chain": ("fused",), "ds_rank_split": ("rank_split",), "ds_roles": ("roles",),
+            "ds_bwd_dense": ("rank_split", "roles"), "lowrank.gemm": ("fused", "two_kernel")}
     used = [n for n in tunables if path in only.get(n, (path,))]
     _assert_bypass(run, tunables, monkeypatch, used)
 

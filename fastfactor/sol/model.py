@@ -26,6 +26,10 @@ whose products run on the FMA units, where issue can bound the launch): their te
 there, and with ``--sass`` it is recounted from the compiled loops, each at the trip count the
 model states (nested loops multiplied, :func:`nested_loop_instructions`).
 
+Launches whose programs take roles that run in sequence (``kernels._cost.PHASE_MODELS``: the
+dense-sparse two-role launch, consumers waiting for producers) add a term ``phases``: the phases'
+seconds in sequence, each at the share of the device its programs occupy (a stated model).
+
 DRAM bytes (the stated L2 model): a tensor read by the launch costs its unique bytes once; its
 re-reads come from L2 when it fits in half the L2, else from DRAM (every requested byte). Stores
 cost their bytes. A workspace the launch writes and then reads back itself (split partials summed

@@ -166,12 +166,18 @@ def evaluate_launch(launch, device: Device, configs: str = "all") -> dict:
     dt = _dtype_of(launch)
     ints = {k: v for k, v in launch.args.items() if not isinstance(v, torch.Tensor)}
     imodel = _cost.ISSUE_MODELS.get(launch.kernel)
+    pmodel = _cost.PHASE_MODELS.get(launch.kernel)
     per = []
     for cfg in cands:
         lc = cached_count(launch, cfg)
         im = imodel(ints, launch.constexprs, cfg, lc.grid) if imodel else None
         t = model.launch_time(lc, device, num_warps=cfg.get("num_warps", 4), dtype=dt,
                               issue_instructions=im[0] * lc.programs if im else 0.0)
+        ph = pmodel(ints, launch.constexprs, cfg, device, dt) if pmodel else None
+        if ph is not None:      # roles in sequence (kernels._cost.PHASE_MODELS)
+            t["terms"]["phases"] = ph
+            t["bound"] = max(t["terms"], key=t["terms"].get)
+            t["seconds"] = t["terms"][t["bound"]] + device.launch_s
         per.append((t["seconds"], cfg, lc, t, im))
     per.sort(key=lambda p: p[0])
     sec, cfg, lc, t, im = per[0]

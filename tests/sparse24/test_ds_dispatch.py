@@ -41,9 +41,9 @@ def test_choice_is_the_cost_comparison(on_gpu_model):
                 want = min(ours, key=ours.get) if ours else "library"
                 assert got == want, (M, k, n, R, c)
                 assert ("fused" in c) == (K._pad_rank(R) <= K.FUSED_MAX_R)
-                assert ("rank_split" in c) == (M <= K.DECODE_MAX_M)
+                assert ("rank_split" in c) == ("roles" in c) == (M <= K.DECODE_MAX_M)
                 seen.add(got)
-    assert seen == {"fused", "rank_split", "library"}     # each occurs on this grid
+    assert seen == {"fused", "rank_split", "roles", "library"}     # each occurs on this grid
 
 
 def test_s_product_is_sparse24s_dispatch_or_the_padded_torch_path(on_gpu_model):
@@ -237,8 +237,9 @@ def test_module_pads_the_codes_at_pack_time():
 
 @pytest.mark.perf
 @pytest.mark.skipif(not _config.is_interpreter(), reason="counting needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("k,n,M,ratio,path", [(768, 768, 4096, 0.1, "fused"), (768, 3072, 64, 0.25, "library"),
-                                              (768, 3072, 16, 0.25, "rank_split"), (3072, 768, 8, 0.5, "rank_split"),
+@pytest.mark.parametrize("k,n,M,ratio,path", [(768, 768, 4096, 0.1, "fused"), (768, 3072, 64, 0.25, "roles"),
+                                              (768, 3072, 16, 0.25, "roles"), (3072, 768, 8, 0.5, "rank_split"),
+                                              (3072, 768, 64, 0.25, "library"),
                                               (768, 3072, 16384, 0.25, "library"),
                                               (4096, 4096, 16384, 0.25, "library")])
 def test_dispatcher_and_sol_agree(k, n, M, ratio, path, monkeypatch):

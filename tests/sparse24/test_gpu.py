@@ -196,3 +196,21 @@ def test_bwd_dense_repeated_launches_and_cuda_graph(plan):
     _assert_reruns_and_graph_bitwise(lambda: K.ds_bwd_dense(g, d, t, plan=plan)[0], dt,
                                      lambda: torch.cat([o.flatten() for o in K.ds_bwd_dense(g, d, t, plan=plan)[1:]]),
                                      torch.cat([dd.flatten(), db.flatten()]))
+
+
+@pytest.mark.parametrize("plan", [(16, 32), (64, 32), (32, 128)])
+def test_roles_repeated_launches_and_cuda_graph(plan):
+    """The two-role dense-sparse launch on hardware (tickets, consumers waiting on the producers'
+    counter): ``y`` and ``t`` against float64, bitwise equal over repeated launches and under
+    CUDA-graph replay, counters back to zero."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 768, device=DEV, dtype=torch.bfloat16)
+    s = sparse_weight(168, 768, torch.bfloat16, requires_grad=False)
+    d = (torch.randn(3072, 168, device=DEV) / 168 ** 0.5).to(torch.bfloat16)
+    b = torch.randn(3072, device=DEV, dtype=torch.bfloat16)
+    ref, t = K.ds_roles(x, d, s.values, s.meta, b, store_t=True, plan=plan)
+    y64 = K.dense_sparse_linear_ref(x.double(), d.double(), s.values.double(), s.meta, b.double())
+    assert_close_ref(ref, y64, torch.bfloat16, reduction=768 + 168)
+    assert_close_ref(t, x.double() @ K.unpack_24(s.values.double(), s.meta, 768).t(), torch.bfloat16,
+                     reduction=768, name="t")
+    _assert_reruns_and_graph_bitwise(lambda: K.ds_roles(x, d, s.values, s.meta, b, plan=plan)[0], ref)

@@ -1,0 +1,191 @@
+"""The two-role dense-sparse launch (``ds_roles``, ``_ds_roles_kernel``): ``y = (x·Sᵀ)·Dᵀ + b`` for
+a handful of tokens in one launch, producers forming ``t = x·Sᵀ`` chunk by chunk, consumers (after
+every producer, by ticket order) multiplying it by their tile of ``D``.
+
+Against float64 (every dtype, bias on/off, ``t`` kept or not, partial chunks and column tiles,
+strided ``x`` and ``D``), with every fresh float buffer filled with NaN; the ticket/counter form
+against the id-order one bit for bit (counters reset and reused); plans agree and rerun bitwise;
+the op on this path forward and backward; the dispatch and its sequential-phase term (predicted,
+not measured)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_close_ref, nan_filled_empty
+from fastfactor.formats.sparse24 import Sparse24Weight, pack_24, prune_24
+from fastfactor.kernels import _config
+from fastfactor.kernels import sparse24 as K
+from fastfactor.ops import sparse24 as ops
+
+BF16, CUDA = torch.bfloat16, torch.device("cuda")
+
+
+def _case(M, k, n, R, dtype, seed, strided=False):
+    g = torch.Generator().manual_seed(seed)
+    p = pack_24(prune_24(torch.randn(R, k, generator=g)).to(dtype))
+    x = torch.randn(M, 2 * k if strided else k, generator=g).to(dtype)
+    x = x[:, ::2] if strided else x
+    d = (torch.randn(n, R + 8 if strided else R, generator=g) / R ** 0.5).to(dtype)
+    d = d[:, :R] if strided else d
+    b = (torch.randn(n, generator=g) * 0.1).to(dtype)
+    return x, d, p.values, p.meta, b
+
+
+def _ref64(x, d, values, meta, b, k):
+    """``y`` and ``t`` in float64, ``t`` rounded to the intermediate dtype before ``t·Dᵀ`` as the
+    two-matmul path rounds it."""
+    t64 = x.double() @ K.unpack_24(values.double(), meta, k).t()
+    y64 = t64.to(K.intermediate_dtype(x.dtype)).double() @ d.double().t() + (b.double() if b is not None else 0.0)
+    return y64, t64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("M,k,n,R,plan,bias,store_t,strided", [
+    (5, 256, 96, 40, (16, 32), True, True, False),     # 3 producers (the last partial) x 3 consumers
+    (16, 512, 70, 100, (32, 64), False, False, True),  # 4 producers, a partial consumer tile, strided x and D
+    (3, 288, 50, 20, (32, 32), True, True, False),     # one producer; K not a step multiple
+    (1, 256, 33, 64, (16, 16), True, False, False),    # one token, 4 whole producers, 3 consumers
+    (33, 256, 64, 48, (16, 64), True, True, True),     # BLOCK_M 64
+])
+def test_matches_float64(triton_cpu, dtype, M, k, n, R, plan, bias, store_t, strided):
+    x, d, values, meta, b = _case(M, k, n, R, dtype, seed=M + n + R, strided=strided)
+    b = b if bias else None
+    with nan_filled_empty():
+        y, t = K.ds_roles(x, d, values, meta, b, store_t=store_t, plan=plan)
+    y64, t64 = _ref64(x, d, values, meta, b, k)
+    assert y.dtype == dtype and y.shape == (M, n)
+    assert_close_ref(y, y64, dtype, reduction=k + R, name="y")
+    if store_t:
+        assert t.dtype == K.intermediate_dtype(dtype) and t.shape == (M, R)
+        assert_close_ref(t, t64, dtype, reduction=k, name="t")
+    else:
+        assert t is None
+
+
+def _launch(x, d, values, meta, b, plan, sync, cnt=None):
+    """The kernel launched by hand (as ``ds_roles`` does), ``SYNC`` chosen by the test: with it the
+    roles come from tickets drawn on the counters and the consumers wait on them."""
+    M, k = x.shape
+    n, R = d.shape
+    br, bn = plan
+    n0, n1 = -(-R // br), -(-n // bn)
+    mt, smr, smc, m32 = K._meta_arg(meta, k)
+    y, t = torch.empty(M, n, dtype=x.dtype), torch.empty(M, R, dtype=x.dtype)
+    cnt = torch.zeros(4, dtype=torch.int32) if cnt is None else cnt
+    K._ds_roles_tuned[(n0 + n1,)](
+        x, values, mt, d, b, y, t, cnt if sync else t,
+        M, k, n, R, n0, n1, x.stride(0), x.stride(1), values.stride(0), values.stride(1), smr, smc,
+        d.stride(0), d.stride(1), y.stride(0), y.stride(1),
+        HAS_BIAS=True, T_FP32=False, SYNC=sync, UPCAST=True, PRECISION="ieee",
+        META32=m32, PAIRS=False, PRMT=0, BLOCK_R=br, BLOCK_N=bn, BLOCK_M=16,
+    )
+    return (y, t), cnt
+
+
+def test_ticket_path_matches_id_order_bitwise_and_resets(triton_cpu):
+    x, d, values, meta, b = _case(7, 256, 80, 72, torch.float32, seed=11)
+    ref, _ = _launch(x, d, values, meta, b, (16, 32), sync=False)
+    got, cnt = _launch(x, d, values, meta, b, (16, 32), sync=True)
+    assert all(torch.equal(a, c) for a, c in zip(ref, got))
+    assert int(cnt.abs().sum()) == 0, "the last program out resets the counters"
+    again, _ = _launch(x, d, values, meta, b, (16, 32), sync=True, cnt=cnt)       # reused counters
+    assert all(torch.equal(a, c) for a, c in zip(ref, again))
+    assert_close_ref(ref[0], _ref64(x, d, values, meta, b, 256)[0], torch.float32, reduction=256 + 72)
+
+
+def test_plans_agree_and_rerun_bitwise(triton_cpu):
+    x, d, values, meta, b = _case(16, 256, 64, 96, BF16, seed=2)
+    y64 = _ref64(x, d, values, meta, b, 256)[0]
+    outs = [K.ds_roles(x, d, values, meta, b, store_t=True, plan=p) for p in ((16, 64), (32, 32), (64, 16))]
+    for y, _ in outs:
+        assert_close_ref(y, y64, BF16, reduction=256 + 96)
+    for y, t in outs[1:]:              # t's chunks do not depend on the plan: each over all of K
+        assert torch.equal(t, outs[0][1])
+    again = K.ds_roles(x, d, values, meta, b, store_t=True, plan=(32, 32))
+    assert torch.equal(outs[1][0], again[0])
+
+
+def test_same_t_as_the_rank_split(triton_cpu):
+    """The intermediate the two one-launch paths keep for the backward is the same bits."""
+    x, d, values, meta, b = _case(9, 512, 48, 40, BF16, seed=5)
+    t_roles = K.ds_roles(x, d, values, meta, b, store_t=True, plan=(16, 16))[1]
+    t_rs = K.ds_rank_split(x, d, values, meta, b, store_t=True, plan=(16, 16))[1]
+    assert torch.equal(t_roles, t_rs)
+
+
+def test_empty_and_rejected_shapes(triton_cpu):
+    x, d, values, meta, b = _case(4, 64, 8, 16, torch.float32, seed=0)
+    y, t = K.ds_roles(x[:0], d, values, meta, b, store_t=True)
+    assert y.shape == (0, 8) and t.shape == (0, 16)
+    y, t = K.ds_roles(x, d[:, :0], values[:0], meta[:0], b, store_t=True)
+    assert torch.equal(y, b.expand(4, 8)) and t.shape == (4, 0)
+    with pytest.raises(ValueError, match="x: ds_roles takes at most 64 rows, got 65"):
+        K.ds_roles(torch.randn(65, 64), d, values, meta)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_op_on_the_roles_path_forward_and_backward(triton_cpu, monkeypatch, dtype):
+    """``dense_sparse_linear`` forced onto the two-role launch: ``y`` and every gradient against
+    float64 (the backward takes the ``t`` the producers stored)."""
+    monkeypatch.setenv("FASTFACTOR_DS_PATH", "roles")
+    calls = []
+    real = K.ds_roles
+    monkeypatch.setattr(K, "ds_roles", lambda *a, **kw: calls.append(kw.get("store_t")) or real(*a, **kw))
+    M, k, n, R = 6, 128, 40, 36
+    x, d, values, meta, b = _case(M, k, n, R, dtype, seed=9)
+    x, d, b = (a.clone().requires_grad_(True) for a in (x, d, b))
+    vals = values.clone().requires_grad_(True)
+    y = ops.dense_sparse_linear(x, d, Sparse24Weight(vals, meta, (R, k)), b)
+    assert calls == [True]
+    leaves = [a.detach().double().requires_grad_(True) for a in (x, d, vals, b)]
+    y64 = (leaves[0] @ K.unpack_24(leaves[2], meta, k).t()) @ leaves[1].t() + leaves[3]
+    assert_close_ref(y, y64, dtype, reduction=k + R, name="y")
+    g = torch.randn(M, n).to(dtype)
+    y.backward(g)
+    y64.backward(g.double())
+    for got, ref, red, name in ((x.grad, leaves[0].grad, n + R, "dx"), (d.grad, leaves[1].grad, M * k, "dD"),
+                                (vals.grad, leaves[2].grad, M * n, "dS"), (b.grad, leaves[3].grad, M, "db")):
+        assert_close_ref(got, ref, dtype, reduction=red, name=name)
+
+
+def test_dispatch(on_gpu_model, monkeypatch):
+    """On BERT-size layers with a 768-wide input the two roles are taken from 16 to 64 tokens
+    (predicted faster than the rank split and the decode + cuBLAS pair by more than the margin,
+    with the phases in sequence priced); where the producers' slabs are long (3072 or 4096 inputs)
+    or the rank split is cheaper (1 token) they are not; above 64 tokens they are not a candidate."""
+    for M, k, n, R in ((16, 768, 3072, 168), (64, 768, 3072, 168), (64, 768, 3072, 336), (32, 768, 3072, 336)):
+        c = K.ds_path_costs(M, k, n, R, BF16, CUDA)
+        assert K.choose_ds_path(M, k, n, R, BF16, CUDA) == "roles", (M, k, n, R, c)
+        assert c["roles"] <= K.DS_MARGIN * c["library"] and c["roles"] < c["rank_split"]
+    assert K.choose_ds_path(1, 768, 3072, 168, BF16, CUDA) == "rank_split"
+    for M, k, n, R in ((16, 4096, 4096, 655), (64, 3072, 768, 168)):
+        assert K.choose_ds_path(M, k, n, R, BF16, CUDA) == "library"
+    assert "roles" not in K.ds_path_costs(65, 768, 3072, 168, BF16, CUDA)
+    monkeypatch.setenv("FASTFACTOR_DS_PATH", "roles")
+    assert K.choose_ds_path(16, 768, 3072, 336, torch.float16, CUDA) == "roles"
+    assert K.choose_ds_path(128, 768, 3072, 336, BF16, CUDA) == "library"          # above 64 tokens
+
+
+def test_phases_in_sequence_are_priced():
+    """The planner's fifth term: with one producer the whole of ``S`` streams through one SM's share
+    of the device before any consumer starts, so the plan costs more than its bandwidth terms; the
+    low L2 figure never makes a plan faster; the pick fits the registers."""
+    plans = K.ds_roles_plans(16, 768, 3072, 168)
+    assert plans and all(t_low >= t_nom for t_nom, t_low, _ in plans)
+    by = {p: t for t, _, p in plans}
+    assert by[(64, 32)] > by[(16, 32)]                  # 3 producers against 11
+    t, br, bn = K.ds_roles_cost(16, 768, 3072, 168)
+    assert (br, bn) in by and K.rs_space(br, bn, 16)
+    dev = K._cost.DEFAULT
+    one = K.roles_phase_seconds(dev, 16, 4096, 3072, 64, 64, 32, 2, 2, False, 0.0)   # a single producer
+    assert one >= 64 * 4096 * (1 / 2 + 1 / 16) * 2 / (dev.hbm_bw / dev.sms)         # S through one SM's share
+    assert K.ds_roles_cost(65, 768, 3072, 168) is None
+
+
+def test_fixed_config_on_a_gpu_fits_the_plan(monkeypatch):
+    monkeypatch.setattr(_config, "is_interpreter", lambda: False)
+    for br, bn, bm in ((16, 32, 16), (64, 64, 16), (32, 64, 64)):
+        cfg = K._ds_roles_tuned.fixed_config(dict(BLOCK_R=br, BLOCK_N=bn, BLOCK_M=bm))
+        assert cfg.kwargs["BLOCK_K"] >= 128 and K._rs_fits(br, bn, bm, cfg.kwargs["BLOCK_K"], cfg.num_warps)
