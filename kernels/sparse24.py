@@ -379,13 +379,25 @@ def _dxd_ok(bk: int, bm: int, bn: int, nw: int) -> bool:
     return bk * bn + bn * bm + 2 * bk * bm <= 144 * t and (nw <= 4 or bk * bn >= 8192)
 
 
-def dxd_space(BLOCK_K: int, BLOCK_M: int, **_) -> list[dict]:
-    """dx-decode configs within the register budget of :func:`_dxd_ok`."""
-    return _fitting_space(DXD_SPACE, BLOCK_K, BLOCK_M, "BLOCK_N", _dxd_ok) or [DXD_SPACE[1]]
+def _dxd_dv_ok(bk: int, bm: int, bn: int, nw: int) -> bool:
+    """Register fit of a dx-decode config that also forms the kept values' gradient (``HAS_DV``):
+    :func:`_dxd_ok`'s tiles plus the fp32 ``BLOCK_N x BLOCK_K`` dense gradient of the weight tile
+    (two slots an element) and the ``x`` tile, within the same 144 16-bit slots a thread."""
+    t = 32 * nw
+    return (bk * bn + bn * bm + 2 * bk * bm + 2 * bn * bk + bm * bk <= 144 * t
+            and (nw <= 4 or bk * bn >= 8192))
+
+
+def dxd_space(BLOCK_K: int, BLOCK_M: int, HAS_DV: bool = False, **_) -> list[dict]:
+    """dx-decode configs within the register budget of :func:`_dxd_ok` (:func:`_dxd_dv_ok` with
+    ``HAS_DV``)."""
+    return _fitting_space(DXD_SPACE, BLOCK_K, BLOCK_M, "BLOCK_N", _dxd_dv_ok if HAS_DV else _dxd_ok) or [DXD_SPACE[1]]
 
 
 def _prune_dx_decode(configs_, named_args, **kwargs):
-    return _prune_fitting(configs_, named_args, kwargs, "BLOCK_K", "BLOCK_N", 64, last=False, ok=_dxd_ok)
+    dv = kwargs.get("HAS_DV", named_args.get("HAS_DV", False))
+    return _prune_fitting(configs_, named_args, kwargs, "BLOCK_K", "BLOCK_N", 64, last=False,
+                          ok=_dxd_dv_ok if dv else _dxd_ok)
 
 
 # dvalues = kept(gᵀ·x): BLOCK_N x BLOCK_K dense tile, reduction over BLOCK_M token rows
@@ -1049,6 +1061,34 @@ if HAS_TRITON:
         )
 
     @triton.jit
+    def _kept_of_tile(
+        dw,          # (BLOCK_N, BLOCK_K) fp32: the dense gradient of the weight tile W[n-tile, k-tile]
+        meta_ptr,    # (N, ceil(K/8)) uint8 codes of W, or (N, K/32) int32 words (META32)
+        dv_ptr,      # (N, K/2) output: the kept values' gradient (packed order)
+        offs_n, mask_n, k0, K,
+        stride_mn, stride_mc, stride_dn, stride_dc,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        META32: tl.constexpr,
+    ):
+        """Store the entries of ``dw`` at the tile's kept positions, in packed order, rounded once to
+        ``dv``'s dtype: the exact selection of the dense gradient (slots 0..3 of each group; canonical
+        codes: ``i0`` in 0..2, ``i1`` in 1..3, two selects per value)."""
+        i0, i1 = _load_codes(meta_ptr, offs_n, mask_n, k0, K, stride_mn, stride_mc, BLOCK_K, META32, False)
+        q0, q1 = tl.split(tl.reshape(dw, (BLOCK_N, BLOCK_K // 4, 2, 2)))    # slots (0, 2), (1, 3)
+        w0, w2 = tl.split(q0)
+        w1, w3 = tl.split(q1)
+        dv0 = tl.where(i0 == 0, w0, tl.where(i0 == 1, w1, w2))
+        dv1 = tl.where(i1 == 3, w3, tl.where(i1 == 2, w2, w1))
+        dv = tl.reshape(tl.join(dv0, dv1), (BLOCK_N, BLOCK_K // 2))
+        offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        tl.store(
+            dv_ptr + offs_n[:, None] * stride_dn + offs_v[None, :] * stride_dc,
+            dv.to(dv_ptr.dtype.element_ty),
+            mask=mask_n[:, None] & (offs_v < K // 2)[None, :],
+        )
+
+    @triton.jit
     def _sp_dx_decode_kernel(
         # --- pointers ---
         g_ptr,      # (M, N) upstream gradient, M <= BLOCK_M (a handful of tokens)
@@ -1056,6 +1096,8 @@ if HAS_TRITON:
         meta_ptr,   # (N, ceil(K/8)) uint8 codes of W, or (N, K/32) int32 words (META32)
         dx_ptr,     # (M, K) output dx = g·W
         db_ptr,     # HAS_DB: (N,) output db = Σ_m g[m, :] (the bias gradient), by column tile 0
+        x_ptr,      # HAS_DV: (M, K) the layer's input rows; else unused
+        dv_ptr,     # HAS_DV: (N, K/2) output: the kept values' gradient, (gᵀ·x) at the kept positions
         ws_ptr,     # SPLIT: (SPLIT_N, M, K) fp32 partial sums (workspace); else unused
         cnt_ptr,    # SPLIT and SYNC: (K_TILES,) int32 arrival counters, zero between launches
         # --- dimensions ---
@@ -1067,8 +1109,11 @@ if HAS_TRITON:
         stride_vn, stride_vc,
         stride_mn, stride_mc,
         stride_dm, stride_dk,
+        stride_xm, stride_xk,
+        stride_dvn, stride_dvc,
         # --- meta-parameters ---
         HAS_DB: tl.constexpr,      # also the bias gradient (g's column sums, fp32, fixed order)
+        HAS_DV: tl.constexpr,      # also the kept values' gradient of the weight tiles it streams
         SPLIT: tl.constexpr,
         SYNC: tl.constexpr,        # as in _sp_decode_kernel
         UPCAST: tl.constexpr,
@@ -1085,7 +1130,13 @@ if HAS_TRITON:
         program ``p`` owns column tile ``p // SPLIT_N`` and weight-row split ``p % SPLIT_N``; it
         streams its slab of the compressed weight once against all ``M`` rows of ``g``. The split
         partials are reduced in the same launch by each tile's last arrival, in the fixed order
-        ``s = 0, 1, …`` (as :func:`_sp_decode_kernel`): bitwise reproducible."""
+        ``s = 0, 1, …`` (as :func:`_sp_decode_kernel`): bitwise reproducible.
+
+        With ``HAS_DV`` the launch is the whole 2:4 backward at a handful of tokens: every weight tile
+        ``W[n-tile, k-tile]`` is streamed by exactly one program, which also forms the dense
+        gradient of that tile, ``g[:, n-tile]ᵀ·x[:, k-tile]`` (the reduction over the tokens whole:
+        one product, rounded once), and stores its entries at the kept positions
+        (:func:`_kept_of_tile`, the selection :func:`_sp_dvalues_kernel` makes)."""
         pid = tl.program_id(0)
         pid_k = pid // SPLIT_N
         pid_s = pid % SPLIT_N
@@ -1097,6 +1148,11 @@ if HAS_TRITON:
         n_begin = pid_s * N_PER_SPLIT
         n_end = tl.minimum(N, n_begin + N_PER_SPLIT)
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        if HAS_DV:          # x[:, k-tile] (BLOCK_M, BLOCK_K): the same for every weight tile of this program
+            xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            if UPCAST or MIXED:
+                xk = xk.to(tl.float32)
         for n0 in range(n_begin, n_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
@@ -1114,6 +1170,11 @@ if HAS_TRITON:
                 g = g.to(tl.float32)
                 w = w.to(tl.float32)
             acc = tl.dot(g, w, acc, input_precision=PRECISION)
+            if HAS_DV:      # this weight tile's dense gradient gᵀ·x, kept entries stored (one program per tile)
+                dw = tl.dot(tl.trans(g), xk, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32),
+                            input_precision=PRECISION)                       # (BLOCK_N, BLOCK_K) fp32
+                _kept_of_tile(dw, meta_ptr, dv_ptr, offs_n, mask_n, k0, K, stride_mn, stride_mc,
+                              stride_dvn, stride_dvc, BLOCK_N, BLOCK_K, META32)
         mask_o = mask_m[:, None] & mask_k[None, :]
         out = dx_ptr + offs_m[:, None] * stride_dm + offs_k[None, :] * stride_dk
         if SPLIT:
@@ -1176,20 +1237,8 @@ if HAS_TRITON:
                 x = x.to(tl.float32)
             acc = tl.dot(gt, x, acc, input_precision=PRECISION)
         # keep the entries at the kept positions, in packed order
-        i0, i1 = _load_codes(meta_ptr, offs_n, mask_n, k0, K, stride_mn, stride_mc, BLOCK_K, META32, False)
-        # slots 0..3 of each group (canonical codes: i0 in 0..2, i1 in 1..3), two selects per value
-        q0, q1 = tl.split(tl.reshape(acc, (BLOCK_N, BLOCK_K // 4, 2, 2)))   # slots (0, 2), (1, 3)
-        w0, w2 = tl.split(q0)
-        w1, w3 = tl.split(q1)
-        dv0 = tl.where(i0 == 0, w0, tl.where(i0 == 1, w1, w2))
-        dv1 = tl.where(i1 == 3, w3, tl.where(i1 == 2, w2, w1))
-        dv = tl.reshape(tl.join(dv0, dv1), (BLOCK_N, BLOCK_K // 2))
-        offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        tl.store(
-            dv_ptr + offs_n[:, None] * stride_dn + offs_v[None, :] * stride_dc,
-            dv.to(dv_ptr.dtype.element_ty),
-            mask=mask_n[:, None] & (offs_v < K // 2)[None, :],
-        )
+        _kept_of_tile(acc, meta_ptr, dv_ptr, offs_n, mask_n, k0, K, stride_mn, stride_mc, stride_dn, stride_dc,
+                      BLOCK_N, BLOCK_K, META32)
 
     @triton.jit
     def _store_split_yt(
@@ -1761,7 +1810,8 @@ if HAS_TRITON:
     _sp_mm_tuned = Tunable(_sp_mm_kernel, MM_SPACE, key=["M_BUCKET", "N", "K"],
                            interpreter=MM_INTERP, deterministic=MM_FIXED)
     _sp_dx_decode_tuned = Tunable(_sp_dx_decode_kernel, DXD_SPACE,
-                                  key=["M", "N", "K", "N_PER_SPLIT", "SPLIT_N", "BLOCK_K", "BLOCK_M", "META32"],
+                                  key=["M", "N", "K", "N_PER_SPLIT", "SPLIT_N", "BLOCK_K", "BLOCK_M", "META32",
+                                       "HAS_DV"],
                                   prune=_prune_dx_decode, interpreter=DXD_INTERP, deterministic=DXD_FIXED)
     _sp_dx_tuned = Tunable(_sp_dx_kernel, DX_SPACE, key=["M", "N", "K", "MIXED"],
                            interpreter=DX_INTERP, deterministic=DX_FIXED)
@@ -1825,9 +1875,13 @@ if HAS_TRITON:
     register_kernel(KernelSpec(
         name="sparse24.dx_decode", fn=_sp_dx_decode_kernel,
         pointers={"meta_ptr": _I32, "vals_ptr": _I32, "ws_ptr": "fp32", "cnt_ptr": "i32"},
-        constexprs=[dict(BLOCK_K=bk, BLOCK_M=bm, PAIRS=True, PRMT=2, MIXED=False, **_DOT, **_W, HAS_DB=sp, SPLIT=sp, SYNC=sp)
+        constexprs=[dict(BLOCK_K=bk, BLOCK_M=bm, PAIRS=True, PRMT=2, MIXED=False, **_DOT, **_W, HAS_DB=sp, SPLIT=sp,
+                         SYNC=sp, HAS_DV=False)
                     for bk, bm in ((32, 16), (64, 16), (128, 16), (256, 16), (128, 32), (256, 32), (64, 64), (128, 64))
-                    for sp in (False, True)],
+                    for sp in (False, True)]
+                   + [dict(BLOCK_K=bk, BLOCK_M=bm, PAIRS=True, PRMT=2, MIXED=False, **_DOT, **_W, HAS_DB=True,
+                           SPLIT=sp, SYNC=sp, HAS_DV=True)
+                      for bk, bm, sp in ((32, 16, True), (64, 16, True), (128, 16, False), (32, 64, True))],
         space=dxd_space,
     ))
     register_kernel(KernelSpec(
@@ -2278,10 +2332,12 @@ def _dxd_nps(N: int, sk: int) -> int:
     return -(-(-(-N // sk)) // DXD_N_QUANTUM) * DXD_N_QUANTUM
 
 
-def dx_decode_launch_bytes(M: int, N: int, K: int, bk: int, sk: int, elem: int = 2) -> dict:
+def dx_decode_launch_bytes(M: int, N: int, K: int, bk: int, sk: int, elem: int = 2, dv: bool = False) -> dict:
     """Bytes of one dx-decode launch (``_sp_dx_decode_kernel``) with ``bk`` dx columns per program
     and ``sk`` splits of the weight rows: as :func:`decode_launch_bytes` with the roles of ``x``
-    and ``y`` taken by ``g (M, N)``, read once per column tile, and ``dx (M, K)``."""
+    and ``y`` taken by ``g (M, N)``, read once per column tile, and ``dx (M, K)``. ``dv``: also the
+    kept values' gradient (``HAS_DV``): ``x (M, K)`` read (its column tile once per program) and the
+    ``N x K/2`` gradient stored (its codes read again: L2 hits)."""
     wbytes = N * K * (elem / 2 + 1 / 8)
     gbytes, dxbytes = elem * M * N, elem * M * K
     nb = -(-K // bk)
@@ -2290,7 +2346,10 @@ def dx_decode_launch_bytes(M: int, N: int, K: int, bk: int, sk: int, elem: int =
     w_l2 = N * nb * (max(32.0, bk * elem / 2) + max(32.0, bk / 8))
     ws = 4.0 * sk * M * K if sk > 1 else 0.0
     back = ws * (sk - 1) / sk if sk > 1 else 0.0
-    return dict(dram=wbytes + gbytes + dxbytes + ws, l2=w_l2 + nb * gbytes + dxbytes + ws + back,
+    xb, dvb = (elem * M * K, N * K / 2 * elem) if dv else (0.0, 0.0)
+    codes_l2 = N * nb * max(32.0, bk / 8) if dv else 0.0
+    return dict(dram=wbytes + gbytes + dxbytes + ws + xb + dvb,
+                l2=w_l2 + nb * gbytes + dxbytes + ws + back + sk * xb + dvb + codes_l2,
                 g_reread=(nb - 1) * gbytes, programs=nb * sk, tiles=nb)
 
 
@@ -2307,14 +2366,21 @@ DXD_ISSUE = dict(select=dict(elem=5.8, g_elem=5.1, step=131), prmt=dict(elem=3.9
 
 
 def dx_decode_warp_instructions(BLOCK_K: int, BLOCK_M: int, BLOCK_N: int, num_warps: int,
-                                n_per_program: int, split: bool, prmt: Optional[bool] = None) -> tuple[float, list]:
+                                n_per_program: int, split: bool, prmt: Optional[bool] = None,
+                                dv: bool = False) -> tuple[float, list]:
     """``(warp-instructions of one dx-decode program, loop trips)`` by :data:`DXD_ISSUE` (``prmt``:
-    the expansion; default: byte permutes unless ``FASTFACTOR_SPARSE24_PRMT=0``)."""
+    the expansion; default: byte permutes unless ``FASTFACTOR_SPARSE24_PRMT=0``). ``dv``: the
+    launch also forms the kept values' gradient (``HAS_DV``): each step adds the kept-entry
+    selection and stores of the kept-value kernel's model (:data:`DV_ISSUE`: ``acc`` per element of
+    the weight tile, ``step``), the dot's operands being loaded already (a stated model, not fitted
+    on the fused builds)."""
     m = DXD_ISSUE
     f = m["prmt" if (prmt_mode(True) > 0 if prmt is None else prmt) else "select"]
     t = 32 * num_warps
     acc = BLOCK_M * BLOCK_K / t
     loop = f["elem"] * BLOCK_N * BLOCK_K / t + f["g_elem"] * BLOCK_M * BLOCK_N / t + f["step"]
+    if dv:
+        loop += DV_ISSUE["acc"] * BLOCK_N * BLOCK_K / t + DV_ISSUE["step"]
     trips = max(1, -(-n_per_program // BLOCK_N))
     per_warp = trips * loop + m["program"] + m["program_acc"] * acc + (m["red"] + m["red_acc"] * acc if split else 0.0)
     return num_warps * per_warp, [trips, 1] if split else [trips]
@@ -2325,69 +2391,116 @@ def _dx_decode_issue_model(ints: dict, constexprs: dict, config: dict, grid) -> 
     nps = min(int(ints["N"]), int(ints["N_PER_SPLIT"]))
     return dx_decode_warp_instructions(int(constexprs["BLOCK_K"]), int(constexprs["BLOCK_M"]), int(config["BLOCK_N"]),
                                        int(config.get("num_warps", 4)), nps, bool(constexprs.get("SPLIT")),
-                                       prmt=int(constexprs.get("PRMT", 0)) > 0)
+                                       prmt=int(constexprs.get("PRMT", 0)) > 0, dv=bool(constexprs.get("HAS_DV")))
 
 
 _cost.ISSUE_MODELS["sparse24.dx_decode"] = _dx_decode_issue_model
 
 
-def dx_decode_plans(M: int, N: int, K: int, sms: int, elem: int = 2, prmt: Optional[bool] = None) -> list:
+def dx_decode_plans(M: int, N: int, K: int, sms: int, elem: int = 2, prmt: Optional[bool] = None,
+                    dv: bool = False) -> list:
     """Every dx-decode plan: ``(t_nominal, t_low, (BLOCK_K, split))`` by the model of
-    :func:`decode_plans` on :func:`dx_decode_launch_bytes` and :data:`DXD_ISSUE`."""
+    :func:`decode_plans` on :func:`dx_decode_launch_bytes` and :data:`DXD_ISSUE` (``dv``: the
+    launch that also forms the kept values' gradient)."""
     prmt = prmt_mode(True) > 0 if prmt is None else prmt
     plans = []
     bm = max(16, next_pow2(M))
+    ok = _dxd_dv_ok if dv else _dxd_ok
     for bk in DXD_TILES:
-        cfgs = [c for c in DXD_SPACE[1:] if _dxd_ok(bk, bm, c["BLOCK_N"], c["num_warps"])]
+        cfgs = [c for c in DXD_SPACE[1:] if ok(bk, bm, c["BLOCK_N"], c["num_warps"])]
         if not cfgs:
             continue
         for sk in DECODE_SPLITS:
             nps = _dxd_nps(N, sk)
             if sk > 1 and nps * (sk - 1) >= N:
                 continue
-            b = dx_decode_launch_bytes(M, N, K, bk, sk, elem)
+            b = dx_decode_launch_bytes(M, N, K, bk, sk, elem, dv)
             p = b["programs"]
             f = min(1.0, p / (-(-p // sms) * sms))
             wi = min(dx_decode_warp_instructions(bk, bm, c["BLOCK_N"], c["num_warps"], min(N, nps), sk > 1,
-                                                 prmt=prmt)[0]
+                                                 prmt=prmt, dv=dv)[0]
                      for c in cfgs)
             plans.append(_plan_times(b["dram"], b["l2"], _issue_s(wi, p, f), f) + ((bk, sk),))
     return plans
 
 
-def dx_decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[float, int, int]:
+def dx_decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2, dv: bool = False) -> tuple[float, int, int]:
     """``(seconds, BLOCK_K, split)`` of the dx-decode launch: of :func:`dx_decode_plans`, the one
     :func:`kernels._cost.robust_pick` takes (*predicted*, seconds at the nominal L2 figure; cached
-    as :func:`decode_plan_cost`)."""
-    return _dx_decode_pick(int(M), int(N), int(K), int(sms), int(elem), prmt_mode(True) > 0)
+    as :func:`decode_plan_cost`). ``dv``: the launch that also forms the kept values' gradient."""
+    return _dx_decode_pick(int(M), int(N), int(K), int(sms), int(elem), prmt_mode(True) > 0, bool(dv))
 
 
 @functools.lru_cache(maxsize=4096)
-def _dx_decode_pick(M: int, N: int, K: int, sms: int, elem: int, prmt: bool) -> tuple[float, int, int]:
-    t_nom, _, (bk, sk) = _cost.robust_pick(dx_decode_plans(M, N, K, sms, elem, prmt))
+def _dx_decode_pick(M: int, N: int, K: int, sms: int, elem: int, prmt: bool, dv: bool = False) -> tuple[float, int, int]:
+    t_nom, _, (bk, sk) = _cost.robust_pick(dx_decode_plans(M, N, K, sms, elem, prmt, dv))
     return t_nom, bk, sk
+
+
+def _dvalues_seconds(M: int, N: int, K: int, elem: int, sms: int) -> float:
+    """Predicted seconds of the kept-value kernel (:func:`sparse24_dvalues`) at its best GPU config,
+    counted from the shapes as :func:`decode_plans` counts (bytes: ``g`` once per column tile, ``x``
+    once per row tile, the codes and the gradient once; issue by :data:`DV_ISSUE`)."""
+    cd = lambda a, b: -(-a // b)
+    best = None
+    for c in DV_SPACE[1:]:
+        bn, bk, bm, nw = c["BLOCK_N"], c["BLOCK_K"], c["BLOCK_M"], c["num_warps"]
+        p = cd(N, bn) * cd(K, bk)
+        f = min(1.0, p / (cd(p, sms) * sms))
+        g_b, x_b, codes, dvb = float(elem) * M * N, float(elem) * M * K, N * K / 8, N * K / 2 * elem
+        dram = g_b + x_b + codes + dvb
+        l2 = cd(K, bk) * g_b + cd(N, bn) * x_b + codes + dvb
+        t = _plan_times(dram, l2, _issue_s(dvalues_warp_instructions(bn, bk, bm, nw, M)[0], p, f), f)[0]
+        best = t if best is None else min(best, t)
+    return best
+
+
+def dx_dv_fused_ok(M: int, N: int, K: int, sms: int, elem: int = 2) -> bool:
+    """Whether the 2:4 backward at ``M <= DECODE_MAX_M`` tokens forms ``dx`` and the kept values'
+    gradient in one launch (:func:`sparse24_dx_decode` with ``dv``): where predicted at least 5 %
+    faster than the dx-decode launch and the kept-value kernel apart (``DS_MARGIN``).
+    ``FASTFACTOR_SPARSE24_DXDV=0`` keeps the two launches, ``=1`` takes the one wherever it applies."""
+    forced = _forced("FASTFACTOR_SPARSE24_DXDV", ("0", "1"))
+    if forced == "0" or not 0 < M <= DECODE_MAX_M or min(N, K) <= 0 or K % 4:
+        return False
+    if forced == "1":
+        return True
+    apart = dx_decode_plan_cost(M, N, K, sms, elem)[0] + _dvalues_seconds(M, N, K, elem, sms)
+    return dx_decode_plan_cost(M, N, K, sms, elem, dv=True)[0] <= DS_MARGIN * apart
 
 
 def sparse24_dx_decode(g: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                        out_dtype: Optional[torch.dtype] = None, plan: Optional[tuple] = None,
-                       db: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       db: Optional[torch.Tensor] = None, x: Optional[torch.Tensor] = None,
+                       dv: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``dx = g·W`` for ``M <= 64`` rows of ``g (M, N)`` in one launch (:func:`dx_decode_plan_cost`;
     ``plan`` forces ``(BLOCK_K, split)``); deterministic (fixed-order reduction of the splits).
     ``db``: an ``(N,)`` contiguous tensor that receives ``Σ_m g[m, :]`` (summed in fp32, rounded
-    once), the bias gradient, computed in the same launch (no separate reduction)."""
+    once), the bias gradient, computed in the same launch (no separate reduction). ``x`` (the
+    layer's input, ``(M, K)``) and ``dv`` (an ``(N, K/2)`` tensor): the same launch also stores the
+    kept values' gradient, the entries of ``gᵀ·x`` at the kept positions (as
+    :func:`sparse24_dvalues`: one product per weight tile over every token, rounded once)."""
     M, N = g.shape
     K = 2 * values.shape[1]
     if M > DECODE_MAX_M:
         raise ValueError(f"g: sparse24_dx_decode takes at most {DECODE_MAX_M} rows, got {M}")
+    if (x is None) != (dv is None):
+        raise ValueError("x, dv: expected both (the kept values' gradient in the same launch) or neither, "
+                         f"got x {'given' if x is not None else 'None'} and dv {'given' if dv is not None else 'None'}")
+    if x is not None and (tuple(x.shape) != (M, K) or tuple(dv.shape) != (N, K // 2)):
+        raise ValueError(f"x, dv: expected shapes ({M}, {K}) and ({N}, {K // 2}), got {tuple(x.shape)} and "
+                         f"{tuple(dv.shape)}")
     dx = torch.empty((M, K), device=g.device, dtype=out_dtype or g.dtype)
     if db is not None and (db.shape != (N,) or not db.is_contiguous()):
         raise ValueError(f"db: expected a contiguous ({N},) tensor, got {tuple(db.shape)}")
     if M == 0 or K == 0 or N == 0:
         if db is not None:
             db.copy_(g.sum(0, dtype=torch.float32))
+        if dv is not None:
+            dv.zero_()
         return dx if M == 0 or K == 0 else dx.zero_()
     e = 4 if g.dtype == torch.float32 else 2
-    bk, sk = plan or dx_decode_plan_cost(M, N, K, _config.num_sms(g.device), e)[1:]
+    bk, sk = plan or dx_decode_plan_cost(M, N, K, _config.num_sms(g.device), e, dv=dv is not None)[1:]
     nps = _dxd_nps(N, sk)
     sk = -(-N // nps)
     bm = max(16, next_pow2(M))
@@ -2395,13 +2508,15 @@ def sparse24_dx_decode(g: torch.Tensor, values: torch.Tensor, meta: torch.Tensor
     vt, pairs = _values_arg(values, g.dtype)
     nb = triton.cdiv(K, bk)
     split, sync, ws, cnt = _split_buffers(sk, nb, dx)
+    x_arg, dv_arg = (x, dv) if dv is not None else (dx, dx)
     _sp_dx_decode_tuned[(nb * sk,)](
-        g, vt, mt, dx, db if db is not None else dx, ws, cnt,
+        g, vt, mt, dx, db if db is not None else dx, x_arg, dv_arg, ws, cnt,
         M, N, K, nps, sk,
         g.stride(0), g.stride(1), vt.stride(0), vt.stride(1),
-        smr, smc, dx.stride(0), dx.stride(1),
-        HAS_DB=db is not None, SPLIT=split, SYNC=sync, UPCAST=upcast_dots(), PRECISION=_precision(g, values),
-        META32=m32, PAIRS=pairs, PRMT=prmt_mode(m32 and pairs), MIXED=g.dtype != values.dtype, BLOCK_M=bm, BLOCK_K=bk,
+        smr, smc, dx.stride(0), dx.stride(1), x_arg.stride(0), x_arg.stride(1), dv_arg.stride(0), dv_arg.stride(1),
+        HAS_DB=db is not None, HAS_DV=dv is not None, SPLIT=split, SYNC=sync, UPCAST=upcast_dots(),
+        PRECISION=_precision(g, values), META32=m32, PAIRS=pairs, PRMT=prmt_mode(m32 and pairs),
+        MIXED=g.dtype != values.dtype, BLOCK_M=bm, BLOCK_K=bk,
     )
     return dx
 
@@ -2720,6 +2835,10 @@ def sparse24_backward(g, x, values, meta, need_x: bool, need_values: bool, need_
     M, N = g.shape
     K = x.shape[1]
     dx = dv = db = None
+    # at a handful of tokens dx and the kept values' gradient from one launch where predicted faster
+    fuse_dv = (need_x and need_values and x.dtype == values.dtype and M > 0
+               and choose_bwd_path(M, K, N, g.dtype, "dvalues") == "triton"
+               and dx_dv_fused_ok(M, N, K, _config.num_sms(g.device), 4 if g.dtype == torch.float32 else 2))
     if need_x:
         tp = None
         if M > 0 and torch24_eligible(M, N, K, g.dtype, g.device) and g.dtype == values.dtype:
@@ -2729,14 +2848,16 @@ def sparse24_backward(g, x, values, meta, need_x: bool, need_values: bool, need_
             dx = torch24_linear(g, transposed_values(values, tp[0]), tp[1]).contiguous()
         elif path == "dense":
             dx = torch.mm(g, expand_24(values, meta, out_dtype=g.dtype))
-        elif need_bias and 0 < M <= DECODE_MAX_M:             # db out of the same launch
-            db = torch.empty(N, device=g.device, dtype=g.dtype)
-            dx = sparse24_dx_decode(g, values, meta, db=db)
+        elif 0 < M <= DECODE_MAX_M and (need_bias or fuse_dv):   # db (and dv) out of the same launch
+            db = torch.empty(N, device=g.device, dtype=g.dtype) if need_bias else None
+            if fuse_dv:
+                dv = torch.empty((N, K // 2), device=g.device, dtype=values.dtype)
+            dx = sparse24_dx_decode(g, values, meta, db=db, x=x if fuse_dv else None, dv=dv)
         else:
             dx = sparse24_dx(g, values, meta)
     if need_bias and db is None:
         db = g.sum(0, dtype=torch.float32).to(g.dtype)
-    if need_values:
+    if need_values and dv is None:
         if M > 0 and choose_bwd_path(M, K, N, g.dtype, "dvalues") == "dense":
             dv = compress_24(torch.mm(g.t(), x), meta, out_dtype=values.dtype)
         else:
@@ -3636,9 +3757,13 @@ def _ds_sparse_bwd(dt, x, s_values, s_meta, need_x: bool, need_s: bool):
             dx = torch24_linear(dt, transposed_values(s_values, tp[0]), tp[1]).contiguous()
         elif px == "dense":
             dx = torch.mm(dt, expand_24(s_values, s_meta, out_dtype=dt.dtype))
+        elif (need_s and pv != "dense" and 0 < M <= DECODE_MAX_M and x.dtype == s_values.dtype
+              and dx_dv_fused_ok(M, R, K, _config.num_sms(dt.device), 4 if dt.dtype == torch.float32 else 2)):
+            dv = torch.empty((R, K // 2), device=dt.device, dtype=s_values.dtype)   # dSv out of the same launch
+            dx = sparse24_dx_decode(dt, s_values, s_meta, x=x, dv=dv)
         else:
             dx = sparse24_dx(dt, s_values, s_meta)
-    if need_s:
+    if need_s and dv is None:
         if pv == "dense":
             dv = compress_24(torch.mm(dt.t(), x), s_meta, out_dtype=s_values.dtype)
         else:

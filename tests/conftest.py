@@ -144,7 +144,7 @@ def on_gpu_model(monkeypatch):
     from fastfactor.kernels import _config
 
     for var in ("FASTFACTOR_DS_PATH", "FASTFACTOR_SPARSE24_PATH", "FASTFACTOR_SPARSE24_BWD_PATH",
-                "FASTFACTOR_DS_BWD_DENSE"):
+                "FASTFACTOR_DS_BWD_DENSE", "FASTFACTOR_SPARSE24_DXDV"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(_config, "semi_structured_ok", lambda device: device.type == "cuda")
 

@@ -244,9 +244,10 @@ def test_dx_decode_counter_path_bitwise_and_reset(triton_cpu):
         ws = torch.empty(sk, m, k)
         cnt = torch.zeros(nb, dtype=torch.int32)
         K._sp_dx_decode_tuned[(nb * sk,)](
-            g, w.values, mt, dx, dx, ws, cnt if sync else ws, m, n, k, K._dxd_nps(n, sk), sk,
+            g, w.values, mt, dx, dx, dx, dx, ws, cnt if sync else ws, m, n, k, K._dxd_nps(n, sk), sk,
             g.stride(0), g.stride(1), w.values.stride(0), w.values.stride(1), smr, smc, dx.stride(0), dx.stride(1),
-            HAS_DB=False, SPLIT=True, SYNC=sync, UPCAST=True, PRECISION="ieee", META32=m32, PAIRS=False, PRMT=0, MIXED=False,
+            dx.stride(0), dx.stride(1), dx.stride(0), dx.stride(1),
+            HAS_DB=False, HAS_DV=False, SPLIT=True, SYNC=sync, UPCAST=True, PRECISION="ieee", META32=m32, PAIRS=False, PRMT=0, MIXED=False,
             BLOCK_M=16, BLOCK_K=bk,
         )
         outs.append(dx)
