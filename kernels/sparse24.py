@@ -2364,23 +2364,31 @@ def dx_decode_launch_bytes(M: int, N: int, K: int, bk: int, sk: int, elem: int =
 DXD_ISSUE = dict(select=dict(elem=5.8, g_elem=5.1, step=131), prmt=dict(elem=3.9, g_elem=3.6, step=176),
                  program=350, program_acc=12.5, red=11, red_acc=5.4)
 
+#: What forming the kept values' gradient adds to a dx-decode step (``HAS_DV``: the product gᵀ·x of
+#: the weight tile, the kept-entry selection, the stores), per warp: ``elem`` per element of the
+#: weight tile a thread, ``step``. A rough stated model from five sm_90 builds (BLOCK_K 32-128,
+#: BLOCK_N 64 / 128, 4 / 8 warps): the compiled additions spread from +120 (the build ``fastfactor
+#: sol`` records at 4096², 16 tokens: its loop 435 against 536 by the model with the kept-value
+#: kernel's own per-element figure) to +229..+333 in compile-check's aligned builds of the same
+#: tiles (their base loops 204-284); this fit is within 20 % of the recorded build
+#: (tests/sparse24/test_decode_issue.py) and under the others by up to 45 %.
+DXD_DV_ISSUE = dict(elem=4.0, step=60)
+
 
 def dx_decode_warp_instructions(BLOCK_K: int, BLOCK_M: int, BLOCK_N: int, num_warps: int,
                                 n_per_program: int, split: bool, prmt: Optional[bool] = None,
                                 dv: bool = False) -> tuple[float, list]:
     """``(warp-instructions of one dx-decode program, loop trips)`` by :data:`DXD_ISSUE` (``prmt``:
     the expansion; default: byte permutes unless ``FASTFACTOR_SPARSE24_PRMT=0``). ``dv``: the
-    launch also forms the kept values' gradient (``HAS_DV``): each step adds the kept-entry
-    selection and stores of the kept-value kernel's model (:data:`DV_ISSUE`: ``acc`` per element of
-    the weight tile, ``step``), the dot's operands being loaded already (a stated model, not fitted
-    on the fused builds)."""
+    launch also forms the kept values' gradient (``HAS_DV``): each step adds
+    :data:`DXD_DV_ISSUE` (``elem`` per element of the weight tile a thread, ``step``)."""
     m = DXD_ISSUE
     f = m["prmt" if (prmt_mode(True) > 0 if prmt is None else prmt) else "select"]
     t = 32 * num_warps
     acc = BLOCK_M * BLOCK_K / t
     loop = f["elem"] * BLOCK_N * BLOCK_K / t + f["g_elem"] * BLOCK_M * BLOCK_N / t + f["step"]
     if dv:
-        loop += DV_ISSUE["acc"] * BLOCK_N * BLOCK_K / t + DV_ISSUE["step"]
+        loop += DXD_DV_ISSUE["elem"] * BLOCK_N * BLOCK_K / t + DXD_DV_ISSUE["step"]
     trips = max(1, -(-n_per_program // BLOCK_N))
     per_warp = trips * loop + m["program"] + m["program_acc"] * acc + (m["red"] + m["red_acc"] * acc if split else 0.0)
     return num_warps * per_warp, [trips, 1] if split else [trips]

@@ -214,3 +214,27 @@ def test_roles_repeated_launches_and_cuda_graph(plan):
     assert_close_ref(t, x.double() @ K.unpack_24(s.values.double(), s.meta, 768).t(), torch.bfloat16,
                      reduction=768, name="t")
     _assert_reruns_and_graph_bitwise(lambda: K.ds_roles(x, d, s.values, s.meta, b, plan=plan)[0], ref)
+
+
+@pytest.mark.parametrize("plan", [(32, 4), (64, 2), (128, 1)])
+def test_dx_dv_one_launch_repeated_and_cuda_graph(plan):
+    """The 2:4 backward at 16 tokens in one launch on hardware (dx's split partials summed by the
+    last arrival, the kept values' gradient from the same weight tiles): dx, db and dv against
+    float64, bitwise equal over repeated launches and under CUDA-graph replay, counters back to zero."""
+    torch.manual_seed(0)
+    g = torch.randn(16, 1024, device=DEV, dtype=torch.bfloat16)
+    x = torch.randn(16, 4096, device=DEV, dtype=torch.bfloat16)
+    w = sparse_weight(1024, 4096, torch.bfloat16, requires_grad=False)
+    db, dv = torch.empty(1024, device=DEV, dtype=torch.bfloat16), torch.empty(1024, 2048, device=DEV, dtype=torch.bfloat16)
+    dx = K.sparse24_dx_decode(g, w.values, w.meta, plan=plan, db=db, x=x, dv=dv)
+    assert_close_ref(dx, g.double() @ K.unpack_24(w.values.double(), w.meta, 4096), torch.bfloat16, reduction=1024)
+    assert_close_ref(db, g.double().sum(0), torch.bfloat16, reduction=16, name="db")
+    assert_close_ref(dv, K.compress_like(g.double().t() @ x.double(), w.meta), torch.bfloat16, reduction=16, name="dv")
+    dv_ref = dv.clone()
+
+    def both():
+        out = K.sparse24_dx_decode(g, w.values, w.meta, plan=plan, db=db, x=x, dv=dv)
+        return torch.cat([out.flatten(), dv.flatten()])
+
+    ref = torch.cat([dx.flatten(), dv_ref.flatten()])
+    _assert_reruns_and_graph_bitwise(both, ref)
