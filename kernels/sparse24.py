@@ -1518,6 +1518,41 @@ if HAS_TRITON:
             )
 
     @triton.jit
+    def _sparse_t_chunk(
+        x_ptr,       # (M, K) input rows
+        svals_ptr,   # (R, K/2) kept values of the 2:4 factor S (int32 pairs when PAIRS)
+        smeta_ptr,   # codes of S (uint8, or int32 words with META32)
+        offs_r, mask_r, offs_m, mask_m, K,
+        stride_xm, stride_xk, stride_sr, stride_sc, stride_mr, stride_mc,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        META32: tl.constexpr,
+        PAIRS: tl.constexpr,
+        PRMT: tl.constexpr,        # as in _sp_decode_kernel
+        BLOCK_R: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """``tᵀ[rows, :] = S[rows, :]·xᵀ`` over all of ``K``, ``(BLOCK_R, BLOCK_M)`` fp32: a chunk of
+        the dense-sparse intermediate, whole (the rank-split and two-role launches' first product)."""
+        offs_k = tl.arange(0, BLOCK_K)
+        tt = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            xt = tl.load(  # (BLOCK_K, BLOCK_M) = x[:, k-tile]ᵀ, contiguous along k
+                x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
+                mask=mask_m[None, :] & (kk < K)[:, None], other=0.0,
+            )
+            s = _expand24_tile(svals_ptr, smeta_ptr, offs_r, mask_r, k0, K, stride_sr, stride_sc, stride_mr,
+                               stride_mc, xt, BLOCK_R, BLOCK_K, META32, PAIRS,
+                               PRMT == 1 or (PRMT == 2 and BLOCK_R * BLOCK_K >= _PRMT_MIN_TILE), PRMT == 2, False)
+            if UPCAST:
+                s = s.to(tl.float32)
+                xt = xt.to(tl.float32)
+            tt = tl.dot(s, xt, tt, input_precision=PRECISION)
+        return tt
+
+    @triton.jit
     def _ds_rank_split_kernel(
         # --- pointers ---
         x_ptr,      # (M, K) input rows, M <= BLOCK_M (a handful of tokens)
@@ -1573,25 +1608,13 @@ if HAS_TRITON:
         pid_c = pid % SPLITS
         offs_r = pid_c * BLOCK_R + tl.arange(0, BLOCK_R)
         offs_m = tl.arange(0, BLOCK_M)
-        offs_k = tl.arange(0, BLOCK_K)
         mask_r = offs_r < R
         mask_m = offs_m < M
 
         # ---- stage 1: this chunk of tᵀ = S_c·xᵀ, (BLOCK_R, BLOCK_M), fp32 ----
-        tt = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            xt = tl.load(  # (BLOCK_K, BLOCK_M) = x[:, k-tile]ᵀ, contiguous along k
-                x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
-                mask=mask_m[None, :] & (kk < K)[:, None], other=0.0,
-            )
-            s = _expand24_tile(svals_ptr, smeta_ptr, offs_r, mask_r, k0, K, stride_sr, stride_sc, stride_mr,
-                               stride_mc, xt, BLOCK_R, BLOCK_K, META32, PAIRS,
-                               PRMT == 1 or (PRMT == 2 and BLOCK_R * BLOCK_K >= _PRMT_MIN_TILE), PRMT == 2, False)
-            if UPCAST:
-                s = s.to(tl.float32)
-                xt = xt.to(tl.float32)
-            tt = tl.dot(s, xt, tt, input_precision=PRECISION)
+        tt = _sparse_t_chunk(x_ptr, svals_ptr, smeta_ptr, offs_r, mask_r, offs_m, mask_m, K, stride_xm, stride_xk,
+                             stride_sr, stride_sc, stride_mr, stride_mc, UPCAST, PRECISION, META32, PAIRS, PRMT,
+                             BLOCK_R, BLOCK_M, BLOCK_K)
         t = _ds_intermediate(tt, y_ptr, t_ptr, offs_m, offs_r, mask_m, mask_r, stride_tm, stride_tr, pid_n,
                              STORE_T, T_FP32, UPCAST)
 
@@ -1760,21 +1783,9 @@ if HAS_TRITON:
             # ---- producer: BLOCK_R rows of S against every K: this chunk of tᵀ, (BLOCK_R, BLOCK_M) ----
             offs_r = ticket * BLOCK_R + tl.arange(0, BLOCK_R)
             mask_r = offs_r < R
-            offs_k = tl.arange(0, BLOCK_K)
-            tt = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + offs_k
-                xt = tl.load(  # (BLOCK_K, BLOCK_M) = x[:, k-tile]ᵀ, contiguous along k
-                    x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
-                    mask=mask_m[None, :] & (kk < K)[:, None], other=0.0,
-                )
-                s = _expand24_tile(svals_ptr, smeta_ptr, offs_r, mask_r, k0, K, stride_sr, stride_sc, stride_mr,
-                                   stride_mc, xt, BLOCK_R, BLOCK_K, META32, PAIRS,
-                                   PRMT == 1 or (PRMT == 2 and BLOCK_R * BLOCK_K >= _PRMT_MIN_TILE), PRMT == 2, False)
-                if UPCAST:
-                    s = s.to(tl.float32)
-                    xt = xt.to(tl.float32)
-                tt = tl.dot(s, xt, tt, input_precision=PRECISION)
+            tt = _sparse_t_chunk(x_ptr, svals_ptr, smeta_ptr, offs_r, mask_r, offs_m, mask_m, K, stride_xm, stride_xk,
+                                 stride_sr, stride_sc, stride_mr, stride_mc, UPCAST, PRECISION, META32, PAIRS, PRMT,
+                                 BLOCK_R, BLOCK_M, BLOCK_K)
             tl.store(t_ptr + offs_m[None, :] * R + offs_r[:, None], tt.to(t_ptr.dtype.element_ty),
                      mask=mask_m[None, :] & mask_r[:, None])
             if SYNC:

@@ -273,3 +273,28 @@ def recorder(monkeypatch):
     monkeypatch.setattr(profiling, "_nvtx", rec)
     monkeypatch.setattr(profiling, "_BACKEND", "nvtx")
     return rec
+
+
+def dense_sparse_case(M, k, n, R, dtype, seed, strided=False):
+    """``(x, d, values, meta, b)`` of a dense-sparse layer ``y = (x·Sᵀ)·Dᵀ + b`` with a fresh 2:4
+    ``S (R, k)`` (``strided``: ``x`` with column stride 2, ``D`` with a row stride other than ``R``)."""
+    from fastfactor.formats.sparse24 import pack_24, prune_24
+
+    g = torch.Generator().manual_seed(seed)
+    p = pack_24(prune_24(torch.randn(R, k, generator=g)).to(dtype))
+    x = torch.randn(M, 2 * k if strided else k, generator=g).to(dtype)
+    x = x[:, ::2] if strided else x
+    d = (torch.randn(n, R + 8 if strided else R, generator=g) / R ** 0.5).to(dtype)
+    d = d[:, :R] if strided else d
+    b = (torch.randn(n, generator=g) * 0.1).to(dtype)
+    return x, d, p.values, p.meta, b
+
+
+def dense_sparse_ref64(x, d, values, meta, b, k):
+    """``(y, t)`` in float64, ``t`` rounded to the intermediate dtype before ``t·Dᵀ`` as the two-matmul
+    path rounds it."""
+    from fastfactor.kernels import sparse24 as K
+
+    t64 = x.double() @ K.unpack_24(values.double(), meta, k).t()
+    y64 = t64.to(K.intermediate_dtype(x.dtype)).double() @ d.double().t() + (b.double() if b is not None else 0.0)
+    return y64, t64

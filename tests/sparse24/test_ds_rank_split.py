@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import KwargSpy, assert_close_ref, nan_filled_empty
-from fastfactor.formats.sparse24 import Sparse24Weight, pack_24, prune_24
+from conftest import KwargSpy, assert_close_ref, dense_sparse_case, dense_sparse_ref64, nan_filled_empty
+from fastfactor.formats.sparse24 import Sparse24Weight
 from fastfactor.kernels import _config
 from fastfactor.kernels import sparse24 as K
 from fastfactor.ops import sparse24 as ops
@@ -21,24 +21,7 @@ from fastfactor.ops import sparse24 as ops
 BF16, CUDA = torch.bfloat16, torch.device("cuda")
 
 
-def _case(M, k, n, R, dtype, seed, strided=False):
-    g = torch.Generator().manual_seed(seed)
-    p = pack_24(prune_24(torch.randn(R, k, generator=g)).to(dtype))
-    x = torch.randn(M, 2 * k if strided else k, generator=g).to(dtype)
-    x = x[:, ::2] if strided else x
-    d = (torch.randn(n, R + 8 if strided else R, generator=g) / R ** 0.5).to(dtype)
-    d = d[:, :R] if strided else d              # a row stride other than R
-    b = (torch.randn(n, generator=g) * 0.1).to(dtype)
-    return x, d, p.values, p.meta, b
-
-
-def _ref64(x, d, values, meta, b, k):
-    """``y`` and ``t`` in float64, ``t`` rounded to the intermediate dtype as the two-matmul path
-    rounds it before ``t·Dᵀ``."""
-    t64 = x.double() @ K.unpack_24(values.double(), meta, k).t()
-    tr = t64.to(K.intermediate_dtype(x.dtype)).double()
-    y64 = tr @ d.double().t() + (b.double() if b is not None else 0.0)
-    return y64, t64
+_case, _ref64 = dense_sparse_case, dense_sparse_ref64
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
@@ -139,13 +122,14 @@ def test_empty_and_rejected_shapes(triton_cpu):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_op_on_the_rank_split_path_forward_and_backward(triton_cpu, monkeypatch, dtype):
-    """``dense_sparse_linear`` forced onto the rank split: ``y`` and every gradient against float64
-    (the backward takes the saved ``t`` the launch stored)."""
-    monkeypatch.setenv("FASTFACTOR_DS_PATH", "rank_split")
+@pytest.mark.parametrize("path,launcher", [("rank_split", "ds_rank_split"), ("roles", "ds_roles")])
+def test_op_on_a_one_launch_path_forward_and_backward(triton_cpu, monkeypatch, dtype, path, launcher):
+    """``dense_sparse_linear`` forced onto the rank split or the two-role launch: ``y`` and every
+    gradient against float64 (the backward takes the saved ``t`` the launch stored)."""
+    monkeypatch.setenv("FASTFACTOR_DS_PATH", path)
     calls = []
-    real = K.ds_rank_split
-    monkeypatch.setattr(K, "ds_rank_split", lambda *a, **kw: calls.append(kw.get("store_t")) or real(*a, **kw))
+    real = getattr(K, launcher)
+    monkeypatch.setattr(K, launcher, lambda *a, **kw: calls.append(kw.get("store_t")) or real(*a, **kw))
     M, k, n, R = 6, 128, 40, 36
     x, d, values, meta, b = _case(M, k, n, R, dtype, seed=9)
     x, d, b = (t.clone().requires_grad_(True) for t in (x, d, b))

@@ -5,40 +5,22 @@ every producer, by ticket order) multiplying it by their tile of ``D``.
 Against float64 (every dtype, bias on/off, ``t`` kept or not, partial chunks and column tiles,
 strided ``x`` and ``D``), with every fresh float buffer filled with NaN; the ticket/counter form
 against the id-order one bit for bit (counters reset and reused); plans agree and rerun bitwise;
-the op on this path forward and backward; the dispatch and its sequential-phase term (predicted,
-not measured)."""
+the dispatch and its sequential-phase term (predicted,
+not measured). The op on this path, forward and backward: test_ds_rank_split.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import assert_close_ref, nan_filled_empty
-from fastfactor.formats.sparse24 import Sparse24Weight, pack_24, prune_24
+from conftest import assert_close_ref, dense_sparse_case, dense_sparse_ref64, nan_filled_empty
 from fastfactor.kernels import _config
 from fastfactor.kernels import sparse24 as K
-from fastfactor.ops import sparse24 as ops
 
 BF16, CUDA = torch.bfloat16, torch.device("cuda")
 
 
-def _case(M, k, n, R, dtype, seed, strided=False):
-    g = torch.Generator().manual_seed(seed)
-    p = pack_24(prune_24(torch.randn(R, k, generator=g)).to(dtype))
-    x = torch.randn(M, 2 * k if strided else k, generator=g).to(dtype)
-    x = x[:, ::2] if strided else x
-    d = (torch.randn(n, R + 8 if strided else R, generator=g) / R ** 0.5).to(dtype)
-    d = d[:, :R] if strided else d
-    b = (torch.randn(n, generator=g) * 0.1).to(dtype)
-    return x, d, p.values, p.meta, b
-
-
-def _ref64(x, d, values, meta, b, k):
-    """``y`` and ``t`` in float64, ``t`` rounded to the intermediate dtype before ``t·Dᵀ`` as the
-    two-matmul path rounds it."""
-    t64 = x.double() @ K.unpack_24(values.double(), meta, k).t()
-    y64 = t64.to(K.intermediate_dtype(x.dtype)).double() @ d.double().t() + (b.double() if b is not None else 0.0)
-    return y64, t64
+_case, _ref64 = dense_sparse_case, dense_sparse_ref64
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
@@ -123,31 +105,6 @@ def test_empty_and_rejected_shapes(triton_cpu):
     assert torch.equal(y, b.expand(4, 8)) and t.shape == (4, 0)
     with pytest.raises(ValueError, match="x: ds_roles takes at most 64 rows, got 65"):
         K.ds_roles(torch.randn(65, 64), d, values, meta)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_op_on_the_roles_path_forward_and_backward(triton_cpu, monkeypatch, dtype):
-    """``dense_sparse_linear`` forced onto the two-role launch: ``y`` and every gradient against
-    float64 (the backward takes the ``t`` the producers stored)."""
-    monkeypatch.setenv("FASTFACTOR_DS_PATH", "roles")
-    calls = []
-    real = K.ds_roles
-    monkeypatch.setattr(K, "ds_roles", lambda *a, **kw: calls.append(kw.get("store_t")) or real(*a, **kw))
-    M, k, n, R = 6, 128, 40, 36
-    x, d, values, meta, b = _case(M, k, n, R, dtype, seed=9)
-    x, d, b = (a.clone().requires_grad_(True) for a in (x, d, b))
-    vals = values.clone().requires_grad_(True)
-    y = ops.dense_sparse_linear(x, d, Sparse24Weight(vals, meta, (R, k)), b)
-    assert calls == [True]
-    leaves = [a.detach().double().requires_grad_(True) for a in (x, d, vals, b)]
-    y64 = (leaves[0] @ K.unpack_24(leaves[2], meta, k).t()) @ leaves[1].t() + leaves[3]
-    assert_close_ref(y, y64, dtype, reduction=k + R, name="y")
-    g = torch.randn(M, n).to(dtype)
-    y.backward(g)
-    y64.backward(g.double())
-    for got, ref, red, name in ((x.grad, leaves[0].grad, n + R, "dx"), (d.grad, leaves[1].grad, M * k, "dD"),
-                                (vals.grad, leaves[2].grad, M * n, "dS"), (b.grad, leaves[3].grad, M, "db")):
-        assert_close_ref(got, ref, dtype, reduction=red, name=name)
 
 
 def test_dispatch(on_gpu_model, monkeypatch):
