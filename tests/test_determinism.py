@@ -297,8 +297,11 @@ def test_sparse24_deterministic_mode_bypasses_the_autotuner(path, monkeypatch, t
                 "dvalues": SK._sp_dv_tuned, "ds_chain": SK._ds_chain_tuned, "lowrank.gemm": LK._gemm_tuned,
                 "ds_rank_split": SK._ds_rank_split_tuned, "ds_bwd_dense": SK._ds_bwd_dense_tuned,
                 "ds_roles": SK._ds_roles_tuned}
+    # on the library backward (rank split, roles) at these 7 rows the kept values' gradient comes out
+    # of the dx-decode launch (HAS_DV), for sparse24_linear too: its own kernel only on the others
     only = {"ds_chain": ("fused",), "ds_rank_split": ("rank_split",), "ds_roles": ("roles",),
-            "ds_bwd_dense": ("rank_split", "roles"), "lowrank.gemm": ("fused", "two_kernel")}
+            "ds_bwd_dense": ("rank_split", "roles"), "dvalues": ("fused", "two_kernel"),
+            "lowrank.gemm": ("fused", "two_kernel")}
     used = [n for n in tunables if path in only.get(n, (path,))]
     _assert_bypass(run, tunables, monkeypatch, used)
 
