@@ -3126,6 +3126,36 @@ def ds_two_phase_seconds(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, b
     return best
 
 
+def _ds_one_launch_plans(M: int, K: int, N: int, R: int, dtype, sms: Optional[int], partials: bool):
+    """The terms the two one-launch dense-sparse planners share (:func:`ds_rank_split_plans`,
+    :func:`ds_roles_plans`): yields ``(terms, BLOCK_R, BLOCK_N, wi)`` for every rank chunk
+    ``BLOCK_R`` of :data:`RS_CHUNKS` and column tile ``BLOCK_N`` of :data:`RS_TILES` with a fitting
+    config; ``wi`` is the first product's warp instructions by the decode kernel's model
+    (:data:`DECODE_ISSUE`, masked loads; with fp32 partials where ``partials`` and more than one
+    chunk), the fitting config that issues least. ``terms``: the device at the nominal L2 figure and
+    at its low end (``dev``, ``low``), element bytes of the inputs and of ``t`` (``e``, ``te``), the
+    rate's dtype (``dt``), the padded rows (``bm``) and the bytes of ``S`` (values + codes), ``D``,
+    ``x``, ``y`` and the bias (``s_b``, ``d_b``, ``x_b``, ``y_b``, ``b_b``: bias bytes for a bias)."""
+    dev = _cost.DEFAULT if not sms or sms == _cost.DEFAULT.sms else dataclasses.replace(_cost.DEFAULT, sms=int(sms))
+    e = _ds_elem(dtype)
+    terms = dict(dev=dev, low=dataclasses.replace(dev, l2_bw=dev.l2_bw_low), e=e,
+                 te=4 if dtype == torch.float16 else e,
+                 dt={torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, "bf16"),
+                 bm=max(16, next_pow2(M)), s_b=R * K * (e / 2 + 1 / 8), d_b=float(N) * R * e,
+                 x_b=float(e) * M * K, y_b=float(e) * M * N, b_b=N * e)
+    prmt = prmt_mode(True) > 0
+    for br in RS_CHUNKS:
+        split = partials and -(-R // br) > 1
+        for bn in RS_TILES:
+            cfgs = rs_space(br, bn, terms["bm"])
+            if not cfgs:
+                continue
+            wi = min(decode_warp_instructions(br, terms["bm"], c["BLOCK_K"], c["num_warps"], K, split,
+                                              prmt=prmt and br * c["BLOCK_K"] >= PRMT_MIN_TILE, even=False)[0]
+                     for c in cfgs)
+            yield terms, br, bn, wi
+
+
 def ds_rank_split_plans(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias: bool = True,
                         save_t: bool = False, sms: Optional[int] = None) -> list:
     """Every plan of the rank-split launch (:func:`ds_rank_split`) at ``M <= DECODE_MAX_M`` tokens:
@@ -3141,38 +3171,22 @@ def ds_rank_split_plans(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bi
     stored and the other ``ch - 1`` read back by each tile's reducer. Issue: the first product's
     loop by the decode kernel's model (:data:`DECODE_ISSUE`, masked loads: it is the same loop
     over ``BLOCK_R`` rows), the fitting config that issues least."""
-    dev = _cost.DEFAULT if not sms or sms == _cost.DEFAULT.sms else dataclasses.replace(_cost.DEFAULT, sms=int(sms))
-    low = dataclasses.replace(dev, l2_bw=dev.l2_bw_low)
-    e = _ds_elem(dtype)
-    te = 4 if dtype == torch.float16 else e
-    dt = {torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, "bf16")
     cd = lambda a, b: -(-a // b)
-    bm = max(16, next_pow2(M))
-    s_b, d_b = R * K * (e / 2 + 1 / 8), float(N) * R * e
-    x_b, y_b, t_b, b_b = float(e) * M * K, float(e) * M * N, (float(te) * M * R if save_t else 0.0), (N * e if bias else 0.0)
-    prmt = prmt_mode(True) > 0
     plans = []
-    for br in RS_CHUNKS:
-        ch = cd(R, br)
-        for bn in RS_TILES:
-            cfgs = rs_space(br, bn, bm)
-            if not cfgs:
-                continue
-            nt = cd(N, bn)
-            P = ch * nt
-            ws = 4.0 * ch * M * N if ch > 1 else 0.0
-            dram = s_b + d_b + x_b + y_b + t_b + b_b + ws
-            l2 = nt * s_b + d_b + P * x_b + y_b + t_b + b_b + ws + ws * (ch - 1) / ch
-            flops = 2.0 * bm * (br * cd(K, 128) * 128 + bn * br) * P
-            f = min(1.0, P / (cd(P, dev.sms) * dev.sms))
-            wi = min(decode_warp_instructions(br, bm, c["BLOCK_K"], c["num_warps"], K, ch > 1,
-                                              prmt=prmt and br * c["BLOCK_K"] >= PRMT_MIN_TILE, even=False)[0]
-                     for c in cfgs)
-            issue = _issue_s(wi, P, f)
-            hg = br >= 64
-            times = tuple(max(_cost.kernel_seconds(dram, l2, flops, P, d, hg, dt)["seconds"], issue + d.launch_s)
-                          for d in (dev, low))
-            plans.append(times + ((br, bn),))
+    for T, br, bn, wi in _ds_one_launch_plans(M, K, N, R, dtype, sms, partials=True):
+        ch, nt = cd(R, br), cd(N, bn)
+        P = ch * nt
+        s_b, d_b, x_b, y_b = T["s_b"], T["d_b"], T["x_b"], T["y_b"]
+        t_b, b_b = (float(T["te"]) * M * R if save_t else 0.0), (T["b_b"] if bias else 0.0)
+        ws = 4.0 * ch * M * N if ch > 1 else 0.0
+        dram = s_b + d_b + x_b + y_b + t_b + b_b + ws
+        l2 = nt * s_b + d_b + P * x_b + y_b + t_b + b_b + ws + ws * (ch - 1) / ch
+        flops = 2.0 * T["bm"] * (br * cd(K, 128) * 128 + bn * br) * P
+        dev = T["dev"]
+        issue = _issue_s(wi, P, min(1.0, P / (cd(P, dev.sms) * dev.sms)))
+        times = tuple(max(_cost.kernel_seconds(dram, l2, flops, P, d, br >= 64, T["dt"])["seconds"], issue + d.launch_s)
+                      for d in (dev, T["low"]))
+        plans.append(times + ((br, bn),))
     return plans
 
 
@@ -3214,37 +3228,23 @@ def ds_roles_plans(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias: b
     at the share of the device its programs occupy (``n / SMs`` of HBM, L2 and issue: a program
     draws no more than its SM's share, conservative where the others idle). ``fastfactor sol``
     prices the launch without it (its generic terms); the dispatcher takes the larger."""
-    dev = _cost.DEFAULT if not sms or sms == _cost.DEFAULT.sms else dataclasses.replace(_cost.DEFAULT, sms=int(sms))
-    low = dataclasses.replace(dev, l2_bw=dev.l2_bw_low)
-    e = _ds_elem(dtype)
-    te = 4 if dtype == torch.float16 else e
-    dt = {torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, "bf16")
     cd = lambda a, b: -(-a // b)
-    bm = max(16, next_pow2(M))
-    s_b, d_b = R * K * (e / 2 + 1 / 8), float(N) * R * e
-    x_b, y_b, t_b, b_b = float(e) * M * K, float(e) * M * N, float(te) * M * R, (N * e if bias else 0.0)
-    prmt = prmt_mode(True) > 0
     plans = []
-    for br in RS_CHUNKS:
-        n0 = cd(R, br)
-        for bn in RS_TILES:
-            cfgs = rs_space(br, bn, bm)
-            if not cfgs:
-                continue
-            n1 = cd(N, bn)
-            P = n0 + n1
-            dram = s_b + d_b + x_b + y_b + t_b + b_b
-            l2 = s_b + d_b + n0 * x_b + y_b + t_b * (1 + n1) + b_b
-            flops = 2.0 * bm * (br * cd(K, 128) * 128 * n0 + bn * n0 * br * n1)
-            f = min(1.0, P / (cd(P, dev.sms) * dev.sms))
-            wi = min(decode_warp_instructions(br, bm, c["BLOCK_K"], c["num_warps"], K, False,
-                                              prmt=prmt and br * c["BLOCK_K"] >= PRMT_MIN_TILE, even=False)[0]
-                     for c in cfgs)
-            issue = _issue_s(wi, n0, f)
-            times = tuple(max(_cost.kernel_seconds(dram, l2, flops, P, d, False, dt)["seconds"], issue + d.launch_s,
-                              roles_phase_seconds(d, M, K, N, R, br, bn, e, te, bias, wi) + d.launch_s)
-                          for d in (dev, low))
-            plans.append(times + ((br, bn),))
+    for T, br, bn, wi in _ds_one_launch_plans(M, K, N, R, dtype, sms, partials=False):
+        n0, n1 = cd(R, br), cd(N, bn)
+        P = n0 + n1
+        e, te = T["e"], T["te"]
+        s_b, d_b, x_b, y_b = T["s_b"], T["d_b"], T["x_b"], T["y_b"]
+        t_b, b_b = float(te) * M * R, (T["b_b"] if bias else 0.0)
+        dram = s_b + d_b + x_b + y_b + t_b + b_b
+        l2 = s_b + d_b + n0 * x_b + y_b + t_b * (1 + n1) + b_b
+        flops = 2.0 * T["bm"] * (br * cd(K, 128) * 128 * n0 + bn * n0 * br * n1)
+        dev = T["dev"]
+        issue = _issue_s(wi, n0, min(1.0, P / (cd(P, dev.sms) * dev.sms)))
+        times = tuple(max(_cost.kernel_seconds(dram, l2, flops, P, d, False, T["dt"])["seconds"], issue + d.launch_s,
+                          roles_phase_seconds(d, M, K, N, R, br, bn, e, te, bias, wi) + d.launch_s)
+                      for d in (dev, T["low"]))
+        plans.append(times + ((br, bn),))
     return plans
 
 
