@@ -8,6 +8,8 @@ PIP := $(PY) -m pip
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.6,torch==2.13.0)
 PYTEST_ARGS ?=
+# pytest workers (pytest-xdist): one per core; the interpreter tiers are single-threaded Python
+PYTEST_JOBS ?= auto
 
 .PHONY: install test test-cpu test-compile test-gpu demo bench clean gpu-check gpu-check-dry sol
 
@@ -23,11 +25,11 @@ install: $(VENV)/.installed
 
 ## tiers 1 and 2: cpu (references + Triton interpreter) and compile (sm_80/sm_90 AOT)
 test: install
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -ra -n $(PYTEST_JOBS) $(PYTEST_ARGS) tests
 	$(VENV)/bin/fastfactor compile-check
 
 test-cpu: install
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -ra -n $(PYTEST_JOBS) $(PYTEST_ARGS) tests
 
 test-compile: install
 	$(VENV)/bin/fastfactor compile-check
