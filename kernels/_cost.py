@@ -123,7 +123,7 @@ def fill(programs: int, device: Device, ctas_per_sm: int = 1) -> tuple[int, floa
 #: partials summed by a program of the same launch): those reads are L2 hits (the bytes were
 #: written moments before and fit the L2), so only the stores cost DRAM bytes
 IN_LAUNCH_WORKSPACE = {"sparse24.decode": ("ws_ptr",), "sparse24.dx_decode": ("ws_ptr",),
-                       "sparse24.ds_rank_split": ("ws_ptr",), "sparse24.ds_bwd_dense": ("ws_ptr",), "sparse24.ds_roles": ("t_ptr",),
+                       "sparse24.ds_rank_split": ("ws_ptr",), "sparse24.ds_bwd_dense": ("ws_ptr",), "sparse24.ds_roles": ("t_ptr", "ws_ptr"),
                        "monarch.rows": ("ws_ptr",), "monarch.rows_fp16": ("ws_ptr",)}
 
 

@@ -593,6 +593,52 @@ def _prune_rs(configs_, named_args, **kwargs):
     return kept or configs_[1:2] or configs_
 
 
+def _prune_roles(configs_, named_args, **kwargs):
+    """Autotuner prune of the two-role kernel: :func:`_prune_rs`, and with a K split only steps
+    that divide the producers' ``K_PER_SPLIT`` (a multiple of :data:`ROLES_K_QUANTUM`; any step
+    is exact, a step that does not divide it wastes part of the split's last one)."""
+    kept = _prune_rs(configs_, named_args, **kwargs)
+    kps = kwargs.get("K_PER_SPLIT", named_args.get("K_PER_SPLIT"))
+    ks = kwargs.get("KS", named_args.get("KS"))
+    if ks and ks > 1 and kps:
+        return [c for c in kept if kps % c.kwargs["BLOCK_K"] == 0] or kept
+    return kept
+
+
+#: the two-role launch's producers split ``K`` in multiples of this many inputs (every GPU step of
+#: :data:`RS_SPACE` with ``BLOCK_K = 128`` divides them; the codes' 32-bit words need 32), into
+#: at most ``max(ROLES_SPLITS)`` splits
+ROLES_K_QUANTUM = 128
+ROLES_SPLITS = (1, 2, 3, 4, 6, 8)
+
+
+#: the two-role consumers' widest step over the rank (:func:`roles_rank_step`)
+ROLES_C_STEP = 64
+
+
+def roles_rank_step(R: int, BLOCK_R: int, BLOCK_N: int, BLOCK_M: int) -> int:
+    """The consumers' step over the rank (``BLOCK_C``): the widest of ``64, 32, 16`` that is at
+    least ``BLOCK_R``, at most ``R`` rounded up to a power of two, and whose ``D`` tile, ``t`` tile
+    and fp32 ``yᵀ`` tile fit the registers of 4 warps (:func:`_rs_fits`' rule); ``BLOCK_R`` when
+    none does (the planner's tiles fit at ``BLOCK_R``). Wide steps read ``t``'s rows in long runs:
+    at rank 168 (a 336-byte row pitch) 16-wide steps touched twice the sectors they read."""
+    for bc in (ROLES_C_STEP, 32, 16):
+        if BLOCK_R <= bc <= max(BLOCK_R, next_pow2(R)) and \
+                BLOCK_N * bc + bc * BLOCK_M + 2 * BLOCK_N * BLOCK_M <= 104 * 32 * 4:
+            return bc
+    return BLOCK_R
+
+
+def roles_k_split(K: int, ks: int) -> tuple[int, int]:
+    """``(splits, inputs per split)`` of the two-role producers asked for ``ks`` splits of ``K``:
+    ``ceil(K / ks)`` rounded up to :data:`ROLES_K_QUANTUM` (``K`` itself for one split), and the
+    splits that then hold inputs."""
+    if ks <= 1:
+        return 1, int(K)
+    kps = -(-(-(-K // ks)) // ROLES_K_QUANTUM) * ROLES_K_QUANTUM
+    return -(-K // kps), kps
+
+
 #: the dense-sparse backward's dense-factor launch (``_ds_bwd_dense_kernel``): ``BLOCK_R``,
 #: ``BLOCK_M`` and the column splits are planned per shape (:func:`ds_bwd_dense_plans`), the column
 #: step ``BLOCK_N`` tuned
@@ -1522,7 +1568,9 @@ if HAS_TRITON:
         x_ptr,       # (M, K) input rows
         svals_ptr,   # (R, K/2) kept values of the 2:4 factor S (int32 pairs when PAIRS)
         smeta_ptr,   # codes of S (uint8, or int32 words with META32)
-        offs_r, mask_r, offs_m, mask_m, K,
+        offs_r, mask_r, offs_m, mask_m,
+        k_lo,        # first input column of the product (0, or a K split's start: a multiple of 32)
+        k_hi,        # one past its last (K, or the split's end: a multiple of 32 unless it is K)
         stride_xm, stride_xk, stride_sr, stride_sc, stride_mr, stride_mc,
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -1533,17 +1581,20 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        """``tᵀ[rows, :] = S[rows, :]·xᵀ`` over all of ``K``, ``(BLOCK_R, BLOCK_M)`` fp32: a chunk of
-        the dense-sparse intermediate, whole (the rank-split and two-role launches' first product)."""
+        """``tᵀ[rows, :] = S[rows, k_lo:k_hi]·x[:, k_lo:k_hi]ᵀ``, ``(BLOCK_R, BLOCK_M)`` fp32: a chunk
+        of the dense-sparse intermediate over all of ``K`` (``0, K``: the rank-split and two-role
+        launches' first product), or one K split's partial of it (the two-role launch's split
+        producers). Columns at or past ``k_hi`` are masked off, so a split that is not a multiple of
+        ``BLOCK_K`` is still exact (the codes' 32-bit words need ``k_hi % 32 == 0`` or ``k_hi = K``)."""
         offs_k = tl.arange(0, BLOCK_K)
         tt = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + offs_k
             xt = tl.load(  # (BLOCK_K, BLOCK_M) = x[:, k-tile]ᵀ, contiguous along k
                 x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
-                mask=mask_m[None, :] & (kk < K)[:, None], other=0.0,
+                mask=mask_m[None, :] & (kk < k_hi)[:, None], other=0.0,
             )
-            s = _expand24_tile(svals_ptr, smeta_ptr, offs_r, mask_r, k0, K, stride_sr, stride_sc, stride_mr,
+            s = _expand24_tile(svals_ptr, smeta_ptr, offs_r, mask_r, k0, k_hi, stride_sr, stride_sc, stride_mr,
                                stride_mc, xt, BLOCK_R, BLOCK_K, META32, PAIRS,
                                PRMT == 1 or (PRMT == 2 and BLOCK_R * BLOCK_K >= _PRMT_MIN_TILE), PRMT == 2, False)
             if UPCAST:
@@ -1612,7 +1663,7 @@ if HAS_TRITON:
         mask_m = offs_m < M
 
         # ---- stage 1: this chunk of tᵀ = S_c·xᵀ, (BLOCK_R, BLOCK_M), fp32 ----
-        tt = _sparse_t_chunk(x_ptr, svals_ptr, smeta_ptr, offs_r, mask_r, offs_m, mask_m, K, stride_xm, stride_xk,
+        tt = _sparse_t_chunk(x_ptr, svals_ptr, smeta_ptr, offs_r, mask_r, offs_m, mask_m, 0, K, stride_xm, stride_xk,
                              stride_sr, stride_sc, stride_mr, stride_mc, UPCAST, PRECISION, META32, PAIRS, PRMT,
                              BLOCK_R, BLOCK_M, BLOCK_K)
         t = _ds_intermediate(tt, y_ptr, t_ptr, offs_m, offs_r, mask_m, mask_r, stride_tm, stride_tr, pid_n,
@@ -1737,11 +1788,16 @@ if HAS_TRITON:
         bias_ptr,   # (N,) bias; read only when HAS_BIAS
         y_ptr,      # (M, N) output y = (x·Sᵀ)·Dᵀ + b
         t_ptr,      # (M, R) contiguous intermediate t = x·Sᵀ (fp32 when T_FP32, else y's dtype): written by
-                    #   the producers, read by the consumers (and kept as the forward's saved t)
-        cnt_ptr,    # SYNC: (4,) int32 counters (tickets, producers done, -, programs out), zero between launches
+                    #   the producers (with SPLIT by each chunk's last arrival), read by the consumers (and
+                    #   kept as the forward's saved t)
+        ws_ptr,     # SPLIT: (KS, M, R) fp32 partials of t, one slice per K split (workspace); else unused
+        cnt_ptr,    # SYNC: (4 + N0,) int32 counters (tickets, producers done, -, programs out, then one
+                    #   arrival counter per rank chunk with SPLIT), zero between launches
         # --- dimensions ---
         M, K, N, R,
-        N0, N1,     # programs per role: producers (BLOCK_R rows of S each), consumers (BLOCK_N columns of y each)
+        N0, N1,     # rank chunks (BLOCK_R rows of S each; KS producers each), consumers (BLOCK_N columns of y each)
+        KS,         # K splits per rank chunk: producers = N0 · KS
+        K_PER_SPLIT,  # input columns per producer (a multiple of 128; K when KS = 1)
         # --- strides (in elements) ---
         stride_xm, stride_xk,
         stride_sr, stride_sc,
@@ -1751,6 +1807,7 @@ if HAS_TRITON:
         # --- meta-parameters ---
         HAS_BIAS: tl.constexpr,
         T_FP32: tl.constexpr,      # the intermediate in fp32 (fp16 inputs: range safety)
+        SPLIT: tl.constexpr,       # KS > 1: the producers' fp32 partials summed by each chunk's last arrival
         SYNC: tl.constexpr,        # roles by ticket + waits on counters (GPU); else roles by program id,
                                    # the programs running in id order (the interpreter)
         UPCAST: tl.constexpr,
@@ -1758,51 +1815,65 @@ if HAS_TRITON:
         META32: tl.constexpr,
         PAIRS: tl.constexpr,
         PRMT: tl.constexpr,        # as in _sp_decode_kernel
-        BLOCK_R: tl.constexpr,     # rows of S per producer, and the consumers' step over the rank (planned)
+        BLOCK_R: tl.constexpr,     # rows of S per producer (planned)
         BLOCK_N: tl.constexpr,     # columns of y per consumer (planned)
         BLOCK_M: tl.constexpr,     # >= M: every token of the launch
+        BLOCK_C: tl.constexpr,     # the consumers' step over the rank (roles_rank_step: >= BLOCK_R)
         BLOCK_K: tl.constexpr,     # the producers' reduction step (tuned)
     ):
         """Dense-sparse ``y = (x·Sᵀ)·Dᵀ + b`` for a few tokens in **one launch, two roles**:
 
-        * producers ``p < N0``: ``t[:, Rp] = x·S[Rp, :]ᵀ`` over all of ``K`` (``BLOCK_R`` rows of
-          ``S``; rounded as the two-matmul path rounds ``t``), stored to ``t``;
+        * producers ``p < N0·KS`` (split ``p // N0`` of rank chunk ``c = p % N0``):
+          ``t[:, R_c] = x·S[R_c, :]ᵀ`` (``BLOCK_R`` rows of ``S``), over all of ``K`` (``KS = 1``;
+          rounded as the two-matmul path rounds ``t``) or over the split's ``K_PER_SPLIT`` columns:
+          the fp32 partial goes to the split's slice of ``ws`` and the chunk's last arrival sums the
+          ``KS`` slices in the order ``s = 0, 1, …`` (:func:`_store_split_yt`: bitwise the same
+          whichever arrives last) and stores ``t``;
         * consumers ``c < N1``: wait for every producer, then ``y[:, Nc] = t·D[Nc, :]ᵀ (+ b)``.
 
         A program takes its role from a ticket drawn when it starts (as :func:`lowrank._decode_kernel`),
         so it only waits for programs that started before it: no deadlock whatever the residency,
-        no atomics on data. ``S`` and ``x`` are read by the producers only (``x`` once per
-        producer), ``D`` once, ``t`` stays in L2: the decode launch and cuBLAS's ``t·Dᵀ`` in one."""
+        no atomics on data. Every producer signals once its stores are made (a chunk's last arrival
+        after storing ``t``), so the consumers, waiting for all ``N0·KS``, read every chunk whole.
+        ``S`` and ``x`` are read by the producers only (``x`` once per chunk, split among its
+        producers: the K split spreads that read over ``KS`` times as many SMs), ``D`` once, ``t``
+        stays in L2: the decode launch and cuBLAS's ``t·Dᵀ`` in one."""
         if SYNC:
             ticket = tl.atomic_add(cnt_ptr, 1)
         else:
             ticket = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
-        if ticket < N0:
-            # ---- producer: BLOCK_R rows of S against every K: this chunk of tᵀ, (BLOCK_R, BLOCK_M) ----
-            offs_r = ticket * BLOCK_R + tl.arange(0, BLOCK_R)
+        if ticket < N0 * KS:
+            # ---- producer: BLOCK_R rows of S against its K split: (a partial of) this chunk of tᵀ ----
+            chunk = ticket % N0
+            split = ticket // N0          # split-major: every chunk's last split comes last in id order
+            offs_r = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
             mask_r = offs_r < R
-            tt = _sparse_t_chunk(x_ptr, svals_ptr, smeta_ptr, offs_r, mask_r, offs_m, mask_m, K, stride_xm, stride_xk,
-                                 stride_sr, stride_sc, stride_mr, stride_mc, UPCAST, PRECISION, META32, PAIRS, PRMT,
-                                 BLOCK_R, BLOCK_M, BLOCK_K)
-            tl.store(t_ptr + offs_m[None, :] * R + offs_r[:, None], tt.to(t_ptr.dtype.element_ty),
-                     mask=mask_m[None, :] & mask_r[:, None])
+            k_lo = split * K_PER_SPLIT
+            tt = _sparse_t_chunk(x_ptr, svals_ptr, smeta_ptr, offs_r, mask_r, offs_m, mask_m, k_lo,
+                                 tl.minimum(K, k_lo + K_PER_SPLIT), stride_xm, stride_xk, stride_sr, stride_sc,
+                                 stride_mr, stride_mc, UPCAST, PRECISION, META32, PAIRS, PRMT, BLOCK_R, BLOCK_M,
+                                 BLOCK_K)                                      # (BLOCK_R, BLOCK_M) fp32
+            _store_split_yt(tt, t_ptr, t_ptr, ws_ptr, cnt_ptr + 4, offs_m, offs_r, mask_m, mask_r, M, R, R, 1,
+                            split, chunk, KS, False, SPLIT, SYNC)
             if SYNC:
                 _role_signal(cnt_ptr + 1)
         else:
-            # ---- consumer: BLOCK_N columns of y, t·D[n-tile, :]ᵀ over the rank BLOCK_R at a time ----
-            offs_n = (ticket - N0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            # ---- consumer: BLOCK_N columns of y, t·D[n-tile, :]ᵀ over the rank BLOCK_C at a time (runs of
+            # t's rows of 2·BLOCK_C bytes: with t's odd row pitch, e.g. 168 x 2 B, 16-wide steps touched
+            # twice the sectors they read) ----
+            offs_n = (ticket - N0 * KS) * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
             if SYNC:
-                _role_wait(cnt_ptr + 1, N0)
+                _role_wait(cnt_ptr + 1, N0 * KS)
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)      # yᵀ tile
-            for r0 in range(0, R, BLOCK_R):
-                offs_c = r0 + tl.arange(0, BLOCK_R)
+            for r0 in range(0, R, BLOCK_C):
+                offs_c = r0 + tl.arange(0, BLOCK_C)
                 mask_c = offs_c < R
-                d = tl.load(d_ptr + offs_n[:, None] * stride_dn + offs_c[None, :] * stride_dr,   # (BLOCK_N, BLOCK_R)
+                d = tl.load(d_ptr + offs_n[:, None] * stride_dn + offs_c[None, :] * stride_dr,   # (BLOCK_N, BLOCK_C)
                             mask=mask_n[:, None] & mask_c[None, :], other=0.0)
-                tc = tl.load(t_ptr + offs_m[None, :] * R + offs_c[:, None],                    # (BLOCK_R, BLOCK_M) = tᵀ
+                tc = tl.load(t_ptr + offs_m[None, :] * R + offs_c[:, None],                    # (BLOCK_C, BLOCK_M) = tᵀ
                              mask=mask_m[None, :] & mask_c[:, None], other=0.0, cache_modifier=".cg")
                 if UPCAST or T_FP32:  # T_FP32: TF32 dot on the fp32 intermediate
                     d = d.to(tl.float32)
@@ -1813,7 +1884,7 @@ if HAS_TRITON:
             tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn, acc.to(y_ptr.dtype.element_ty),
                      mask=mask_m[None, :] & mask_n[:, None])
         if SYNC:
-            _roles_done(cnt_ptr, N0 + N1)
+            _roles_done(cnt_ptr, N0 * KS + N1)
 
     # autotuned launchers; in deterministic mode they run one fixed config (kernels._config.Tunable)
     _prune24_tuned = Tunable(_prune24_kernel, PRUNE_SPACE, key=["R", "G"],
@@ -1848,8 +1919,9 @@ if HAS_TRITON:
 
     _ds_roles_tuned = Tunable(
         _ds_roles_kernel, RS_SPACE,
-        key=["M", "K", "N", "R", "N0", "N1", "BLOCK_R", "BLOCK_N", "BLOCK_M", "T_FP32", "META32"],
-        prune=_prune_rs, interpreter=RS_INTERP, deterministic=RS_FIXED,
+        key=["M", "K", "N", "R", "N0", "N1", "KS", "K_PER_SPLIT", "BLOCK_R", "BLOCK_N", "BLOCK_M", "T_FP32",
+             "META32"],
+        prune=_prune_roles, interpreter=RS_INTERP, deterministic=RS_FIXED,
     )
 
     _sp_decode_tuned = Tunable(_sp_decode_kernel, DECODE_SPACE,
@@ -1966,11 +2038,13 @@ if HAS_TRITON:
     ))
     register_kernel(KernelSpec(
         name="sparse24.ds_roles", fn=_ds_roles_kernel,
-        pointers={"smeta_ptr": _I32, "svals_ptr": _I32, "cnt_ptr": "i32"},
-        constexprs=[dict(BLOCK_R=br, BLOCK_N=bn, BLOCK_M=bm, PAIRS=True, PRMT=2, **_DOT, **_W, HAS_BIAS=hb,
-                         T_FP32=False, SYNC=True)
-                    for br, bn, bm, hb in ((16, 32, 16, True), (16, 64, 16, False), (32, 32, 16, True),
-                                           (64, 32, 16, True), (16, 32, 64, True), (32, 64, 64, False))],
+        pointers={"smeta_ptr": _I32, "svals_ptr": _I32, "ws_ptr": "fp32", "cnt_ptr": "i32"},
+        constexprs=[dict(BLOCK_R=br, BLOCK_N=bn, BLOCK_M=bm, BLOCK_C=roles_rank_step(168, br, bn, bm), PAIRS=True,
+                         PRMT=2, **_DOT, **_W, HAS_BIAS=hb, T_FP32=False, SPLIT=sp, SYNC=True)
+                    for br, bn, bm, hb, sp in ((16, 32, 16, True, False), (16, 64, 16, False, False),
+                                               (32, 32, 16, True, True), (64, 32, 16, True, False),
+                                               (16, 32, 64, True, True), (32, 64, 64, False, False),
+                                               (16, 32, 16, True, True))],
         space=rs_space,
     ))
     register_kernel(KernelSpec(
@@ -3132,7 +3206,8 @@ def _ds_one_launch_plans(M: int, K: int, N: int, R: int, dtype, sms: Optional[in
     ``BLOCK_R`` of :data:`RS_CHUNKS` and column tile ``BLOCK_N`` of :data:`RS_TILES` with a fitting
     config; ``wi`` is the first product's warp instructions by the decode kernel's model
     (:data:`DECODE_ISSUE`, masked loads; with fp32 partials where ``partials`` and more than one
-    chunk), the fitting config that issues least. ``terms``: the device at the nominal L2 figure and
+    chunk), the fitting config that issues least (a function: ``wi()`` over all of ``K``, ``wi(k,
+    split)`` over ``k`` inputs with or without the split's epilogue). ``terms``: the device at the nominal L2 figure and
     at its low end (``dev``, ``low``), element bytes of the inputs and of ``t`` (``e``, ``te``), the
     rate's dtype (``dt``), the padded rows (``bm``) and the bytes of ``S`` (values + codes), ``D``,
     ``x``, ``y`` and the bias (``s_b``, ``d_b``, ``x_b``, ``y_b``, ``b_b``: bias bytes for a bias)."""
@@ -3150,9 +3225,14 @@ def _ds_one_launch_plans(M: int, K: int, N: int, R: int, dtype, sms: Optional[in
             cfgs = rs_space(br, bn, terms["bm"])
             if not cfgs:
                 continue
-            wi = min(decode_warp_instructions(br, terms["bm"], c["BLOCK_K"], c["num_warps"], K, split,
-                                              prmt=prmt and br * c["BLOCK_K"] >= PRMT_MIN_TILE, even=False)[0]
-                     for c in cfgs)
+
+            def wi(k: int = K, split: bool = split, cfgs=cfgs, br=br) -> float:
+                """The first product's warp instructions over ``k`` inputs (configs whose step
+                divides ``k`` where ``k < K``: a K split's), the fitting config that issues least."""
+                ok = [c for c in cfgs if k >= K or k % c["BLOCK_K"] == 0] or cfgs
+                return min(decode_warp_instructions(br, terms["bm"], c["BLOCK_K"], c["num_warps"], k, split,
+                                                    prmt=prmt and br * c["BLOCK_K"] >= PRMT_MIN_TILE, even=False)[0]
+                           for c in ok)
             yield terms, br, bn, wi
 
 
@@ -3183,7 +3263,7 @@ def ds_rank_split_plans(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bi
         l2 = nt * s_b + d_b + P * x_b + y_b + t_b + b_b + ws + ws * (ch - 1) / ch
         flops = 2.0 * T["bm"] * (br * cd(K, 128) * 128 + bn * br) * P
         dev = T["dev"]
-        issue = _issue_s(wi, P, min(1.0, P / (cd(P, dev.sms) * dev.sms)))
+        issue = _issue_s(wi(), P, min(1.0, P / (cd(P, dev.sms) * dev.sms)))
         times = tuple(max(_cost.kernel_seconds(dram, l2, flops, P, d, br >= 64, T["dt"])["seconds"], issue + d.launch_s)
                       for d in (dev, T["low"]))
         plans.append(times + ((br, bn),))
@@ -3213,58 +3293,75 @@ def _rs_pick(M, K, N, R, dtype, bias, save_t, sms, prmt) -> Optional[tuple]:
 def ds_roles_plans(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias: bool = True,
                    save_t: bool = False, sms: Optional[int] = None) -> list:
     """Every plan of the two-role launch (:func:`ds_roles`) at ``M <= DECODE_MAX_M`` tokens:
-    ``(t_nominal, t_low, (BLOCK_R, BLOCK_N))``, seconds at the nominal L2 figure and at its low
+    ``(t_nominal, t_low, (BLOCK_R, BLOCK_N, KS))``, seconds at the nominal L2 figure and at its low
     end, counted from the shapes as ``fastfactor sol`` counts the launch (*predicted*; the terms of
     :func:`ds_rank_split_plans`).
 
-    ``n0 = ceil(R / BLOCK_R)`` producers + ``n1 = ceil(N / BLOCK_N)`` consumers = programs. DRAM:
-    ``S``, ``x``, ``D``, ``y``, the bias and ``t`` (stored by the producers; the consumers' reads
-    of it are L2 hits, written moments before in the same launch) once. L2: ``x`` once per
-    producer, ``t`` once per consumer, the rest once. Issue: the producers' loop by the decode
-    kernel's model (:data:`DECODE_ISSUE`, masked loads), the fitting config that issues least.
+    ``n0 = ceil(R / BLOCK_R)`` rank chunks of ``KS`` producers each (:data:`ROLES_SPLITS`, split as
+    :func:`roles_k_split`) + ``n1 = ceil(N / BLOCK_N)`` consumers = programs. DRAM: ``S``, ``x``,
+    ``D``, ``y``, the bias and ``t`` (stored by the chunks' last producers; the consumers' reads of
+    it are L2 hits, written moments before in the same launch) once, and with a split the fp32
+    partials stored (``KS·M·R·4``; read back from L2 by each chunk's last arrival). L2: ``x`` once
+    per chunk (each producer its split's columns), ``t`` once per consumer, the partials stored and
+    ``KS - 1`` of them read back, the rest once. Issue: the producers' loop over their split by the
+    decode kernel's model (:data:`DECODE_ISSUE`, masked loads), the fitting config that issues least.
 
     The consumers wait for the last producer, so the two phases also run in sequence: a fifth
-    term, ``phase(producers) + phase(consumers)``, each phase's bytes (and the producers' issue)
-    at the share of the device its programs occupy (``n / SMs`` of HBM, L2 and issue: a program
-    draws no more than its SM's share, conservative where the others idle). ``fastfactor sol``
-    prices the launch without it (its generic terms); the dispatcher takes the larger."""
+    term, ``phase(producers) + phase(consumers)`` (:func:`roles_phase_seconds`), each phase's bytes
+    (and the producers' issue) at the share of the device its programs occupy (``n / SMs`` of HBM,
+    L2 and issue: a program draws no more than its SM's share, conservative where the others
+    idle). The K split exists for this term: at 64 tokens the 11 producers of a rank-168 chunking
+    each read all of ``x`` at one SM's share; split 6 ways, 66 producers share that read.
+    ``fastfactor sol`` prices the launch without it (its generic terms); the dispatcher takes the
+    larger."""
     cd = lambda a, b: -(-a // b)
-    plans = []
+    plans, seen = [], set()
     for T, br, bn, wi in _ds_one_launch_plans(M, K, N, R, dtype, sms, partials=False):
         n0, n1 = cd(R, br), cd(N, bn)
-        P = n0 + n1
         e, te = T["e"], T["te"]
         s_b, d_b, x_b, y_b = T["s_b"], T["d_b"], T["x_b"], T["y_b"]
         t_b, b_b = float(te) * M * R, (T["b_b"] if bias else 0.0)
-        dram = s_b + d_b + x_b + y_b + t_b + b_b
-        l2 = s_b + d_b + n0 * x_b + y_b + t_b * (1 + n1) + b_b
-        flops = 2.0 * T["bm"] * (br * cd(K, 128) * 128 * n0 + bn * n0 * br * n1)
-        dev = T["dev"]
-        issue = _issue_s(wi, n0, min(1.0, P / (cd(P, dev.sms) * dev.sms)))
-        times = tuple(max(_cost.kernel_seconds(dram, l2, flops, P, d, False, T["dt"])["seconds"], issue + d.launch_s,
-                          roles_phase_seconds(d, M, K, N, R, br, bn, e, te, bias, wi) + d.launch_s)
-                      for d in (dev, T["low"]))
-        plans.append(times + ((br, bn),))
+        for ks_asked in ROLES_SPLITS:
+            ks, kps = roles_k_split(K, ks_asked)
+            if (br, bn, ks) in seen:
+                continue
+            seen.add((br, bn, ks))
+            P = n0 * ks + n1
+            ws = 4.0 * ks * M * R if ks > 1 else 0.0
+            dram = s_b + d_b + x_b + y_b + t_b + b_b + ws
+            l2 = s_b + d_b + n0 * x_b + y_b + t_b * (1 + n1) + b_b + ws + ws * (ks - 1) / ks
+            flops = 2.0 * T["bm"] * (br * cd(kps, 128) * 128 * n0 * ks + bn * n0 * br * n1)
+            w = wi(kps, ks > 1)
+            dev = T["dev"]
+            issue = _issue_s(w, n0 * ks, min(1.0, P / (cd(P, dev.sms) * dev.sms)))
+            times = tuple(max(_cost.kernel_seconds(dram, l2, flops, P, d, False, T["dt"])["seconds"],
+                              issue + d.launch_s,
+                              roles_phase_seconds(d, M, K, N, R, br, bn, e, te, bias, w, ks) + d.launch_s)
+                          for d in (dev, T["low"]))
+            plans.append(times + ((br, bn, ks),))
     return plans
 
 
 def roles_phase_seconds(dev, M: int, K: int, N: int, R: int, BLOCK_R: int, BLOCK_N: int, elem: int, t_elem: int,
-                        bias: bool, producer_warp_instructions: float) -> float:
+                        bias: bool, producer_warp_instructions: float, ks: int = 1) -> float:
     """Seconds of the two-role launch's phases in sequence (:func:`ds_roles_plans`; its
-    :data:`kernels._cost.PHASE_MODELS` entry): the producers (``S`` once, ``x`` once each, ``t``
-    stored, their issue: ``producer_warp_instructions`` each), then the consumers (``D``, ``y``
-    and the bias once, ``t`` once each), each phase's DRAM and L2 bytes and issue at the share of
-    the device its programs' SMs hold (``n / SMs``)."""
+    :data:`kernels._cost.PHASE_MODELS` entry): the ``n0·ks`` producers (``S`` once, ``x`` once per
+    rank chunk, the split partials stored and read back, ``t`` stored, their issue:
+    ``producer_warp_instructions`` each), then the consumers (``D``, ``y`` and the bias once, ``t``
+    once each), each phase's DRAM and L2 bytes and issue at the share of the device its programs'
+    SMs hold (``n / SMs``)."""
     cd = lambda a, b: -(-a // b)
     n0, n1 = cd(R, BLOCK_R), cd(N, BLOCK_N)
     s_b, x_b, t_b = R * K * (elem / 2 + 1 / 8), float(elem) * M * K, float(t_elem) * M * R
+    ws = 4.0 * ks * M * R if ks > 1 else 0.0
     rest = float(N) * R * elem + float(elem) * M * N + (N * elem if bias else 0.0)
 
     def phase(n, dram, l2, issue=0.0):
         share = min(1.0, n / dev.sms)
         return max(dram / (dev.hbm_bw * share), l2 / (dev.l2_bw * share),
                    _cost.issue_seconds(issue * n, dev, share) if issue else 0.0)
-    return (phase(n0, s_b + x_b + t_b, s_b + n0 * x_b + t_b, producer_warp_instructions)
+    return (phase(n0 * ks, s_b + x_b + t_b + ws, s_b + n0 * x_b + t_b + ws * (2 * ks - 1) / ks,
+                  producer_warp_instructions)
             + phase(n1, rest, rest + n1 * t_b))
 
 
@@ -3275,10 +3372,12 @@ def _roles_phase_model(ints: dict, constexprs: dict, config: dict, device, dtype
     br, bn, bm = int(constexprs["BLOCK_R"]), int(constexprs["BLOCK_N"]), int(constexprs["BLOCK_M"])
     bk, nw = int(config["BLOCK_K"]), int(config.get("num_warps", 4))
     K = int(ints["K"])
-    wi = decode_warp_instructions(br, bm, bk, nw, K, False,
+    ks = int(ints.get("KS", 1))
+    kps = min(K, int(ints.get("K_PER_SPLIT", K)))
+    wi = decode_warp_instructions(br, bm, bk, nw, kps, ks > 1,
                                   prmt=int(constexprs.get("PRMT", 0)) > 0 and br * bk >= PRMT_MIN_TILE, even=False)[0]
     return roles_phase_seconds(device, int(ints["M"]), K, int(ints["N"]), int(ints["R"]), br, bn, e, te,
-                               bool(constexprs.get("HAS_BIAS")), wi)
+                               bool(constexprs.get("HAS_BIAS")), wi, ks)
 
 
 _cost.PHASE_MODELS["sparse24.ds_roles"] = _roles_phase_model
@@ -3286,8 +3385,8 @@ _cost.PHASE_MODELS["sparse24.ds_roles"] = _roles_phase_model
 
 def ds_roles_cost(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias: bool = True,
                   save_t: bool = False, sms: Optional[int] = None) -> Optional[tuple]:
-    """``(seconds, BLOCK_R, BLOCK_N)`` of the two-role launch: of :func:`ds_roles_plans`, the one
-    :func:`kernels._cost.robust_pick` takes (seconds at the nominal L2 figure); ``None`` above
+    """``(seconds, BLOCK_R, BLOCK_N, KS)`` of the two-role launch: of :func:`ds_roles_plans`, the
+    one :func:`kernels._cost.robust_pick` takes (seconds at the nominal L2 figure); ``None`` above
     ``DECODE_MAX_M`` tokens or for empty shapes."""
     if M > DECODE_MAX_M or min(M, K, N, R) <= 0:
         return None
@@ -3300,8 +3399,8 @@ def _roles_pick(M, K, N, R, dtype, bias, save_t, sms, prmt) -> Optional[tuple]:
     plans = ds_roles_plans(M, K, N, R, dtype, bias, save_t, sms)
     if not plans:
         return None
-    t_nom, _, (br, bn) = _cost.robust_pick(plans)
-    return t_nom, br, bn
+    t_nom, _, (br, bn, ks) = _cost.robust_pick(plans)
+    return t_nom, br, bn, ks
 
 
 def _bd_nps(N: int, sk: int) -> int:
@@ -3632,8 +3731,11 @@ def ds_roles(
 ):
     """``(y, t or None)``: ``y = (x·Sᵀ)·Dᵀ + b`` for ``M <= DECODE_MAX_M`` token rows in one launch
     of two roles (:func:`_ds_roles_kernel`: producers form ``t``, consumers multiply it by ``D``;
-    ``plan`` forces ``(BLOCK_R, BLOCK_N)``, default :func:`ds_roles_cost`); ``x (M, K)``,
-    ``d (N, R)``, packed ``S (R, K)``; ``t`` in ``intermediate_dtype(x.dtype)``."""
+    ``plan`` forces ``(BLOCK_R, BLOCK_N)`` or ``(BLOCK_R, BLOCK_N, K splits)`` (one split when not
+    given; the splits as :func:`roles_k_split` makes them), default :func:`ds_roles_cost`);
+    ``x (M, K)``, ``d (N, R)``, packed ``S (R, K)``; ``t`` in ``intermediate_dtype(x.dtype)``.
+    Deterministic: with a K split each chunk of ``t`` is the fixed-order sum of its splits' fp32
+    partials."""
     M, K = x.shape
     N, R = d.shape
     if M > DECODE_MAX_M:
@@ -3648,24 +3750,26 @@ def ds_roles(
         t.zero_()
         return y, (t if store_t else None)
     if plan is None:
-        _, br, bn = ds_roles_cost(M, K, N, R, x.dtype, bias is not None, store_t, _config.num_sms(x.device))
+        _, br, bn, ks = ds_roles_cost(M, K, N, R, x.dtype, bias is not None, store_t, _config.num_sms(x.device))
     else:
-        br, bn = plan
+        br, bn, ks = (tuple(plan) + (1,))[:3]
+    ks, kps = roles_k_split(K, ks)
     bm = max(16, next_pow2(M))
     n0, n1 = triton.cdiv(R, br), triton.cdiv(N, bn)
     mt, smr, smc, m32 = _meta_arg(s_meta, K)
     vt, pairs = _values_arg(s_values, x.dtype)
     sync = x.device.type == "cuda"
-    cnt = split_counters(x.device, 4) if sync else t
-    _ds_roles_tuned[(n0 + n1,)](
-        x, vt, mt, d, bias if bias is not None else y, y, t, cnt,
-        M, K, N, R, n0, n1,
+    cnt = split_counters(x.device, 4 + n0) if sync else t
+    ws = torch.empty((ks, M, R), device=x.device, dtype=torch.float32) if ks > 1 else t
+    _ds_roles_tuned[(n0 * ks + n1,)](
+        x, vt, mt, d, bias if bias is not None else y, y, t, ws, cnt,
+        M, K, N, R, n0, n1, ks, kps,
         x.stride(0), x.stride(1), vt.stride(0), vt.stride(1), smr, smc,
         d.stride(0), d.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, T_FP32=t_dtype != x.dtype, SYNC=sync,
+        HAS_BIAS=bias is not None, T_FP32=t_dtype != x.dtype, SPLIT=ks > 1, SYNC=sync,
         UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype),
         META32=m32, PAIRS=pairs, PRMT=prmt_mode(m32 and pairs),
-        BLOCK_R=br, BLOCK_N=bn, BLOCK_M=bm,
+        BLOCK_R=br, BLOCK_N=bn, BLOCK_M=bm, BLOCK_C=roles_rank_step(R, br, bn, bm),
     )
     return y, (t if store_t else None)
 

@@ -21,7 +21,6 @@ from fastfactor.sol import tier  # noqa: E402
 
 #: today's misses: case id -> the figures found (predicted on an H200 at commit of this file)
 BACKLOG = {
-    'reread-dense_sparse-4096-M16-fwd': 'sparse24.decode(fwd).x_ptr re-read 2.62 MB beyond its first read (21x) = 77 % of the launch DRAM bytes (target <= 25 %); the decode of S (655 rows, 32 rows x 6 splits) is the fastest plan at both ends of the L2 figure (3.37 us at 9 TB/s, 3.69 at 5.5); the plans that pass (128 rows x 16 splits: 17 %) are slower at both (3.84 / 3.84 us): in this launch, under the 2.5 us floor, x re-reads are cheaper than the partials that avoid them',
     'speedup-dense1.5x-sparse24-4096-M16-fwd': '1.49x vs dense (predicted): PyTorch semi-structured GEMM at the DRAM floor of the 2:4 format (values + 4-bit codes + x + y = 19.1 MB over 4.3 TB/s + the 2.5 us floor = 6.95 us); our decode is 7.19 us with the plan that holds up at the low end of the L2 figure (128 rows x 4 splits, 1 MB of partials), 6.95 us only with the plan that is L2-bound below ~8 TB/s. No launch of this format exceeds 1.491x; 1.5x needs <= 3.66 bits of metadata per group and a plan without partials (target >= 1.5x vs dense)',
     'speedup-dense1.5x-sparse24-4096-M64-fwd': '1.48x vs dense (predicted; PyTorch semi-structured GEMM 7.14 us, our one-launch decode 8.93 us): with this format no single launch exceeds 1.479x at M=64 (19.9 MB + 2.5 us) (target >= 1.5x vs dense)',
 }

@@ -108,7 +108,8 @@ TILE_MAPS["sparse24.ds_bwd_dense"] = _tiles_by_split("R", "SPLITS", "BLOCK_R")
 ROLE_MAPS = {
     "lowrank.decode": lambda meta: [int(meta["N0"]), int(meta["N1"]), int(meta["N2"])],
     "lowrank.decode_bwd": lambda meta: [int(meta["N0"]), int(meta["N1"]), int(meta["N2"])],
-    "sparse24.ds_roles": lambda meta: [int(meta["N0"]), int(meta["N1"])],
+    # split-major producers (every rank chunk's split s, then s + 1; the last split reduces), consumers
+    "sparse24.ds_roles": lambda meta: [int(meta["N0"])] * int(meta.get("KS", 1)) + [int(meta["N1"])],
 }
 
 

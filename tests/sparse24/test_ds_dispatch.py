@@ -32,7 +32,7 @@ def _ranks(k, n):
 
 def test_choice_is_the_cost_comparison(on_gpu_model):
     seen = set()
-    for k, n in SHAPES:
+    for k, n in SHAPES + [(768, 768)]:      # a square layer: where the rank split is the cheapest
         for R in _ranks(k, n):
             for M in TOKENS:
                 c = K.ds_path_costs(M, k, n, R, BF16, CUDA)
@@ -238,8 +238,8 @@ def test_module_pads_the_codes_at_pack_time():
 @pytest.mark.perf
 @pytest.mark.skipif(not _config.is_interpreter(), reason="counting needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("k,n,M,ratio,path", [(768, 768, 4096, 0.1, "fused"), (768, 3072, 64, 0.25, "roles"),
-                                              (768, 3072, 16, 0.25, "roles"), (3072, 768, 8, 0.5, "rank_split"),
-                                              (3072, 768, 64, 0.25, "library"),
+                                              (768, 3072, 16, 0.25, "roles"), (768, 768, 8, 0.5, "rank_split"),
+                                              (3072, 768, 64, 0.25, "roles"), (4096, 4096, 16, 0.25, "roles"),
                                               (768, 3072, 16384, 0.25, "library"),
                                               (4096, 4096, 16384, 0.25, "library")])
 def test_dispatcher_and_sol_agree(k, n, M, ratio, path, monkeypatch):

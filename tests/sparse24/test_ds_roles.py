@@ -30,6 +30,10 @@ _case, _ref64 = dense_sparse_case, dense_sparse_ref64
     (3, 288, 50, 20, (32, 32), True, True, False),     # one producer; K not a step multiple
     (1, 256, 33, 64, (16, 16), True, False, False),    # one token, 4 whole producers, 3 consumers
     (33, 256, 64, 48, (16, 64), True, True, True),     # BLOCK_M 64
+    # producers split over K: each chunk's fp32 partials summed by its last arrival
+    (5, 512, 96, 40, (16, 32, 2), True, True, False),  # 2 splits of 256 x 3 chunks
+    (16, 640, 70, 100, (32, 64, 3), False, True, True),  # 3 splits asked: 2 of 256 and one of 128
+    (33, 300, 64, 48, (16, 64, 4), True, True, True),  # K % 32 != 0 (byte codes): 128 + 128 + a partial 44
 ])
 def test_matches_float64(triton_cpu, dtype, M, k, n, R, plan, bias, store_t, strided):
     x, d, values, meta, b = _case(M, k, n, R, dtype, seed=M + n + R, strided=strided)
@@ -51,28 +55,34 @@ def _launch(x, d, values, meta, b, plan, sync, cnt=None):
     roles come from tickets drawn on the counters and the consumers wait on them."""
     M, k = x.shape
     n, R = d.shape
-    br, bn = plan
+    br, bn, ks = (tuple(plan) + (1,))[:3]
+    ks, kps = K.roles_k_split(k, ks)
     n0, n1 = -(-R // br), -(-n // bn)
     mt, smr, smc, m32 = K._meta_arg(meta, k)
     y, t = torch.empty(M, n, dtype=x.dtype), torch.empty(M, R, dtype=x.dtype)
-    cnt = torch.zeros(4, dtype=torch.int32) if cnt is None else cnt
-    K._ds_roles_tuned[(n0 + n1,)](
-        x, values, mt, d, b, y, t, cnt if sync else t,
-        M, k, n, R, n0, n1, x.stride(0), x.stride(1), values.stride(0), values.stride(1), smr, smc,
+    ws = torch.full((ks, M, R), float("nan"))
+    cnt = torch.zeros(4 + n0, dtype=torch.int32) if cnt is None else cnt
+    K._ds_roles_tuned[(n0 * ks + n1,)](
+        x, values, mt, d, b, y, t, ws, cnt if sync else t,
+        M, k, n, R, n0, n1, ks, kps, x.stride(0), x.stride(1), values.stride(0), values.stride(1), smr, smc,
         d.stride(0), d.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=True, T_FP32=False, SYNC=sync, UPCAST=True, PRECISION="ieee",
-        META32=m32, PAIRS=False, PRMT=0, BLOCK_R=br, BLOCK_N=bn, BLOCK_M=16,
+        HAS_BIAS=True, T_FP32=False, SPLIT=ks > 1, SYNC=sync, UPCAST=True, PRECISION="ieee",
+        META32=m32, PAIRS=False, PRMT=0, BLOCK_R=br, BLOCK_N=bn, BLOCK_M=16, BLOCK_C=K.roles_rank_step(R, br, bn, 16),
     )
     return (y, t), cnt
 
 
-def test_ticket_path_matches_id_order_bitwise_and_resets(triton_cpu):
+@pytest.mark.parametrize("plan", [(16, 32), (16, 32, 2)], ids=["whole-K", "K-split"])
+def test_ticket_path_matches_id_order_bitwise_and_resets(triton_cpu, plan):
+    """With tickets and counters (in the interpreter's id order: the chunks' arrival counters say
+    which split is last, as on a GPU) the bits of the id-order form; every counter, the chunks'
+    arrival counters included, back at zero; the counters reused."""
     x, d, values, meta, b = _case(7, 256, 80, 72, torch.float32, seed=11)
-    ref, _ = _launch(x, d, values, meta, b, (16, 32), sync=False)
-    got, cnt = _launch(x, d, values, meta, b, (16, 32), sync=True)
+    ref, _ = _launch(x, d, values, meta, b, plan, sync=False)
+    got, cnt = _launch(x, d, values, meta, b, plan, sync=True)
     assert all(torch.equal(a, c) for a, c in zip(ref, got))
-    assert int(cnt.abs().sum()) == 0, "the last program out resets the counters"
-    again, _ = _launch(x, d, values, meta, b, (16, 32), sync=True, cnt=cnt)       # reused counters
+    assert cnt.numel() == 4 + 5 and int(cnt.abs().sum()) == 0, "the last program out / each chunk's reducer resets"
+    again, _ = _launch(x, d, values, meta, b, plan, sync=True, cnt=cnt)       # reused counters
     assert all(torch.equal(a, c) for a, c in zip(ref, again))
     assert_close_ref(ref[0], _ref64(x, d, values, meta, b, 256)[0], torch.float32, reduction=256 + 72)
 
@@ -87,6 +97,24 @@ def test_plans_agree_and_rerun_bitwise(triton_cpu):
         assert torch.equal(t, outs[0][1])
     again = K.ds_roles(x, d, values, meta, b, store_t=True, plan=(32, 32))
     assert torch.equal(outs[1][0], again[0])
+    # a K split sums its partials in a fixed order: the same bits for any rank chunking, rerun
+    split = [K.ds_roles(x, d, values, meta, b, store_t=True, plan=p) for p in ((16, 64, 2), (32, 32, 2))]
+    assert torch.equal(split[0][1], split[1][1])
+    assert_close_ref(split[0][0], y64, BF16, reduction=256 + 96)
+    assert torch.equal(split[1][0], K.ds_roles(x, d, values, meta, b, store_t=True, plan=(32, 32, 2))[0])
+
+
+def test_k_split_sizes():
+    """The producers' K split: multiples of 128 inputs (the codes' words, every GPU step), no empty
+    split, one split = all of K."""
+    assert K.roles_k_split(768, 1) == (1, 768)
+    assert K.roles_k_split(768, 6) == (6, 128) and K.roles_k_split(768, 8) == (6, 128)
+    assert K.roles_k_split(768, 4) == (3, 256) and K.roles_k_split(300, 4) == (3, 128)
+    for k in (128, 300, 768, 3072, 4100):
+        for ks in K.ROLES_SPLITS:
+            n, kps = K.roles_k_split(k, ks)
+            assert n <= ks and (n == 1 or kps % K.ROLES_K_QUANTUM == 0)
+            assert (n - 1) * kps < k <= n * kps
 
 
 def test_same_t_as_the_rank_split(triton_cpu):
@@ -108,17 +136,17 @@ def test_empty_and_rejected_shapes(triton_cpu):
 
 
 def test_dispatch(on_gpu_model, monkeypatch):
-    """On BERT-size layers with a 768-wide input the two roles are taken from 16 to 64 tokens
-    (predicted faster than the rank split and the decode + cuBLAS pair by more than the margin,
-    with the phases in sequence priced); where the producers' slabs are long (3072 or 4096 inputs)
-    or the rank split is cheaper (1 token) they are not; above 64 tokens they are not a candidate."""
-    for M, k, n, R in ((16, 768, 3072, 168), (64, 768, 3072, 168), (64, 768, 3072, 336), (32, 768, 3072, 336)):
+    """From 1 to 64 tokens on BERT-size layers (768 <-> 3072) and on 4096² the two roles are taken
+    (predicted faster than the rank split and the decode + cuBLAS pair by more than the margin, with
+    the phases in sequence priced): the producers split over ``K`` keep each one's slab of ``S``
+    and ``x`` short whatever the input width; where the rank is a large share of a square layer
+    the rank split is cheaper (test_ds_rank_split.py); above 64 tokens they are not a candidate."""
+    for M, k, n, R in ((16, 768, 3072, 168), (64, 768, 3072, 168), (64, 768, 3072, 336), (32, 768, 3072, 336),
+                       (1, 768, 3072, 168), (16, 3072, 768, 168), (64, 3072, 768, 168), (16, 4096, 4096, 655)):
         c = K.ds_path_costs(M, k, n, R, BF16, CUDA)
         assert K.choose_ds_path(M, k, n, R, BF16, CUDA) == "roles", (M, k, n, R, c)
         assert c["roles"] <= K.DS_MARGIN * c["library"] and c["roles"] < c["rank_split"]
-    assert K.choose_ds_path(1, 768, 3072, 168, BF16, CUDA) == "rank_split"
-    for M, k, n, R in ((16, 4096, 4096, 655), (64, 3072, 768, 168)):
-        assert K.choose_ds_path(M, k, n, R, BF16, CUDA) == "library"
+    assert K.choose_ds_path(8, 768, 768, 192, BF16, CUDA) == "rank_split"
     assert "roles" not in K.ds_path_costs(65, 768, 3072, 168, BF16, CUDA)
     monkeypatch.setenv("FASTFACTOR_DS_PATH", "roles")
     assert K.choose_ds_path(16, 768, 3072, 336, torch.float16, CUDA) == "roles"
@@ -132,9 +160,14 @@ def test_phases_in_sequence_are_priced():
     plans = K.ds_roles_plans(16, 768, 3072, 168)
     assert plans and all(t_low >= t_nom for t_nom, t_low, _ in plans)
     by = {p: t for t, _, p in plans}
-    assert by[(64, 32)] > by[(16, 32)]                  # 3 producers against 11
-    t, br, bn = K.ds_roles_cost(16, 768, 3072, 168)
-    assert (br, bn) in by and K.rs_space(br, bn, 16)
+    assert by[(64, 32, 1)] > by[(16, 32, 1)]            # 3 producers against 11
+    t, br, bn, ks = K.ds_roles_cost(16, 768, 3072, 168)
+    assert (br, bn, ks) in by and K.rs_space(br, bn, 16)
+    # at 64 tokens each of the 11 producers reads all of x (96 KiB) at one SM's share: the K split
+    # spreads that read over 6x the SMs (predicted 4.70 -> 3.46 us at 768x3072, rank 168)
+    by64 = {p: t for t, _, p in K.ds_roles_plans(64, 768, 3072, 168)}
+    assert by64[(16, 32, 6)] < 0.8 * by64[(16, 32, 1)]
+    assert K.ds_roles_cost(64, 768, 3072, 168)[3] > 1
     dev = K._cost.DEFAULT
     one = K.roles_phase_seconds(dev, 16, 4096, 3072, 64, 64, 32, 2, 2, False, 0.0)   # a single producer
     assert one >= 64 * 4096 * (1 / 2 + 1 / 16) * 2 / (dev.hbm_bw / dev.sms)         # S through one SM's share
