@@ -3291,14 +3291,14 @@ def _rs_pick(M, K, N, R, dtype, bias, save_t, sms, prmt) -> Optional[tuple]:
 
 
 def ds_roles_plans(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias: bool = True,
-                   save_t: bool = False, sms: Optional[int] = None) -> list:
+                   save_t: bool = False, sms: Optional[int] = None, k_split: bool = True) -> list:
     """Every plan of the two-role launch (:func:`ds_roles`) at ``M <= DECODE_MAX_M`` tokens:
     ``(t_nominal, t_low, (BLOCK_R, BLOCK_N, KS))``, seconds at the nominal L2 figure and at its low
     end, counted from the shapes as ``fastfactor sol`` counts the launch (*predicted*; the terms of
     :func:`ds_rank_split_plans`).
 
     ``n0 = ceil(R / BLOCK_R)`` rank chunks of ``KS`` producers each (:data:`ROLES_SPLITS`, split as
-    :func:`roles_k_split`) + ``n1 = ceil(N / BLOCK_N)`` consumers = programs. DRAM: ``S``, ``x``,
+    :func:`roles_k_split`; one without ``k_split``) + ``n1 = ceil(N / BLOCK_N)`` consumers = programs. DRAM: ``S``, ``x``,
     ``D``, ``y``, the bias and ``t`` (stored by the chunks' last producers; the consumers' reads of
     it are L2 hits, written moments before in the same launch) once, and with a split the fp32
     partials stored (``KS·M·R·4``; read back from L2 by each chunk's last arrival). L2: ``x`` once
@@ -3321,7 +3321,7 @@ def ds_roles_plans(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias: b
         e, te = T["e"], T["te"]
         s_b, d_b, x_b, y_b = T["s_b"], T["d_b"], T["x_b"], T["y_b"]
         t_b, b_b = float(te) * M * R, (T["b_b"] if bias else 0.0)
-        for ks_asked in ROLES_SPLITS:
+        for ks_asked in (ROLES_SPLITS if k_split else (1,)):
             ks, kps = roles_k_split(K, ks_asked)
             if (br, bn, ks) in seen:
                 continue
@@ -3387,16 +3387,18 @@ def ds_roles_cost(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias: bo
                   save_t: bool = False, sms: Optional[int] = None) -> Optional[tuple]:
     """``(seconds, BLOCK_R, BLOCK_N, KS)`` of the two-role launch: of :func:`ds_roles_plans`, the
     one :func:`kernels._cost.robust_pick` takes (seconds at the nominal L2 figure); ``None`` above
-    ``DECODE_MAX_M`` tokens or for empty shapes."""
+    ``DECODE_MAX_M`` tokens or for empty shapes. ``FASTFACTOR_DS_ROLES_KSPLIT=0`` plans the
+    producers over all of ``K`` (one split: the launch before the split existed, which ``make
+    gpu-check`` times against it)."""
     if M > DECODE_MAX_M or min(M, K, N, R) <= 0:
         return None
     return _roles_pick(int(M), int(K), int(N), int(R), dtype, bool(bias), bool(save_t), sms and int(sms),
-                       prmt_mode(True) > 0)
+                       prmt_mode(True) > 0, _forced("FASTFACTOR_DS_ROLES_KSPLIT", ("0", "1")) != "0")
 
 
 @functools.lru_cache(maxsize=4096)
-def _roles_pick(M, K, N, R, dtype, bias, save_t, sms, prmt) -> Optional[tuple]:
-    plans = ds_roles_plans(M, K, N, R, dtype, bias, save_t, sms)
+def _roles_pick(M, K, N, R, dtype, bias, save_t, sms, prmt, k_split=True) -> Optional[tuple]:
+    plans = ds_roles_plans(M, K, N, R, dtype, bias, save_t, sms, k_split)
     if not plans:
         return None
     t_nom, _, (br, bn, ks) = _cost.robust_pick(plans)

@@ -174,6 +174,28 @@ def test_phases_in_sequence_are_priced():
     assert K.ds_roles_cost(65, 768, 3072, 168) is None
 
 
+def test_k_split_switch(monkeypatch):
+    """``FASTFACTOR_DS_ROLES_KSPLIT=0`` plans the producers over all of K (what gpu-check times the
+    split against); anything but 0/1/auto is refused by name."""
+    assert K.ds_roles_cost(64, 768, 3072, 168)[3] > 1
+    monkeypatch.setenv("FASTFACTOR_DS_ROLES_KSPLIT", "0")
+    assert K.ds_roles_cost(64, 768, 3072, 168)[3] == 1
+    monkeypatch.setenv("FASTFACTOR_DS_ROLES_KSPLIT", "yes")
+    with pytest.raises(ValueError, match="FASTFACTOR_DS_ROLES_KSPLIT"):
+        K.ds_roles_cost(64, 768, 3072, 168)
+
+
+def test_rank_step():
+    """The consumers' step over the rank: 64 wide where the tiles fit, never below the chunk nor
+    past the rank's power of two."""
+    assert K.roles_rank_step(168, 16, 32, 64) == 64
+    assert K.roles_rank_step(20, 16, 32, 16) == 32 and K.roles_rank_step(12, 16, 32, 16) == 16
+    assert K.roles_rank_step(168, 64, 32, 16) == 64
+    for R, br, bn, bm in ((168, 16, 64, 64), (336, 32, 128, 64), (655, 16, 256, 16)):
+        bc = K.roles_rank_step(R, br, bn, bm)
+        assert bc >= br and bn * bc + bc * bm + 2 * bn * bm <= 104 * 32 * 4 or bc == br
+
+
 def test_fixed_config_on_a_gpu_fits_the_plan(monkeypatch):
     monkeypatch.setattr(_config, "is_interpreter", lambda: False)
     for br, bn, bm in ((16, 32, 16), (64, 64, 16), (32, 64, 64)):

@@ -198,11 +198,12 @@ def test_bwd_dense_repeated_launches_and_cuda_graph(plan):
                                      torch.cat([dd.flatten(), db.flatten()]))
 
 
-@pytest.mark.parametrize("plan", [(16, 32), (64, 32), (32, 128)])
+@pytest.mark.parametrize("plan", [(16, 32), (64, 32), (32, 128), (16, 32, 6), (32, 64, 3)])
 def test_roles_repeated_launches_and_cuda_graph(plan):
     """The two-role dense-sparse launch on hardware (tickets, consumers waiting on the producers'
-    counter): ``y`` and ``t`` against float64, bitwise equal over repeated launches and under
-    CUDA-graph replay, counters back to zero."""
+    counter; with a K split, each rank chunk's partials summed by its last arrival): ``y`` and
+    ``t`` against float64, bitwise equal over repeated launches and under CUDA-graph replay,
+    counters back to zero."""
     torch.manual_seed(0)
     x = torch.randn(64, 768, device=DEV, dtype=torch.bfloat16)
     s = sparse_weight(168, 768, torch.bfloat16, requires_grad=False)
