@@ -66,7 +66,14 @@ tile goes to ``tl.dot``. Device memory only ever sees the compressed bytes.
   fp32 partial of ``y`` summed with the other chunks' by the tile's last arrival (fixed order, as
   the decode kernel). Planned per shape (:func:`ds_rank_split_plans`); taken where predicted >= 5 %
   faster than the library path's two launches: the BERT-size layers at a handful of tokens (every
-  program reads ``x`` and each column tile all of ``S``, so at ``K = 4096`` it loses). The two-kernel path (``_sp_mm_kernel`` / the decode kernel
+  program reads ``x`` and each column tile all of ``S``, so at ``K = 4096`` it loses).
+* ``_ds_roles_kernel``: dense-sparse at ``M <= 64`` tokens, any rank, in **one launch of two
+  roles** drawn by ticket: producers form ``t = x·Sᵀ`` (``BLOCK_R`` rows of ``S`` each, split over
+  ``K`` in ``KS`` pieces whose fp32 partials each chunk's last arrival sums in a fixed order) and
+  store it; consumers wait for every producer and multiply ``t`` (from L2) by their ``D`` tile.
+  ``x`` is read once per rank chunk, spread over its ``KS`` producers; ``S`` and ``D`` once.
+  Planned per shape (:func:`ds_roles_plans`, the phases in sequence priced); the pick at a
+  handful of tokens on all but square high-rank layers. The two-kernel path (``_sp_mm_kernel`` / the decode kernel
   for ``t``, then the low-rank family's Triton GEMM) remains for fp16 and when forced.
 * ``_sp_decode_kernel``: ``y = x·Wᵀ + b`` for ``M <= 64`` in **one launch**. Programs = (row
   tiles x K splits) planned per shape by :func:`decode_plan` (the model ``fastfactor sol``
@@ -2987,15 +2994,21 @@ def sparse24_backward(g, x, values, meta, need_x: bool, need_values: bool, need_
 #   path; the cheaper of the two where both are). H200, bf16, predicted (library / rank split):
 #   768x3072 rank 168, 16 tokens 5.70 / 3.64 us (dense cuBLAS 3.63), 1 token 5.68 / 3.22;
 #   rank 336, 16 tokens 5.89 / 4.03; 3072x768 rank 472, 8 tokens 5.79 / 4.50; at 64 tokens or at
-#   4096² (every program reads x, each column tile all of S) the library path stays.
+#   4096² (every program reads x, each column tile all of S) it loses. Since the two roles split
+#   their producers over K it is the cheapest only where the rank is a large share of a square
+#   layer at a few tokens (768², rank 192-256, 1-16 tokens).
 # * ``roles``: :func:`ds_roles`, ``M <= 64`` tokens, any rank, one launch of two roles (producers
-#   form t chunk by chunk over all of K, consumers wait for them by ticket order and multiply t by
-#   their tile of D). Priced by :func:`ds_roles_plans` with the phases in sequence
+#   form t chunk by chunk, each rank chunk over ``KS`` K splits whose fp32 partials its last
+#   arrival sums in a fixed order; consumers wait for them by ticket order and multiply t by their
+#   tile of D). Priced by :func:`ds_roles_plans` with the phases in sequence
 #   (:func:`roles_phase_seconds`: each phase at its programs' share of the device) and taken like
-#   the others. H200, bf16, predicted (library / rank split / roles): 768x3072 rank 168, 16 tokens
-#   5.70 / 3.64 / 3.47 us (dense cuBLAS 3.63), 64 tokens 5.99 / 7.76 / 4.70; rank 336, 64 tokens
-#   6.24 / 8.27 / 5.18; over 3072- and 4096-wide inputs each producer's slab of S is long and the
-#   rank split or the library path stays.
+#   the others. H200, bf16, predicted (library / rank split / roles unsplit / roles): 768x3072
+#   rank 168, 16 tokens 5.70 / 3.64 / 3.47 / 3.24 us (dense cuBLAS 3.63), 64 tokens 5.99 / 7.76 /
+#   4.70 / 3.46 (dense 3.71); rank 336, 16 tokens 5.89 / 4.03 / 3.80 / 3.57, 64 tokens 6.24 / 8.27
+#   / 5.18 / 3.93; 3072x768 rank 168, 16 tokens 5.50 / 4.86 / - / 3.41; 4096² rank 655, 16 tokens
+#   7.12 / 19.2 / - / 4.65. Unsplit, each producer's slab of S and its read of x were as long as
+#   K (all of x per producer, at one SM's share): the split makes the two roles the pick from 1 to
+#   64 tokens on every shape but the square high-rank one above.
 #
 # Beyond the rank split, ranks above 256 take the library path: neither the fusion extended past
 # rank 256 (the intermediate in shared memory, :func:`ds_chain_seconds` with ``any_rank``) nor a

@@ -247,7 +247,8 @@ def test_choose_ds_path(monkeypatch):
     """Forced paths and their fallbacks (the cost rule: tests/sparse24/test_ds_dispatch.py)."""
     monkeypatch.delenv("FASTFACTOR_DS_PATH", raising=False)
     cpu, fp16 = torch.device("cpu"), torch.float16
-    assert K.choose_ds_path(16, 4096, 4096, 257, device=cpu) == "library"      # above the fused rank limit
+    assert K.choose_ds_path(128, 4096, 4096, 257, device=cpu) == "library"     # above the fused rank limit
+    assert K.choose_ds_path(16, 4096, 4096, 257, device=cpu) == "roles"        # a handful of tokens: two roles
     assert K.choose_ds_path(16, 4096, 4096, 257, fp16, cpu) == "two_kernel"    # fp16: no library path
     assert K.choose_ds_path(16, 4096, 4096, 256, fp16, cpu) == "fused"
     monkeypatch.setenv("FASTFACTOR_DS_PATH", "fused")
