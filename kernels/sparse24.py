@@ -2980,7 +2980,11 @@ def sparse24_backward(g, x, values, meta, need_x: bool, need_values: bool, need_
 #   cost dispatch; the kept values' gradient is the exact selection of the dense one).
 # * ``fused``: :func:`ds_chain`, ``t`` in registers (``R_PAD <= 256``), one launch.
 # * ``two_kernel``: our sparse24 kernels and the low-rank family's Triton GEMM (forced only, and
-#   fp16, whose fp32 intermediate cuBLAS cannot take: there is no fp32 x fp16 GEMM).
+#   fp16, whose fp32 intermediate cuBLAS cannot take: there is no fp32 x fp16 GEMM). For fp16 at
+#   ``M <= 64`` tokens it is priced (:func:`ds_two_kernel_seconds`, a lower bound: its GEMM as
+#   ideal cuBLAS) and stands where the library path stands for bf16: the one-launch paths are
+#   taken where predicted >= 5 % faster (H200, predicted: 4096², rank 256, 16 tokens, fp16: was
+#   the fused kernel, 35.7 µs; two-kernel >= 5.95; now the two roles, 3.61).
 #
 # The library path is priced by the model ``fastfactor sol`` applies (kernels/_cost.py: cuBLAS and
 # PyTorch's 2:4 GEMM ideal, our launches by their bytes/FLOPs and fill); the fused kernel is taken
@@ -3542,17 +3546,36 @@ def ds_path_costs(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, device=N
     ro = ds_roles_cost(M, K, N, R, dtype, bias, save_t, _ds_sms(device))
     if ro is not None:
         out["roles"] = ro[0]
+    if not ds_library_ok(dtype) and 0 < M <= DECODE_MAX_M and min(K, N, R) > 0:
+        out["two_kernel"] = ds_two_kernel_seconds(M, K, N, R, dtype, bias, _ds_sms(device))
     return out
+
+
+def ds_two_kernel_seconds(M: int, K: int, N: int, R: int, dtype=torch.float16, bias: bool = True,
+                          sms: Optional[int] = None) -> float:
+    """A lower bound of the two-kernel path (fp16's unfused path: ``t = x·Sᵀ`` into fp32 by our 2:4
+    kernel, then ``t·Dᵀ`` by our Triton GEMM), *predicted*: ``t`` at the decode kernel's planned
+    price (:func:`decode_plan_cost`) up to ``DS_DECODE_MAX_M`` rows, else :func:`sparse24_mm`'s
+    roofline (``path_costs``' ``triton``); the GEMM priced as an ideal cuBLAS product of the fp32
+    ``t`` (our GEMM is no faster), so a one-launch path beating this beats the real pair."""
+    sms = int(sms or _cost.DEFAULT.sms)
+    if M <= DS_DECODE_MAX_M:
+        t1 = decode_plan_cost(M, R, K, sms, _ds_elem(dtype))[0]
+    else:
+        t1 = path_costs(M, K, R, dtype, "fwd")["triton"]
+    return t1 + _gemm_seconds(M, N, R, 4, _ds_elem(dtype), _ds_elem(dtype), bias, dtype)
 
 
 def choose_ds_path(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, device=None, bias: bool = True,
                    save_t: bool = False) -> str:
-    """``'library'``, ``'fused'``, ``'rank_split'`` or ``'two_kernel'`` for a dense-sparse forward of
-    this shape (block comment above): by :func:`ds_path_costs`, one of our kernels (the cheaper of
-    the fused and, at ``M <= DECODE_MAX_M`` tokens, the rank-split launch) only where predicted at
-    least 5 % faster than the library path (``DS_MARGIN``); fp16 (no library path) takes the
-    fused kernel where its rank fits, else ``two_kernel`` (the rank split only when forced: no
-    price of the two-kernel path to weigh it against).
+    """``'library'``, ``'fused'``, ``'rank_split'``, ``'roles'`` or ``'two_kernel'`` for a
+    dense-sparse forward of this shape (block comment above): by :func:`ds_path_costs`, one of our
+    kernels (the cheapest of the fused and, at ``M <= DECODE_MAX_M`` tokens, the rank-split and
+    two-role launches) only where predicted at least 5 % faster than the library path
+    (``DS_MARGIN``). fp16 has no library path: at ``M <= DECODE_MAX_M`` tokens the same rule
+    against the two-kernel path's lower bound (:func:`ds_two_kernel_seconds`), falling back to the
+    fused kernel where its rank fits; above, the fused kernel where its rank fits, else
+    ``two_kernel``.
 
     ``FASTFACTOR_DS_PATH=fused|rank_split|two_kernel|library`` forces a path (``fused`` falls
     back to ``two_kernel`` above the rank limit, ``rank_split`` to ``library`` above
@@ -3572,11 +3595,14 @@ def choose_ds_path(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, device=
     if min(M, K, N, R) <= 0:
         return "library" if ds_library_ok(dtype) else "two_kernel"
     costs = ds_path_costs(M, K, N, R, dtype, device, bias, save_t)
-    if "library" not in costs:
+    base = "library" if "library" in costs else "two_kernel" if "two_kernel" in costs else None
+    if base is None:
         return "fused" if fits else "two_kernel"
     ours = {p: c for p, c in costs.items() if p in ("fused", "rank_split", "roles")
-            and c <= DS_MARGIN * costs["library"]}
-    return min(ours, key=ours.get) if ours else "library"
+            and c <= DS_MARGIN * costs[base]}
+    if ours:
+        return min(ours, key=ours.get)
+    return base if base == "library" or not fits else "fused"
 
 
 def ds_chain(

@@ -108,7 +108,15 @@ def test_fp16_and_forced_paths(on_gpu_model, monkeypatch):
     assert not K.ds_library_ok(fp16) and K.ds_bwd_path(fp16) == "two_kernel"
     assert "library" not in K.ds_path_costs(16384, 4096, 4096, 655, fp16, CUDA)
     assert K.choose_ds_path(16384, 4096, 4096, 655, fp16, CUDA) == "two_kernel"
-    assert K.choose_ds_path(64, 768, 3072, 168, fp16, CUDA) == "fused"
+    assert K.choose_ds_path(128, 768, 3072, 168, fp16, CUDA) == "fused"
+    # a handful of tokens: our one-launch paths against the two-kernel path's lower bound
+    for M, k, n, R in ((64, 768, 3072, 168), (16, 4096, 4096, 256), (16, 768, 3072, 336)):
+        c = K.ds_path_costs(M, k, n, R, fp16, CUDA)
+        assert "two_kernel" in c and "library" not in c
+        assert K.choose_ds_path(M, k, n, R, fp16, CUDA) == "roles" and c["roles"] <= K.DS_MARGIN * c["two_kernel"]
+    assert K.choose_ds_path(1, 768, 768, 192, fp16, CUDA) == "rank_split"
+    assert "two_kernel" not in K.ds_path_costs(128, 768, 3072, 168, fp16, CUDA)
+    assert K.ds_two_kernel_seconds(16, 768, 3072, 168) > K.decode_plan_cost(16, 168, 768, 132)[0]
     assert K.ds_bwd_path(BF16) == "library"
     monkeypatch.setenv("FASTFACTOR_DS_PATH", "two_kernel")
     assert K.ds_bwd_path(BF16) == "two_kernel"

@@ -249,8 +249,9 @@ def test_choose_ds_path(monkeypatch):
     cpu, fp16 = torch.device("cpu"), torch.float16
     assert K.choose_ds_path(128, 4096, 4096, 257, device=cpu) == "library"     # above the fused rank limit
     assert K.choose_ds_path(16, 4096, 4096, 257, device=cpu) == "roles"        # a handful of tokens: two roles
-    assert K.choose_ds_path(16, 4096, 4096, 257, fp16, cpu) == "two_kernel"    # fp16: no library path
-    assert K.choose_ds_path(16, 4096, 4096, 256, fp16, cpu) == "fused"
+    assert K.choose_ds_path(128, 4096, 4096, 257, fp16, cpu) == "two_kernel"   # fp16: no library path
+    assert K.choose_ds_path(128, 4096, 4096, 256, fp16, cpu) == "fused"
+    assert K.choose_ds_path(16, 4096, 4096, 256, fp16, cpu) == "roles"         # against the two-kernel bound
     monkeypatch.setenv("FASTFACTOR_DS_PATH", "fused")
     assert K.choose_ds_path(8192, 4096, 4096, 64, device=cpu) == "fused"
     assert K.choose_ds_path(16, 4096, 4096, 600, device=cpu) == "two_kernel"
