@@ -573,13 +573,27 @@ RS_CHUNKS = (16, 32, 64)
 RS_TILES = (32, 64, 128, 256)
 
 
+def _per_split(n: int, splits: int, quantum: int) -> int:
+    """Elements per split of a split reduction: ``ceil(n / splits)`` rounded up to ``quantum``."""
+    return -(-(-(-n // splits)) // quantum) * quantum
+
+
+#: register slots (16-bit) a thread of the rank-split / two-role kernels may hold (:func:`_rs_fits`)
+RS_SLOTS = 104
+
+
+def _rs_stage2_slots(bn: int, br: int, bm: int) -> int:
+    """16-bit slots of a program's second product: the ``D`` tile ``(bn, br)``, the chunk of
+    ``t`` ``(br, bm)`` and the fp32 ``yᵀ`` tile ``(bn, bm)``."""
+    return bn * br + br * bm + 2 * bn * bm
+
+
 def _rs_fits(br: int, bn: int, bm: int, bk: int, nw: int) -> bool:
     """Register footprint of a rank-split config, 16-bit slots a thread (as :func:`_decode_fits`):
     stage 1 holds the expanded ``S`` tile, the ``x`` tile and the fp32 chunk of ``t``; stage 2 the
-    ``D`` tile, ``t`` and the fp32 partial of ``y``; the larger of the two within 104 a thread."""
+    ``D`` tile, ``t`` and the fp32 partial of ``y``; the larger of the two within ``RS_SLOTS`` a thread."""
     one = br * bk + bk * bm + 2 * br * bm
-    two = bn * br + br * bm + 2 * bn * bm
-    return max(one, two) <= 104 * 32 * nw
+    return max(one, _rs_stage2_slots(bn, br, bm)) <= RS_SLOTS * 32 * nw
 
 
 def rs_space(BLOCK_R: int, BLOCK_N: int, BLOCK_M: int, **_) -> list[dict]:
@@ -630,8 +644,7 @@ def roles_rank_step(R: int, BLOCK_R: int, BLOCK_N: int, BLOCK_M: int) -> int:
     none does (the planner's tiles fit at ``BLOCK_R``). Wide steps read ``t``'s rows in long runs:
     at rank 168 (a 336-byte row pitch) 16-wide steps touched twice the sectors they read."""
     for bc in (ROLES_C_STEP, 32, 16):
-        if BLOCK_R <= bc <= max(BLOCK_R, next_pow2(R)) and \
-                BLOCK_N * bc + bc * BLOCK_M + 2 * BLOCK_N * BLOCK_M <= 104 * 32 * 4:
+        if BLOCK_R <= bc <= max(BLOCK_R, next_pow2(R)) and _rs_stage2_slots(BLOCK_N, bc, BLOCK_M) <= RS_SLOTS * 32 * 4:
             return bc
     return BLOCK_R
 
@@ -642,7 +655,7 @@ def roles_k_split(K: int, ks: int) -> tuple[int, int]:
     splits that then hold inputs."""
     if ks <= 1:
         return 1, int(K)
-    kps = -(-(-(-K // ks)) // ROLES_K_QUANTUM) * ROLES_K_QUANTUM
+    kps = _per_split(K, ks, ROLES_K_QUANTUM)
     return -(-K // kps), kps
 
 
@@ -2242,7 +2255,7 @@ def _plan_times(dram: float, l2: float, issue: float, f: float) -> tuple[float, 
 
 def _decode_kps(K: int, sk: int) -> int:
     """Inputs per split: ``ceil(K / sk)`` rounded up to :data:`DECODE_K_QUANTUM`."""
-    return -(-(-(-K // sk)) // DECODE_K_QUANTUM) * DECODE_K_QUANTUM
+    return _per_split(K, sk, DECODE_K_QUANTUM)
 
 
 def decode_launch_bytes(M: int, N: int, K: int, bn: int, sk: int, elem: int = 2) -> dict:
@@ -2421,7 +2434,7 @@ DXD_TILES = (32, 64, 128, 256)
 
 
 def _dxd_nps(N: int, sk: int) -> int:
-    return -(-(-(-N // sk)) // DXD_N_QUANTUM) * DXD_N_QUANTUM
+    return _per_split(N, sk, DXD_N_QUANTUM)
 
 
 def dx_decode_launch_bytes(M: int, N: int, K: int, bk: int, sk: int, elem: int = 2, dv: bool = False) -> dict:
@@ -3424,7 +3437,7 @@ def _roles_pick(M, K, N, R, dtype, bias, save_t, sms, prmt, k_split=True) -> Opt
 
 def _bd_nps(N: int, sk: int) -> int:
     """Columns of ``g`` per split: ``ceil(N / sk)`` rounded up to :data:`BD_N_QUANTUM`."""
-    return -(-(-(-N // sk)) // BD_N_QUANTUM) * BD_N_QUANTUM
+    return _per_split(N, sk, BD_N_QUANTUM)
 
 
 def ds_bwd_dense_plans(M: int, N: int, R: int, dtype=torch.bfloat16, need_dt: bool = True, need_dd: bool = True,
