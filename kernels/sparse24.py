@@ -367,6 +367,9 @@ DXD_SPACE = [
     dict(BLOCK_N=128, num_warps=4, num_stages=3),
     dict(BLOCK_N=64, num_warps=8, num_stages=3),
     dict(BLOCK_N=128, num_warps=8, num_stages=3),
+    # without the cp.async pipeline, for a GPU's autotuner (as DECODE_SPACE; 128 rows a step at
+    # 8 warps spilled 8 B in the sm_90 build at BLOCK_K 128 / 32 tokens, so not that one)
+    dict(BLOCK_N=64, num_warps=4, num_stages=1),
 ]
 #: every N split is a multiple of this (the largest BLOCK_N of the space)
 DXD_N_QUANTUM = 128
@@ -449,6 +452,12 @@ DECODE_SPACE = [   # BLOCK_K >= 128 on a GPU (_prune_decode): a row's codes are 
     dict(BLOCK_K=128, num_warps=4, num_stages=4),
     dict(BLOCK_K=128, num_warps=8, num_stages=3),
     dict(BLOCK_K=256, num_warps=8, num_stages=3),
+    # without the cp.async pipeline, for a GPU's autotuner: the async wgmma's register staging and
+    # the shared-memory reads of the staged codes and values go (sm_90 main loop at 128x128 / 8
+    # warps: 259 -> 166 instructions a warp and step); whether one step in flight keeps the DRAM
+    # rate only a GPU tells. Last, so that the model, blind to stages, keeps the configs above
+    dict(BLOCK_K=128, num_warps=8, num_stages=1),
+    dict(BLOCK_K=256, num_warps=4, num_stages=1),
 ]
 
 
