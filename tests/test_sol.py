@@ -295,3 +295,23 @@ def test_issue_term_by_hand_and_missing_sass():
     extra = (hand + H200.launch_s) - base["detail"][0]["seconds"]
     assert row["predicted_ms"] == pytest.approx(base["predicted_ms"] + extra * 1e3)
     assert row["speedup_vs_dense"] == pytest.approx(row["dense_ms"] / row["predicted_ms"])
+
+
+def test_expansion_budget_by_hand():
+    """The 2:4 expansion budget: main-loop instructions of the compiled build over the weights a
+    warp expands in a step (BLOCK_N·BLOCK_K / num_warps); the widest of the row's decode launches."""
+    from fastfactor.sol import budgets as B
+    from fastfactor.sol.device import H200
+
+    def launch(loop, bn=128, bk=128, nw=8, kernel="sparse24.decode"):
+        return dict(kernel=kernel, config_label="x", constexprs=dict(BLOCK_N=bn),
+                    config=dict(BLOCK_K=bk, num_warps=nw), sass=dict(loop_instructions=loop))
+
+    ok, fig, tgt = B.check("expansion", dict(detail=[launch(259)]), H200)
+    assert not ok and fig.startswith("0.126 ") and tgt == "<= 0.05 a weight"       # 259 / 2048
+    assert B.check("expansion", dict(detail=[launch(100)]), H200)[0]                 # 0.049
+    assert not B.check("expansion", dict(detail=[launch(100), launch(100, bn=32, nw=4)]), H200)[0]
+    assert B.check("expansion", dict(detail=[launch(166)]), H200, limit=0.09)[0]     # 0.081
+    # nothing to judge is a failure, not a pass
+    assert not B.check("expansion", dict(detail=[launch(100, kernel="sparse24.dx_decode")]), H200)[0]
+    assert not B.check("expansion", dict(detail=[dict(launch(0), sass=dict(loop_instructions=0))]), H200)[0]

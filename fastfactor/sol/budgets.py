@@ -139,6 +139,26 @@ def sass(row: dict, device):
         "no LDL/STL, no STG.E.U16, LDG.E.128/LDGSTS.128/UTMALDG (sm_90)"
 
 
+def expansion(row: dict, device, kernel: str = "sparse24.decode", limit: float = 0.05):
+    """The 2:4 expansion's cost in the compiled sm_90 build of the chosen config (``attach_sass``):
+    the main loop's instructions (one warp's static SASS, run once a step) per weight that warp
+    expands in a step (``BLOCK_N·BLOCK_K / num_warps``), at most ``limit``."""
+    got = []
+    for e in row["detail"]:
+        f = e.get("sass")
+        if e["kernel"] != kernel or not f:
+            continue
+        if "error" in f or not f.get("loop_instructions"):
+            return False, f"{kernel} {e['config_label']}: no main loop read", f"<= {limit} a weight"
+        weights = e["constexprs"]["BLOCK_N"] * e["config"]["BLOCK_K"] / e["config"].get("num_warps", 4)
+        got.append((f["loop_instructions"] / weights, f["loop_instructions"], e["config_label"]))
+    if not got:
+        return False, f"no {kernel} launch in the row", f"<= {limit} a weight"
+    ipw, n, label = max(got)
+    return ipw <= limit, f"{ipw:.3f} instructions a weight ({n} a warp and step, {label}; compiled sm_90)", \
+        f"<= {limit} a weight"
+
+
 def attach_sass(row: dict, arch: int = 90) -> dict:
     """Compile (cached) and read the SASS of every launch of the row; facts under ``e['sass']``."""
     from .sass import jobs_for, read_launches
@@ -149,7 +169,8 @@ def attach_sass(row: dict, arch: int = 90) -> dict:
     return row
 
 
-CHECKS = {"reread": reread, "fill": fill, "access": access, "flops": flops, "speedup": speedup, "sass": sass}
+CHECKS = {"reread": reread, "fill": fill, "access": access, "flops": flops, "speedup": speedup, "sass": sass,
+          "expansion": expansion}
 
 
 def check(name: str, row: dict, device, **kw):
