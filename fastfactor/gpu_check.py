@@ -12,9 +12,11 @@ offline GPU image (``PYTHONPATH=$PWD python3 -m fastfactor.gpu_check --out $OUT`
    at W 4096x4096 bf16 and 16, 12 and 1 tokens, our decode kernel with the planner's pick and the
    plans (BLOCK_N, split_k) = (32, 1), (64, 2), (128, 4), each with byte permutes (PRMT) and with
    compare-and-select (``FASTFACTOR_SPARSE24_PRMT=0``), next to PyTorch's 2:4 GEMM (16 tokens),
-   dense ``F.linear`` and the planner's predicted times; the dx decode PRMT on / off at 16 tokens.
-   It decides the plan policy (``kernels._cost.robust_pick`` vs the narrow plan the 9 TB/s L2 lead
-   favours) and the PRMT default;
+   dense ``F.linear`` and the planner's predicted times; the dx decode PRMT on / off at 16 tokens;
+   at 16 tokens the pick (forward and dx) once more with the autotuner also offered the configs
+   without the cp.async pipeline (``FASTFACTOR_SPARSE24_UNPIPELINED=1``: rows ``*_unpipelined``,
+   the tuned config in ``config``). It decides the plan policy (``kernels._cost.robust_pick`` vs
+   the narrow plan the 9 TB/s L2 lead favours), the PRMT default and whether to offer those configs;
 5. every sol row timed on the GPU — ours, dense ``F.linear`` and the unfused PyTorch path — with
    CUDA-graph medians over inputs rotated past the L2 (``fastfactor.bench.timing``); the rows of
    :data:`ROW_ALTERNATIVES` also with a dispatch switch (column ``alternatives``: the Monarch split
@@ -250,6 +252,22 @@ def _prmt_env(on: bool):
             os.environ[PRMT_ENV] = old
 
 
+@contextlib.contextmanager
+def _unpipelined_env():
+    """The decode kernels' autotuner inside also times their configs without the cp.async pipeline
+    (``FASTFACTOR_SPARSE24_UNPIPELINED=1``, read at each prune)."""
+    from .kernels.sparse24 import UNPIPELINED_ENV
+
+    old = os.environ.get(UNPIPELINED_ENV)
+    os.environ[UNPIPELINED_ENV] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(UNPIPELINED_ENV, None)
+        if old is not None:
+            os.environ[UNPIPELINED_ENV] = old
+
+
 def _config_str(c) -> str:
     kw = ",".join(f"{k}={v}" for k, v in sorted(getattr(c, "kwargs", {}).items()))
     return f"{kw},w{getattr(c, 'num_warps', '?')},s{getattr(c, 'num_stages', '?')}"
@@ -362,8 +380,14 @@ def time_decode_variants(device, dry: bool, seconds: float = VARIANT_S) -> dict:
                     a, b = pred.get(plan, (None, None))
                     row = dict(op="decode", tokens=M, plan=f"{plan[0]}x{plan[1]}", pick=plan == pick, prmt=prmt,
                                pred_us=a and a * 1e6, pred_low_us=b and b * 1e6)
-                    run(row, [lambda x=x, v=v, m=m, plan=plan: decode(x, v, m, plan)
-                              for x, (v, m) in zip(xs, packed)], ref, K._sp_decode_tuned)
+                    calls = [lambda x=x, v=v, m=m, plan=plan: decode(x, v, m, plan) for x, (v, m) in zip(xs, packed)]
+                    run(row, calls, ref, K._sp_decode_tuned)
+                    if plan == pick and on and M == tokens[0]:
+                        # the pick again, its autotuner also offered the configs without the pipeline
+                        with _unpipelined_env():
+                            run(dict(op="decode_unpipelined", tokens=M, plan=row["plan"], pick=True, prmt=prmt,
+                                     pred_us=row["pred_us"], pred_low_us=row["pred_low_us"]),
+                                calls, ref, K._sp_decode_tuned)
         if K.torch24_eligible(M, Kin, N, dt, device):
             run(dict(op="torch24", tokens=M), [lambda x=x, v=v, m=m: K.torch24_linear(x, v, m, bias)
                                                for x, (v, m) in zip(xs, packed)], ref)
@@ -380,8 +404,12 @@ def time_decode_variants(device, dry: bool, seconds: float = VARIANT_S) -> dict:
                 low = {p: b for _, b, p in K.dx_decode_plans(M, N, Kin, sms)}.get((bk, sk))
                 row = dict(op="dx_decode", tokens=M, plan=f"{bk}x{sk}", pick=True, prmt=prmt,
                            pred_us=t_nom * 1e6, pred_low_us=low and low * 1e6)
-                run(row, [lambda g=g, v=v, m=m: dx_decode(g, v, m, db) for g, (v, m) in zip(gs, packed)],
-                    dref, K._sp_dx_decode_tuned)
+                calls = [lambda g=g, v=v, m=m: dx_decode(g, v, m, db) for g, (v, m) in zip(gs, packed)]
+                run(row, calls, dref, K._sp_dx_decode_tuned)
+                if on:
+                    with _unpipelined_env():
+                        run(dict(op="dx_decode_unpipelined", tokens=M, plan=f"{bk}x{sk}", pick=True, prmt=prmt,
+                                 pred_us=t_nom * 1e6, pred_low_us=low and low * 1e6), calls, dref, K._sp_dx_decode_tuned)
         run(dict(op="dense_dx", tokens=M), [lambda g=g, wi=wi: g @ wi for g, wi in zip(gs, dense)], dref)
 
     dev = _cost.DEFAULT
@@ -415,6 +443,10 @@ def _variant_summary(rows: list) -> list:
                   for r in dec if r["prmt"] == on and on and ("decode", r["plan"], 0) in got]
         if ratios:
             line += f"; select / prmt time {min(ratios):.2f}-{max(ratios):.2f} over the plans"
+        unp = got.get(("decode_unpipelined", pick and pick["plan"], on))
+        if unp is not None and pick is not None:
+            line += (f"; the pick with unpipelined configs offered {unp['measured_us'] / pick['measured_us']:.2f}x "
+                     f"its time (tuned: {unp.get('config') or '?'})")
         for op in ("torch24", "dense"):
             if (op, None, None) in got and pick is not None:
                 line += f"; {op} {got[(op, None, None)]['measured_us'] / pick['measured_us']:.2f}x the pick's time"
@@ -424,7 +456,7 @@ def _variant_summary(rows: list) -> list:
 
 def _variants_md(variants: dict, fmt) -> str:
     """The decode-variant section of ``gpu-check.md``."""
-    text = "\n## 2:4 decode variants (issue 15: plan policy, PRMT default)\n\n"
+    text = "\n## 2:4 decode variants (issue 15: plan policy, PRMT default, pipeline)\n\n"
     if "rows" not in variants:
         return text + f"Not run: {variants.get('skipped') or variants.get('error')}\n"
     text += (f"{variants['shape']}, {variants['impl']}, {variants['sms']} SMs. `measured_us`: median µs "

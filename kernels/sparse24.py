@@ -367,8 +367,8 @@ DXD_SPACE = [
     dict(BLOCK_N=128, num_warps=4, num_stages=3),
     dict(BLOCK_N=64, num_warps=8, num_stages=3),
     dict(BLOCK_N=128, num_warps=8, num_stages=3),
-    # without the cp.async pipeline, for a GPU's autotuner (as DECODE_SPACE; 128 rows a step at
-    # 8 warps spilled 8 B in the sm_90 build at BLOCK_K 128 / 32 tokens, so not that one)
+    # without the cp.async pipeline (as DECODE_SPACE's; 128 rows a step at 8 warps spilled 8 B
+    # in the sm_90 build at BLOCK_K 128 / 32 tokens, so not that one)
     dict(BLOCK_N=64, num_warps=4, num_stages=1),
 ]
 #: every N split is a multiple of this (the largest BLOCK_N of the space)
@@ -452,10 +452,11 @@ DECODE_SPACE = [   # BLOCK_K >= 128 on a GPU (_prune_decode): a row's codes are 
     dict(BLOCK_K=128, num_warps=4, num_stages=4),
     dict(BLOCK_K=128, num_warps=8, num_stages=3),
     dict(BLOCK_K=256, num_warps=8, num_stages=3),
-    # without the cp.async pipeline, for a GPU's autotuner: the async wgmma's register staging and
-    # the shared-memory reads of the staged codes and values go (sm_90 main loop at 128x128 / 8
-    # warps: 259 -> 166 instructions a warp and step); whether one step in flight keeps the DRAM
-    # rate only a GPU tells. Last, so that the model, blind to stages, keeps the configs above
+    # without the cp.async pipeline (the autotuner sees them with FASTFACTOR_SPARSE24_UNPIPELINED=1:
+    # unpipelined_ok): the async wgmma's register staging and the shared-memory reads of the
+    # staged codes and values go (sm_90 main loop at 128x128 / 8 warps: 259 -> 166 instructions a
+    # warp and step); whether one step in flight keeps the DRAM rate only a GPU tells. Last, so
+    # that the model, blind to stages, keeps the configs above
     dict(BLOCK_K=128, num_warps=8, num_stages=1),
     dict(BLOCK_K=256, num_warps=4, num_stages=1),
 ]
@@ -487,18 +488,31 @@ def _fitting_space(space: list, fixed: int, bm: int, tuned: str, ok=None) -> lis
     return [c for c in space[1:] if ok(fixed, bm, c[tuned], c["num_warps"])]
 
 
+#: ``FASTFACTOR_SPARSE24_UNPIPELINED=1`` lets the decode kernels' autotuner time their configs
+#: without the cp.async pipeline (``num_stages=1``: fewer instructions a step, one step's loads in
+#: flight), which it otherwise never sees (the default until a GPU has timed them: ``make gpu-check``)
+UNPIPELINED_ENV = "FASTFACTOR_SPARSE24_UNPIPELINED"
+
+
+def unpipelined_ok() -> bool:
+    """Whether the decode kernels' autotuner may take configs without the pipeline (:data:`UNPIPELINED_ENV`)."""
+    return _forced(UNPIPELINED_ENV, ("0", "1")) == "1"
+
+
 def _prune_fitting(configs_, named_args, kwargs, fixed: str, tuned: str, least: int, last: bool, ok=None):
     """Autotuner prune of a decode-family kernel: on a GPU only configs with ``tuned >= least``
     (16-byte code rows / wide g loads) that fit the registers (``ok``, default
-    :func:`_decode_ok`); if none fits, the last (``last``) or first such config."""
+    :func:`_decode_ok`), the unpipelined ones only with :func:`unpipelined_ok`; if none fits,
+    the last (``last``) or first pipelined such config."""
     ok = ok or _decode_ok
     f = kwargs.get(fixed, named_args.get(fixed))
     bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
     if _config.is_interpreter():
         return configs_
     wide = [c for c in configs_ if c.kwargs[tuned] >= least]
-    kept = [c for c in wide if ok(f, bm, c.kwargs[tuned], c.num_warps)]
-    return kept or (wide[-1:] if last else wide[:1]) or configs_
+    piped = [c for c in wide if c.num_stages > 1]
+    kept = [c for c in (wide if unpipelined_ok() else piped) if ok(f, bm, c.kwargs[tuned], c.num_warps)]
+    return kept or (piped[-1:] if last else piped[:1]) or wide[:1] or configs_
 
 
 def decode_space(BLOCK_N: int, BLOCK_M: int, **_) -> list[dict]:

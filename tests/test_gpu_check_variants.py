@@ -43,6 +43,12 @@ def test_decode_variants_launch_each_expansion(monkeypatch):
     assert [p for p in seen["dx"]][0] == on and seen["dx"][-1] == 0
     for op in ("dense", "dense_dx"):
         assert [r for r in rows if r["op"] == op and r["measured_us"] > 0], op
+    # the pick once more with the unpipelined configs offered (forward and dx, first M, PRMT on)
+    for op in ("decode_unpipelined", "dx_decode_unpipelined"):
+        (r,) = [r for r in rows if r["op"] == op]
+        assert r["prmt"] == on and r["pick"] and r["measured_us"] > 0 and r["rel_err"] < 2e-2, r
+        assert r["plan"] == next(x["plan"] for x in rows if x["op"] == op[: -len("_unpipelined")] and x["pick"])
+    assert K.UNPIPELINED_ENV not in os.environ
     assert len(v["summary"]) == len(gc.DRY_VARIANT_TOKENS) and "fastest decode" in v["summary"][0]
     md = gc._variants_md(v, str)
     assert "| op | tokens | plan |" in md and md.count("| decode |") == len([r for r in rows if r["op"] == "decode"])
@@ -86,3 +92,14 @@ def test_prmt_env_restores(monkeypatch):
     with gc._prmt_env(True):
         assert gc.PRMT_ENV not in os.environ and K.prmt_mode(True) > 0
     assert os.environ[gc.PRMT_ENV] == "1"
+
+
+def test_unpipelined_env_restores(monkeypatch):
+    monkeypatch.setenv(K.UNPIPELINED_ENV, "0")
+    with gc._unpipelined_env():
+        assert K.unpipelined_ok()
+    assert os.environ[K.UNPIPELINED_ENV] == "0" and not K.unpipelined_ok()
+    monkeypatch.delenv(K.UNPIPELINED_ENV)
+    with gc._unpipelined_env():
+        assert K.unpipelined_ok()
+    assert K.UNPIPELINED_ENV not in os.environ

@@ -315,3 +315,36 @@ def test_backward_takes_db_from_the_dx_launch(triton_cpu, monkeypatch):
     assert_close_ref(b.grad, g.double().sum(0), torch.float32, reduction=6, name="db")
     dx64 = g.double() @ K.unpack_24(values.detach().double(), w.meta, 64)
     assert_close_ref(x.grad, dx64, torch.float32, reduction=48, name="dx")
+
+
+def test_unpipelined_configs_only_on_request(monkeypatch):
+    """The configs without the cp.async pipeline are compiled (the compile tier) but reach the
+    autotuner only with FASTFACTOR_SPARSE24_UNPIPELINED=1; the deterministic config and the
+    fallback when nothing fits stay pipelined; a bad value is an error naming the variable."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(_config, "is_interpreter", lambda: False)
+    as_cfgs = lambda space: [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+                                           num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in space]
+    stages = lambda cs: sorted({c["num_stages"] if isinstance(c, dict) else c.num_stages for c in cs})
+    for space, prune, args in ((K.DECODE_SPACE, K._prune_decode, dict(BLOCK_N=128, BLOCK_M=16)),
+                               (K.DXD_SPACE, K._prune_dx_decode, dict(BLOCK_K=64, BLOCK_M=16))):
+        assert 1 in stages(space[1:])
+        monkeypatch.delenv(K.UNPIPELINED_ENV, raising=False)
+        default = prune(as_cfgs(space), args)
+        assert default and 1 not in stages(default)
+        monkeypatch.setenv(K.UNPIPELINED_ENV, "1")
+        both = prune(as_cfgs(space), args)
+        assert stages(both) == [1, 3] and [c for c in both if c.num_stages > 1] == default
+        monkeypatch.setenv(K.UNPIPELINED_ENV, "0")
+        assert prune(as_cfgs(space), args) == default
+        monkeypatch.setenv(K.UNPIPELINED_ENV, "yes")
+        with pytest.raises(ValueError, match=K.UNPIPELINED_ENV):
+            prune(as_cfgs(space), args)
+    monkeypatch.delenv(K.UNPIPELINED_ENV)
+    # nothing fits 256 rows x 64 tokens: the last pipelined config, as before the unpipelined ones
+    (fb,) = K._prune_decode(as_cfgs(K.DECODE_SPACE), dict(BLOCK_N=256, BLOCK_M=64))
+    assert fb.num_stages > 1 and fb.kwargs["BLOCK_K"] == 256 and fb.num_warps == 8
+    monkeypatch.setenv(K.UNPIPELINED_ENV, "1")
+    assert K._prune_decode(as_cfgs(K.DECODE_SPACE), dict(BLOCK_N=256, BLOCK_M=64)) == [fb]
+    # the deterministic launch keeps the pipelined default
+    assert K._sp_decode_tuned.fixed_config(dict(BLOCK_N=128, BLOCK_M=16)).num_stages > 1
