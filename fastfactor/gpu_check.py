@@ -238,34 +238,31 @@ PRMT_ENV = "FASTFACTOR_SPARSE24_PRMT"
 
 
 @contextlib.contextmanager
-def _prmt_env(on: bool):
-    """The 2:4 expansion of the launches inside: byte permutes (``PRMT_ENV`` unset, the default) or
-    compare-and-select (``PRMT_ENV=0``). The launchers read the variable at each launch."""
-    old = os.environ.pop(PRMT_ENV, None)
-    if not on:
-        os.environ[PRMT_ENV] = "0"
+def _env(var: str, value: Optional[str]):
+    """``var`` set to ``value`` inside (unset for ``None``), then put back as found."""
+    old = os.environ.pop(var, None)
+    if value is not None:
+        os.environ[var] = value
     try:
         yield
     finally:
-        os.environ.pop(PRMT_ENV, None)
+        os.environ.pop(var, None)
         if old is not None:
-            os.environ[PRMT_ENV] = old
+            os.environ[var] = old
 
 
-@contextlib.contextmanager
+def _prmt_env(on: bool):
+    """The 2:4 expansion of the launches inside: byte permutes (``PRMT_ENV`` unset, the default) or
+    compare-and-select (``PRMT_ENV=0``). The launchers read the variable at each launch."""
+    return _env(PRMT_ENV, None if on else "0")
+
+
 def _unpipelined_env():
     """The decode kernels' autotuner inside also times their configs without the cp.async pipeline
     (``FASTFACTOR_SPARSE24_UNPIPELINED=1``, read at each prune)."""
     from .kernels.sparse24 import UNPIPELINED_ENV
 
-    old = os.environ.get(UNPIPELINED_ENV)
-    os.environ[UNPIPELINED_ENV] = "1"
-    try:
-        yield
-    finally:
-        os.environ.pop(UNPIPELINED_ENV, None)
-        if old is not None:
-            os.environ[UNPIPELINED_ENV] = old
+    return _env(UNPIPELINED_ENV, "1")
 
 
 def _config_str(c) -> str:
