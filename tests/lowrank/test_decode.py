@@ -288,3 +288,36 @@ def test_gpu_decode_repeated_launches_and_cuda_graph(dtype, M, d, r):
         assert all(torch.equal(a, b) for a, b in zip(first, K.decode_bwd(gy, x, u, v, t, True)))
     torch.cuda.synchronize()
     assert K._counters(x.device).tolist() == [0, 0, 0, 0]
+
+
+def test_decode_tile_plan_never_predicted_slower_than_the_widest():
+    """The decode tiles are the widest unless narrower ones are predicted >= 1 % faster (small
+    layers: more, smaller programs); large layers keep the widest; every plan covers K and N."""
+    dev = K.COST_DEVICE
+    for M, k, n, r in ((16, 768, 768, 192), (16, 768, 768, 96), (16, 768, 768, 48), (64, 768, 3072, 64),
+                       (16, 4096, 4096, 512), (16, 4096, 4096, 256), (1, 3072, 768, 128), (3, 515, 17, 112)):
+        t = K.decode_tiles(M, k, n, r)
+        rp = t["R_PAD"]
+        fit = 1 << ((16384 // rp).bit_length() - 1)
+        assert t["BLOCK_K"] <= max(16, min(128, fit)) and t["BLOCK_N"] <= max(16, min(64, fit))
+        assert (t["N0"] - 1) * t["KC"] < k <= t["N0"] * t["KC"] and t["N0"] <= K.DECODE_PRODUCERS
+        assert (t["N2"] - 1) * t["BLOCK_N"] < n <= t["N2"] * t["BLOCK_N"] and t["N1"] == -(-r // 16)
+        widest = K._decode_launch_of(
+            dict(t, BLOCK_K=max(16, min(128, fit)), BLOCK_N=max(16, min(64, fit)),
+                 **_producers(k, max(16, min(128, fit))), N2=-(-n // max(16, min(64, fit)))),
+            M, k, n, r, 2, 2, True, dev).seconds(dev)
+        mine = K._decode_launch_of(t, M, k, n, r, 2, 2, True, dev).seconds(dev)
+        assert mine == widest or mine <= K.DECODE_TILE_MARGIN * widest, (M, k, n, r, t)
+    # 768², rank 192, 16 tokens: 48 consumers of 16 rows instead of 12 of 64 (36 -> 72 programs)
+    t = K.decode_tiles(16, 768, 768, 192)
+    assert (t["BLOCK_N"], t["N0"] + t["N1"] + t["N2"]) == (16, 72)
+    # 4096², rank 512: the widest fitting tiles, as before the plan
+    t = K.decode_tiles(16, 4096, 4096, 512)
+    assert (t["BLOCK_K"], t["BLOCK_N"], t["N0"], t["KC"]) == (32, 32, 32, 128)
+
+
+def _producers(k, bk):
+    steps = -(-k // bk)
+    n0 = min(steps, K.DECODE_PRODUCERS)
+    kc = -(-steps // n0) * bk
+    return dict(N0=-(-k // kc), KC=kc)
