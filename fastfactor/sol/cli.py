@@ -307,7 +307,10 @@ def run(args) -> int:
         print(f"\nmodules compressed together ({args.joint}): one shared-V launch against the separate layers "
               f"({PREDICTED})")
         print(format_table(jrows, columns=JCOLUMNS))
-    m = meta(sys.argv[1:], args.device)
+    # the command as typed: `fastfactor sol ARGS` runs here in-process when TRITON_INTERPRET is set
+    # (sys.argv = [fastfactor, sol, ARGS]), `python -m fastfactor.sol.cli ARGS` otherwise
+    typed = sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "sol" else sys.argv[1:]
+    m = meta(list(getattr(args, "_argv", typed)), args.device)
     if jrows:
         m["joint_rows"] = jrows
     if args.json:
