@@ -162,9 +162,14 @@ ROW_ALTERNATIVES = {
 
 @contextlib.contextmanager
 def _env(values: dict):
-    """The environment variables ``values`` set inside (the launchers read them at each launch)."""
+    """The environment variables ``values`` set inside (``None``: unset), then put back as found
+    (the launchers read them at each launch)."""
     old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     try:
         yield
     finally:
@@ -237,24 +242,10 @@ VARIANT_MIN_S = 10.0
 PRMT_ENV = "FASTFACTOR_SPARSE24_PRMT"
 
 
-@contextlib.contextmanager
-def _env(var: str, value: Optional[str]):
-    """``var`` set to ``value`` inside (unset for ``None``), then put back as found."""
-    old = os.environ.pop(var, None)
-    if value is not None:
-        os.environ[var] = value
-    try:
-        yield
-    finally:
-        os.environ.pop(var, None)
-        if old is not None:
-            os.environ[var] = old
-
-
 def _prmt_env(on: bool):
     """The 2:4 expansion of the launches inside: byte permutes (``PRMT_ENV`` unset, the default) or
     compare-and-select (``PRMT_ENV=0``). The launchers read the variable at each launch."""
-    return _env(PRMT_ENV, None if on else "0")
+    return _env({PRMT_ENV: None if on else "0"})
 
 
 def _unpipelined_env():
@@ -262,7 +253,7 @@ def _unpipelined_env():
     (``FASTFACTOR_SPARSE24_UNPIPELINED=1``, read at each prune)."""
     from .kernels.sparse24 import UNPIPELINED_ENV
 
-    return _env(UNPIPELINED_ENV, "1")
+    return _env({UNPIPELINED_ENV: "1"})
 
 
 def _config_str(c) -> str:
