@@ -1739,6 +1739,15 @@ def decode_tiles(M: int, K: int, N: int, R: int) -> Optional[dict]:
     return dict(_decode_tile_pick(M, K, N, R))
 
 
+def producer_chunks(n: int, step: int) -> tuple[int, int]:
+    """``(producers, elements per producer)`` of a decode kernel's split reduction over ``n``
+    elements in steps of ``step``: at most :data:`DECODE_PRODUCERS` producers, each a whole number
+    of steps, none empty."""
+    steps = -(-n // step)
+    per = -(-steps // min(steps, DECODE_PRODUCERS)) * step
+    return -(-n // per), per
+
+
 @functools.lru_cache(maxsize=4096)
 def _decode_tile_pick(M: int, K: int, N: int, R: int) -> tuple:
     """:func:`decode_tiles`' plan as ``(key, value)`` pairs (cached: the launcher asks every call):
@@ -1750,11 +1759,9 @@ def _decode_tile_pick(M: int, K: int, N: int, R: int) -> tuple:
     bk_max, bn_max = max(16, min(128, fit)), max(16, min(64, fit))
 
     def plan(bk, bn):
-        steps = -(-K // bk)
-        n0 = min(steps, DECODE_PRODUCERS)
-        kc = -(-steps // n0) * bk
+        n0, kc = producer_chunks(K, bk)
         return dict(BLOCK_M=max(16, next_pow2(M)), R0=pieces[0], R1=pieces[1], R2=pieces[2], R_PAD=rp,
-                    BLOCK_K=bk, BLOCK_R=16, BLOCK_N=bn, N0=-(-K // kc), N1=-(-R // 16), N2=-(-N // bn), KC=kc)
+                    BLOCK_K=bk, BLOCK_R=16, BLOCK_N=bn, N0=n0, N1=-(-R // 16), N2=-(-N // bn), KC=kc)
 
     dev = COST_DEVICE
     seconds = lambda t: _decode_launch_of(t, M, K, N, R, 2, 2, True, dev).seconds(dev)
@@ -1844,10 +1851,7 @@ def decode_bwd_tiles(M: int, K: int, N: int, R: int) -> Optional[dict]:
         return None
     fit = 1 << ((DECODE_MAX_ACC // rp).bit_length() - 1)
     bn = bk = max(16, min(64, fit))
-    steps = -(-N // bn)
-    n0 = min(steps, DECODE_PRODUCERS)
-    nc = -(-steps // n0) * bn
-    n0 = -(-N // nc)
+    n0, nc = producer_chunks(N, bn)
     return dict(BLOCK_M=bm, R0=pieces[0], R1=pieces[1], R2=pieces[2], R_PAD=rp, BLOCK_N=bn, BLOCK_K=bk,
                 BLOCK_R=16, N0=n0, N1=-(-R // 16), N2=-(-K // bk), NC=nc)
 

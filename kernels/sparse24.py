@@ -598,7 +598,8 @@ RS_TILES = (32, 64, 128, 256)
 
 def _per_split(n: int, splits: int, quantum: int) -> int:
     """Elements per split of a split reduction: ``ceil(n / splits)`` rounded up to ``quantum``."""
-    return -(-(-(-n // splits)) // quantum) * quantum
+    per = -(-n // splits)
+    return -(-per // quantum) * quantum
 
 
 #: register slots (16-bit) a thread of the rank-split / two-role kernels may hold (:func:`_rs_fits`)

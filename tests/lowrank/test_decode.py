@@ -304,7 +304,8 @@ def test_decode_tile_plan_never_predicted_slower_than_the_widest():
         assert (t["N2"] - 1) * t["BLOCK_N"] < n <= t["N2"] * t["BLOCK_N"] and t["N1"] == -(-r // 16)
         widest = K._decode_launch_of(
             dict(t, BLOCK_K=max(16, min(128, fit)), BLOCK_N=max(16, min(64, fit)),
-                 **_producers(k, max(16, min(128, fit))), N2=-(-n // max(16, min(64, fit)))),
+                 **dict(zip(("N0", "KC"), K.producer_chunks(k, max(16, min(128, fit))))),
+                 N2=-(-n // max(16, min(64, fit)))),
             M, k, n, r, 2, 2, True, dev).seconds(dev)
         mine = K._decode_launch_of(t, M, k, n, r, 2, 2, True, dev).seconds(dev)
         assert mine == widest or mine <= K.DECODE_TILE_MARGIN * widest, (M, k, n, r, t)
@@ -314,10 +315,6 @@ def test_decode_tile_plan_never_predicted_slower_than_the_widest():
     # 4096², rank 512: the widest fitting tiles, as before the plan
     t = K.decode_tiles(16, 4096, 4096, 512)
     assert (t["BLOCK_K"], t["BLOCK_N"], t["N0"], t["KC"]) == (32, 32, 32, 128)
-
-
-def _producers(k, bk):
-    steps = -(-k // bk)
-    n0 = min(steps, K.DECODE_PRODUCERS)
-    kc = -(-steps // n0) * bk
-    return dict(N0=-(-k // kc), KC=kc)
+    # the producers' chunking by hand: 768 in steps of 64 -> 12 of 64; 4096 / 32 -> 32 of 128;
+    # 515 / 16 -> 33 steps, 32 producers of 2 steps -> 17 (the last one partial), none empty
+    assert [K.producer_chunks(*a) for a in ((768, 64), (4096, 32), (515, 16))] == [(12, 64), (32, 128), (17, 32)]
