@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # pytest workers (pytest-xdist): one per core; the interpreter tiers are single-threaded Python
 PYTEST_JOBS ?= auto
 
-.PHONY: install test test-cpu test-compile test-gpu demo bench clean gpu-check gpu-check-dry sol
+.PHONY: install test test-cpu test-compile test-gpu demo bench clean gpu-check gpu-check-dry sol perf
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,11 @@ gpu-check:
 
 gpu-check-dry:
 	PYTHONPATH=$(CURDIR) $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m fastfactor.gpu_check --dry --out $(GPU_CHECK_OUT)-dry $(GPU_CHECK_ARGS)
+
+## the perf tier alone (model, no GPU); `make perf FIGURES=gpu-check.json` judges it with a GPU's
+## measured figures in place of the leads (an XPASS is an xfail they settle)
+perf: install
+	TRITON_INTERPRET=1 $(if $(FIGURES),FASTFACTOR_DEVICE_FIGURES=$(abspath $(FIGURES)),) $(PY) -m pytest -q -ra tests/test_perf.py
 
 ## speed of light (model, no GPU): the three issue presets into profiling/results/sol-*.{json,csv,md,png}
 sol: install

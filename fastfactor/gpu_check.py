@@ -3,10 +3,16 @@
 In at most ``--budget-s`` seconds (default 480: 8 minutes) on one H100/H200, in place on the
 offline GPU image (``PYTHONPATH=$PWD python3 -m fastfactor.gpu_check --out $OUT``):
 
-1. the device and its two ceilings, measured (bf16 8192³ matmul; device copy, read + write bytes;
-   L2 -> SM bandwidth from repeated reads of a buffer that fits in L2);
+1. the device and its ceilings, measured (bf16 8192³ matmul; device copy, read + write bytes;
+   L2 -> SM bandwidth from repeated reads of a buffer that fits in L2; the per-launch floor, one
+   tiny kernel replayed in a CUDA graph as the rows are timed);
 2. the predictions of ``fastfactor sol`` for the perf tier's rows, computed meanwhile on the CPU
-   (a child process under the Triton interpreter, using the committed counts cache when present);
+   (a child process under the Triton interpreter, using the committed counts cache when present),
+   once with the model's figures (its leads: columns ``_pred``) and once with the ceilings just
+   measured in their place (``kernels._cost.calibrated``: columns ``_cal_pred``), so the run
+   tells both how far the leads are off and how well the model's form predicts once they are not;
+   ``gpu-check.json`` is itself the figures file (``fastfactor sol --figures gpu-check.json``,
+   ``FASTFACTOR_DEVICE_FIGURES`` for the dispatchers);
 3. the GPU correctness tier (``pytest -m gpu``), as much as fits in its share of the budget;
 4. the 2:4 decode variants (issue 15; :func:`time_decode_variants`, ``--variants-s``, default 50 s):
    at W 4096x4096 bf16 and 16, 12 and 1 tokens, our decode kernel with the planner's pick and the
@@ -66,8 +72,10 @@ def _rows(dry: bool):
     return dict(tier.ROWS)
 
 
-def _predict_child(rows: dict, path: str, device: str) -> subprocess.Popen:
-    """Start the sol predictions in a child process under the interpreter (CPU work)."""
+def _predict_child(rows: dict, path: str, device: str, figures: Optional[str] = None) -> subprocess.Popen:
+    """Start the sol predictions in a child process under the interpreter (CPU work): with the
+    model's figures (``figures`` None: the leads, whatever the caller's environment says) or with
+    those of the gpu-check file ``figures`` (``FASTFACTOR_DEVICE_FIGURES``)."""
     spec = {k: [s.method, s.in_features, s.out_features, s.tokens, s.param, s.direction, s.dtype]
             for k, s in rows.items()}
     code = (
@@ -86,13 +94,40 @@ def _predict_child(rows: dict, path: str, device: str) -> subprocess.Popen:
         f"    json.dump(out, open({path!r}, 'w'))\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1", FASTFACTOR_CPU_BACKEND="reference")
+    env.pop(_cost_figures_env(), None)
+    if figures:
+        env[_cost_figures_env()] = figures
     env.setdefault("PYTHONPATH", os.getcwd())
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 
+def _cost_figures_env() -> str:
+    from .kernels._cost import FIGURES_ENV
+
+    return FIGURES_ENV
+
+
+def _figures_file(ceilings: dict, name: str, model_dev: str, folder: str) -> Optional[str]:
+    """A gpu-check-shaped file holding only this run's ceilings (so the second predictions child
+    can start before the run ends); None on a dry run (CPU figures calibrate nothing)."""
+    if not ceilings or name.startswith("cpu"):
+        return None
+    from .bench.report import git_commit
+
+    path = os.path.join(folder, "figures.json")
+    meta = dict(schema="fastfactor-gpu-check/1", device=name, dry=False, model_device=model_dev,
+                commit=git_commit()[0], ceilings=ceilings,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    with open(path, "w") as f:
+        json.dump(dict(meta=meta), f)
+    return path
+
+
 def measure_ceilings(device, dry: bool) -> dict:
-    """bf16 matmul rate, device copy bandwidth (read + write), and L2 -> SM read bandwidth."""
+    """bf16 matmul rate, device copy bandwidth (read + write), L2 -> SM read bandwidth and the
+    per-launch floor: the figures ``FASTFACTOR_DEVICE_FIGURES`` / ``fastfactor sol --figures``
+    put in place of the model's leads (``kernels._cost.calibrated``)."""
     import torch
 
     from .bench.timing import time_calls
@@ -115,6 +150,11 @@ def measure_ceilings(device, dry: bool) -> dict:
     reps = 1 if dry else 32
     t = time_calls([lambda: [small.sum() for _ in range(reps)]], device, warmup_ms=10, rep_ms=50, use_graph=not dry)
     out["l2_read_tbs"] = reps * small.numel() * 4 / (t.ms * 1e-3) / 1e12
+    del small
+    # the launch floor: one tiny kernel, timed as the rows are (below 0.1 ms: replayed in a CUDA graph)
+    tiny = torch.zeros(1, device=device)
+    t = time_calls([lambda: tiny.add_(1.0)], device, warmup_ms=10, rep_ms=50, use_graph=not dry)
+    out["launch_us"] = t.ms * 1e3
     return out
 
 
@@ -178,6 +218,15 @@ def _env(values: dict):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _read_preds(child, path: str, what: str) -> dict:
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    if child.stderr is not None:
+        print(f"gpu-check: {what} failed: {child.stderr.read()[-500:]}", flush=True)
+    return {}
 
 
 def time_row(spec, device, dry: bool, alternatives: Optional[dict] = None) -> dict:
@@ -499,6 +548,10 @@ def main(argv=None) -> int:
 
     ceilings = measure_ceilings(device, args.dry)
     print("ceilings: " + ", ".join(f"{k}={v:.3g}" for k, v in ceilings.items()), flush=True)
+    # the same predictions with the figures just measured in place of the leads (not on a dry run)
+    cal_file = _figures_file(ceilings, name, model_dev, os.path.dirname(pred_path))
+    cal_path = os.path.join(os.path.dirname(pred_path), "pred-measured-figures.json")
+    cal_child = _predict_child(rows, cal_path, model_dev, cal_file) if cal_file else None
     tests = {"skipped": "--no-tests"} if args.no_tests else run_gpu_tests(0.3 * budget, args.out, args.dry)
     print(f"gpu tests: {tests}", flush=True)
 
@@ -533,13 +586,15 @@ def main(argv=None) -> int:
     except subprocess.TimeoutExpired:
         child.kill()
         child.wait()
-    preds = {}
-    if os.path.exists(pred_path):
-        with open(pred_path) as f:
-            preds = json.load(f)
-    elif child.stderr is not None:
-        err = child.stderr.read()[-500:]
-        print(f"gpu-check: predictions failed: {err}", flush=True)
+    preds = _read_preds(child, pred_path, "predictions")
+    cal_preds = {}
+    if cal_child is not None:
+        try:
+            cal_child.wait(timeout=max(5.0, budget - (time.time() - t_start) - 3))
+        except subprocess.TimeoutExpired:
+            cal_child.kill()
+            cal_child.wait()
+        cal_preds = _read_preds(cal_child, cal_path, "predictions with the measured figures")
 
     table = []
     for key, spec in rows.items():
@@ -555,6 +610,12 @@ def main(argv=None) -> int:
         if m.get("ours_ms"):
             r["speedup_vs_dense"] = (m.get("dense_ms") or 0) / m["ours_ms"]
             r["speedup_vs_unfused"] = (m.get("unfused_ms") or 0) / m["ours_ms"]
+        cp = cal_preds.get(key, {})
+        r["ours_cal_pred_ms"] = cp.get("predicted_ms")
+        if r["ours_ms"] and r["ours_cal_pred_ms"]:
+            r["ours_measured_over_cal_predicted"] = r["ours_ms"] / r["ours_cal_pred_ms"]
+        if cp.get("predicted_ms") and cp.get("dense_ms"):
+            r["cal_pred_speedup_vs_dense"] = cp["dense_ms"] / cp["predicted_ms"]
         if pr.get("predicted_ms"):
             r["pred_speedup_vs_dense"] = pr["dense_ms"] / pr["predicted_ms"] if pr.get("dense_ms") else None
             r["pred_speedup_vs_unfused"] = pr["unfused_ms"] / pr["predicted_ms"] if pr.get("unfused_ms") else None
@@ -576,9 +637,9 @@ def main(argv=None) -> int:
     base = os.path.join(args.out, "gpu-check")
     with open(base + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=table, decode_variants=variants), f, indent=1, default=str)
-    cols = ["row", "ours_ms", "ours_pred_ms", "dense_ms", "dense_pred_ms", "unfused_ms", "unfused_pred_ms",
-            "speedup_vs_dense", "pred_speedup_vs_dense", "speedup_vs_unfused", "pred_speedup_vs_unfused",
-            "alternatives", "error"]
+    cols = ["row", "ours_ms", "ours_pred_ms", "ours_cal_pred_ms", "dense_ms", "dense_pred_ms", "unfused_ms",
+            "unfused_pred_ms", "speedup_vs_dense", "pred_speedup_vs_dense", "cal_pred_speedup_vs_dense",
+            "speedup_vs_unfused", "pred_speedup_vs_unfused", "alternatives", "error"]
     with open(base + ".csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["device", "commit", "dry"] + cols)
@@ -587,7 +648,9 @@ def main(argv=None) -> int:
     fmt = lambda v: "—" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
     with open(base + ".md", "w") as f:
         f.write(f"Measured on {name}{' (DRY RUN: CPU, tiny shapes, figures meaningless)' if args.dry else ''}, "
-                f"commit {commit[:12]}, {meta['date']}; `_pred` columns are the sol model ({PREDICTED}).\n\n")
+                f"commit {commit[:12]}, {meta['date']}; `_pred` columns are the sol model ({PREDICTED}), "
+                f"`_cal_pred` the same model with the ceilings below in place of its leads "
+                f"(`fastfactor sol --figures gpu-check.json`).\n\n")
         f.write("ceilings: " + ", ".join(f"{k} {v:.3g}" for k, v in ceilings.items()) + "\n\n")
         f.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
         for r in table:

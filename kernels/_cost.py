@@ -30,7 +30,9 @@ bytes over HBM plus the launch floor (:func:`library_seconds`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,9 @@ class Device:
     # choose plans that hold up there too (robust_pick); replace both with the measured figure
     l2_bw_low: float = 5.5e12
     sources: tuple = ()
+    #: where the figures come from: ``"leads"`` (this module's constants) or the gpu-check file
+    #: they were measured into (:func:`calibrated`)
+    figures: str = "leads"
 
 
 H200 = Device(
@@ -101,9 +106,93 @@ H100 = Device(
 
 DEVICES = {"h200": H200, "h100": H100}
 
-#: the device the dispatchers predict with when they cannot know better (an H200 of this workplace;
-#: only ``sms`` is replaced by the real device's SM count)
-DEFAULT = H200
+# --------------------------------------------------------------------------------------------
+# measured figures: a gpu-check run replaces the leads
+# --------------------------------------------------------------------------------------------
+
+#: path of a ``gpu-check.json`` (``python -m fastfactor.gpu_check``) whose measured ceilings replace
+#: the figures of the device it ran on, for the dispatchers and ``fastfactor sol`` alike (read once,
+#: when this module is imported; ``fastfactor sol --figures PATH`` sets it)
+FIGURES_ENV = "FASTFACTOR_DEVICE_FIGURES"
+
+#: gpu-check ceiling -> (Device field, factor to the field's unit); see :func:`calibrated`
+CEILING_FIELDS = {
+    "copy_tbs": ("hbm_bw", 1e12),          # device-to-device copy, read + write bytes
+    "matmul_tflops": ("bf16_rate", 1e12),  # 8192^3 bf16 torch.matmul
+    "l2_read_tbs": ("l2_bw", 1e12),        # an L2-resident 16 MiB buffer summed 32 times in a CUDA graph
+    "launch_us": ("launch_s", 1e-6),       # one tiny kernel replayed in a CUDA graph (the rows' timing)
+}
+
+
+def calibrated(device: Device, ceilings: dict, origin: str) -> Device:
+    """``device`` with the figures a GPU measured (``ceilings``: gpu-check's ``meta.ceilings``)
+    in place of its leads; a ceiling gpu-check did not record keeps the lead.
+
+    ``copy_tbs`` -> ``hbm_bw``; ``matmul_tflops`` -> ``bf16_rate`` (``tf32_rate`` scaled by the
+    same factor: the datasheet ratio kept); ``l2_read_tbs`` -> ``l2_bw`` and ``l2_bw_low`` (a
+    measured figure has no range: the planners' robust pick then takes the fastest plan at it);
+    ``launch_us`` -> ``launch_s``. ``origin`` (the file) goes to :attr:`Device.figures` and the
+    sources. Raises ``ValueError`` naming the ceiling when a figure is not a positive number."""
+    changes, notes = {}, []
+    for key, (field, unit) in CEILING_FIELDS.items():
+        if ceilings.get(key) is None:
+            continue
+        v = ceilings[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{origin}: ceilings.{key}: expected a positive number, got {v!r}")
+        changes[field] = float(v) * unit
+        notes.append(f"{field} = {key} {v:.4g}")
+    if "bf16_rate" in changes:
+        changes["tf32_rate"] = device.tf32_rate * changes["bf16_rate"] / device.bf16_rate
+    if "l2_bw" in changes:
+        changes["l2_bw_low"] = changes["l2_bw"]
+    if not changes:
+        return device
+    src = f"measured ({origin}): " + ", ".join(notes) + "; the other figures are the leads below"
+    return dataclasses.replace(device, figures=origin, sources=(src,) + tuple(device.sources), **changes)
+
+
+def read_figures(path: str) -> tuple:
+    """``(device key, ceilings, origin)`` of a ``gpu-check.json``: the model device it ran as
+    (``meta.model_device``), its measured ceilings and a label (file, GPU, commit, date). Raises
+    ``ValueError`` naming the file and what is wrong: unreadable, not a gpu-check result, a dry run
+    (CPU figures), an unknown device."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{FIGURES_ENV}: expected a gpu-check.json, could not read {path!r} ({e})") from None
+    meta = doc.get("meta") if isinstance(doc, dict) else None
+    if not isinstance(meta, dict) or not str(meta.get("schema", "")).startswith("fastfactor-gpu-check/"):
+        raise ValueError(f"{FIGURES_ENV}: expected a gpu-check.json (meta.schema fastfactor-gpu-check/...), "
+                         f"got {path!r} without it")
+    if meta.get("dry"):
+        raise ValueError(f"{FIGURES_ENV}: {path!r} is a dry run (CPU, tiny shapes): its figures are not a GPU's")
+    key = str(meta.get("model_device", "")).lower()
+    if key not in DEVICES:
+        raise ValueError(f"{FIGURES_ENV}: {path!r}: meta.model_device: expected one of {sorted(DEVICES)}, "
+                         f"got {meta.get('model_device')!r}")
+    ceilings = meta.get("ceilings")
+    if not isinstance(ceilings, dict):
+        raise ValueError(f"{FIGURES_ENV}: {path!r}: meta.ceilings: expected the measured ceilings, got {ceilings!r}")
+    origin = (f"{os.path.basename(path)}: {meta.get('device', '?')}, commit {str(meta.get('commit', '?'))[:12]}, "
+              f"{meta.get('date', '?')}")
+    return key, ceilings, origin
+
+
+def _from_env() -> Device:
+    path = os.environ.get(FIGURES_ENV)
+    if not path:
+        return H200
+    key, ceilings, origin = read_figures(path)
+    DEVICES[key] = calibrated(DEVICES[key], ceilings, origin)
+    return DEVICES[key]
+
+
+#: the device the dispatchers predict with when they cannot know better (an H200 of this workplace,
+#: or the device a gpu-check file named by ``FASTFACTOR_DEVICE_FIGURES`` measured, with its
+#: figures; only ``sms`` is replaced by the real device's SM count)
+DEFAULT = _from_env()
 
 
 def rate_for(dtype: str, device: Device, hgmma: bool = True) -> float:

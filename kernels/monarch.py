@@ -2036,9 +2036,7 @@ def rows_ksplit_plan(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inte
     back), plus, since the reducers run after their tiles' last partial, the reducer's own bytes
     (the other partials, its output tiles, their second-factor gathers) at one SM's share of the
     L2 bandwidth. **Predicted, not measured.**"""
-    from fastfactor.sol.device import H200
-
-    dev = H200 if sms is None or sms == H200.sms else dataclasses.replace(H200, sms=sms)
+    dev = _cost.DEFAULT if sms is None or sms == _cost.DEFAULT.sms else dataclasses.replace(_cost.DEFAULT, sms=sms)
     if not rows_ksplit_ok(b, r, in_interleaved) or M <= 0 or K <= 0 or N <= 0:
         return float("inf"), None
     kb, nb = cdiv(K, b), cdiv(N, b)
@@ -2097,7 +2095,7 @@ def rows_ksplit_plan(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inte
 def _path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int = 2,
                   inter: int = 2, save_h: bool = False, strided: bool = True, dev=None,
                   in_interleaved: bool = False) -> float:
-    """Predicted forward seconds of ``path`` on ``dev`` (default: the H200 of ``fastfactor sol``),
+    """Predicted forward seconds of ``path`` on ``dev`` (default: the dispatchers' device, ``kernels._cost.DEFAULT``),
     counting bytes moved *and* tensor FLOPs issued (tile padding included), each launch
     ``max(DRAM bytes / HBM, issued FLOPs / (rate · fill)) + launch floor`` with the device
     figures and the matrix rates of :mod:`fastfactor.sol.model` (HMMA share for tiles under 64
@@ -2105,9 +2103,8 @@ def _path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: int =
     ``sol`` models them (``torch_op_time``: every operand moved once, cuBLAS at the roofline).
     """
     from fastfactor.sol import model as SM
-    from fastfactor.sol.device import H200
 
-    dev = dev or H200
+    dev = dev or _cost.DEFAULT
     kb, nb = cdiv(K, b), cdiv(N, b)
     Kp, Np, br = b * kb, b * nb, b * r
     hw = b * br                                  # h per row
@@ -2216,9 +2213,8 @@ def _bwd_path_seconds(M: int, K: int, N: int, b: int, r: int, path: str, elem: i
     (``g`` read once; :func:`rows_dw2`), summed by the weight-gradient launch beside ``dw1``
     instead of reading ``g`` again; None: as the launcher decides. **Predicted, not measured.**"""
     from fastfactor.sol import model as SM
-    from fastfactor.sol.device import H200
 
-    dev = dev or H200
+    dev = dev or _cost.DEFAULT
     kb, nb = cdiv(K, b), cdiv(N, b)
     Kp, Np, br = b * kb, b * nb, b * r
     hw = b * br
@@ -2437,9 +2433,7 @@ def _ksplit_pick(M: int, F_IN: int, F_OUT: int, NB: int, R: int, elem: int, inte
     t, plan = rows_ksplit_plan(M, F_IN, F_OUT, NB, R, elem, inter, save_h, sms, quantum, in_interleaved)
     if plan is None or force:
         return plan
-    from fastfactor.sol.device import H200
-
-    dev = H200 if sms == H200.sms else dataclasses.replace(H200, sms=sms)
+    dev = _cost.DEFAULT if sms == _cost.DEFAULT.sms else dataclasses.replace(_cost.DEFAULT, sms=sms)
     unsplit = _path_seconds(M, F_IN, F_OUT, NB, R, "rows_unsplit", elem, inter, save_h, dev=dev,
                             in_interleaved=in_interleaved)
     return plan if t < unsplit else None
@@ -2498,11 +2492,9 @@ def rows_dw2(M: int, K: int, N: int, b: int, r: int, elem: int = 2, inter: int =
 def _dw2_faster(M: int, K: int, N: int, b: int, r: int, elem: int, inter: int, need_w1: bool, strided: bool,
                 sms: int) -> bool:
     """:func:`rows_dw2`'s model decision, cached per shape (the launcher asks at every backward)."""
-    from fastfactor.sol.device import H200
-
     if cdiv(M, ROWS_DW2_BLOCK_M) < sms:
         return False   # its row blocks alone must fill the SMs (the DW2 launch never splits outputs)
-    dev = H200 if sms == H200.sms else dataclasses.replace(H200, sms=sms)
+    dev = _cost.DEFAULT if sms == _cost.DEFAULT.sms else dataclasses.replace(_cost.DEFAULT, sms=sms)
     kw = dict(elem=elem, inter=inter, need_w1=need_w1, strided=strided, dev=dev)
     return (_bwd_path_seconds(M, K, N, b, r, "rows", dw2=True, **kw)
             < _bwd_path_seconds(M, K, N, b, r, "rows", dw2=False, **kw))

@@ -53,6 +53,10 @@ def _add_args(p) -> None:
     p.add_argument("--directions", help="fwd,bwd,fwd+bwd (default: the preset's, else fwd,fwd+bwd)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--device", default="h200", choices=("h200", "h100"))
+    p.add_argument("--figures", metavar="GPU_CHECK_JSON",
+                   help="a gpu-check.json: its measured ceilings (HBM, bf16 rate, L2 -> SM, launch floor) replace "
+                        "the leads of the device it ran on, for the model and the dispatchers' path choice "
+                        "(FASTFACTOR_DEVICE_FIGURES)")
     p.add_argument("--configs", default="all", choices=("all", "fixed"),
                    help="all: the fastest predicted autotune candidate per launch; fixed: deterministic mode's config")
     p.add_argument("--out", help="folder for sol-<name>.json/.csv/.md (and .png with --plot)")
@@ -176,7 +180,7 @@ def meta(args_list=None, device=None) -> dict:
     return dict(schema="fastfactor-sol/1", status=PREDICTED, commit=commit, dirty=dirty,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 command="fastfactor sol " + " ".join(args_list or sys.argv[1:]),
-                triton=triton.__version__, device=dev.name,
+                triton=triton.__version__, device=dev.name, figures=dev.figures,
                 device_figures=dict(sms=dev.sms, hbm_bw=dev.hbm_bw, l2_bytes=dev.l2_bytes, l2_bw=dev.l2_bw,
                                     bf16_rate=dev.bf16_rate, tf32_rate=dev.tf32_rate,
                                     hmma_fraction=dev.hmma_fraction, launch_s=dev.launch_s,
@@ -197,7 +201,8 @@ def write_outputs(rows, m: dict, json_path=None, csv_path=None, md_path=None) ->
                            + [r.get("issued_flops"), r.get("useful_flops"), r.get("dram_bytes")])
     if md_path:
         with open(md_path, "w") as f:
-            f.write(f"**Model ({PREDICTED})** — {m['device']}, commit {m['commit'][:12]}, {m['date']}, "
+            figs = "" if m.get("figures", "leads") == "leads" else f", measured figures of {m['figures']}"
+            f.write(f"**Model ({PREDICTED})** — {m['device']}{figs}, commit {m['commit'][:12]}, {m['date']}, "
                     f"`{m['command']}`\n\n")
             f.write(format_table(rows, markdown=True) + "\n")
 
@@ -232,10 +237,32 @@ def _interpreted() -> bool:
     return _config.is_interpreter()
 
 
+def _figures_env(args) -> Optional[str]:
+    """The value ``FASTFACTOR_DEVICE_FIGURES`` must have for ``args.figures`` (None without it);
+    raises ``ValueError`` (the file named) when the file is not a GPU's gpu-check result."""
+    if not getattr(args, "figures", None):
+        return None
+    from ..kernels._cost import read_figures
+
+    path = os.path.abspath(args.figures)
+    read_figures(path)
+    return path
+
+
 def main_args(args) -> int:
-    if not _interpreted():
-        # counting needs interpreted kernels, decided when the kernel modules are imported
+    try:
+        figures = _figures_env(args)
+    except ValueError as e:
+        print(f"fastfactor sol: --figures: {e}", file=sys.stderr)
+        return 2
+    from ..kernels._cost import FIGURES_ENV
+
+    if not _interpreted() or (figures and os.environ.get(FIGURES_ENV) != figures):
+        # counting needs interpreted kernels, decided when the kernel modules are imported; the
+        # figures too are read at that import
         env = dict(os.environ, TRITON_INTERPRET="1")
+        if figures:
+            env[FIGURES_ENV] = figures
         cmd = [sys.executable, "-m", "fastfactor.sol.cli"] + list(args._argv if hasattr(args, "_argv") else sys.argv[2:])
         return subprocess.call(cmd, env=env)
     return run(args)
@@ -251,7 +278,7 @@ def run(args) -> int:
         print(f"fastfactor sol: {e}", file=sys.stderr)
         return 2
     dev = get_device(args.device)
-    print(f"fastfactor sol — {dev.name} — {PREDICTED} — {len(specs)} rows", flush=True)
+    print(f"fastfactor sol — {dev.name} — {PREDICTED} — {len(specs)} rows — figures: {dev.figures}", flush=True)
     rows, pairs = [], []
     for s in specs:
         try:
@@ -336,6 +363,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not _interpreted():
         print("fastfactor sol: set TRITON_INTERPRET=1 (python -m fastfactor.sol.cli does not re-execute)", file=sys.stderr)
+        return 2
+    from ..kernels._cost import FIGURES_ENV
+
+    try:
+        figures = _figures_env(args)
+    except ValueError as e:
+        print(f"fastfactor sol: --figures: {e}", file=sys.stderr)
+        return 2
+    if figures and os.environ.get(FIGURES_ENV) != figures:
+        print(f"fastfactor sol: --figures: set {FIGURES_ENV}={figures} as well (python -m fastfactor.sol.cli does "
+              "not re-execute; the figures are read when the kernels are imported)", file=sys.stderr)
         return 2
     return run(args)
 
