@@ -124,6 +124,70 @@ def _figures_file(ceilings: dict, name: str, model_dev: str, folder: str) -> Opt
     return path
 
 
+_L2_PROBE = {}
+
+
+def _l2_probe_kernel():
+    """The L2 probe kernel, defined on first use (under ``TRITON_INTERPRET=1`` if set by then)."""
+    if "k" not in _L2_PROBE:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _l2_probe(
+            src_ptr,   # (n,) fp32 buffer that fits in the L2, n a multiple of BLOCK
+            out_ptr,   # (programs, BLOCK) fp32: each program's sums (keeps the loads live)
+            n,
+            REPS: tl.constexpr,    # passes over the buffer
+            BLOCK: tl.constexpr,   # fp32 a program loads per step
+        ):
+            """Every pass reads the whole buffer once, split over the programs in BLOCK-wide
+            chunks; pass ``r`` starts each program ``r`` chunks further on, so no program reads the
+            chunk it read the pass before (L1 is bypassed anyway: ``.cg``)."""
+            pid = tl.program_id(0)
+            nprog = tl.num_programs(0)
+            offs = tl.arange(0, BLOCK)
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for r in range(REPS):
+                for start in range(((pid + r) % nprog) * BLOCK, n, nprog * BLOCK):
+                    acc += tl.load(src_ptr + start + offs, cache_modifier=".cg")
+            tl.store(out_ptr + pid * BLOCK + offs, acc)
+
+        _L2_PROBE["k"] = _l2_probe
+    return _L2_PROBE["k"]
+
+
+def l2_triton_tbs(device, n: int = 4 << 20, reps: tuple = (8, 24), block: int = 2048, check: bool = True) -> float:
+    """L2 -> SM read bandwidth (TB/s) as our kernels see it: :func:`_l2_probe_kernel` over an
+    ``n``-float buffer (16 MiB: resident in the L2) with 4 programs an SM, timed at two pass counts;
+    the difference of the two times over the difference of the bytes, so the launch floor and the
+    first (DRAM) pass cancel. ``check``: the sums must equal the passes times the buffer's sum."""
+    import torch
+
+    from .bench.timing import time_calls
+    from .kernels import _config
+
+    if n % block:
+        raise ValueError(f"n: expected a multiple of block={block}, got {n}")
+    k = _l2_probe_kernel()
+    progs = 4 * _config.num_sms(device)
+    src = torch.rand(n, device=device, dtype=torch.float32)
+    out = torch.empty((progs, block), device=device, dtype=torch.float32)
+    times = []
+    for r in reps:
+        call = lambda r=r: k[(progs,)](src, out, n, REPS=r, BLOCK=block)
+        times.append(time_calls([call], device, warmup_ms=10, rep_ms=50).ms * 1e-3)
+        if check:
+            call()
+            want, got = float(src.double().sum()) * r, float(out.double().sum())
+            if abs(got - want) > 1e-4 * abs(want):
+                raise RuntimeError(f"L2 probe: its sums are {got}, expected {want}")
+    dt = times[-1] - times[0]
+    if dt <= 0:
+        raise RuntimeError(f"L2 probe: {reps[-1]} passes timed no slower than {reps[0]} ({times})")
+    return (reps[-1] - reps[0]) * n * 4 / dt / 1e12
+
+
 def measure_ceilings(device, dry: bool) -> dict:
     """bf16 matmul rate, device copy bandwidth (read + write), L2 -> SM read bandwidth and the
     per-launch floor: the figures ``FASTFACTOR_DEVICE_FIGURES`` / ``fastfactor sol --figures``
@@ -151,6 +215,11 @@ def measure_ceilings(device, dry: bool) -> dict:
     t = time_calls([lambda: [small.sum() for _ in range(reps)]], device, warmup_ms=10, rep_ms=50, use_graph=not dry)
     out["l2_read_tbs"] = reps * small.numel() * 4 / (t.ms * 1e-3) / 1e12
     del small
+    if not dry:   # the same from a kernel of ours: 16-byte loads cached in L2 only, every SM busy
+        try:
+            out["l2_triton_tbs"] = l2_triton_tbs(device)
+        except Exception as e:  # noqa: BLE001 - the torch figure above stands; the run goes on
+            print(f"gpu-check: L2 probe kernel failed ({type(e).__name__}: {e}); l2_read_tbs stands", flush=True)
     # the launch floor: one tiny kernel, timed as the rows are (below 0.1 ms: replayed in a CUDA graph)
     tiny = torch.zeros(1, device=device)
     t = time_calls([lambda: tiny.add_(1.0)], device, warmup_ms=10, rep_ms=50, use_graph=not dry)

@@ -115,33 +115,38 @@ DEVICES = {"h200": H200, "h100": H100}
 #: when this module is imported; ``fastfactor sol --figures PATH`` sets it)
 FIGURES_ENV = "FASTFACTOR_DEVICE_FIGURES"
 
-#: gpu-check ceiling -> (Device field, factor to the field's unit); see :func:`calibrated`
+#: Device field -> (the gpu-check ceilings that measure it, first found wins; factor to the field's unit)
 CEILING_FIELDS = {
-    "copy_tbs": ("hbm_bw", 1e12),          # device-to-device copy, read + write bytes
-    "matmul_tflops": ("bf16_rate", 1e12),  # 8192^3 bf16 torch.matmul
-    "l2_read_tbs": ("l2_bw", 1e12),        # an L2-resident 16 MiB buffer summed 32 times in a CUDA graph
-    "launch_us": ("launch_s", 1e-6),       # one tiny kernel replayed in a CUDA graph (the rows' timing)
+    "hbm_bw": (("copy_tbs",), 1e12),             # device-to-device copy, read + write bytes
+    "bf16_rate": (("matmul_tflops",), 1e12),     # 8192^3 bf16 torch.matmul
+    # L2 -> SM: gpu-check's probe kernel (16-byte loads cached in L2 only, 4 programs an SM, the
+    # difference of two pass counts), else an L2-resident 16 MiB buffer summed 32 times by torch
+    "l2_bw": (("l2_triton_tbs", "l2_read_tbs"), 1e12),
+    "launch_s": (("launch_us",), 1e-6),          # one tiny kernel replayed in a CUDA graph (the rows' timing)
 }
 
 
 def calibrated(device: Device, ceilings: dict, origin: str) -> Device:
     """``device`` with the figures a GPU measured (``ceilings``: gpu-check's ``meta.ceilings``)
-    in place of its leads; a ceiling gpu-check did not record keeps the lead.
+    in place of its leads; a figure gpu-check did not record keeps the lead.
 
     ``copy_tbs`` -> ``hbm_bw``; ``matmul_tflops`` -> ``bf16_rate`` (``tf32_rate`` scaled by the
-    same factor: the datasheet ratio kept); ``l2_read_tbs`` -> ``l2_bw`` and ``l2_bw_low`` (a
-    measured figure has no range: the planners' robust pick then takes the fastest plan at it);
-    ``launch_us`` -> ``launch_s``. ``origin`` (the file) goes to :attr:`Device.figures` and the
-    sources. Raises ``ValueError`` naming the ceiling when a figure is not a positive number."""
+    same factor: the datasheet ratio kept); ``l2_triton_tbs`` (else ``l2_read_tbs``) -> ``l2_bw``
+    and ``l2_bw_low`` (a measured figure has no range: the planners' robust pick then takes the
+    fastest plan at it); ``launch_us`` -> ``launch_s``. ``origin`` (the file) goes to
+    :attr:`Device.figures` and the sources. Raises ``ValueError`` naming the ceiling when a figure
+    is not a positive number."""
     changes, notes = {}, []
-    for key, (field, unit) in CEILING_FIELDS.items():
-        if ceilings.get(key) is None:
-            continue
-        v = ceilings[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"{origin}: ceilings.{key}: expected a positive number, got {v!r}")
-        changes[field] = float(v) * unit
-        notes.append(f"{field} = {key} {v:.4g}")
+    for field, (keys, unit) in CEILING_FIELDS.items():
+        for key in keys:
+            if ceilings.get(key) is None:
+                continue
+            v = ceilings[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{origin}: ceilings.{key}: expected a positive number, got {v!r}")
+            if field not in changes:
+                changes[field] = float(v) * unit
+                notes.append(f"{field} = {key} {v:.4g}")
     if "bf16_rate" in changes:
         changes["tf32_rate"] = device.tf32_rate * changes["bf16_rate"] / device.bf16_rate
     if "l2_bw" in changes:

@@ -35,6 +35,9 @@ def test_calibrated_by_hand():
     part = _cost.calibrated(_cost.H200, {"launch_us": 3.0, "copy_tbs": None}, "x")
     assert part.launch_s == pytest.approx(3e-6) and part.hbm_bw == _cost.H200.hbm_bw and part.l2_bw_low == 5.5e12
     assert _cost.calibrated(_cost.H200, {}, "x") is _cost.H200
+    # L2: gpu-check's probe kernel first, torch's sum when the probe is missing
+    both = _cost.calibrated(_cost.H200, {"l2_triton_tbs": 7.5, "l2_read_tbs": 6.0}, "x")
+    assert both.l2_bw == both.l2_bw_low == pytest.approx(7.5e12) and "l2_triton_tbs" in both.sources[0]
     for bad in (0, -1.0, float("nan"), "4.3", True):
         with pytest.raises(ValueError, match=r"ceilings\.copy_tbs: expected a positive number"):
             _cost.calibrated(_cost.H200, {"copy_tbs": bad}, "x")
@@ -135,3 +138,32 @@ def test_gpu_check_figures_file_and_children(tmp_path, monkeypatch):
     G._predict_child({}, str(tmp_path / "q.json"), "h200", path)
     assert _cost.FIGURES_ENV not in seen[0]          # the lead predictions: the leads, whatever the caller set
     assert seen[1][_cost.FIGURES_ENV] == path
+
+
+_L2_PROBE_RUN = """
+import torch
+from fastfactor import gpu_check as G
+from fastfactor.kernels import _config
+assert _config.is_interpreter()
+tbs = G.l2_triton_tbs(torch.device('cpu'), n=4 * 64, reps=(1, 3), block=64)   # checks its sums itself
+assert tbs > 0, tbs
+k = G._l2_probe_kernel()
+src = torch.arange(12 * 16, dtype=torch.float32)
+out = torch.empty((5, 16))
+k[(5,)](src, out, src.numel(), REPS=2, BLOCK=16)   # 12 chunks over 5 programs, each pass rotated
+want = torch.zeros(5, 16)
+for r in range(2):
+    for c in range(12):
+        want[(c - r) % 5] += src[c * 16:(c + 1) * 16]
+assert torch.equal(out, want), (out, want)
+print("ok")
+"""
+
+
+def test_l2_probe_kernel_under_the_interpreter():
+    """gpu-check's L2 probe (run on a GPU only by gpu-check) reads every chunk once a pass, the
+    passes rotated over the programs: its sums by hand, and its figure positive."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.getcwd() + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, "-c", _L2_PROBE_RUN], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout[-2000:] + p.stderr[-3000:]
