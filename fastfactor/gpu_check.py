@@ -4,8 +4,9 @@ In at most ``--budget-s`` seconds (default 480: 8 minutes) on one H100/H200, in 
 offline GPU image (``PYTHONPATH=$PWD python3 -m fastfactor.gpu_check --out $OUT``):
 
 1. the device and its ceilings, measured (bf16 8192³ matmul; device copy, read + write bytes;
-   L2 -> SM bandwidth from repeated reads of a buffer that fits in L2; the per-launch floor, one
-   tiny kernel replayed in a CUDA graph as the rows are timed);
+   L2 -> SM bandwidth from repeated reads of a buffer that fits in L2, by torch's sum and by a
+   probe kernel of ours (:func:`l2_triton_tbs`); the per-launch floor, one tiny kernel replayed in
+   a CUDA graph as the rows are timed);
 2. the predictions of ``fastfactor sol`` for the perf tier's rows, computed meanwhile on the CPU
    (a child process under the Triton interpreter, using the committed counts cache when present),
    once with the model's figures (its leads: columns ``_pred``) and once with the ceilings just
