@@ -673,6 +673,17 @@ def roles_rank_step(R: int, BLOCK_R: int, BLOCK_N: int, BLOCK_M: int) -> int:
     return BLOCK_R
 
 
+def roles_prefetch(BLOCK_N: int, BLOCK_C: int, BLOCK_M: int, elem: int = 2) -> bool:
+    """``PREFETCH`` of the two-role launch: the consumer loads the first ``BLOCK_C``-wide step of
+    its ``D`` tile before waiting for the producers, where that step, the first ``t`` step and the
+    fp32 ``yᵀ`` tile together fit ``RS_SLOTS`` 16-bit slots a thread of 4 warps (:func:`_rs_fits`'
+    rule, ``elem / 2`` slots an element of ``D``; the tiles already held while the step is formed,
+    so almost always). One step only: builds holding two or more spilled on sm_80 / sm_90 (8-504
+    bytes of stack at some producer tiles and steps; compile-check 2026-12-03, Triton 3.9), builds
+    holding one did not (63 of 63)."""
+    return BLOCK_N * BLOCK_C * elem // 2 + BLOCK_C * BLOCK_M + 2 * BLOCK_N * BLOCK_M <= RS_SLOTS * 32 * 4
+
+
 def roles_k_split(K: int, ks: int) -> tuple[int, int]:
     """``(splits, inputs per split)`` of the two-role producers asked for ``ks`` splits of ``K``:
     ``ceil(K / ks)`` rounded up to :data:`ROLES_K_QUANTUM` (``K`` itself for one split), and the
@@ -1823,6 +1834,44 @@ if HAS_TRITON:
                             stride_dtm, stride_dtr, pid_s, pid_c, SPLITS, False, SPLIT, SYNC)
 
     @triton.jit
+    def _roles_d_step(
+        d_ptr,       # (N, R) dense factor D
+        offs_n, mask_n,
+        r0,          # first rank of the step
+        R, stride_dn, stride_dr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """``D[n-tile, r0 : r0 + BLOCK_C]``, ``(BLOCK_N, BLOCK_C)``, zero past ``R``: one step of the
+        two-role consumers."""
+        offs_c = r0 + tl.arange(0, BLOCK_C)
+        return tl.load(d_ptr + offs_n[:, None] * stride_dn + offs_c[None, :] * stride_dr,
+                       mask=mask_n[:, None] & (offs_c < R)[None, :], other=0.0)
+
+    @triton.jit
+    def _roles_t_step(
+        acc,         # (BLOCK_N, BLOCK_M) fp32 yᵀ tile so far
+        d,           # (BLOCK_N, BLOCK_C) the step's D (:func:`_roles_d_step`)
+        t_ptr,       # (M, R) contiguous intermediate t, written by the producers of this launch
+        offs_m, mask_m,
+        r0, R,
+        UPCAST: tl.constexpr,
+        T_FP32: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """``acc + D[n-tile, r0:r0+BLOCK_C]·t[:, r0:r0+BLOCK_C]ᵀ``: one step of the two-role
+        consumers (runs of ``t``'s rows of ``2·BLOCK_C`` bytes, read past L1: written moments before
+        by other programs)."""
+        offs_c = r0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < R
+        tc = tl.load(t_ptr + offs_m[None, :] * R + offs_c[:, None],                    # (BLOCK_C, BLOCK_M) = tᵀ
+                     mask=mask_m[None, :] & mask_c[:, None], other=0.0, cache_modifier=".cg")
+        if UPCAST or T_FP32:  # T_FP32: TF32 dot on the fp32 intermediate
+            d = d.to(tl.float32)
+            tc = tc.to(tl.float32)
+        return tl.dot(d, tc, acc, input_precision=PRECISION)
+
+    @triton.jit
     def _ds_roles_kernel(
         # --- pointers ---
         x_ptr,      # (M, K) input rows, M <= BLOCK_M (a handful of tokens)
@@ -1863,6 +1912,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,     # columns of y per consumer (planned)
         BLOCK_M: tl.constexpr,     # >= M: every token of the launch
         BLOCK_C: tl.constexpr,     # the consumers' step over the rank (roles_rank_step: >= BLOCK_R)
+        PREFETCH: tl.constexpr,    # the consumers load their first step of D before they wait (roles_prefetch)
         BLOCK_K: tl.constexpr,     # the producers' reduction step (tuned)
     ):
         """Dense-sparse ``y = (x·Sᵀ)·Dᵀ + b`` for a few tokens in **one launch, two roles**:
@@ -1873,7 +1923,9 @@ if HAS_TRITON:
           the fp32 partial goes to the split's slice of ``ws`` and the chunk's last arrival sums the
           ``KS`` slices in the order ``s = 0, 1, …`` (:func:`_store_split_yt`: bitwise the same
           whichever arrives last) and stores ``t``;
-        * consumers ``c < N1``: wait for every producer, then ``y[:, Nc] = t·D[Nc, :]ᵀ (+ b)``.
+        * consumers ``c < N1``: load the first step of their ``D`` tile (``PREFETCH``), wait for
+          every producer, then ``y[:, Nc] = t·D[Nc, :]ᵀ (+ b)`` (``BLOCK_C`` ranks a step, in
+          order: the prefetch changes when ``D`` is read, not the products).
 
         A program takes its role from a ticket drawn when it starts (as :func:`lowrank._decode_kernel`),
         so it only waits for programs that started before it: no deadlock whatever the residency,
@@ -1909,20 +1961,18 @@ if HAS_TRITON:
             # twice the sectors they read) ----
             offs_n = (ticket - N0 * KS) * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
+            # the first step of D loaded before the wait (PREFETCH): its read overlaps the producers
+            if PREFETCH:
+                d0 = _roles_d_step(d_ptr, offs_n, mask_n, 0, R, stride_dn, stride_dr, BLOCK_C)
             if SYNC:
                 _role_wait(cnt_ptr + 1, N0 * KS)
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)      # yᵀ tile
-            for r0 in range(0, R, BLOCK_C):
-                offs_c = r0 + tl.arange(0, BLOCK_C)
-                mask_c = offs_c < R
-                d = tl.load(d_ptr + offs_n[:, None] * stride_dn + offs_c[None, :] * stride_dr,   # (BLOCK_N, BLOCK_C)
-                            mask=mask_n[:, None] & mask_c[None, :], other=0.0)
-                tc = tl.load(t_ptr + offs_m[None, :] * R + offs_c[:, None],                    # (BLOCK_C, BLOCK_M) = tᵀ
-                             mask=mask_m[None, :] & mask_c[:, None], other=0.0, cache_modifier=".cg")
-                if UPCAST or T_FP32:  # T_FP32: TF32 dot on the fp32 intermediate
-                    d = d.to(tl.float32)
-                    tc = tc.to(tl.float32)
-                acc = tl.dot(d, tc, acc, input_precision=PRECISION)
+            # the steps in the order r0 = 0, BLOCK_C, ...: the prefetch moves a read, not a product
+            if PREFETCH:
+                acc = _roles_t_step(acc, d0, t_ptr, offs_m, mask_m, 0, R, UPCAST, T_FP32, PRECISION, BLOCK_C)
+            for r0 in range(BLOCK_C if PREFETCH else 0, R, BLOCK_C):
+                d = _roles_d_step(d_ptr, offs_n, mask_n, r0, R, stride_dn, stride_dr, BLOCK_C)
+                acc = _roles_t_step(acc, d, t_ptr, offs_m, mask_m, r0, R, UPCAST, T_FP32, PRECISION, BLOCK_C)
             if HAS_BIAS:
                 acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
             tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn, acc.to(y_ptr.dtype.element_ty),
@@ -2083,12 +2133,13 @@ if HAS_TRITON:
     register_kernel(KernelSpec(
         name="sparse24.ds_roles", fn=_ds_roles_kernel,
         pointers={"smeta_ptr": _I32, "svals_ptr": _I32, "ws_ptr": "fp32", "cnt_ptr": "i32"},
-        constexprs=[dict(BLOCK_R=br, BLOCK_N=bn, BLOCK_M=bm, BLOCK_C=roles_rank_step(168, br, bn, bm), PAIRS=True,
-                         PRMT=2, **_DOT, **_W, HAS_BIAS=hb, T_FP32=False, SPLIT=sp, SYNC=True)
-                    for br, bn, bm, hb, sp in ((16, 32, 16, True, False), (16, 64, 16, False, False),
-                                               (32, 32, 16, True, True), (64, 32, 16, True, False),
-                                               (16, 32, 64, True, True), (32, 64, 64, False, False),
-                                               (16, 32, 16, True, True))],
+        constexprs=[dict(BLOCK_R=br, BLOCK_N=bn, BLOCK_M=bm, BLOCK_C=roles_rank_step(168, br, bn, bm),
+                         PREFETCH=pre and roles_prefetch(bn, roles_rank_step(168, br, bn, bm), bm),
+                         PAIRS=True, PRMT=2, **_DOT, **_W, HAS_BIAS=hb, T_FP32=False, SPLIT=sp, SYNC=True)
+                    for br, bn, bm, hb, sp, pre in ((16, 32, 16, True, False, True), (16, 64, 16, False, False, True),
+                                                    (32, 32, 16, True, True, True), (64, 32, 16, True, False, True),
+                                                    (16, 32, 64, True, True, True), (32, 64, 64, False, False, True),
+                                                    (16, 32, 16, True, True, True), (16, 32, 16, True, True, False))],
         space=rs_space,
     ))
     register_kernel(KernelSpec(
@@ -3037,7 +3088,8 @@ def sparse24_backward(g, x, values, meta, need_x: bool, need_values: bool, need_
 #   rank 336, 16 tokens 5.89 / 4.03; 3072x768 rank 472, 8 tokens 5.79 / 4.50; at 64 tokens or at
 #   4096² (every program reads x, each column tile all of S) it loses. Since the two roles split
 #   their producers over K it is the cheapest only where the rank is a large share of a square
-#   layer at a few tokens (768², rank 192-256, 1-16 tokens).
+#   layer at a few tokens (768², rank 192-256, 1-16 tokens; since the consumers load their first
+#   step of D before waiting (PREFETCH), rank 256 from 1 to 8 tokens).
 # * ``roles``: :func:`ds_roles`, ``M <= 64`` tokens, any rank, one launch of two roles (producers
 #   form t chunk by chunk, each rank chunk over ``KS`` K splits whose fp32 partials its last
 #   arrival sums in a fixed order; consumers wait for them by ticket order and multiply t by their
@@ -3361,7 +3413,8 @@ def ds_roles_plans(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias: b
     decode kernel's model (:data:`DECODE_ISSUE`, masked loads), the fitting config that issues least.
 
     The consumers wait for the last producer, so the two phases also run in sequence: a fifth
-    term, ``phase(producers) + phase(consumers)`` (:func:`roles_phase_seconds`), each phase's bytes
+    term, ``phase(producers) + phase(consumers)`` (:func:`roles_phase_seconds`; the consumers'
+    first step of ``D`` read during the first: :func:`roles_prefetch`), each phase's bytes
     (and the producers' issue) at the share of the device its programs occupy (``n / SMs`` of HBM,
     L2 and issue: a program draws no more than its SM's share, conservative where the others
     idle). The K split exists for this term: at 64 tokens the 11 producers of a rank-168 chunking
@@ -3375,6 +3428,8 @@ def ds_roles_plans(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias: b
         e, te = T["e"], T["te"]
         s_b, d_b, x_b, y_b = T["s_b"], T["d_b"], T["x_b"], T["y_b"]
         t_b, b_b = float(te) * M * R, (T["b_b"] if bias else 0.0)
+        bc = roles_rank_step(R, br, bn, T["bm"])
+        pre = bc if roles_prefetch(bn, bc, T["bm"], e) else 0
         for ks_asked in (ROLES_SPLITS if k_split else (1,)):
             ks, kps = roles_k_split(K, ks_asked)
             if (br, bn, ks) in seen:
@@ -3390,33 +3445,41 @@ def ds_roles_plans(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias: b
             issue = _issue_s(w, n0 * ks, min(1.0, P / (cd(P, dev.sms) * dev.sms)))
             times = tuple(max(_cost.kernel_seconds(dram, l2, flops, P, d, False, T["dt"])["seconds"],
                               issue + d.launch_s,
-                              roles_phase_seconds(d, M, K, N, R, br, bn, e, te, bias, w, ks) + d.launch_s)
+                              roles_phase_seconds(d, M, K, N, R, br, bn, e, te, bias, w, ks, pre) + d.launch_s)
                           for d in (dev, T["low"]))
             plans.append(times + ((br, bn, ks),))
     return plans
 
 
 def roles_phase_seconds(dev, M: int, K: int, N: int, R: int, BLOCK_R: int, BLOCK_N: int, elem: int, t_elem: int,
-                        bias: bool, producer_warp_instructions: float, ks: int = 1) -> float:
+                        bias: bool, producer_warp_instructions: float, ks: int = 1, pre_ranks: int = 0) -> float:
     """Seconds of the two-role launch's phases in sequence (:func:`ds_roles_plans`; its
     :data:`kernels._cost.PHASE_MODELS` entry): the ``n0·ks`` producers (``S`` once, ``x`` once per
     rank chunk, the split partials stored and read back, ``t`` stored, their issue:
     ``producer_warp_instructions`` each), then the consumers (``D``, ``y`` and the bias once, ``t``
     once each), each phase's DRAM and L2 bytes and issue at the share of the device its programs'
-    SMs hold (``n / SMs``)."""
+    SMs hold (``n / SMs``).
+
+    ``pre_ranks``: the ranks of ``D`` each consumer loads before it waits (``BLOCK_C`` with
+    ``PREFETCH``, :func:`roles_prefetch`): those bytes move in the first phase, at the consumers' share,
+    beside the producers' (the two groups' bytes together at most at the whole device's rates),
+    and leave the second."""
     cd = lambda a, b: -(-a // b)
     n0, n1 = cd(R, BLOCK_R), cd(N, BLOCK_N)
     s_b, x_b, t_b = R * K * (elem / 2 + 1 / 8), float(elem) * M * K, float(t_elem) * M * R
     ws = 4.0 * ks * M * R if ks > 1 else 0.0
-    rest = float(N) * R * elem + float(elem) * M * N + (N * elem if bias else 0.0)
+    d_pre = float(N) * min(R, pre_ranks) * elem
+    rest = float(N) * R * elem - d_pre + float(elem) * M * N + (N * elem if bias else 0.0)
 
     def phase(n, dram, l2, issue=0.0):
         share = min(1.0, n / dev.sms)
         return max(dram / (dev.hbm_bw * share), l2 / (dev.l2_bw * share),
                    _cost.issue_seconds(issue * n, dev, share) if issue else 0.0)
-    return (phase(n0 * ks, s_b + x_b + t_b + ws, s_b + n0 * x_b + t_b + ws * (2 * ks - 1) / ks,
-                  producer_warp_instructions)
-            + phase(n1, rest, rest + n1 * t_b))
+    p_dram, p_l2 = s_b + x_b + t_b + ws, s_b + n0 * x_b + t_b + ws * (2 * ks - 1) / ks
+    first = phase(n0 * ks, p_dram, p_l2, producer_warp_instructions)
+    if d_pre:
+        first = max(first, phase(n1, d_pre, d_pre), phase(dev.sms, p_dram + d_pre, p_l2 + d_pre))
+    return first + phase(n1, rest, rest + n1 * t_b)
 
 
 def _roles_phase_model(ints: dict, constexprs: dict, config: dict, device, dtype: str) -> Optional[float]:
@@ -3430,8 +3493,9 @@ def _roles_phase_model(ints: dict, constexprs: dict, config: dict, device, dtype
     kps = min(K, int(ints.get("K_PER_SPLIT", K)))
     wi = decode_warp_instructions(br, bm, bk, nw, kps, ks > 1,
                                   prmt=int(constexprs.get("PRMT", 0)) > 0 and br * bk >= PRMT_MIN_TILE, even=False)[0]
+    pre = int(constexprs.get("BLOCK_C") or 0) if constexprs.get("PREFETCH") else 0
     return roles_phase_seconds(device, int(ints["M"]), K, int(ints["N"]), int(ints["R"]), br, bn, e, te,
-                               bool(constexprs.get("HAS_BIAS")), wi, ks)
+                               bool(constexprs.get("HAS_BIAS")), wi, ks, pre)
 
 
 _cost.PHASE_MODELS["sparse24.ds_roles"] = _roles_phase_model
@@ -3847,7 +3911,8 @@ def ds_roles(
         HAS_BIAS=bias is not None, T_FP32=t_dtype != x.dtype, SPLIT=ks > 1, SYNC=sync,
         UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype),
         META32=m32, PAIRS=pairs, PRMT=prmt_mode(m32 and pairs),
-        BLOCK_R=br, BLOCK_N=bn, BLOCK_M=bm, BLOCK_C=roles_rank_step(R, br, bn, bm),
+        BLOCK_R=br, BLOCK_N=bn, BLOCK_M=bm, BLOCK_C=(bc := roles_rank_step(R, br, bn, bm)),
+        PREFETCH=roles_prefetch(bn, bc, bm, x.element_size()),
     )
     return y, (t if store_t else None)
 

@@ -50,9 +50,10 @@ def test_matches_float64(triton_cpu, dtype, M, k, n, R, plan, bias, store_t, str
         assert t is None
 
 
-def _launch(x, d, values, meta, b, plan, sync, cnt=None):
+def _launch(x, d, values, meta, b, plan, sync, cnt=None, pre=None):
     """The kernel launched by hand (as ``ds_roles`` does), ``SYNC`` chosen by the test: with it the
-    roles come from tickets drawn on the counters and the consumers wait on them."""
+    roles come from tickets drawn on the counters and the consumers wait on them; ``pre``: the
+    consumers load their first step of ``D`` before the wait (default as ``ds_roles`` decides)."""
     M, k = x.shape
     n, R = d.shape
     br, bn, ks = (tuple(plan) + (1,))[:3]
@@ -67,9 +68,41 @@ def _launch(x, d, values, meta, b, plan, sync, cnt=None):
         M, k, n, R, n0, n1, ks, kps, x.stride(0), x.stride(1), values.stride(0), values.stride(1), smr, smc,
         d.stride(0), d.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=True, T_FP32=False, SPLIT=ks > 1, SYNC=sync, UPCAST=True, PRECISION="ieee",
-        META32=m32, PAIRS=False, PRMT=0, BLOCK_R=br, BLOCK_N=bn, BLOCK_M=16, BLOCK_C=K.roles_rank_step(R, br, bn, 16),
+        META32=m32, PAIRS=False, PRMT=0, BLOCK_R=br, BLOCK_N=bn, BLOCK_M=16, BLOCK_C=(bc := K.roles_rank_step(R, br, bn, 16)),
+        PREFETCH=K.roles_prefetch(bn, bc, 16, x.element_size()) if pre is None else pre,
     )
     return (y, t), cnt
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["id-order", "tickets"])
+@pytest.mark.parametrize("R", [40, 300])
+def test_prefetched_step_changes_no_bits(triton_cpu, sync, R):
+    """The consumers' first step of ``D`` loaded before the wait (``PREFETCH``) leaves the products
+    and their order as they were: the same bits with and without it, with and without tickets, at
+    a rank of one partial 64-wide step and of five (the last partial: masked columns)."""
+    x, d, values, meta, b = _case(5, 128, 48, R, torch.float32, seed=23)
+    assert K.roles_rank_step(R, 16, 32, 16) == 64
+    (off, _), (on, _) = (_launch(x, d, values, meta, b, (16, 32), sync, pre=p) for p in (False, True))
+    assert all(torch.equal(a, c) for a, c in zip(off, on))
+    assert_close_ref(on[0], _ref64(x, d, values, meta, b, 128)[0], torch.float32, reduction=128 + R)
+
+
+def test_prefetch_fits_and_is_priced():
+    """``roles_prefetch``: the prefetched step beside the first ``t`` step and the fp32 tile within
+    the registers (fp32 ``D`` taking twice the slots); the planner prices the prefetched bytes in
+    the producers' phase (predicted: 768x3072, 16 tokens, rank 168 3.24 -> 3.11 us)."""
+    assert K.roles_prefetch(32, 64, 16) and K.roles_prefetch(32, 64, 64) and K.roles_prefetch(32, 64, 64, elem=4)
+    assert not K.roles_prefetch(128, 64, 64) and not K.roles_prefetch(256, 32, 64)
+    for bn, bc, bm, e in ((32, 64, 16, 2), (64, 64, 64, 2), (128, 32, 16, 4), (256, 64, 16, 2)):
+        assert K.roles_prefetch(bn, bc, bm, e) == (bn * bc * e // 2 + bc * bm + 2 * bn * bm <= K.RS_SLOTS * 32 * 4)
+    dev = K._cost.DEFAULT
+    args = (dev, 16, 768, 3072, 168, 16, 32, 2, 2, True, 1000.0, 6)
+    with_pre, without = K.roles_phase_seconds(*args, 64), K.roles_phase_seconds(*args, 0)
+    assert with_pre < without
+    # the saving is at most the prefetched bytes' time in the second phase at the consumers' share
+    d_pre = 3072 * 64 * 2.0
+    assert without - with_pre <= d_pre / (dev.hbm_bw * (3072 / 32) / dev.sms) + 1e-12
+    assert K.ds_roles_cost(16, 768, 3072, 168)[0] < 3.2e-6
 
 
 @pytest.mark.parametrize("plan", [(16, 32), (16, 32, 2)], ids=["whole-K", "K-split"])
@@ -146,7 +179,7 @@ def test_dispatch(on_gpu_model, monkeypatch):
         c = K.ds_path_costs(M, k, n, R, BF16, CUDA)
         assert K.choose_ds_path(M, k, n, R, BF16, CUDA) == "roles", (M, k, n, R, c)
         assert c["roles"] <= K.DS_MARGIN * c["library"] and c["roles"] < c["rank_split"]
-    assert K.choose_ds_path(8, 768, 768, 192, BF16, CUDA) == "rank_split"
+    assert K.choose_ds_path(8, 768, 768, 256, BF16, CUDA) == "rank_split"
     assert "roles" not in K.ds_path_costs(65, 768, 3072, 168, BF16, CUDA)
     monkeypatch.setenv("FASTFACTOR_DS_PATH", "roles")
     assert K.choose_ds_path(16, 768, 3072, 336, torch.float16, CUDA) == "roles"
