@@ -253,7 +253,8 @@ def run_gpu_tests(budget_s: float, out_dir: str, dry: bool) -> dict:
 #: (issue 15) against the same kernel unsplit (``FASTFACTOR_MONARCH_KSPLIT=0``), the backward
 #: reading ``g`` once (dw2 / db from the dx launch) against the pair launch reading it again
 #: (``FASTFACTOR_MONARCH_DW2=0``), and the dense-sparse two-role launch's producers split over K
-#: against the unsplit launch (``FASTFACTOR_DS_ROLES_KSPLIT=0``) and the library path
+#: against the unsplit launch (``FASTFACTOR_DS_ROLES_KSPLIT=0``) and the library path, and its
+#: consumers without their first step of ``D`` loaded before the wait (``FASTFACTOR_DS_ROLES_PREFETCH=0``)
 ROW_ALTERNATIVES = {
     "monarch-3072x768-M16-fwd": {"ksplit_off": {"FASTFACTOR_MONARCH_KSPLIT": "0"}},
     "monarch-768x3072-M16384-fwdbwd": {"dw2_off": {"FASTFACTOR_MONARCH_DW2": "0"}},
@@ -261,7 +262,8 @@ ROW_ALTERNATIVES = {
     "monarch-dry-fwd": {"ksplit_off": {"FASTFACTOR_MONARCH_KSPLIT": "0"}},
     "dense_sparse-768x3072-M16-fwd": {"library": {"FASTFACTOR_DS_PATH": "library"},
                                       "rank_split": {"FASTFACTOR_DS_PATH": "rank_split"},
-                                      "ksplit_off": {"FASTFACTOR_DS_ROLES_KSPLIT": "0"}},
+                                      "ksplit_off": {"FASTFACTOR_DS_ROLES_KSPLIT": "0"},
+                                      "prefetch_off": {"FASTFACTOR_DS_ROLES_PREFETCH": "0"}},
     # the two roles' producers split over K (issue 15) against the same launch unsplit, and the
     # library path it replaced at 4096²
     "dense_sparse-4096-M16-fwd": {"library": {"FASTFACTOR_DS_PATH": "library"},

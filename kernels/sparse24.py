@@ -673,15 +673,23 @@ def roles_rank_step(R: int, BLOCK_R: int, BLOCK_N: int, BLOCK_M: int) -> int:
     return BLOCK_R
 
 
-def roles_prefetch(BLOCK_N: int, BLOCK_C: int, BLOCK_M: int, elem: int = 2) -> bool:
+#: ``0`` turns the two-role consumers' prefetch off (launch and planner; what ``make gpu-check``
+#: times it against); ``1`` / ``auto`` (default): where it fits (:func:`roles_prefetch`)
+PREFETCH_ENV = "FASTFACTOR_DS_ROLES_PREFETCH"
+
+
+def roles_prefetch(BLOCK_N: int, BLOCK_C: int, BLOCK_M: int, elem: int = 2, allowed: Optional[bool] = None) -> bool:
     """``PREFETCH`` of the two-role launch: the consumer loads the first ``BLOCK_C``-wide step of
     its ``D`` tile before waiting for the producers, where that step, the first ``t`` step and the
     fp32 ``yᵀ`` tile together fit ``RS_SLOTS`` 16-bit slots a thread of 4 warps (:func:`_rs_fits`'
     rule, ``elem / 2`` slots an element of ``D``; the tiles already held while the step is formed,
     so almost always). One step only: builds holding two or more spilled on sm_80 / sm_90 (8-504
     bytes of stack at some producer tiles and steps; compile-check 2026-12-03, Triton 3.9), builds
-    holding one did not (63 of 63)."""
-    return BLOCK_N * BLOCK_C * elem // 2 + BLOCK_C * BLOCK_M + 2 * BLOCK_N * BLOCK_M <= RS_SLOTS * 32 * 4
+    holding one did not (63 of 63). ``allowed``: ``False`` never (default: unless
+    ``FASTFACTOR_DS_ROLES_PREFETCH=0``)."""
+    if allowed is None:
+        allowed = _forced(PREFETCH_ENV, ("0", "1")) != "0"
+    return allowed and BLOCK_N * BLOCK_C * elem // 2 + BLOCK_C * BLOCK_M + 2 * BLOCK_N * BLOCK_M <= RS_SLOTS * 32 * 4
 
 
 def roles_k_split(K: int, ks: int) -> tuple[int, int]:
@@ -2134,7 +2142,7 @@ if HAS_TRITON:
         name="sparse24.ds_roles", fn=_ds_roles_kernel,
         pointers={"smeta_ptr": _I32, "svals_ptr": _I32, "ws_ptr": "fp32", "cnt_ptr": "i32"},
         constexprs=[dict(BLOCK_R=br, BLOCK_N=bn, BLOCK_M=bm, BLOCK_C=roles_rank_step(168, br, bn, bm),
-                         PREFETCH=pre and roles_prefetch(bn, roles_rank_step(168, br, bn, bm), bm),
+                         PREFETCH=pre and roles_prefetch(bn, roles_rank_step(168, br, bn, bm), bm, allowed=True),
                          PAIRS=True, PRMT=2, **_DOT, **_W, HAS_BIAS=hb, T_FP32=False, SPLIT=sp, SYNC=True)
                     for br, bn, bm, hb, sp, pre in ((16, 32, 16, True, False, True), (16, 64, 16, False, False, True),
                                                     (32, 32, 16, True, True, True), (64, 32, 16, True, False, True),
@@ -3397,14 +3405,16 @@ def _rs_pick(M, K, N, R, dtype, bias, save_t, sms, prmt) -> Optional[tuple]:
 
 
 def ds_roles_plans(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias: bool = True,
-                   save_t: bool = False, sms: Optional[int] = None, k_split: bool = True) -> list:
+                   save_t: bool = False, sms: Optional[int] = None, k_split: bool = True,
+                   prefetch: bool = True) -> list:
     """Every plan of the two-role launch (:func:`ds_roles`) at ``M <= DECODE_MAX_M`` tokens:
     ``(t_nominal, t_low, (BLOCK_R, BLOCK_N, KS))``, seconds at the nominal L2 figure and at its low
     end, counted from the shapes as ``fastfactor sol`` counts the launch (*predicted*; the terms of
     :func:`ds_rank_split_plans`).
 
     ``n0 = ceil(R / BLOCK_R)`` rank chunks of ``KS`` producers each (:data:`ROLES_SPLITS`, split as
-    :func:`roles_k_split`; one without ``k_split``) + ``n1 = ceil(N / BLOCK_N)`` consumers = programs. DRAM: ``S``, ``x``,
+    :func:`roles_k_split`; one without ``k_split``) + ``n1 = ceil(N / BLOCK_N)`` consumers = programs
+    (their first step of ``D`` prefetched where :func:`roles_prefetch` allows, never without ``prefetch``). DRAM: ``S``, ``x``,
     ``D``, ``y``, the bias and ``t`` (stored by the chunks' last producers; the consumers' reads of
     it are L2 hits, written moments before in the same launch) once, and with a split the fp32
     partials stored (``KS·M·R·4``; read back from L2 by each chunk's last arrival). L2: ``x`` once
@@ -3429,7 +3439,7 @@ def ds_roles_plans(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias: b
         s_b, d_b, x_b, y_b = T["s_b"], T["d_b"], T["x_b"], T["y_b"]
         t_b, b_b = float(te) * M * R, (T["b_b"] if bias else 0.0)
         bc = roles_rank_step(R, br, bn, T["bm"])
-        pre = bc if roles_prefetch(bn, bc, T["bm"], e) else 0
+        pre = bc if roles_prefetch(bn, bc, T["bm"], e, prefetch) else 0
         for ks_asked in (ROLES_SPLITS if k_split else (1,)):
             ks, kps = roles_k_split(K, ks_asked)
             if (br, bn, ks) in seen:
@@ -3507,16 +3517,18 @@ def ds_roles_cost(M: int, K: int, N: int, R: int, dtype=torch.bfloat16, bias: bo
     one :func:`kernels._cost.robust_pick` takes (seconds at the nominal L2 figure); ``None`` above
     ``DECODE_MAX_M`` tokens or for empty shapes. ``FASTFACTOR_DS_ROLES_KSPLIT=0`` plans the
     producers over all of ``K`` (one split: the launch before the split existed, which ``make
-    gpu-check`` times against it)."""
+    gpu-check`` times against it); ``FASTFACTOR_DS_ROLES_PREFETCH=0`` prices (and ``ds_roles``
+    launches) the consumers without their prefetched step of ``D``."""
     if M > DECODE_MAX_M or min(M, K, N, R) <= 0:
         return None
     return _roles_pick(int(M), int(K), int(N), int(R), dtype, bool(bias), bool(save_t), sms and int(sms),
-                       prmt_mode(True) > 0, _forced("FASTFACTOR_DS_ROLES_KSPLIT", ("0", "1")) != "0")
+                       prmt_mode(True) > 0, _forced("FASTFACTOR_DS_ROLES_KSPLIT", ("0", "1")) != "0",
+                       _forced(PREFETCH_ENV, ("0", "1")) != "0")
 
 
 @functools.lru_cache(maxsize=4096)
-def _roles_pick(M, K, N, R, dtype, bias, save_t, sms, prmt, k_split=True) -> Optional[tuple]:
-    plans = ds_roles_plans(M, K, N, R, dtype, bias, save_t, sms, k_split)
+def _roles_pick(M, K, N, R, dtype, bias, save_t, sms, prmt, k_split=True, prefetch=True) -> Optional[tuple]:
+    plans = ds_roles_plans(M, K, N, R, dtype, bias, save_t, sms, k_split, prefetch)
     if not plans:
         return None
     t_nom, _, (br, bn, ks) = _cost.robust_pick(plans)

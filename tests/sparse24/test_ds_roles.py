@@ -218,6 +218,22 @@ def test_k_split_switch(monkeypatch):
         K.ds_roles_cost(64, 768, 3072, 168)
 
 
+def test_prefetch_switch(monkeypatch, triton_cpu):
+    """``FASTFACTOR_DS_ROLES_PREFETCH=0`` prices and launches the consumers without their
+    prefetched step (what gpu-check times it against): slower predicted, the same bits; anything
+    but 0/1/auto is refused by name."""
+    x, d, values, meta, b = _case(5, 128, 48, 100, BF16, seed=3)
+    on_t = K.ds_roles_cost(16, 768, 3072, 168)[0]
+    on_y, _ = K.ds_roles(x, d, values, meta, b, plan=(16, 32))
+    monkeypatch.setenv(K.PREFETCH_ENV, "0")
+    assert not K.roles_prefetch(32, 64, 16) and K.ds_roles_cost(16, 768, 3072, 168)[0] > on_t
+    off_y, _ = K.ds_roles(x, d, values, meta, b, plan=(16, 32))
+    assert torch.equal(on_y, off_y)
+    monkeypatch.setenv(K.PREFETCH_ENV, "yes")
+    with pytest.raises(ValueError, match=K.PREFETCH_ENV):
+        K.ds_roles_cost(16, 768, 3072, 168)
+
+
 def test_rank_step():
     """The consumers' step over the rank: 64 wide where the tiles fit, never below the chunk nor
     past the rank's power of two."""
