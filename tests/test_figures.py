@@ -143,10 +143,23 @@ def test_gpu_check_figures_file_and_children(tmp_path, monkeypatch):
 _L2_PROBE_RUN = """
 import torch
 from fastfactor import gpu_check as G
+from fastfactor.bench import timing
 from fastfactor.kernels import _config
 assert _config.is_interpreter()
+# the figure from two pass counts, the clock stood in for (no timing is asserted): t = 5 us + 1 us a pass
+calls = []
+def fake(fns, device, **kw):
+    calls.append(fns[0])
+    return timing.Timing(ms=(5 + len(calls) * 2 - 1) * 1e-3, mode="fake")
+timing.time_calls = fake
 tbs = G.l2_triton_tbs(torch.device('cpu'), n=4 * 64, reps=(1, 3), block=64)   # checks its sums itself
-assert tbs > 0, tbs
+assert abs(tbs - 2 * 4 * 64 * 4 / 2e-6 / 1e12) < 1e-12, tbs          # 2 passes of 1 KiB in 2 us
+timing.time_calls = lambda fns, device, **kw: timing.Timing(ms=0.01, mode="fake")
+try:
+    G.l2_triton_tbs(torch.device('cpu'), n=4 * 64, reps=(1, 3), block=64)
+    raise AssertionError("a probe timed no slower at more passes must fail")
+except RuntimeError as e:
+    assert "no slower" in str(e)
 k = G._l2_probe_kernel()
 src = torch.arange(12 * 16, dtype=torch.float32)
 out = torch.empty((5, 16))
@@ -162,7 +175,8 @@ print("ok")
 
 def test_l2_probe_kernel_under_the_interpreter():
     """gpu-check's L2 probe (run on a GPU only by gpu-check) reads every chunk once a pass, the
-    passes rotated over the programs: its sums by hand, and its figure positive."""
+    passes rotated over the programs: its sums by hand; its figure from the two pass counts' times
+    (a stand-in clock: nothing timed is asserted), and a clear error when they do not grow."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.getcwd() + os.pathsep + env.get("PYTHONPATH", "")
     p = subprocess.run([sys.executable, "-c", _L2_PROBE_RUN], capture_output=True, text=True, env=env, timeout=300)
