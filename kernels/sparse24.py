@@ -685,8 +685,9 @@ def roles_prefetch(BLOCK_N: int, BLOCK_C: int, BLOCK_M: int, elem: int = 2, allo
     rule, ``elem / 2`` slots an element of ``D``; the tiles already held while the step is formed,
     so almost always). One step only: builds holding two or more spilled on sm_80 / sm_90 (8-504
     bytes of stack at some producer tiles and steps; compile-check 2026-12-03, Triton 3.9), builds
-    holding one did not (63 of 63). ``allowed``: ``False`` never (default: unless
-    ``FASTFACTOR_DS_ROLES_PREFETCH=0``)."""
+    holding one did not (60 of 60; under Triton 3.6 one aligned sm_90 build keeps one register on
+    the stack: BENCHMARKS.md). ``allowed=False``: never; ``None`` (default): unless
+    ``FASTFACTOR_DS_ROLES_PREFETCH=0``."""
     if allowed is None:
         allowed = _forced(PREFETCH_ENV, ("0", "1")) != "0"
     return allowed and BLOCK_N * BLOCK_C * elem // 2 + BLOCK_C * BLOCK_M + 2 * BLOCK_N * BLOCK_M <= RS_SLOTS * 32 * 4
