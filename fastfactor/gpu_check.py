@@ -95,33 +95,35 @@ def _predict_child(rows: dict, path: str, device: str, figures: Optional[str] = 
         f"    json.dump(out, open({path!r}, 'w'))\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1", FASTFACTOR_CPU_BACKEND="reference")
-    env.pop(_cost_figures_env(), None)
+    from .kernels._cost import FIGURES_ENV
+
+    env.pop(FIGURES_ENV, None)
     if figures:
-        env[_cost_figures_env()] = figures
+        env[FIGURES_ENV] = figures
     env.setdefault("PYTHONPATH", os.getcwd())
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 
-def _cost_figures_env() -> str:
-    from .kernels._cost import FIGURES_ENV
-
-    return FIGURES_ENV
-
-
-def _figures_file(ceilings: dict, name: str, model_dev: str, folder: str) -> Optional[str]:
-    """A gpu-check-shaped file holding only this run's ceilings (so the second predictions child
-    can start before the run ends); None on a dry run (CPU figures calibrate nothing)."""
-    if not ceilings or name.startswith("cpu"):
-        return None
+def _run_meta(name: str, dry: bool, model_dev: str, ceilings: dict) -> dict:
+    """What a gpu-check result says of its run: schema, GPU, dry or not, commit, date, the model
+    device and the measured ceilings (``kernels._cost.read_figures`` reads these)."""
     from .bench.report import git_commit
 
+    commit, dirty = git_commit()
+    return dict(schema="fastfactor-gpu-check/1", device=name, dry=dry, commit=commit, dirty=dirty,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                model_device=model_dev, ceilings=ceilings)
+
+
+def _figures_file(ceilings: dict, name: str, dry: bool, model_dev: str, folder: str) -> Optional[str]:
+    """A gpu-check-shaped file holding only this run's ceilings (so the second predictions child
+    can start before the run ends); None on a dry run (CPU figures calibrate nothing)."""
+    if dry or not ceilings:
+        return None
     path = os.path.join(folder, "figures.json")
-    meta = dict(schema="fastfactor-gpu-check/1", device=name, dry=False, model_device=model_dev,
-                commit=git_commit()[0], ceilings=ceilings,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     with open(path, "w") as f:
-        json.dump(dict(meta=meta), f)
+        json.dump(dict(meta=_run_meta(name, dry, model_dev, ceilings)), f)
     return path
 
 
@@ -621,7 +623,7 @@ def main(argv=None) -> int:
     ceilings = measure_ceilings(device, args.dry)
     print("ceilings: " + ", ".join(f"{k}={v:.3g}" for k, v in ceilings.items()), flush=True)
     # the same predictions with the figures just measured in place of the leads (not on a dry run)
-    cal_file = _figures_file(ceilings, name, model_dev, os.path.dirname(pred_path))
+    cal_file = _figures_file(ceilings, name, args.dry, model_dev, os.path.dirname(pred_path))
     cal_path = os.path.join(os.path.dirname(pred_path), "pred-measured-figures.json")
     cal_child = _predict_child(rows, cal_path, model_dev, cal_file) if cal_file else None
     tests = {"skipped": "--no-tests"} if args.no_tests else run_gpu_tests(0.3 * budget, args.out, args.dry)
@@ -699,13 +701,9 @@ def main(argv=None) -> int:
         r["error"] = m.get("error") or pr.get("error")
         table.append(r)
 
-    from .bench.report import git_commit
-
-    commit, dirty = git_commit()
-    meta = dict(schema="fastfactor-gpu-check/1", device=name, dry=args.dry, commit=commit, dirty=dirty,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                torch=torch.__version__, ceilings=ceilings, tests=tests, model_device=model_dev,
+    meta = dict(_run_meta(name, args.dry, model_dev, ceilings), torch=torch.__version__, tests=tests,
                 predictions=PREDICTED, seconds=round(time.time() - t_start, 1))
+    commit = meta["commit"]
     base = os.path.join(args.out, "gpu-check")
     with open(base + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=table, decode_variants=variants), f, indent=1, default=str)

@@ -690,7 +690,8 @@ def roles_prefetch(BLOCK_N: int, BLOCK_C: int, BLOCK_M: int, elem: int = 2, allo
     ``FASTFACTOR_DS_ROLES_PREFETCH=0``."""
     if allowed is None:
         allowed = _forced(PREFETCH_ENV, ("0", "1")) != "0"
-    return allowed and BLOCK_N * BLOCK_C * elem // 2 + BLOCK_C * BLOCK_M + 2 * BLOCK_N * BLOCK_M <= RS_SLOTS * 32 * 4
+    d_extra = BLOCK_N * BLOCK_C * (elem // 2 - 1)      # fp32 D: a second slot an element
+    return allowed and _rs_stage2_slots(BLOCK_N, BLOCK_C, BLOCK_M) + d_extra <= RS_SLOTS * 32 * 4
 
 
 def roles_k_split(K: int, ks: int) -> tuple[int, int]:

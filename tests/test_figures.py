@@ -127,8 +127,9 @@ def test_sol_cli_figures(tmp_path):
 def test_gpu_check_figures_file_and_children(tmp_path, monkeypatch):
     from fastfactor import gpu_check as G
 
-    assert G._figures_file(CEILINGS, "cpu (dry run)", "h200", str(tmp_path)) is None
-    path = G._figures_file(CEILINGS, "NVIDIA H200", "h200", str(tmp_path))
+    assert G._figures_file(CEILINGS, "cpu (dry run)", True, "h200", str(tmp_path)) is None
+    assert G._figures_file({}, "NVIDIA H200", False, "h200", str(tmp_path)) is None
+    path = G._figures_file(CEILINGS, "NVIDIA H200", False, "h200", str(tmp_path))
     key, ceil, origin = _cost.read_figures(path)
     assert key == "h200" and ceil == CEILINGS and origin.startswith("figures.json: NVIDIA H200")
     seen = []
