@@ -166,7 +166,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._split import _split_arrive, _split_total
+    from ._split import _split_arrive, _split_sum, _split_total
     from .lowrank import _role_signal, _role_wait, _roles_done   # ticket-ordered roles (one-launch phases)
 
 
@@ -513,6 +513,27 @@ def _prune_fitting(configs_, named_args, kwargs, fixed: str, tuned: str, least: 
     piped = [c for c in wide if c.num_stages > 1]
     kept = [c for c in (wide if unpipelined_ok() else piped) if ok(f, bm, c.kwargs[tuned], c.num_warps)]
     return kept or (piped[-1:] if last else piped[:1]) or wide[:1] or configs_
+
+
+#: most tokens the sparse tensor-core decode takes (two 8-token tiles of the mma)
+MMA_DECODE_MAX_M = 16
+#: inputs per step of its loop (two k32 chunks; K and every split a multiple of it)
+MMA_K_QUANTUM = 64
+#: row tile -> (num_warps, 16-row tiles per warp) of the sparse tensor-core decode
+MMA_TILES = {16: (1, 1), 32: (2, 1), 64: (4, 1), 128: (4, 2), 256: (8, 2)}
+#: the sparse tensor-core decode's configs: one per warp count (its row tile fixes it, MMA_TILES)
+MMA_SPACE = [dict(num_warps=4, num_stages=1), dict(num_warps=1, num_stages=1), dict(num_warps=2, num_stages=1),
+             dict(num_warps=8, num_stages=1)]
+
+
+def mma_space(BLOCK_N: int, RT: int, **_) -> list[dict]:
+    """The one config of a sparse tensor-core decode build: ``BLOCK_N / (16·RT)`` warps."""
+    return [c for c in MMA_SPACE if c["num_warps"] == BLOCK_N // (16 * RT)]
+
+
+def _prune_mma(configs_, named_args, **kwargs):
+    a = {**named_args, **kwargs}
+    return [c for c in configs_ if c.num_warps == a["BLOCK_N"] // (16 * a["RT"])]
 
 
 def decode_space(BLOCK_N: int, BLOCK_M: int, **_) -> list[dict]:
@@ -1460,6 +1481,361 @@ if HAS_TRITON:
         _store_split_yt(acc, out_ptr, bias_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
                         stride_om, stride_on, pid_s, pid_n, SPLIT_K, HAS_BIAS, SPLIT, SYNC)
 
+    # ---- the decode on sparse tensor cores (mma.sp): no expansion at all ----------------------
+    # PTX ``mma.sp.sync.aligned.m16n8k32.row.col.f32.{bf16,f16}``: D (16x8, fp32) += A (16x32, 2:4
+    # sparse, given as its 16x16 kept values and 2-bit indices) · B (32x8), per warp. Fragments
+    # (``g = lane >> 2``, ``t = lane & 3``; PTX ISA "sparse mma.m16n8k32 .f16/.bf16", the MLIR
+    # nvgpu integration test of that instruction): A's four 32-bit registers hold the kept pairs of
+    # logical groups ``t`` and ``t + 4`` of rows ``g`` and ``g + 8`` (``a0`` row g group t, ``a1`` row
+    # g+8 group t, ``a2`` row g group t+4, ``a3`` row g+8 group t+4); B's register ``j`` holds
+    # ``B[2t + 8j + {0, 1}, g]``; C/D's ``d0, d1`` are ``D[g, 2t + {0, 1}]`` and ``d2, d3`` the
+    # same of row ``g + 8``; the metadata register ``e`` of lanes with ``t`` in {0, 1} (sparsity
+    # selector 0) holds the codes of groups ``4t .. 4t+3`` of row ``g`` in its low 16 bits and of
+    # row ``g + 8`` in its high 16 bits, one nibble ``i0 | i1 << 2`` per group (our code).
+    _MMA_SP_BF16 = tl.constexpr(
+        "mma.sp.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
+        "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9, $10, $11}, {$12, $13, $14, $15}, $16, 0x0;")
+    _MMA_SP_F16 = tl.constexpr(
+        "mma.sp.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
+        "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9, $10, $11}, {$12, $13, $14, $15}, $16, 0x0;")
+
+    @triton.jit
+    def _thread_ids(S: tl.constexpr, MMA: tl.constexpr):
+        """``(S,)`` int32: the CTA thread that holds each element (``%tid.x``; ``MMA == 2``), or under
+        the interpreter (``MMA == 1``) the element's index, the same thread it stands for there."""
+        if MMA == 2:
+            return tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [tl.zeros([S], dtype=tl.int32)],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            return tl.arange(0, S)
+
+    @triton.jit
+    def _shfl_xor4(v, NW: tl.constexpr, MMA: tl.constexpr):
+        """Each lane's ``v`` from lane ``lane ^ 4`` (``shfl.sync.bfly``); emulated by reordering the
+        ``(S,)`` elements under the interpreter."""
+        if MMA == 2:
+            return tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 4, 0x1f, 0xffffffff;", "=r,r",
+                                             [v.to(tl.int32, bitcast=True)], dtype=tl.int32, is_pure=False,
+                                             pack=1).to(v.dtype, bitcast=True)
+        else:
+            w = tl.permute(tl.reshape(v, (NW, 4, 2, 4)), (0, 1, 3, 2))      # (warp, q >> 1, t, q & 1)
+            lo, hi = tl.split(w)
+            return tl.reshape(tl.permute(tl.join(hi, lo), (0, 1, 3, 2)), (NW * 32,))
+
+    @triton.jit
+    def _bits16(w, FP16: tl.constexpr):
+        """The two 16-bit halves (low, high) of int32 ``w`` as fp32 values (emulation only)."""
+        dt: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
+        lo = (w & 0xFFFF).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+        hi = (w >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+        return lo, hi
+
+    @triton.jit
+    def _mma_sp_emulated(a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e,
+                         NW: tl.constexpr, FP16: tl.constexpr):
+        """What one ``mma.sp`` does to the fragments of the ``NW`` warps (elements = threads, see
+        the layout above): rebuild each warp's A (16 x 32, expanded from its kept pairs and the codes
+        of lanes t = 0, 1), B (32 x 8), multiply in fp32 and hand each lane its D fragment. Used
+        under the interpreter only, where it checks the loads' fragment bookkeeping."""
+        # A's kept values, (NW, 16, 16): row 8h + g, compressed column 8u + 2t + e
+        r0l, r0h = _bits16(tl.reshape(a0, (NW, 8, 4)), FP16)
+        r1l, r1h = _bits16(tl.reshape(a1, (NW, 8, 4)), FP16)
+        r2l, r2h = _bits16(tl.reshape(a2, (NW, 8, 4)), FP16)
+        r3l, r3h = _bits16(tl.reshape(a3, (NW, 8, 4)), FP16)
+        top = tl.join(tl.reshape(tl.join(r0l, r0h), (NW, 8, 8)), tl.reshape(tl.join(r2l, r2h), (NW, 8, 8)))
+        bot = tl.join(tl.reshape(tl.join(r1l, r1h), (NW, 8, 8)), tl.reshape(tl.join(r3l, r3h), (NW, 8, 8)))
+        top = tl.reshape(tl.permute(top, (0, 1, 3, 2)), (NW, 8, 16))
+        bot = tl.reshape(tl.permute(bot, (0, 1, 3, 2)), (NW, 8, 16))
+        kept = tl.reshape(tl.permute(tl.join(top, bot), (0, 3, 1, 2)), (NW, 16, 16))
+        # codes (NW, 16, 8): groups 0-3 from lane t = 0, 4-7 from t = 1; row g low half, g + 8 high
+        ew = tl.reshape(e, (NW, 8, 4))
+        tt = tl.arange(0, 4)[None, None, :]
+        e_t0 = tl.sum(tl.where(tt == 0, ew, 0), axis=2)
+        e_t1 = tl.sum(tl.where(tt == 1, ew, 0), axis=2)
+        gg = tl.arange(0, 8)[None, None, :]
+        word = tl.where(gg < 4, e_t0[:, :, None], e_t1[:, :, None])
+        ctop = (word >> ((gg % 4) * 4)) & 15
+        cbot = (word >> ((gg % 4) * 4 + 16)) & 15
+        code = tl.reshape(tl.permute(tl.join(ctop, cbot), (0, 3, 1, 2)), (NW, 16, 8))
+        v0, v1 = tl.split(tl.reshape(kept, (NW, 16, 8, 2)))
+        slot = tl.arange(0, 4)[None, None, None, :]
+        i0 = (code & 3)[:, :, :, None]
+        i1 = (code >> 2)[:, :, :, None]
+        w = tl.where(slot == i0, v0[:, :, :, None], tl.where(slot == i1, v1[:, :, :, None], 0.0))
+        w = tl.reshape(w, (NW, 16, 32))
+        # B (NW, 8 tokens, 32): register j of lane (g, t) holds k = 8j + 2t + {0, 1}
+        q0l, q0h = _bits16(tl.reshape(b0, (NW, 8, 4)), FP16)
+        q1l, q1h = _bits16(tl.reshape(b1, (NW, 8, 4)), FP16)
+        q2l, q2h = _bits16(tl.reshape(b2, (NW, 8, 4)), FP16)
+        q3l, q3h = _bits16(tl.reshape(b3, (NW, 8, 4)), FP16)
+        k0 = tl.reshape(tl.join(q0l, q0h), (NW, 8, 8))
+        k1 = tl.reshape(tl.join(q1l, q1h), (NW, 8, 8))
+        k2 = tl.reshape(tl.join(q2l, q2h), (NW, 8, 8))
+        k3 = tl.reshape(tl.join(q3l, q3h), (NW, 8, 8))
+        bt = tl.join(tl.join(k0, k1), tl.join(k2, k3))                      # (NW, 8, 8, j & 1, j >> 1)
+        bt = tl.reshape(tl.permute(bt, (0, 1, 4, 3, 2)), (NW, 8, 32))
+        d = tl.dot(w, tl.permute(bt, (0, 2, 1)), input_precision="ieee")   # (NW, 16, 8)
+        d = tl.permute(tl.reshape(d, (NW, 2, 8, 4, 2)), (0, 2, 3, 1, 4))   # (warp, g, t, row half, e)
+        de0, de1 = tl.split(d)
+        d0, d2 = tl.split(de0)
+        d1, d3 = tl.split(de1)
+        S: tl.constexpr = NW * 32
+        return (c0 + tl.reshape(d0, (S,)), c1 + tl.reshape(d1, (S,)),
+                c2 + tl.reshape(d2, (S,)), c3 + tl.reshape(d3, (S,)))
+
+    @triton.jit
+    def _mma_sp(a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e,
+                NW: tl.constexpr, FP16: tl.constexpr, MMA: tl.constexpr):
+        """``(d0, d1, d2, d3) = mma.sp(A, B, C, e)`` on each warp's fragments (the layout above):
+        the instruction (``MMA == 2``) or its emulation under the interpreter (``MMA == 1``)."""
+        if MMA == 2:
+            return tl.inline_asm_elementwise(
+                _MMA_SP_F16 if FP16 else _MMA_SP_BF16, "=f,=f,=f,=f,r,r,r,r,r,r,r,r,f,f,f,f,r",
+                [a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e],
+                dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=False, pack=1)
+        else:
+            return _mma_sp_emulated(a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e, NW, FP16)
+
+    @triton.jit
+    def _split4(v):
+        """The four columns of ``v (S, 4)`` as ``(S,)`` tensors, in order (in-thread splits: a row
+        is one thread's 16-byte vector)."""
+        ev, od = tl.split(tl.reshape(v, (v.shape[0], 2, 2)))            # columns 2a, 2a + 1
+        w0, w2 = tl.split(ev)
+        w1, w3 = tl.split(od)
+        return w0, w1, w2, w3
+
+    @triton.jit
+    def _mma_x_frags(xw):
+        """B fragments of both k32 chunks of a 64-input step for one token: register j of chunk c is
+        word ``{0, 16, 2, 18}[j] + 4c`` from the lane's first word ``xw`` (see
+        :func:`_sp_decode_mma_kernel`). Two tile accesses of four 4-byte words a lane: the lanes of
+        a token interleave (the two parities), so each touches every 32-byte sector of the token's
+        step once, and uses all of it."""
+        two = tl.arange(0, 4)[None, :] * 2                               # words 0, 2, 4, 6
+        c0j0, c0j2, c1j0, c1j2 = _split4(tl.load(xw[:, None] + two))
+        c0j1, c0j3, c1j1, c1j3 = _split4(tl.load(xw[:, None] + 16 + two))
+        return c0j0, c0j1, c0j2, c0j3, c1j0, c1j1, c1j2, c1j3
+
+    @triton.jit
+    def _mma_tile_step(va_ptr, vb_ptr, e_ptr, S: tl.constexpr):
+        """One 16-row tile's operands of a 64-input step: rows g and g + 8, four kept pairs each
+        (16-byte vectors), and the lane's two metadata words (chunks 0 and 1; 8 bytes, the
+        16-row tile's 128 bytes of the step in one access)."""
+        four = tl.arange(0, 4)[None, :]
+        pa0, pa1, pa2, pa3 = _split4(tl.load(va_ptr[:, None] + four))
+        pb0, pb1, pb2, pb3 = _split4(tl.load(vb_ptr[:, None] + four))
+        e0, e1 = tl.split(tl.load(e_ptr[:, None] + tl.arange(0, 2)[None, :]))   # chunks 0, 1
+        return pa0, pa1, pa2, pa3, pb0, pb1, pb2, pb3, e0, e1
+
+    @triton.jit
+    def _mma_store_y(d0, d1, d2, d3, ra, rb, tok0, out_ptr, out32_ptr, bias_ptr, M, stride_om, row_ok,
+                     HAS_BIAS: tl.constexpr, NW: tl.constexpr, MMA: tl.constexpr):
+        """Store one tile's D fragments (rows ``ra``/``rb`` = features, columns ``tok0``, ``tok0 + 1`` =
+        tokens) into ``y (M, N)`` as 4-byte pairs of neighbouring features: lanes with an odd row
+        swap their ``tok0`` values for the partner's ``tok0 + 1`` ones (``lane ^ 4``), so each lane
+        holds two adjacent features of one token."""
+        odd = (ra & 1) == 1
+        r0 = _shfl_xor4(tl.where(odd, d0, d1), NW, MMA)
+        r1 = _shfl_xor4(tl.where(odd, d2, d3), NW, MMA)
+        lo_a = tl.where(odd, r0, d0)
+        hi_a = tl.where(odd, d1, r0)
+        lo_b = tl.where(odd, r1, d2)
+        hi_b = tl.where(odd, d3, r1)
+        tok = tl.where(odd, tok0 + 1, tok0)
+        fa = ra - (ra & 1)
+        fb = rb - (rb & 1)
+        if HAS_BIAS:
+            lo_a += tl.load(bias_ptr + fa).to(tl.float32)
+            hi_a += tl.load(bias_ptr + fa + 1).to(tl.float32)
+            lo_b += tl.load(bias_ptr + fb).to(tl.float32)
+            hi_b += tl.load(bias_ptr + fb + 1).to(tl.float32)
+        dt: tl.constexpr = out_ptr.dtype.element_ty
+        wa = _pack16(lo_a.to(dt), hi_a.to(dt))                            # features fa, fa + 1
+        wb = _pack16(lo_b.to(dt), hi_b.to(dt))
+        ok = row_ok & (tok < M)
+        tl.store(out32_ptr + tok * (stride_om // 2) + fa // 2, wa, mask=ok)
+        tl.store(out32_ptr + tok * (stride_om // 2) + fb // 2, wb, mask=ok)
+
+    @triton.jit
+    def _pack16(lo, hi):
+        """int32 words holding the 16-bit ``lo`` in bits 0-15 and ``hi`` in bits 16-31."""
+        return (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+    @triton.jit
+    def _mma_store_part(d0, d1, d2, d3, ra, rb, tok0, ws_ptr, pid_s, M, N, row_ok):
+        """One tile's fp32 D fragments into split ``pid_s``'s slice ``(M, N)`` of the workspace."""
+        base = ws_ptr + pid_s * M * N
+        ok0 = row_ok & (tok0 < M)
+        ok1 = row_ok & (tok0 + 1 < M)
+        tl.store(base + tok0 * N + ra, d0, mask=ok0)
+        tl.store(base + (tok0 + 1) * N + ra, d1, mask=ok1)
+        tl.store(base + tok0 * N + rb, d2, mask=ok0)
+        tl.store(base + (tok0 + 1) * N + rb, d3, mask=ok1)
+
+    @triton.jit
+    def _sp_decode_mma_kernel(
+        # --- pointers ---
+        x_ptr,      # (M, K/2) int32: the 16-bit input rows, two neighbouring inputs per word
+        vals_ptr,   # (N, K/4) int32: the kept-value pairs of the 2:4 weight W (N, K), one per group
+        frag_ptr,   # (N/16, K/64, 8, 2, 2) int32: the codes in fragment order (mma_frag_codes)
+        bias_ptr,   # (N,) bias; read only when HAS_BIAS
+        out_ptr,    # (M, N) output y, unit column stride, even row stride
+        out32_ptr,  # the same memory as int32 words (two neighbouring features each)
+        ws_ptr,     # SPLIT: (SPLIT_K, M, N) fp32 partial sums (workspace); else unused
+        cnt_ptr,    # SPLIT and SYNC: (N_TILES,) int32 arrival counters, zero between launches
+        # --- dimensions ---
+        M, N, K,
+        K_PER_SPLIT,  # inputs per split, a multiple of 64
+        SPLIT_K,      # K splits per row tile (programs = N_TILES · SPLIT_K)
+        # --- strides ---
+        stride_xm,    # x's row stride in words (elements / 2)
+        stride_vn,    # the values' row stride in pairs (elements / 2)
+        stride_om,    # y's row stride in elements
+        # --- meta-parameters ---
+        HAS_BIAS: tl.constexpr,
+        SPLIT: tl.constexpr,       # SPLIT_K > 1: partials + the fixed-order reduction in this launch
+        SYNC: tl.constexpr,        # as in _sp_decode_kernel
+        MMA: tl.constexpr,         # 2: mma.sp (a GPU build); 1: its emulation (the interpreter)
+        FP16: tl.constexpr,        # fp16 operands (else bf16)
+        RT: tl.constexpr,          # 16-row tiles per warp (1 or 2)
+        NT: tl.constexpr,          # 8-token tiles (1: M <= 8, 2: M <= 16)
+        BLOCK_N: tl.constexpr,     # rows per program = 16 · RT · num_warps
+    ):
+        """``y = x·Wᵀ + b`` for ``M <= 16`` tokens on the **sparse tensor cores**: each warp issues
+        ``mma.sp`` on the kept values and codes as they are in memory, so nothing is expanded.
+        Program ``p`` owns row tile ``p // SPLIT_K`` (``BLOCK_N`` rows: ``RT`` tiles of 16 per warp)
+        and K split ``p % SPLIT_K``, and streams its slab once against every token.
+
+        Every tensor here is ``(S,)`` with ``S = 32 · num_warps``: one element per thread, whose lane
+        comes from ``%tid.x`` (:func:`_thread_ids`), so the operands are each lane's fragment
+        registers whatever layout Triton gives the tensors. A 64-input step is two ``k32`` chunks;
+        within the step the mma's logical group ``L`` of chunk ``c`` is input group
+        ``σ(c, L) = 4L + 2c`` (``L < 4``) or ``4(L - 4) + 2c + 1`` (a permutation of ``K`` applied
+        to ``W`` and ``x`` alike, which leaves ``y`` unchanged), so that a lane's four pairs of a row
+        (groups ``4t .. 4t+3``) are one 16-byte vector. The codes come in fragment order
+        (:func:`mma_frag_codes`, made once per weight), ``x`` as 4-byte words.
+
+        Epilogue: without a split, lanes pair up (``lane ^ 4``) so that each stores two adjacent
+        features of one token as one 4-byte word; with ``SPLIT`` the fp32 fragments go to the
+        program's workspace slice and the tile's last arrival sums the slices in the order
+        ``s = 0, 1, …`` (bitwise reproducible), adds the bias and stores ``y``."""
+        S: tl.constexpr = BLOCK_N // (16 * RT) * 32
+        NW: tl.constexpr = BLOCK_N // (16 * RT)
+        pid = tl.program_id(0)
+        pid_n = pid // SPLIT_K
+        pid_s = pid % SPLIT_K
+        k_begin = pid_s * K_PER_SPLIT
+        k_end = tl.minimum(K, k_begin + K_PER_SPLIT)
+        tid = _thread_ids(S, MMA)
+        lane = tid & 31
+        warp = tid >> 5
+        g = lane >> 2
+        t = lane & 3
+        steps = K // 64
+        last16 = N // 16 - 1
+        # tile 0 (and 1) of this warp: rows, row validity (tiles past N read the last tile, unstored)
+        t16a = pid_n * (BLOCK_N // 16) + warp * RT
+        ok_a = t16a <= last16
+        t16a = tl.minimum(t16a, last16)
+        ra_a = t16a * 16 + g
+        va_a = vals_ptr + ra_a * stride_vn + 4 * t + k_begin // 4
+        vb_a = va_a + 8 * stride_vn
+        e_a = frag_ptr + ((t16a * steps + k_begin // 64) * 8 + g) * 4 + (t & 1) * 2
+        t16b = t16a + 1
+        ok_b = ok_a & (t16b <= last16)
+        t16b = tl.minimum(t16b, last16)
+        ra_b = t16b * 16 + g
+        va_b = vals_ptr + ra_b * stride_vn + 4 * t + k_begin // 4
+        vb_b = va_b + 8 * stride_vn
+        e_b = frag_ptr + ((t16b * steps + k_begin // 64) * 8 + g) * 4 + (t & 1) * 2
+        # the lane's x words: token g (and g + 8), words 8(t >> 1) + (t & 1) + {0, 2, 16, 18} + 4c
+        xw0 = x_ptr + tl.minimum(g, M - 1) * stride_xm + 8 * (t >> 1) + (t & 1) + k_begin // 2
+        xw1 = x_ptr + tl.minimum(g + 8, M - 1) * stride_xm + 8 * (t >> 1) + (t & 1) + k_begin // 2
+        z = tl.zeros([S], dtype=tl.float32)
+        a00, a01, a02, a03, a10, a11, a12, a13 = z, z, z, z, z, z, z, z   # tile 0: token tiles 0, 1
+        b00, b01, b02, b03, b10, b11, b12, b13 = z, z, z, z, z, z, z, z   # tile 1
+        for _k in range(k_begin, k_end, 64):
+            pa0, pa1, pa2, pa3, pb0, pb1, pb2, pb3, ea0, ea1 = _mma_tile_step(va_a, vb_a, e_a, S)
+            if RT == 2:
+                qa0, qa1, qa2, qa3, qb0, qb1, qb2, qb3, eb0, eb1 = _mma_tile_step(va_b, vb_b, e_b, S)
+            u0, u1, u2, u3, u4, u5, u6, u7 = _mma_x_frags(xw0)
+            if NT == 2:
+                w0, w1, w2, w3, w4, w5, w6, w7 = _mma_x_frags(xw1)
+            for c in tl.static_range(2):
+                if c == 0:
+                    x00, x01, x02, x03 = u0, u1, u2, u3
+                    if NT == 2:
+                        x10, x11, x12, x13 = w0, w1, w2, w3
+                else:
+                    x00, x01, x02, x03 = u4, u5, u6, u7
+                    if NT == 2:
+                        x10, x11, x12, x13 = w4, w5, w6, w7
+                if c == 0:
+                    f0, f1, f2, f3, fe = pa0, pb0, pa1, pb1, ea0
+                else:
+                    f0, f1, f2, f3, fe = pa2, pb2, pa3, pb3, ea1
+                a00, a01, a02, a03 = _mma_sp(f0, f1, f2, f3, x00, x01, x02, x03, a00, a01, a02, a03, fe, NW, FP16, MMA)
+                if NT == 2:
+                    a10, a11, a12, a13 = _mma_sp(f0, f1, f2, f3, x10, x11, x12, x13, a10, a11, a12, a13, fe,
+                                                 NW, FP16, MMA)
+                if RT == 2:
+                    if c == 0:
+                        h0, h1, h2, h3, he = qa0, qb0, qa1, qb1, eb0
+                    else:
+                        h0, h1, h2, h3, he = qa2, qb2, qa3, qb3, eb1
+                    b00, b01, b02, b03 = _mma_sp(h0, h1, h2, h3, x00, x01, x02, x03, b00, b01, b02, b03, he,
+                                                 NW, FP16, MMA)
+                    if NT == 2:
+                        b10, b11, b12, b13 = _mma_sp(h0, h1, h2, h3, x10, x11, x12, x13, b10, b11, b12, b13, he,
+                                                     NW, FP16, MMA)
+            va_a += 16
+            vb_a += 16
+            e_a += 32
+            va_b += 16
+            vb_b += 16
+            e_b += 32
+            xw0 += 32
+            xw1 += 32
+        tok0 = 2 * t
+        if SPLIT:
+            _mma_store_part(a00, a01, a02, a03, ra_a, ra_a + 8, tok0, ws_ptr, pid_s, M, N, ok_a)
+            if NT == 2:
+                _mma_store_part(a10, a11, a12, a13, ra_a, ra_a + 8, tok0 + 8, ws_ptr, pid_s, M, N, ok_a)
+            if RT == 2:
+                _mma_store_part(b00, b01, b02, b03, ra_b, ra_b + 8, tok0, ws_ptr, pid_s, M, N, ok_b)
+                if NT == 2:
+                    _mma_store_part(b10, b11, b12, b13, ra_b, ra_b + 8, tok0 + 8, ws_ptr, pid_s, M, N, ok_b)
+            if SYNC:
+                tl.debug_barrier()                                   # every thread's partial stored
+                last = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1
+            else:
+                last = pid_s == SPLIT_K - 1
+            if last:
+                offs_m = tl.arange(0, 16)
+                offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+                part = offs_m[:, None] * N + offs_n[None, :]
+                tot = _split_sum(ws_ptr, part, mask, M * N, SPLIT_K, tl.zeros((16, BLOCK_N), dtype=tl.float32))
+                if HAS_BIAS:
+                    tot += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+                tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+                         tot.to(out_ptr.dtype.element_ty), mask=mask)
+                if SYNC:
+                    tl.atomic_xchg(cnt_ptr + pid_n, 0)                # ready for the next launch
+        else:
+            _mma_store_y(a00, a01, a02, a03, ra_a, ra_a + 8, tok0, out_ptr, out32_ptr, bias_ptr, M, stride_om, ok_a,
+                         HAS_BIAS, NW, MMA)
+            if NT == 2:
+                _mma_store_y(a10, a11, a12, a13, ra_a, ra_a + 8, tok0 + 8, out_ptr, out32_ptr, bias_ptr, M, stride_om, ok_a,
+                             HAS_BIAS, NW, MMA)
+            if RT == 2:
+                _mma_store_y(b00, b01, b02, b03, ra_b, ra_b + 8, tok0, out_ptr, out32_ptr, bias_ptr, M, stride_om, ok_b,
+                             HAS_BIAS, NW, MMA)
+                if NT == 2:
+                    _mma_store_y(b10, b11, b12, b13, ra_b, ra_b + 8, tok0 + 8, out_ptr, out32_ptr, bias_ptr, M, stride_om,
+                                 ok_b, HAS_BIAS, NW, MMA)
+
     @triton.jit
     def _sp_expand_kernel(
         # --- pointers ---
@@ -2031,6 +2407,9 @@ if HAS_TRITON:
     _sp_decode_tuned = Tunable(_sp_decode_kernel, DECODE_SPACE,
                                key=["M", "N", "K", "K_PER_SPLIT", "SPLIT_K", "BLOCK_N", "BLOCK_M", "META32"],
                                prune=_prune_decode, interpreter=DECODE_INTERP, deterministic=DECODE_FIXED)
+    _sp_decode_mma_tuned = Tunable(_sp_decode_mma_kernel, MMA_SPACE,
+                                   key=["M", "N", "K", "K_PER_SPLIT", "SPLIT_K", "BLOCK_N", "RT", "NT"],
+                                   prune=_prune_mma, interpreter=MMA_SPACE[0], deterministic=MMA_SPACE[0])
     _sp_expand_tuned = Tunable(_sp_expand_kernel, EXPAND_SPACE, key=["R", "K", "META32"], prune=_prune_wide,
                                interpreter=EXPAND_INTERP, deterministic=EXPAND_FIXED)
     _sp_compress_tuned = Tunable(_sp_compress_kernel, EXPAND_SPACE, key=["R", "K", "META32"], prune=_prune_wide,
@@ -2086,6 +2465,14 @@ if HAS_TRITON:
     register_kernel(KernelSpec(
         name="sparse24.decode_y", fn=_sp_decode_kernel, pointers=_DEC_PTRS,
         constexprs=[c for c in _DEC if not c["SPLIT"]], space=decode_space,
+    ))
+    register_kernel(KernelSpec(   # the decode on sparse tensor cores (mma.sp), bf16 and fp16
+        name="sparse24.decode_mma", fn=_sp_decode_mma_kernel,
+        pointers={"x_ptr": _I32, "vals_ptr": _I32, "frag_ptr": _I32, "out32_ptr": _I32, "ws_ptr": "fp32",
+                  "cnt_ptr": "i32"},
+        constexprs=[dict(BLOCK_N=bn, RT=MMA_TILES[bn][1], NT=nt, MMA=2, FP16=False, HAS_BIAS=True, SPLIT=sp, SYNC=sp)
+                    for bn in MMA_TILES for nt in (1, 2) for sp in (False, True)],
+        space=mma_space, dtypes=("bf16", "fp16"),
     ))
     register_kernel(KernelSpec(   # a partial row tile or K not a multiple of 256: the masked loads
         name="sparse24.decode_masked", fn=_sp_decode_kernel, pointers=_DEC_PTRS,
@@ -2455,6 +2842,8 @@ def sparse24_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
         if bias is not None:
             y += bias
         return y
+    if plan is None and mma_decode_ok(x, values, out_dtype):
+        return sparse24_decode_mma(x, values, meta, bias)
     bn, sk = plan or decode_plan(M, N, K, _config.num_sms(x.device), x.element_size())
     kps = _decode_kps(K, sk)
     sk = -(-K // kps)
@@ -2471,6 +2860,172 @@ def sparse24_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
         HAS_BIAS=bias is not None, SPLIT=split, SYNC=sync, UPCAST=upcast_dots(), PRECISION=dot_precision(x.dtype),
         META32=m32, PAIRS=pairs, PRMT=prmt_mode(m32 and pairs), EVEN=decode_even(N, K, bn),
         BLOCK_N=bn, BLOCK_M=bm,
+    )
+    return y
+
+
+# ---- the decode on sparse tensor cores (_sp_decode_mma_kernel) ---------------------------------
+
+
+#: Instruction model of ``_sp_decode_mma_kernel`` on sm_90, per warp, by ``(BLOCK_N, NT)``: its main
+#: loop per 64-input step (``step``; ``step_split`` in the split build) and the rest of a program
+#: (``program`` without a split; ``program_split`` with it, the reducer's loop counted once, what a
+#: program runs on average). Read from the SASS of the compile tier's builds of the kernel
+#: (``tests/sparse24/test_decode_mma.py`` compares with fresh ones). *Predicted*: the compiled code,
+#: not a measurement.
+MMA_DECODE_ISSUE = {
+    (16, 1): dict(step=36, program=159, step_split=34, program_split=433),
+    (16, 2): dict(step=55, program=207, step_split=55, program_split=462),
+    (32, 1): dict(step=34, program=162, step_split=35, program_split=442),
+    (32, 2): dict(step=51, program=210, step_split=55, program_split=482),
+    (64, 1): dict(step=34, program=162, step_split=35, program_split=442),
+    (64, 2): dict(step=51, program=210, step_split=55, program_split=482),
+    (128, 1): dict(step=55, program=249, step_split=58, program_split=383),
+    (128, 2): dict(step=85, program=326, step_split=88, program_split=419),
+    (256, 1): dict(step=59, program=244, step_split=58, program_split=386),
+    (256, 2): dict(step=89, program=321, step_split=88, program_split=418),
+}
+
+
+def mma_decode_warp_instructions(BLOCK_N: int, M: int, k_per_program: int, split: bool) -> tuple[float, list]:
+    """``(warp-instructions of one sparse tensor-core decode program, loop trips)`` by
+    :data:`MMA_DECODE_ISSUE`: the main loop ``ceil(k_per_program / 64)`` times, then (``split``)
+    the reducer's loop once on average."""
+    nw = MMA_TILES[BLOCK_N][0]
+    f = MMA_DECODE_ISSUE[(BLOCK_N, 1 if M <= 8 else 2)]
+    trips = max(1, -(-k_per_program // MMA_K_QUANTUM))
+    per_warp = trips * f["step_split" if split else "step"] + f["program_split" if split else "program"]
+    return nw * per_warp, [trips, 1] if split else [trips]
+
+
+def _mma_issue_model(ints: dict, constexprs: dict, config: dict, grid) -> Optional[tuple]:
+    """:data:`kernels._cost.ISSUE_MODELS` entry of the sparse tensor-core decode."""
+    kps = min(int(ints["K"]), int(ints["K_PER_SPLIT"]))
+    return mma_decode_warp_instructions(int(constexprs["BLOCK_N"]), int(ints["M"]), kps, bool(constexprs.get("SPLIT")))
+
+
+_cost.ISSUE_MODELS["sparse24.decode_mma"] = _mma_issue_model
+_config.INTERPRETER_EQUIVALENT["MMA"] = {2: 1}      # mma.sp / shfl / %tid.x -> their emulation
+
+
+def mma_frag_codes(meta: torch.Tensor, rows: int, k: int) -> torch.Tensor:
+    """The codes of a 2:4 weight ``(rows, k)`` in the order :func:`_sp_decode_mma_kernel` reads
+    them: ``(rows/16, k/64, 8, 2, 2)`` int32, entry ``[b, s, g, p, c]`` the ``mma.sp`` metadata
+    register of lane ``4g + p`` (and ``4g + p + 2``) for chunk ``c`` of step ``s`` of row tile
+    ``b``: nibble ``i`` of its low half the code of row ``16b + g``, input group
+    ``16s + 4i + 2c + p`` (the kernel's permutation ``σ``), its high half the same of row
+    ``16b + g + 8``. As many bytes as ``meta``: a reordering, no format change."""
+    i0, i1 = _codes(meta, k)
+    code = (i0 | (i1 << 2)).reshape(rows // 16, 2, 8, k // 64, 4, 2, 2)   # (b, h, g, s, i, c, p)
+    code = code.permute(0, 3, 2, 6, 5, 1, 4)                              # (b, s, g, p, c, h, i)
+    shift = (torch.arange(2, device=meta.device)[:, None] * 16 + torch.arange(4, device=meta.device)[None, :] * 4)
+    word = (code << shift).sum(dim=(-1, -2))                              # int64, < 2**32
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).contiguous()
+
+
+def mma_codes(meta: torch.Tensor, rows: int, k: int) -> torch.Tensor:
+    """:func:`mma_frag_codes`, cached on ``meta`` (keyed by its version): once per mask."""
+    key = (meta._version, meta.data_ptr(), rows, k)
+    hit = getattr(meta, "_fastfactor_mma", None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    out = mma_frag_codes(meta, rows, k)
+    try:
+        meta._fastfactor_mma = (key, out)
+    except (AttributeError, RuntimeError):  # pragma: no cover - tensors refusing attributes
+        pass
+    return out
+
+
+def _aligned(t: torch.Tensor, elems: int) -> bool:
+    """Rows of unit column stride whose starts are ``elems``-element aligned."""
+    return (t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) % elems == 0)
+            and t.storage_offset() % elems == 0 and t.data_ptr() % (elems * t.element_size()) == 0)
+
+
+def mma_decode_ok(x: torch.Tensor, values: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether :func:`sparse24_decode` takes the sparse tensor cores: fp16/bf16 ``x`` and values of
+    the same dtype, ``M <= 16``, ``N % 16 == 0``, ``K % 64 == 0``, ``x`` rows of 4-byte words and
+    16-byte aligned value rows, an output of ``x``'s dtype, a GPU with ``mma.sp`` (sm_80 on),
+    unless ``FASTFACTOR_SPARSE24_MMA=0``."""
+    M, K = x.shape
+    N = values.shape[0]
+    if _forced("FASTFACTOR_SPARSE24_MMA", ("0", "1")) == "0":
+        return False
+    if x.dtype not in (torch.float16, torch.bfloat16) or values.dtype != x.dtype:
+        return False
+    if (out_dtype or x.dtype) != x.dtype or not 0 < M <= MMA_DECODE_MAX_M:
+        return False
+    if N % 16 or K % MMA_K_QUANTUM or not _aligned(x, 2) or not _aligned(values, 8):
+        return False
+    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
+        return False
+    return True
+
+
+def mma_decode_plans(M: int, N: int, K: int, sms: int, elem: int = 2) -> list:
+    """Every plan of the sparse tensor-core decode: ``(t_nominal, t_low, (BLOCK_N, split_k))``, the
+    bytes of :func:`decode_launch_bytes` (the same traffic as the expanding decode) and the issue
+    of :data:`MMA_DECODE_ISSUE`."""
+    plans = []
+    for bn in MMA_TILES:
+        for sk in DECODE_SPLITS:
+            kps = _per_split(K, sk, MMA_K_QUANTUM)
+            if sk > 1 and kps * (sk - 1) >= K:
+                continue                       # an empty split
+            b = decode_launch_bytes(M, N, K, bn, sk, elem)
+            p = b["programs"]
+            f = min(1.0, p / (-(-p // sms) * sms))
+            wi = mma_decode_warp_instructions(bn, M, min(K, kps), sk > 1)[0]
+            plans.append(_plan_times(b["dram"], b["l2"], _issue_s(wi, p, f), f) + ((bn, sk),))
+    return plans
+
+
+@functools.lru_cache(maxsize=4096)
+def mma_decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[float, int, int]:
+    """``(seconds, BLOCK_N, split_k)`` of the sparse tensor-core decode (*predicted*): of
+    :func:`mma_decode_plans`, the one :func:`kernels._cost.robust_pick` takes."""
+    t_nom, _, (bn, sk) = _cost.robust_pick(mma_decode_plans(M, N, K, sms, elem))
+    return t_nom, bn, sk
+
+
+def mma_decode_shape_ok(M: int, N: int, K: int, elem: int = 2) -> bool:
+    """The shape side of :func:`mma_decode_ok` (16-bit operands, ``M <= 16``, ``N % 16 == 0``,
+    ``K % 64 == 0``, not turned off), what the planners price by."""
+    return (elem == 2 and 0 < M <= MMA_DECODE_MAX_M and N % 16 == 0 and K % MMA_K_QUANTUM == 0
+            and _forced("FASTFACTOR_SPARSE24_MMA", ("0", "1")) != "0")
+
+
+def decode_seconds(M: int, N: int, K: int, sms: int, elem: int = 2, same_dtype: bool = True) -> float:
+    """Predicted seconds of :func:`sparse24_decode`'s launch for this shape: the sparse tensor-core
+    decode where it takes the shape (``same_dtype``: the output in the operands' dtype), else the
+    expanding decode's planned price."""
+    if same_dtype and mma_decode_shape_ok(M, N, K, elem):
+        return mma_decode_plan_cost(M, N, K, sms, elem)[0]
+    return decode_plan_cost(M, N, K, sms, elem)[0]
+
+
+def sparse24_decode_mma(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None, plan: Optional[tuple] = None) -> torch.Tensor:
+    """``y = x·Wᵀ + b`` for ``M <= 16`` tokens on the sparse tensor cores (``mma.sp``, one launch,
+    :func:`mma_decode_plan_cost`; ``plan`` forces ``(BLOCK_N, split_k)``). The caller checked
+    :func:`mma_decode_ok`. Deterministic: split partials summed in a fixed order."""
+    M, K = x.shape
+    N = values.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    bn, sk = plan or mma_decode_plan_cost(M, N, K, _config.num_sms(x.device), x.element_size())[1:]
+    nw, rt = MMA_TILES[bn]
+    kps = _per_split(K, sk, MMA_K_QUANTUM)
+    sk = -(-K // kps)
+    nb = triton.cdiv(N, bn)
+    split, sync, ws, cnt = _split_buffers(sk, nb, y)
+    xw = x.view(torch.int32)
+    vw = values.view(torch.int32)
+    _sp_decode_mma_tuned[(nb * sk,)](
+        xw, vw, mma_codes(meta, N, K), bias if bias is not None else y, y, y.view(torch.int32), ws, cnt,
+        M, N, K, kps, sk, xw.stride(0), vw.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, SPLIT=split, SYNC=sync, MMA=1 if _config.is_interpreter() else 2,
+        FP16=x.dtype == torch.float16, RT=rt, NT=1 if M <= 8 else 2, BLOCK_N=bn,
     )
     return y
 
@@ -2853,8 +3408,9 @@ def choose_mm_path(M: int, K_in: int, N: int, dtype: torch.dtype, device, torch_
 
     * ``M <= DECODE_MAX_M``: ``decode`` (:func:`sparse24_decode`: bytes-bound, the compressed
       weight read once, the reduction split to fill the SMs where that pays), unless ``torch`` is
-      eligible and predicted faster (:func:`decode_plan_cost`, the plan that holds up at the low
-      end of the L2 figure, against :func:`path_costs`' ideal roofline of PyTorch's GEMM: at 4096²
+      eligible and predicted faster (:func:`decode_seconds`: the sparse tensor-core decode where
+      it takes the shape, else the expanding decode's plan that holds up at the low end of the L2
+      figure, against :func:`path_costs`' ideal roofline of PyTorch's GEMM: at 4096²
       it takes every ``M % 8 == 0`` batch; our decode keeps the others, e.g. 1 or 12 tokens);
     * otherwise the cheapest of :func:`path_costs` ``('fwd')`` among the eligible paths:
       ``torch`` (PyTorch's semi-structured GEMM on sparse tensor cores, :func:`torch24_eligible`),
@@ -2881,7 +3437,7 @@ def choose_mm_path(M: int, K_in: int, N: int, dtype: torch.dtype, device, torch_
             e = 4 if dtype == torch.float32 else 2
             dev = torch.device(device)
             sms = _config.num_sms(dev) if torch.cuda.is_available() else _cost.DEFAULT.sms
-            t_decode = decode_plan_cost(M, N, K_in, sms, e)[0]
+            t_decode = decode_seconds(M, N, K_in, sms, e)
             if path_costs(M, K_in, N, dtype, "fwd")["torch"] < t_decode:
                 return "torch"
         return "decode"
@@ -3164,8 +3720,8 @@ def ds_library_ok(dtype) -> bool:
 
 def _s_path_seconds(M: int, K: int, R: int, dtype, path: str, sms: int) -> float:
     """Predicted seconds of ``t = x·Sᵀ`` on sparse24's ``path`` (the figures its chooser ranks by)."""
-    if path == "decode":
-        return decode_plan_cost(M, R, K, sms, _ds_elem(dtype))[0]
+    if path == "decode":   # t in the input dtype but for fp16 (fp32 there: the expanding decode)
+        return decode_seconds(M, R, K, sms, _ds_elem(dtype), same_dtype=dtype != torch.float16)
     return path_costs(M, K, R, dtype, "fwd")[path]
 
 
@@ -3675,7 +4231,7 @@ def ds_two_kernel_seconds(M: int, K: int, N: int, R: int, dtype=torch.float16, b
     ``t`` (our GEMM is no faster), so a one-launch path beating this beats the real pair."""
     sms = int(sms or _cost.DEFAULT.sms)
     if M <= DS_DECODE_MAX_M:
-        t1 = decode_plan_cost(M, R, K, sms, _ds_elem(dtype))[0]
+        t1 = decode_seconds(M, R, K, sms, _ds_elem(dtype), same_dtype=dtype != torch.float16)
     else:
         t1 = path_costs(M, K, R, dtype, "fwd")["triton"]
     return t1 + _gemm_seconds(M, N, R, 4, _ds_elem(dtype), _ds_elem(dtype), bias, dtype)

@@ -25,7 +25,6 @@ from fastfactor.sol import tier  # noqa: E402
 #: today's misses: case id -> the figures found (predicted on an H200 at commit of this file)
 BACKLOG = {
     'speedup-dense1.5x-sparse24-4096-M16-fwd': '1.49x vs dense (predicted): PyTorch semi-structured GEMM at the DRAM floor of the 2:4 format (values + 4-bit codes + x + y = 19.1 MB over 4.3 TB/s + the 2.5 us floor = 6.95 us); our decode is 7.19 us with the plan that holds up at the low end of the L2 figure (128 rows x 4 splits, 1 MB of partials), 6.95 us only with the plan that is L2-bound below ~8 TB/s. No launch of this format exceeds 1.491x; 1.5x needs <= 3.66 bits of metadata per group and a plan without partials (target >= 1.5x vs dense)',
-    'expansion-sparse24-4096-M12-fwd': '0.126 sm_90 instructions a weight in the 2:4 decode main loop (259 a warp and step at 128 rows x 128 inputs, 8 warps, 3 stages): 80 byte permutes (0.039 a weight, the selector scheme: 5 a group of 4), 32 register moves staging the async wgmma operand and 19 shared-memory reads of the cp.async pipeline (both gone without the pipeline: 166, 0.081; offered to the GPU autotuner), and the expanded tile converted to the wgmma operand layout through shared memory (9 STS.128, 8 LDSM, barriers) (target <= 0.05)',
     'speedup-dense1.5x-sparse24-4096-M64-fwd': '1.48x vs dense (predicted; PyTorch semi-structured GEMM 7.14 us, our one-launch decode 8.93 us): with this format no single launch exceeds 1.479x at M=64 (19.9 MB + 2.5 us) (target >= 1.5x vs dense)',
 }
 

@@ -43,7 +43,7 @@ from ..factorize.sparse24 import (
     resolve_dense_sparse_rank,
 )
 from ..kernels._config import acc_dtype
-from ..kernels.sparse24 import torch24_meta, torch24_meta_padded, transpose_plan
+from ..kernels.sparse24 import mma_codes, torch24_meta, torch24_meta_padded, transpose_plan
 from ..formats.sparse24 import Sparse24Weight, mask_24, meta_cols, pack_24, prune_24, unpack_24
 from ..ops.lowrank import lowrank_linear
 from ..ops.sparse24 import dense_sparse_linear_packed, sparse24_linear_packed, ste_24
@@ -81,6 +81,9 @@ class _Sparse24Mixin:
         self.register_parameter(p + "values", nn.Parameter(w.values.detach().clone()))
         self.register_buffer(p + "meta", w.meta.detach().clone())
         rows, k = w.shape
+        if rows % 16 == 0 and k % 64 == 0 and w.meta.device.type != "meta":
+            # the codes in the sparse tensor-core decode's fragment order (``mma_codes``), once per mask
+            mma_codes(getattr(self, p + "meta"), rows, k)
         if rows % 32 == 0 and k % 64 == 0 and w.meta.device.type != "meta":
             # PyTorch's 2:4 layout of the codes, converted once per mask (cached on the buffer),
             # and whether Wᵀ is 2:4 too (dx on sparse tensor cores; ``transpose_plan``)

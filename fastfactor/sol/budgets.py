@@ -11,9 +11,10 @@ Figures are exact counts or **predicted, not measured** times.
   the launch's DRAM bytes (see :func:`reread`);
 * ``fill``: a launch whose per-program reduction is longer than 4096 uses at least as many programs
   as the device has SMs;
-* ``access``: streamed operands are loaded in runs of at least 16 contiguous bytes and outputs are
-  not stored as scalar 2-byte words (widest contiguous run of each access in the interpreter; the
-  compiled SASS confirms it where compile-check reads it);
+* ``access``: streamed operands are loaded in runs of at least 16 contiguous bytes (or narrower
+  where the lanes' words interleave so that every 32-byte sector an access touches is used whole)
+  and outputs are not stored as scalar 2-byte words (widest contiguous run of each access in the
+  interpreter; the compiled SASS confirms it where compile-check reads it);
 * ``flops``: tensor-core FLOPs issued at most 1.33x the useful FLOPs of the row;
 * ``speedup``: the predicted speedups of the row at least the BENCHMARKS.md targets.
 """
@@ -61,11 +62,14 @@ def reread(row: dict, device, limit: float = 1.25, share: float = L2_REREAD_SHAR
                 continue
             where = f"{e['kernel']}({e['phase']}).{name.split('/')[0]}"
             if mem_bound and t["size"] <= device.l2_bytes * L2_RESIDENT_FRACTION:
-                extra = max(0.0, t["load"] - t["size"])
+                # what reaches L2: each load instruction's distinct 32-byte sectors (the model's L2
+                # term); a CTA's warps loading the same words at once are one request (L1)
+                l2 = t.get("l2_load", t["load"])
+                extra = max(0.0, l2 - t["size"])
                 frac = extra / dram if dram else (0.0 if not extra else float("inf"))
                 cand = (frac / share, f"{where} re-read {extra / 1e6:.2f} MB beyond its first read "
-                                      f"({t['reread']:.1f}x its size) = {100 * frac:.0f} % of the launch's "
-                                      f"{dram / 1e6:.2f} MB DRAM bytes")
+                                      f"({l2 / t['size']:.1f}x its size through L2) = {100 * frac:.0f} % of "
+                                      f"the launch's {dram / 1e6:.2f} MB DRAM bytes")
             elif mem_bound or t["size"] > device.l2_bytes / 2:
                 cand = (t["reread"] / limit, f"{where} read {t['reread']:.1f}x its size")
             else:
@@ -96,7 +100,10 @@ def access(row: dict, device, min_load: int = 16, min_store: int = 4):
         for name, t in e["tensors"].items():
             if t["size"] < STREAMED:
                 continue
-            if t["load"] and t["load_access"] and t["load_access"] < min_load:
+            # narrower loads pass where the lanes' words interleave so that every 32-byte sector an
+            # access touches is used whole (bytes loaded >= 32 x the sectors touched)
+            whole = (t.get("sector_eff") or 0.0) >= 1.0
+            if t["load"] and t["load_access"] and t["load_access"] < min_load and not whole:
                 bad.append(f"{e['kernel']}({e['phase']}).{name.split('/')[0]} loads {t['load_access']} B")
             if t["store"] and t["store_access"] and t["store_access"] < min_store:
                 bad.append(f"{e['kernel']}({e['phase']}).{name.split('/')[0]} stores {t['store_access']} B")
@@ -139,24 +146,32 @@ def sass(row: dict, device):
         "no LDL/STL, no STG.E.U16, LDG.E.128/LDGSTS.128/UTMALDG (sm_90)"
 
 
-def expansion(row: dict, device, kernel: str = "sparse24.decode", limit: float = 0.05):
+#: the 2:4 decode kernels whose main loops the expansion budget reads, and the inputs a step of
+#: each covers when its config does not say (``BLOCK_K``): the sparse tensor-core decode's 64
+DECODE_KERNELS = {"sparse24.decode": None, "sparse24.decode_mma": 64}
+
+
+def expansion(row: dict, device, limit: float = 0.05):
     """The 2:4 expansion's cost in the compiled sm_90 build of the chosen config (``attach_sass``):
     the main loop's instructions (one warp's static SASS, run once a step) per weight that warp
-    expands in a step (``BLOCK_N·BLOCK_K / num_warps``), at most ``limit``."""
+    covers in a step (``BLOCK_N·BLOCK_K / num_warps``; the sparse tensor-core decode's loop expands
+    nothing, and is held to the same figure), at most ``limit``, for every decode launch of the
+    row."""
     got = []
     for e in row["detail"]:
         f = e.get("sass")
-        if e["kernel"] != kernel or not f:
+        if e["kernel"] not in DECODE_KERNELS or not f:
             continue
         if "error" in f or not f.get("loop_instructions"):
-            return False, f"{kernel} {e['config_label']}: no main loop read", f"<= {limit} a weight"
-        weights = e["constexprs"]["BLOCK_N"] * e["config"]["BLOCK_K"] / e["config"].get("num_warps", 4)
-        got.append((f["loop_instructions"] / weights, f["loop_instructions"], e["config_label"]))
+            return False, f"{e['kernel']} {e['config_label']}: no main loop read", f"<= {limit} a weight"
+        bk = e["config"].get("BLOCK_K") or DECODE_KERNELS[e["kernel"]]
+        weights = e["constexprs"]["BLOCK_N"] * bk / e["config"].get("num_warps", 4)
+        got.append((f["loop_instructions"] / weights, f["loop_instructions"], e["kernel"], e["config_label"]))
     if not got:
-        return False, f"no {kernel} launch in the row", f"<= {limit} a weight"
-    ipw, n, label = max(got)
-    return ipw <= limit, f"{ipw:.3f} instructions a weight ({n} a warp and step, {label}; compiled sm_90)", \
-        f"<= {limit} a weight"
+        return False, "no 2:4 decode launch in the row", f"<= {limit} a weight"
+    ipw, n, kernel, label = max(got)
+    return ipw <= limit, (f"{ipw:.3f} instructions a weight ({n} a warp and step, {kernel} {label}; "
+                          f"compiled sm_90)"), f"<= {limit} a weight"
 
 
 def attach_sass(row: dict, arch: int = 90) -> dict:

@@ -187,6 +187,7 @@ def evaluate_launch(launch, device: Device, configs: str = "all") -> dict:
     tensors = {}
     for name, tc in lc.tensors.items():
         tensors[name] = dict(size=tc.size_bytes, load=tc.load_bytes, store=tc.store_bytes,
+                             l2_load=32.0 * tc.load_sectors,
                              reread=tc.reread, unique=tc.unique_bytes,
                              sector_eff=tc.sector_efficiency, load_access=tc.load_access_bytes,
                              store_access=tc.store_access_bytes)
