@@ -2842,7 +2842,8 @@ def sparse24_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
         if bias is not None:
             y += bias
         return y
-    if plan is None and mma_decode_ok(x, values, out_dtype):
+    if plan is None and mma_decode_ok(x, values, out_dtype) and mma_decode_wins(
+            M, N, K, _config.num_sms(x.device), x.element_size()):
         return sparse24_decode_mma(x, values, meta, bias)
     bn, sk = plan or decode_plan(M, N, K, _config.num_sms(x.device), x.element_size())
     kps = _decode_kps(K, sk)
@@ -2997,12 +2998,19 @@ def mma_decode_shape_ok(M: int, N: int, K: int, elem: int = 2) -> bool:
 
 
 def decode_seconds(M: int, N: int, K: int, sms: int, elem: int = 2, same_dtype: bool = True) -> float:
-    """Predicted seconds of :func:`sparse24_decode`'s launch for this shape: the sparse tensor-core
-    decode where it takes the shape (``same_dtype``: the output in the operands' dtype), else the
-    expanding decode's planned price."""
+    """Predicted seconds of :func:`sparse24_decode`'s launch for this shape: the cheaper of the
+    expanding decode's planned price and, where it takes the shape (``same_dtype``: the output in
+    the operands' dtype), the sparse tensor-core decode's (:func:`mma_decode_wins`)."""
+    t = decode_plan_cost(M, N, K, sms, elem)[0]
     if same_dtype and mma_decode_shape_ok(M, N, K, elem):
-        return mma_decode_plan_cost(M, N, K, sms, elem)[0]
-    return decode_plan_cost(M, N, K, sms, elem)[0]
+        return min(t, mma_decode_plan_cost(M, N, K, sms, elem)[0])
+    return t
+
+
+def mma_decode_wins(M: int, N: int, K: int, sms: int, elem: int = 2) -> bool:
+    """The sparse tensor-core decode's planned launch predicted no slower than the expanding
+    decode's (both the plans :func:`kernels._cost.robust_pick` takes): the dispatch between them."""
+    return mma_decode_plan_cost(M, N, K, sms, elem)[0] <= decode_plan_cost(M, N, K, sms, elem)[0]
 
 
 def sparse24_decode_mma(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,

@@ -24,7 +24,7 @@ import tempfile
 from typing import Optional
 
 PATTERNS = {
-    "hgmma": r"\bHGMMA\b", "hmma": r"\bHMMA\b", "ldg128": r"\bLDG\.E\.128\b|\bLDG\.E\.EL\.128\b",
+    "hgmma": r"\bHGMMA\b", "hmma": r"\bHMMA\b", "hmma_sp": r"\bHMMA\.SP\b", "ldg128": r"\bLDG\.E\.128\b|\bLDG\.E\.EL\.128\b",
     "ldgsts128": r"\bLDGSTS\.E(\.\w+)*\.128\b", "ldg_u16": r"\bLDG\.E\.U16\b", "ldg_u8": r"\bLDG\.E\.U8\b",
     "utmaldg": r"\bUTMALDG\b", "stg_u16": r"\bSTG\.E\.U16\b", "ldl": r"\bLDL\b", "stl": r"\bSTL\b",
     "bar": r"\bBAR\.", "instructions": r"^\s+/\*[0-9a-f]{4,}\*/\s+\S",
