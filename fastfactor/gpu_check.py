@@ -419,6 +419,10 @@ def time_decode_variants(device, dry: bool, seconds: float = VARIANT_S) -> dict:
       the planner's pick and each of ``VARIANT_PLANS`` — *decides the plan policy* (is the narrow
       plan faster at every M, i.e. is the L2 lead right, or does the robust pick hold up?) — each
       with byte permutes and with compare-and-select — *decides the PRMT default*;
+    * ``decode_mma``: the decode on sparse tensor cores (``sparse24_decode_mma``, ``mma.sp``; bf16,
+      ``M <= 16``) with its planner's pick and the variant plans it has — *the first run of that
+      instruction on hardware* (checked against fp32 like every row), and *decides whether the
+      dispatch should take it* (``dispatched``: what it takes now, predicted);
     * ``torch24``: PyTorch's 2:4 GEMM where it takes ``M`` (``M % 8 == 0``), what ``choose_mm_path``
       takes at 16 tokens on an ideal roofline — *decides whether it should*; ``dense``: ``F.linear``;
     * ``dx_decode``: ``dx = g·W`` (with ``db``) at the first ``M``, PRMT on / off; ``dense_dx``: ``g @ W``.
@@ -446,9 +450,11 @@ def time_decode_variants(device, dry: bool, seconds: float = VARIANT_S) -> dict:
     kernels = _config.use_triton(wd)  # a GPU, or the interpreter (the test)
     if kernels:
         decode = lambda x, v, m, plan: K.sparse24_decode(x, v, m, bias, plan=plan)
+        decode_mma = lambda x, v, m, plan: K.sparse24_decode_mma(x, v, m, bias, plan=plan)
         dx_decode = lambda g, v, m, db: K.sparse24_dx_decode(g, v, m, db=db)
     else:  # dry without the interpreter: the reference stands in (the figures mean nothing)
         decode = lambda x, v, m, plan: K.sparse24_linear_ref(x, v, m, bias)
+        decode_mma = decode
         dx_decode = lambda g, v, m, db: (db.copy_(g.sum(0)), g @ K.unpack_24(v, m, Kin))[1]
     n = 1 if dry else rotation_count(w.num_bytes() + 2 * max(tokens) * (Kin + N), device)
     packed = [(w.values.clone(), w.meta.clone()) for _ in range(n)]
@@ -482,6 +488,19 @@ def time_decode_variants(device, dry: bool, seconds: float = VARIANT_S) -> dict:
     for M in tokens:
         xs = [torch.randn(M, Kin, device=device, dtype=dt) for _ in range(n)]
         ref = F.linear(xs[0].float(), wd.float(), bias.float())
+        if K.mma_decode_ok(xs[0], packed[0][0]):
+            # the decode on sparse tensor cores (mma.sp): its pick and the variant plans it has, checked
+            # against fp32 like every row (the first run of mma.sp on hardware), and whether the
+            # dispatch takes it over the expanding decode (``dispatched``, predicted)
+            _, mbn, msk = K.mma_decode_plan_cost(M, N, Kin, sms)
+            mpred = {p: (a, b) for a, b, p in K.mma_decode_plans(M, N, Kin, sms)}
+            wins = K.mma_decode_wins(M, N, Kin, sms)
+            for plan in dict.fromkeys(((mbn, msk),) + tuple(p for p in plans if p[0] in K.MMA_TILES)):
+                a, b = mpred.get(plan, (None, None))
+                row = dict(op="decode_mma", tokens=M, plan=f"{plan[0]}x{plan[1]}", pick=plan == (mbn, msk),
+                           dispatched=wins, pred_us=a and a * 1e6, pred_low_us=b and b * 1e6)
+                calls = [lambda x=x, v=v, m=m, plan=plan: decode_mma(x, v, m, plan) for x, (v, m) in zip(xs, packed)]
+                run(row, calls, ref, K._sp_decode_mma_tuned)
         for on in (True, False):
             with _prmt_env(on):
                 prmt = K.prmt_mode(True)  # the PRMT constexpr of the launches: 2 prmt.b32, 1 interpreted, 0 select
@@ -558,6 +577,13 @@ def _variant_summary(rows: list) -> list:
         if unp is not None and pick is not None:
             line += (f"; the pick with unpipelined configs offered {unp['measured_us'] / pick['measured_us']:.2f}x "
                      f"its time (tuned: {unp.get('config') or '?'})")
+        mma = [r for (op, _, _), r in got.items() if op == "decode_mma"]
+        if mma and pick is not None:
+            mb = min(mma, key=lambda r: r["measured_us"])
+            mp = next((r for r in mma if r["pick"]), mb)
+            line += (f"; sparse tensor cores (mma.sp) fastest {mb['plan']} {mb['measured_us']:.2f} us, its pick "
+                     f"{mp['plan']} {mp['measured_us'] / pick['measured_us']:.2f}x the expanding pick's time "
+                     f"(dispatched: {'mma.sp' if mp.get('dispatched') else 'expanding'})")
         for op in ("torch24", "dense"):
             if (op, None, None) in got and pick is not None:
                 line += f"; {op} {got[(op, None, None)]['measured_us'] / pick['measured_us']:.2f}x the pick's time"
@@ -573,9 +599,11 @@ def _variants_md(variants: dict, fmt) -> str:
     text += (f"{variants['shape']}, {variants['impl']}, {variants['sms']} SMs. `measured_us`: median µs "
              f"(`timing`: cuda_graph where capture worked; {variants['rotated_copies']} rotated copies); "
              f"`pred_us` / `pred_low_us`: {variants['predicted']}. plan: BLOCK_N x split_k (dx: BLOCK_K x split_n); prmt: the PRMT "
-             "constexpr (2 byte permutes, 1 the same in integer ops (interpreter), 0 compare-and-select).\n\n")
-    cols = ["op", "tokens", "plan", "pick", "prmt", "measured_us", "pred_us", "pred_low_us", "timing", "config",
-            "rel_err", "note", "error"]
+             "constexpr (2 byte permutes, 1 the same in integer ops (interpreter), 0 compare-and-select); "
+             "decode_mma: the decode on sparse tensor cores (mma.sp), dispatched: whether the dispatch takes it "
+             "(predicted).\n\n")
+    cols = ["op", "tokens", "plan", "pick", "prmt", "dispatched", "measured_us", "pred_us", "pred_low_us", "timing",
+            "config", "rel_err", "note", "error"]
     text += "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     for r in variants["rows"]:
         text += "| " + " | ".join(fmt(r.get(c)) for c in cols) + " |\n"

@@ -49,6 +49,12 @@ def test_decode_variants_launch_each_expansion(monkeypatch):
         assert r["prmt"] == on and r["pick"] and r["measured_us"] > 0 and r["rel_err"] < 2e-2, r
         assert r["plan"] == next(x["plan"] for x in rows if x["op"] == op[: -len("_unpipelined")] and x["pick"])
     assert K.UNPIPELINED_ENV not in os.environ
+    # the sparse tensor-core decode: its pick (and the variant plans it has), each checked against fp32
+    mma = [r for r in rows if r["op"] == "decode_mma"]
+    assert mma and sum(r["pick"] for r in mma) == 1 and all(isinstance(r["dispatched"], bool) for r in mma), mma
+    for r in mma:
+        assert not r.get("error") and not r.get("note") and r["measured_us"] > 0 and r["rel_err"] < 2e-2, r
+        assert r["pred_low_us"] >= r["pred_us"] * 0.999, r
     assert len(v["summary"]) == len(gc.DRY_VARIANT_TOKENS) and "fastest decode" in v["summary"][0]
     md = gc._variants_md(v, str)
     assert "| op | tokens | plan |" in md and md.count("| decode |") == len([r for r in rows if r["op"] == "decode"])
