@@ -86,6 +86,19 @@ tile goes to ``tl.dot``. Device memory only ever sees the compressed bytes.
   in the fixed order ``s = 0, 1, …``: bitwise reproducible, no second launch; codes read as
   32-bit words; configs limited to what fits the registers. The dx-decode kernel
   (``_sp_dx_decode_kernel``, ``dx = g·W``) is planned the same way (:data:`DXD_ISSUE`).
+* ``_sp_decode_mma_kernel``: ``y = x·Wᵀ + b`` for ``M <= 16`` bf16/fp16 tokens on the **sparse
+  tensor cores**, in one launch: each warp issues PTX ``mma.sp`` (``m16n8k32``, inline assembly)
+  on the kept values and codes as they are, so nothing is expanded (sm_90 main loop: 0.043
+  instructions per weight at 4096², 12 tokens, 128 rows x 4 splits; the expanding decode's best
+  is 0.107). Its tensors hold one element per thread whose lane comes from ``%tid.x``, so its
+  operands are each lane's fragment registers whatever layout Triton picks; a permutation of
+  ``K`` inside each 64-input step (applied to ``W`` and ``x`` alike) makes a lane's four kept
+  pairs of a row one 16-byte vector, and the codes are read in fragment order
+  (:func:`mma_frag_codes`, the same bytes reordered once per mask, cached on ``meta``). Under the
+  interpreter each ``mma.sp`` is emulated from the lanes' registers (``MMA == 1``). Planned like
+  the expanding decode (:func:`mma_decode_plans`, :data:`MMA_DECODE_ISSUE`), and taken by
+  :func:`sparse24_decode` where it applies (:func:`mma_decode_ok`) and is predicted no slower
+  (:func:`mma_decode_wins`); ``FASTFACTOR_SPARSE24_MMA=0`` turns it off.
 * The expansion in the decode kernels (``PRMT``, :func:`prmt_mode`): on a GPU each group's two
   output words are byte permutes (``prmt.b32``, inline assembly) of its kept-value pair, with
   selectors looked up from the codes four groups at a time (:func:`_expand24_prmt`,

@@ -143,6 +143,29 @@ def test_split_decode_repeated_launches_and_cuda_graph(plan):
                                      lambda: K.sparse24_dx_decode(g, w.values, w.meta, plan=(64, 4)), dref)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DT_IDS.get)
+@pytest.mark.parametrize("case", [(12, 4096, 4096, (128, 4)), (16, 768, 768, (32, 4)), (1, 4096, 4096, (16, 1)),
+                                  (9, 272, 320, (256, 1)), (16, 3072, 768, (64, 2)), (5, 96, 192, (32, 3))],
+                         ids=lambda c: f"M{c[0]}-N{c[1]}-K{c[2]}-bn{c[3][0]}-sk{c[3][1]}")
+def test_sparse_tensor_core_decode_cuda(case, dtype):
+    """The decode on sparse tensor cores (``mma.sp``: its fragment layouts, the metadata, the K
+    permutation) against float64 on hardware, every row tile, splits on and off, bitwise over
+    repeated launches and CUDA-graph replay; the planner's own pick too."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("mma.sp needs sm_80 or newer")
+    M, N, Kd, plan = case
+    torch.manual_seed(0)
+    x = torch.randn(M, Kd, device=DEV, dtype=dtype)
+    w = sparse_weight(N, Kd, dtype, requires_grad=False)
+    b = torch.randn(N, device=DEV, dtype=dtype)
+    assert K.mma_decode_ok(x, w.values)
+    y64 = x.double() @ K.unpack_24(w.values.double(), w.meta, Kd).t() + b.double()
+    ref = K.sparse24_decode_mma(x, w.values, w.meta, b, plan=plan)
+    assert_close_ref(ref, y64, dtype, reduction=Kd)
+    assert_close_ref(K.sparse24_decode_mma(x, w.values, w.meta, None), y64 - b.double(), dtype, reduction=Kd)
+    _assert_reruns_and_graph_bitwise(lambda: K.sparse24_decode_mma(x, w.values, w.meta, b, plan=plan), ref)
+
+
 def _assert_reruns_and_graph_bitwise(fn, ref, fn2=None, ref2=None):
     """``fn()`` (and ``fn2()``) equal to ``ref`` (``ref2``) bit for bit over 20 launches, the split
     kernels' arrival counters back to zero after them, and ``fn()`` captured in a CUDA graph equal
