@@ -2922,6 +2922,21 @@ _cost.ISSUE_MODELS["sparse24.decode_mma"] = _mma_issue_model
 _config.INTERPRETER_EQUIVALENT["MMA"] = {2: 1}      # mma.sp / shfl / %tid.x -> their emulation
 
 
+def _cached_on(meta: torch.Tensor, attr: str, key: tuple, make):
+    """``make()``, cached on ``meta`` under ``attr`` and keyed by ``meta``'s version and address with
+    ``key``: what is derived from a mask (its layouts for other GEMMs) is made once per mask."""
+    full = (meta._version, meta.data_ptr()) + tuple(key)
+    hit = getattr(meta, attr, None)
+    if hit is not None and hit[0] == full:
+        return hit[1]
+    out = make()
+    try:
+        setattr(meta, attr, (full, out))
+    except (AttributeError, RuntimeError):  # pragma: no cover - tensors refusing attributes
+        pass
+    return out
+
+
 def mma_frag_codes(meta: torch.Tensor, rows: int, k: int) -> torch.Tensor:
     """The codes of a 2:4 weight ``(rows, k)`` in the order :func:`_sp_decode_mma_kernel` reads
     them: ``(rows/16, k/64, 8, 2, 2)`` int32, entry ``[b, s, g, p, c]`` the ``mma.sp`` metadata
@@ -2939,16 +2954,7 @@ def mma_frag_codes(meta: torch.Tensor, rows: int, k: int) -> torch.Tensor:
 
 def mma_codes(meta: torch.Tensor, rows: int, k: int) -> torch.Tensor:
     """:func:`mma_frag_codes`, cached on ``meta`` (keyed by its version): once per mask."""
-    key = (meta._version, meta.data_ptr(), rows, k)
-    hit = getattr(meta, "_fastfactor_mma", None)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    out = mma_frag_codes(meta, rows, k)
-    try:
-        meta._fastfactor_mma = (key, out)
-    except (AttributeError, RuntimeError):  # pragma: no cover - tensors refusing attributes
-        pass
-    return out
+    return _cached_on(meta, "_fastfactor_mma", (rows, k), lambda: mma_frag_codes(meta, rows, k))
 
 
 def _aligned(t: torch.Tensor, elems: int) -> bool:
@@ -3508,16 +3514,7 @@ def torch24_meta(meta: torch.Tensor, rows: int, k: int) -> torch.Tensor:
     """:func:`cutlass_meta`, cached on the ``meta`` tensor (keyed by its version): the mask is
     fixed while the values train, so this runs once per mask (at pack time for the modules), never
     per step. The kept values need no conversion: ``values`` *is* CUTLASS's compressed matrix."""
-    key = (meta._version, meta.data_ptr(), rows, k)
-    hit = getattr(meta, "_fastfactor_cutlass", None)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    out = cutlass_meta(meta, rows, k)
-    try:
-        meta._fastfactor_cutlass = (key, out)
-    except (AttributeError, RuntimeError):  # pragma: no cover - tensors refusing attributes
-        pass
-    return out
+    return _cached_on(meta, "_fastfactor_cutlass", (rows, k), lambda: cutlass_meta(meta, rows, k))
 
 
 def torch24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
@@ -3543,10 +3540,11 @@ def transpose_plan(meta: torch.Tensor, rows: int, k: int):
     [0])[perm]`` (``(k, rows/2)``, completion slots read the appended zero) with the codes
     ``meta_t (k, ceil(rows/8))``: one gather per step, the codes once per mask (cached on
     ``meta``, keyed by its version). Lets ``dx = g·W`` run on sparse tensor cores."""
-    key = (meta._version, meta.data_ptr(), rows, k)
-    hit = getattr(meta, "_fastfactor_transpose", None)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    return _cached_on(meta, "_fastfactor_transpose", (rows, k), lambda: _transpose_plan(meta, rows, k))
+
+
+def _transpose_plan(meta: torch.Tensor, rows: int, k: int):
+    """:func:`transpose_plan` uncached."""
     plan = None
     if rows % 4 == 0 and k % 4 == 0 and rows > 0 and k > 0:
         i0, i1 = _codes(meta, k)                                        # (rows, k/4)
@@ -3568,10 +3566,6 @@ def transpose_plan(meta: torch.Tensor, rows: int, k: int):
                 code = torch.cat((code, code.new_zeros((k, 1))), dim=1)
             meta_t = (code[:, 0::2] | (code[:, 1::2] << 4)).to(torch.uint8).contiguous()
             plan = (perm, meta_t)
-    try:
-        meta._fastfactor_transpose = (key, plan)
-    except (AttributeError, RuntimeError):  # pragma: no cover
-        pass
     return plan
 
 
@@ -4359,16 +4353,8 @@ def padded_meta_24(meta: torch.Tensor, rows: int, k: int, to_rows: int) -> torch
     and 1 of each group) appended: the codes of ``S`` padded with zero rows. Cached on ``meta``
     (keyed by its version), so the CUTLASS reordering of the padded codes (:func:`torch24_meta`,
     cached on the padded tensor) runs once per mask."""
-    key = (meta._version, meta.data_ptr(), rows, k, to_rows)
-    hit = getattr(meta, "_fastfactor_pad", None)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    out = torch.cat((meta, meta.new_full((to_rows - rows, meta.shape[1]), 0x44)))
-    try:
-        meta._fastfactor_pad = (key, out)
-    except (AttributeError, RuntimeError):  # pragma: no cover
-        pass
-    return out
+    return _cached_on(meta, "_fastfactor_pad", (rows, k, to_rows),
+                      lambda: torch.cat((meta, meta.new_full((to_rows - rows, meta.shape[1]), 0x44))))
 
 
 def torch24_meta_padded(meta: torch.Tensor, rows: int, k: int) -> torch.Tensor:

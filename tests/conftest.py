@@ -298,3 +298,23 @@ def dense_sparse_ref64(x, d, values, meta, b, k):
     t64 = x.double() @ K.unpack_24(values.double(), meta, k).t()
     y64 = t64.to(K.intermediate_dtype(x.dtype)).double() @ d.double().t() + (b.double() if b is not None else 0.0)
     return y64, t64
+
+
+def sparse24_case(m, n, k, dtype, seed=0):
+    """``(x, values, meta, b)`` of a 2:4 layer ``y = x·Wᵀ + b``: a fresh ``W (n, k)`` pruned 2:4 and
+    packed, ``x (m, k)`` and ``b (n,)``, all in ``dtype`` (the codes ``uint8``)."""
+    from fastfactor.formats.sparse24 import pack_24, prune_24
+
+    torch.manual_seed(seed)
+    w = pack_24(prune_24(torch.randn(n, k) / k ** 0.5))
+    x = torch.randn(m, k).to(dtype)
+    b = torch.randn(n).to(dtype)
+    return x, w.values.to(dtype), w.meta, b
+
+
+def sparse24_ref64(x, values, meta, b):
+    """``x·Wᵀ + b`` in float64, ``W`` unpacked from ``values`` and ``meta``."""
+    from fastfactor.kernels import sparse24 as K
+
+    y = x.double() @ K.unpack_24(values.double(), meta, 2 * values.shape[1]).t()
+    return y + b.double() if b is not None else y

@@ -81,8 +81,10 @@ class _Sparse24Mixin:
         self.register_parameter(p + "values", nn.Parameter(w.values.detach().clone()))
         self.register_buffer(p + "meta", w.meta.detach().clone())
         rows, k = w.shape
-        if rows % 16 == 0 and k % 64 == 0 and w.meta.device.type != "meta":
-            # the codes in the sparse tensor-core decode's fragment order (``mma_codes``), once per mask
+        if (rows % 16 == 0 and k % 64 == 0 and w.meta.device.type != "meta"
+                and w.values.dtype in (torch.float16, torch.bfloat16)):
+            # the codes in the sparse tensor-core decode's fragment order (``mma_codes``), once per
+            # mask (16-bit weights: the only ones it takes; made on first use after a dtype change)
             mma_codes(getattr(self, p + "meta"), rows, k)
         if rows % 32 == 0 and k % 64 == 0 and w.meta.device.type != "meta":
             # PyTorch's 2:4 layout of the codes, converted once per mask (cached on the buffer),

@@ -5,25 +5,16 @@ bias on/off, bitwise determinism, and the planner's choices."""
 import pytest
 import torch
 
-from conftest import TOL, assert_close_ref
-from fastfactor.formats.sparse24 import Sparse24Weight, pack_24, prune_24
+from conftest import TOL, assert_close_ref, sparse24_case, sparse24_ref64
+from fastfactor.formats.sparse24 import Sparse24Weight
 from fastfactor.kernels import sparse24 as K
 from fastfactor.ops import sparse24 as ops
 
 DT_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _case(m, n, k, dtype, seed=0):
-    torch.manual_seed(seed)
-    w = pack_24(prune_24(torch.randn(n, k) / k ** 0.5))
-    x = torch.randn(m, k).to(dtype)
-    b = torch.randn(n).to(dtype)
-    return x, w.values.to(dtype), w.meta, b
-
-
-def _ref64(x, values, meta, b):
-    y = x.double() @ K.unpack_24(values.double(), meta, 2 * values.shape[1]).t()
-    return y + b.double() if b is not None else y
+_case = sparse24_case
+_ref64 = sparse24_ref64
 
 
 # (M, N, K, plan): word codes (K % 32 == 0) and bytes (K = 44, 600), splits with a short last one

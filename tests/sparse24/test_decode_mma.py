@@ -9,7 +9,7 @@ model against fresh sm_90 builds."""
 import pytest
 import torch
 
-from conftest import TOL, assert_close_ref
+from conftest import assert_close_ref, sparse24_case, sparse24_ref64
 from fastfactor.formats.sparse24 import Sparse24Weight, pack_24, prune_24
 from fastfactor.kernels import _config
 from fastfactor.kernels import sparse24 as K
@@ -18,17 +18,8 @@ from fastfactor.ops import sparse24 as ops
 DT_IDS = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _case(m, n, k, dtype, seed=0):
-    torch.manual_seed(seed)
-    w = pack_24(prune_24(torch.randn(n, k) / k ** 0.5))
-    x = torch.randn(m, k).to(dtype)
-    b = torch.randn(n).to(dtype)
-    return x, w.values.to(dtype), w.meta, b
-
-
-def _ref64(x, values, meta, b):
-    y = x.double() @ K.unpack_24(values.double(), meta, 2 * values.shape[1]).t()
-    return y + b.double() if b is not None else y
+_case = sparse24_case
+_ref64 = sparse24_ref64
 
 
 # (M, N, K, plan): every row tile (1, 2, 4, 8 warps; 1 or 2 tiles of 16 rows a warp), one and two

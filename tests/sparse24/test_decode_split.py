@@ -6,21 +6,14 @@ bitwise, counters reset, the planner against the byte model, and sol's counts of
 import pytest
 import torch
 
-from conftest import assert_close_ref
+from conftest import assert_close_ref, sparse24_case, sparse24_ref64
 from fastfactor.formats.sparse24 import pack_24, prune_24
 from fastfactor.kernels import _config
 from fastfactor.kernels import sparse24 as K
 
 
-def _case(m, n, k, dtype, seed=0):
-    torch.manual_seed(seed)
-    w = pack_24(prune_24(torch.randn(n, k) / k ** 0.5))
-    return torch.randn(m, k).to(dtype), w.values.to(dtype), w.meta, torch.randn(n).to(dtype)
-
-
-def _ref64(x, values, meta, b):
-    y = x.double() @ K.unpack_24(values.double(), meta, 2 * values.shape[1]).t()
-    return y + b.double() if b is not None else y
+_case = sparse24_case
+_ref64 = sparse24_ref64
 
 
 def _launch(x, values, meta, b, bn, sk, sync, cnt=None):
