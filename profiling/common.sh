@@ -16,7 +16,7 @@ mkdir -p "$OUT"
 # Every Triton kernel of the project: the function names of the compile tier's registry
 # (fastfactor.profiling.kernel_names), so a kernel added later is never filtered out; the list
 # below only where fastfactor does not import.
-FF_KERNELS_STATIC='_bgemm_kernel|_chain_kernel|_decode_bwd_kernel|_decode_kernel|_ds_bwd_dense_kernel|_ds_chain_kernel|_ds_rank_split_kernel|_ds_roles_kernel|_gemm_kernel|_prune24_kernel|_rows_kernel|_rowsum_kernel|_sp_compress_kernel|_sp_decode_kernel|_sp_dvalues_kernel|_sp_dx_decode_kernel|_sp_dx_kernel|_sp_expand_kernel|_sp_mm_kernel|_splitk_reduce_kernel|_wgrad_kernel|_wgrad_pair_kernel'
+FF_KERNELS_STATIC='_bgemm_kernel|_chain_kernel|_decode_bwd_kernel|_decode_kernel|_ds_bwd_dense_kernel|_ds_chain_kernel|_ds_rank_split_kernel|_ds_roles_kernel|_gemm_kernel|_prune24_kernel|_rows_kernel|_rowsum_kernel|_sp_compress_kernel|_sp_decode_kernel|_sp_decode_mma_kernel|_sp_dvalues_kernel|_sp_dx_decode_kernel|_sp_dx_kernel|_sp_expand_kernel|_sp_mm_kernel|_splitk_reduce_kernel|_wgrad_kernel|_wgrad_pair_kernel'
 FF_KERNELS="$("$PY" -c "from fastfactor import profiling; print(profiling.kernel_regex())" 2>/dev/null || echo "$FF_KERNELS_STATIC")"
 
 # The kernels a layer of one method launches (the others would only add noise to a per-family

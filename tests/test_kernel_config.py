@@ -85,11 +85,13 @@ def test_every_family_launcher_names_its_configs():
     tunables = [v for m in (lowrank, monarch, sparse24) for v in vars(m).values() if isinstance(v, C.Tunable)]
     # low-rank: chain, gemm, split-K reduce, row sums, decode, decode backward; monarch: chain, bgemm, rows,
     # rows split stage 1, rows with dw2's partials, wgrad, wgrad_pair; 2:4: prune, mm, dx, dvalues,
-    # ds_chain, ds_rank_split, ds_roles, ds_bwd_dense, decode, split-K reduce, expand, compress
-    assert len(tunables) == 25
+    # ds_chain, ds_rank_split, ds_roles, ds_bwd_dense, decode, decode on sparse tensor cores, split-K
+    # reduce, expand, compress
+    assert len(tunables) == 26
     for t in tunables:
         assert t.interpreter in t.space and t.deterministic in t.space
-        if t in (lowrank._decode_tuned, lowrank._decode_bwd_tuned):   # tiles chosen per shape (decode_tiles), passed as constexprs
+        if t in (lowrank._decode_tuned, lowrank._decode_bwd_tuned, sparse24._sp_decode_mma_tuned):
+            # tiles chosen per shape (decode_tiles, mma_decode_plans), passed as constexprs
             assert set(t.interpreter) == {"num_warps", "num_stages"}
             continue
         rows = [k for k in ("BLOCK_M", "BLOCK_R") if k in t.interpreter]
