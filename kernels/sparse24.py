@@ -2780,15 +2780,22 @@ def decode_plans(M: int, N: int, K: int, sms: int, elem: int = 2, prmt: Optional
             kps = _decode_kps(K, sk)
             if sk > 1 and kps * (sk - 1) >= K:
                 continue                       # an empty split
-            b = decode_launch_bytes(M, N, K, bn, sk, elem)
-            p = b["programs"]
-            f = min(1.0, p / (-(-p // sms) * sms))   # busy fraction (_cost.fill, 1 program per SM)
             wi = min(decode_warp_instructions(bn, bm, c["BLOCK_K"], c["num_warps"], min(K, kps), sk > 1,
                                               prmt=prmt and bn * c["BLOCK_K"] >= PRMT_MIN_TILE,
                                               even=decode_even(N, K, bn))[0]
                      for c in cfgs)
-            plans.append(_plan_times(b["dram"], b["l2"], _issue_s(wi, p, f), f) + ((bn, sk),))
+            plans.append(_price_decode_plan(M, N, K, bn, sk, sms, elem, wi))
     return plans
+
+
+def _price_decode_plan(M: int, N: int, K: int, bn: int, sk: int, sms: int, elem: int, wi: float) -> tuple:
+    """``(t_nominal, t_low, (bn, sk))`` of a decode launch with row tile ``bn``, ``sk`` K splits and
+    ``wi`` warp-instructions a program: :func:`decode_launch_bytes` and the busy fraction of one
+    program an SM (``_cost.fill``) through :func:`_plan_times`."""
+    b = decode_launch_bytes(M, N, K, bn, sk, elem)
+    p = b["programs"]
+    f = min(1.0, p / (-(-p // sms) * sms))
+    return _plan_times(b["dram"], b["l2"], _issue_s(wi, p, f), f) + ((bn, sk),)
 
 
 def decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[float, int, int]:
@@ -2969,14 +2976,9 @@ def mma_decode_ok(x: torch.Tensor, values: torch.Tensor, out_dtype: Optional[tor
     16-byte aligned value rows, an output of ``x``'s dtype, a GPU with ``mma.sp`` (sm_80 on),
     unless ``FASTFACTOR_SPARSE24_MMA=0``."""
     M, K = x.shape
-    N = values.shape[0]
-    if _forced("FASTFACTOR_SPARSE24_MMA", ("0", "1")) == "0":
+    if x.dtype not in (torch.float16, torch.bfloat16) or values.dtype != x.dtype or (out_dtype or x.dtype) != x.dtype:
         return False
-    if x.dtype not in (torch.float16, torch.bfloat16) or values.dtype != x.dtype:
-        return False
-    if (out_dtype or x.dtype) != x.dtype or not 0 < M <= MMA_DECODE_MAX_M:
-        return False
-    if N % 16 or K % MMA_K_QUANTUM or not _aligned(x, 2) or not _aligned(values, 8):
+    if not mma_decode_shape_ok(M, values.shape[0], K) or not _aligned(x, 2) or not _aligned(values, 8):
         return False
     if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
         return False
@@ -2993,11 +2995,8 @@ def mma_decode_plans(M: int, N: int, K: int, sms: int, elem: int = 2) -> list:
             kps = _per_split(K, sk, MMA_K_QUANTUM)
             if sk > 1 and kps * (sk - 1) >= K:
                 continue                       # an empty split
-            b = decode_launch_bytes(M, N, K, bn, sk, elem)
-            p = b["programs"]
-            f = min(1.0, p / (-(-p // sms) * sms))
             wi = mma_decode_warp_instructions(bn, M, min(K, kps), sk > 1)[0]
-            plans.append(_plan_times(b["dram"], b["l2"], _issue_s(wi, p, f), f) + ((bn, sk),))
+            plans.append(_price_decode_plan(M, N, K, bn, sk, sms, elem, wi))
     return plans
 
 
