@@ -216,9 +216,18 @@ def fill(programs: int, device: Device, ctas_per_sm: int = 1) -> tuple[int, floa
 #: ``kernel -> workspace arguments`` a launch writes and then reads back itself (fp32 split
 #: partials summed by a program of the same launch): those reads are L2 hits (the bytes were
 #: written moments before and fit the L2), so only the stores cost DRAM bytes
-IN_LAUNCH_WORKSPACE = {"sparse24.decode": ("ws_ptr",), "sparse24.dx_decode": ("ws_ptr",),
+IN_LAUNCH_WORKSPACE = {"sparse24.decode": ("ws_ptr",), "sparse24.decode_mma": ("ws_ptr",), "sparse24.dx_decode": ("ws_ptr",),
                        "sparse24.ds_rank_split": ("ws_ptr",), "sparse24.ds_bwd_dense": ("ws_ptr",), "sparse24.ds_roles": ("t_ptr", "ws_ptr"),
                        "monarch.rows": ("ws_ptr",), "monarch.rows_fp16": ("ws_ptr",)}
+
+
+#: ``kernel -> (discard argument, workspace)``: launches whose split reducer drops the summed
+#: partials from L2 without writing them back (``kernels._split._split_discard``, PTX
+#: ``discard.global.L2``; a hint, which the model takes as honoured). Where a launch discards (its
+#: discard argument is a tensor of its own: the interpreter's shadow, ``kernels._split.discard_target``;
+#: otherwise it aliases the workspace and keeps its name), its workspace costs no DRAM bytes (its L2
+#: traffic stays), and the discard argument costs nothing (cache control moves no data)
+DISCARDS = {"sparse24.decode_mma": ("wsd_ptr", "ws_ptr")}
 
 
 def dram_bytes(load_bytes: float, unique_bytes: float, size_bytes: float, store_bytes: float,

@@ -14,13 +14,21 @@ and without any program waiting on another:
 The counters (:func:`split_counters`) are one zeroed int32 buffer per device and stream, shared by
 every kernel that uses these helpers: launches on one stream run one after another, and each
 tile's reducer leaves its counter at zero.
+
+Once the reducer has summed the partials, it may drop the tile's lines of the workspace from the L2
+without writing them back (:func:`_split_discard`, PTX ``discard.global.L2``): the partials then
+never reach DRAM. A line is discarded only where it holds the tile's partials alone (whole 128-byte
+lines: the launcher checks, :func:`discard_mode`).
 """
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import torch
 
-from ._config import HAS_TRITON
+from ._config import HAS_TRITON, is_interpreter
 
 if HAS_TRITON:
     import triton
@@ -80,6 +88,64 @@ if HAS_TRITON:
         for s_ in range(0, N_SPLIT):                             # fixed order: bitwise reproducible
             tot += tl.load(ws_ptr + s_ * slice_elems + part, mask=mask, other=0.0, cache_modifier=".cg")
         return tot
+
+
+    #: drop one 128-byte line from the L2 without writing it back, where the lane's flag is set
+    _DISCARD_ASM = tl.constexpr("{\n\t.reg .pred %pd;\n\tsetp.ne.b32 %pd, $2, 0;\n\t"
+                                "@%pd discard.global.L2 [$1], 128;\n\tmov.u32 $0, 0;\n\t}")
+
+    @triton.jit
+    def _split_discard(
+        wsd_ptr,     # the workspace again, the discards' target (fp32); the interpreter: its shadow
+        lines,       # offsets inside a slice of the first element of each 128-byte line of the tile
+        mask,        # which of ``lines`` to drop (broadcast against ``lines``): the tile's own only
+        slice_elems, N_SPLIT,
+        DISCARD: tl.constexpr,   # 2: discard.global.L2; 1: the interpreter's stand-in (NaN stores)
+    ):
+        """In a tile's last arrival, after :func:`_split_sum` / :func:`_split_total` and a CTA
+        barrier (every thread's reads of the slices done): drop the tile's lines of every slice from
+        the L2 without writing them back (PTX ``discard.global.L2``: the lines then hold undefined
+        values, and the partials never cost DRAM bytes). Under the interpreter ``wsd_ptr`` is a
+        zeroed shadow of the workspace (:func:`discard_target`) and each dropped line's elements
+        are counted there instead: a test sees every partial dropped once, and nothing else."""
+        keep = mask & (lines >= 0)
+        for s_ in range(0, N_SPLIT):
+            p = wsd_ptr + s_ * slice_elems + lines
+            if DISCARD == 2:
+                tl.inline_asm_elementwise(_DISCARD_ASM, "=r,l,r", [p, keep.to(tl.int32)], dtype=tl.int32,
+                                          is_pure=False, pack=1)
+            else:
+                o = tl.arange(0, 32)
+                if len(lines.shape) == 1:
+                    tl.atomic_add(p[:, None] + o[None, :], 1.0, mask=keep[:, None])
+                else:
+                    tl.atomic_add(p[:, :, None] + o[None, None, :], 1.0, mask=keep[:, :, None])
+
+
+def discard_mode(split: bool, whole_lines: bool, ws: torch.Tensor) -> int:
+    """The ``DISCARD`` constexpr of a split launch: 2 (``discard.global.L2`` on a GPU), 1 (the
+    interpreter's stand-in, :func:`_split_discard`) or 0 (keep the lines: no split, a tile whose
+    partials do not fill whole 128-byte lines (``whole_lines``), a workspace not 128-byte aligned
+    on a GPU, or ``FASTFACTOR_SPLIT_DISCARD=0``)."""
+    flag = os.environ.get("FASTFACTOR_SPLIT_DISCARD", "auto")
+    if flag not in ("auto", "0", "1"):
+        raise ValueError(f"FASTFACTOR_SPLIT_DISCARD: expected one of ('auto', '0', '1'), got {flag!r}")
+    if not split or not whole_lines or flag == "0":
+        return 0
+    if is_interpreter() or ws.device.type != "cuda":
+        return 1
+    return 2 if ws.data_ptr() % 128 == 0 else 0
+
+
+def discard_target(ws: torch.Tensor, mode: int) -> torch.Tensor:
+    """What a split launch passes as its discard target (``wsd_ptr``): the workspace itself on a
+    GPU (``mode`` 2, or 0: never touched), a zeroed shadow of it under the interpreter (``mode``
+    1: :func:`_split_discard` counts the dropped elements there)."""
+    if mode != 1:
+        return ws
+    # made outside PyTorch's dispatch: an interpreter artifact, not an op of the launch for
+    # ``fastfactor sol`` to record
+    return torch.from_numpy(np.zeros(tuple(ws.shape), dtype=np.float32))
 
 
 #: ``(device, stream) -> int32 counters`` of the one-launch split reductions

@@ -98,7 +98,9 @@ tile goes to ``tl.dot``. Device memory only ever sees the compressed bytes.
   interpreter each ``mma.sp`` is emulated from the lanes' registers (``MMA == 1``). Planned like
   the expanding decode (:func:`mma_decode_plans`, :data:`MMA_DECODE_ISSUE`), and taken by
   :func:`sparse24_decode` where it applies (:func:`mma_decode_ok`) and is predicted no slower
-  (:func:`mma_decode_wins`); ``FASTFACTOR_SPARSE24_MMA=0`` turns it off.
+  (:func:`mma_decode_wins`); ``FASTFACTOR_SPARSE24_MMA=0`` turns it off. Its split reducer drops
+  the summed partials from L2 unwritten (``discard.global.L2``, :func:`kernels._split._split_discard`;
+  ``FASTFACTOR_SPLIT_DISCARD=0`` keeps them), so they cost no DRAM bytes.
 * The expansion in the decode kernels (``PRMT``, :func:`prmt_mode`): on a GPU each group's two
   output words are byte permutes (``prmt.b32``, inline assembly) of its kept-value pair, with
   selectors looked up from the codes four groups at a time (:func:`_expand24_prmt`,
@@ -172,14 +174,14 @@ from ._config import (
     upcast_dots,
 )
 from . import _config, _cost
-from ._split import COUNTERS as _DECODE_COUNTERS, split_buffers, split_counters
+from ._split import COUNTERS as _DECODE_COUNTERS, discard_mode, discard_target, split_buffers, split_counters
 from .lowrank import FUSED_MAX_R, _pad_rank, gemm, intermediate_dtype
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._split import _split_arrive, _split_sum, _split_total
+    from ._split import _split_arrive, _split_discard, _split_sum, _split_total
     from .lowrank import _role_signal, _role_wait, _roles_done   # ticket-ordered roles (one-launch phases)
 
 
@@ -1696,6 +1698,7 @@ if HAS_TRITON:
         out_ptr,    # (M, N) output y, unit column stride, even row stride
         out32_ptr,  # the same memory as int32 words (two neighbouring features each)
         ws_ptr,     # SPLIT: (SPLIT_K, M, N) fp32 partial sums (workspace); else unused
+        wsd_ptr,    # DISCARD: the workspace again, whose summed lines the reducer drops from L2
         cnt_ptr,    # SPLIT and SYNC: (N_TILES,) int32 arrival counters, zero between launches
         # --- dimensions ---
         M, N, K,
@@ -1709,6 +1712,7 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr,
         SPLIT: tl.constexpr,       # SPLIT_K > 1: partials + the fixed-order reduction in this launch
         SYNC: tl.constexpr,        # as in _sp_decode_kernel
+        DISCARD: tl.constexpr,     # SPLIT: 2 drop the summed partials from L2 (1: stand-in), 0 keep (_split_discard)
         MMA: tl.constexpr,         # 2: mma.sp (a GPU build); 1: its emulation (the interpreter)
         FP16: tl.constexpr,        # fp16 operands (else bf16)
         RT: tl.constexpr,          # 16-row tiles per warp (1 or 2)
@@ -1732,7 +1736,9 @@ if HAS_TRITON:
         Epilogue: without a split, lanes pair up (``lane ^ 4``) so that each stores two adjacent
         features of one token as one 4-byte word; with ``SPLIT`` the fp32 fragments go to the
         program's workspace slice and the tile's last arrival sums the slices in the order
-        ``s = 0, 1, …`` (bitwise reproducible), adds the bias and stores ``y``."""
+        ``s = 0, 1, …`` (bitwise reproducible), adds the bias and stores ``y``; with ``DISCARD`` it
+        then drops the tile's lines of the workspace from the L2 unwritten (:func:`_split_discard`),
+        so the partials cost no DRAM bytes."""
         S: tl.constexpr = BLOCK_N // (16 * RT) * 32
         NW: tl.constexpr = BLOCK_N // (16 * RT)
         pid = tl.program_id(0)
@@ -1830,6 +1836,12 @@ if HAS_TRITON:
                 mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
                 part = offs_m[:, None] * N + offs_n[None, :]
                 tot = _split_sum(ws_ptr, part, mask, M * N, SPLIT_K, tl.zeros((16, BLOCK_N), dtype=tl.float32))
+                if DISCARD > 0:
+                    tl.debug_barrier()                               # every thread's reads of the slices done
+                    col = pid_n * BLOCK_N + 32 * tl.arange(0, BLOCK_N // 32)      # the tile's lines of a row
+                    lines = offs_m[:, None] * N + col[None, :]
+                    _split_discard(wsd_ptr, lines, (offs_m < M)[:, None] & (col < N)[None, :], M * N, SPLIT_K,
+                                   DISCARD)
                 if HAS_BIAS:
                     tot += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
                 tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
@@ -2482,8 +2494,9 @@ if HAS_TRITON:
     register_kernel(KernelSpec(   # the decode on sparse tensor cores (mma.sp), bf16 and fp16
         name="sparse24.decode_mma", fn=_sp_decode_mma_kernel,
         pointers={"x_ptr": _I32, "vals_ptr": _I32, "frag_ptr": _I32, "out32_ptr": _I32, "ws_ptr": "fp32",
-                  "cnt_ptr": "i32"},
-        constexprs=[dict(BLOCK_N=bn, RT=MMA_TILES[bn][1], NT=nt, MMA=2, FP16=False, HAS_BIAS=True, SPLIT=sp, SYNC=sp)
+                  "wsd_ptr": "fp32", "cnt_ptr": "i32"},
+        constexprs=[dict(BLOCK_N=bn, RT=MMA_TILES[bn][1], NT=nt, MMA=2, FP16=False, HAS_BIAS=True, SPLIT=sp, SYNC=sp,
+                         DISCARD=2 if sp and bn % 32 == 0 else 0)
                     for bn in MMA_TILES for nt in (1, 2) for sp in (False, True)],
         space=mma_space, dtypes=("bf16", "fp16"),
     ))
@@ -2743,19 +2756,20 @@ def _decode_kps(K: int, sk: int) -> int:
     return _per_split(K, sk, DECODE_K_QUANTUM)
 
 
-def decode_launch_bytes(M: int, N: int, K: int, bn: int, sk: int, elem: int = 2) -> dict:
+def decode_launch_bytes(M: int, N: int, K: int, bn: int, sk: int, elem: int = 2, discard: bool = False) -> dict:
     """Bytes of one decode launch with row tile ``bn`` and ``sk`` K splits (``_sp_decode_kernel``):
     ``dram`` (the compressed weight, ``x`` and the bias once, ``y``, and with a split the fp32
-    partials stored — their reads are L2 hits, written moments before in the same launch) and
-    ``l2`` (every load and store through L2: ``x`` once per row tile, the partials stored and the
-    ``sk - 1`` other slices read back by each tile's reducer). The bias (``N`` elements) is left
-    out, as in :func:`path_costs`, so that the two compare like for like."""
+    partials stored — their reads are L2 hits, written moments before in the same launch; none
+    where the reducer drops them from L2 unwritten, ``discard``) and ``l2`` (every load and store
+    through L2: ``x`` once per row tile, the partials stored and the ``sk - 1`` other slices read
+    back by each tile's reducer). The bias (``N`` elements) is left out, as in :func:`path_costs`,
+    so that the two compare like for like."""
     wbytes = N * K * (elem / 2 + 1 / 8)
     xbytes, ybytes, bbytes = elem * M * K, elem * M * N, 0.0
     nb = -(-N // bn)
     ws = 4.0 * sk * M * N if sk > 1 else 0.0
     back = ws * (sk - 1) / sk if sk > 1 else 0.0
-    return dict(dram=wbytes + xbytes + ybytes + bbytes + ws,
+    return dict(dram=wbytes + xbytes + ybytes + bbytes + (0.0 if discard else ws),
                 l2=wbytes + nb * xbytes + ybytes + bbytes + ws + back,
                 x_reread=(nb - 1) * xbytes, programs=nb * sk, tiles=nb)
 
@@ -2788,11 +2802,13 @@ def decode_plans(M: int, N: int, K: int, sms: int, elem: int = 2, prmt: Optional
     return plans
 
 
-def _price_decode_plan(M: int, N: int, K: int, bn: int, sk: int, sms: int, elem: int, wi: float) -> tuple:
+def _price_decode_plan(M: int, N: int, K: int, bn: int, sk: int, sms: int, elem: int, wi: float,
+                       discard: bool = False) -> tuple:
     """``(t_nominal, t_low, (bn, sk))`` of a decode launch with row tile ``bn``, ``sk`` K splits and
-    ``wi`` warp-instructions a program: :func:`decode_launch_bytes` and the busy fraction of one
-    program an SM (``_cost.fill``) through :func:`_plan_times`."""
-    b = decode_launch_bytes(M, N, K, bn, sk, elem)
+    ``wi`` warp-instructions a program (``discard``: the reducer drops the partials from L2):
+    :func:`decode_launch_bytes` and the busy fraction of one program an SM (``_cost.fill``) through
+    :func:`_plan_times`."""
+    b = decode_launch_bytes(M, N, K, bn, sk, elem, discard)
     p = b["programs"]
     f = min(1.0, p / (-(-p // sms) * sms))
     return _plan_times(b["dram"], b["l2"], _issue_s(wi, p, f), f) + ((bn, sk),)
@@ -2891,42 +2907,49 @@ def sparse24_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
 #: Instruction model of ``_sp_decode_mma_kernel`` on sm_90, per warp, by ``(BLOCK_N, NT)``: its main
 #: loop per 64-input step (``step``; ``step_split`` in the split build) and the rest of a program
 #: (``program`` without a split; ``program_split`` with it, the reducer's loop counted once, what a
-#: program runs on average). Read from the SASS of the compile tier's builds of the kernel
+#: program runs on average; ``discard``: what dropping the partials from L2 adds to a split program,
+#: its loops once on average). Read from the SASS of the compile tier's builds of the kernel
 #: (``tests/sparse24/test_decode_mma.py`` compares with fresh ones). *Predicted*: the compiled code,
 #: not a measurement.
 MMA_DECODE_ISSUE = {
-    (16, 1): dict(step=36, program=159, step_split=34, program_split=433),
-    (16, 2): dict(step=55, program=207, step_split=55, program_split=462),
-    (32, 1): dict(step=34, program=162, step_split=35, program_split=442),
-    (32, 2): dict(step=51, program=210, step_split=55, program_split=482),
-    (64, 1): dict(step=34, program=162, step_split=35, program_split=442),
-    (64, 2): dict(step=51, program=210, step_split=55, program_split=482),
-    (128, 1): dict(step=55, program=249, step_split=58, program_split=383),
-    (128, 2): dict(step=85, program=326, step_split=88, program_split=419),
-    (256, 1): dict(step=59, program=244, step_split=58, program_split=386),
-    (256, 2): dict(step=89, program=321, step_split=88, program_split=418),
+    (16, 1): dict(step=36, program=159, step_split=34, program_split=433, discard=0),
+    (16, 2): dict(step=55, program=207, step_split=55, program_split=462, discard=0),
+    (32, 1): dict(step=34, program=162, step_split=35, program_split=442, discard=109),
+    (32, 2): dict(step=51, program=210, step_split=55, program_split=482, discard=109),
+    (64, 1): dict(step=34, program=162, step_split=35, program_split=442, discard=112),
+    (64, 2): dict(step=51, program=210, step_split=55, program_split=482, discard=112),
+    (128, 1): dict(step=55, program=249, step_split=58, program_split=383, discard=112),
+    (128, 2): dict(step=85, program=326, step_split=88, program_split=419, discard=112),
+    (256, 1): dict(step=59, program=244, step_split=58, program_split=386, discard=111),
+    (256, 2): dict(step=89, program=321, step_split=88, program_split=418, discard=111),
 }
 
 
-def mma_decode_warp_instructions(BLOCK_N: int, M: int, k_per_program: int, split: bool) -> tuple[float, list]:
+def mma_decode_warp_instructions(BLOCK_N: int, M: int, k_per_program: int, split: bool,
+                                 discard: bool = False) -> tuple[float, list]:
     """``(warp-instructions of one sparse tensor-core decode program, loop trips)`` by
     :data:`MMA_DECODE_ISSUE`: the main loop ``ceil(k_per_program / 64)`` times, then (``split``)
-    the reducer's loop once on average."""
+    the reducer's loop once on average, and (``discard``) its loop dropping the partials once."""
     nw = MMA_TILES[BLOCK_N][0]
     f = MMA_DECODE_ISSUE[(BLOCK_N, 1 if M <= 8 else 2)]
     trips = max(1, -(-k_per_program // MMA_K_QUANTUM))
     per_warp = trips * f["step_split" if split else "step"] + f["program_split" if split else "program"]
+    if split and discard:
+        per_warp += f["discard"]
+        return nw * per_warp, [trips, 1, 1]
     return nw * per_warp, [trips, 1] if split else [trips]
 
 
 def _mma_issue_model(ints: dict, constexprs: dict, config: dict, grid) -> Optional[tuple]:
     """:data:`kernels._cost.ISSUE_MODELS` entry of the sparse tensor-core decode."""
     kps = min(int(ints["K"]), int(ints["K_PER_SPLIT"]))
-    return mma_decode_warp_instructions(int(constexprs["BLOCK_N"]), int(ints["M"]), kps, bool(constexprs.get("SPLIT")))
+    return mma_decode_warp_instructions(int(constexprs["BLOCK_N"]), int(ints["M"]), kps, bool(constexprs.get("SPLIT")),
+                                        int(constexprs.get("DISCARD", 0)) > 0)
 
 
 _cost.ISSUE_MODELS["sparse24.decode_mma"] = _mma_issue_model
 _config.INTERPRETER_EQUIVALENT["MMA"] = {2: 1}      # mma.sp / shfl / %tid.x -> their emulation
+_config.INTERPRETER_EQUIVALENT["DISCARD"] = {2: 1}  # discard.global.L2 -> NaN stores (kernels._split)
 
 
 def _cached_on(meta: torch.Tensor, attr: str, key: tuple, make):
@@ -2995,15 +3018,34 @@ def mma_decode_plans(M: int, N: int, K: int, sms: int, elem: int = 2) -> list:
             kps = _per_split(K, sk, MMA_K_QUANTUM)
             if sk > 1 and kps * (sk - 1) >= K:
                 continue                       # an empty split
-            wi = mma_decode_warp_instructions(bn, M, min(K, kps), sk > 1)[0]
-            plans.append(_price_decode_plan(M, N, K, bn, sk, sms, elem, wi))
+            wi = mma_decode_warp_instructions(bn, M, min(K, kps), sk > 1, mma_discards(N, bn, sk))[0]
+            plans.append(_price_decode_plan(M, N, K, bn, sk, sms, elem, wi, mma_discards(N, bn, sk)))
     return plans
 
 
-@functools.lru_cache(maxsize=4096)
+def mma_whole_lines(N: int, BLOCK_N: int) -> bool:
+    """Whether a row tile's partials of one token fill whole 128-byte lines of the workspace
+    ``(SPLIT_K, M, N)`` fp32 (``N`` and ``BLOCK_N`` multiples of 32), so that its reducer may drop
+    them from L2 (:func:`kernels._split.discard_mode`) without touching another tile's."""
+    return N % 32 == 0 and BLOCK_N % 32 == 0
+
+
+def mma_discards(N: int, BLOCK_N: int, sk: int) -> bool:
+    """Whether a sparse tensor-core decode launch with ``sk`` splits drops its partials from L2
+    (what the planner prices: a GPU launch whose workspace is 128-byte aligned, as PyTorch's
+    allocator makes it, unless ``FASTFACTOR_SPLIT_DISCARD=0``)."""
+    return sk > 1 and mma_whole_lines(N, BLOCK_N) and os.environ.get("FASTFACTOR_SPLIT_DISCARD", "auto") != "0"
+
+
 def mma_decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[float, int, int]:
     """``(seconds, BLOCK_N, split_k)`` of the sparse tensor-core decode (*predicted*): of
-    :func:`mma_decode_plans`, the one :func:`kernels._cost.robust_pick` takes."""
+    :func:`mma_decode_plans`, the one :func:`kernels._cost.robust_pick` takes (cached per shape
+    and ``FASTFACTOR_SPLIT_DISCARD``)."""
+    return _mma_pick(int(M), int(N), int(K), int(sms), int(elem), os.environ.get("FASTFACTOR_SPLIT_DISCARD", "auto"))
+
+
+@functools.lru_cache(maxsize=4096)
+def _mma_pick(M: int, N: int, K: int, sms: int, elem: int, discard_flag: str) -> tuple[float, int, int]:
     t_nom, _, (bn, sk) = _cost.robust_pick(mma_decode_plans(M, N, K, sms, elem))
     return t_nom, bn, sk
 
@@ -3045,12 +3087,15 @@ def sparse24_decode_mma(x: torch.Tensor, values: torch.Tensor, meta: torch.Tenso
     sk = -(-K // kps)
     nb = triton.cdiv(N, bn)
     split, sync, ws, cnt = _split_buffers(sk, nb, y)
+    discard = discard_mode(split, mma_whole_lines(N, bn), ws)
     xw = x.view(torch.int32)
     vw = values.view(torch.int32)
     _sp_decode_mma_tuned[(nb * sk,)](
-        xw, vw, mma_codes(meta, N, K), bias if bias is not None else y, y, y.view(torch.int32), ws, cnt,
+        xw, vw, mma_codes(meta, N, K), bias if bias is not None else y, y, y.view(torch.int32), ws,
+        discard_target(ws, discard), cnt,
         M, N, K, kps, sk, xw.stride(0), vw.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, SPLIT=split, SYNC=sync, MMA=1 if _config.is_interpreter() else 2,
+        HAS_BIAS=bias is not None, SPLIT=split, SYNC=sync, DISCARD=discard,
+        MMA=1 if _config.is_interpreter() else 2,
         FP16=x.dtype == torch.float16, RT=rt, NT=1 if M <= 8 else 2, BLOCK_N=bn,
     )
     return y

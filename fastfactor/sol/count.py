@@ -97,6 +97,7 @@ def _tiles_by_split(n_arg: str, split_arg: str, block: str) -> Callable:
 
 
 TILE_MAPS["sparse24.decode"] = _tiles_by_split("N", "SPLIT_K", "BLOCK_N")
+TILE_MAPS["sparse24.decode_mma"] = _tiles_by_split("N", "SPLIT_K", "BLOCK_N")
 TILE_MAPS["sparse24.dx_decode"] = _tiles_by_split("K", "SPLIT_N", "BLOCK_K")
 TILE_MAPS["sparse24.ds_rank_split"] = _tiles_by_split("N", "SPLITS", "BLOCK_N")
 TILE_MAPS["sparse24.ds_bwd_dense"] = _tiles_by_split("R", "SPLITS", "BLOCK_R")

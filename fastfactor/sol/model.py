@@ -33,7 +33,8 @@ seconds in sequence, each at the share of the device its programs occupy (a stat
 DRAM bytes (the stated L2 model): a tensor read by the launch costs its unique bytes once; its
 re-reads come from L2 when it fits in half the L2, else from DRAM (every requested byte). Stores
 cost their bytes. A workspace the launch writes and then reads back itself (split partials summed
-in the same launch, ``kernels._cost.IN_LAUNCH_WORKSPACE``) costs its stores only: the reads hit L2. HGMMA (wgmma) is assumed for dots whose M tile is at least 64 with a multiple of 4
+in the same launch, ``kernels._cost.IN_LAUNCH_WORKSPACE``) costs its stores only: the reads hit L2;
+one the launch then drops from L2 unwritten (``kernels._cost.DISCARDS``) costs no DRAM bytes. HGMMA (wgmma) is assumed for dots whose M tile is at least 64 with a multiple of 4
 warps (Triton's rule), HMMA otherwise.
 
 A plain PyTorch op (dense ``F.linear``, the unfused path), recorded by
@@ -81,8 +82,16 @@ def launch_time(count, device: Device, num_warps: int = 4, dtype: str = "bf16",
     dram = 0.0
     sectors = 0.0
     ws = _cost.IN_LAUNCH_WORKSPACE.get(count.kernel, ())
+    disc = _cost.DISCARDS.get(count.kernel)
+    dropped = ()
+    if disc and any(n.split("/")[0] == disc[0] for n in count.tensors):
+        dropped = disc[1:]              # its discard target is its own tensor: the launch discards
     for name, tc in count.tensors.items():
+        if disc and name.split("/")[0] == disc[0]:
+            continue                    # the discards: cache control, no bytes moved
         sectors += tc.load_sectors + tc.store_sectors
+        if name.split("/")[0] in dropped:
+            continue                    # summed, then dropped from L2 unwritten: no DRAM bytes
         if name.split("/")[0] in ws and tc.size_bytes <= device.l2_bytes / 2:
             dram += tc.store_bytes      # read back in the same launch: L2 hits
             continue

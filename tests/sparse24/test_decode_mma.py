@@ -63,6 +63,66 @@ def test_mma_decode_strided_x_deterministic_and_split_consistent(triton_cpu):
     assert_close_ref(one, ref, torch.bfloat16, reduction=512)
 
 
+@pytest.mark.parametrize("m,n,k,plan,dropped", [
+    (12, 160, 256, (128, 2), True),    # the second tile's lines past N belong to the next token row: kept
+    (9, 96, 384, (32, 3), True),
+    (7, 64, 256, (64, 4), True),
+    (9, 48, 320, (16, 2), False),      # 16-row tiles fill half a 128-byte line: nothing dropped
+])
+def test_split_partials_dropped_from_l2_once_each(triton_cpu, monkeypatch, m, n, k, plan, dropped):
+    """The reducer drops the summed partials from L2 (``discard.global.L2``; under the interpreter
+    each dropped line's elements are counted in a shadow of the workspace): every partial of every
+    split exactly once, nothing else, and only where a tile's partials fill whole lines; the result
+    is bitwise the same with the drop turned off (``FASTFACTOR_SPLIT_DISCARD=0``)."""
+    from fastfactor.kernels import _split
+
+    seen = []
+
+    def spy(ws, mode):
+        t = _split.discard_target(ws, mode)
+        seen.append((mode, ws, t))
+        return t
+
+    monkeypatch.setattr(K, "discard_target", spy)
+    x, values, meta, b = _case(m, n, k, torch.bfloat16, seed=5)
+    y = K.sparse24_decode_mma(x, values, meta, b, plan=plan)
+    assert_close_ref(y, _ref64(x, values, meta, b), torch.bfloat16, reduction=k)
+    ((mode, ws, shadow),) = seen
+    assert ws.shape == (plan[1], m, n)
+    if dropped:
+        assert mode == 1 and shadow is not ws
+        assert torch.equal(shadow, torch.ones_like(shadow))           # each partial once, no other line
+    else:
+        assert mode == 0 and shadow is ws
+    monkeypatch.setenv("FASTFACTOR_SPLIT_DISCARD", "0")
+    seen.clear()
+    assert torch.equal(K.sparse24_decode_mma(x, values, meta, b, plan=plan), y)
+    assert seen[0][0] == 0 and seen[0][2] is seen[0][1]
+    monkeypatch.setenv("FASTFACTOR_SPLIT_DISCARD", "yes")
+    with pytest.raises(ValueError, match="FASTFACTOR_SPLIT_DISCARD.*'yes'"):
+        K.sparse24_decode_mma(x, values, meta, b, plan=plan)
+
+
+def test_discard_mode_and_the_planner_price_the_dropped_partials(monkeypatch):
+    from fastfactor.kernels import _split
+
+    ws = torch.empty(2, 3, 64)
+    assert _split.discard_mode(False, True, ws) == 0 and _split.discard_mode(True, False, ws) == 0
+    assert _split.discard_mode(True, True, ws) == 1                        # CPU: the interpreter's stand-in
+    assert K.mma_whole_lines(4096, 128) and not K.mma_whole_lines(4096, 16) and not K.mma_whole_lines(48, 32)
+    assert K.mma_discards(4096, 128, 4) and not K.mma_discards(4096, 128, 1)
+    kept = K.decode_launch_bytes(12, 4096, 4096, 128, 4)
+    gone = K.decode_launch_bytes(12, 4096, 4096, 128, 4, discard=True)
+    assert kept["dram"] - gone["dram"] == 4.0 * 4 * 12 * 4096 and kept["l2"] == gone["l2"]
+    t_on = K.mma_decode_plan_cost(12, 4096, 4096, 132)
+    monkeypatch.setenv("FASTFACTOR_SPLIT_DISCARD", "0")
+    t_off = K.mma_decode_plan_cost(12, 4096, 4096, 132)                   # cached per flag
+    assert t_on[0] < t_off[0]
+    w0, tr0 = K.mma_decode_warp_instructions(128, 12, 1024, True)
+    w1, tr1 = K.mma_decode_warp_instructions(128, 12, 1024, True, discard=True)
+    assert tr1 == tr0 + [1] and w1 - w0 == 4 * K.MMA_DECODE_ISSUE[(128, 2)]["discard"]
+
+
 def test_fragment_codes_against_a_direct_loop():
     torch.manual_seed(1)
     n, k = 32, 128
@@ -190,3 +250,38 @@ def test_every_build_issues_sparse_mma_without_spills():
             f = K.MMA_DECODE_ISSUE[(cx["BLOCK_N"], cx["NT"])]
             want = f["step_split" if cx["SPLIT"] else "step"]
             assert abs(r["loop_instructions"] - want) <= 0.1 * want, (tag, r["loop_instructions"], want)
+
+
+@pytest.mark.parametrize("discard", [True, False])
+def test_sol_counts_scaled_equal_full_and_dropped_partials_cost_no_dram(triton_cpu, monkeypatch, discard):
+    """``fastfactor sol``'s counts of a split launch: one program per class (the tiles by split,
+    the last split the reducer under the interpreter) equal every program's; the model prices the
+    workspace at its stores only, or at no DRAM bytes where the reducer drops it (the discard
+    target then its own tensor, costing nothing)."""
+    from fastfactor.sol import count as C
+    from fastfactor.sol import model
+    from fastfactor.sol import record as R
+    from fastfactor.sol.device import H200
+
+    if not discard:
+        monkeypatch.setenv("FASTFACTOR_SPLIT_DISCARD", "0")
+    x, values, meta, b = _case(12, 96, 768, torch.bfloat16, seed=4)
+    with R.recording() as rec:
+        K.sparse24_decode_mma(x, values, meta, b, plan=(32, 3))
+    (launch,) = rec.launches
+    assert launch.kernel == "sparse24.decode_mma" and launch.constexprs["DISCARD"] == (1 if discard else 0)
+    cfg = launch.candidates[0]
+    full = C.count_launch(launch, cfg, "full")
+    scaled = C.count_launch(launch, cfg, "scaled")
+    assert scaled.programs == full.programs == 3 * 3
+    for name in full.tensors:
+        for f in ("load_bytes", "store_bytes", "load_sectors", "store_sectors", "unique_bytes"):
+            assert getattr(scaled.tensors[name], f) == getattr(full.tensors[name], f), (name, f)
+    ws = next(v for n, v in full.tensors.items() if n.startswith("ws_ptr"))
+    assert ws.store_bytes == ws.load_bytes == 3 * 12 * 96 * 4
+    assert ("wsd_ptr" in full.tensors) == discard
+    t = model.launch_time(scaled, H200)
+    expect = sum((0.0 if discard else tc.store_bytes) if n.startswith("ws_ptr") else
+                 (min(tc.unique_bytes, tc.load_bytes) + tc.store_bytes)
+                 for n, tc in scaled.tensors.items() if n != "wsd_ptr")
+    assert t["dram_bytes"] == pytest.approx(expect)
