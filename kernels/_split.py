@@ -114,12 +114,15 @@ if HAS_TRITON:
             if DISCARD == 2:
                 tl.inline_asm_elementwise(_DISCARD_ASM, "=r,l,r", [p, keep.to(tl.int32)], dtype=tl.int32,
                                           is_pure=False, pack=1)
-            else:
+            else:                                   # the interpreter runs programs one at a time
                 o = tl.arange(0, 32)
                 if len(lines.shape) == 1:
-                    tl.atomic_add(p[:, None] + o[None, :], 1.0, mask=keep[:, None])
+                    q = p[:, None] + o[None, :]
+                    k2 = keep[:, None]
                 else:
-                    tl.atomic_add(p[:, :, None] + o[None, None, :], 1.0, mask=keep[:, :, None])
+                    q = p[:, :, None] + o[None, None, :]
+                    k2 = keep[:, :, None]
+                tl.store(q, tl.load(q, mask=k2, other=0.0) + 1.0, mask=k2)
 
 
 def discard_mode(split: bool, whole_lines: bool, ws: torch.Tensor) -> int:

@@ -1538,6 +1538,43 @@ if HAS_TRITON:
             return tl.reshape(tl.permute(tl.join(hi, lo), (0, 1, 3, 2)), (NW * 32,))
 
     @triton.jit
+    def _shfl_xor2(v, NW: tl.constexpr, MMA: tl.constexpr):
+        """Each lane's ``v`` from lane ``lane ^ 2`` (``shfl.sync.bfly``); emulated by reordering the
+        ``(S,)`` elements under the interpreter."""
+        if MMA == 2:
+            return tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 2, 0x1f, 0xffffffff;", "=r,r",
+                                             [v.to(tl.int32, bitcast=True)], dtype=tl.int32, is_pure=False,
+                                             pack=1).to(v.dtype, bitcast=True)
+        else:
+            w = tl.permute(tl.reshape(v, (NW, 8, 2, 2)), (0, 1, 3, 2))      # (warp, g, t & 1, t >> 1)
+            lo, hi = tl.split(w)
+            return tl.reshape(tl.permute(tl.join(hi, lo), (0, 1, 3, 2)), (NW * 32,))
+
+    @triton.jit
+    def _sel(m, a, b):
+        """``a`` where the mask ``m`` has bits, else ``b`` (one logic op on a GPU)."""
+        return ((a ^ b) & m) ^ b
+
+    @triton.jit
+    def _codes3_words(s0, s1, s2):
+        """Four ``mma.sp`` metadata words from their three bit-plane words (:func:`mma_frag_codes3`):
+        plane ``j`` holds bit ``j`` of group code ``c`` (``0..5``, :data:`CODES3_OF_NIBBLE`) of nibble
+        ``n`` of word ``r`` at bit ``4n + r``. The nibble's bits as functions of the code bits (one
+        logic op each: ``b0 = c2``, ``b1 = c0 & c1``, ``b2 = ~c0 | c1``, ``b3 = c0 | c1``), then a
+        4 x 4 bit transpose inside each nibble across the four words (two stages of selects):
+        19 logic ops and shifts for 32 groups."""
+        t0 = s2
+        t1 = s0 & s1
+        t2 = ~s0 | s1
+        t3 = s0 | s1
+        u0 = _sel(0x33333333, t0, t2 << 2)            # bits r = 0, 1 of b0 and b2
+        u2 = _sel(0x33333333, t0 >> 2, t2)            # bits r = 2, 3
+        u1 = _sel(0x33333333, t1, t3 << 2)
+        u3 = _sel(0x33333333, t1 >> 2, t3)
+        return (_sel(0x55555555, u0, u1 << 1), _sel(0x55555555, u0 >> 1, u1),
+                _sel(0x55555555, u2, u3 << 1), _sel(0x55555555, u2 >> 1, u3))
+
+    @triton.jit
     def _bits16(w, FP16: tl.constexpr):
         """The two 16-bit halves (low, high) of int32 ``w`` as fp32 values (emulation only)."""
         dt: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
@@ -1633,15 +1670,50 @@ if HAS_TRITON:
         return c0j0, c0j1, c0j2, c0j3, c1j0, c1j1, c1j2, c1j3
 
     @triton.jit
-    def _mma_tile_step(va_ptr, vb_ptr, e_ptr, S: tl.constexpr):
-        """One 16-row tile's operands of a 64-input step: rows g and g + 8, four kept pairs each
-        (16-byte vectors), and the lane's two metadata words (chunks 0 and 1; 8 bytes, the
-        16-row tile's 128 bytes of the step in one access)."""
+    def _mma_step(va_a, vb_a, va_b, vb_b, ea0, ea1, eb0, eb1, xw0, xw1,
+                  a00, a01, a02, a03, a10, a11, a12, a13, b00, b01, b02, b03, b10, b11, b12, b13,
+                  NW: tl.constexpr, FP16: tl.constexpr, MMA: tl.constexpr, RT: tl.constexpr, NT: tl.constexpr):
+        """One 64-input step of a warp: its 16-row tile(s) (``va``/``vb``: rows g and g + 8 of tile
+        a, and of tile b when ``RT == 2``) against one or two 8-token tiles (``xw0``/``xw1``), with
+        the lane's metadata words of chunks 0 and 1 (``ea*`` tile a, ``eb*`` tile b); returns the
+        sixteen accumulators (tile a, token tiles 0 and 1, then tile b)."""
         four = tl.arange(0, 4)[None, :]
-        pa0, pa1, pa2, pa3 = _split4(tl.load(va_ptr[:, None] + four))
-        pb0, pb1, pb2, pb3 = _split4(tl.load(vb_ptr[:, None] + four))
-        e0, e1 = tl.split(tl.load(e_ptr[:, None] + tl.arange(0, 2)[None, :]))   # chunks 0, 1
-        return pa0, pa1, pa2, pa3, pb0, pb1, pb2, pb3, e0, e1
+        pa0, pa1, pa2, pa3 = _split4(tl.load(va_a[:, None] + four))
+        pb0, pb1, pb2, pb3 = _split4(tl.load(vb_a[:, None] + four))
+        if RT == 2:
+            qa0, qa1, qa2, qa3 = _split4(tl.load(va_b[:, None] + four))
+            qb0, qb1, qb2, qb3 = _split4(tl.load(vb_b[:, None] + four))
+        u0, u1, u2, u3, u4, u5, u6, u7 = _mma_x_frags(xw0)
+        if NT == 2:
+            w0, w1, w2, w3, w4, w5, w6, w7 = _mma_x_frags(xw1)
+        for c in tl.static_range(2):
+            if c == 0:
+                x00, x01, x02, x03 = u0, u1, u2, u3
+                if NT == 2:
+                    x10, x11, x12, x13 = w0, w1, w2, w3
+            else:
+                x00, x01, x02, x03 = u4, u5, u6, u7
+                if NT == 2:
+                    x10, x11, x12, x13 = w4, w5, w6, w7
+            if c == 0:
+                f0, f1, f2, f3, fe = pa0, pb0, pa1, pb1, ea0
+            else:
+                f0, f1, f2, f3, fe = pa2, pb2, pa3, pb3, ea1
+            a00, a01, a02, a03 = _mma_sp(f0, f1, f2, f3, x00, x01, x02, x03, a00, a01, a02, a03, fe, NW, FP16, MMA)
+            if NT == 2:
+                a10, a11, a12, a13 = _mma_sp(f0, f1, f2, f3, x10, x11, x12, x13, a10, a11, a12, a13, fe,
+                                             NW, FP16, MMA)
+            if RT == 2:
+                if c == 0:
+                    h0, h1, h2, h3, he = qa0, qb0, qa1, qb1, eb0
+                else:
+                    h0, h1, h2, h3, he = qa2, qb2, qa3, qb3, eb1
+                b00, b01, b02, b03 = _mma_sp(h0, h1, h2, h3, x00, x01, x02, x03, b00, b01, b02, b03, he,
+                                             NW, FP16, MMA)
+                if NT == 2:
+                    b10, b11, b12, b13 = _mma_sp(h0, h1, h2, h3, x10, x11, x12, x13, b10, b11, b12, b13, he,
+                                                 NW, FP16, MMA)
+        return a00, a01, a02, a03, a10, a11, a12, a13, b00, b01, b02, b03, b10, b11, b12, b13
 
     @triton.jit
     def _mma_store_y(d0, d1, d2, d3, ra, rb, tok0, out_ptr, out32_ptr, bias_ptr, M, stride_om, row_ok,
@@ -1693,7 +1765,8 @@ if HAS_TRITON:
         # --- pointers ---
         x_ptr,      # (M, K/2) int32: the 16-bit input rows, two neighbouring inputs per word
         vals_ptr,   # (N, K/4) int32: the kept-value pairs of the 2:4 weight W (N, K), one per group
-        frag_ptr,   # (N/16, K/64, 8, 2, 2) int32: the codes in fragment order (mma_frag_codes)
+        frag_ptr,   # (N/16, K/64, 8, 2, 2) int32: the codes in fragment order (mma_frag_codes);
+                    # CODES3: (N/16, K/128, 48) int32 bit planes of them (mma_frag_codes3)
         bias_ptr,   # (N,) bias; read only when HAS_BIAS
         out_ptr,    # (M, N) output y, unit column stride, even row stride
         out32_ptr,  # the same memory as int32 words (two neighbouring features each)
@@ -1702,7 +1775,7 @@ if HAS_TRITON:
         cnt_ptr,    # SPLIT and SYNC: (N_TILES,) int32 arrival counters, zero between launches
         # --- dimensions ---
         M, N, K,
-        K_PER_SPLIT,  # inputs per split, a multiple of 64
+        K_PER_SPLIT,  # inputs per split, a multiple of 64 (of 128 with CODES3)
         SPLIT_K,      # K splits per row tile (programs = N_TILES · SPLIT_K)
         # --- strides ---
         stride_xm,    # x's row stride in words (elements / 2)
@@ -1717,6 +1790,7 @@ if HAS_TRITON:
         FP16: tl.constexpr,        # fp16 operands (else bf16)
         RT: tl.constexpr,          # 16-row tiles per warp (1 or 2)
         NT: tl.constexpr,          # 8-token tiles (1: M <= 8, 2: M <= 16)
+        CODES3: tl.constexpr,      # the codes as 3 bits a group (mma_frag_codes3; K, K_PER_SPLIT % 128 == 0)
         BLOCK_N: tl.constexpr,     # rows per program = 16 · RT · num_warps
     ):
         """``y = x·Wᵀ + b`` for ``M <= 16`` tokens on the **sparse tensor cores**: each warp issues
@@ -1731,7 +1805,11 @@ if HAS_TRITON:
         ``σ(c, L) = 4L + 2c`` (``L < 4``) or ``4(L - 4) + 2c + 1`` (a permutation of ``K`` applied
         to ``W`` and ``x`` alike, which leaves ``y`` unchanged), so that a lane's four pairs of a row
         (groups ``4t .. 4t+3``) are one 16-byte vector. The codes come in fragment order
-        (:func:`mma_frag_codes`, made once per weight), ``x`` as 4-byte words.
+        (:func:`mma_frag_codes`, made once per weight), ``x`` as 4-byte words. With ``CODES3`` the
+        codes come as three bit planes for every four metadata words (3 bits a group instead of 4,
+        :func:`mma_frag_codes3`), decoded once per two steps (:func:`_codes3_words`); with two
+        16-row tiles a warp, lanes ``t = 2, 3`` (whose metadata the instruction ignores) decode
+        tile b's and hand them over (``lane ^ 2``).
 
         Epilogue: without a split, lanes pair up (``lane ^ 4``) so that each stores two adjacent
         features of one token as one 4-byte word; with ``SPLIT`` the fp32 fragments go to the
@@ -1774,48 +1852,58 @@ if HAS_TRITON:
         z = tl.zeros([S], dtype=tl.float32)
         a00, a01, a02, a03, a10, a11, a12, a13 = z, z, z, z, z, z, z, z   # tile 0: token tiles 0, 1
         b00, b01, b02, b03, b10, b11, b12, b13 = z, z, z, z, z, z, z, z   # tile 1
-        for _k in range(k_begin, k_end, 64):
-            pa0, pa1, pa2, pa3, pb0, pb1, pb2, pb3, ea0, ea1 = _mma_tile_step(va_a, vb_a, e_a, S)
+        if CODES3:
+            # the lane's bit-plane codes of a 128-input pair of steps (mma_frag_codes3): tile a's for
+            # lanes t = 0, 1; with two tiles a warp, lanes t = 2, 3 decode tile b's for lanes t - 2
+            t3 = t16a
             if RT == 2:
-                qa0, qa1, qa2, qa3, qb0, qb1, qb2, qb3, eb0, eb1 = _mma_tile_step(va_b, vb_b, e_b, S)
-            u0, u1, u2, u3, u4, u5, u6, u7 = _mma_x_frags(xw0)
-            if NT == 2:
-                w0, w1, w2, w3, w4, w5, w6, w7 = _mma_x_frags(xw1)
-            for c in tl.static_range(2):
-                if c == 0:
-                    x00, x01, x02, x03 = u0, u1, u2, u3
-                    if NT == 2:
-                        x10, x11, x12, x13 = w0, w1, w2, w3
-                else:
-                    x00, x01, x02, x03 = u4, u5, u6, u7
-                    if NT == 2:
-                        x10, x11, x12, x13 = w4, w5, w6, w7
-                if c == 0:
-                    f0, f1, f2, f3, fe = pa0, pb0, pa1, pb1, ea0
-                else:
-                    f0, f1, f2, f3, fe = pa2, pb2, pa3, pb3, ea1
-                a00, a01, a02, a03 = _mma_sp(f0, f1, f2, f3, x00, x01, x02, x03, a00, a01, a02, a03, fe, NW, FP16, MMA)
-                if NT == 2:
-                    a10, a11, a12, a13 = _mma_sp(f0, f1, f2, f3, x10, x11, x12, x13, a10, a11, a12, a13, fe,
-                                                 NW, FP16, MMA)
+                t3 = tl.where(t >= 2, t16b, t16a)
+            gt = g * 2 + (t & 1)
+            c3 = frag_ptr + (t3 * (K // 128) + k_begin // 128) * 48
+            for _k in range(k_begin, k_end, 128):
+                s0, s1 = tl.split(tl.load((c3 + 2 * gt)[:, None] + tl.arange(0, 2)[None, :]))
+                w0, w1, w2, w3 = _codes3_words(s0, s1, tl.load(c3 + 32 + gt))
                 if RT == 2:
-                    if c == 0:
-                        h0, h1, h2, h3, he = qa0, qb0, qa1, qb1, eb0
+                    o0 = _shfl_xor2(w0, NW, MMA)
+                    o1 = _shfl_xor2(w1, NW, MMA)
+                    o2 = _shfl_xor2(w2, NW, MMA)
+                    o3 = _shfl_xor2(w3, NW, MMA)
+                else:
+                    o0, o1, o2, o3 = w0, w1, w2, w3
+                for h in tl.static_range(2):
+                    if h == 0:
+                        ea0, ea1, eb0, eb1 = w0, w1, o0, o1
                     else:
-                        h0, h1, h2, h3, he = qa2, qb2, qa3, qb3, eb1
-                    b00, b01, b02, b03 = _mma_sp(h0, h1, h2, h3, x00, x01, x02, x03, b00, b01, b02, b03, he,
-                                                 NW, FP16, MMA)
-                    if NT == 2:
-                        b10, b11, b12, b13 = _mma_sp(h0, h1, h2, h3, x10, x11, x12, x13, b10, b11, b12, b13, he,
-                                                     NW, FP16, MMA)
-            va_a += 16
-            vb_a += 16
-            e_a += 32
-            va_b += 16
-            vb_b += 16
-            e_b += 32
-            xw0 += 32
-            xw1 += 32
+                        ea0, ea1, eb0, eb1 = w2, w3, o2, o3
+                    (a00, a01, a02, a03, a10, a11, a12, a13, b00, b01, b02, b03, b10, b11, b12, b13) = _mma_step(
+                        va_a, vb_a, va_b, vb_b, ea0, ea1, eb0, eb1, xw0, xw1,
+                        a00, a01, a02, a03, a10, a11, a12, a13, b00, b01, b02, b03, b10, b11, b12, b13,
+                        NW, FP16, MMA, RT, NT)
+                    va_a += 16
+                    vb_a += 16
+                    va_b += 16
+                    vb_b += 16
+                    xw0 += 32
+                    xw1 += 32
+                c3 += 48
+        else:
+            for _k in range(k_begin, k_end, 64):
+                ea0, ea1 = tl.split(tl.load(e_a[:, None] + tl.arange(0, 2)[None, :]))   # chunks 0, 1
+                eb0, eb1 = ea0, ea1
+                if RT == 2:
+                    eb0, eb1 = tl.split(tl.load(e_b[:, None] + tl.arange(0, 2)[None, :]))
+                (a00, a01, a02, a03, a10, a11, a12, a13, b00, b01, b02, b03, b10, b11, b12, b13) = _mma_step(
+                    va_a, vb_a, va_b, vb_b, ea0, ea1, eb0, eb1, xw0, xw1,
+                    a00, a01, a02, a03, a10, a11, a12, a13, b00, b01, b02, b03, b10, b11, b12, b13,
+                    NW, FP16, MMA, RT, NT)
+                va_a += 16
+                vb_a += 16
+                e_a += 32
+                va_b += 16
+                vb_b += 16
+                e_b += 32
+                xw0 += 32
+                xw1 += 32
         tok0 = 2 * t
         if SPLIT:
             _mma_store_part(a00, a01, a02, a03, ra_a, ra_a + 8, tok0, ws_ptr, pid_s, M, N, ok_a)
@@ -2496,8 +2584,8 @@ if HAS_TRITON:
         pointers={"x_ptr": _I32, "vals_ptr": _I32, "frag_ptr": _I32, "out32_ptr": _I32, "ws_ptr": "fp32",
                   "wsd_ptr": "fp32", "cnt_ptr": "i32"},
         constexprs=[dict(BLOCK_N=bn, RT=MMA_TILES[bn][1], NT=nt, MMA=2, FP16=False, HAS_BIAS=True, SPLIT=sp, SYNC=sp,
-                         DISCARD=2 if sp and bn % 32 == 0 else 0)
-                    for bn in MMA_TILES for nt in (1, 2) for sp in (False, True)],
+                         DISCARD=2 if sp and bn % 32 == 0 else 0, CODES3=c3)
+                    for bn in MMA_TILES for nt in (1, 2) for sp in (False, True) for c3 in (True, False)],
         space=mma_space, dtypes=("bf16", "fp16"),
     ))
     register_kernel(KernelSpec(   # a partial row tile or K not a multiple of 256: the masked loads
@@ -2756,15 +2844,17 @@ def _decode_kps(K: int, sk: int) -> int:
     return _per_split(K, sk, DECODE_K_QUANTUM)
 
 
-def decode_launch_bytes(M: int, N: int, K: int, bn: int, sk: int, elem: int = 2, discard: bool = False) -> dict:
+def decode_launch_bytes(M: int, N: int, K: int, bn: int, sk: int, elem: int = 2, discard: bool = False,
+                        code_bits: int = 4) -> dict:
     """Bytes of one decode launch with row tile ``bn`` and ``sk`` K splits (``_sp_decode_kernel``):
     ``dram`` (the compressed weight, ``x`` and the bias once, ``y``, and with a split the fp32
     partials stored — their reads are L2 hits, written moments before in the same launch; none
     where the reducer drops them from L2 unwritten, ``discard``) and ``l2`` (every load and store
     through L2: ``x`` once per row tile, the partials stored and the ``sk - 1`` other slices read
     back by each tile's reducer). The bias (``N`` elements) is left out, as in :func:`path_costs`,
-    so that the two compare like for like."""
-    wbytes = N * K * (elem / 2 + 1 / 8)
+    so that the two compare like for like. ``code_bits``: bits of codes a group of four inputs
+    (4; 3 where the sparse tensor-core decode reads :func:`mma_frag_codes3`)."""
+    wbytes = N * K * (elem / 2 + code_bits / 32)
     xbytes, ybytes, bbytes = elem * M * K, elem * M * N, 0.0
     nb = -(-N // bn)
     ws = 4.0 * sk * M * N if sk > 1 else 0.0
@@ -2803,12 +2893,12 @@ def decode_plans(M: int, N: int, K: int, sms: int, elem: int = 2, prmt: Optional
 
 
 def _price_decode_plan(M: int, N: int, K: int, bn: int, sk: int, sms: int, elem: int, wi: float,
-                       discard: bool = False) -> tuple:
+                       discard: bool = False, code_bits: int = 4) -> tuple:
     """``(t_nominal, t_low, (bn, sk))`` of a decode launch with row tile ``bn``, ``sk`` K splits and
-    ``wi`` warp-instructions a program (``discard``: the reducer drops the partials from L2):
-    :func:`decode_launch_bytes` and the busy fraction of one program an SM (``_cost.fill``) through
-    :func:`_plan_times`."""
-    b = decode_launch_bytes(M, N, K, bn, sk, elem, discard)
+    ``wi`` warp-instructions a program (``discard``: the reducer drops the partials from L2;
+    ``code_bits`` a group read): :func:`decode_launch_bytes` and the busy fraction of one program
+    an SM (``_cost.fill``) through :func:`_plan_times`."""
+    b = decode_launch_bytes(M, N, K, bn, sk, elem, discard, code_bits)
     p = b["programs"]
     f = min(1.0, p / (-(-p // sms) * sms))
     return _plan_times(b["dram"], b["l2"], _issue_s(wi, p, f), f) + ((bn, sk),)
@@ -2924,15 +3014,33 @@ MMA_DECODE_ISSUE = {
     (256, 2): dict(step=89, program=321, step_split=88, program_split=418, discard=111),
 }
 
+#: :data:`MMA_DECODE_ISSUE` of the builds reading the 3-bit codes (``CODES3``), from their sm_90 SASS:
+#: ``step`` / ``step_split`` per *pair* of 64-input steps (the loop's trip; 183 a warp at 128 rows x
+#: 16 tokens with the split = 0.045 a weight, against 2 x 88 with the 4-bit codes).
+MMA3_DECODE_ISSUE = {
+    (16, 1): dict(step=90, program=173, step_split=90, program_split=446, discard=0),
+    (16, 2): dict(step=120, program=216, step_split=120, program_split=475, discard=0),
+    (32, 1): dict(step=90, program=180, step_split=90, program_split=469, discard=109),
+    (32, 2): dict(step=126, program=221, step_split=126, program_split=491, discard=109),
+    (64, 1): dict(step=90, program=180, step_split=90, program_split=469, discard=112),
+    (64, 2): dict(step=126, program=221, step_split=126, program_split=491, discard=112),
+    (128, 1): dict(step=121, program=254, step_split=126, program_split=382, discard=112),
+    (128, 2): dict(step=180, program=329, step_split=183, program_split=416, discard=112),
+    (256, 1): dict(step=121, program=253, step_split=126, program_split=380, discard=111),
+    (256, 2): dict(step=180, program=329, step_split=183, program_split=419, discard=111),
+}
+
 
 def mma_decode_warp_instructions(BLOCK_N: int, M: int, k_per_program: int, split: bool,
-                                 discard: bool = False) -> tuple[float, list]:
+                                 discard: bool = False, codes3: bool = False) -> tuple[float, list]:
     """``(warp-instructions of one sparse tensor-core decode program, loop trips)`` by
-    :data:`MMA_DECODE_ISSUE`: the main loop ``ceil(k_per_program / 64)`` times, then (``split``)
+    :data:`MMA_DECODE_ISSUE` (:data:`MMA3_DECODE_ISSUE` for the 3-bit codes, whose loop runs a
+    pair of steps): the main loop ``ceil(k_per_program / 64)`` times (``/ 128``), then (``split``)
     the reducer's loop once on average, and (``discard``) its loop dropping the partials once."""
     nw = MMA_TILES[BLOCK_N][0]
-    f = MMA_DECODE_ISSUE[(BLOCK_N, 1 if M <= 8 else 2)]
-    trips = max(1, -(-k_per_program // MMA_K_QUANTUM))
+    key = (BLOCK_N, 1 if M <= 8 else 2)
+    f = MMA3_DECODE_ISSUE[key] if codes3 else MMA_DECODE_ISSUE[key]
+    trips = max(1, -(-k_per_program // (2 * MMA_K_QUANTUM if codes3 else MMA_K_QUANTUM)))
     per_warp = trips * f["step_split" if split else "step"] + f["program_split" if split else "program"]
     if split and discard:
         per_warp += f["discard"]
@@ -2944,7 +3052,7 @@ def _mma_issue_model(ints: dict, constexprs: dict, config: dict, grid) -> Option
     """:data:`kernels._cost.ISSUE_MODELS` entry of the sparse tensor-core decode."""
     kps = min(int(ints["K"]), int(ints["K_PER_SPLIT"]))
     return mma_decode_warp_instructions(int(constexprs["BLOCK_N"]), int(ints["M"]), kps, bool(constexprs.get("SPLIT")),
-                                        int(constexprs.get("DISCARD", 0)) > 0)
+                                        int(constexprs.get("DISCARD", 0)) > 0, bool(constexprs.get("CODES3")))
 
 
 _cost.ISSUE_MODELS["sparse24.decode_mma"] = _mma_issue_model
@@ -2982,6 +3090,51 @@ def mma_frag_codes(meta: torch.Tensor, rows: int, k: int) -> torch.Tensor:
     return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).contiguous()
 
 
+#: group code (0..5) of the sparse tensor-core decode's 3-bit codes by ``mma.sp`` metadata nibble
+#: ``i0 | i1 << 2``: chosen so that each nibble bit is one logic op of the code bits
+#: (:func:`_codes3_words`)
+CODES3_OF_NIBBLE = {0x4: 0, 0x8: 1, 0xC: 2, 0xE: 3, 0x9: 5, 0xD: 6}
+
+
+def mma_frag_codes3(meta: torch.Tensor, rows: int, k: int) -> torch.Tensor:
+    """The codes of a 2:4 weight ``(rows, k)`` (``k % 128 == 0``) as :func:`_sp_decode_mma_kernel`
+    reads them with ``CODES3``: 3 bits a group of four inputs instead of 4 (the six patterns fit
+    2.58). ``(rows/16, k/128, 48)`` int32: for row tile ``b`` and steps ``2p, 2p + 1``, lane
+    ``(g, t)``'s four fragment words (:func:`mma_frag_codes`: step ``2p`` chunks 0, 1, then step
+    ``2p + 1``'s; word ``r``) as three bit planes ``s0, s1, s2`` — bit ``4n + r`` of plane ``j`` is
+    bit ``j`` of the code (:data:`CODES3_OF_NIBBLE`) of nibble ``n`` of word ``r`` — stored as
+    ``(s0, s1)`` pairs at ``2(2g + t)`` and ``s2`` at ``32 + 2g + t``. Three quarters of the
+    bytes of :func:`mma_frag_codes`, decoded exactly (tests)."""
+    w = mma_frag_codes(meta, rows, k).to(torch.int64) & 0xFFFFFFFF                  # (b, s, g, t, c)
+    w = w.reshape(rows // 16, k // 128, 2, 8, 2, 2).permute(0, 1, 3, 4, 2, 5)     # (b, p, g, t, h, c)
+    w = w.reshape(rows // 16, k // 128, 8, 2, 4)                                   # word r = 2h + c
+    nib = (w[..., None] >> (4 * torch.arange(8, device=w.device))) & 15            # (b, p, g, t, r, n)
+    lut = torch.full((16,), -1, dtype=torch.int64, device=w.device)
+    for v, c in CODES3_OF_NIBBLE.items():
+        lut[v] = c
+    code = lut[nib]
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    if _get_current_dispatch_mode() is None and bool((code < 0).any()):   # (not while ``fastfactor sol`` records)
+        raise ValueError("meta: expected 2:4 codes (two distinct kept positions a group), got another pattern")
+    pos = 4 * torch.arange(8, device=w.device)[None, :] + torch.arange(4, device=w.device)[:, None]   # (r, n)
+    planes = [(((code >> j) & 1) << pos).sum(dim=(-1, -2)) for j in range(3)]     # (b, p, g, t)
+    planes = [torch.where(p_ >= 2**31, p_ - 2**32, p_).to(torch.int32) for p_ in planes]
+    pairs = torch.stack(planes[:2], dim=-1).reshape(rows // 16, k // 128, 32)
+    return torch.cat((pairs, planes[2].reshape(rows // 16, k // 128, 16)), dim=-1).contiguous()
+
+
+def mma_codes3(meta: torch.Tensor, rows: int, k: int) -> torch.Tensor:
+    """:func:`mma_frag_codes3`, cached on ``meta`` (keyed by its version): once per mask."""
+    return _cached_on(meta, "_fastfactor_mma3", (rows, k), lambda: mma_frag_codes3(meta, rows, k))
+
+
+def mma_codes3_ok(K: int) -> bool:
+    """Whether the sparse tensor-core decode reads the codes as 3 bits a group (``K % 128 == 0``,
+    unless ``FASTFACTOR_SPARSE24_CODES3=0``)."""
+    return K % 128 == 0 and _forced("FASTFACTOR_SPARSE24_CODES3", ("0", "1")) != "0"
+
+
 def mma_codes(meta: torch.Tensor, rows: int, k: int) -> torch.Tensor:
     """:func:`mma_frag_codes`, cached on ``meta`` (keyed by its version): once per mask."""
     return _cached_on(meta, "_fastfactor_mma", (rows, k), lambda: mma_frag_codes(meta, rows, k))
@@ -3013,13 +3166,15 @@ def mma_decode_plans(M: int, N: int, K: int, sms: int, elem: int = 2) -> list:
     bytes of :func:`decode_launch_bytes` (the same traffic as the expanding decode) and the issue
     of :data:`MMA_DECODE_ISSUE`."""
     plans = []
+    codes3 = mma_codes3_ok(K)
     for bn in MMA_TILES:
         for sk in DECODE_SPLITS:
-            kps = _per_split(K, sk, MMA_K_QUANTUM)
+            kps = _per_split(K, sk, 2 * MMA_K_QUANTUM if codes3 else MMA_K_QUANTUM)
             if sk > 1 and kps * (sk - 1) >= K:
                 continue                       # an empty split
-            wi = mma_decode_warp_instructions(bn, M, min(K, kps), sk > 1, mma_discards(N, bn, sk))[0]
-            plans.append(_price_decode_plan(M, N, K, bn, sk, sms, elem, wi, mma_discards(N, bn, sk)))
+            wi = mma_decode_warp_instructions(bn, M, min(K, kps), sk > 1, mma_discards(N, bn, sk), codes3)[0]
+            plans.append(_price_decode_plan(M, N, K, bn, sk, sms, elem, wi, mma_discards(N, bn, sk),
+                                            3 if codes3 else 4))
     return plans
 
 
@@ -3039,13 +3194,14 @@ def mma_discards(N: int, BLOCK_N: int, sk: int) -> bool:
 
 def mma_decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[float, int, int]:
     """``(seconds, BLOCK_N, split_k)`` of the sparse tensor-core decode (*predicted*): of
-    :func:`mma_decode_plans`, the one :func:`kernels._cost.robust_pick` takes (cached per shape
-    and ``FASTFACTOR_SPLIT_DISCARD``)."""
-    return _mma_pick(int(M), int(N), int(K), int(sms), int(elem), os.environ.get("FASTFACTOR_SPLIT_DISCARD", "auto"))
+    :func:`mma_decode_plans`, the one :func:`kernels._cost.robust_pick` takes (cached per shape,
+    ``FASTFACTOR_SPLIT_DISCARD`` and ``FASTFACTOR_SPARSE24_CODES3``)."""
+    return _mma_pick(int(M), int(N), int(K), int(sms), int(elem), os.environ.get("FASTFACTOR_SPLIT_DISCARD", "auto"),
+                     os.environ.get("FASTFACTOR_SPARSE24_CODES3", "auto"))
 
 
 @functools.lru_cache(maxsize=4096)
-def _mma_pick(M: int, N: int, K: int, sms: int, elem: int, discard_flag: str) -> tuple[float, int, int]:
+def _mma_pick(M: int, N: int, K: int, sms: int, elem: int, discard_flag: str, codes3_flag: str) -> tuple[float, int, int]:
     t_nom, _, (bn, sk) = _cost.robust_pick(mma_decode_plans(M, N, K, sms, elem))
     return t_nom, bn, sk
 
@@ -3083,7 +3239,8 @@ def sparse24_decode_mma(x: torch.Tensor, values: torch.Tensor, meta: torch.Tenso
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     bn, sk = plan or mma_decode_plan_cost(M, N, K, _config.num_sms(x.device), x.element_size())[1:]
     nw, rt = MMA_TILES[bn]
-    kps = _per_split(K, sk, MMA_K_QUANTUM)
+    codes3 = mma_codes3_ok(K)
+    kps = _per_split(K, sk, 2 * MMA_K_QUANTUM if codes3 else MMA_K_QUANTUM)
     sk = -(-K // kps)
     nb = triton.cdiv(N, bn)
     split, sync, ws, cnt = _split_buffers(sk, nb, y)
@@ -3091,12 +3248,13 @@ def sparse24_decode_mma(x: torch.Tensor, values: torch.Tensor, meta: torch.Tenso
     xw = x.view(torch.int32)
     vw = values.view(torch.int32)
     _sp_decode_mma_tuned[(nb * sk,)](
-        xw, vw, mma_codes(meta, N, K), bias if bias is not None else y, y, y.view(torch.int32), ws,
+        xw, vw, mma_codes3(meta, N, K) if codes3 else mma_codes(meta, N, K), bias if bias is not None else y, y,
+        y.view(torch.int32), ws,
         discard_target(ws, discard), cnt,
         M, N, K, kps, sk, xw.stride(0), vw.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, SPLIT=split, SYNC=sync, DISCARD=discard,
         MMA=1 if _config.is_interpreter() else 2,
-        FP16=x.dtype == torch.float16, RT=rt, NT=1 if M <= 8 else 2, BLOCK_N=bn,
+        FP16=x.dtype == torch.float16, RT=rt, NT=1 if M <= 8 else 2, CODES3=codes3, BLOCK_N=bn,
     )
     return y
 

@@ -43,7 +43,7 @@ from ..factorize.sparse24 import (
     resolve_dense_sparse_rank,
 )
 from ..kernels._config import acc_dtype
-from ..kernels.sparse24 import mma_codes, torch24_meta, torch24_meta_padded, transpose_plan
+from ..kernels.sparse24 import mma_codes, mma_codes3, mma_codes3_ok, torch24_meta, torch24_meta_padded, transpose_plan
 from ..formats.sparse24 import Sparse24Weight, mask_24, meta_cols, pack_24, prune_24, unpack_24
 from ..ops.lowrank import lowrank_linear
 from ..ops.sparse24 import dense_sparse_linear_packed, sparse24_linear_packed, ste_24
@@ -83,9 +83,13 @@ class _Sparse24Mixin:
         rows, k = w.shape
         if (rows % 16 == 0 and k % 64 == 0 and w.meta.device.type != "meta"
                 and w.values.dtype in (torch.float16, torch.bfloat16)):
-            # the codes in the sparse tensor-core decode's fragment order (``mma_codes``), once per
-            # mask (16-bit weights: the only ones it takes; made on first use after a dtype change)
-            mma_codes(getattr(self, p + "meta"), rows, k)
+            # the codes in the sparse tensor-core decode's fragment order (``mma_codes``; as 3-bit
+            # planes where it reads those, ``mma_codes3``), once per mask (16-bit weights: the only
+            # ones it takes; made on first use after a dtype change)
+            if mma_codes3_ok(k):
+                mma_codes3(getattr(self, p + "meta"), rows, k)
+            else:
+                mma_codes(getattr(self, p + "meta"), rows, k)
         if rows % 32 == 0 and k % 64 == 0 and w.meta.device.type != "meta":
             # PyTorch's 2:4 layout of the codes, converted once per mask (cached on the buffer),
             # and whether Wᵀ is 2:4 too (dx on sparse tensor cores; ``transpose_plan``)

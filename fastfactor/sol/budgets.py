@@ -146,7 +146,8 @@ def sass(row: dict, device):
         "no LDL/STL, no STG.E.U16, LDG.E.128/LDGSTS.128/UTMALDG (sm_90)"
 
 
-#: the 2:4 decode kernels whose main loops the expansion budget reads, and the inputs a step of
+#: the 2:4 decode kernels whose main loops the expansion budget reads (twice the inputs for the
+#: sparse tensor-core decode's 3-bit codes, ``CODES3``: its loop runs two steps), and the inputs a step of
 #: each covers when its config does not say (``BLOCK_K``): the sparse tensor-core decode's 64
 DECODE_KERNELS = {"sparse24.decode": None, "sparse24.decode_mma": 64}
 
@@ -164,7 +165,7 @@ def expansion(row: dict, device, limit: float = 0.05):
             continue
         if "error" in f or not f.get("loop_instructions"):
             return False, f"{e['kernel']} {e['config_label']}: no main loop read", f"<= {limit} a weight"
-        bk = e["config"].get("BLOCK_K") or DECODE_KERNELS[e["kernel"]]
+        bk = e["config"].get("BLOCK_K") or DECODE_KERNELS[e["kernel"]] * (2 if e["constexprs"].get("CODES3") else 1)
         weights = e["constexprs"]["BLOCK_N"] * bk / e["config"].get("num_warps", 4)
         got.append((f["loop_instructions"] / weights, f["loop_instructions"], e["kernel"], e["config_label"]))
     if not got:

@@ -66,7 +66,7 @@ def test_mma_decode_strided_x_deterministic_and_split_consistent(triton_cpu):
 @pytest.mark.parametrize("m,n,k,plan,dropped", [
     (12, 160, 256, (128, 2), True),    # the second tile's lines past N belong to the next token row: kept
     (9, 96, 384, (32, 3), True),
-    (7, 64, 256, (64, 4), True),
+    (7, 64, 512, (64, 4), True),
     (9, 48, 320, (16, 2), False),      # 16-row tiles fill half a 128-byte line: nothing dropped
 ])
 def test_split_partials_dropped_from_l2_once_each(triton_cpu, monkeypatch, m, n, k, plan, dropped):
@@ -111,6 +111,8 @@ def test_discard_mode_and_the_planner_price_the_dropped_partials(monkeypatch):
     assert _split.discard_mode(True, True, ws) == 1                        # CPU: the interpreter's stand-in
     assert K.mma_whole_lines(4096, 128) and not K.mma_whole_lines(4096, 16) and not K.mma_whole_lines(48, 32)
     assert K.mma_discards(4096, 128, 4) and not K.mma_discards(4096, 128, 1)
+    four, three = K.decode_launch_bytes(12, 4096, 4096, 128, 4), K.decode_launch_bytes(12, 4096, 4096, 128, 4, code_bits=3)
+    assert four["dram"] - three["dram"] == 4096 * 4096 / 32 and four["l2"] - three["l2"] == 4096 * 4096 / 32
     kept = K.decode_launch_bytes(12, 4096, 4096, 128, 4)
     gone = K.decode_launch_bytes(12, 4096, 4096, 128, 4, discard=True)
     assert kept["dram"] - gone["dram"] == 4.0 * 4 * 12 * 4096 and kept["l2"] == gone["l2"]
@@ -147,6 +149,59 @@ def test_fragment_codes_against_a_direct_loop():
     before = K.mma_codes(meta, n, k)
     meta[0, 0] = 0x84 if int(meta[0, 0]) != 0x84 else 0x94
     assert K.mma_codes(meta, n, k) is not before
+
+
+def _codes3_decoded(c3: torch.Tensor) -> torch.Tensor:
+    """What ``_codes3_words`` computes, in int64 arithmetic on 32-bit words: the four metadata
+    words ``(b, p, g, t, r)`` of each lane from its three bit planes."""
+    m32 = 0xFFFFFFFF
+    w = c3.to(torch.int64) & m32
+    b, p = w.shape[:2]
+    s0, s1 = w[..., :32].reshape(b, p, 8, 2, 2).unbind(-1)
+    s2 = w[..., 32:].reshape(b, p, 8, 2)
+
+    def sel(m, a, c):
+        return ((a ^ c) & m) ^ c
+
+    t0, t1, t2, t3 = s2, s0 & s1, (~s0 & m32) | s1, s0 | s1
+    u0 = sel(0x33333333, t0, (t2 << 2) & m32)
+    u2 = sel(0x33333333, t0 >> 2, t2)
+    u1 = sel(0x33333333, t1, (t3 << 2) & m32)
+    u3 = sel(0x33333333, t1 >> 2, t3)
+    return torch.stack((sel(0x55555555, u0, (u1 << 1) & m32), sel(0x55555555, u0 >> 1, u1),
+                        sel(0x55555555, u2, (u3 << 1) & m32), sel(0x55555555, u2 >> 1, u3)), dim=-1)
+
+
+def test_three_bit_codes_decode_to_the_fragment_codes():
+    """The 3-bit codes (three bit planes for every four metadata words, ``mma_frag_codes3``) are
+    three quarters of the bytes and decode, by the kernel's logic ops, to exactly the fragment
+    codes; a pattern that is not 2:4 is refused; cached once per mask."""
+    n, k = 48, 384
+    x, values, meta, b = _case(4, n, k, torch.bfloat16, seed=7)
+    c3 = K.mma_frag_codes3(meta, n, k)
+    c4 = K.mma_frag_codes(meta, n, k)
+    assert c3.shape == (n // 16, k // 128, 48) and c3.dtype == torch.int32 and 4 * c3.numel() == 3 * c4.numel()
+    want = (c4.to(torch.int64) & 0xFFFFFFFF).reshape(n // 16, k // 128, 2, 8, 2, 2).permute(0, 1, 3, 4, 2, 5)
+    assert torch.equal(_codes3_decoded(c3), want.reshape(n // 16, k // 128, 8, 2, 4))
+    assert K.mma_codes3(meta, n, k) is K.mma_codes3(meta, n, k)
+    bad = meta.clone()
+    bad[0, 0] = 0x00                                     # i0 == i1: not two distinct kept positions
+    with pytest.raises(ValueError, match="meta: expected 2:4 codes"):
+        K.mma_frag_codes3(bad, n, k)
+    assert K.mma_codes3_ok(128) and K.mma_codes3_ok(4096) and not K.mma_codes3_ok(192)
+
+
+def test_three_bit_codes_bitwise_equal_to_four(triton_cpu, monkeypatch):
+    """The kernel reading the 3-bit codes (two tiles a warp: lanes 2, 3 decode tile b's and hand
+    them over) gives bitwise the result of the 4-bit codes (``FASTFACTOR_SPARSE24_CODES3=0``)."""
+    for m, n, k, plan in ((16, 128, 512, (128, 2)), (5, 96, 256, (32, 1)), (12, 64, 384, (16, 3))):
+        x, values, meta, b = _case(m, n, k, torch.float16, seed=m)
+        y3 = K.sparse24_decode_mma(x, values, meta, b, plan=plan)
+        monkeypatch.setenv("FASTFACTOR_SPARSE24_CODES3", "0")
+        y4 = K.sparse24_decode_mma(x, values, meta, b, plan=plan)
+        monkeypatch.delenv("FASTFACTOR_SPARSE24_CODES3")
+        assert torch.equal(y3, y4), (m, n, k, plan)
+        assert_close_ref(y3, _ref64(x, values, meta, b), torch.float16, reduction=k)
 
 
 def test_eligibility_and_dispatch(triton_cpu, monkeypatch):
@@ -247,7 +302,7 @@ def test_every_build_issues_sparse_mma_without_spills():
         assert r["stl"] == 0 and r["ldl"] == 0 and not r.get("spill"), (tag, r)
         assert r["hmma_sp"] > 0 and r["hgmma"] == 0, tag                         # mma.sp, nothing expanded
         if job["arch"] == 90:
-            f = K.MMA_DECODE_ISSUE[(cx["BLOCK_N"], cx["NT"])]
+            f = (K.MMA3_DECODE_ISSUE if cx["CODES3"] else K.MMA_DECODE_ISSUE)[(cx["BLOCK_N"], cx["NT"])]
             want = f["step_split" if cx["SPLIT"] else "step"]
             assert abs(r["loop_instructions"] - want) <= 0.1 * want, (tag, r["loop_instructions"], want)
 

@@ -147,10 +147,12 @@ def test_split_decode_repeated_launches_and_cuda_graph(plan):
 @pytest.mark.parametrize("case", [(12, 4096, 4096, (128, 4)), (16, 768, 768, (32, 4)), (1, 4096, 4096, (16, 1)),
                                   (9, 272, 320, (256, 1)), (16, 3072, 768, (64, 2)), (5, 96, 192, (32, 3))],
                          ids=lambda c: f"M{c[0]}-N{c[1]}-K{c[2]}-bn{c[3][0]}-sk{c[3][1]}")
-def test_sparse_tensor_core_decode_cuda(case, dtype):
+def test_sparse_tensor_core_decode_cuda(case, dtype, monkeypatch):
     """The decode on sparse tensor cores (``mma.sp``: its fragment layouts, the metadata, the K
     permutation) against float64 on hardware, every row tile, splits on and off, bitwise over
-    repeated launches and CUDA-graph replay; the planner's own pick too."""
+    repeated launches and CUDA-graph replay; the planner's own pick too. The 3-bit codes (``K % 128
+    == 0``) and the split partials dropped from L2 give bitwise what the 4-bit codes and the kept
+    partials give."""
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("mma.sp needs sm_80 or newer")
     M, N, Kd, plan = case
@@ -164,6 +166,10 @@ def test_sparse_tensor_core_decode_cuda(case, dtype):
     assert_close_ref(ref, y64, dtype, reduction=Kd)
     assert_close_ref(K.sparse24_decode_mma(x, w.values, w.meta, None), y64 - b.double(), dtype, reduction=Kd)
     _assert_reruns_and_graph_bitwise(lambda: K.sparse24_decode_mma(x, w.values, w.meta, b, plan=plan), ref)
+    monkeypatch.setenv("FASTFACTOR_SPARSE24_CODES3", "0")
+    monkeypatch.setenv("FASTFACTOR_SPLIT_DISCARD", "0")
+    if Kd % 128 == 0 and K._per_split(Kd, plan[1], 64) == K._per_split(Kd, plan[1], 128):   # the same splits
+        assert torch.equal(K.sparse24_decode_mma(x, w.values, w.meta, b, plan=plan), ref)
 
 
 def _assert_reruns_and_graph_bitwise(fn, ref, fn2=None, ref2=None):
