@@ -422,7 +422,9 @@ def time_decode_variants(device, dry: bool, seconds: float = VARIANT_S) -> dict:
     * ``decode_mma``: the decode on sparse tensor cores (``sparse24_decode_mma``, ``mma.sp``; bf16,
       ``M <= 16``) with its planner's pick and the variant plans it has — *the first run of that
       instruction on hardware* (checked against fp32 like every row), and *decides whether the
-      dispatch should take it* (``dispatched``: what it takes now, predicted);
+      dispatch should take it* (``dispatched``: what it takes now, predicted); its pick again with
+      the 4-bit codes (``decode_mma_4bit``) and with the split partials kept in L2
+      (``decode_mma_kept``) — *decides the two byte savings*;
     * ``torch24``: PyTorch's 2:4 GEMM where it takes ``M`` (``M % 8 == 0``), what ``choose_mm_path``
       takes at 16 tokens on an ideal roofline — *decides whether it should*; ``dense``: ``F.linear``;
     * ``dx_decode``: ``dx = g·W`` (with ``db``) at the first ``M``, PRMT on / off; ``dense_dx``: ``g @ W``.
@@ -501,6 +503,17 @@ def time_decode_variants(device, dry: bool, seconds: float = VARIANT_S) -> dict:
                            dispatched=wins, pred_us=a and a * 1e6, pred_low_us=b and b * 1e6)
                 calls = [lambda x=x, v=v, m=m, plan=plan: decode_mma(x, v, m, plan) for x, (v, m) in zip(xs, packed)]
                 run(row, calls, ref, K._sp_decode_mma_tuned)
+                if plan == (mbn, msk):
+                    # the pick with each of its two byte savings turned off: the 4-bit codes
+                    # (decode_mma_4bit) and the split partials kept in L2 (decode_mma_kept)
+                    for op, env in (("decode_mma_4bit", {"FASTFACTOR_SPARSE24_CODES3": "0"}),
+                                    ("decode_mma_kept", {"FASTFACTOR_SPLIT_DISCARD": "0"})):
+                        with _env(env):
+                            a2, b2, _ = next((p_ for p_ in K.mma_decode_plans(M, N, Kin, sms) if p_[2] == plan),
+                                             (None, None, None))
+                            run(dict(op=op, tokens=M, plan=row["plan"], pick=True, dispatched=wins,
+                                     pred_us=a2 and a2 * 1e6, pred_low_us=b2 and b2 * 1e6),
+                                calls, ref, K._sp_decode_mma_tuned)
         for on in (True, False):
             with _prmt_env(on):
                 prmt = K.prmt_mode(True)  # the PRMT constexpr of the launches: 2 prmt.b32, 1 interpreted, 0 select

@@ -89,7 +89,6 @@ if HAS_TRITON:
             tot += tl.load(ws_ptr + s_ * slice_elems + part, mask=mask, other=0.0, cache_modifier=".cg")
         return tot
 
-
     #: drop one 128-byte line from the L2 without writing it back, where the lane's flag is set
     _DISCARD_ASM = tl.constexpr("{\n\t.reg .pred %pd;\n\tsetp.ne.b32 %pd, $2, 0;\n\t"
                                 "@%pd discard.global.L2 [$1], 128;\n\tmov.u32 $0, 0;\n\t}")
@@ -100,7 +99,7 @@ if HAS_TRITON:
         lines,       # offsets inside a slice of the first element of each 128-byte line of the tile
         mask,        # which of ``lines`` to drop (broadcast against ``lines``): the tile's own only
         slice_elems, N_SPLIT,
-        DISCARD: tl.constexpr,   # 2: discard.global.L2; 1: the interpreter's stand-in (NaN stores)
+        DISCARD: tl.constexpr,   # 2: discard.global.L2; 1: the interpreter's stand-in (counts in the shadow)
     ):
         """In a tile's last arrival, after :func:`_split_sum` / :func:`_split_total` and a CTA
         barrier (every thread's reads of the slices done): drop the tile's lines of every slice from

@@ -1852,6 +1852,7 @@ if HAS_TRITON:
         z = tl.zeros([S], dtype=tl.float32)
         a00, a01, a02, a03, a10, a11, a12, a13 = z, z, z, z, z, z, z, z   # tile 0: token tiles 0, 1
         b00, b01, b02, b03, b10, b11, b12, b13 = z, z, z, z, z, z, z, z   # tile 1
+        KSTEP: tl.constexpr = 2 if CODES3 else 1                       # 64-input steps a trip
         if CODES3:
             # the lane's bit-plane codes of a 128-input pair of steps (mma_frag_codes3): tile a's for
             # lanes t = 0, 1; with two tiles a warp, lanes t = 2, 3 decode tile b's for lanes t - 2
@@ -1860,48 +1861,38 @@ if HAS_TRITON:
                 t3 = tl.where(t >= 2, t16b, t16a)
             gt = g * 2 + (t & 1)
             c3 = frag_ptr + (t3 * (K // 128) + k_begin // 128) * 48
-            for _k in range(k_begin, k_end, 128):
+        for _k in range(k_begin, k_end, 64 * KSTEP):
+            if CODES3:
                 s0, s1 = tl.split(tl.load((c3 + 2 * gt)[:, None] + tl.arange(0, 2)[None, :]))
                 w0, w1, w2, w3 = _codes3_words(s0, s1, tl.load(c3 + 32 + gt))
+                o0, o1, o2, o3 = w0, w1, w2, w3
                 if RT == 2:
                     o0 = _shfl_xor2(w0, NW, MMA)
                     o1 = _shfl_xor2(w1, NW, MMA)
                     o2 = _shfl_xor2(w2, NW, MMA)
                     o3 = _shfl_xor2(w3, NW, MMA)
-                else:
-                    o0, o1, o2, o3 = w0, w1, w2, w3
-                for h in tl.static_range(2):
+                c3 += 48
+            for h in tl.static_range(KSTEP):
+                if CODES3:
                     if h == 0:
                         ea0, ea1, eb0, eb1 = w0, w1, o0, o1
                     else:
                         ea0, ea1, eb0, eb1 = w2, w3, o2, o3
-                    (a00, a01, a02, a03, a10, a11, a12, a13, b00, b01, b02, b03, b10, b11, b12, b13) = _mma_step(
-                        va_a, vb_a, va_b, vb_b, ea0, ea1, eb0, eb1, xw0, xw1,
-                        a00, a01, a02, a03, a10, a11, a12, a13, b00, b01, b02, b03, b10, b11, b12, b13,
-                        NW, FP16, MMA, RT, NT)
-                    va_a += 16
-                    vb_a += 16
-                    va_b += 16
-                    vb_b += 16
-                    xw0 += 32
-                    xw1 += 32
-                c3 += 48
-        else:
-            for _k in range(k_begin, k_end, 64):
-                ea0, ea1 = tl.split(tl.load(e_a[:, None] + tl.arange(0, 2)[None, :]))   # chunks 0, 1
-                eb0, eb1 = ea0, ea1
-                if RT == 2:
-                    eb0, eb1 = tl.split(tl.load(e_b[:, None] + tl.arange(0, 2)[None, :]))
+                else:
+                    ea0, ea1 = tl.split(tl.load(e_a[:, None] + tl.arange(0, 2)[None, :]))   # chunks 0, 1
+                    eb0, eb1 = ea0, ea1
+                    if RT == 2:
+                        eb0, eb1 = tl.split(tl.load(e_b[:, None] + tl.arange(0, 2)[None, :]))
+                    e_a += 32
+                    e_b += 32
                 (a00, a01, a02, a03, a10, a11, a12, a13, b00, b01, b02, b03, b10, b11, b12, b13) = _mma_step(
                     va_a, vb_a, va_b, vb_b, ea0, ea1, eb0, eb1, xw0, xw1,
                     a00, a01, a02, a03, a10, a11, a12, a13, b00, b01, b02, b03, b10, b11, b12, b13,
                     NW, FP16, MMA, RT, NT)
                 va_a += 16
                 vb_a += 16
-                e_a += 32
                 va_b += 16
                 vb_b += 16
-                e_b += 32
                 xw0 += 32
                 xw1 += 32
         tok0 = 2 * t

@@ -318,3 +318,18 @@ def sparse24_ref64(x, values, meta, b):
 
     y = x.double() @ K.unpack_24(values.double(), meta, 2 * values.shape[1]).t()
     return y + b.double() if b is not None else y
+
+
+def sol_counts_scaled_and_full(launch, programs: int):
+    """``(scaled, full)`` counts of a recorded launch (``fastfactor.sol.count``), after checking
+    that one program per class counts exactly what every program does, over ``programs`` programs."""
+    from fastfactor.sol import count as C
+
+    cfg = launch.candidates[0]
+    full = C.count_launch(launch, cfg, "full")
+    scaled = C.count_launch(launch, cfg, "scaled")
+    assert scaled.programs == full.programs == programs
+    for name in full.tensors:
+        for f in ("load_bytes", "store_bytes", "load_sectors", "store_sectors", "unique_bytes"):
+            assert getattr(scaled.tensors[name], f) == getattr(full.tensors[name], f), (name, f)
+    return scaled, full

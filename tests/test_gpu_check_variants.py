@@ -55,6 +55,13 @@ def test_decode_variants_launch_each_expansion(monkeypatch):
     for r in mma:
         assert not r.get("error") and not r.get("note") and r["measured_us"] > 0 and r["rel_err"] < 2e-2, r
         assert r["pred_low_us"] >= r["pred_us"] * 0.999, r
+    # its pick again with the 4-bit codes and with the split partials kept: one row each per M, checked
+    picks = {(r["tokens"], r["plan"]) for r in mma if r["pick"]}
+    for op in ("decode_mma_4bit", "decode_mma_kept"):
+        got = [r for r in rows if r["op"] == op]
+        assert {(r["tokens"], r["plan"]) for r in got} == picks and len(got) == len(picks), (op, got)
+        assert all(not r.get("error") and r["measured_us"] > 0 and r["rel_err"] < 2e-2 for r in got), got
+    assert "FASTFACTOR_SPARSE24_CODES3" not in os.environ and "FASTFACTOR_SPLIT_DISCARD" not in os.environ
     assert len(v["summary"]) == len(gc.DRY_VARIANT_TOKENS) and "fastest decode" in v["summary"][0]
     md = gc._variants_md(v, str)
     assert "| op | tokens | plan |" in md and md.count("| decode |") == len([r for r in rows if r["op"] == "decode"])

@@ -9,7 +9,7 @@ model against fresh sm_90 builds."""
 import pytest
 import torch
 
-from conftest import assert_close_ref, sparse24_case, sparse24_ref64
+from conftest import assert_close_ref, sol_counts_scaled_and_full, sparse24_case, sparse24_ref64
 from fastfactor.formats.sparse24 import Sparse24Weight, pack_24, prune_24
 from fastfactor.kernels import _config
 from fastfactor.kernels import sparse24 as K
@@ -313,7 +313,6 @@ def test_sol_counts_scaled_equal_full_and_dropped_partials_cost_no_dram(triton_c
     the last split the reducer under the interpreter) equal every program's; the model prices the
     workspace at its stores only, or at no DRAM bytes where the reducer drops it (the discard
     target then its own tensor, costing nothing)."""
-    from fastfactor.sol import count as C
     from fastfactor.sol import model
     from fastfactor.sol import record as R
     from fastfactor.sol.device import H200
@@ -325,13 +324,7 @@ def test_sol_counts_scaled_equal_full_and_dropped_partials_cost_no_dram(triton_c
         K.sparse24_decode_mma(x, values, meta, b, plan=(32, 3))
     (launch,) = rec.launches
     assert launch.kernel == "sparse24.decode_mma" and launch.constexprs["DISCARD"] == (1 if discard else 0)
-    cfg = launch.candidates[0]
-    full = C.count_launch(launch, cfg, "full")
-    scaled = C.count_launch(launch, cfg, "scaled")
-    assert scaled.programs == full.programs == 3 * 3
-    for name in full.tensors:
-        for f in ("load_bytes", "store_bytes", "load_sectors", "store_sectors", "unique_bytes"):
-            assert getattr(scaled.tensors[name], f) == getattr(full.tensors[name], f), (name, f)
+    scaled, full = sol_counts_scaled_and_full(launch, 3 * 3)
     ws = next(v for n, v in full.tensors.items() if n.startswith("ws_ptr"))
     assert ws.store_bytes == ws.load_bytes == 3 * 12 * 96 * 4
     assert ("wsd_ptr" in full.tensors) == discard

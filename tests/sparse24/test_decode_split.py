@@ -6,7 +6,7 @@ bitwise, counters reset, the planner against the byte model, and sol's counts of
 import pytest
 import torch
 
-from conftest import assert_close_ref, sparse24_case, sparse24_ref64
+from conftest import assert_close_ref, sol_counts_scaled_and_full, sparse24_case, sparse24_ref64
 from fastfactor.formats.sparse24 import pack_24, prune_24
 from fastfactor.kernels import _config
 from fastfactor.kernels import sparse24 as K
@@ -162,7 +162,6 @@ def test_dx_plan_is_the_byte_and_issue_model():
 
 
 def test_sol_counts_of_the_split_decode_scaled_equal_full():
-    from fastfactor.sol import count as C
     from fastfactor.sol import record as R
 
     x, values, meta, b = _case(16, 96, 768, torch.bfloat16, seed=2)
@@ -170,13 +169,7 @@ def test_sol_counts_of_the_split_decode_scaled_equal_full():
         K.sparse24_decode(x, values, meta, b, plan=(32, 3))
     (launch,) = rec.launches
     assert launch.kernel == "sparse24.decode"
-    cfg = launch.candidates[0]
-    full = C.count_launch(launch, cfg, "full")
-    scaled = C.count_launch(launch, cfg, "scaled")
-    assert scaled.programs == full.programs == 3 * 3
-    for name in full.tensors:
-        for f in ("load_bytes", "store_bytes", "load_sectors", "store_sectors", "unique_bytes"):
-            assert getattr(scaled.tensors[name], f) == getattr(full.tensors[name], f), (name, f)
+    scaled, full = sol_counts_scaled_and_full(launch, 3 * 3)
     ws = next(v for n, v in full.tensors.items() if n.startswith("ws_ptr"))
     assert ws.store_bytes == 3 * 16 * 96 * 4 and ws.load_bytes == 2 * 16 * 96 * 4
     # the model: the workspace read back in the launch costs its stores only in DRAM bytes
