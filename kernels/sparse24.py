@@ -1524,29 +1524,20 @@ if HAS_TRITON:
         else:
             return tl.arange(0, S)
 
-    @triton.jit
-    def _shfl_xor4(v, NW: tl.constexpr, MMA: tl.constexpr):
-        """Each lane's ``v`` from lane ``lane ^ 4`` (``shfl.sync.bfly``); emulated by reordering the
-        ``(S,)`` elements under the interpreter."""
-        if MMA == 2:
-            return tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 4, 0x1f, 0xffffffff;", "=r,r",
-                                             [v.to(tl.int32, bitcast=True)], dtype=tl.int32, is_pure=False,
-                                             pack=1).to(v.dtype, bitcast=True)
-        else:
-            w = tl.permute(tl.reshape(v, (NW, 4, 2, 4)), (0, 1, 3, 2))      # (warp, q >> 1, t, q & 1)
-            lo, hi = tl.split(w)
-            return tl.reshape(tl.permute(tl.join(hi, lo), (0, 1, 3, 2)), (NW * 32,))
+    _SHFL_BFLY2 = tl.constexpr("shfl.sync.bfly.b32 $0, $1, 2, 0x1f, 0xffffffff;")
+    _SHFL_BFLY4 = tl.constexpr("shfl.sync.bfly.b32 $0, $1, 4, 0x1f, 0xffffffff;")
 
     @triton.jit
-    def _shfl_xor2(v, NW: tl.constexpr, MMA: tl.constexpr):
-        """Each lane's ``v`` from lane ``lane ^ 2`` (``shfl.sync.bfly``); emulated by reordering the
-        ``(S,)`` elements under the interpreter."""
+    def _shfl_xor(v, LANE: tl.constexpr, NW: tl.constexpr, MMA: tl.constexpr):
+        """Each lane's ``v`` from lane ``lane ^ LANE`` (``LANE`` 2 or 4; ``shfl.sync.bfly``);
+        emulated by reordering the ``(S,)`` elements under the interpreter (a lane as
+        ``(lane // 2LANE, the LANE bit, lane % LANE)``, the middle axis swapped)."""
         if MMA == 2:
-            return tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 2, 0x1f, 0xffffffff;", "=r,r",
+            return tl.inline_asm_elementwise(_SHFL_BFLY4 if LANE == 4 else _SHFL_BFLY2, "=r,r",
                                              [v.to(tl.int32, bitcast=True)], dtype=tl.int32, is_pure=False,
                                              pack=1).to(v.dtype, bitcast=True)
         else:
-            w = tl.permute(tl.reshape(v, (NW, 8, 2, 2)), (0, 1, 3, 2))      # (warp, g, t & 1, t >> 1)
+            w = tl.permute(tl.reshape(v, (NW, 32 // (2 * LANE), 2, LANE)), (0, 1, 3, 2))
             lo, hi = tl.split(w)
             return tl.reshape(tl.permute(tl.join(hi, lo), (0, 1, 3, 2)), (NW * 32,))
 
@@ -1723,8 +1714,8 @@ if HAS_TRITON:
         swap their ``tok0`` values for the partner's ``tok0 + 1`` ones (``lane ^ 4``), so each lane
         holds two adjacent features of one token."""
         odd = (ra & 1) == 1
-        r0 = _shfl_xor4(tl.where(odd, d0, d1), NW, MMA)
-        r1 = _shfl_xor4(tl.where(odd, d2, d3), NW, MMA)
+        r0 = _shfl_xor(tl.where(odd, d0, d1), 4, NW, MMA)
+        r1 = _shfl_xor(tl.where(odd, d2, d3), 4, NW, MMA)
         lo_a = tl.where(odd, r0, d0)
         hi_a = tl.where(odd, d1, r0)
         lo_b = tl.where(odd, r1, d2)
@@ -1867,10 +1858,10 @@ if HAS_TRITON:
                 w0, w1, w2, w3 = _codes3_words(s0, s1, tl.load(c3 + 32 + gt))
                 o0, o1, o2, o3 = w0, w1, w2, w3
                 if RT == 2:
-                    o0 = _shfl_xor2(w0, NW, MMA)
-                    o1 = _shfl_xor2(w1, NW, MMA)
-                    o2 = _shfl_xor2(w2, NW, MMA)
-                    o3 = _shfl_xor2(w3, NW, MMA)
+                    o0 = _shfl_xor(w0, 2, NW, MMA)
+                    o1 = _shfl_xor(w1, 2, NW, MMA)
+                    o2 = _shfl_xor(w2, 2, NW, MMA)
+                    o3 = _shfl_xor(w3, 2, NW, MMA)
                 c3 += 48
             for h in tl.static_range(KSTEP):
                 if CODES3:
