@@ -3112,8 +3112,8 @@ def mma_codes3(meta: torch.Tensor, rows: int, k: int) -> torch.Tensor:
 
 
 def mma_codes3_ok(K: int) -> bool:
-    """Whether the sparse tensor-core decode reads the codes as 3 bits a group (``K % 128 == 0``,
-    unless ``FASTFACTOR_SPARSE24_CODES3=0``)."""
+    """Whether the sparse tensor-core decode may read the codes as 3 bits a group (``K % 128 ==
+    0``, unless ``FASTFACTOR_SPARSE24_CODES3=0``; whether it does: :func:`mma_uses_codes3`)."""
     return K % 128 == 0 and _forced("FASTFACTOR_SPARSE24_CODES3", ("0", "1")) != "0"
 
 
@@ -3143,12 +3143,14 @@ def mma_decode_ok(x: torch.Tensor, values: torch.Tensor, out_dtype: Optional[tor
     return True
 
 
-def mma_decode_plans(M: int, N: int, K: int, sms: int, elem: int = 2) -> list:
+def mma_decode_plans(M: int, N: int, K: int, sms: int, elem: int = 2, codes3: Optional[bool] = None) -> list:
     """Every plan of the sparse tensor-core decode: ``(t_nominal, t_low, (BLOCK_N, split_k))``, the
-    bytes of :func:`decode_launch_bytes` (the same traffic as the expanding decode) and the issue
-    of :data:`MMA_DECODE_ISSUE`."""
+    bytes of :func:`decode_launch_bytes` (the same traffic as the expanding decode, the codes at 3
+    or 4 bits a group) and the issue of :data:`MMA_DECODE_ISSUE` / :data:`MMA3_DECODE_ISSUE`.
+    ``codes3``: the 3-bit codes (default: what the shape takes, :func:`mma_uses_codes3`)."""
+    if codes3 is None:
+        codes3 = mma_uses_codes3(M, N, K, sms, elem)
     plans = []
-    codes3 = mma_codes3_ok(K)
     for bn in MMA_TILES:
         for sk in DECODE_SPLITS:
             kps = _per_split(K, sk, 2 * MMA_K_QUANTUM if codes3 else MMA_K_QUANTUM)
@@ -3179,13 +3181,26 @@ def mma_decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2) -> tup
     :func:`mma_decode_plans`, the one :func:`kernels._cost.robust_pick` takes (cached per shape,
     ``FASTFACTOR_SPLIT_DISCARD`` and ``FASTFACTOR_SPARSE24_CODES3``)."""
     return _mma_pick(int(M), int(N), int(K), int(sms), int(elem), os.environ.get("FASTFACTOR_SPLIT_DISCARD", "auto"),
-                     os.environ.get("FASTFACTOR_SPARSE24_CODES3", "auto"))
+                     os.environ.get("FASTFACTOR_SPARSE24_CODES3", "auto"))[:3]
+
+
+def mma_uses_codes3(M: int, N: int, K: int, sms: int, elem: int = 2) -> bool:
+    """Whether the sparse tensor-core decode reads the 3-bit codes at this shape: where it may
+    (:func:`mma_codes3_ok`) and its planned launch with them is predicted no slower than with the
+    4-bit codes (a pair of steps a trip and 128-input splits cost small shapes issue slots);
+    ``FASTFACTOR_SPARSE24_CODES3=1`` takes them wherever it may."""
+    return _mma_pick(int(M), int(N), int(K), int(sms), int(elem), os.environ.get("FASTFACTOR_SPLIT_DISCARD", "auto"),
+                     os.environ.get("FASTFACTOR_SPARSE24_CODES3", "auto"))[3]
 
 
 @functools.lru_cache(maxsize=4096)
-def _mma_pick(M: int, N: int, K: int, sms: int, elem: int, discard_flag: str, codes3_flag: str) -> tuple[float, int, int]:
-    t_nom, _, (bn, sk) = _cost.robust_pick(mma_decode_plans(M, N, K, sms, elem))
-    return t_nom, bn, sk
+def _mma_pick(M: int, N: int, K: int, sms: int, elem: int, discard_flag: str, codes3_flag: str) -> tuple:
+    t_nom, _, (bn, sk) = _cost.robust_pick(mma_decode_plans(M, N, K, sms, elem, codes3=False))
+    if mma_codes3_ok(K):
+        t3, _, (bn3, sk3) = _cost.robust_pick(mma_decode_plans(M, N, K, sms, elem, codes3=True))
+        if t3 <= t_nom or _forced("FASTFACTOR_SPARSE24_CODES3", ("0", "1")) == "1":
+            return t3, bn3, sk3, True
+    return t_nom, bn, sk, False
 
 
 def mma_decode_shape_ok(M: int, N: int, K: int, elem: int = 2) -> bool:
@@ -3221,7 +3236,7 @@ def sparse24_decode_mma(x: torch.Tensor, values: torch.Tensor, meta: torch.Tenso
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     bn, sk = plan or mma_decode_plan_cost(M, N, K, _config.num_sms(x.device), x.element_size())[1:]
     nw, rt = MMA_TILES[bn]
-    codes3 = mma_codes3_ok(K)
+    codes3 = mma_uses_codes3(M, N, K, _config.num_sms(x.device), x.element_size())
     kps = _per_split(K, sk, 2 * MMA_K_QUANTUM if codes3 else MMA_K_QUANTUM)
     sk = -(-K // kps)
     nb = triton.cdiv(N, bn)

@@ -11,7 +11,7 @@ import torch
 
 from conftest import assert_close_ref, sol_counts_scaled_and_full, sparse24_case, sparse24_ref64
 from fastfactor.formats.sparse24 import Sparse24Weight, pack_24, prune_24
-from fastfactor.kernels import _config
+from fastfactor.kernels import _config, _cost
 from fastfactor.kernels import sparse24 as K
 from fastfactor.ops import sparse24 as ops
 
@@ -196,12 +196,30 @@ def test_three_bit_codes_bitwise_equal_to_four(triton_cpu, monkeypatch):
     them over) gives bitwise the result of the 4-bit codes (``FASTFACTOR_SPARSE24_CODES3=0``)."""
     for m, n, k, plan in ((16, 128, 512, (128, 2)), (5, 96, 256, (32, 1)), (12, 64, 384, (16, 3))):
         x, values, meta, b = _case(m, n, k, torch.float16, seed=m)
+        monkeypatch.setenv("FASTFACTOR_SPARSE24_CODES3", "1")                  # wherever K % 128 == 0
+        assert K.mma_uses_codes3(m, n, k, 132)
         y3 = K.sparse24_decode_mma(x, values, meta, b, plan=plan)
         monkeypatch.setenv("FASTFACTOR_SPARSE24_CODES3", "0")
+        assert not K.mma_uses_codes3(m, n, k, 132)
         y4 = K.sparse24_decode_mma(x, values, meta, b, plan=plan)
         monkeypatch.delenv("FASTFACTOR_SPARSE24_CODES3")
         assert torch.equal(y3, y4), (m, n, k, plan)
         assert_close_ref(y3, _ref64(x, values, meta, b), torch.float16, reduction=k)
+
+
+def test_three_bit_codes_taken_where_predicted_no_slower(monkeypatch):
+    """The 3-bit codes save bytes but cost a wider step (two 64-input steps a trip, 128-input
+    splits) and some logic: the shape takes them where its planned launch with them is predicted
+    no slower than with the 4-bit codes, which is what it is priced at."""
+    for m, n, k in ((12, 4096, 4096), (16, 4096, 4096), (16, 768, 768), (4, 3072, 768), (16, 768, 3072)):
+        t3 = _cost.robust_pick(K.mma_decode_plans(m, n, k, 132, codes3=True))[0]
+        t4 = _cost.robust_pick(K.mma_decode_plans(m, n, k, 132, codes3=False))[0]
+        assert K.mma_uses_codes3(m, n, k, 132) == (t3 <= t4), (m, n, k)
+        assert K.mma_decode_plan_cost(m, n, k, 132)[0] == min(t3, t4)
+    assert K.mma_uses_codes3(12, 4096, 4096, 132) and not K.mma_uses_codes3(16, 768, 768, 132)
+    assert not K.mma_uses_codes3(16, 768, 192, 132)                             # K % 128 != 0
+    monkeypatch.setenv("FASTFACTOR_SPARSE24_CODES3", "1")
+    assert K.mma_uses_codes3(16, 768, 768, 132)
 
 
 def test_eligibility_and_dispatch(triton_cpu, monkeypatch):
