@@ -124,15 +124,21 @@ if HAS_TRITON:
                 tl.store(q, tl.load(q, mask=k2, other=0.0) + 1.0, mask=k2)
 
 
+def discard_enabled() -> bool:
+    """Whether split launches may drop their summed partials from L2 (unless
+    ``FASTFACTOR_SPLIT_DISCARD=0``; any value but ``auto``, ``0``, ``1`` is refused)."""
+    flag = os.environ.get("FASTFACTOR_SPLIT_DISCARD", "auto")
+    if flag not in ("auto", "0", "1"):
+        raise ValueError(f"FASTFACTOR_SPLIT_DISCARD: expected one of ('auto', '0', '1'), got {flag!r}")
+    return flag != "0"
+
+
 def discard_mode(split: bool, whole_lines: bool, ws: torch.Tensor) -> int:
     """The ``DISCARD`` constexpr of a split launch: 2 (``discard.global.L2`` on a GPU), 1 (the
     interpreter's stand-in, :func:`_split_discard`) or 0 (keep the lines: no split, a tile whose
     partials do not fill whole 128-byte lines (``whole_lines``), a workspace not 128-byte aligned
     on a GPU, or ``FASTFACTOR_SPLIT_DISCARD=0``)."""
-    flag = os.environ.get("FASTFACTOR_SPLIT_DISCARD", "auto")
-    if flag not in ("auto", "0", "1"):
-        raise ValueError(f"FASTFACTOR_SPLIT_DISCARD: expected one of ('auto', '0', '1'), got {flag!r}")
-    if not split or not whole_lines or flag == "0":
+    if not discard_enabled() or not split or not whole_lines:
         return 0
     if is_interpreter() or ws.device.type != "cuda":
         return 1

@@ -174,7 +174,7 @@ from ._config import (
     upcast_dots,
 )
 from . import _config, _cost
-from ._split import COUNTERS as _DECODE_COUNTERS, discard_mode, discard_target, split_buffers, split_counters
+from ._split import COUNTERS as _DECODE_COUNTERS, discard_enabled, discard_mode, discard_target, split_buffers, split_counters
 from .lowrank import FUSED_MAX_R, _pad_rank, gemm, intermediate_dtype
 
 if HAS_TRITON:
@@ -2979,38 +2979,42 @@ def sparse24_decode(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
 #: Instruction model of ``_sp_decode_mma_kernel`` on sm_90, per warp, by ``(BLOCK_N, NT)``: its main
 #: loop per 64-input step (``step``; ``step_split`` in the split build) and the rest of a program
 #: (``program`` without a split; ``program_split`` with it, the reducer's loop counted once, what a
-#: program runs on average; ``discard``: what dropping the partials from L2 adds to a split program,
-#: its loops once on average). Read from the SASS of the compile tier's builds of the kernel
+#: program runs on average). Read from the SASS of the compile tier's builds of the kernel
 #: (``tests/sparse24/test_decode_mma.py`` compares with fresh ones). *Predicted*: the compiled code,
 #: not a measurement.
 MMA_DECODE_ISSUE = {
-    (16, 1): dict(step=36, program=159, step_split=34, program_split=433, discard=0),
-    (16, 2): dict(step=55, program=207, step_split=55, program_split=462, discard=0),
-    (32, 1): dict(step=34, program=162, step_split=35, program_split=442, discard=109),
-    (32, 2): dict(step=51, program=210, step_split=55, program_split=482, discard=109),
-    (64, 1): dict(step=34, program=162, step_split=35, program_split=442, discard=112),
-    (64, 2): dict(step=51, program=210, step_split=55, program_split=482, discard=112),
-    (128, 1): dict(step=55, program=249, step_split=58, program_split=383, discard=112),
-    (128, 2): dict(step=85, program=326, step_split=88, program_split=419, discard=112),
-    (256, 1): dict(step=59, program=244, step_split=58, program_split=386, discard=111),
-    (256, 2): dict(step=89, program=321, step_split=88, program_split=418, discard=111),
+    (16, 1): dict(step=36, program=159, step_split=34, program_split=433),
+    (16, 2): dict(step=55, program=207, step_split=55, program_split=462),
+    (32, 1): dict(step=34, program=162, step_split=35, program_split=442),
+    (32, 2): dict(step=51, program=210, step_split=55, program_split=482),
+    (64, 1): dict(step=34, program=162, step_split=35, program_split=442),
+    (64, 2): dict(step=51, program=210, step_split=55, program_split=482),
+    (128, 1): dict(step=55, program=249, step_split=58, program_split=383),
+    (128, 2): dict(step=85, program=326, step_split=88, program_split=419),
+    (256, 1): dict(step=59, program=244, step_split=58, program_split=386),
+    (256, 2): dict(step=89, program=321, step_split=88, program_split=418),
 }
 
 #: :data:`MMA_DECODE_ISSUE` of the builds reading the 3-bit codes (``CODES3``), from their sm_90 SASS:
 #: ``step`` / ``step_split`` per *pair* of 64-input steps (the loop's trip; 183 a warp at 128 rows x
 #: 16 tokens with the split = 0.045 a weight, against 2 x 88 with the 4-bit codes).
 MMA3_DECODE_ISSUE = {
-    (16, 1): dict(step=90, program=173, step_split=90, program_split=446, discard=0),
-    (16, 2): dict(step=120, program=216, step_split=120, program_split=475, discard=0),
-    (32, 1): dict(step=90, program=180, step_split=90, program_split=469, discard=109),
-    (32, 2): dict(step=126, program=221, step_split=126, program_split=491, discard=109),
-    (64, 1): dict(step=90, program=180, step_split=90, program_split=469, discard=112),
-    (64, 2): dict(step=126, program=221, step_split=126, program_split=491, discard=112),
-    (128, 1): dict(step=121, program=254, step_split=126, program_split=382, discard=112),
-    (128, 2): dict(step=180, program=329, step_split=183, program_split=416, discard=112),
-    (256, 1): dict(step=121, program=253, step_split=126, program_split=380, discard=111),
-    (256, 2): dict(step=180, program=329, step_split=183, program_split=419, discard=111),
+    (16, 1): dict(step=90, program=173, step_split=90, program_split=446),
+    (16, 2): dict(step=120, program=216, step_split=120, program_split=475),
+    (32, 1): dict(step=90, program=180, step_split=90, program_split=469),
+    (32, 2): dict(step=126, program=221, step_split=126, program_split=491),
+    (64, 1): dict(step=90, program=180, step_split=90, program_split=469),
+    (64, 2): dict(step=126, program=221, step_split=126, program_split=491),
+    (128, 1): dict(step=121, program=254, step_split=126, program_split=382),
+    (128, 2): dict(step=180, program=329, step_split=183, program_split=416),
+    (256, 1): dict(step=121, program=253, step_split=126, program_split=380),
+    (256, 2): dict(step=180, program=329, step_split=183, program_split=419),
 }
+
+#: What dropping the split partials from L2 adds to a split program of either build (its loops once
+#: on average, the rest of the reducer's epilogue), per warp by ``BLOCK_N`` (none at 16 rows: their
+#: partials share lines), from the same SASS.
+MMA_DISCARD_ISSUE = {16: 0, 32: 109, 64: 112, 128: 112, 256: 111}
 
 
 def mma_decode_warp_instructions(BLOCK_N: int, M: int, k_per_program: int, split: bool,
@@ -3025,7 +3029,7 @@ def mma_decode_warp_instructions(BLOCK_N: int, M: int, k_per_program: int, split
     trips = max(1, -(-k_per_program // (2 * MMA_K_QUANTUM if codes3 else MMA_K_QUANTUM)))
     per_warp = trips * f["step_split" if split else "step"] + f["program_split" if split else "program"]
     if split and discard:
-        per_warp += f["discard"]
+        per_warp += MMA_DISCARD_ISSUE[BLOCK_N]
         return nw * per_warp, [trips, 1, 1]
     return nw * per_warp, [trips, 1] if split else [trips]
 
@@ -3039,7 +3043,7 @@ def _mma_issue_model(ints: dict, constexprs: dict, config: dict, grid) -> Option
 
 _cost.ISSUE_MODELS["sparse24.decode_mma"] = _mma_issue_model
 _config.INTERPRETER_EQUIVALENT["MMA"] = {2: 1}      # mma.sp / shfl / %tid.x -> their emulation
-_config.INTERPRETER_EQUIVALENT["DISCARD"] = {2: 1}  # discard.global.L2 -> NaN stores (kernels._split)
+_config.INTERPRETER_EQUIVALENT["DISCARD"] = {2: 1}  # discard.global.L2 -> drops counted in a shadow (kernels._split)
 
 
 def _cached_on(meta: torch.Tensor, attr: str, key: tuple, make):
@@ -3173,7 +3177,7 @@ def mma_discards(N: int, BLOCK_N: int, sk: int) -> bool:
     """Whether a sparse tensor-core decode launch with ``sk`` splits drops its partials from L2
     (what the planner prices: a GPU launch whose workspace is 128-byte aligned, as PyTorch's
     allocator makes it, unless ``FASTFACTOR_SPLIT_DISCARD=0``)."""
-    return sk > 1 and mma_whole_lines(N, BLOCK_N) and os.environ.get("FASTFACTOR_SPLIT_DISCARD", "auto") != "0"
+    return sk > 1 and mma_whole_lines(N, BLOCK_N) and discard_enabled()
 
 
 def mma_decode_plan_cost(M: int, N: int, K: int, sms: int, elem: int = 2) -> tuple[float, int, int]:

@@ -84,8 +84,9 @@ class _Sparse24Mixin:
         if (rows % 16 == 0 and k % 64 == 0 and w.meta.device.type != "meta"
                 and w.values.dtype in (torch.float16, torch.bfloat16)):
             # the codes in the sparse tensor-core decode's fragment order (``mma_codes``; as 3-bit
-            # planes where it reads those, ``mma_codes3``), once per mask (16-bit weights: the only
-            # ones it takes; made on first use after a dtype change)
+            # planes where it may read those, ``mma_codes3``, the other width made on first use by
+            # a shape that takes it), once per mask (16-bit weights: the only ones it takes; made on
+            # first use after a dtype change)
             if mma_codes3_ok(k):
                 mma_codes3(getattr(self, p + "meta"), rows, k)
             else:

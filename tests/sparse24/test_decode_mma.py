@@ -122,7 +122,7 @@ def test_discard_mode_and_the_planner_price_the_dropped_partials(monkeypatch):
     assert t_on[0] < t_off[0]
     w0, tr0 = K.mma_decode_warp_instructions(128, 12, 1024, True)
     w1, tr1 = K.mma_decode_warp_instructions(128, 12, 1024, True, discard=True)
-    assert tr1 == tr0 + [1] and w1 - w0 == 4 * K.MMA_DECODE_ISSUE[(128, 2)]["discard"]
+    assert tr1 == tr0 + [1] and w1 - w0 == 4 * K.MMA_DISCARD_ISSUE[128]
 
 
 def test_fragment_codes_against_a_direct_loop():
